@@ -1,0 +1,74 @@
+"""Class selection and merging, MedSegPy's ``CATEGORIES`` semantics.
+
+``categories`` is a sequence whose items are a class index or a sequence of class indices; a
+sequence merges its classes by summing them (MedSegPy's ``collect_mask``). ``background``
+prepends a channel that is 1 where none of the selected categories is set.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from client.errors import InvalidCategories
+
+Categories = tuple[tuple[int, ...], ...]
+
+
+def normalize_categories(value: Any, num_classes: int) -> Categories:
+    """Validate a categories value (list, tuple or JSON text) into tuples of class indices."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise InvalidCategories(f"{value!r} is not a JSON list") from None
+    if not isinstance(value, (list, tuple)) or len(value) == 0:
+        raise InvalidCategories("must be a non-empty list of class indices or lists of them")
+    out: list[tuple[int, ...]] = []
+    for item in value:
+        group = item if isinstance(item, (list, tuple)) else (item,)
+        if len(group) == 0:
+            raise InvalidCategories("an empty sub-list selects no class")
+        for k in group:
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                raise InvalidCategories(f"{k!r} is not a class index")
+            if not 0 <= int(k) < num_classes:
+                raise InvalidCategories(f"class {k} is out of range for {num_classes} classes")
+        out.append(tuple(int(k) for k in group))
+    return tuple(out)
+
+
+def all_categories(num_classes: int) -> Categories:
+    return tuple((k,) for k in range(num_classes))
+
+
+def merge_mask(
+    mask: np.ndarray,
+    categories: Categories | None = None,
+    background: bool = False,
+    dtype: Any = np.uint8,
+) -> np.ndarray:
+    """Select and merge classes on the last axis of ``mask``; optionally prepend background."""
+    if categories is None:
+        categories = all_categories(mask.shape[-1])
+    channels = [
+        mask[..., group[0]].astype(dtype, copy=False)
+        if len(group) == 1
+        else mask[..., list(group)].sum(axis=-1, dtype=dtype)
+        for group in categories
+    ]
+    if background:
+        union = np.zeros(mask.shape[:-1], dtype=bool)
+        for ch in channels:
+            union |= ch != 0
+        channels.insert(0, (~union).astype(dtype))
+    return np.stack(channels, axis=-1)
+
+
+def categories_to_json(categories: Sequence[Sequence[int]] | None) -> str | None:
+    if categories is None:
+        return None
+    return json.dumps([list(g) if len(g) > 1 else g[0] for g in categories])

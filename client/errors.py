@@ -1,0 +1,65 @@
+"""scancache's errors.
+
+Each error also subclasses the matching built-in, so callers can catch either:
+``ScanNotFound`` is a ``KeyError``, ``InvalidROI`` a ``ValueError``, and so on.
+Messages are one line and never contain filesystem paths of the store.
+"""
+
+from __future__ import annotations
+
+
+class ScanCacheError(Exception):
+    """Base class of every scancache error."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() its message
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class ScanNotFound(ScanCacheError, KeyError):
+    """No complete scan with this id in the store."""
+
+
+class ArrayNotFound(ScanCacheError, KeyError):
+    """The scan exists but has no such array (e.g. ``mask`` of an image-only scan)."""
+
+
+class InvalidParameter(ScanCacheError, ValueError):
+    """A request parameter is malformed; ``param`` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class InvalidROI(InvalidParameter):
+    def __init__(self, message: str, param: str = "roi") -> None:
+        super().__init__(param, message)
+
+
+class InvalidCategories(InvalidParameter):
+    def __init__(self, message: str, param: str = "categories") -> None:
+        super().__init__(param, message)
+
+
+class InvalidPath(ScanCacheError, ValueError):
+    """A scan id or store path that could escape the store or is not well formed."""
+
+
+class RequestTooLarge(ScanCacheError, ValueError):
+    """The response would exceed the configured byte limit."""
+
+
+class Unauthorized(ScanCacheError, PermissionError):
+    """Missing or wrong bearer token."""
+
+
+class ServerError(ScanCacheError, ConnectionError):
+    """The server failed (5xx) or could not be reached, after retries."""
+
+
+class SourceError(ScanCacheError, ValueError):
+    """Bad preprocessing input: names the scan, the file and why."""
+
+    def __init__(self, scan: str, file: str, why: str) -> None:
+        super().__init__(f"{scan}: {file}: {why}")
+        self.scan, self.file, self.why = scan, file, why

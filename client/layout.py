@@ -1,0 +1,228 @@
+"""The scancache store format (Zarr v3), shared by the writer, the readers and the server.
+
+A store is a Zarr v3 root group with one child group per scan::
+
+    STORE/zarr.json                   root group, attributes {"scancache": {"format": 1}}
+    STORE/<scan_id>/zarr.json         scan group, attributes: see ScanMeta / docs/store-format.md
+    STORE/<scan_id>/image/            (H, W, D) array in the source dtype
+    STORE/<scan_id>/mask/             (H, W, D, C) uint8 array, raw classes (absent if image-only)
+    STORE/.staging/                   scans being written; never read, removed after a job
+
+A scan directory appears at the top level only by an atomic rename once it is complete, so
+every ``STORE/<scan_id>/zarr.json`` a reader finds belongs to a complete scan.
+
+Arrays are sharded: one shard spans whole slices (H, W) and ``shard_depth`` slices, holding
+inner chunks of ``chunks`` voxels compressed with blosc-lz4 and byte shuffling. That keeps a
+few files per scan while a whole slice or a 3D patch decodes only the chunks it touches.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from client.errors import InvalidPath
+
+FORMAT_VERSION = 1
+STAGING_DIR = ".staging"
+IMAGE = "image"
+MASK = "mask"
+ARRAYS = (IMAGE, MASK)
+
+_SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def validate_scan_id(scan_id: str) -> str:
+    """Scan ids are one path component of safe characters: no slashes, no ``..``, no dotfiles."""
+    if not isinstance(scan_id, str) or not _SCAN_ID.match(scan_id) or ".." in scan_id:
+        raise InvalidPath(f"invalid scan id {scan_id!r}")
+    return scan_id
+
+
+def validate_array_name(name: str) -> str:
+    if name not in ARRAYS:
+        raise InvalidPath(f"invalid array name {name!r}; expected one of {', '.join(ARRAYS)}")
+    return name
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Inner chunk shape (y, x, z) and how many slices one shard holds."""
+
+    chunks: tuple[int, int, int] = (96, 96, 8)
+    shard_depth: int = 32
+    codec: str = "blosc-lz4"  # or "zstd" or "none"
+
+    def __post_init__(self) -> None:
+        if len(self.chunks) != 3 or any(int(c) < 1 for c in self.chunks):
+            raise ValueError(f"chunks must be three positive integers, got {self.chunks}")
+        if self.shard_depth < 1:
+            raise ValueError(f"shard depth must be positive, got {self.shard_depth}")
+        if self.codec not in ("blosc-lz4", "zstd", "none"):
+            raise ValueError(f"unknown codec {self.codec!r}")
+
+    @classmethod
+    def parse(cls, text: str, shard_depth: int | None = None, codec: str | None = None) -> ChunkLayout:
+        """Parse ``--chunks 96,96,8``."""
+        try:
+            parts = tuple(int(p) for p in text.split(","))
+        except ValueError:
+            raise ValueError(f"--chunks: {text!r} is not three comma-separated integers") from None
+        if len(parts) != 3:
+            raise ValueError(f"--chunks: {text!r} is not three comma-separated integers")
+        base = cls()
+        return cls(
+            chunks=(parts[0], parts[1], parts[2]),
+            shard_depth=shard_depth or base.shard_depth,
+            codec=codec or base.codec,
+        )
+
+    def inner_for(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """Inner chunks never larger than the volume."""
+        return (
+            min(self.chunks[0], int(shape[0])),
+            min(self.chunks[1], int(shape[1])),
+            min(self.chunks[2], int(shape[2])),
+        )
+
+    def shard_for(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """Whole slices per shard, rounded up to whole inner chunks (sharding requires it)."""
+        cy, cx, cz = self.inner_for(shape)
+        depth = min(max(self.shard_depth, cz), int(shape[2]))
+        return (
+            math.ceil(int(shape[0]) / cy) * cy,
+            math.ceil(int(shape[1]) / cx) * cx,
+            math.ceil(depth / cz) * cz,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chunks": list(self.chunks), "shard_depth": self.shard_depth, "codec": self.codec}
+
+
+def _inner_codecs(codec: str, itemsize: int) -> list[dict[str, Any]]:
+    codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if codec == "blosc-lz4":
+        codecs.append(
+            {
+                "name": "blosc",
+                "configuration": {
+                    "cname": "lz4",
+                    "clevel": 5,
+                    "shuffle": "shuffle" if itemsize > 1 else "bitshuffle",
+                    "typesize": itemsize,
+                    "blocksize": 0,
+                },
+            }
+        )
+    elif codec == "zstd":
+        codecs.append({"name": "zstd", "configuration": {"level": 3, "checksum": False}})
+    return codecs
+
+
+def array_metadata(
+    shape: Sequence[int], data_type: str, itemsize: int, layout: ChunkLayout
+) -> dict[str, Any]:
+    """The Zarr v3 ``zarr.json`` of an image (3D) or mask (4D, classes last) array."""
+    vol = tuple(int(n) for n in shape[:3])
+    inner = list(layout.inner_for(vol))
+    shard = list(layout.shard_for(vol))
+    names = ["y", "x", "z"]
+    if len(shape) == 4:  # all classes of a voxel in one chunk: masks are read whole-channel
+        inner.append(int(shape[3]))
+        shard.append(int(shape[3]))
+        names.append("class")
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [int(n) for n in shape],
+        "data_type": data_type,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": inner,
+                    "codecs": _inner_codecs(layout.codec, itemsize),
+                    "index_codecs": [
+                        {"name": "bytes", "configuration": {"endian": "little"}},
+                        {"name": "crc32c"},
+                    ],
+                    "index_location": "end",
+                },
+            }
+        ],
+        "dimension_names": names,
+        "attributes": {},
+    }
+
+
+def group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+
+
+@dataclass(frozen=True)
+class ScanMeta:
+    """A scan's attributes as stored in its group's ``zarr.json`` (see docs/store-format.md)."""
+
+    scan_id: str
+    shape: tuple[int, int, int]
+    dtype: str
+    num_classes: int
+    split: str | None
+    subject_id: int | None
+    time_point: int | None
+    augmentation: int | None
+    attrs: dict[str, Any]
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> ScanMeta:
+        return cls(
+            scan_id=attrs["scan_id"],
+            shape=tuple(int(n) for n in attrs["shape"]),  # type: ignore[arg-type]
+            dtype=attrs["dtype"],
+            num_classes=int(attrs.get("num_classes", 0)),
+            split=attrs.get("split"),
+            subject_id=attrs.get("subject_id"),
+            time_point=attrs.get("time_point"),
+            augmentation=attrs.get("augmentation"),
+            attrs=attrs,
+        )
+
+    @property
+    def has_mask(self) -> bool:
+        return self.num_classes > 0
+
+    def class_voxels(self) -> list[int]:
+        return [int(v) for v in self.attrs.get("class_voxels", [])]
+
+    def class_voxels_per_slice(self) -> list[list[int]]:
+        """``[z][class]`` voxel counts; used for foreground sampling."""
+        return [[int(v) for v in row] for row in self.attrs.get("class_voxels_per_slice", [])]
+
+
+FILTER_KEYS = ("split", "subject_id", "time_point", "augmentation", "has_class", "scan_id")
+
+
+def matches(meta: ScanMeta, filters: dict[str, Any]) -> bool:
+    """Whether a scan passes attribute filters (``has_class=k``: class k has voxels)."""
+    for key, want in filters.items():
+        if want is None:
+            continue
+        if key == "has_class":
+            counts = meta.class_voxels()
+            k = int(want)
+            if not (0 <= k < len(counts) and counts[k] > 0):
+                return False
+            continue
+        have = meta.attrs.get(key)
+        if isinstance(want, (list, tuple, set, frozenset)):
+            if have not in want and str(have) not in {str(w) for w in want}:
+                return False
+        elif have != want and str(have) != str(want):
+            return False
+    return True

@@ -1,0 +1,61 @@
+"""The one narrow interface for reading scans: list, metadata, read a region.
+
+``LocalSource`` (a store path, read with tensorstore) and ``HttpSource`` (a server URL)
+implement it; loaders and the server know nothing else. ``tests/test_source_contract.py`` runs
+one suite against both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from client.categories import Categories
+from client.layout import IMAGE, ScanMeta
+
+RoiLike = str | Sequence[slice] | None
+
+
+@dataclass(frozen=True)
+class RegionRequest:
+    """One region of one array: ``array`` is ``image`` or ``mask``; ``roi`` covers (y, x, z)."""
+
+    scan_id: str
+    array: str = IMAGE
+    roi: RoiLike = None
+    categories: Categories | None = None
+    background: bool = False
+
+
+@runtime_checkable
+class ScanSource(Protocol):
+    def list_scans(self, **filters: Any) -> list[ScanMeta]:
+        """Complete scans, sorted by id, that match attribute filters (see ``layout.matches``)."""
+        ...
+
+    def metadata(self, scan_id: str) -> ScanMeta:
+        """Raises ``ScanNotFound`` (a ``KeyError``)."""
+        ...
+
+    def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
+        """(h, w, d) in the stored dtype."""
+        ...
+
+    def read_mask(
+        self,
+        scan_id: str,
+        roi: RoiLike = None,
+        categories: Categories | Sequence[Any] | None = None,
+        background: bool = False,
+    ) -> np.ndarray:
+        """(h, w, d, C') uint8 after category merging; raises ``ArrayNotFound`` if image-only."""
+        ...
+
+    def read_regions(self, requests: Sequence[RegionRequest]) -> list[np.ndarray]:
+        """Many regions at once (concurrently, or in one round trip), in request order."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,90 @@
+"""Regions of interest: parsing and formatting ``roi=y0:y1,x0:x1,z0:z1``.
+
+Pure functions over shapes. Each axis takes numpy slice syntax (``a:b``, ``:``, ``a:``,
+``:b``, negative bounds allowed) or an index ``k``, which is kept as length 1. Unlike numpy,
+bounds are never clamped: a region outside the array, or an empty one, is an error, so that a
+typo does not silently read the wrong voxels. Axes left out mean the whole axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from client.errors import InvalidROI
+
+Region = tuple[slice, ...]  # normalized: concrete start < stop, step None
+
+
+def _parse_int(text: str, axis: int, param: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise InvalidROI(f"axis {axis}: {text.strip()!r} is not an integer", param) from None
+
+
+def _normalize(value: int, size: int) -> int:
+    return value + size if value < 0 else value
+
+
+def parse_roi(text: str | None, shape: Sequence[int], param: str = "roi") -> Region:
+    """Parse ``text`` against ``shape`` into one concrete slice per axis."""
+    if text is None or text.strip() == "":
+        if text is not None and text != "":
+            raise InvalidROI("empty", param)
+        return full_region(shape)
+    parts = text.split(",")
+    if len(parts) > len(shape):
+        raise InvalidROI(f"{len(parts)} axes given, the array has {len(shape)}", param)
+    region: list[slice] = []
+    for axis, part in enumerate(parts):
+        size = int(shape[axis])
+        if ":" in part:
+            bits = part.split(":")
+            if len(bits) != 2:
+                raise InvalidROI(f"axis {axis}: {part.strip()!r} is not 'a:b' (steps are not supported)", param)
+            lo, hi = (b.strip() for b in bits)
+            start = _normalize(_parse_int(lo, axis, param), size) if lo else 0
+            stop = _normalize(_parse_int(hi, axis, param), size) if hi else size
+            if not (0 <= start <= size and 0 <= stop <= size):
+                raise InvalidROI(f"axis {axis}: {part.strip()} is out of bounds for size {size}", param)
+            if start >= stop:
+                raise InvalidROI(f"axis {axis}: {part.strip()} is empty", param)
+        else:
+            if not part.strip():
+                raise InvalidROI(f"axis {axis}: empty", param)
+            index = _parse_int(part, axis, param)
+            start = _normalize(index, size)
+            if not 0 <= start < size:
+                raise InvalidROI(f"axis {axis}: index {index} is out of bounds for size {size}", param)
+            stop = start + 1
+        region.append(slice(start, stop))
+    region.extend(slice(0, int(n)) for n in shape[len(parts) :])
+    return tuple(region)
+
+
+def full_region(shape: Sequence[int]) -> Region:
+    return tuple(slice(0, int(n)) for n in shape)
+
+
+def format_roi(region: Sequence[slice]) -> str:
+    """The inverse of :func:`parse_roi` for normalized regions."""
+    return ",".join(f"{s.start}:{s.stop}" for s in region)
+
+
+def region_shape(region: Sequence[slice]) -> tuple[int, ...]:
+    return tuple(int(s.stop) - int(s.start) for s in region)
+
+
+def region_nbytes(region: Sequence[slice], itemsize: int, channels: int = 1) -> int:
+    return math.prod(region_shape(region)) * itemsize * channels
+
+
+def as_region(roi: str | Sequence[slice] | None, shape: Sequence[int]) -> Region:
+    """Accept a roi string, a sequence of slices (validated the same way) or None."""
+    if roi is None or isinstance(roi, str):
+        return parse_roi(roi, shape)
+    text = ",".join(
+        f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}" for s in roi
+    )
+    return parse_roi(text, shape)

@@ -1,0 +1,73 @@
+"""The wire format: ``.npy`` bytes, and a stream of them for batches.
+
+A single region is one ``.npy`` file (``application/x-npy``); ``numpy.load`` reads it. A batch
+is the concatenation of several ``.npy`` payloads (``application/x-npy-stream``): each header
+states shape and dtype, so the stream needs no other framing and decodes without copies.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+NPY_MEDIA_TYPE = "application/x-npy"
+NPY_STREAM_MEDIA_TYPE = "application/x-npy-stream"
+
+
+def npy_header(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": arr.shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    arr = np.ascontiguousarray(arr)
+    return npy_header(arr) + arr.tobytes()
+
+
+def encode_npy_parts(arr: np.ndarray) -> list[bytes | memoryview]:
+    """Header and body apart, so a server can send the body without concatenating."""
+    arr = np.ascontiguousarray(arr)
+    return [npy_header(arr), memoryview(arr).cast("B")]
+
+
+def decode_npy(data: bytes | memoryview) -> np.ndarray:
+    arrays = decode_npy_stream(data)
+    if len(arrays) != 1:
+        raise ValueError(f"expected one .npy array, found {len(arrays)}")
+    return arrays[0]
+
+
+def _header_size(view: memoryview, pos: int) -> int:
+    """Bytes of magic plus header of the ``.npy`` payload at ``pos`` (version 1 or 2/3)."""
+    if len(view) - pos < 10 or bytes(view[pos : pos + 6]) != b"\x93NUMPY":
+        raise ValueError("not a .npy payload")
+    if view[pos + 6] == 1:
+        return 10 + int.from_bytes(view[pos + 8 : pos + 10], "little")
+    return 12 + int.from_bytes(view[pos + 8 : pos + 12], "little")
+
+
+def decode_npy_stream(data: bytes | memoryview) -> list[np.ndarray]:
+    """Split concatenated ``.npy`` payloads into arrays (views into ``data``)."""
+    view = memoryview(data)
+    out: list[np.ndarray] = []
+    pos = 0
+    while pos < len(view):
+        fp = io.BytesIO(view[pos : pos + _header_size(view, pos)])
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        if fortran:
+            raise ValueError("fortran-ordered arrays are not supported on the wire")
+        start = pos + fp.tell()
+        nbytes = math.prod(shape) * dtype.itemsize
+        if start + nbytes > len(view):
+            raise ValueError("truncated .npy stream")
+        out.append(np.frombuffer(view[start : start + nbytes], dtype=dtype).reshape(shape))
+        pos = start + nbytes
+    return out
