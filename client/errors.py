@@ -63,3 +63,7 @@ class SourceError(ScanCacheError, ValueError):
     def __init__(self, scan: str, file: str, why: str) -> None:
         super().__init__(f"{scan}: {file}: {why}")
         self.scan, self.file, self.why = scan, file, why
+
+
+class EmptySource(ScanCacheError, ValueError):
+    """The preprocessing source folder is missing or holds no input files."""

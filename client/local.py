@@ -7,6 +7,7 @@ zarr-python reads the same store without our code; tensorstore is simply faster 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -43,6 +44,7 @@ class LocalSource:
         # scan_id -> (stat signature of its zarr.json, metadata); a re-published scan has a new one
         self._meta: dict[str, tuple[tuple[int, int], ScanMeta]] = {}
         self._arrays: dict[tuple[str, str, tuple[int, int]], Any] = {}
+        self._versions: dict[str, tuple[tuple[int, int], str]] = {}
 
     def __repr__(self) -> str:
         return f"LocalSource({str(self.root)!r})"
@@ -71,6 +73,21 @@ class LocalSource:
         with self._lock:
             self._meta[scan_id] = (sig, meta)
         return meta
+
+    def version(self, scan_id: str) -> str:
+        """An opaque tag of the scan's published version; it changes whenever the scan is
+        re-published (the server derives HTTP ETags from it). Content and file identity both
+        count, so a coarse filesystem clock cannot hide a re-publish."""
+        validate_scan_id(scan_id)
+        sig = self._signature(scan_id)
+        cached = self._versions.get(scan_id)
+        if cached and cached[0] == sig:
+            return cached[1]
+        attrs = json.dumps(self.metadata(scan_id).attrs, sort_keys=True, default=str)
+        tag = hashlib.blake2b(f"{sig[0]}:{sig[1]}:{attrs}".encode(), digest_size=10).hexdigest()
+        with self._lock:
+            self._versions[scan_id] = (sig, tag)
+        return tag
 
     def scan_ids(self) -> list[str]:
         ids = []

@@ -1,0 +1,64 @@
+"""Measurements that must start in a fresh process (cold caches): ``python -m benchmarks.child JSON``.
+
+Prints one JSON object: ``{"cold": per-second rate of the first pass, "warm": of the second}``.
+The first pass runs in a process that has never opened the store or server; the second repeats
+the same batches in the same process, so the decoded-chunk cache and connections are warm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+
+def loader_rates(spec: dict[str, Any]) -> dict[str, float]:
+    from loaders import Config, DatasetCatalog, build_loader
+
+    cfg = Config(
+        TAG=spec["tag"],
+        CATEGORIES=[c if isinstance(c, int) else tuple(c) for c in spec["categories"]],
+        INCLUDE_BACKGROUND=True,
+        IMG_SIZE=tuple(spec["img_size"]),
+        SEED=0,
+        NUM_WORKERS=int(spec.get("num_workers", 2)),
+        PREFETCH_BATCHES=int(spec.get("prefetch", 4)),
+        PATCHES_PER_SCAN=int(spec.get("patches_per_scan", 8)),
+    )
+    DatasetCatalog.register("bench", spec["source"])
+    t_open = time.perf_counter()
+    loader = build_loader(cfg, "bench", batch_size=int(spec["batch_size"]), is_test=False, shuffle=True, drop_last=True)
+    opened = time.perf_counter() - t_open
+    n = min(int(spec["batches"]), len(loader))
+    per_batch = int(spec["batch_size"])
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        for i in range(n):
+            x, y = loader[i]
+            assert x.shape[0] == per_batch and y.shape[0] == per_batch
+        return n * per_batch / (time.perf_counter() - t0)
+
+    cold = one_pass()
+    warm = one_pass()
+    loader.close()
+    return {"cold": cold, "warm": warm, "open_s": opened, "items": n * per_batch}
+
+
+def run_child(spec: dict[str, Any], timeout: float = 900) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.child", json.dumps(spec)],
+        check=True, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    result = {"loader": loader_rates}[spec["task"]](spec)
+    print(json.dumps(result))

@@ -1,0 +1,9 @@
+"""The static-file baseline server: ``BENCH_STATIC_DIR`` served as is (see servers.py)."""
+
+from __future__ import annotations
+
+import os
+
+from starlette.staticfiles import StaticFiles
+
+app = StaticFiles(directory=os.environ.get("BENCH_STATIC_DIR", "."))

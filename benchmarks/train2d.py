@@ -1,0 +1,138 @@
+"""2D training batches (batch 16, image plus merged mask) and 3D random patches per second.
+
+Baselines read the same MedSegPy files: the 2D reader opens one ``.im`` and one ``.seg`` per
+slice and merges classes (MedSegPy's DefaultDataLoader); patches are gathered from slice files
+(one open per slice and array), or cut from the whole volume loaded first (the MONAI / TorchIO
+way). Every reader returns the same float32 x and y a model consumes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from benchmarks.child import run_child
+from benchmarks.data import CATEGORIES, NUM_CLASSES, BenchData
+from benchmarks.report import Row
+from benchmarks.servers import scancache_server
+from benchmarks.slicefiles import gather_patch, medsegpy_slice
+from client.categories import merge_mask, normalize_categories
+
+BATCH_2D = 16
+BATCH_3D = 4
+SECTION_2D = "2D training batches (16 slices, image + merged mask)"
+SECTION_3D = "3D random patches (image + merged mask)"
+
+
+def _categories() -> tuple[tuple[int, ...], ...]:
+    return normalize_categories(list(CATEGORIES), NUM_CLASSES)
+
+
+def medsegpy_2d_rate(data: BenchData, batches: int, seed: int = 0) -> float:
+    """Slices per second of the MedSegPy-style reader over random slices of every scan."""
+    files = sorted(data.source_2d.glob("*.im"))
+    rng = np.random.default_rng(seed)
+    cats = _categories()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        xs, ys = [], []
+        for k in rng.choice(len(files), BATCH_2D, replace=False):
+            image, mask = medsegpy_slice(files[int(k)], cats, True)
+            xs.append(image.astype(np.float32))
+            ys.append(mask.astype(np.float32))
+        np.stack(xs), np.stack(ys)
+    return batches * BATCH_2D / (time.perf_counter() - t0)
+
+
+def _slice_files(data: BenchData, scan_id: str) -> list[Path]:
+    return sorted(data.source_2d.glob(f"{scan_id}_*.im"))
+
+
+def _random_origin(rng: np.random.Generator, shape: tuple[int, ...], patch: tuple[int, int, int]) -> tuple[int, ...]:
+    return tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(shape, patch, strict=True))
+
+
+def gather_rate(data: BenchData, patch: tuple[int, int, int], count: int, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    cats = _categories()
+    files = {s: _slice_files(data, s) for s in data.scan_ids}
+    t0 = time.perf_counter()
+    for i in range(count):
+        o = _random_origin(rng, data.shape, patch)
+        image, mask = gather_patch(
+            files[data.scan_ids[i % len(data.scan_ids)]],
+            slice(o[0], o[0] + patch[0]), slice(o[1], o[1] + patch[1]), slice(o[2], o[2] + patch[2]),
+        )  # fmt: skip
+        image.astype(np.float32), merge_mask(mask, cats, True).astype(np.float32)
+    return count / (time.perf_counter() - t0)
+
+
+def whole_volume_rate(data: BenchData, patch: tuple[int, int, int], count: int, seed: int = 0) -> float:
+    """Load the scan's whole volume and mask (one HDF5 file), then crop: MONAI/TorchIO style."""
+    rng = np.random.default_rng(seed)
+    cats = _categories()
+    t0 = time.perf_counter()
+    for i in range(count):
+        with h5py.File(data.source_3d / f"{data.scan_ids[i % len(data.scan_ids)]}.h5", "r") as f:
+            volume, seg = f["volume"][()], f["seg"][()]
+        o = _random_origin(rng, data.shape, patch)
+        region = (slice(o[0], o[0] + patch[0]), slice(o[1], o[1] + patch[1]), slice(o[2], o[2] + patch[2]))
+        volume[region].astype(np.float32), merge_mask(seg[region], cats, True).astype(np.float32)
+    return count / (time.perf_counter() - t0)
+
+
+def _loader_spec(source: str, tag: str, img_size: list[int], batch: int, batches: int) -> dict[str, object]:
+    return {
+        "task": "loader", "source": source, "tag": tag, "img_size": img_size, "batch_size": batch,
+        "batches": batches, "categories": [list(c) if isinstance(c, tuple) else c for c in CATEGORIES],
+        "patches_per_scan": max(1, batches * batch // 1),
+    }  # fmt: skip
+
+
+def run(data: BenchData, quick: bool, server_workers: int) -> list[Row]:
+    h, w, d = data.shape
+    batches_2d = 6 if quick else 30
+    patches = 8 if quick else 24
+    base_2d = medsegpy_2d_rate(data, batches_2d)
+    spec_2d = _loader_spec(str(data.store), "DefaultDataLoader", [h, w, 1], BATCH_2D, batches_2d)
+    local_2d = run_child(spec_2d)
+    with scancache_server(data.store, workers=server_workers) as url:
+        http_2d = run_child({**spec_2d, "source": url})
+        shapes = [(64, 64, 32), (64, 64, 64)] if d >= 64 else [(64, 64, 32)]
+        patch_results = []
+        for p in shapes:
+            spec_3d = _loader_spec(str(data.store), "RandomPatchDataLoader", [*p, 1], BATCH_3D, patches // BATCH_3D)
+            spec_3d["patches_per_scan"] = -(-patches // len(data.scan_ids))
+            patch_results.append((p, run_child(spec_3d), run_child({**spec_3d, "source": url})))
+    rows = [
+        Row(SECTION_2D, "MedSegPy-style reader", base_2d, "slices/s", note="h5py open per .im/.seg + collect_mask"),
+    ]
+    for temp in ("cold", "warm"):
+        target = ">= 2x MedSegPy"
+        rows.append(Row(SECTION_2D, f"scancache local, {temp}", local_2d[temp], "slices/s", base_2d,
+                        "MedSegPy-style", target, 2.0 if target else None))  # fmt: skip
+    for temp in ("cold", "warm"):
+        target = ">= 0.7x local"
+        rows.append(Row(SECTION_2D, f"scancache over HTTP, {temp}", http_2d[temp], "slices/s", local_2d[temp],
+                        f"local, {temp}", target, 0.7 if target else None))  # fmt: skip
+    for p, local, http in patch_results:
+        label = "x".join(map(str, p))
+        count = max(4, patches // (2 if p[2] == 64 else 1))
+        gathered = gather_rate(data, p, count)
+        whole = whole_volume_rate(data, p, max(2, count // 4))
+        rows.append(Row(SECTION_3D, f"{label}: gather from slice files", gathered, "patches/s"))
+        rows.append(Row(SECTION_3D, f"{label}: whole volume then crop", whole, "patches/s"))
+        for temp in ("cold", "warm"):
+            target = ">= 20x gather"
+            rows.append(Row(SECTION_3D, f"{label}: scancache local, {temp}", local[temp], "patches/s", gathered,
+                            "gather", target, 20.0 if target else None))  # fmt: skip
+        rows.append(Row(SECTION_3D, f"{label}: scancache local cold vs whole volume", local["cold"], "patches/s",
+                        whole, "whole volume then crop"))  # fmt: skip
+        for temp in ("cold", "warm"):
+            target = ">= 0.7x local"
+            rows.append(Row(SECTION_3D, f"{label}: scancache over HTTP, {temp}", http[temp], "patches/s",
+                            local[temp], f"local, {temp}", target, 0.7 if target else None))  # fmt: skip
+    return rows

@@ -1,0 +1,306 @@
+"""``HttpSource``: the ``ScanSource`` protocol over a scancache server's REST API.
+
+One pooled ``httpx.Client`` (keep-alive connections, thread-safe) serves every thread. Batches
+of regions go through ``POST /batch`` and come back as one ``application/x-npy-stream``; a
+large batch is split over a few concurrent requests. Connection errors, timeouts and 5xx are
+retried with exponential backoff; 4xx become the same typed errors ``LocalSource`` raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NoReturn
+
+import httpx
+import numpy as np
+
+from client.errors import (
+    ArrayNotFound,
+    InvalidCategories,
+    InvalidParameter,
+    InvalidPath,
+    InvalidROI,
+    RequestTooLarge,
+    ScanNotFound,
+    ServerError,
+    Unauthorized,
+)
+from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
+from client.protocol import RegionRequest, RoiLike
+from client.wire import decode_npy, decode_npy_stream
+
+TOKEN_ENV = "SCANCACHE_TOKEN"
+# Filters the server understands as query parameters; every filter is also applied here.
+SERVER_FILTERS = ("split", "subject_id", "time_point", "augmentation", "has_class")
+
+
+def roi_text(roi: RoiLike) -> str | None:
+    """A roi as the query text; slices need no shape (the server validates bounds)."""
+    if roi is None or isinstance(roi, str):
+        return roi
+    parts = []
+    for s in roi:
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise InvalidROI(f"{s!r} is not a slice without step")
+        parts.append(f"{'' if s.start is None else int(s.start)}:{'' if s.stop is None else int(s.stop)}")
+    return ",".join(parts)
+
+
+def categories_json(categories: Any) -> list[Any] | None:
+    """Categories as JSON values: ``[0, [1, 2], 3]``; validation is the server's."""
+    if categories is None:
+        return None
+    if isinstance(categories, str):
+        try:
+            categories = json.loads(categories)
+        except json.JSONDecodeError:
+            raise InvalidCategories(f"{categories!r} is not a JSON list") from None
+    if not isinstance(categories, (list, tuple)):
+        raise InvalidCategories("must be a non-empty list of class indices or lists of them")
+    out: list[Any] = []
+    for item in categories:
+        if isinstance(item, (list, tuple)):
+            out.append([int(k) if isinstance(k, np.integer) else k for k in item])
+        else:
+            out.append(int(item) if isinstance(item, np.integer) else item)
+    return out
+
+
+class HttpSource:
+    """A scancache server. Thread-safe; ``close`` releases the connection pool."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 0.1,
+        max_connections: int = 16,
+        concurrency: int = 4,
+        regions_per_request: int = 16,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http(s):// URL")
+        self.url = url.rstrip("/")
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.concurrency = max(1, int(concurrency))
+        self.regions_per_request = max(1, int(regions_per_request))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"HttpSource({self.url!r})"
+
+    def __enter__(self) -> HttpSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport --------------------------------------------------------------------------
+    def _request(self, method: str, path: str, context: dict[str, Any] | None = None, **kw: Any) -> httpx.Response:
+        """Send with retries on connection errors, timeouts and 5xx; raise typed errors on 4xx."""
+        attempt = 0
+        while True:
+            try:
+                response = self._client.request(method, path, **kw)
+            except httpx.TransportError as exc:  # connect/read timeouts, refused, reset
+                failure = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code < 400:
+                    return response
+                if response.status_code < 500:
+                    _raise_client_error(response, context or {})
+                failure = f"HTTP {response.status_code} {_detail(response)}"
+            if attempt >= self.retries:
+                raise ServerError(f"{method} {self.url}{path}: {failure} (after {attempt + 1} attempts)")
+            # Full jitter keeps many clients from retrying in lockstep after a server restart.
+            time.sleep(self.backoff * (2**attempt) * (0.5 + random.random() / 2))
+            attempt += 1
+
+    def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", "/health").json()
+        return result
+
+    # -- metadata ---------------------------------------------------------------------------
+    def list_scans(self, **filters: Any) -> list[ScanMeta]:
+        # Narrow on the server (a repeated parameter accepts several values); then apply every
+        # filter here too, so that both sources match exactly the same scans.
+        params: dict[str, Any] = {}
+        for key, value in filters.items():
+            if key not in SERVER_FILTERS or value is None:
+                continue
+            if isinstance(value, (list, tuple, set, frozenset)):
+                if key == "has_class":
+                    continue
+                value = sorted(value, key=str)
+            params[key] = value
+        doc = self._request("GET", "/scans", params=params).json()
+        metas = [ScanMeta.from_attrs(item) for item in doc["scans"]]
+        return sorted((m for m in metas if matches(m, filters)), key=lambda m: m.scan_id)
+
+    def metadata(self, scan_id: str) -> ScanMeta:
+        validate_scan_id(scan_id)
+        doc = self._request("GET", f"/scans/{scan_id}", context={"scan_id": scan_id}).json()
+        return ScanMeta.from_attrs(doc)
+
+    # -- arrays -----------------------------------------------------------------------------
+    def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
+        validate_scan_id(scan_id)
+        params = {"roi": roi_text(roi)} if roi is not None else {}
+        response = self._request(
+            "GET", f"/scans/{scan_id}/image", context={"scan_id": scan_id, "array": IMAGE}, params=params
+        )
+        return decode_npy(response.content)
+
+    def read_mask(
+        self,
+        scan_id: str,
+        roi: RoiLike = None,
+        categories: Any = None,
+        background: bool = False,
+    ) -> np.ndarray:
+        validate_scan_id(scan_id)
+        params: dict[str, str] = {}
+        if roi is not None:
+            params["roi"] = roi_text(roi) or ""
+        cats = categories_json(categories)
+        if cats is not None:
+            params["categories"] = json.dumps(cats)
+        if background:
+            params["background"] = "true"
+        response = self._request(
+            "GET", f"/scans/{scan_id}/mask", context={"scan_id": scan_id, "array": MASK}, params=params
+        )
+        return decode_npy(response.content)
+
+    def _region_json(self, req: RegionRequest) -> dict[str, Any]:
+        validate_scan_id(req.scan_id)
+        validate_array_name(req.array)
+        return {
+            "scan_id": req.scan_id,
+            "array": req.array,
+            "roi": roi_text(req.roi),
+            "categories": categories_json(req.categories),
+            "background": bool(req.background),
+        }
+
+    def _post_batch(self, regions: list[dict[str, Any]]) -> list[np.ndarray]:
+        context = {"scan_id": regions[0]["scan_id"], "array": regions[0]["array"]} if len(regions) == 1 else {}
+        try:
+            response = self._request("POST", "/batch", context=context, json={"regions": regions})
+        except RequestTooLarge:
+            if len(regions) == 1:
+                raise
+            # The server's byte limit is per response: halve the batch until each half fits.
+            half = len(regions) // 2
+            return self._post_batch(regions[:half]) + self._post_batch(regions[half:])
+        arrays = decode_npy_stream(response.content)
+        if len(arrays) != len(regions):
+            raise ServerError(f"POST {self.url}/batch: {len(arrays)} arrays for {len(regions)} regions")
+        return arrays
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="scancache-http")
+            return self._pool
+
+    def read_regions(self, requests: Sequence[RegionRequest]) -> list[np.ndarray]:
+        """One ``POST /batch`` per group of regions; groups run concurrently, order is kept."""
+        if not requests:
+            return []
+        regions = [self._region_json(r) for r in requests]
+        groups = min(self.concurrency, -(-len(regions) // self.regions_per_request))
+        if groups <= 1:
+            return self._post_batch(regions)
+        size = -(-len(regions) // groups)
+        chunks = [regions[i : i + size] for i in range(0, len(regions), size)]
+        results = list(self._executor().map(self._post_batch, chunks))
+        return [arr for chunk in results for arr in chunk]
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+        self._client.close()
+
+
+def _body(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _detail(response: httpx.Response) -> str:
+    """The server's one-line ``detail`` (a FastAPI validation list names its first field)."""
+    detail = _body(response).get("detail")
+    if detail is None:
+        text = response.text.strip()
+        return text.splitlines()[0][:200] if text else response.reason_phrase
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        first = detail[0]
+        loc = [str(p) for p in first.get("loc", []) if p not in ("query", "body", "path")]
+        return f"{loc[-1] if loc else 'request'}: {first.get('msg', 'invalid')}"
+    return " ".join(str(detail).split())
+
+
+_PARAM_ERRORS: dict[str, Callable[[str, str], InvalidParameter]] = {
+    "InvalidROI": lambda param, msg: InvalidROI(msg, param),
+    "InvalidCategories": lambda param, msg: InvalidCategories(msg, param),
+}
+
+
+def _param_error(error: str | None, param: str | None, detail: str) -> InvalidParameter:
+    """Rebuild the parameter error the server raised: same class, param and message."""
+    if not param:
+        head, sep, rest = detail.partition(": ")
+        param, detail = (head, rest) if sep and head and " " not in head else ("request", detail)
+    elif detail.startswith(param + ": "):
+        detail = detail[len(param) + 2 :]
+    leaf = param.rsplit(".", 1)[-1]
+    if error is None:  # an older server or a proxy: guess from the parameter's name
+        error = {"roi": "InvalidROI", "categories": "InvalidCategories"}.get(leaf)
+    factory = _PARAM_ERRORS.get(error or "")
+    return factory(param, detail) if factory else InvalidParameter(param, detail)
+
+
+def _raise_client_error(response: httpx.Response, context: dict[str, Any]) -> NoReturn:
+    """4xx -> the error ``LocalSource`` raises for the same request (the body's ``error`` names it)."""
+    status = response.status_code
+    body = _body(response)
+    detail = _detail(response)
+    error = body.get("error") if isinstance(body.get("error"), str) else None
+    if status == 404:
+        if error == "ArrayNotFound" or (error is None and "no mask" in detail):
+            raise ArrayNotFound(detail)
+        raise ScanNotFound(detail)
+    if status == 400 and (error == "InvalidPath" or error is None and "invalid scan id" in detail):
+        raise InvalidPath(detail)
+    if status in (400, 422):
+        param = body.get("param") if isinstance(body.get("param"), str) else None
+        raise _param_error(error, param, detail)
+    if status == 413:
+        raise RequestTooLarge(detail)
+    if status in (401, 403):
+        raise Unauthorized(detail or "missing or wrong bearer token")
+    raise InvalidParameter("request", f"HTTP {status}: {detail}")

@@ -1,0 +1,44 @@
+"""``build_loader``: MedSegPy's entry point, over registered datasets."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from loaders.base import DataLoader, build_data_loader
+from loaders.catalog import DatasetCatalog
+from loaders.config import Config
+
+
+def get_dataset_dicts(dataset_names: str | Sequence[str], filter_empty: bool = True) -> list[dict[str, Any]]:
+    """Dataset dicts of registered datasets; ``filter_empty`` drops scans without a mask."""
+    names = (dataset_names,) if isinstance(dataset_names, str) else tuple(dataset_names)
+    if not names:
+        raise ValueError("no dataset name given")
+    per_name = [DatasetCatalog.get(name) for name in names]
+    for name, dicts in zip(names, per_name, strict=True):
+        if not dicts:
+            raise ValueError(f"dataset {name!r} is empty")
+    dicts = list(itertools.chain.from_iterable(per_name))
+    if filter_empty:
+        dicts = [d for d in dicts if d.get("has_mask", True)]
+    return dicts
+
+
+def build_loader(
+    cfg: Config,
+    dataset_names: str | Sequence[str],
+    batch_size: int,
+    is_test: bool,
+    shuffle: bool,
+    drop_last: bool,
+    **kwargs: Any,
+) -> DataLoader:
+    """The ``cfg.TAG`` loader over ``dataset_names`` (one name or several)."""
+    dicts = get_dataset_dicts(dataset_names)
+    if not dicts:
+        raise ValueError(f"datasets {dataset_names!r} hold no labelled scans")
+    return build_data_loader(
+        cfg, dicts, batch_size=batch_size, is_test=is_test, shuffle=shuffle, drop_last=drop_last, **kwargs
+    )

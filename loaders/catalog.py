@@ -1,0 +1,134 @@
+"""``DatasetCatalog`` and ``open_source``: named datasets of scans from a store or a server.
+
+A dataset dict describes one scan (scancache keeps scans whole, not as slice files)::
+
+    {"source": "/data/store" or "http://host:8000", "scan_id": "0000001_V00-Aug00",
+     "image_size": (H, W, D), "scan_num_slices": D, "has_mask": True,
+     "split": "train", "subject_id": 1, "time_point": 0, "augmentation": 0, ...}
+
+A MedSegPy-style callable may instead return dicts per slice: the same keys plus
+``"slice_id"`` (1-indexed, as MedSegPy's 2D datasets); only those slices are then used.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from client.layout import ScanMeta
+from client.local import LocalSource
+from client.protocol import ScanSource
+
+SourceLike = str | ScanSource
+
+
+def is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def open_source(path_or_url: str | Any, **kw: Any) -> ScanSource:
+    """A ``LocalSource`` for a store path, an ``HttpSource`` for an ``http(s)://`` URL."""
+    if not isinstance(path_or_url, str):
+        path_or_url = str(path_or_url)
+    if is_url(path_or_url):
+        from client.http import HttpSource  # httpx only when a URL is used
+
+        return HttpSource(path_or_url, **kw)
+    return LocalSource(path_or_url, **kw)
+
+
+_shared: dict[str, ScanSource] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_source(source: SourceLike) -> ScanSource:
+    """One open source per path/URL for the whole process (connection pool and chunk cache)."""
+    if not isinstance(source, str):
+        if hasattr(source, "__fspath__"):
+            source = str(source)
+        else:
+            return source
+    with _shared_lock:
+        opened = _shared.get(source)
+        if opened is None:
+            opened = _shared[source] = open_source(source)
+        return opened
+
+
+def close_shared_sources() -> None:
+    with _shared_lock:
+        for src in _shared.values():
+            src.close()
+        _shared.clear()
+
+
+def scan_dict(source: SourceLike, meta: ScanMeta) -> dict[str, Any]:
+    """The dataset dict of one scan."""
+    d: dict[str, Any] = {
+        "source": source,
+        "scan_id": meta.scan_id,
+        "image_size": tuple(meta.shape),
+        "scan_num_slices": int(meta.shape[2]),
+        "has_mask": meta.has_mask,
+        "num_classes": meta.num_classes,
+        "split": meta.split,
+        "subject_id": meta.subject_id,
+        "time_point": meta.time_point,
+        "augmentation": meta.augmentation,
+    }
+    return d
+
+
+class DatasetCatalog:
+    """Names -> datasets. ``register(name, source, **filters)`` or ``register(name, func)``."""
+
+    _REGISTERED: dict[str, Callable[[], list[dict[str, Any]]]] = {}
+
+    @staticmethod
+    def register(name: str, source: SourceLike | Callable[[], list[dict[str, Any]]], **filters: Any) -> None:
+        """Register a store path or server URL with attribute filters, or a callable.
+
+        ``DatasetCatalog.register("oai_train", "/data/store", split="train")`` selects the
+        scans whose attributes match (see ``client.layout.matches``). A callable takes no
+        arguments and returns dataset dicts, each with ``source`` and ``scan_id``.
+        """
+        if name in DatasetCatalog._REGISTERED:
+            raise ValueError(f"dataset {name!r} is already registered")
+        if callable(source) and not isinstance(source, str) and not hasattr(source, "list_scans"):
+            if filters:
+                raise TypeError(f"dataset {name!r}: filters apply to a store or URL, not to a callable")
+            DatasetCatalog._REGISTERED[name] = source
+            return
+        if not isinstance(source, str) and hasattr(source, "__fspath__"):
+            source = str(source)
+
+        def load() -> list[dict[str, Any]]:
+            return [scan_dict(source, m) for m in shared_source(source).list_scans(**filters)]
+
+        DatasetCatalog._REGISTERED[name] = load
+
+    @staticmethod
+    def get(name: str) -> list[dict[str, Any]]:
+        try:
+            func = DatasetCatalog._REGISTERED[name]
+        except KeyError:
+            known = ", ".join(sorted(DatasetCatalog._REGISTERED)) or "none"
+            raise KeyError(f"dataset {name!r} is not registered; registered: {known}") from None
+        dicts = func()
+        for i, d in enumerate(dicts):
+            if not isinstance(d, dict) or "scan_id" not in d or "source" not in d:
+                raise ValueError(f"dataset {name!r}: item {i} is not a dict with 'scan_id' and 'source'")
+        return dicts
+
+    @staticmethod
+    def list() -> list[str]:
+        return list(DatasetCatalog._REGISTERED)
+
+    @staticmethod
+    def remove(name: str) -> None:
+        DatasetCatalog._REGISTERED.pop(name, None)
+
+    @staticmethod
+    def clear() -> None:
+        DatasetCatalog._REGISTERED.clear()

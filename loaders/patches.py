@@ -1,0 +1,144 @@
+"""3D patch loaders: a grid (MedSegPy's ``PatchDataLoader``) and random foreground sampling."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from client.layout import MASK
+from client.protocol import RegionRequest, ScanSource
+from loaders.base import DataLoader, Element, ScanEntry, read_grouped, register_loader
+from loaders.config import Config
+from loaders.geometry import blend_weights, normalize_per_axis
+from loaders.sampling import ForegroundSampler, Sample, grid_windows
+
+
+@register_loader
+class PatchDataLoader(DataLoader):
+    """3D patches on a grid: ``IMG_SIZE = (h, w, d, 1)`` (x gets a channel) or ``(h, w, d)``.
+
+    Patches start every ``IMG_STRIDE`` (default: the patch size; smaller strides overlap)
+    over the volume padded by ``IMG_PAD_SIZE`` voxels per side with ``IMG_PAD_MODE``; the
+    last patch of each axis snaps to the end, so every voxel is covered. Volumes smaller
+    than a patch are padded at the end. ``inference`` blends overlaps with ``BLEND_MODE``.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        dataset_dicts: Sequence[dict[str, Any]],
+        is_test: bool = False,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        batch_size: int = 1,
+    ) -> None:
+        size = tuple(int(n) for n in cfg.IMG_SIZE)
+        if len(size) == 4 and size[3] == 1:
+            self.patch, self.add_channel = size[:3], True
+        elif len(size) == 3:
+            self.patch, self.add_channel = size, False
+        else:
+            raise ValueError(f"IMG_SIZE: 3D patches need (h, w, d, 1) or (h, w, d), got {size}")
+        self.stride = normalize_per_axis(cfg.IMG_STRIDE, 3, "IMG_STRIDE") or self.patch
+        self.pad = normalize_per_axis(cfg.IMG_PAD_SIZE, 3, "IMG_PAD_SIZE") or (0, 0, 0)
+        self.blend_mode = cfg.BLEND_MODE
+        blend_weights((1, 1, 1), self.blend_mode)  # validates the mode early
+        super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size)
+
+    def grid(self, scan: ScanEntry) -> list[Element]:
+        return [Element(scan.index, w) for w in grid_windows(scan.shape, self.patch, self.stride, self.pad)]
+
+    def build_elements(self) -> Sequence[Any]:
+        return [e for scan in self.scans for e in self.grid(scan)]
+
+    def inference_elements(self, scan: ScanEntry) -> Sequence[Element]:
+        return self.grid(scan)
+
+    def model_input(self, image: np.ndarray, element: Element) -> np.ndarray:
+        return image[..., None] if self.add_channel else image
+
+    @functools.cached_property
+    def _weights(self) -> np.ndarray:
+        return blend_weights(self.patch, self.blend_mode)
+
+    def blend_weights(self, element: Element) -> np.ndarray | None:
+        return self._weights
+
+
+@register_loader
+class RandomPatchDataLoader(PatchDataLoader):
+    """Training patches drawn at random, ``FOREGROUND_RATIO`` of them centred on a labelled voxel.
+
+    Each epoch holds ``PATCHES_PER_SCAN`` patches per scan; classes count as foreground if
+    ``CATEGORIES`` selects them (all classes when it is empty). Draws are deterministic from
+    ``SEED`` and the epoch (see ``loaders.sampling``). ``inference`` uses the grid.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        dataset_dicts: Sequence[dict[str, Any]],
+        is_test: bool = False,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        batch_size: int = 1,
+    ) -> None:
+        if not 0.0 <= float(cfg.FOREGROUND_RATIO) <= 1.0:
+            raise ValueError(f"FOREGROUND_RATIO must be within [0, 1], got {cfg.FOREGROUND_RATIO}")
+        if int(cfg.PATCHES_PER_SCAN) < 1:
+            raise ValueError(f"PATCHES_PER_SCAN must be positive, got {cfg.PATCHES_PER_SCAN}")
+        self.per_scan = int(cfg.PATCHES_PER_SCAN)
+        self.ratio = float(cfg.FOREGROUND_RATIO)
+        super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size)
+
+    @functools.cached_property
+    def sampler(self) -> ForegroundSampler:
+        patch = (int(self.patch[0]), int(self.patch[1]), int(self.patch[2]))
+        pad = (int(self.pad[0]), int(self.pad[1]), int(self.pad[2]))
+        return ForegroundSampler(patch, pad, self.ratio, int(self.seed))
+
+    def build_elements(self) -> Sequence[Any]:
+        return self.sampler.plan(len(self.scans), self.per_scan, epoch=0)
+
+    def next_epoch_elements(self, elements: list[Any]) -> list[Any]:
+        return list(self.sampler.plan(len(self.scans), self.per_scan, epoch=self.epoch))
+
+    def _per_slice(self, scan_index: int) -> list[list[int]]:
+        scan = self.scans[scan_index]
+        counts = scan.meta.class_voxels_per_slice()
+        if not counts:  # a listing may omit per-slice counts; the scan's own metadata has them
+            counts = scan.source.metadata(scan.scan_id).class_voxels_per_slice()
+        return counts
+
+    def _foreground_classes(self, scan_index: int) -> list[int]:
+        scan = self.scans[scan_index]
+        if scan.categories is None:
+            return list(range(scan.meta.num_classes))
+        return sorted({k for group in scan.categories for k in group})
+
+    def _read_slices(self, wanted: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        requests: list[tuple[ScanSource, RegionRequest]] = []
+        for scan_index, k, z in wanted:
+            scan = self.scans[scan_index]
+            roi = (slice(None), slice(None), slice(z, z + 1))
+            requests.append((scan.source, RegionRequest(scan.scan_id, MASK, roi, ((k,),), False)))
+        return [a[:, :, 0, 0] for a in read_grouped(requests)]
+
+    def resolve(self, samples: Sequence[Sample], epoch: int) -> list[Element]:
+        windows = self.sampler.draw(
+            samples,
+            epoch,
+            [s.shape for s in self.scans],
+            self._per_slice,
+            self._foreground_classes,
+            self._read_slices,
+        )
+        return [Element(s.scan, w) for s, w in zip(samples, windows, strict=True)]
+
+    def batch_elements(self, index: int) -> list[Any]:
+        # The epoch is captured with the plan's samples so a read-ahead stays in its epoch.
+        epoch = self.epoch
+        return self.resolve(super().batch_elements(index), epoch)

@@ -1,0 +1,124 @@
+"""Samplers: where patches go. Pure of I/O except through the ``read_slice`` callback.
+
+``grid_windows`` tiles a volume (inference, PatchDataLoader). ``ForegroundSampler`` draws
+training patches: a share ``ratio`` of them centred on a voxel of a foreground class (class
+chosen uniformly among those present, slice weighted by the store's per-slice class voxel
+counts, voxel uniformly within that slice), the rest uniformly anywhere, as nnU-Net's
+oversample_foreground_percent and MONAI's RandCropByPosNegLabel. Every draw comes from
+``numpy.random.default_rng((seed, epoch, sample))``, so results do not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from loaders.geometry import PatchGrid
+from loaders.stitching import Window
+
+
+def grid_windows(
+    shape: Sequence[int], patch: Sequence[int], stride: Sequence[int] | None, pad: Sequence[int] | None
+) -> list[Window]:
+    return list(PatchGrid.build(shape, patch, stride, pad).windows())
+
+
+def start_range(size: int, patch: int, pad: int) -> tuple[int, int]:
+    """Smallest and largest patch start on an axis (padded extent, as ``axis_starts``)."""
+    lo = -pad
+    hi = max(size + pad, lo + patch)
+    return lo, hi - patch
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A training patch to draw: which scan, whether centred on foreground, and its number."""
+
+    scan: int
+    foreground: bool
+    number: int
+
+
+@dataclass(frozen=True)
+class ForegroundSampler:
+    patch: tuple[int, int, int]
+    pad: tuple[int, int, int]
+    ratio: float
+    seed: int
+
+    def plan(self, num_scans: int, per_scan: int, epoch: int) -> list[Sample]:
+        """An epoch's samples: every scan ``per_scan`` times; ``round(n * ratio)`` foreground."""
+        n = num_scans * per_scan
+        rng = np.random.default_rng((self.seed, epoch))
+        foreground = np.zeros(n, dtype=bool)
+        foreground[: round(n * self.ratio)] = True
+        rng.shuffle(foreground)
+        order = rng.permutation(n)
+        return [Sample(int(i) % num_scans, bool(foreground[k]), k) for k, i in enumerate(order)]
+
+    def rng(self, epoch: int, sample: Sample) -> np.random.Generator:
+        return np.random.default_rng((self.seed, epoch, sample.number))
+
+    def pick_slice(
+        self, rng: np.random.Generator, per_slice: Sequence[Sequence[int]], classes: Sequence[int]
+    ) -> tuple[int, int] | None:
+        """(class, z) for a foreground sample, or None when no class has voxels."""
+        counts = np.asarray(per_slice, dtype=np.float64).reshape(len(per_slice), -1)
+        present = [k for k in classes if k < counts.shape[1] and counts[:, k].sum() > 0]
+        if not present:
+            return None
+        k = present[int(rng.integers(len(present)))]
+        z = int(rng.choice(counts.shape[0], p=counts[:, k] / counts[:, k].sum()))
+        return k, z
+
+    def window_around(self, center: Sequence[int], shape: Sequence[int]) -> Window:
+        out = []
+        for c, size, p, pad in zip(center, shape, self.patch, self.pad, strict=True):
+            lo, hi = start_range(int(size), p, pad)
+            start = min(max(int(c) - p // 2, lo), hi)
+            out.append((start, start + p))
+        return tuple(out)
+
+    def random_window(self, rng: np.random.Generator, shape: Sequence[int]) -> Window:
+        out = []
+        for size, p, pad in zip(shape, self.patch, self.pad, strict=True):
+            lo, hi = start_range(int(size), p, pad)
+            start = int(rng.integers(lo, hi + 1))
+            out.append((start, start + p))
+        return tuple(out)
+
+    def draw(
+        self,
+        samples: Sequence[Sample],
+        epoch: int,
+        shapes: Sequence[Sequence[int]],
+        per_slice: Callable[[int], Sequence[Sequence[int]]],
+        classes: Callable[[int], Sequence[int]],
+        read_slices: Callable[[list[tuple[int, int, int]]], list[np.ndarray]],
+    ) -> list[Window]:
+        """Windows for ``samples``; foreground ones read their chosen slices in one call.
+
+        ``read_slices([(scan, class, z), ...])`` returns each slice's (H, W) binary mask.
+        """
+        rngs = [self.rng(epoch, s) for s in samples]
+        picks: list[tuple[int, int] | None] = [
+            self.pick_slice(rng, per_slice(s.scan), classes(s.scan)) if s.foreground else None
+            for s, rng in zip(samples, rngs, strict=True)
+        ]
+        wanted = [(s.scan, *p) for s, p in zip(samples, picks, strict=True) if p is not None]
+        masks = iter(read_slices(wanted)) if wanted else iter(())
+        windows = []
+        for s, rng, pick in zip(samples, rngs, picks, strict=True):
+            shape = shapes[s.scan]
+            if pick is None:
+                windows.append(self.random_window(rng, shape))
+                continue
+            ys, xs = np.nonzero(next(masks))
+            if len(ys) == 0:  # counts and mask disagree: fall back to a uniform draw
+                windows.append(self.random_window(rng, shape))
+                continue
+            i = int(rng.integers(len(ys)))
+            windows.append(self.window_around((int(ys[i]), int(xs[i]), pick[1]), shape))
+        return windows

@@ -1,0 +1,73 @@
+"""2D and 2.5D slice loaders (MedSegPy's ``DefaultDataLoader`` and ``S25dDataLoader``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from loaders.base import DataLoader, Element, register_loader
+from loaders.config import Config
+from loaders.geometry import neighbour_window
+
+
+@register_loader
+class DefaultDataLoader(DataLoader):
+    """2D slices: x ``(N, H, W, 1)``, y ``(N, H, W, C)`` float32.
+
+    One element per slice of every scan (or per listed ``slice_id``). y holds ``CATEGORIES``
+    merged as MedSegPy's ``collect_mask`` (a tuple sums its classes), with a background
+    channel first when ``INCLUDE_BACKGROUND``. Test batches are ``(x, y, x_raw)``.
+    """
+
+    def build_elements(self) -> Sequence[Element]:
+        return [
+            Element(scan.index, ((0, scan.shape[0]), (0, scan.shape[1]), (z, z + 1)))
+            for scan in self.scans
+            for z in scan.slices
+        ]
+
+    def model_input(self, image: np.ndarray, element: Element) -> np.ndarray:
+        return image  # (H, W, 1): the slice axis is the channel
+
+    def model_target(self, mask: np.ndarray, element: Element) -> np.ndarray:
+        return mask[:, :, 0]  # (H, W, 1, C) -> (H, W, C)
+
+    def from_prediction(self, prediction: np.ndarray, element: Element) -> np.ndarray:
+        return prediction[:, :, None]
+
+
+@register_loader
+class S25dDataLoader(DefaultDataLoader):
+    """2.5D: ``IMG_SIZE = (H, W, k)``, k odd; x holds slices ``z-k//2 .. z+k//2`` as channels.
+
+    Slices beyond the scan's ends are filled with ``IMG_PAD_MODE`` (as ``np.pad`` of the
+    volume along z); y is the centre slice's mask.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        dataset_dicts: Sequence[dict[str, Any]],
+        is_test: bool = False,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        batch_size: int = 1,
+    ) -> None:
+        if len(cfg.IMG_SIZE) != 3:
+            raise ValueError(f"IMG_SIZE: 2.5D needs (H, W, k), got {tuple(cfg.IMG_SIZE)}")
+        self.window = int(cfg.IMG_SIZE[-1])
+        neighbour_window(0, self.window)  # validates k
+        super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size)
+
+    def build_elements(self) -> Sequence[Element]:
+        return [
+            Element(
+                scan.index,
+                ((0, scan.shape[0]), (0, scan.shape[1]), neighbour_window(z, self.window)),
+                ((0, scan.shape[0]), (0, scan.shape[1]), (z, z + 1)),
+            )
+            for scan in self.scans
+            for z in scan.slices
+        ]

@@ -1,0 +1,305 @@
+"""The ``scancache`` command line: preprocess, verify, scans, sample-data, serve.
+
+Errors reach the user as one line (``scancache: error: ...``) and exit code 1 (2 for usage
+errors, as argparse does); ``--debug`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_BYTE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """``512M`` -> 536870912; K/M/G/T are powers of 1024 (``MiB``/``MB`` read the same)."""
+    match = _BYTES.match(str(text))
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte size like 4096, 512M or 2G")
+    return int(float(match[1]) * _BYTE_UNITS[match[2].upper()])
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def shape3(text: str) -> tuple[int, int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three positive integers H,W,D")
+    return values[0], values[1], values[2]
+
+
+# -- subcommands ------------------------------------------------------------------------------
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from client.layout import ChunkLayout
+    from service.preprocess import run_preprocess
+
+    try:
+        layout = ChunkLayout.parse(args.chunks, shard_depth=args.shard_depth, codec=args.codec)
+    except ValueError as err:
+        raise SystemExit(f"scancache preprocess: error: {err}") from None
+    summary = run_preprocess(
+        args.source,
+        args.store,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        layout=layout,
+        progress=not args.quiet,
+    )
+    print(summary.report(), flush=True)
+    return summary.exit_code
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from service.verify import verify_store
+
+    report = verify_store(args.source, args.store, on_line=lambda line: print(line, flush=True))
+    print(report.summary())
+    return 0 if report.exact else 1
+
+
+def _scan_rows(store: Path) -> list[dict[str, Any]]:
+    from client.layout import STAGING_DIR
+    from service.preprocess import _dir_bytes
+    from service.store import read_scan_attrs
+
+    if not (store / "zarr.json").is_file():
+        raise FileNotFoundError(f"{store}: not a scancache store (no zarr.json)")
+    rows = []
+    for entry in sorted(os.listdir(store)):
+        attrs = read_scan_attrs(store, entry) if entry != STAGING_DIR else None
+        if attrs is None or "scan_id" not in attrs:
+            continue
+        rows.append(
+            {
+                "scan_id": attrs["scan_id"],
+                "split": attrs.get("split"),
+                "subject_id": attrs.get("subject_id"),
+                "time_point": attrs.get("time_point"),
+                "augmentation": attrs.get("augmentation"),
+                "shape": attrs.get("shape"),
+                "dtype": attrs.get("dtype"),
+                "num_classes": attrs.get("num_classes", 0),
+                "bytes": _dir_bytes(store / entry),
+            }
+        )
+    return rows
+
+
+def cmd_scans(args: argparse.Namespace) -> int:
+    from service.preprocess import format_bytes
+
+    rows = _scan_rows(Path(args.store))
+    if args.json:
+        print(json.dumps({"scans": rows}, indent=2))
+        return 0
+    table = [("SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE")]
+    for row in rows:
+        shape = "x".join(str(n) for n in row["shape"] or [])
+        table.append(
+            (
+                row["scan_id"],
+                row["split"] or "-",
+                shape,
+                str(row["dtype"]),
+                str(row["num_classes"]),
+                format_bytes(row["bytes"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    print(f"{len(rows)} scans, {format_bytes(sum(r['bytes'] for r in rows))}")
+    return 0
+
+
+def cmd_sample_data(args: argparse.Namespace) -> int:
+    from service.sample_data import write_sample_data
+
+    splits = None if args.no_splits else tuple(s for s in args.splits.split(",") if s)
+    data = write_sample_data(
+        args.dir,
+        subjects=args.subjects,
+        visits=args.visits,
+        shape=args.shape,
+        num_classes=args.classes,
+        fmt=args.format,
+        seed=args.seed,
+        splits=splits,
+        dtype=args.dtype,
+    )
+    for kind, root in data.roots.items():
+        print(f"wrote {len(data.scans)} {kind.upper()} scans of {'x'.join(map(str, args.shape))} to {root}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import inspect
+
+    try:
+        from service.server import run
+    except ImportError as err:
+        raise RuntimeError(f"the server is not available ({err}); install scancache[service]") from None
+    if args.token:  # the server reads SCANCACHE_TOKEN (also in uvicorn's worker processes)
+        os.environ["SCANCACHE_TOKEN"] = args.token
+    options: dict[str, Any] = {
+        "store": args.store,
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "cache_bytes": args.cache_bytes,
+        "max_bytes": args.max_bytes,
+    }
+    accepted = inspect.signature(run).parameters
+    if "token" in accepted:
+        options["token"] = args.token or os.environ.get("SCANCACHE_TOKEN")
+    # leave the server's own defaults in place for options the user did not give
+    options = {
+        k: v for k, v in options.items() if v is not None or k not in ("cache_bytes", "max_bytes", "token")
+    }
+    run(**options)  # blocks until the server stops (Ctrl-C)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scancache",
+        description="Preprocess MedSegPy slice-wise HDF5 scans into a chunked Zarr v3 store, "
+        "verify it, list it, and serve it over HTTP.",
+        epilog="Run 'scancache COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "preprocess",
+        help="convert a source folder into a store (Dask job)",
+        description="Convert every scan under SOURCE (2D .im/.seg slices or 3D .h5 volumes; "
+        "first-level folders are splits) into the Zarr v3 store STORE. Scans already in the "
+        "store with unchanged sources are skipped; a killed run resumes when re-run. Exits 1 "
+        "if any scan failed.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="folder of MedSegPy input files")
+    p.add_argument("store", metavar="STORE", help="store folder (created if missing)")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        help="run on an existing Dask cluster (tcp://host:port) instead of locally",
+    )
+    p.add_argument(
+        "--workers", type=positive_int, metavar="N", help="local worker processes (default: CPU count)"
+    )
+    p.add_argument(
+        "--chunks", default="96,96,8", metavar="Y,X,Z", help="inner chunk shape (default: %(default)s)"
+    )
+    p.add_argument(
+        "--shard-depth", type=positive_int, default=None, metavar="Z", help="slices per shard (default: 32)"
+    )
+    p.add_argument(
+        "--codec",
+        choices=("blosc-lz4", "zstd", "none"),
+        default=None,
+        help="chunk compression (default: blosc-lz4)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the summary")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser(
+        "verify",
+        help="compare a store with its source voxel for voxel",
+        description="Re-read every source file and compare it with STORE voxel for voxel (read "
+        "with zarr-python). Prints OK/MISMATCH/MISSING/FAILED per scan; exits 0 only if every "
+        "source scan is in the store and exact.",
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("store", metavar="STORE")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("scans", help="list the scans of a store", description="List the scans of STORE.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--json", action="store_true", help='print {"scans": [...]} as JSON')
+    p.set_defaults(func=cmd_scans)
+
+    p = sub.add_parser(
+        "sample-data",
+        help="write synthetic knee-like phantoms",
+        description="Write synthetic knee-like phantom scans (concentric tissue shells, noise, "
+        "several subjects and visits, split folders) in MedSegPy's 2D slice format and/or 3D.",
+    )
+    p.add_argument("dir", metavar="DIR", help="output folder")
+    p.add_argument("--subjects", type=positive_int, default=4, help="default: %(default)s")
+    p.add_argument("--visits", type=positive_int, default=2, help="default: %(default)s")
+    p.add_argument("--shape", type=shape3, default=(96, 96, 24), metavar="H,W,D", help="default: 96,96,24")
+    p.add_argument("--classes", type=positive_int, default=4, help="default: %(default)s")
+    p.add_argument("--format", choices=("2d", "3d", "both"), default="2d", help="default: %(default)s")
+    p.add_argument(
+        "--dtype", choices=("float32", "int16", "uint16"), default="float32", help="default: %(default)s"
+    )
+    p.add_argument("--splits", default="train,valid,test", help="split folders (default: %(default)s)")
+    p.add_argument("--no-splits", action="store_true", help="write all scans directly into DIR")
+    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.set_defaults(func=cmd_sample_data)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a store over HTTP",
+        description="Serve STORE over HTTP: REST regions and read-only Zarr v3.",
+    )
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes (default: 1)")
+    p.add_argument(
+        "--cache-bytes", type=parse_bytes, default=None, metavar="B", help="decoded-chunk cache, e.g. 512M"
+    )
+    p.add_argument(
+        "--max-bytes", type=parse_bytes, default=None, metavar="B", help="largest response, e.g. 256M"
+    )
+    p.add_argument(
+        "--token", default=None, help="bearer token required from clients (default: $SCANCACHE_TOKEN)"
+    )
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("scancache: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as err:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"scancache {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""``make demo``: the whole path on built-in sample data, end to end.
+
+sample data -> Dask preprocessing job -> ``scancache serve`` on loopback -> a small Keras U-Net
+trained from the server with MedSegPy's API -> per-scan inference -> per-class Dice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np  # noqa: E402
+
+CLASS_NAMES = ("femoral cartilage", "tibial cartilage", "patellar cartilage", "meniscus")
+
+
+def say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(store: Path, port: int) -> Iterator[str]:
+    """``scancache serve`` in a subprocess, exactly as a user starts it; stopped on exit."""
+    import httpx
+
+    cmd = [sys.executable, "-m", "service.cli", "serve", str(store), "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise SystemExit(f"[demo] the server did not start: {err.strip().splitlines()[-1:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit("[demo] the server did not answer /health within 60 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def tiny_unet(input_shape: tuple[int, int, int], num_outputs: int, width: int = 8):  # type: ignore[no-untyped-def]
+    """A two-level U-Net: enough to learn the phantoms' shells in a few steps."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=input_shape)
+    c1 = layers.Conv2D(width, 3, padding="same", activation="relu")(inputs)
+    c1 = layers.Conv2D(width, 3, padding="same", activation="relu")(c1)
+    p1 = layers.MaxPooling2D(2)(c1)
+    c2 = layers.Conv2D(width * 2, 3, padding="same", activation="relu")(p1)
+    c2 = layers.Conv2D(width * 2, 3, padding="same", activation="relu")(c2)
+    u1 = layers.UpSampling2D(2)(c2)
+    m1 = layers.Concatenate()([u1, c1])
+    c3 = layers.Conv2D(width, 3, padding="same", activation="relu")(m1)
+    outputs = layers.Conv2D(num_outputs, 1, activation="sigmoid")(c3)
+    return keras.Model(inputs, outputs, name="tiny_unet")
+
+
+def dice(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Per-class Dice of binarized predictions over a scan (last axis = class)."""
+    pred = y_pred >= 0.5
+    true = y_true >= 0.5
+    axes = tuple(range(true.ndim - 1))
+    inter = (pred & true).sum(axis=axes)
+    total = pred.sum(axis=axes) + true.sum(axis=axes)
+    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__)
+    parser.add_argument("--out", default="demo-output", help="folder for data, store and outputs")
+    parser.add_argument("--quick", action="store_true", help="CI size: smaller data, fewer steps")
+    parser.add_argument("--epochs", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    import keras
+
+    from loaders import Config, DatasetCatalog, build_loader
+    from service.preprocess import run_preprocess
+    from service.sample_data import write_sample_data
+
+    out = Path(args.out).resolve()
+    source, store, preds = out / "source", out / "store", out / "predictions"
+    shape = (64, 64, 12) if args.quick else (128, 128, 24)
+    epochs = args.epochs or (2 if args.quick else 4)
+    started = time.perf_counter()
+
+    say(f"1/5 writing sample data (knee-like phantoms {shape}) to {source}")
+    write_sample_data(source, subjects=4, visits=2, shape=shape, num_classes=4, fmt="2d", seed=0)
+
+    say(f"2/5 preprocessing with Dask into {store}")
+    summary = run_preprocess(source, store, workers=2, progress=sys.stderr.isatty())
+    say(f"    {summary}")
+    if getattr(summary, "failed", 0):
+        say("preprocessing reported failures; see above")
+        return 1
+
+    port = free_port()
+    say(f"3/5 serving the store on http://127.0.0.1:{port}")
+    with running_server(store, port) as url:
+        for name, split in (("demo_train", "train"), ("demo_val", "valid"), ("demo_test", "test")):
+            DatasetCatalog.register(name, url, split=split)
+        cfg = Config()
+        cfg.TAG = "DefaultDataLoader"
+        cfg.TRAIN_DATASET, cfg.VAL_DATASET, cfg.TEST_DATASET = "demo_train", "demo_val", "demo_test"
+        cfg.CATEGORIES = (0, 1, 2, 3)
+        cfg.IMG_SIZE = (shape[0], shape[1], 1)
+        train = build_loader(cfg, cfg.TRAIN_DATASET, batch_size=8, is_test=False, shuffle=True, drop_last=True)
+        val = build_loader(cfg, cfg.VAL_DATASET, batch_size=8, is_test=False, shuffle=False, drop_last=False)
+        test = build_loader(cfg, cfg.TEST_DATASET, batch_size=8, is_test=True, shuffle=False, drop_last=False)
+
+        keras.utils.set_random_seed(cfg.SEED or 0)
+        model = tiny_unet(cfg.IMG_SIZE, len(cfg.CATEGORIES))
+        model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="binary_crossentropy")
+        say(f"4/5 training a small U-Net from the server: {len(train)} batches x {epochs} epochs")
+        history = model.fit(train, validation_data=val, epochs=epochs, verbose=2)
+        losses = history.history["loss"]
+        say(f"    loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+
+        say("5/5 per-scan inference (stitched from slices) and Dice")
+        preds.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for inputs, outputs in test.inference(model, verbose=0):
+            scores = dice(outputs["y_true"], outputs["y_pred"])
+            np.save(preds / f"{inputs['scan_id']}.npy", outputs["y_pred"].astype(np.float32))
+            rows.append({"scan_id": inputs["scan_id"], "dice": [round(float(d), 4) for d in scores]})
+    header = "scan".ljust(20) + "".join(n[:18].rjust(20) for n in CLASS_NAMES)
+    print(header)
+    for row in rows:
+        print(row["scan_id"].ljust(20) + "".join(f"{d:20.3f}" for d in row["dice"]))
+    if rows:
+        mean = np.mean([r["dice"] for r in rows], axis=0)
+        print("mean".ljust(20) + "".join(f"{d:20.3f}" for d in mean))
+    (out / "dice.json").write_text(json.dumps(rows, indent=2))
+    say(f"predictions: {preds}/<scan_id>.npy   dice: {out / 'dice.json'}   store: {store}")
+    say(f"done in {time.perf_counter() - started:.0f} s; the server is stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,275 @@
+"""The preprocessing job: every scan of a source into the store, as one Dask graph.
+
+Each scan is one task (``convert_scan``) that stats its sources, skips the scan if the store
+already holds it with the same fingerprint, and otherwise reads it, checks it and publishes it
+atomically with ``service.store.write_scan``. Tasks never raise for bad input: they return a
+``ScanResult`` with a one-line message, so one bad scan never stops the others.
+
+By default the graph runs on a ``LocalCluster`` (processes, one thread each); with
+``scheduler="tcp://host:port"`` it runs on an existing cluster whose workers see the same
+filesystem paths (source and store), e.g. dask-jobqueue on SLURM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from client.errors import SourceError
+from client.layout import ChunkLayout
+from service import store as store_mod
+from service.sources import ScanSpec, discover, fingerprint, load_scan
+
+CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What one task reports back (small: it travels from the worker to the client)."""
+
+    scan_id: str
+    status: str  # converted / skipped / failed
+    message: str = ""  # for failures: "scan: file: why"
+    bytes_in: int = 0
+    bytes_out: int = 0
+    worker: str = ""
+
+
+@dataclass
+class Summary:
+    converted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    results: list[ScanResult] = field(default_factory=list)
+
+    def add(self, result: ScanResult) -> None:
+        self.results.append(result)
+        setattr(self, result.status, getattr(self, result.status) + 1)
+        self.bytes_in += result.bytes_in
+        self.bytes_out += result.bytes_out
+
+    @property
+    def total(self) -> int:
+        return self.converted + self.skipped + self.failed
+
+    @property
+    def failures(self) -> list[str]:
+        return sorted(r.message for r in self.results if r.status == FAILED)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.converted} converted, {self.skipped} skipped, {self.failed} failed; "
+            f"{format_bytes(self.bytes_in)} read, {format_bytes(self.bytes_out)} written in {self.seconds:.1f} s"
+        )
+
+    def report(self) -> str:
+        lines = [
+            f"scans: {self.converted} converted, {self.skipped} skipped, {self.failed} failed "
+            f"in {self.seconds:.1f} s",
+            f"bytes: {format_bytes(self.bytes_in)} read, {format_bytes(self.bytes_out)} written",
+        ]
+        if self.failed:
+            lines.append(f"failures ({self.failed}):")
+            lines.extend(f"  {message}" for message in self.failures)
+        return "\n".join(lines)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return ""
+
+
+def convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout) -> ScanResult:
+    """One task: skip, convert or fail one scan. Never raises."""
+    worker = _worker_name()
+    try:
+        fp, source_bytes = fingerprint(spec, layout)
+        published = store_mod.read_scan_attrs(store, spec.scan_id)
+        if published is not None and published.get("fingerprint") == fp:
+            return ScanResult(spec.scan_id, SKIPPED, worker=worker)
+        scan = load_scan(spec)
+        attrs: dict[str, Any] = {
+            **spec.attrs(),
+            "fingerprint": fp,
+            "sources": {"files": len(spec.files), "bytes": source_bytes},
+        }
+        if scan.spacing is not None:
+            attrs["spacing"] = scan.spacing
+        store_mod.write_scan(store, spec.scan_id, scan.image, scan.mask, attrs, layout)
+        out = _dir_bytes(Path(store) / spec.scan_id)
+        return ScanResult(spec.scan_id, CONVERTED, bytes_in=source_bytes, bytes_out=out, worker=worker)
+    except SourceError as err:
+        return ScanResult(spec.scan_id, FAILED, str(err), worker=worker)
+    except Exception as err:  # a write error, a full disk: still one line, still not fatal
+        why = " ".join(str(err).split())[:200] or type(err).__name__
+        return ScanResult(
+            spec.scan_id, FAILED, f"{spec.scan_id}: (store): {type(err).__name__}: {why}", worker=worker
+        )
+
+
+# -- running the graph ------------------------------------------------------------------------
+@contextmanager
+def dask_client(scheduler: str | None, workers: int | None, tasks: int | None = None) -> Iterator[Any]:
+    """A ``distributed.Client`` on the given scheduler, or on a quiet LocalCluster."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler) as client:  # connect timeout: distributed.comm.timeouts.connect
+            yield client
+        return
+    n_workers = max(1, int(workers or os.cpu_count() or 1))
+    if tasks is not None:  # no idle processes to start for a handful of scans
+        n_workers = max(1, min(n_workers, tasks))
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a plain line every few seconds and at the end."""
+
+    def __init__(self, total: int, done: int, enabled: bool, stream: IO[str], every: float = 5.0) -> None:
+        self.total, self.enabled, self.stream, self.every = total, enabled, stream, every
+        self.bar: Any = None
+        self.last = time.monotonic()
+        if enabled and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="scan", file=stream, dynamic_ncols=True)
+
+    def update(self, summary: Summary) -> None:
+        if not self.enabled:
+            return
+        text = f"converted {summary.converted}, skipped {summary.skipped}, failed {summary.failed}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+            return
+        now = time.monotonic()
+        if summary.total == self.total or now - self.last >= self.every:
+            self.last = now
+            print(f"preprocess: {summary.total}/{self.total} scans ({text})", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_preprocess(
+    source: str | os.PathLike[str],
+    store: str | os.PathLike[str],
+    scheduler: str | None = None,
+    workers: int | None = None,
+    layout: ChunkLayout | None = None,
+    progress: bool = True,
+    stream: IO[str] | None = None,
+    on_result: Callable[[ScanResult], None] | None = None,
+) -> Summary:
+    """Convert every scan of ``source`` into ``store``; returns the summary.
+
+    Raises ``EmptySource`` for a missing or empty source and ``ValueError`` if ``store`` is a
+    directory that is not a scancache store. Per-scan problems never raise: they are failures
+    in the summary.
+    """
+    started = time.monotonic()
+    stream = stream or sys.stderr
+    layout = layout or ChunkLayout()
+    found = discover(source)
+    store_path = store_mod.ensure_store(Path(store).resolve())
+    store_mod.clean_staging(store_path)  # what a killed run left behind
+    summary = Summary()
+    for err in found.failures:
+        summary.add(ScanResult(err.scan, FAILED, str(err)))
+    try:
+        if found.scans:
+            with dask_client(scheduler, workers, len(found.scans)) as client:
+                if progress:
+                    where = (
+                        scheduler or f"a local cluster of {len(client.scheduler_info()['workers'])} workers"
+                    )
+                    print(f"preprocess: {len(found.scans)} scans on {where}", file=stream, flush=True)
+                bar = Progress(summary.total + len(found.scans), summary.total, progress, stream)
+                try:
+                    _run_graph(client, found.scans, str(store_path), layout, summary, bar, on_result)
+                finally:
+                    bar.close()
+    finally:
+        store_mod.clean_staging(store_path)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _run_graph(
+    client: Any,
+    specs: list[ScanSpec],
+    store: str,
+    layout: ChunkLayout,
+    summary: Summary,
+    bar: Progress,
+    on_result: Callable[[ScanResult], None] | None,
+) -> None:
+    from distributed import as_completed
+
+    # One graph: a task per scan, keyed by scan id so the dashboard shows which scan runs.
+    job = uuid.uuid4().hex[:8]  # two jobs on one cluster must not share keys
+    keys = [f"convert-{spec.scan_id}-{job}" for spec in specs]
+    futures = client.map(convert_scan, specs, store=store, layout=layout, key=keys, pure=False, retries=1)
+    scan_of = {future.key: spec.scan_id for future, spec in zip(futures, specs, strict=True)}
+    for future in as_completed(futures):
+        try:
+            result = future.result()
+        except Exception as err:  # the worker died (e.g. killed by the OOM killer) twice
+            why = " ".join(str(err).split())[:200] or type(err).__name__
+            scan = scan_of[future.key]
+            result = ScanResult(scan, FAILED, f"{scan}: (worker): {type(err).__name__}: {why}")
+        summary.add(result)
+        bar.update(summary)
+        if on_result is not None:
+            on_result(result)
+        future.release()

@@ -1,0 +1,107 @@
+"""``create_app(settings)``: the FastAPI application serving one store.
+
+Request path, outermost first: CORS (only if configured) -> metrics -> bearer auth -> path guard
+-> body limit -> FastAPI routing and error handlers -> routes. The app holds a ``LocalSource``
+(whose tensorstore context owns the byte-capped decoded-chunk cache) and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+
+from client.local import LocalSource
+from service.server.auth import BearerAuthMiddleware
+from service.server.errors import error_responses, install_error_handlers
+from service.server.guards import BodyLimitMiddleware, PathGuardMiddleware
+from service.server.metrics import Metrics, MetricsMiddleware
+from service.server.routes_regions import router as regions_router
+from service.server.routes_scans import router as scans_router
+from service.server.settings import Settings
+from service.server.state import ServerState, server_state
+from service.server.zarr_http import router as zarr_router
+
+log = logging.getLogger("scancache.server")
+
+DESCRIPTION = """\
+Serves a scancache store (Zarr v3, one group per scan) to training jobs on other machines.
+
+* `GET /scans`, `GET /scans/{scan_id}`: metadata as JSON.
+* `GET /scans/{scan_id}/image|mask?roi=...`: one region as `.npy` (`application/x-npy`).
+* `POST /batch`: many regions in one round trip (`application/x-npy-stream`: concatenated `.npy`).
+* `GET /zarr/{path}`: the store itself, read-only Zarr v3 with HTTP Range (tensorstore, zarr-python).
+
+Errors are `{"detail": "<one line>", "error": "<class>", "param": "<name>"}`. When the server has a
+token (`SCANCACHE_TOKEN`), every route but `/health` needs `Authorization: Bearer <token>`.
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    source = LocalSource(settings.store, cache_bytes=settings.cache_bytes)  # fails fast on a bad store
+    metrics = Metrics(settings.cache_bytes)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        log.info("serving %d scans, chunk cache %d bytes", len(source.scan_ids()), settings.cache_bytes)
+        try:
+            yield
+        finally:
+            source.close()
+
+    app = FastAPI(
+        title="scancache",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.scancache = ServerState(settings=settings, source=source, metrics=metrics)
+    install_error_handlers(app)
+    app.include_router(scans_router)
+    app.include_router(regions_router)
+    app.include_router(zarr_router)
+
+    @app.get(
+        "/metrics",
+        tags=["service"],
+        summary="Prometheus metrics of this worker process",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text format.",
+            },
+            **error_responses(401),
+        },
+    )
+    async def get_metrics(state: Annotated[ServerState, Depends(server_state)]) -> Response:
+        return Response(
+            state.metrics.render(), media_type=CONTENT_TYPE_LATEST, headers={"Cache-Control": "no-store"}
+        )
+
+    # add_middleware puts each new one outermost: add innermost first.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(PathGuardMiddleware)
+    if settings.token:
+        app.add_middleware(BearerAuthMiddleware, token=settings.token)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["Authorization", "Range", "If-None-Match", "Content-Type"],
+            expose_headers=["Content-Range", "Accept-Ranges", "ETag", "Content-Length", "Content-Encoding"],
+        )
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app factory uvicorn workers import (``--workers N``): settings from ``SCANCACHE_*``."""
+    return create_app(Settings.from_env())

@@ -1,0 +1,153 @@
+"""The one place where errors become HTTP responses.
+
+Every error body is ``{"detail": "<one line>", "error": "<class>", "param": "<name>"|null}``:
+``detail`` is the pinned contract; ``error`` names the scancache exception so that a client can
+raise the same class the local source would. Domain errors (``client.errors``) carry messages
+written for users and never contain filesystem paths. Anything else is a server bug or a broken
+store: the client gets a generic one-line 500 and the traceback goes to the server log only
+(tensorstore and OS messages do contain paths).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from client.errors import (
+    ArrayNotFound,
+    InvalidParameter,
+    InvalidPath,
+    RequestTooLarge,
+    ScanCacheError,
+    ScanNotFound,
+    Unauthorized,
+)
+
+log = logging.getLogger("scancache.server")
+
+
+class NotInStore(ScanCacheError, FileNotFoundError):
+    """No such file in the served ``/zarr/`` tree (also: hidden names such as ``.staging``)."""
+
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+# Most specific first: the first match wins.
+STATUS_BY_ERROR: tuple[tuple[type[ScanCacheError], int], ...] = (
+    (ScanNotFound, 404),
+    (ArrayNotFound, 404),
+    (NotInStore, 404),
+    (InvalidParameter, 422),
+    (InvalidPath, 400),
+    (RequestTooLarge, 413),
+    (Unauthorized, 401),
+)
+
+DESCRIPTIONS = {
+    304: "Not modified: the client's copy (If-None-Match) is current.",
+    400: "Malformed request or path (e.g. an invalid scan id, `..` or an encoded slash).",
+    401: "Missing or wrong `Authorization: Bearer <token>` (only when SCANCACHE_TOKEN is set).",
+    404: "Unknown scan, array or file.",
+    413: "The response would exceed the server's --max-bytes (refused before reading).",
+    416: "The Range cannot be satisfied for this file.",
+    422: "A parameter is invalid (roi, categories, filters); `param` names it.",
+}
+
+
+class ErrorBody(BaseModel):
+    """What every error response carries."""
+
+    detail: str
+    error: str | None = None
+    param: str | None = None
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the error statuses a route can answer."""
+    return {code: {"model": ErrorBody, "description": DESCRIPTIONS[code]} for code in codes}
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def error_response(
+    status: int,
+    detail: str,
+    error: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorBody(detail=one_line(detail), error=error, param=param).model_dump()
+    return JSONResponse(body, status_code=status, headers={**NO_STORE, **(headers or {})})
+
+
+def status_for(exc: ScanCacheError) -> int:
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def domain_error_response(exc: ScanCacheError) -> JSONResponse:
+    status = status_for(exc)
+    if status == 500:  # a ScanCacheError we did not expect here: treat it as a bug
+        return internal_error_response(exc)
+    extra = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    param = exc.param if isinstance(exc, InvalidParameter) else None
+    return error_response(status, str(exc), type(exc).__name__, param, extra)
+
+
+def internal_error_response(exc: BaseException) -> JSONResponse:
+    log.error("internal error while serving a request", exc_info=exc)
+    return error_response(500, "internal server error; see the server log", "ServerError")
+
+
+def _location(loc: tuple[Any, ...] | list[Any]) -> str:
+    """``("body", "regions", 3, "roi")`` -> ``regions[3].roi``; ``("query", "split")`` -> ``split``."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] or [parts[0]]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "request"
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if not errors:
+        return error_response(422, "request: invalid", "InvalidParameter", "request")
+    first = errors[0]
+    param = _location(first.get("loc", ()))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return error_response(422, f"{param}: {first.get('msg', 'invalid')}{more}", "InvalidParameter", param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_domain(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ScanCacheError)
+        return domain_error_response(exc)
+
+    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return validation_error_response(exc)
+
+    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return internal_error_response(exc)
+
+    app.add_exception_handler(ScanCacheError, on_domain)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,89 @@
+"""Request guards that run before routing: encoded path separators and request body size.
+
+An encoded slash (``%2F``) or backslash in the raw path would let a path parameter carry a
+separator that routing never saw, so such paths are refused outright. Request bodies (only
+``POST /batch`` has one) are capped before they are parsed.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.server.errors import error_response
+
+FORBIDDEN_RAW = (b"%2f", b"%5c", b"%00", b"\\", b"\x00")
+
+
+def raw_path_problem(raw_path: bytes) -> str | None:
+    """Why a raw request path is refused, or None if it is acceptable."""
+    lowered = raw_path.split(b"?", 1)[0].lower()  # some clients include the query; it may hold %2F
+    if any(bad in lowered for bad in FORBIDDEN_RAW):
+        return "path: encoded slashes, backslashes and NUL bytes are not allowed"
+    return None
+
+
+class PathGuardMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = scope.get("raw_path") or scope.get("path", "").encode("utf-8", "surrogateescape")
+            problem = raw_path_problem(raw)
+            if problem:
+                await error_response(400, problem, "InvalidPath", "path")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse (413) request bodies over ``max_bytes``, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413, f"request body over the server's limit of {self.max_bytes} bytes", "RequestTooLarge"
+        )
+        await response(scope, receive, send)

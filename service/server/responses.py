@@ -1,0 +1,76 @@
+"""Response classes: a body sent as several buffers, and cached JSON.
+
+A region is sent as its ``.npy`` header followed by the array's own memory (a ``memoryview``),
+so a large region is never copied into one ``bytes`` object just to be written to the socket.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from service.server.http_cache import (
+    JSON_GZIP_MIN_BYTES,
+    REVALIDATE,
+    accepts_gzip,
+    etag_matches,
+    gzip_etag,
+    gzip_parts,
+    make_etag,
+    total_length,
+)
+
+
+class PartsResponse(Response):
+    """A response whose body is a list of buffers written one after the other."""
+
+    def __init__(
+        self,
+        parts: Sequence[bytes | memoryview],
+        media_type: str,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.parts = list(parts)
+        self.status_code = status_code
+        self.media_type = media_type
+        self.background = None
+        self.body = b""
+        self.init_headers(headers)
+        self.headers["content-length"] = str(total_length(self.parts))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        parts = [] if scope.get("method") == "HEAD" else [p for p in self.parts if len(p)]
+        if not parts:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        for i, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < len(parts) - 1})
+
+
+def not_modified(etag: str, cache_control: str = REVALIDATE, vary: str | None = None) -> Response:
+    headers = {"ETag": etag, "Cache-Control": cache_control}
+    if vary:
+        headers["Vary"] = vary
+    return Response(status_code=304, headers=headers)
+
+
+def cached_json(request: Request, content: Any) -> Response:
+    """JSON with an ETag of its bytes (304 on a match) and gzip when it pays."""
+    body = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+    gzip = len(body) >= JSON_GZIP_MIN_BYTES and accepts_gzip(request.headers.get("accept-encoding"))
+    # A 304 carries the ETag of the representation a 200 would have sent (RFC 9110 15.4.5).
+    etag = gzip_etag(make_etag("json", body)) if gzip else make_etag("json", body)
+    if etag_matches(request.headers.get("if-none-match"), etag):
+        return not_modified(etag, vary="Accept-Encoding")
+    headers = {"ETag": etag, "Cache-Control": REVALIDATE, "Vary": "Accept-Encoding"}
+    if gzip:
+        headers["Content-Encoding"] = "gzip"
+        return Response(gzip_parts([body], 6), media_type="application/json", headers=headers)
+    return Response(body, media_type="application/json", headers=headers)

@@ -1,0 +1,194 @@
+"""Region routes: one image or mask region as ``.npy``, or a whole batch as an ``.npy`` stream.
+
+Each request is planned first (validated, sized, tagged from metadata only), then refused (413),
+answered from the client's copy (304), or read. Metadata lookups, reads and compression run in
+worker threads so the event loop only moves bytes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated, Any
+
+import numpy as np
+from anyio import to_thread
+from fastapi import APIRouter, Depends, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from client.errors import RequestTooLarge
+from client.layout import IMAGE, MASK
+from client.wire import NPY_MEDIA_TYPE, NPY_STREAM_MEDIA_TYPE, encode_npy_parts
+from service.server.errors import error_responses
+from service.server.http_cache import (
+    MASK_GZIP_MIN_BYTES,
+    REVALIDATE,
+    accepts_gzip,
+    etag_matches,
+    gzip_etag,
+    gzip_parts,
+    make_etag,
+)
+from service.server.regions import RegionPlan, check_budget, plan_region
+from service.server.responses import PartsResponse, not_modified
+from service.server.state import ServerState, server_state
+
+router = APIRouter(tags=["regions"])
+
+ROI_DOC = (
+    "Region `y0:y1,x0:x1,z0:z1`: each axis is numpy slice syntax (`a:b`, `:`, `a:`, `:b`, negative "
+    "bounds allowed) or an index `k` (kept as length 1); missing axes, or no `roi`, mean the whole "
+    "axis. Empty or out-of-bounds regions are refused (422), never clamped."
+)
+CATEGORIES_DOC = (
+    "JSON list of classes to return, in order; a sub-list merges classes into one channel "
+    "(MedSegPy `CATEGORIES`), e.g. `[0,[1,2],3]`. Default: every class."
+)
+BACKGROUND_DOC = "Prepend a channel that is 1 where none of the selected categories is set."
+SCAN_ID_DOC = "Scan id, e.g. `0000001_V00-Aug00`."
+
+NPY_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
+
+
+def npy_response_doc(what: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": f"{what} as a `.npy` file (`numpy.load(io.BytesIO(body))`). Carries an ETag.",
+            "content": {NPY_MEDIA_TYPE: NPY_SCHEMA},
+        },
+        304: {"description": "Not modified: the If-None-Match ETag is current."},
+        **error_responses(400, 401, 404, 413, 422),
+    }
+
+
+async def _plan(state: ServerState, *args: Any, **kwargs: Any) -> RegionPlan:
+    plan = await to_thread.run_sync(partial(plan_region, state.source, *args, **kwargs))
+    check_budget([plan], state.settings.max_bytes)
+    return plan
+
+
+def _encode(arr: np.ndarray, gzip: bool) -> list[bytes | memoryview]:
+    parts = encode_npy_parts(arr)
+    return [gzip_parts(parts, 1)] if gzip else parts
+
+
+async def region_response(request: Request, state: ServerState, plan: RegionPlan) -> Response:
+    """The ``.npy`` of one planned region, or 304 if the client's ETag is current."""
+    gzip = (
+        plan.array == MASK
+        and state.settings.compress_masks
+        and plan.out_bytes >= MASK_GZIP_MIN_BYTES
+        and accepts_gzip(request.headers.get("accept-encoding"))
+    )
+    # A 304 carries the ETag of the representation a 200 would have sent (RFC 9110 15.4.5).
+    etag = gzip_etag(make_etag(plan.tag())) if gzip else make_etag(plan.tag())
+    if etag_matches(request.headers.get("if-none-match"), etag):
+        return not_modified(etag, vary="Accept-Encoding")
+
+    def read_and_encode() -> list[bytes | memoryview]:
+        return _encode(state.source.read_regions([plan.request()])[0], gzip)
+
+    parts = await to_thread.run_sync(read_and_encode)
+    state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
+    headers = {
+        "ETag": etag,
+        "Cache-Control": REVALIDATE,
+        "Vary": "Accept-Encoding",
+    }
+    if gzip:
+        headers["Content-Encoding"] = "gzip"
+    return PartsResponse(parts, NPY_MEDIA_TYPE, headers=headers)
+
+
+ScanId = Annotated[str, Path(description=SCAN_ID_DOC)]
+Roi = Annotated[str | None, Query(description=ROI_DOC, examples=["0:64,0:64,4:12"])]
+State = Annotated[ServerState, Depends(server_state)]
+
+
+@router.get(
+    "/scans/{scan_id}/image",
+    summary="An image region as .npy in the stored dtype, shape (h, w, d)",
+    response_class=Response,
+    responses=npy_response_doc("The image region (h, w, d) in the stored dtype"),
+)
+async def get_image(request: Request, state: State, scan_id: ScanId, roi: Roi = None) -> Response:
+    plan = await _plan(state, scan_id, IMAGE, roi)
+    return await region_response(request, state, plan)
+
+
+@router.get(
+    "/scans/{scan_id}/mask",
+    summary="A mask region as uint8 .npy, shape (h, w, d, C')",
+    response_class=Response,
+    responses=npy_response_doc("The mask region (h, w, d, C') as uint8"),
+)
+async def get_mask(
+    request: Request,
+    state: State,
+    scan_id: ScanId,
+    roi: Roi = None,
+    categories: Annotated[str | None, Query(description=CATEGORIES_DOC, examples=["[0,[1,2],3]"])] = None,
+    background: Annotated[bool, Query(description=BACKGROUND_DOC)] = False,
+) -> Response:
+    plan = await _plan(state, scan_id, MASK, roi, categories, background)
+    return await region_response(request, state, plan)
+
+
+class RegionSpec(BaseModel):
+    """One region of a batch; the same parameters as the single-region routes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scan_id: str = Field(description=SCAN_ID_DOC)
+    array: str = Field(IMAGE, description="`image` or `mask`.")
+    roi: str | None = Field(None, description=ROI_DOC)
+    categories: list[Any] | None = Field(None, description=CATEGORIES_DOC + " Masks only.")
+    background: bool = Field(False, description=BACKGROUND_DOC + " Masks only.")
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    regions: list[RegionSpec] = Field(description="The regions, answered in this order.")
+
+
+@router.post(
+    "/batch",
+    summary="Many regions in one round trip, as a stream of .npy payloads in request order",
+    response_class=Response,
+    responses={
+        200: {
+            "description": (
+                "The regions' `.npy` payloads concatenated in request order (`client.wire.decode_npy_stream`); "
+                "each header states its shape and dtype. Image regions are (h, w, d) in the stored dtype, "
+                "mask regions (h, w, d, C') uint8."
+            ),
+            "content": {NPY_STREAM_MEDIA_TYPE: NPY_SCHEMA},
+        },
+        **error_responses(400, 401, 404, 413, 422),
+    },
+)
+async def post_batch(state: State, batch: BatchRequest) -> Response:
+    limit = state.settings.max_batch_regions
+    if len(batch.regions) > limit:
+        raise RequestTooLarge(f"regions: {len(batch.regions)} regions, over the server's limit of {limit}")
+
+    def plan_all() -> list[RegionPlan]:
+        return [
+            plan_region(
+                state.source, r.scan_id, r.array, r.roi, r.categories, r.background, prefix=f"regions[{i}]."
+            )
+            for i, r in enumerate(batch.regions)
+        ]
+
+    plans = await to_thread.run_sync(plan_all)
+    check_budget(plans, state.settings.max_bytes)
+
+    def read_all() -> list[bytes | memoryview]:
+        arrays = state.source.read_regions([p.request() for p in plans])
+        return [part for arr in arrays for part in encode_npy_parts(arr)]
+
+    parts = await to_thread.run_sync(read_all)
+    for plan in plans:
+        state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
+    return PartsResponse(parts, NPY_STREAM_MEDIA_TYPE, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,124 @@
+"""Health, the scan listing and per-scan metadata (JSON)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated, Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from client.layout import ScanMeta
+from service.server.errors import error_response, error_responses
+from service.server.responses import cached_json
+from service.server.state import ServerState, server_state
+
+router = APIRouter()
+State = Annotated[ServerState, Depends(server_state)]
+
+PINNED_KEYS = (
+    "scan_id",
+    "shape",
+    "dtype",
+    "num_classes",
+    "split",
+    "subject_id",
+    "time_point",
+    "augmentation",
+)
+# Per-slice class counts grow with depth x classes: only in /scans/{id} (or /scans?full=true).
+LISTING_OMITS = frozenset({"class_voxels_per_slice"})
+
+SCAN_EXAMPLE = {
+    "scan_id": "0000001_V00-Aug00",
+    "shape": [512, 512, 160],
+    "dtype": "float32",
+    "num_classes": 4,
+    "split": "train",
+    "subject_id": 1,
+    "time_point": 0,
+    "augmentation": 0,
+}
+
+
+def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
+    """A scan's attributes, pinned keys first; per-slice counts only when ``full``."""
+    doc: dict[str, Any] = {key: meta.attrs.get(key) for key in PINNED_KEYS}
+    doc["shape"] = list(meta.shape)
+    doc["num_classes"] = meta.num_classes
+    for key, value in meta.attrs.items():
+        if key not in doc and (full or key not in LISTING_OMITS):
+            doc[key] = value
+    return doc
+
+
+@router.get(
+    "/health",
+    tags=["service"],
+    summary="Liveness and store availability (no authentication)",
+    responses={
+        200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+        503: {"description": "The store is unavailable."},
+    },
+)
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.scancache
+    available = await to_thread.run_sync((state.settings.store / "zarr.json").is_file)
+    if not available:
+        return error_response(503, "store unavailable", "ServerError")
+    return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
+
+
+@router.get(
+    "/scans",
+    tags=["scans"],
+    summary="Complete scans, sorted by id, filtered by attributes",
+    responses={
+        200: {
+            "description": '`{"scans": [...]}`; repeat a filter to accept several values. Carries an ETag.',
+            "content": {"application/json": {"example": {"scans": [SCAN_EXAMPLE]}}},
+        },
+        304: {"description": "Not modified."},
+        **error_responses(401, 422),
+    },
+)
+async def list_scans(
+    request: Request,
+    state: State,
+    split: Annotated[list[str] | None, Query(description="e.g. `train`, `valid`, `test`")] = None,
+    subject_id: Annotated[list[int] | None, Query(description="Subject number")] = None,
+    time_point: Annotated[list[int] | None, Query(description="Visit number (`V01` -> 1)")] = None,
+    augmentation: Annotated[list[int] | None, Query(description="Augmentation number (`Aug02` -> 2)")] = None,
+    has_class: Annotated[int | None, Query(description="Only scans where class k has voxels")] = None,
+    full: Annotated[bool, Query(description="Include per-slice class counts (large)")] = False,
+) -> Response:
+    filters = {
+        "split": split,
+        "subject_id": subject_id,
+        "time_point": time_point,
+        "augmentation": augmentation,
+        "has_class": has_class,
+    }
+    metas = await to_thread.run_sync(partial(state.source.list_scans, **filters))
+    return cached_json(request, {"scans": [scan_document(m, full) for m in metas]})
+
+
+@router.get(
+    "/scans/{scan_id}",
+    tags=["scans"],
+    summary="One scan's metadata: shape, dtype, classes, split, statistics, per-slice class counts",
+    responses={
+        200: {"content": {"application/json": {"example": SCAN_EXAMPLE}}, "description": "Carries an ETag."},
+        304: {"description": "Not modified."},
+        **error_responses(400, 401, 404),
+    },
+)
+async def scan_metadata(
+    request: Request,
+    state: State,
+    scan_id: Annotated[str, Path(description="Scan id, e.g. `0000001_V00-Aug00`")],
+) -> Response:
+    meta = await to_thread.run_sync(state.source.metadata, scan_id)
+    return cached_json(request, scan_document(meta, full=True))

@@ -1,0 +1,45 @@
+"""``run(...)``: start uvicorn for one store (what ``scancache serve`` calls)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import uvicorn
+
+from client.local import DEFAULT_CACHE_BYTES
+from service.server.app import create_app
+from service.server.settings import DEFAULT_MAX_BYTES, ENV_TOKEN, Settings
+
+APP_FACTORY = "service.server.app:app_from_env"
+
+
+def run(
+    store: str | os.PathLike[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    token: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve ``store`` until interrupted.
+
+    ``token`` defaults to ``SCANCACHE_TOKEN`` (keep secrets out of command lines). Each of the
+    ``workers`` processes has its own chunk cache of ``cache_bytes``; they share nothing else.
+    """
+    if workers < 1:
+        raise ValueError(f"--workers: must be at least 1, got {workers}")
+    settings = Settings(
+        store=Path(store),
+        cache_bytes=cache_bytes,
+        max_bytes=max_bytes,
+        token=token if token is not None else os.environ.get(ENV_TOKEN) or None,
+    )
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        return
+    create_app(settings)  # fail here, once, with a clear message rather than in every worker
+    os.environ.update(settings.to_env())  # worker processes inherit the settings
+    uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level)

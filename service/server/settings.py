@@ -1,0 +1,104 @@
+"""The server's settings, and how they travel to uvicorn worker processes.
+
+With ``--workers N`` uvicorn starts the app from an import string in fresh processes, so the
+settings go through environment variables (``SCANCACHE_*``). The server keeps no other state:
+every worker (or replica) opens the same store and keeps only its own caches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client.local import DEFAULT_CACHE_BYTES
+
+DEFAULT_MAX_BYTES = 1 << 30  # one response (or batch) of at most 1 GiB of array data
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # a batch request body: thousands of regions fit in 4 MiB
+DEFAULT_MAX_BATCH_REGIONS = 4096
+
+ENV_STORE = "SCANCACHE_STORE"
+ENV_TOKEN = "SCANCACHE_TOKEN"
+ENV_CACHE_BYTES = "SCANCACHE_CACHE_BYTES"
+ENV_MAX_BYTES = "SCANCACHE_MAX_BYTES"
+ENV_MAX_BODY_BYTES = "SCANCACHE_MAX_BODY_BYTES"
+ENV_MAX_BATCH_REGIONS = "SCANCACHE_MAX_BATCH_REGIONS"
+ENV_COMPRESS_MASKS = "SCANCACHE_COMPRESS_MASKS"
+ENV_CORS_ORIGINS = "SCANCACHE_CORS_ORIGINS"
+
+
+def _positive_int(name: str, value: str | int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {value!r} is not an integer") from None
+    if number <= 0:
+        raise ValueError(f"{name}: must be positive, got {number}")
+    return number
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``create_app`` needs. ``token`` None means no authentication."""
+
+    store: Path
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    max_bytes: int = DEFAULT_MAX_BYTES
+    token: str | None = field(default=None, repr=False)  # never printed in logs or reprs
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_batch_regions: int = DEFAULT_MAX_BATCH_REGIONS
+    # gzip (level 1) single mask regions for clients that accept it: binary masks shrink 5-200x
+    # at several hundred MB/s, while float images barely shrink and are never compressed.
+    compress_masks: bool = True
+    # Browser readers such as neuroglancer need CORS; empty means no CORS headers.
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", Path(self.store))
+        for name in ("cache_bytes", "max_bytes", "max_body_bytes", "max_batch_regions"):
+            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
+        if self.token is not None and not self.token.strip():
+            object.__setattr__(self, "token", None)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``SCANCACHE_*`` variables (how worker processes receive them)."""
+        env = os.environ if env is None else env
+        if not env.get(ENV_STORE):
+            raise ValueError(f"{ENV_STORE} is not set: which store should the server serve?")
+        base = cls(store=Path(env[ENV_STORE]))
+        origins = tuple(o.strip() for o in env.get(ENV_CORS_ORIGINS, "").split(",") if o.strip())
+        return cls(
+            store=base.store,
+            cache_bytes=_positive_int(ENV_CACHE_BYTES, env.get(ENV_CACHE_BYTES, base.cache_bytes)),
+            max_bytes=_positive_int(ENV_MAX_BYTES, env.get(ENV_MAX_BYTES, base.max_bytes)),
+            token=env.get(ENV_TOKEN) or None,
+            max_body_bytes=_positive_int(
+                ENV_MAX_BODY_BYTES, env.get(ENV_MAX_BODY_BYTES, base.max_body_bytes)
+            ),
+            max_batch_regions=_positive_int(
+                ENV_MAX_BATCH_REGIONS, env.get(ENV_MAX_BATCH_REGIONS, base.max_batch_regions)
+            ),
+            compress_masks=_flag(env.get(ENV_COMPRESS_MASKS, "1")),
+            cors_origins=origins,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The inverse of :meth:`from_env`."""
+        env = {
+            ENV_STORE: str(self.store),
+            ENV_CACHE_BYTES: str(self.cache_bytes),
+            ENV_MAX_BYTES: str(self.max_bytes),
+            ENV_MAX_BODY_BYTES: str(self.max_body_bytes),
+            ENV_MAX_BATCH_REGIONS: str(self.max_batch_regions),
+            ENV_COMPRESS_MASKS: "1" if self.compress_masks else "0",
+            ENV_CORS_ORIGINS: ",".join(self.cors_origins),
+        }
+        if self.token:
+            env[ENV_TOKEN] = self.token
+        return env

@@ -1,0 +1,24 @@
+"""What a running app holds: its settings, the store reader and its metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from client.local import LocalSource
+from service.server.metrics import Metrics
+from service.server.settings import Settings
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    source: LocalSource
+    metrics: Metrics
+
+
+def server_state(request: Request) -> ServerState:
+    """FastAPI dependency: the state ``create_app`` attached to the app."""
+    state: ServerState = request.app.state.scancache
+    return state

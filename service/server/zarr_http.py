@@ -1,0 +1,244 @@
+"""``/zarr/{path}``: the store as a read-only Zarr v3 tree over HTTP, with Range requests.
+
+Standard readers (tensorstore's http kvstore, zarr-python via fsspec, neuroglancer) read
+``zarr.json`` documents and shard files; the sharding codec fetches a shard's index with a
+suffix range (``bytes=-N``) and then single inner chunks with ``bytes=a-b``. Only the root
+``zarr.json`` and files inside complete (published) scans are served: paths with ``..``, ``.``,
+empty components or backslashes are refused (400), hidden names such as ``.staging`` do not
+exist (404), and resolved paths must stay inside the store.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from anyio import to_thread
+from fastapi import APIRouter, Depends, Request
+from fastapi import Path as PathParam
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from client.errors import InvalidPath
+from client.layout import validate_scan_id
+from service.server.errors import NotInStore, error_response, error_responses
+from service.server.http_cache import REVALIDATE, etag_matches, make_etag
+from service.server.state import ServerState, server_state
+
+router = APIRouter(tags=["zarr"])
+
+READ_AT_ONCE = 1 << 20  # ranges up to this size are read in one call; larger ones are streamed
+STREAM_CHUNK = 1 << 20
+
+
+class RangeNotSatisfiable(Exception):
+    pass
+
+
+def split_store_path(path: str) -> tuple[str, ...]:
+    """Validate a path below ``/zarr/`` into components (pure; no filesystem access)."""
+    if path == "":
+        raise NotInStore("path: not a file; try zarr.json")
+    parts = tuple(path.split("/"))
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise InvalidPath("path: empty, '.' and '..' components are not allowed")
+        if "\\" in part or "\x00" in part:
+            raise InvalidPath("path: backslashes and NUL bytes are not allowed")
+        if part.startswith("."):
+            raise NotInStore(f"path: {path!r} not found")
+    if len(parts) == 1:
+        if parts[0] != "zarr.json":
+            raise NotInStore(f"path: {path!r} not found")
+        return parts
+    try:
+        validate_scan_id(parts[0])
+    except InvalidPath:
+        raise NotInStore(f"path: {path!r} not found") from None
+    return parts
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One byte range ``[start, end)`` from a ``Range`` header, or None to send the whole file.
+
+    Malformed headers, other units and multiple ranges are ignored (RFC 9110 14.2 allows it);
+    a valid range that selects nothing raises :class:`RangeNotSatisfiable` (416).
+    """
+    if not header:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable()
+        return (max(size - suffix, 0), size)
+    start = int(first)
+    end = size if last == "" else min(int(last) + 1, size)
+    if last != "" and int(last) < start:
+        return None  # an invalid range-spec: ignore the header
+    if start >= size:
+        raise RangeNotSatisfiable()
+    return (start, end)
+
+
+@dataclass
+class OpenFile:
+    fd: int
+    size: int
+    etag: str
+    name: str
+    closed: bool = False
+
+    def close(self) -> None:
+        """Idempotent: a second close must never close a descriptor number reused since."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+def open_store_file(root: Path, parts: tuple[str, ...]) -> OpenFile:
+    """Open a validated path read-only if it is a regular file inside a published scan."""
+    if len(parts) > 1 and not os.path.isfile(os.path.join(root, parts[0], "zarr.json")):
+        raise NotInStore(f"path: {'/'.join(parts)!r} not found")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, *parts))
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise NotInStore(f"path: {'/'.join(parts)!r} not found")
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:  # missing, a directory on some systems, or unreadable
+        raise NotInStore(f"path: {'/'.join(parts)!r} not found") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotInStore(f"path: {'/'.join(parts)!r} not found")
+    etag = make_etag("zarr-file", "/".join(parts), st.st_mtime_ns, st.st_size)
+    return OpenFile(fd, st.st_size, etag, parts[-1])
+
+
+class FileRangeResponse(Response):
+    """Streams ``[start, end)`` of an open file in worker threads, then closes it."""
+
+    def __init__(
+        self, file: OpenFile, start: int, end: int, status_code: int, headers: dict[str, str]
+    ) -> None:
+        self.file, self.start, self.end = file, start, end
+        self.status_code = status_code
+        self.media_type = headers.pop("Content-Type")
+        self.background = None
+        self.body = b""
+        self.init_headers(headers)
+        self.headers["content-length"] = str(end - start)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
+            pos = self.start
+            if scope.get("method") == "HEAD" or pos >= self.end:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            while pos < self.end:
+                data = await to_thread.run_sync(
+                    os.pread, self.file.fd, min(STREAM_CHUNK, self.end - pos), pos
+                )
+                if not data:
+                    raise OSError("file shrank while being sent")
+                pos += len(data)
+                await send({"type": "http.response.body", "body": data, "more_body": pos < self.end})
+        finally:
+            self.file.close()
+
+
+def _read_range(file: OpenFile, start: int, end: int) -> bytes:
+    try:
+        return os.pread(file.fd, end - start, start)
+    finally:
+        file.close()
+
+
+@router.head(
+    "/zarr/{path:path}",
+    summary="Headers only (size, ETag) of a file in the Zarr tree",
+    response_class=Response,
+    responses={200: {"description": "As GET, without a body."}, **error_responses(400, 401, 404)},
+)
+@router.get(
+    "/zarr/{path:path}",
+    summary="The store as read-only Zarr v3: zarr.json documents and shard files, with Range",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The whole file: `zarr.json` (JSON) or a shard (bytes). `Accept-Ranges: bytes`, ETag.",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        206: {
+            "description": "One byte range (`Range: bytes=a-b`, `bytes=a-` or suffix `bytes=-N`), with Content-Range.",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        304: {"description": "Not modified: the If-None-Match ETag is current."},
+        **error_responses(400, 401, 404, 416),
+    },
+)
+async def zarr_file(
+    request: Request,
+    state: Annotated[ServerState, Depends(server_state)],
+    path: Annotated[str, PathParam(description="`zarr.json`, or `<scan_id>/...` inside a complete scan")],
+) -> Response:
+    parts = split_store_path(path)
+    file = await to_thread.run_sync(open_store_file, state.settings.store, parts)
+    try:
+        return await _respond(request, file)
+    except BaseException:
+        file.close()
+        raise
+
+
+async def _respond(request: Request, file: OpenFile) -> Response:
+    """Answer from an open file; the response (or this function on a bodiless answer) closes it."""
+    headers = {
+        "ETag": file.etag,
+        "Cache-Control": REVALIDATE,
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/json" if file.name == "zarr.json" else "application/octet-stream",
+    }
+    if etag_matches(request.headers.get("if-none-match"), file.etag):
+        file.close()
+        return Response(status_code=304, headers={k: headers[k] for k in ("ETag", "Cache-Control")})
+    if_range = request.headers.get("if-range")
+    use_range = if_range is None or if_range.strip() == file.etag
+    try:
+        byte_range = parse_range(request.headers.get("range"), file.size) if use_range else None
+    except RangeNotSatisfiable:
+        file.close()
+        return error_response(
+            416,
+            f"range: {request.headers.get('range')!r} selects no byte of a {file.size}-byte file",
+            "InvalidParameter",
+            "range",
+            headers={"Content-Range": f"bytes */{file.size}", "Accept-Ranges": "bytes"},
+        )
+    start, end = byte_range if byte_range else (0, file.size)
+    status = 206 if byte_range else 200
+    if byte_range:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{file.size}"
+    if request.method == "HEAD" or end - start > READ_AT_ONCE:
+        return FileRangeResponse(file, start, end, status, headers)
+    data = await to_thread.run_sync(_read_range, file, start, end)
+    media_type = headers.pop("Content-Type")
+    return Response(data, status_code=status, media_type=media_type, headers=headers)

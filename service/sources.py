@@ -1,0 +1,350 @@
+"""MedSegPy inputs: finding scans in a source folder, checking them, and reading them whole.
+
+Two input formats (the same ones MedSegPy reads):
+
+* 2D slice-wise: ``<subject:07d>_V<visit:02d>-Aug<aug:02d>_<slice:03d>.im`` (HDF5 dataset
+  ``data``, H x W x 1) and the ``.seg`` beside it (dataset ``data``, H x W x 1 x C, binary).
+  The scan key is the name without ``_<slice>``; slices are 1-indexed and contiguous.
+* 3D: ``<stem>.h5`` holding ``volume`` (H x W x D) and optionally ``seg`` (H x W x D x C) and
+  a ``spacing`` attribute; the scan key is the stem.
+
+The first-level folder under the source becomes the scan's ``split`` (``train``/``valid``/...).
+Discovery only looks at names and folders (cheap, on the client); ``load_scan`` reads a scan's
+files and checks shapes, dtypes and mask values (on a Dask worker). Every problem is a
+``SourceError`` whose message is one line: ``scan: file: why``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.errors import EmptySource, InvalidPath, SourceError
+from client.layout import FORMAT_VERSION, ChunkLayout, validate_scan_id
+
+IMAGE_SUFFIX, MASK_SUFFIX, VOLUME_SUFFIX = ".im", ".seg", ".h5"
+_SLICE_NAME = re.compile(r"^(?P<key>(?P<subject>\d+)_V(?P<visit>\d+)-Aug(?P<aug>\d+))_(?P<slice>\d+)$")
+_SCAN_KEY = re.compile(r"^(?P<subject>\d+)_V(?P<visit>\d+)-Aug(?P<aug>\d+)$")
+_NAME_HELP = "name does not parse as <subject>_V<visit>-Aug<aug>_<slice>"
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """One scan found in a source: which files make it up (paths relative to ``root``)."""
+
+    scan_id: str
+    root: str
+    kind: str  # "2d" or "3d"
+    split: str | None
+    subject_id: int | None
+    time_point: int | None
+    augmentation: int | None
+    image_files: tuple[str, ...]  # 2D: one per slice, slice 1 first; 3D: the one .h5 file
+    mask_files: tuple[str, ...] = ()  # 2D only; empty for an image-only scan
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return self.image_files + self.mask_files
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "subject_id": self.subject_id,
+            "time_point": self.time_point,
+            "augmentation": self.augmentation,
+            "source_format": self.kind,
+        }
+
+
+@dataclass
+class Discovery:
+    """Scans whose file set is well formed, and failures found from names and folders alone."""
+
+    root: Path
+    scans: list[ScanSpec] = field(default_factory=list)
+    failures: list[SourceError] = field(default_factory=list)
+
+
+@dataclass
+class LoadedScan:
+    image: np.ndarray  # (H, W, D), source dtype in native byte order
+    mask: np.ndarray | None  # (H, W, D, C) uint8, or None for an image-only scan
+    spacing: list[float] | None
+
+
+def _split_of(rel: Path) -> str | None:
+    return rel.parts[0] if len(rel.parts) > 1 else None
+
+
+def _ints(match: re.Match[str] | None) -> tuple[int | None, int | None, int | None]:
+    if match is None:
+        return None, None, None
+    return int(match["subject"]), int(match["visit"]), int(match["aug"])
+
+
+def discover(source: str | os.PathLike[str]) -> Discovery:
+    """Group a source folder's files into scans. Files of other kinds are ignored.
+
+    Raises ``EmptySource`` if the folder is missing or holds no ``.im``/``.seg``/``.h5`` file.
+    """
+    root = Path(source).resolve()
+    if not root.is_dir():
+        raise EmptySource(f"{source}: source folder does not exist")
+    found = Discovery(root=root)
+    # key -> kind -> slice number -> [relative paths]; 3D files use slice number 0
+    slices: dict[str, dict[str, dict[int, list[str]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    splits: dict[str, dict[str | None, str]] = defaultdict(dict)  # key -> split -> first file seen
+    any_input = False
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            suffix = os.path.splitext(name)[1]
+            if suffix not in (IMAGE_SUFFIX, MASK_SUFFIX, VOLUME_SUFFIX) or name.startswith("."):
+                continue
+            any_input = True
+            rel = (Path(dirpath) / name).relative_to(root)
+            stem = name[: -len(suffix)]
+            if suffix == VOLUME_SUFFIX:
+                key, kind, number = stem, "3d", 0
+            else:
+                match = _SLICE_NAME.match(stem)
+                if match is None:
+                    found.failures.append(SourceError(stem, rel.as_posix(), _NAME_HELP))
+                    continue
+                key, kind, number = match["key"], suffix, int(match["slice"])
+            slices[key][kind][number].append(rel.as_posix())
+            splits[key].setdefault(_split_of(rel), rel.as_posix())
+    if not any_input:
+        raise EmptySource(f"{source}: no .im/.seg slices or .h5 volumes found")
+    for key in sorted(slices):
+        try:
+            found.scans.append(_scan_spec(root, key, slices[key], splits[key]))
+        except SourceError as err:
+            found.failures.append(err)
+    return found
+
+
+def _scan_spec(
+    root: Path, key: str, kinds: dict[str, dict[int, list[str]]], splits: dict[str | None, str]
+) -> ScanSpec:
+    if len(splits) > 1:
+        (first_split, _), (second_split, second_file) = list(splits.items())[:2]
+        raise SourceError(key, second_file, f"scan appears in two splits ({first_split} and {second_split})")
+    split = next(iter(splits))
+    try:
+        validate_scan_id(key)
+    except InvalidPath:
+        raise SourceError(
+            key, next(iter(splits.values())), "not usable as a scan id (letters, digits, '.', '_', '-' only)"
+        ) from None
+    subject, visit, aug = _ints(_SCAN_KEY.match(key))
+    for numbers in kinds.values():
+        for paths in numbers.values():
+            if len(paths) > 1:
+                raise SourceError(key, paths[1], f"duplicate slice (also {paths[0]})")
+    if "3d" in kinds:
+        path = kinds["3d"][0][0]
+        other = kinds.get(IMAGE_SUFFIX) or kinds.get(MASK_SUFFIX)
+        if other:
+            first = next(iter(other.values()))[0]
+            raise SourceError(key, path, f"scan also given as 2D slices ({first})")
+        return ScanSpec(key, str(root), "3d", split, subject, visit, aug, (path,))
+    images, masks = kinds.get(IMAGE_SUFFIX, {}), kinds.get(MASK_SUFFIX, {})
+    if not images:
+        first = masks[min(masks)][0]
+        raise SourceError(key, first, "mask slices without any image slice (.im)")
+    image_files = _contiguous(key, images, IMAGE_SUFFIX)
+    mask_files: tuple[str, ...] = ()
+    if masks:
+        for number in sorted(set(masks) - set(images)):
+            raise SourceError(key, masks[number][0], "mask slice has no matching image slice")
+        for number in sorted(set(images) - set(masks)):
+            expected = images[number][0][: -len(IMAGE_SUFFIX)] + MASK_SUFFIX
+            raise SourceError(key, expected, f"mask slice {number} missing (image slice exists)")
+        mask_files = tuple(masks[n][0] for n in sorted(masks))
+    return ScanSpec(key, str(root), "2d", split, subject, visit, aug, image_files, mask_files)
+
+
+def _contiguous(key: str, numbers: dict[int, list[str]], suffix: str) -> tuple[str, ...]:
+    """Slices must be exactly 1..N."""
+    if 0 in numbers:
+        raise SourceError(key, numbers[0][0], "slice number 0 (slices are 1-indexed)")
+    last = max(numbers)
+    missing = [n for n in range(1, last + 1) if n not in numbers]
+    if missing:
+        folder = Path(numbers[last][0]).parent
+        expected = (folder / f"{key}_{missing[0]:03d}{suffix}").as_posix()
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise SourceError(key, expected, f"missing slice {missing[0]}{more} of 1..{last}")
+    return tuple(numbers[n][0] for n in range(1, last + 1))
+
+
+# -- fingerprint ------------------------------------------------------------------------------
+def fingerprint(spec: ScanSpec, layout: ChunkLayout) -> tuple[str, int]:
+    """sha256 over the sources' (relative path, size, mtime) and the layout; and total bytes.
+
+    Stat'ed before reading: a file changed while the job reads it gets a new fingerprint on
+    the next run and is redone.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": FORMAT_VERSION, "layout": layout.to_json()}).encode())
+    total = 0
+    for rel in sorted(spec.files):
+        try:
+            st = os.stat(Path(spec.root) / rel)
+        except OSError as err:
+            raise SourceError(spec.scan_id, rel, f"cannot stat ({err.strerror})") from None
+        total += st.st_size
+        digest.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return digest.hexdigest(), total
+
+
+# -- reading ----------------------------------------------------------------------------------
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    # h5py says "Unable to synchronously open file (truncated file: eof = ...)": keep the reason
+    inner = re.fullmatch(r"Unable to [^(]*\((.*)\)", text)
+    return (inner[1] if inner else text)[:200] or type(err).__name__
+
+
+def _read_dataset(scan: str, root: str, rel: str, name: str) -> tuple[np.ndarray, Any]:
+    """The whole dataset ``name`` of an HDF5 file and the file's ``spacing`` attribute."""
+    import h5py  # service extra; imported here so that discovery needs only numpy
+
+    try:
+        with h5py.File(Path(root) / rel, "r", locking=False) as f:
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise SourceError(scan, rel, f"no dataset {name!r} in HDF5 file")
+            data = f[name][()]
+            spacing = f.attrs.get("spacing", f[name].attrs.get("spacing"))
+    except SourceError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise SourceError(scan, rel, f"unreadable HDF5 file: {_one_line(err)}") from None
+    if not isinstance(data, np.ndarray):
+        raise SourceError(scan, rel, f"dataset {name!r} is a scalar, not an array")
+    return data, spacing
+
+
+def _check_numeric(scan: str, rel: str, data: np.ndarray) -> np.ndarray:
+    kind = data.dtype.kind
+    if kind not in "biuf":
+        raise SourceError(scan, rel, f"unsupported image dtype {data.dtype}")
+    return data.astype(data.dtype.newbyteorder("="), copy=False)
+
+
+def _as_binary(scan: str, rel: str, data: np.ndarray) -> np.ndarray:
+    if data.dtype.kind not in "biuf":
+        raise SourceError(scan, rel, f"unsupported mask dtype {data.dtype}")
+    bad = (data != 0) & (data != 1)
+    if bad.any():
+        value = data[bad].flat[0].item()
+        raise SourceError(scan, rel, f"mask values are not binary (found {value!r})")
+    return data.astype(np.uint8)
+
+
+def _spacing(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        out = [float(v) for v in np.asarray(value).reshape(-1)]
+    except (TypeError, ValueError):
+        return None
+    return out or None
+
+
+def load_scan(spec: ScanSpec) -> LoadedScan:
+    """Read a scan whole and check it; raises ``SourceError`` naming the first bad file."""
+    if spec.kind == "3d":
+        return _load_volume(spec)
+    return _load_slices(spec)
+
+
+def _image_slice(spec: ScanSpec, rel: str, data: np.ndarray) -> np.ndarray:
+    if data.ndim == 3 and data.shape[2] == 1:
+        data = data[:, :, 0]
+    if data.ndim != 2:
+        raise SourceError(spec.scan_id, rel, f"image slice has shape {data.shape}, expected (H, W, 1)")
+    return _check_numeric(spec.scan_id, rel, data)
+
+
+def _mask_slice(spec: ScanSpec, rel: str, data: np.ndarray) -> np.ndarray:
+    if data.ndim == 4 and data.shape[2] == 1:
+        data = data[:, :, 0, :]
+    if data.ndim != 3:
+        raise SourceError(spec.scan_id, rel, f"mask slice has shape {data.shape}, expected (H, W, 1, C)")
+    return _as_binary(spec.scan_id, rel, data)
+
+
+def _load_slices(spec: ScanSpec) -> LoadedScan:
+    image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    spacing = None
+    depth = len(spec.image_files)
+    for z, rel in enumerate(spec.image_files):
+        data, attr = _read_dataset(spec.scan_id, spec.root, rel, "data")
+        plane = _image_slice(spec, rel, data)
+        if image is None:
+            image = np.empty((*plane.shape, depth), dtype=plane.dtype)
+            spacing = _spacing(attr)
+        elif plane.shape != image.shape[:2]:
+            raise SourceError(
+                spec.scan_id, rel, f"slice shape {plane.shape} differs from {image.shape[:2]} of slice 1"
+            )
+        elif plane.dtype != image.dtype:
+            raise SourceError(
+                spec.scan_id, rel, f"slice dtype {plane.dtype} differs from {image.dtype} of slice 1"
+            )
+        image[:, :, z] = plane
+    assert image is not None  # discovery guarantees at least one slice
+    for z, rel in enumerate(spec.mask_files):
+        data, _ = _read_dataset(spec.scan_id, spec.root, rel, "data")
+        plane = _mask_slice(spec, rel, data)
+        if plane.shape[:2] != image.shape[:2]:
+            raise SourceError(
+                spec.scan_id, rel, f"mask slice shape {plane.shape[:2]} differs from image {image.shape[:2]}"
+            )
+        if mask is None:
+            mask = np.empty((*image.shape, plane.shape[2]), dtype=np.uint8)
+        elif plane.shape[2] != mask.shape[3]:
+            raise SourceError(
+                spec.scan_id, rel, f"mask slice has {plane.shape[2]} classes, slice 1 has {mask.shape[3]}"
+            )
+        mask[:, :, z, :] = plane
+    return LoadedScan(image, mask, spacing)
+
+
+def _load_volume(spec: ScanSpec) -> LoadedScan:
+    import h5py
+
+    rel = spec.image_files[0]
+    volume, spacing = _read_dataset(spec.scan_id, spec.root, rel, "volume")
+    if volume.ndim != 3:
+        raise SourceError(spec.scan_id, rel, f"volume has shape {volume.shape}, expected (H, W, D)")
+    volume = _check_numeric(spec.scan_id, rel, volume)
+    try:
+        with h5py.File(Path(spec.root) / rel, "r", locking=False) as f:
+            has_seg = "seg" in f
+    except OSError as err:  # pragma: no cover - the file was just read
+        raise SourceError(spec.scan_id, rel, f"unreadable HDF5 file: {_one_line(err)}") from None
+    mask = None
+    if has_seg:
+        seg, _ = _read_dataset(spec.scan_id, spec.root, rel, "seg")
+        if seg.ndim != 4 or seg.shape[:3] != volume.shape:
+            raise SourceError(
+                spec.scan_id,
+                rel,
+                f"seg has shape {seg.shape}, expected ({', '.join(map(str, volume.shape))}, C)",
+            )
+        mask = _as_binary(spec.scan_id, rel, seg)
+    return LoadedScan(volume, mask, _spacing(spacing))

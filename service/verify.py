@@ -1,0 +1,129 @@
+"""``scancache verify``: re-read every source file and compare the store voxel for voxel.
+
+The store is read with plain zarr-python (not the tensorstore writer), so a verify also checks
+that the store is readable without scancache's code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from client.errors import SourceError
+from client.layout import IMAGE, MASK, STAGING_DIR
+from service.sources import ScanSpec, discover, load_scan
+from service.store import read_scan_attrs
+
+OK, MISMATCH, MISSING, FAILED, EXTRA = "OK", "MISMATCH", "MISSING", "FAILED", "EXTRA"
+
+
+@dataclass(frozen=True)
+class VerifyLine:
+    scan_id: str
+    status: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.status:8s} {self.scan_id}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclass
+class VerifyReport:
+    lines: list[VerifyLine] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for line in self.lines if line.status == status)
+
+    @property
+    def exact(self) -> bool:
+        """Every source scan is in the store and equal; scans only in the store do not count."""
+        return all(line.status in (OK, EXTRA) for line in self.lines) and self.count(OK) > 0
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.count(s)} {s.lower()}" for s in (OK, MISMATCH, MISSING, FAILED, EXTRA) if self.count(s)
+        ]
+        verdict = "store is exact" if self.exact else "store is NOT exact"
+        return f"verify: {', '.join(parts) or 'nothing to compare'}; {verdict}"
+
+
+def _read_array(store: Path, scan_id: str, name: str) -> np.ndarray | None:
+    import zarr
+
+    path = store / scan_id / name
+    if not (path / "zarr.json").is_file():
+        return None
+    return np.asarray(zarr.open_array(str(path), mode="r")[...])
+
+
+def _first_difference(stored: np.ndarray, truth: np.ndarray) -> str:
+    where = np.argwhere(stored != truth)
+    index = tuple(int(i) for i in where[0])
+    return f"{len(where)} voxels differ, first at {index}: store {stored[index]!r}, source {truth[index]!r}"
+
+
+def compare_scan(store: Path, spec: ScanSpec) -> VerifyLine:
+    try:
+        source = load_scan(spec)
+    except SourceError as err:
+        return VerifyLine(spec.scan_id, FAILED, f"{err.file}: {err.why}")
+    attrs = read_scan_attrs(store, spec.scan_id)
+    if attrs is None:
+        return VerifyLine(spec.scan_id, MISSING, "not in the store")
+    image = _read_array(store, spec.scan_id, IMAGE)
+    if image is None:
+        return VerifyLine(spec.scan_id, MISSING, "no image array")
+    if image.shape != source.image.shape or image.dtype != source.image.dtype:
+        return VerifyLine(
+            spec.scan_id,
+            MISMATCH,
+            f"image is {image.dtype}{list(image.shape)}, source {source.image.dtype}{list(source.image.shape)}",
+        )
+    if not np.array_equal(image, source.image, equal_nan=image.dtype.kind == "f"):
+        return VerifyLine(spec.scan_id, MISMATCH, "image: " + _first_difference(image, source.image))
+    mask = _read_array(store, spec.scan_id, MASK)
+    if (mask is None) != (source.mask is None):
+        has = "has no mask" if mask is None else "has a mask"
+        return VerifyLine(
+            spec.scan_id, MISMATCH, f"store {has} but the source {'does' if mask is None else 'does not'}"
+        )
+    if mask is not None and source.mask is not None:
+        if mask.shape != source.mask.shape:
+            return VerifyLine(spec.scan_id, MISMATCH, f"mask shape {mask.shape}, source {source.mask.shape}")
+        if not np.array_equal(mask, source.mask):
+            return VerifyLine(spec.scan_id, MISMATCH, "mask: " + _first_difference(mask, source.mask))
+    if attrs.get("split") != spec.split:
+        return VerifyLine(spec.scan_id, MISMATCH, f"split {attrs.get('split')!r}, source {spec.split!r}")
+    return VerifyLine(spec.scan_id, OK)
+
+
+def verify_store(
+    source: str | os.PathLike[str],
+    store: str | os.PathLike[str],
+    on_line: Callable[[VerifyLine], None] | None = None,
+) -> VerifyReport:
+    """Compare every scan of ``source`` with ``store``. Raises ``EmptySource`` for an empty source."""
+    found = discover(source)
+    root = Path(store)
+    if not (root / "zarr.json").is_file():
+        raise FileNotFoundError(f"{store}: not a scancache store (no zarr.json)")
+    report = VerifyReport()
+
+    def emit(line: VerifyLine) -> None:
+        report.lines.append(line)
+        if on_line is not None:
+            on_line(line)
+
+    for err in found.failures:
+        emit(VerifyLine(err.scan, FAILED, f"{err.file}: {err.why}"))
+    for spec in found.scans:
+        emit(compare_scan(root, spec))
+    known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
+    for entry in sorted(os.listdir(root)):
+        if entry != STAGING_DIR and entry not in known and (root / entry / "zarr.json").is_file():
+            emit(VerifyLine(entry, EXTRA, "in the store but not in this source"))
+    return report

@@ -1,0 +1,196 @@
+"""Bad input: each bad scan fails with one line naming scan, file and why; good scans still
+convert; the job exits non-zero; no traceback reaches the user."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+from h5_sources import (
+    assert_store_matches,
+    published,
+    random_scan,
+    run_cli,
+    write_slice_files,
+    write_volume_file,
+)
+
+from client.errors import EmptySource, SourceError
+from service.sources import discover, load_scan
+
+GOOD = ("0000001_V00-Aug00", "0000001_V01-Aug00", "0000009_V00-Aug00")
+
+
+def _scan(shape=(16, 16, 4), classes=2, seed=0, dtype=np.float32):
+    return random_scan(shape, classes, seed, dtype)
+
+
+def _truncate(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+
+
+def build_bad_source(root):
+    """Good scans plus one scan per kind of bad input; returns {scan: (file, why fragment)}."""
+    train, valid = root / "train", root / "valid"
+    image, mask = _scan(seed=1)
+    write_slice_files(train, GOOD[0], image, mask)
+    write_slice_files(train, GOOD[1], *_scan(seed=2))
+    write_slice_files(valid, GOOD[2], _scan(seed=3)[0], None)  # image-only is fine
+    expected = {}
+
+    key = "0000002_V00-Aug00"  # truncated HDF5
+    write_slice_files(train, key, *_scan(seed=4))
+    _truncate(train / f"{key}_003.im")
+    expected[key] = (f"train/{key}_003.im", "unreadable HDF5")
+
+    key = "0000003_V00-Aug00"  # not HDF5 at all
+    write_slice_files(train, key, *_scan(seed=5))
+    (train / f"{key}_002.seg").write_bytes(b"this is not an HDF5 file" * 10)
+    expected[key] = (f"train/{key}_002.seg", "unreadable HDF5")
+
+    key = "0000004_V00-Aug00"  # missing slice 3
+    write_slice_files(train, key, *_scan(seed=6))
+    (train / f"{key}_003.im").unlink()
+    (train / f"{key}_003.seg").unlink()
+    expected[key] = (f"train/{key}_003.im", "missing slice 3")
+
+    key = "0000005_V00-Aug00"  # duplicate slice number: _002 and _02
+    write_slice_files(train, key, *_scan(seed=7))
+    (train / f"{key}_02.im").write_bytes((train / f"{key}_002.im").read_bytes())
+    expected[key] = (f"{key}_0", "duplicate slice")
+
+    key = "0000006_V00-Aug00"  # slices of different shapes
+    image, mask = _scan(seed=8)
+    write_slice_files(train, key, image, None)
+    with h5py.File(train / f"{key}_004.im", "w") as f:
+        f.create_dataset("data", data=np.zeros((16, 12, 1), np.float32))
+    expected[key] = (f"train/{key}_004.im", "slice shape (16, 12) differs")
+
+    key = "0000007_V00-Aug00"  # slices of different dtypes
+    write_slice_files(train, key, _scan(seed=9)[0], None)
+    with h5py.File(train / f"{key}_002.im", "w") as f:
+        f.create_dataset("data", data=np.zeros((16, 16, 1), np.int16))
+    expected[key] = (f"train/{key}_002.im", "dtype int16 differs")
+
+    key = "0000008_V00-Aug00"  # a mask slice missing
+    write_slice_files(train, key, *_scan(seed=10))
+    (train / f"{key}_002.seg").unlink()
+    expected[key] = (f"train/{key}_002.seg", "mask slice 2 missing")
+
+    key = "0000010_V00-Aug00"  # a mask slice of another shape
+    write_slice_files(train, key, *_scan(seed=11))
+    with h5py.File(train / f"{key}_003.seg", "w") as f:
+        f.create_dataset("data", data=np.zeros((8, 16, 1, 2), np.uint8))
+    expected[key] = (f"train/{key}_003.seg", "mask slice shape (8, 16) differs")
+
+    key = "0000011_V00-Aug00"  # non-binary mask values
+    image, mask = _scan(seed=12)
+    mask[3, 4, 1, 0] = 2
+    write_slice_files(train, key, image, mask)
+    expected[key] = (f"train/{key}_002.seg", "not binary (found 2)")
+
+    key = "0000012_V00-Aug00"  # the same scan under two split folders
+    write_slice_files(train, key, *_scan(seed=13))
+    write_slice_files(valid, key, *_scan(seed=13))
+    expected[key] = (f"valid/{key}_001.im", "two splits")
+
+    key = "0000013_V00-Aug00"  # 3D file without a volume dataset
+    with h5py.File(valid / f"{key}.h5", "w") as f:
+        f.create_dataset("seg", data=np.zeros((4, 4, 4, 1), np.uint8))
+    expected[key] = (f"valid/{key}.h5", "no dataset 'volume'")
+
+    key = "0000014_V00-Aug00"  # 3D seg of another shape
+    volume, seg = _scan(seed=14)
+    write_volume_file(valid / f"{key}.h5", volume, seg[:, :, :2])
+    expected[key] = (f"valid/{key}.h5", "seg has shape")
+
+    (train / "scan-one_slice2.im").write_bytes(b"")  # a name that does not parse
+    expected["scan-one_slice2"] = ("train/scan-one_slice2.im", "does not parse")
+    (train / "notes.txt").write_text("ignored")
+    return expected
+
+
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    expected = build_bad_source(root / "source")
+    result = run_cli("preprocess", root / "source", root / "store", "--workers", "2")
+    return root, expected, result
+
+
+def test_good_scans_converted_bad_scans_reported(bad_run):
+    root, expected, result = bad_run
+    assert result.returncode == 1, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert f"scans: {len(GOOD)} converted, 0 skipped, {len(expected)} failed" in result.stdout
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    for scan, (file, why) in expected.items():
+        matching = [line for line in lines if line.startswith(f"{scan}: ")]
+        assert len(matching) == 1, (scan, output)
+        assert file in matching[0] and why in matching[0], (matching[0], file, why)
+    assert published(root / "store") == sorted(GOOD)
+    assert_store_matches(root / "store", root / "source", only=GOOD)
+
+
+def test_verify_reports_good_and_bad(bad_run):
+    root, expected, _ = bad_run
+    result = run_cli("verify", root / "source", root / "store")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    for scan in GOOD:
+        assert f"OK       {scan}" in result.stdout
+    for scan in expected:
+        assert f"FAILED   {scan}: " in result.stdout, scan
+
+
+@pytest.mark.parametrize("make", ["empty", "missing", "only_other_files"])
+def test_empty_source_is_a_clear_error(tmp_path, make):
+    source = tmp_path / "source"
+    if make != "missing":
+        source.mkdir()
+    if make == "only_other_files":
+        (source / "train").mkdir()
+        (source / "train" / "notes.txt").write_text("x")
+    with pytest.raises(EmptySource):
+        discover(source)
+    result = run_cli("preprocess", source, tmp_path / "store")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().startswith("scancache preprocess: error: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "store").exists()
+
+
+def test_store_that_is_not_a_store_is_refused(tmp_path):
+    source = tmp_path / "source"
+    write_slice_files(source, GOOD[0], *_scan())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "thesis.pdf").write_text("precious")
+    result = run_cli("preprocess", source, tmp_path / "elsewhere")
+    assert result.returncode == 1 and "not a scancache store" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "elsewhere" / "thesis.pdf").exists()
+
+
+def test_load_scan_errors_are_source_errors(tmp_path):
+    """The same checks in-process: SourceError carries scan, file and why separately."""
+    expected = build_bad_source(tmp_path)
+    found = discover(tmp_path)
+    errors = {err.scan: err for err in found.failures}
+    for spec in found.scans:
+        if spec.scan_id in GOOD:
+            load_scan(spec)
+            continue
+        with pytest.raises(SourceError) as info:
+            load_scan(spec)
+        errors[spec.scan_id] = info.value
+    assert set(errors) == set(expected)
+    for scan, (file, why) in expected.items():
+        err = errors[scan]
+        assert err.scan == scan and file in err.file and why in err.why, (str(err), file, why)
+        assert "\n" not in str(err)

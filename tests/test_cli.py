@@ -1,0 +1,205 @@
+"""The `scancache` command line: help, argument parsing, scans, sample-data, serve wiring."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from h5_sources import run_cli
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service import cli
+
+SUBCOMMANDS = ("preprocess", "verify", "scans", "sample-data", "serve")
+
+
+def test_console_script_help_lists_every_command():
+    exe = shutil.which("scancache")
+    assert exe is not None, "the scancache console script is not installed"
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_each_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: scancache {command}")
+    assert len(out.splitlines()) > 4
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4096", 4096),
+        ("512M", 512 * 2**20),
+        ("2G", 2 * 2**30),
+        ("64k", 64 * 1024),
+        ("1.5GiB", 3 * 2**29),
+        ("10MB", 10 * 2**20),
+    ],
+)
+def test_parse_bytes(text, value):
+    assert cli.parse_bytes(text) == value
+
+
+@given(st.integers(0, 2**40), st.sampled_from(["", "K", "M", "G"]))
+def test_parse_bytes_roundtrip(n, unit):
+    assert cli.parse_bytes(f"{n}{unit}") == n * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[unit]
+
+
+@pytest.mark.parametrize("bad", ["", "M", "12Q", "-5", "1e9", "two"])
+def test_parse_bytes_rejects(bad):
+    with pytest.raises(Exception, match="byte size"):
+        cli.parse_bytes(bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["preprocess", "s", "t", "--workers", "0"], "must be at least 1"),
+        (["preprocess", "s", "t", "--codec", "gzip"], "invalid choice"),
+        (["serve", "st", "--max-bytes", "lots"], "not a byte size"),
+        (["sample-data", "d", "--shape", "8,8"], "three positive integers"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_message(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_bad_chunks_is_one_line(tmp_path):
+    result = run_cli("preprocess", tmp_path, tmp_path / "store", "--chunks", "96,96")
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == "scancache preprocess: error: --chunks: '96,96' is not three comma-separated integers"
+    )
+
+
+def test_scans_table_and_json(small_store, capsys):
+    root, truth = small_store
+    assert cli.main(["scans", str(root), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["scans"]
+    assert [r["scan_id"] for r in rows] == sorted(truth)
+    by_id = {r["scan_id"]: r for r in rows}
+    image, mask = truth["0000002_V00-Aug00"]
+    row = by_id["0000002_V00-Aug00"]
+    assert row["shape"] == list(image.shape) and row["dtype"] == "int16" and row["split"] == "valid"
+    assert row["num_classes"] == mask.shape[3] and row["subject_id"] == 2 and row["bytes"] > 0
+    assert by_id["0000003_V00-Aug01"]["num_classes"] == 0
+    assert cli.main(["scans", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE"]
+    assert lines[1].split()[:5] == ["0000001_V00-Aug00", "train", "40x36x12", "float32", "4"]
+    assert lines[-1].startswith(f"{len(truth)} scans, ")
+
+
+def test_scans_of_a_folder_that_is_not_a_store(tmp_path, capsys):
+    assert cli.main(["scans", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("scancache scans: error: ") and "not a scancache store" in err
+
+
+def test_sample_data_command(tmp_path, capsys):
+    code = cli.main(
+        [
+            "sample-data",
+            str(tmp_path / "d"),
+            "--subjects",
+            "2",
+            "--visits",
+            "1",
+            "--shape",
+            "8x8x3",
+            "--format",
+            "both",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "wrote 2 2D scans of 8x8x3" in out and "wrote 2 3D scans" in out
+    assert len(list((tmp_path / "d" / "2d").rglob("*.im"))) == 6
+    assert len(list((tmp_path / "d" / "3d").rglob("*.h5"))) == 2
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    quiet = run_cli("verify", tmp_path / "nowhere", tmp_path / "store")
+    assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
+    loud = run_cli("--debug", "verify", tmp_path / "nowhere", tmp_path / "store")
+    assert loud.returncode == 1 and "Traceback" in loud.stderr
+
+
+def test_serve_starts_the_server_with_the_pinned_options(small_store, tmp_path):
+    """`scancache serve` for real on loopback: --token, --max-bytes and --cache-bytes reach the server."""
+    pytest.importorskip("service.server")
+    import os
+    import socket
+    import sys
+    import time
+
+    import httpx
+
+    root, truth = small_store
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "SCANCACHE_TOKEN"}
+    argv = [sys.executable, "-m", "service.cli", "serve", str(root), "--port", str(port)]
+    argv += ["--token", "s3cret", "--max-bytes", "1K", "--cache-bytes", "8M"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # up to a minute on a busy machine; not a timing assertion
+            if proc.poll() is not None:
+                pytest.fail(f"serve exited {proc.returncode}: {proc.stderr.read()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code < 500:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(f"{url}/scans", timeout=10).status_code == 401
+        listing = httpx.get(f"{url}/scans", headers=auth, timeout=10)
+        assert listing.status_code == 200
+        assert sorted(s["scan_id"] for s in listing.json()["scans"]) == sorted(truth)
+        too_big = httpx.get(f"{url}/scans/0000001_V00-Aug00/image", headers=auth, timeout=10)
+        assert too_big.status_code == 413  # 40*36*12 float32 > 1 KiB
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_preprocess_then_verify_through_the_console_script(tmp_path):
+    source, store = tmp_path / "source", tmp_path / "store"
+    assert (
+        run_cli("sample-data", source, "--subjects", "2", "--visits", "1", "--shape", "16,16,4").returncode
+        == 0
+    )
+    result = run_cli("preprocess", source, store, "--workers", "1", "--chunks", "8,8,2", "--shard-depth", "4")
+    assert result.returncode == 0, result.stderr
+    assert "scans: 2 converted, 0 skipped, 0 failed" in result.stdout
+    assert "read" in result.stdout and "written" in result.stdout
+    # not a terminal: plain progress lines on stderr, no tqdm bar
+    assert "preprocess: 2/2 scans (converted 2, skipped 0, failed 0)" in result.stderr
+    assert "\r" not in result.stderr
+    layout = json.loads((store / "0000001_V00-Aug00" / "zarr.json").read_text())["attributes"]["layout"]
+    assert layout == {"chunks": [8, 8, 2], "shard_depth": 4, "codec": "blosc-lz4"}
+    verify = run_cli("verify", source, store)
+    assert verify.returncode == 0 and "verify: 2 ok; store is exact" in verify.stdout
+    assert Path(store / "zarr.json").is_file()

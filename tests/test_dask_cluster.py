@@ -1,0 +1,134 @@
+"""The job on a real Dask cluster: a `dask scheduler` and two `dask worker` processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from h5_sources import assert_store_matches, run_cli
+
+from service.preprocess import run_preprocess
+from service.sample_data import write_sample_data
+
+pytestmark = pytest.mark.slow
+DASK = str(Path(sys.executable).with_name("dask"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(args, log):
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Scheduler + 2 single-threaded workers; all killed (process groups) when the module ends."""
+    logs = tmp_path_factory.mktemp("dask-logs")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = []
+    try:
+        with open(logs / "scheduler.log", "w") as log:
+            procs.append(
+                _spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], log)
+            )
+        for i in range(2):
+            with open(logs / f"worker{i}.log", "w") as log:
+                procs.append(
+                    _spawn(
+                        [
+                            DASK,
+                            "worker",
+                            address,
+                            "--host",
+                            "127.0.0.1",
+                            "--nthreads",
+                            "1",
+                            "--nworkers",
+                            "1",
+                            "--no-dashboard",
+                            "--name",
+                            f"w{i}",
+                            "--local-directory",
+                            str(logs / f"w{i}"),
+                        ],
+                        log,
+                    )
+                )
+        from distributed import Client
+
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+            workers = set(client.scheduler_info()["workers"])
+        yield address, workers
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 20
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def test_job_runs_on_the_external_cluster(cluster, tmp_path):
+    address, workers = cluster
+    source, store = tmp_path / "source", tmp_path / "store"
+    write_sample_data(source, subjects=4, visits=3, shape=(32, 32, 8), num_classes=3, seed=2)
+    write_sample_data(tmp_path / "vol", subjects=1, visits=2, shape=(24, 24, 6), fmt="3d", splits=("test",))
+    for h5 in (tmp_path / "vol" / "test").iterdir():  # 3D scans with their own names, beside the 2D ones
+        h5.rename(source / "test" / f"vol_{h5.name}")
+    summary = run_preprocess(source, store, scheduler=address, progress=False)
+    assert summary.failed == 0, summary.failures
+    assert summary.converted == 14
+    # every task ran on the cluster's workers, none in this process
+    ran_on = {r.worker for r in summary.results}
+    assert ran_on and ran_on <= workers, (ran_on, workers)
+    _truth, stored = assert_store_matches(store, source)
+    assert len(stored) == 14
+    assert stored["vol_0000001_V01-Aug00"][0]["spacing"] == pytest.approx([0.365, 0.365, 0.7])
+
+
+def test_cli_scheduler_option_rerun_skips(cluster, tmp_path):
+    address, _ = cluster
+    source, store = tmp_path / "source", tmp_path / "store"
+    write_sample_data(source, subjects=2, visits=1, shape=(16, 16, 4), num_classes=2)
+    first = run_cli("preprocess", source, store, "--scheduler", address)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "scans: 2 converted, 0 skipped, 0 failed" in first.stdout
+    assert f"scans on {address}" in first.stderr
+    second = run_cli("preprocess", source, store, "--scheduler", address)
+    assert "scans: 0 converted, 2 skipped, 0 failed" in second.stdout
+    assert run_cli("verify", source, store).returncode == 0
+
+
+def test_unreachable_scheduler_is_one_line(tmp_path):
+    source = tmp_path / "source"
+    write_sample_data(source, subjects=1, visits=1, shape=(8, 8, 2), num_classes=1)
+    port = _free_port()  # nothing listens there
+    result = run_cli(
+        "preprocess",
+        source,
+        tmp_path / "store",
+        "--scheduler",
+        f"tcp://127.0.0.1:{port}",
+        env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"},
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("scancache preprocess: error: ")

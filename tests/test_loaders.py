@@ -1,0 +1,279 @@
+"""Loader batches equal numpy references built from the store with zarr-python, exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import zarr
+
+from loaders import (
+    Config,
+    DatasetCatalog,
+    DefaultDataLoader,
+    PatchDataLoader,
+    RandomPatchDataLoader,
+    S25dDataLoader,
+    build_loader,
+)
+from loaders.catalog import scan_dict
+from loaders.geometry import PatchGrid
+
+TRAIN = ("0000001_V00-Aug00", "0000001_V01-Aug00")
+CATEGORIES = (0, (1, 2), 3)
+
+
+@pytest.fixture(scope="module")
+def store(small_store):
+    """(root, {scan_id: (image, mask)}) with arrays read by zarr-python, not by our code."""
+    root, _ = small_store
+    group = zarr.open_group(str(root), mode="r")
+    arrays = {}
+    for scan_id in TRAIN + ("0000002_V00-Aug00",):
+        arrays[scan_id] = (group[scan_id]["image"][...], group[scan_id]["mask"][...])
+    return root, arrays
+
+
+@pytest.fixture(scope="module")
+def train_name(store):
+    root, _ = store
+    DatasetCatalog.remove("loaders_train")
+    DatasetCatalog.register("loaders_train", str(root), split="train")
+    yield "loaders_train"
+    DatasetCatalog.remove("loaders_train")
+
+
+def reference_mask(mask, categories=CATEGORIES, background=True):
+    channels = [mask[..., list(g)].sum(-1) if isinstance(g, tuple) else mask[..., g] for g in categories]
+    out = np.stack(channels, -1).astype(np.float32)
+    if background:
+        out = np.concatenate([(out.sum(-1, keepdims=True) == 0).astype(np.float32), out], -1)
+    return out
+
+
+def padded_cut(volume, window, mode):
+    """``np.pad`` the whole volume enough, then cut the window: the reference for padding."""
+    pads = [(max(0, -a), max(0, b - n)) for (a, b), n in zip(window, volume.shape[:3], strict=True)]
+    pads += [(0, 0)] * (volume.ndim - 3)
+    padded = np.pad(volume, pads, mode=mode)
+    return padded[tuple(slice(a + p[0], b + p[0]) for (a, b), p in zip(window, pads, strict=False))]
+
+
+def cfg_for(**kw):
+    base = dict(SEED=7, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True)
+    base.update(kw)
+    return Config(**base)
+
+
+def test_config_has_medsegpy_defaults():
+    cfg = Config()
+    assert cfg.TAG == "DefaultDataLoader"
+    assert (cfg.TRAIN_DATASET, cfg.VAL_DATASET, cfg.TEST_DATASET) == ("", "", "")
+    assert cfg.IMG_SIZE == (288, 288, 1) and cfg.IMG_PAD_MODE == "edge"
+    assert cfg.IMG_PAD_SIZE == () and cfg.IMG_STRIDE == ()
+    assert cfg.CATEGORIES == [] and cfg.INCLUDE_BACKGROUND is False
+    assert cfg.SEED is None and cfg.NUM_WORKERS == 1
+    cfg.CATEGORIES = (0, (1, 2), 3)
+    cfg.INCLUDE_BACKGROUND = True
+    assert cfg.get_num_classes() == 4
+    with pytest.raises(AttributeError, match="IMG_SIZ"):
+        Config(IMG_SIZ=(1, 2, 3))
+
+
+def test_default_loader_batches_in_order(store, train_name):
+    _, arrays = store
+    loader = build_loader(cfg_for(), train_name, batch_size=5, is_test=False, shuffle=False, drop_last=False)
+    assert isinstance(loader, DefaultDataLoader)
+    slices = [(s, z) for s in TRAIN for z in range(arrays[s][0].shape[2])]
+    assert len(loader) == math.ceil(len(slices) / 5)
+    for b in range(len(loader)):
+        x, y = loader[b]
+        chunk = slices[b * 5 : (b + 1) * 5]
+        x_ref = np.stack([arrays[s][0][:, :, z, None] for s, z in chunk]).astype(np.float32)
+        y_ref = np.stack([reference_mask(arrays[s][1][:, :, z]) for s, z in chunk])
+        assert x.dtype == np.float32 and y.dtype == np.float32
+        np.testing.assert_array_equal(x, x_ref)
+        np.testing.assert_array_equal(y, y_ref)
+
+
+def test_len_follows_drop_last_and_is_test(train_name):
+    n = 12 + 9
+    cfg = cfg_for()
+    assert len(build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)) == n // 4
+    assert len(build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=False)) == 6
+    assert len(build_loader(cfg, train_name, batch_size=4, is_test=True, shuffle=False, drop_last=True)) == 6
+
+
+def test_shuffle_every_epoch_is_deterministic_from_seed(store, train_name):
+    _, arrays = store
+
+    def epochs(seed, count=3):
+        loader = build_loader(cfg_for(SEED=seed), train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+        out = []
+        for _ in range(count):
+            out.append([(e.scan, e.window[2][0]) for b in range(len(loader)) for e in loader.batch_elements(b)])
+            loader.on_epoch_end()
+        return loader, out
+
+    loader, first = epochs(3)
+    _, again = epochs(3)
+    _, other = epochs(4)
+    assert first == again and first != other
+    assert first[0] != first[1] != first[2], "a new order every epoch"
+    for order in first:  # drop_last: 21 slices, 5 batches of 4 -> 20 distinct slices
+        assert len(order) == 20 and len(set(order)) == 20
+    # a shuffled batch still holds exactly the reference slices
+    x, y = loader[2]
+    elements = loader.batch_elements(2)
+    for i, e in enumerate(elements):
+        scan_id, z = loader.scans[e.scan].scan_id, e.window[2][0]
+        np.testing.assert_array_equal(x[i, ..., 0], arrays[scan_id][0][:, :, z])
+        np.testing.assert_array_equal(y[i], reference_mask(arrays[scan_id][1][:, :, z]))
+
+
+def test_test_batches_return_raw_x(store, train_name):
+    loader = build_loader(cfg_for(), train_name, batch_size=8, is_test=True, shuffle=False, drop_last=False)
+    batch = loader[len(loader) - 1]
+    assert len(batch) == 3 and batch[0].shape[0] == 21 - 16
+    np.testing.assert_array_equal(batch[2], batch[0])
+
+
+def test_prefetches_the_next_batches_in_background(train_name):
+    loader = build_loader(cfg_for(PREFETCH_BATCHES=2), train_name, batch_size=2, is_test=False, shuffle=True, drop_last=True)
+    first = loader[0]
+    assert set(loader._prefetcher._futures) == {1, 2}
+    ahead = loader._prefetcher._futures[1].result()
+    direct = loader._load_index(1)
+    for a, b in zip(ahead, direct, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(loader[1][0], direct[0])
+    loader.on_epoch_end()
+    assert loader._prefetcher._futures == {}
+    assert first[0].shape == (2, 40, 36, 1)
+    loader.close()
+
+
+@pytest.mark.parametrize("mode", ["edge", "reflect", "constant", "symmetric"])
+def test_s25d_neighbouring_slices_with_padding(store, train_name, mode):
+    _, arrays = store
+    cfg = cfg_for(TAG="S25dDataLoader", IMG_SIZE=(40, 36, 5), IMG_PAD_MODE=mode)
+    loader = build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=False, drop_last=False)
+    assert isinstance(loader, S25dDataLoader)
+    image, mask = arrays[TRAIN[0]]
+    padded = np.pad(image, ((0, 0), (0, 0), (2, 2)), mode=mode)
+    x, y = loader[0]  # slices 0..3 of the first scan: the left edge is padded
+    for i in range(4):
+        np.testing.assert_array_equal(x[i], padded[:, :, i : i + 5].astype(np.float32))
+        np.testing.assert_array_equal(y[i], reference_mask(mask[:, :, i]))
+    x, _ = loader[2]  # slices 8..11: the right edge
+    for i, z in enumerate(range(8, 12)):
+        np.testing.assert_array_equal(x[i], padded[:, :, z : z + 5].astype(np.float32))
+    with pytest.raises(ValueError, match="odd"):
+        build_loader(cfg_for(TAG="S25dDataLoader", IMG_SIZE=(40, 36, 4)), train_name, 4, False, False, False)
+
+
+@pytest.mark.parametrize(("mode", "pad"), [("edge", ()), ("reflect", 3), ("constant", (2, 0, 1))])
+def test_patch_grid_batches(store, train_name, mode, pad):
+    _, arrays = store
+    cfg = cfg_for(TAG="PatchDataLoader", IMG_SIZE=(16, 15, 5, 1), IMG_STRIDE=(12, 10, 4), IMG_PAD_SIZE=pad, IMG_PAD_MODE=mode)
+    loader = build_loader(cfg, train_name, batch_size=6, is_test=True, shuffle=False, drop_last=False)
+    assert isinstance(loader, PatchDataLoader)
+    pads = (pad,) * 3 if isinstance(pad, int) else (pad or (0, 0, 0))
+    windows = [
+        (s, w) for s in TRAIN for w in PatchGrid.build(arrays[s][0].shape, (16, 15, 5), (12, 10, 4), pads).windows()
+    ]
+    assert len(loader) == math.ceil(len(windows) / 6)
+    seen = 0
+    for b in range(len(loader)):
+        x, y, x_raw = loader[b]
+        assert x.shape[1:] == (16, 15, 5, 1) and y.shape[1:] == (16, 15, 5, 4)
+        for i in range(x.shape[0]):
+            scan_id, window = windows[seen]
+            image, mask = arrays[scan_id]
+            np.testing.assert_array_equal(x[i, ..., 0], padded_cut(image, window, mode).astype(np.float32))
+            np.testing.assert_array_equal(y[i], padded_cut(reference_mask(mask), window, mode))
+            seen += 1
+    assert seen == len(windows)
+
+
+def test_random_patches_deterministic_and_oversample_foreground(store, train_name):
+    _, arrays = store
+    cfg = cfg_for(
+        TAG="RandomPatchDataLoader",
+        IMG_SIZE=(9, 9, 3, 1),
+        IMG_PAD_SIZE=2,
+        IMG_PAD_MODE="reflect",
+        CATEGORIES=(3,),
+        INCLUDE_BACKGROUND=False,
+        PATCHES_PER_SCAN=10,
+        FOREGROUND_RATIO=0.5,
+    )
+
+    def draw(seed):
+        cfg.SEED = seed
+        loader = build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+        assert isinstance(loader, RandomPatchDataLoader)
+        return loader, [loader.batch_elements(b) for b in range(len(loader))]
+
+    loader, elements = draw(11)
+    _, same = draw(11)
+    _, other = draw(12)
+    assert elements == same and elements != other
+    assert len(loader) == 20 // 4
+    samples = [s for b in range(len(loader)) for s in loader._plan[0][b * 4 : (b + 1) * 4]]
+    assert sum(s.foreground for s in loader._plan[0]) == 10
+    centred = 0
+    for b in range(len(loader)):
+        x, y = loader[b]
+        for i, e in enumerate(loader.batch_elements(b)):
+            image, mask = arrays[loader.scans[e.scan].scan_id]
+            np.testing.assert_array_equal(x[i, ..., 0], padded_cut(image, e.window, "reflect").astype(np.float32))
+            np.testing.assert_array_equal(y[i], padded_cut(reference_mask(mask, (3,), False), e.window, "reflect"))
+            centred += int(y[i][4, 4, 1, 0] == 1)
+    assert len(samples) == 20
+    # every foreground sample is centred on class 3 (away from the volume's edges, at least)
+    assert centred >= 8
+    first_epoch = loader.batch_elements(0)
+    loader.on_epoch_end()
+    assert loader.batch_elements(0) != first_epoch
+
+
+def test_catalog_accepts_medsegpy_style_callables(store):
+    root, arrays = store
+    from loaders.catalog import shared_source
+
+    metas = {m.scan_id: m for m in shared_source(str(root)).list_scans()}
+
+    def per_slice_dicts():  # MedSegPy's 2D format: one dict per slice, slice_id 1-indexed
+        return [
+            {**scan_dict(str(root), metas[s]), "slice_id": z, "scan_spacing": (0.5, 0.5, 2.0)}
+            for s in TRAIN
+            for z in (2, 3, 7)
+        ]
+
+    DatasetCatalog.remove("callable_ds")
+    DatasetCatalog.register("callable_ds", per_slice_dicts)
+    with pytest.raises(ValueError, match="already registered"):
+        DatasetCatalog.register("callable_ds", per_slice_dicts)
+    with pytest.raises(KeyError, match="callable_ds"):
+        DatasetCatalog.get("no_such_dataset")
+    loader = build_loader(cfg_for(), "callable_ds", batch_size=3, is_test=True, shuffle=False, drop_last=False)
+    assert len(loader) == 2
+    x, y, _ = loader[1]
+    for i, z in enumerate((1, 2, 6)):
+        np.testing.assert_array_equal(x[i, ..., 0], arrays[TRAIN[1]][0][:, :, z])
+    DatasetCatalog.remove("callable_ds")
+
+
+def test_build_loader_drops_image_only_scans_and_checks_tag(small_store):
+    root, _ = small_store
+    DatasetCatalog.remove("all_scans")
+    DatasetCatalog.register("all_scans", root)
+    loader = build_loader(cfg_for(), "all_scans", batch_size=4, is_test=True, shuffle=False, drop_last=False)
+    assert [s.scan_id for s in loader.scans] == ["0000001_V00-Aug00", "0000001_V01-Aug00", "0000002_V00-Aug00"]
+    with pytest.raises(ValueError, match="mixes input shapes"):
+        loader[5]  # slices of a 40x36 and a 33x27 scan in one batch
+    with pytest.raises(KeyError, match="NoSuchLoader"):
+        build_loader(cfg_for(TAG="NoSuchLoader"), "all_scans", 4, False, True, True)
+    DatasetCatalog.remove("all_scans")

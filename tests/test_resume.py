@@ -1,0 +1,122 @@
+"""Nothing partial, nothing redone: SIGKILL the job mid-run, re-run it, verify; then change a source."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import psutil
+import pytest
+from h5_sources import assert_store_matches, published, run_cli
+
+from service.sample_data import write_sample_data
+
+SCANS = 40  # 20 subjects x 2 visits, one worker: several seconds of work to kill in the middle
+
+
+def _kill_tree(proc):
+    """SIGKILL the job's whole process group (the CLI and its LocalCluster workers)."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(children, timeout=30)
+
+
+def _start_job(source, store):
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "preprocess", str(source), str(store), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _kill_after_first_publish(source, store):
+    """Run the job and SIGKILL it once a scan is published; returns the scans published then."""
+    proc = _start_job(source, store)
+    try:
+        while not published(store):
+            if proc.poll() is not None:
+                pytest.fail(f"the job ended (exit {proc.returncode}) before it published a scan")
+            time.sleep(0.002)
+    finally:
+        _kill_tree(proc)
+    return published(store)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume") / "source"
+    write_sample_data(root, subjects=SCANS // 2, visits=2, shape=(32, 32, 6), num_classes=2, seed=3)
+    return root
+
+
+def test_sigkill_then_rerun_completes_and_skips(source, tmp_path):
+    store = tmp_path / "store"
+    done = _kill_after_first_publish(source, store)
+    for _ in range(2):  # the machine may be fast enough to finish first; then try once more, afresh
+        if len(done) < SCANS:
+            break
+        subprocess.run(["rm", "-rf", str(store)], check=True)
+        done = _kill_after_first_publish(source, store)
+    assert 1 <= len(done) < SCANS, "could not kill the job between its first and last scan"
+    print(f"killed with {len(done)} of {SCANS} scans published")
+    # every scan a reader can see is complete
+    assert_store_matches(store, source, only=done)
+
+    rerun = run_cli("preprocess", source, store, "--workers", "2")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"scans: {SCANS - len(done)} converted, {len(done)} skipped, 0 failed" in rerun.stdout
+    assert not (store / ".staging").exists()
+    assert len(published(store)) == SCANS
+
+    verify = run_cli("verify", source, store)
+    assert verify.returncode == 0, verify.stdout
+    assert f"verify: {SCANS} ok; store is exact" in verify.stdout
+    assert_store_matches(store, source)
+
+    # a changed source file: only its scan is redone, and the store follows the new data
+    changed = source / "train" / "0000001_V01-Aug00_004.im"
+    with h5py.File(changed, "r+") as f:
+        f["data"][...] = np.full(f["data"].shape, 7.5, np.float32)
+    st = os.stat(changed)
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse-mtime filesystems
+    again = run_cli("preprocess", source, store, "--workers", "1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"scans: 1 converted, {SCANS - 1} skipped, 0 failed" in again.stdout
+    _truth, stored = assert_store_matches(store, source)
+    assert (stored["0000001_V01-Aug00"][1][:, :, 3] == 7.5).all()
+    assert run_cli("verify", source, store).returncode == 0
+
+
+def test_store_modified_behind_our_back_is_caught_by_verify(tmp_path):
+    """verify compares voxels, not fingerprints: a damaged chunk or a lost scan fails it."""
+    store = tmp_path / "store"
+    small = tmp_path / "small"
+    write_sample_data(small, subjects=2, visits=1, shape=(16, 16, 4), num_classes=2, seed=4)
+    assert run_cli("preprocess", small, store, "--workers", "1", "-q").returncode == 0
+    import zarr
+
+    array = zarr.open_array(str(store / "0000001_V00-Aug00" / "image"), mode="r+")
+    array[0, 0, 0] = array[0, 0, 0] + 1
+    subprocess.run(["rm", "-rf", str(store / "0000002_V00-Aug00")], check=True)
+    result = run_cli("verify", small, store)
+    assert result.returncode == 1
+    assert "MISMATCH 0000001_V00-Aug00: image: 1 voxels differ, first at (0, 0, 0)" in result.stdout
+    assert "MISSING  0000002_V00-Aug00: not in the store" in result.stdout

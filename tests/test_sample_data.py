@@ -1,0 +1,98 @@
+"""Synthetic knee phantoms: formats, splits, shells, determinism."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from h5_sources import reference
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.sample_data import SPACING, assign_splits, phantom, write_sample_data
+
+
+@given(
+    subjects=st.integers(1, 30),
+    splits=st.lists(st.sampled_from("abcdefg"), min_size=0, max_size=5, unique=True),
+)
+def test_assign_splits_covers_every_subject_and_split(subjects, splits):
+    assigned = assign_splits(subjects, splits)
+    assert len(assigned) == subjects
+    if not splits:
+        assert assigned == [None] * subjects
+    else:
+        assert set(assigned) == set(splits[: min(subjects, len(splits))])
+
+
+def test_phantom_shells_are_disjoint_classes_with_distinct_intensity():
+    image, mask = phantom((48, 48, 16), 4, np.random.default_rng(0))
+    assert image.dtype == np.float32 and mask.dtype == np.uint8 and mask.shape == (48, 48, 16, 4)
+    assert set(np.unique(mask)) == {0, 1}
+    assert mask.sum(axis=-1).max() == 1  # one class per voxel at most
+    per_class = mask.sum(axis=(0, 1, 2))
+    assert (per_class > 0).all()
+    background = image[mask.sum(axis=-1) == 0].mean()
+    means = [image[mask[..., k] == 1].mean() for k in range(4)]
+    assert all(abs(m - background) > 0.05 for m in means)
+    fg_per_slice = mask.sum(axis=(0, 1, 3))
+    assert fg_per_slice[0] == 0 and fg_per_slice[-1] == 0 and fg_per_slice[8] > 0  # ends hold no knee
+
+
+def test_later_visits_have_thinner_shells():
+    thick = phantom((48, 48, 16), 3, np.random.default_rng(5), thinning=0.0)[1].sum()
+    thin = phantom((48, 48, 16), 3, np.random.default_rng(5), thinning=0.2)[1].sum()
+    assert thin < thick
+
+
+def test_2d_layout_names_and_splits(tmp_path):
+    data = write_sample_data(tmp_path, subjects=5, visits=2, shape=(16, 12, 5), num_classes=3, seed=1)
+    assert data.roots == {"2d": tmp_path}
+    assert len(data.scans) == 10
+    ims = sorted(tmp_path.rglob("*.im"))
+    segs = sorted(tmp_path.rglob("*.seg"))
+    assert len(ims) == len(segs) == 10 * 5
+    assert (tmp_path / "train" / "0000001_V00-Aug00_001.im").is_file()
+    assert (tmp_path / "test" / "0000005_V01-Aug00_005.seg").is_file()
+    with h5py.File(ims[0], "r") as f:
+        assert f["data"].shape == (16, 12, 1) and f["data"].dtype == np.float32
+    with h5py.File(segs[0], "r") as f:
+        assert f["data"].shape == (16, 12, 1, 3) and f["data"].dtype == np.uint8
+    splits = {}
+    for scan in data.scans:
+        splits.setdefault(scan.subject_id, set()).add(scan.split)
+    assert all(len(s) == 1 for s in splits.values())  # no subject in two splits
+    assert {s.split for s in data.scans} == {"train", "valid", "test"}
+
+
+def test_both_formats_hold_the_same_scans(tmp_path):
+    data = write_sample_data(
+        tmp_path, subjects=2, visits=1, shape=(10, 10, 4), num_classes=2, fmt="both", dtype="int16"
+    )
+    assert data.roots == {"2d": tmp_path / "2d", "3d": tmp_path / "3d"}
+    slices, volumes = reference(data.roots["2d"]), reference(data.roots["3d"])
+    assert sorted(slices) == sorted(volumes) == [s.scan_id for s in data.scans]
+    for key in slices:
+        assert slices[key][0] == volumes[key][0]
+        assert slices[key][1].dtype == np.int16
+        np.testing.assert_array_equal(slices[key][1], volumes[key][1])
+        np.testing.assert_array_equal(slices[key][2], volumes[key][2])
+    with h5py.File(next((tmp_path / "3d").rglob("*.h5")), "r") as f:
+        assert list(f.attrs["spacing"]) == pytest.approx(SPACING)
+
+
+def test_same_seed_same_data_other_seed_other_data(tmp_path):
+    a = reference(write_sample_data(tmp_path / "a", subjects=1, visits=1, shape=(8, 8, 3), seed=4).root)
+    b = reference(write_sample_data(tmp_path / "b", subjects=1, visits=1, shape=(8, 8, 3), seed=4).root)
+    c = reference(write_sample_data(tmp_path / "c", subjects=1, visits=1, shape=(8, 8, 3), seed=5).root)
+    key = "0000001_V00-Aug00"
+    np.testing.assert_array_equal(a[key][1], b[key][1])
+    assert not np.array_equal(a[key][1], c[key][1])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"fmt": "4d"}, {"shape": (8, 8)}, {"shape": (8, 0, 2)}, {"subjects": 0}, {"num_classes": 0}]
+)
+def test_bad_arguments(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        write_sample_data(tmp_path, **kwargs)

@@ -1,0 +1,317 @@
+"""The server's error matrix, in process (httpx over ASGI): statuses, one-line details naming the
+parameter, limits refused before reading, no paths in bodies, and no 5xx from any client input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import quote
+
+import anyio
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from client.wire import decode_npy, decode_npy_stream
+from service.server import Settings, create_app
+from service.store import write_scan
+from tests.conftest import make_volume
+
+SCAN = "0000001_V00-Aug00"  # (40, 36, 12) float32, 4 classes
+IMAGE_ONLY = "0000003_V00-Aug01"
+
+
+class InProcess:
+    """Synchronous requests against an app through httpx's ASGI transport (no sockets)."""
+
+    def __init__(self, app, raise_app_exceptions: bool = True) -> None:
+        self.transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+
+    def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        async def go() -> httpx.Response:
+            async with httpx.AsyncClient(transport=self.transport, base_url="http://testserver") as client:
+                return await client.request(method, url, **kwargs)
+
+        return anyio.run(go)
+
+    def get(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int, *words: str, root: Path | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert isinstance(body["detail"], str) and "\n" not in body["detail"]
+    for word in words:
+        assert word in body["detail"], body
+    if root is not None:
+        assert str(root) not in response.text and "/tmp" not in response.text
+    return body
+
+
+@pytest.fixture(scope="module")
+def client(small_store):
+    root, _ = small_store
+    return InProcess(create_app(Settings(store=root)))
+
+
+@pytest.fixture(scope="module")
+def store_root(small_store):
+    return small_store[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "words", "error"),
+    [
+        ("/scans/0000009_V00-Aug00", 404, ["0000009_V00-Aug00", "not found"], "ScanNotFound"),
+        ("/scans/0000009_V00-Aug00/image", 404, ["not found"], "ScanNotFound"),
+        (f"/scans/{IMAGE_ONLY}/mask", 404, ["no mask"], "ArrayNotFound"),
+        (f"/scans/{SCAN}/labels", 404, ["Not Found"], None),
+        ("/scans/.staging", 400, ["invalid scan id"], "InvalidPath"),
+        ("/scans/..%2F..%2Fetc/image", 400, ["encoded slashes"], "InvalidPath"),
+        (f"/scans/{SCAN}/image?roi=0:100", 422, ["roi", "out of bounds"], "InvalidROI"),
+        (f"/scans/{SCAN}/image?roi=5:5", 422, ["roi", "empty"], "InvalidROI"),
+        (f"/scans/{SCAN}/image?roi=", 200, [], None),
+        (f"/scans/{SCAN}/image?roi=a:b", 422, ["roi", "not an integer"], "InvalidROI"),
+        (f"/scans/{SCAN}/image?roi=0:1,0:1,0:1,0:1", 422, ["roi", "4 axes"], "InvalidROI"),
+        (f"/scans/{SCAN}/image?roi=0:4:2", 422, ["roi", "steps"], "InvalidROI"),
+        (f"/scans/{SCAN}/mask?categories=[9]", 422, ["categories", "out of range"], "InvalidCategories"),
+        (f"/scans/{SCAN}/mask?categories=[]", 422, ["categories"], "InvalidCategories"),
+        (f"/scans/{SCAN}/mask?categories=[[]]", 422, ["categories", "empty"], "InvalidCategories"),
+        (f"/scans/{SCAN}/mask?categories=zero", 422, ["categories", "JSON"], "InvalidCategories"),
+        (f"/scans/{SCAN}/mask?categories=[true]", 422, ["categories"], "InvalidCategories"),
+        (f"/scans/{SCAN}/mask?categories={'[' * 5000}", 422, ["categories", "deeply"], "InvalidCategories"),
+        (f"/scans/{SCAN}/mask?background=maybe", 422, ["background"], "InvalidParameter"),
+        ("/scans?has_class=one", 422, ["has_class"], "InvalidParameter"),
+        ("/scans?subject_id=x", 422, ["subject_id"], "InvalidParameter"),
+        ("/nothing-here", 404, ["Not Found"], None),
+    ],
+)
+def test_error_matrix(client, store_root, url, status, words, error):
+    response = client.get(url)
+    if status == 200:
+        assert response.status_code == 200
+        return
+    body = assert_error(response, status, *words, root=store_root)
+    assert body["error"] == error
+    if error and error.startswith("Invalid") and error != "InvalidPath":
+        assert body["param"] in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [
+        ("PUT", "/scans"),
+        ("DELETE", f"/scans/{SCAN}"),
+        ("POST", f"/scans/{SCAN}/image"),
+        ("PATCH", "/zarr/zarr.json"),
+    ],
+)
+def test_the_service_is_read_only(client, method, url):
+    assert_error(client.request(method, url), 405, "Method Not Allowed")
+
+
+@pytest.mark.parametrize(
+    ("regions", "status", "words"),
+    [
+        (
+            [{"scan_id": SCAN, "roi": "0:2"}, {"scan_id": "0000009_V00-Aug00"}],
+            404,
+            ["regions[1]", "not found"],
+        ),
+        ([{"scan_id": SCAN, "array": "labels"}], 404, ["regions[0]", "labels"]),
+        ([{"scan_id": IMAGE_ONLY, "array": "mask"}], 404, ["regions[0]", "no mask"]),
+        ([{"scan_id": "../x"}], 400, ["regions[0]", "invalid scan id"]),
+        ([{"scan_id": SCAN, "roi": "0:99"}], 422, ["regions[0].roi", "out of bounds"]),
+        ([{"scan_id": SCAN, "roi": 3}], 422, ["regions[0].roi"]),
+        (
+            [{"scan_id": SCAN}, {"scan_id": SCAN, "array": "mask", "categories": [0, [4]]}],
+            422,
+            ["regions[1].categories"],
+        ),
+        ([{"scan_id": SCAN, "array": "mask", "categories": "[0]"}], 422, ["regions[0].categories"]),
+        ([{"scan_id": SCAN, "colour": "red"}], 422, ["regions[0].colour"]),
+        ([{"roi": "0:1"}], 422, ["regions[0].scan_id"]),
+    ],
+)
+def test_batch_errors_name_the_region(client, regions, status, words):
+    assert_error(client.post("/batch", json={"regions": regions}), status, *words)
+
+
+@pytest.mark.parametrize("body", [b"{", b"[]", b'{"regions": 1}', b'{"regions": [1]}', b"\xff\xfe"])
+def test_malformed_batch_bodies_are_422(client, body):
+    assert_error(client.post("/batch", content=body, headers={"content-type": "application/json"}), 422)
+
+
+def test_empty_batch_is_an_empty_stream(client):
+    response = client.post("/batch", json={"regions": []})
+    assert response.status_code == 200 and response.content == b""
+    assert decode_npy_stream(response.content) == []
+
+
+def test_limits_are_enforced_before_reading(small_store):
+    root, truth = small_store
+    # 10x10x1 voxels of a 4-class mask: the raw read is 400 bytes, all classes + background 500.
+    app = InProcess(create_app(Settings(store=root, max_bytes=450, max_body_bytes=2000, max_batch_regions=3)))
+    roi = "0:10,0:10,0"
+    ok = app.get(f"/scans/{SCAN}/mask", params={"roi": roi})
+    assert ok.status_code == 200
+    np.testing.assert_array_equal(decode_npy(ok.content), truth[SCAN][1][0:10, 0:10, 0:1])
+    assert_error(
+        app.get(f"/scans/{SCAN}/mask", params={"roi": roi, "background": "true"}), 413, "500 bytes", "450"
+    )
+    assert_error(app.get(f"/scans/{SCAN}/image"), 413, "--max-bytes")
+    assert app.get(f"/scans/{SCAN}/image", params={"roi": "0:10,0:10,0"}).status_code == 200  # 400 bytes
+    two = {"regions": [{"scan_id": SCAN, "roi": "0:10,0:10,0"}] * 2}  # 800 bytes together
+    body = assert_error(app.post("/batch", json=two), 413, "2 regions")
+    assert body["error"] == "RequestTooLarge"
+    many = {"regions": [{"scan_id": SCAN, "roi": "0,0,0"}] * 4}
+    assert_error(app.post("/batch", json=many), 413, "4 regions", "limit of 3")
+    padded = json.dumps({"regions": [{"scan_id": SCAN, "roi": "0,0,0"}], "pad": "x" * 3000}).encode()
+    assert_error(
+        app.post("/batch", content=padded, headers={"content-type": "application/json"}), 413, "body"
+    )
+
+    async def chunks():  # no Content-Length: the limit still holds
+        for _ in range(5):
+            yield b" " * 1000
+
+    assert_error(
+        app.post("/batch", content=chunks(), headers={"content-type": "application/json"}), 413, "body"
+    )
+
+
+def test_unexpected_errors_are_a_generic_500_without_paths(tmp_path, caplog):
+    root = tmp_path / "store"
+    image, mask = make_volume((8, 8, 4), 2, seed=1)
+    write_scan(root, SCAN, image, mask, {"split": "train"})
+    for shard in (root / SCAN / "image").rglob("c/*/*/*"):
+        shard.write_bytes(b"not a shard at all" * 10)  # a broken store, not a bad request
+    client = InProcess(create_app(Settings(store=root)), raise_app_exceptions=False)
+    with caplog.at_level(logging.ERROR, logger="scancache.server"):
+        response = client.get(f"/scans/{SCAN}/image")
+    body = assert_error(response, 500, "internal server error", root=tmp_path)
+    assert body["error"] == "ServerError"
+    assert any("internal error" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_incomplete_scans_and_escapes_are_invisible(tmp_path):
+    root = tmp_path / "store"
+    image, mask = make_volume((8, 8, 4), 2, seed=2)
+    write_scan(root, SCAN, image, mask, {"split": "train"})
+    staged = root / ".staging" / "0000005_V00-Aug00.abc"
+    shutil.copytree(root / SCAN, staged)
+    (root / "0000006_V00-Aug00" / "image").mkdir(parents=True)  # a directory without zarr.json
+    secret = tmp_path / "secret.txt"
+    secret.write_text("patient names")
+    os.symlink(secret, root / SCAN / "image" / "leak")
+    os.symlink(tmp_path, root / SCAN / "up")
+    client = InProcess(create_app(Settings(store=root)))
+    assert [s["scan_id"] for s in client.get("/scans").json()["scans"]] == [SCAN]
+    assert_error(client.get("/scans/0000006_V00-Aug00"), 404)
+    for path in [
+        ".staging/0000005_V00-Aug00.abc/zarr.json",
+        "0000006_V00-Aug00/image",
+        f"{SCAN}/image/leak",
+        f"{SCAN}/up/secret.txt",
+        f"{SCAN}/image",
+        f"{SCAN}/image/c/9/9/9",
+    ]:
+        response = client.get(f"/zarr/{path}")
+        assert_error(response, 404, root=tmp_path)
+        assert "patient" not in response.text
+    assert client.get(f"/zarr/{SCAN}/image/zarr.json").status_code == 200
+
+
+def test_republished_scan_gets_a_new_etag(tmp_path):
+    root = tmp_path / "store"
+    first, _ = make_volume((8, 8, 4), 1, seed=3)
+    write_scan(root, SCAN, first, None, {"split": "train"})
+    client = InProcess(create_app(Settings(store=root)))
+    url = f"/scans/{SCAN}/image?roi=0:4"
+    one = client.get(url)
+    etag = one.headers["etag"]
+    assert client.get(url, headers={"If-None-Match": etag}).status_code == 304
+    second = first + 1
+    write_scan(root, SCAN, second, None, {"split": "train"})
+    two = client.get(url, headers={"If-None-Match": etag})
+    assert two.status_code == 200 and two.headers["etag"] != etag
+    np.testing.assert_array_equal(decode_npy(two.content), second[0:4])
+
+
+# -- no client input causes a 5xx --------------------------------------------------------------
+
+roi_text = st.one_of(
+    st.text(alphabet="0123456789:,- -x", max_size=24),
+    st.text(max_size=12),
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 6) | st.floats(allow_nan=True) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=12,
+)
+scan_ids = st.one_of(
+    st.sampled_from([SCAN, IMAGE_ONLY, "0000002_V00-Aug00", "..", ".staging"]), st.text(max_size=12)
+)
+fuzz = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@fuzz
+@given(
+    scan_id=scan_ids,
+    roi=roi_text,
+    categories=st.one_of(st.none(), st.text(max_size=10), json_values.map(json.dumps)),
+)
+def test_fuzzed_region_queries_never_5xx(client, store_root, scan_id, roi, categories):
+    for array in ("image", "mask"):
+        params = {"roi": roi} if categories is None else {"roi": roi, "categories": categories}
+        response = client.get(f"/scans/{quote(scan_id, safe='')}/{array}", params=params)
+        assert response.status_code in (200, 400, 404, 405, 413, 422), response.text
+        if response.status_code != 200:
+            assert "detail" in response.json() and str(store_root) not in response.text
+
+
+@fuzz
+@given(
+    body=st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {
+                "regions": st.lists(
+                    st.fixed_dictionaries(
+                        {"scan_id": scan_ids, "roi": st.one_of(st.none(), roi_text)},
+                        optional={
+                            "array": st.sampled_from(["image", "mask", "x"]),
+                            "categories": json_values,
+                            "background": json_values,
+                        },
+                    ),
+                    max_size=4,
+                )
+            }
+        ),
+    )
+)
+def test_fuzzed_batches_never_5xx(client, store_root, body):
+    # json.dumps writes NaN/Infinity, which strict JSON parsers refuse: also a client's mistake
+    response = client.post("/batch", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code in (200, 400, 404, 413, 422), response.text
+    if response.status_code == 200:
+        assert len(decode_npy_stream(response.content)) == len(body["regions"])
+
+
+@fuzz
+@given(path=st.text(alphabet=st.characters(codec="utf-8", exclude_characters="?#"), max_size=30))
+def test_fuzzed_zarr_paths_never_5xx(client, store_root, path):
+    response = client.get("/zarr/" + quote(path, safe="/."))
+    assert response.status_code in (200, 400, 404), response.text
+    assert str(store_root) not in response.text

@@ -1,0 +1,236 @@
+"""One ScanSource suite, run against LocalSource (a store path) and HttpSource (a real server).
+
+References are built from the numpy arrays the store was written from, never from our readers.
+The end of the file tests what only the HTTP client has: tokens, retries, batch splitting.
+"""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+
+import numpy as np
+import pytest
+from live_server import live_server
+
+from client.errors import (
+    ArrayNotFound,
+    InvalidCategories,
+    InvalidPath,
+    InvalidROI,
+    RequestTooLarge,
+    ScanNotFound,
+    ServerError,
+    Unauthorized,
+)
+from client.http import HttpSource
+from client.local import LocalSource
+from client.protocol import RegionRequest, ScanSource
+from client.wire import encode_npy
+from loaders import open_source
+
+SCAN = "0000001_V00-Aug00"
+INT_SCAN = "0000002_V00-Aug00"
+IMAGE_ONLY = "0000003_V00-Aug01"
+
+
+@pytest.fixture(scope="module")
+def server_url(small_store):
+    root, _ = small_store
+    with live_server(root) as url:
+        yield url
+
+
+@pytest.fixture(params=["local", "http"])
+def source(request, small_store):
+    root, _ = small_store
+    if request.param == "local":
+        src = open_source(str(root))
+        assert isinstance(src, LocalSource)
+    else:
+        src = open_source(request.getfixturevalue("server_url"), regions_per_request=4)
+        assert isinstance(src, HttpSource)
+    assert isinstance(src, ScanSource)
+    yield src
+    src.close()
+
+
+def merged_reference(mask, categories, background):
+    """MedSegPy's collect_mask + add_background_labels, written out with numpy."""
+    channels = []
+    for item in categories:
+        group = item if isinstance(item, (list, tuple)) else [item]
+        channels.append(np.sum([mask[..., k].astype(np.int64) for k in group], axis=0))
+    out = np.stack(channels, axis=-1)
+    if background:
+        out = np.concatenate([(out.sum(-1, keepdims=True) == 0), out], axis=-1)
+    return out.astype(np.uint8)
+
+
+def test_list_scans_and_filters(source, small_store):
+    _, truth = small_store
+    assert [m.scan_id for m in source.list_scans()] == sorted(truth)
+    assert [m.scan_id for m in source.list_scans(split="train")] == [SCAN, "0000001_V01-Aug00"]
+    assert [m.scan_id for m in source.list_scans(split=["valid", "test"])] == [INT_SCAN, IMAGE_ONLY]
+    assert [m.scan_id for m in source.list_scans(subject_id=1, time_point=1)] == ["0000001_V01-Aug00"]
+    assert [m.scan_id for m in source.list_scans(augmentation=1)] == [IMAGE_ONLY]
+    assert [m.scan_id for m in source.list_scans(has_class=2)] == [SCAN, "0000001_V01-Aug00", INT_SCAN]
+    assert source.list_scans(split="nope") == []
+
+
+def test_metadata_matches_truth(source, small_store):
+    _, truth = small_store
+    for scan_id, (image, mask) in truth.items():
+        meta = source.metadata(scan_id)
+        assert meta.scan_id == scan_id and meta.shape == image.shape and meta.dtype == image.dtype.name
+        assert meta.num_classes == (0 if mask is None else mask.shape[-1])
+        if mask is not None:
+            per_slice = mask.sum(axis=(0, 1)).tolist()  # (D, C)
+            assert meta.class_voxels_per_slice() == per_slice
+            assert meta.class_voxels() == mask.sum(axis=(0, 1, 2)).tolist()
+
+
+def test_read_image_regions(source, small_store):
+    _, truth = small_store
+    image = truth[SCAN][0]
+    np.testing.assert_array_equal(source.read_image(SCAN), image)
+    np.testing.assert_array_equal(source.read_image(SCAN, "1:30,-10:,4"), image[1:30, -10:, 4:5])
+    np.testing.assert_array_equal(source.read_image(SCAN, (slice(3, 9), slice(None), slice(-2, None))), image[3:9, :, -2:])
+    ints = source.read_image(INT_SCAN, ":,:,0:3")
+    assert ints.dtype == np.int16
+    np.testing.assert_array_equal(ints, truth[INT_SCAN][0][:, :, 0:3])
+
+
+@pytest.mark.parametrize(
+    ("categories", "background"),
+    [(None, False), ([0, [1, 2], 3], True), ([[3, 0]], False), ([2], True)],
+)
+def test_read_mask_merges_categories(source, small_store, categories, background):
+    _, truth = small_store
+    mask = truth[SCAN][1]
+    got = source.read_mask(SCAN, "2:33,:,1:6", categories, background)
+    expected = merged_reference(mask[2:33, :, 1:6], categories or [0, 1, 2, 3], background)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_read_regions_keeps_order_over_split_batches(source, small_store):
+    _, truth = small_store
+    requests, expected = [], []
+    for z in range(9):  # 18 regions: over several concurrent POST /batch for HttpSource
+        scan = SCAN if z % 2 else "0000001_V01-Aug00"
+        image, mask = truth[scan]
+        roi = f":,{z}:{z + 20},{z}"
+        requests.append(RegionRequest(scan, "image", roi))
+        expected.append(image[:, z : z + 20, z : z + 1])
+        requests.append(RegionRequest(scan, "mask", roi, ((1,), (0, 3)), True))
+        expected.append(merged_reference(mask[:, z : z + 20, z : z + 1], [1, [0, 3]], True))
+    arrays = source.read_regions(requests)
+    assert len(arrays) == len(expected)
+    for got, want in zip(arrays, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert source.read_regions([]) == []
+
+
+def test_errors_have_the_same_types(source):
+    with pytest.raises(ScanNotFound):
+        source.metadata("0000009_V00-Aug00")
+    with pytest.raises(KeyError):
+        source.read_image("0000009_V00-Aug00")
+    with pytest.raises(ArrayNotFound):
+        source.read_mask(IMAGE_ONLY)
+    with pytest.raises(InvalidROI) as roi_error:
+        source.read_image(SCAN, "0:100")
+    assert roi_error.value.param == "roi" and "out of bounds" in str(roi_error.value)
+    with pytest.raises(ValueError):
+        source.read_image(SCAN, "a:b")
+    with pytest.raises(InvalidCategories) as cat_error:
+        source.read_mask(SCAN, None, [0, 9])
+    assert cat_error.value.param == "categories"
+    with pytest.raises(InvalidPath):
+        source.metadata("../etc")
+    with pytest.raises(InvalidROI):
+        source.read_regions([RegionRequest(SCAN, "image", "0:1"), RegionRequest(SCAN, "image", ":,:,50")])
+
+
+# -- HttpSource only ---------------------------------------------------------------------------
+
+
+def test_token_from_argument_or_environment(small_store, monkeypatch):
+    root, truth = small_store
+    monkeypatch.delenv("SCANCACHE_TOKEN", raising=False)
+    with live_server(root, token="s3cret") as url:
+        with HttpSource(url) as anonymous, pytest.raises(Unauthorized):
+            anonymous.list_scans()
+        with HttpSource(url, token="wrong") as wrong, pytest.raises(PermissionError):
+            wrong.read_image(SCAN)
+        with HttpSource(url, token="s3cret") as given:
+            np.testing.assert_array_equal(given.read_image(SCAN, ":,:,0"), truth[SCAN][0][:, :, 0:1])
+        monkeypatch.setenv("SCANCACHE_TOKEN", "s3cret")
+        with HttpSource(url) as from_env:
+            assert len(from_env.list_scans()) == len(truth)
+
+
+def test_batches_over_the_byte_limit_are_split_or_refused(small_store):
+    root, truth = small_store
+    image = truth[SCAN][0]
+    slice_bytes = image.shape[0] * image.shape[1] * 4
+    with live_server(root, max_bytes=3 * slice_bytes) as url, HttpSource(url, regions_per_request=64) as src:
+        requests = [RegionRequest(SCAN, "image", f":,:,{z}") for z in range(10)]
+        arrays = src.read_regions(requests)  # 10 slices in one request is over: halved until it fits
+        for z, arr in enumerate(arrays):
+            np.testing.assert_array_equal(arr, image[:, :, z : z + 1])
+        with pytest.raises(RequestTooLarge):
+            src.read_image(SCAN)
+
+
+def test_unreachable_server_fails_after_retries():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with HttpSource(f"http://127.0.0.1:{port}", retries=2, backoff=0.01) as src, pytest.raises(ServerError) as err:
+        src.list_scans()
+    assert "after 3 attempts" in str(err.value)
+    assert isinstance(err.value, ConnectionError)
+
+
+class FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Answers 503 to the first ``failures`` requests, then a valid .npy."""
+
+    failures = 2
+    seen = 0
+    payload = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        type(self).seen += 1
+        if type(self).seen <= type(self).failures:
+            body, status, ctype = b'{"detail": "warming up"}', 503, "application/json"
+        else:
+            body, status, ctype = encode_npy(self.payload), 200, "application/x-npy"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_5xx_is_retried_with_backoff():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with HttpSource(url, retries=3, backoff=0.01) as src:
+            np.testing.assert_array_equal(src.read_image(SCAN), FlakyHandler.payload)
+        assert FlakyHandler.seen == 3
+        FlakyHandler.seen, FlakyHandler.failures = 0, 10
+        with HttpSource(url, retries=1, backoff=0.01) as src, pytest.raises(ServerError, match="503"):
+            src.read_image(SCAN)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
