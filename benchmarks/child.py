@@ -32,7 +32,9 @@ def loader_rates(spec: dict[str, Any]) -> dict[str, float]:
     )
     DatasetCatalog.register("bench", spec["source"])
     t_open = time.perf_counter()
-    loader = build_loader(cfg, "bench", batch_size=int(spec["batch_size"]), is_test=False, shuffle=True, drop_last=True)
+    loader = build_loader(
+        cfg, "bench", batch_size=int(spec["batch_size"]), is_test=False, shuffle=True, drop_last=True
+    )
     opened = time.perf_counter() - t_open
     n = min(int(spec["batches"]), len(loader))
     per_batch = int(spec["batch_size"])

@@ -49,7 +49,9 @@ def job_seconds(source: Path, store: Path, workers: int, layout: ChunkLayout | N
         client.wait_for_workers(workers)
         started = time.perf_counter() - t0
         t1 = time.perf_counter()
-        summary = run_preprocess(source, store, scheduler=cluster.scheduler_address, layout=layout, progress=False)
+        summary = run_preprocess(
+            source, store, scheduler=cluster.scheduler_address, layout=layout, progress=False
+        )
         seconds = time.perf_counter() - t1
     if summary.failed:
         raise RuntimeError(f"preprocess failed for {summary.failed} scans: {summary.failures()[:3]}")

@@ -28,9 +28,9 @@ def sizes(quick: bool) -> tuple[tuple[int, int, int], int]:
 
 
 def prepare(work: Path, quick: bool, layout: ChunkLayout | None = None) -> BenchData:
-    """Write the sample data once (reused across runs of the same size) and convert it."""
+    """Write the sample data into ``work`` once (reused by later runs of the same size), convert it."""
     shape, subjects = sizes(quick)
-    root = work / ("quick" if quick else "full")
+    root = work
     stamp = root / "source" / f".complete-{shape[0]}x{shape[1]}x{shape[2]}x{subjects}"
     if not stamp.exists():
         shutil.rmtree(root / "source", ignore_errors=True)
@@ -42,10 +42,16 @@ def prepare(work: Path, quick: bool, layout: ChunkLayout | None = None) -> Bench
         ids = [s.scan_id for s in data.scans]
     else:
         ids = sorted(p.stem for p in (root / "source" / "3d").glob("*.h5"))
-    store = root / "store"
-    if not (store / "zarr.json").exists() or sorted(p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")) != sorted(ids):
+    layout = layout or ChunkLayout()
+    # one store per layout, so that comparing layouts (--chunks) never rebuilds the others
+    store = root / f"store-{'x'.join(map(str, layout.chunks))}-{layout.shard_depth}-{layout.codec}"
+    converted = store / ".complete"
+    if not converted.exists():
         from service.preprocess import run_preprocess
 
         shutil.rmtree(store, ignore_errors=True)
-        run_preprocess(root / "source" / "2d", store, workers=2, layout=layout, progress=False)
+        summary = run_preprocess(root / "source" / "2d", store, workers=2, layout=layout, progress=False)
+        if summary.failed:
+            raise RuntimeError(f"preprocessing the benchmark data failed: {summary.failures()[:3]}")
+        converted.touch()
     return BenchData(root / "source" / "2d", root / "source" / "3d", store, shape, sorted(ids))

@@ -76,12 +76,18 @@ def _size_mb(path: Path) -> float:
 
 
 def _ts_open(path: Path, context: ts.Context) -> Any:
-    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, context=context).result()
+    return ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, context=context
+    ).result()
 
 
-def _positions(shape: tuple[int, int, int], n: int, patch: tuple[int, int, int], seed: int) -> list[tuple[int, ...]]:
+def _positions(
+    shape: tuple[int, int, int], n: int, patch: tuple[int, int, int], seed: int
+) -> list[tuple[int, ...]]:
     rng = np.random.default_rng(seed)
-    return [tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(shape, patch, strict=True)) for _ in range(n)]
+    return [
+        tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(shape, patch, strict=True)) for _ in range(n)
+    ]
 
 
 class Engines:
@@ -165,6 +171,31 @@ def measure_slice_files(folder: Path, image: np.ndarray, mask: np.ndarray, reps:
     }
 
 
+def mask_shuffle_sweep(work: Path, mask: np.ndarray, reps: int) -> str:
+    """The uint8 mask alone: blosc-lz4 with bitshuffle (the first default) against no shuffle."""
+    from client.layout import array_metadata
+
+    zs = [int(z) for z in np.random.default_rng(1).integers(0, mask.shape[2], size=reps)]
+    o64 = _positions(mask.shape[:3], reps + 1, (64, 64, 64), 2)
+    lines = ["| inner chunks | mask shuffle | MB | slice ms | 64³ ms |", "|---|---|---|---|---|"]
+    for chunks in ((96, 96, 8), (64, 64, 4)):
+        for shuffle in ("bitshuffle", "noshuffle"):
+            meta = array_metadata(mask.shape, "uint8", 1, ChunkLayout(chunks, 32, "blosc-lz4"))
+            meta["codecs"][0]["configuration"]["codecs"][1]["configuration"]["shuffle"] = shuffle
+            path = work / "mask-sweep"
+            shutil.rmtree(path, ignore_errors=True)
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+            ts.open({**spec, "metadata": meta}, create=True).result().write(mask).result()
+            arr = ts.open(spec, context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})).result()
+            sl = median_ms(lambda i, a=arr: a[:, :, zs[i]].read().result(), reps)
+            p = median_ms(lambda i, a=arr: a[o64[i][0] : o64[i][0] + 64, o64[i][1] : o64[i][1] + 64,
+                                              o64[i][2] : o64[i][2] + 64].read().result(), reps)  # fmt: skip
+            lines.append(
+                f"| {'x'.join(map(str, chunks))} | {shuffle} | {_size_mb(path):.1f} | {sl:.2f} | {p:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: list[LayoutResult], base: dict[str, float]) -> str:
     head = (
         "| inner chunks | shard depth | codec | write s | MB | ts slice cold | ts slice in batch16 cold "
@@ -190,12 +221,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--work", default="bench-output/layout")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sample-phantom", action="store_true", help="use service.sample_data's phantom")
     parser.add_argument("--only", type=int, nargs="*", help="indices into the sweep")
     args = parser.parse_args(argv)
     shape = (192, 192, 64) if args.quick else (384, 384, 160)
     reps = 6 if args.quick else 24
     work = Path(args.work)
-    image, mask = phantom(shape)
+    if args.sample_phantom:  # the sample data's phantom: continuous Rician noise, compresses less
+        from service.sample_data import phantom as sample_phantom
+
+        image, mask = sample_phantom(shape, 6, np.random.default_rng(0))
+    else:
+        image, mask = phantom(shape)
     base = measure_slice_files(work / "slices", image, mask, reps)
     print(base, flush=True)
     sweep = QUICK_SWEEP if args.quick else [SWEEP[i] for i in (args.only or range(len(SWEEP)))]
@@ -203,7 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     for layout in sweep:
         results.append(measure(work / "store", image, mask, layout, reps))
         print(markdown(results[-1:], base).splitlines()[2], flush=True)
-    text = markdown(results, base)
+    text = (
+        markdown(results, base)
+        + "\nMask codec (uint8, 6 classes, cold):\n\n"
+        + mask_shuffle_sweep(work, mask, reps)
+    )
     print(text)
     if args.out:
         Path(args.out).write_text(text)

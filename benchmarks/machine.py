@@ -46,6 +46,7 @@ def describe() -> dict[str, str]:
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
         "packages": ", ".join(
-            f"{n} {_version(n)}" for n in ("tensorstore", "zarr", "h5py", "numpy", "dask", "uvicorn", "keras", "torch")
+            f"{n} {_version(n)}"
+            for n in ("tensorstore", "zarr", "h5py", "numpy", "dask", "uvicorn", "keras", "torch")
         ),
     }

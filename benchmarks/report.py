@@ -70,14 +70,26 @@ class Report:
             sections.setdefault(row.section, []).append(row)
         summary = [r for r in self.rows if r.target]
         if summary:
-            out += ["## Targets", "", "| target | measured | ratio | required | met |", "|---|---|---|---|---|"]
+            out += [
+                "## Targets",
+                "",
+                "| target | measured | ratio | required | met |",
+                "|---|---|---|---|---|",
+            ]
             for r in summary:
                 ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
                 met = "-" if r.met is None else ("yes" if r.met else "**no**")
-                out.append(f"| {r.section}: {r.name} | {_fmt(r.ours)} {r.unit} | {ratio} | {r.target} | {met} |")
+                out.append(
+                    f"| {r.section}: {r.name} | {_fmt(r.ours)} {r.unit} | {ratio} | {r.target} | {met} |"
+                )
             out.append("")
         for section, rows in sections.items():
-            out += [f"## {section}", "", "| measure | scancache | baseline | ratio | note |", "|---|---|---|---|---|"]
+            out += [
+                f"## {section}",
+                "",
+                "| measure | scancache | baseline | ratio | note |",
+                "|---|---|---|---|---|",
+            ]
             for r in rows:
                 base = "-" if r.baseline is None else f"{_fmt(r.baseline)} {r.unit} ({r.baseline_name})"
                 ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"

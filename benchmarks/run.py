@@ -31,9 +31,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="report file (default: BENCHMARKS.md; with --quick "
                    "bench-output/BENCHMARKS.quick.md so a smoke run never replaces the real report)")  # fmt: skip
     p.add_argument("--work", default="bench-output", help="data folder (default: %(default)s)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--chunks", default=None, metavar="Y,X,Z", help="store inner chunk shape (default: the store default)")
-    p.add_argument("--server-workers", type=int, default=1, help="uvicorn workers of the servers (default: 1)")
+    p.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}"
+    )
+    p.add_argument(
+        "--chunks", default=None, metavar="Y,X,Z", help="store inner chunk shape (default: the store default)"
+    )
+    p.add_argument(
+        "--server-workers", type=int, default=1, help="uvicorn workers of the servers (default: 1)"
+    )
     args = p.parse_args(argv)
     unknown = set(args.only.split(",")) - set(SECTIONS)
     if unknown:
@@ -46,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     layout = ChunkLayout.parse(args.chunks) if args.chunks else None
     work = Path(args.work) / ("quick" if args.quick else "full")
-    if layout is not None:
-        work = work / f"chunks-{'x'.join(map(str, layout.chunks))}"
     shape, subjects = sizes(args.quick)
     print(f"benchmarks: preparing data ({subjects} scans of {shape}) in {work}", file=sys.stderr, flush=True)
     data = prepare(work, args.quick, layout)
@@ -80,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one broken section must not hide the others' figures
             failed = True
             traceback.print_exc()
-            report.notes.append(f"section {name!r} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+            report.notes.append(
+                f"section {name!r} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            )
         print(f"benchmarks: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     report.notes.append(f"total benchmark time {time.perf_counter() - started:.0f} s")
     out = Path(args.out or (Path(args.work) / "BENCHMARKS.quick.md" if args.quick else "BENCHMARKS.md"))

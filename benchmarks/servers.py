@@ -60,7 +60,9 @@ def _process(cmd: list[str], url: str, probe: str, env: dict[str, str] | None = 
             proc.wait(timeout=5)
 
 
-def scancache_server(store: Path, workers: int = 1, cache_bytes: str = "512M") -> contextlib.AbstractContextManager[str]:
+def scancache_server(
+    store: Path, workers: int = 1, cache_bytes: str = "512M"
+) -> contextlib.AbstractContextManager[str]:
     port = free_port()
     cmd = [sys.executable, "-m", "service.cli", "serve", str(store), "--host", HOST, "--port", str(port),
            "--workers", str(workers), "--cache-bytes", cache_bytes]  # fmt: skip

@@ -39,16 +39,16 @@ def read_h5(path: Path | str) -> np.ndarray:
         return f["data"][()]
 
 
-def medsegpy_slice(im_path: Path, categories: Categories | None, background: bool) -> tuple[np.ndarray, np.ndarray]:
+def medsegpy_slice(
+    im_path: Path, categories: Categories | None, background: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """What MedSegPy does per 2D example: open both files, read, collect the mask."""
     image = read_h5(im_path)
     seg = read_h5(im_path.with_suffix(".seg"))[:, :, 0, :]
     return image, merge_mask(seg, categories, background)
 
 
-def gather_patch(
-    im_paths: list[Path], y: slice, x: slice, z: slice
-) -> tuple[np.ndarray, np.ndarray]:
+def gather_patch(im_paths: list[Path], y: slice, x: slice, z: slice) -> tuple[np.ndarray, np.ndarray]:
     """A 3D patch gathered from slice files: one open per slice and array (partial h5 reads)."""
     images, masks = [], []
     for p in im_paths[z]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from starlette.applications import Starlette
+from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-app = StaticFiles(directory=os.environ.get("BENCH_STATIC_DIR", "."))
+app = Starlette(routes=[Mount("/", StaticFiles(directory=os.environ.get("BENCH_STATIC_DIR", ".")))])

@@ -49,7 +49,9 @@ def run(data: BenchData) -> list[Row]:
     image = scan.source.read_image(scan.scan_id).astype(np.float32)
     elements = list(loader.inference_elements(scan))
     batches = [
-        np.stack([loader.model_input(cut_window(image, e.window, loader.pad_mode), e) for e in elements[i : i + 8]])
+        np.stack(
+            [loader.model_input(cut_window(image, e.window, loader.pad_mode), e) for e in elements[i : i + 8]]
+        )
         for i in range(0, len(elements), 8)
     ]
     predict_batch(model, batches[0], {})  # build / warm the model once

@@ -51,7 +51,9 @@ def _slice_files(data: BenchData, scan_id: str) -> list[Path]:
     return sorted(data.source_2d.glob(f"{scan_id}_*.im"))
 
 
-def _random_origin(rng: np.random.Generator, shape: tuple[int, ...], patch: tuple[int, int, int]) -> tuple[int, ...]:
+def _random_origin(
+    rng: np.random.Generator, shape: tuple[int, ...], patch: tuple[int, int, int]
+) -> tuple[int, ...]:
     return tuple(int(rng.integers(0, s - p + 1)) for s, p in zip(shape, patch, strict=True))
 
 
@@ -104,11 +106,19 @@ def run(data: BenchData, quick: bool, server_workers: int) -> list[Row]:
         shapes = [(64, 64, 32), (64, 64, 64)] if d >= 64 else [(64, 64, 32)]
         patch_results = []
         for p in shapes:
-            spec_3d = _loader_spec(str(data.store), "RandomPatchDataLoader", [*p, 1], BATCH_3D, patches // BATCH_3D)
+            spec_3d = _loader_spec(
+                str(data.store), "RandomPatchDataLoader", [*p, 1], BATCH_3D, patches // BATCH_3D
+            )
             spec_3d["patches_per_scan"] = -(-patches // len(data.scan_ids))
             patch_results.append((p, run_child(spec_3d), run_child({**spec_3d, "source": url})))
     rows = [
-        Row(SECTION_2D, "MedSegPy-style reader", base_2d, "slices/s", note="h5py open per .im/.seg + collect_mask"),
+        Row(
+            SECTION_2D,
+            "MedSegPy-style reader",
+            base_2d,
+            "slices/s",
+            note="h5py open per .im/.seg + collect_mask",
+        ),
     ]
     for temp in ("cold", "warm"):
         target = ">= 2x MedSegPy"

@@ -114,7 +114,9 @@ class HttpSource:
         self.close()
 
     # -- transport --------------------------------------------------------------------------
-    def _request(self, method: str, path: str, context: dict[str, Any] | None = None, **kw: Any) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, context: dict[str, Any] | None = None, **kw: Any
+    ) -> httpx.Response:
         """Send with retries on connection errors, timeouts and 5xx; raise typed errors on 4xx."""
         attempt = 0
         while True:
@@ -167,7 +169,7 @@ class HttpSource:
         response = self._request(
             "GET", f"/scans/{scan_id}/image", context={"scan_id": scan_id, "array": IMAGE}, params=params
         )
-        return decode_npy(response.content)
+        return _decode_one(response)
 
     def read_mask(
         self,
@@ -188,7 +190,7 @@ class HttpSource:
         response = self._request(
             "GET", f"/scans/{scan_id}/mask", context={"scan_id": scan_id, "array": MASK}, params=params
         )
-        return decode_npy(response.content)
+        return _decode_one(response)
 
     def _region_json(self, req: RegionRequest) -> dict[str, Any]:
         validate_scan_id(req.scan_id)
@@ -202,7 +204,9 @@ class HttpSource:
         }
 
     def _post_batch(self, regions: list[dict[str, Any]]) -> list[np.ndarray]:
-        context = {"scan_id": regions[0]["scan_id"], "array": regions[0]["array"]} if len(regions) == 1 else {}
+        context = (
+            {"scan_id": regions[0]["scan_id"], "array": regions[0]["array"]} if len(regions) == 1 else {}
+        )
         try:
             response = self._request("POST", "/batch", context=context, json={"regions": regions})
         except RequestTooLarge:
@@ -211,7 +215,10 @@ class HttpSource:
             # The server's byte limit is per response: halve the batch until each half fits.
             half = len(regions) // 2
             return self._post_batch(regions[:half]) + self._post_batch(regions[half:])
-        arrays = decode_npy_stream(response.content)
+        try:
+            arrays = decode_npy_stream(response.content)
+        except ValueError as exc:
+            raise ServerError(f"POST {response.request.url}: not an .npy stream ({exc})") from None
         if len(arrays) != len(regions):
             raise ServerError(f"POST {self.url}/batch: {len(arrays)} arrays for {len(regions)} regions")
         return arrays
@@ -241,6 +248,14 @@ class HttpSource:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
         self._client.close()
+
+
+def _decode_one(response: httpx.Response) -> np.ndarray:
+    """The ``.npy`` body of a region (a proxy's HTML page is a server error, not a crash)."""
+    try:
+        return decode_npy(response.content)
+    except ValueError as exc:
+        raise ServerError(f"GET {response.request.url}: not an .npy response ({exc})") from None
 
 
 def _body(response: httpx.Response) -> dict[str, Any]:
@@ -294,7 +309,7 @@ def _raise_client_error(response: httpx.Response, context: dict[str, Any]) -> No
         if error == "ArrayNotFound" or (error is None and "no mask" in detail):
             raise ArrayNotFound(detail)
         raise ScanNotFound(detail)
-    if status == 400 and (error == "InvalidPath" or error is None and "invalid scan id" in detail):
+    if status == 400 and (error == "InvalidPath" or (error is None and "invalid scan id" in detail)):
         raise InvalidPath(detail)
     if status in (400, 422):
         param = body.get("param") if isinstance(body.get("param"), str) else None

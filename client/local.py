@@ -53,7 +53,7 @@ class LocalSource:
     def _signature(self, scan_id: str) -> tuple[int, int]:
         try:
             st = os.stat(self.root / scan_id / "zarr.json")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # e.g. the id of a file in the store root
             raise ScanNotFound(f"scan {scan_id!r} not found") from None
         return (st.st_ino, st.st_mtime_ns)
 
@@ -66,7 +66,7 @@ class LocalSource:
         try:
             doc = json.loads((self.root / scan_id / "zarr.json").read_bytes())
             meta = ScanMeta.from_attrs(doc["attributes"])
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # e.g. the id of a file in the store root
             raise ScanNotFound(f"scan {scan_id!r} not found") from None
         except (KeyError, ValueError, TypeError):
             raise ScanNotFound(f"{scan_id!r} is not a scancache scan") from None

@@ -1,10 +1,9 @@
-"""Keras 3 data loaders over a scancache store or server, with MedSegPy's API.
+"""Keras 3 data loaders over a scancache store or server, with MedSegPy's API, e.g.::
 
-    from loaders import Config, DatasetCatalog, build_loader
-
-    DatasetCatalog.register("knee_train", "http://server:8000", split="train")
-    cfg = Config(TAG="DefaultDataLoader", TRAIN_DATASET="knee_train", CATEGORIES=(0, (1, 2), 3))
-    train = build_loader(cfg, cfg.TRAIN_DATASET, batch_size=8, is_test=False, shuffle=True, drop_last=True)
+>>> from loaders import Config, DatasetCatalog, build_loader
+>>> DatasetCatalog.register("knee_train", "http://server:8000", split="train")
+>>> cfg = Config(TAG="DefaultDataLoader", TRAIN_DATASET="knee_train", CATEGORIES=(0, (1, 2), 3))
+>>> train = build_loader(cfg, cfg.TRAIN_DATASET, batch_size=8, is_test=False, shuffle=True, drop_last=True)
 """
 
 from __future__ import annotations

@@ -23,13 +23,14 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import keras
 import numpy as np
 
 from client.categories import Categories, normalize_categories
+from client.errors import RequestTooLarge
 from client.layout import IMAGE, MASK, ScanMeta
 from client.protocol import RegionRequest, ScanSource
 from loaders.catalog import shared_source
@@ -146,6 +147,21 @@ def read_grouped(requests: Sequence[tuple[ScanSource, RegionRequest]]) -> list[n
         for i, arr in zip(positions, arrays, strict=True):
             out[i] = arr
     return [a for a in out if a is not None]
+
+
+def read_in_slabs(
+    source: ScanSource, request: RegionRequest, region: tuple[slice, slice, slice]
+) -> np.ndarray:
+    """Read ``region``; if a server refuses it as too large (413), read its halves along z."""
+    try:
+        return source.read_regions([replace(request, roi=region)])[0]
+    except RequestTooLarge:
+        y, x, z = region
+        if z.stop - z.start <= 1:
+            raise
+        mid = (z.start + z.stop) // 2
+        halves = [(y, x, slice(z.start, mid)), (y, x, slice(mid, z.stop))]
+        return np.concatenate([read_in_slabs(source, request, h) for h in halves], axis=2)
 
 
 def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> np.ndarray:
@@ -282,7 +298,9 @@ class DataLoader(keras.utils.PyDataset):
     def load_batch(self, elements: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """x and y of a batch, float32, before :meth:`preprocess`."""
         pairs = self.read_elements(elements)
-        xs = [self.model_input(img.astype(np.float32), e) for (img, _), e in zip(pairs, elements, strict=True)]
+        xs = [
+            self.model_input(img.astype(np.float32), e) for (img, _), e in zip(pairs, elements, strict=True)
+        ]
         ys = [self.model_target(m.astype(np.float32), e) for (_, m), e in zip(pairs, elements, strict=True)]
         shapes = {a.shape for a in xs}
         if len(shapes) > 1:
@@ -308,15 +326,11 @@ class DataLoader(keras.utils.PyDataset):
 
     # -- inference ----------------------------------------------------------------------------
     def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]:
-        image, mask = read_grouped(
-            [
-                (scan.source, RegionRequest(scan.scan_id, IMAGE)),
-                (
-                    scan.source,
-                    RegionRequest(scan.scan_id, MASK, None, scan.categories, bool(self._cfg.INCLUDE_BACKGROUND)),
-                ),
-            ]
-        )
+        whole = (slice(0, scan.shape[0]), slice(0, scan.shape[1]), slice(0, scan.shape[2]))
+        background = bool(self._cfg.INCLUDE_BACKGROUND)
+        image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE), whole)
+        mask_request = RegionRequest(scan.scan_id, MASK, None, scan.categories, background)
+        mask = read_in_slabs(scan.source, mask_request, whole)
         return image.astype(np.float32), mask.astype(np.float32)
 
     def predict_scan(

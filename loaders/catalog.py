@@ -76,6 +76,7 @@ def scan_dict(source: SourceLike, meta: ScanMeta) -> dict[str, Any]:
         "subject_id": meta.subject_id,
         "time_point": meta.time_point,
         "augmentation": meta.augmentation,
+        "_meta": meta,  # saves loaders one metadata request per scan
     }
     return d
 
@@ -100,11 +101,10 @@ class DatasetCatalog:
                 raise TypeError(f"dataset {name!r}: filters apply to a store or URL, not to a callable")
             DatasetCatalog._REGISTERED[name] = source
             return
-        if not isinstance(source, str) and hasattr(source, "__fspath__"):
-            source = str(source)
+        location: SourceLike = str(source) if hasattr(source, "__fspath__") else source  # type: ignore[assignment]
 
         def load() -> list[dict[str, Any]]:
-            return [scan_dict(source, m) for m in shared_source(source).list_scans(**filters)]
+            return [scan_dict(location, m) for m in shared_source(location).list_scans(**filters)]
 
         DatasetCatalog._REGISTERED[name] = load
 

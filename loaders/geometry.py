@@ -94,7 +94,9 @@ def take_window(data: np.ndarray, axes: Sequence[AxisRead]) -> np.ndarray:
     return out
 
 
-def normalize_per_axis(value: int | Sequence[int | None] | None, ndim: int, name: str) -> tuple[int, ...] | None:
+def normalize_per_axis(
+    value: int | Sequence[int | None] | None, ndim: int, name: str
+) -> tuple[int, ...] | None:
     """``()``/None -> None; an int -> every axis; a sequence -> per axis (None -> 0)."""
     if value is None or (isinstance(value, Sequence) and len(value) == 0):
         return None
@@ -154,7 +156,9 @@ class PatchGrid:
         )
 
     def starts(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(axis_starts(*args) for args in zip(self.shape, self.patch, self.stride, self.pad, strict=True))
+        return tuple(
+            axis_starts(*args) for args in zip(self.shape, self.patch, self.stride, self.pad, strict=True)
+        )
 
     def __iter__(self) -> Iterator[tuple[int, ...]]:
         return iter(itertools.product(*self.starts()))
@@ -167,7 +171,9 @@ class PatchGrid:
             yield tuple((s, s + p) for s, p in zip(start, self.patch, strict=True))
 
 
-def clip_window(window: Sequence[tuple[int, int]], shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+def clip_window(
+    window: Sequence[tuple[int, int]], shape: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """The part of a window inside the volume: (slices into the volume, slices into the patch)."""
     vol, local = [], []
     for (start, stop), size in zip(window, shape, strict=True):

@@ -92,6 +92,7 @@ class RandomPatchDataLoader(PatchDataLoader):
             raise ValueError(f"PATCHES_PER_SCAN must be positive, got {cfg.PATCHES_PER_SCAN}")
         self.per_scan = int(cfg.PATCHES_PER_SCAN)
         self.ratio = float(cfg.FOREGROUND_RATIO)
+        self._counts: dict[int, list[list[int]]] = {}
         super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size)
 
     @functools.cached_property
@@ -107,10 +108,13 @@ class RandomPatchDataLoader(PatchDataLoader):
         return list(self.sampler.plan(len(self.scans), self.per_scan, epoch=self.epoch))
 
     def _per_slice(self, scan_index: int) -> list[list[int]]:
-        scan = self.scans[scan_index]
-        counts = scan.meta.class_voxels_per_slice()
-        if not counts:  # a listing may omit per-slice counts; the scan's own metadata has them
-            counts = scan.source.metadata(scan.scan_id).class_voxels_per_slice()
+        counts = self._counts.get(scan_index)
+        if counts is None:
+            scan = self.scans[scan_index]
+            counts = scan.meta.class_voxels_per_slice()
+            if not counts:  # a server's listing omits per-slice counts; the scan's metadata has them
+                counts = scan.source.metadata(scan.scan_id).class_voxels_per_slice()
+            self._counts[scan_index] = counts
         return counts
 
     def _foreground_classes(self, scan_index: int) -> list[int]:

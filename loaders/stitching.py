@@ -48,6 +48,6 @@ class Aggregator:
     def result(self, dtype: type = np.float32) -> np.ndarray:
         """The blended prediction; voxels no window covered are 0."""
         weight = np.where(self._weight > 0, self._weight, 1.0)
-        out = (self._sum / weight[..., None]).astype(dtype)
+        out: np.ndarray = (self._sum / weight[..., None]).astype(dtype)
         out[~self.covered()] = 0
         return out

@@ -80,7 +80,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _scan_rows(store: Path) -> list[dict[str, Any]]:
     from client.layout import STAGING_DIR
-    from service.preprocess import _dir_bytes
+    from service.preprocess import dir_bytes
     from service.store import read_scan_attrs
 
     if not (store / "zarr.json").is_file():
@@ -100,7 +100,7 @@ def _scan_rows(store: Path) -> list[dict[str, Any]]:
                 "shape": attrs.get("shape"),
                 "dtype": attrs.get("dtype"),
                 "num_classes": attrs.get("num_classes", 0),
-                "bytes": _dir_bytes(store / entry),
+                "bytes": dir_bytes(store / entry),
             }
         )
     return rows

@@ -63,8 +63,8 @@ class Summary:
     def total(self) -> int:
         return self.converted + self.skipped + self.failed
 
-    @property
     def failures(self) -> list[str]:
+        """The failure lines (``scan: file: why``), sorted."""
         return sorted(r.message for r in self.results if r.status == FAILED)
 
     @property
@@ -85,7 +85,7 @@ class Summary:
         ]
         if self.failed:
             lines.append(f"failures ({self.failed}):")
-            lines.extend(f"  {message}" for message in self.failures)
+            lines.extend(f"  {message}" for message in self.failures())
         return "\n".join(lines)
 
 
@@ -97,7 +97,7 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
     total = 0
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
@@ -134,7 +134,7 @@ def convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout) -> ScanResult:
         if scan.spacing is not None:
             attrs["spacing"] = scan.spacing
         store_mod.write_scan(store, spec.scan_id, scan.image, scan.mask, attrs, layout)
-        out = _dir_bytes(Path(store) / spec.scan_id)
+        out = dir_bytes(Path(store) / spec.scan_id)
         return ScanResult(spec.scan_id, CONVERTED, bytes_in=source_bytes, bytes_out=out, worker=worker)
     except SourceError as err:
         return ScanResult(spec.scan_id, FAILED, str(err), worker=worker)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 DEFAULT_SHAPE = (96, 96, 24)
@@ -113,8 +114,6 @@ def write_sample_data(
 
     ``dtype="int16"`` writes CT-like integer images (scaled by 1000).
     """
-    import h5py
-
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if len(shape) != 3 or any(int(n) < 1 for n in shape):
@@ -148,7 +147,7 @@ def write_sample_data(
                 folder = data.roots[kind] / split if split else data.roots[kind]
                 folder.mkdir(parents=True, exist_ok=True)
                 if kind == "2d":
-                    _write_slices(h5py, folder, scan_id, stored, mask)
+                    _write_slices(folder, scan_id, stored, mask)
                 else:
                     with h5py.File(folder / f"{scan_id}.h5", "w") as f:
                         f.create_dataset("volume", data=stored)
@@ -157,10 +156,10 @@ def write_sample_data(
     return data
 
 
-def _write_slices(h5py: object, folder: Path, scan_id: str, image: np.ndarray, mask: np.ndarray) -> None:
+def _write_slices(folder: Path, scan_id: str, image: np.ndarray, mask: np.ndarray) -> None:
     for z in range(image.shape[2]):
         stem = folder / f"{scan_id}_{z + 1:03d}"
-        with h5py.File(stem.with_suffix(".im"), "w") as f:  # type: ignore[attr-defined]
+        with h5py.File(stem.with_suffix(".im"), "w") as f:
             f.create_dataset("data", data=image[:, :, z : z + 1])
-        with h5py.File(stem.with_suffix(".seg"), "w") as f:  # type: ignore[attr-defined]
+        with h5py.File(stem.with_suffix(".seg"), "w") as f:
             f.create_dataset("data", data=mask[:, :, z : z + 1, :])

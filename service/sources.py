@@ -217,23 +217,33 @@ def _one_line(err: BaseException) -> str:
     return (inner[1] if inner else text)[:200] or type(err).__name__
 
 
-def _read_dataset(scan: str, root: str, rel: str, name: str) -> tuple[np.ndarray, Any]:
-    """The whole dataset ``name`` of an HDF5 file and the file's ``spacing`` attribute."""
+def _read_datasets(
+    scan: str, root: str, rel: str, required: str, optional: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None, Any]:
+    """Datasets ``required`` and ``optional`` (None if absent) of one HDF5 file, whole, and the
+    ``spacing`` attribute of the file or of the required dataset."""
     import h5py  # service extra; imported here so that discovery needs only numpy
 
     try:
         with h5py.File(Path(root) / rel, "r", locking=False) as f:
-            if name not in f or not isinstance(f[name], h5py.Dataset):
-                raise SourceError(scan, rel, f"no dataset {name!r} in HDF5 file")
-            data = f[name][()]
-            spacing = f.attrs.get("spacing", f[name].attrs.get("spacing"))
+            arrays: list[np.ndarray | None] = []
+            for name in (required, optional):
+                if name is None or (name == optional and name not in f):
+                    arrays.append(None)
+                    continue
+                if name not in f or not isinstance(f[name], h5py.Dataset):
+                    raise SourceError(scan, rel, f"no dataset {name!r} in HDF5 file")
+                data = f[name][()]
+                if not isinstance(data, np.ndarray):
+                    raise SourceError(scan, rel, f"dataset {name!r} is a scalar, not an array")
+                arrays.append(data)
+            spacing = f.attrs.get("spacing", f[required].attrs.get("spacing"))
     except SourceError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise SourceError(scan, rel, f"unreadable HDF5 file: {_one_line(err)}") from None
-    if not isinstance(data, np.ndarray):
-        raise SourceError(scan, rel, f"dataset {name!r} is a scalar, not an array")
-    return data, spacing
+    assert arrays[0] is not None
+    return arrays[0], arrays[1], spacing
 
 
 def _check_numeric(scan: str, rel: str, data: np.ndarray) -> np.ndarray:
@@ -283,6 +293,8 @@ def _mask_slice(spec: ScanSpec, rel: str, data: np.ndarray) -> np.ndarray:
         data = data[:, :, 0, :]
     if data.ndim != 3:
         raise SourceError(spec.scan_id, rel, f"mask slice has shape {data.shape}, expected (H, W, 1, C)")
+    if data.shape[2] == 0:
+        raise SourceError(spec.scan_id, rel, "mask slice has no classes (C = 0)")
     return _as_binary(spec.scan_id, rel, data)
 
 
@@ -292,7 +304,7 @@ def _load_slices(spec: ScanSpec) -> LoadedScan:
     spacing = None
     depth = len(spec.image_files)
     for z, rel in enumerate(spec.image_files):
-        data, attr = _read_dataset(spec.scan_id, spec.root, rel, "data")
+        data, _, attr = _read_datasets(spec.scan_id, spec.root, rel, "data")
         plane = _image_slice(spec, rel, data)
         if image is None:
             image = np.empty((*plane.shape, depth), dtype=plane.dtype)
@@ -308,7 +320,7 @@ def _load_slices(spec: ScanSpec) -> LoadedScan:
         image[:, :, z] = plane
     assert image is not None  # discovery guarantees at least one slice
     for z, rel in enumerate(spec.mask_files):
-        data, _ = _read_dataset(spec.scan_id, spec.root, rel, "data")
+        data, _, _ = _read_datasets(spec.scan_id, spec.root, rel, "data")
         plane = _mask_slice(spec, rel, data)
         if plane.shape[:2] != image.shape[:2]:
             raise SourceError(
@@ -325,26 +337,15 @@ def _load_slices(spec: ScanSpec) -> LoadedScan:
 
 
 def _load_volume(spec: ScanSpec) -> LoadedScan:
-    import h5py
-
     rel = spec.image_files[0]
-    volume, spacing = _read_dataset(spec.scan_id, spec.root, rel, "volume")
+    volume, seg, spacing = _read_datasets(spec.scan_id, spec.root, rel, "volume", "seg")
     if volume.ndim != 3:
         raise SourceError(spec.scan_id, rel, f"volume has shape {volume.shape}, expected (H, W, D)")
     volume = _check_numeric(spec.scan_id, rel, volume)
-    try:
-        with h5py.File(Path(spec.root) / rel, "r", locking=False) as f:
-            has_seg = "seg" in f
-    except OSError as err:  # pragma: no cover - the file was just read
-        raise SourceError(spec.scan_id, rel, f"unreadable HDF5 file: {_one_line(err)}") from None
     mask = None
-    if has_seg:
-        seg, _ = _read_dataset(spec.scan_id, spec.root, rel, "seg")
-        if seg.ndim != 4 or seg.shape[:3] != volume.shape:
-            raise SourceError(
-                spec.scan_id,
-                rel,
-                f"seg has shape {seg.shape}, expected ({', '.join(map(str, volume.shape))}, C)",
-            )
+    if seg is not None:
+        if seg.ndim != 4 or seg.shape[:3] != volume.shape or seg.shape[3] == 0:
+            expected = ", ".join(map(str, volume.shape))
+            raise SourceError(spec.scan_id, rel, f"seg has shape {seg.shape}, expected ({expected}, C)")
         mask = _as_binary(spec.scan_id, rel, seg)
     return LoadedScan(volume, mask, _spacing(spacing))

@@ -62,19 +62,27 @@ def read_scan_attrs(root: str | os.PathLike[str], scan_id: str) -> dict[str, Any
         return None
 
 
-def scan_statistics(image: np.ndarray, mask: np.ndarray | None) -> dict[str, Any]:
-    """Intensity statistics and per-class voxel counts (total and per slice)."""
-    img64 = image.astype(np.float64, copy=False)
+def scan_statistics(image: np.ndarray, mask: np.ndarray | None, block_slices: int = 16) -> dict[str, Any]:
+    """Intensity statistics and per-class voxel counts (total and per slice).
+
+    Computed over blocks of slices in float64 (two passes: mean, then squared deviations), so a
+    full knee scan needs a few MB of temporaries rather than two float64 copies of the volume.
+    """
+    depth = image.shape[2]
+    blocks = [slice(z, min(z + block_slices, depth)) for z in range(0, depth, block_slices)]
+    total = 0.0
+    low, high = np.inf, -np.inf
+    for block in blocks:
+        part = image[:, :, block].astype(np.float64)
+        total += float(part.sum())
+        low, high = min(low, float(part.min())), max(high, float(part.max()))
+    mean = total / image.size
+    squares = sum(float(np.square(image[:, :, block].astype(np.float64) - mean).sum()) for block in blocks)
     stats: dict[str, Any] = {
-        "intensity": {
-            "min": float(img64.min()),
-            "max": float(img64.max()),
-            "mean": float(img64.mean()),
-            "std": float(img64.std()),
-        }
+        "intensity": {"min": low, "max": high, "mean": mean, "std": float(np.sqrt(squares / image.size))}
     }
     if mask is not None:
-        per_slice = mask.reshape(-1, mask.shape[2], mask.shape[3]).sum(axis=0, dtype=np.int64)
+        per_slice = mask.sum(axis=(0, 1), dtype=np.int64)  # (D, C)
         stats["class_voxels"] = [int(v) for v in per_slice.sum(axis=0)]
         stats["class_voxels_per_slice"] = per_slice.tolist()
     else:

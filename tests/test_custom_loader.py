@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from loaders import LOADER_REGISTRY, Config, DatasetCatalog, DataLoader, build_loader
+from loaders import LOADER_REGISTRY, Config, DataLoader, DatasetCatalog, build_loader
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "custom-dataloader.md"
 SCAN = "0000001_V00-Aug00"
@@ -44,11 +44,18 @@ def test_the_example_registers_loaders_selected_by_tag(example, dataset):
     assert type(loader).__name__ == "SagittalSliceLoader"
     assert len(loader) == image.shape[1] // 5
     x, y = loader[1]
-    assert x.shape == (5, image.shape[0], image.shape[2], 1) and y.shape == (5, image.shape[0], image.shape[2], 4)
+    assert x.shape == (5, image.shape[0], image.shape[2], 1) and y.shape == (
+        5,
+        image.shape[0],
+        image.shape[2],
+        4,
+    )
     for i, element in enumerate(loader.batch_elements(1)):
         col = element.window[1][0]
         np.testing.assert_array_equal(x[i, ..., 0], image[:, col, :])
-        merged = np.stack([mask[:, col, :, 0], mask[:, col, :, 1] + mask[:, col, :, 2], mask[:, col, :, 3]], -1)
+        merged = np.stack(
+            [mask[:, col, :, 0], mask[:, col, :, 1] + mask[:, col, :, 2], mask[:, col, :, 3]], -1
+        )
         np.testing.assert_array_equal(y[i, ..., 1:], merged)
         np.testing.assert_array_equal(y[i, ..., 0], merged.sum(-1) == 0)
 

@@ -94,7 +94,7 @@ def test_job_runs_on_the_external_cluster(cluster, tmp_path):
     for h5 in (tmp_path / "vol" / "test").iterdir():  # 3D scans with their own names, beside the 2D ones
         h5.rename(source / "test" / f"vol_{h5.name}")
     summary = run_preprocess(source, store, scheduler=address, progress=False)
-    assert summary.failed == 0, summary.failures
+    assert summary.failed == 0, summary.failures()
     assert summary.converted == 14
     # every task ran on the cluster's workers, none in this process
     ran_on = {r.worker for r in summary.results}

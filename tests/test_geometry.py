@@ -16,6 +16,7 @@ from loaders.geometry import (
     padded_indices,
     take_window,
 )
+from loaders.sampling import ForegroundSampler
 from loaders.stitching import Aggregator
 
 
@@ -77,7 +78,7 @@ def test_3d_grid_covers_every_voxel(cases):
 def test_padded_window_equals_numpy_pad(size, start, length, mode):
     """A window read through padded_indices equals the same window of np.pad(volume)."""
     stop = start + length
-    if stop <= 0 and mode == "constant" or (start >= size and mode == "constant"):
+    if (stop <= 0 and mode == "constant") or (start >= size and mode == "constant"):
         return  # entirely padding: refused by design
     volume = np.arange(1, size + 1, dtype=np.int64)[:, None] * 10 + np.arange(2)  # (size, 2)
     pad_before, pad_after = max(0, -start), max(0, stop - size)
@@ -107,7 +108,11 @@ def test_stitching_a_pointwise_function_is_exact(cases, mode):
     grid = PatchGrid.build(shape, [c[1] for c in cases], [c[2] for c in cases], [c[3] for c in cases])
     rng = np.random.default_rng(0)
     volume = rng.normal(size=shape).astype(np.float32)
-    padded_volume = np.pad(volume, [(p, max(p, q - n - p) + 1) for n, q, p in zip(shape, grid.patch, grid.pad, strict=True)], mode="edge")
+    padded_volume = np.pad(
+        volume,
+        [(p, max(p, q - n - p) + 1) for n, q, p in zip(shape, grid.patch, grid.pad, strict=True)],
+        mode="edge",
+    )
     truth = np.stack([volume * 3 - 1, volume * volume], axis=-1)
     agg = Aggregator(shape, 2)
     weights = blend_weights(grid.patch, mode)
@@ -117,3 +122,21 @@ def test_stitching_a_pointwise_function_is_exact(cases, mode):
         agg.add(window, np.stack([patch * 3 - 1, patch * patch], axis=-1), weights)
     assert agg.covered().all()
     np.testing.assert_array_equal(agg.result(), truth)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(axis_case(), min_size=3, max_size=3), st.integers(0, 2**31 - 1), st.data())
+def test_random_patches_stay_in_padded_bounds_and_hold_their_centre(cases, seed, data):
+    shape = tuple(c[0] for c in cases)
+    patch = tuple(c[1] for c in cases)
+    pad = tuple(c[3] for c in cases)
+    sampler = ForegroundSampler(patch, pad, 0.5, seed)  # type: ignore[arg-type]
+    centre = tuple(data.draw(st.integers(0, n - 1)) for n in shape)
+    rng = np.random.default_rng(seed)
+    for window in (sampler.window_around(centre, shape), sampler.random_window(rng, shape)):
+        for (a, b), n, p, q in zip(window, shape, patch, pad, strict=True):
+            assert b - a == p
+            assert -q <= a and b <= max(n + q, p - q)
+            assert a < n and b > 0
+    around = sampler.window_around(centre, shape)
+    assert all(a <= c < b for (a, b), c in zip(around, centre, strict=True))

@@ -30,7 +30,7 @@ def store(small_store):
     root, _ = small_store
     group = zarr.open_group(str(root), mode="r")
     arrays = {}
-    for scan_id in TRAIN + ("0000002_V00-Aug00",):
+    for scan_id in (*TRAIN, "0000002_V00-Aug00"):
         arrays[scan_id] = (group[scan_id]["image"][...], group[scan_id]["mask"][...])
     return root, arrays
 
@@ -100,7 +100,10 @@ def test_default_loader_batches_in_order(store, train_name):
 def test_len_follows_drop_last_and_is_test(train_name):
     n = 12 + 9
     cfg = cfg_for()
-    assert len(build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)) == n // 4
+    assert (
+        len(build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True))
+        == n // 4
+    )
     assert len(build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=False)) == 6
     assert len(build_loader(cfg, train_name, batch_size=4, is_test=True, shuffle=False, drop_last=True)) == 6
 
@@ -109,10 +112,14 @@ def test_shuffle_every_epoch_is_deterministic_from_seed(store, train_name):
     _, arrays = store
 
     def epochs(seed, count=3):
-        loader = build_loader(cfg_for(SEED=seed), train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+        loader = build_loader(
+            cfg_for(SEED=seed), train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True
+        )
         out = []
         for _ in range(count):
-            out.append([(e.scan, e.window[2][0]) for b in range(len(loader)) for e in loader.batch_elements(b)])
+            out.append(
+                [(e.scan, e.window[2][0]) for b in range(len(loader)) for e in loader.batch_elements(b)]
+            )
             loader.on_epoch_end()
         return loader, out
 
@@ -140,7 +147,9 @@ def test_test_batches_return_raw_x(store, train_name):
 
 
 def test_prefetches_the_next_batches_in_background(train_name):
-    loader = build_loader(cfg_for(PREFETCH_BATCHES=2), train_name, batch_size=2, is_test=False, shuffle=True, drop_last=True)
+    loader = build_loader(
+        cfg_for(PREFETCH_BATCHES=2), train_name, batch_size=2, is_test=False, shuffle=True, drop_last=True
+    )
     first = loader[0]
     assert set(loader._prefetcher._futures) == {1, 2}
     ahead = loader._prefetcher._futures[1].result()
@@ -176,17 +185,25 @@ def test_s25d_neighbouring_slices_with_padding(store, train_name, mode):
 @pytest.mark.parametrize(("mode", "pad"), [("edge", ()), ("reflect", 3), ("constant", (2, 0, 1))])
 def test_patch_grid_batches(store, train_name, mode, pad):
     _, arrays = store
-    cfg = cfg_for(TAG="PatchDataLoader", IMG_SIZE=(16, 15, 5, 1), IMG_STRIDE=(12, 10, 4), IMG_PAD_SIZE=pad, IMG_PAD_MODE=mode)
+    cfg = cfg_for(
+        TAG="PatchDataLoader",
+        IMG_SIZE=(16, 15, 5, 1),
+        IMG_STRIDE=(12, 10, 4),
+        IMG_PAD_SIZE=pad,
+        IMG_PAD_MODE=mode,
+    )
     loader = build_loader(cfg, train_name, batch_size=6, is_test=True, shuffle=False, drop_last=False)
     assert isinstance(loader, PatchDataLoader)
     pads = (pad,) * 3 if isinstance(pad, int) else (pad or (0, 0, 0))
     windows = [
-        (s, w) for s in TRAIN for w in PatchGrid.build(arrays[s][0].shape, (16, 15, 5), (12, 10, 4), pads).windows()
+        (s, w)
+        for s in TRAIN
+        for w in PatchGrid.build(arrays[s][0].shape, (16, 15, 5), (12, 10, 4), pads).windows()
     ]
     assert len(loader) == math.ceil(len(windows) / 6)
     seen = 0
     for b in range(len(loader)):
-        x, y, x_raw = loader[b]
+        x, y, _x_raw = loader[b]
         assert x.shape[1:] == (16, 15, 5, 1) and y.shape[1:] == (16, 15, 5, 4)
         for i in range(x.shape[0]):
             scan_id, window = windows[seen]
@@ -228,8 +245,12 @@ def test_random_patches_deterministic_and_oversample_foreground(store, train_nam
         x, y = loader[b]
         for i, e in enumerate(loader.batch_elements(b)):
             image, mask = arrays[loader.scans[e.scan].scan_id]
-            np.testing.assert_array_equal(x[i, ..., 0], padded_cut(image, e.window, "reflect").astype(np.float32))
-            np.testing.assert_array_equal(y[i], padded_cut(reference_mask(mask, (3,), False), e.window, "reflect"))
+            np.testing.assert_array_equal(
+                x[i, ..., 0], padded_cut(image, e.window, "reflect").astype(np.float32)
+            )
+            np.testing.assert_array_equal(
+                y[i], padded_cut(reference_mask(mask, (3,), False), e.window, "reflect")
+            )
             centred += int(y[i][4, 4, 1, 0] == 1)
     assert len(samples) == 20
     # every foreground sample is centred on class 3 (away from the volume's edges, at least)
@@ -258,9 +279,11 @@ def test_catalog_accepts_medsegpy_style_callables(store):
         DatasetCatalog.register("callable_ds", per_slice_dicts)
     with pytest.raises(KeyError, match="callable_ds"):
         DatasetCatalog.get("no_such_dataset")
-    loader = build_loader(cfg_for(), "callable_ds", batch_size=3, is_test=True, shuffle=False, drop_last=False)
+    loader = build_loader(
+        cfg_for(), "callable_ds", batch_size=3, is_test=True, shuffle=False, drop_last=False
+    )
     assert len(loader) == 2
-    x, y, _ = loader[1]
+    x, _y, _ = loader[1]
     for i, z in enumerate((1, 2, 6)):
         np.testing.assert_array_equal(x[i, ..., 0], arrays[TRAIN[1]][0][:, :, z])
     DatasetCatalog.remove("callable_ds")
@@ -271,9 +294,26 @@ def test_build_loader_drops_image_only_scans_and_checks_tag(small_store):
     DatasetCatalog.remove("all_scans")
     DatasetCatalog.register("all_scans", root)
     loader = build_loader(cfg_for(), "all_scans", batch_size=4, is_test=True, shuffle=False, drop_last=False)
-    assert [s.scan_id for s in loader.scans] == ["0000001_V00-Aug00", "0000001_V01-Aug00", "0000002_V00-Aug00"]
+    assert [s.scan_id for s in loader.scans] == [
+        "0000001_V00-Aug00",
+        "0000001_V01-Aug00",
+        "0000002_V00-Aug00",
+    ]
     with pytest.raises(ValueError, match="mixes input shapes"):
         loader[5]  # slices of a 40x36 and a 33x27 scan in one batch
     with pytest.raises(KeyError, match="NoSuchLoader"):
         build_loader(cfg_for(TAG="NoSuchLoader"), "all_scans", 4, False, True, True)
     DatasetCatalog.remove("all_scans")
+
+
+def test_an_installed_keras_backend_is_chosen_when_none_is_set():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    code = "import loaders, keras, os; print(os.environ['KERAS_BACKEND'], keras.backend.backend())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    chosen, active = out.stdout.split()
+    assert chosen == active and chosen in ("tensorflow", "jax", "torch")

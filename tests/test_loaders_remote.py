@@ -46,7 +46,9 @@ def test_local_and_remote_batches_are_identical(datasets, kind):
     local_name, http_name, _ = datasets
     loaders = []
     for name in (local_name, http_name):
-        cfg = Config(SEED=5, CATEGORIES=(0, (1, 2), 3), INCLUDE_BACKGROUND=True, NUM_WORKERS=2, **CONFIGS[kind])
+        cfg = Config(
+            SEED=5, CATEGORIES=(0, (1, 2), 3), INCLUDE_BACKGROUND=True, NUM_WORKERS=2, **CONFIGS[kind]
+        )
         loaders.append(build_loader(cfg, name, batch_size=3, is_test=False, shuffle=True, drop_last=True))
     local, remote = loaders
     assert isinstance(remote.scans[0].source, HttpSource)
@@ -68,7 +70,9 @@ def test_local_and_remote_inference_are_identical(datasets):
 
     outputs = []
     for name in (local_name, http_name):
-        cfg = Config(TAG="PatchDataLoader", IMG_SIZE=(16, 16, 4, 1), IMG_STRIDE=(10, 10, 3), CATEGORIES=(1, 3))
+        cfg = Config(
+            TAG="PatchDataLoader", IMG_SIZE=(16, 16, 4, 1), IMG_STRIDE=(10, 10, 3), CATEGORIES=(1, 3)
+        )
         loader = build_loader(cfg, name, batch_size=4, is_test=True, shuffle=False, drop_last=False)
         outputs.append(list(loader.inference(model)))
     for (li, lo), (ri, ro) in zip(*outputs, strict=True):
@@ -76,3 +80,28 @@ def test_local_and_remote_inference_are_identical(datasets):
         np.testing.assert_array_equal(li["x"], ri["x"])
         np.testing.assert_array_equal(lo["y_true"], ro["y_true"])
         np.testing.assert_array_equal(lo["y_pred"], ro["y_pred"])
+
+
+def test_a_small_server_byte_limit_splits_batches_and_scans(small_store):
+    """Batches halve and inference reads slabs when --max-bytes is below one batch or one scan."""
+    root, _ = small_store
+    slice_bytes = 40 * 36 * 4
+    with live_server(root, max_bytes=3 * slice_bytes) as url:
+        results = []
+        for name, source in (("tight_local", str(root)), ("tight_http", url)):
+            DatasetCatalog.remove(name)
+            DatasetCatalog.register(name, source, split="train")
+            cfg = Config(SEED=2, CATEGORIES=(1,))
+            loader = build_loader(cfg, name, batch_size=6, is_test=True, shuffle=True, drop_last=False)
+            batches = [loader[b] for b in range(len(loader))]
+            outputs = list(loader.inference(lambda x: x + np.float32(1.0)))
+            results.append((batches, outputs))
+            DatasetCatalog.remove(name)
+        (lb, lo), (rb, ro) = results
+        for a, b in zip(lb, rb, strict=True):
+            for u, v in zip(a, b, strict=True):
+                np.testing.assert_array_equal(u, v)
+        for (li, lout), (ri, rout) in zip(lo, ro, strict=True):
+            np.testing.assert_array_equal(li["x"], ri["x"])
+            np.testing.assert_array_equal(lout["y_pred"], rout["y_pred"])
+            np.testing.assert_array_equal(lout["y_true"], rout["y_true"])

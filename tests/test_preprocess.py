@@ -8,11 +8,14 @@ import json
 import numpy as np
 import pytest
 from h5_sources import assert_store_matches, random_scan, read_store, write_slice_files, write_volume_file
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from client.layout import ChunkLayout
 from client.local import LocalSource
 from service.preprocess import CONVERTED, SKIPPED, run_preprocess
 from service.sample_data import write_sample_data
+from service.store import scan_statistics
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def converted(mixed_source, tmp_path_factory):
 
 def test_every_scan_converted_voxel_exact(mixed_source, converted):
     store, summary, _ = converted
-    assert summary.failed == 0, summary.failures
+    assert summary.failed == 0, summary.failures()
     assert summary.converted == 6 + 4 and summary.skipped == 0
     assert summary.exit_code == 0
     assert summary.bytes_in > 0 and summary.bytes_out > 0
@@ -118,3 +121,23 @@ def test_configured_layout_is_written_and_exact(tmp_path):
     again = run_preprocess(source, store, workers=1, progress=False)
     assert [r.status for r in again.results] == [CONVERTED]
     assert_store_matches(store, source)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 40)),
+    dtype=st.sampled_from(["float32", "int16", "uint8", "float64"]),
+    classes=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_scan_statistics_match_numpy(shape, dtype, classes, seed):
+    """Blockwise statistics equal whole-array numpy (float64) up to rounding."""
+    image, mask = random_scan(shape, classes, seed, dtype=np.dtype(dtype))
+    stats = scan_statistics(image, mask, block_slices=7)
+    ref = image.astype(np.float64)
+    assert stats["intensity"]["min"] == ref.min() and stats["intensity"]["max"] == ref.max()
+    assert stats["intensity"]["mean"] == pytest.approx(ref.mean(), rel=1e-9, abs=1e-9)
+    assert stats["intensity"]["std"] == pytest.approx(ref.std(), rel=1e-7, abs=1e-9)
+    assert stats["class_voxels_per_slice"] == mask.sum(axis=(0, 1)).tolist()
+    assert stats["class_voxels"] == mask.sum(axis=(0, 1, 2)).tolist()
+    assert scan_statistics(image, None)["class_voxels"] == []

@@ -14,13 +14,13 @@ import anyio
 import httpx
 import numpy as np
 import pytest
+from conftest import make_volume
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client.wire import decode_npy, decode_npy_stream
 from service.server import Settings, create_app
 from service.store import write_scan
-from tests.conftest import make_volume
 
 SCAN = "0000001_V00-Aug00"  # (40, 36, 12) float32, 4 classes
 IMAGE_ONLY = "0000003_V00-Aug01"
@@ -74,6 +74,7 @@ def store_root(small_store):
     [
         ("/scans/0000009_V00-Aug00", 404, ["0000009_V00-Aug00", "not found"], "ScanNotFound"),
         ("/scans/0000009_V00-Aug00/image", 404, ["not found"], "ScanNotFound"),
+        ("/scans/zarr.json/image", 404, ["not found"], "ScanNotFound"),  # a file, not a scan
         (f"/scans/{IMAGE_ONLY}/mask", 404, ["no mask"], "ArrayNotFound"),
         (f"/scans/{SCAN}/labels", 404, ["Not Found"], None),
         ("/scans/.staging", 400, ["invalid scan id"], "InvalidPath"),
@@ -315,3 +316,52 @@ def test_fuzzed_zarr_paths_never_5xx(client, store_root, path):
     response = client.get("/zarr/" + quote(path, safe="/."))
     assert response.status_code in (200, 400, 404), response.text
     assert str(store_root) not in response.text
+
+
+def test_large_files_stream_in_chunks_exactly(small_store, monkeypatch):
+    from service.server import zarr_http
+
+    monkeypatch.setattr(zarr_http, "READ_AT_ONCE", 100)  # force the streaming path on small shards
+    monkeypatch.setattr(zarr_http, "STREAM_CHUNK", 333)
+    root = small_store[0]
+    shard = next((root / SCAN / "mask" / "c").rglob("*/*/*/*"))
+    data = shard.read_bytes()
+    assert len(data) > 1000
+    client = InProcess(create_app(Settings(store=root)))
+    url = f"/zarr/{shard.relative_to(root).as_posix()}"
+    assert client.get(url).content == data
+    part = client.get(url, headers={"Range": "bytes=10-"})
+    assert part.status_code == 206 and part.content == data[10:]
+    head = client.request("HEAD", url)
+    assert head.content == b"" and head.headers["content-length"] == str(len(data))
+
+
+def test_cors_for_browser_readers(small_store):
+    app = create_app(Settings(store=small_store[0], token="tok", cors_origins=("https://viewer.example",)))
+    client = InProcess(app)
+    preflight = client.request(
+        "OPTIONS",
+        "/zarr/zarr.json",
+        headers={
+            "Origin": "https://viewer.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization,range",
+        },
+    )
+    assert preflight.status_code == 200  # answered before authentication: browsers send no token here
+    assert preflight.headers["access-control-allow-origin"] == "https://viewer.example"
+    got = client.get(
+        "/zarr/zarr.json", headers={"Origin": "https://viewer.example", "Authorization": "Bearer tok"}
+    )
+    assert got.status_code == 200 and "Content-Range" in got.headers["access-control-expose-headers"]
+    assert client.get("/zarr/zarr.json", headers={"Origin": "https://viewer.example"}).status_code == 401
+
+
+def test_health_reports_a_missing_store(tmp_path):
+    root = tmp_path / "store"
+    image, _ = make_volume((4, 4, 2), 1, seed=4)
+    write_scan(root, SCAN, image, None, {})
+    client = InProcess(create_app(Settings(store=root)))
+    assert client.get("/health").json() == {"status": "ok"}
+    (root / "zarr.json").rename(root / "moved.json")
+    assert_error(client.get("/health"), 503, "store unavailable", root=tmp_path)

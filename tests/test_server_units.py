@@ -40,7 +40,8 @@ def test_suffix_and_open_ranges(size, n):
 
 
 @pytest.mark.parametrize(
-    "header", [None, "", "items=0-1", "bytes=0-1,4-5", "bytes=abc", "bytes=5-2", "bytes=-", "bytes=1-x", "bytes 0-1"]
+    "header",
+    [None, "", "items=0-1", "bytes=0-1,4-5", "bytes=abc", "bytes=5-2", "bytes=-", "bytes=1-x", "bytes 0-1"],
 )
 def test_unusable_range_headers_mean_the_whole_file(header):
     assert parse_range(header, 100) is None
@@ -54,14 +55,25 @@ def test_unsatisfiable_ranges(header):
 
 @pytest.mark.parametrize(
     "path",
-    ["..", "../zarr.json", "scan/../../etc", "a//b", "/etc/passwd", "scan/./image", "scan\\..\\x", "sc\x00an/x"],
+    [
+        "..",
+        "../zarr.json",
+        "scan/../../etc",
+        "a//b",
+        "/etc/passwd",
+        "scan/./image",
+        "scan\\..\\x",
+        "sc\x00an/x",
+    ],
 )
 def test_store_paths_that_try_to_escape_are_invalid(path):
     with pytest.raises(InvalidPath):
         split_store_path(path)
 
 
-@pytest.mark.parametrize("path", ["", ".staging/x/zarr.json", "scan/.hidden", "other.json", "not a scan!/zarr.json"])
+@pytest.mark.parametrize(
+    "path", ["", ".staging/x/zarr.json", "scan/.hidden", "other.json", "not a scan!/zarr.json"]
+)
 def test_hidden_or_unknown_store_paths_do_not_exist(path):
     with pytest.raises(NotInStore):
         split_store_path(path)
@@ -69,7 +81,14 @@ def test_hidden_or_unknown_store_paths_do_not_exist(path):
 
 def test_store_paths_inside_scans_are_components():
     assert split_store_path("zarr.json") == ("zarr.json",)
-    assert split_store_path("0000001_V00-Aug00/image/c/0/0/1") == ("0000001_V00-Aug00", "image", "c", "0", "0", "1")
+    assert split_store_path("0000001_V00-Aug00/image/c/0/0/1") == (
+        "0000001_V00-Aug00",
+        "image",
+        "c",
+        "0",
+        "0",
+        "1",
+    )
 
 
 def test_etags_match_weakly_and_across_gzip():
@@ -84,7 +103,14 @@ def test_etags_match_weakly_and_across_gzip():
 
 @pytest.mark.parametrize(
     ("header", "ok"),
-    [("gzip", True), ("br, gzip;q=0.5", True), ("gzip;q=0", False), ("identity", False), ("*", True), (None, False)],
+    [
+        ("gzip", True),
+        ("br, gzip;q=0.5", True),
+        ("gzip;q=0", False),
+        ("identity", False),
+        ("*", True),
+        (None, False),
+    ],
 )
 def test_accepts_gzip(header, ok):
     assert accepts_gzip(header) is ok
@@ -106,7 +132,9 @@ def test_bearer_tokens():
     assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc ") == "abc"
     assert bearer_token("Basic abc") is None and bearer_token("Bearer") is None and bearer_token(None) is None
     assert token_ok("s3cret", "Bearer s3cret")
-    assert not token_ok("s3cret", "Bearer s3cre") and not token_ok("s3cret", None) and not token_ok("s3cret", "")
+    assert (
+        not token_ok("s3cret", "Bearer s3cre") and not token_ok("s3cret", None) and not token_ok("s3cret", "")
+    )
 
 
 def test_validation_locations_name_parameters():
@@ -116,7 +144,14 @@ def test_validation_locations_name_parameters():
 
 
 def test_settings_round_trip_through_environment(tmp_path):
-    s = Settings(store=tmp_path, cache_bytes=123, max_bytes=456, token="s3cret-token", compress_masks=False, cors_origins=("x",))
+    s = Settings(
+        store=tmp_path,
+        cache_bytes=123,
+        max_bytes=456,
+        token="s3cret-token",
+        compress_masks=False,
+        cors_origins=("x",),
+    )
     assert Settings.from_env(s.to_env()) == s
     assert "s3cret-token" not in repr(s)
     assert Settings.from_env({"SCANCACHE_STORE": str(tmp_path)}).token is None

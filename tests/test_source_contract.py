@@ -96,7 +96,9 @@ def test_read_image_regions(source, small_store):
     image = truth[SCAN][0]
     np.testing.assert_array_equal(source.read_image(SCAN), image)
     np.testing.assert_array_equal(source.read_image(SCAN, "1:30,-10:,4"), image[1:30, -10:, 4:5])
-    np.testing.assert_array_equal(source.read_image(SCAN, (slice(3, 9), slice(None), slice(-2, None))), image[3:9, :, -2:])
+    np.testing.assert_array_equal(
+        source.read_image(SCAN, (slice(3, 9), slice(None), slice(-2, None))), image[3:9, :, -2:]
+    )
     ints = source.read_image(INT_SCAN, ":,:,0:3")
     assert ints.dtype == np.int16
     np.testing.assert_array_equal(ints, truth[INT_SCAN][0][:, :, 0:3])
@@ -189,7 +191,10 @@ def test_unreachable_server_fails_after_retries():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    with HttpSource(f"http://127.0.0.1:{port}", retries=2, backoff=0.01) as src, pytest.raises(ServerError) as err:
+    with (
+        HttpSource(f"http://127.0.0.1:{port}", retries=2, backoff=0.01) as src,
+        pytest.raises(ServerError) as err,
+    ):
         src.list_scans()
     assert "after 3 attempts" in str(err.value)
     assert isinstance(err.value, ConnectionError)
@@ -202,7 +207,7 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
     seen = 0
     payload = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):
         type(self).seen += 1
         if type(self).seen <= type(self).failures:
             body, status, ctype = b'{"detail": "warming up"}', 503, "application/json"

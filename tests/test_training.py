@@ -57,7 +57,9 @@ def test_tiny_unet_trains_from_a_remote_store(tmp_path):
             SEED=0,
             NUM_WORKERS=2,
         )
-        train = build_loader(cfg, cfg.TRAIN_DATASET, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+        train = build_loader(
+            cfg, cfg.TRAIN_DATASET, batch_size=4, is_test=False, shuffle=True, drop_last=True
+        )
         val = build_loader(cfg, cfg.VAL_DATASET, batch_size=4, is_test=False, shuffle=False, drop_last=False)
         keras.utils.set_random_seed(0)
         model = tiny_unet(cfg.get_num_classes())
@@ -70,7 +72,7 @@ def test_tiny_unet_trains_from_a_remote_store(tmp_path):
         assert np.isfinite(history.history["val_loss"]).all()
 
         test = build_loader(cfg, cfg.VAL_DATASET, batch_size=4, is_test=True, shuffle=False, drop_last=False)
-        ((inputs, outputs),) = list(test.inference(model))
+        ((_inputs, outputs),) = list(test.inference(model))
         assert outputs["y_pred"].shape == outputs["y_true"].shape == (32, 32, 8, 2)
         predicted = outputs["y_pred"].argmax(-1) == 1
         truth = outputs["y_true"][..., 1] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import uvicorn
 
 from client.local import DEFAULT_CACHE_BYTES
 from service.server.app import create_app
-from service.server.settings import DEFAULT_MAX_BYTES, ENV_TOKEN, Settings
+from service.server.settings import DEFAULT_MAX_BYTES, ENV_STORE, Settings
 
 APP_FACTORY = "service.server.app:app_from_env"
 
@@ -26,16 +27,19 @@ def run(
 ) -> None:
     """Serve ``store`` until interrupted.
 
-    ``token`` defaults to ``SCANCACHE_TOKEN`` (keep secrets out of command lines). Each of the
-    ``workers`` processes has its own chunk cache of ``cache_bytes``; they share nothing else.
+    ``token`` defaults to ``SCANCACHE_TOKEN`` (keep secrets out of command lines); the other
+    ``SCANCACHE_*`` variables (``service.server.settings``) apply too. Each of the ``workers``
+    processes has its own chunk cache of ``cache_bytes``; they share nothing else.
     """
     if workers < 1:
         raise ValueError(f"--workers: must be at least 1, got {workers}")
-    settings = Settings(
-        store=Path(store),
+    # Options without a keyword here (CORS, body limits, mask compression) come from SCANCACHE_*.
+    base = Settings.from_env({**os.environ, ENV_STORE: str(Path(store))})
+    settings = dataclasses.replace(
+        base,
         cache_bytes=cache_bytes,
         max_bytes=max_bytes,
-        token=token if token is not None else os.environ.get(ENV_TOKEN) or None,
+        token=token if token is not None else base.token,
     )
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
