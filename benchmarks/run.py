@@ -17,10 +17,10 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from benchmarks import conversion, machine, server_load, stitching, train2d  # noqa: E402
-from benchmarks.data import CATEGORIES, prepare, sizes  # noqa: E402
-from benchmarks.report import Report, Row  # noqa: E402
-from client.layout import ChunkLayout  # noqa: E402
+from benchmarks import conversion, machine, server_load, stitching, train2d
+from benchmarks.data import CATEGORIES, prepare, sizes
+from benchmarks.report import Report, Row
+from client.layout import ChunkLayout
 
 SECTIONS = ("conversion", "loaders", "server", "stitching")
 

@@ -45,7 +45,10 @@ def _wait(url: str, proc: subprocess.Popen[bytes], path: str, timeout: float = 6
 def _process(cmd: list[str], url: str, probe: str, env: dict[str, str] | None = None) -> Iterator[str]:
     full_env = {k: v for k, v in os.environ.items() if k != "SCANCACHE_TOKEN"}
     full_env.update(env or {})
-    proc = subprocess.Popen(cmd, env=full_env, start_new_session=True, stdout=subprocess.DEVNULL)
+    # the server's own log (access lines included) would drown the report's progress lines
+    proc = subprocess.Popen(
+        cmd, env=full_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         _wait(url, proc, probe)
         yield url

@@ -9,16 +9,17 @@ they are the model's business, not stitching's).
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import tracemalloc
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.data import CATEGORIES, BenchData  # noqa: E402
-from benchmarks.report import Row  # noqa: E402
+from benchmarks.data import CATEGORIES, BenchData
+from benchmarks.report import Row
 
 SECTION = "Inference stitching (3D patches 64x64x32, gaussian blending)"
 
@@ -47,6 +48,11 @@ def run(data: BenchData) -> list[Row]:
     scan = loader.scans[0]
     model = tiny_model(patch, cfg.get_num_classes())
     image = scan.source.read_image(scan.scan_id).astype(np.float32)
+    # predict_scan's signature has changed while the loaders were written: pass what it takes
+    extra = {}
+    mask_param = inspect.signature(loader.predict_scan).parameters.get("mask")
+    if mask_param is not None and mask_param.default is inspect.Parameter.empty:
+        extra["mask"] = scan.source.read_mask(scan.scan_id, None, scan.categories, True).astype(np.float32)
     elements = list(loader.inference_elements(scan))
     batches = [
         np.stack(
@@ -64,15 +70,15 @@ def run(data: BenchData) -> list[Row]:
 
     def stitched() -> tuple[float, np.ndarray]:
         t0 = time.perf_counter()
-        out = loader.predict_scan(model, scan, image, {})
+        out = loader.predict_scan(model, scan, image, predict_kwargs={}, **extra)
         return time.perf_counter() - t0, out
 
     predict_s = min(predict_only() for _ in range(2))
     total_s, output = min((stitched() for _ in range(2)), key=lambda r: r[0])
-    del batches
+    batches.clear()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    result = loader.predict_scan(model, scan, image, {})
+    result = loader.predict_scan(model, scan, image, predict_kwargs={}, **extra)
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
     loader.close()

@@ -42,7 +42,9 @@ def parse_roi(text: str | None, shape: Sequence[int], param: str = "roi") -> Reg
         if ":" in part:
             bits = part.split(":")
             if len(bits) != 2:
-                raise InvalidROI(f"axis {axis}: {part.strip()!r} is not 'a:b' (steps are not supported)", param)
+                raise InvalidROI(
+                    f"axis {axis}: {part.strip()!r} is not 'a:b' (steps are not supported)", param
+                )
             lo, hi = (b.strip() for b in bits)
             start = _normalize(_parse_int(lo, axis, param), size) if lo else 0
             stop = _normalize(_parse_int(hi, axis, param), size) if hi else size
@@ -84,7 +86,5 @@ def as_region(roi: str | Sequence[slice] | None, shape: Sequence[int]) -> Region
     """Accept a roi string, a sequence of slices (validated the same way) or None."""
     if roi is None or isinstance(roi, str):
         return parse_roi(roi, shape)
-    text = ",".join(
-        f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}" for s in roi
-    )
+    text = ",".join(f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}" for s in roi)
     return parse_roi(text, shape)

@@ -31,7 +31,7 @@ def encode_npy(arr: np.ndarray) -> bytes:
 def encode_npy_parts(arr: np.ndarray) -> list[bytes | memoryview]:
     """Header and body apart, so a server can send the body without concatenating."""
     arr = np.ascontiguousarray(arr)
-    return [npy_header(arr), memoryview(arr).cast("B")]
+    return [npy_header(arr), memoryview(arr).cast("B")]  # type: ignore[arg-type]
 
 
 def decode_npy(data: bytes | memoryview) -> np.ndarray:

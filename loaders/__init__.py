@@ -24,7 +24,7 @@ def _choose_keras_backend() -> None:
 
 _choose_keras_backend()
 
-from loaders.base import LOADER_REGISTRY, DataLoader, register_loader  # noqa: E402
+from loaders.base import LOADER_REGISTRY, DataLoader, Element, register_loader  # noqa: E402
 from loaders.build import build_loader, get_dataset_dicts  # noqa: E402
 from loaders.catalog import DatasetCatalog, open_source  # noqa: E402
 from loaders.config import Config  # noqa: E402
@@ -37,6 +37,7 @@ __all__ = [
     "DataLoader",
     "DatasetCatalog",
     "DefaultDataLoader",
+    "Element",
     "PatchDataLoader",
     "RandomPatchDataLoader",
     "S25dDataLoader",

@@ -23,20 +23,25 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import keras
 import numpy as np
 
-from client.categories import Categories, normalize_categories
-from client.errors import RequestTooLarge
-from client.layout import IMAGE, MASK, ScanMeta
+from client.layout import IMAGE, MASK
 from client.protocol import RegionRequest, ScanSource
-from loaders.catalog import shared_source
 from loaders.config import Config
-from loaders.geometry import AxisRead, check_pad_mode, padded_indices, take_window
+from loaders.geometry import check_pad_mode, take_window
 from loaders.prefetch import Prefetcher
+from loaders.scans import (
+    ScanEntry,
+    cut_window,
+    read_grouped,
+    read_in_slabs,
+    scans_from_dicts,
+    window_reads,
+)
 from loaders.stitching import Aggregator, Window
 
 LOADER_REGISTRY: dict[str, type[DataLoader]] = {}
@@ -69,105 +74,11 @@ class Element:
         return self.target if self.target is not None else self.window
 
 
-@dataclass(frozen=True)
-class ScanEntry:
-    """A scan of the loader's dataset: where it is, its metadata and the slices used."""
-
-    index: int
-    scan_id: str
-    source: ScanSource = field(repr=False)
-    meta: ScanMeta = field(repr=False)
-    info: dict[str, Any] = field(repr=False)
-    slices: tuple[int, ...]
-    categories: Categories | None
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.meta.shape
-
-    def inference_attributes(self) -> dict[str, Any]:
-        """``scan_*`` keys for inference inputs: dataset-dict keys and scalar scan attributes."""
-        out: dict[str, Any] = {}
-        for key, value in self.meta.attrs.items():
-            if key == "scan_id" or key.startswith("scancache"):
-                continue
-            if value is None or isinstance(value, (str, int, float, bool)):
-                out[key if key.startswith("scan") else f"scan_{key}"] = value
-        out["scan_shape"] = tuple(self.meta.shape)
-        out.update({k: v for k, v in self.info.items() if k.startswith("scan") and k != "scan_id"})
-        if self.meta.subject_id is not None:
-            out["subject_id"] = self.meta.subject_id
-        return out
-
-
-def scans_from_dicts(dataset_dicts: Sequence[dict[str, Any]], cfg: Config) -> list[ScanEntry]:
-    """Group dataset dicts by scan (first appearance order); per-slice dicts select slices."""
-    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for d in dataset_dicts:
-        source = d["source"]
-        key = (source if isinstance(source, str) else f"<{id(source)}>", d["scan_id"])
-        grouped.setdefault(key, []).append(d)
-    scans = []
-    for index, dicts in enumerate(grouped.values()):
-        first = dicts[0]
-        source = shared_source(first["source"])
-        meta = first.get("_meta") or source.metadata(first["scan_id"])
-        depth = meta.shape[2]
-        if all("slice_id" in d for d in dicts):
-            slices = tuple(sorted({int(d["slice_id"]) - 1 for d in dicts}))  # MedSegPy: 1-indexed
-            if slices[0] < 0 or slices[-1] >= depth:
-                raise ValueError(f"scan {meta.scan_id!r}: slice_id out of 1..{depth}")
-        else:
-            slices = tuple(range(depth))
-        if not meta.has_mask:
-            raise ValueError(f"scan {meta.scan_id!r} has no mask; loaders need labelled scans")
-        cats = normalize_categories(cfg.CATEGORIES, meta.num_classes) if cfg.CATEGORIES else None
-        scans.append(ScanEntry(index, meta.scan_id, source, meta, first, slices, cats))
-    return scans
-
-
-def window_reads(window: Window, shape: Sequence[int], mode: str) -> tuple[AxisRead, ...]:
-    return tuple(padded_indices(a, b, int(n), mode) for (a, b), n in zip(window, shape, strict=True))
-
-
-def cut_window(volume: np.ndarray, window: Window, mode: str) -> np.ndarray:
-    """A window of an in-memory (H, W, D[, C]) volume, padded like a read from the store."""
-    axes = window_reads(window, volume.shape[:3], mode)
-    return take_window(volume[tuple(slice(a.lo, a.hi) for a in axes)], axes)
-
-
-def read_grouped(requests: Sequence[tuple[ScanSource, RegionRequest]]) -> list[np.ndarray]:
-    """Read requests from possibly several sources: one ``read_regions`` call per source."""
-    by_source: dict[int, tuple[ScanSource, list[int]]] = {}
-    for i, (source, _) in enumerate(requests):
-        by_source.setdefault(id(source), (source, []))[1].append(i)
-    out: list[np.ndarray | None] = [None] * len(requests)
-    for source, positions in by_source.values():
-        arrays = source.read_regions([requests[i][1] for i in positions])
-        for i, arr in zip(positions, arrays, strict=True):
-            out[i] = arr
-    return [a for a in out if a is not None]
-
-
-def read_in_slabs(
-    source: ScanSource, request: RegionRequest, region: tuple[slice, slice, slice]
-) -> np.ndarray:
-    """Read ``region``; if a server refuses it as too large (413), read its halves along z."""
-    try:
-        return source.read_regions([replace(request, roi=region)])[0]
-    except RequestTooLarge:
-        y, x, z = region
-        if z.stop - z.start <= 1:
-            raise
-        mid = (z.start + z.stop) // 2
-        halves = [(y, x, slice(z.start, mid)), (y, x, slice(mid, z.stop))]
-        return np.concatenate([read_in_slabs(source, request, h) for h in halves], axis=2)
-
-
 def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> np.ndarray:
     """Predictions of a Keras model (``predict``) or of any callable on a numpy batch."""
     if hasattr(model, "predict_on_batch") and hasattr(model, "predict"):
-        out = model.predict(x, verbose=0, **predict_kwargs) if predict_kwargs else model.predict_on_batch(x)
+        kwargs = {"verbose": 0, **predict_kwargs}
+        out = model.predict(x, **kwargs) if predict_kwargs else model.predict_on_batch(x)
     else:
         out = model(x)
     return np.asarray(keras.ops.convert_to_numpy(out) if not isinstance(out, np.ndarray) else out)
@@ -185,8 +96,13 @@ class DataLoader(keras.utils.PyDataset):
         drop_last: bool = False,
         batch_size: int = 1,
     ) -> None:
-        # Keras' own workers stay off: our prefetcher reads ahead, whatever the backend.
-        super().__init__(workers=1, use_multiprocessing=False)
+        # Keras' thread enqueuer reads ahead in whatever batch order fit() picks (it shuffles by
+        # default); our prefetcher covers plain loops over loader[i] and steps aside otherwise.
+        super().__init__(
+            workers=max(2, int(cfg.NUM_WORKERS)),
+            use_multiprocessing=False,
+            max_queue_size=max(2, int(cfg.PREFETCH_BATCHES)),
+        )
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self._cfg = cfg
@@ -334,15 +250,30 @@ class DataLoader(keras.utils.PyDataset):
         return image.astype(np.float32), mask.astype(np.float32)
 
     def predict_scan(
-        self, model: Any, scan: ScanEntry, image: np.ndarray, predict_kwargs: dict[str, Any]
+        self,
+        model: Any,
+        scan: ScanEntry,
+        image: np.ndarray,
+        predict_kwargs: dict[str, Any],
+        mask: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The stitched (H, W, D, C) prediction of one scan, windows cut from ``image``."""
+        """The stitched (H, W, D, C) prediction of one scan; windows are cut from memory.
+
+        ``mask`` (the scan's merged mask) gives :meth:`preprocess` the batch's real targets.
+        """
         aggregator: Aggregator | None = None
         elements = list(self.inference_elements(scan))
         for start in range(0, len(elements), self.batch_size):
             chunk = elements[start : start + self.batch_size]
             x = np.stack([self.model_input(cut_window(image, e.window, self.pad_mode), e) for e in chunk])
-            x, _ = self.preprocess(x, np.zeros((len(chunk), 0), np.float32))
+            y = (
+                np.zeros((len(chunk), 0), np.float32)
+                if mask is None
+                else np.stack(
+                    [self.model_target(cut_window(mask, e.output_window, self.pad_mode), e) for e in chunk]
+                )
+            )
+            x, _ = self.preprocess(x, y)  # the same inputs the model saw in training
             predictions = predict_batch(model, x, predict_kwargs)
             for e, p in zip(chunk, predictions, strict=True):
                 out = self.from_prediction(p, e)
@@ -373,7 +304,7 @@ class DataLoader(keras.utils.PyDataset):
                 image, mask = pending.result()
                 if k + 1 < len(scans):
                     pending = pool.submit(self._read_scan, scans[k + 1])
-                y_pred = self.predict_scan(model, scan, image, predict_kwargs)
+                y_pred = self.predict_scan(model, scan, image, predict_kwargs, mask)
                 if len(scan.slices) != scan.shape[2]:
                     image, mask, y_pred = (a[:, :, list(scan.slices)] for a in (image, mask, y_pred))
                 elapsed = time.perf_counter() - start

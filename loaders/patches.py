@@ -10,10 +10,11 @@ import numpy as np
 
 from client.layout import MASK
 from client.protocol import RegionRequest, ScanSource
-from loaders.base import DataLoader, Element, ScanEntry, read_grouped, register_loader
+from loaders.base import DataLoader, Element, register_loader
 from loaders.config import Config
 from loaders.geometry import blend_weights, normalize_per_axis
 from loaders.sampling import ForegroundSampler, Sample, grid_windows
+from loaders.scans import ScanEntry, read_grouped
 
 
 @register_loader

@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 CLASS_NAMES = ("femoral cartilage", "tibial cartilage", "patellar cartilage", "meniscus")
 
@@ -39,7 +39,17 @@ def running_server(store: Path, port: int) -> Iterator[str]:
     """``scancache serve`` in a subprocess, exactly as a user starts it; stopped on exit."""
     import httpx
 
-    cmd = [sys.executable, "-m", "service.cli", "serve", str(store), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        str(store),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -130,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.TRAIN_DATASET, cfg.VAL_DATASET, cfg.TEST_DATASET = "demo_train", "demo_val", "demo_test"
         cfg.CATEGORIES = (0, 1, 2, 3)
         cfg.IMG_SIZE = (shape[0], shape[1], 1)
-        train = build_loader(cfg, cfg.TRAIN_DATASET, batch_size=8, is_test=False, shuffle=True, drop_last=True)
+        train = build_loader(
+            cfg, cfg.TRAIN_DATASET, batch_size=8, is_test=False, shuffle=True, drop_last=True
+        )
         val = build_loader(cfg, cfg.VAL_DATASET, batch_size=8, is_test=False, shuffle=False, drop_last=False)
         test = build_loader(cfg, cfg.TEST_DATASET, batch_size=8, is_test=True, shuffle=False, drop_last=False)
 

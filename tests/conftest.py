@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from service.store import write_scan  # noqa: E402
+from service.store import write_scan
 
 
 def make_volume(shape, num_classes, seed, dtype=np.float32):

@@ -317,3 +317,19 @@ def test_an_installed_keras_backend_is_chosen_when_none_is_set():
     assert out.returncode == 0, out.stderr[-2000:]
     chosen, active = out.stdout.split()
     assert chosen == active and chosen in ("tensorflow", "jax", "torch")
+
+
+def test_out_of_order_access_still_correct_and_stops_reading_ahead(store, train_name):
+    _, arrays = store
+    loader = build_loader(cfg_for(), train_name, batch_size=2, is_test=False, shuffle=False, drop_last=True)
+    for b in (7, 2, 9, 4, 0, 3):
+        x, _ = loader[b]
+        for i, z in enumerate((2 * b, 2 * b + 1)):
+            scan, z = (TRAIN[0], z) if z < 12 else (TRAIN[1], z - 12)
+            np.testing.assert_array_equal(x[i, ..., 0], arrays[scan][0][:, :, z])
+    # A shuffled order is not followed: nothing is read ahead until the epoch ends.
+    assert loader._prefetcher._futures == {}
+    loader.on_epoch_end()
+    loader[0]
+    assert loader._prefetcher._futures, "reading ahead resumes in a new epoch"
+    loader.close()

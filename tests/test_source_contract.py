@@ -6,9 +6,11 @@ The end of the file tests what only the HTTP client has: tokens, retries, batch 
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -235,6 +237,39 @@ def test_5xx_is_retried_with_backoff():
         FlakyHandler.seen, FlakyHandler.failures = 0, 10
         with HttpSource(url, retries=1, backoff=0.01) as src, pytest.raises(ServerError, match="503"):
             src.read_image(SCAN)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+class SlowFirstHandler(FlakyHandler):
+    """Stalls on the first request past the client's read timeout, then answers at once."""
+
+    seen = 0
+
+    def do_GET(self):
+        type(self).seen += 1
+        if type(self).seen == 1:
+            time.sleep(1.0)
+        body = encode_npy(self.payload)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-npy")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(body)
+
+
+def test_timeouts_are_retried():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowFirstHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with HttpSource(url, timeout=0.3, retries=2, backoff=0.01) as src:
+            np.testing.assert_array_equal(src.read_image(SCAN, ":,:,0"), FlakyHandler.payload)
+        assert SlowFirstHandler.seen == 2
     finally:
         server.shutdown()
         server.server_close()

@@ -1,0 +1,118 @@
+"""The scans a loader reads, and reading windows of them from any ``ScanSource``.
+
+A window is ``((y0, y1), (x0, x1), (z0, z1))`` in voxels and may reach outside the scan;
+``window_reads`` turns it into the region to read and the gather that pads it (geometry), so
+a window read from a store, a server or an in-memory volume comes out identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from client.categories import Categories, normalize_categories
+from client.errors import RequestTooLarge
+from client.layout import ScanMeta
+from client.protocol import RegionRequest, ScanSource
+from loaders.catalog import shared_source
+from loaders.config import Config
+from loaders.geometry import AxisRead, padded_indices, take_window
+from loaders.stitching import Window
+
+
+@dataclass(frozen=True)
+class ScanEntry:
+    """A scan of the loader's dataset: where it is, its metadata and the slices used."""
+
+    index: int
+    scan_id: str
+    source: ScanSource = field(repr=False)
+    meta: ScanMeta = field(repr=False)
+    info: dict[str, Any] = field(repr=False)
+    slices: tuple[int, ...]
+    categories: Categories | None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.meta.shape
+
+    def inference_attributes(self) -> dict[str, Any]:
+        """``scan_*`` keys for inference inputs: dataset-dict keys and scalar scan attributes."""
+        out: dict[str, Any] = {}
+        for key, value in self.meta.attrs.items():
+            if key == "scan_id" or key.startswith("scancache"):
+                continue
+            if value is None or isinstance(value, (str, int, float, bool)):
+                out[key if key.startswith("scan") else f"scan_{key}"] = value
+        out["scan_shape"] = tuple(self.meta.shape)
+        out.update({k: v for k, v in self.info.items() if k.startswith("scan") and k != "scan_id"})
+        if self.meta.subject_id is not None:
+            out["subject_id"] = self.meta.subject_id
+        return out
+
+
+def scans_from_dicts(dataset_dicts: Sequence[dict[str, Any]], cfg: Config) -> list[ScanEntry]:
+    """Group dataset dicts by scan (first appearance order); per-slice dicts select slices."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for d in dataset_dicts:
+        source = d["source"]
+        key = (source if isinstance(source, str) else f"<{id(source)}>", d["scan_id"])
+        grouped.setdefault(key, []).append(d)
+    scans = []
+    for index, dicts in enumerate(grouped.values()):
+        first = dicts[0]
+        source = shared_source(first["source"])
+        meta = first.get("_meta") or source.metadata(first["scan_id"])
+        depth = meta.shape[2]
+        if all("slice_id" in d for d in dicts):
+            slices = tuple(sorted({int(d["slice_id"]) - 1 for d in dicts}))  # MedSegPy: 1-indexed
+            if slices[0] < 0 or slices[-1] >= depth:
+                raise ValueError(f"scan {meta.scan_id!r}: slice_id out of 1..{depth}")
+        else:
+            slices = tuple(range(depth))
+        if not meta.has_mask:
+            raise ValueError(f"scan {meta.scan_id!r} has no mask; loaders need labelled scans")
+        cats = normalize_categories(cfg.CATEGORIES, meta.num_classes) if cfg.CATEGORIES else None
+        scans.append(ScanEntry(index, meta.scan_id, source, meta, first, slices, cats))
+    return scans
+
+
+def window_reads(window: Window, shape: Sequence[int], mode: str) -> tuple[AxisRead, ...]:
+    return tuple(padded_indices(a, b, int(n), mode) for (a, b), n in zip(window, shape, strict=True))
+
+
+def cut_window(volume: np.ndarray, window: Window, mode: str) -> np.ndarray:
+    """A window of an in-memory (H, W, D[, C]) volume, padded like a read from the store."""
+    axes = window_reads(window, volume.shape[:3], mode)
+    return take_window(volume[tuple(slice(a.lo, a.hi) for a in axes)], axes)
+
+
+def read_grouped(requests: Sequence[tuple[ScanSource, RegionRequest]]) -> list[np.ndarray]:
+    """Read requests from possibly several sources: one ``read_regions`` call per source."""
+    by_source: dict[int, tuple[ScanSource, list[int]]] = {}
+    for i, (source, _) in enumerate(requests):
+        by_source.setdefault(id(source), (source, []))[1].append(i)
+    out: list[np.ndarray | None] = [None] * len(requests)
+    for source, positions in by_source.values():
+        arrays = source.read_regions([requests[i][1] for i in positions])
+        for i, arr in zip(positions, arrays, strict=True):
+            out[i] = arr
+    return [a for a in out if a is not None]
+
+
+def read_in_slabs(
+    source: ScanSource, request: RegionRequest, region: tuple[slice, slice, slice]
+) -> np.ndarray:
+    """Read ``region``; if a server refuses it as too large (413), read its halves along z."""
+    try:
+        return source.read_regions([replace(request, roi=region)])[0]
+    except RequestTooLarge:
+        y, x, z = region
+        if z.stop - z.start <= 1:
+            raise
+        mid = (z.start + z.stop) // 2
+        halves = [(y, x, slice(z.start, mid)), (y, x, slice(mid, z.stop))]
+        return np.concatenate([read_in_slabs(source, request, h) for h in halves], axis=2)
