@@ -23,8 +23,10 @@ def normalize_categories(value: Any, num_classes: int) -> Categories:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):
+        except json.JSONDecodeError:
             raise InvalidCategories(f"{value[:40]!r} is not a JSON list") from None
+        except RecursionError:
+            raise InvalidCategories("too deeply nested") from None
     if not isinstance(value, (list, tuple)) or len(value) == 0:
         raise InvalidCategories("must be a non-empty list of class indices or lists of them")
     out: list[tuple[int, ...]] = []
