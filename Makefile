@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/python -m service.demo --out demo-output $(DEMO_ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 check: setup
 	$(BIN)/ruff check service client loaders tests benchmarks

@@ -30,6 +30,7 @@ def loader_rates(spec: dict[str, Any]) -> dict[str, float]:
         PREFETCH_BATCHES=int(spec.get("prefetch", 4)),
         PATCHES_PER_SCAN=int(spec.get("patches_per_scan", 8)),
     )
+    DatasetCatalog.remove("bench")
     DatasetCatalog.register("bench", spec["source"])
     t_open = time.perf_counter()
     loader = build_loader(
@@ -52,15 +53,21 @@ def loader_rates(spec: dict[str, Any]) -> dict[str, float]:
     return {"cold": cold, "warm": warm, "open_s": opened, "items": n * per_batch}
 
 
-def run_child(spec: dict[str, Any], timeout: float = 900) -> dict[str, float]:
+def run_child(spec: dict[str, Any], timeout: float = 900) -> Any:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.child", json.dumps(spec)],
-        check=True, capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"measurement process failed ({spec['task']}): {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
-    result = {"loader": loader_rates}[spec["task"]](spec)
+    if spec["task"] == "many":  # several measurements in one process (quick smoke runs only)
+        result: Any = [loader_rates(s) for s in spec["specs"]]
+    else:
+        result = {"loader": loader_rates}[spec["task"]](spec)
     print(json.dumps(result))

@@ -90,7 +90,7 @@ def load(base: str, paths: list[str], concurrency: int, seconds: float) -> tuple
 def run(data: BenchData, work: Path, quick: bool, server_workers: int) -> list[Row]:
     regions = _regions(data, 32 if quick else 128)
     names = _write_static(data, regions, work / "static")
-    seconds = 1.5 if quick else 6.0
+    seconds = 1.0 if quick else 6.0
     ours_paths = [f"/scans/{s}/image?roi={r}" for s, r in regions]
     rows: list[Row] = []
     results = {}

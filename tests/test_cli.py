@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ SUBCOMMANDS = ("preprocess", "verify", "scans", "sample-data", "serve")
 
 
 def test_console_script_help_lists_every_command():
-    exe = shutil.which("scancache")
+    # The script installed beside this interpreter (a venv's bin/ need not be on PATH).
+    beside = Path(sys.executable).parent / "scancache"
+    exe = str(beside) if beside.exists() else shutil.which("scancache")
     assert exe is not None, "the scancache console script is not installed"
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0

@@ -1,0 +1,53 @@
+"""The benchmark report's arithmetic (ratios, targets) and markdown; no timing is asserted."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks.report import Report, Row
+from benchmarks.run import parse_args
+from benchmarks.timing import percentile
+
+MACHINE = {
+    "date": "d",
+    "cpu": "c",
+    "cores": "2",
+    "memory": "1 GiB",
+    "os": "o",
+    "python": "3",
+    "packages": "p",
+}
+
+
+def test_ratio_is_oriented_so_that_larger_is_better():
+    rate = Row("s", "rate", 300.0, "slices/s", 100.0, "base", ">= 2x", 2.0)
+    assert rate.ratio == pytest.approx(3.0) and rate.met is True
+    time = Row("s", "time", 4.0, "s", 2.0, "floor", "<= 1.5x", 1 / 1.5, higher_is_better=False)
+    assert time.ratio == pytest.approx(0.5) and time.met is False
+    assert Row("s", "info", 1.0, "x").met is None and Row("s", "no base", 1.0, "x", None).ratio is None
+
+
+def test_markdown_lists_targets_and_sections():
+    report = Report(MACHINE, {"Mode": "quick"})
+    report.add(
+        [Row("2D", "ours", 300.0, "slices/s", 100.0, "base", ">= 2x", 2.0), Row("2D", "info", 5.0, "s")]
+    )
+    report.notes.append("a note")
+    text = report.markdown()
+    assert "| 2D: ours | 300 slices/s | 3.00x | >= 2x | yes |" in text
+    assert "## 2D" in text and "- a note" in text and "- Mode: quick" in text
+
+
+@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=200), st.floats(0, 100))
+def test_percentile_is_an_element_within_bounds(samples, q):
+    p = percentile(samples, q)
+    assert p in samples and min(samples) <= p <= max(samples)
+    assert percentile(samples, 0) == min(samples) and percentile(samples, 100) == max(samples)
+
+
+def test_unknown_section_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "loaders,nope"])
+    assert "nope" in capsys.readouterr().err
