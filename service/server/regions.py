@@ -117,9 +117,9 @@ def check_budget(plans: Sequence[RegionPlan], max_bytes: int) -> int:
     """Refuse (413) a request whose regions together exceed ``max_bytes``; returns the total."""
     total = sum(p.cost for p in plans)
     if total > max_bytes:
-        what = "region" if len(plans) == 1 else f"{len(plans)} regions"
+        what = "region needs" if len(plans) == 1 else f"{len(plans)} regions need"
         raise RequestTooLarge(
-            f"the {what} need {total} bytes, over the server's limit of {max_bytes} bytes (--max-bytes);"
+            f"the {what} {total} bytes, over the server's limit of {max_bytes} bytes (--max-bytes);"
             " request smaller regions"
         )
     return total
