@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
     layout = ChunkLayout.parse(args.chunks) if args.chunks else None
     work = Path(args.work) / ("quick" if args.quick else "full")
     shape, subjects = sizes(args.quick)
@@ -89,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"benchmarks: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     report.notes.append(f"total benchmark time {time.perf_counter() - started:.0f} s")
+    report.settings["Load average (1 min) at start / end"] = (
+        f"{load_at_start:.2f} / {os.getloadavg()[0]:.2f} "
+        + (
+            "(other work competed for the cores: figures are noisy)"
+            if load_at_start > 1.0
+            else "(an otherwise idle machine)"
+        )
+    )
     out = Path(args.out or (Path(args.work) / "BENCHMARKS.quick.md" if args.quick else "BENCHMARKS.md"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.markdown())

@@ -111,7 +111,9 @@ def _inner_codecs(codec: str, itemsize: int) -> list[dict[str, Any]]:
                 "configuration": {
                     "cname": "lz4",
                     "clevel": 5,
-                    "shuffle": "shuffle" if itemsize > 1 else "bitshuffle",
+                    # Byte shuffling groups like bytes of multi-byte values; a uint8 mask has
+                    # none to group, and bitshuffle made its decode 2-4x slower (docs/tuning.md).
+                    "shuffle": "shuffle" if itemsize > 1 else "noshuffle",
                     "typesize": itemsize,
                     "blocksize": 0,
                 },
