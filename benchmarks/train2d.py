@@ -20,6 +20,7 @@ from benchmarks.report import Row
 from benchmarks.servers import scancache_server
 from benchmarks.slicefiles import gather_patch, medsegpy_slice
 from client.categories import merge_mask, normalize_categories
+from client.local import default_cache_bytes
 
 BATCH_2D = 16
 BATCH_3D = 4
@@ -108,7 +109,9 @@ def run(data: BenchData, quick: bool, server_workers: int) -> list[Row]:
         )
         spec_3d["patches_per_scan"] = -(-patches // len(data.scan_ids))
         specs_3d.append(spec_3d)
-    with scancache_server(data.store, workers=server_workers) as url:
+    # The server gets the same chunk cache as the local loader's default, so HTTP against local
+    # compares transports, not cache sizes (the server's own default is 512M).
+    with scancache_server(data.store, workers=server_workers, cache_bytes=str(default_cache_bytes())) as url:
         specs = [spec_2d, {**spec_2d, "source": url}]
         for spec_3d in specs_3d:
             specs += [spec_3d, {**spec_3d, "source": url}]

@@ -53,21 +53,44 @@ def merge_mask(
     background: bool = False,
     dtype: Any = np.uint8,
 ) -> np.ndarray:
-    """Select and merge classes on the last axis of ``mask``; optionally prepend background."""
+    """Select and merge classes on the last axis of ``mask``; optionally prepend background.
+
+    A group's channel is the sum of its classes computed in ``dtype`` (as MedSegPy's
+    ``collect_mask``; uint8 wraps like ``sum(dtype=uint8)``); background is 1 where every
+    merged channel is 0. Written with elementwise ufuncs on whole planes: a fancy-indexed
+    ``sum(axis=-1)`` over a short class axis is several times slower.
+    """
     if categories is None:
         categories = all_categories(mask.shape[-1])
-    channels = [
-        mask[..., group[0]].astype(dtype, copy=False)
-        if len(group) == 1
-        else mask[..., list(group)].sum(axis=-1, dtype=dtype)
-        for group in categories
-    ]
+    dtype = np.dtype(dtype)
+    channels: list[np.ndarray] = []
+    for group in categories:
+        if len(group) == 1:
+            channels.append(mask[..., group[0]].astype(dtype, copy=False))
+            continue
+        total = np.add(mask[..., group[0]], mask[..., group[1]], dtype=dtype, casting="unsafe")
+        for k in group[2:]:
+            np.add(total, mask[..., k], out=total, dtype=dtype, casting="unsafe")
+        channels.append(total)
     if background:
-        union = np.zeros(mask.shape[:-1], dtype=bool)
-        for ch in channels:
-            union |= ch != 0
-        channels.insert(0, (~union).astype(dtype))
-    return np.stack(channels, axis=-1)
+        channels.insert(0, _background(channels, mask.shape[:-1]))
+    out = np.empty((*mask.shape[:-1], len(channels)), dtype)
+    return np.stack(channels, axis=-1, out=out, casting="unsafe")
+
+
+def _background(channels: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """True where every channel is 0 (an OR of integer channels is 0 exactly then)."""
+    if not channels:
+        return np.ones(shape, dtype=bool)
+    if all(ch.dtype.kind in "biu" for ch in channels):
+        union = np.array(channels[0], copy=True)
+        for ch in channels[1:]:
+            np.bitwise_or(union, ch, out=union, casting="unsafe")
+        return union == 0
+    empty = channels[0] == 0
+    for ch in channels[1:]:
+        empty &= ch == 0
+    return empty
 
 
 def categories_to_json(categories: Sequence[Sequence[int]] | None) -> str | None:

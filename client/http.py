@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import numpy as np
@@ -31,9 +31,12 @@ from client.errors import (
     ServerError,
     Unauthorized,
 )
+from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
 from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
 from client.protocol import RegionRequest, RoiLike
 from client.wire import decode_npy, decode_npy_stream
+
+R = TypeVar("R")
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
 # Filters the server understands as query parameters; every filter is also applied here.
@@ -103,6 +106,8 @@ class HttpSource:
         self.regions_per_request = max(1, int(regions_per_request))
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # POST /batch bodies are read straight into one buffer when no TLS/proxy is involved.
+        self._poster = BatchPoster(self.url, headers, timeout) if direct_http(self.url) else None
 
     def __repr__(self) -> str:
         return f"HttpSource({self.url!r})"
@@ -118,23 +123,54 @@ class HttpSource:
         self, method: str, path: str, context: dict[str, Any] | None = None, **kw: Any
     ) -> httpx.Response:
         """Send with retries on connection errors, timeouts and 5xx; raise typed errors on 4xx."""
+
+        def send() -> tuple[int, httpx.Response, httpx.Response]:
+            response = self._client.request(method, path, **kw)
+            return response.status_code, response, response
+
+        return self._with_retries(method, path, context, send)
+
+    def _with_retries(
+        self,
+        method: str,
+        path: str,
+        context: dict[str, Any] | None,
+        send: Callable[[], tuple[int, R, httpx.Response | None]],
+    ) -> R:
+        """``send()`` -> (status, result, response for errors); retried as :meth:`_request` says."""
         attempt = 0
         while True:
             try:
-                response = self._client.request(method, path, **kw)
-            except httpx.TransportError as exc:  # connect/read timeouts, refused, reset
+                status, result, response = send()
+            except (httpx.TransportError, *TRANSPORT_ERRORS) as exc:  # timeouts, refused, reset
                 failure = f"{type(exc).__name__}: {exc}"
             else:
-                if response.status_code < 400:
-                    return response
-                if response.status_code < 500:
+                if status < 400:
+                    return result
+                assert response is not None
+                if status < 500:
                     _raise_client_error(response, context or {})
-                failure = f"HTTP {response.status_code} {_detail(response)}"
+                failure = f"HTTP {status} {_detail(response)}"
             if attempt >= self.retries:
                 raise ServerError(f"{method} {self.url}{path}: {failure} (after {attempt + 1} attempts)")
             # Full jitter keeps many clients from retrying in lockstep after a server restart.
             time.sleep(self.backoff * (2**attempt) * (0.5 + random.random() / 2))
             attempt += 1
+
+    def _post_direct(self, path: str, document: dict[str, Any], context: dict[str, Any]) -> bytearray:
+        """POST JSON over the plain-HTTP fast path; the body as one buffer (same retries/errors)."""
+        assert self._poster is not None
+        poster = self._poster
+        payload = json.dumps(document, separators=(",", ":")).encode()
+
+        def send() -> tuple[int, bytearray, httpx.Response | None]:
+            status, headers, body = poster.post(path, payload, "application/json")
+            if status < 400:
+                return status, body, None
+            request = httpx.Request("POST", f"{self.url}{path}")
+            return status, body, httpx.Response(status, headers=headers, content=bytes(body), request=request)
+
+        return self._with_retries("POST", path, context, send)
 
     def health(self) -> dict[str, Any]:
         result: dict[str, Any] = self._request("GET", "/health").json()
@@ -208,7 +244,10 @@ class HttpSource:
             {"scan_id": regions[0]["scan_id"], "array": regions[0]["array"]} if len(regions) == 1 else {}
         )
         try:
-            response = self._request("POST", "/batch", context=context, json={"regions": regions})
+            if self._poster is not None:
+                body: bytes | bytearray = self._post_direct("/batch", {"regions": regions}, context)
+            else:
+                body = self._request("POST", "/batch", context=context, json={"regions": regions}).content
         except RequestTooLarge:
             if len(regions) == 1:
                 raise
@@ -216,9 +255,9 @@ class HttpSource:
             half = len(regions) // 2
             return self._post_batch(regions[:half]) + self._post_batch(regions[half:])
         try:
-            arrays = decode_npy_stream(response.content)
+            arrays = decode_npy_stream(body)
         except ValueError as exc:
-            raise ServerError(f"POST {response.request.url}: not an .npy stream ({exc})") from None
+            raise ServerError(f"POST {self.url}/batch: not an .npy stream ({exc})") from None
         if len(arrays) != len(regions):
             raise ServerError(f"POST {self.url}/batch: {len(arrays)} arrays for {len(regions)} regions")
         return arrays
@@ -247,6 +286,8 @@ class HttpSource:
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
+        if self._poster is not None:
+            self._poster.close()
         self._client.close()
 
 

@@ -24,16 +24,48 @@ from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, v
 from client.protocol import RegionRequest, RoiLike
 from client.roi import Region, as_region
 
-DEFAULT_CACHE_BYTES = 512 * 2**20
+DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
+LOCAL_CACHE_ENV = "SCANCACHE_LOCAL_CACHE_BYTES"
+LOCAL_CACHE_MAX = 4 * 2**30
+
+
+def default_cache_bytes() -> int:
+    """Chunk cache of a ``LocalSource`` opened without ``cache_bytes`` (training, scripts).
+
+    ``$SCANCACHE_LOCAL_CACHE_BYTES`` if set, else an eighth of physical memory within
+    [512 MiB, 4 GiB]: a training epoch touches every chunk again, and a cache that holds the
+    decoded dataset turns later epochs into copies (docs/tuning.md). The cache only grows as
+    chunks are read; several training processes on one machine each have their own.
+    """
+    text = os.environ.get(LOCAL_CACHE_ENV, "").strip()
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{LOCAL_CACHE_ENV}={text!r} is not a whole number of bytes") from None
+        if value < 0:
+            raise ValueError(f"{LOCAL_CACHE_ENV}={text!r} must not be negative")
+        return value
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: keep the server's default
+        return DEFAULT_CACHE_BYTES
+    return int(min(max(memory // 8, DEFAULT_CACHE_BYTES), LOCAL_CACHE_MAX))
 
 
 class LocalSource:
-    """A store on disk. Thread-safe; cheap to create; ``close`` is optional."""
+    """A store on disk. Thread-safe; cheap to create; ``close`` is optional.
 
-    def __init__(self, path: str | os.PathLike[str], cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    ``cache_bytes``: the decoded-chunk LRU (default :func:`default_cache_bytes`).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], cache_bytes: int | None = None) -> None:
         self.root = Path(path)
         if not (self.root / "zarr.json").is_file():
             raise FileNotFoundError(f"{path}: not a scancache store (no zarr.json)")
+        if cache_bytes is None:
+            cache_bytes = default_cache_bytes()
+        self.cache_bytes = int(cache_bytes)
         self._context = ts.Context(
             {
                 "cache_pool": {"total_bytes_limit": int(cache_bytes)},
@@ -111,12 +143,12 @@ class LocalSource:
         return out
 
     # -- arrays -----------------------------------------------------------------------------
-    def _array(self, scan_id: str, name: str) -> Any:
+    def _array(self, scan_id: str, name: str, state: tuple[tuple[int, int], ScanMeta] | None = None) -> Any:
         validate_array_name(name)
-        meta = self.metadata(scan_id)
+        sig, meta = state or self._state(scan_id)
         if name == MASK and not meta.has_mask:
             raise ArrayNotFound(f"scan {scan_id!r} has no mask")
-        key = (scan_id, name, self._signature(scan_id))
+        key = (scan_id, name, sig)
         arr = self._arrays.get(key)
         if arr is None:
             spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.root / scan_id / name)}}
@@ -130,26 +162,38 @@ class LocalSource:
                 self._arrays[key] = arr
         return arr
 
+    def _state(self, scan_id: str) -> tuple[tuple[int, int], ScanMeta]:
+        """(signature, metadata) of a scan: one ``stat`` of its zarr.json."""
+        meta = self.metadata(scan_id)
+        cached = self._meta.get(scan_id)
+        return cached if cached is not None and cached[1] is meta else (self._signature(scan_id), meta)
+
     def region(self, scan_id: str, roi: RoiLike) -> Region:
         return as_region(roi, self.metadata(scan_id).shape)
 
-    def _start(self, req: RegionRequest) -> Any:
-        region = self.region(req.scan_id, req.roi)
-        return self._array(req.scan_id, req.array)[region].read()
+    def _start(self, req: RegionRequest, state: tuple[tuple[int, int], ScanMeta]) -> Any:
+        region = as_region(req.roi, state[1].shape)
+        return self._array(req.scan_id, req.array, state)[region].read()
 
-    def _finish(self, req: RegionRequest, data: np.ndarray) -> np.ndarray:
+    def _finish(self, req: RegionRequest, data: np.ndarray, meta: ScanMeta) -> np.ndarray:
         if req.array == IMAGE:
             return data
         if req.categories is None and not req.background:
             return data
-        meta = self.metadata(req.scan_id)
         cats = None if req.categories is None else normalize_categories(req.categories, meta.num_classes)
         return merge_mask(data, cats, req.background)
 
     def read_regions(self, requests: Sequence[RegionRequest]) -> list[np.ndarray]:
-        # Start every read before waiting on any: tensorstore runs them concurrently.
-        futures = [self._start(r) for r in requests]
-        return [self._finish(r, f.result()) for r, f in zip(requests, futures, strict=True)]
+        # Each scan's zarr.json is checked once per call (not once per region), then every read
+        # is started before waiting on any: tensorstore runs them concurrently.
+        states: dict[str, tuple[tuple[int, int], ScanMeta]] = {}
+        for r in requests:
+            if r.scan_id not in states:
+                states[r.scan_id] = self._state(r.scan_id)
+        futures = [self._start(r, states[r.scan_id]) for r in requests]
+        return [
+            self._finish(r, f.result(), states[r.scan_id][1]) for r, f in zip(requests, futures, strict=True)
+        ]
 
     def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
         return self.read_regions([RegionRequest(scan_id, IMAGE, roi)])[0]

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,21 +29,34 @@ import numpy as np
 
 from client.layout import IMAGE, MASK
 from client.protocol import RegionRequest, ScanSource
+from loaders import inference
 from loaders.config import Config
-from loaders.geometry import check_pad_mode, take_window
+from loaders.geometry import AxisRead, check_pad_mode, take_window
 from loaders.prefetch import Prefetcher
 from loaders.scans import (
     ScanEntry,
-    cut_window,
     read_grouped,
-    read_in_slabs,
     scans_from_dicts,
     window_reads,
 )
-from loaders.stitching import Aggregator, Window
+from loaders.stitching import Window
 
 LOADER_REGISTRY: dict[str, type[DataLoader]] = {}
 L = TypeVar("L", bound="type[DataLoader]")
+F = TypeVar("F", bound=Callable[..., Any])
+_KEEPS_VALUES = "_scancache_keeps_values"
+
+
+def keeps_values(method: F) -> F:
+    """Mark a ``model_target`` that only selects/reshapes (no arithmetic): it may be given the
+    uint8 mask, and the float32 conversion is done while copying into the batch (faster).
+    A subclass that overrides ``model_target`` without this mark gets float32, as always."""
+    setattr(method, _KEEPS_VALUES, True)
+    return method
+
+
+def _roi(axes: Sequence[AxisRead]) -> tuple[slice, ...]:
+    return tuple(slice(a.lo, a.hi) for a in axes)
 
 
 def register_loader(cls: L | None = None, *, name: str | None = None) -> Any:
@@ -72,16 +83,6 @@ class Element:
     @property
     def output_window(self) -> Window:
         return self.target if self.target is not None else self.window
-
-
-def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> np.ndarray:
-    """Predictions of a Keras model (``predict``) or of any callable on a numpy batch."""
-    if hasattr(model, "predict_on_batch") and hasattr(model, "predict"):
-        kwargs = {"verbose": 0, **predict_kwargs}
-        out = model.predict(x, **kwargs) if predict_kwargs else model.predict_on_batch(x)
-    else:
-        out = model(x)
-    return np.asarray(keras.ops.convert_to_numpy(out) if not isinstance(out, np.ndarray) else out)
 
 
 class DataLoader(keras.utils.PyDataset):
@@ -134,6 +135,7 @@ class DataLoader(keras.utils.PyDataset):
         """The model's input for a window of the image (float32). Default: add a channel."""
         return image[..., None]
 
+    @keeps_values
     def model_target(self, mask: np.ndarray, element: Element) -> np.ndarray:
         """The target for a window of the mask ``(h, w, d, C)``. Default: unchanged."""
         return mask
@@ -190,19 +192,21 @@ class DataLoader(keras.utils.PyDataset):
         return (x_in, y_out, x) if self.is_test else (x_in, y_out)
 
     def read_elements(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(image window, mask window) per element, all read in one round per source."""
+        """(image window, mask window) per element, all read in one round per source.
+
+        The mask is as the source returns it (uint8, categories merged); images keep the
+        store's dtype. :meth:`load_batch` converts both to float32 once, into the batch.
+        """
         requests: list[tuple[ScanSource, RegionRequest]] = []
         plans = []
+        background = bool(self._cfg.INCLUDE_BACKGROUND)
         for e in elements:
             scan = self.scans[e.scan]
             img_axes = window_reads(e.window, scan.shape, self.pad_mode)
-            mask_axes = window_reads(e.output_window, scan.shape, self.pad_mode)
-            img_roi = tuple(slice(a.lo, a.hi) for a in img_axes)
-            mask_roi = tuple(slice(a.lo, a.hi) for a in mask_axes)
-            background = bool(self._cfg.INCLUDE_BACKGROUND)
-            requests.append((scan.source, RegionRequest(scan.scan_id, IMAGE, img_roi)))
+            mask_axes = img_axes if e.target is None else window_reads(e.target, scan.shape, self.pad_mode)
+            requests.append((scan.source, RegionRequest(scan.scan_id, IMAGE, _roi(img_axes))))
             requests.append(
-                (scan.source, RegionRequest(scan.scan_id, MASK, mask_roi, scan.categories, background))
+                (scan.source, RegionRequest(scan.scan_id, MASK, _roi(mask_axes), scan.categories, background))
             )
             plans.append((img_axes, mask_axes))
         arrays = read_grouped(requests)
@@ -212,17 +216,36 @@ class DataLoader(keras.utils.PyDataset):
         ]
 
     def load_batch(self, elements: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        """x and y of a batch, float32, before :meth:`preprocess`."""
+        """x and y of a batch, float32, before :meth:`preprocess`.
+
+        Each example is converted straight into its slot of one preallocated x and y (no
+        per-example float32 copy, no ``np.stack``): at 384^2 x 5 classes those copies cost
+        more than reading the chunks. ``model_target`` sees float32 unless it is marked
+        :func:`keeps_values` (a pure view/selection), which then gets the uint8 mask and the
+        conversion happens in the copy into the batch, with identical values.
+        """
         pairs = self.read_elements(elements)
-        xs = [
-            self.model_input(img.astype(np.float32), e) for (img, _), e in zip(pairs, elements, strict=True)
-        ]
-        ys = [self.model_target(m.astype(np.float32), e) for (_, m), e in zip(pairs, elements, strict=True)]
-        shapes = {a.shape for a in xs}
-        if len(shapes) > 1:
-            names = sorted({self.scans[e.scan].scan_id for e in elements})
-            raise ValueError(f"one batch mixes input shapes {sorted(shapes)} (scans {', '.join(names)})")
-        return np.stack(xs), np.stack(ys)
+        target_casts = getattr(type(self).model_target, _KEEPS_VALUES, False)
+        x: np.ndarray | None = None
+        y: np.ndarray | None = None
+        for i, ((img, mask), e) in enumerate(zip(pairs, elements, strict=True)):
+            xi = self.model_input(img if img.dtype == np.float32 else img.astype(np.float32), e)
+            yi = self.model_target(mask if target_casts else mask.astype(np.float32), e)
+            if x is None or y is None:
+                x = np.empty((len(pairs), *xi.shape), np.float32)
+                y = np.empty((len(pairs), *yi.shape), np.float32)
+            elif xi.shape != x.shape[1:] or yi.shape != y.shape[1:]:
+                self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi.shape, y.shape[1:]])
+            np.copyto(x[i], xi, casting="unsafe")
+            np.copyto(y[i], yi, casting="unsafe")
+        if x is None or y is None:
+            raise ValueError("a batch needs at least one element")
+        return x, y
+
+    def _mixed_shapes(self, elements: Sequence[Element], xs: list[Any], ys: list[Any]) -> None:
+        names = sorted({self.scans[e.scan].scan_id for e in elements})
+        shapes = sorted({tuple(s) for s in xs}) if xs[0] != xs[1] else sorted({tuple(s) for s in ys})
+        raise ValueError(f"one batch mixes input shapes {shapes} (scans {', '.join(names)})")
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
@@ -240,14 +263,10 @@ class DataLoader(keras.utils.PyDataset):
     def close(self) -> None:
         self._prefetcher.close()
 
-    # -- inference ----------------------------------------------------------------------------
+    # -- inference (loaders.inference) ----------------------------------------------------------
     def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]:
-        whole = (slice(0, scan.shape[0]), slice(0, scan.shape[1]), slice(0, scan.shape[2]))
-        background = bool(self._cfg.INCLUDE_BACKGROUND)
-        image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE), whole)
-        mask_request = RegionRequest(scan.scan_id, MASK, None, scan.categories, background)
-        mask = read_in_slabs(scan.source, mask_request, whole)
-        return image.astype(np.float32), mask.astype(np.float32)
+        """The whole image and merged mask of a scan, float32 (the mask is ``y_true``)."""
+        return inference.read_scan(self, scan)
 
     def predict_scan(
         self,
@@ -257,32 +276,8 @@ class DataLoader(keras.utils.PyDataset):
         predict_kwargs: dict[str, Any],
         mask: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The stitched (H, W, D, C) prediction of one scan; windows are cut from memory.
-
-        ``mask`` (the scan's merged mask) gives :meth:`preprocess` the batch's real targets.
-        """
-        aggregator: Aggregator | None = None
-        elements = list(self.inference_elements(scan))
-        for start in range(0, len(elements), self.batch_size):
-            chunk = elements[start : start + self.batch_size]
-            x = np.stack([self.model_input(cut_window(image, e.window, self.pad_mode), e) for e in chunk])
-            y = (
-                np.zeros((len(chunk), 0), np.float32)
-                if mask is None
-                else np.stack(
-                    [self.model_target(cut_window(mask, e.output_window, self.pad_mode), e) for e in chunk]
-                )
-            )
-            x, _ = self.preprocess(x, y)  # the same inputs the model saw in training
-            predictions = predict_batch(model, x, predict_kwargs)
-            for e, p in zip(chunk, predictions, strict=True):
-                out = self.from_prediction(p, e)
-                if aggregator is None:
-                    aggregator = Aggregator(scan.shape, out.shape[-1])
-                aggregator.add(e.output_window, out, self.blend_weights(e))
-        if aggregator is None:
-            raise ValueError(f"scan {scan.scan_id!r} has no elements to predict")
-        return aggregator.result()
+        """The stitched (H, W, D, C) float32 prediction of one scan (``loaders.inference``)."""
+        return inference.predict_scan(self, model, scan, image, predict_kwargs, mask)
 
     def inference(self, model: Any, **predict_kwargs: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """Yield ``(input, output)`` per scan, as MedSegPy's ``DataLoader.inference``.
@@ -292,24 +287,7 @@ class DataLoader(keras.utils.PyDataset):
         included). The next scan is read while this one is predicted; memory stays within
         two scans' inputs and one scan's output. Per-slice datasets give D = their slices.
         """
-        for legacy in ("workers", "use_multiprocessing", "max_queue_size"):
-            predict_kwargs.pop(legacy, None)  # predict_generator arguments Keras 3 dropped
-        scans = sorted(self.scans, key=lambda s: s.scan_id)
-        if not scans:
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="scancache-inference") as pool:
-            pending = pool.submit(self._read_scan, scans[0])
-            for k, scan in enumerate(scans):
-                start = time.perf_counter()
-                image, mask = pending.result()
-                if k + 1 < len(scans):
-                    pending = pool.submit(self._read_scan, scans[k + 1])
-                y_pred = self.predict_scan(model, scan, image, predict_kwargs, mask)
-                if len(scan.slices) != scan.shape[2]:
-                    image, mask, y_pred = (a[:, :, list(scan.slices)] for a in (image, mask, y_pred))
-                elapsed = time.perf_counter() - start
-                inputs = {"x": image, "scan_id": scan.scan_id, **scan.inference_attributes()}
-                yield inputs, {"y_true": mask, "y_pred": y_pred, "time_elapsed": elapsed}
+        return inference.run_inference(self, model, predict_kwargs)
 
 
 def build_data_loader(cfg: Config, dataset_dicts: Sequence[dict[str, Any]], **kwargs: Any) -> DataLoader:

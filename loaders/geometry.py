@@ -10,6 +10,7 @@ clipped patch happens to agree).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -57,16 +58,23 @@ class AxisRead:
     hi: int
     take: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def is_plain(self) -> bool:
         """The window lies inside the volume: the read is the window."""
-        return all(t == i for i, t in enumerate(self.take)) and len(self.take) == self.hi - self.lo
+        return len(self.take) == self.hi - self.lo and self.take == _identity(self.hi - self.lo)
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(n: int) -> tuple[int, ...]:
+    return tuple(range(n))
 
 
 def padded_indices(start: int, stop: int, size: int, mode: str) -> AxisRead:
     """Which voxels to read for window ``[start, stop)`` of an axis of ``size`` voxels."""
     if stop <= start or size < 1:
         raise ValueError(f"empty window [{start}, {stop}) or axis of size {size}")
+    if 0 <= start and stop <= size:  # the common case, without a Python call per voxel
+        return AxisRead(start, stop, _identity(stop - start))
     sources = [source_index(p, size, mode) for p in range(start, stop)]
     inside = [s for s in sources if s >= 0]
     if not inside:

@@ -3,8 +3,9 @@
 Each scan is an ellipsoidal "bone" wrapped in concentric tissue shells (one class per shell,
 like cartilage and meniscus around a femoral condyle), on a darker soft-tissue background, with
 a smooth coil bias field and Rician noise. Subjects differ in position, size and shell
-thickness; later visits lose a little shell thickness (as cartilage thins). The end slices
-hold no foreground, as in real knee scans.
+thickness; each tissue has about the same contrast in every subject (one MR protocol), with a
+small per-subject jitter. Later visits lose a little shell thickness (as cartilage thins). The
+end slices hold no foreground, as in real knee scans.
 
 ``fmt="2d"`` writes MedSegPy slice files (``.im``/``.seg``), ``"3d"`` one ``.h5`` per scan
 (``volume``, ``seg``, ``spacing``), ``"both"`` the two side by side under ``2d/`` and ``3d/``.
@@ -26,6 +27,11 @@ DEFAULT_SHAPE = (96, 96, 24)
 DEFAULT_SPLITS = ("train", "valid", "test")
 SPACING = (0.365, 0.365, 0.7)  # mm, like OAI iMorphics DESS
 FORMATS = ("2d", "3d", "both")
+# Mean intensity of each tissue shell (class k takes entry k, cycling), against soft tissue at
+# 0.25 and bone marrow at 0.55: one protocol gives every subject about the same contrast, so a
+# model can learn tissue appearance from a few subjects. Neighbouring shells differ clearly.
+TISSUE_CONTRAST = (0.95, 0.4, 0.8, 1.05, 0.65, 0.9)
+TISSUE_JITTER = 0.05  # relative, per subject and class
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,8 @@ def phantom(
         + ((z - center[2]) / radii[2]) ** 2
     )
     thickness = rng.uniform(0.3, 0.45) / num_classes * (1.0 - thinning)
-    tissue = rng.uniform(0.35, 1.0, size=num_classes)
+    contrast = np.resize(np.array(TISSUE_CONTRAST, dtype=np.float32), num_classes)
+    tissue = contrast * rng.uniform(1.0 - TISSUE_JITTER, 1.0 + TISSUE_JITTER, size=num_classes)
     image = np.full(shape, 0.25, dtype=np.float32)  # soft tissue
     image[r < 1.0] = 0.55  # bone marrow
     mask = np.zeros((h, w, d, num_classes), dtype=np.uint8)

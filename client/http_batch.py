@@ -1,0 +1,98 @@
+"""Plain-HTTP POSTs whose response body is read straight into one buffer (the batch hot path).
+
+httpx parses a body through h11 in 64 KiB pieces and joins them, three copies and a lot of
+Python per megabyte; a 2D batch is tens of megabytes. ``http.client`` with ``readinto`` puts
+the body into one preallocated ``bytearray`` from the socket (the ``.npy`` stream is then
+decoded as views of it), which measured about a third less time per batch request on
+loopback (docs/tuning.md). Only ``http://`` URLs that no proxy applies to use it; everything
+else (TLS, proxies, metadata requests) stays with httpx. One keep-alive connection per thread.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+
+# What a broken or reset connection raises here (retried like httpx's TransportError).
+TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
+
+
+def direct_http(url: str) -> bool:
+    """Whether ``url`` is plain http and not routed through a proxy from the environment."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    proxies = urllib.request.getproxies()
+    if not (proxies.get("http") or proxies.get("all")):
+        return True
+    return bool(urllib.request.proxy_bypass(parts.hostname))
+
+
+class BatchPoster:
+    """POST JSON, get ``(status, headers, body)``; thread-safe, a connection per thread."""
+
+    def __init__(self, url: str, headers: Mapping[str, str], timeout: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.hostname is None:
+            raise ValueError(f"{url!r} has no host")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.prefix = parts.path.rstrip("/")
+        self.headers = dict(headers)
+        self.timeout = timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[http.client.HTTPConnection] = set()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._open.add(conn)
+        return conn
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        conn.close()
+        self._local.conn = None
+        with self._lock:
+            self._open.discard(conn)
+
+    def post(self, path: str, body: bytes, content_type: str) -> tuple[int, dict[str, str], bytearray]:
+        conn = self._connection()
+        headers = {**self.headers, "Content-Type": content_type, "Accept-Encoding": "identity"}
+        try:
+            conn.request("POST", self.prefix + path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = _read_body(response)
+        except BaseException:
+            self._drop(conn)  # the connection's state is unknown: never reuse it
+            raise
+        if response.will_close:
+            self._drop(conn)
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._open = list(self._open), set()
+        for conn in conns:
+            conn.close()
+
+
+def _read_body(response: http.client.HTTPResponse) -> bytearray:
+    length = response.length
+    if length is None:  # chunked or until close: let http.client assemble it
+        return bytearray(response.read())
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = 0
+    while got < length:
+        n = response.readinto(view[got:])
+        if not n:
+            raise http.client.IncompleteRead(bytes(view[:got]), length - got)
+        got += n
+    return buf

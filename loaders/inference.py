@@ -1,0 +1,157 @@
+"""``loader.inference(model)``: per scan, predict every element and stitch the predictions.
+
+What makes it cheap (see docs/tuning.md, "Inference stitching"):
+
+* the scan is read once, each array converted once into its final dtype (the image keeps a
+  float32 store's buffer; the merged uint8 mask becomes the float32 ``y_true`` in one pass);
+* predictions are streamed: a batch is cut from memory, predicted, stitched into the float32
+  output and dropped, so only one batch of predictions is ever alive;
+* stitching (``loaders.stitching``) copies predictions into place when the windows do not
+  overlap (slices, a plain grid), and otherwise keeps a float32 running weighted mean with one
+  weight volume and reused scratch buffers;
+* targets are cut for a batch only when the loader overrides ``preprocess`` (the default
+  ignores them), and a Keras model is called with ``predict_on_batch`` unless an argument needs
+  ``predict``.
+
+The functions take the loader as their first argument; ``DataLoader`` keeps thin methods
+(``inference``, ``predict_scan``, ``_read_scan``) that delegate here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+
+from client.layout import IMAGE, MASK
+from client.protocol import RegionRequest
+from loaders.scans import ScanEntry, cut_window, read_in_slabs
+from loaders.stitching import Aggregator, windows_disjoint
+
+if TYPE_CHECKING:
+    from loaders.base import DataLoader
+
+# predict_generator arguments Keras 3 dropped; MedSegPy scripts still pass them
+LEGACY_PREDICT_ARGS = ("workers", "use_multiprocessing", "max_queue_size")
+
+
+def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> np.ndarray:
+    """Predictions of a Keras model or of any callable on a numpy batch.
+
+    ``model.predict`` builds an iterator and callbacks on every call (milliseconds per batch);
+    ``predict_on_batch`` runs the same inference step directly. ``predict`` is used only when
+    ``predict_kwargs`` asks for something ``predict_on_batch`` would not do: ``verbose`` is
+    moot for one batch, and a ``batch_size`` no smaller than the batch splits nothing.
+    """
+    if hasattr(model, "predict_on_batch") and hasattr(model, "predict"):
+        needs_predict = {k: v for k, v in predict_kwargs.items() if k != "verbose"}
+        size = needs_predict.get("batch_size", 0)
+        if "batch_size" in needs_predict and (size is None or int(size) >= len(x)):
+            del needs_predict["batch_size"]
+        if needs_predict:
+            out = model.predict(x, **{"verbose": 0, **predict_kwargs})
+        else:
+            out = model.predict_on_batch(x)
+    else:
+        out = model(x)
+    return out if isinstance(out, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(out))
+
+
+def read_scan(loader: DataLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]:
+    """The whole image (float32) and merged mask (float32, ``y_true``) of a scan, each converted once."""
+    whole = (slice(0, scan.shape[0]), slice(0, scan.shape[1]), slice(0, scan.shape[2]))
+    image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE), whole)
+    image = image.astype(np.float32, copy=False)  # a float32 store's buffer is used as is
+    request = RegionRequest(scan.scan_id, MASK, None, scan.categories, bool(loader.cfg.INCLUDE_BACKGROUND))
+    mask = read_in_slabs(scan.source, request, whole)
+    return image, mask.astype(np.float32, copy=False)
+
+
+def _uses_targets(loader: DataLoader) -> bool:
+    """Does the loader's ``preprocess`` override the base one (which ignores ``y``)?"""
+    from loaders.base import DataLoader
+
+    return type(loader).preprocess is not DataLoader.preprocess
+
+
+def predict_scan(
+    loader: DataLoader,
+    model: Any,
+    scan: ScanEntry,
+    image: np.ndarray,
+    predict_kwargs: dict[str, Any],
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """The stitched (H, W, D, C) float32 prediction of one scan; windows are cut from memory.
+
+    ``mask`` (the scan's merged float32 mask) gives an overriding :meth:`preprocess` the
+    batch's real targets; without an override no targets are cut.
+    """
+    elements = list(loader.inference_elements(scan))
+    if not elements:
+        raise ValueError(f"scan {scan.scan_id!r} has no elements to predict")
+    disjoint = windows_disjoint((e.output_window for e in elements), scan.shape)
+    with_targets = mask is not None and _uses_targets(loader)
+    aggregator: Aggregator | None = None
+    batch = max(1, int(loader.batch_size))
+    for start in range(0, len(elements), batch):
+        chunk = elements[start : start + batch]
+        x = np.stack([loader.model_input(cut_window(image, e.window, loader.pad_mode), e) for e in chunk])
+        if with_targets and mask is not None:
+            cut = [loader.model_target(cut_window(mask, e.output_window, loader.pad_mode), e) for e in chunk]
+            y = np.stack(cut)
+        else:
+            y = np.zeros((len(chunk), 0), np.float32)
+        x, _ = loader.preprocess(x, y)  # the same inputs the model saw in training
+        del y
+        predictions = predict_batch(model, x, predict_kwargs)
+        del x
+        for e, p in zip(chunk, predictions, strict=True):
+            out = loader.from_prediction(p, e)
+            if aggregator is None:
+                aggregator = Aggregator(scan.shape, out.shape[-1], disjoint=disjoint)
+            aggregator.add(e.output_window, out, loader.blend_weights(e))
+        # p and out are views of the batch: drop them too, or it outlives the next prediction
+        del predictions, p, out
+    if aggregator is None:
+        raise ValueError(f"scan {scan.scan_id!r} has no elements to predict")
+    return aggregator.result()
+
+
+def _select_slices(scan: ScanEntry, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Per-slice datasets: keep the listed slices (D = their number)."""
+    if len(scan.slices) == scan.shape[2]:
+        return arrays
+    picked = list(scan.slices)
+    return tuple(a[:, :, picked] for a in arrays)
+
+
+def run_inference(
+    loader: DataLoader, model: Any, predict_kwargs: dict[str, Any]
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """``DataLoader.inference``: ``(input, output)`` per scan, sorted by scan id.
+
+    The next scan is read in a background thread while this one is predicted: memory stays
+    within two scans' inputs and one scan's output.
+    """
+    kwargs = {k: v for k, v in predict_kwargs.items() if k not in LEGACY_PREDICT_ARGS}
+    scans = sorted(loader.scans, key=lambda s: s.scan_id)
+    if not scans:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="scancache-inference") as pool:
+        pending = pool.submit(loader._read_scan, scans[0])
+        for k, scan in enumerate(scans):
+            start = time.perf_counter()
+            image, mask = pending.result()
+            if k + 1 < len(scans):
+                pending = pool.submit(loader._read_scan, scans[k + 1])
+            y_pred = loader.predict_scan(model, scan, image, kwargs, mask)
+            image, mask, y_pred = _select_slices(scan, (image, mask, y_pred))
+            elapsed = time.perf_counter() - start
+            inputs = {"x": image, "scan_id": scan.scan_id, **scan.inference_attributes()}
+            yield inputs, {"y_true": mask, "y_pred": y_pred, "time_elapsed": elapsed}
+            del image, mask, y_pred, inputs  # the caller holds what it keeps
