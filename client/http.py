@@ -255,7 +255,7 @@ class HttpSource:
             half = len(regions) // 2
             return self._post_batch(regions[:half]) + self._post_batch(regions[half:])
         try:
-            arrays = decode_npy_stream(body)
+            arrays = decode_npy_stream(memoryview(body))
         except ValueError as exc:
             raise ServerError(f"POST {self.url}/batch: not an .npy stream ({exc})") from None
         if len(arrays) != len(regions):

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 
 # What a broken or reset connection raises here (retried like httpx's TransportError).
 TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
+# What sending on a kept-alive connection that the server has closed raises.
+STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
 def direct_http(url: str) -> bool:
@@ -63,18 +65,28 @@ class BatchPoster:
             self._open.discard(conn)
 
     def post(self, path: str, body: bytes, content_type: str) -> tuple[int, dict[str, str], bytearray]:
-        conn = self._connection()
         headers = {**self.headers, "Content-Type": content_type, "Accept-Encoding": "identity"}
-        try:
-            conn.request("POST", self.prefix + path, body=body, headers=headers)
-            response = conn.getresponse()
-            data = _read_body(response)
-        except BaseException:
-            self._drop(conn)  # the connection's state is unknown: never reuse it
-            raise
-        if response.will_close:
-            self._drop(conn)
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        for fresh_retry in (False, True):
+            conn = self._connection()
+            reused = conn.sock is not None
+            try:
+                conn.request("POST", self.prefix + path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = _read_body(response)
+            except STALE_CONNECTION:
+                self._drop(conn)
+                # A kept-alive connection the server closed meanwhile (uvicorn drops idle ones
+                # after 5 s): the read-only POST is safe to send again at once on a new one.
+                if reused and not fresh_retry:
+                    continue
+                raise
+            except BaseException:
+                self._drop(conn)  # the connection's state is unknown: never reuse it
+                raise
+            if response.will_close:
+                self._drop(conn)
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:

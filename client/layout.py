@@ -143,7 +143,7 @@ def array_metadata(
         "data_type": data_type,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": 0,
+        "fill_value": False if data_type == "bool" else 0,  # zarr v3: a bool fill value is a JSON boolean
         "codecs": [
             {
                 "name": "sharding_indexed",

@@ -73,7 +73,7 @@ def padded_indices(start: int, stop: int, size: int, mode: str) -> AxisRead:
     """Which voxels to read for window ``[start, stop)`` of an axis of ``size`` voxels."""
     if stop <= start or size < 1:
         raise ValueError(f"empty window [{start}, {stop}) or axis of size {size}")
-    if 0 <= start and stop <= size:  # the common case, without a Python call per voxel
+    if start >= 0 and stop <= size:  # the common case, without a Python call per voxel
         return AxisRead(start, stop, _identity(stop - start))
     sources = [source_index(p, size, mode) for p in range(start, stop)]
     inside = [s for s in sources if s >= 0]

@@ -5,7 +5,8 @@ What makes it cheap (see docs/tuning.md, "Inference stitching"):
 * the scan is read once, each array converted once into its final dtype (the image keeps a
   float32 store's buffer; the merged uint8 mask becomes the float32 ``y_true`` in one pass);
 * predictions are streamed: a batch is cut from memory, predicted, stitched into the float32
-  output and dropped, so only one batch of predictions is ever alive;
+  output and dropped; for a Keras model the stitching of one batch runs on a worker thread
+  while the model predicts the next, so at most two batches of predictions are alive;
 * stitching (``loaders.stitching``) copies predictions into place when the windows do not
   overlap (slices, a plain grid), and otherwise keeps a float32 running weighted mean with one
   weight volume and reused scratch buffers;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -33,7 +34,7 @@ from loaders.scans import ScanEntry, cut_window, read_in_slabs
 from loaders.stitching import Aggregator, windows_disjoint
 
 if TYPE_CHECKING:
-    from loaders.base import DataLoader
+    from loaders.base import DataLoader, Element
 
 # predict_generator arguments Keras 3 dropped; MedSegPy scripts still pass them
 LEGACY_PREDICT_ARGS = ("workers", "use_multiprocessing", "max_queue_size")
@@ -47,7 +48,7 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
     ``predict_kwargs`` asks for something ``predict_on_batch`` would not do: ``verbose`` is
     moot for one batch, and a ``batch_size`` no smaller than the batch splits nothing.
     """
-    if hasattr(model, "predict_on_batch") and hasattr(model, "predict"):
+    if _is_keras_model(model):
         needs_predict = {k: v for k, v in predict_kwargs.items() if k != "verbose"}
         size = needs_predict.get("batch_size", 0)
         if "batch_size" in needs_predict and (size is None or int(size) >= len(x)):
@@ -78,6 +79,40 @@ def _uses_targets(loader: DataLoader) -> bool:
     return type(loader).preprocess is not DataLoader.preprocess
 
 
+def _is_keras_model(model: Any) -> bool:
+    return hasattr(model, "predict_on_batch") and hasattr(model, "predict")
+
+
+class _ScanStitcher:
+    """Stitches one scan's predictions, batch after batch (on a worker thread, see predict_scan)."""
+
+    def __init__(self, loader: DataLoader, scan: ScanEntry, disjoint: bool) -> None:
+        self.loader, self.scan, self.disjoint = loader, scan, disjoint
+        self.aggregator: Aggregator | None = None
+
+    def add_batch(self, chunk: list[Element], predictions: np.ndarray) -> None:
+        for e, p in zip(chunk, predictions, strict=True):
+            out = self.loader.from_prediction(p, e)
+            if self.aggregator is None:  # the channels are known from the first prediction
+                self.aggregator = Aggregator(self.scan.shape, out.shape[-1], disjoint=self.disjoint)
+            self.aggregator.add(e.output_window, out, self.loader.blend_weights(e))
+
+
+def _batch_input(
+    loader: DataLoader, chunk: list[Element], image: np.ndarray, mask: np.ndarray | None
+) -> np.ndarray:
+    """The model's input for a batch: windows cut from memory, then the loader's preprocess."""
+    x = np.stack([loader.model_input(cut_window(image, e.window, loader.pad_mode), e) for e in chunk])
+    if mask is not None:
+        y = np.stack(
+            [loader.model_target(cut_window(mask, e.output_window, loader.pad_mode), e) for e in chunk]
+        )
+    else:
+        y = np.zeros((len(chunk), 0), np.float32)
+    x, _ = loader.preprocess(x, y)  # the same inputs the model saw in training
+    return x
+
+
 def predict_scan(
     loader: DataLoader,
     model: Any,
@@ -90,36 +125,37 @@ def predict_scan(
 
     ``mask`` (the scan's merged float32 mask) gives an overriding :meth:`preprocess` the
     batch's real targets; without an override no targets are cut.
+
+    For a Keras model, batch k is stitched on a worker thread while the model predicts batch
+    k+1 (numpy releases the GIL), so stitching hides behind the model; at most two batches of
+    predictions are alive. Keras returns a new array per call; a plain callable might reuse
+    its output buffer, so its batches are stitched before the next call.
     """
     elements = list(loader.inference_elements(scan))
     if not elements:
         raise ValueError(f"scan {scan.scan_id!r} has no elements to predict")
-    disjoint = windows_disjoint((e.output_window for e in elements), scan.shape)
-    with_targets = mask is not None and _uses_targets(loader)
-    aggregator: Aggregator | None = None
+    stitcher = _ScanStitcher(loader, scan, windows_disjoint((e.output_window for e in elements), scan.shape))
+    targets = mask if _uses_targets(loader) else None
     batch = max(1, int(loader.batch_size))
-    for start in range(0, len(elements), batch):
-        chunk = elements[start : start + batch]
-        x = np.stack([loader.model_input(cut_window(image, e.window, loader.pad_mode), e) for e in chunk])
-        if with_targets and mask is not None:
-            cut = [loader.model_target(cut_window(mask, e.output_window, loader.pad_mode), e) for e in chunk]
-            y = np.stack(cut)
-        else:
-            y = np.zeros((len(chunk), 0), np.float32)
-        x, _ = loader.preprocess(x, y)  # the same inputs the model saw in training
-        del y
-        predictions = predict_batch(model, x, predict_kwargs)
-        del x
-        for e, p in zip(chunk, predictions, strict=True):
-            out = loader.from_prediction(p, e)
-            if aggregator is None:
-                aggregator = Aggregator(scan.shape, out.shape[-1], disjoint=disjoint)
-            aggregator.add(e.output_window, out, loader.blend_weights(e))
-        # p and out are views of the batch: drop them too, or it outlives the next prediction
-        del predictions, p, out
-    if aggregator is None:
+    background = _is_keras_model(model)
+    with ThreadPoolExecutor(1, thread_name_prefix="scancache-stitch") as pool:
+        pending: Future[None] | None = None
+        for start in range(0, len(elements), batch):
+            chunk = elements[start : start + batch]
+            predictions = predict_batch(model, _batch_input(loader, chunk, image, targets), predict_kwargs)
+            if pending is not None:
+                pending.result()  # the previous batch is stitched (and its errors raised) first
+                pending = None
+            if background:
+                pending = pool.submit(stitcher.add_batch, chunk, predictions)
+            else:
+                stitcher.add_batch(chunk, predictions)
+            del predictions
+        if pending is not None:
+            pending.result()
+    if stitcher.aggregator is None:
         raise ValueError(f"scan {scan.scan_id!r} has no elements to predict")
-    return aggregator.result()
+    return stitcher.aggregator.result()
 
 
 def _select_slices(scan: ScanEntry, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:

@@ -180,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         schedule = keras.optimizers.schedules.CosineDecay(1e-2, len(train) * epochs, alpha=0.05)
         model.compile(optimizer=keras.optimizers.Adam(schedule), loss=dice_ce_loss)
         say(f"4/5 training a small U-Net from the server: {len(train)} batches x {epochs} epochs")
-        history = model.fit(train, validation_data=val, epochs=epochs, verbose=2)
+        # The loader shuffles slices every epoch from cfg.SEED; Keras' own batch-order shuffle
+        # draws from Python's global `random`, which other code in the process also draws from
+        # (e.g. the HTTP client's retry jitter), and would make runs differ under load.
+        history = model.fit(train, validation_data=val, epochs=epochs, shuffle=False, verbose=2)
         losses = history.history["loss"]
         say(f"    loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 

@@ -28,6 +28,7 @@ import numpy as np
 from client.errors import SourceError
 from client.layout import ChunkLayout
 from service import store as store_mod
+from service.scratch import release_all, reuse_freed_memory, scratch
 from service.sources import ScanSpec, SliceReader, discover, fingerprint, load_scan
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
@@ -132,7 +133,7 @@ def convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout) -> ScanResult:
             "fingerprint": fp,
             "sources": {"files": len(spec.files), "bytes": source_bytes},
         }
-        with store_mod.StagedScan(store, spec.scan_id, layout) as staged:
+        with reuse_freed_memory(), store_mod.StagedScan(store, spec.scan_id, layout) as staged:
             if spec.kind == "2d":
                 stats = _stream_slices(SliceReader(spec), staged, attrs)
             else:
@@ -168,9 +169,9 @@ def _stream_slices(
     image_out = staged.create_image(reader.shape, reader.dtype)
     mask_out = staged.create_mask((*reader.shape, reader.num_classes)) if reader.num_classes else None
     slab = min(image_out.slab_depth, depth)
-    images = np.empty((slab, height, width), reader.dtype)
-    masks = np.empty((slab, height, width, reader.num_classes), np.uint8) if mask_out else None
-    stats = store_mod.ScanStatistics()
+    images = scratch("slab-image", (slab, height, width), reader.dtype)
+    masks = scratch("slab-mask", (slab, height, width, reader.num_classes), np.uint8) if mask_out else None
+    stats = store_mod.ScanStatistics(scratch=scratch("statistics", (height * width,), np.float64))
     for z0 in range(0, depth, slab):
         count = min(slab, depth - z0)
         for i in range(count):
@@ -279,10 +280,20 @@ def run_preprocess(
                     _run_graph(client, found.scans, str(store_path), layout, summary, bar, on_result)
                 finally:
                     bar.close()
+                    _release_worker_buffers(client)
     finally:
         store_mod.clean_staging(store_path)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _release_worker_buffers(client: Any) -> None:
+    """Return the workers' conversion buffers (some 100 MB each) to the OS: on a long-lived
+    cluster they would otherwise stay with the workers' threads until those end."""
+    try:
+        client.run(release_all)
+    except Exception:  # a worker gone or unreachable: its memory went with it
+        pass
 
 
 def _run_graph(

@@ -15,39 +15,125 @@ uses one core, so that N workers on N cores do not oversubscribe.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import numpy as np
 from numcodecs import blosc, zstd
 
 from client.layout import ChunkLayout, array_metadata
+from service.scratch import scratch
 
 _MISSING = np.uint64(2**64 - 1)  # index entry of an inner chunk that is not stored
 
 
-def _encoder(codec_doc: dict[str, object] | None) -> Callable[[np.ndarray], bytes]:
-    """The byte encoder after the ``bytes`` codec, from the array metadata's inner codec entry."""
+class _BloscInto:
+    """c-blosc's ``blosc_compress_ctx``, compressing into a buffer the caller owns.
+
+    numcodecs' ``blosc.compress`` returns a new bytes object per chunk, a fresh ``mmap`` inside
+    a Dask worker (see ``service/scratch.py``); the same c-blosc, which numcodecs links in and
+    exports, is called here into a reused buffer instead. The ``_ctx`` entry point is
+    reentrant and uses the one thread given (no global blosc state, no extra threads). If the
+    symbol is missing or its round trip fails (another numcodecs build), ``available`` is
+    False and numcodecs' own function is used.
+    """
+
+    def __init__(self) -> None:
+        self.function: Any = None
+        try:
+            library = ctypes.CDLL(blosc.__file__)
+            function = library.blosc_compress_ctx
+        except (OSError, AttributeError):
+            return
+        function.restype = ctypes.c_int
+        function.argtypes = [
+            ctypes.c_int,  # clevel
+            ctypes.c_int,  # doshuffle
+            ctypes.c_size_t,  # typesize
+            ctypes.c_size_t,  # nbytes
+            ctypes.c_void_p,  # src
+            ctypes.c_void_p,  # dest
+            ctypes.c_size_t,  # destsize
+            ctypes.c_char_p,  # compressor
+            ctypes.c_size_t,  # blocksize
+            ctypes.c_int,  # numinternalthreads
+        ]
+        self.function = function
+        probe = np.arange(4096, dtype=np.float32)
+        out = np.empty(probe.nbytes + _BLOSC_OVERHEAD, np.uint8)
+        try:
+            n = self(probe, out, b"lz4", 5, blosc.SHUFFLE, 0, 4)
+            ok = np.array_equal(np.frombuffer(blosc.decompress(out[:n].tobytes()), np.float32), probe)
+        except Exception:  # any failure at all means: do not use this path
+            ok = False
+        if not ok:
+            self.function = None
+
+    @property
+    def available(self) -> bool:
+        return self.function is not None
+
+    def __call__(
+        self,
+        chunk: np.ndarray,
+        out: np.ndarray,
+        cname: bytes,
+        clevel: int,
+        shuffle: int,
+        blocksize: int,
+        typesize: int,
+    ) -> int:
+        n = self.function(
+            clevel, shuffle, typesize, chunk.nbytes, chunk.ctypes.data, out.ctypes.data, out.nbytes, cname,
+            blocksize, 1,
+        )  # fmt: skip
+        if n <= 0:
+            raise RuntimeError(f"blosc compression failed ({n})")
+        return int(n)
+
+
+_BLOSC_OVERHEAD = 16  # c-blosc 1.x BLOSC_MAX_OVERHEAD: compressed size <= nbytes + 16
+_blosc_into: _BloscInto | None = None
+
+
+def _encoder(codec_doc: dict[str, object] | None) -> Callable[[np.ndarray, np.ndarray], int]:
+    """``encode(chunk, out) -> n``: the codecs after ``bytes`` applied to a C-contiguous chunk,
+    the result written to ``out[:n]`` (``out`` holds at least chunk bytes + 16 + 64)."""
+
+    def copy_into(data: bytes | np.ndarray, out: np.ndarray) -> int:
+        raw = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data.reshape(-1).view(np.uint8)
+        out[: raw.size] = raw
+        return int(raw.size)
+
     if codec_doc is None:
-        return lambda chunk: chunk.tobytes()
+        return copy_into
     name, config = codec_doc["name"], codec_doc["configuration"]
     assert isinstance(config, dict)
     if name == "blosc":
+        global _blosc_into
+        if _blosc_into is None:
+            _blosc_into = _BloscInto()
         cname = str(config["cname"]).encode()
         clevel, typesize = int(config["clevel"]), int(config["typesize"])
-        shuffle = {"noshuffle": blosc.NOSHUFFLE, "shuffle": blosc.SHUFFLE, "bitshuffle": blosc.BITSHUFFLE}[
-            str(config["shuffle"])
-        ]
+        shuffles = {"noshuffle": blosc.NOSHUFFLE, "shuffle": blosc.SHUFFLE, "bitshuffle": blosc.BITSHUFFLE}
+        shuffle = shuffles[str(config["shuffle"])]
         blocksize = int(config["blocksize"])
-        return lambda chunk: blosc.compress(chunk, cname, clevel, shuffle, blocksize, typesize)
+        into = _blosc_into
+        if into.available:
+            return lambda chunk, out: into(chunk, out, cname, clevel, shuffle, blocksize, typesize)
+        return lambda chunk, out: copy_into(
+            blosc.compress(chunk, cname, clevel, shuffle, blocksize, typesize), out
+        )
     if name == "zstd":
         level, checksum = int(config["level"]), bool(config["checksum"])
-        return lambda chunk: zstd.compress(chunk, level, checksum)
+        return lambda chunk, out: copy_into(zstd.compress(chunk, level, checksum), out)
     raise ValueError(f"no encoder for codec {name!r}")
 
 
@@ -80,9 +166,17 @@ class ShardedArrayWriter:
         after_bytes = sharding["codecs"][1:]
         self._encode = _encoder(after_bytes[0] if after_bytes else None)
         # the bytes codec is little endian: the gather buffer converts as it copies
-        self._chunk = np.zeros(self.inner, self.dtype.newbyteorder("<"))
+        self._chunk = scratch(f"chunk-{path.name}", self.inner, self.dtype.newbyteorder("<"))
         self._chunk_bytes = self._chunk.reshape(-1).view(np.uint8)
         self._chunk_records = _records(self._chunk)
+        # encoded chunks are packed one after the other into one reused buffer, the shard's
+        # file image; its index follows them, so a shard is one write
+        grid = [s // c for s, c in zip(self.shard, self.inner, strict=True)]
+        self._index = np.full((*grid, 2), _MISSING, dtype="<u8")
+        bound = self._chunk.nbytes + self._chunk.nbytes // 128 + 1024  # >= blosc, zstd, raw sizes
+        self._arena = scratch(
+            f"shard-{path.name}", (math.prod(grid) * bound + self._index.nbytes + 4,), np.uint8
+        )
         self.bytes_written = 0
         path.mkdir(parents=True)
         doc = json.dumps(meta, indent=2).encode()
@@ -116,12 +210,11 @@ class ShardedArrayWriter:
     def _write_shard(
         self, region: np.ndarray, dest: np.ndarray, precheck: np.ndarray | None, key: list[str]
     ) -> None:
-        grid = [s // c for s, c in zip(self.shard, self.inner, strict=True)]
-        index = np.full((*grid, 2), _MISSING, dtype="<u8")
-        parts: list[bytes] = []
+        index, arena = self._index, self._arena
+        index.fill(_MISSING)
         offset = 0
         cy, cx, cz = self.inner[:3]
-        for iy, ix, iz in itertools.product(*(range(n) for n in grid[:3])):
+        for iy, ix, iz in itertools.product(*(range(n) for n in index.shape[:3])):
             where = (
                 slice(iy * cy, (iy + 1) * cy),
                 slice(ix * cx, (ix + 1) * cx),
@@ -139,35 +232,28 @@ class ShardedArrayWriter:
                 np.copyto(dest, block)
             if not self._chunk_bytes.any():  # all fill value, bit for bit (-0.0 is stored)
                 continue
-            encoded = self._encode(self._chunk)
-            index[iy, ix, iz] = (offset, len(encoded))  # trailing class axis: grid size 1
-            offset += len(encoded)
-            parts.append(encoded)
-        if not parts:  # an all-empty shard is simply absent, as the fill value
+            size = self._encode(self._chunk, arena[offset:])
+            index[iy, ix, iz] = (offset, size)  # a trailing class axis has grid size 1
+            offset += size
+        if offset == 0:  # an all-empty shard is simply absent, as the fill value
             return
-        table = index.tobytes()
-        parts.append(table)
-        parts.append(np.uint32(google_crc32c.value(table)).astype("<u4").tobytes())
+        table = index.reshape(-1).view(np.uint8)
+        arena[offset : offset + table.size] = table
+        offset += table.size
+        arena[offset : offset + 4] = np.frombuffer(
+            np.uint32(google_crc32c.value(table.tobytes())).astype("<u4").tobytes(), np.uint8
+        )
+        offset += 4
         target = self.path.joinpath("c", *key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.bytes_written += _write_file(target, parts)
+        _write_file(target, arena[:offset].data)
+        self.bytes_written += offset
 
 
-def _write_file(path: Path, parts: list[bytes]) -> int:
-    """Write byte strings one after the other (``writev``: no joined copy of the shard)."""
-    total = sum(len(part) for part in parts)
+def _write_file(path: Path, data: memoryview) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        written = 0
-        views = [memoryview(part) for part in parts]
-        while views:
-            n = os.writev(fd, views[:512])
-            written += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+        while data:
+            data = data[os.write(fd, data) :]
     finally:
         os.close(fd)
-    return total

@@ -62,6 +62,9 @@ def read_scan_attrs(root: str | os.PathLike[str], scan_id: str) -> dict[str, Any
         return None
 
 
+_STATISTICS_BLOCK = 1 << 20  # voxels per float64 scratch block (8 MB)
+
+
 class ScanStatistics:
     """Intensity statistics and per-class voxel counts of a scan, accumulated block by block.
 
@@ -72,18 +75,24 @@ class ScanStatistics:
     copy of the volume and stays as accurate as a two-pass computation over the whole array.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, scratch: np.ndarray | None = None) -> None:
         self.count = 0
         self.mean = 0.0
         self.m2 = 0.0  # sum of squared deviations from the running mean
         self.low, self.high = math.inf, -math.inf
         self.per_slice: list[list[int]] = []  # [z][class]
-        self._scratch = np.empty(0, np.float64)
+        self._scratch = np.empty(0, np.float64) if scratch is None else scratch.reshape(-1)
 
     def add_image(self, block: np.ndarray) -> None:
         """Any block of voxels (a slice, a slab); blocks may come in any order."""
         k = int(block.size)
         if k == 0:
+            return
+        if block.ndim == 3 and block.shape[2] > 1 and k > _STATISTICS_BLOCK:
+            # a slab of a whole volume: slices at a time keep the float64 scratch small
+            step = max(1, _STATISTICS_BLOCK // (block.shape[0] * block.shape[1]))
+            for z0 in range(0, block.shape[2], step):
+                self.add_image(block[:, :, z0 : z0 + step])
             return
         self.low = min(self.low, float(block.min()))
         self.high = max(self.high, float(block.max()))
