@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 import tracemalloc
+from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -63,68 +64,83 @@ def run(data: BenchData) -> list[Row]:
     model = tiny_model(patch, main.cfg.get_num_classes())
     image, mask = main._read_scan(scan)  # what inference() hands predict_scan
     try:
-        predict_s, total_s, windows, peak, out_mb = _measure(main, model, scan, image, mask, repeats=3)
-        o_predict, o_total, o_windows, o_peak, _ = _measure(loaders[overlap], model, scan, image, mask, 2)
+        grid = _measure(main, model, scan, image, mask, repeats=5)
+        over = _measure(loaders[overlap], model, scan, image, mask, repeats=2)
     finally:
         for loader in loaders.values():
             loader.close()
     stride_text = "x".join(map(str, overlap))
     return [
-        Row(SECTION, "model predict alone", predict_s, "s", note=f"{windows} windows, scan {scan.shape}"),
-        Row(SECTION, "inference with stitching", total_s, "s", predict_s * 1.10, "1.1x predict",
-            "<= 10% over predict", 1.0, higher_is_better=False,
-            note=f"{(total_s / predict_s - 1) * 100:.0f}% over predict"),
-        Row(SECTION, "peak memory of stitching", peak / 2**20, "MiB", 1.5 * out_mb, "1.5x one scan's output",
-            "<= 1.5x one scan's output", 1.0, higher_is_better=False,
-            note=f"{peak / 2**20 / out_mb:.2f}x the {out_mb:.0f} MiB float32 output"),
-        Row(SECTION, f"overlapping grid (stride {stride_text}): inference with stitching", o_total, "s",
-            o_predict, "predict alone", higher_is_better=False,
-            note=f"{o_windows} windows; {(o_total / o_predict - 1) * 100:.0f}% over predict (information)"),
-        Row(SECTION, f"overlapping grid (stride {stride_text}): peak memory", o_peak / 2**20, "MiB",
-            out_mb, "one scan's output", higher_is_better=False,
-            note=f"{o_peak / 2**20 / out_mb:.2f}x the output (information)"),
+        Row(SECTION, "model predict alone", grid.predict_s, "s", note=f"{grid.windows} windows, scan {scan.shape}"),
+        Row(SECTION, "inference with stitching", grid.total_s, "s", grid.predict_s * 1.10, "1.1x predict",
+            "<= 10% over predict", 1.0, higher_is_better=False, note=grid.note()),
+        Row(SECTION, "peak memory of stitching", grid.peak_mib, "MiB", 1.5 * grid.output_mib,
+            "1.5x one scan's output", "<= 1.5x one scan's output", 1.0, higher_is_better=False,
+            note=f"{grid.peak_mib / grid.output_mib:.2f}x the {grid.output_mib:.0f} MiB float32 output"),
+        Row(SECTION, f"overlapping grid (stride {stride_text}): inference with stitching", over.total_s, "s",
+            over.predict_s, "predict alone", higher_is_better=False,
+            note=f"{over.windows} windows; {over.note()} (information)"),
+        Row(SECTION, f"overlapping grid (stride {stride_text}): peak memory", over.peak_mib, "MiB",
+            over.output_mib, "one scan's output", higher_is_better=False,
+            note=f"{over.peak_mib / over.output_mib:.2f}x the output (information)"),
     ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Measured:
+    predict_s: float  # best wall time of the model alone over the pre-cut batches
+    total_s: float  # best wall time of predict_scan
+    extra_cpu_s: float  # median over the paired runs of (predict_scan - predict) process CPU time
+    windows: int
+    peak_mib: float
+    output_mib: float
+
+    def note(self) -> str:
+        return (
+            f"{(self.total_s / self.predict_s - 1) * 100:.0f}% over predict; "
+            f"stitching's extra CPU time {self.extra_cpu_s:.2f} s"
+        )
 
 
 def _measure(
     loader: Any, model: Any, scan: Any, image: np.ndarray, mask: np.ndarray, repeats: int
-) -> tuple[float, float, int, int, float]:
-    """(predict alone s, predict_scan s, windows, traced peak bytes, output MiB) for one loader."""
+) -> Measured:
+    """Time the model alone and predict_scan, interleaved, then trace predict_scan's peak memory."""
     from loaders.inference import predict_batch
     from loaders.scans import cut_window
 
     elements = list(loader.inference_elements(scan))
     step = loader.batch_size
     batches = [
-        np.stack(
-            [
-                loader.model_input(cut_window(image, e.window, loader.pad_mode), e)
-                for e in elements[i : i + step]
-            ]
-        )
+        np.stack([loader.model_input(cut_window(image, e.window, loader.pad_mode), e) for e in elements[i : i + step]])
         for i in range(0, len(elements), step)
-    ]
+    ]  # fmt: skip
     predict_batch(model, batches[0], {})  # build / warm the model once
 
-    def predict_only() -> float:
-        t0 = time.perf_counter()
+    def predict_only() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         for x in batches:
             predict_batch(model, x, {})
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
-    def stitched() -> float:
-        t0 = time.perf_counter()
+    def stitched() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         loader.predict_scan(model, scan, image, {}, mask)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
-    predict_times, stitch_times = [], []
-    for _ in range(repeats):  # interleaved: load from other processes hits both alike
-        predict_times.append(predict_only())
-        stitch_times.append(stitched())
+    # Interleaved (predict, stitch, predict, ...): load from other processes hits both alike.
+    pairs = [(predict_only(), stitched()) for _ in range(repeats)]
     batches.clear()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     output = loader.predict_scan(model, scan, image, {}, mask)
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
-    return min(predict_times), min(stitch_times), len(elements), peak, output.nbytes / 2**20
+    return Measured(
+        predict_s=min(p[0] for p, _ in pairs),
+        total_s=min(s[0] for _, s in pairs),
+        extra_cpu_s=float(np.median([s[1] - p[1] for p, s in pairs])),
+        windows=len(elements),
+        peak_mib=peak / 2**20,
+        output_mib=output.nbytes / 2**20,
+    )

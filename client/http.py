@@ -42,6 +42,10 @@ TOKEN_ENV = "SCANCACHE_TOKEN"
 # Filters the server understands as query parameters; every filter is also applied here.
 SERVER_FILTERS = ("split", "subject_id", "time_point", "augmentation", "has_class")
 
+# Retry jitter from a private generator: training code seeds the global `random` (Keras
+# shuffles with it), and a retry must not shift that stream.
+_JITTER = random.Random()
+
 
 def roi_text(roi: RoiLike) -> str | None:
     """A roi as the query text; slices need no shape (the server validates bounds)."""
@@ -154,7 +158,7 @@ class HttpSource:
             if attempt >= self.retries:
                 raise ServerError(f"{method} {self.url}{path}: {failure} (after {attempt + 1} attempts)")
             # Full jitter keeps many clients from retrying in lockstep after a server restart.
-            time.sleep(self.backoff * (2**attempt) * (0.5 + random.random() / 2))
+            time.sleep(self.backoff * (2**attempt) * (0.5 + _JITTER.random() / 2))
             attempt += 1
 
     def _post_direct(self, path: str, document: dict[str, Any], context: dict[str, Any]) -> bytearray:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -149,12 +148,55 @@ def _records(array: np.ndarray) -> np.ndarray:
     return array
 
 
+class _OpenShard:
+    """A shard file being appended to: chunks go in as they are encoded, the index last.
+
+    Zarr v3 sharding finds every inner chunk through the index, so chunks may sit in the
+    file in any order; here they are in the order slabs arrive (z-layer by z-layer).
+    """
+
+    def __init__(self, path: Path, grid: list[int]) -> None:
+        self.path = path
+        self.index = np.full((*grid, 2), _MISSING, dtype="<u8")
+        self.fd = -1
+        self.offset = 0
+
+    def append(self, where: tuple[int, int, int], data: memoryview) -> None:
+        if self.fd < 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _write_all(self.fd, data)
+        self.index[where] = (self.offset, len(data))  # a trailing class axis has grid size 1
+        self.offset += len(data)
+
+    def finish(self) -> int:
+        """Write the index (and its crc32c) and close; returns the file's size (0: no file,
+        every chunk was the fill value)."""
+        if self.fd < 0:
+            return 0
+        try:
+            table = self.index.tobytes()
+            _write_all(
+                self.fd, memoryview(table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes())
+            )
+            return self.offset + len(table) + 4
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class ShardedArrayWriter:
     """One array of a scan: ``zarr.json`` at creation, then shards as slabs of slices arrive.
 
-    ``write_slab(z0, slab)`` takes slices ``z0 .. z0 + slab_depth`` (fewer at the end) as an
-    (H, W, dz[, C]) array of any strides; ``z0`` must be a multiple of ``slab_depth`` (one
-    shard deep), so every shard is written once, whole.
+    ``write_slab(z0, slab)`` takes slices ``z0 .. z0 + slab_depth`` (one inner chunk deep,
+    fewer at the end) as an (H, W, dz[, C]) array of any strides, in increasing ``z0``; each
+    inner chunk is gathered into a reused buffer, encoded into another and appended to its
+    shard's file, whose index is written once its last slab is in (or at ``close``). So the
+    caller needs only a chunk-deep slab of slices in memory, not a shard's or a scan's.
     """
 
     def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, layout: ChunkLayout) -> None:
@@ -163,20 +205,17 @@ class ShardedArrayWriter:
         sharding = meta["codecs"][0]["configuration"]
         self.inner = tuple(int(n) for n in sharding["chunk_shape"])
         self.shard = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
+        self._grid = [s // c for s, c in zip(self.shard, self.inner, strict=True)]
         after_bytes = sharding["codecs"][1:]
         self._encode = _encoder(after_bytes[0] if after_bytes else None)
         # the bytes codec is little endian: the gather buffer converts as it copies
         self._chunk = scratch(f"chunk-{path.name}", self.inner, self.dtype.newbyteorder("<"))
         self._chunk_bytes = self._chunk.reshape(-1).view(np.uint8)
         self._chunk_records = _records(self._chunk)
-        # encoded chunks are packed one after the other into one reused buffer, the shard's
-        # file image; its index follows them, so a shard is one write
-        grid = [s // c for s, c in zip(self.shard, self.inner, strict=True)]
-        self._index = np.full((*grid, 2), _MISSING, dtype="<u8")
         bound = self._chunk.nbytes + self._chunk.nbytes // 128 + 1024  # >= blosc, zstd, raw sizes
-        self._arena = scratch(
-            f"shard-{path.name}", (math.prod(grid) * bound + self._index.nbytes + 4,), np.uint8
-        )
+        self._encoded = scratch(f"encoded-{path.name}", (bound,), np.uint8)
+        self._open: dict[tuple[int, ...], _OpenShard] = {}
+        self._next_z = 0
         self.bytes_written = 0
         path.mkdir(parents=True)
         doc = json.dumps(meta, indent=2).encode()
@@ -185,13 +224,22 @@ class ShardedArrayWriter:
 
     @property
     def slab_depth(self) -> int:
-        return self.shard[2]
+        return self.inner[2]
+
+    @property
+    def pending(self) -> bool:
+        """Whether slices are still to come (the array is not complete)."""
+        return self._next_z < self.shape[2]
 
     def write_slab(self, z0: int, slab: np.ndarray) -> None:
         depth = min(self.slab_depth, self.shape[2] - z0)
         expected = (*self.shape[:2], depth, *self.shape[3:])
-        if z0 % self.slab_depth or slab.shape != expected:
-            raise ValueError(f"{self.path.name}: slab at z={z0} has shape {slab.shape}, expected {expected}")
+        if z0 != self._next_z or slab.shape != expected:
+            raise ValueError(
+                f"{self.path.name}: slab at z={z0} of shape {slab.shape}; "
+                f"expected z={self._next_z} of shape {expected}"
+            )
+        self._next_z = z0 + depth
         # mask slabs move as C-byte records when their class axis is contiguous in memory
         records, dest = slab, self._chunk
         if slab.dtype == self._chunk.dtype and _records(slab).ndim < slab.ndim:
@@ -199,61 +247,47 @@ class ShardedArrayWriter:
         # For one-byte integers zero bits are the fill value, so an empty chunk can be seen on
         # the source side (a max over contiguous runs) and never gathered; most of a mask is.
         precheck = slab if slab.dtype.itemsize == 1 and slab.dtype.kind in "ub" else None
-        for sy, sx in itertools.product(
-            range(math.ceil(self.shape[0] / self.shard[0])), range(math.ceil(self.shape[1] / self.shard[1]))
-        ):
-            y0, x0 = sy * self.shard[0], sx * self.shard[1]
-            window = (slice(y0, y0 + self.shard[0]), slice(x0, x0 + self.shard[1]))
-            key = [str(sy), str(sx), str(z0 // self.slab_depth)] + ["0"] * (len(self.shape) - 3)
-            self._write_shard(records[window], dest, None if precheck is None else precheck[window], key)
-
-    def _write_shard(
-        self, region: np.ndarray, dest: np.ndarray, precheck: np.ndarray | None, key: list[str]
-    ) -> None:
-        index, arena = self._index, self._arena
-        index.fill(_MISSING)
-        offset = 0
-        cy, cx, cz = self.inner[:3]
-        for iy, ix, iz in itertools.product(*(range(n) for n in index.shape[:3])):
-            where = (
-                slice(iy * cy, (iy + 1) * cy),
-                slice(ix * cx, (ix + 1) * cx),
-                slice(iz * cz, (iz + 1) * cz),
-            )
-            block = region[where]
-            if block.size == 0:  # an inner chunk wholly past the array's edge
-                continue
+        shard_z, layer = divmod(z0, self.shard[2])
+        cy, cx = self.inner[:2]
+        for y0, x0 in itertools.product(range(0, self.shape[0], cy), range(0, self.shape[1], cx)):
+            (sy, iy), (sx, ix) = divmod(y0, self.shard[0]), divmod(x0, self.shard[1])
+            where = (slice(y0, y0 + cy), slice(x0, x0 + cx))
+            block = records[where]
             if precheck is not None and not precheck[where].max():
                 continue
-            if block.shape[:3] != (cy, cx, cz):  # an edge chunk: the rest is the fill value
+            if block.shape[:3] != self.inner[:3]:  # an edge chunk: the rest is the fill value
                 self._chunk.fill(0)
                 np.copyto(dest[: block.shape[0], : block.shape[1], : block.shape[2]], block)
             else:
                 np.copyto(dest, block)
             if not self._chunk_bytes.any():  # all fill value, bit for bit (-0.0 is stored)
                 continue
-            size = self._encode(self._chunk, arena[offset:])
-            index[iy, ix, iz] = (offset, size)  # a trailing class axis has grid size 1
-            offset += size
-        if offset == 0:  # an all-empty shard is simply absent, as the fill value
-            return
-        table = index.reshape(-1).view(np.uint8)
-        arena[offset : offset + table.size] = table
-        offset += table.size
-        arena[offset : offset + 4] = np.frombuffer(
-            np.uint32(google_crc32c.value(table.tobytes())).astype("<u4").tobytes(), np.uint8
-        )
-        offset += 4
-        target = self.path.joinpath("c", *key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _write_file(target, arena[:offset].data)
-        self.bytes_written += offset
+            size = self._encode(self._chunk, self._encoded)
+            self._shard((sy, sx, shard_z)).append(
+                (iy // cy, ix // cx, layer // self.inner[2]), self._encoded[:size].data
+            )
+        if self._next_z % self.shard[2] == 0 or self._next_z == self.shape[2]:
+            self._finish_shards()
+
+    def _shard(self, where: tuple[int, int, int]) -> _OpenShard:
+        shard = self._open.get(where)
+        if shard is None:
+            key = [str(n) for n in where] + ["0"] * (len(self.shape) - 3)
+            shard = self._open[where] = _OpenShard(self.path.joinpath("c", *key), self._grid)
+        return shard
+
+    def _finish_shards(self) -> None:
+        for shard in self._open.values():
+            self.bytes_written += shard.finish()
+        self._open.clear()
+
+    def close(self) -> None:
+        """Close any shard left open (an aborted scan); a finished array has none."""
+        for shard in self._open.values():
+            shard.close()
+        self._open.clear()
 
 
-def _write_file(path: Path, data: memoryview) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        while data:
-            data = data[os.write(fd, data) :]
-    finally:
-        os.close(fd)
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]

@@ -180,6 +180,9 @@ class StagedScan:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for writer in (self.image, self.mask):
+            if writer is not None:
+                writer.close()
         if not self.published:
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -196,6 +199,9 @@ class StagedScan:
         """Write the group's attributes and move the scan into place; returns the attributes."""
         if self.image is None:
             raise ValueError(f"{self.scan_id}: no image array written")
+        for writer in (self.image, self.mask):
+            if writer is not None and writer.pending:
+                raise ValueError(f"{self.scan_id}: {writer.path.name} has slices not written yet")
         full = {
             **attrs,
             "scan_id": self.scan_id,
