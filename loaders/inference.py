@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from loaders.base import DataLoader, Element
 
 # predict_generator arguments Keras 3 dropped; MedSegPy scripts still pass them
+STITCH_IN_BACKGROUND = True
 LEGACY_PREDICT_ARGS = ("workers", "use_multiprocessing", "max_queue_size")
 
 
@@ -137,7 +138,7 @@ def predict_scan(
     stitcher = _ScanStitcher(loader, scan, windows_disjoint((e.output_window for e in elements), scan.shape))
     targets = mask if _uses_targets(loader) else None
     batch = max(1, int(loader.batch_size))
-    background = _is_keras_model(model)
+    background = _is_keras_model(model) and STITCH_IN_BACKGROUND
     with ThreadPoolExecutor(1, thread_name_prefix="scancache-stitch") as pool:
         pending: Future[None] | None = None
         for start in range(0, len(elements), batch):

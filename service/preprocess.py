@@ -29,7 +29,8 @@ from client.errors import SourceError
 from client.layout import ChunkLayout
 from service import store as store_mod
 from service.scratch import release_all, reuse_freed_memory, scratch
-from service.sources import ScanSpec, SliceReader, discover, fingerprint, load_scan
+from service.slice_files import SliceReader
+from service.sources import ScanSpec, discover, fingerprint, load_scan
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
 

@@ -2,15 +2,16 @@
 
 The store format (``client/layout.py``: ``sharding_indexed`` shards of whole slices holding
 inner chunks encoded with ``bytes`` little endian plus blosc-lz4 / zstd / nothing, the index at
-the end followed by its crc32c) is written here directly with numcodecs and google-crc32c, the
-libraries zarr-python itself decodes with. Measured on a 384x384x160 scan with a 6-class mask
-this costs about half of what a tensorstore write costs (docs/tuning.md, "Conversion"): the
-slabs arrive slice-major from the reader, and the one gather per inner chunk into a reused
-buffer is all the copying there is. Inner chunks equal to the fill value (0) are left out of
-the shard, as zarr-python and tensorstore do, so empty mask regions cost no space.
+the end followed by its crc32c) is written here directly with the c-blosc and zstd that
+numcodecs ships and google-crc32c, the libraries zarr-python decodes with; tests read every
+layout back with zarr-python and tensorstore. Against tensorstore's writer this removes its
+copy of the whole array into its chunk cache: slabs arrive slice-major from the reader, each
+inner chunk is gathered once into a reused buffer, compressed into another reused buffer and
+appended to its shard file (docs/tuning.md, "Conversion"). Inner chunks equal to the fill
+value (0) are left out, as zarr-python and tensorstore do, so empty mask regions cost nothing.
 
-Compression runs in the calling thread, one chunk at a time: a Dask worker with one thread
-uses one core, so that N workers on N cores do not oversubscribe.
+Everything runs in the calling thread, one chunk at a time: a Dask worker with one thread
+uses one core, so N workers on N cores do not oversubscribe.
 """
 
 from __future__ import annotations

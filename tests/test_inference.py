@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import zarr
 from conftest import build_store
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loaders import Config, DatasetCatalog, build_loader
+from loaders.build import get_dataset_dicts
+from loaders.geometry import PatchGrid, blend_weights
+from loaders.patches import PatchDataLoader
+from loaders.stitching import Aggregator, windows_disjoint
 
 # Shapes no grid below divides: patches (8, 7, 4) with strides (5, 4, 3) and the tail snapped.
 ODD_SCANS = [
@@ -104,3 +110,116 @@ def test_2d_and_25d_inference_restore_volumes(odd_store):
         image, mask = arrays[inputs["scan_id"]]
         np.testing.assert_array_equal(outputs["y_pred"], pointwise(image.astype(np.float32)[..., None]))
         np.testing.assert_array_equal(outputs["y_true"], mask[..., 1:3].astype(np.float32))
+
+
+# -- stitching internals: overlap detection, float32 running mean, zero weights ----------------
+
+
+def coverage_count(windows, shape):
+    count = np.zeros(shape, np.int32)
+    for window in windows:
+        count[
+            tuple(slice(max(a, 0), max(min(b, n), 0)) for (a, b), n in zip(window, shape, strict=True))
+        ] += 1
+    return count
+
+
+@st.composite
+def window_sets(draw):
+    shape = tuple(draw(st.integers(1, 9)) for _ in range(3))
+    if draw(st.booleans()):  # a grid, overlapping or not
+        patch = tuple(draw(st.integers(1, 6)) for _ in range(3))
+        stride = tuple(draw(st.integers(1, p)) for p in patch)
+        return shape, list(PatchGrid.build(shape, patch, stride).windows())
+    starts = st.integers(-3, 9)
+    windows = []
+    for _ in range(draw(st.integers(1, 6))):
+        lo = [draw(starts) for _ in range(3)]
+        windows.append(tuple((a, a + draw(st.integers(1, 5))) for a in lo))
+    return shape, windows
+
+
+@settings(max_examples=150, deadline=None)
+@given(window_sets())
+def test_windows_disjoint_never_claims_an_overlap_away(case):
+    shape, windows = case
+    if windows_disjoint(windows, shape):
+        assert coverage_count(windows, shape).max() <= 1
+
+
+def test_windows_disjoint_recognises_slices_and_plain_grids():
+    shape = (7, 5, 6)
+    assert windows_disjoint([((0, 7), (0, 5), (z, z + 1)) for z in range(6)], shape)
+    assert windows_disjoint([((0, 7), (x, x + 1), (0, 6)) for x in range(5)], shape)
+    assert windows_disjoint(PatchGrid.build((8, 6, 4), (4, 3, 2)).windows(), (8, 6, 4))
+    assert not windows_disjoint(PatchGrid.build((9, 6, 4), (4, 3, 2)).windows(), (9, 6, 4))  # snapped tail
+    assert not windows_disjoint([((0, 2), (0, 2), (0, 2))] * 2, shape)
+
+
+@pytest.mark.parametrize("mode", ["average", "gaussian"])
+def test_blending_different_predictions_matches_a_float64_reference(mode):
+    """Overlaps of *different* predictions: the float32 running mean equals sum(w p) / sum(w)."""
+    shape, patch, channels = (13, 11, 9), (6, 5, 4), 3
+    grid = PatchGrid.build(shape, patch, (4, 3, 3), (1, 0, 2))
+    weights = blend_weights(patch, mode)
+    rng = np.random.default_rng(7)
+    agg = Aggregator(shape, channels)
+    num = np.zeros((*shape, channels))
+    den = np.zeros(shape)
+    for window in grid.windows():
+        pred = rng.normal(size=(*patch, channels)).astype(np.float32)
+        agg.add(window, pred, weights)
+        inside = tuple(slice(max(a, 0), min(b, n)) for (a, b), n in zip(window, shape, strict=True))
+        local = tuple(slice(s.start - a, s.stop - a) for s, (a, _) in zip(inside, window, strict=True))
+        w = weights.astype(np.float32).astype(np.float64)[local]
+        num[inside] += pred[local].astype(np.float64) * w[..., None]
+        den[inside] += w
+    result = agg.result()
+    assert result.dtype == np.float32 and (den > 0).all()
+    np.testing.assert_allclose(result, num / den[..., None], rtol=2e-5, atol=2e-6)
+
+
+def test_disjoint_windows_are_copied_exactly_and_zero_weights_uncover():
+    shape = (6, 4, 5)
+    windows = list(PatchGrid.build(shape, (3, 2, 5)).windows())
+    rng = np.random.default_rng(3)
+    preds = [rng.normal(size=(3, 2, 5, 2)) for _ in windows]  # float64: rounds once to float32
+    weights = blend_weights((3, 2, 5), "gaussian")
+    weights[0, 0, 0] = 0.0  # a custom loader may leave a voxel out
+    fast, blended = Aggregator(shape, 2, disjoint=True), Aggregator(shape, 2)
+    truth = np.zeros((*shape, 2), np.float32)
+    for window, pred in zip(windows, preds, strict=True):
+        fast.add(window, pred, weights)
+        blended.add(window, pred, weights)
+        region = tuple(slice(a, b) for a, b in window)
+        truth[region] = pred
+        truth[region][0, 0, 0] = 0
+    np.testing.assert_array_equal(fast.result(), truth)
+    np.testing.assert_array_equal(blended.result(), truth)
+    left_out = np.zeros(shape, bool)
+    for window in windows:
+        left_out[window[0][0], window[1][0], window[2][0]] = True
+    np.testing.assert_array_equal(fast.covered(), ~left_out)
+    np.testing.assert_array_equal(blended.covered(), ~left_out)
+
+
+def test_an_overriding_preprocess_sees_the_real_targets(odd_store):
+    """inference cuts targets for preprocess only when a loader overrides it, and then correctly."""
+    _, arrays = odd_store
+    seen = []
+
+    class Recording(PatchDataLoader):
+        def preprocess(self, x, y):
+            seen.append((x.copy(), y.copy()))
+            return x * np.float32(2.0), y
+
+    cfg = Config(TAG="PatchDataLoader", IMG_SIZE=(8, 7, 4, 1), IMG_STRIDE=(5, 4, 3), CATEGORIES=(1, 2))
+    loader = Recording(cfg, get_dataset_dicts("odd_test"), is_test=True, shuffle=False, batch_size=4)
+    for inputs, outputs in loader.inference(pointwise):
+        image = arrays[inputs["scan_id"]][0]
+        np.testing.assert_array_equal(outputs["y_pred"], pointwise(2 * image.astype(np.float32)[..., None]))
+    assert seen and all(y.shape == (*x.shape[:-1], 2) for x, y in seen)
+    # each batch's y is the mask window of each x (a pointwise check on in-volume windows)
+    y0 = seen[0][1]
+    volume_mask = arrays[sorted(arrays)[0]][1][..., 1:3].astype(np.float32)
+    np.testing.assert_array_equal(y0[0], volume_mask[0:8, 0:7, 0:4])
