@@ -9,7 +9,7 @@ the rest, identically for a local store and a server:
 * batches: reads every window of a batch in one ``read_regions`` call per source, in
   background threads ahead of time (``loaders.prefetch``), and shuffles per epoch from SEED;
 * ``inference(model)``: per scan, runs the model over the scan's elements and stitches the
-  predictions back into a volume (``loaders.stitching``), blending overlaps.
+  predictions back into a volume (``loaders.inference``, ``loaders.stitching``), blending overlaps.
 
 A subclass implements :meth:`DataLoader.build_elements` and, if the model's tensors are not
 the window's own shape, :meth:`model_input`, :meth:`model_target` and :meth:`from_prediction`.

@@ -5,8 +5,8 @@ What makes it cheap (see docs/tuning.md, "Inference stitching"):
 * the scan is read once, each array converted once into its final dtype (the image keeps a
   float32 store's buffer; the merged uint8 mask becomes the float32 ``y_true`` in one pass);
 * predictions are streamed: a batch is cut from memory, predicted, stitched into the float32
-  output and dropped; for a Keras model the stitching of one batch runs on a worker thread
-  while the model predicts the next, so at most two batches of predictions are alive;
+  output and dropped; for a Keras model stitching runs on a worker thread while the model
+  predicts the next batches, at most ``PENDING_BYTES`` behind;
 * stitching (``loaders.stitching``) copies predictions into place when the windows do not
   overlap (slices, a plain grid), and otherwise keeps a float32 running weighted mean with one
   weight volume and reused scratch buffers;
@@ -21,6 +21,7 @@ The functions take the loader as their first argument; ``DataLoader`` keeps thin
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -36,8 +37,11 @@ from loaders.stitching import Aggregator, windows_disjoint
 if TYPE_CHECKING:
     from loaders.base import DataLoader, Element
 
+# How far (bytes of predictions waiting to be stitched) the model may run ahead of stitching:
+# enough to cover paging in a 450 MiB output (0.1-1 s on a busy machine) with a few batches.
+PENDING_BYTES = 64 * 2**20
+
 # predict_generator arguments Keras 3 dropped; MedSegPy scripts still pass them
-STITCH_IN_BACKGROUND = True
 LEGACY_PREDICT_ARGS = ("workers", "use_multiprocessing", "max_queue_size")
 
 
@@ -90,13 +94,20 @@ class _ScanStitcher:
     def __init__(self, loader: DataLoader, scan: ScanEntry, disjoint: bool) -> None:
         self.loader, self.scan, self.disjoint = loader, scan, disjoint
         self.aggregator: Aggregator | None = None
+        self.started = False  # a prediction was added: the output's channels are settled
+
+    def prepare(self, channels: int) -> None:
+        """Allocate (and page in) the output ahead of the first prediction, guessing its channels."""
+        self.aggregator = Aggregator(self.scan.shape, channels, disjoint=self.disjoint)
 
     def add_batch(self, chunk: list[Element], predictions: np.ndarray) -> None:
         for e, p in zip(chunk, predictions, strict=True):
             out = self.loader.from_prediction(p, e)
-            if self.aggregator is None:  # the channels are known from the first prediction
+            if self.aggregator is None or (not self.started and self.aggregator.channels != out.shape[-1]):
+                # the channels are known from the first prediction (a wrong guess is replaced)
                 self.aggregator = Aggregator(self.scan.shape, out.shape[-1], disjoint=self.disjoint)
             self.aggregator.add(e.output_window, out, self.loader.blend_weights(e))
+            self.started = True
 
 
 def _batch_input(
@@ -127,10 +138,12 @@ def predict_scan(
     ``mask`` (the scan's merged float32 mask) gives an overriding :meth:`preprocess` the
     batch's real targets; without an override no targets are cut.
 
-    For a Keras model, batch k is stitched on a worker thread while the model predicts batch
-    k+1 (numpy releases the GIL), so stitching hides behind the model; at most two batches of
-    predictions are alive. Keras returns a new array per call; a plain callable might reuse
-    its output buffer, so its batches are stitched before the next call.
+    For a Keras model, batches are stitched on a worker thread while the model predicts the
+    next ones (numpy releases the GIL), so stitching hides behind the model; the output is
+    allocated and paged in there too, before the first prediction. The model may run ahead
+    by :data:`PENDING_BYTES` of predictions (at least one batch). Keras returns a new array
+    per call; a plain callable might reuse its output buffer, so its batches are stitched
+    before the next call.
     """
     elements = list(loader.inference_elements(scan))
     if not elements:
@@ -138,22 +151,24 @@ def predict_scan(
     stitcher = _ScanStitcher(loader, scan, windows_disjoint((e.output_window for e in elements), scan.shape))
     targets = mask if _uses_targets(loader) else None
     batch = max(1, int(loader.batch_size))
-    background = _is_keras_model(model) and STITCH_IN_BACKGROUND
+    background = _is_keras_model(model)
     with ThreadPoolExecutor(1, thread_name_prefix="scancache-stitch") as pool:
-        pending: Future[None] | None = None
+        pending: deque[tuple[Future[None], int]] = deque()
+        if background and mask is not None:  # y_true's channels: what a model predicts, usually
+            pending.append((pool.submit(stitcher.prepare, int(mask.shape[-1])), 0))
         for start in range(0, len(elements), batch):
             chunk = elements[start : start + batch]
             predictions = predict_batch(model, _batch_input(loader, chunk, image, targets), predict_kwargs)
-            if pending is not None:
-                pending.result()  # the previous batch is stitched (and its errors raised) first
-                pending = None
             if background:
-                pending = pool.submit(stitcher.add_batch, chunk, predictions)
+                pending.append((pool.submit(stitcher.add_batch, chunk, predictions), predictions.nbytes))
+                # the model runs ahead of stitching by at most PENDING_BYTES of predictions
+                while len(pending) > 1 and sum(n for _, n in pending) > PENDING_BYTES:
+                    pending.popleft()[0].result()  # also raises the stitching's errors here
             else:
                 stitcher.add_batch(chunk, predictions)
             del predictions
-        if pending is not None:
-            pending.result()
+        while pending:
+            pending.popleft()[0].result()
     if stitcher.aggregator is None:
         raise ValueError(f"scan {scan.scan_id!r} has no elements to predict")
     return stitcher.aggregator.result()
