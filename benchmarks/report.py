@@ -33,6 +33,58 @@ class Row:
         return self.ratio >= self.target_ratio
 
 
+# Why a target can be missed, from the analysis in docs/tuning.md: (section prefix, words in
+# the row name, explanation). Shown only for targets a run actually missed.
+WHY_MISSED: list[tuple[str, tuple[str, ...], str]] = [
+    (
+        "Conversion",
+        (),
+        "the job also compresses and writes every voxel (the floor only reads), and on 2 shared cores "
+        "the driver, the scheduler and 2 workers compete; CPU per scan is ~2.4x the floor's "
+        "(docs/tuning.md section 10)",
+    ),
+    (
+        "2D training",
+        ("over HTTP",),
+        "client, server and the model share the same 2 cores, so the server's CPU comes out of the "
+        "loader's; over a network the server has its own cores (docs/tuning.md section 8)",
+    ),
+    (
+        "2D training",
+        (),
+        "a whole-slice read decodes 8-slice deep chunks (96x96x8, chosen for 3D patches) when cold, "
+        "and building float32 y with merged categories costs as much as reading "
+        "(docs/tuning.md sections 3 and 7)",
+    ),
+    (
+        "3D random patches",
+        ("over HTTP",),
+        "client, server and model share the same 2 cores (docs/tuning.md section 8)",
+    ),
+    (
+        "3D random patches",
+        (),
+        "cold reads decompress ~10 MB of chunks per 64x64x32 patch, and a foreground draw reads a "
+        "whole mask slice to find a labelled voxel; warm reads are memory copies "
+        "(docs/tuning.md sections 3 and 7, 'What remains')",
+    ),
+    (
+        "Inference stitching",
+        (),
+        "fresh memory for the scan's float32 output and the stitching thread compete with the "
+        "model's own 2 threads on 2 cores (docs/tuning.md section 11)",
+    ),
+    ("Server", (), "client and server share the same 2 cores (docs/tuning.md section 8)"),
+]
+
+
+def why_missed(row: Row) -> str:
+    for prefix, words, why in WHY_MISSED:
+        if row.section.startswith(prefix) and all(w in row.name for w in words):
+            return why
+    return "see docs/tuning.md"
+
+
 @dataclass
 class Report:
     machine: dict[str, str]
@@ -83,6 +135,17 @@ class Report:
                     f"| {r.section}: {r.name} | {_fmt(r.ours)} {r.unit} | {ratio} | {r.target} | {met} |"
                 )
             out.append("")
+            missed = [r for r in summary if r.met is False]
+            if missed:
+                out += ["### Not met in this run: by how much, and why", ""]
+                for r in missed:
+                    assert r.ratio is not None and r.target_ratio is not None
+                    short = 100 * (1 - r.ratio / r.target_ratio)
+                    out.append(
+                        f"- **{r.section}: {r.name}**: ratio {r.ratio:.2f}x where {r.target} needs "
+                        f"{r.target_ratio:.2f}x ({short:.0f}% short). Why: {why_missed(r)}."
+                    )
+                out.append("")
         for section, rows in sections.items():
             out += [
                 f"## {section}",

@@ -40,6 +40,39 @@ def test_markdown_lists_targets_and_sections():
     assert "## 2D" in text and "- a note" in text and "- Mode: quick" in text
 
 
+def test_missed_targets_say_by_how_much_and_why():
+    report = Report(MACHINE, {})
+    report.add(
+        [
+            Row(
+                "3D random patches (x)",
+                "64x64x32: scancache local, cold",
+                50.0,
+                "p/s",
+                10.0,
+                "gather",
+                ">= 20x",
+                20.0,
+            ),
+            Row(
+                "3D random patches (x)",
+                "64x64x32: scancache local, warm",
+                300.0,
+                "p/s",
+                10.0,
+                "gather",
+                ">= 20x",
+                20.0,
+            ),
+        ]
+    )
+    text = report.markdown()
+    assert "### Not met in this run" in text
+    assert "ratio 5.00x where >= 20x needs 20.00x (75% short)" in text
+    assert "decompress" in text  # the 3D explanation, not the fallback
+    assert "warm**" not in text  # the met target is not listed
+
+
 @given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=200), st.floats(0, 100))
 def test_percentile_is_an_element_within_bounds(samples, q):
     p = percentile(samples, q)
