@@ -143,7 +143,13 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"1/5 writing sample data (knee-like phantoms {shape}) to {source}")
     # 6 subjects: 4 to train on (2 visits each), 1 to validate, 1 to test, none shared
-    write_sample_data(source, subjects=6, visits=2, shape=shape, num_classes=4, fmt="2d", seed=0)
+    params = {"subjects": 6, "visits": 2, "shape": list(shape), "num_classes": 4, "seed": 0}
+    stamp = source / ".demo-sample-data.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+        say("    already there (a re-run reuses it, so the job below skips every scan)")
+    else:
+        write_sample_data(source, subjects=6, visits=2, shape=shape, num_classes=4, fmt="2d", seed=0)
+        stamp.write_text(json.dumps(params))
 
     say(f"2/5 preprocessing with Dask into {store}")
     summary = run_preprocess(source, store, workers=2, progress=sys.stderr.isatty())
