@@ -13,7 +13,7 @@ from client.protocol import RegionRequest, ScanSource
 from loaders.base import DataLoader, Element, register_loader
 from loaders.config import Config
 from loaders.geometry import blend_weights, normalize_per_axis
-from loaders.sampling import ForegroundSampler, Sample, grid_windows
+from loaders.sampling import LOCATION_CACHE_BYTES, ForegroundSampler, LocationCache, Sample, grid_windows
 from loaders.scans import ScanEntry, read_grouped
 
 
@@ -94,6 +94,7 @@ class RandomPatchDataLoader(PatchDataLoader):
         self.per_scan = int(cfg.PATCHES_PER_SCAN)
         self.ratio = float(cfg.FOREGROUND_RATIO)
         self._counts: dict[int, list[list[int]]] = {}
+        self._locations = LocationCache(LOCATION_CACHE_BYTES)
         super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size)
 
     @functools.cached_property
@@ -124,13 +125,25 @@ class RandomPatchDataLoader(PatchDataLoader):
             return list(range(scan.meta.num_classes))
         return sorted({k for group in scan.categories for k in group})
 
-    def _read_slices(self, wanted: list[tuple[int, int, int]]) -> list[np.ndarray]:
-        requests: list[tuple[ScanSource, RegionRequest]] = []
-        for scan_index, k, z in wanted:
-            scan = self.scans[scan_index]
-            roi = (slice(None), slice(None), slice(z, z + 1))
-            requests.append((scan.source, RegionRequest(scan.scan_id, MASK, roi, ((k,),), False)))
-        return [a[:, :, 0, 0] for a in read_grouped(requests)]
+    def _locate(self, wanted: list[tuple[int, int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Voxels of class k in slice z, per ``(scan, k, z)``: cached, since a slice is drawn from
+        again and again over epochs and finding them means reading (and decoding) a whole mask
+        slice."""
+        found = {key: self._locations.get(key) for key in set(wanted)}
+        missing = [key for key, hit in found.items() if hit is None]
+        if missing:
+            requests: list[tuple[ScanSource, RegionRequest]] = []
+            for scan_index, k, z in missing:
+                scan = self.scans[scan_index]
+                roi = (slice(None), slice(None), slice(z, z + 1))
+                requests.append((scan.source, RegionRequest(scan.scan_id, MASK, roi, ((k,),), False)))
+            for key, mask in zip(missing, read_grouped(requests), strict=True):
+                ys, xs = np.nonzero(mask[:, :, 0, 0])
+                index_type = np.int16 if max(mask.shape[:2]) < 2**15 else np.int32
+                located = (ys.astype(index_type), xs.astype(index_type))
+                self._locations.put(key, located)
+                found[key] = located
+        return [found[key] for key in wanted]  # type: ignore[misc]
 
     def resolve(self, samples: Sequence[Sample], epoch: int) -> list[Element]:
         windows = self.sampler.draw(
@@ -139,7 +152,7 @@ class RandomPatchDataLoader(PatchDataLoader):
             [s.shape for s in self.scans],
             self._per_slice,
             self._foreground_classes,
-            self._read_slices,
+            self._locate,
         )
         return [Element(s.scan, w) for s, w in zip(samples, windows, strict=True)]
 

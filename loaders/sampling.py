@@ -1,4 +1,4 @@
-"""Samplers: where patches go. Pure of I/O except through the ``read_slice`` callback.
+"""Samplers: where patches go. Pure of I/O except through the ``locate`` callback.
 
 ``grid_windows`` tiles a volume (inference, PatchDataLoader). ``ForegroundSampler`` draws
 training patches: a share ``ratio`` of them centred on a voxel of a foreground class (class
@@ -10,13 +10,54 @@ oversample_foreground_percent and MONAI's RandCropByPosNegLabel. Every draw come
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from loaders.geometry import PatchGrid
 from loaders.stitching import Window
+
+# Foreground voxel locations kept per loader: a 384x384 slice with 5% of one class is ~30 KiB.
+LOCATION_CACHE_BYTES = 64 * 2**20
+
+Locations = tuple[np.ndarray, np.ndarray]
+
+
+class LocationCache:
+    """A thread-safe LRU of ``(ys, xs)`` arrays, capped in bytes (read-ahead threads share it)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._items: OrderedDict[Hashable, Locations] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Locations | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Hashable, value: Locations) -> None:
+        size = value[0].nbytes + value[1].nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.nbytes -= old[0].nbytes + old[1].nbytes
+            self._items[key] = value
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self.nbytes -= dropped[0].nbytes + dropped[1].nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def grid_windows(
@@ -96,11 +137,12 @@ class ForegroundSampler:
         shapes: Sequence[Sequence[int]],
         per_slice: Callable[[int], Sequence[Sequence[int]]],
         classes: Callable[[int], Sequence[int]],
-        read_slices: Callable[[list[tuple[int, int, int]]], list[np.ndarray]],
+        locate: Callable[[list[tuple[int, int, int]]], list[tuple[np.ndarray, np.ndarray]]],
     ) -> list[Window]:
-        """Windows for ``samples``; foreground ones read their chosen slices in one call.
+        """Windows for ``samples``; foreground ones locate their chosen slices in one call.
 
-        ``read_slices([(scan, class, z), ...])`` returns each slice's (H, W) binary mask.
+        ``locate([(scan, class, z), ...])`` returns, per slice, the ``(ys, xs)`` of its voxels of
+        that class in ``numpy.nonzero`` order (so a cache of them changes no draw).
         """
         rngs = [self.rng(epoch, s) for s in samples]
         picks: list[tuple[int, int] | None] = [
@@ -108,14 +150,14 @@ class ForegroundSampler:
             for s, rng in zip(samples, rngs, strict=True)
         ]
         wanted = [(s.scan, *p) for s, p in zip(samples, picks, strict=True) if p is not None]
-        masks = iter(read_slices(wanted)) if wanted else iter(())
+        located = iter(locate(wanted)) if wanted else iter(())
         windows = []
         for s, rng, pick in zip(samples, rngs, picks, strict=True):
             shape = shapes[s.scan]
             if pick is None:
                 windows.append(self.random_window(rng, shape))
                 continue
-            ys, xs = np.nonzero(next(masks))
+            ys, xs = next(located)
             if len(ys) == 0:  # counts and mask disagree: fall back to a uniform draw
                 windows.append(self.random_window(rng, shape))
                 continue

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loaders import (
     Config,
@@ -19,6 +21,7 @@ from loaders import (
 )
 from loaders.catalog import scan_dict
 from loaders.geometry import PatchGrid
+from loaders.sampling import LocationCache
 
 TRAIN = ("0000001_V00-Aug00", "0000001_V01-Aug00")
 CATEGORIES = (0, (1, 2), 3)
@@ -333,3 +336,41 @@ def test_out_of_order_access_still_correct_and_stops_reading_ahead(store, train_
     loader[0]
     assert loader._prefetcher._futures, "reading ahead resumes in a new epoch"
     loader.close()
+
+
+def test_cached_foreground_locations_change_no_draw(store, train_name):
+    cfg = cfg_for(
+        TAG="RandomPatchDataLoader",
+        IMG_SIZE=(9, 9, 3, 1),
+        CATEGORIES=(1, 3),
+        PATCHES_PER_SCAN=12,
+        FOREGROUND_RATIO=1.0,
+        SEED=5,
+    )
+    warm = build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+    first = [warm.batch_elements(b) for b in range(len(warm))]
+    assert len(warm._locations) > 0, "foreground draws were located and kept"
+    again = [warm.batch_elements(b) for b in range(len(warm))]  # every draw now from the cache
+    cold = build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+    assert again == first == [cold.batch_elements(b) for b in range(len(cold))]
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 9), st.integers(0, 40)), min_size=1, max_size=60), st.integers(0, 400)
+)
+def test_location_cache_is_an_lru_capped_in_bytes(puts, cap):
+    cache = LocationCache(cap)
+    model: dict[int, int] = {}  # key -> size, in recency order
+    for key, n in puts:
+        value = (np.zeros(n, np.int16), np.zeros(n, np.int16))
+        cache.put(key, value)
+        size = 4 * n
+        if size <= cap:
+            model.pop(key, None)
+            model[key] = size
+            while sum(model.values()) > cap:
+                del model[next(iter(model))]
+        assert cache.nbytes == sum(model.values()) <= cap
+        assert len(cache) == len(model)
+    for key in model:
+        assert cache.get(key) is not None
