@@ -64,8 +64,9 @@ WHY_MISSED: list[tuple[str, tuple[str, ...], str]] = [
     (
         "3D random patches",
         (),
-        "cold reads decompress ~10 MB of chunks per 64x64x32 patch, and a foreground draw reads a "
-        "whole mask slice to find a labelled voxel; warm reads are memory copies "
+        "cold reads decompress ~10 MB of 96x96x8 chunks per 64x64x32 patch, and the first foreground "
+        "draw from a slice reads that whole mask slice (later draws use cached locations); warm reads "
+        "are memory copies, but merging categories into float32 y costs as much "
         "(docs/tuning.md sections 3 and 7, 'What remains')",
     ),
     (
