@@ -8,7 +8,6 @@ typo does not silently read the wrong voxels. Axes left out mean the whole axis.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from client.errors import InvalidROI
@@ -76,10 +75,6 @@ def format_roi(region: Sequence[slice]) -> str:
 
 def region_shape(region: Sequence[slice]) -> tuple[int, ...]:
     return tuple(int(s.stop) - int(s.start) for s in region)
-
-
-def region_nbytes(region: Sequence[slice], itemsize: int, channels: int = 1) -> int:
-    return math.prod(region_shape(region)) * itemsize * channels
 
 
 def as_region(roi: str | Sequence[slice] | None, shape: Sequence[int]) -> Region:

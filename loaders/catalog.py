@@ -57,6 +57,8 @@ def shared_source(source: SourceLike) -> ScanSource:
 
 
 def close_shared_sources() -> None:
+    """Close the sources that registered datasets share (one per path or URL) and forget them,
+    e.g. before a long-lived process points its datasets at another server."""
     with _shared_lock:
         for src in _shared.values():
             src.close()
