@@ -30,6 +30,7 @@ from client.errors import (
     ScanNotFound,
     ServerError,
     Unauthorized,
+    one_line,
 )
 from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
 from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
@@ -321,7 +322,7 @@ def _detail(response: httpx.Response) -> str:
         first = detail[0]
         loc = [str(p) for p in first.get("loc", []) if p not in ("query", "body", "path")]
         return f"{loc[-1] if loc else 'request'}: {first.get('msg', 'invalid')}"
-    return " ".join(str(detail).split())
+    return one_line(str(detail))
 
 
 _PARAM_ERRORS: dict[str, Callable[[str, str], InvalidParameter]] = {

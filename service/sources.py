@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import EmptySource, InvalidPath, SourceError
+from client.errors import EmptySource, InvalidPath, SourceError, one_line
 from client.layout import FORMAT_VERSION, ChunkLayout, validate_scan_id
 
 IMAGE_SUFFIX, MASK_SUFFIX, VOLUME_SUFFIX = ".im", ".seg", ".h5"
@@ -211,10 +211,10 @@ def fingerprint(spec: ScanSpec, layout: ChunkLayout) -> tuple[str, int]:
 
 # -- reading ----------------------------------------------------------------------------------
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+    text = one_line(err, limit=10_000)
     # h5py says "Unable to synchronously open file (truncated file: eof = ...)": keep the reason
     inner = re.fullmatch(r"Unable to [^(]*\((.*)\)", text)
-    return (inner[1] if inner else text)[:200] or type(err).__name__
+    return one_line(inner[1] if inner else text, 200)
 
 
 def _read_datasets(
