@@ -33,6 +33,7 @@ from client.layout import (
 from client.protocol import RegionRequest, RoiLike
 from client.publish import current_version, version_dir
 from client.roi import Region, as_region
+from client.units import parse_bytes
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
 LOCAL_CACHE_ENV = "SCANCACHE_LOCAL_CACHE_BYTES"
@@ -49,13 +50,7 @@ def default_cache_bytes() -> int:
     """
     text = os.environ.get(LOCAL_CACHE_ENV, "").strip()
     if text:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"{LOCAL_CACHE_ENV}={text!r} is not a whole number of bytes") from None
-        if value < 0:
-            raise ValueError(f"{LOCAL_CACHE_ENV}={text!r} must not be negative")
-        return value
+        return parse_bytes(text, LOCAL_CACHE_ENV)  # 512M works as on the command line
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: keep the server's default

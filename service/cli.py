@@ -9,23 +9,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_BYTE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+from client.errors import one_line
+from client.units import parse_bytes as _parse_size
 
 
 def parse_bytes(text: str) -> int:
-    """``512M`` -> 536870912; K/M/G/T are powers of 1024 (``MiB``/``MB`` read the same)."""
-    match = _BYTES.match(str(text))
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte size like 4096, 512M or 2G")
-    return int(float(match[1]) * _BYTE_UNITS[match[2].upper()])
+    """argparse type for sizes (``512M``); the parsing itself is ``client.units.parse_bytes``."""
+    try:
+        return _parse_size(text, "size")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte size like 4096, 512M or 2G") from None
 
 
 def positive_int(text: str) -> int:
@@ -326,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             traceback.print_exc()
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = one_line(err)
         print(f"scancache {args.command}: error: {message}", file=sys.stderr)
         return 1
 

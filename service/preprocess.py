@@ -30,7 +30,7 @@ from typing import IO, Any
 import numpy as np
 
 from client import publish
-from client.errors import SourceError
+from client.errors import SourceError, one_line
 from client.layout import ChunkLayout
 from service import store as store_mod
 from service.job_lock import JobLock
@@ -196,7 +196,7 @@ def _convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str 
     except SourceError as err:
         return ScanResult(spec.scan_id, FAILED, str(err), worker=worker)
     except Exception as err:  # a write error, a full disk: still one line, still not fatal
-        why = " ".join(str(err).split())[:200] or type(err).__name__
+        why = one_line(err, 200)
         return ScanResult(
             spec.scan_id, FAILED, f"{spec.scan_id}: (store): {type(err).__name__}: {why}", worker=worker
         )
@@ -412,7 +412,7 @@ def _run_graph(
         try:
             result = future.result()
         except Exception as err:  # the worker died (e.g. killed by the OOM killer) twice
-            why = " ".join(str(err).split())[:200] or type(err).__name__
+            why = one_line(err, 200)
             scan = scan_of[future.key]
             result = ScanResult(scan, FAILED, f"{scan}: (worker): {type(err).__name__}: {why}")
         summary.add(result)

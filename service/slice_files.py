@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import SourceError
+from client.errors import SourceError, one_line
 from service.sources import ScanSpec
 
 _HDF5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
@@ -36,10 +36,10 @@ class LoadedScan:
 
 # -- the checks, shared by 2D slices and 3D volumes ------------------------------------------
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+    text = one_line(err, limit=10_000)
     # h5py says "Unable to synchronously open file (truncated file: eof = ...)": keep the reason
     inner = re.fullmatch(r"Unable to [^(]*\((.*)\)", text)
-    return (inner[1] if inner else text)[:200] or type(err).__name__
+    return one_line(inner[1] if inner else text, 200)
 
 
 def unreadable(scan: str, rel: str, err: BaseException) -> SourceError:
