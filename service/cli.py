@@ -121,7 +121,7 @@ def cmd_scans(args: argparse.Namespace) -> int:
 
     rows = _scan_rows(Path(args.store))
     if args.json:
-        print(json.dumps({"scans": rows}, indent=2))
+        print(json.dumps({"scans": rows}, indent=2, allow_nan=False))
         return 0
     table = [("SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE")]
     for row in rows:
@@ -160,6 +160,8 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     )
     for kind, root in data.roots.items():
         print(f"wrote {len(data.scans)} {kind.upper()} scans of {'x'.join(map(str, args.shape))} to {root}")
+    if len(data.roots) > 1:  # the same scans twice: one source each
+        print(f"convert each folder on its own, e.g. scancache preprocess {data.roots['2d']} STORE")
     return 0
 
 

@@ -309,6 +309,9 @@ class StagedScan:
             **extra,
             MANIFEST: manifest,
         }
+        problem = manifest_problem(self.work.parent, self.work.name, full)
+        if problem is not None:  # never publish a scan whose arrays are not all there
+            raise ValueError(f"{self.scan_id}: not published, {problem}")
         group = self.work / "zarr.json"
         publish_mod.write_json_durably(group, group_metadata(full))
         self.bytes_written = sum(manifest.values()) + group.stat().st_size
