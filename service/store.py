@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,11 +220,30 @@ def scan_statistics(image: np.ndarray, mask: np.ndarray | None, block_slices: in
     return stats.to_attrs()
 
 
-# Extra arrays: each step runs once a scan's image and mask are complete, writes what it likes
-# into the staged scan folder (``staged.work``) and returns attributes to add. Steps run in
-# order; a step that raises fails the scan (nothing is published).
-ArrayStep = Callable[["StagedScan"], dict[str, Any]]
-ARRAY_STEPS: list[tuple[str, ArrayStep]] = []
+class ArrayStep:
+    """An extra array (or other files) of every scan, written into the staged version folder.
+
+    Subclass it and append the class to ``ARRAY_STEPS``: each ``StagedScan`` makes one
+    instance. ``on_slab`` sees every slab of slices as it is written, image (H, W, dz) and
+    mask (H, W, dz, C) or None, in increasing ``z0``, so a derived array needs no second pass
+    over the data; ``finish`` runs once image and mask are complete, writes under
+    ``self.staged.work`` and returns attributes to add to the scan. Files it writes go into
+    the manifest. A step that raises fails the scan: nothing is published.
+    """
+
+    name = "step"
+
+    def __init__(self, staged: StagedScan) -> None:
+        self.staged = staged
+
+    def on_slab(self, z0: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        pass
+
+    def finish(self) -> dict[str, Any]:
+        return {}
+
+
+ARRAY_STEPS: list[type[ArrayStep]] = []
 
 
 class StagedScan:
@@ -254,7 +272,7 @@ class StagedScan:
         self.work.mkdir()
         self.image: ShardedArrayWriter | None = None
         self.mask: ShardedArrayWriter | None = None
-        self.steps: list[tuple[str, ArrayStep]] = list(ARRAY_STEPS)
+        self.steps: list[ArrayStep] = [step(self) for step in ARRAY_STEPS]
         self.bytes_written = 0
         self.published = False
         self.version: str | None = None
@@ -281,6 +299,11 @@ class StagedScan:
         self.mask = ShardedArrayWriter(self.work / MASK, shape, np.dtype(np.uint8), self.layout)
         return self.mask
 
+    def slab_written(self, z0: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        """Called by the writers of slabs (``write_arrays``, the job's slice streaming)."""
+        for step in self.steps:
+            step.on_slab(z0, image, mask)
+
     def publish(self, attrs: dict[str, Any], stats: ScanStatistics) -> dict[str, Any]:
         """Run the extra array steps, write the group's attributes and manifest, and publish
         the folder as the scan's new version; returns the attributes."""
@@ -294,8 +317,8 @@ class StagedScan:
                 writer.close()  # every shard index written before the manifest counts bytes
         self.stats = stats
         extra: dict[str, Any] = {}
-        for _name, step in self.steps:
-            extra.update(step(self))
+        for step in self.steps:
+            extra.update(step.finish())
         manifest = _manifest(self.work)
         full = {
             **attrs,
@@ -367,8 +390,10 @@ def write_arrays(staged: StagedScan, image: np.ndarray, mask: np.ndarray | None)
         block = image[:, :, z0 : z0 + depth]
         image_out.write_slab(z0, block)
         stats.add_image(block)
+        mask_block = None
         if mask is not None and mask_out is not None:
             mask_block = mask[:, :, z0 : z0 + depth]
             mask_out.write_slab(z0, mask_block)
             stats.add_class_counts(mask_block.sum(axis=(0, 1), dtype=np.int64))
+        staged.slab_written(z0, block, mask_block)
     return stats

@@ -213,3 +213,42 @@ def test_stale_staging_of_dead_writers_only_is_removed(tmp_path):
     (dead / "owner.json").write_text(json.dumps({**owner, "pid": _dead_pid()}))
     assert publish.clean_stale_staging(tmp_path) == 1
     assert mine.is_dir() and not dead.exists()
+
+
+def test_array_steps_see_every_slab_and_publish_with_the_scan(tmp_path, monkeypatch):
+    from service import store as store_mod
+
+    seen = []
+
+    class SliceSums(store_mod.ArrayStep):
+        name = "slice_sums"
+
+        def on_slab(self, z0, image, mask):
+            seen.append((z0, image.shape[2]))
+            self.sums = getattr(self, "sums", []) + [
+                float(image[:, :, k].sum()) for k in range(image.shape[2])
+            ]
+
+        def finish(self):
+            np.save(self.staged.work / "slice_sums.npy", np.array(self.sums))
+            return {"slice_sums": True}
+
+    monkeypatch.setattr(store_mod, "ARRAY_STEPS", [SliceSums])
+    image, mask = _volume(6, shape=(8, 8, 20))
+    attrs = write_scan(tmp_path, SCAN, image, mask, {})
+    assert attrs["slice_sums"] is True and "slice_sums.npy" in attrs["manifest"]
+    assert [z0 for z0, _ in seen] == sorted({z0 for z0, _ in seen}) and sum(n for _, n in seen) == 20
+    stored = np.load(tmp_path / SCAN / "slice_sums.npy")
+    np.testing.assert_array_equal(stored, [float(image[:, :, k].sum()) for k in range(20)])
+
+    class Broken(store_mod.ArrayStep):
+        def finish(self):
+            raise RuntimeError("derived array failed")
+
+    monkeypatch.setattr(store_mod, "ARRAY_STEPS", [Broken])
+    before = publish.current_version(tmp_path, SCAN)
+    with pytest.raises(RuntimeError):
+        write_scan(tmp_path, SCAN, *_volume(7, shape=(8, 8, 20)), {})
+    assert publish.current_version(tmp_path, SCAN) == before
+    assert not (tmp_path / ".staging").exists()
+    np.testing.assert_array_equal(LocalSource(tmp_path).read_image(SCAN), image)
