@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from client.layout import (
     validate_array_name,
     validate_scan_id,
 )
+from client.lru import BoundedLRU
 from client.protocol import RegionRequest, RoiLike
 from client.publish import current_version, version_dir
 from client.roi import Region, as_region
@@ -62,36 +61,6 @@ META_CACHE_ENTRIES = 4096  # scans whose metadata a LocalSource keeps (LRU)
 ARRAY_CACHE_ENTRIES = 1024  # open tensorstore arrays it keeps (LRU); each holds no chunk data
 
 
-class _LRU:
-    """A small thread-safe LRU mapping bounded in entries."""
-
-    def __init__(self, entries: int) -> None:
-        self.entries = entries
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.entries:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
 class LocalSource:
     """A store on disk. Thread-safe; cheap to create; ``close`` is optional.
 
@@ -121,8 +90,9 @@ class LocalSource:
                 "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)},
             }
         )
-        self._meta = _LRU(META_CACHE_ENTRIES)  # scan_id -> (version, ScanMeta)
-        self._arrays = _LRU(ARRAY_CACHE_ENTRIES)  # (scan_id, name, version) -> tensorstore
+        # scan_id -> (version, metadata); (scan_id, array, version) -> open tensorstore array
+        self._meta: BoundedLRU[tuple[str, ScanMeta]] = BoundedLRU(META_CACHE_ENTRIES)
+        self._arrays: BoundedLRU[Any] = BoundedLRU(ARRAY_CACHE_ENTRIES)
 
     def __repr__(self) -> str:
         return f"LocalSource({str(self.root)!r})"
@@ -140,7 +110,7 @@ class LocalSource:
         version = self._current(scan_id)
         cached = self._meta.get(scan_id)
         if cached is not None and cached[0] == version:
-            return cached  # type: ignore[no-any-return]
+            return cached
         try:
             doc = json.loads((version_dir(self.root, scan_id, version) / "zarr.json").read_bytes())
             meta = ScanMeta.from_attrs(doc["attributes"])
