@@ -7,11 +7,9 @@ Request path, outermost first: CORS (only if configured) -> metrics -> bearer au
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI
@@ -19,7 +17,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from client.layout import FORMAT_VERSION
 from client.local import LocalSource
 from service.server.auth import BearerAuthMiddleware
 from service.server.errors import error_responses, install_error_handlers
@@ -46,30 +43,14 @@ token (`SCANCACHE_TOKEN`), every route but `/health` needs `Authorization: Beare
 """
 
 
-def check_store_format(store: Path) -> None:
-    """Refuse a store of another format in one line (the server's one check; LocalSource's own
-    check, when it has one, says the same)."""
-    try:
-        root = json.loads((store / "zarr.json").read_text())
-        found = root.get("attributes", {}).get("scancache", {}).get("format")
-    except (OSError, ValueError, AttributeError):
-        return  # no readable root document: LocalSource says "not a scancache store"
-    if found != FORMAT_VERSION:
-        what = "no scancache.format" if found is None else f"store format {found}"
-        raise ValueError(
-            f"{store}: {what}, this scancache reads format {FORMAT_VERSION};"
-            " re-run `scancache preprocess` into a new store"
-        )
-
-
 def close_app(app: FastAPI) -> None:
     """Release what ``create_app`` opened (its store reader) without serving it."""
     app.state.scancache.source.close()
 
 
 def create_app(settings: Settings) -> FastAPI:
-    check_store_format(settings.store)
-    source = LocalSource(settings.store, cache_bytes=settings.cache_bytes)  # fails fast on a bad store
+    # Fails fast, in one line, on a missing store or one of another format (client.layout).
+    source = LocalSource(settings.store, cache_bytes=settings.cache_bytes)
     metrics = Metrics(settings.cache_bytes)
 
     @asynccontextmanager
