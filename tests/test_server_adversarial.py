@@ -174,3 +174,34 @@ def test_zarr_tree_follows_scan_links_but_never_leaves_the_scan_version(tmp_path
             response = client.get(f"/zarr/{path}")
             assert response.status_code == 404, path
             assert "TOP-SECRET" not in response.text and str(tmp_path) not in response.text
+
+
+def test_listing_survives_damaged_and_non_finite_metadata(tmp_path, caplog):
+    import json
+    import logging
+
+    from conftest import build_store
+
+    root = tmp_path / "store"
+    scans = [(f"000000{i}_V00-Aug00", (8, 8, 3), 2, "train", i, 0, 0, np.float32) for i in (1, 2, 3)]
+    build_store(root, scans=scans, image_only=())
+    nan_doc = (root / "0000001_V00-Aug00" / "zarr.json").resolve()
+    doc = json.loads(nan_doc.read_text())
+    doc["attributes"].update(mean=float("nan"), std=float("inf"), percentiles=[1.0, float("-inf")])
+    nan_doc.write_text(json.dumps(doc))  # Python writes NaN/Infinity: not strict JSON
+    (root / "0000002_V00-Aug00" / "zarr.json").resolve().write_text("{ damaged")
+    with (
+        caplog.at_level(logging.WARNING, logger="scancache.server"),
+        live_server(root) as base,
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        listing = client.get("/scans")
+        assert listing.status_code == 200
+        strict = json.loads(listing.text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+        assert [s["scan_id"] for s in strict["scans"]] == ["0000001_V00-Aug00", "0000003_V00-Aug00"]
+        one = client.get("/scans/0000001_V00-Aug00")
+        assert one.status_code == 200
+        attrs = json.loads(one.text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+        assert attrs["mean"] is None and attrs["std"] is None and attrs["percentiles"] == [1.0, None]
+        assert client.get("/scans/0000002_V00-Aug00").status_code == 404
+    assert any("skipped scan 0000002_V00-Aug00" in r.getMessage() for r in caplog.records)
