@@ -78,7 +78,9 @@ def listable_scans(source: LocalSource, filters: dict[str, Any]) -> list[ScanMet
         try:
             meta = source.metadata(scan_id)
         except Exception as err:  # unreadable, not JSON, missing keys, removed meanwhile
-            log.warning("GET /scans: skipped scan %s: %s: %s", scan_id, type(err).__name__, one_line(err, 200))
+            log.warning(
+                "GET /scans: skipped scan %s: %s: %s", scan_id, type(err).__name__, one_line(err, 200)
+            )
             continue
         if matches(meta, filters):
             out.append(meta)

@@ -84,6 +84,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds to send the request headers
+    inflight_wait: float = 5.0  # seconds a request may queue for the in-flight budget, then 503
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
