@@ -21,6 +21,7 @@ from client.local import LocalSource
 from service.server.auth import BearerAuthMiddleware
 from service.server.errors import error_responses, install_error_handlers
 from service.server.guards import BodyLimitMiddleware, HeadAsGetMiddleware, PathGuardMiddleware
+from service.server.inflight import InflightBudget
 from service.server.metrics import Metrics, MetricsMiddleware
 from service.server.routes_regions import router as regions_router
 from service.server.routes_scans import router as scans_router
@@ -43,8 +44,14 @@ token (`SCANCACHE_TOKEN`), every route but `/health` needs `Authorization: Beare
 """
 
 
+def close_app(app: FastAPI) -> None:
+    """Release what ``create_app`` opened (its store reader) without serving it."""
+    app.state.scancache.source.close()
+
+
 def create_app(settings: Settings) -> FastAPI:
-    source = LocalSource(settings.store, cache_bytes=settings.cache_bytes)  # fails fast on a bad store
+    # Fails fast, in one line, on a missing store or one of another format (client.layout).
+    source = LocalSource(settings.store, cache_bytes=settings.cache_bytes)
     metrics = Metrics(settings.cache_bytes)
 
     @asynccontextmanager
@@ -61,7 +68,8 @@ def create_app(settings: Settings) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    app.state.scancache = ServerState(settings=settings, source=source, metrics=metrics)
+    inflight = InflightBudget(settings.max_inflight_bytes, settings.inflight_wait)
+    app.state.scancache = ServerState(settings=settings, source=source, metrics=metrics, inflight=inflight)
     install_error_handlers(app)
     app.include_router(scans_router)
     app.include_router(regions_router)

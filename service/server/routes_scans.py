@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from functools import partial
+import logging
+import math
 from typing import Annotated, Any
 
 from anyio import to_thread
@@ -10,11 +11,14 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from client.layout import ScanMeta
+from client.errors import one_line
+from client.layout import ScanMeta, matches
+from client.local import LocalSource
 from service.server.errors import error_response, error_responses
 from service.server.responses import cached_json
 from service.server.state import ServerState, server_state
 
+log = logging.getLogger("scancache.server")
 router = APIRouter()
 State = Annotated[ServerState, Depends(server_state)]
 
@@ -43,6 +47,18 @@ SCAN_EXAMPLE = {
 }
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: responses are strict JSON
+    (a statistic of a scan with non-finite voxels must not make the listing invalid or a 500)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
     """A scan's attributes, pinned keys first; per-slice counts only when ``full``."""
     doc: dict[str, Any] = {key: meta.attrs.get(key) for key in PINNED_KEYS}
@@ -51,7 +67,24 @@ def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
     for key, value in meta.attrs.items():
         if key not in doc and (full or key not in LISTING_OMITS):
             doc[key] = value
-    return doc
+    return finite_json(doc)  # type: ignore[no-any-return]
+
+
+def listable_scans(source: LocalSource, filters: dict[str, Any]) -> list[ScanMeta]:
+    """Every scan whose metadata reads and matches; a damaged scan is skipped with a warning
+    (naming the scan, never a path) instead of failing the listing of the whole store."""
+    out = []
+    for scan_id in source.scan_ids():
+        try:
+            meta = source.metadata(scan_id)
+        except Exception as err:  # unreadable, not JSON, missing keys, removed meanwhile
+            log.warning(
+                "GET /scans: skipped scan %s: %s: %s", scan_id, type(err).__name__, one_line(err, 200)
+            )
+            continue
+        if matches(meta, filters):
+            out.append(meta)
+    return out
 
 
 @router.get(
@@ -101,7 +134,7 @@ async def list_scans(
         "augmentation": augmentation,
         "has_class": has_class,
     }
-    metas = await to_thread.run_sync(partial(state.source.list_scans, **filters))
+    metas = await to_thread.run_sync(listable_scans, state.source, filters)
     return cached_json(request, {"scans": [scan_document(m, full) for m in metas]})
 
 
