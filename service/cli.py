@@ -170,6 +170,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "cache_bytes": args.cache_bytes,
         "max_bytes": args.max_bytes,
     }
+    if getattr(args, "predictions", None):
+        options["predictions"] = args.predictions
     accepted = inspect.signature(run).parameters
     if "token" in accepted:
         options["token"] = args.token or os.environ.get("SCANCACHE_TOKEN")
@@ -278,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--token", default=None, help="bearer token required from clients (default: $SCANCACHE_TOKEN)"
+    )
+    p.add_argument(
+        "--predictions",
+        default=None,
+        metavar="PRED",
+        help="a predictions store (loaders.write_predictions) to serve beside the scans",
     )
     p.set_defaults(func=cmd_serve)
     return parser

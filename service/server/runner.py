@@ -24,6 +24,7 @@ def run(
     max_bytes: int = DEFAULT_MAX_BYTES,
     token: str | None = None,
     log_level: str = "info",
+    predictions: str | os.PathLike[str] | None = None,
 ) -> None:
     """Serve ``store`` until interrupted.
 
@@ -40,6 +41,7 @@ def run(
         cache_bytes=cache_bytes,
         max_bytes=max_bytes,
         token=token if token is not None else base.token,
+        predictions=Path(predictions) if predictions is not None else base.predictions,
     )
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)

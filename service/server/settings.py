@@ -26,6 +26,7 @@ ENV_MAX_BODY_BYTES = "SCANCACHE_MAX_BODY_BYTES"
 ENV_MAX_BATCH_REGIONS = "SCANCACHE_MAX_BATCH_REGIONS"
 ENV_COMPRESS_MASKS = "SCANCACHE_COMPRESS_MASKS"
 ENV_CORS_ORIGINS = "SCANCACHE_CORS_ORIGINS"
+ENV_PREDICTIONS = "SCANCACHE_PREDICTIONS"
 
 
 def _positive_int(name: str, value: str | int) -> int:
@@ -57,9 +58,13 @@ class Settings:
     compress_masks: bool = True
     # Browser readers such as neuroglancer need CORS; empty means no CORS headers.
     cors_origins: tuple[str, ...] = ()
+    # A predictions store (loaders.write_predictions) served beside the scans; None: none.
+    predictions: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
+        if self.predictions is not None:
+            object.__setattr__(self, "predictions", Path(self.predictions))
         for name in ("cache_bytes", "max_bytes", "max_body_bytes", "max_batch_regions"):
             object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
         if self.token is not None and not self.token.strip():
@@ -86,6 +91,7 @@ class Settings:
             ),
             compress_masks=_flag(env.get(ENV_COMPRESS_MASKS, "1")),
             cors_origins=origins,
+            predictions=Path(env[ENV_PREDICTIONS]) if env.get(ENV_PREDICTIONS) else None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -101,4 +107,6 @@ class Settings:
         }
         if self.token:
             env[ENV_TOKEN] = self.token
+        if self.predictions is not None:
+            env[ENV_PREDICTIONS] = str(self.predictions)
         return env
