@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python -m service.demo --out demo-output $(DEMO_ARGS)
+	$(BIN)/python -m examples.demo --out demo-output $(DEMO_ARGS)
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests

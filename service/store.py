@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from client import ome
 from client.layout import (
     FORMAT_VERSION,
     IMAGE,
@@ -212,6 +213,10 @@ class StagedScan:
             "scancache_format": FORMAT_VERSION,
             **stats.to_attrs(),
         }
+        # OME-Zarr (NGFF 0.5), so napari and neuroglancer open the scan (client/ome.py); the
+        # labels group links the label map (service/derived.py) where one was written
+        full["ome"] = ome.image_attrs(self.scan_id, IMAGE)
+        ome.link_labels(self.work, "label_map", full["num_classes"])
         group = self.work / "zarr.json"
         _write_json(group, group_metadata(full))
         self.bytes_written = sum(w.bytes_written for w in (self.image, self.mask) if w is not None)
