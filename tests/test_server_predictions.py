@@ -190,3 +190,15 @@ def test_openapi_describes_the_new_routes(served):
 def test_serve_parser_takes_predictions():
     args = build_parser().parse_args(["serve", "store", "--predictions", "pred"])
     assert args.predictions == "pred"
+
+
+def test_demo_preview_is_the_served_preview(served, small_store, tmp_path):
+    from examples.demo import save_preview
+
+    url, _, pred = served
+    root, _ = small_store
+    scan_id = WITH_PREDICTION[1]
+    saved = save_preview(root, pred.store.root, scan_id, tmp_path / "preview.png")
+    got = np.asarray(Image.open(saved).convert("RGB"))
+    r = httpx.get(f"{url}/scans/{scan_id}/preview.png", params={"overlay": "prediction", "scale": 2})
+    np.testing.assert_array_equal(got, png(r))
