@@ -3,6 +3,7 @@
 ::
 
     PRED/zarr.json                      root group, attributes {"scancache_predictions": {"format": 1}}
+    PRED/<scan_id> -> .versions/<scan_id>/<version>   relative symlink, switched atomically (client/publish.py)
     PRED/<scan_id>/zarr.json            one group per scan: attributes "prediction" (below) and "ome"
     PRED/<scan_id>/probabilities/       (H, W, D, C) float16, the stitched y_pred
     PRED/<scan_id>/label_map/           (H, W, D) uint8: 0 = no class, k+1 = category k
@@ -11,7 +12,7 @@
 The ``prediction`` attribute holds ``scan_id``, ``shape``, ``channels``, ``categories``,
 ``include_background``, ``dice`` (per category, or null without a mask), ``written_at`` (UTC,
 ISO 8601) and ``written_by`` (model, loader, versions). A scan group appears only by an atomic
-rename once complete, so every ``PRED/<scan_id>/zarr.json`` a reader finds is complete.
+symlink switch once complete, so every ``PRED/<scan_id>/zarr.json`` a reader finds is complete.
 """
 
 from __future__ import annotations
@@ -36,6 +37,22 @@ PROBABILITIES = "probabilities"
 LABEL_MAP = "label_map"
 PREDICTION_ARRAYS = (PROBABILITIES, LABEL_MAP)
 STAGING_DIR = ".staging"
+
+
+def check_predictions_root(path: str | os.PathLike[str]) -> None:
+    """Refuse, in one line, a folder that is not a predictions store of this format."""
+    try:
+        attrs = json.loads((Path(path) / "zarr.json").read_bytes()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        raise FileNotFoundError(f"{path}: not a predictions store (no readable zarr.json)") from None
+    found = attrs.get(ROOT_KEY, {}).get("format") if isinstance(attrs.get(ROOT_KEY), dict) else None
+    if found is None:
+        raise ValueError(f"{path}: a Zarr group but not a predictions store")
+    if found != PREDICTIONS_FORMAT:
+        raise ValueError(
+            f"{path}: predictions store format {found}, this scancache reads format {PREDICTIONS_FORMAT};"
+            " re-run write_predictions into a new folder"
+        )
 
 
 class PredictionStore:

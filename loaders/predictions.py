@@ -11,7 +11,8 @@ The store's layout is ``client.predictions`` (which the server reads). Per scan,
   the categories, when and with what the scan was written, and NGFF 0.5 label-image metadata
   (``client.ome``), so napari and neuroglancer open a prediction as labels.
 
-Each scan is written to ``PATH/.staging/`` and published by one rename; a re-run skips scans
+Each scan is written to ``PATH/.staging/`` and published as a new version by one atomic symlink
+switch (``client.publish``, shared with the scan store); a re-run skips scans
 already in the store unless ``overwrite=True``. Arrays are converted and written slab by slab
 (whole chunks of slices), so memory stays within the one scan's output ``inference`` yields.
 """
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from client import ome
+from client import ome, publish
 from client.categories import categories_to_json
 from client.predictions import (
     LABEL_MAP,
@@ -43,6 +44,7 @@ from client.predictions import (
     SCAN_KEY,
     STAGING_DIR,
     PredictionStore,
+    check_predictions_root,
 )
 
 SLAB_SLICES = 16  # slices converted and written at a time: whole chunks (CHUNK_DEPTH divides it)
@@ -86,14 +88,9 @@ def _root(path: Path) -> None:
     """Create the predictions store, or check that ``path`` is one (never write into a scan store)."""
     doc_path = path / "zarr.json"
     if doc_path.is_file():
-        try:
-            attrs = json.loads(doc_path.read_bytes()).get("attributes", {})
-        except ValueError:
-            attrs = {}
-        if ROOT_KEY not in attrs:
-            raise ValueError(f"{path}: a Zarr group but not a predictions store; choose an empty folder")
+        check_predictions_root(path)
         return
-    if path.exists() and any(p.name != STAGING_DIR for p in path.iterdir()):
+    if path.exists() and any(p.name not in (STAGING_DIR, publish.VERSIONS_DIR) for p in path.iterdir()):
         raise ValueError(f"{path}: not empty and not a predictions store; choose an empty folder")
     path.mkdir(parents=True, exist_ok=True)
     root_doc = {
@@ -104,20 +101,11 @@ def _root(path: Path) -> None:
     doc_path.write_text(json.dumps(root_doc, indent=2))
 
 
-def publish_scan(staged: Path, root: Path, scan_id: str) -> None:
-    """Make a staged scan visible by renames (client/publish.py will replace this one function).
-
-    A new scan appears in one rename. Overwriting moves the old one aside first, so for a moment
-    the scan has no prediction: never a partial or mixed one.
-    """
-    final = root / scan_id
-    old = None
-    if final.exists():
-        old = root / STAGING_DIR / f"{scan_id}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    staged.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def publish_scan(staged: Path, root: Path, scan_id: str) -> str:
+    """Make a staged scan visible: ``PRED/<scan_id> -> .versions/<scan_id>/<version>``, switched
+    in one atomic rename (``client.publish``, as the scan store); returns the version. A reader
+    sees the old prediction or the new one, never a mix; old versions go after a grace period."""
+    return publish.publish_version(root, scan_id, staged)
 
 
 def _version(package: str) -> str | None:
@@ -237,47 +225,54 @@ def write_predictions(
     written: list[str] = []
     dice: dict[str, list[float] | None] = {}
     written_by = _written_by(loader, model, predict_kwargs)
-    (root / STAGING_DIR).mkdir(exist_ok=True)
-    for inputs, outputs in _inference(_pending_loader(loader, done), model, predict_kwargs):
-        scan_id = inputs["scan_id"]
-        if scan_id in done or (not overwrite and store.has(scan_id)):
-            if scan_id not in skipped:
-                skipped.append(scan_id)
-            continue
-        y_pred = np.asarray(outputs["y_pred"])
-        staged = root / STAGING_DIR / f"{scan_id}.{uuid.uuid4().hex[:12]}"
-        try:
-            writer = _ScanWriter(staged, tuple(int(n) for n in y_pred.shape[:3]), int(y_pred.shape[-1]))  # type: ignore[arg-type]
-            scores = writer.write(y_pred, outputs.get("y_true"), include_background)
-            entry = entries.get(scan_id)
-            slices = list(entry.slices) if entry is not None and len(entry.slices) != entry.shape[2] else None
-            attrs = {
-                "scan_id": scan_id,
-                "shape": list(y_pred.shape[:3]),
-                "channels": int(y_pred.shape[-1]),
-                "categories": json.loads(categories_to_json(_normalized(cats)) or "null"),
-                "include_background": include_background,
-                "slices": slices,
-                "dice": scores,
-                "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "written_by": written_by,
-            }
-            num_categories = int(y_pred.shape[-1]) - int(include_background)
-            writer.group.attrs.update(
-                {
-                    SCAN_KEY: attrs,
-                    "ome": ome.label_image_attrs(f"{scan_id} prediction", LABEL_MAP, num_categories),
+    publish.clean_stale_staging(root)  # left by a killed writer (never a live one's)
+    publish.remove_old_versions(root)  # superseded by an overwrite more than an hour ago
+    staging = publish.new_staging(root, "predictions")  # this writer's, owned by its pid
+    try:
+        for inputs, outputs in _inference(_pending_loader(loader, done), model, predict_kwargs):
+            scan_id = inputs["scan_id"]
+            if scan_id in done or (not overwrite and store.has(scan_id)):
+                if scan_id not in skipped:
+                    skipped.append(scan_id)
+                continue
+            y_pred = np.asarray(outputs["y_pred"])
+            staged = staging / f"{scan_id}.{uuid.uuid4().hex[:12]}"
+            try:
+                writer = _ScanWriter(staged, tuple(int(n) for n in y_pred.shape[:3]), int(y_pred.shape[-1]))  # type: ignore[arg-type]
+                scores = writer.write(y_pred, outputs.get("y_true"), include_background)
+                entry = entries.get(scan_id)
+                slices = (
+                    list(entry.slices) if entry is not None and len(entry.slices) != entry.shape[2] else None
+                )
+                attrs = {
+                    "scan_id": scan_id,
+                    "shape": list(y_pred.shape[:3]),
+                    "channels": int(y_pred.shape[-1]),
+                    "categories": json.loads(categories_to_json(_normalized(cats)) or "null"),
+                    "include_background": include_background,
+                    "slices": slices,
+                    "dice": scores,
+                    "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "written_by": written_by,
                 }
-            )
-            publish_scan(staged, root, scan_id)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
-        written.append(scan_id)
-        dice[scan_id] = scores
-        if bar is not None:
-            bar.add(1)
-        del y_pred, outputs
+                num_categories = int(y_pred.shape[-1]) - int(include_background)
+                writer.group.attrs.update(
+                    {
+                        SCAN_KEY: attrs,
+                        "ome": ome.label_image_attrs(f"{scan_id} prediction", LABEL_MAP, num_categories),
+                    }
+                )
+                publish_scan(staged, root, scan_id)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            written.append(scan_id)
+            dice[scan_id] = scores
+            if bar is not None:
+                bar.add(1)
+            del y_pred, outputs
+    finally:
+        publish.remove_staging(staging)
     return PredictionSummary(root, tuple(written), tuple(sorted(skipped)), dice)
 
 

@@ -71,7 +71,8 @@ def test_written_store_matches_numpy_and_reruns_skip(train_dataset, tmp_path):
     scan_ids = ["0000001_V00-Aug00", "0000001_V01-Aug00"]
     assert list(summary.written) == scan_ids and summary.skipped == ()
     check_store(path, truth, scan_ids)
-    assert not list((path / ".staging").iterdir())
+    assert not (path / ".staging").exists()  # this writer's staging is gone
+    assert all((path / s).is_symlink() for s in scan_ids)  # published as versions (client/publish.py)
 
     stamps = {s: (path / s / "zarr.json").stat().st_mtime_ns for s in scan_ids}
     again = write_predictions(make_loader(name), softmax_model, path)
@@ -79,10 +80,13 @@ def test_written_store_matches_numpy_and_reruns_skip(train_dataset, tmp_path):
     assert {s: (path / s / "zarr.json").stat().st_mtime_ns for s in scan_ids} == stamps
 
     # a half-written scan (left in staging by a crash) is invisible; overwrite redoes every scan
-    (path / ".staging" / "0000001_V00-Aug00.crashed").mkdir()
+    (path / ".staging" / "crashed-writer" / "0000001_V00-Aug00.1234").mkdir(parents=True)
     assert [s for s in zarr.open_group(str(path), mode="r").group_keys() if not s.startswith(".")] == scan_ids
+    old = {s: (path / s).resolve() for s in scan_ids}
     redo = write_predictions(make_loader(name), softmax_model, path, overwrite=True)
     assert list(redo.written) == scan_ids
+    assert all((path / s).resolve() != old[s] for s in scan_ids)
+    assert not (path / ".staging").exists()  # the dead writer's folder was cleaned
     check_store(path, truth, scan_ids)
 
 

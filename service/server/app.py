@@ -19,10 +19,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from client.local import LocalSource
-from client.predictions import PredictionStore
+from client.predictions import PredictionStore, check_predictions_root
 from service.server.auth import BearerAuthMiddleware
 from service.server.errors import error_responses, install_error_handlers
-from service.server.guards import BodyLimitMiddleware, PathGuardMiddleware
+from service.server.guards import BodyLimitMiddleware, HeadAsGetMiddleware, PathGuardMiddleware
 from service.server.metrics import Metrics, MetricsMiddleware
 from service.server.routes_predictions import router as predictions_router
 from service.server.routes_preview import router as preview_router
@@ -100,6 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # add_middleware puts each new one outermost: add innermost first.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(PathGuardMiddleware)
     if settings.token:
         app.add_middleware(BearerAuthMiddleware, token=settings.token)
@@ -119,10 +120,7 @@ def open_predictions(path: Path | None) -> PredictionStore | None:
     """The ``--predictions`` store, checked at startup like the scan store."""
     if path is None:
         return None
-    if not (path / "zarr.json").is_file():
-        raise FileNotFoundError(
-            f"{path}: not a predictions store (no zarr.json); write one with write_predictions"
-        )
+    check_predictions_root(path)
     return PredictionStore(path)
 
 
