@@ -172,6 +172,49 @@ class _ScanWriter:
         return dice_from_counts(*counts) if with_truth else None
 
 
+@dataclass(frozen=True)
+class _Meta:
+    """What every scan's attributes share: the loader's scans, classes and the writer."""
+
+    entries: dict[str, Any]
+    include_background: bool
+    categories: Any
+    written_by: dict[str, Any]
+
+
+def _write_scan(
+    staged: Path, root: Path, scan_id: str, outputs: dict[str, Any], meta: _Meta
+) -> list[float] | None:
+    """Write one scan's arrays and attributes in ``staged`` and publish it; returns its Dice."""
+    y_pred = np.asarray(outputs["y_pred"])
+    try:
+        writer = _ScanWriter(
+            staged, (int(y_pred.shape[0]), int(y_pred.shape[1]), int(y_pred.shape[2])), int(y_pred.shape[-1])
+        )
+        scores = writer.write(y_pred, outputs.get("y_true"), meta.include_background)
+        entry = meta.entries.get(scan_id)
+        partial = entry is not None and len(entry.slices) != entry.shape[2]
+        attrs = {
+            "scan_id": scan_id,
+            "shape": list(y_pred.shape[:3]),
+            "channels": int(y_pred.shape[-1]),
+            "categories": json.loads(categories_to_json(_normalized(meta.categories)) or "null"),
+            "include_background": meta.include_background,
+            "slices": list(entry.slices) if partial and entry is not None else None,
+            "dice": scores,
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "written_by": meta.written_by,
+        }
+        num_categories = int(y_pred.shape[-1]) - int(meta.include_background)
+        label_ome = ome.label_image_attrs(f"{scan_id} prediction", LABEL_MAP, num_categories)
+        writer.group.attrs.update({SCAN_KEY: attrs, "ome": label_ome})
+        publish_scan(staged, root, scan_id)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return scores
+
+
 def _scan_entries(loader: Any) -> dict[str, Any]:
     return {s.scan_id: s for s in getattr(loader, "scans", ())}
 
@@ -220,11 +263,15 @@ def write_predictions(
     done = set() if overwrite else {s for s in entries if store.has(s)}
     skipped = sorted(done)
     bar = _progress(len(entries) - len(done), progress)
-    include_background = bool(getattr(loader.cfg, "INCLUDE_BACKGROUND", False))
     cats = getattr(loader.cfg, "CATEGORIES", None)
     written: list[str] = []
     dice: dict[str, list[float] | None] = {}
-    written_by = _written_by(loader, model, predict_kwargs)
+    meta = _Meta(
+        entries,
+        bool(getattr(loader.cfg, "INCLUDE_BACKGROUND", False)),
+        cats,
+        _written_by(loader, model, predict_kwargs),
+    )
     publish.clean_stale_staging(root)  # left by a killed writer (never a live one's)
     publish.remove_old_versions(root)  # superseded by an overwrite more than an hour ago
     staging = publish.new_staging(root, "predictions")  # this writer's, owned by its pid
@@ -235,42 +282,12 @@ def write_predictions(
                 if scan_id not in skipped:
                     skipped.append(scan_id)
                 continue
-            y_pred = np.asarray(outputs["y_pred"])
-            staged = staging / f"{scan_id}.{uuid.uuid4().hex[:12]}"
-            try:
-                writer = _ScanWriter(staged, tuple(int(n) for n in y_pred.shape[:3]), int(y_pred.shape[-1]))  # type: ignore[arg-type]
-                scores = writer.write(y_pred, outputs.get("y_true"), include_background)
-                entry = entries.get(scan_id)
-                slices = (
-                    list(entry.slices) if entry is not None and len(entry.slices) != entry.shape[2] else None
-                )
-                attrs = {
-                    "scan_id": scan_id,
-                    "shape": list(y_pred.shape[:3]),
-                    "channels": int(y_pred.shape[-1]),
-                    "categories": json.loads(categories_to_json(_normalized(cats)) or "null"),
-                    "include_background": include_background,
-                    "slices": slices,
-                    "dice": scores,
-                    "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "written_by": written_by,
-                }
-                num_categories = int(y_pred.shape[-1]) - int(include_background)
-                writer.group.attrs.update(
-                    {
-                        SCAN_KEY: attrs,
-                        "ome": ome.label_image_attrs(f"{scan_id} prediction", LABEL_MAP, num_categories),
-                    }
-                )
-                publish_scan(staged, root, scan_id)
-            except BaseException:
-                shutil.rmtree(staged, ignore_errors=True)
-                raise
+            scores = _write_scan(staging / f"{scan_id}.{uuid.uuid4().hex[:12]}", root, scan_id, outputs, meta)
             written.append(scan_id)
             dice[scan_id] = scores
             if bar is not None:
                 bar.add(1)
-            del y_pred, outputs
+            del outputs  # the caller of inference holds one scan's output at a time
     finally:
         publish.remove_staging(staging)
     return PredictionSummary(root, tuple(written), tuple(sorted(skipped)), dice)

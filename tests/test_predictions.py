@@ -129,3 +129,8 @@ def test_prediction_is_an_ngff_label_image(train_dataset, tmp_path):
     _, labels, _ = reference(*truth[scan_id])
     np.testing.assert_array_equal(np.asarray(node.data[0]), labels)
     assert [a["name"] for a in node.metadata["axes"]] == ["y", "x", "z"]
+
+    from ome_zarr_models.v05.image_label import ImageLabel  # a second, strict NGFF 0.5 reader
+
+    model = ImageLabel.from_zarr(zarr.open_group(str(path / scan_id), mode="r"))
+    assert [c.label_value for c in model.attributes.ome.image_label.colors] == [1, 2, 3, 4]
