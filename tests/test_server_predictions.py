@@ -202,3 +202,44 @@ def test_demo_preview_is_the_served_preview(served, small_store, tmp_path):
     got = np.asarray(Image.open(saved).convert("RGB"))
     r = httpx.get(f"{url}/scans/{scan_id}/preview.png", params={"overlay": "prediction", "scale": 2})
     np.testing.assert_array_equal(got, png(r))
+
+
+def test_per_slice_dataset_prediction_and_its_preview(small_store, tmp_path):
+    """A MedSegPy per-slice dataset predicts some slices only: stored as such, previewed in place."""
+    from loaders.catalog import scan_dict, shared_source
+
+    root, truth = small_store
+    scan_id = WITH_PREDICTION[0]
+    meta = shared_source(str(root)).metadata(scan_id)
+    picked = (2, 3, 7)  # slice_id is 1-indexed: z = 1, 2, 6
+    DatasetCatalog.remove("per_slice")
+    DatasetCatalog.register(
+        "per_slice", lambda: [{**scan_dict(str(root), meta), "slice_id": z} for z in picked]
+    )
+    cfg = Config(TAG="DefaultDataLoader", CATEGORIES=(0, 1, 2, 3), INCLUDE_BACKGROUND=True)
+    try:
+        loader = build_loader(cfg, "per_slice", batch_size=2, is_test=True, shuffle=False, drop_last=False)
+        write_predictions(loader, softmax_model, tmp_path / "pred")
+    finally:
+        DatasetCatalog.remove("per_slice")
+    group = zarr.open_group(str(tmp_path / "pred" / scan_id), mode="r")
+    assert group.attrs["prediction"]["slices"] == [1, 2, 6]
+    labels = group["label_map"][...]
+    assert labels.shape == (40, 36, 3)
+    image = truth[scan_id][0]
+    with live_server(root, predictions=tmp_path / "pred") as url:
+        base = f"{url}/scans/{scan_id}/preview.png"
+        at6 = png(httpx.get(base, params={"z": 6, "overlay": "prediction", "window": "50,150"}))
+        expected = expected_grey(image[:, :, 6], 50.0, 150.0)
+        for k in range(4):
+            expected = blend(expected, labels[:, :, 2] == k + 1, k)
+        np.testing.assert_array_equal(at6, expected)
+        missing = httpx.get(base, params={"z": 5, "overlay": "prediction"})
+        assert missing.status_code == 404 and "slice 5" in missing.json()["detail"]
+        side = png(httpx.get(base, params={"z": 4, "axis": "x", "overlay": "prediction", "window": "50,150"}))
+        expected = expected_grey(image[:, 4, :], 50.0, 150.0)
+        full = np.zeros((40, 12), np.uint8)
+        full[:, [1, 2, 6]] = labels[:, 4, :]
+        for k in range(4):
+            expected = blend(expected, full == k + 1, k)
+        np.testing.assert_array_equal(side, expected)
