@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -212,11 +213,11 @@ def main(argv: list[str] | None = None) -> int:
 
         say(f"5/5 per-scan inference (stitched from slices) into the predictions store {preds}")
         # this run trained a new model: redo every scan rather than keep an earlier run's
-        summary = write_predictions(test, model, preds, overwrite=True, verbose=0)
-        say(f"    {summary}")
-        rows = [
+        written = write_predictions(test, model, preds, overwrite=True, verbose=0)
+        say(f"    {written}")
+        rows: list[dict[str, Any]] = [
             {"scan_id": scan_id, "dice": [round(float(d), 4) for d in scores or []]}
-            for scan_id, scores in summary.dice.items()
+            for scan_id, scores in written.dice.items()
         ]
     header = "scan".ljust(20) + "".join(f"class {k} dice".rjust(16) for k in cfg.CATEGORIES)
     print(header)

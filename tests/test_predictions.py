@@ -64,7 +64,7 @@ def check_store(path, truth, scan_ids, loader="DefaultDataLoader"):
         assert attrs["written_at"].endswith("+00:00") and attrs["written_by"]["loader"] == loader
 
 
-def test_written_store_matches_numpy_and_reruns_skip(train_dataset, tmp_path):
+def test_written_store_matches_numpy_and_reruns_skip(train_dataset, tmp_path, capsys):
     name, truth = train_dataset
     path = tmp_path / "pred"
     summary = write_predictions(make_loader(name), softmax_model, path)
@@ -83,8 +83,10 @@ def test_written_store_matches_numpy_and_reruns_skip(train_dataset, tmp_path):
     (path / ".staging" / "crashed-writer" / "0000001_V00-Aug00.1234").mkdir(parents=True)
     assert [s for s in zarr.open_group(str(path), mode="r").group_keys() if not s.startswith(".")] == scan_ids
     old = {s: (path / s).resolve() for s in scan_ids}
-    redo = write_predictions(make_loader(name), softmax_model, path, overwrite=True)
+    capsys.readouterr()
+    redo = write_predictions(make_loader(name), softmax_model, path, overwrite=True, progress=True)
     assert list(redo.written) == scan_ids
+    assert "2/2" in capsys.readouterr().out  # the progress bar (shown on a terminal by default)
     assert all((path / s).resolve() != old[s] for s in scan_ids)
     assert not (path / ".staging").exists()  # the dead writer's folder was cleaned
     check_store(path, truth, scan_ids)
