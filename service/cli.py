@@ -218,6 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_inflight_bytes": args.max_inflight_bytes,
         "header_timeout": args.header_timeout,
     }
+    if getattr(args, "predictions", None):
+        options["predictions"] = args.predictions
     accepted = inspect.signature(run).parameters
     if "token" in accepted:
         options["token"] = token or os.environ.get("SCANCACHE_TOKEN")
@@ -362,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="file holding the bearer token clients must send (or set $SCANCACHE_TOKEN)",
     )
     p.add_argument("--token", action=RefuseTokenFlag, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--predictions",
+        default=None,
+        metavar="PRED",
+        help="a predictions store (loaders.write_predictions) to serve beside the scans",
+    )
     p.set_defaults(func=cmd_serve)
     return parser
 
