@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from client import ome
 from client import publish as publish_mod
 from client.layout import (
     FORMAT_VERSION,
@@ -319,6 +320,8 @@ class StagedScan:
         extra: dict[str, Any] = {}
         for step in self.steps:
             extra.update(step.finish())
+        # OME-Zarr labels (client/ome.py) over the label map an extra step wrote, if any
+        ome.link_labels(self.work, "label_map", 0 if self.mask is None else self.mask.shape[3])
         manifest = _manifest(self.work)
         full = {
             **attrs,
@@ -332,6 +335,7 @@ class StagedScan:
             **extra,
             MANIFEST: manifest,
         }
+        full["ome"] = ome.image_attrs(self.scan_id, IMAGE)  # NGFF 0.5 for napari, neuroglancer
         problem = manifest_problem(self.work.parent, self.work.name, full)
         if problem is not None:  # never publish a scan whose arrays are not all there
             raise ValueError(f"{self.scan_id}: not published, {problem}")
