@@ -154,7 +154,7 @@ def cmd_scans(args: argparse.Namespace) -> int:
 
     rows = _scan_rows(Path(args.store))
     if args.json:
-        print(json.dumps({"scans": rows}, indent=2))
+        print(json.dumps({"scans": rows}, indent=2, allow_nan=False))
         return 0
     table = [("SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE")]
     for row in rows:
@@ -193,6 +193,8 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     )
     for kind, root in data.roots.items():
         print(f"wrote {len(data.scans)} {kind.upper()} scans of {'x'.join(map(str, args.shape))} to {root}")
+    if len(data.roots) > 1:  # the same scans twice: one source each
+        print(f"convert each folder on its own, e.g. scancache preprocess {data.roots['2d']} STORE")
     return 0
 
 
@@ -216,6 +218,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_inflight_bytes": args.max_inflight_bytes,
         "header_timeout": args.header_timeout,
     }
+    if getattr(args, "predictions", None):
+        options["predictions"] = args.predictions
     accepted = inspect.signature(run).parameters
     if "token" in accepted:
         options["token"] = token or os.environ.get("SCANCACHE_TOKEN")
@@ -360,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="file holding the bearer token clients must send (or set $SCANCACHE_TOKEN)",
     )
     p.add_argument("--token", action=RefuseTokenFlag, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--predictions",
+        default=None,
+        metavar="PRED",
+        help="a predictions store (loaders.write_predictions) to serve beside the scans",
+    )
     p.set_defaults(func=cmd_serve)
     return parser
 

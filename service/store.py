@@ -15,12 +15,12 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from client import ome
 from client import publish as publish_mod
 from client.layout import (
     FORMAT_VERSION,
@@ -221,11 +221,30 @@ def scan_statistics(image: np.ndarray, mask: np.ndarray | None, block_slices: in
     return stats.to_attrs()
 
 
-# Extra arrays: each step runs once a scan's image and mask are complete, writes what it likes
-# into the staged scan folder (``staged.work``) and returns attributes to add. Steps run in
-# order; a step that raises fails the scan (nothing is published).
-ArrayStep = Callable[["StagedScan"], dict[str, Any]]
-ARRAY_STEPS: list[tuple[str, ArrayStep]] = []
+class ArrayStep:
+    """An extra array (or other files) of every scan, written into the staged version folder.
+
+    Subclass it and append the class to ``ARRAY_STEPS``: each ``StagedScan`` makes one
+    instance. ``on_slab`` sees every slab of slices as it is written, image (H, W, dz) and
+    mask (H, W, dz, C) or None, in increasing ``z0``, so a derived array needs no second pass
+    over the data; ``finish`` runs once image and mask are complete, writes under
+    ``self.staged.work`` and returns attributes to add to the scan. Files it writes go into
+    the manifest. A step that raises fails the scan: nothing is published.
+    """
+
+    name = "step"
+
+    def __init__(self, staged: StagedScan) -> None:
+        self.staged = staged
+
+    def on_slab(self, z0: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        pass
+
+    def finish(self) -> dict[str, Any]:
+        return {}
+
+
+ARRAY_STEPS: list[type[ArrayStep]] = []
 
 
 class StagedScan:
@@ -254,7 +273,7 @@ class StagedScan:
         self.work.mkdir()
         self.image: ShardedArrayWriter | None = None
         self.mask: ShardedArrayWriter | None = None
-        self.steps: list[tuple[str, ArrayStep]] = list(ARRAY_STEPS)
+        self.steps: list[ArrayStep] = [step(self) for step in ARRAY_STEPS]
         self.bytes_written = 0
         self.published = False
         self.version: str | None = None
@@ -281,6 +300,11 @@ class StagedScan:
         self.mask = ShardedArrayWriter(self.work / MASK, shape, np.dtype(np.uint8), self.layout)
         return self.mask
 
+    def slab_written(self, z0: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        """Called by the writers of slabs (``write_arrays``, the job's slice streaming)."""
+        for step in self.steps:
+            step.on_slab(z0, image, mask)
+
     def publish(self, attrs: dict[str, Any], stats: ScanStatistics) -> dict[str, Any]:
         """Run the extra array steps, write the group's attributes and manifest, and publish
         the folder as the scan's new version; returns the attributes."""
@@ -294,8 +318,10 @@ class StagedScan:
                 writer.close()  # every shard index written before the manifest counts bytes
         self.stats = stats
         extra: dict[str, Any] = {}
-        for _name, step in self.steps:
-            extra.update(step(self))
+        for step in self.steps:
+            extra.update(step.finish())
+        # OME-Zarr labels (client/ome.py) over the label map an extra step wrote, if any
+        ome.link_labels(self.work, "label_map", 0 if self.mask is None else self.mask.shape[3])
         manifest = _manifest(self.work)
         full = {
             **attrs,
@@ -309,6 +335,10 @@ class StagedScan:
             **extra,
             MANIFEST: manifest,
         }
+        full["ome"] = ome.image_attrs(self.scan_id, IMAGE)  # NGFF 0.5 for napari, neuroglancer
+        problem = manifest_problem(self.work.parent, self.work.name, full)
+        if problem is not None:  # never publish a scan whose arrays are not all there
+            raise ValueError(f"{self.scan_id}: not published, {problem}")
         group = self.work / "zarr.json"
         publish_mod.write_json_durably(group, group_metadata(full))
         self.bytes_written = sum(manifest.values()) + group.stat().st_size
@@ -364,8 +394,10 @@ def write_arrays(staged: StagedScan, image: np.ndarray, mask: np.ndarray | None)
         block = image[:, :, z0 : z0 + depth]
         image_out.write_slab(z0, block)
         stats.add_image(block)
+        mask_block = None
         if mask is not None and mask_out is not None:
             mask_block = mask[:, :, z0 : z0 + depth]
             mask_out.write_slab(z0, mask_block)
             stats.add_class_counts(mask_block.sum(axis=(0, 1), dtype=np.int64))
+        staged.slab_written(z0, block, mask_block)
     return stats

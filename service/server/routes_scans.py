@@ -16,6 +16,7 @@ from client.layout import ScanMeta, matches
 from client.local import LocalSource
 from service.server.errors import error_response, error_responses
 from service.server.responses import cached_json
+from service.server.routes_predictions import Predictions, prediction_fields
 from service.server.state import ServerState, server_state
 
 log = logging.getLogger("scancache.server")
@@ -126,6 +127,10 @@ async def list_scans(
     augmentation: Annotated[list[int] | None, Query(description="Augmentation number (`Aug02` -> 2)")] = None,
     has_class: Annotated[int | None, Query(description="Only scans where class k has voxels")] = None,
     full: Annotated[bool, Query(description="Include per-slice class counts (large)")] = False,
+    has_prediction: Annotated[
+        bool | None, Query(description="Only scans with (true) or without (false) a stored prediction")
+    ] = None,
+    predictions: Predictions = None,
 ) -> Response:
     filters = {
         "split": split,
@@ -135,7 +140,11 @@ async def list_scans(
         "has_class": has_class,
     }
     metas = await to_thread.run_sync(listable_scans, state.source, filters)
-    return cached_json(request, {"scans": [scan_document(m, full) for m in metas]})
+    fields = await to_thread.run_sync(lambda: [prediction_fields(predictions, m.scan_id) for m in metas])
+    docs = [{**scan_document(m, full), **f} for m, f in zip(metas, fields, strict=True)]
+    if has_prediction is not None:
+        docs = [d for d in docs if d["has_prediction"] == has_prediction]
+    return cached_json(request, {"scans": docs})
 
 
 @router.get(
@@ -152,6 +161,8 @@ async def scan_metadata(
     request: Request,
     state: State,
     scan_id: Annotated[str, Path(description="Scan id, e.g. `0000001_V00-Aug00`")],
+    predictions: Predictions = None,
 ) -> Response:
     meta = await to_thread.run_sync(state.source.metadata, scan_id)
-    return cached_json(request, scan_document(meta, full=True))
+    fields = await to_thread.run_sync(prediction_fields, predictions, scan_id)
+    return cached_json(request, {**scan_document(meta, full=True), **fields})

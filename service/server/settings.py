@@ -33,6 +33,7 @@ ENV_CORS_ORIGINS = "SCANCACHE_CORS_ORIGINS"
 ENV_MAX_INFLIGHT_BYTES = "SCANCACHE_MAX_INFLIGHT_BYTES"
 ENV_HEADER_TIMEOUT = "SCANCACHE_HEADER_TIMEOUT"  # read by service.server.http_protocol too
 DEFAULT_HEADER_TIMEOUT = 10.0
+ENV_PREDICTIONS = "SCANCACHE_PREDICTIONS"
 
 
 def _positive_int(name: str, value: str | int) -> int:
@@ -85,9 +86,13 @@ class Settings:
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds to send the request headers
     inflight_wait: float = 5.0  # seconds a request may queue for the in-flight budget, then 503
+    # A predictions store (loaders.write_predictions) served beside the scans; None: none.
+    predictions: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
+        if self.predictions is not None:
+            object.__setattr__(self, "predictions", Path(self.predictions))
         if not float(self.header_timeout) > 0:
             raise ValueError(f"header_timeout: must be positive, got {self.header_timeout}")
         object.__setattr__(self, "header_timeout", float(self.header_timeout))
@@ -124,6 +129,7 @@ class Settings:
             header_timeout=positive_seconds(
                 ENV_HEADER_TIMEOUT, env.get(ENV_HEADER_TIMEOUT, base.header_timeout)
             ),
+            predictions=Path(env[ENV_PREDICTIONS]) if env.get(ENV_PREDICTIONS) else None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -141,4 +147,6 @@ class Settings:
         }
         if self.token:
             env[ENV_TOKEN] = self.token
+        if self.predictions is not None:
+            env[ENV_PREDICTIONS] = str(self.predictions)
         return env
