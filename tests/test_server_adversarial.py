@@ -238,3 +238,8 @@ def test_half_open_connections_are_closed_after_the_header_timeout(small_store):
             conn.request("GET", "/health")
             assert conn.getresponse().read() == b'{"status":"ok"}'
         conn.close()
+
+
+def test_oversized_headers_are_refused(url):
+    response = raw(url, "GET", "/health", {"X-Big": "a" * 100_000})
+    assert response.status == 431
