@@ -98,3 +98,27 @@ def test_retry_after_values():
     assert retry_after_seconds("\u00b2") is None and retry_after_seconds("9" * 50) is None
     later = email.utils.formatdate(time.time() + 30, usegmt=True)
     assert 25 <= retry_after_seconds(later) <= 31
+
+
+def test_catalog_passes_timeout_and_retries_to_the_url_only(small_store):
+    from loaders import DatasetCatalog
+    from loaders.catalog import close_shared_sources, shared_source
+
+    url = "http://127.0.0.1:9"
+    names = ("opts_a", "opts_b", "opts_c", "opts_local")
+    for name in names:
+        DatasetCatalog.remove(name)
+    close_shared_sources()
+    try:
+        DatasetCatalog.register("opts_a", url, timeout=5, retries=2, split="train")
+        DatasetCatalog.register("opts_b", url, timeout=5, retries=2, split="valid")  # same: fine
+        with pytest.raises(ValueError, match="one timeout/retries"):
+            DatasetCatalog.register("opts_c", url, timeout=6)
+        with pytest.raises(TypeError, match="server URL only"):
+            DatasetCatalog.register("opts_local", str(small_store[0]), timeout=5)
+        source = shared_source(url)
+        assert (source.timeout, source.retries) == (5.0, 2)
+    finally:
+        for name in names:
+            DatasetCatalog.remove(name)
+        close_shared_sources()
