@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import os
 import random
 import threading
@@ -47,6 +48,7 @@ from client.protocol import RegionRequest, RoiLike
 from client.wire import decode_npy, decode_npy_stream
 
 R = TypeVar("R")
+log = logging.getLogger("scancache.client")
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
 TIMEOUT_ENV = "SCANCACHE_HTTP_TIMEOUT"
@@ -54,6 +56,7 @@ RETRY_SECONDS_ENV = "SCANCACHE_RETRY_SECONDS"
 RETRIES_ENV = "SCANCACHE_RETRIES"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRY_SECONDS = 120.0
+RETRY_WARN_EVERY = 15.0  # seconds between two "still retrying" warnings of one request
 MAX_BACKOFF = 8.0  # the longest pause between two attempts (Retry-After may ask for more)
 # Statuses that say "try again later" rather than "this request is wrong".
 RETRY_STATUSES = frozenset({408, 429})
@@ -201,6 +204,7 @@ class HttpSource:
         """``send()`` -> (status, result, response for errors); retried as the module says."""
         attempt = 0
         started = time.monotonic()
+        last_warned = -RETRY_WARN_EVERY
         while True:
             wait_at_least = 0.0
             try:
@@ -228,6 +232,16 @@ class HttpSource:
                         " running? (retry budget: SCANCACHE_RETRY_SECONDS or retry_seconds=)",
                         500,
                     )
+                )
+            if elapsed - last_warned >= RETRY_WARN_EVERY:  # long waits show progress
+                last_warned = elapsed
+                log.warning(
+                    "%s %s%s: %s; retrying for up to %.0f s more",
+                    method,
+                    self.url,
+                    path,
+                    one_line(failure, 200),
+                    self.retry_seconds - elapsed,
                 )
             time.sleep(delay)
             attempt += 1
