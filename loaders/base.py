@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -292,8 +294,16 @@ class DataLoader(keras.utils.PyDataset):
             self._position = 0
 
     def on_epoch_end(self) -> None:
-        self._keras_epoch = False
-        self.set_epoch(self.epoch + 1)
+        """The next epoch. When Keras calls it, only after a complete pass: Keras also ends an
+        "epoch" right after reading its first batches for the input spec, and that must not
+        skip an epoch of the loader's order."""
+        with self._serve_lock:
+            keras_epoch, complete = self._keras_epoch, self._served >= len(self)
+            self._keras_epoch = False
+        if _called_from_keras() and not (keras_epoch and complete):
+            self.set_epoch(self.epoch)  # from its first batch again
+        else:
+            self.set_epoch(self.epoch + 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its first batch (its order is a function of SEED and epoch)."""
@@ -455,6 +465,18 @@ class DataLoader(keras.utils.PyDataset):
         two scans' inputs and one scan's output. Per-slice datasets give D = their slices.
         """
         return inference.run_inference(self, model, predict_kwargs)
+
+
+def _called_from_keras(depth: int = 6) -> bool:
+    """Is a ``keras`` module among the callers of the calling method (a subclass may sit between)?"""
+    frame: types.FrameType | None = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if str(frame.f_globals.get("__name__", "")).startswith("keras."):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def build_data_loader(cfg: Config, dataset_dicts: Sequence[dict[str, Any]], **kwargs: Any) -> DataLoader:

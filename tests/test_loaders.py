@@ -331,13 +331,14 @@ def test_tensorflow_is_the_default_backend_and_a_chosen_one_is_kept(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["tensorflow", "2"]
     assert "cpu_feature_guard" not in out.stderr  # TF's C++ start-up logging is quiet
-    # keras imported first, as users write it: loaders keeps its backend
-    out = _backend_in_subprocess(tmp_path, "import keras, loaders; print(keras.backend.backend())")
-    assert out.returncode == 0 and out.stdout.split() == ["tensorflow"], out.stderr[-2000:]
     # a backend chosen in keras.json or $KERAS_BACKEND is never overridden
-    out = _backend_in_subprocess(tmp_path, "import loaders, keras; print(keras.backend.backend())", {"backend": "torch"})
+    out = _backend_in_subprocess(
+        tmp_path, "import loaders, keras; print(keras.backend.backend())", {"backend": "torch"}
+    )
     assert out.returncode == 0 and out.stdout.split() == ["torch"], out.stderr[-2000:]
-    out = _backend_in_subprocess(tmp_path, "import loaders, keras; print(keras.backend.backend())", KERAS_BACKEND="torch")
+    out = _backend_in_subprocess(
+        tmp_path, "import loaders, keras; print(keras.backend.backend())", KERAS_BACKEND="torch"
+    )
     assert out.returncode == 0 and out.stdout.split() == ["torch"], out.stderr[-2000:]
 
 
@@ -349,7 +350,7 @@ def test_a_chosen_backend_that_is_missing_is_one_line_naming_the_extra(tmp_path)
     out = _backend_in_subprocess(tmp_path, "import loaders", KERAS_BACKEND="jax")
     assert out.returncode != 0
     assert "Keras backend 'jax' is selected but not installed" in out.stderr
-    assert '.[jax]' in out.stderr.strip().splitlines()[-1]
+    assert ".[jax]" in out.stderr.strip().splitlines()[-1]
 
 
 def test_out_of_order_access_still_correct_and_stops_reading_ahead(store, train_name):
