@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python -m service.demo --out demo-output $(DEMO_ARGS)
+	$(BIN)/python -m examples.demo --out demo-output $(DEMO_ARGS)
 
 # The suite runs under TensorFlow (Keras' default backend).
 test: setup
@@ -35,9 +35,9 @@ test-torch: setup
 	PATH="$(abspath $(BIN)):$$PATH" KERAS_BACKEND=torch $(BIN)/python -m pytest -q -p no:cacheprovider $(TORCH_TESTS)
 
 check: setup
-	$(BIN)/ruff check service client loaders tests benchmarks
-	$(BIN)/ruff format --check service client loaders tests benchmarks
-	$(BIN)/mypy service client loaders
+	$(BIN)/ruff check service client loaders tests benchmarks examples
+	$(BIN)/ruff format --check service client loaders tests benchmarks examples
+	$(BIN)/mypy service client loaders examples
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

@@ -64,6 +64,7 @@ from loaders.catalog import DatasetCatalog, open_source  # noqa: E402
 from loaders.checkpoint import LoaderCheckpoint  # noqa: E402
 from loaders.config import Config  # noqa: E402
 from loaders.patches import PatchDataLoader, RandomPatchDataLoader  # noqa: E402
+from loaders.predictions import PredictionSummary, write_predictions  # noqa: E402
 from loaders.slices import DefaultDataLoader, S25dDataLoader  # noqa: E402
 
 __all__ = [
@@ -75,10 +76,12 @@ __all__ = [
     "Element",
     "LoaderCheckpoint",
     "PatchDataLoader",
+    "PredictionSummary",
     "RandomPatchDataLoader",
     "S25dDataLoader",
     "build_loader",
     "get_dataset_dicts",
     "open_source",
     "register_loader",
+    "write_predictions",
 ]

@@ -9,23 +9,55 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_BYTE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+from client.errors import one_line
+from client.units import parse_bytes as _parse_size
 
 
 def parse_bytes(text: str) -> int:
-    """``512M`` -> 536870912; K/M/G/T are powers of 1024 (``MiB``/``MB`` read the same)."""
-    match = _BYTES.match(str(text))
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte size like 4096, 512M or 2G")
-    return int(float(match[1]) * _BYTE_UNITS[match[2].upper()])
+    """argparse type for sizes (``512M``); the parsing itself is ``client.units.parse_bytes``."""
+    try:
+        return _parse_size(text, "size")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte size like 4096, 512M or 2G") from None
+
+
+def read_token_file(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace dropped); never echoed."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(
+            f"scancache serve: error: --token-file {path}: cannot read it ({type(err).__name__})"
+        ) from None
+    if not token or any(c.isspace() for c in token):
+        raise SystemExit(f"scancache serve: error: --token-file {path}: must hold one token on one line")
+    return token
+
+
+class RefuseTokenFlag(argparse.Action):
+    """``--token VALUE`` would put the secret where ``ps`` shows it: refuse it, naming the ways."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        parser.error(
+            "--token is not accepted (a command line is visible to every user, e.g. in ps);"
+            " set SCANCACHE_TOKEN or use --token-file FILE"
+        )
+
+
+def positive_seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -35,6 +67,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return value
 
 
@@ -65,6 +107,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         workers=args.workers,
         layout=layout,
         progress=not args.quiet,
+        wait=args.wait,
+        prune=args.prune,
+        grace_s=args.grace,
     )
     print(summary.report(), flush=True)
     return summary.exit_code
@@ -79,15 +124,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _scan_rows(store: Path) -> list[dict[str, Any]]:
-    from client.layout import STAGING_DIR
     from service.preprocess import dir_bytes
-    from service.store import read_scan_attrs
+    from service.store import check_store, published_scan_ids, read_scan_attrs
 
-    if not (store / "zarr.json").is_file():
-        raise FileNotFoundError(f"{store}: not a scancache store (no zarr.json)")
+    check_store(store)
     rows = []
-    for entry in sorted(os.listdir(store)):
-        attrs = read_scan_attrs(store, entry) if entry != STAGING_DIR else None
+    for entry in published_scan_ids(store):
+        attrs = read_scan_attrs(store, entry)
         if attrs is None or "scan_id" not in attrs:
             continue
         rows.append(
@@ -111,7 +154,7 @@ def cmd_scans(args: argparse.Namespace) -> int:
 
     rows = _scan_rows(Path(args.store))
     if args.json:
-        print(json.dumps({"scans": rows}, indent=2))
+        print(json.dumps({"scans": rows}, indent=2, allow_nan=False))
         return 0
     table = [("SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE")]
     for row in rows:
@@ -150,6 +193,8 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     )
     for kind, root in data.roots.items():
         print(f"wrote {len(data.scans)} {kind.upper()} scans of {'x'.join(map(str, args.shape))} to {root}")
+    if len(data.roots) > 1:  # the same scans twice: one source each
+        print(f"convert each folder on its own, e.g. scancache preprocess {data.roots['2d']} STORE")
     return 0
 
 
@@ -160,8 +205,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from service.server import run
     except ImportError as err:
         raise RuntimeError(f"the server is not available ({err}); install scancache[service]") from None
-    if args.token:  # the server reads SCANCACHE_TOKEN (also in uvicorn's worker processes)
-        os.environ["SCANCACHE_TOKEN"] = args.token
+    token = read_token_file(args.token_file) if args.token_file else None
+    if token:  # the server reads SCANCACHE_TOKEN (also in uvicorn's worker processes)
+        os.environ["SCANCACHE_TOKEN"] = token
     options: dict[str, Any] = {
         "store": args.store,
         "host": args.host,
@@ -169,14 +215,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "cache_bytes": args.cache_bytes,
         "max_bytes": args.max_bytes,
+        "max_inflight_bytes": args.max_inflight_bytes,
+        "header_timeout": args.header_timeout,
     }
+    if getattr(args, "predictions", None):
+        options["predictions"] = args.predictions
     accepted = inspect.signature(run).parameters
     if "token" in accepted:
-        options["token"] = args.token or os.environ.get("SCANCACHE_TOKEN")
+        options["token"] = token or os.environ.get("SCANCACHE_TOKEN")
     # leave the server's own defaults in place for options the user did not give
-    options = {
-        k: v for k, v in options.items() if v is not None or k not in ("cache_bytes", "max_bytes", "token")
-    }
+    options = {k: v for k, v in options.items() if v is not None or k in ("store", "host", "port", "workers")}
     run(**options)  # blocks until the server stops (Ctrl-C)
     return 0
 
@@ -197,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a source folder into a store (Dask job)",
         description="Convert every scan under SOURCE (2D .im/.seg slices or 3D .h5 volumes; "
         "first-level folders are splits) into the Zarr v3 store STORE. Scans already in the "
-        "store with unchanged sources are skipped; a killed run resumes when re-run. Exits 1 "
-        "if any scan failed.",
+        "store with unchanged sources are skipped; a killed run resumes when re-run. One job "
+        "per store at a time (STORE/.lock). A re-converted scan is published as a new version; "
+        "readers switch to it atomically. Exits 1 if any scan failed.",
     )
     p.add_argument("source", metavar="SOURCE", help="folder of MedSegPy input files")
     p.add_argument("store", metavar="STORE", help="store folder (created if missing)")
@@ -222,6 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="chunk compression (default: blosc-lz4)",
     )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another job is writing STORE, wait for it to finish (default: fail at once)",
+    )
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove scans whose source files are gone (default: list them in the summary)",
+    )
+    p.add_argument(
+        "--grace",
+        type=non_negative_float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="keep a replaced or removed scan version this long for readers still using it, "
+        "then delete it at the end of a later job (default: %(default)s)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the summary")
     p.set_defaults(func=cmd_preprocess)
 
@@ -229,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="compare a store with its source voxel for voxel",
         description="Re-read every source file and compare it with STORE voxel for voxel (read "
-        "with zarr-python). Prints OK/MISMATCH/MISSING/FAILED per scan; exits 0 only if every "
-        "source scan is in the store and exact.",
+        "with zarr-python). Prints OK/MISMATCH/MISSING/TORN/FAILED/EXTRA per scan; exits 0 only if every "
+        "source scan is in the store and exact and the store holds no other scan.",
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("store", metavar="STORE")
@@ -277,7 +344,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-bytes", type=parse_bytes, default=None, metavar="B", help="largest response, e.g. 256M"
     )
     p.add_argument(
-        "--token", default=None, help="bearer token required from clients (default: $SCANCACHE_TOKEN)"
+        "--max-inflight-bytes",
+        type=parse_bytes,
+        default=None,
+        metavar="B",
+        help="bytes all requests may hold at once; past it they wait, then 503 (default 1G)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=positive_seconds_arg,
+        default=None,
+        metavar="S",
+        help="seconds a connection has to send its request headers (default 10)",
+    )
+    p.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the bearer token clients must send (or set $SCANCACHE_TOKEN)",
+    )
+    p.add_argument("--token", action=RefuseTokenFlag, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--predictions",
+        default=None,
+        metavar="PRED",
+        help="a predictions store (loaders.write_predictions) to serve beside the scans",
     )
     p.set_defaults(func=cmd_serve)
     return parser
@@ -296,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             traceback.print_exc()
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = one_line(err)
         print(f"scancache {args.command}: error: {message}", file=sys.stderr)
         return 1
 

@@ -9,8 +9,8 @@ Two input formats (the same ones MedSegPy reads):
   a ``spacing`` attribute; the scan key is the stem.
 
 The first-level folder under the source becomes the scan's ``split`` (``train``/``valid``/...).
-Discovery only looks at names and folders (cheap, on the client); ``load_scan`` reads a scan's
-files and checks shapes, dtypes and mask values (on a Dask worker). Every problem is a
+Discovery only looks at names and folders (cheap, on the client, no HDF5); reading and checking
+a scan's files is ``service.slice_files`` (on a Dask worker). Every problem is a
 ``SourceError`` whose message is one line: ``scan: file: why``.
 """
 
@@ -24,8 +24,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from client.errors import EmptySource, InvalidPath, SourceError
 from client.layout import FORMAT_VERSION, ChunkLayout, validate_scan_id
@@ -73,13 +71,6 @@ class Discovery:
     failures: list[SourceError] = field(default_factory=list)
 
 
-@dataclass
-class LoadedScan:
-    image: np.ndarray  # (H, W, D), source dtype in native byte order
-    mask: np.ndarray | None  # (H, W, D, C) uint8, or None for an image-only scan
-    spacing: list[float] | None
-
-
 def _split_of(rel: Path) -> str | None:
     return rel.parts[0] if len(rel.parts) > 1 else None
 
@@ -93,20 +84,37 @@ def _ints(match: re.Match[str] | None) -> tuple[int | None, int | None, int | No
 def discover(source: str | os.PathLike[str]) -> Discovery:
     """Group a source folder's files into scans. Files of other kinds are ignored.
 
-    Raises ``EmptySource`` if the folder is missing or holds no ``.im``/``.seg``/``.h5`` file.
+    Raises ``EmptySource`` if the folder is missing, is a file, or holds no ``.im``/``.seg``/
+    ``.h5`` file. Symbolic links (to folders or files) are followed when they point inside the
+    source; one pointing outside it, a broken one or a loop is a failure line naming the link
+    (the scan it belongs to is not converted).
     """
     root = Path(source).resolve()
+    if root.is_file():
+        raise EmptySource(f"{source}: is a file; SOURCE must be the folder holding the scans")
     if not root.is_dir():
         raise EmptySource(f"{source}: source folder does not exist")
+    _refuse_sample_data_pair(source, root)
     found = Discovery(root=root)
+    refused: set[str] = set()  # scan keys with a refused file: not converted at all
+    visited = {str(root)}
     # key -> kind -> slice number -> [relative paths]; 3D files use slice number 0
     slices: dict[str, dict[str, dict[int, list[str]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
     splits: dict[str, dict[str | None, str]] = defaultdict(dict)  # key -> split -> first file seen
     any_input = False
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            link = Path(dirpath) / d
+            why = _link_problem(root, link, visited) if link.is_symlink() else None
+            if why is None:
+                kept.append(d)
+                visited.add(os.path.realpath(link))
+            else:
+                found.failures.append(SourceError(d, link.relative_to(root).as_posix() + "/", why))
+        dirnames[:] = kept
         for name in sorted(filenames):
             suffix = os.path.splitext(name)[1]
             if suffix not in (IMAGE_SUFFIX, MASK_SUFFIX, VOLUME_SUFFIX) or name.startswith("."):
@@ -114,6 +122,8 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
             any_input = True
             rel = (Path(dirpath) / name).relative_to(root)
             stem = name[: -len(suffix)]
+            link = Path(dirpath) / name
+            why = _link_problem(root, link, None) if link.is_symlink() else None
             if suffix == VOLUME_SUFFIX:
                 key, kind, number = stem, "3d", 0
             else:
@@ -122,16 +132,48 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
                     found.failures.append(SourceError(stem, rel.as_posix(), _NAME_HELP))
                     continue
                 key, kind, number = match["key"], suffix, int(match["slice"])
+            if why is not None:
+                found.failures.append(SourceError(key, rel.as_posix(), why))
+                refused.add(key)
+                continue
             slices[key][kind][number].append(rel.as_posix())
             splits[key].setdefault(_split_of(rel), rel.as_posix())
     if not any_input:
         raise EmptySource(f"{source}: no .im/.seg slices or .h5 volumes found")
-    for key in sorted(slices):
+    for key in sorted(set(slices) - refused):
         try:
             found.scans.append(_scan_spec(root, key, slices[key], splits[key]))
         except SourceError as err:
             found.failures.append(err)
     return found
+
+
+def _link_problem(root: Path, link: Path, visited: set[str] | None) -> str | None:
+    """Why a symbolic link in the source is not followed (None: it is)."""
+    real = os.path.realpath(link)
+    if not os.path.exists(real):
+        return "broken symbolic link (its target does not exist)"
+    if os.path.commonpath([str(root), real]) != str(root):
+        return (
+            "symbolic link to outside SOURCE; not followed (copy it in, or make SOURCE a folder holding both)"
+        )
+    if visited is not None and (real in visited or str(root).startswith(real + os.sep)):
+        return "symbolic link loop (points to a folder already read); not followed"
+    return None
+
+
+def _refuse_sample_data_pair(source: str | os.PathLike[str], root: Path) -> None:
+    """``sample-data --format both`` writes the same scans twice, under ``2d/`` and ``3d/``:
+    as one source they would be every scan in two splits. Say which folder to convert."""
+    try:
+        entries = {e.name for e in os.scandir(root) if not e.name.startswith(".")}
+    except OSError:
+        return
+    if entries == {"2d", "3d"} and (root / "2d").is_dir() and (root / "3d").is_dir():
+        raise EmptySource(
+            f"{source}: holds 2d/ and 3d/ copies of the same scans (sample-data --format both); "
+            f"convert one of them: {Path(source) / '2d'} or {Path(source) / '3d'}"
+        )
 
 
 def _scan_spec(
@@ -207,112 +249,3 @@ def fingerprint(spec: ScanSpec, layout: ChunkLayout) -> tuple[str, int]:
         total += st.st_size
         digest.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return digest.hexdigest(), total
-
-
-# -- reading ----------------------------------------------------------------------------------
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    # h5py says "Unable to synchronously open file (truncated file: eof = ...)": keep the reason
-    inner = re.fullmatch(r"Unable to [^(]*\((.*)\)", text)
-    return (inner[1] if inner else text)[:200] or type(err).__name__
-
-
-def _read_datasets(
-    scan: str, root: str, rel: str, required: str, optional: str | None = None
-) -> tuple[np.ndarray, np.ndarray | None, Any]:
-    """Datasets ``required`` and ``optional`` (None if absent) of one HDF5 file, whole, and the
-    ``spacing`` attribute of the file or of the required dataset."""
-    import h5py  # service extra; imported here so that discovery needs only numpy
-
-    try:
-        with h5py.File(Path(root) / rel, "r", locking=False) as f:
-            arrays: list[np.ndarray | None] = []
-            for name in (required, optional):
-                if name is None or (name == optional and name not in f):
-                    arrays.append(None)
-                    continue
-                if name not in f or not isinstance(f[name], h5py.Dataset):
-                    raise SourceError(scan, rel, f"no dataset {name!r} in HDF5 file")
-                data = f[name][()]
-                if not isinstance(data, np.ndarray):
-                    raise SourceError(scan, rel, f"dataset {name!r} is a scalar, not an array")
-                arrays.append(data)
-            spacing = f.attrs.get("spacing", f[required].attrs.get("spacing"))
-    except SourceError:
-        raise
-    except (OSError, KeyError, ValueError, RuntimeError) as err:
-        raise SourceError(scan, rel, f"unreadable HDF5 file: {_one_line(err)}") from None
-    assert arrays[0] is not None
-    return arrays[0], arrays[1], spacing
-
-
-def _check_numeric(scan: str, rel: str, data: np.ndarray) -> np.ndarray:
-    kind = data.dtype.kind
-    if kind not in "biuf":
-        raise SourceError(scan, rel, f"unsupported image dtype {data.dtype}")
-    return data.astype(data.dtype.newbyteorder("="), copy=False)
-
-
-def _as_binary(scan: str, rel: str, data: np.ndarray) -> np.ndarray:
-    if data.dtype.kind not in "biuf":
-        raise SourceError(scan, rel, f"unsupported mask dtype {data.dtype}")
-    if data.dtype == np.uint8:  # the common case: one vectorised max, no temporaries
-        if data.size and data.max() > 1:
-            value = data[data > 1].flat[0].item()
-            raise SourceError(scan, rel, f"mask values are not binary (found {value!r})")
-        return data
-    bad = (data != 0) & (data != 1)
-    if bad.any():
-        value = data[bad].flat[0].item()
-        raise SourceError(scan, rel, f"mask values are not binary (found {value!r})")
-    return data.astype(np.uint8)
-
-
-def _spacing(value: Any) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        out = [float(v) for v in np.asarray(value).reshape(-1)]
-    except (TypeError, ValueError):
-        return None
-    return out or None
-
-
-def load_scan(spec: ScanSpec) -> LoadedScan:
-    """Read a scan whole and check it; raises ``SourceError`` naming the first bad file.
-
-    A 2D scan's arrays are (H, W, D) views of slice-major buffers (every slice file is read
-    straight into its place); they compare and index like any array but are not C-contiguous.
-    """
-    if spec.kind == "3d":
-        return _load_volume(spec)
-    from service.slice_files import SliceReader  # it builds on this module's helpers
-
-    reader = SliceReader(spec)
-    height, width, depth = reader.shape
-    image = np.empty((depth, height, width), reader.dtype)
-    for z in range(depth):
-        reader.read_image(z, image[z])
-    mask = None
-    if reader.num_classes:
-        mask = np.empty((depth, height, width, reader.num_classes), np.uint8)
-        for z in range(depth):
-            reader.read_mask(z, mask[z])
-    return LoadedScan(
-        image.transpose(1, 2, 0), None if mask is None else mask.transpose(1, 2, 0, 3), reader.spacing
-    )
-
-
-def _load_volume(spec: ScanSpec) -> LoadedScan:
-    rel = spec.image_files[0]
-    volume, seg, spacing = _read_datasets(spec.scan_id, spec.root, rel, "volume", "seg")
-    if volume.ndim != 3:
-        raise SourceError(spec.scan_id, rel, f"volume has shape {volume.shape}, expected (H, W, D)")
-    volume = _check_numeric(spec.scan_id, rel, volume)
-    mask = None
-    if seg is not None:
-        if seg.ndim != 4 or seg.shape[:3] != volume.shape or seg.shape[3] == 0:
-            expected = ", ".join(map(str, volume.shape))
-            raise SourceError(spec.scan_id, rel, f"seg has shape {seg.shape}, expected ({expected}, C)")
-        mask = _as_binary(spec.scan_id, rel, seg)
-    return LoadedScan(volume, mask, _spacing(spacing))

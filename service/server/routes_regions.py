@@ -57,7 +57,7 @@ def npy_response_doc(what: str) -> dict[int | str, dict[str, Any]]:
             "content": {NPY_MEDIA_TYPE: NPY_SCHEMA},
         },
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 413, 422),
+        **error_responses(400, 401, 404, 413, 422, 503),
     }
 
 
@@ -88,7 +88,12 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
     def read_and_encode() -> list[bytes | memoryview]:
         return _encode(state.source.read_regions([plan.request()])[0], gzip)
 
-    parts = await to_thread.run_sync(read_and_encode)
+    release = await state.inflight.acquire(plan.cost)
+    try:
+        parts = await to_thread.run_sync(read_and_encode)
+    except BaseException:
+        release()
+        raise
     state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
     headers = {
         "ETag": etag,
@@ -97,7 +102,7 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
     }
     if gzip:
         headers["Content-Encoding"] = "gzip"
-    return PartsResponse(parts, NPY_MEDIA_TYPE, headers=headers)
+    return PartsResponse(parts, NPY_MEDIA_TYPE, headers=headers, on_close=release)
 
 
 ScanId = Annotated[str, Path(description=SCAN_ID_DOC)]
@@ -165,7 +170,7 @@ class BatchRequest(BaseModel):
             ),
             "content": {NPY_STREAM_MEDIA_TYPE: NPY_SCHEMA},
         },
-        **error_responses(400, 401, 404, 413, 422),
+        **error_responses(400, 401, 404, 413, 422, 503),
     },
 )
 async def post_batch(state: State, batch: BatchRequest) -> Response:
@@ -182,13 +187,20 @@ async def post_batch(state: State, batch: BatchRequest) -> Response:
         ]
 
     plans = await to_thread.run_sync(plan_all)
-    check_budget(plans, state.settings.max_bytes)
+    total = check_budget(plans, state.settings.max_bytes)
 
     def read_all() -> list[bytes | memoryview]:
         arrays = state.source.read_regions([p.request() for p in plans])
         return [part for arr in arrays for part in encode_npy_parts(arr)]
 
-    parts = await to_thread.run_sync(read_all)
+    release = await state.inflight.acquire(total)
+    try:
+        parts = await to_thread.run_sync(read_all)
+    except BaseException:
+        release()
+        raise
     for plan in plans:
         state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
-    return PartsResponse(parts, NPY_STREAM_MEDIA_TYPE, headers={"Cache-Control": "no-store"})
+    return PartsResponse(
+        parts, NPY_STREAM_MEDIA_TYPE, headers={"Cache-Control": "no-store"}, on_close=release
+    )
