@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch 2.13.0 is the CPU build this machine kind ships as a local wheel (a Keras backend).
+# torch 2.13.0 is the CPU build this machine kind ships as a local wheel (the optional torch
+# backend, from the torch extra). TensorFlow, the default backend, comes with the loaders extra.
 TORCH ?= torch==2.13.0
 SOURCE ?= demo-output/source
 STORE ?= demo-output/store
@@ -10,7 +11,7 @@ PORT ?= 8000
 BENCH_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test check bench preprocess serve docker-build clean
+.PHONY: setup demo test test-torch check bench preprocess serve docker-build clean
 
 setup: $(VENV)/.installed
 
@@ -23,8 +24,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python -m examples.demo --out demo-output $(DEMO_ARGS)
 
+# The suite runs under TensorFlow (Keras' default backend).
 test: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	PATH="$(abspath $(BIN)):$$PATH" KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The loader, training and inference tests again under the torch backend.
+TORCH_TESTS ?= tests/test_loaders.py tests/test_inference.py tests/test_custom_loader.py \
+	tests/test_loader_fast_paths.py tests/test_training_scale.py tests/test_training.py
+# (The TensorFlow-only tests, backend choice and MirroredStrategy, ran in `make test`.)
+test-torch: setup
+	PATH="$(abspath $(BIN)):$$PATH" KERAS_BACKEND=torch $(BIN)/python -m pytest -q -p no:cacheprovider \
+		-k "not default_backend and not mirrored" $(TORCH_TESTS)
 
 check: setup
 	$(BIN)/ruff check service client loaders tests benchmarks examples

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import keras
 import numpy as np
@@ -39,57 +40,22 @@ from loaders.config import Config, check_config
 from loaders.geometry import AxisRead, check_pad_mode, take_window
 from loaders.ordering import Shard, shard_order
 from loaders.prefetch import Prefetcher
+from loaders.registry import KEEPS_VALUES, LOADER_REGISTRY, Element, keeps_values, register_loader
 from loaders.scans import (
     ScanEntry,
     read_grouped,
     scans_from_dicts,
     window_reads,
 )
+from loaders.state import LoaderState
 from loaders.stats import LoaderStats
-from loaders.stitching import Window
 
-LOADER_REGISTRY: dict[str, type[DataLoader]] = {}
-L = TypeVar("L", bound="type[DataLoader]")
-F = TypeVar("F", bound=Callable[..., Any])
-_KEEPS_VALUES = "_scancache_keeps_values"
-
-
-def keeps_values(method: F) -> F:
-    """Mark a ``model_target`` that only selects/reshapes (no arithmetic): it may be given the
-    uint8 mask, and the float32 conversion is done while copying into the batch (faster).
-    A subclass that overrides ``model_target`` without this mark gets float32, as always."""
-    setattr(method, _KEEPS_VALUES, True)
-    return method
+# re-exported: custom loaders import these from loaders.base
+__all__ = ["LOADER_REGISTRY", "DataLoader", "Element", "build_data_loader", "keeps_values", "register_loader"]
 
 
 def _roi(axes: Sequence[AxisRead]) -> tuple[slice, ...]:
     return tuple(slice(a.lo, a.hi) for a in axes)
-
-
-def register_loader(cls: L | None = None, *, name: str | None = None) -> Any:
-    """Class decorator: ``@register_loader`` makes ``cfg.TAG = "ClassName"`` pick the class."""
-
-    def add(klass: L) -> L:
-        key = name or klass.__name__
-        if key in LOADER_REGISTRY and LOADER_REGISTRY[key] is not klass:
-            raise ValueError(f"a loader named {key!r} is already registered")
-        LOADER_REGISTRY[key] = klass
-        return klass
-
-    return add(cls) if cls is not None else add
-
-
-@dataclass(frozen=True)
-class Element:
-    """One example: the image ``window`` of scan ``scan`` and the mask/prediction ``target``."""
-
-    scan: int
-    window: Window
-    target: Window | None = None
-
-    @property
-    def output_window(self) -> Window:
-        return self.target if self.target is not None else self.window
 
 
 class DataLoader(keras.utils.PyDataset):
@@ -292,8 +258,16 @@ class DataLoader(keras.utils.PyDataset):
             self._position = 0
 
     def on_epoch_end(self) -> None:
-        self._keras_epoch = False
-        self.set_epoch(self.epoch + 1)
+        """The next epoch. When Keras calls it, only after a complete pass: Keras also ends an
+        "epoch" right after reading its first batches for the input spec, and that must not
+        skip an epoch of the loader's order."""
+        with self._serve_lock:
+            keras_epoch, complete = self._keras_epoch, self._served >= len(self)
+            self._keras_epoch = False
+        if _called_from_keras() and not (keras_epoch and complete):
+            self.set_epoch(self.epoch)  # from its first batch again
+        else:
+            self.set_epoch(self.epoch + 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its first batch (its order is a function of SEED and epoch)."""
@@ -307,44 +281,31 @@ class DataLoader(keras.utils.PyDataset):
             self._last_index = -2
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader stands: restoring it gives exactly the batches still to come.
+        """Where the loader stands, as plain JSON (``loaders.state``): restoring it gives exactly
+        the batches still to come (seed, epoch, batches of it already delivered, shard)."""
+        return self._state().to_dict()
 
-        Plain JSON: the seed, the epoch, the batches of the epoch already delivered
-        (``position``), the shard and the epoch's length (a guard against a changed data set).
-        """
-        return {
-            "scancache_loader_state": 1,
-            "loader": type(self).__name__,
-            "seed": int(self.seed),
-            "epoch": int(self.epoch),
-            "position": int(self._position),
-            "num_replicas": self.shard.num_replicas,
-            "rank": self.shard.rank,
-            "num_batches": len(self),
-        }
+    def _state(self) -> LoaderState:
+        shard = self.shard
+        return LoaderState(
+            type(self).__name__,
+            int(self.seed),
+            int(self.epoch),
+            int(self._position),
+            shard.num_replicas,
+            shard.rank,
+            len(self),
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (from :meth:`state_dict` of the same loader and data set)."""
-        if not isinstance(state, dict) or state.get("scancache_loader_state") != 1:
-            raise ValueError("load_state_dict: not a scancache loader state (from loader.state_dict())")
-        for key in ("loader", "num_replicas", "rank"):
-            mine = self.state_dict()[key]
-            if state.get(key) != mine:
-                raise ValueError(
-                    f"load_state_dict: the state is for {key}={state.get(key)!r}, this loader has {mine!r}"
-                )
-        self.seed = int(state["seed"])
-        self.set_epoch(int(state["epoch"]))
-        if state.get("num_batches") != len(self):
-            raise ValueError(
-                f"load_state_dict: the state's epoch has {state.get('num_batches')} batches, this loader "
-                f"{len(self)}: the data set or batch settings changed"
-            )
-        position = int(state["position"])
-        if not 0 <= position <= len(self):
-            raise ValueError(f"load_state_dict: position {position} is outside 0..{len(self)}")
+        restored = LoaderState.parse(state)
+        restored.check_matches(self._state())
+        self.seed = restored.seed
+        self.set_epoch(restored.epoch)
+        restored.check_length(len(self))
         self._prefetcher.reset()
-        self._position = position
+        self._position = restored.position
 
     def stats(self) -> dict[str, Any]:
         """Figures since creation or :meth:`reset_stats` (``loaders.stats``): ``batches``,
@@ -404,7 +365,7 @@ class DataLoader(keras.utils.PyDataset):
         started = time.perf_counter()
         pairs = self.read_elements(elements)
         read_done = time.perf_counter()
-        target_casts = getattr(type(self).model_target, _KEEPS_VALUES, False)
+        target_casts = getattr(type(self).model_target, KEEPS_VALUES, False)
         x: np.ndarray | None = None
         y: np.ndarray | None = None
         for i, ((img, mask), e) in enumerate(zip(pairs, elements, strict=True)):
@@ -455,6 +416,18 @@ class DataLoader(keras.utils.PyDataset):
         two scans' inputs and one scan's output. Per-slice datasets give D = their slices.
         """
         return inference.run_inference(self, model, predict_kwargs)
+
+
+def _called_from_keras(depth: int = 6) -> bool:
+    """Is a ``keras`` module among the callers of the calling method (a subclass may sit between)?"""
+    frame: types.FrameType | None = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if str(frame.f_globals.get("__name__", "")).startswith("keras."):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def build_data_loader(cfg: Config, dataset_dicts: Sequence[dict[str, Any]], **kwargs: Any) -> DataLoader:

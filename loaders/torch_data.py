@@ -6,8 +6,9 @@ read-ahead layer; torch hands them out round-robin, so the batches come once eac
 whatever k. A worker rebuilds the loader in its own process from plain data (the config,
 dataset dicts, settings and ``state_dict``) instead of inheriting open tensorstore contexts or
 httpx connections, which do not survive ``fork``; tensorstore refuses to run in a forked child
-at all, so when the program has not chosen a start method, ``as_torch_dataset`` selects
-``forkserver`` (Python 3.14's default). Call ``ds.set_epoch(e)`` before each epoch, as with
+at all, so for a local store ``as_torch_dataset`` sets multiprocessing's start method to
+``forkserver`` (Python 3.14's default) when it is ``fork`` or unset, with a warning if it was
+``fork``; spawn and forkserver are kept. Call ``ds.set_epoch(e)`` before each epoch, as with
 torch's ``DistributedSampler``.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -34,10 +36,24 @@ def _torch_base() -> type:
     return torch.utils.data.IterableDataset
 
 
-def _choose_start_method() -> None:
-    # tensorstore aborts a forked child that uses it; forkserver/spawn workers start clean.
-    if multiprocessing.get_start_method(allow_none=True) is None:
-        multiprocessing.set_start_method("forkserver")
+def _avoid_fork(dicts: list[dict[str, Any]]) -> None:
+    """tensorstore aborts a forked child that uses it: for a local store, torch's default
+    workers must start by forkserver (Python 3.14's default on Linux), which starts them clean."""
+    if all(is_url(str(d["source"])) for d in dicts):
+        return  # httpx connections are reopened in the worker; fork is fine
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method in (None, "fork"):
+        if method == "fork":
+            warnings.warn(
+                "as_torch_dataset: multiprocessing's start method switched from 'fork' to 'forkserver' "
+                "(tensorstore cannot read in a forked worker)",
+                stacklevel=3,
+            )
+        multiprocessing.set_start_method("forkserver", force=True)
+    if multiprocessing.get_start_method() == "forkserver":
+        # The server imports the loaders (and Keras' backend) once; workers fork from it, clean
+        # of tensorstore's threads, instead of importing them again each epoch.
+        multiprocessing.set_forkserver_preload(["loaders.torch_data"])
 
 
 class TorchBatches(_torch_base()):  # type: ignore[misc]
@@ -52,7 +68,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
                     f"as_torch_dataset: scan {d['scan_id']!r} has a source object, not a path or URL; "
                     "torch workers reopen sources by path or URL"
                 )
-        _choose_start_method()
+        _avoid_fork(dicts)
         self.channels_first = bool(channels_first)
         self._recipe = (type(loader), loader.cfg.copy(), dicts, settings)
         self._loader: DataLoader | None = loader
