@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import tensorstore as ts
 
 from client.categories import merge_mask, normalize_categories
 from client.errors import ArrayNotFound, ScanNotFound
+from client.label_map import LABEL_MAP, LOCATIONS, apply_table, category_table, has_label_map
 from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
 from client.protocol import RegionRequest, RoiLike
 from client.roi import Region, as_region
@@ -76,6 +78,8 @@ class LocalSource:
         # scan_id -> (stat signature of its zarr.json, metadata); a re-published scan has a new one
         self._meta: dict[str, tuple[tuple[int, int], ScanMeta]] = {}
         self._arrays: dict[tuple[str, str, tuple[int, int]], Any] = {}
+        self._chunk_bytes: dict[int, tuple[tuple[int, ...], int]] = {}  # id(array) -> (inner chunk, itemsize)
+        self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
         self._versions: dict[str, tuple[tuple[int, int], str]] = {}
 
     def __repr__(self) -> str:
@@ -144,7 +148,8 @@ class LocalSource:
 
     # -- arrays -----------------------------------------------------------------------------
     def _array(self, scan_id: str, name: str, state: tuple[tuple[int, int], ScanMeta] | None = None) -> Any:
-        validate_array_name(name)
+        if name not in (LABEL_MAP, LOCATIONS):  # derived arrays are opened only from here
+            validate_array_name(name)
         sig, meta = state or self._state(scan_id)
         if name == MASK and not meta.has_mask:
             raise ArrayNotFound(f"scan {scan_id!r} has no mask")
@@ -156,9 +161,11 @@ class LocalSource:
                 arr = ts.open(spec, context=self._context, read=True, open=True).result()
             except ValueError:
                 raise ArrayNotFound(f"scan {scan_id!r} has no array {name!r}") from None
+            inner = tuple(int(n or 1) for n in arr.chunk_layout.read_chunk.shape or arr.shape)
             with self._lock:
                 for old in [k for k in self._arrays if k[:2] == key[:2]]:
-                    del self._arrays[old]
+                    self._chunk_bytes.pop(id(self._arrays.pop(old)), None)
+                self._chunk_bytes[id(arr)] = (inner, int(arr.dtype.numpy_dtype.itemsize))
                 self._arrays[key] = arr
         return arr
 
@@ -171,29 +178,73 @@ class LocalSource:
     def region(self, scan_id: str, roi: RoiLike) -> Region:
         return as_region(roi, self.metadata(scan_id).shape)
 
-    def _start(self, req: RegionRequest, state: tuple[tuple[int, int], ScanMeta]) -> Any:
+    def _uses_label_map(self, req: RegionRequest, meta: ScanMeta) -> bool:
+        return req.array == MASK and has_label_map(meta.attrs)
+
+    def _start(self, req: RegionRequest, state: tuple[tuple[int, int], ScanMeta]) -> tuple[Any, int]:
+        """The read's future and the decoded chunk bytes it needs (``io_counters``)."""
         region = as_region(req.roi, state[1].shape)
-        return self._array(req.scan_id, req.array, state)[region].read()
+        name = LABEL_MAP if self._uses_label_map(req, state[1]) else req.array
+        arr = self._array(req.scan_id, name, state)
+        inner, itemsize = self._chunk_bytes[id(arr)]
+        return arr[region].read(), chunk_bytes_touched(region, inner, itemsize)
 
     def _finish(self, req: RegionRequest, data: np.ndarray, meta: ScanMeta) -> np.ndarray:
         if req.array == IMAGE:
             return data
+        cats = None if req.categories is None else normalize_categories(req.categories, meta.num_classes)
+        if self._uses_label_map(req, meta):  # data is the label map: merge through a table
+            return apply_table(data, category_table(cats, req.background, meta.num_classes))
         if req.categories is None and not req.background:
             return data
-        cats = None if req.categories is None else normalize_categories(req.categories, meta.num_classes)
         return merge_mask(data, cats, req.background)
 
     def read_regions(self, requests: Sequence[RegionRequest]) -> list[np.ndarray]:
         # Each scan's zarr.json is checked once per call (not once per region), then every read
         # is started before waiting on any: tensorstore runs them concurrently.
+        started = time.perf_counter()
         states: dict[str, tuple[tuple[int, int], ScanMeta]] = {}
         for r in requests:
             if r.scan_id not in states:
                 states[r.scan_id] = self._state(r.scan_id)
-        futures = [self._start(r, states[r.scan_id]) for r in requests]
-        return [
-            self._finish(r, f.result(), states[r.scan_id][1]) for r, f in zip(requests, futures, strict=True)
+        reads = [self._start(r, states[r.scan_id]) for r in requests]
+        out = [
+            self._finish(r, f.result(), states[r.scan_id][1])
+            for r, (f, _) in zip(requests, reads, strict=True)
         ]
+        with self._lock:
+            counters = self._counters
+            counters["bytes_decoded"] += sum(n for _, n in reads)
+            counters["bytes_returned"] += sum(a.nbytes for a in out)
+            counters["read_s"] += time.perf_counter() - started
+            counters["regions"] += len(out)
+        return out
+
+    def decoded_bytes(self, requests: Sequence[RegionRequest]) -> int:
+        """Decoded chunk bytes that reading ``requests`` needs (the server's
+        ``X-Scancache-Decoded-Bytes``); no data is read."""
+        total = 0
+        for r in requests:
+            state = self._state(r.scan_id)
+            name = LABEL_MAP if self._uses_label_map(r, state[1]) else r.array
+            inner, itemsize = self._chunk_bytes[id(self._array(r.scan_id, name, state))]
+            total += chunk_bytes_touched(as_region(r.roi, state[1].shape), inner, itemsize)
+        return total
+
+    def io_counters(self) -> dict[str, Any]:
+        """Cumulative since the source was opened: ``bytes_decoded`` (decoded bytes of the
+        inner chunks the reads touched, whether the chunk cache held them or not),
+        ``bytes_returned`` (bytes of the arrays returned), ``read_s``, ``regions``."""
+        with self._lock:
+            return dict(self._counters)
+
+    def read_locations(self, scan_id: str) -> np.ndarray | None:
+        """(N, 3) int32 foreground locations (class-sorted, ``location_counts``), or None for a
+        scan written without them."""
+        meta = self.metadata(scan_id)
+        if meta.attrs.get("location_counts") is None:
+            return None
+        return np.asarray(self._array(scan_id, LOCATIONS).read().result(), dtype=np.int32)
 
     def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
         return self.read_regions([RegionRequest(scan_id, IMAGE, roi)])[0]
@@ -212,4 +263,16 @@ class LocalSource:
     def close(self) -> None:
         with self._lock:
             self._arrays.clear()
+            self._chunk_bytes.clear()
             self._meta.clear()
+
+
+def chunk_bytes_touched(region: Sequence[slice], inner: Sequence[int], itemsize: int) -> int:
+    """Decoded bytes of the inner chunks a region touches (an edge chunk counts whole: it is
+    decoded whole). Axes past the region's (a mask's class axis) are read whole."""
+    chunks = 1
+    for axis, size in enumerate(inner):
+        if axis < len(region):
+            lo, hi = region[axis].start, region[axis].stop
+            chunks *= 0 if hi <= lo else (hi - 1) // size - lo // size + 1
+    return chunks * int(np.prod(inner)) * itemsize

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from client.label_map import LABEL_MAP, LOCATIONS
 from client.layout import (
     FORMAT_VERSION,
     IMAGE,
@@ -27,6 +28,7 @@ from client.layout import (
     group_metadata,
     validate_scan_id,
 )
+from service.derived import LocationSampler, label_map_block, scan_seed
 from service.shards import ShardedArrayWriter
 
 
@@ -173,6 +175,7 @@ class StagedScan:
         self.work.mkdir()
         self.image: ShardedArrayWriter | None = None
         self.mask: ShardedArrayWriter | None = None
+        self.derived: DerivedArrays | None = None
         self.bytes_written = 0
         self.published = False
 
@@ -183,6 +186,8 @@ class StagedScan:
         for writer in (self.image, self.mask):
             if writer is not None:
                 writer.close()
+        if self.derived is not None:
+            self.derived.close()
         if not self.published:
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -193,7 +198,8 @@ class StagedScan:
 
     def create_mask(self, shape: tuple[int, ...]) -> ShardedArrayWriter:
         self.mask = ShardedArrayWriter(self.work / MASK, shape, np.dtype(np.uint8), self.layout)
-        return self.mask
+        self.derived = DerivedArrays(self.work, self.scan_id, shape, self.layout)
+        return MaskWithDerived(self.mask, self.derived)  # type: ignore[return-value]
 
     def publish(self, attrs: dict[str, Any], stats: ScanStatistics) -> dict[str, Any]:
         """Write the group's attributes and move the scan into place; returns the attributes."""
@@ -211,10 +217,12 @@ class StagedScan:
             "layout": self.layout.to_json(),
             "scancache_format": FORMAT_VERSION,
             **stats.to_attrs(),
+            **(self.derived.finish() if self.derived is not None else {}),
         }
         group = self.work / "zarr.json"
         _write_json(group, group_metadata(full))
         self.bytes_written = sum(w.bytes_written for w in (self.image, self.mask) if w is not None)
+        self.bytes_written += self.derived.bytes_written if self.derived is not None else 0
         self.bytes_written += group.stat().st_size
         publish(self.store, self.scan_id, self.work)
         self.published = True
@@ -302,3 +310,67 @@ def clean_staging(root: str | os.PathLike[str]) -> int:
     except OSError:
         pass
     return count
+
+
+class DerivedArrays:
+    """Writes ``label_map`` and ``locations`` (store format 2, ``service/derived.py``) from the
+    mask slabs as they are written. The label map is dropped at the first slab where two
+    classes overlap; ``finish`` returns the scan attributes that describe what was written."""
+
+    def __init__(self, work: Path, scan_id: str, shape: tuple[int, ...], layout: ChunkLayout) -> None:
+        self.work = work
+        volume = (int(shape[0]), int(shape[1]), int(shape[2]))
+        self.labels: ShardedArrayWriter | None = ShardedArrayWriter(
+            work / LABEL_MAP, volume, np.dtype(np.uint8), layout
+        )
+        self.sampler = LocationSampler(volume, int(shape[3]), scan_seed(scan_id))
+        self.bytes_written = 0
+
+    def add(self, z0: int, slab: np.ndarray) -> None:
+        labels = label_map_block(slab) if self.labels is not None else None
+        if labels is None and self.labels is not None:  # classes overlap: mask only
+            self.labels.close()
+            shutil.rmtree(self.labels.path, ignore_errors=True)
+            self.labels = None
+        if self.labels is not None and labels is not None:
+            self.labels.write_slab(z0, labels)
+        self.sampler.add(z0, slab, labels)
+
+    def finish(self) -> dict[str, Any]:
+        import zarr  # the core dependency every reader has; a small single-chunk array
+        from zarr.codecs import ZstdCodec
+
+        rows, counts = self.sampler.result()
+        array = zarr.create_array(
+            store=str(self.work / LOCATIONS),
+            shape=rows.shape,
+            chunks=(max(1, len(rows)), 3),
+            dtype="int32",
+            fill_value=0,
+            dimension_names=["row", "yxz"],
+            compressors=ZstdCodec(level=3),
+        )
+        if len(rows):
+            array[:] = rows
+        self.bytes_written = sum(f.stat().st_size for f in (self.work / LOCATIONS).rglob("*") if f.is_file())
+        if self.labels is not None:
+            self.bytes_written += self.labels.bytes_written
+        return {"label_map": self.labels is not None, "location_counts": counts}
+
+    def close(self) -> None:
+        if self.labels is not None:
+            self.labels.close()
+
+
+class MaskWithDerived:
+    """The mask writer as callers see it: each slab also feeds the derived arrays."""
+
+    def __init__(self, mask: ShardedArrayWriter, derived: DerivedArrays) -> None:
+        self._mask, self._derived = mask, derived
+
+    def write_slab(self, z0: int, slab: np.ndarray) -> None:
+        self._mask.write_slab(z0, slab)
+        self._derived.add(z0, slab)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._mask, name)
