@@ -34,7 +34,7 @@ from client.errors import (
 from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
 from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
 from client.protocol import RegionRequest, RoiLike
-from client.wire import decode_npy, decode_npy_stream
+from client.wire import DECODED_BYTES_HEADER, decode_npy, decode_npy_stream
 
 R = TypeVar("R")
 
@@ -112,6 +112,8 @@ class HttpSource:
         self._pool_lock = threading.Lock()
         # POST /batch bodies are read straight into one buffer when no TLS/proxy is involved.
         self._poster = BatchPoster(self.url, headers, timeout) if direct_http(self.url) else None
+        self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
+        self._counters_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"HttpSource({self.url!r})"
@@ -161,18 +163,22 @@ class HttpSource:
             time.sleep(self.backoff * (2**attempt) * (0.5 + _JITTER.random() / 2))
             attempt += 1
 
-    def _post_direct(self, path: str, document: dict[str, Any], context: dict[str, Any]) -> bytearray:
-        """POST JSON over the plain-HTTP fast path; the body as one buffer (same retries/errors)."""
+    def _post_direct(
+        self, path: str, document: dict[str, Any], context: dict[str, Any]
+    ) -> tuple[bytearray, dict[str, str]]:
+        """POST JSON over the plain-HTTP fast path; the body as one buffer and the headers
+        (lower-case names), with the same retries and errors."""
         assert self._poster is not None
         poster = self._poster
         payload = json.dumps(document, separators=(",", ":")).encode()
 
-        def send() -> tuple[int, bytearray, httpx.Response | None]:
+        def send() -> tuple[int, tuple[bytearray, dict[str, str]], httpx.Response | None]:
             status, headers, body = poster.post(path, payload, "application/json")
             if status < 400:
-                return status, body, None
+                return status, (body, headers), None
             request = httpx.Request("POST", f"{self.url}{path}")
-            return status, body, httpx.Response(status, headers=headers, content=bytes(body), request=request)
+            error = httpx.Response(status, headers=headers, content=bytes(body), request=request)
+            return status, (body, headers), error
 
         return self._with_retries("POST", path, context, send)
 
@@ -206,10 +212,11 @@ class HttpSource:
     def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
         validate_scan_id(scan_id)
         params = {"roi": roi_text(roi)} if roi is not None else {}
+        started = time.perf_counter()
         response = self._request(
             "GET", f"/scans/{scan_id}/image", context={"scan_id": scan_id, "array": IMAGE}, params=params
         )
-        return _decode_one(response)
+        return self._counted(_decode_one(response), response.headers, started)
 
     def read_mask(
         self,
@@ -227,10 +234,11 @@ class HttpSource:
             params["categories"] = json.dumps(cats)
         if background:
             params["background"] = "true"
+        started = time.perf_counter()
         response = self._request(
             "GET", f"/scans/{scan_id}/mask", context={"scan_id": scan_id, "array": MASK}, params=params
         )
-        return _decode_one(response)
+        return self._counted(_decode_one(response), response.headers, started)
 
     def _region_json(self, req: RegionRequest) -> dict[str, Any]:
         validate_scan_id(req.scan_id)
@@ -247,11 +255,15 @@ class HttpSource:
         context = (
             {"scan_id": regions[0]["scan_id"], "array": regions[0]["array"]} if len(regions) == 1 else {}
         )
+        body: bytes | bytearray
         try:
             if self._poster is not None:
-                body: bytes | bytearray = self._post_direct("/batch", {"regions": regions}, context)
+                body, headers = self._post_direct("/batch", {"regions": regions}, context)
+                self._count_decoded(headers)
             else:
-                body = self._request("POST", "/batch", context=context, json={"regions": regions}).content
+                response = self._request("POST", "/batch", context=context, json={"regions": regions})
+                body = response.content
+                self._count_decoded(response.headers)
         except RequestTooLarge:
             if len(regions) == 1:
                 raise
@@ -276,14 +288,44 @@ class HttpSource:
         """One ``POST /batch`` per group of regions; groups run concurrently, order is kept."""
         if not requests:
             return []
+        started = time.perf_counter()
         regions = [self._region_json(r) for r in requests]
         groups = min(self.concurrency, -(-len(regions) // self.regions_per_request))
         if groups <= 1:
-            return self._post_batch(regions)
-        size = -(-len(regions) // groups)
-        chunks = [regions[i : i + size] for i in range(0, len(regions), size)]
-        results = list(self._executor().map(self._post_batch, chunks))
-        return [arr for chunk in results for arr in chunk]
+            out = self._post_batch(regions)
+        else:
+            size = -(-len(regions) // groups)
+            chunks = [regions[i : i + size] for i in range(0, len(regions), size)]
+            results = list(self._executor().map(self._post_batch, chunks))
+            out = [arr for chunk in results for arr in chunk]
+        self._count_returned(out, started)
+        return out
+
+    # -- I/O counters (the server reports decoded bytes per response) -----------------------
+    def _count_decoded(self, headers: Any) -> None:
+        try:
+            decoded = int(headers.get(DECODED_BYTES_HEADER.lower()) or 0)
+        except ValueError:  # an older server or a proxy's header: count nothing
+            decoded = 0
+        with self._counters_lock:
+            self._counters["bytes_decoded"] += decoded
+
+    def _count_returned(self, arrays: Sequence[np.ndarray], started: float) -> None:
+        with self._counters_lock:
+            self._counters["bytes_returned"] += sum(a.nbytes for a in arrays)
+            self._counters["read_s"] += time.perf_counter() - started
+            self._counters["regions"] += len(arrays)
+
+    def _counted(self, array: np.ndarray, headers: Any, started: float) -> np.ndarray:
+        self._count_decoded(headers)
+        self._count_returned([array], started)
+        return array
+
+    def io_counters(self) -> dict[str, Any]:
+        """As ``LocalSource.io_counters``; ``bytes_decoded`` is what the server reported in
+        ``X-Scancache-Decoded-Bytes`` (0 from a server that does not send it)."""
+        with self._counters_lock:
+            return dict(self._counters)
 
     def close(self) -> None:
         with self._pool_lock:

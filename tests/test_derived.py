@@ -135,3 +135,29 @@ def test_io_counters_count_chunk_bytes_and_returned_bytes(derived_store):
     np.testing.assert_array_equal(out[0], image[0:10, 0:10, 7:9])
     src.read_mask("b_overlap", ":,:,0")  # no label map: the (40, 36, 8, 6) mask chunk
     assert src.io_counters()["bytes_decoded"] == counters["bytes_decoded"] + 40 * 36 * 8 * 6
+
+
+def test_http_source_counts_what_the_server_decoded(derived_store):
+    from client.http import HttpSource
+    from tests.live_server import live_server
+
+    root = derived_store[0]
+    requests = [
+        RegionRequest("a_disjoint", "image", "0:10,0:10,7:9"),
+        RegionRequest("b_overlap", "mask", ":,:,3", ((0,), (1, 2)), True),
+    ]
+    local = LocalSource(root)
+    with live_server(root) as url, HttpSource(url) as remote:
+        got = remote.read_regions(requests)
+        single = remote.read_mask("a_disjoint", ":,:,0:2", categories=[[0, 1]])
+        counters = remote.io_counters()
+    want = [*local.read_regions(requests), local.read_mask("a_disjoint", ":,:,0:2", categories=[[0, 1]])]
+    for a, b in zip([*got, single], want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert counters["regions"] == 3
+    assert counters["bytes_returned"] == sum(a.nbytes for a in want)
+    assert (
+        counters["bytes_decoded"]
+        == local.io_counters()["bytes_decoded"]
+        == (2 * 40 * 36 * 8 * 4 + 40 * 36 * 8 * 6 + 40 * 36 * 8)
+    )
