@@ -301,6 +301,27 @@ class HttpSource:
         self._count_returned(out, started)
         return out
 
+    def read_locations(self, scan_id: str) -> np.ndarray | None:
+        """As ``LocalSource.read_locations``: the scan's ``locations`` array, fetched from the
+        server's ``/zarr/`` tree (one uncompressed chunk); None if the scan has none."""
+        validate_scan_id(scan_id)
+        context = {"scan_id": scan_id}
+        try:
+            doc = self._request("GET", f"/zarr/{scan_id}/locations/zarr.json", context=context).json()
+            rows = int(doc["shape"][0])
+            plain = doc.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
+            single = doc["chunk_grid"]["configuration"]["chunk_shape"] == [max(1, rows), 3]
+            if not (plain and single and doc["data_type"] == "int32" and doc["shape"][1] == 3):
+                return None
+            if rows == 0:
+                return np.empty((0, 3), np.int32)
+            body = self._request("GET", f"/zarr/{scan_id}/locations/c/0/0", context=context).content
+        except (KeyError, TypeError, ValueError):  # ScanNotFound / ArrayNotFound are KeyErrors
+            return None
+        if len(body) != rows * 12:
+            return None
+        return np.frombuffer(body, "<i4").reshape(rows, 3).astype(np.int32)
+
     # -- I/O counters (the server reports decoded bytes per response) -----------------------
     def _count_decoded(self, headers: Any) -> None:
         try:

@@ -338,7 +338,6 @@ class DerivedArrays:
 
     def finish(self) -> dict[str, Any]:
         import zarr  # the core dependency every reader has; a small single-chunk array
-        from zarr.codecs import ZstdCodec
 
         rows, counts = self.sampler.result()
         array = zarr.create_array(
@@ -348,7 +347,7 @@ class DerivedArrays:
             dtype="int32",
             fill_value=0,
             dimension_names=["row", "yxz"],
-            compressors=ZstdCodec(level=3),
+            compressors=None,  # raw little-endian int32: HttpSource reads it from /zarr/ as is
         )
         if len(rows):
             array[:] = rows

@@ -151,6 +151,8 @@ def test_http_source_counts_what_the_server_decoded(derived_store):
         got = remote.read_regions(requests)
         single = remote.read_mask("a_disjoint", ":,:,0:2", categories=[[0, 1]])
         counters = remote.io_counters()
+        for scan_id in ("a_disjoint", "c_sparse"):
+            np.testing.assert_array_equal(remote.read_locations(scan_id), local.read_locations(scan_id))
     want = [*local.read_regions(requests), local.read_mask("a_disjoint", ":,:,0:2", categories=[[0, 1]])]
     for a, b in zip([*got, single], want, strict=True):
         np.testing.assert_array_equal(a, b)

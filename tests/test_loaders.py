@@ -347,12 +347,48 @@ def test_cached_foreground_locations_change_no_draw(store, train_name):
         FOREGROUND_RATIO=1.0,
         SEED=5,
     )
-    warm = build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+
+    def without_stored_locations(loader):  # as for a store written before format 2
+        loader._stored.update({i: None for i in range(len(loader.scans))})
+        return loader
+
+    warm = without_stored_locations(
+        build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+    )
     first = [warm.batch_elements(b) for b in range(len(warm))]
     assert len(warm._locations) > 0, "foreground draws were located and kept"
     again = [warm.batch_elements(b) for b in range(len(warm))]  # every draw now from the cache
-    cold = build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+    cold = without_stored_locations(
+        build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+    )
     assert again == first == [cold.batch_elements(b) for b in range(len(cold))]
+
+
+def test_stored_locations_draw_foreground_without_reading_masks(store, train_name):
+    _, arrays = store
+    cfg = cfg_for(
+        TAG="RandomPatchDataLoader",
+        IMG_SIZE=(9, 9, 3, 1),
+        CATEGORIES=(1, 3),
+        PATCHES_PER_SCAN=12,
+        FOREGROUND_RATIO=1.0,
+        SEED=5,
+    )
+    loader = build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+    first = [loader.batch_elements(b) for b in range(len(loader))]
+    assert len(loader._locations) == 0, "no mask slice was read to locate foreground"
+    again = build_loader(cfg, train_name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+    assert first == [again.batch_elements(b) for b in range(len(again))]
+    checked = 0
+    for element in (e for batch in first for e in batch):
+        _, mask = arrays[loader.scans[element.scan].scan_id]
+        starts = [lo for lo, _ in element.window]
+        sizes = [hi - lo for lo, hi in element.window]
+        if all(0 < a < n - p for a, n, p in zip(starts, mask.shape[:3], sizes, strict=True)):  # not clamped
+            cy, cx, cz = (a + p // 2 for a, p in zip(starts, sizes, strict=True))
+            assert mask[cy, cx, cz, 1] or mask[cy, cx, cz, 3], element  # centred on class 1 or 3
+            checked += 1
+    assert checked >= 4
 
 
 @given(
