@@ -20,6 +20,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 from benchmarks import conversion, machine, realscale, server_load, stitching, train2d
 from benchmarks.data import CATEGORIES, prepare, sizes
 from benchmarks.report import Report, Row
+from client.errors import one_line
 from client.layout import ChunkLayout
 
 SECTIONS = ("conversion", "realscale", "loaders", "server", "stitching")
@@ -86,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # one broken section must not hide the others' figures
             failed = True
             traceback.print_exc()
-            report.notes.append(
-                f"section {name!r} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            )
+            report.notes.append(f"section {name!r} failed: {type(exc).__name__}: {one_line(exc)}")
         print(f"benchmarks: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     report.notes.append(f"total benchmark time {time.perf_counter() - started:.0f} s")
     report.settings["Load average (1 min) at start / end"] = (

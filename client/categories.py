@@ -2,7 +2,9 @@
 
 ``categories`` is a sequence whose items are a class index or a sequence of class indices; a
 sequence merges its classes by summing them (MedSegPy's ``collect_mask``). ``background``
-prepends a channel that is 1 where none of the selected categories is set.
+prepends a channel that is 1 where none of the selected categories is set. Each class appears at
+most once in all, so a request has at most one channel per class: repeating a class would only
+multiply the response (a 9 KB URL could ask for a gigabyte).
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ def normalize_categories(value: Any, num_classes: int) -> Categories:
             raise InvalidCategories("too deeply nested") from None
     if not isinstance(value, (list, tuple)) or len(value) == 0:
         raise InvalidCategories("must be a non-empty list of class indices or lists of them")
+    if len(value) > num_classes:
+        raise InvalidCategories(
+            f"{len(value)} categories for {num_classes} classes: at most one channel a class"
+        )
     out: list[tuple[int, ...]] = []
+    seen: set[int] = set()
     for item in value:
         group = item if isinstance(item, (list, tuple)) else (item,)
         if len(group) == 0:
@@ -39,6 +46,9 @@ def normalize_categories(value: Any, num_classes: int) -> Categories:
                 raise InvalidCategories(f"{k!r} is not a class index")
             if not 0 <= int(k) < num_classes:
                 raise InvalidCategories(f"class {k} is out of range for {num_classes} classes")
+            if int(k) in seen:
+                raise InvalidCategories(f"class {k} is selected twice: each class may appear once")
+            seen.add(int(k))
         out.append(tuple(int(k) for k in group))
     return tuple(out)
 

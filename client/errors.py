@@ -7,6 +7,20 @@ Messages are one line and never contain filesystem paths of the store.
 
 from __future__ import annotations
 
+ONE_LINE_LIMIT = 300
+
+
+def one_line(err_or_text: BaseException | str, limit: int = ONE_LINE_LIMIT) -> str:
+    """An error or a message as one line of at most ``limit`` characters.
+
+    Whitespace runs (newlines of tracebacks, tensorstore and h5py messages) become one space; an
+    exception with an empty message is named by its class. The one formatter for the project.
+    """
+    text = " ".join(str(err_or_text).split())
+    if not text and isinstance(err_or_text, BaseException):
+        text = type(err_or_text).__name__
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
 
 class ScanCacheError(Exception):
     """Base class of every scancache error."""

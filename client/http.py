@@ -2,12 +2,21 @@
 
 One pooled ``httpx.Client`` (keep-alive connections, thread-safe) serves every thread. Batches
 of regions go through ``POST /batch`` and come back as one ``application/x-npy-stream``; a
-large batch is split over a few concurrent requests. Connection errors, timeouts and 5xx are
-retried with exponential backoff; 4xx become the same typed errors ``LocalSource`` raises.
+large batch is split over a few concurrent requests. Every request is a read (GET, or the
+read-only batch POST), so connection errors, timeouts, 408, 429 and 5xx are retried with
+exponential backoff and jitter for up to ``retry_seconds`` in all (a restarted server takes
+seconds to answer; a training run should ride that out), honouring ``Retry-After``; other 4xx
+become the same typed errors ``LocalSource`` raises.
+
+Settings (arguments, else environment, else default): ``timeout`` seconds per request
+(``SCANCACHE_HTTP_TIMEOUT``, 30), ``retry_seconds`` total time to keep retrying one request
+(``SCANCACHE_RETRY_SECONDS``, 120), ``retries`` most retries of one request
+(``SCANCACHE_RETRIES``, unlimited within ``retry_seconds``).
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import random
@@ -30,6 +39,7 @@ from client.errors import (
     ScanNotFound,
     ServerError,
     Unauthorized,
+    one_line,
 )
 from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
 from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
@@ -39,6 +49,14 @@ from client.wire import DECODED_BYTES_HEADER, decode_npy, decode_npy_stream
 R = TypeVar("R")
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
+TIMEOUT_ENV = "SCANCACHE_HTTP_TIMEOUT"
+RETRY_SECONDS_ENV = "SCANCACHE_RETRY_SECONDS"
+RETRIES_ENV = "SCANCACHE_RETRIES"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRY_SECONDS = 120.0
+MAX_BACKOFF = 8.0  # the longest pause between two attempts (Retry-After may ask for more)
+# Statuses that say "try again later" rather than "this request is wrong".
+RETRY_STATUSES = frozenset({408, 429})
 # Filters the server understands as query parameters; every filter is also applied here.
 SERVER_FILTERS = ("split", "subject_id", "time_point", "augmentation", "has_class")
 
@@ -79,6 +97,38 @@ def categories_json(categories: Any) -> list[Any] | None:
     return out
 
 
+def _env_number(name: str, value: float | None, default: float | None) -> float | None:
+    """``value`` if given, else the environment variable ``name``, else ``default``."""
+    if value is not None:
+        return float(value)
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{name}: {text[:40]!r} is not a number") from None
+    if not number >= 0:  # also refuses NaN
+        raise ValueError(f"{name}: must not be negative, got {text[:40]!r}")
+    return number
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header (delay-seconds or an HTTP-date) as seconds from now, or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit() and len(value) <= 9:
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
 class HttpSource:
     """A scancache server. Thread-safe; ``close`` releases the connection pool."""
 
@@ -86,16 +136,22 @@ class HttpSource:
         self,
         url: str,
         token: str | None = None,
-        timeout: float = 30.0,
-        retries: int = 4,
-        backoff: float = 0.1,
+        timeout: float | None = None,
+        retries: int | None = None,
+        backoff: float = 0.25,
         max_connections: int = 16,
         concurrency: int = 4,
         regions_per_request: int = 16,
+        retry_seconds: float | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s):// URL")
         self.url = url.rstrip("/")
+        timeout = _env_number(TIMEOUT_ENV, timeout, DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT
+        self.timeout = timeout
+        self.retry_seconds = _env_number(RETRY_SECONDS_ENV, retry_seconds, DEFAULT_RETRY_SECONDS) or 0.0
+        max_retries = _env_number(RETRIES_ENV, retries, None)
+        self.retries = None if max_retries is None else int(max_retries)
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(
@@ -104,14 +160,15 @@ class HttpSource:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
-        self.retries = int(retries)
         self.backoff = float(backoff)
         self.concurrency = max(1, int(concurrency))
         self.regions_per_request = max(1, int(regions_per_request))
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         # POST /batch bodies are read straight into one buffer when no TLS/proxy is involved.
-        self._poster = BatchPoster(self.url, headers, timeout) if direct_http(self.url) else None
+        self._poster = (
+            BatchPoster(self.url, headers, timeout, max_connections) if direct_http(self.url) else None
+        )
         self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
         self._counters_lock = threading.Lock()
 
@@ -143,9 +200,11 @@ class HttpSource:
         context: dict[str, Any] | None,
         send: Callable[[], tuple[int, R, httpx.Response | None]],
     ) -> R:
-        """``send()`` -> (status, result, response for errors); retried as :meth:`_request` says."""
+        """``send()`` -> (status, result, response for errors); retried as the module says."""
         attempt = 0
+        started = time.monotonic()
         while True:
+            wait_at_least = 0.0
             try:
                 status, result, response = send()
             except (httpx.TransportError, *TRANSPORT_ERRORS) as exc:  # timeouts, refused, reset
@@ -154,13 +213,25 @@ class HttpSource:
                 if status < 400:
                     return result
                 assert response is not None
-                if status < 500:
+                if status < 500 and status not in RETRY_STATUSES:
                     _raise_client_error(response, context or {})
                 failure = f"HTTP {status} {_detail(response)}"
-            if attempt >= self.retries:
-                raise ServerError(f"{method} {self.url}{path}: {failure} (after {attempt + 1} attempts)")
+                if status in (429, 503):
+                    wait_at_least = retry_after_seconds(response.headers.get("retry-after")) or 0.0
+            elapsed = time.monotonic() - started
             # Full jitter keeps many clients from retrying in lockstep after a server restart.
-            time.sleep(self.backoff * (2**attempt) * (0.5 + _JITTER.random() / 2))
+            delay = min(self.backoff * (2**attempt), MAX_BACKOFF) * (0.5 + _JITTER.random() / 2)
+            delay = min(max(delay, wait_at_least), self.retry_seconds - elapsed)
+            if (self.retries is not None and attempt >= self.retries) or delay <= 0:
+                raise ServerError(
+                    one_line(
+                        f"{method} {self.url}{path}: no good answer from the server for {elapsed:.0f} s"
+                        f" (after {attempt + 1} attempts; last: {failure}); is `scancache serve`"
+                        " running? (retry budget: SCANCACHE_RETRY_SECONDS or retry_seconds=)",
+                        500,
+                    )
+                )
+            time.sleep(delay)
             attempt += 1
 
     def _post_direct(
@@ -384,7 +455,7 @@ def _detail(response: httpx.Response) -> str:
         first = detail[0]
         loc = [str(p) for p in first.get("loc", []) if p not in ("query", "body", "path")]
         return f"{loc[-1] if loc else 'request'}: {first.get('msg', 'invalid')}"
-    return " ".join(str(detail).split())
+    return one_line(str(detail))
 
 
 _PARAM_ERRORS: dict[str, Callable[[str, str], InvalidParameter]] = {

@@ -5,7 +5,9 @@ Python per megabyte; a 2D batch is tens of megabytes. ``http.client`` with ``rea
 the body into one preallocated ``bytearray`` from the socket (the ``.npy`` stream is then
 decoded as views of it), which measured about a third less time per batch request on
 loopback (docs/tuning.md). Only ``http://`` URLs that no proxy applies to use it; everything
-else (TLS, proxies, metadata requests) stays with httpx. One keep-alive connection per thread.
+else (TLS, proxies, metadata requests) stays with httpx. Keep-alive connections come from one
+bounded pool shared by all threads: Keras starts a new thread pool every epoch, and a connection
+per thread ever seen would grow without end.
 """
 
 from __future__ import annotations
@@ -34,9 +36,12 @@ def direct_http(url: str) -> bool:
 
 
 class BatchPoster:
-    """POST JSON, get ``(status, headers, body)``; thread-safe, a connection per thread."""
+    """POST JSON, get ``(status, headers, body)``; thread-safe, at most ``max_connections``
+    connections open at once (more threads wait for one), idle ones reused last-in first-out."""
 
-    def __init__(self, url: str, headers: Mapping[str, str], timeout: float) -> None:
+    def __init__(
+        self, url: str, headers: Mapping[str, str], timeout: float, max_connections: int = 16
+    ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.hostname is None:
             raise ValueError(f"{url!r} has no host")
@@ -45,52 +50,61 @@ class BatchPoster:
         self.prefix = parts.path.rstrip("/")
         self.headers = dict(headers)
         self.timeout = timeout
-        self._local = threading.local()
+        self.max_connections = max(1, int(max_connections))
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         self._lock = threading.Lock()
-        self._open: set[http.client.HTTPConnection] = set()
+        self._idle: list[http.client.HTTPConnection] = []
+        self._closed = False
 
-    def _connection(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-            self._local.conn = conn
-            with self._lock:
-                self._open.add(conn)
-        return conn
-
-    def _drop(self, conn: http.client.HTTPConnection) -> None:
-        conn.close()
-        self._local.conn = None
+    def _checkout(self) -> http.client.HTTPConnection:
+        """An idle connection or a new one; the caller holds one of the pool's slots."""
         with self._lock:
-            self._open.discard(conn)
+            if self._idle:
+                return self._idle.pop()
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _checkin(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed and conn.sock is not None:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def idle_connections(self) -> int:
+        with self._lock:
+            return len(self._idle)
 
     def post(self, path: str, body: bytes, content_type: str) -> tuple[int, dict[str, str], bytearray]:
         headers = {**self.headers, "Content-Type": content_type, "Accept-Encoding": "identity"}
-        for fresh_retry in (False, True):
-            conn = self._connection()
-            reused = conn.sock is not None
-            try:
-                conn.request("POST", self.prefix + path, body=body, headers=headers)
-                response = conn.getresponse()
-                data = _read_body(response)
-            except STALE_CONNECTION:
-                self._drop(conn)
-                # A kept-alive connection the server closed meanwhile (uvicorn drops idle ones
-                # after 5 s): the read-only POST is safe to send again at once on a new one.
-                if reused and not fresh_retry:
-                    continue
-                raise
-            except BaseException:
-                self._drop(conn)  # the connection's state is unknown: never reuse it
-                raise
-            if response.will_close:
-                self._drop(conn)
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        with self._slots:
+            for fresh_retry in (False, True):
+                conn = self._checkout()
+                reused = conn.sock is not None
+                try:
+                    conn.request("POST", self.prefix + path, body=body, headers=headers)
+                    response = conn.getresponse()
+                    data = _read_body(response)
+                except STALE_CONNECTION:
+                    conn.close()
+                    # A kept-alive connection the server closed meanwhile (uvicorn drops idle
+                    # ones after 5 s): the read-only POST is safe to send again on a new one.
+                    if reused and not fresh_retry:
+                        continue
+                    raise
+                except BaseException:
+                    conn.close()  # the connection's state is unknown: never reuse it
+                    raise
+                if response.will_close:
+                    conn.close()
+                else:
+                    self._checkin(conn)
+                return response.status, {k.lower(): v for k, v in response.getheaders()}, data
         raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:
-            conns, self._open = list(self._open), set()
+            self._closed = True
+            conns, self._idle = self._idle, []
         for conn in conns:
             conn.close()
 

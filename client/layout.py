@@ -1,15 +1,19 @@
 """The scancache store format (Zarr v3), shared by the writer, the readers and the server.
 
-A store is a Zarr v3 root group with one child group per scan::
+A store (format 2) is a Zarr v3 root group with one child group per scan, each a relative
+symlink to the scan's current version::
 
-    STORE/zarr.json                   root group, attributes {"scancache": {"format": 1}}
-    STORE/<scan_id>/zarr.json         scan group, attributes: see ScanMeta / docs/store-format.md
-    STORE/<scan_id>/image/            (H, W, D) array in the source dtype
-    STORE/<scan_id>/mask/             (H, W, D, C) uint8 array, raw classes (absent if image-only)
-    STORE/.staging/                   scans being written; never read, removed after a job
+    STORE/zarr.json                         root group, attributes {"scancache": {"format": 2}}
+    STORE/<scan_id> -> .versions/<scan_id>/<version>      switched atomically on re-publish
+    STORE/.versions/<scan_id>/<version>/zarr.json          scan group: see ScanMeta
+    STORE/.versions/<scan_id>/<version>/image/             (H, W, D) array in the source dtype
+    STORE/.versions/<scan_id>/<version>/mask/              (H, W, D, C) uint8 (absent if image-only)
+    STORE/.staging/<job>-<random>/                         scans being written; never read
+    STORE/.lock                                            the running job's lock
 
-A scan directory appears at the top level only by an atomic rename once it is complete, so
-every ``STORE/<scan_id>/zarr.json`` a reader finds belongs to a complete scan.
+Publication (``client/publish.py``) renames a complete, fsynced version folder into
+``.versions`` and then switches the symlink, so every ``STORE/<scan_id>`` a reader finds is a
+complete scan, and a reader that resolved the link keeps a consistent version.
 
 Arrays are sharded: one shard spans whole slices (H, W) and ``shard_depth`` slices, holding
 inner chunks of ``chunks`` voxels compressed with blosc-lz4 and byte shuffling. That keeps a
@@ -24,10 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from client.errors import InvalidPath
+from client.errors import InvalidPath, ScanCacheError
+from client.publish import STAGING_DIR as STAGING_DIR  # re-exported: the store format
+from client.publish import VERSIONS_DIR as VERSIONS_DIR
 
-FORMAT_VERSION = 1
-STAGING_DIR = ".staging"
+FORMAT_VERSION = 2
+LOCK_FILE = ".lock"
 IMAGE = "image"
 MASK = "mask"
 ARRAYS = (IMAGE, MASK)
@@ -40,6 +46,24 @@ def validate_scan_id(scan_id: str) -> str:
     if not isinstance(scan_id, str) or not _SCAN_ID.match(scan_id) or ".." in scan_id:
         raise InvalidPath(f"invalid scan id {scan_id!r}")
     return scan_id
+
+
+class StoreFormatError(ScanCacheError, ValueError):
+    """A store written in another format version than this scancache reads."""
+
+
+def check_store_format(store: object, root_doc: object) -> None:
+    """Refuse a root ``zarr.json`` document that is not a store of this format, in one line."""
+    attrs = root_doc.get("attributes") if isinstance(root_doc, dict) else None
+    marker = attrs.get("scancache") if isinstance(attrs, dict) else None
+    if not isinstance(marker, dict):
+        raise StoreFormatError(f"{store}: not a scancache store (its zarr.json has no scancache attributes)")
+    found = marker.get("format")
+    if found != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{store}: store format {found}, but this scancache reads format {FORMAT_VERSION}; "
+            "re-run `scancache preprocess` into a new store"
+        )
 
 
 def validate_array_name(name: str) -> str:

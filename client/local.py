@@ -7,11 +7,11 @@ zarr-python reads the same store without our code; tensorstore is simply faster 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,20 @@ import tensorstore as ts
 from client.categories import merge_mask, normalize_categories
 from client.errors import ArrayNotFound, ScanNotFound
 from client.label_map import LABEL_MAP, LOCATIONS, apply_table, category_table, has_label_map
-from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
+from client.layout import (
+    IMAGE,
+    MASK,
+    ScanMeta,
+    StoreFormatError,
+    check_store_format,
+    matches,
+    validate_array_name,
+    validate_scan_id,
+)
 from client.protocol import RegionRequest, RoiLike
+from client.publish import current_version, version_dir
 from client.roi import Region, as_region
+from client.units import parse_bytes
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
 LOCAL_CACHE_ENV = "SCANCACHE_LOCAL_CACHE_BYTES"
@@ -41,13 +52,7 @@ def default_cache_bytes() -> int:
     """
     text = os.environ.get(LOCAL_CACHE_ENV, "").strip()
     if text:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"{LOCAL_CACHE_ENV}={text!r} is not a whole number of bytes") from None
-        if value < 0:
-            raise ValueError(f"{LOCAL_CACHE_ENV}={text!r} must not be negative")
-        return value
+        return parse_bytes(text, LOCAL_CACHE_ENV)  # 512M works as on the command line
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: keep the server's default
@@ -55,16 +60,60 @@ def default_cache_bytes() -> int:
     return int(min(max(memory // 8, DEFAULT_CACHE_BYTES), LOCAL_CACHE_MAX))
 
 
+META_CACHE_ENTRIES = 4096  # scans whose metadata a LocalSource keeps (LRU)
+ARRAY_CACHE_ENTRIES = 1024  # open tensorstore arrays it keeps (LRU); each holds no chunk data
+
+
+class _LRU:
+    """A small thread-safe LRU mapping bounded in entries."""
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
 class LocalSource:
     """A store on disk. Thread-safe; cheap to create; ``close`` is optional.
 
     ``cache_bytes``: the decoded-chunk LRU (default :func:`default_cache_bytes`).
+
+    Every call resolves each scan's link ``STORE/<scan_id> -> .versions/<scan_id>/<version>``
+    once and reads that version's folder, so one call never mixes two versions and never sees
+    a gap while a job re-publishes; the next call reads the new version. Metadata and open
+    arrays are cached by version, in LRUs bounded in entries.
     """
 
     def __init__(self, path: str | os.PathLike[str], cache_bytes: int | None = None) -> None:
         self.root = Path(path)
-        if not (self.root / "zarr.json").is_file():
-            raise FileNotFoundError(f"{path}: not a scancache store (no zarr.json)")
+        try:
+            root_doc = json.loads((self.root / "zarr.json").read_bytes())
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(f"{path}: not a scancache store (no zarr.json)") from None
+        except ValueError:
+            raise StoreFormatError(f"{path}: not a scancache store (its zarr.json is not JSON)") from None
+        check_store_format(path, root_doc)
         if cache_bytes is None:
             cache_bytes = default_cache_bytes()
         self.cache_bytes = int(cache_bytes)
@@ -74,66 +123,52 @@ class LocalSource:
                 "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)},
             }
         )
-        self._lock = threading.Lock()
-        # scan_id -> (stat signature of its zarr.json, metadata); a re-published scan has a new one
-        self._meta: dict[str, tuple[tuple[int, int], ScanMeta]] = {}
-        self._arrays: dict[tuple[str, str, tuple[int, int]], Any] = {}
-        self._chunk_bytes: dict[int, tuple[tuple[int, ...], int]] = {}  # id(array) -> (inner chunk, itemsize)
+        self._meta = _LRU(META_CACHE_ENTRIES)  # scan_id -> (version, ScanMeta)
+        # (scan_id, name, version) -> (tensorstore, inner chunk shape, itemsize)
+        self._arrays = _LRU(ARRAY_CACHE_ENTRIES)
+        self._counters_lock = threading.Lock()
         self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
-        self._versions: dict[str, tuple[tuple[int, int], str]] = {}
 
     def __repr__(self) -> str:
         return f"LocalSource({str(self.root)!r})"
 
     # -- metadata ---------------------------------------------------------------------------
-    def _signature(self, scan_id: str) -> tuple[int, int]:
-        try:
-            st = os.stat(self.root / scan_id / "zarr.json")
-        except (FileNotFoundError, NotADirectoryError):  # e.g. the id of a file in the store root
-            raise ScanNotFound(f"scan {scan_id!r} not found") from None
-        return (st.st_ino, st.st_mtime_ns)
+    def _current(self, scan_id: str) -> str:
+        version = current_version(self.root, scan_id)
+        if version is None:  # no link: never published, removed, or a file in the store root
+            raise ScanNotFound(f"scan {scan_id!r} not found")
+        return version
 
-    def metadata(self, scan_id: str) -> ScanMeta:
+    def _state(self, scan_id: str) -> tuple[str, ScanMeta]:
+        """(version, metadata) of a scan's current version: one ``readlink``."""
         validate_scan_id(scan_id)
-        sig = self._signature(scan_id)
+        version = self._current(scan_id)
         cached = self._meta.get(scan_id)
-        if cached and cached[0] == sig:
-            return cached[1]
+        if cached is not None and cached[0] == version:
+            return cached  # type: ignore[no-any-return]
         try:
-            doc = json.loads((self.root / scan_id / "zarr.json").read_bytes())
+            doc = json.loads((version_dir(self.root, scan_id, version) / "zarr.json").read_bytes())
             meta = ScanMeta.from_attrs(doc["attributes"])
-        except (FileNotFoundError, NotADirectoryError):  # e.g. the id of a file in the store root
+        except (FileNotFoundError, NotADirectoryError):  # the version was removed under us
             raise ScanNotFound(f"scan {scan_id!r} not found") from None
         except (KeyError, ValueError, TypeError):
             raise ScanNotFound(f"{scan_id!r} is not a scancache scan") from None
-        with self._lock:
-            self._meta[scan_id] = (sig, meta)
-        return meta
+        state = (version, meta)
+        self._meta.put(scan_id, state)
+        return state
+
+    def metadata(self, scan_id: str) -> ScanMeta:
+        return self._state(scan_id)[1]
 
     def version(self, scan_id: str) -> str:
-        """An opaque tag of the scan's published version; it changes whenever the scan is
-        re-published (the server derives HTTP ETags from it). Content and file identity both
-        count, so a coarse filesystem clock cannot hide a re-publish."""
-        validate_scan_id(scan_id)
-        sig = self._signature(scan_id)
-        cached = self._versions.get(scan_id)
-        if cached and cached[0] == sig:
-            return cached[1]
-        attrs = json.dumps(self.metadata(scan_id).attrs, sort_keys=True, default=str)
-        tag = hashlib.blake2b(f"{sig[0]}:{sig[1]}:{attrs}".encode(), digest_size=10).hexdigest()
-        with self._lock:
-            self._versions[scan_id] = (sig, tag)
-        return tag
+        """The scan's published version (an opaque tag): it changes whenever the scan is
+        re-published (the server derives HTTP ETags from it)."""
+        return self._state(scan_id)[0]
 
     def scan_ids(self) -> list[str]:
-        ids = []
         with os.scandir(self.root) as it:
-            for entry in it:
-                if entry.name.startswith(".") or not entry.is_dir():
-                    continue
-                if os.path.isfile(os.path.join(entry.path, "zarr.json")):
-                    ids.append(entry.name)
-        return sorted(ids)
+            names = [entry.name for entry in it if not entry.name.startswith(".")]
+        return sorted(name for name in names if current_version(self.root, name) is not None)
 
     def list_scans(self, **filters: Any) -> list[ScanMeta]:
         out = []
@@ -147,33 +182,31 @@ class LocalSource:
         return out
 
     # -- arrays -----------------------------------------------------------------------------
-    def _array(self, scan_id: str, name: str, state: tuple[tuple[int, int], ScanMeta] | None = None) -> Any:
+    def _array(self, scan_id: str, name: str, state: tuple[str, ScanMeta] | None = None) -> Any:
+        return self._opened(scan_id, name, state)[0]
+
+    def _opened(
+        self, scan_id: str, name: str, state: tuple[str, ScanMeta] | None = None
+    ) -> tuple[Any, tuple[int, ...], int]:
+        """(array, inner chunk shape, itemsize): the chunk geometry feeds ``io_counters``."""
         if name not in (LABEL_MAP, LOCATIONS):  # derived arrays are opened only from here
             validate_array_name(name)
-        sig, meta = state or self._state(scan_id)
+        version, meta = state or self._state(scan_id)
         if name == MASK and not meta.has_mask:
             raise ArrayNotFound(f"scan {scan_id!r} has no mask")
-        key = (scan_id, name, sig)
-        arr = self._arrays.get(key)
-        if arr is None:
-            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.root / scan_id / name)}}
+        key = (scan_id, name, version)
+        opened = self._arrays.get(key)
+        if opened is None:
+            path = version_dir(self.root, scan_id, version) / name
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
             try:
                 arr = ts.open(spec, context=self._context, read=True, open=True).result()
             except ValueError:
                 raise ArrayNotFound(f"scan {scan_id!r} has no array {name!r}") from None
             inner = tuple(int(n or 1) for n in arr.chunk_layout.read_chunk.shape or arr.shape)
-            with self._lock:
-                for old in [k for k in self._arrays if k[:2] == key[:2]]:
-                    self._chunk_bytes.pop(id(self._arrays.pop(old)), None)
-                self._chunk_bytes[id(arr)] = (inner, int(arr.dtype.numpy_dtype.itemsize))
-                self._arrays[key] = arr
-        return arr
-
-    def _state(self, scan_id: str) -> tuple[tuple[int, int], ScanMeta]:
-        """(signature, metadata) of a scan: one ``stat`` of its zarr.json."""
-        meta = self.metadata(scan_id)
-        cached = self._meta.get(scan_id)
-        return cached if cached is not None and cached[1] is meta else (self._signature(scan_id), meta)
+            opened = (arr, inner, int(arr.dtype.numpy_dtype.itemsize))
+            self._arrays.put(key, opened)
+        return opened  # type: ignore[no-any-return]
 
     def region(self, scan_id: str, roi: RoiLike) -> Region:
         return as_region(roi, self.metadata(scan_id).shape)
@@ -181,12 +214,11 @@ class LocalSource:
     def _uses_label_map(self, req: RegionRequest, meta: ScanMeta) -> bool:
         return req.array == MASK and has_label_map(meta.attrs)
 
-    def _start(self, req: RegionRequest, state: tuple[tuple[int, int], ScanMeta]) -> tuple[Any, int]:
+    def _start(self, req: RegionRequest, state: tuple[str, ScanMeta]) -> tuple[Any, int]:
         """The read's future and the decoded chunk bytes it needs (``io_counters``)."""
         region = as_region(req.roi, state[1].shape)
         name = LABEL_MAP if self._uses_label_map(req, state[1]) else req.array
-        arr = self._array(req.scan_id, name, state)
-        inner, itemsize = self._chunk_bytes[id(arr)]
+        arr, inner, itemsize = self._opened(req.scan_id, name, state)
         return arr[region].read(), chunk_bytes_touched(region, inner, itemsize)
 
     def _finish(self, req: RegionRequest, data: np.ndarray, meta: ScanMeta) -> np.ndarray:
@@ -203,7 +235,7 @@ class LocalSource:
         # Each scan's zarr.json is checked once per call (not once per region), then every read
         # is started before waiting on any: tensorstore runs them concurrently.
         started = time.perf_counter()
-        states: dict[str, tuple[tuple[int, int], ScanMeta]] = {}
+        states: dict[str, tuple[str, ScanMeta]] = {}
         for r in requests:
             if r.scan_id not in states:
                 states[r.scan_id] = self._state(r.scan_id)
@@ -212,7 +244,7 @@ class LocalSource:
             self._finish(r, f.result(), states[r.scan_id][1])
             for r, (f, _) in zip(requests, reads, strict=True)
         ]
-        with self._lock:
+        with self._counters_lock:
             counters = self._counters
             counters["bytes_decoded"] += sum(n for _, n in reads)
             counters["bytes_returned"] += sum(a.nbytes for a in out)
@@ -227,7 +259,7 @@ class LocalSource:
         for r in requests:
             state = self._state(r.scan_id)
             name = LABEL_MAP if self._uses_label_map(r, state[1]) else r.array
-            inner, itemsize = self._chunk_bytes[id(self._array(r.scan_id, name, state))]
+            _, inner, itemsize = self._opened(r.scan_id, name, state)
             total += chunk_bytes_touched(as_region(r.roi, state[1].shape), inner, itemsize)
         return total
 
@@ -235,16 +267,16 @@ class LocalSource:
         """Cumulative since the source was opened: ``bytes_decoded`` (decoded bytes of the
         inner chunks the reads touched, whether the chunk cache held them or not),
         ``bytes_returned`` (bytes of the arrays returned), ``read_s``, ``regions``."""
-        with self._lock:
+        with self._counters_lock:
             return dict(self._counters)
 
     def read_locations(self, scan_id: str) -> np.ndarray | None:
         """(N, 3) int32 foreground locations (class-sorted, ``location_counts``), or None for a
         scan written without them."""
-        meta = self.metadata(scan_id)
-        if meta.attrs.get("location_counts") is None:
+        state = self._state(scan_id)
+        if state[1].attrs.get("location_counts") is None:
             return None
-        return np.asarray(self._array(scan_id, LOCATIONS).read().result(), dtype=np.int32)
+        return np.asarray(self._array(scan_id, LOCATIONS, state).read().result(), dtype=np.int32)
 
     def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
         return self.read_regions([RegionRequest(scan_id, IMAGE, roi)])[0]
@@ -261,10 +293,8 @@ class LocalSource:
         return self.read_regions([RegionRequest(scan_id, MASK, roi, cats, background)])[0]
 
     def close(self) -> None:
-        with self._lock:
-            self._arrays.clear()
-            self._chunk_bytes.clear()
-            self._meta.clear()
+        self._arrays.clear()
+        self._meta.clear()
 
 
 def chunk_bytes_touched(region: Sequence[slice], inner: Sequence[int], itemsize: int) -> int:

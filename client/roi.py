@@ -8,18 +8,22 @@ typo does not silently read the wrong voxels. Axes left out mean the whole axis.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from client.errors import InvalidROI
+
+# ASCII digits only, of bounded length: int() would also take "1_0", other scripts' digits and 5000-digit numbers.
+_INT = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)
 
 Region = tuple[slice, ...]  # normalized: concrete start < stop, step None
 
 
 def _parse_int(text: str, axis: int, param: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise InvalidROI(f"axis {axis}: {text.strip()!r} is not an integer", param) from None
+    text = text.strip(" \t")
+    if _INT.fullmatch(text) is None:
+        raise InvalidROI(f"axis {axis}: {text[:40]!r} is not an integer", param)
+    return int(text)
 
 
 def _normalize(value: int, size: int) -> int:

@@ -40,6 +40,19 @@ def open_source(path_or_url: str | Any, **kw: Any) -> ScanSource:
 
 _shared: dict[str, ScanSource] = {}
 _shared_lock = threading.Lock()
+# HttpSource settings given to DatasetCatalog.register, per URL (one shared source per URL).
+_http_options: dict[str, dict[str, Any]] = {}
+
+
+def _set_http_options(url: str, options: dict[str, Any]) -> None:
+    """Remember ``register``'s timeout/retries for ``url``; one URL has one set of them."""
+    with _shared_lock:
+        known = _http_options.get(url)
+        if known is not None and known != options:
+            raise ValueError(f"{url}: already registered with {known}; one URL takes one timeout/retries")
+        if url in _shared and known is None:
+            raise ValueError(f"{url}: already open without timeout/retries; close_shared_sources() first")
+        _http_options[url] = options
 
 
 def shared_source(source: SourceLike) -> ScanSource:
@@ -52,7 +65,7 @@ def shared_source(source: SourceLike) -> ScanSource:
     with _shared_lock:
         opened = _shared.get(source)
         if opened is None:
-            opened = _shared[source] = open_source(source)
+            opened = _shared[source] = open_source(source, **_http_options.get(source, {}))
         return opened
 
 
@@ -63,6 +76,7 @@ def close_shared_sources() -> None:
         for src in _shared.values():
             src.close()
         _shared.clear()
+        _http_options.clear()
 
 
 def scan_dict(source: SourceLike, meta: ScanMeta) -> dict[str, Any]:
@@ -89,15 +103,30 @@ class DatasetCatalog:
     _REGISTERED: dict[str, Callable[[], list[dict[str, Any]]]] = {}
 
     @staticmethod
-    def register(name: str, source: SourceLike | Callable[[], list[dict[str, Any]]], **filters: Any) -> None:
+    def register(
+        name: str,
+        source: SourceLike | Callable[[], list[dict[str, Any]]],
+        timeout: float | None = None,
+        retries: int | None = None,
+        retry_seconds: float | None = None,
+        **filters: Any,
+    ) -> None:
         """Register a store path or server URL with attribute filters, or a callable.
 
         ``DatasetCatalog.register("oai_train", "/data/store", split="train")`` selects the
         scans whose attributes match (see ``client.layout.matches``). A callable takes no
-        arguments and returns dataset dicts, each with ``source`` and ``scan_id``.
+        arguments and returns dataset dicts, each with ``source`` and ``scan_id``. For a server
+        URL, ``timeout`` (seconds per request), ``retries`` (most retries of one request) and
+        ``retry_seconds`` (how long to keep retrying) go to its ``HttpSource``.
         """
         if name in DatasetCatalog._REGISTERED:
             raise ValueError(f"dataset {name!r} is already registered")
+        given = {"timeout": timeout, "retries": retries, "retry_seconds": retry_seconds}
+        options = {k: v for k, v in given.items() if v is not None}
+        if options:
+            if not (isinstance(source, str) and is_url(source)):
+                raise TypeError(f"dataset {name!r}: timeout/retries apply to a server URL only")
+            _set_http_options(source, options)
         if callable(source) and not isinstance(source, str) and not hasattr(source, "list_scans"):
             if filters:
                 raise TypeError(f"dataset {name!r}: filters apply to a store or URL, not to a callable")

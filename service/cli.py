@@ -9,23 +9,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_BYTE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+from client.errors import one_line
+from client.units import parse_bytes as _parse_size
 
 
 def parse_bytes(text: str) -> int:
-    """``512M`` -> 536870912; K/M/G/T are powers of 1024 (``MiB``/``MB`` read the same)."""
-    match = _BYTES.match(str(text))
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte size like 4096, 512M or 2G")
-    return int(float(match[1]) * _BYTE_UNITS[match[2].upper()])
+    """argparse type for sizes (``512M``); the parsing itself is ``client.units.parse_bytes``."""
+    try:
+        return _parse_size(text, "size")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte size like 4096, 512M or 2G") from None
 
 
 def positive_int(text: str) -> int:
@@ -35,6 +34,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return value
 
 
@@ -65,6 +74,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         workers=args.workers,
         layout=layout,
         progress=not args.quiet,
+        wait=args.wait,
+        prune=args.prune,
+        grace_s=args.grace,
     )
     print(summary.report(), flush=True)
     return summary.exit_code
@@ -79,15 +91,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _scan_rows(store: Path) -> list[dict[str, Any]]:
-    from client.layout import STAGING_DIR
     from service.preprocess import dir_bytes
-    from service.store import read_scan_attrs
+    from service.store import check_store, published_scan_ids, read_scan_attrs
 
-    if not (store / "zarr.json").is_file():
-        raise FileNotFoundError(f"{store}: not a scancache store (no zarr.json)")
+    check_store(store)
     rows = []
-    for entry in sorted(os.listdir(store)):
-        attrs = read_scan_attrs(store, entry) if entry != STAGING_DIR else None
+    for entry in published_scan_ids(store):
+        attrs = read_scan_attrs(store, entry)
         if attrs is None or "scan_id" not in attrs:
             continue
         rows.append(
@@ -236,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a source folder into a store (Dask job)",
         description="Convert every scan under SOURCE (2D .im/.seg slices or 3D .h5 volumes; "
         "first-level folders are splits) into the Zarr v3 store STORE. Scans already in the "
-        "store with unchanged sources are skipped; a killed run resumes when re-run. Exits 1 "
-        "if any scan failed.",
+        "store with unchanged sources are skipped; a killed run resumes when re-run. One job "
+        "per store at a time (STORE/.lock). A re-converted scan is published as a new version; "
+        "readers switch to it atomically. Exits 1 if any scan failed.",
     )
     p.add_argument("source", metavar="SOURCE", help="folder of MedSegPy input files")
     p.add_argument("store", metavar="STORE", help="store folder (created if missing)")
@@ -261,6 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="chunk compression (default: blosc-lz4)",
     )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another job is writing STORE, wait for it to finish (default: fail at once)",
+    )
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="remove scans whose source files are gone (default: list them in the summary)",
+    )
+    p.add_argument(
+        "--grace",
+        type=non_negative_float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="keep a replaced or removed scan version this long for readers still using it, "
+        "then delete it at the end of a later job (default: %(default)s)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the summary")
     p.set_defaults(func=cmd_preprocess)
 
@@ -268,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="compare a store with its source voxel for voxel",
         description="Re-read every source file and compare it with STORE voxel for voxel (read "
-        "with zarr-python). Prints OK/MISMATCH/MISSING/FAILED per scan; exits 0 only if every "
-        "source scan is in the store and exact.",
+        "with zarr-python). Prints OK/MISMATCH/MISSING/TORN/FAILED/EXTRA per scan; exits 0 only if every "
+        "source scan is in the store and exact and the store holds no other scan.",
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("store", metavar="STORE")
@@ -336,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             traceback.print_exc()
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = one_line(err)
         print(f"scancache {args.command}: error: {message}", file=sys.stderr)
         return 1
 

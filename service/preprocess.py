@@ -1,13 +1,17 @@
 """The preprocessing job: every scan of a source into the store, as one Dask graph.
 
 Each scan is one task (``convert_scan``) that stats its sources, skips the scan if the store
-already holds it with the same fingerprint, and otherwise reads it, checks it and publishes it
-atomically with ``service.store.write_scan``. Tasks never raise for bad input: they return a
+already holds it with the same fingerprint and every file of its manifest, and otherwise reads
+it, checks it and publishes it as a new version (``service.store.StagedScan``). Tasks never raise for bad input: they return a
 ``ScanResult`` with a one-line message, so one bad scan never stops the others.
 
 By default the graph runs on a ``LocalCluster`` (processes, one thread each); with
 ``scheduler="tcp://host:port"`` it runs on an existing cluster whose workers see the same
 filesystem paths (source and store), e.g. dask-jobqueue on SLURM.
+
+One job per store: the job holds ``STORE/.lock`` (``service.job_lock``) while it runs, stages
+in a folder of its own, and afterwards lists (or with ``prune`` removes) scans whose sources
+are gone and deletes versions superseded more than ``grace_s`` seconds ago.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from typing import IO, Any
 
 import numpy as np
 
-from client.errors import SourceError
+from client import publish
+from client.errors import SourceError, one_line
 from client.layout import ChunkLayout
 from service import store as store_mod
-from service.scratch import release_all, reuse_freed_memory, scratch
-from service.slice_files import SliceReader
-from service.sources import ScanSpec, discover, fingerprint, load_scan
+from service.job_lock import JobLock
+from service.scratch import release_all, restore_malloc, scratch, tune_malloc_for_conversion
+from service.slice_files import SliceReader, load_scan
+from service.sources import ScanSpec, discover, fingerprint
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
 
@@ -45,6 +51,7 @@ class ScanResult:
     bytes_in: int = 0
     bytes_out: int = 0
     worker: str = ""
+    warning: str = ""  # e.g. non-finite voxels: converted exactly, but worth knowing
 
 
 @dataclass
@@ -56,6 +63,9 @@ class Summary:
     bytes_out: int = 0
     seconds: float = 0.0
     results: list[ScanResult] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # scans in the store whose sources are gone
+    pruned: bool = False  # whether the orphans were removed
+    removed_versions: int = 0
 
     def add(self, result: ScanResult) -> None:
         self.results.append(result)
@@ -66,6 +76,9 @@ class Summary:
     @property
     def total(self) -> int:
         return self.converted + self.skipped + self.failed
+
+    def warnings(self) -> list[str]:
+        return sorted(r.warning for r in self.results if r.warning)
 
     def failures(self) -> list[str]:
         """The failure lines (``scan: file: why``), sorted."""
@@ -87,6 +100,18 @@ class Summary:
             f"in {self.seconds:.1f} s",
             f"bytes: {format_bytes(self.bytes_in)} read, {format_bytes(self.bytes_out)} written",
         ]
+        if self.warnings():
+            lines.append(f"warnings ({len(self.warnings())}):")
+            lines.extend(f"  {message}" for message in self.warnings())
+        if self.orphans:
+            if self.pruned:
+                lines.append(f"removed {len(self.orphans)} scans whose sources are gone:")
+            else:
+                lines.append(
+                    f"{len(self.orphans)} scans in the store have no source any more "
+                    "(kept; --prune removes them):"
+                )
+            lines.extend(f"  {scan_id}" for scan_id in self.orphans)
         if self.failed:
             lines.append(f"failures ({self.failed}):")
             lines.extend(f"  {message}" for message in self.failures())
@@ -121,20 +146,31 @@ def _worker_name() -> str:
         return ""
 
 
-def convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout) -> ScanResult:
-    """One task: skip, convert or fail one scan. Never raises."""
+def convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str | None = None) -> ScanResult:
+    """One task: skip, convert or fail one scan. Never raises, never warns on stderr."""
+    # numpy's floating-point warnings (NaN/Inf in a source) would go to a worker's stderr; the
+    # result reports them instead. errstate is per thread (a context variable), unlike warnings
+    with np.errstate(all="ignore"):
+        return _convert_scan(spec, store, layout, staging)
+
+
+def _convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str | None) -> ScanResult:
     worker = _worker_name()
     try:
         fp, source_bytes = fingerprint(spec, layout)
         published = store_mod.read_scan_attrs(store, spec.scan_id)
-        if published is not None and published.get("fingerprint") == fp:
+        if (
+            published is not None
+            and published.get("fingerprint") == fp
+            and store_mod.manifest_problem(store, spec.scan_id, published) is None
+        ):
             return ScanResult(spec.scan_id, SKIPPED, worker=worker)
         attrs: dict[str, Any] = {
             **spec.attrs(),
             "fingerprint": fp,
             "sources": {"files": len(spec.files), "bytes": source_bytes},
         }
-        with reuse_freed_memory(), store_mod.StagedScan(store, spec.scan_id, layout) as staged:
+        with store_mod.StagedScan(store, spec.scan_id, layout, staging) as staged:
             if spec.kind == "2d":
                 stats = _stream_slices(SliceReader(spec), staged, attrs)
             else:
@@ -143,13 +179,24 @@ def convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout) -> ScanResult:
                     attrs["spacing"] = scan.spacing
                 stats = store_mod.write_arrays(staged, scan.image, scan.mask)
             staged.publish(attrs, stats)
+        warning = ""
+        if stats.non_finite:
+            warning = (
+                f"{spec.scan_id}: {stats.non_finite} non-finite image voxels (NaN/Inf), stored as they "
+                "are and left out of the intensity statistics"
+            )
         return ScanResult(
-            spec.scan_id, CONVERTED, bytes_in=source_bytes, bytes_out=staged.bytes_written, worker=worker
+            spec.scan_id,
+            CONVERTED,
+            bytes_in=source_bytes,
+            bytes_out=staged.bytes_written,
+            worker=worker,
+            warning=warning,
         )
     except SourceError as err:
         return ScanResult(spec.scan_id, FAILED, str(err), worker=worker)
     except Exception as err:  # a write error, a full disk: still one line, still not fatal
-        why = " ".join(str(err).split())[:200] or type(err).__name__
+        why = one_line(err, 200)
         return ScanResult(
             spec.scan_id, FAILED, f"{spec.scan_id}: (store): {type(err).__name__}: {why}", worker=worker
         )
@@ -252,47 +299,92 @@ def run_preprocess(
     progress: bool = True,
     stream: IO[str] | None = None,
     on_result: Callable[[ScanResult], None] | None = None,
+    wait: bool = False,
+    prune: bool = False,
+    grace_s: float = publish.DEFAULT_GRACE_S,
 ) -> Summary:
     """Convert every scan of ``source`` into ``store``; returns the summary.
 
-    Raises ``EmptySource`` for a missing or empty source and ``ValueError`` if ``store`` is a
-    directory that is not a scancache store. Per-scan problems never raise: they are failures
-    in the summary.
+    Raises ``EmptySource`` for a missing or empty source, ``ValueError`` if ``store`` is a
+    directory that is not a scancache store (or one of another format), and ``StoreLocked``
+    if another job holds the store (``wait=True``: wait for it). Per-scan problems never
+    raise: they are failures in the summary. ``prune`` removes scans whose sources are gone;
+    versions superseded more than ``grace_s`` seconds ago are deleted at the end.
     """
     started = time.monotonic()
     stream = stream or sys.stderr
     layout = layout or ChunkLayout()
     found = discover(source)
     store_path = store_mod.ensure_store(Path(store).resolve())
-    store_mod.clean_staging(store_path)  # what a killed run left behind
     summary = Summary()
     for err in found.failures:
         summary.add(ScanResult(err.scan, FAILED, str(err)))
-    try:
-        if found.scans:
-            with dask_client(scheduler, workers, len(found.scans)) as client:
-                if progress:
-                    where = (
-                        scheduler or f"a local cluster of {len(client.scheduler_info()['workers'])} workers"
-                    )
-                    print(f"preprocess: {len(found.scans)} scans on {where}", file=stream, flush=True)
-                bar = Progress(summary.total + len(found.scans), summary.total, progress, stream)
-                try:
-                    _run_graph(client, found.scans, str(store_path), layout, summary, bar, on_result)
-                finally:
-                    bar.close()
-                    _release_worker_buffers(client)
-    finally:
-        store_mod.clean_staging(store_path)
+
+    def warn(message: str) -> None:
+        print(f"preprocess: warning: {message}", file=stream, flush=True)
+
+    with JobLock(store_path, wait=wait, warn=warn):
+        publish.clean_stale_staging(store_path)  # what killed jobs left behind
+        staging = publish.new_staging(store_path, "job")
+        try:
+            if found.scans:
+                _convert_all(
+                    found.scans,
+                    store_path,
+                    staging,
+                    layout,
+                    summary,
+                    scheduler,
+                    workers,
+                    progress,
+                    stream,
+                    on_result,
+                )
+        finally:
+            publish.remove_staging(staging)
+        known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
+        summary.orphans = [s for s in store_mod.published_scan_ids(store_path) if s not in known]
+        if prune:
+            for scan_id in summary.orphans:
+                publish.unpublish(store_path, scan_id)
+            summary.pruned = True
+        summary.removed_versions = len(publish.remove_old_versions(store_path, grace_s))
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _release_worker_buffers(client: Any) -> None:
-    """Return the workers' conversion buffers (some 100 MB each) to the OS: on a long-lived
-    cluster they would otherwise stay with the workers' threads until those end."""
+def _convert_all(
+    specs: list[ScanSpec],
+    store_path: Path,
+    staging: Path,
+    layout: ChunkLayout,
+    summary: Summary,
+    scheduler: str | None,
+    workers: int | None,
+    progress: bool,
+    stream: IO[str],
+    on_result: Callable[[ScanResult], None] | None,
+) -> None:
+    with dask_client(scheduler, workers, len(specs)) as client:
+        if progress:
+            where = scheduler or f"a local cluster of {len(client.scheduler_info()['workers'])} workers"
+            print(f"preprocess: {len(specs)} scans on {where}", file=stream, flush=True)
+        bar = Progress(summary.total + len(specs), summary.total, progress, stream)
+        _run_on_workers(client, tune_malloc_for_conversion)
+        try:
+            _run_graph(client, specs, str(store_path), str(staging), layout, summary, bar, on_result)
+        finally:
+            bar.close()
+            _run_on_workers(client, release_all)
+            _run_on_workers(client, restore_malloc)
+
+
+def _run_on_workers(client: Any, function: Callable[[], object]) -> None:
+    """Once per worker process, between tasks (not from inside one): malloc tuning and
+    returning the conversion buffers (some 100 MB each) that would otherwise stay with the
+    workers' threads on a long-lived cluster."""
     try:
-        client.run(release_all)
+        client.run(function)
     except Exception:  # a worker gone or unreachable: its memory went with it
         pass
 
@@ -301,6 +393,7 @@ def _run_graph(
     client: Any,
     specs: list[ScanSpec],
     store: str,
+    staging: str,
     layout: ChunkLayout,
     summary: Summary,
     bar: Progress,
@@ -311,13 +404,15 @@ def _run_graph(
     # One graph: a task per scan, keyed by scan id so the dashboard shows which scan runs.
     job = uuid.uuid4().hex[:8]  # two jobs on one cluster must not share keys
     keys = [f"convert-{spec.scan_id}-{job}" for spec in specs]
-    futures = client.map(convert_scan, specs, store=store, layout=layout, key=keys, pure=False, retries=1)
+    futures = client.map(
+        convert_scan, specs, store=store, layout=layout, staging=staging, key=keys, pure=False, retries=1
+    )
     scan_of = {future.key: spec.scan_id for future, spec in zip(futures, specs, strict=True)}
     for future in as_completed(futures):
         try:
             result = future.result()
         except Exception as err:  # the worker died (e.g. killed by the OOM killer) twice
-            why = " ".join(str(err).split())[:200] or type(err).__name__
+            why = one_line(err, 200)
             scan = scan_of[future.key]
             result = ScanResult(scan, FAILED, f"{scan}: (worker): {type(err).__name__}: {why}")
         summary.add(result)

@@ -21,8 +21,6 @@ import ctypes.util
 import os
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -88,30 +86,35 @@ def _glibc() -> Any:
         return None
 
 
-@contextmanager
-def reuse_freed_memory(keep_bytes: int = 64 << 20) -> Iterator[None]:
-    """While converting, serve allocations up to 4 MiB from the heap and keep what is freed.
+def tune_malloc_for_conversion(keep_bytes: int = 64 << 20) -> bool:
+    """Serve allocations up to 4 MiB from the heap and keep what is freed, in this process.
 
     The libraries called per file allocate and free large blocks each time: HDF5 some 1 MB of
     per-file metadata structures on every open, c-blosc a 260 KB work area per call. With
     Dask's ``MALLOC_TRIM_THRESHOLD_`` each of these is a fresh ``mmap`` (page faults, zeroing)
     and an ``munmap``: measured, some 40,000 page faults per knee scan and a third of the
-    conversion's CPU time. Inside this block freed memory stays in the process for the next
-    file; afterwards the thresholds return to the environment's (or glibc's) values and the
-    heap is trimmed, so a worker between tasks holds no more than before.
+    conversion's CPU time. The setting is process-wide, so the job calls this once per worker
+    process before its graph runs (``client.run``), never from inside a task, where several
+    threads would race to set and reset it; ``restore_malloc`` undoes it after the graph.
+    Returns whether the C library could be tuned.
     """
     libc = _glibc()
     if libc is None:
-        yield
-        return
+        return False
     libc.mallopt(_M_MMAP_THRESHOLD, 4 << 20)
     libc.mallopt(_M_TRIM_THRESHOLD, keep_bytes)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_TRIM_THRESHOLD, _env_bytes("MALLOC_TRIM_THRESHOLD_"))
-        libc.mallopt(_M_MMAP_THRESHOLD, _env_bytes("MALLOC_MMAP_THRESHOLD_"))
-        libc.malloc_trim(0)
+    return True
+
+
+def restore_malloc() -> bool:
+    """Back to the environment's (or glibc's) thresholds, and the heap trimmed."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.mallopt(_M_TRIM_THRESHOLD, _env_bytes("MALLOC_TRIM_THRESHOLD_"))
+    libc.mallopt(_M_MMAP_THRESHOLD, _env_bytes("MALLOC_MMAP_THRESHOLD_"))
+    libc.malloc_trim(0)
+    return True
 
 
 def _env_bytes(name: str) -> int:

@@ -1,23 +1,86 @@
-"""Reading a 2D scan's slice files, one at a time, straight into the caller's buffers.
+"""Reading and checking a scan's HDF5 files: the one HDF5 validator of the job.
 
-``SliceReader`` is what ``load_scan`` (sources.py) and the conversion (preprocess.py) read
-2D scans with: the low-level h5py API, one open and one HDF5 read per file, no intermediate
-arrays; every check of ``service.sources`` (shapes, dtypes, binary masks), each a
-``SourceError`` naming the scan and the file. Measured: 320 files of a 384x384x160 scan in
-0.11 s of CPU, against 0.13 s for the plain h5py loop of the benchmark's read floor.
+``SliceReader`` reads a 2D scan's slice files one at a time straight into the caller's
+buffers (the conversion streams with it): the low-level h5py API, one open and one HDF5 read
+per file, no intermediate arrays. Measured: 320 files of a 384x384x160 scan in 0.11 s of CPU,
+against 0.13 s for the plain h5py loop of the benchmark's read floor. ``load_scan`` reads a
+2D or 3D scan whole (``verify``, 3D conversion). Both apply the same checks (shapes, no
+zero-length axis, numeric dtypes, binary masks), each a ``SourceError`` naming the scan and
+the file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from client.errors import SourceError
-from service.sources import ScanSpec, _as_binary, _one_line, _spacing
+from client.errors import SourceError, one_line
+from service.sources import ScanSpec
+
+_HDF5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
+
+
+@dataclass
+class LoadedScan:
+    image: np.ndarray  # (H, W, D), source dtype in native byte order
+    mask: np.ndarray | None  # (H, W, D, C) uint8, or None for an image-only scan
+    spacing: list[float] | None
+
+
+# -- the checks, shared by 2D slices and 3D volumes ------------------------------------------
+def _one_line(err: BaseException) -> str:
+    text = one_line(err, limit=10_000)
+    # h5py says "Unable to synchronously open file (truncated file: eof = ...)": keep the reason
+    inner = re.fullmatch(r"Unable to [^(]*\((.*)\)", text)
+    return one_line(inner[1] if inner else text, 200)
+
+
+def unreadable(scan: str, rel: str, err: BaseException) -> SourceError:
+    return SourceError(scan, rel, f"unreadable HDF5 file: {_one_line(err)}")
+
+
+def numeric_dtype(scan: str, rel: str, dtype: np.dtype, what: str) -> np.dtype:
+    """The dtype in native byte order; refuses anything but bool, integers and floats."""
+    if dtype.kind not in "biuf":
+        raise SourceError(scan, rel, f"unsupported {what} dtype {dtype}")
+    return dtype.newbyteorder("=")
+
+
+def check_extent(scan: str, rel: str, what: str, shape: tuple[int, ...]) -> None:
+    if any(n == 0 for n in shape):
+        raise SourceError(scan, rel, f"{what} has a zero-length axis (shape {shape})")
+
+
+def as_binary(scan: str, rel: str, data: np.ndarray) -> np.ndarray:
+    """The mask as uint8 0/1; refuses any other value (naming the first one found)."""
+    numeric_dtype(scan, rel, data.dtype, "mask")
+    if data.dtype == np.uint8:  # the common case: one vectorised max, no temporaries
+        if data.size and data.max() > 1:
+            value = data[data > 1].flat[0].item()
+            raise SourceError(scan, rel, f"mask values are not binary (found {value!r})")
+        return data
+    bad = (data != 0) & (data != 1)
+    if bad.any():
+        value = data[bad].flat[0].item()
+        raise SourceError(scan, rel, f"mask values are not binary (found {value!r})")
+    return data.astype(np.uint8)
+
+
+def spacing_of(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        out = [float(v) for v in np.asarray(value).reshape(-1)]
+    except (TypeError, ValueError):
+        return None
+    return out or None
 
 
 class SliceReader:
@@ -48,9 +111,10 @@ class SliceReader:
                 shape = shape[:2]
             if len(shape) != 2:
                 raise SourceError(spec.scan_id, rel, f"image slice has shape {shape}, expected (H, W, 1)")
+            check_extent(spec.scan_id, rel, "image slice", shape)
             self.plane: tuple[int, int] = (shape[0], shape[1])
-            self.dtype = self._numeric(rel, dataset.dtype, "image")
-            self.spacing = _spacing(self._spacing_attr(dataset))
+            self.dtype = numeric_dtype(spec.scan_id, rel, dataset.dtype, "image")
+            self.spacing = spacing_of(self._spacing_attr(dataset))
         self.num_classes = 0
         if spec.mask_files:
             rel = spec.mask_files[0]
@@ -75,7 +139,7 @@ class SliceReader:
                 raise SourceError(
                     self.spec.scan_id, rel, f"slice shape {plane} differs from {self.plane} of slice 1"
                 )
-            dtype = self._numeric(rel, dataset.dtype, "image")
+            dtype = numeric_dtype(self.spec.scan_id, rel, dataset.dtype, "image")
             if dtype != self.dtype:
                 raise SourceError(
                     self.spec.scan_id, rel, f"slice dtype {dtype} differs from {self.dtype} of slice 1"
@@ -88,14 +152,14 @@ class SliceReader:
             self._mask_shape(rel, self._array_shape(rel, dataset))
             if dataset.dtype == np.uint8:  # read in place, then check the bytes
                 self._read(rel, dataset, out)
-                _as_binary(self.spec.scan_id, rel, out)
+                as_binary(self.spec.scan_id, rel, out)
                 return
             # other dtypes (bool, float, int8, ...) are read as they are: an HDF5 conversion
             # to uint8 would clip values such as -1 or 0.5 and hide them from the check
-            dtype = self._numeric(rel, dataset.dtype, "mask")
+            dtype = numeric_dtype(self.spec.scan_id, rel, dataset.dtype, "mask")
             data = np.empty(out.shape, dtype)
             self._read(rel, dataset, data)
-            out[...] = _as_binary(self.spec.scan_id, rel, data)
+            out[...] = as_binary(self.spec.scan_id, rel, data)
 
     # -- helpers ------------------------------------------------------------------------------
     @contextmanager
@@ -105,15 +169,15 @@ class SliceReader:
             fid = h5py.h5f.open(
                 os.fsencode(os.path.join(self.spec.root, rel)), h5py.h5f.ACC_RDONLY, self._fapl
             )
-        except (OSError, KeyError, ValueError, RuntimeError) as err:
-            raise SourceError(scan, rel, f"unreadable HDF5 file: {_one_line(err)}") from None
+        except _HDF5_ERRORS as err:
+            raise unreadable(scan, rel, err) from None
         try:
             try:
                 dataset = h5py.h5d.open(fid, b"data")
             except KeyError:
                 raise SourceError(scan, rel, "no dataset 'data' in HDF5 file") from None
-            except (OSError, ValueError, RuntimeError) as err:
-                raise SourceError(scan, rel, f"unreadable HDF5 file: {_one_line(err)}") from None
+            except _HDF5_ERRORS as err:
+                raise unreadable(scan, rel, err) from None
             yield dataset
         finally:
             fid.close()
@@ -123,11 +187,6 @@ class SliceReader:
         if not shape:
             raise SourceError(self.spec.scan_id, rel, "dataset 'data' is a scalar, not an array")
         return shape
-
-    def _numeric(self, rel: str, dtype: np.dtype, what: str) -> np.dtype:
-        if dtype.kind not in "biuf":
-            raise SourceError(self.spec.scan_id, rel, f"unsupported {what} dtype {dtype}")
-        return dtype.newbyteorder("=")
 
     def _mask_shape(self, rel: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
         scan = self.spec.scan_id
@@ -151,13 +210,76 @@ class SliceReader:
         h5s = self._h5.h5s
         try:
             dataset.read(h5s.ALL, h5s.ALL, out)
-        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as err:
-            raise SourceError(self.spec.scan_id, rel, f"unreadable HDF5 file: {_one_line(err)}") from None
+        except _HDF5_ERRORS as err:
+            raise unreadable(self.spec.scan_id, rel, err) from None
 
     def _spacing_attr(self, dataset: Any) -> Any:
         h5py = self._h5
         try:
             file_attrs = h5py.File(h5py.h5i.get_file_id(dataset)).attrs  # wraps the open file
             return file_attrs.get("spacing", h5py.Dataset(dataset).attrs.get("spacing"))
-        except (OSError, KeyError, ValueError, RuntimeError, TypeError):
+        except _HDF5_ERRORS:
             return None
+
+
+# -- whole scans -------------------------------------------------------------------------------
+def load_scan(spec: ScanSpec) -> LoadedScan:
+    """Read a scan whole and check it; raises ``SourceError`` naming the first bad file.
+
+    A 2D scan's arrays are (H, W, D) views of slice-major buffers (every slice file is read
+    straight into its place); they compare and index like any array but are not C-contiguous.
+    """
+    if spec.kind == "3d":
+        return _load_volume(spec)
+    reader = SliceReader(spec)
+    height, width, depth = reader.shape
+    image = np.empty((depth, height, width), reader.dtype)
+    for z in range(depth):
+        reader.read_image(z, image[z])
+    mask = None
+    if reader.num_classes:
+        mask = np.empty((depth, height, width, reader.num_classes), np.uint8)
+        for z in range(depth):
+            reader.read_mask(z, mask[z])
+    return LoadedScan(
+        image.transpose(1, 2, 0), None if mask is None else mask.transpose(1, 2, 0, 3), reader.spacing
+    )
+
+
+def _read_dataset(scan: str, rel: str, f: Any, name: str) -> np.ndarray:
+    import h5py
+
+    if name not in f or not isinstance(f[name], h5py.Dataset):
+        raise SourceError(scan, rel, f"no dataset {name!r} in HDF5 file")
+    data = f[name][()]
+    if not isinstance(data, np.ndarray):
+        raise SourceError(scan, rel, f"dataset {name!r} is a scalar, not an array")
+    return data
+
+
+def _load_volume(spec: ScanSpec) -> LoadedScan:
+    """A 3D scan: datasets ``volume`` and optional ``seg`` of one ``.h5`` file, and its
+    ``spacing`` attribute (of the file or of ``volume``)."""
+    import h5py  # service extra; imported here so that discovery needs only numpy
+
+    scan, rel = spec.scan_id, spec.image_files[0]
+    try:
+        with h5py.File(Path(spec.root) / rel, "r", locking=False) as f:
+            volume = _read_dataset(scan, rel, f, "volume")
+            seg = _read_dataset(scan, rel, f, "seg") if "seg" in f else None
+            spacing = f.attrs.get("spacing", f["volume"].attrs.get("spacing"))
+    except SourceError:
+        raise
+    except _HDF5_ERRORS as err:
+        raise unreadable(scan, rel, err) from None
+    if volume.ndim != 3:
+        raise SourceError(scan, rel, f"volume has shape {volume.shape}, expected (H, W, D)")
+    check_extent(scan, rel, "volume", volume.shape)
+    volume = volume.astype(numeric_dtype(scan, rel, volume.dtype, "image"), copy=False)
+    mask = None
+    if seg is not None:
+        if seg.ndim != 4 or seg.shape[:3] != volume.shape or seg.shape[3] == 0:
+            expected = ", ".join(map(str, volume.shape))
+            raise SourceError(scan, rel, f"seg has shape {seg.shape}, expected ({expected}, C)")
+        mask = as_binary(scan, rel, seg)
+    return LoadedScan(volume, mask, spacing_of(spacing))

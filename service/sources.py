@@ -9,8 +9,8 @@ Two input formats (the same ones MedSegPy reads):
   a ``spacing`` attribute; the scan key is the stem.
 
 The first-level folder under the source becomes the scan's ``split`` (``train``/``valid``/...).
-Discovery only looks at names and folders (cheap, on the client); ``load_scan`` reads a scan's
-files and checks shapes, dtypes and mask values (on a Dask worker). Every problem is a
+Discovery only looks at names and folders (cheap, on the client, no HDF5); reading and checking
+a scan's files is ``service.slice_files`` (on a Dask worker). Every problem is a
 ``SourceError`` whose message is one line: ``scan: file: why``.
 """
 
@@ -24,8 +24,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from client.errors import EmptySource, InvalidPath, SourceError
 from client.layout import FORMAT_VERSION, ChunkLayout, validate_scan_id
@@ -71,13 +69,6 @@ class Discovery:
     root: Path
     scans: list[ScanSpec] = field(default_factory=list)
     failures: list[SourceError] = field(default_factory=list)
-
-
-@dataclass
-class LoadedScan:
-    image: np.ndarray  # (H, W, D), source dtype in native byte order
-    mask: np.ndarray | None  # (H, W, D, C) uint8, or None for an image-only scan
-    spacing: list[float] | None
 
 
 def _split_of(rel: Path) -> str | None:
@@ -207,112 +198,3 @@ def fingerprint(spec: ScanSpec, layout: ChunkLayout) -> tuple[str, int]:
         total += st.st_size
         digest.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return digest.hexdigest(), total
-
-
-# -- reading ----------------------------------------------------------------------------------
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    # h5py says "Unable to synchronously open file (truncated file: eof = ...)": keep the reason
-    inner = re.fullmatch(r"Unable to [^(]*\((.*)\)", text)
-    return (inner[1] if inner else text)[:200] or type(err).__name__
-
-
-def _read_datasets(
-    scan: str, root: str, rel: str, required: str, optional: str | None = None
-) -> tuple[np.ndarray, np.ndarray | None, Any]:
-    """Datasets ``required`` and ``optional`` (None if absent) of one HDF5 file, whole, and the
-    ``spacing`` attribute of the file or of the required dataset."""
-    import h5py  # service extra; imported here so that discovery needs only numpy
-
-    try:
-        with h5py.File(Path(root) / rel, "r", locking=False) as f:
-            arrays: list[np.ndarray | None] = []
-            for name in (required, optional):
-                if name is None or (name == optional and name not in f):
-                    arrays.append(None)
-                    continue
-                if name not in f or not isinstance(f[name], h5py.Dataset):
-                    raise SourceError(scan, rel, f"no dataset {name!r} in HDF5 file")
-                data = f[name][()]
-                if not isinstance(data, np.ndarray):
-                    raise SourceError(scan, rel, f"dataset {name!r} is a scalar, not an array")
-                arrays.append(data)
-            spacing = f.attrs.get("spacing", f[required].attrs.get("spacing"))
-    except SourceError:
-        raise
-    except (OSError, KeyError, ValueError, RuntimeError) as err:
-        raise SourceError(scan, rel, f"unreadable HDF5 file: {_one_line(err)}") from None
-    assert arrays[0] is not None
-    return arrays[0], arrays[1], spacing
-
-
-def _check_numeric(scan: str, rel: str, data: np.ndarray) -> np.ndarray:
-    kind = data.dtype.kind
-    if kind not in "biuf":
-        raise SourceError(scan, rel, f"unsupported image dtype {data.dtype}")
-    return data.astype(data.dtype.newbyteorder("="), copy=False)
-
-
-def _as_binary(scan: str, rel: str, data: np.ndarray) -> np.ndarray:
-    if data.dtype.kind not in "biuf":
-        raise SourceError(scan, rel, f"unsupported mask dtype {data.dtype}")
-    if data.dtype == np.uint8:  # the common case: one vectorised max, no temporaries
-        if data.size and data.max() > 1:
-            value = data[data > 1].flat[0].item()
-            raise SourceError(scan, rel, f"mask values are not binary (found {value!r})")
-        return data
-    bad = (data != 0) & (data != 1)
-    if bad.any():
-        value = data[bad].flat[0].item()
-        raise SourceError(scan, rel, f"mask values are not binary (found {value!r})")
-    return data.astype(np.uint8)
-
-
-def _spacing(value: Any) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        out = [float(v) for v in np.asarray(value).reshape(-1)]
-    except (TypeError, ValueError):
-        return None
-    return out or None
-
-
-def load_scan(spec: ScanSpec) -> LoadedScan:
-    """Read a scan whole and check it; raises ``SourceError`` naming the first bad file.
-
-    A 2D scan's arrays are (H, W, D) views of slice-major buffers (every slice file is read
-    straight into its place); they compare and index like any array but are not C-contiguous.
-    """
-    if spec.kind == "3d":
-        return _load_volume(spec)
-    from service.slice_files import SliceReader  # it builds on this module's helpers
-
-    reader = SliceReader(spec)
-    height, width, depth = reader.shape
-    image = np.empty((depth, height, width), reader.dtype)
-    for z in range(depth):
-        reader.read_image(z, image[z])
-    mask = None
-    if reader.num_classes:
-        mask = np.empty((depth, height, width, reader.num_classes), np.uint8)
-        for z in range(depth):
-            reader.read_mask(z, mask[z])
-    return LoadedScan(
-        image.transpose(1, 2, 0), None if mask is None else mask.transpose(1, 2, 0, 3), reader.spacing
-    )
-
-
-def _load_volume(spec: ScanSpec) -> LoadedScan:
-    rel = spec.image_files[0]
-    volume, seg, spacing = _read_datasets(spec.scan_id, spec.root, rel, "volume", "seg")
-    if volume.ndim != 3:
-        raise SourceError(spec.scan_id, rel, f"volume has shape {volume.shape}, expected (H, W, D)")
-    volume = _check_numeric(spec.scan_id, rel, volume)
-    mask = None
-    if seg is not None:
-        if seg.ndim != 4 or seg.shape[:3] != volume.shape or seg.shape[3] == 0:
-            expected = ", ".join(map(str, volume.shape))
-            raise SourceError(spec.scan_id, rel, f"seg has shape {seg.shape}, expected ({expected}, C)")
-        mask = _as_binary(spec.scan_id, rel, seg)
-    return LoadedScan(volume, mask, _spacing(spacing))

@@ -1,9 +1,11 @@
-"""Writing a scancache store: scans are written aside and published by an atomic rename.
+"""Writing a scancache store: scans are staged aside and published as a new version.
 
-A scan is staged under ``STORE/.staging/<scan_id>.<random>/``, its arrays and then its group
-``zarr.json`` written there, and the directory renamed to ``STORE/<scan_id>``. Readers list
-only top-level directories, so they never see a partial scan. Replacing an existing scan moves
-the old one into staging first (a reader may briefly find the scan missing, never half-written).
+A scan is written under the job's staging folder ``STORE/.staging/<job>-<random>/``: its
+arrays, then every extra array step (``ARRAY_STEPS``), then its group ``zarr.json`` carrying
+the scan's attributes and a manifest (every file of the scan and its size). ``publish`` hands
+the folder to ``client.publish.publish_version``: fsync, rename into
+``STORE/.versions/<scan_id>/<version>``, atomic symlink switch of ``STORE/<scan_id>``. A
+published version is never modified or moved; old ones are removed after a grace period.
 """
 
 from __future__ import annotations
@@ -13,44 +15,64 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from client import publish as publish_mod
 from client.label_map import LABEL_MAP, LOCATIONS
 from client.layout import (
     FORMAT_VERSION,
     IMAGE,
     MASK,
-    STAGING_DIR,
     ChunkLayout,
+    check_store_format,
     group_metadata,
     validate_scan_id,
 )
 from service.derived import LocationSampler, label_map_block, scan_seed
 from service.shards import ShardedArrayWriter
 
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+_STATISTICS_BLOCK = 1 << 20  # voxels per float64 scratch block (8 MB)
+MANIFEST = "manifest"  # scan attribute: {relative file path: size in bytes} of every array file
 
 
 def ensure_store(root: str | os.PathLike[str]) -> Path:
-    """Create the root group if needed; refuse a directory that is something else."""
+    """Create the root group if needed; refuse a directory that is something else, or a store
+    of another format version (one line naming the store and both versions)."""
     path = Path(root)
     meta = path / "zarr.json"
     if meta.exists():
-        doc = json.loads(meta.read_text())
-        if doc.get("node_type") != "group" or "scancache" not in doc.get("attributes", {}):
+        try:
+            doc = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"{root}: exists and is not a scancache store (unreadable zarr.json)") from None
+        if not isinstance(doc, dict) or doc.get("node_type") != "group":
             raise ValueError(f"{root}: exists and is not a scancache store")
+        check_store_format(root, doc)
         return path
-    if path.exists() and any(p for p in path.iterdir() if p.name != STAGING_DIR):
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{root}: exists and is a file, not a store folder")
+    if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".")):
         raise ValueError(f"{root}: exists, is not empty and is not a scancache store")
     path.mkdir(parents=True, exist_ok=True)
-    _write_json(meta, group_metadata({"scancache": {"format": FORMAT_VERSION}}))
+    publish_mod.write_json_durably(meta, group_metadata({"scancache": {"format": FORMAT_VERSION}}))
+    publish_mod.fsync_dir(path)
+    return path
+
+
+def check_store(root: str | os.PathLike[str]) -> Path:
+    """An existing store of this format (for readers: verify, scans); refuses anything else."""
+    path = Path(root)
+    try:
+        doc = json.loads((path / "zarr.json").read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{root}: not a scancache store (no zarr.json)") from None
+    except (OSError, ValueError):
+        raise ValueError(f"{root}: not a scancache store (unreadable zarr.json)") from None
+    check_store_format(root, doc)
     return path
 
 
@@ -60,11 +82,39 @@ def read_scan_attrs(root: str | os.PathLike[str], scan_id: str) -> dict[str, Any
         doc = json.loads((Path(root) / scan_id / "zarr.json").read_text())
         attrs = doc["attributes"]
         return attrs if isinstance(attrs, dict) else None
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-_STATISTICS_BLOCK = 1 << 20  # voxels per float64 scratch block (8 MB)
+def published_scan_ids(root: str | os.PathLike[str]) -> list[str]:
+    """Names of the store's published scans (links into ``.versions``), sorted."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return sorted(n for n in names if not n.startswith(".") and publish_mod.current_version(root, n))
+
+
+def manifest_problem(root: str | os.PathLike[str], scan_id: str, attrs: dict[str, Any]) -> str | None:
+    """Why a published scan's files do not match its manifest (None: all there, all sizes right).
+
+    Neither the skip check nor ``verify`` trusts a scan this returns a reason for.
+    """
+    manifest = attrs.get(MANIFEST)
+    if not isinstance(manifest, dict) or not manifest:
+        return "no manifest of its files"
+    folder = Path(root) / scan_id
+    for rel, size in manifest.items():
+        try:
+            have = os.stat(folder / rel).st_size
+        except OSError:
+            return f"{rel} is missing"
+        if have != size:
+            return f"{rel} has {have} bytes, {size} were written"
+    for array in (IMAGE, MASK) if attrs.get("num_classes") else (IMAGE,):
+        if f"{array}/zarr.json" not in manifest:
+            return f"no {array} array"
+    return None
 
 
 class ScanStatistics:
@@ -82,6 +132,7 @@ class ScanStatistics:
         self.mean = 0.0
         self.m2 = 0.0  # sum of squared deviations from the running mean
         self.low, self.high = math.inf, -math.inf
+        self.non_finite = 0  # NaN and +-Inf voxels: left out of every statistic
         self.per_slice: list[list[int]] = []  # [z][class]
         self._scratch = np.empty(0, np.float64) if scratch is None else scratch.reshape(-1)
 
@@ -96,8 +147,18 @@ class ScanStatistics:
             for z0 in range(0, block.shape[2], step):
                 self.add_image(block[:, :, z0 : z0 + step])
             return
-        self.low = min(self.low, float(block.min()))
-        self.high = max(self.high, float(block.max()))
+        low, high = float(block.min()), float(block.max())
+        if not (math.isfinite(low) and math.isfinite(high)):
+            # NaN propagates into min and max, and an Inf is one of them: only blocks holding
+            # a non-finite voxel pay for this copy of their finite values
+            block = block[np.isfinite(block)]
+            self.non_finite += k - int(block.size)
+            k = int(block.size)
+            if k == 0:
+                return
+            low, high = float(block.min()), float(block.max())
+        self.low = min(self.low, low)
+        self.high = max(self.high, high)
         block_mean = float(block.sum(dtype=np.float64)) / k
         if self._scratch.size < k:
             self._scratch = np.empty(k, np.float64)
@@ -117,10 +178,14 @@ class ScanStatistics:
         self.per_slice.extend(rows.tolist())
 
     def to_attrs(self) -> dict[str, Any]:
-        std = math.sqrt(self.m2 / self.count) if self.count else 0.0
         totals = [sum(column) for column in zip(*self.per_slice, strict=True)]
+        intensity: dict[str, float | None] = {"min": None, "max": None, "mean": None, "std": None}
+        if self.count:  # over finite voxels; all null when there are none
+            std = math.sqrt(self.m2 / self.count)
+            intensity = {"min": self.low, "max": self.high, "mean": self.mean, "std": std}
         return {
-            "intensity": {"min": self.low, "max": self.high, "mean": self.mean, "std": std},
+            "intensity": intensity,
+            "non_finite_voxels": self.non_finite,
             "class_voxels": totals,
             "class_voxels_per_slice": self.per_slice,
         }
@@ -158,26 +223,45 @@ def scan_statistics(image: np.ndarray, mask: np.ndarray | None, block_slices: in
     return stats.to_attrs()
 
 
-class StagedScan:
-    """A scan being written under ``STORE/.staging/``: its arrays, then ``publish``.
+# Extra arrays: each step runs once a scan's image and mask are complete, writes what it likes
+# into the staged scan folder (``staged.work``) and returns attributes to add. Steps run in
+# order; a step that raises fails the scan (nothing is published).
+ArrayStep = Callable[["StagedScan"], dict[str, Any]]
+ARRAY_STEPS: list[tuple[str, ArrayStep]] = []
 
-    Used as a context manager: leaving it without ``publish`` (an error, a bad slice found
-    half-way) removes everything written, so a store never holds part of a scan.
+
+class StagedScan:
+    """A scan being written under a staging folder: its arrays, then ``publish``.
+
+    ``staging``: the job's staging folder (``client.publish.new_staging``); without it the
+    scan gets one of its own, removed on exit. Used as a context manager: leaving it without
+    ``publish`` (an error, a bad slice found half-way) removes everything written, so a store
+    never holds part of a scan.
     """
 
-    def __init__(self, root: str | os.PathLike[str], scan_id: str, layout: ChunkLayout) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        scan_id: str,
+        layout: ChunkLayout,
+        staging: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.scan_id = validate_scan_id(scan_id)
         self.layout = layout
         self.store = ensure_store(root)
-        staging = self.store / STAGING_DIR
-        staging.mkdir(exist_ok=True)
-        self.work = staging / f"{scan_id}.{uuid.uuid4().hex}"
+        self._own_staging = None if staging is not None else publish_mod.new_staging(self.store, "scan")
+        parent = Path(staging) if staging is not None else self._own_staging
+        assert parent is not None
+        self.work = parent / f"{scan_id}.{uuid.uuid4().hex}"
         self.work.mkdir()
         self.image: ShardedArrayWriter | None = None
         self.mask: ShardedArrayWriter | None = None
         self.derived: DerivedArrays | None = None
+        self.steps: list[tuple[str, ArrayStep]] = list(ARRAY_STEPS)
         self.bytes_written = 0
         self.published = False
+        self.version: str | None = None
+        self.stats: ScanStatistics | None = None
 
     def __enter__(self) -> StagedScan:
         return self
@@ -190,6 +274,8 @@ class StagedScan:
             self.derived.close()
         if not self.published:
             shutil.rmtree(self.work, ignore_errors=True)
+        if self._own_staging is not None:
+            publish_mod.remove_staging(self._own_staging)
 
     def create_image(self, shape: tuple[int, int, int], dtype: np.dtype) -> ShardedArrayWriter:
         native = np.dtype(dtype).newbyteorder("=")  # the store keeps values, not byte orders
@@ -198,16 +284,28 @@ class StagedScan:
 
     def create_mask(self, shape: tuple[int, ...]) -> ShardedArrayWriter:
         self.mask = ShardedArrayWriter(self.work / MASK, shape, np.dtype(np.uint8), self.layout)
-        self.derived = DerivedArrays(self.work, self.scan_id, shape, self.layout)
-        return MaskWithDerived(self.mask, self.derived)  # type: ignore[return-value]
+        # label_map and locations are computed from the mask slabs as they are written (no
+        # re-read), and written out by an array step once the mask is complete
+        derived = self.derived = DerivedArrays(self.work, self.scan_id, shape, self.layout)
+        self.steps.insert(0, ("derived", lambda _staged: derived.finish()))
+        return MaskWithDerived(self.mask, derived)  # type: ignore[return-value]
 
     def publish(self, attrs: dict[str, Any], stats: ScanStatistics) -> dict[str, Any]:
-        """Write the group's attributes and move the scan into place; returns the attributes."""
+        """Run the extra array steps, write the group's attributes and manifest, and publish
+        the folder as the scan's new version; returns the attributes."""
         if self.image is None:
             raise ValueError(f"{self.scan_id}: no image array written")
         for writer in (self.image, self.mask):
             if writer is not None and writer.pending:
                 raise ValueError(f"{self.scan_id}: {writer.path.name} has slices not written yet")
+        for writer in (self.image, self.mask):
+            if writer is not None:
+                writer.close()  # every shard index written before the manifest counts bytes
+        self.stats = stats
+        extra: dict[str, Any] = {}
+        for _name, step in self.steps:
+            extra.update(step(self))
+        manifest = _manifest(self.work)
         full = {
             **attrs,
             "scan_id": self.scan_id,
@@ -217,16 +315,28 @@ class StagedScan:
             "layout": self.layout.to_json(),
             "scancache_format": FORMAT_VERSION,
             **stats.to_attrs(),
-            **(self.derived.finish() if self.derived is not None else {}),
+            **extra,
+            MANIFEST: manifest,
         }
         group = self.work / "zarr.json"
-        _write_json(group, group_metadata(full))
-        self.bytes_written = sum(w.bytes_written for w in (self.image, self.mask) if w is not None)
-        self.bytes_written += self.derived.bytes_written if self.derived is not None else 0
-        self.bytes_written += group.stat().st_size
-        publish(self.store, self.scan_id, self.work)
+        publish_mod.write_json_durably(group, group_metadata(full))
+        self.bytes_written = sum(manifest.values()) + group.stat().st_size
+        self.version = publish_mod.publish_version(self.store, self.scan_id, self.work)
         self.published = True
         return full
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    """Every file under a staged scan (relative posix path -> size), the group's own zarr.json
+    excepted; sorted, so the same scan gives the same document."""
+    out = {}
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(folder).as_posix()
+            if rel != "zarr.json":
+                out[rel] = full.stat().st_size
+    return dict(sorted(out.items()))
 
 
 def write_scan(
@@ -268,48 +378,6 @@ def write_arrays(staged: StagedScan, image: np.ndarray, mask: np.ndarray | None)
             mask_out.write_slab(z0, mask_block)
             stats.add_class_counts(mask_block.sum(axis=(0, 1), dtype=np.int64))
     return stats
-
-
-def publish(store: Path, scan_id: str, work: Path) -> None:
-    """Move a finished scan into place; an older version is moved aside and deleted."""
-    target = store / scan_id
-    old = None
-    if target.exists():
-        old = store / STAGING_DIR / f"{scan_id}.{uuid.uuid4().hex}.old"
-        os.rename(target, old)
-    os.rename(work, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(store)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def clean_staging(root: str | os.PathLike[str]) -> int:
-    """Remove what killed jobs left in staging; returns how many entries were removed."""
-    staging = Path(root) / STAGING_DIR
-    if not staging.is_dir():
-        return 0
-    count = 0
-    for entry in staging.iterdir():
-        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-        count += 1
-    try:
-        staging.rmdir()
-    except OSError:
-        pass
-    return count
 
 
 class DerivedArrays:

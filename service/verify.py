@@ -1,7 +1,9 @@
 """``scancache verify``: re-read every source file and compare the store voxel for voxel.
 
 The store is read with plain zarr-python (not the tensorstore writer), so a verify also checks
-that the store is readable without scancache's code.
+that the store is readable without scancache's code. Each scan is read from the version its
+link pointed to when verify reached it; its files are first checked against the manifest in
+its attributes (a truncated or missing shard is TORN), then every voxel is compared.
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from client.errors import SourceError
-from client.layout import IMAGE, MASK, STAGING_DIR
-from service.sources import ScanSpec, discover, load_scan
-from service.store import read_scan_attrs
+from client.layout import IMAGE, MASK
+from client.publish import current_version, version_dir
+from service.slice_files import LoadedScan, load_scan
+from service.sources import ScanSpec, discover
+from service.store import check_store, manifest_problem, published_scan_ids, read_scan_attrs
 
-OK, MISMATCH, MISSING, FAILED, EXTRA = "OK", "MISMATCH", "MISSING", "FAILED", "EXTRA"
+OK, MISMATCH, MISSING, FAILED, EXTRA, TORN = "OK", "MISMATCH", "MISSING", "FAILED", "EXTRA", "TORN"
+STATUSES = (OK, MISMATCH, MISSING, TORN, FAILED, EXTRA)
 
 
 @dataclass(frozen=True)
@@ -40,21 +46,19 @@ class VerifyReport:
 
     @property
     def exact(self) -> bool:
-        """Every source scan is in the store and equal; scans only in the store do not count."""
-        return all(line.status in (OK, EXTRA) for line in self.lines) and self.count(OK) > 0
+        """Every source scan is in the store and equal, and the store holds nothing else."""
+        return all(line.status == OK for line in self.lines) and self.count(OK) > 0
 
     def summary(self) -> str:
-        parts = [
-            f"{self.count(s)} {s.lower()}" for s in (OK, MISMATCH, MISSING, FAILED, EXTRA) if self.count(s)
-        ]
+        parts = [f"{self.count(s)} {s.lower()}" for s in STATUSES if self.count(s)]
         verdict = "store is exact" if self.exact else "store is NOT exact"
         return f"verify: {', '.join(parts) or 'nothing to compare'}; {verdict}"
 
 
-def _read_array(store: Path, scan_id: str, name: str) -> np.ndarray | None:
+def _read_array(folder: Path, name: str) -> np.ndarray | None:
     import zarr
 
-    path = store / scan_id / name
+    path = folder / name
     if not (path / "zarr.json").is_file():
         return None
     return np.asarray(zarr.open_array(str(path), mode="r")[...])
@@ -97,10 +101,23 @@ def compare_scan(store: Path, spec: ScanSpec) -> VerifyLine:
         source = load_scan(spec)
     except SourceError as err:
         return VerifyLine(spec.scan_id, FAILED, f"{err.file}: {err.why}")
-    attrs = read_scan_attrs(store, spec.scan_id)
-    if attrs is None:
+    version = current_version(store, spec.scan_id)
+    folder = version_dir(store, spec.scan_id, version) if version else store / spec.scan_id
+    attrs = read_scan_attrs(folder.parent, folder.name)
+    if version is None or attrs is None:
         return VerifyLine(spec.scan_id, MISSING, "not in the store")
-    image = _read_array(store, spec.scan_id, IMAGE)
+    torn = manifest_problem(folder.parent, folder.name, attrs)
+    if torn is not None:
+        return VerifyLine(spec.scan_id, TORN, torn)
+    try:
+        return _compare_arrays(folder, spec, source, attrs)
+    except Exception as err:  # a shard that does not decode: damaged after publication
+        why = " ".join(str(err).split())[:200] or type(err).__name__
+        return VerifyLine(spec.scan_id, TORN, f"unreadable: {type(err).__name__}: {why}")
+
+
+def _compare_arrays(folder: Path, spec: ScanSpec, source: LoadedScan, attrs: dict[str, Any]) -> VerifyLine:
+    image = _read_array(folder, IMAGE)
     if image is None:
         return VerifyLine(spec.scan_id, MISSING, "no image array")
     if image.shape != source.image.shape or image.dtype != source.image.dtype:
@@ -111,7 +128,7 @@ def compare_scan(store: Path, spec: ScanSpec) -> VerifyLine:
         )
     if not _equal(image, source.image):
         return VerifyLine(spec.scan_id, MISMATCH, "image: " + _first_difference(image, source.image))
-    mask = _read_array(store, spec.scan_id, MASK)
+    mask = _read_array(folder, MASK)
     if (mask is None) != (source.mask is None):
         has = "has no mask" if mask is None else "has a mask"
         return VerifyLine(
@@ -134,9 +151,7 @@ def verify_store(
 ) -> VerifyReport:
     """Compare every scan of ``source`` with ``store``. Raises ``EmptySource`` for an empty source."""
     found = discover(source)
-    root = Path(store)
-    if not (root / "zarr.json").is_file():
-        raise FileNotFoundError(f"{store}: not a scancache store (no zarr.json)")
+    root = check_store(store)
     report = VerifyReport()
 
     def emit(line: VerifyLine) -> None:
@@ -149,7 +164,11 @@ def verify_store(
     for spec in found.scans:
         emit(compare_scan(root, spec))
     known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
-    for entry in sorted(os.listdir(root)):
-        if entry != STAGING_DIR and entry not in known and (root / entry / "zarr.json").is_file():
-            emit(VerifyLine(entry, EXTRA, "in the store but not in this source"))
+    for entry in published_scan_ids(root):
+        if entry not in known:
+            emit(
+                VerifyLine(
+                    entry, EXTRA, "in the store but not in this source (`preprocess --prune` removes it)"
+                )
+            )
     return report

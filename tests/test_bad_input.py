@@ -18,7 +18,8 @@ from h5_sources import (
 )
 
 from client.errors import EmptySource, SourceError
-from service.sources import discover, load_scan
+from service.slice_files import load_scan
+from service.sources import discover
 
 GOOD = ("0000001_V00-Aug00", "0000001_V01-Aug00", "0000009_V00-Aug00")
 

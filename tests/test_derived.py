@@ -57,7 +57,7 @@ def test_mask_reads_through_table_equal_full_mask_merge(derived_store):
     root, _, scans = derived_store
     src = LocalSource(root, cache_bytes=0)
     rois = [":,:,:", "3:30,-20:,5:13", ":,:,7", "0:1,0:1,19"]
-    cats_list = [None, [0, [1, 2], 3, [4, 5]], [[0, 5]], [2, 2], [[1, 1]]]
+    cats_list = [None, [0, [1, 2], 3, [4, 5]], [[0, 5]], [5, 2], [[1, 3, 4]]]
     for scan_id, roi, cats, background in itertools.product(scans, rois, cats_list, (False, True)):
         region = src.region(scan_id, roi)
         want = reference_merge(

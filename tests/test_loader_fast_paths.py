@@ -98,6 +98,6 @@ def test_batch_reads_survive_a_dropped_keep_alive_connection(small_store):
     with live_server(root) as url, HttpSource(url, retries=0) as source:
         assert source._poster is not None  # loopback http: the direct path
         np.testing.assert_array_equal(source.read_regions([request])[0], image[:8, :8, :2])
-        conn = source._poster._local.conn
+        conn = source._poster._idle[-1]  # the idle keep-alive connection the next read reuses
         conn.sock.shutdown(socket.SHUT_RDWR)  # as if the server had closed the idle connection
         np.testing.assert_array_equal(source.read_regions([request])[0], image[:8, :8, :2])

@@ -118,5 +118,9 @@ def test_store_modified_behind_our_back_is_caught_by_verify(tmp_path):
     subprocess.run(["rm", "-rf", str(store / "0000002_V00-Aug00")], check=True)
     result = run_cli("verify", small, store)
     assert result.returncode == 1
-    assert "MISMATCH 0000001_V00-Aug00: image: 1 voxels differ, first at (0, 0, 0)" in result.stdout
+    # the rewritten shard differs in size from the manifest (TORN) or, by chance, only in voxels
+    assert (
+        "MISMATCH 0000001_V00-Aug00: image: 1 voxels differ, first at (0, 0, 0)" in result.stdout
+        or "TORN     0000001_V00-Aug00: image/c/0/0/0 has " in result.stdout
+    )
     assert "MISSING  0000002_V00-Aug00: not in the store" in result.stdout

@@ -1,5 +1,6 @@
 """Properties of the pure pieces every other part relies on: ROI parsing, categories, the wire."""
 
+import itertools
 import json
 
 import numpy as np
@@ -82,16 +83,16 @@ def test_merge_mask_is_medsegpy_collect_mask(case, data, background):
     num_classes, labels = case
     labels = np.array(labels).reshape(2, 2, 2)
     mask = np.stack([labels == k for k in range(num_classes)], -1).astype(np.uint8)
-    groups = data.draw(
-        st.lists(
-            st.one_of(
-                st.integers(0, num_classes - 1),
-                st.lists(st.integers(0, num_classes - 1), min_size=1, max_size=3, unique=True),
-            ),
-            min_size=1,
-            max_size=4,
-        )
+    # Each class at most once in all (one channel a class): a permutation cut into groups.
+    classes = data.draw(st.permutations(range(num_classes)))[: data.draw(st.integers(1, num_classes))]
+    cuts = (
+        sorted(data.draw(st.sets(st.integers(1, len(classes) - 1), max_size=3))) if len(classes) > 1 else []
     )
+    bounds = [0, *cuts, len(classes)]
+    groups = [
+        classes[a] if b - a == 1 and data.draw(st.booleans()) else list(classes[a:b])
+        for a, b in itertools.pairwise(bounds)
+    ]
     cats = normalize_categories(json.dumps(groups), num_classes)
     out = merge_mask(mask, cats, background)
     ref = [mask[..., g] if isinstance(g, int) else mask[..., g].sum(-1) for g in groups]

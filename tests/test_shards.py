@@ -75,9 +75,10 @@ def test_empty_chunks_and_shards_are_not_stored(tmp_path):
     image[0, 0, 0] = 1.0
     layout = ChunkLayout(chunks=(4, 4, 4), shard_depth=4)
     write_scan(tmp_path, "0000001_V00-Aug00", image, np.zeros((8, 8, 8, 2), np.uint8), {}, layout)
-    shards_on_disk = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("c/*/*/*") if p.is_file())
-    assert [str(p) for p in shards_on_disk] == ["0000001_V00-Aug00/image/c/0/0/0"]
-    data = (tmp_path / shards_on_disk[0]).read_bytes()
+    scan = (tmp_path / "0000001_V00-Aug00").resolve()  # the current version's folder
+    shards_on_disk = sorted(p.relative_to(scan) for p in scan.rglob("c/*/*/*") if p.is_file())
+    assert [str(p) for p in shards_on_disk] == ["image/c/0/0/0"]
+    data = (scan / shards_on_disk[0]).read_bytes()
     index = np.frombuffer(data[-4 - 2 * 8 * 4 : -4], "<u8").reshape(2, 2, 1, 2)
     assert (index[1:] == 2**64 - 1).all() and (index[0, 1] == 2**64 - 1).all()
     for stored in _read_both(tmp_path / "0000001_V00-Aug00" / "image"):

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from client.errors import SourceError
 from client.layout import ChunkLayout
-from service.sources import _SLICE_NAME, discover, fingerprint, load_scan
+from service.slice_files import load_scan
+from service.sources import _SLICE_NAME, discover, fingerprint
 
 
 @settings(max_examples=60, deadline=None)

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from client.local import LocalSource
 from service.server.auth import BearerAuthMiddleware
 from service.server.errors import error_responses, install_error_handlers
-from service.server.guards import BodyLimitMiddleware, PathGuardMiddleware
+from service.server.guards import BodyLimitMiddleware, HeadAsGetMiddleware, PathGuardMiddleware
 from service.server.metrics import Metrics, MetricsMiddleware
 from service.server.routes_regions import router as regions_router
 from service.server.routes_scans import router as scans_router
@@ -87,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     # add_middleware puts each new one outermost: add innermost first.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(PathGuardMiddleware)
     if settings.token:
         app.add_middleware(BearerAuthMiddleware, token=settings.token)

@@ -27,6 +27,7 @@ from client.errors import (
     ScanCacheError,
     ScanNotFound,
     Unauthorized,
+    one_line,
 )
 
 log = logging.getLogger("scancache.server")
@@ -71,11 +72,6 @@ class ErrorBody(BaseModel):
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the error statuses a route can answer."""
     return {code: {"model": ErrorBody, "description": DESCRIPTIONS[code]} for code in codes}
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def error_response(

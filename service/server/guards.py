@@ -87,3 +87,22 @@ class BodyLimitMiddleware:
             413, f"request body over the server's limit of {self.max_bytes} bytes", "RequestTooLarge"
         )
         await response(scope, receive, send)
+
+
+HEAD_SCOPE_KEY = "scancache.head"
+
+
+class HeadAsGetMiddleware:
+    """Answer HEAD wherever GET is answered: the route runs as GET without ``Range`` (RFC 9110
+    defines Range for GET only, so HEAD is never 206), and uvicorn, which still sees the HEAD
+    of its own scope, sends the headers (Content-Length included) without the body. Responses
+    that stream files or buffers check ``HEAD_SCOPE_KEY`` so they do not read what is dropped."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "HEAD":
+            headers = [(k, v) for k, v in scope.get("headers", []) if k not in (b"range", b"if-range")]
+            scope = {**scope, "method": "GET", "headers": headers, HEAD_SCOPE_KEY: True}
+        await self.app(scope, receive, send)

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from service.server.guards import HEAD_SCOPE_KEY
 from service.server.http_cache import (
     JSON_GZIP_MIN_BYTES,
     REVALIDATE,
@@ -46,7 +47,8 @@ class PartsResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        parts = [] if scope.get("method") == "HEAD" else [p for p in self.parts if len(p)]
+        head = scope.get("method") == "HEAD" or scope.get(HEAD_SCOPE_KEY)
+        parts = [] if head else [p for p in self.parts if len(p)]
         if not parts:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.local import DEFAULT_CACHE_BYTES
+from client.units import parse_bytes
 
 DEFAULT_MAX_BYTES = 1 << 30  # one response (or batch) of at most 1 GiB of array data
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a batch request body: thousands of regions fit in 4 MiB
@@ -33,6 +34,14 @@ def _positive_int(name: str, value: str | int) -> int:
         number = int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: {value!r} is not an integer") from None
+    if number <= 0:
+        raise ValueError(f"{name}: must be positive, got {number}")
+    return number
+
+
+def _size(name: str, value: str | int) -> int:
+    """A positive byte size: ``512M`` works in the environment as on the command line."""
+    number = parse_bytes(value, name)
     if number <= 0:
         raise ValueError(f"{name}: must be positive, got {number}")
     return number
@@ -60,8 +69,11 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
-        for name in ("cache_bytes", "max_bytes", "max_body_bytes", "max_batch_regions"):
-            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
+        for name in ("cache_bytes", "max_bytes", "max_body_bytes"):
+            object.__setattr__(self, name, _size(name, getattr(self, name)))
+        object.__setattr__(
+            self, "max_batch_regions", _positive_int("max_batch_regions", self.max_batch_regions)
+        )
         if self.token is not None and not self.token.strip():
             object.__setattr__(self, "token", None)
 
@@ -75,12 +87,10 @@ class Settings:
         origins = tuple(o.strip() for o in env.get(ENV_CORS_ORIGINS, "").split(",") if o.strip())
         return cls(
             store=base.store,
-            cache_bytes=_positive_int(ENV_CACHE_BYTES, env.get(ENV_CACHE_BYTES, base.cache_bytes)),
-            max_bytes=_positive_int(ENV_MAX_BYTES, env.get(ENV_MAX_BYTES, base.max_bytes)),
+            cache_bytes=_size(ENV_CACHE_BYTES, env.get(ENV_CACHE_BYTES, base.cache_bytes)),
+            max_bytes=_size(ENV_MAX_BYTES, env.get(ENV_MAX_BYTES, base.max_bytes)),
             token=env.get(ENV_TOKEN) or None,
-            max_body_bytes=_positive_int(
-                ENV_MAX_BODY_BYTES, env.get(ENV_MAX_BODY_BYTES, base.max_body_bytes)
-            ),
+            max_body_bytes=_size(ENV_MAX_BODY_BYTES, env.get(ENV_MAX_BODY_BYTES, base.max_body_bytes)),
             max_batch_regions=_positive_int(
                 ENV_MAX_BATCH_REGIONS, env.get(ENV_MAX_BATCH_REGIONS, base.max_batch_regions)
             ),

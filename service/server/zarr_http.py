@@ -11,6 +11,7 @@ exist (404), and resolved paths must stay inside the store.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 from client.errors import InvalidPath
 from client.layout import validate_scan_id
 from service.server.errors import NotInStore, error_response, error_responses
+from service.server.guards import HEAD_SCOPE_KEY
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
 from service.server.state import ServerState, server_state
 
@@ -32,6 +34,11 @@ router = APIRouter(tags=["zarr"])
 
 READ_AT_ONCE = 1 << 20  # ranges up to this size are read in one call; larger ones are streamed
 STREAM_CHUNK = 1 << 20
+
+
+# ASCII digits of bounded length (or nothing): str.isdigit() takes "²", and int() of 5000 digits
+# raises; a header we cannot read is ignored (200), as RFC 9110 14.2 allows.
+_RANGE_NUMBER = re.compile(r"[0-9]{0,18}", re.ASCII)
 
 
 class RangeNotSatisfiable(Exception):
@@ -74,7 +81,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, dash, last = spec.strip().partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    if not dash or not _RANGE_NUMBER.fullmatch(first) or not _RANGE_NUMBER.fullmatch(last):
         return None
     if first == "":
         if last == "":
@@ -147,7 +154,7 @@ class FileRangeResponse(Response):
                 {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
             )
             pos = self.start
-            if scope.get("method") == "HEAD" or pos >= self.end:
+            if scope.get("method") == "HEAD" or scope.get(HEAD_SCOPE_KEY) or pos >= self.end:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
             while pos < self.end:
@@ -221,7 +228,9 @@ async def _respond(request: Request, file: OpenFile) -> Response:
         file.close()
         return Response(status_code=304, headers={k: headers[k] for k in ("ETag", "Cache-Control")})
     if_range = request.headers.get("if-range")
-    use_range = if_range is None or if_range.strip() == file.etag
+    # Range is defined for GET only: HEAD answers 200 with the whole file's headers (RFC 9110 14.2).
+    head = request.method == "HEAD" or bool(request.scope.get(HEAD_SCOPE_KEY))
+    use_range = not head and (if_range is None or if_range.strip() == file.etag)
     try:
         byte_range = parse_range(request.headers.get("range"), file.size) if use_range else None
     except RangeNotSatisfiable:
@@ -237,7 +246,7 @@ async def _respond(request: Request, file: OpenFile) -> Response:
     status = 206 if byte_range else 200
     if byte_range:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{file.size}"
-    if request.method == "HEAD" or end - start > READ_AT_ONCE:
+    if head or end - start > READ_AT_ONCE:
         return FileRangeResponse(file, start, end, status, headers)
     data = await to_thread.run_sync(_read_range, file, start, end)
     media_type = headers.pop("Content-Type")

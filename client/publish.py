@@ -1,0 +1,241 @@
+"""Publishing a folder into a store atomically and durably: versioned folders and a symlink.
+
+Stdlib only, shared by the preprocessing job (``service/store.py``) and the predictions writer
+(``loaders/predictions.py``). A published name is a relative symlink::
+
+    ROOT/<name> -> .versions/<name>/<version>
+
+Publishing (``publish_version``) fsyncs every file and folder of the staged folder, renames it
+to ``ROOT/.versions/<name>/<version>``, fsyncs that folder, writes a new symlink under a
+temporary name, ``os.replace``s it over ``ROOT/<name>`` (one atomic rename) and fsyncs
+``ROOT``. A reader that resolved the old link keeps reading the old version's files, which
+stay untouched until ``remove_old_versions`` deletes versions superseded more than
+``grace_s`` seconds ago. Nothing here ever deletes or renames the current version.
+
+Version names are ``<publish time in ns, 20 digits>-<random hex>``: they sort by publish time,
+so the time a version was superseded is the time in the next version's name.
+
+Staging folders (``new_staging``) live under ``ROOT/.staging/<label>-<random>/`` with an
+``owner.json`` naming host and pid; ``clean_stale_staging`` removes only those whose owner is a
+dead process of this host (or that have no owner file), so two writers never delete each
+other's work in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+VERSIONS_DIR = ".versions"
+STAGING_DIR = ".staging"
+OWNER_FILE = "owner.json"
+DEFAULT_GRACE_S = 3600.0  # old versions kept an hour after they were superseded
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a folder's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike[str]) -> None:
+    """fsync every regular file under ``path``, then every folder, deepest first."""
+    for dirpath, _dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                fsync_file(full)
+        fsync_dir(dirpath)
+
+
+def write_json_durably(path: str | os.PathLike[str], doc: object) -> None:
+    """Strict JSON (no NaN/Infinity) written to a temporary name, fsynced, renamed into place."""
+    target = Path(path)
+    text = json.dumps(doc, indent=2, allow_nan=False)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _new_version_name() -> str:
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+
+
+def _version_time(version: str) -> float | None:
+    head = version.split("-", 1)[0]
+    return int(head) / 1e9 if head.isdigit() and len(head) == 20 else None
+
+
+def version_dir(root: str | os.PathLike[str], name: str, version: str) -> Path:
+    return Path(root) / VERSIONS_DIR / name / version
+
+
+def current_version(root: str | os.PathLike[str], name: str) -> str | None:
+    """The version ``ROOT/<name>`` points to, or None if it is not a published name.
+
+    Only a link of the exact form ``.versions/<name>/<version>`` counts.
+    """
+    try:
+        target = os.readlink(os.path.join(root, name))
+    except OSError:  # missing, or not a symlink
+        return None
+    parts = target.split("/")
+    if len(parts) != 3 or parts[0] != VERSIONS_DIR or parts[1] != name or parts[2] in ("", ".", ".."):
+        return None
+    return parts[2]
+
+
+def publish_version(root: str | os.PathLike[str], name: str, staged_dir: str | os.PathLike[str]) -> str:
+    """Publish a finished folder as the new version of ``ROOT/<name>``; returns the version.
+
+    ``staged_dir`` must be on the same filesystem as ``root`` (``new_staging`` makes one).
+    """
+    root = Path(root)
+    fsync_tree(staged_dir)
+    versions = root / VERSIONS_DIR / name
+    if not versions.is_dir():
+        versions.mkdir(parents=True, exist_ok=True)
+        fsync_dir(versions.parent)
+        fsync_dir(root)
+    version = _new_version_name()
+    os.rename(staged_dir, versions / version)
+    fsync_dir(versions)
+    link = root / f".{name}.{uuid.uuid4().hex}.link"
+    os.symlink(f"{VERSIONS_DIR}/{name}/{version}", link)
+    try:
+        os.replace(link, root / name)
+    except OSError:
+        link.unlink(missing_ok=True)
+        raise
+    fsync_dir(root)
+    return version
+
+
+def unpublish(root: str | os.PathLike[str], name: str) -> bool:
+    """Remove the link ``ROOT/<name>`` (readers stop listing it at once); its versions stay
+    for ``remove_old_versions``' grace period. Returns whether there was one."""
+    if current_version(root, name) is None:
+        return False
+    os.unlink(os.path.join(root, name))
+    versions = Path(root) / VERSIONS_DIR / name
+    if versions.is_dir():
+        os.utime(versions)  # the time the last version stopped being current
+    fsync_dir(root)
+    return True
+
+
+def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_GRACE_S) -> list[str]:
+    """Delete versions that stopped being current more than ``grace_s`` seconds ago.
+
+    A version stopped being current when the next one was published (the time in its name);
+    the newest non-current version (an unpublished name, or one left by a writer killed
+    before its link switch) when its folder was last changed. Returns ``name/version`` of each
+    removed version.
+    """
+    base = Path(root) / VERSIONS_DIR
+    if not base.is_dir():
+        return []
+    now = time.time()
+    removed = []
+    for name_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
+        current = current_version(root, name_dir.name)
+        versions = sorted(p.name for p in name_dir.iterdir() if p.is_dir() and not p.is_symlink())
+        for i, version in enumerate(versions):
+            if version == current:
+                continue
+            later = _version_time(versions[i + 1]) if i + 1 < len(versions) else None
+            try:
+                since = later if later is not None else name_dir.stat().st_mtime
+                since = max(since, (name_dir / version).stat().st_mtime)
+            except OSError:
+                continue
+            if now - since >= grace_s:
+                shutil.rmtree(name_dir / version, ignore_errors=True)
+                removed.append(f"{name_dir.name}/{version}")
+        if current is None and not any(name_dir.iterdir()):
+            try:
+                name_dir.rmdir()
+            except OSError:
+                pass
+    return removed
+
+
+# -- staging ----------------------------------------------------------------------------------
+def new_staging(root: str | os.PathLike[str], label: str) -> Path:
+    """A fresh folder ``ROOT/.staging/<label>-<random>/`` owned by this process."""
+    staging = Path(root) / STAGING_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+    path = staging / f"{label}-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    (path / OWNER_FILE).write_text(json.dumps(owner, allow_nan=False))
+    return path
+
+
+def remove_staging(path: str | os.PathLike[str]) -> None:
+    """Remove a staging folder made by ``new_staging``, and ``.staging`` itself once empty."""
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.rmdir(Path(path).parent)
+    except OSError:  # another writer's folder is still there
+        pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def owner_alive(owner: dict[str, object]) -> bool:
+    """Whether the process named by an owner record may still run (another host: assume so)."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return True
+    return pid_alive(pid)
+
+
+def clean_stale_staging(root: str | os.PathLike[str]) -> int:
+    """Remove staging folders of dead writers (and entries without an owner); returns how many."""
+    staging = Path(root) / STAGING_DIR
+    if not staging.is_dir():
+        return 0
+    count = 0
+    for entry in staging.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            try:
+                owner = json.loads((entry / OWNER_FILE).read_text())
+            except (OSError, ValueError):
+                owner = None
+            if isinstance(owner, dict) and owner_alive(owner):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        count += 1
+    return count

@@ -1,0 +1,130 @@
+"""Issue 11's adversarial requests against a real uvicorn server: each answered with a 4xx or
+the RFC's behaviour, never a 5xx, never a response built from an amplified request."""
+
+from __future__ import annotations
+
+import http.client
+import io
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from live_server import live_server
+
+SCAN = "0000001_V00-Aug00"  # (40, 36, 12) float32, 4 classes
+
+
+@pytest.fixture(scope="module")
+def url(small_store):
+    with live_server(small_store[0]) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+def raw(base: str, method: str, path: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.request(method, path, headers=headers or {})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response
+
+
+@pytest.mark.parametrize(
+    "categories",
+    ["[" + ",".join(["0"] * 3000) + "]", "[0,0]", "[0,[0,1]]", "[[1,2],[2,3]]", "[0,1,2,3,0]"],
+)
+def test_repeated_or_excessive_categories_are_refused(client, categories):
+    response = client.get(f"/scans/{SCAN}/mask", params={"categories": categories})
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["param"] == "categories" and body["error"] == "InvalidCategories"
+    assert "\n" not in body["detail"]
+
+
+def test_batch_categories_are_refused_with_the_region_named(client):
+    region = {"scan_id": SCAN, "array": "mask", "roi": "0:4,0:4,0", "categories": [1, 1]}
+    response = client.post("/batch", json={"regions": [region]})
+    assert response.status_code == 422 and response.json()["param"] == "regions[0].categories"
+
+
+@pytest.mark.parametrize(
+    "roi", ["1_0:2_0", "\u00b9:\u00b2", "\u0661:\u0662", "0:" + "9" * 5000, "+-1:2", "0x1:4"]
+)
+def test_roi_integers_are_ascii_only(client, roi):
+    response = client.get(f"/scans/{SCAN}/image", params={"roi": roi})
+    assert response.status_code == 422, response.text
+    assert response.json()["param"] == "roi"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=\u00b2-",
+        "bytes=-\u00b2",
+        "bytes=" + "9" * 5000 + "-",
+        "bytes=0-" + "9" * 5000,
+        "bytes=1_0-20",
+        "bytes=\u0661-",
+        "bytes= -",
+        "bytes=5-2",
+        "items=0-1",
+    ],
+)
+def test_unreadable_ranges_are_ignored(url, small_store, header):
+    expected = (small_store[0] / "zarr.json").read_bytes()
+    # http.client sends header values as latin-1: encode non-latin text as UTF-8 bytes ourselves
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.putrequest("GET", "/zarr/zarr.json")
+    conn.putheader("Range", header.encode("utf-8"))
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    assert response.status == 200 and body == expected
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/health",
+        "/scans",
+        f"/scans/{SCAN}",
+        f"/scans/{SCAN}/image?roi=0:4,0:4,0",
+        f"/scans/{SCAN}/mask?roi=0:4,0:4,0",
+        "/zarr/zarr.json",
+        "/metrics",
+    ],
+)
+def test_head_is_answered_wherever_get_is(client, url, path):
+    get = raw(url, "GET", path)
+    head = raw(url, "HEAD", path, {"Range": "bytes=0-3"})
+    assert get.status == 200 and head.status == 200
+    for name in ("content-type",) if path == "/metrics" else ("content-length", "content-type", "etag"):
+        assert head.getheader(name) == get.getheader(name), name
+
+
+def test_head_with_range_on_a_shard_is_200_with_the_whole_size(client, url, small_store):
+    shard = next(
+        p for p in (small_store[0] / SCAN / "image").rglob("*") if p.is_file() and p.name != "zarr.json"
+    )
+    path = "/zarr/" + shard.relative_to(small_store[0]).as_posix()
+    head = raw(url, "HEAD", path, {"Range": "bytes=0-3"})
+    assert head.status == 200 and int(head.getheader("content-length")) == shard.stat().st_size
+    got = client.get(path, headers={"Range": "bytes=0-3"})
+    assert got.status_code == 206 and got.content == shard.read_bytes()[:4]
+
+
+def test_a_valid_region_still_reads_exactly(client, small_store):
+    response = client.get(f"/scans/{SCAN}/mask", params={"roi": "0:8,0:8,3", "categories": "[3,[0,2]]"})
+    mask = small_store[1][SCAN][1][0:8, 0:8, 3:4]
+    expected = np.stack([mask[..., 3], mask[..., 0] + mask[..., 2]], axis=-1)
+    np.testing.assert_array_equal(np.load(io.BytesIO(response.content)), expected)

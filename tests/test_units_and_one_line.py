@@ -1,0 +1,67 @@
+"""The project's one size parser and one one-line formatter, and where they are used."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from client.errors import one_line
+from client.local import LOCAL_CACHE_ENV, default_cache_bytes
+from client.units import parse_bytes
+from service.server.settings import ENV_CACHE_BYTES, ENV_MAX_BYTES, ENV_STORE, Settings
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4096", 4096),
+        ("512M", 512 * 2**20),
+        ("2G", 2 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("1.5GiB", 3 * 2**29),
+        ("10MB", 10 * 2**20),
+        (" 64k ", 64 * 1024),
+        (7, 7),
+    ],
+)
+def test_parse_bytes_accepts(text, value):
+    assert parse_bytes(text, "--cache-bytes") == value
+
+
+@given(st.integers(0, 2**40), st.sampled_from(["", "K", "M", "G", "T", "KiB", "MB"]))
+def test_parse_bytes_exact_for_whole_numbers(n, unit):
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "KiB": 2**10, "MB": 2**20}[unit]
+    assert parse_bytes(f"{n}{unit}", "x") == n * scale
+
+
+@pytest.mark.parametrize("bad", ["", "M", "12Q", "-5", "1e9", "two", "²", "1_0M", "9" * 5000, -1])
+def test_parse_bytes_refuses_in_one_line_naming_the_setting(bad):
+    with pytest.raises(ValueError) as info:
+        parse_bytes(bad, "SCANCACHE_CACHE_BYTES")
+    message = str(info.value)
+    assert message.startswith("SCANCACHE_CACHE_BYTES: ") and "\n" not in message and len(message) < 120
+
+
+def test_env_settings_take_sizes_with_units(tmp_path):
+    env = {ENV_STORE: str(tmp_path), ENV_CACHE_BYTES: "512M", ENV_MAX_BYTES: "2G"}
+    settings = Settings.from_env(env)
+    assert (settings.cache_bytes, settings.max_bytes) == (512 * 2**20, 2 * 2**30)
+    with pytest.raises(ValueError, match=f"^{ENV_CACHE_BYTES}: 'lots' is not a byte size"):
+        Settings.from_env({**env, ENV_CACHE_BYTES: "lots"})
+
+
+def test_local_cache_env_takes_units(monkeypatch):
+    monkeypatch.setenv(LOCAL_CACHE_ENV, "768M")
+    assert default_cache_bytes() == 768 * 2**20
+    monkeypatch.setenv(LOCAL_CACHE_ENV, "much")
+    with pytest.raises(ValueError, match=LOCAL_CACHE_ENV):
+        default_cache_bytes()
+
+
+def test_one_line():
+    assert one_line("a\n  b\tc\n") == "a b c"
+    assert one_line(RuntimeError()) == "RuntimeError"
+    assert one_line(OSError("disk\nfull")) == "disk full"
+    long = one_line("x" * 1000, 50)
+    assert len(long) == 50 and long.endswith("...")
