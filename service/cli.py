@@ -61,10 +61,12 @@ def shape3(text: str) -> tuple[int, int, int]:
 # -- subcommands ------------------------------------------------------------------------------
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from client.layout import ChunkLayout
+    from service.layouts import chunks_text
     from service.preprocess import run_preprocess
 
     try:
-        layout = ChunkLayout.parse(args.chunks, shard_depth=args.shard_depth, codec=args.codec)
+        chunks = chunks_text(args.layout, args.chunks)
+        layout = ChunkLayout.parse(chunks, shard_depth=args.shard_depth, codec=args.codec)
     except ValueError as err:
         raise SystemExit(f"scancache preprocess: error: {err}") from None
     summary = run_preprocess(
@@ -261,7 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=positive_int, metavar="N", help="local worker processes (default: CPU count)"
     )
     p.add_argument(
-        "--chunks", default="96,96,8", metavar="Y,X,Z", help="inner chunk shape (default: %(default)s)"
+        "--chunks", default=None, metavar="Y,X,Z", help="inner chunk shape (default: from --layout)"
+    )
+    p.add_argument(
+        "--layout",
+        choices=("patches", "balanced", "slices"),
+        default=None,
+        help="chunk shape for the access pattern: patches = 96,96,8 (default), balanced = 64,64,2, "
+        "slices = whole slices (docs/tuning.md)",
     )
     p.add_argument(
         "--shard-depth", type=positive_int, default=None, metavar="Z", help="slices per shard (default: 32)"
