@@ -21,15 +21,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python -m service.demo --out demo-output $(DEMO_ARGS)
+	$(BIN)/python -m examples.demo --out demo-output $(DEMO_ARGS)
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 check: setup
-	$(BIN)/ruff check service client loaders tests benchmarks
-	$(BIN)/ruff format --check service client loaders tests benchmarks
-	$(BIN)/mypy service client loaders
+	$(BIN)/ruff check service client loaders tests benchmarks examples
+	$(BIN)/ruff format --check service client loaders tests benchmarks examples
+	$(BIN)/mypy service client loaders examples
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

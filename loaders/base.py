@@ -7,7 +7,10 @@ prediction (2.5D reads k slices of image but predicts the centre one). The base 
 the rest, identically for a local store and a server:
 
 * batches: reads every window of a batch in one ``read_regions`` call per source, in
-  background threads ahead of time (``loaders.prefetch``), and shuffles per epoch from SEED;
+  background threads ahead of time (``loaders.prefetch``, the one read-ahead layer); the epoch
+  order is a pure function of SEED and the epoch (``loaders.ordering``), split between
+  data-parallel replicas (``num_replicas``, ``rank``) and resumable (``state_dict``);
+* ``as_tf_dataset()`` and ``as_torch_dataset()`` (``loaders.tf_data``, ``loaders.torch_data``), ``stats()``;
 * ``inference(model)``: per scan, runs the model over the scan's elements and stitches the
   predictions back into a volume (``loaders.inference``, ``loaders.stitching``), blending overlaps.
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import math
 import random
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,8 +35,9 @@ import numpy as np
 from client.layout import IMAGE, MASK
 from client.protocol import RegionRequest, ScanSource
 from loaders import inference
-from loaders.config import Config
+from loaders.config import Config, check_config
 from loaders.geometry import AxisRead, check_pad_mode, take_window
+from loaders.ordering import Shard, shard_order
 from loaders.prefetch import Prefetcher
 from loaders.scans import (
     ScanEntry,
@@ -39,6 +45,7 @@ from loaders.scans import (
     scans_from_dicts,
     window_reads,
 )
+from loaders.stats import LoaderStats
 from loaders.stitching import Window
 
 LOADER_REGISTRY: dict[str, type[DataLoader]] = {}
@@ -96,35 +103,57 @@ class DataLoader(keras.utils.PyDataset):
         shuffle: bool = True,
         drop_last: bool = False,
         batch_size: int = 1,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
-        # Keras' thread enqueuer reads ahead in whatever batch order fit() picks (it shuffles by
-        # default); our prefetcher covers plain loops over loader[i] and steps aside otherwise.
+        # Keras' own worker threads stay off (workers=1): the loader reads ahead itself, in the
+        # order it serves (loaders.prefetch), which is also the order fit() gets (__getitem__).
         super().__init__(
-            workers=max(2, int(cfg.NUM_WORKERS)),
-            use_multiprocessing=False,
-            max_queue_size=max(2, int(cfg.PREFETCH_BATCHES)),
+            workers=1, use_multiprocessing=False, max_queue_size=max(2, int(cfg.PREFETCH_BATCHES))
         )
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        check_config(cfg)
+        self.shard = Shard(int(num_replicas), int(rank))
+        if self.shard.num_replicas > 1 and cfg.SEED is None:
+            raise ValueError(
+                f"num_replicas={num_replicas} needs cfg.SEED set: every rank must compute the same epoch order"
+            )
         self._cfg = cfg
         self.is_test = bool(is_test)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.batch_size = int(batch_size)
+        self.y_dtype = np.dtype(cfg.Y_DTYPE)
         self.pad_mode = check_pad_mode(cfg.IMG_PAD_MODE)
+        # what a torch worker needs to rebuild this loader in its own process (loaders.torch_data)
+        self._recipe: tuple[list[dict[str, Any]], dict[str, Any]] = (
+            [dict(d) for d in dataset_dicts],
+            {
+                "is_test": self.is_test,
+                "shuffle": self.shuffle,
+                "drop_last": self.drop_last,
+                "batch_size": self.batch_size,
+                "num_replicas": self.shard.num_replicas,
+                "rank": self.shard.rank,
+            },
+        )
         self.scans = scans_from_dicts(dataset_dicts, cfg)
         self.seed = cfg.SEED if cfg.SEED is not None else random.SystemRandom().randrange(2**31)
-        self._random = random.Random(self.seed)
         self.epoch = 0
-        elements = list(self.build_elements())
-        order = list(range(len(elements)))
-        if self.shuffle:
-            self._random.shuffle(order)
-        # (elements, order) is replaced as one tuple, so a background read sees one epoch's plan.
-        self._plan: tuple[list[Any], list[int]] = (elements, order)
-        self._prefetcher: Prefetcher[tuple[np.ndarray, ...]] = Prefetcher(
-            self._load_index, workers=max(1, int(cfg.NUM_WORKERS)), depth=int(cfg.PREFETCH_BATCHES)
+        self._position = 0  # batches of this epoch already delivered by an iterator or fit()
+        self._keras_epoch = False  # between Keras' on_epoch_begin and on_epoch_end
+        self._served = 0
+        self._last_index = -2
+        self._serve_lock = threading.Lock()
+        self._base_elements: list[Any] = list(self.build_elements())
+        # (epoch, elements, order) is replaced as one tuple, so a background read sees one epoch's plan.
+        self._plan: tuple[int, list[Any], list[int]] = self._make_plan(0)
+        self._prefetcher: Prefetcher[tuple[int, int], tuple[np.ndarray, ...]] = Prefetcher(
+            self._load_key, workers=max(1, int(cfg.NUM_WORKERS)), depth=int(cfg.PREFETCH_BATCHES)
         )
+        self._stats = LoaderStats(s.source for s in self.scans)
+        self._wait_base = 0.0
 
     # -- what subclasses define -----------------------------------------------------------------
     def build_elements(self) -> Sequence[Any]:
@@ -154,15 +183,41 @@ class DataLoader(keras.utils.PyDataset):
 
     def inference_elements(self, scan: ScanEntry) -> Sequence[Element]:
         """The elements whose predictions make up ``scan``'s output (default: its own)."""
-        return [e for e in self._plan[0] if e.scan == scan.index]
+        return [e for e in self._base_elements if e.scan == scan.index]
+
+    def epoch_elements(self, epoch: int) -> list[Any]:
+        """The examples of ``epoch`` (random samplers draw new ones from SEED and the epoch;
+        each needs a ``.scan``). Default: those of :meth:`build_elements`, every epoch."""
+        return self._base_elements
 
     # -- batches ----------------------------------------------------------------------------
     @property
     def cfg(self) -> Config:
         return self._cfg
 
+    @property
+    def uses_targets(self) -> bool:
+        """Does :meth:`preprocess` use ``y`` (is it overridden)? Inference then cuts targets too."""
+        return type(self).preprocess is not DataLoader.preprocess
+
+    def num_classes(self) -> int:
+        """Channels of y: the selected categories (every class of the store when CATEGORIES is
+        empty), plus background if ``INCLUDE_BACKGROUND``; what ``cfg.get_num_classes`` needs."""
+        scan = self.scans[0]
+        count = len(scan.categories) if scan.categories is not None else scan.meta.num_classes
+        return count + (1 if self._cfg.INCLUDE_BACKGROUND else 0)
+
+    def _make_plan(self, epoch: int) -> tuple[int, list[Any], list[int]]:
+        elements = list(self.epoch_elements(epoch))
+        order = shard_order(self.seed, epoch, [e.scan for e in elements], self.shuffle, self.shard)
+        return epoch, elements, order.tolist()
+
+    def _plan_for(self, epoch: int) -> tuple[int, list[Any], list[int]]:
+        plan = self._plan
+        return plan if plan[0] == epoch else self._make_plan(epoch)
+
     def _num_elements(self) -> int:
-        return len(self._plan[0])
+        return len(self._plan[2])
 
     def num_scans(self) -> int:
         return len(self.scans)
@@ -174,22 +229,144 @@ class DataLoader(keras.utils.PyDataset):
         return math.ceil(n / self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
+        """Batch ``index`` of the current epoch; inside a Keras epoch, the next batch in order.
+
+        Keras' ``fit`` shuffles the batch order by default, with Python's global random state.
+        The loader's epoch order is already shuffled (deterministically from SEED and the
+        epoch, :mod:`loaders.ordering`), so between Keras' ``on_epoch_begin`` and
+        ``on_epoch_end`` request k gets the epoch's batch k whatever index Keras asks: the same
+        batches, once each, in an order that the read-ahead follows and a resumed run repeats.
+        """
         length = len(self)
         if index < 0:
             index += length
         if not 0 <= index < length:
             raise IndexError(f"batch {index} out of range for {length} batches")
-        return self._prefetcher.get(index, length)
+        with self._serve_lock:
+            if self._keras_epoch and self._served < length:
+                index = self._served
+                self._served += 1
+            sequential = index in (0, self._last_index + 1)
+            self._last_index = index
+            epoch = self.epoch
+        ahead = range(index + 1, length) if sequential else range(0)
+        batch = self._prefetcher.get((epoch, index), [(epoch, i) for i in ahead[: self._prefetcher.depth]])
+        if self._keras_epoch:
+            self._position = index + 1
+        return batch
 
-    def batch_elements(self, index: int) -> list[Any]:
-        elements, order = self._plan
+    def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
+        """The current epoch's batches from where it stands (``state_dict``'s position)."""
+        epoch, length = self.epoch, len(self)
+        for index, batch in self.batches_of(epoch, range(self._position, length)):
+            self._position = index + 1
+            yield batch
+        self._position = 0
+
+    def batches_of(self, epoch: int, indices: Sequence[int]) -> Iterator[tuple[int, tuple[np.ndarray, ...]]]:
+        """``(index, batch)`` for ``indices`` of ``epoch``, reading the following ones ahead."""
+        indices = list(indices)
+        depth = self._prefetcher.depth
+        for k, index in enumerate(indices):
+            ahead = [(epoch, i) for i in indices[k + 1 : k + 1 + depth]]
+            yield index, self._prefetcher.get((epoch, index), ahead)
+
+    def batch_elements(self, index: int, epoch: int | None = None) -> list[Any]:
+        """The elements of batch ``index`` of ``epoch`` (default: the current one)."""
+        _, elements, order = self._plan_for(self.epoch if epoch is None else epoch)
         start = index * self.batch_size
         return [elements[i] for i in order[start : min(start + self.batch_size, len(order))]]
 
-    def _load_index(self, index: int) -> tuple[np.ndarray, ...]:
-        x, y = self.load_batch(self.batch_elements(index))
+    def _load_key(self, key: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        epoch, index = key
+        x, y = self.load_batch(self.batch_elements(index, epoch))
         x_in, y_out = self.preprocess(x, y)
         return (x_in, y_out, x) if self.is_test else (x_in, y_out)
+
+    # -- epochs, state and stats -----------------------------------------------------------------
+    def on_epoch_begin(self) -> None:
+        """Keras calls this before an epoch: serve it in order from its first batch."""
+        with self._serve_lock:
+            self._keras_epoch = True
+            self._served = 0
+            self._position = 0
+
+    def on_epoch_end(self) -> None:
+        self._keras_epoch = False
+        self.set_epoch(self.epoch + 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its first batch (its order is a function of SEED and epoch)."""
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must not be negative, got {epoch}")
+        self._plan = self._make_plan(int(epoch))
+        with self._serve_lock:
+            self.epoch = int(epoch)
+            self._position = 0
+            self._served = 0
+            self._last_index = -2
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands: restoring it gives exactly the batches still to come.
+
+        Plain JSON: the seed, the epoch, the batches of the epoch already delivered
+        (``position``), the shard and the epoch's length (a guard against a changed data set).
+        """
+        return {
+            "scancache_loader_state": 1,
+            "loader": type(self).__name__,
+            "seed": int(self.seed),
+            "epoch": int(self.epoch),
+            "position": int(self._position),
+            "num_replicas": self.shard.num_replicas,
+            "rank": self.shard.rank,
+            "num_batches": len(self),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of the same loader and data set)."""
+        if not isinstance(state, dict) or state.get("scancache_loader_state") != 1:
+            raise ValueError("load_state_dict: not a scancache loader state (from loader.state_dict())")
+        for key in ("loader", "num_replicas", "rank"):
+            mine = self.state_dict()[key]
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"load_state_dict: the state is for {key}={state.get(key)!r}, this loader has {mine!r}"
+                )
+        self.seed = int(state["seed"])
+        self.set_epoch(int(state["epoch"]))
+        if state.get("num_batches") != len(self):
+            raise ValueError(
+                f"load_state_dict: the state's epoch has {state.get('num_batches')} batches, this loader "
+                f"{len(self)}: the data set or batch settings changed"
+            )
+        position = int(state["position"])
+        if not 0 <= position <= len(self):
+            raise ValueError(f"load_state_dict: position {position} is outside 0..{len(self)}")
+        self._prefetcher.reset()
+        self._position = position
+
+    def stats(self) -> dict[str, Any]:
+        """Figures since creation or :meth:`reset_stats` (``loaders.stats``): ``batches``,
+        ``bytes_read`` (decoded), ``bytes_delivered``, ``read_amplification``, ``read_s``,
+        ``copy_s``, ``wait_s`` (a caller waiting for a batch not ready), ``seconds``."""
+        return self._stats.report(self._prefetcher.wait_s - self._wait_base)
+
+    def reset_stats(self) -> None:
+        self._stats.reset()
+        self._wait_base = self._prefetcher.wait_s
+
+    def as_tf_dataset(self) -> Any:
+        """A prefetched ``tf.data.Dataset`` of this loader's batches (``loaders.tf_data``)."""
+        from loaders.tf_data import tf_dataset
+
+        return tf_dataset(self)
+
+    def as_torch_dataset(self, channels_first: bool = False) -> Any:
+        """A torch ``IterableDataset`` of ``(x, y)`` tensors (``loaders.torch_data``)."""
+        from loaders.torch_data import TorchBatches
+
+        return TorchBatches(self, channels_first=channels_first)
 
     def read_elements(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(image window, mask window) per element, all read in one round per source.
@@ -224,7 +401,9 @@ class DataLoader(keras.utils.PyDataset):
         :func:`keeps_values` (a pure view/selection), which then gets the uint8 mask and the
         conversion happens in the copy into the batch, with identical values.
         """
+        started = time.perf_counter()
         pairs = self.read_elements(elements)
+        read_done = time.perf_counter()
         target_casts = getattr(type(self).model_target, _KEEPS_VALUES, False)
         x: np.ndarray | None = None
         y: np.ndarray | None = None
@@ -233,32 +412,20 @@ class DataLoader(keras.utils.PyDataset):
             yi = self.model_target(mask if target_casts else mask.astype(np.float32), e)
             if x is None or y is None:
                 x = np.empty((len(pairs), *xi.shape), np.float32)
-                y = np.empty((len(pairs), *yi.shape), np.float32)
+                y = np.empty((len(pairs), *yi.shape), self.y_dtype)
             elif xi.shape != x.shape[1:] or yi.shape != y.shape[1:]:
                 self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi.shape, y.shape[1:]])
             np.copyto(x[i], xi, casting="unsafe")
             np.copyto(y[i], yi, casting="unsafe")
         if x is None or y is None:
             raise ValueError("a batch needs at least one element")
+        self._stats.add_batch(read_done - started, time.perf_counter() - read_done)
         return x, y
 
     def _mixed_shapes(self, elements: Sequence[Element], xs: list[Any], ys: list[Any]) -> None:
         names = sorted({self.scans[e.scan].scan_id for e in elements})
         shapes = sorted({tuple(s) for s in xs}) if xs[0] != xs[1] else sorted({tuple(s) for s in ys})
         raise ValueError(f"one batch mixes input shapes {shapes} (scans {', '.join(names)})")
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        elements, order = self._plan
-        if self.shuffle:
-            order = list(order)
-            self._random.shuffle(order)
-        self._plan = (self.next_epoch_elements(elements), order)
-        self._prefetcher.reset()
-
-    def next_epoch_elements(self, elements: list[Any]) -> list[Any]:
-        """Elements of the next epoch (random samplers draw new ones). Default: the same."""
-        return elements
 
     def close(self) -> None:
         self._prefetcher.close()

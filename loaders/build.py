@@ -33,9 +33,17 @@ def build_loader(
     is_test: bool,
     shuffle: bool,
     drop_last: bool,
+    num_replicas: int = 1,
+    rank: int = 0,
     **kwargs: Any,
 ) -> DataLoader:
-    """The ``cfg.TAG`` loader over ``dataset_names`` (one name or several)."""
+    """The ``cfg.TAG`` loader over ``dataset_names`` (one name or several).
+
+    ``num_replicas`` and ``rank`` shard it for data-parallel training: in every epoch each rank
+    reads its own disjoint share (``loaders.ordering``), all ranks have the same ``len()``.
+    """
+    if num_replicas != 1 or rank != 0:
+        kwargs.update(num_replicas=num_replicas, rank=rank)
     dicts = get_dataset_dicts(dataset_names)
     if not dicts:
         raise ValueError(f"datasets {dataset_names!r} hold no labelled scans")

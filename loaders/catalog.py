@@ -79,6 +79,13 @@ def close_shared_sources() -> None:
         _http_options.clear()
 
 
+def forget_shared_sources() -> None:
+    """Drop (without closing) the shared sources: a forked child must not use its parent's
+    connections or chunk caches; it opens its own on first use."""
+    with _shared_lock:
+        _shared.clear()
+
+
 def scan_dict(source: SourceLike, meta: ScanMeta) -> dict[str, Any]:
     """The dataset dict of one scan."""
     d: dict[str, Any] = {

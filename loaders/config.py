@@ -34,15 +34,25 @@ class Config:
     NUM_WORKERS: int = 1
     # None: a fresh random order every run, as in MedSegPy.
     SEED: int | None = None
-    PRELOAD_DATA: bool = False  # accepted for compatibility; the store's cache does this job
+    # Refused when True: the store's decoded-chunk cache (SCANCACHE_LOCAL_CACHE_BYTES, or the
+    # server's --cache-bytes) is what holds a data set in memory here (docs/user-guide.md).
+    PRELOAD_DATA: bool = False
 
     # scancache's own fields.
     PREFETCH_BATCHES: int = 4  # batches read ahead (the bounded queue)
     BLEND_MODE: str = "gaussian"  # "average" or "gaussian", for overlapping patch predictions
     PATCHES_PER_SCAN: int = 8  # RandomPatchDataLoader: samples per scan per epoch
     FOREGROUND_RATIO: float = 0.33  # RandomPatchDataLoader: share of patches centred on a class
+    # dtype of y: "float32" (MedSegPy's) or "uint8" (4x fewer bytes; cast on the device, e.g.
+    # keras.ops.cast(y, "float32") in the loss). Values are the same 0/1 (or summed) class counts.
+    Y_DTYPE: str = "float32"
 
     def __init__(self, **overrides: Any) -> None:
+        # Mutable class defaults (CATEGORIES = []) are copied per instance: appending to one
+        # config's CATEGORIES must not change every other config's.
+        for key in dir(type(self)):
+            if key.isupper() and isinstance(getattr(type(self), key), (list, dict, set)):
+                object.__setattr__(self, key, copy.copy(getattr(type(self), key)))
         for key, value in overrides.items():
             self.__setattr__(key, value)
 
@@ -51,9 +61,22 @@ class Config:
             raise AttributeError(f"Config has no field {key!r}")
         object.__setattr__(self, key, value)
 
-    def get_num_classes(self) -> int:
-        """Output channels, as MedSegPy computes them (needs CATEGORIES set)."""
-        return len(self.CATEGORIES) + (1 if self.INCLUDE_BACKGROUND else 0)
+    def get_num_classes(self, store_classes: int | None = None) -> int:
+        """Output channels, as MedSegPy computes them.
+
+        An empty CATEGORIES means every class of the store, which the config alone does not
+        know: pass the store's class count (``loader.num_classes()`` gives the whole answer,
+        or ``DatasetCatalog.get(name)[0]["num_classes"]``).
+        """
+        background = 1 if self.INCLUDE_BACKGROUND else 0
+        if self.CATEGORIES:
+            return len(self.CATEGORIES) + background
+        if store_classes is None:
+            raise ValueError(
+                "get_num_classes: CATEGORIES is empty (every class of the store); pass the store's "
+                "class count, get_num_classes(store_classes), or use loader.num_classes()"
+            )
+        return int(store_classes) + background
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in dir(type(self)) if k.isupper()}
@@ -64,3 +87,17 @@ class Config:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
         return f"Config({fields})"
+
+
+Y_DTYPES = ("float32", "uint8")
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse settings a loader cannot honour, in one line naming the field."""
+    if cfg.PRELOAD_DATA:
+        raise ValueError(
+            "PRELOAD_DATA=True is not supported: the store's decoded-chunk cache holds scans in memory "
+            "(set SCANCACHE_LOCAL_CACHE_BYTES, or the server's --cache-bytes); leave PRELOAD_DATA False"
+        )
+    if str(cfg.Y_DTYPE) not in Y_DTYPES:
+        raise ValueError(f"Y_DTYPE must be one of {', '.join(Y_DTYPES)}, got {cfg.Y_DTYPE!r}")

@@ -14,8 +14,11 @@ What makes it cheap (see docs/tuning.md, "Inference stitching"):
   ignores them), and a Keras model is called with ``predict_on_batch`` unless an argument needs
   ``predict``.
 
-The functions take the loader as their first argument; ``DataLoader`` keeps thin methods
-(``inference``, ``predict_scan``, ``_read_scan``) that delegate here.
+This module is inference's one home. It receives what it needs as an
+:class:`InferenceLoader` (the few methods and fields of a loader it uses, a ``Protocol``) and
+imports nothing of ``loaders.base``: the dependency runs one way, base -> inference.
+``DataLoader.inference(model)`` (per scan) and ``DataLoader.predict_scan`` (one scan) are the
+stable public entry points; ``loaders.predictions`` writes on top of them.
 """
 
 from __future__ import annotations
@@ -24,18 +27,40 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import keras
 import numpy as np
 
 from client.layout import IMAGE, MASK
 from client.protocol import RegionRequest
+from loaders.config import Config
 from loaders.scans import ScanEntry, cut_window, read_in_slabs
 from loaders.stitching import Aggregator, windows_disjoint
 
-if TYPE_CHECKING:
-    from loaders.base import DataLoader, Element
+
+class InferenceLoader(Protocol):
+    """What inference uses of a loader (``DataLoader`` is one)."""
+
+    scans: list[ScanEntry]
+    batch_size: int
+    pad_mode: str
+
+    @property
+    def cfg(self) -> Config: ...
+    @property
+    def uses_targets(self) -> bool: ...
+    def inference_elements(self, scan: ScanEntry) -> Any: ...
+    def model_input(self, image: np.ndarray, element: Any) -> np.ndarray: ...
+    def model_target(self, mask: np.ndarray, element: Any) -> np.ndarray: ...
+    def from_prediction(self, prediction: np.ndarray, element: Any) -> np.ndarray: ...
+    def blend_weights(self, element: Any) -> np.ndarray | None: ...
+    def preprocess(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def predict_scan(
+        self, model: Any, scan: ScanEntry, image: np.ndarray, predict_kwargs: dict[str, Any], mask: Any = None
+    ) -> np.ndarray: ...
+    def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 # How far (bytes of predictions waiting to be stitched) the model may run ahead of stitching:
 # enough to cover paging in a 450 MiB output (0.1-1 s on a busy machine) with a few batches.
@@ -67,7 +92,7 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
     return out if isinstance(out, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(out))
 
 
-def read_scan(loader: DataLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]:
+def read_scan(loader: InferenceLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]:
     """The whole image (float32) and merged mask (float32, ``y_true``) of a scan, each converted once."""
     whole = (slice(0, scan.shape[0]), slice(0, scan.shape[1]), slice(0, scan.shape[2]))
     image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE), whole)
@@ -77,13 +102,6 @@ def read_scan(loader: DataLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarr
     return image, mask.astype(np.float32, copy=False)
 
 
-def _uses_targets(loader: DataLoader) -> bool:
-    """Does the loader's ``preprocess`` override the base one (which ignores ``y``)?"""
-    from loaders.base import DataLoader
-
-    return type(loader).preprocess is not DataLoader.preprocess
-
-
 def _is_keras_model(model: Any) -> bool:
     return hasattr(model, "predict_on_batch") and hasattr(model, "predict")
 
@@ -91,7 +109,7 @@ def _is_keras_model(model: Any) -> bool:
 class _ScanStitcher:
     """Stitches one scan's predictions, batch after batch (on a worker thread, see predict_scan)."""
 
-    def __init__(self, loader: DataLoader, scan: ScanEntry, disjoint: bool) -> None:
+    def __init__(self, loader: InferenceLoader, scan: ScanEntry, disjoint: bool) -> None:
         self.loader, self.scan, self.disjoint = loader, scan, disjoint
         self.aggregator: Aggregator | None = None
         self.started = False  # a prediction was added: the output's channels are settled
@@ -100,7 +118,7 @@ class _ScanStitcher:
         """Allocate (and page in) the output ahead of the first prediction, guessing its channels."""
         self.aggregator = Aggregator(self.scan.shape, channels, disjoint=self.disjoint)
 
-    def add_batch(self, chunk: list[Element], predictions: np.ndarray) -> None:
+    def add_batch(self, chunk: list[Any], predictions: np.ndarray) -> None:
         for e, p in zip(chunk, predictions, strict=True):
             out = self.loader.from_prediction(p, e)
             if self.aggregator is None or (not self.started and self.aggregator.channels != out.shape[-1]):
@@ -111,7 +129,7 @@ class _ScanStitcher:
 
 
 def _batch_input(
-    loader: DataLoader, chunk: list[Element], image: np.ndarray, mask: np.ndarray | None
+    loader: InferenceLoader, chunk: list[Any], image: np.ndarray, mask: np.ndarray | None
 ) -> np.ndarray:
     """The model's input for a batch: windows cut from memory, then the loader's preprocess."""
     x = np.stack([loader.model_input(cut_window(image, e.window, loader.pad_mode), e) for e in chunk])
@@ -126,7 +144,7 @@ def _batch_input(
 
 
 def predict_scan(
-    loader: DataLoader,
+    loader: InferenceLoader,
     model: Any,
     scan: ScanEntry,
     image: np.ndarray,
@@ -149,7 +167,7 @@ def predict_scan(
     if not elements:
         raise ValueError(f"scan {scan.scan_id!r} has no elements to predict")
     stitcher = _ScanStitcher(loader, scan, windows_disjoint((e.output_window for e in elements), scan.shape))
-    targets = mask if _uses_targets(loader) else None
+    targets = mask if loader.uses_targets else None
     batch = max(1, int(loader.batch_size))
     background = _is_keras_model(model)
     with ThreadPoolExecutor(1, thread_name_prefix="scancache-stitch") as pool:
@@ -183,7 +201,7 @@ def _select_slices(scan: ScanEntry, arrays: tuple[np.ndarray, ...]) -> tuple[np.
 
 
 def run_inference(
-    loader: DataLoader, model: Any, predict_kwargs: dict[str, Any]
+    loader: InferenceLoader, model: Any, predict_kwargs: dict[str, Any]
 ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """``DataLoader.inference``: ``(input, output)`` per scan, sorted by scan id.
 

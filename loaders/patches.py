@@ -43,6 +43,7 @@ class PatchDataLoader(DataLoader):
         shuffle: bool = True,
         drop_last: bool = False,
         batch_size: int = 1,
+        **sharding: Any,
     ) -> None:
         size = tuple(int(n) for n in cfg.IMG_SIZE)
         if len(size) == 4 and size[3] == 1:
@@ -55,7 +56,7 @@ class PatchDataLoader(DataLoader):
         self.pad = normalize_per_axis(cfg.IMG_PAD_SIZE, 3, "IMG_PAD_SIZE") or (0, 0, 0)
         self.blend_mode = cfg.BLEND_MODE
         blend_weights((1, 1, 1), self.blend_mode)  # validates the mode early
-        super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size)
+        super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size, **sharding)
 
     def grid(self, scan: ScanEntry) -> list[Element]:
         return [Element(scan.index, w) for w in grid_windows(scan.shape, self.patch, self.stride, self.pad)]
@@ -94,6 +95,7 @@ class RandomPatchDataLoader(PatchDataLoader):
         shuffle: bool = True,
         drop_last: bool = False,
         batch_size: int = 1,
+        **sharding: Any,
     ) -> None:
         if not 0.0 <= float(cfg.FOREGROUND_RATIO) <= 1.0:
             raise ValueError(f"FOREGROUND_RATIO must be within [0, 1], got {cfg.FOREGROUND_RATIO}")
@@ -104,10 +106,10 @@ class RandomPatchDataLoader(PatchDataLoader):
         self._counts: dict[int, list[list[int]]] = {}
         self._locations = LocationCache(LOCATION_CACHE_BYTES)
         self._stored: dict[int, ClassLocations | None] = {}  # scan -> its store's locations
-        super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size)
+        super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size, **sharding)
 
-    @functools.cached_property
-    def sampler(self) -> ForegroundSampler:
+    @property
+    def sampler(self) -> ForegroundSampler:  # not cached: load_state_dict may change the seed
         patch = (int(self.patch[0]), int(self.patch[1]), int(self.patch[2]))
         pad = (int(self.pad[0]), int(self.pad[1]), int(self.pad[2]))
         return ForegroundSampler(patch, pad, self.ratio, int(self.seed))
@@ -115,8 +117,8 @@ class RandomPatchDataLoader(PatchDataLoader):
     def build_elements(self) -> Sequence[Any]:
         return self.sampler.plan(len(self.scans), self.per_scan, epoch=0)
 
-    def next_epoch_elements(self, elements: list[Any]) -> list[Any]:
-        return list(self.sampler.plan(len(self.scans), self.per_scan, epoch=self.epoch))
+    def epoch_elements(self, epoch: int) -> list[Any]:
+        return list(self.sampler.plan(len(self.scans), self.per_scan, epoch=epoch))
 
     def _per_slice(self, scan_index: int) -> list[list[int]]:
         counts = self._counts.get(scan_index)
@@ -176,7 +178,7 @@ class RandomPatchDataLoader(PatchDataLoader):
         )
         return [Element(s.scan, w) for s, w in zip(samples, windows, strict=True)]
 
-    def batch_elements(self, index: int) -> list[Any]:
-        # The epoch is captured with the plan's samples so a read-ahead stays in its epoch.
-        epoch = self.epoch
-        return self.resolve(super().batch_elements(index), epoch)
+    def batch_elements(self, index: int, epoch: int | None = None) -> list[Any]:
+        # The epoch goes with the plan's samples, so a read-ahead stays in its epoch.
+        epoch = self.epoch if epoch is None else epoch
+        return self.resolve(super().batch_elements(index, epoch), epoch)

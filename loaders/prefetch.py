@@ -1,41 +1,41 @@
-"""Read-ahead of batches in background threads, bounded to a few batches.
+"""The loader's one read-ahead layer: batches read in background threads, a few ahead.
 
-Keras asks for batch ``i``; while the model trains on it, batches ``i+1 .. i+depth`` are read
-in threads. Both sources release the GIL while reading (tensorstore decodes in C++ threads,
-httpx waits on sockets), so the reads overlap the training step. A request for a batch that was
-not read ahead is simply read at once, so any access order stays correct.
+The caller says which batch it wants now and which it will want next (``get(key, ahead)``);
+while the model trains on this one, the next ``depth`` are read in threads. Both sources
+release the GIL while reading (tensorstore decodes in C++ threads, httpx waits on sockets), so
+the reads overlap the training step. A batch that was not read ahead is read at once, and
+read-ahead work that is no longer wanted is cancelled, so any access order stays correct.
 
-When batches come out of order (``model.fit`` shuffles batch order by default), reading
-``i+1..`` ahead would be wasted work: the prefetcher then stops reading ahead until the next
-``reset`` (epoch end), and Keras' own thread enqueuer, which reads ahead in the order it chose,
-does the overlapping instead (``DataLoader`` turns it on).
+The loader always knows what comes next: Keras' ``fit`` is served in the loader's own epoch
+order (``DataLoader.__getitem__``), and iterators, tf.data and torch workers walk known lists of
+batches. Keras' own worker threads are therefore off (``workers=1``): there is one layer.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
-class Prefetcher(Generic[T]):
-    """``get(i, length)`` returns ``load(i)`` and schedules the next ``depth`` batches."""
+class Prefetcher(Generic[K, T]):
+    """``get(key, ahead)`` returns ``load(key)`` and reads the first ``depth`` of ``ahead`` in threads."""
 
-    def __init__(self, load: Callable[[int], T], workers: int = 1, depth: int = 4) -> None:
+    def __init__(self, load: Callable[[K], T], workers: int = 1, depth: int = 4) -> None:
         self._load = load
         self.workers = max(1, int(workers))
         self.depth = max(0, int(depth))
-        self._futures: dict[int, Future[T]] = {}
+        self._futures: dict[K, Future[T]] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._finalizer: weakref.finalize | None = None
-        self._last = -1
-        self._out_of_order = 0
-        self._sequential = True
+        self.wait_s = 0.0  # time callers spent waiting for a batch that was not ready
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -44,42 +44,38 @@ class Prefetcher(Generic[T]):
             self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
         return self._executor
 
-    def get(self, index: int, length: int) -> T:
+    def get(self, key: K, ahead: Sequence[K] = ()) -> T:
         with self._lock:
-            self._note_order(index)
-            future = self._futures.pop(index, None)
-            if self.depth and self._sequential:
-                window = range(index + 1, min(length, index + 1 + self.depth))
-                for stale in [i for i in self._futures if i not in window]:
-                    self._futures.pop(stale).cancel()
+            future = self._futures.pop(key, None)
+            wanted = list(ahead[: self.depth])
+            for stale in [k for k in self._futures if k not in wanted]:
+                self._futures.pop(stale).cancel()
+            if wanted:
                 pool = self._pool()
-                for ahead in window:
-                    if ahead not in self._futures:
-                        self._futures[ahead] = pool.submit(self._load, ahead)
-        if future is not None and not future.cancelled():
-            return future.result()
-        return self._load(index)
+                for k in wanted:
+                    if k not in self._futures:
+                        self._futures[k] = pool.submit(self._load, k)
+        start = time.perf_counter()
+        try:
+            if future is not None and not future.cancelled():
+                return future.result()
+            return self._load(key)
+        finally:
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.wait_s += elapsed
 
-    def _note_order(self, index: int) -> None:
-        # A few stray requests (threads racing) are tolerated; a shuffled order is not followed.
-        if index not in (0, self._last + 1):
-            self._out_of_order += 1
-            if self._out_of_order >= 3 and self._sequential:
-                self._sequential = False
-                for future in self._futures.values():
-                    future.cancel()
-                self._futures.clear()
-        self._last = index
+    def pending(self) -> set[K]:
+        """Keys being read ahead (for tests and stats)."""
+        with self._lock:
+            return set(self._futures)
 
     def reset(self) -> None:
-        """Forget read-ahead batches (the order changed, e.g. a new epoch's shuffle)."""
+        """Forget read-ahead batches (e.g. the loader's state was replaced)."""
         with self._lock:
             for future in self._futures.values():
                 future.cancel()
             self._futures.clear()
-            self._out_of_order = 0
-            self._sequential = True
-            self._last = -1
 
     def close(self) -> None:
         self.reset()

@@ -55,12 +55,13 @@ class S25dDataLoader(DefaultDataLoader):
         shuffle: bool = True,
         drop_last: bool = False,
         batch_size: int = 1,
+        **sharding: Any,
     ) -> None:
         if len(cfg.IMG_SIZE) != 3:
             raise ValueError(f"IMG_SIZE: 2.5D needs (H, W, k), got {tuple(cfg.IMG_SIZE)}")
         self.window = int(cfg.IMG_SIZE[-1])
         neighbour_window(0, self.window)  # validates k
-        super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size)
+        super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size, **sharding)
 
     def build_elements(self) -> Sequence[Element]:
         return [

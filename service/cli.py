@@ -27,6 +27,39 @@ def parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte size like 4096, 512M or 2G") from None
 
 
+def read_token_file(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace dropped); never echoed."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(
+            f"scancache serve: error: --token-file {path}: cannot read it ({type(err).__name__})"
+        ) from None
+    if not token or any(c.isspace() for c in token):
+        raise SystemExit(f"scancache serve: error: --token-file {path}: must hold one token on one line")
+    return token
+
+
+class RefuseTokenFlag(argparse.Action):
+    """``--token VALUE`` would put the secret where ``ps`` shows it: refuse it, naming the ways."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        parser.error(
+            "--token is not accepted (a command line is visible to every user, e.g. in ps);"
+            " set SCANCACHE_TOKEN or use --token-file FILE"
+        )
+
+
+def positive_seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -123,7 +156,7 @@ def cmd_scans(args: argparse.Namespace) -> int:
 
     rows = _scan_rows(Path(args.store))
     if args.json:
-        print(json.dumps({"scans": rows}, indent=2))
+        print(json.dumps({"scans": rows}, indent=2, allow_nan=False))
         return 0
     table = [("SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE")]
     for row in rows:
@@ -162,6 +195,8 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     )
     for kind, root in data.roots.items():
         print(f"wrote {len(data.scans)} {kind.upper()} scans of {'x'.join(map(str, args.shape))} to {root}")
+    if len(data.roots) > 1:  # the same scans twice: one source each
+        print(f"convert each folder on its own, e.g. scancache preprocess {data.roots['2d']} STORE")
     return 0
 
 
@@ -172,8 +207,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from service.server import run
     except ImportError as err:
         raise RuntimeError(f"the server is not available ({err}); install scancache[service]") from None
-    if args.token:  # the server reads SCANCACHE_TOKEN (also in uvicorn's worker processes)
-        os.environ["SCANCACHE_TOKEN"] = args.token
+    token = read_token_file(args.token_file) if args.token_file else None
+    if token:  # the server reads SCANCACHE_TOKEN (also in uvicorn's worker processes)
+        os.environ["SCANCACHE_TOKEN"] = token
     options: dict[str, Any] = {
         "store": args.store,
         "host": args.host,
@@ -181,14 +217,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "cache_bytes": args.cache_bytes,
         "max_bytes": args.max_bytes,
+        "max_inflight_bytes": args.max_inflight_bytes,
+        "header_timeout": args.header_timeout,
     }
+    if getattr(args, "predictions", None):
+        options["predictions"] = args.predictions
     accepted = inspect.signature(run).parameters
     if "token" in accepted:
-        options["token"] = args.token or os.environ.get("SCANCACHE_TOKEN")
+        options["token"] = token or os.environ.get("SCANCACHE_TOKEN")
     # leave the server's own defaults in place for options the user did not give
-    options = {
-        k: v for k, v in options.items() if v is not None or k not in ("cache_bytes", "max_bytes", "token")
-    }
+    options = {k: v for k, v in options.items() if v is not None or k in ("store", "host", "port", "workers")}
     run(**options)  # blocks until the server stops (Ctrl-C)
     return 0
 
@@ -354,7 +392,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-bytes", type=parse_bytes, default=None, metavar="B", help="largest response, e.g. 256M"
     )
     p.add_argument(
-        "--token", default=None, help="bearer token required from clients (default: $SCANCACHE_TOKEN)"
+        "--max-inflight-bytes",
+        type=parse_bytes,
+        default=None,
+        metavar="B",
+        help="bytes all requests may hold at once; past it they wait, then 503 (default 1G)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=positive_seconds_arg,
+        default=None,
+        metavar="S",
+        help="seconds a connection has to send its request headers (default 10)",
+    )
+    p.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the bearer token clients must send (or set $SCANCACHE_TOKEN)",
+    )
+    p.add_argument("--token", action=RefuseTokenFlag, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--predictions",
+        default=None,
+        metavar="PRED",
+        help="a predictions store (loaders.write_predictions) to serve beside the scans",
     )
     p.set_defaults(func=cmd_serve)
     add_profile_parser(sub)

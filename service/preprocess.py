@@ -225,12 +225,16 @@ def _stream_slices(
         for i in range(count):
             reader.read_image(z0 + i, images[i])
             stats.add_image(images[i])
-        image_out.write_slab(z0, images[:count].transpose(1, 2, 0))
+        image_slab = images[:count].transpose(1, 2, 0)
+        image_out.write_slab(z0, image_slab)
+        mask_slab = None
         if mask_out is not None and masks is not None:
             for i in range(count):
                 reader.read_mask(z0 + i, masks[i])
                 stats.add_class_counts(store_mod.binary_class_counts(masks[i]))
-            mask_out.write_slab(z0, masks[:count].transpose(1, 2, 0, 3))
+            mask_slab = masks[:count].transpose(1, 2, 0, 3)
+            mask_out.write_slab(z0, mask_slab)
+        staged.slab_written(z0, image_slab, mask_slab)
     return stats
 
 

@@ -35,7 +35,8 @@ class LoadedScan:
 
 
 # -- the checks, shared by 2D slices and 3D volumes ------------------------------------------
-def _one_line(err: BaseException) -> str:
+def _hdf5_reason(err: BaseException) -> str:
+    """The reason inside an h5py error message, as one line."""
     text = one_line(err, limit=10_000)
     # h5py says "Unable to synchronously open file (truncated file: eof = ...)": keep the reason
     inner = re.fullmatch(r"Unable to [^(]*\((.*)\)", text)
@@ -43,7 +44,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def unreadable(scan: str, rel: str, err: BaseException) -> SourceError:
-    return SourceError(scan, rel, f"unreadable HDF5 file: {_one_line(err)}")
+    return SourceError(scan, rel, f"unreadable HDF5 file: {_hdf5_reason(err)}")
 
 
 def numeric_dtype(scan: str, rel: str, dtype: np.dtype, what: str) -> np.dtype:

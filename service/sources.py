@@ -84,20 +84,37 @@ def _ints(match: re.Match[str] | None) -> tuple[int | None, int | None, int | No
 def discover(source: str | os.PathLike[str]) -> Discovery:
     """Group a source folder's files into scans. Files of other kinds are ignored.
 
-    Raises ``EmptySource`` if the folder is missing or holds no ``.im``/``.seg``/``.h5`` file.
+    Raises ``EmptySource`` if the folder is missing, is a file, or holds no ``.im``/``.seg``/
+    ``.h5`` file. Symbolic links (to folders or files) are followed when they point inside the
+    source; one pointing outside it, a broken one or a loop is a failure line naming the link
+    (the scan it belongs to is not converted).
     """
     root = Path(source).resolve()
+    if root.is_file():
+        raise EmptySource(f"{source}: is a file; SOURCE must be the folder holding the scans")
     if not root.is_dir():
         raise EmptySource(f"{source}: source folder does not exist")
+    _refuse_sample_data_pair(source, root)
     found = Discovery(root=root)
+    refused: set[str] = set()  # scan keys with a refused file: not converted at all
+    visited = {str(root)}
     # key -> kind -> slice number -> [relative paths]; 3D files use slice number 0
     slices: dict[str, dict[str, dict[int, list[str]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
     splits: dict[str, dict[str | None, str]] = defaultdict(dict)  # key -> split -> first file seen
     any_input = False
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            link = Path(dirpath) / d
+            why = _link_problem(root, link, visited) if link.is_symlink() else None
+            if why is None:
+                kept.append(d)
+                visited.add(os.path.realpath(link))
+            else:
+                found.failures.append(SourceError(d, link.relative_to(root).as_posix() + "/", why))
+        dirnames[:] = kept
         for name in sorted(filenames):
             suffix = os.path.splitext(name)[1]
             if suffix not in (IMAGE_SUFFIX, MASK_SUFFIX, VOLUME_SUFFIX) or name.startswith("."):
@@ -105,6 +122,8 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
             any_input = True
             rel = (Path(dirpath) / name).relative_to(root)
             stem = name[: -len(suffix)]
+            link = Path(dirpath) / name
+            why = _link_problem(root, link, None) if link.is_symlink() else None
             if suffix == VOLUME_SUFFIX:
                 key, kind, number = stem, "3d", 0
             else:
@@ -113,16 +132,48 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
                     found.failures.append(SourceError(stem, rel.as_posix(), _NAME_HELP))
                     continue
                 key, kind, number = match["key"], suffix, int(match["slice"])
+            if why is not None:
+                found.failures.append(SourceError(key, rel.as_posix(), why))
+                refused.add(key)
+                continue
             slices[key][kind][number].append(rel.as_posix())
             splits[key].setdefault(_split_of(rel), rel.as_posix())
     if not any_input:
         raise EmptySource(f"{source}: no .im/.seg slices or .h5 volumes found")
-    for key in sorted(slices):
+    for key in sorted(set(slices) - refused):
         try:
             found.scans.append(_scan_spec(root, key, slices[key], splits[key]))
         except SourceError as err:
             found.failures.append(err)
     return found
+
+
+def _link_problem(root: Path, link: Path, visited: set[str] | None) -> str | None:
+    """Why a symbolic link in the source is not followed (None: it is)."""
+    real = os.path.realpath(link)
+    if not os.path.exists(real):
+        return "broken symbolic link (its target does not exist)"
+    if os.path.commonpath([str(root), real]) != str(root):
+        return (
+            "symbolic link to outside SOURCE; not followed (copy it in, or make SOURCE a folder holding both)"
+        )
+    if visited is not None and (real in visited or str(root).startswith(real + os.sep)):
+        return "symbolic link loop (points to a folder already read); not followed"
+    return None
+
+
+def _refuse_sample_data_pair(source: str | os.PathLike[str], root: Path) -> None:
+    """``sample-data --format both`` writes the same scans twice, under ``2d/`` and ``3d/``:
+    as one source they would be every scan in two splits. Say which folder to convert."""
+    try:
+        entries = {e.name for e in os.scandir(root) if not e.name.startswith(".")}
+    except OSError:
+        return
+    if entries == {"2d", "3d"} and (root / "2d").is_dir() and (root / "3d").is_dir():
+        raise EmptySource(
+            f"{source}: holds 2d/ and 3d/ copies of the same scans (sample-data --format both); "
+            f"convert one of them: {Path(source) / '2d'} or {Path(source) / '3d'}"
+        )
 
 
 def _scan_spec(

@@ -15,12 +15,12 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from client import ome
 from client import publish as publish_mod
 from client.label_map import LABEL_MAP, LOCATIONS
 from client.layout import (
@@ -223,11 +223,30 @@ def scan_statistics(image: np.ndarray, mask: np.ndarray | None, block_slices: in
     return stats.to_attrs()
 
 
-# Extra arrays: each step runs once a scan's image and mask are complete, writes what it likes
-# into the staged scan folder (``staged.work``) and returns attributes to add. Steps run in
-# order; a step that raises fails the scan (nothing is published).
-ArrayStep = Callable[["StagedScan"], dict[str, Any]]
-ARRAY_STEPS: list[tuple[str, ArrayStep]] = []
+class ArrayStep:
+    """An extra array (or other files) of every scan, written into the staged version folder.
+
+    Subclass it and append the class to ``ARRAY_STEPS``: each ``StagedScan`` makes one
+    instance. ``on_slab`` sees every slab of slices as it is written, image (H, W, dz) and
+    mask (H, W, dz, C) or None, in increasing ``z0``, so a derived array needs no second pass
+    over the data; ``finish`` runs once image and mask are complete, writes under
+    ``self.staged.work`` and returns attributes to add to the scan. Files it writes go into
+    the manifest. A step that raises fails the scan: nothing is published.
+    """
+
+    name = "step"
+
+    def __init__(self, staged: StagedScan) -> None:
+        self.staged = staged
+
+    def on_slab(self, z0: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        pass
+
+    def finish(self) -> dict[str, Any]:
+        return {}
+
+
+ARRAY_STEPS: list[type[ArrayStep]] = []
 
 
 class StagedScan:
@@ -256,8 +275,7 @@ class StagedScan:
         self.work.mkdir()
         self.image: ShardedArrayWriter | None = None
         self.mask: ShardedArrayWriter | None = None
-        self.derived: DerivedArrays | None = None
-        self.steps: list[tuple[str, ArrayStep]] = list(ARRAY_STEPS)
+        self.steps: list[ArrayStep] = [step(self) for step in ARRAY_STEPS]
         self.bytes_written = 0
         self.published = False
         self.version: str | None = None
@@ -270,8 +288,8 @@ class StagedScan:
         for writer in (self.image, self.mask):
             if writer is not None:
                 writer.close()
-        if self.derived is not None:
-            self.derived.close()
+        for step in self.steps:  # an aborted scan: steps close what they hold open
+            getattr(step, "close", lambda: None)()
         if not self.published:
             shutil.rmtree(self.work, ignore_errors=True)
         if self._own_staging is not None:
@@ -284,11 +302,12 @@ class StagedScan:
 
     def create_mask(self, shape: tuple[int, ...]) -> ShardedArrayWriter:
         self.mask = ShardedArrayWriter(self.work / MASK, shape, np.dtype(np.uint8), self.layout)
-        # label_map and locations are computed from the mask slabs as they are written (no
-        # re-read), and written out by an array step once the mask is complete
-        derived = self.derived = DerivedArrays(self.work, self.scan_id, shape, self.layout)
-        self.steps.insert(0, ("derived", lambda _staged: derived.finish()))
-        return MaskWithDerived(self.mask, derived)  # type: ignore[return-value]
+        return self.mask
+
+    def slab_written(self, z0: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        """Called by the writers of slabs (``write_arrays``, the job's slice streaming)."""
+        for step in self.steps:
+            step.on_slab(z0, image, mask)
 
     def publish(self, attrs: dict[str, Any], stats: ScanStatistics) -> dict[str, Any]:
         """Run the extra array steps, write the group's attributes and manifest, and publish
@@ -303,8 +322,10 @@ class StagedScan:
                 writer.close()  # every shard index written before the manifest counts bytes
         self.stats = stats
         extra: dict[str, Any] = {}
-        for _name, step in self.steps:
-            extra.update(step(self))
+        for step in self.steps:
+            extra.update(step.finish())
+        # OME-Zarr labels (client/ome.py) over the label map an extra step wrote, if any
+        ome.link_labels(self.work, "label_map", 0 if self.mask is None else self.mask.shape[3])
         manifest = _manifest(self.work)
         full = {
             **attrs,
@@ -318,6 +339,10 @@ class StagedScan:
             **extra,
             MANIFEST: manifest,
         }
+        full["ome"] = ome.image_attrs(self.scan_id, IMAGE)  # NGFF 0.5 for napari, neuroglancer
+        problem = manifest_problem(self.work.parent, self.work.name, full)
+        if problem is not None:  # never publish a scan whose arrays are not all there
+            raise ValueError(f"{self.scan_id}: not published, {problem}")
         group = self.work / "zarr.json"
         publish_mod.write_json_durably(group, group_metadata(full))
         self.bytes_written = sum(manifest.values()) + group.stat().st_size
@@ -373,43 +398,59 @@ def write_arrays(staged: StagedScan, image: np.ndarray, mask: np.ndarray | None)
         block = image[:, :, z0 : z0 + depth]
         image_out.write_slab(z0, block)
         stats.add_image(block)
+        mask_block = None
         if mask is not None and mask_out is not None:
             mask_block = mask[:, :, z0 : z0 + depth]
             mask_out.write_slab(z0, mask_block)
             stats.add_class_counts(mask_block.sum(axis=(0, 1), dtype=np.int64))
+        staged.slab_written(z0, block, mask_block)
     return stats
 
 
-class DerivedArrays:
-    """Writes ``label_map`` and ``locations`` (store format 2, ``service/derived.py``) from the
-    mask slabs as they are written. The label map is dropped at the first slab where two
-    classes overlap; ``finish`` returns the scan attributes that describe what was written."""
+class DerivedArrays(ArrayStep):
+    """``label_map`` and ``locations`` (store format 2, ``service/derived.py``), computed from
+    the mask slabs as they are written. The label map is dropped at the first slab where two
+    classes overlap; ``finish`` returns the attributes that say what was written."""
 
-    def __init__(self, work: Path, scan_id: str, shape: tuple[int, ...], layout: ChunkLayout) -> None:
-        self.work = work
-        volume = (int(shape[0]), int(shape[1]), int(shape[2]))
-        self.labels: ShardedArrayWriter | None = ShardedArrayWriter(
-            work / LABEL_MAP, volume, np.dtype(np.uint8), layout
-        )
-        self.sampler = LocationSampler(volume, int(shape[3]), scan_seed(scan_id))
-        self.bytes_written = 0
+    name = "derived"
 
-    def add(self, z0: int, slab: np.ndarray) -> None:
-        labels = label_map_block(slab) if self.labels is not None else None
+    def __init__(self, staged: StagedScan) -> None:
+        super().__init__(staged)
+        self.labels: ShardedArrayWriter | None = None
+        self.sampler: LocationSampler | None = None
+        self.overlap = False
+
+    def on_slab(self, z0: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        if mask is None:
+            return
+        if self.sampler is None:  # the first slab: the mask's shape is known now
+            assert self.staged.mask is not None, "mask slabs come from the staged mask writer"
+            shape = self.staged.mask.shape
+            volume = (int(shape[0]), int(shape[1]), int(shape[2]))
+            self.sampler = LocationSampler(volume, int(mask.shape[3]), scan_seed(self.staged.scan_id))
+            self.labels = ShardedArrayWriter(
+                self.staged.work / LABEL_MAP, volume, np.dtype(np.uint8), self.staged.layout
+            )
+        labels = label_map_block(mask) if self.labels is not None else None
         if labels is None and self.labels is not None:  # classes overlap: mask only
             self.labels.close()
             shutil.rmtree(self.labels.path, ignore_errors=True)
             self.labels = None
+            self.overlap = True
         if self.labels is not None and labels is not None:
             self.labels.write_slab(z0, labels)
-        self.sampler.add(z0, slab, labels)
+        self.sampler.add(z0, mask, labels)
 
     def finish(self) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}
         import zarr  # the core dependency every reader has; a small single-chunk array
 
+        if self.labels is not None:
+            self.labels.close()
         rows, counts = self.sampler.result()
         array = zarr.create_array(
-            store=str(self.work / LOCATIONS),
+            store=str(self.staged.work / LOCATIONS),
             shape=rows.shape,
             chunks=(max(1, len(rows)), 3),
             dtype="int32",
@@ -419,9 +460,6 @@ class DerivedArrays:
         )
         if len(rows):
             array[:] = rows
-        self.bytes_written = sum(f.stat().st_size for f in (self.work / LOCATIONS).rglob("*") if f.is_file())
-        if self.labels is not None:
-            self.bytes_written += self.labels.bytes_written
         return {"label_map": self.labels is not None, "location_counts": counts}
 
     def close(self) -> None:
@@ -429,15 +467,4 @@ class DerivedArrays:
             self.labels.close()
 
 
-class MaskWithDerived:
-    """The mask writer as callers see it: each slab also feeds the derived arrays."""
-
-    def __init__(self, mask: ShardedArrayWriter, derived: DerivedArrays) -> None:
-        self._mask, self._derived = mask, derived
-
-    def write_slab(self, z0: int, slab: np.ndarray) -> None:
-        self._mask.write_slab(z0, slab)
-        self._derived.add(z0, slab)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._mask, name)
+ARRAY_STEPS.append(DerivedArrays)

@@ -45,13 +45,16 @@ def _thread_server(store: Path, token: str | None, settings: dict[str, Any], tim
     import uvicorn
 
     from service.server import Settings, create_app
+    from service.server.http_protocol import uvicorn_options
 
     app = create_app(Settings(store=store, token=token, **settings))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((HOST, 0))  # the kernel picks a free port; no race with other tests
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="on")
+    # The protocol options `scancache serve` uses (header deadline, header size bound).
+    options = uvicorn_options(app.state.scancache.settings.header_timeout)
+    config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="on", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}"
@@ -79,7 +82,7 @@ def _free_port() -> int:
 def _process_server(
     store: Path, token: str | None, settings: dict[str, Any], timeout: float
 ) -> Iterator[str]:
-    port = _free_port()
+    port = settings.pop("port", None) or _free_port()  # a fixed port: restart tests
     kwargs = {"store": str(store), "host": HOST, "port": port, "log_level": "warning", **settings}
     code = textwrap.dedent(
         f"""

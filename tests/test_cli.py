@@ -145,7 +145,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_serve_starts_the_server_with_the_pinned_options(small_store, tmp_path):
-    """`scancache serve` for real on loopback: --token, --max-bytes and --cache-bytes reach the server."""
+    """`scancache serve` for real on loopback: --token-file, --max-bytes and --cache-bytes reach the server."""
     pytest.importorskip("service.server")
     import os
     import socket
@@ -160,7 +160,9 @@ def test_serve_starts_the_server_with_the_pinned_options(small_store, tmp_path):
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "SCANCACHE_TOKEN"}
     argv = [sys.executable, "-m", "service.cli", "serve", str(root), "--port", str(port)]
-    argv += ["--token", "s3cret", "--max-bytes", "1K", "--cache-bytes", "8M"]
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    argv += ["--token-file", str(token_file), "--max-bytes", "1K", "--cache-bytes", "8M"]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -206,3 +208,27 @@ def test_preprocess_then_verify_through_the_console_script(tmp_path):
     verify = run_cli("verify", source, store)
     assert verify.returncode == 0 and "verify: 2 ok; store is exact" in verify.stdout
     assert Path(store / "zarr.json").is_file()
+
+
+def test_serve_refuses_a_token_on_the_command_line(small_store, tmp_path):
+    result = run_cli("serve", small_store[0], "--token", "s3cret-value")
+    assert result.returncode == 2
+    assert "--token is not accepted" in result.stderr and "SCANCACHE_TOKEN" in result.stderr
+    assert "s3cret-value" not in result.stderr + result.stdout
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for path in (empty, tmp_path / "missing"):
+        bad = run_cli("serve", small_store[0], "--token-file", path)
+        assert bad.returncode != 0 and "--token-file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_serve_refuses_a_store_of_another_format(tmp_path):
+    store = tmp_path / "old-store"
+    store.mkdir()
+    (store / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"scancache": {"format": 999}}})
+    )
+    result = run_cli("serve", store, "--port", "1")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "store format 999" in lines[0] and "scancache preprocess" in lines[0]

@@ -154,14 +154,15 @@ def test_prefetches_the_next_batches_in_background(train_name):
         cfg_for(PREFETCH_BATCHES=2), train_name, batch_size=2, is_test=False, shuffle=True, drop_last=True
     )
     first = loader[0]
-    assert set(loader._prefetcher._futures) == {1, 2}
-    ahead = loader._prefetcher._futures[1].result()
-    direct = loader._load_index(1)
+    assert loader._prefetcher.pending() == {(0, 1), (0, 2)}
+    ahead = loader._prefetcher._futures[(0, 1)].result()
+    direct = loader._load_key((0, 1))
     for a, b in zip(ahead, direct, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(loader[1][0], direct[0])
     loader.on_epoch_end()
-    assert loader._prefetcher._futures == {}
+    loader[0]  # the old epoch's read-ahead is dropped, the new one's starts
+    assert loader._prefetcher.pending() == {(1, 1), (1, 2)}
     assert first[0].shape == (2, 40, 36, 1)
     loader.close()
 
@@ -241,8 +242,8 @@ def test_random_patches_deterministic_and_oversample_foreground(store, train_nam
     _, other = draw(12)
     assert elements == same and elements != other
     assert len(loader) == 20 // 4
-    samples = [s for b in range(len(loader)) for s in loader._plan[0][b * 4 : (b + 1) * 4]]
-    assert sum(s.foreground for s in loader._plan[0]) == 10
+    samples = [s for b in range(len(loader)) for s in loader._plan[1][b * 4 : (b + 1) * 4]]
+    assert sum(s.foreground for s in loader._plan[1]) == 10
     centred = 0
     for b in range(len(loader)):
         x, y = loader[b]
@@ -309,17 +310,50 @@ def test_build_loader_drops_image_only_scans_and_checks_tag(small_store):
     DatasetCatalog.remove("all_scans")
 
 
-def test_an_installed_keras_backend_is_chosen_when_none_is_set():
+def _backend_in_subprocess(tmp_path, code, keras_json=None, **env_overrides):
+    import json
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    code = "import loaders, keras, os; print(os.environ['KERAS_BACKEND'], keras.backend.backend())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    home = tmp_path / "keras_home"
+    home.mkdir(exist_ok=True)
+    if keras_json is not None:
+        (home / "keras.json").write_text(json.dumps(keras_json))
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL")}
+    env.update(KERAS_HOME=str(home), **env_overrides)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_tensorflow_is_the_default_backend_and_a_chosen_one_is_kept(tmp_path):
+    code = "import loaders, keras, os; print(keras.backend.backend(), os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+    out = _backend_in_subprocess(tmp_path, code)
     assert out.returncode == 0, out.stderr[-2000:]
-    chosen, active = out.stdout.split()
-    assert chosen == active and chosen in ("tensorflow", "jax", "torch")
+    assert out.stdout.split() == ["tensorflow", "2"]
+    assert "cpu_feature_guard" not in out.stderr  # TF's C++ start-up logging is quiet
+    # keras imported first, as users write it: loaders keeps its backend
+    out = _backend_in_subprocess(tmp_path, "import keras, loaders; print(keras.backend.backend())")
+    assert out.returncode == 0 and out.stdout.split() == ["tensorflow"], out.stderr[-2000:]
+    # a backend chosen in keras.json or $KERAS_BACKEND is never overridden
+    out = _backend_in_subprocess(
+        tmp_path, "import loaders, keras; print(keras.backend.backend())", {"backend": "torch"}
+    )
+    assert out.returncode == 0 and out.stdout.split() == ["torch"], out.stderr[-2000:]
+    out = _backend_in_subprocess(
+        tmp_path, "import loaders, keras; print(keras.backend.backend())", KERAS_BACKEND="torch"
+    )
+    assert out.returncode == 0 and out.stdout.split() == ["torch"], out.stderr[-2000:]
+
+
+def test_a_chosen_backend_that_is_missing_is_one_line_naming_the_extra(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is not None:
+        pytest.skip("jax is installed here")
+    out = _backend_in_subprocess(tmp_path, "import loaders", KERAS_BACKEND="jax")
+    assert out.returncode != 0
+    assert "Keras backend 'jax' is selected but not installed" in out.stderr
+    assert ".[jax]" in out.stderr.strip().splitlines()[-1]
 
 
 def test_out_of_order_access_still_correct_and_stops_reading_ahead(store, train_name):
@@ -331,10 +365,10 @@ def test_out_of_order_access_still_correct_and_stops_reading_ahead(store, train_
             scan, z = (TRAIN[0], z) if z < 12 else (TRAIN[1], z - 12)
             np.testing.assert_array_equal(x[i, ..., 0], arrays[scan][0][:, :, z])
     # A shuffled order is not followed: nothing is read ahead until the epoch ends.
-    assert loader._prefetcher._futures == {}
+    assert loader._prefetcher.pending() == set()
     loader.on_epoch_end()
     loader[0]
-    assert loader._prefetcher._futures, "reading ahead resumes in a new epoch"
+    assert loader._prefetcher.pending(), "reading ahead resumes with a sequential request"
     loader.close()
 
 

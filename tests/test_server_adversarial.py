@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import io
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -128,3 +129,79 @@ def test_a_valid_region_still_reads_exactly(client, small_store):
     mask = small_store[1][SCAN][1][0:8, 0:8, 3:4]
     expected = np.stack([mask[..., 3], mask[..., 0] + mask[..., 2]], axis=-1)
     np.testing.assert_array_equal(np.load(io.BytesIO(response.content)), expected)
+
+
+def test_zarr_tree_follows_scan_links_but_never_leaves_the_scan_version(tmp_path):
+    from conftest import build_store
+
+    root, outside = tmp_path / "store", tmp_path / "outside"
+    build_store(
+        root, scans=[("0000001_V00-Aug00", (8, 8, 4), 2, "train", 1, 0, 0, np.float32)], image_only=()
+    )
+    outside.mkdir()
+    (outside / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    (outside / "secret").write_text("TOP-SECRET-CONTENT")
+    version = (root / SCAN).resolve()
+    assert version.parent.name == SCAN and version.parent.parent.name == ".versions"
+    # links a damaged or hostile store could hold: to outside, to staging, inside a version
+    (root / "0000002_V00-Aug00").symlink_to(outside)
+    staged = root / ".staging" / "job-1" / "0000003_V00-Aug00"
+    staged.mkdir(parents=True)
+    (staged / "zarr.json").write_text("{}")
+    (root / "0000003_V00-Aug00").symlink_to(Path(".staging/job-1/0000003_V00-Aug00"))
+    (version / "image" / "leak").symlink_to(outside / "secret")
+    (version / "image" / "lock").symlink_to(Path("../../../../.lock"))
+    (root / ".lock").write_text("{}")
+    shard = next(
+        p
+        for p in (version / "image").rglob("*")
+        if p.is_file() and not p.is_symlink() and p.name != "zarr.json"
+    )
+    with live_server(root) as base, httpx.Client(base_url=base, timeout=30) as client:
+        served = client.get("/zarr/" + SCAN + "/" + shard.relative_to(version).as_posix())
+        assert served.status_code == 200 and served.content == shard.read_bytes()
+        assert client.get(f"/zarr/{SCAN}/zarr.json").json()["attributes"]["scan_id"] == SCAN
+        for path in (
+            "0000002_V00-Aug00/zarr.json",
+            "0000002_V00-Aug00/secret",
+            "0000003_V00-Aug00/zarr.json",
+            f"{SCAN}/image/leak",
+            f"{SCAN}/image/lock",
+            ".lock",
+            ".staging/job-1/0000003_V00-Aug00/zarr.json",
+            f".versions/{SCAN}/{version.name}/zarr.json",
+        ):
+            response = client.get(f"/zarr/{path}")
+            assert response.status_code == 404, path
+            assert "TOP-SECRET" not in response.text and str(tmp_path) not in response.text
+
+
+def test_listing_survives_damaged_and_non_finite_metadata(tmp_path, caplog):
+    import json
+    import logging
+
+    from conftest import build_store
+
+    root = tmp_path / "store"
+    scans = [(f"000000{i}_V00-Aug00", (8, 8, 3), 2, "train", i, 0, 0, np.float32) for i in (1, 2, 3)]
+    build_store(root, scans=scans, image_only=())
+    nan_doc = (root / "0000001_V00-Aug00" / "zarr.json").resolve()
+    doc = json.loads(nan_doc.read_text())
+    doc["attributes"].update(mean=float("nan"), std=float("inf"), percentiles=[1.0, float("-inf")])
+    nan_doc.write_text(json.dumps(doc))  # Python writes NaN/Infinity: not strict JSON
+    (root / "0000002_V00-Aug00" / "zarr.json").resolve().write_text("{ damaged")
+    with (
+        caplog.at_level(logging.WARNING, logger="scancache.server"),
+        live_server(root) as base,
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        listing = client.get("/scans")
+        assert listing.status_code == 200
+        strict = json.loads(listing.text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+        assert [s["scan_id"] for s in strict["scans"]] == ["0000001_V00-Aug00", "0000003_V00-Aug00"]
+        one = client.get("/scans/0000001_V00-Aug00")
+        assert one.status_code == 200
+        attrs = json.loads(one.text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+        assert attrs["mean"] is None and attrs["std"] is None and attrs["percentiles"] == [1.0, None]
+        assert client.get("/scans/0000002_V00-Aug00").status_code == 404
+    assert any("skipped scan 0000002_V00-Aug00" in r.getMessage() for r in caplog.records)

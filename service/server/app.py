@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI
@@ -18,12 +19,17 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from client.local import LocalSource
+from client.predictions import PredictionStore, check_predictions_root
 from service.server.auth import BearerAuthMiddleware
 from service.server.errors import error_responses, install_error_handlers
 from service.server.guards import BodyLimitMiddleware, HeadAsGetMiddleware, PathGuardMiddleware
+from service.server.inflight import InflightBudget
 from service.server.metrics import Metrics, MetricsMiddleware
+from service.server.routes_predictions import router as predictions_router
+from service.server.routes_preview import router as preview_router
 from service.server.routes_regions import router as regions_router
 from service.server.routes_scans import router as scans_router
+from service.server.routes_viewer import router as viewer_router
 from service.server.settings import Settings
 from service.server.state import ServerState, server_state
 from service.server.zarr_http import router as zarr_router
@@ -36,6 +42,9 @@ Serves a scancache store (Zarr v3, one group per scan) to training jobs on other
 * `GET /scans`, `GET /scans/{scan_id}`: metadata as JSON.
 * `GET /scans/{scan_id}/image|mask?roi=...`: one region as `.npy` (`application/x-npy`).
 * `POST /batch`: many regions in one round trip (`application/x-npy-stream`: concatenated `.npy`).
+* `GET /scans/{scan_id}/prediction[/label_map]?roi=...`: the stored prediction (`--predictions`).
+* `GET /scans/{scan_id}/preview.png?z=K&axis=z&overlay=none|mask|prediction`: a slice as PNG.
+* `GET /viewer`: a page to look at scans, masks and predictions in a browser.
 * `GET /zarr/{path}`: the store itself, read-only Zarr v3 with HTTP Range (tensorstore, zarr-python).
 
 Errors are `{"detail": "<one line>", "error": "<class>", "param": "<name>"}`. When the server has a
@@ -43,8 +52,14 @@ token (`SCANCACHE_TOKEN`), every route but `/health` needs `Authorization: Beare
 """
 
 
+def close_app(app: FastAPI) -> None:
+    """Release what ``create_app`` opened (its store reader) without serving it."""
+    app.state.scancache.source.close()
+
+
 def create_app(settings: Settings) -> FastAPI:
-    source = LocalSource(settings.store, cache_bytes=settings.cache_bytes)  # fails fast on a bad store
+    # Fails fast, in one line, on a missing store or one of another format (client.layout).
+    source = LocalSource(settings.store, cache_bytes=settings.cache_bytes)
     metrics = Metrics(settings.cache_bytes)
 
     @asynccontextmanager
@@ -61,11 +76,17 @@ def create_app(settings: Settings) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    app.state.scancache = ServerState(settings=settings, source=source, metrics=metrics)
+    inflight = InflightBudget(settings.max_inflight_bytes, settings.inflight_wait)
+    app.state.scancache = ServerState(settings=settings, source=source, metrics=metrics, inflight=inflight)
     install_error_handlers(app)
     app.include_router(scans_router)
     app.include_router(regions_router)
     app.include_router(zarr_router)
+    # predictions, previews and the viewer page (scancache serve --predictions PRED)
+    app.state.predictions = open_predictions(settings.predictions)
+    app.include_router(predictions_router)
+    app.include_router(preview_router)
+    app.include_router(viewer_router)
 
     @app.get(
         "/metrics",
@@ -101,6 +122,14 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["Content-Range", "Accept-Ranges", "ETag", "Content-Length", "Content-Encoding"],
         )
     return app
+
+
+def open_predictions(path: Path | None) -> PredictionStore | None:
+    """The ``--predictions`` store, checked at startup like the scan store."""
+    if path is None:
+        return None
+    check_predictions_root(path)
+    return PredictionStore(path)
 
 
 def app_from_env() -> FastAPI:

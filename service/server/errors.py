@@ -37,6 +37,14 @@ class NotInStore(ScanCacheError, FileNotFoundError):
     """No such file in the served ``/zarr/`` tree (also: hidden names such as ``.staging``)."""
 
 
+class ServerBusy(ScanCacheError):
+    """The server's budget of bytes in flight is used up for now: 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 NO_STORE = {"Cache-Control": "no-store"}
 
 # Most specific first: the first match wins.
@@ -48,6 +56,7 @@ STATUS_BY_ERROR: tuple[tuple[type[ScanCacheError], int], ...] = (
     (InvalidPath, 400),
     (RequestTooLarge, 413),
     (Unauthorized, 401),
+    (ServerBusy, 503),
 )
 
 DESCRIPTIONS = {
@@ -58,6 +67,7 @@ DESCRIPTIONS = {
     413: "The response would exceed the server's --max-bytes (refused before reading).",
     416: "The Range cannot be satisfied for this file.",
     422: "A parameter is invalid (roi, categories, filters); `param` names it.",
+    503: "Busy: the server's bytes in flight are at --max-inflight-bytes; retry after `Retry-After` seconds.",
 }
 
 
@@ -97,6 +107,8 @@ def domain_error_response(exc: ScanCacheError) -> JSONResponse:
     if status == 500:  # a ScanCacheError we did not expect here: treat it as a bug
         return internal_error_response(exc)
     extra = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if isinstance(exc, ServerBusy):
+        extra = {"Retry-After": str(exc.retry_after)}
     param = exc.param if isinstance(exc, InvalidParameter) else None
     return error_response(status, str(exc), type(exc).__name__, param, extra)
 

@@ -7,7 +7,7 @@ so a large region is never copied into one ``bytes`` object just to be written t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -26,6 +26,8 @@ from service.server.http_cache import (
     total_length,
 )
 
+SEND_PIECE = 1 << 20
+
 
 class PartsResponse(Response):
     """A response whose body is a list of buffers written one after the other."""
@@ -36,8 +38,10 @@ class PartsResponse(Response):
         media_type: str,
         status_code: int = 200,
         headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.parts = list(parts)
+        self.on_close = on_close  # e.g. release the bytes this body holds of the in-flight budget
         self.status_code = status_code
         self.media_type = media_type
         self.background = None
@@ -46,14 +50,34 @@ class PartsResponse(Response):
         self.headers["content-length"] = str(total_length(self.parts))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        head = scope.get("method") == "HEAD" or scope.get(HEAD_SCOPE_KEY)
-        parts = [] if head else [p for p in self.parts if len(p)]
-        if not parts:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        for i, part in enumerate(parts):
-            await send({"type": "http.response.body", "body": part, "more_body": i < len(parts) - 1})
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
+            head = scope.get("method") == "HEAD" or scope.get(HEAD_SCOPE_KEY)
+            parts = [] if head else [p for p in self.parts if len(p)]
+            if not parts:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            pieces = [piece for part in parts for piece in _pieces(part)]
+            for i, piece in enumerate(pieces):
+                await send({"type": "http.response.body", "body": piece, "more_body": i < len(pieces) - 1})
+        finally:
+            self.parts = []
+            if self.on_close is not None:
+                self.on_close()
+
+
+def _pieces(part: bytes | memoryview) -> list[bytes | memoryview]:
+    """A buffer in pieces of at most SEND_PIECE bytes: uvicorn waits for a slow reader's socket
+    before each piece, so a response in flight holds its own array and about one piece of
+    transport buffer, never a second copy of the whole body (asyncio copies what it cannot
+    send at once), and the in-flight budget stays held until the client has the bytes."""
+    view = memoryview(part)
+    if view.nbytes <= SEND_PIECE:
+        return [part]
+    flat = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+    return [flat[i : i + SEND_PIECE] for i in range(0, flat.nbytes, SEND_PIECE)]
 
 
 def not_modified(etag: str, cache_control: str = REVALIDATE, vary: str | None = None) -> Response:

@@ -57,7 +57,7 @@ def npy_response_doc(what: str) -> dict[int | str, dict[str, Any]]:
             "content": {NPY_MEDIA_TYPE: NPY_SCHEMA},
         },
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 413, 422),
+        **error_responses(400, 401, 404, 413, 422, 503),
     }
 
 
@@ -89,7 +89,12 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
         requests = [plan.request()]
         return _encode(state.source.read_regions(requests)[0], gzip), decoded_bytes(state.source, requests)
 
-    parts, decoded = await to_thread.run_sync(read_and_encode)
+    release = await state.inflight.acquire(plan.cost)
+    try:
+        parts, decoded = await to_thread.run_sync(read_and_encode)
+    except BaseException:
+        release()
+        raise
     state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
     headers = {
         "ETag": etag,
@@ -99,7 +104,7 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
     }
     if gzip:
         headers["Content-Encoding"] = "gzip"
-    return PartsResponse(parts, NPY_MEDIA_TYPE, headers=headers)
+    return PartsResponse(parts, NPY_MEDIA_TYPE, headers=headers, on_close=release)
 
 
 ScanId = Annotated[str, Path(description=SCAN_ID_DOC)]
@@ -167,7 +172,7 @@ class BatchRequest(BaseModel):
             ),
             "content": {NPY_STREAM_MEDIA_TYPE: NPY_SCHEMA},
         },
-        **error_responses(400, 401, 404, 413, 422),
+        **error_responses(400, 401, 404, 413, 422, 503),
     },
 )
 async def post_batch(state: State, batch: BatchRequest) -> Response:
@@ -184,7 +189,7 @@ async def post_batch(state: State, batch: BatchRequest) -> Response:
         ]
 
     plans = await to_thread.run_sync(plan_all)
-    check_budget(plans, state.settings.max_bytes)
+    total = check_budget(plans, state.settings.max_bytes)
 
     def read_all() -> tuple[list[bytes | memoryview], int]:
         requests = [p.request() for p in plans]
@@ -193,11 +198,16 @@ async def post_batch(state: State, batch: BatchRequest) -> Response:
             state.source, requests
         )
 
-    parts, decoded = await to_thread.run_sync(read_all)
+    release = await state.inflight.acquire(total)
+    try:
+        parts, decoded = await to_thread.run_sync(read_all)
+    except BaseException:
+        release()
+        raise
     for plan in plans:
         state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
     headers = {"Cache-Control": "no-store", DECODED_BYTES_HEADER: str(decoded)}
-    return PartsResponse(parts, NPY_STREAM_MEDIA_TYPE, headers=headers)
+    return PartsResponse(parts, NPY_STREAM_MEDIA_TYPE, headers=headers, on_close=release)
 
 
 def decoded_bytes(source: Any, requests: list[Any]) -> int:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from functools import partial
+import logging
+import math
 from typing import Annotated, Any
 
 from anyio import to_thread
@@ -10,11 +11,15 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from client.layout import ScanMeta
+from client.errors import one_line
+from client.layout import ScanMeta, matches
+from client.local import LocalSource
 from service.server.errors import error_response, error_responses
 from service.server.responses import cached_json
+from service.server.routes_predictions import Predictions, prediction_fields
 from service.server.state import ServerState, server_state
 
+log = logging.getLogger("scancache.server")
 router = APIRouter()
 State = Annotated[ServerState, Depends(server_state)]
 
@@ -43,6 +48,18 @@ SCAN_EXAMPLE = {
 }
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: responses are strict JSON
+    (a statistic of a scan with non-finite voxels must not make the listing invalid or a 500)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
     """A scan's attributes, pinned keys first; per-slice counts only when ``full``."""
     doc: dict[str, Any] = {key: meta.attrs.get(key) for key in PINNED_KEYS}
@@ -51,7 +68,24 @@ def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
     for key, value in meta.attrs.items():
         if key not in doc and (full or key not in LISTING_OMITS):
             doc[key] = value
-    return doc
+    return finite_json(doc)  # type: ignore[no-any-return]
+
+
+def listable_scans(source: LocalSource, filters: dict[str, Any]) -> list[ScanMeta]:
+    """Every scan whose metadata reads and matches; a damaged scan is skipped with a warning
+    (naming the scan, never a path) instead of failing the listing of the whole store."""
+    out = []
+    for scan_id in source.scan_ids():
+        try:
+            meta = source.metadata(scan_id)
+        except Exception as err:  # unreadable, not JSON, missing keys, removed meanwhile
+            log.warning(
+                "GET /scans: skipped scan %s: %s: %s", scan_id, type(err).__name__, one_line(err, 200)
+            )
+            continue
+        if matches(meta, filters):
+            out.append(meta)
+    return out
 
 
 @router.get(
@@ -93,6 +127,10 @@ async def list_scans(
     augmentation: Annotated[list[int] | None, Query(description="Augmentation number (`Aug02` -> 2)")] = None,
     has_class: Annotated[int | None, Query(description="Only scans where class k has voxels")] = None,
     full: Annotated[bool, Query(description="Include per-slice class counts (large)")] = False,
+    has_prediction: Annotated[
+        bool | None, Query(description="Only scans with (true) or without (false) a stored prediction")
+    ] = None,
+    predictions: Predictions = None,
 ) -> Response:
     filters = {
         "split": split,
@@ -101,8 +139,12 @@ async def list_scans(
         "augmentation": augmentation,
         "has_class": has_class,
     }
-    metas = await to_thread.run_sync(partial(state.source.list_scans, **filters))
-    return cached_json(request, {"scans": [scan_document(m, full) for m in metas]})
+    metas = await to_thread.run_sync(listable_scans, state.source, filters)
+    fields = await to_thread.run_sync(lambda: [prediction_fields(predictions, m.scan_id) for m in metas])
+    docs = [{**scan_document(m, full), **f} for m, f in zip(metas, fields, strict=True)]
+    if has_prediction is not None:
+        docs = [d for d in docs if d["has_prediction"] == has_prediction]
+    return cached_json(request, {"scans": docs})
 
 
 @router.get(
@@ -119,6 +161,8 @@ async def scan_metadata(
     request: Request,
     state: State,
     scan_id: Annotated[str, Path(description="Scan id, e.g. `0000001_V00-Aug00`")],
+    predictions: Predictions = None,
 ) -> Response:
     meta = await to_thread.run_sync(state.source.metadata, scan_id)
-    return cached_json(request, scan_document(meta, full=True))
+    fields = await to_thread.run_sync(prediction_fields, predictions, scan_id)
+    return cached_json(request, {**scan_document(meta, full=True), **fields})

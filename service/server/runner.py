@@ -9,7 +9,8 @@ from pathlib import Path
 import uvicorn
 
 from client.local import DEFAULT_CACHE_BYTES
-from service.server.app import create_app
+from service.server.app import close_app, create_app
+from service.server.http_protocol import uvicorn_options
 from service.server.settings import DEFAULT_MAX_BYTES, ENV_STORE, Settings
 
 APP_FACTORY = "service.server.app:app_from_env"
@@ -24,12 +25,16 @@ def run(
     max_bytes: int = DEFAULT_MAX_BYTES,
     token: str | None = None,
     log_level: str = "info",
+    max_inflight_bytes: int | None = None,
+    header_timeout: float | None = None,
+    predictions: str | os.PathLike[str] | None = None,
 ) -> None:
     """Serve ``store`` until interrupted.
 
     ``token`` defaults to ``SCANCACHE_TOKEN`` (keep secrets out of command lines); the other
     ``SCANCACHE_*`` variables (``service.server.settings``) apply too. Each of the ``workers``
-    processes has its own chunk cache of ``cache_bytes``; they share nothing else.
+    processes has its own chunk cache of ``cache_bytes`` and in-flight budget of
+    ``max_inflight_bytes``; they share nothing else.
     """
     if workers < 1:
         raise ValueError(f"--workers: must be at least 1, got {workers}")
@@ -40,10 +45,17 @@ def run(
         cache_bytes=cache_bytes,
         max_bytes=max_bytes,
         token=token if token is not None else base.token,
+        max_inflight_bytes=max_inflight_bytes if max_inflight_bytes is not None else base.max_inflight_bytes,
+        header_timeout=header_timeout if header_timeout is not None else base.header_timeout,
+        predictions=Path(predictions) if predictions is not None else base.predictions,
     )
+    options = uvicorn_options(settings.header_timeout, workers)
+    app = create_app(settings)  # fails here, once, with a clear message (bad store, format)
     if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, **options)  # lifespan closes it
         return
-    create_app(settings)  # fail here, once, with a clear message rather than in every worker
+    close_app(app)  # only the check: each worker process builds its own app
     os.environ.update(settings.to_env())  # worker processes inherit the settings
-    uvicorn.run(APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level)
+    uvicorn.run(
+        APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level, **options
+    )

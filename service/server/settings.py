@@ -18,6 +18,9 @@ from client.units import parse_bytes
 DEFAULT_MAX_BYTES = 1 << 30  # one response (or batch) of at most 1 GiB of array data
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a batch request body: thousands of regions fit in 4 MiB
 DEFAULT_MAX_BATCH_REGIONS = 4096
+# Bytes all requests of one worker process may hold at once (regions being read, merged and
+# sent); past it requests wait up to INFLIGHT_WAIT seconds, then get 503 with Retry-After.
+DEFAULT_MAX_INFLIGHT_BYTES = 1 << 30
 
 ENV_STORE = "SCANCACHE_STORE"
 ENV_TOKEN = "SCANCACHE_TOKEN"
@@ -27,6 +30,10 @@ ENV_MAX_BODY_BYTES = "SCANCACHE_MAX_BODY_BYTES"
 ENV_MAX_BATCH_REGIONS = "SCANCACHE_MAX_BATCH_REGIONS"
 ENV_COMPRESS_MASKS = "SCANCACHE_COMPRESS_MASKS"
 ENV_CORS_ORIGINS = "SCANCACHE_CORS_ORIGINS"
+ENV_MAX_INFLIGHT_BYTES = "SCANCACHE_MAX_INFLIGHT_BYTES"
+ENV_HEADER_TIMEOUT = "SCANCACHE_HEADER_TIMEOUT"  # read by service.server.http_protocol too
+DEFAULT_HEADER_TIMEOUT = 10.0
+ENV_PREDICTIONS = "SCANCACHE_PREDICTIONS"
 
 
 def _positive_int(name: str, value: str | int) -> int:
@@ -44,6 +51,16 @@ def _size(name: str, value: str | int) -> int:
     number = parse_bytes(value, name)
     if number <= 0:
         raise ValueError(f"{name}: must be positive, got {number}")
+    return number
+
+
+def positive_seconds(name: str, value: str | float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {str(value)[:40]!r} is not a number of seconds") from None
+    if not number > 0:
+        raise ValueError(f"{name}: must be positive, got {str(value)[:40]!r}")
     return number
 
 
@@ -66,10 +83,20 @@ class Settings:
     compress_masks: bool = True
     # Browser readers such as neuroglancer need CORS; empty means no CORS headers.
     cors_origins: tuple[str, ...] = ()
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds to send the request headers
+    inflight_wait: float = 5.0  # seconds a request may queue for the in-flight budget, then 503
+    # A predictions store (loaders.write_predictions) served beside the scans; None: none.
+    predictions: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
-        for name in ("cache_bytes", "max_bytes", "max_body_bytes"):
+        if self.predictions is not None:
+            object.__setattr__(self, "predictions", Path(self.predictions))
+        if not float(self.header_timeout) > 0:
+            raise ValueError(f"header_timeout: must be positive, got {self.header_timeout}")
+        object.__setattr__(self, "header_timeout", float(self.header_timeout))
+        for name in ("cache_bytes", "max_bytes", "max_body_bytes", "max_inflight_bytes"):
             object.__setattr__(self, name, _size(name, getattr(self, name)))
         object.__setattr__(
             self, "max_batch_regions", _positive_int("max_batch_regions", self.max_batch_regions)
@@ -96,6 +123,13 @@ class Settings:
             ),
             compress_masks=_flag(env.get(ENV_COMPRESS_MASKS, "1")),
             cors_origins=origins,
+            max_inflight_bytes=_size(
+                ENV_MAX_INFLIGHT_BYTES, env.get(ENV_MAX_INFLIGHT_BYTES, base.max_inflight_bytes)
+            ),
+            header_timeout=positive_seconds(
+                ENV_HEADER_TIMEOUT, env.get(ENV_HEADER_TIMEOUT, base.header_timeout)
+            ),
+            predictions=Path(env[ENV_PREDICTIONS]) if env.get(ENV_PREDICTIONS) else None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -108,7 +142,11 @@ class Settings:
             ENV_MAX_BATCH_REGIONS: str(self.max_batch_regions),
             ENV_COMPRESS_MASKS: "1" if self.compress_masks else "0",
             ENV_CORS_ORIGINS: ",".join(self.cors_origins),
+            ENV_MAX_INFLIGHT_BYTES: str(self.max_inflight_bytes),
+            ENV_HEADER_TIMEOUT: str(self.header_timeout),
         }
         if self.token:
             env[ENV_TOKEN] = self.token
+        if self.predictions is not None:
+            env[ENV_PREDICTIONS] = str(self.predictions)
         return env

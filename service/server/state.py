@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from client.local import LocalSource
+from service.server.inflight import InflightBudget
 from service.server.metrics import Metrics
 from service.server.settings import Settings
 
@@ -16,6 +17,7 @@ class ServerState:
     settings: Settings
     source: LocalSource
     metrics: Metrics
+    inflight: InflightBudget
 
 
 def server_state(request: Request) -> ServerState:

@@ -4,8 +4,12 @@ Standard readers (tensorstore's http kvstore, zarr-python via fsspec, neuroglanc
 ``zarr.json`` documents and shard files; the sharding codec fetches a shard's index with a
 suffix range (``bytes=-N``) and then single inner chunks with ``bytes=a-b``. Only the root
 ``zarr.json`` and files inside complete (published) scans are served: paths with ``..``, ``.``,
-empty components or backslashes are refused (400), hidden names such as ``.staging`` do not
-exist (404), and resolved paths must stay inside the store.
+empty components or backslashes are refused (400), hidden names such as ``.staging``,
+``.versions`` and ``.lock`` do not exist (404). In a format-2 store ``<scan_id>`` is a relative
+symlink to ``.versions/<scan_id>/<version>``: it is followed, and a file is served only if its
+resolved path lies inside that scan's own version folder (never elsewhere in the store, never
+outside it). Each file is opened once at its resolved path, so a re-publish during a response
+never mixes versions within a file; the ETag names the version.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from client.errors import InvalidPath
 from client.layout import validate_scan_id
+from client.publish import VERSIONS_DIR
 from service.server.errors import NotInStore, error_response, error_responses
 from service.server.guards import HEAD_SCOPE_KEY
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
@@ -114,14 +119,38 @@ class OpenFile:
             os.close(self.fd)
 
 
+def _inside(folder: str, path: str) -> bool:
+    return os.path.commonpath([folder, path]) == folder
+
+
+def resolve_store_file(root: Path, parts: tuple[str, ...]) -> str:
+    """The resolved path of a validated ``/zarr/`` path, or NotInStore.
+
+    The root ``zarr.json`` must be the root's own file; a scan's files must resolve inside the
+    scan's published version folder ``.versions/<scan_id>/<version>`` (what its symlink points
+    at), so no link can reach staging, the lock, another scan or anything outside the store.
+    """
+    missing = NotInStore(f"path: {'/'.join(parts)!r} not found")
+    real_root = os.path.realpath(root)
+    if len(parts) == 1:
+        real = os.path.realpath(os.path.join(real_root, parts[0]))
+        if real != os.path.join(real_root, "zarr.json"):
+            raise missing
+        return real
+    scan_dir = os.path.realpath(os.path.join(real_root, parts[0]))  # follows the scan's symlink
+    if os.path.dirname(scan_dir) != os.path.join(real_root, VERSIONS_DIR, parts[0]):
+        raise missing  # not a published version of this scan (format 2)
+    if not os.path.isfile(os.path.join(scan_dir, "zarr.json")):
+        raise missing
+    real = os.path.realpath(os.path.join(scan_dir, *parts[1:]))
+    if not _inside(scan_dir, real):
+        raise missing
+    return real
+
+
 def open_store_file(root: Path, parts: tuple[str, ...]) -> OpenFile:
     """Open a validated path read-only if it is a regular file inside a published scan."""
-    if len(parts) > 1 and not os.path.isfile(os.path.join(root, parts[0], "zarr.json")):
-        raise NotInStore(f"path: {'/'.join(parts)!r} not found")
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, *parts))
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise NotInStore(f"path: {'/'.join(parts)!r} not found")
+    real = resolve_store_file(root, parts)
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:  # missing, a directory on some systems, or unreadable
@@ -130,7 +159,8 @@ def open_store_file(root: Path, parts: tuple[str, ...]) -> OpenFile:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise NotInStore(f"path: {'/'.join(parts)!r} not found")
-    etag = make_etag("zarr-file", "/".join(parts), st.st_mtime_ns, st.st_size)
+    # The resolved path names the scan's version: a re-published scan gets new ETags.
+    etag = make_etag("zarr-file", real, st.st_mtime_ns, st.st_size, st.st_ino)
     return OpenFile(fd, st.st_size, etag, parts[-1])
 
 

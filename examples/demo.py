@@ -1,7 +1,12 @@
 """``make demo``: the whole path on built-in sample data, end to end.
 
 sample data -> Dask preprocessing job -> ``scancache serve`` on loopback -> a small Keras U-Net
-trained from the server with MedSegPy's API -> per-scan inference -> per-class Dice.
+trained from the server with MedSegPy's API -> ``write_predictions`` (per-scan inference into a
+predictions store, with per-class Dice) -> a PNG preview of a test slice with the prediction
+overlaid -> the command that serves the store with its predictions and the viewer.
+
+It imports Keras, the loaders and the service, so it lives outside all three and needs the
+``[all]`` extra (``make demo`` installs it).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
@@ -110,19 +116,30 @@ def dice_ce_loss(y_true, y_pred):  # type: ignore[no-untyped-def]
     return ops.mean(ops.categorical_crossentropy(y_true, y_pred)) + 1.0 - soft_dice
 
 
-def dice(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Per-class Dice over a scan of argmax predictions; channel 0 is background, left out."""
-    labels_true, labels_pred = y_true.argmax(-1), y_pred.argmax(-1)
-    scores = []
-    for k in range(1, y_true.shape[-1]):
-        true, pred = labels_true == k, labels_pred == k
-        total = true.sum() + pred.sum()
-        scores.append(2 * (true & pred).sum() / total if total else 1.0)
-    return np.array(scores)
+def save_preview(store: Path, predictions: Path, scan_id: str, path: Path) -> Path:
+    """Slice z = D/2 of ``scan_id`` with its stored prediction overlaid, as a PNG (what
+    ``GET /scans/{scan_id}/preview.png?overlay=prediction`` serves)."""
+    from client.local import LocalSource
+    from client.predictions import LABEL_MAP, PredictionStore
+    from service import preview
+
+    source, preds = LocalSource(store), PredictionStore(predictions)
+    meta, attrs = source.metadata(scan_id), preds.attrs(scan_id)
+    if attrs is None:
+        raise ValueError(f"scan {scan_id!r} has no prediction in {predictions}")
+    region = preview.plane_region(meta.shape, "z", meta.shape[2] // 2)
+    plane = preview.take_plane(source.read_image(scan_id, region), "z")
+    labels = preview.take_plane(preds.read(scan_id, LABEL_MAP, region), "z")
+    categories = int(attrs["channels"]) - int(bool(attrs["include_background"]))
+    window = preview.default_window(meta.attrs.get("intensity"), plane)
+    png = preview.render_png(plane, window, preview.labels_to_classes(labels, categories), scale=2)
+    path.write_bytes(png)
+    source.close()
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__)
     parser.add_argument("--out", default="demo-output", help="folder for data, store and outputs")
     parser.add_argument("--quick", action="store_true", help="CI size: smaller data, fewer steps")
     parser.add_argument("--epochs", type=int, default=None)
@@ -130,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    from loaders import Config, DatasetCatalog, build_loader
+    from loaders import Config, DatasetCatalog, build_loader, write_predictions
     from service.preprocess import run_preprocess
     from service.sample_data import write_sample_data
 
     out = Path(args.out).resolve()
-    source, store, preds = out / "source", out / "store", out / "predictions"
+    # predictions.zarr: older demos wrote .npy files to predictions/, which is not a store
+    source, store, preds = out / "source", out / "store", out / "predictions.zarr"
     shape = (64, 64, 12) if args.quick else (128, 128, 24)
     epochs = args.epochs or (10 if args.quick else 8)
     batch_size = 4  # more, smaller steps: the net sees each slice every epoch either way
@@ -193,13 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         losses = history.history["loss"]
         say(f"    loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
-        say("5/5 per-scan inference (stitched from slices) and Dice")
-        preds.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for inputs, outputs in test.inference(model, verbose=0):
-            scores = dice(outputs["y_true"], outputs["y_pred"])
-            np.save(preds / f"{inputs['scan_id']}.npy", outputs["y_pred"].astype(np.float32))
-            rows.append({"scan_id": inputs["scan_id"], "dice": [round(float(d), 4) for d in scores]})
+        say(f"5/5 per-scan inference (stitched from slices) into the predictions store {preds}")
+        # this run trained a new model: redo every scan rather than keep an earlier run's
+        written = write_predictions(test, model, preds, overwrite=True, verbose=0)
+        say(f"    {written}")
+        rows: list[dict[str, Any]] = [
+            {"scan_id": scan_id, "dice": [round(float(d), 4) for d in scores or []]}
+            for scan_id, scores in written.dice.items()
+        ]
     header = "scan".ljust(20) + "".join(f"class {k} dice".rjust(16) for k in cfg.CATEGORIES)
     print(header)
     for row in rows:
@@ -208,8 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         mean = np.mean([r["dice"] for r in rows], axis=0)
         print("mean".ljust(20) + "".join(f"{d:16.3f}" for d in mean))
     (out / "dice.json").write_text(json.dumps(rows, indent=2))
-    say(f"predictions: {preds}/<scan_id>.npy   dice: {out / 'dice.json'}   store: {store}")
-    say(f"done in {time.perf_counter() - started:.0f} s; the server is stopped")
+    if rows:
+        shown = save_preview(store, preds, rows[0]["scan_id"], out / "preview.png")
+        say(f"preview of {rows[0]['scan_id']} (middle slice, prediction overlaid): {shown}")
+    say(f"predictions: {preds}   dice: {out / 'dice.json'}   store: {store}")
+    say(f"done in {time.perf_counter() - started:.0f} s; the demo's server is stopped. To look at it all:")
+    print(f"    scancache serve {store} --predictions {preds} --port 8000")
+    print("    then open http://127.0.0.1:8000/viewer in a browser", flush=True)
     return 0
 
 

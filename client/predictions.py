@@ -1,0 +1,157 @@
+"""The predictions store (written by ``loaders.write_predictions``) and its reader.
+
+::
+
+    PRED/zarr.json                      root group, attributes {"scancache_predictions": {"format": 1}}
+    PRED/<scan_id> -> .versions/<scan_id>/<version>   relative symlink, switched atomically (client/publish.py)
+    PRED/<scan_id>/zarr.json            one group per scan: attributes "prediction" (below) and "ome"
+    PRED/<scan_id>/probabilities/       (H, W, D, C) float16, the stitched y_pred
+    PRED/<scan_id>/label_map/           (H, W, D) uint8: 0 = no class, k+1 = category k
+    PRED/.staging/                      scans being written; never read
+
+The ``prediction`` attribute holds ``scan_id``, ``shape``, ``channels``, ``categories``,
+``include_background``, ``dice`` (per category, or null without a mask), ``written_at`` (UTC,
+ISO 8601) and ``written_by`` (model, loader, versions). A scan group appears only by an atomic
+symlink switch once complete, so every ``PRED/<scan_id>/zarr.json`` a reader finds is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from client.errors import ArrayNotFound
+from client.layout import validate_scan_id
+from client.roi import Region
+
+PREDICTIONS_FORMAT = 1
+ROOT_KEY = "scancache_predictions"
+SCAN_KEY = "prediction"
+PROBABILITIES = "probabilities"
+LABEL_MAP = "label_map"
+PREDICTION_ARRAYS = (PROBABILITIES, LABEL_MAP)
+STAGING_DIR = ".staging"
+
+
+def check_predictions_root(path: str | os.PathLike[str]) -> None:
+    """Refuse, in one line, a folder that is not a predictions store of this format."""
+    try:
+        attrs = json.loads((Path(path) / "zarr.json").read_bytes()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        raise FileNotFoundError(f"{path}: not a predictions store (no readable zarr.json)") from None
+    found = attrs.get(ROOT_KEY, {}).get("format") if isinstance(attrs.get(ROOT_KEY), dict) else None
+    if found is None:
+        raise ValueError(f"{path}: a Zarr group but not a predictions store")
+    if found != PREDICTIONS_FORMAT:
+        raise ValueError(
+            f"{path}: predictions store format {found}, this scancache reads format {PREDICTIONS_FORMAT};"
+            " re-run write_predictions into a new folder"
+        )
+
+
+class PredictionStore:
+    """Reads a predictions store; thread-safe. A missing folder is an empty store."""
+
+    def __init__(self, path: str | os.PathLike[str], cache_bytes: int = 64 * 2**20) -> None:
+        self.root = Path(path)
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}})
+        self._lock = threading.Lock()
+        self._attrs: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+        self._arrays: dict[tuple[str, str, tuple[int, int]], Any] = {}
+
+    def __repr__(self) -> str:
+        return f"PredictionStore({str(self.root)!r})"
+
+    def _signature(self, scan_id: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.root / scan_id / "zarr.json")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return (st.st_ino, st.st_mtime_ns)
+
+    def has(self, scan_id: str) -> bool:
+        return self.attrs(scan_id) is not None
+
+    def attrs(self, scan_id: str) -> dict[str, Any] | None:
+        """The scan's ``prediction`` attribute, or None if it has no (readable) prediction."""
+        validate_scan_id(scan_id)
+        sig = self._signature(scan_id)
+        if sig is None:
+            return None
+        cached = self._attrs.get(scan_id)
+        if cached and cached[0] == sig:
+            return cached[1]
+        try:
+            doc = json.loads((self.root / scan_id / "zarr.json").read_bytes())
+            attrs = doc["attributes"][SCAN_KEY]
+        except (OSError, KeyError, ValueError, TypeError):
+            return None
+        if not isinstance(attrs, dict):
+            return None
+        with self._lock:
+            self._attrs[scan_id] = (sig, attrs)
+        return attrs
+
+    def version(self, scan_id: str) -> str:
+        """Changes whenever the scan's prediction is re-published (for ETags)."""
+        sig = self._signature(scan_id)
+        if sig is None:
+            raise ArrayNotFound(f"scan {scan_id!r} has no prediction")
+        return f"{sig[0]:x}-{sig[1]:x}"
+
+    def scan_ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            e.name
+            for e in os.scandir(self.root)
+            if not e.name.startswith(".") and os.path.isfile(os.path.join(e.path, "zarr.json"))
+        )
+
+    def shape(self, scan_id: str, array: str) -> tuple[int, ...]:
+        attrs = self.attrs(scan_id)
+        if attrs is None:
+            raise ArrayNotFound(f"scan {scan_id!r} has no prediction")
+        volume = tuple(int(n) for n in attrs["shape"])
+        return (*volume, int(attrs["channels"])) if array == PROBABILITIES else volume
+
+    def _array(self, scan_id: str, array: str) -> Any:
+        if array not in PREDICTION_ARRAYS:
+            raise ArrayNotFound(
+                f"no prediction array {array!r}; expected one of {', '.join(PREDICTION_ARRAYS)}"
+            )
+        sig = self._signature(scan_id)
+        if sig is None or self.attrs(scan_id) is None:
+            raise ArrayNotFound(f"scan {scan_id!r} has no prediction")
+        key = (scan_id, array, sig)
+        arr = self._arrays.get(key)
+        if arr is None:
+            path = str(self.root / scan_id / array)
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+            try:
+                arr = ts.open(spec, context=self._context, read=True, open=True).result()
+            except ValueError:
+                raise ArrayNotFound(f"scan {scan_id!r}: prediction has no {array!r}") from None
+            with self._lock:
+                for old in [k for k in self._arrays if k[:2] == key[:2]]:
+                    del self._arrays[old]
+                self._arrays[key] = arr
+        return arr
+
+    def read(self, scan_id: str, array: str, region: Region) -> np.ndarray:
+        """A region (one slice per volume axis; probabilities keep every channel)."""
+        return np.asarray(self._array(scan_id, array)[tuple(region)].read().result())
+
+
+def require_prediction(store: PredictionStore | None, scan_id: str) -> dict[str, Any]:
+    """The scan's prediction attributes, or ArrayNotFound (404) naming the scan."""
+    attrs = None if store is None else store.attrs(scan_id)
+    if attrs is None:
+        raise ArrayNotFound(f"scan {scan_id!r} has no prediction")
+    return attrs

@@ -1,0 +1,71 @@
+"""The epoch order: which examples, in which order, each replica reads in an epoch.
+
+Everything here is a pure function of ``(seed, epoch)`` and the examples' scans, so that
+sharding (every rank computes the same order and takes its own block), exact resume (a
+restored loader recomputes the order instead of replaying a random state) and any smarter
+shuffle all build on one definition. Nothing holds a random state between epochs.
+
+The shuffle is *stratified by scan*: each scan's examples are shuffled, then spread evenly
+over the epoch (example ``j`` of a scan with ``c`` examples goes to ``(j + u) / c`` of the
+way through, ``u`` uniform in [0, 1)). Every example still comes once per epoch in an order
+that changes every epoch, but a batch mixes scans as much as the data set allows: with a
+plain permutation about 1% of the batches of 16 drawn from 16 scans come from fewer than 8
+scans; here practically none do (``tests/test_training_scale.py`` checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Separates the order's random stream from the patch sampler's (which uses (seed, epoch)).
+_ORDER_STREAM = 0x5CA7
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Replica ``rank`` of ``num_replicas`` data-parallel replicas."""
+
+    num_replicas: int = 1
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.num_replicas) < 1:
+            raise ValueError(f"num_replicas must be positive, got {self.num_replicas}")
+        if not 0 <= int(self.rank) < int(self.num_replicas):
+            raise ValueError(f"rank must be within 0..{int(self.num_replicas) - 1}, got {self.rank}")
+
+    def block(self, n: int) -> slice:
+        """This rank's share of an epoch of ``n`` examples: ``n // num_replicas`` of them, a
+        contiguous block of the epoch order. The ``n % num_replicas`` left over are skipped
+        (different ones every shuffled epoch), so ranks are disjoint and equally long."""
+        per_rank = n // self.num_replicas
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+def epoch_order(seed: int, epoch: int, scan_of: Sequence[int], shuffle: bool) -> np.ndarray:
+    """The order (indices into the examples) of epoch ``epoch``; ``scan_of[i]`` is example i's scan.
+
+    Unshuffled: the examples as built. Shuffled: stratified by scan (module docstring),
+    deterministic from ``(seed, epoch)``.
+    """
+    n = len(scan_of)
+    if not shuffle or n == 0:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng((int(seed), _ORDER_STREAM, int(epoch)))
+    scans = np.asarray(scan_of, dtype=np.int64)
+    shuffled = rng.permutation(n)  # a random order within each scan, after the stable sort below
+    by_scan = shuffled[np.argsort(scans[shuffled], kind="stable")]
+    sorted_scans = scans[by_scan]
+    starts = np.flatnonzero(np.r_[True, sorted_scans[1:] != sorted_scans[:-1]])
+    counts = np.diff(np.r_[starts, n])
+    rank_in_scan = np.arange(n) - np.repeat(starts, counts)
+    position = (rank_in_scan + rng.random(n)) / np.repeat(counts, counts)
+    return by_scan[np.argsort(position, kind="stable")]
+
+
+def shard_order(seed: int, epoch: int, scan_of: Sequence[int], shuffle: bool, shard: Shard) -> np.ndarray:
+    """The examples rank ``shard.rank`` reads in ``epoch``, in order."""
+    return epoch_order(seed, epoch, scan_of, shuffle)[shard.block(len(scan_of))]

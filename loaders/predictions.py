@@ -1,0 +1,307 @@
+"""``write_predictions(loader, model, path)``: per-scan inference into a Zarr v3 predictions store.
+
+The store's layout is ``client.predictions`` (which the server reads). Per scan, in the order
+``loader.inference(model)`` yields them:
+
+* ``probabilities`` (H, W, D, C) float16: the stitched ``y_pred``;
+* ``label_map`` (H, W, D) uint8: 0 = no class, k+1 = category k. With a background channel
+  (``INCLUDE_BACKGROUND``) a voxel takes the most probable channel, background meaning 0;
+  without one, the most probable category if its probability is at least 0.5, else 0;
+* attributes: per-category Dice of the label map against ``y_true`` (1.0 where both are empty),
+  the categories, when and with what the scan was written, and NGFF 0.5 label-image metadata
+  (``client.ome``), so napari and neuroglancer open a prediction as labels.
+
+Each scan is written to ``PATH/.staging/`` and published as a new version by one atomic symlink
+switch (``client.publish``, shared with the scan store); a re-run skips scans
+already in the store unless ``overwrite=True``. Arrays are converted and written slab by slab
+(whole chunks of slices), so memory stays within the one scan's output ``inference`` yields.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from client import ome, publish
+from client.categories import categories_to_json
+from client.predictions import (
+    LABEL_MAP,
+    PREDICTIONS_FORMAT,
+    PROBABILITIES,
+    ROOT_KEY,
+    SCAN_KEY,
+    STAGING_DIR,
+    PredictionStore,
+    check_predictions_root,
+)
+
+SLAB_SLICES = 16  # slices converted and written at a time: whole chunks (CHUNK_DEPTH divides it)
+CHUNK_YX = 128
+CHUNK_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """What ``write_predictions`` did: scans written and skipped, and the written scans' Dice."""
+
+    path: Path
+    written: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+    dice: dict[str, list[float] | None] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self.written)} scans written, {len(self.skipped)} already there (skipped), in {self.path}"
+        )
+
+
+def label_map(probabilities: np.ndarray, include_background: bool) -> np.ndarray:
+    """(..., C) probabilities -> (...) uint8 labels: 0 = no class, k+1 = category k."""
+    if probabilities.shape[-1] > 255:
+        raise ValueError(f"{probabilities.shape[-1]} channels do not fit a uint8 label map")
+    best = probabilities.argmax(axis=-1).astype(np.uint8)
+    if include_background:
+        return best  # channel 0 is background (label 0); channel k is category k-1 (label k)
+    confident = np.take_along_axis(probabilities, best[..., None].astype(np.intp), axis=-1)[..., 0] >= 0.5
+    return np.where(confident, best + np.uint8(1), np.uint8(0)).astype(np.uint8)
+
+
+def dice_from_counts(overlap: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> list[float]:
+    """Per-category Dice 2|A∩B| / (|A|+|B|), 1.0 where both are empty."""
+    total = truth + predicted
+    return [float(2 * o / t) if t else 1.0 for o, t in zip(overlap, total, strict=True)]
+
+
+def _root(path: Path) -> None:
+    """Create the predictions store, or check that ``path`` is one (never write into a scan store)."""
+    doc_path = path / "zarr.json"
+    if doc_path.is_file():
+        check_predictions_root(path)
+        return
+    if path.exists() and any(p.name not in (STAGING_DIR, publish.VERSIONS_DIR) for p in path.iterdir()):
+        raise ValueError(f"{path}: not empty and not a predictions store; choose an empty folder")
+    path.mkdir(parents=True, exist_ok=True)
+    root_doc = {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {ROOT_KEY: {"format": PREDICTIONS_FORMAT}},
+    }
+    doc_path.write_text(json.dumps(root_doc, indent=2))
+
+
+def publish_scan(staged: Path, root: Path, scan_id: str) -> str:
+    """Make a staged scan visible: ``PRED/<scan_id> -> .versions/<scan_id>/<version>``, switched
+    in one atomic rename (``client.publish``, as the scan store); returns the version. A reader
+    sees the old prediction or the new one, never a mix; old versions go after a grace period."""
+    return publish.publish_version(root, scan_id, staged)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib_metadata.version(package)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def _written_by(loader: Any, model: Any, predict_kwargs: dict[str, Any]) -> dict[str, Any]:
+    import keras
+
+    return {
+        "model": str(getattr(model, "name", None) or type(model).__name__),
+        "loader": type(loader).__name__,
+        "tag": getattr(loader.cfg, "TAG", None),
+        "predict_kwargs": {k: repr(v) for k, v in sorted(predict_kwargs.items())},
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "scancache": _version("scancache"),
+    }
+
+
+class _ScanWriter:
+    """Writes one scan's arrays into a staged folder, slab by slab, accumulating Dice counts."""
+
+    def __init__(self, staged: Path, shape: tuple[int, int, int], channels: int) -> None:
+        self.group = zarr.open_group(str(staged), mode="w", zarr_format=3)
+        chunk = (min(CHUNK_YX, shape[0]), min(CHUNK_YX, shape[1]), min(CHUNK_DEPTH, shape[2]))
+        self.probabilities = self.group.create_array(
+            PROBABILITIES,
+            shape=(*shape, channels),
+            chunks=(*chunk, channels),
+            dtype="float16",
+            fill_value=0,
+            dimension_names=["y", "x", "z", "class"],
+        )
+        self.labels = self.group.create_array(
+            LABEL_MAP, shape=shape, chunks=chunk, dtype="uint8", fill_value=0, dimension_names=["y", "x", "z"]
+        )
+
+    def write(
+        self, y_pred: np.ndarray, y_true: np.ndarray | None, include_background: bool
+    ) -> list[float] | None:
+        categories = y_pred.shape[-1] - int(include_background)
+        with_truth = y_true is not None and y_true.shape == y_pred.shape
+        counts = np.zeros((3, max(categories, 0)), np.int64)  # overlap, truth, predicted
+        offset = int(include_background)
+        for z0 in range(0, y_pred.shape[2], SLAB_SLICES):
+            z = slice(z0, min(z0 + SLAB_SLICES, y_pred.shape[2]))
+            probs = y_pred[:, :, z]
+            self.probabilities[:, :, z, :] = probs.astype(np.float16)
+            labels = label_map(probs, include_background)
+            self.labels[:, :, z] = labels
+            if with_truth:
+                assert y_true is not None
+                for k in range(categories):
+                    truth, predicted = y_true[:, :, z, offset + k] > 0.5, labels == k + 1
+                    counts[:, k] += (
+                        np.count_nonzero(truth & predicted),
+                        np.count_nonzero(truth),
+                        np.count_nonzero(predicted),
+                    )
+        return dice_from_counts(*counts) if with_truth else None
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """What every scan's attributes share: the loader's scans, classes and the writer."""
+
+    entries: dict[str, Any]
+    include_background: bool
+    categories: Any
+    written_by: dict[str, Any]
+
+
+def _write_scan(
+    staged: Path, root: Path, scan_id: str, outputs: dict[str, Any], meta: _Meta
+) -> list[float] | None:
+    """Write one scan's arrays and attributes in ``staged`` and publish it; returns its Dice."""
+    y_pred = np.asarray(outputs["y_pred"])
+    try:
+        writer = _ScanWriter(
+            staged, (int(y_pred.shape[0]), int(y_pred.shape[1]), int(y_pred.shape[2])), int(y_pred.shape[-1])
+        )
+        scores = writer.write(y_pred, outputs.get("y_true"), meta.include_background)
+        entry = meta.entries.get(scan_id)
+        partial = entry is not None and len(entry.slices) != entry.shape[2]
+        attrs = {
+            "scan_id": scan_id,
+            "shape": list(y_pred.shape[:3]),
+            "channels": int(y_pred.shape[-1]),
+            "categories": json.loads(categories_to_json(_normalized(meta.categories)) or "null"),
+            "include_background": meta.include_background,
+            "slices": list(entry.slices) if partial and entry is not None else None,
+            "dice": scores,
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "written_by": meta.written_by,
+        }
+        num_categories = int(y_pred.shape[-1]) - int(meta.include_background)
+        label_ome = ome.label_image_attrs(f"{scan_id} prediction", LABEL_MAP, num_categories)
+        writer.group.attrs.update({SCAN_KEY: attrs, "ome": label_ome})
+        publish_scan(staged, root, scan_id)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return scores
+
+
+def _scan_entries(loader: Any) -> dict[str, Any]:
+    return {s.scan_id: s for s in getattr(loader, "scans", ())}
+
+
+def _pending_loader(loader: Any, done: set[str]) -> Any:
+    """The loader limited to scans not yet written (a shallow copy), so skipped scans cost nothing.
+
+    If a loader keeps its scans elsewhere, the original is used and written scans are skipped
+    as they come (correct, only slower)."""
+    scans = getattr(loader, "scans", None)
+    if not done or not isinstance(scans, list):
+        return loader
+    limited = copy.copy(loader)
+    limited.scans = [s for s in scans if s.scan_id not in done]
+    return limited
+
+
+def _progress(total: int, enabled: bool | None) -> Any:
+    if enabled is None:
+        enabled = sys.stdout.isatty()
+    if not enabled or total == 0:
+        return None
+    import keras
+
+    return keras.utils.Progbar(total, unit_name="scan")
+
+
+def write_predictions(
+    loader: Any,
+    model: Any,
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    **predict_kwargs: Any,
+) -> PredictionSummary:
+    """Run ``loader.inference(model, **predict_kwargs)`` and write each scan's prediction to ``path``.
+
+    ``overwrite=True`` redoes scans already written; ``progress`` (default: on a terminal)
+    shows a bar of scans. Returns a :class:`PredictionSummary`.
+    """
+    root = Path(path)
+    _root(root)
+    store = PredictionStore(root)
+    entries = _scan_entries(loader)
+    done = set() if overwrite else {s for s in entries if store.has(s)}
+    skipped = sorted(done)
+    bar = _progress(len(entries) - len(done), progress)
+    cats = getattr(loader.cfg, "CATEGORIES", None)
+    written: list[str] = []
+    dice: dict[str, list[float] | None] = {}
+    meta = _Meta(
+        entries,
+        bool(getattr(loader.cfg, "INCLUDE_BACKGROUND", False)),
+        cats,
+        _written_by(loader, model, predict_kwargs),
+    )
+    publish.clean_stale_staging(root)  # left by a killed writer (never a live one's)
+    publish.remove_old_versions(root)  # superseded by an overwrite more than an hour ago
+    staging = publish.new_staging(root, "predictions")  # this writer's, owned by its pid
+    try:
+        for inputs, outputs in _inference(_pending_loader(loader, done), model, predict_kwargs):
+            scan_id = inputs["scan_id"]
+            if scan_id in done or (not overwrite and store.has(scan_id)):
+                if scan_id not in skipped:
+                    skipped.append(scan_id)
+                continue
+            scores = _write_scan(staging / f"{scan_id}.{uuid.uuid4().hex[:12]}", root, scan_id, outputs, meta)
+            written.append(scan_id)
+            dice[scan_id] = scores
+            if bar is not None:
+                bar.add(1)
+            del outputs  # the caller of inference holds one scan's output at a time
+    finally:
+        publish.remove_staging(staging)
+    return PredictionSummary(root, tuple(written), tuple(sorted(skipped)), dice)
+
+
+def _normalized(categories: Any) -> Any:
+    if not categories:
+        return None
+    return tuple(tuple(c) if isinstance(c, (list, tuple)) else (int(c),) for c in categories)
+
+
+def _inference(
+    loader: Any, model: Any, predict_kwargs: dict[str, Any]
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    if not getattr(loader, "scans", True):  # every scan already written
+        return iter(())
+    return iter(loader.inference(model, **predict_kwargs))

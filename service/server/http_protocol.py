@@ -1,0 +1,76 @@
+"""uvicorn's h11 protocol with a deadline for request headers.
+
+uvicorn closes idle keep-alive connections, but a connection that sends part of a request line
+or of its headers and then nothing is kept open forever (300 such connections stayed open), each
+holding a socket and a file descriptor. Here every connection must complete its request headers
+within ``header_timeout`` seconds of opening, or of its previous response; a request being read
+or answered is never cut (the deadline only closes a connection still waiting for headers).
+Header size is bounded by h11 (``MAX_HEADER_BYTES``; larger is answered 400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service.server.settings import DEFAULT_HEADER_TIMEOUT, ENV_HEADER_TIMEOUT, positive_seconds
+
+MAX_HEADER_BYTES = 64 * 1024
+# For ``--workers N`` uvicorn imports the protocol in each worker process by name.
+PROTOCOL_IMPORT = "service.server.http_protocol:GuardedH11Protocol"
+
+
+def header_timeout_from_env() -> float:
+    text = os.environ.get(ENV_HEADER_TIMEOUT, "").strip()
+    return positive_seconds(ENV_HEADER_TIMEOUT, text) if text else DEFAULT_HEADER_TIMEOUT
+
+
+class GuardedH11Protocol(H11Protocol):
+    """H11Protocol that closes connections whose request headers do not arrive in time."""
+
+    header_timeout: float | None = None  # None: $SCANCACHE_HEADER_TIMEOUT or the default
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._header_deadline: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        self._cancel_header_deadline()
+        seconds = self.header_timeout if self.header_timeout is not None else header_timeout_from_env()
+        self._header_deadline = self.loop.call_later(seconds, self._on_header_deadline)
+
+    def _cancel_header_deadline(self) -> None:
+        handle = getattr(self, "_header_deadline", None)
+        if handle is not None:
+            handle.cancel()
+            self._header_deadline = None
+
+    def _on_header_deadline(self) -> None:
+        self._header_deadline = None
+        # IDLE: the client has not finished a request line and headers since the last response.
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def with_header_timeout(seconds: float) -> type[GuardedH11Protocol]:
+    """The protocol class with a fixed deadline (one process: no import by name needed)."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout": float(seconds)})
+
+
+def uvicorn_options(header_timeout: float, workers: int = 1) -> dict[str, Any]:
+    """The uvicorn keywords every way of starting the server uses (CLI, tests)."""
+    protocol: Any = PROTOCOL_IMPORT if workers > 1 else with_header_timeout(header_timeout)
+    return {"http": protocol, "h11_max_incomplete_event_size": MAX_HEADER_BYTES}

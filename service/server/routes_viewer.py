@@ -1,0 +1,50 @@
+"""``GET /viewer``: a page to look at the store, served by the app itself (no CDN, offline).
+
+Plain HTML, JS and CSS shipped as package data (``service/server/static``); the page reads the
+REST API (scans with filters, metadata with Dice, ``preview.png``). The page and its files hold
+no data, so they need no token; the page sends the token the user types to every API call.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+from starlette.responses import Response
+
+from client.errors import ArrayNotFound
+from service.server.errors import error_responses
+
+router = APIRouter(tags=["viewer"])
+
+STATIC_PREFIX = "/viewer/static/"
+STATIC_FILES = {"viewer.js": "text/javascript", "viewer.css": "text/css"}
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+def _static(name: str) -> bytes:
+    return resources.files("service.server").joinpath("static", name).read_bytes()
+
+
+@router.get(
+    "/viewer",
+    summary="The viewer page: scans with filters, a slice slider and axis, overlays, Dice",
+    response_class=Response,
+    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}, "description": "The page."}},
+)
+async def viewer_page() -> Response:
+    return Response(_static("viewer.html"), media_type="text/html; charset=utf-8", headers=NO_CACHE)
+
+
+@router.get(
+    "/viewer/static/{name}",
+    summary="The viewer's script and style sheet",
+    response_class=Response,
+    responses={200: {"description": "The file."}, **error_responses(404)},
+)
+async def viewer_static(name: Annotated[str, Path(description="`viewer.js` or `viewer.css`")]) -> Response:
+    media_type = STATIC_FILES.get(name)
+    if media_type is None:  # a fixed list: nothing else of the package is reachable
+        raise ArrayNotFound(f"no viewer file {name!r}")
+    return Response(_static(name), media_type=f"{media_type}; charset=utf-8", headers=NO_CACHE)

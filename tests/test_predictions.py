@@ -1,0 +1,138 @@
+"""``loaders.write_predictions``: a predictions store exact against numpy, atomic, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from live_server import live_server
+
+from loaders import Config, DatasetCatalog, build_loader, write_predictions
+
+CENTERS = np.array([40.0, 80.0, 100.0, 120.0, 160.0], np.float32)
+
+
+def softmax_model(x):
+    """A pointwise numpy 'model': softmax over closeness of each voxel to five intensities."""
+    x = np.asarray(x, np.float32)
+    scores = -(((x - CENTERS) / np.float32(30.0)) ** 2)
+    scores -= scores.max(axis=-1, keepdims=True)
+    e = np.exp(scores)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def reference(image, mask):
+    """Expected probabilities, labels and Dice, from the raw arrays with numpy alone."""
+    probs = softmax_model(image.astype(np.float32)[..., None])
+    labels = probs.argmax(-1)  # channel 0 is background -> 0; channel k -> category k-1 = label k
+    dice = []
+    for k in range(mask.shape[-1]):
+        truth, pred = mask[..., k] > 0, labels == k + 1
+        total = truth.sum() + pred.sum()
+        dice.append(2 * (truth & pred).sum() / total if total else 1.0)
+    return probs.astype(np.float16), labels.astype(np.uint8), dice
+
+
+@pytest.fixture(scope="module")
+def train_dataset(small_store):
+    root, truth = small_store
+    DatasetCatalog.remove("pred_train")
+    DatasetCatalog.register("pred_train", str(root), split="train")
+    yield "pred_train", truth
+    DatasetCatalog.remove("pred_train")
+
+
+def make_loader(name, tag="DefaultDataLoader", **extra):
+    cfg = Config(TAG=tag, CATEGORIES=(0, 1, 2, 3), INCLUDE_BACKGROUND=True, **extra)
+    return build_loader(cfg, name, batch_size=4, is_test=True, shuffle=False, drop_last=False)
+
+
+def check_store(path, truth, scan_ids, loader="DefaultDataLoader"):
+    group = zarr.open_group(str(path), mode="r")
+    for scan_id in scan_ids:
+        image, mask = truth[scan_id]
+        probs, labels, dice = reference(image, mask)
+        scan = group[scan_id]
+        assert scan["probabilities"].dtype == np.float16 and scan["label_map"].dtype == np.uint8
+        np.testing.assert_array_equal(scan["probabilities"][...], probs)
+        np.testing.assert_array_equal(scan["label_map"][...], labels)
+        attrs = scan.attrs["prediction"]
+        np.testing.assert_allclose(attrs["dice"], dice, rtol=0, atol=1e-12)
+        assert attrs["categories"] == [0, 1, 2, 3] and attrs["include_background"] is True
+        assert attrs["written_at"].endswith("+00:00") and attrs["written_by"]["loader"] == loader
+
+
+def test_written_store_matches_numpy_and_reruns_skip(train_dataset, tmp_path, capsys):
+    name, truth = train_dataset
+    path = tmp_path / "pred"
+    summary = write_predictions(make_loader(name), softmax_model, path)
+    scan_ids = ["0000001_V00-Aug00", "0000001_V01-Aug00"]
+    assert list(summary.written) == scan_ids and summary.skipped == ()
+    check_store(path, truth, scan_ids)
+    assert not (path / ".staging").exists()  # this writer's staging is gone
+    assert all((path / s).is_symlink() for s in scan_ids)  # published as versions (client/publish.py)
+
+    stamps = {s: (path / s / "zarr.json").stat().st_mtime_ns for s in scan_ids}
+    again = write_predictions(make_loader(name), softmax_model, path)
+    assert again.written == () and list(again.skipped) == scan_ids
+    assert {s: (path / s / "zarr.json").stat().st_mtime_ns for s in scan_ids} == stamps
+
+    # a half-written scan (left in staging by a crash) is invisible; overwrite redoes every scan
+    (path / ".staging" / "crashed-writer" / "0000001_V00-Aug00.1234").mkdir(parents=True)
+    assert [s for s in zarr.open_group(str(path), mode="r").group_keys() if not s.startswith(".")] == scan_ids
+    old = {s: (path / s).resolve() for s in scan_ids}
+    capsys.readouterr()
+    redo = write_predictions(make_loader(name), softmax_model, path, overwrite=True, progress=True)
+    assert list(redo.written) == scan_ids
+    assert "2/2" in capsys.readouterr().out  # the progress bar (shown on a terminal by default)
+    assert all((path / s).resolve() != old[s] for s in scan_ids)
+    assert not (path / ".staging").exists()  # the dead writer's folder was cleaned
+    check_store(path, truth, scan_ids)
+
+
+def test_patch_loader_and_remote_dataset_write_the_same(train_dataset, small_store, tmp_path):
+    name, truth = train_dataset
+    root, _ = small_store
+    patch = make_loader(name, "PatchDataLoader", IMG_SIZE=(16, 16, 4, 1), IMG_STRIDE=(12, 12, 3))
+    write_predictions(patch, softmax_model, tmp_path / "patch")
+    check_store(tmp_path / "patch", truth, ["0000001_V00-Aug00", "0000001_V01-Aug00"], "PatchDataLoader")
+    with live_server(root) as url:
+        DatasetCatalog.remove("pred_remote")
+        DatasetCatalog.register("pred_remote", url, split="train")
+        try:
+            write_predictions(make_loader("pred_remote"), softmax_model, tmp_path / "remote")
+        finally:
+            DatasetCatalog.remove("pred_remote")
+    check_store(tmp_path / "remote", truth, ["0000001_V00-Aug00", "0000001_V01-Aug00"])
+
+
+def test_refuses_to_write_into_a_scan_store(train_dataset, small_store):
+    name, _ = train_dataset
+    root, _ = small_store
+    before = json.loads((root / "zarr.json").read_text())
+    with pytest.raises(ValueError, match="not a predictions store"):
+        write_predictions(make_loader(name), softmax_model, root)
+    assert json.loads((root / "zarr.json").read_text()) == before
+
+
+def test_prediction_is_an_ngff_label_image(train_dataset, tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    name, truth = train_dataset
+    path = tmp_path / "pred"
+    write_predictions(make_loader(name), softmax_model, path)
+    scan_id = "0000001_V00-Aug00"
+    nodes = list(Reader(parse_url(str(path / scan_id)))())
+    node = nodes[0]
+    assert any(isinstance(spec, Label) for spec in node.specs)
+    _, labels, _ = reference(*truth[scan_id])
+    np.testing.assert_array_equal(np.asarray(node.data[0]), labels)
+    assert [a["name"] for a in node.metadata["axes"]] == ["y", "x", "z"]
+
+    from ome_zarr_models.v05.image_label import ImageLabel  # a second, strict NGFF 0.5 reader
+
+    model = ImageLabel.from_zarr(zarr.open_group(str(path / scan_id), mode="r"))
+    assert [c.label_value for c in model.attributes.ome.image_label.colors] == [1, 2, 3, 4]

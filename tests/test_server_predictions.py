@@ -1,0 +1,245 @@
+"""``scancache serve --predictions``: prediction routes, previews and the scan listing's Dice."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+import zarr
+from live_server import live_server
+from PIL import Image
+from test_predictions import softmax_model
+
+from client.ome import CLASS_COLORS
+from loaders import Config, DatasetCatalog, build_loader, write_predictions
+from service.cli import build_parser
+
+WITH_PREDICTION = ["0000001_V00-Aug00", "0000001_V01-Aug00"]
+
+
+@pytest.fixture(scope="module")
+def served(small_store, tmp_path_factory):
+    root, truth = small_store
+    pred = tmp_path_factory.mktemp("served") / "pred"
+    DatasetCatalog.remove("served_train")
+    DatasetCatalog.register("served_train", str(root), split="train")
+    cfg = Config(TAG="DefaultDataLoader", CATEGORIES=(0, 1, 2, 3), INCLUDE_BACKGROUND=True)
+    loader = build_loader(cfg, "served_train", batch_size=4, is_test=True, shuffle=False, drop_last=False)
+    write_predictions(loader, softmax_model, pred)
+    DatasetCatalog.remove("served_train")
+    with live_server(root, predictions=pred) as url:
+        yield url, truth, zarr.open_group(str(pred), mode="r")
+
+
+def png(response):
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+
+
+def expected_grey(plane, lo, hi):
+    g = np.clip(np.rint((plane.astype(np.float64) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+def blend(rgb, where, k):
+    out = rgb.astype(np.float32)
+    out[where] = 0.5 * out[where] + 0.5 * np.asarray(CLASS_COLORS[k], np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def test_listing_has_prediction_and_dice_and_filters(served):
+    url, _, pred = served
+    scans = httpx.get(f"{url}/scans").json()["scans"]
+    by_id = {s["scan_id"]: s for s in scans}
+    assert len(by_id) == 4
+    for scan_id, doc in by_id.items():
+        assert doc["has_prediction"] is (scan_id in WITH_PREDICTION)
+        expected = pred[scan_id].attrs["prediction"]["dice"] if scan_id in WITH_PREDICTION else None
+        assert doc["prediction_dice"] == expected
+    yes = httpx.get(f"{url}/scans", params={"has_prediction": "true"}).json()["scans"]
+    no = httpx.get(f"{url}/scans", params={"has_prediction": "false", "split": "valid"}).json()["scans"]
+    assert [s["scan_id"] for s in yes] == WITH_PREDICTION
+    assert [s["scan_id"] for s in no] == ["0000002_V00-Aug00"]
+    one = httpx.get(f"{url}/scans/{WITH_PREDICTION[0]}").json()
+    assert (
+        one["has_prediction"] is True
+        and one["prediction_dice"] == by_id[WITH_PREDICTION[0]]["prediction_dice"]
+    )
+
+
+def test_prediction_and_label_map_regions(served):
+    url, _, pred = served
+    scan_id = WITH_PREDICTION[0]
+    r = httpx.get(f"{url}/scans/{scan_id}/prediction", params={"roi": "3:20,-10:,4"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
+    got = np.load(io.BytesIO(r.content))
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, pred[scan_id]["probabilities"][3:20, -10:, 4:5, :])
+    again = httpx.get(
+        f"{url}/scans/{scan_id}/prediction",
+        params={"roi": "3:20,-10:,4"},
+        headers={"If-None-Match": r.headers["etag"]},
+    )
+    assert again.status_code == 304
+    labels = np.load(io.BytesIO(httpx.get(f"{url}/scans/{scan_id}/prediction/label_map").content))
+    np.testing.assert_array_equal(labels, pred[scan_id]["label_map"][...])
+
+
+def test_prediction_errors_are_one_line_4xx(served):
+    url, _, _ = served
+    none = httpx.get(f"{url}/scans/0000002_V00-Aug00/prediction")
+    assert none.status_code == 404 and none.json()["detail"] == "scan '0000002_V00-Aug00' has no prediction"
+    assert httpx.get(f"{url}/scans/0009999_V00-Aug00/prediction/label_map").status_code == 404
+    bad = httpx.get(f"{url}/scans/{WITH_PREDICTION[0]}/prediction", params={"roi": "0:99"})
+    assert bad.status_code == 422 and bad.json()["param"] == "roi"
+
+
+def test_limits_and_auth_apply(small_store, served, tmp_path):
+    root, _ = small_store
+    _, _, pred = served
+    pred_path = pred.store.root
+    with live_server(root, token="s3cret", max_bytes=1000, predictions=pred_path) as url:
+        scan = WITH_PREDICTION[0]
+        assert httpx.get(f"{url}/scans/{scan}/prediction").status_code == 401
+        assert httpx.get(f"{url}/scans/{scan}/preview.png").status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        big = httpx.get(f"{url}/scans/{scan}/prediction", headers=auth)
+        assert big.status_code == 413 and "--max-bytes" in big.json()["detail"]
+        small = httpx.get(
+            f"{url}/scans/{scan}/prediction/label_map", params={"roi": "0:10,0:10,0"}, headers=auth
+        )
+        assert small.status_code == 200
+        page = httpx.get(f"{url}/viewer")  # the page holds no data: no token needed
+        assert page.status_code == 200 and "scancache viewer" in page.text
+        assert httpx.get(f"{url}/viewer/static/viewer.js").status_code == 200
+        assert httpx.get(f"{url}/viewer/static/secret.py").status_code == 404
+
+
+def test_preview_pixels_are_exact(served):
+    url, truth, pred = served
+    scan_id = WITH_PREDICTION[0]
+    image, mask = truth[scan_id]
+    lo, hi = 50.0, 150.0
+    base = f"{url}/scans/{scan_id}/preview.png"
+    plain = png(httpx.get(base, params={"z": 5, "window": f"{lo},{hi}"}))
+    np.testing.assert_array_equal(plain, expected_grey(image[:, :, 5], lo, hi))
+
+    with_mask = png(httpx.get(base, params={"z": 5, "window": f"{lo},{hi}", "overlay": "mask"}))
+    expected = expected_grey(image[:, :, 5], lo, hi)
+    for k in range(mask.shape[-1]):
+        expected = blend(expected, mask[:, :, 5, k] > 0, k)
+    np.testing.assert_array_equal(with_mask, expected)
+
+    labels = pred[scan_id]["label_map"][7, :, :]  # axis=y: rows x, columns z
+    side = png(httpx.get(base, params={"z": 7, "axis": "y", "window": f"{lo},{hi}", "overlay": "prediction"}))
+    expected = expected_grey(image[7, :, :], lo, hi)
+    for k in range(4):
+        expected = blend(expected, labels == k + 1, k)
+    np.testing.assert_array_equal(side, expected)
+
+    big = png(httpx.get(base, params={"z": 5, "window": f"{lo},{hi}", "scale": 3}))
+    np.testing.assert_array_equal(big, np.repeat(np.repeat(plain, 3, axis=0), 3, axis=1))
+
+    default = png(httpx.get(base, params={"z": 5}))  # window from the stored statistics
+    stats = httpx.get(f"{url}/scans/{scan_id}").json()["intensity"]
+    lo_d = max(stats["min"], stats["mean"] - 3 * stats["std"])
+    hi_d = min(stats["max"], stats["mean"] + 3 * stats["std"])
+    np.testing.assert_array_equal(default, expected_grey(image[:, :, 5], lo_d, hi_d))
+
+
+def test_preview_errors_name_the_parameter(served):
+    url, _, _ = served
+    base = f"{url}/scans/{WITH_PREDICTION[0]}/preview.png"
+    for params, param in (
+        ({"z": 12}, "z"),
+        ({"z": -1}, "z"),
+        ({"z": 40, "axis": "x"}, "z"),
+        ({"axis": "w"}, "axis"),
+        ({"scale": 9}, "scale"),
+        ({"window": "5"}, "window"),
+        ({"window": "9,1"}, "window"),
+        ({"overlay": "both"}, "overlay"),
+    ):
+        r = httpx.get(base, params=params)
+        assert r.status_code == 422 and r.json()["param"] == param, (params, r.text)
+        assert "\n" not in r.json()["detail"]
+    r = httpx.get(f"{url}/scans/0000002_V00-Aug00/preview.png", params={"overlay": "prediction"})
+    assert r.status_code == 404
+    r = httpx.get(f"{url}/scans/0000003_V00-Aug01/preview.png", params={"overlay": "mask"})
+    assert r.status_code == 404 and "has no mask" in r.json()["detail"]
+
+
+def test_openapi_describes_the_new_routes(served):
+    url, _, _ = served
+    paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+    for route in (
+        "/scans/{scan_id}/prediction",
+        "/scans/{scan_id}/prediction/label_map",
+        "/scans/{scan_id}/preview.png",
+    ):
+        responses = paths[route]["get"]["responses"]
+        assert {"200", "401", "404", "413", "422"} <= responses.keys()
+    assert "/viewer" in paths
+    params = {p["name"] for p in paths["/scans"]["get"]["parameters"]}
+    assert "has_prediction" in params
+
+
+def test_serve_parser_takes_predictions():
+    args = build_parser().parse_args(["serve", "store", "--predictions", "pred"])
+    assert args.predictions == "pred"
+
+
+def test_demo_preview_is_the_served_preview(served, small_store, tmp_path):
+    from examples.demo import save_preview
+
+    url, _, pred = served
+    root, _ = small_store
+    scan_id = WITH_PREDICTION[1]
+    saved = save_preview(root, pred.store.root, scan_id, tmp_path / "preview.png")
+    got = np.asarray(Image.open(saved).convert("RGB"))
+    r = httpx.get(f"{url}/scans/{scan_id}/preview.png", params={"overlay": "prediction", "scale": 2})
+    np.testing.assert_array_equal(got, png(r))
+
+
+def test_per_slice_dataset_prediction_and_its_preview(small_store, tmp_path):
+    """A MedSegPy per-slice dataset predicts some slices only: stored as such, previewed in place."""
+    from loaders.catalog import scan_dict, shared_source
+
+    root, truth = small_store
+    scan_id = WITH_PREDICTION[0]
+    meta = shared_source(str(root)).metadata(scan_id)
+    picked = (2, 3, 7)  # slice_id is 1-indexed: z = 1, 2, 6
+    DatasetCatalog.remove("per_slice")
+    DatasetCatalog.register(
+        "per_slice", lambda: [{**scan_dict(str(root), meta), "slice_id": z} for z in picked]
+    )
+    cfg = Config(TAG="DefaultDataLoader", CATEGORIES=(0, 1, 2, 3), INCLUDE_BACKGROUND=True)
+    try:
+        loader = build_loader(cfg, "per_slice", batch_size=2, is_test=True, shuffle=False, drop_last=False)
+        write_predictions(loader, softmax_model, tmp_path / "pred")
+    finally:
+        DatasetCatalog.remove("per_slice")
+    group = zarr.open_group(str(tmp_path / "pred" / scan_id), mode="r")
+    assert group.attrs["prediction"]["slices"] == [1, 2, 6]
+    labels = group["label_map"][...]
+    assert labels.shape == (40, 36, 3)
+    image = truth[scan_id][0]
+    with live_server(root, predictions=tmp_path / "pred") as url:
+        base = f"{url}/scans/{scan_id}/preview.png"
+        at6 = png(httpx.get(base, params={"z": 6, "overlay": "prediction", "window": "50,150"}))
+        expected = expected_grey(image[:, :, 6], 50.0, 150.0)
+        for k in range(4):
+            expected = blend(expected, labels[:, :, 2] == k + 1, k)
+        np.testing.assert_array_equal(at6, expected)
+        missing = httpx.get(base, params={"z": 5, "overlay": "prediction"})
+        assert missing.status_code == 404 and "slice 5" in missing.json()["detail"]
+        side = png(httpx.get(base, params={"z": 4, "axis": "x", "overlay": "prediction", "window": "50,150"}))
+        expected = expected_grey(image[:, 4, :], 50.0, 150.0)
+        full = np.zeros((40, 12), np.uint8)
+        full[:, [1, 2, 6]] = labels[:, 4, :]
+        for k in range(4):
+            expected = blend(expected, full == k + 1, k)
+        np.testing.assert_array_equal(side, expected)

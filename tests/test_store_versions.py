@@ -1,0 +1,254 @@
+"""Store format 2: versioned scan folders behind atomic symlinks, readers during a re-publish,
+format refusal, old-version removal, bounded reader caches, the job lock and staging."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import client.local as local_mod
+from client import publish
+from client.layout import StoreFormatError
+from client.local import LocalSource
+from service.job_lock import JobLock, StoreLocked
+from service.store import ensure_store, write_scan
+
+SCAN = "0000001_V00-Aug00"
+
+
+def _strict(text):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _volume(seed, shape=(12, 10, 6)):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=shape).astype(np.float32)
+    mask = (rng.random((*shape, 2)) > 0.5).astype(np.uint8)
+    return image, mask
+
+
+def test_scan_is_a_relative_symlink_to_a_complete_version(tmp_path):
+    image, mask = _volume(0)
+    write_scan(tmp_path, SCAN, image, mask, {"split": "train"})
+    link = tmp_path / SCAN
+    target = os.readlink(link)
+    assert link.is_symlink() and target.startswith(f".versions/{SCAN}/") and not os.path.isabs(target)
+    version = publish.current_version(tmp_path, SCAN)
+    assert target == f".versions/{SCAN}/{version}"
+    root_doc = _strict((tmp_path / "zarr.json").read_text())
+    assert root_doc["attributes"] == {"scancache": {"format": 2}}
+    attrs = _strict((link / "zarr.json").read_text())["attributes"]
+    assert set(attrs["manifest"]) >= {"image/zarr.json", "mask/zarr.json"}
+    # plain zarr-python follows the link
+    group = zarr.open_group(str(tmp_path), mode="r")
+    np.testing.assert_array_equal(group[SCAN]["image"][...], image)
+    np.testing.assert_array_equal(group[SCAN]["mask"][...], mask)
+    assert not (tmp_path / ".staging").exists()
+
+
+def test_republish_under_a_reader_never_mixes_versions(tmp_path):
+    versions = [_volume(1), _volume(2)]
+    write_scan(tmp_path, SCAN, *versions[0], {})
+    source = LocalSource(tmp_path, cache_bytes=0)
+    first = publish.current_version(tmp_path, SCAN)
+    old_folder = tmp_path / ".versions" / SCAN / first
+    np.testing.assert_array_equal(source.read_image(SCAN), versions[0][0])
+
+    seen, problems, stop = set(), [], threading.Event()
+
+    def read_forever():
+        while not stop.is_set():
+            image, mask = source.read_image(SCAN), source.read_mask(SCAN)
+            which = [i for i, (im, _) in enumerate(versions) if np.array_equal(image, im)]
+            if len(which) != 1:
+                problems.append("image matches no published version (a gap or a mix)")
+            if not any(np.array_equal(mask, m) for _, m in versions):
+                problems.append("mask matches no published version")
+            seen.update(which)
+
+    reader = threading.Thread(target=read_forever)
+    reader.start()
+    try:
+        for i in range(8):
+            write_scan(tmp_path, SCAN, *versions[(i + 1) % 2], {})
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        reader.join()
+    assert not problems and seen <= {0, 1}
+    # 8 re-publishes: the last is version 0's data again; publish once more for version 1
+    write_scan(tmp_path, SCAN, *versions[1], {})
+    np.testing.assert_array_equal(source.read_image(SCAN), versions[1][0])
+    np.testing.assert_array_equal(source.read_mask(SCAN), versions[1][1])
+    # a reader holding the first version (its folder) still reads it exactly
+    np.testing.assert_array_equal(zarr.open_array(str(old_folder / "image"), mode="r")[...], versions[0][0])
+    assert publish.remove_old_versions(tmp_path, grace_s=3600) == []
+    removed = publish.remove_old_versions(tmp_path, grace_s=0)
+    assert len(removed) == 9 and not old_folder.exists()
+    assert os.listdir(tmp_path / ".versions" / SCAN) == [publish.current_version(tmp_path, SCAN)]
+    np.testing.assert_array_equal(LocalSource(tmp_path).read_image(SCAN), versions[1][0])
+
+
+def test_reads_in_one_call_come_from_one_version(tmp_path):
+    """A call resolves the link once: image and mask of one read_regions belong together."""
+    from client.protocol import RegionRequest
+
+    versions = [_volume(3), _volume(4)]
+    write_scan(tmp_path, SCAN, *versions[0], {})
+    source = LocalSource(tmp_path, cache_bytes=0)
+    stop, bad = threading.Event(), []
+
+    def publisher():
+        i = 1
+        while not stop.is_set():
+            write_scan(tmp_path, SCAN, *versions[i % 2], {})
+            i += 1
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    try:
+        for _ in range(40):
+            image, mask = source.read_regions([RegionRequest(SCAN, "image"), RegionRequest(SCAN, "mask")])
+            if not any(np.array_equal(image, im) and np.array_equal(mask, m) for im, m in versions):
+                bad.append(1)
+    finally:
+        stop.set()
+        thread.join()
+    assert not bad
+
+
+@pytest.mark.parametrize("found", [1, 3])
+def test_another_format_is_refused_in_one_line(tmp_path, found):
+    (tmp_path / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"scancache": {"format": found}}})
+    )
+    for opener in (LocalSource, ensure_store):
+        with pytest.raises(StoreFormatError) as info:
+            opener(tmp_path)
+        message = str(info.value)
+        assert "\n" not in message and str(tmp_path) in message
+        assert f"store format {found}" in message and "reads format 2" in message
+        assert "re-run `scancache preprocess` into a new store" in message
+
+
+def test_local_source_caches_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_mod, "META_CACHE_ENTRIES", 2)
+    monkeypatch.setattr(local_mod, "ARRAY_CACHE_ENTRIES", 3)
+    truth = {}
+    for i in range(5):
+        scan = f"000000{i}_V00-Aug00"
+        truth[scan] = _volume(10 + i, shape=(4, 4, 2))
+        write_scan(tmp_path, scan, *truth[scan], {})
+    source = LocalSource(tmp_path, cache_bytes=0)
+    for _ in range(2):
+        for scan, (image, mask) in truth.items():
+            np.testing.assert_array_equal(source.read_image(scan), image)
+            np.testing.assert_array_equal(source.read_mask(scan), mask)
+            assert len(source._meta) <= 2 and len(source._arrays) <= 3
+
+
+def test_unpublished_versions_go_after_the_grace_period(tmp_path):
+    write_scan(tmp_path, SCAN, *_volume(5), {})
+    assert publish.unpublish(tmp_path, SCAN)
+    assert SCAN not in LocalSource(tmp_path).scan_ids()
+    assert publish.remove_old_versions(tmp_path, grace_s=3600) == []
+    assert len(publish.remove_old_versions(tmp_path, grace_s=0)) == 1
+    assert not (tmp_path / ".versions" / SCAN).exists()
+
+
+def _dead_pid():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(proc.stdout)
+
+
+def test_job_lock_fails_at_once_waits_and_takes_over_stale_locks(tmp_path):
+    ensure_store(tmp_path)
+    with JobLock(tmp_path):
+        lock = _strict((tmp_path / ".lock").read_text())
+        assert lock["pid"] == os.getpid() and lock["host"] and lock["started"] > 0
+        with pytest.raises(StoreLocked) as info:
+            JobLock(tmp_path).acquire()
+        message = str(info.value)
+        assert "\n" not in message and f"pid {os.getpid()}" in message and "--wait" in message
+    assert not (tmp_path / ".lock").exists()
+
+    held = JobLock(tmp_path)
+    held.acquire()
+    timer = threading.Timer(0.5, held.release)
+    timer.start()
+    notes = []
+    with JobLock(tmp_path, wait=True, warn=notes.append, poll_s=0.05):
+        assert not held.held
+    timer.join()
+    assert any("waiting" in n for n in notes)
+
+    import socket
+
+    stale = {"host": socket.gethostname(), "pid": _dead_pid(), "started": 1.0}
+    (tmp_path / ".lock").write_text(json.dumps(stale))
+    notes = []
+    with JobLock(tmp_path, warn=notes.append):
+        assert _strict((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert any("took over" in n and str(stale["pid"]) in n for n in notes)
+
+
+def test_stale_staging_of_dead_writers_only_is_removed(tmp_path):
+    ensure_store(tmp_path)
+    mine = publish.new_staging(tmp_path, "job")
+    dead = publish.new_staging(tmp_path, "job")
+    owner = _strict((dead / "owner.json").read_text())
+    (dead / "owner.json").write_text(json.dumps({**owner, "pid": _dead_pid()}))
+    assert publish.clean_stale_staging(tmp_path) == 1
+    assert mine.is_dir() and not dead.exists()
+
+
+def test_array_steps_see_every_slab_and_publish_with_the_scan(tmp_path, monkeypatch):
+    from service import store as store_mod
+
+    seen = []
+
+    class SliceSums(store_mod.ArrayStep):
+        name = "slice_sums"
+
+        def on_slab(self, z0, image, mask):
+            seen.append((z0, image.shape[2]))
+            self.sums = getattr(self, "sums", []) + [
+                float(image[:, :, k].sum()) for k in range(image.shape[2])
+            ]
+
+        def finish(self):
+            np.save(self.staged.work / "slice_sums.npy", np.array(self.sums))
+            return {"slice_sums": True}
+
+    monkeypatch.setattr(store_mod, "ARRAY_STEPS", [SliceSums])
+    image, mask = _volume(6, shape=(8, 8, 20))
+    attrs = write_scan(tmp_path, SCAN, image, mask, {})
+    assert attrs["slice_sums"] is True and "slice_sums.npy" in attrs["manifest"]
+    assert [z0 for z0, _ in seen] == sorted({z0 for z0, _ in seen}) and sum(n for _, n in seen) == 20
+    stored = np.load(tmp_path / SCAN / "slice_sums.npy")
+    np.testing.assert_array_equal(stored, [float(image[:, :, k].sum()) for k in range(20)])
+
+    class Broken(store_mod.ArrayStep):
+        def finish(self):
+            raise RuntimeError("derived array failed")
+
+    monkeypatch.setattr(store_mod, "ARRAY_STEPS", [Broken])
+    before = publish.current_version(tmp_path, SCAN)
+    with pytest.raises(RuntimeError):
+        write_scan(tmp_path, SCAN, *_volume(7, shape=(8, 8, 20)), {})
+    assert publish.current_version(tmp_path, SCAN) == before
+    assert not (tmp_path / ".staging").exists()
+    np.testing.assert_array_equal(LocalSource(tmp_path).read_image(SCAN), image)
