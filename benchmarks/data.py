@@ -34,10 +34,11 @@ def prepare(work: Path, quick: bool, layout: ChunkLayout | None = None) -> Bench
     stamp = root / "source" / f".complete-{shape[0]}x{shape[1]}x{shape[2]}x{subjects}"
     if not stamp.exists():
         shutil.rmtree(root / "source", ignore_errors=True)
-        data: SampleData = write_sample_data(
-            root / "source", subjects=subjects, visits=1, shape=shape, num_classes=NUM_CLASSES,
-            fmt="both", splits=None, seed=0,
-        )  # fmt: skip
+        for kind in ("2d", "3d"):  # the same scans in each form (same seed), one folder each
+            data: SampleData = write_sample_data(
+                root / "source" / kind, subjects=subjects, visits=1, shape=shape, num_classes=NUM_CLASSES,
+                fmt=kind, splits=None, seed=0,
+            )  # fmt: skip
         stamp.touch()
         ids = [s.scan_id for s in data.scans]
     else:

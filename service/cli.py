@@ -193,10 +193,9 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
         splits=splits,
         dtype=args.dtype,
     )
-    for kind, root in data.roots.items():
-        print(f"wrote {len(data.scans)} {kind.upper()} scans of {'x'.join(map(str, args.shape))} to {root}")
-    if len(data.roots) > 1:  # the same scans twice: one source each
-        print(f"convert each folder on its own, e.g. scancache preprocess {data.roots['2d']} STORE")
+    kinds = ", ".join(f"{data.count(k)} {k.upper()}" for k in ("2d", "3d") if data.count(k))
+    print(f"wrote {kinds} scans of {'x'.join(map(str, args.shape))} to {data.root}")
+    print(f"convert them with: scancache preprocess {data.root} STORE")
     return 0
 
 
@@ -367,7 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visits", type=positive_int, default=2, help="default: %(default)s")
     p.add_argument("--shape", type=shape3, default=(96, 96, 24), metavar="H,W,D", help="default: 96,96,24")
     p.add_argument("--classes", type=positive_int, default=4, help="default: %(default)s")
-    p.add_argument("--format", choices=("2d", "3d", "both"), default="2d", help="default: %(default)s")
+    p.add_argument(
+        "--format",
+        choices=("2d", "3d", "both"),
+        default="2d",
+        help="2d: .im/.seg slice files; 3d: one .h5 volume a scan; both: odd subjects as slices, "
+        "even ones as volumes, in one source (default: %(default)s)",
+    )
     p.add_argument(
         "--dtype", choices=("float32", "int16", "uint16"), default="float32", help="default: %(default)s"
     )

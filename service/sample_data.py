@@ -8,7 +8,9 @@ small per-subject jitter. Later visits lose a little shell thickness (as cartila
 end slices hold no foreground, as in real knee scans.
 
 ``fmt="2d"`` writes MedSegPy slice files (``.im``/``.seg``), ``"3d"`` one ``.h5`` per scan
-(``volume``, ``seg``, ``spacing``), ``"both"`` the two side by side under ``2d/`` and ``3d/``.
+(``volume``, ``seg``, ``spacing``), ``"both"`` a mixed source that ``scancache preprocess``
+converts in one run: odd-numbered subjects as slice files, even-numbered ones as volumes, in
+the same folders (as when two sites export differently; every scan id appears once).
 Subjects are spread over the split folders (``train``/``valid``/``test``) by subject, so no
 subject is in two splits.
 """
@@ -42,15 +44,18 @@ class SampleScan:
     time_point: int
     shape: tuple[int, int, int]
     num_classes: int
+    kind: str = "2d"  # how it was written: "2d" slice files or one "3d" volume
 
 
 @dataclass
 class SampleData:
-    """Where the sample source(s) went: ``roots["2d"]`` and/or ``roots["3d"]``."""
+    """Where the sample source went (one folder, whatever the format) and what it holds."""
 
     root: Path
-    roots: dict[str, Path] = field(default_factory=dict)
     scans: list[SampleScan] = field(default_factory=list)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for s in self.scans if s.kind == kind)
 
 
 def assign_splits(subjects: int, splits: Sequence[str] | None) -> list[str | None]:
@@ -127,17 +132,19 @@ def write_sample_data(
         raise ValueError(f"shape must be three positive integers (H, W, D), got {tuple(shape)}")
     if subjects < 1 or visits < 1 or num_classes < 1:
         raise ValueError("subjects, visits and num_classes must be positive")
+    if fmt == "both" and subjects < 2:
+        raise ValueError("fmt 'both' writes every other subject as volumes: it needs at least 2 subjects")
     out_dtype = np.dtype(dtype)
     root = Path(directory)
     data = SampleData(root=root)
-    kinds = ["2d", "3d"] if fmt == "both" else [fmt]
-    for kind in kinds:
-        data.roots[kind] = root / kind if fmt == "both" else root
     rng = np.random.default_rng(seed)
     vol_shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     for subject_index, split in enumerate(assign_splits(subjects, splits)):
         subject_id = subject_index + 1
         subject_seed = int(rng.integers(2**31))
+        kind = ("2d" if subject_id % 2 else "3d") if fmt == "both" else fmt
+        folder = root / split if split else root
+        folder.mkdir(parents=True, exist_ok=True)
         for visit in range(visits):
             # the same anatomy at every visit (same seed), a little thinner each time
             image, mask = phantom(vol_shape, num_classes, np.random.default_rng(subject_seed), 0.03 * visit)
@@ -149,17 +156,14 @@ def write_sample_data(
                 else image.astype(out_dtype)
             )
             scan_id = f"{subject_id:07d}_V{visit:02d}-Aug00"
-            data.scans.append(SampleScan(scan_id, split, subject_id, visit, vol_shape, num_classes))
-            for kind in kinds:
-                folder = data.roots[kind] / split if split else data.roots[kind]
-                folder.mkdir(parents=True, exist_ok=True)
-                if kind == "2d":
-                    _write_slices(folder, scan_id, stored, mask)
-                else:
-                    with h5py.File(folder / f"{scan_id}.h5", "w") as f:
-                        f.create_dataset("volume", data=stored)
-                        f.create_dataset("seg", data=mask)
-                        f.attrs["spacing"] = SPACING
+            data.scans.append(SampleScan(scan_id, split, subject_id, visit, vol_shape, num_classes, kind))
+            if kind == "2d":
+                _write_slices(folder, scan_id, stored, mask)
+            else:
+                with h5py.File(folder / f"{scan_id}.h5", "w") as f:
+                    f.create_dataset("volume", data=stored)
+                    f.create_dataset("seg", data=mask)
+                    f.attrs["spacing"] = SPACING
     return data
 
 

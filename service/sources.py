@@ -94,7 +94,6 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
         raise EmptySource(f"{source}: is a file; SOURCE must be the folder holding the scans")
     if not root.is_dir():
         raise EmptySource(f"{source}: source folder does not exist")
-    _refuse_sample_data_pair(source, root)
     found = Discovery(root=root)
     refused: set[str] = set()  # scan keys with a refused file: not converted at all
     visited = {str(root)}
@@ -160,20 +159,6 @@ def _link_problem(root: Path, link: Path, visited: set[str] | None) -> str | Non
     if visited is not None and (real in visited or str(root).startswith(real + os.sep)):
         return "symbolic link loop (points to a folder already read); not followed"
     return None
-
-
-def _refuse_sample_data_pair(source: str | os.PathLike[str], root: Path) -> None:
-    """``sample-data --format both`` writes the same scans twice, under ``2d/`` and ``3d/``:
-    as one source they would be every scan in two splits. Say which folder to convert."""
-    try:
-        entries = {e.name for e in os.scandir(root) if not e.name.startswith(".")}
-    except OSError:
-        return
-    if entries == {"2d", "3d"} and (root / "2d").is_dir() and (root / "3d").is_dir():
-        raise EmptySource(
-            f"{source}: holds 2d/ and 3d/ copies of the same scans (sample-data --format both); "
-            f"convert one of them: {Path(source) / '2d'} or {Path(source) / '3d'}"
-        )
 
 
 def _scan_spec(

@@ -132,9 +132,14 @@ def test_sample_data_command(tmp_path, capsys):
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "wrote 2 2D scans of 8x8x3" in out and "wrote 2 3D scans" in out
-    assert len(list((tmp_path / "d" / "2d").rglob("*.im"))) == 6
-    assert len(list((tmp_path / "d" / "3d").rglob("*.h5"))) == 2
+    assert f"wrote 1 2D, 1 3D scans of 8x8x3 to {tmp_path / 'd'}" in out
+    assert f"scancache preprocess {tmp_path / 'd'} STORE" in out
+    assert len(list((tmp_path / "d").rglob("*.im"))) == 3
+    assert len(list((tmp_path / "d").rglob("*.h5"))) == 1
+    assert cli.main(["sample-data", str(tmp_path / "e"), "--subjects", "1", "--format", "both"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("scancache sample-data: error: ") and "at least 2 subjects" in err
+    assert err.count("\n") == 1
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -192,10 +197,11 @@ def test_serve_starts_the_server_with_the_pinned_options(small_store, tmp_path):
 
 def test_preprocess_then_verify_through_the_console_script(tmp_path):
     source, store = tmp_path / "source", tmp_path / "store"
-    assert (
-        run_cli("sample-data", source, "--subjects", "2", "--visits", "1", "--shape", "16,16,4").returncode
-        == 0
+    # one subject as slice files, the other as a volume: one run converts both
+    wrote = run_cli(
+        "sample-data", source, "--subjects", "2", "--visits", "1", "--shape", "16,16,4", "--format", "both"
     )
+    assert wrote.returncode == 0, wrote.stderr
     result = run_cli("preprocess", source, store, "--workers", "1", "--chunks", "8,8,2", "--shard-depth", "4")
     assert result.returncode == 0, result.stderr
     assert "scans: 2 converted, 0 skipped, 0 failed" in result.stdout
@@ -205,6 +211,11 @@ def test_preprocess_then_verify_through_the_console_script(tmp_path):
     assert "\r" not in result.stderr
     layout = json.loads((store / "0000001_V00-Aug00" / "zarr.json").read_text())["attributes"]["layout"]
     assert layout == {"chunks": [8, 8, 2], "shard_depth": 4, "codec": "blosc-lz4"}
+    formats = {
+        scan: json.loads((store / scan / "zarr.json").read_text())["attributes"]["source_format"]
+        for scan in ("0000001_V00-Aug00", "0000002_V00-Aug00")
+    }
+    assert formats == {"0000001_V00-Aug00": "2d", "0000002_V00-Aug00": "3d"}
     verify = run_cli("verify", source, store)
     assert verify.returncode == 0 and "verify: 2 ok; store is exact" in verify.stdout
     assert Path(store / "zarr.json").is_file()

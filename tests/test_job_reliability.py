@@ -20,7 +20,7 @@ from service.sample_data import write_sample_data
 from service.slice_files import load_scan
 from service.sources import discover
 from service.store import manifest_problem
-from tests.h5_sources import random_scan, run_cli, write_slice_files, write_volume_file
+from tests.h5_sources import random_scan, reference, run_cli, write_slice_files, write_volume_file
 
 
 def _strict(text):
@@ -208,14 +208,24 @@ def test_symlinks_inside_are_followed_outside_refused(tmp_path):
     np.testing.assert_array_equal(load_scan(found.scans[0]).image, image)
 
 
-def test_source_that_is_a_file_or_a_sample_data_pair_is_one_line(tmp_path):
+def test_source_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "file.h5").write_bytes(b"")
-    with pytest.raises(EmptySource, match="is a file; SOURCE must be the folder holding the scans"):
+    with pytest.raises(EmptySource, match="is a file; SOURCE must be the folder holding the scans") as info:
         discover(tmp_path / "file.h5")
-    both = tmp_path / "both"
-    data = write_sample_data(both, subjects=1, visits=1, shape=(6, 6, 2), num_classes=1, fmt="both")
-    with pytest.raises(EmptySource, match="holds 2d/ and 3d/ copies of the same scans") as info:
-        discover(both)
     assert "\n" not in str(info.value)
-    for root in data.roots.values():  # each half converts
-        assert [s.scan_id for s in discover(root).scans] == ["0000001_V00-Aug00"]
+
+
+def test_sample_data_both_converts_in_one_run(tmp_path):
+    source, store = tmp_path / "source", tmp_path / "store"
+    data = write_sample_data(source, subjects=2, visits=2, shape=(8, 8, 3), num_classes=2, fmt="both", seed=8)
+    summary = run_preprocess(source, store, workers=1, progress=False)
+    assert summary.converted == 4 and summary.failed == 0, summary.report()
+    truth = reference(source)  # straight from the .im/.seg and .h5 files with h5py
+    reader = LocalSource(store)
+    for scan in data.scans:
+        split, image, mask = truth[scan.scan_id]
+        np.testing.assert_array_equal(reader.read_image(scan.scan_id), image)
+        np.testing.assert_array_equal(reader.read_mask(scan.scan_id), mask)
+        attrs = json.loads((store / scan.scan_id / "zarr.json").read_text())["attributes"]
+        assert (attrs["source_format"], attrs["split"]) == (scan.kind, split)
+    assert {s.kind for s in data.scans} == {"2d", "3d"}

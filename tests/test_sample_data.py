@@ -47,7 +47,7 @@ def test_later_visits_have_thinner_shells():
 
 def test_2d_layout_names_and_splits(tmp_path):
     data = write_sample_data(tmp_path, subjects=5, visits=2, shape=(16, 12, 5), num_classes=3, seed=1)
-    assert data.roots == {"2d": tmp_path}
+    assert data.root == tmp_path and {s.kind for s in data.scans} == {"2d"}
     assert len(data.scans) == 10
     ims = sorted(tmp_path.rglob("*.im"))
     segs = sorted(tmp_path.rglob("*.seg"))
@@ -65,19 +65,31 @@ def test_2d_layout_names_and_splits(tmp_path):
     assert {s.split for s in data.scans} == {"train", "valid", "test"}
 
 
-def test_both_formats_hold_the_same_scans(tmp_path):
-    data = write_sample_data(
-        tmp_path, subjects=2, visits=1, shape=(10, 10, 4), num_classes=2, fmt="both", dtype="int16"
-    )
-    assert data.roots == {"2d": tmp_path / "2d", "3d": tmp_path / "3d"}
-    slices, volumes = reference(data.roots["2d"]), reference(data.roots["3d"])
-    assert sorted(slices) == sorted(volumes) == [s.scan_id for s in data.scans]
-    for key in slices:
-        assert slices[key][0] == volumes[key][0]
-        assert slices[key][1].dtype == np.int16
-        np.testing.assert_array_equal(slices[key][1], volumes[key][1])
-        np.testing.assert_array_equal(slices[key][2], volumes[key][2])
-    with h5py.File(next((tmp_path / "3d").rglob("*.h5")), "r") as f:
+def test_both_mixes_slice_and_volume_subjects_in_one_folder(tmp_path):
+    args = dict(subjects=3, visits=2, shape=(10, 10, 4), num_classes=2, dtype="int16", seed=7)
+    data = write_sample_data(tmp_path / "both", fmt="both", **args)
+    kinds = {s.scan_id: s.kind for s in data.scans}
+    assert kinds == {
+        f"{subject:07d}_V{visit:02d}-Aug00": "2d" if subject % 2 else "3d"
+        for subject in (1, 2, 3)
+        for visit in (0, 1)
+    }
+    assert (data.count("2d"), data.count("3d")) == (4, 2)
+    assert {p.name for p in (tmp_path / "both").iterdir()} == {"train", "valid", "test"}
+    mixed = reference(tmp_path / "both")
+    assert sorted(mixed) == sorted(kinds)  # every scan once, in one of the two forms
+    assert len(list((tmp_path / "both").rglob("*.h5"))) == 2
+    assert len(list((tmp_path / "both").rglob("*.im"))) == 4 * 4
+    # each scan holds the same voxels as the single-format output of the same seed
+    single = {
+        kind: reference(write_sample_data(tmp_path / kind, fmt=kind, **args).root) for kind in ("2d", "3d")
+    }
+    for scan_id, kind in kinds.items():
+        split, image, mask = mixed[scan_id]
+        assert split == single[kind][scan_id][0] and image.dtype == np.int16
+        np.testing.assert_array_equal(image, single[kind][scan_id][1])
+        np.testing.assert_array_equal(mask, single[kind][scan_id][2])
+    with h5py.File(next((tmp_path / "both").rglob("*.h5")), "r") as f:
         assert list(f.attrs["spacing"]) == pytest.approx(SPACING)
 
 
@@ -91,7 +103,15 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"fmt": "4d"}, {"shape": (8, 8)}, {"shape": (8, 0, 2)}, {"subjects": 0}, {"num_classes": 0}]
+    "kwargs",
+    [
+        {"fmt": "4d"},
+        {"shape": (8, 8)},
+        {"shape": (8, 0, 2)},
+        {"subjects": 0},
+        {"num_classes": 0},
+        {"fmt": "both", "subjects": 1},
+    ],
 )
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
