@@ -107,6 +107,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         args.store,
         scheduler=args.scheduler,
         workers=args.workers,
+        dashboard=args.dashboard,
         layout=layout,
         progress=not args.quiet,
         wait=args.wait,
@@ -298,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers", type=positive_int, metavar="N", help="local worker processes (default: CPU count)"
+    )
+    p.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="serve the local cluster's Dask dashboard there, e.g. 127.0.0.1:8787 (needs bokeh; "
+        "default: none)",
     )
     p.add_argument(
         "--chunks", default=None, metavar="Y,X,Z", help="inner chunk shape (default: from --layout)"

@@ -240,8 +240,11 @@ def _stream_slices(
 
 # -- running the graph ------------------------------------------------------------------------
 @contextmanager
-def dask_client(scheduler: str | None, workers: int | None, tasks: int | None = None) -> Iterator[Any]:
-    """A ``distributed.Client`` on the given scheduler, or on a quiet LocalCluster."""
+def dask_client(
+    scheduler: str | None, workers: int | None, tasks: int | None = None, dashboard: str | None = None
+) -> Iterator[Any]:
+    """A ``distributed.Client`` on the given scheduler, or on a quiet LocalCluster: no dashboard
+    unless ``dashboard`` (an address such as ``127.0.0.1:8787``) asks for one."""
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -251,13 +254,18 @@ def dask_client(scheduler: str | None, workers: int | None, tasks: int | None = 
     n_workers = max(1, int(workers or os.cpu_count() or 1))
     if tasks is not None:  # no idle processes to start for a handful of scans
         n_workers = max(1, min(n_workers, tasks))
+    # Even with dashboard_address=None the scheduler opens its HTTP routes (health, metrics) on
+    # port 8787 and warns "Port 8787 is already in use" when another cluster holds it: give
+    # those routes a free loopback port instead.
+    quiet: dict[str, Any] = {"scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
     with (
         LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=dashboard,
             silence_logs=logging.ERROR,
+            **({} if dashboard else quiet),
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -306,6 +314,7 @@ def run_preprocess(
     wait: bool = False,
     prune: bool = False,
     grace_s: float = publish.DEFAULT_GRACE_S,
+    dashboard: str | None = None,
 ) -> Summary:
     """Convert every scan of ``source`` into ``store``; returns the summary.
 
@@ -314,6 +323,7 @@ def run_preprocess(
     if another job holds the store (``wait=True``: wait for it). Per-scan problems never
     raise: they are failures in the summary. ``prune`` removes scans whose sources are gone;
     versions superseded more than ``grace_s`` seconds ago are deleted at the end.
+    ``dashboard``: serve the local cluster's Dask dashboard at this address (none by default).
     """
     started = time.monotonic()
     stream = stream or sys.stderr
@@ -343,6 +353,7 @@ def run_preprocess(
                     progress,
                     stream,
                     on_result,
+                    dashboard,
                 )
         finally:
             publish.remove_staging(staging)
@@ -368,11 +379,14 @@ def _convert_all(
     progress: bool,
     stream: IO[str],
     on_result: Callable[[ScanResult], None] | None,
+    dashboard: str | None = None,
 ) -> None:
-    with dask_client(scheduler, workers, len(specs)) as client:
+    with dask_client(scheduler, workers, len(specs), dashboard) as client:
         if progress:
             where = scheduler or f"a local cluster of {len(client.scheduler_info()['workers'])} workers"
             print(f"preprocess: {len(specs)} scans on {where}", file=stream, flush=True)
+        if dashboard and not scheduler:
+            print(f"preprocess: dashboard at {client.dashboard_link}", file=stream, flush=True)
         bar = Progress(summary.total + len(specs), summary.total, progress, stream)
         _run_on_workers(client, tune_malloc_for_conversion)
         try:

@@ -30,6 +30,11 @@ def _spawn(args, log):
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+# --no-dashboard alone still opens the scheduler's HTTP routes on :8787 (every interface, and
+# "Port 8787 is already in use" next to another cluster): a free loopback port instead
+QUIET_HTTP = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Scheduler + 2 single-threaded workers; all killed (process groups) when the module ends."""
@@ -40,7 +45,7 @@ def cluster(tmp_path_factory):
     try:
         with open(logs / "scheduler.log", "w") as log:
             procs.append(
-                _spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], log)
+                _spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), *QUIET_HTTP], log)
             )
         for i in range(2):
             with open(logs / f"worker{i}.log", "w") as log:

@@ -141,3 +141,25 @@ def test_scan_statistics_match_numpy(shape, dtype, classes, seed):
     assert stats["class_voxels_per_slice"] == mask.sum(axis=(0, 1)).tolist()
     assert stats["class_voxels"] == mask.sum(axis=(0, 1, 2)).tolist()
     assert scan_statistics(image, None)["class_voxels"] == []
+
+
+def test_the_job_cluster_opens_no_dashboard_unless_asked():
+    """With port 8787 held (as by another engineer's cluster) the job's LocalCluster neither warns
+    nor listens there: its scheduler's HTTP routes take a free loopback port."""
+    import socket
+    import warnings
+
+    from service.preprocess import dask_client
+
+    with socket.socket() as holder:
+        try:
+            holder.bind(("127.0.0.1", 8787))
+            holder.listen()
+        except OSError:
+            pass  # someone else holds it already: the same situation
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with dask_client(None, 1, 1) as client:
+                services = client.scheduler_info()["services"]
+    assert not [w for w in caught if "8787" in str(w.message)], [str(w.message) for w in caught]
+    assert services.get("dashboard") != 8787
