@@ -14,13 +14,12 @@ that class's locations, which is a uniform voxel of the class as the slice-then-
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from client.lru import BoundedLRU
 from loaders.geometry import PatchGrid
 from loaders.stitching import Window
 
@@ -32,38 +31,15 @@ Locations = tuple[np.ndarray, np.ndarray]
 ClassLocations = tuple[np.ndarray, list[int]]
 
 
-class LocationCache:
+def _locations_nbytes(value: Locations) -> int:
+    return value[0].nbytes + value[1].nbytes
+
+
+class LocationCache(BoundedLRU[Locations]):
     """A thread-safe LRU of ``(ys, xs)`` arrays, capped in bytes (read-ahead threads share it)."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = int(max_bytes)
-        self.nbytes = 0
-        self._items: OrderedDict[Hashable, Locations] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> Locations | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: Hashable, value: Locations) -> None:
-        size = value[0].nbytes + value[1].nbytes
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.nbytes -= old[0].nbytes + old[1].nbytes
-            self._items[key] = value
-            self.nbytes += size
-            while self.nbytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self.nbytes -= dropped[0].nbytes + dropped[1].nbytes
-
-    def __len__(self) -> int:
-        return len(self._items)
+        super().__init__(max_bytes=int(max_bytes), sizeof=_locations_nbytes)
 
 
 def grid_windows(

@@ -392,8 +392,8 @@ def test_location_cache_is_an_lru_capped_in_bytes(puts, cap):
         value = (np.zeros(n, np.int16), np.zeros(n, np.int16))
         cache.put(key, value)
         size = 4 * n
+        model.pop(key, None)  # a new value replaces the old one, even one too big to keep
         if size <= cap:
-            model.pop(key, None)
             model[key] = size
             while sum(model.values()) > cap:
                 del model[next(iter(model))]
