@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ import tensorstore as ts
 
 from client.errors import ArrayNotFound
 from client.layout import validate_scan_id
+from client.lru import BoundedLRU
+from client.publish import STAGING_DIR as STAGING_DIR  # one name for the staging folder
 from client.roi import Region
 
 PREDICTIONS_FORMAT = 1
@@ -36,7 +37,9 @@ SCAN_KEY = "prediction"
 PROBABILITIES = "probabilities"
 LABEL_MAP = "label_map"
 PREDICTION_ARRAYS = (PROBABILITIES, LABEL_MAP)
-STAGING_DIR = ".staging"
+# a scan's attributes and its open arrays, a few hundred bytes each: bounded in entries
+ATTRS_CACHE_ENTRIES = 4096
+ARRAY_CACHE_ENTRIES = 256
 
 
 def check_predictions_root(path: str | os.PathLike[str]) -> None:
@@ -61,9 +64,10 @@ class PredictionStore:
     def __init__(self, path: str | os.PathLike[str], cache_bytes: int = 64 * 2**20) -> None:
         self.root = Path(path)
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}})
-        self._lock = threading.Lock()
-        self._attrs: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
-        self._arrays: dict[tuple[str, str, tuple[int, int]], Any] = {}
+        # keyed by the scan's zarr.json (inode, mtime): a re-published scan is a new entry and
+        # the superseded one ages out
+        self._attrs: BoundedLRU[tuple[tuple[int, int], dict[str, Any]]] = BoundedLRU(ATTRS_CACHE_ENTRIES)
+        self._arrays: BoundedLRU[Any] = BoundedLRU(ARRAY_CACHE_ENTRIES)
 
     def __repr__(self) -> str:
         return f"PredictionStore({str(self.root)!r})"
@@ -94,8 +98,7 @@ class PredictionStore:
             return None
         if not isinstance(attrs, dict):
             return None
-        with self._lock:
-            self._attrs[scan_id] = (sig, attrs)
+        self._attrs.put(scan_id, (sig, attrs))
         return attrs
 
     def version(self, scan_id: str) -> str:
@@ -138,10 +141,7 @@ class PredictionStore:
                 arr = ts.open(spec, context=self._context, read=True, open=True).result()
             except ValueError:
                 raise ArrayNotFound(f"scan {scan_id!r}: prediction has no {array!r}") from None
-            with self._lock:
-                for old in [k for k in self._arrays if k[:2] == key[:2]]:
-                    del self._arrays[old]
-                self._arrays[key] = arr
+            self._arrays.put(key, arr)
         return arr
 
     def read(self, scan_id: str, array: str, region: Region) -> np.ndarray:

@@ -38,21 +38,21 @@ OWNER_FILE = "owner.json"
 DEFAULT_GRACE_S = 3600.0  # old versions kept an hour after they were superseded
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a folder's entries (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def _fsync(path: str | os.PathLike[str], flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a folder's entries (renames, new files) durable."""
+    _fsync(path, getattr(os, "O_DIRECTORY", 0))
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, 0)
 
 
 def fsync_tree(path: str | os.PathLike[str], threads: int = 8) -> None:
