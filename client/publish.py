@@ -221,11 +221,20 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# When this module was first imported. An owner record naming this process's own pid but written
+# before then comes from an earlier process that had the same pid: a restarted container's job
+# runs as pid 1 again, under the same hostname.
+_IMPORTED = time.time()
+
+
 def owner_alive(owner: dict[str, object]) -> bool:
     """Whether the process named by an owner record may still run (another host: assume so)."""
     pid = owner.get("pid")
     if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
         return True
+    if pid == os.getpid():
+        started = owner.get("started")
+        return not (isinstance(started, (int, float)) and started < _IMPORTED)
     return pid_alive(pid)
 
 

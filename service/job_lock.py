@@ -3,7 +3,9 @@
 The lock is created with ``O_CREAT | O_EXCL`` (atomic on a local filesystem and on NFSv3+)
 and holds ``{"host", "pid", "started"}`` of the job. A second job fails at once with one line
 naming the holder, or with ``wait=True`` polls until the lock is free. A lock is stale when it
-names this host and a pid that no longer runs (a killed job): it is taken over with a warning.
+names this host and a pid that no longer runs (a killed job), or this process's own pid in a
+record older than it (a restarted container's job is pid 1 again): it is taken over with a
+warning.
 A lock from another host cannot be checked from here; the message says how to remove it.
 """
 
@@ -21,7 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from client.layout import LOCK_FILE
-from client.publish import fsync_dir, pid_alive
+from client.publish import fsync_dir, owner_alive
 
 
 class StoreLocked(RuntimeError):
@@ -47,13 +49,7 @@ def read_lock(path: Path) -> dict[str, Any] | None:
 
 
 def _stale(owner: dict[str, Any] | None) -> bool:
-    pid = None if owner is None else owner.get("pid")
-    return (
-        owner is not None
-        and owner.get("host") == socket.gethostname()
-        and isinstance(pid, int)
-        and not pid_alive(pid)
-    )
+    return owner is not None and not owner_alive(owner)
 
 
 class JobLock:

@@ -203,6 +203,14 @@ def test_job_lock_fails_at_once_waits_and_takes_over_stale_locks(tmp_path):
     with JobLock(tmp_path, warn=notes.append):
         assert _strict((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert any("took over" in n and str(stale["pid"]) in n for n in notes)
+    # a container restarted after its job was killed: the new job has the same host and pid
+    # (pid 1), which is alive but does not hold the lock
+    same_pid = {"host": socket.gethostname(), "pid": os.getpid(), "started": 2.0}
+    (tmp_path / ".lock").write_text(json.dumps(same_pid))
+    notes = []
+    with JobLock(tmp_path, warn=notes.append):
+        assert _strict((tmp_path / ".lock").read_text())["started"] > 2.0
+    assert any("took over" in n for n in notes)
 
 
 def test_stale_staging_of_dead_writers_only_is_removed(tmp_path):
@@ -211,8 +219,11 @@ def test_stale_staging_of_dead_writers_only_is_removed(tmp_path):
     dead = publish.new_staging(tmp_path, "job")
     owner = _strict((dead / "owner.json").read_text())
     (dead / "owner.json").write_text(json.dumps({**owner, "pid": _dead_pid()}))
-    assert publish.clean_stale_staging(tmp_path) == 1
-    assert mine.is_dir() and not dead.exists()
+    # an earlier process with this very pid (a restarted container's job): older than this one
+    reused = publish.new_staging(tmp_path, "job")
+    (reused / "owner.json").write_text(json.dumps({**owner, "started": 1.0}))
+    assert publish.clean_stale_staging(tmp_path) == 2
+    assert mine.is_dir() and not dead.exists() and not reused.exists()
 
 
 def test_array_steps_see_every_slab_and_publish_with_the_scan(tmp_path, monkeypatch):
