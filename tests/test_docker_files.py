@@ -1,0 +1,71 @@
+"""docker/Dockerfile and docker/docker-compose.yml match the code (no Docker engine here: the
+files are parsed, and every scancache command in them goes through the real argument parser)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from service import cli
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+REPO = DOCKER.parent
+DEFAULT = re.compile(r"\$\{(\w+):-([^}]*)\}")  # ${NAME:-default}, as Compose substitutes it
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+
+
+def _with_defaults(words: list[str]) -> list[str]:
+    return [DEFAULT.sub(lambda m: m[2], str(w)) for w in words]
+
+
+def _instruction(name: str) -> list[str]:
+    """A Dockerfile instruction's exec-form (JSON) arguments."""
+    for line in (DOCKER / "Dockerfile").read_text().splitlines():
+        if line.startswith(name + " "):
+            return json.loads(line[len(name) + 1 :])
+    raise AssertionError(f"no {name} in docker/Dockerfile")
+
+
+def test_every_scancache_command_parses_and_no_secret_is_on_a_command_line():
+    services = _compose()["services"]
+    assert {"scheduler", "worker-1", "worker-2", "preprocess", "server", "sample-data"} <= set(services)
+    commands = {name: s["command"] for name, s in services.items() if "entrypoint" not in s}
+    assert set(commands) == {"preprocess", "server", "sample-data"}
+    for name, command in commands.items():
+        argv = _with_defaults(command)
+        assert "--token" not in argv, name
+        args = cli.build_parser().parse_args(argv)  # SystemExit (a failure) on a stale option
+        assert args.command == argv[0]
+    assert cli.build_parser().parse_args(_instruction("CMD")).command == "serve"
+    assert _instruction("ENTRYPOINT") == ["scancache"]
+
+
+def test_services_share_the_data_paths_and_depend_on_services_that_exist():
+    compose = _compose()
+    services = compose["services"]
+    volumes = {name: s.get("volumes") for name, s in services.items()}
+    assert len({json.dumps(v) for v in volumes.values()}) == 1  # workers see the job's paths
+    assert any(v.endswith(":/data") for v in volumes["server"])
+    assert set(compose["volumes"]) == {v.split(":")[0] for v in volumes["server"] if not v.startswith("$")}
+    for name, service in services.items():
+        assert set(service.get("depends_on") or ()) <= set(services), name
+    assert "SCANCACHE_TOKEN" in services["server"]["environment"]
+    assert services["preprocess"]["hostname"]  # the job lock names the host: keep it stable
+    job = cli.build_parser().parse_args(_with_defaults(services["preprocess"]["command"]))
+    assert job.source == "/data/source" and job.store == "/data/store" and job.scheduler
+
+
+def test_the_image_holds_every_package_the_commands_import():
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, re.MULTILINE))
+    assert copied == {"client", "service", "loaders"}
+    assert all((REPO / name / "__init__.py").is_file() for name in copied)
+    allowed = (DOCKER / "Dockerfile.dockerignore").read_text()
+    assert all(f"!{name}/**" in allowed for name in copied)
+    assert 'pip install ".[service]"' in dockerfile
