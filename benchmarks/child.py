@@ -53,10 +53,10 @@ def loader_rates(spec: dict[str, Any]) -> dict[str, float]:
     return {"cold": cold, "warm": warm, "open_s": opened, "items": n * per_batch}
 
 
-def run_child(spec: dict[str, Any], timeout: float = 900) -> Any:
+def run_child(spec: dict[str, Any], timeout: float = 900, env: dict[str, str] | None = None) -> Any:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.child", json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )  # fmt: skip
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -69,5 +69,7 @@ if __name__ == "__main__":
     if spec["task"] == "many":  # several measurements in one process (quick smoke runs only)
         result: Any = [loader_rates(s) for s in spec["specs"]]
     else:
-        result = {"loader": loader_rates}[spec["task"]](spec)
+        from benchmarks.realscale_child import realscale_measure
+
+        result = {"loader": loader_rates, "realscale": realscale_measure}[spec["task"]](spec)
     print(json.dumps(result))

@@ -44,7 +44,8 @@ def prepare(work: Path, quick: bool, layout: ChunkLayout | None = None) -> Bench
         ids = sorted(p.stem for p in (root / "source" / "3d").glob("*.h5"))
     layout = layout or ChunkLayout()
     # one store per layout, so that comparing layouts (--chunks) never rebuilds the others
-    store = root / f"store-{'x'.join(map(str, layout.chunks))}-{layout.shard_depth}-{layout.codec}"
+    # "-f2": stores with the format-2 derived arrays (label map, locations); older ones are rebuilt
+    store = root / f"store-{'x'.join(map(str, layout.chunks))}-{layout.shard_depth}-{layout.codec}-f2"
     converted = store / ".complete"
     if not converted.exists():
         from service.preprocess import run_preprocess

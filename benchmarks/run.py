@@ -17,13 +17,13 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from benchmarks import conversion, machine, server_load, stitching, train2d
+from benchmarks import conversion, machine, realscale, server_load, stitching, train2d, writepath
 from benchmarks.data import CATEGORIES, prepare, sizes
 from benchmarks.report import Report, Row
 from client.errors import one_line
 from client.layout import ChunkLayout
 
-SECTIONS = ("conversion", "loaders", "server", "stitching")
+SECTIONS = ("conversion", "writepath", "realscale", "loaders", "server", "stitching")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.only.split(",")
     steps: list[tuple[str, Callable[[], list[Row]]]] = [
         ("conversion", lambda: conversion.run(data, work, layout)),
+        ("writepath", lambda: writepath.report_rows(args.quick)),
+        ("realscale", lambda: realscale.run(data, args.quick, args.server_workers)),
         ("loaders", lambda: train2d.run(data, args.quick, args.server_workers)),
         ("server", lambda: server_load.run(data, work, args.quick, args.server_workers)),
         ("stitching", lambda: stitching.run(data)),

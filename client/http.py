@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import os
 import random
 import threading
@@ -44,9 +45,10 @@ from client.errors import (
 from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
 from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
 from client.protocol import RegionRequest, RoiLike
-from client.wire import decode_npy, decode_npy_stream
+from client.wire import DECODED_BYTES_HEADER, decode_npy, decode_npy_stream
 
 R = TypeVar("R")
+log = logging.getLogger("scancache.client")
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
 TIMEOUT_ENV = "SCANCACHE_HTTP_TIMEOUT"
@@ -54,6 +56,7 @@ RETRY_SECONDS_ENV = "SCANCACHE_RETRY_SECONDS"
 RETRIES_ENV = "SCANCACHE_RETRIES"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRY_SECONDS = 120.0
+RETRY_WARN_EVERY = 15.0  # seconds between two "still retrying" warnings of one request
 MAX_BACKOFF = 8.0  # the longest pause between two attempts (Retry-After may ask for more)
 # Statuses that say "try again later" rather than "this request is wrong".
 RETRY_STATUSES = frozenset({408, 429})
@@ -169,6 +172,8 @@ class HttpSource:
         self._poster = (
             BatchPoster(self.url, headers, timeout, max_connections) if direct_http(self.url) else None
         )
+        self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
+        self._counters_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"HttpSource({self.url!r})"
@@ -201,6 +206,7 @@ class HttpSource:
         """``send()`` -> (status, result, response for errors); retried as the module says."""
         attempt = 0
         started = time.monotonic()
+        last_warned = -RETRY_WARN_EVERY
         while True:
             wait_at_least = 0.0
             try:
@@ -229,21 +235,35 @@ class HttpSource:
                         500,
                     )
                 )
+            if elapsed - last_warned >= RETRY_WARN_EVERY:  # long waits show progress
+                last_warned = elapsed
+                log.warning(
+                    "%s %s%s: %s; retrying for up to %.0f s more",
+                    method,
+                    self.url,
+                    path,
+                    one_line(failure, 200),
+                    self.retry_seconds - elapsed,
+                )
             time.sleep(delay)
             attempt += 1
 
-    def _post_direct(self, path: str, document: dict[str, Any], context: dict[str, Any]) -> bytearray:
-        """POST JSON over the plain-HTTP fast path; the body as one buffer (same retries/errors)."""
+    def _post_direct(
+        self, path: str, document: dict[str, Any], context: dict[str, Any]
+    ) -> tuple[bytearray, dict[str, str]]:
+        """POST JSON over the plain-HTTP fast path; the body as one buffer and the headers
+        (lower-case names), with the same retries and errors."""
         assert self._poster is not None
         poster = self._poster
         payload = json.dumps(document, separators=(",", ":")).encode()
 
-        def send() -> tuple[int, bytearray, httpx.Response | None]:
+        def send() -> tuple[int, tuple[bytearray, dict[str, str]], httpx.Response | None]:
             status, headers, body = poster.post(path, payload, "application/json")
             if status < 400:
-                return status, body, None
+                return status, (body, headers), None
             request = httpx.Request("POST", f"{self.url}{path}")
-            return status, body, httpx.Response(status, headers=headers, content=bytes(body), request=request)
+            error = httpx.Response(status, headers=headers, content=bytes(body), request=request)
+            return status, (body, headers), error
 
         return self._with_retries("POST", path, context, send)
 
@@ -277,10 +297,11 @@ class HttpSource:
     def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
         validate_scan_id(scan_id)
         params = {"roi": roi_text(roi)} if roi is not None else {}
+        started = time.perf_counter()
         response = self._request(
             "GET", f"/scans/{scan_id}/image", context={"scan_id": scan_id, "array": IMAGE}, params=params
         )
-        return _decode_one(response)
+        return self._counted(_decode_one(response), response.headers, started)
 
     def read_mask(
         self,
@@ -298,10 +319,11 @@ class HttpSource:
             params["categories"] = json.dumps(cats)
         if background:
             params["background"] = "true"
+        started = time.perf_counter()
         response = self._request(
             "GET", f"/scans/{scan_id}/mask", context={"scan_id": scan_id, "array": MASK}, params=params
         )
-        return _decode_one(response)
+        return self._counted(_decode_one(response), response.headers, started)
 
     def _region_json(self, req: RegionRequest) -> dict[str, Any]:
         validate_scan_id(req.scan_id)
@@ -318,11 +340,15 @@ class HttpSource:
         context = (
             {"scan_id": regions[0]["scan_id"], "array": regions[0]["array"]} if len(regions) == 1 else {}
         )
+        body: bytes | bytearray
         try:
             if self._poster is not None:
-                body: bytes | bytearray = self._post_direct("/batch", {"regions": regions}, context)
+                body, headers = self._post_direct("/batch", {"regions": regions}, context)
+                self._count_decoded(headers)
             else:
-                body = self._request("POST", "/batch", context=context, json={"regions": regions}).content
+                response = self._request("POST", "/batch", context=context, json={"regions": regions})
+                body = response.content
+                self._count_decoded(response.headers)
         except RequestTooLarge:
             if len(regions) == 1:
                 raise
@@ -347,14 +373,65 @@ class HttpSource:
         """One ``POST /batch`` per group of regions; groups run concurrently, order is kept."""
         if not requests:
             return []
+        started = time.perf_counter()
         regions = [self._region_json(r) for r in requests]
         groups = min(self.concurrency, -(-len(regions) // self.regions_per_request))
         if groups <= 1:
-            return self._post_batch(regions)
-        size = -(-len(regions) // groups)
-        chunks = [regions[i : i + size] for i in range(0, len(regions), size)]
-        results = list(self._executor().map(self._post_batch, chunks))
-        return [arr for chunk in results for arr in chunk]
+            out = self._post_batch(regions)
+        else:
+            size = -(-len(regions) // groups)
+            chunks = [regions[i : i + size] for i in range(0, len(regions), size)]
+            results = list(self._executor().map(self._post_batch, chunks))
+            out = [arr for chunk in results for arr in chunk]
+        self._count_returned(out, started)
+        return out
+
+    def read_locations(self, scan_id: str) -> np.ndarray | None:
+        """As ``LocalSource.read_locations``: the scan's ``locations`` array, fetched from the
+        server's ``/zarr/`` tree (one uncompressed chunk); None if the scan has none."""
+        validate_scan_id(scan_id)
+        context = {"scan_id": scan_id}
+        try:
+            doc = self._request("GET", f"/zarr/{scan_id}/locations/zarr.json", context=context).json()
+            rows = int(doc["shape"][0])
+            plain = doc.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
+            single = doc["chunk_grid"]["configuration"]["chunk_shape"] == [max(1, rows), 3]
+            if not (plain and single and doc["data_type"] == "int32" and doc["shape"][1] == 3):
+                return None
+            if rows == 0:
+                return np.empty((0, 3), np.int32)
+            body = self._request("GET", f"/zarr/{scan_id}/locations/c/0/0", context=context).content
+        except (KeyError, TypeError, ValueError):  # ScanNotFound / ArrayNotFound are KeyErrors
+            return None
+        if len(body) != rows * 12:
+            return None
+        return np.frombuffer(body, "<i4").reshape(rows, 3).astype(np.int32)
+
+    # -- I/O counters (the server reports decoded bytes per response) -----------------------
+    def _count_decoded(self, headers: Any) -> None:
+        try:
+            decoded = int(headers.get(DECODED_BYTES_HEADER.lower()) or 0)
+        except ValueError:  # an older server or a proxy's header: count nothing
+            decoded = 0
+        with self._counters_lock:
+            self._counters["bytes_decoded"] += decoded
+
+    def _count_returned(self, arrays: Sequence[np.ndarray], started: float) -> None:
+        with self._counters_lock:
+            self._counters["bytes_returned"] += sum(a.nbytes for a in arrays)
+            self._counters["read_s"] += time.perf_counter() - started
+            self._counters["regions"] += len(arrays)
+
+    def _counted(self, array: np.ndarray, headers: Any, started: float) -> np.ndarray:
+        self._count_decoded(headers)
+        self._count_returned([array], started)
+        return array
+
+    def io_counters(self) -> dict[str, Any]:
+        """As ``LocalSource.io_counters``; ``bytes_decoded`` is what the server reported in
+        ``X-Scancache-Decoded-Bytes`` (0 from a server that does not send it)."""
+        with self._counters_lock:
+            return dict(self._counters)
 
     def close(self) -> None:
         with self._pool_lock:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections import OrderedDict
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import tensorstore as ts
 
 from client.categories import merge_mask, normalize_categories
 from client.errors import ArrayNotFound, ScanNotFound
+from client.label_map import LABEL_MAP, LOCATIONS, apply_table, category_table, has_label_map
 from client.layout import (
     IMAGE,
     MASK,
@@ -30,6 +31,7 @@ from client.layout import (
     validate_array_name,
     validate_scan_id,
 )
+from client.lru import BoundedLRU
 from client.protocol import RegionRequest, RoiLike
 from client.publish import current_version, version_dir
 from client.roi import Region, as_region
@@ -62,36 +64,6 @@ META_CACHE_ENTRIES = 4096  # scans whose metadata a LocalSource keeps (LRU)
 ARRAY_CACHE_ENTRIES = 1024  # open tensorstore arrays it keeps (LRU); each holds no chunk data
 
 
-class _LRU:
-    """A small thread-safe LRU mapping bounded in entries."""
-
-    def __init__(self, entries: int) -> None:
-        self.entries = entries
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.entries:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
 class LocalSource:
     """A store on disk. Thread-safe; cheap to create; ``close`` is optional.
 
@@ -121,8 +93,12 @@ class LocalSource:
                 "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)},
             }
         )
-        self._meta = _LRU(META_CACHE_ENTRIES)  # scan_id -> (version, ScanMeta)
-        self._arrays = _LRU(ARRAY_CACHE_ENTRIES)  # (scan_id, name, version) -> tensorstore
+        # scan_id -> (version, metadata)
+        self._meta: BoundedLRU[tuple[str, ScanMeta]] = BoundedLRU(META_CACHE_ENTRIES)
+        # (scan_id, name, version) -> (tensorstore, inner chunk shape, itemsize)
+        self._arrays: BoundedLRU[Any] = BoundedLRU(ARRAY_CACHE_ENTRIES)
+        self._counters_lock = threading.Lock()
+        self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
 
     def __repr__(self) -> str:
         return f"LocalSource({str(self.root)!r})"
@@ -140,7 +116,7 @@ class LocalSource:
         version = self._current(scan_id)
         cached = self._meta.get(scan_id)
         if cached is not None and cached[0] == version:
-            return cached  # type: ignore[no-any-return]
+            return cached
         try:
             doc = json.loads((version_dir(self.root, scan_id, version) / "zarr.json").read_bytes())
             meta = ScanMeta.from_attrs(doc["attributes"])
@@ -178,48 +154,100 @@ class LocalSource:
 
     # -- arrays -----------------------------------------------------------------------------
     def _array(self, scan_id: str, name: str, state: tuple[str, ScanMeta] | None = None) -> Any:
-        validate_array_name(name)
+        return self._opened(scan_id, name, state)[0]
+
+    def _opened(
+        self, scan_id: str, name: str, state: tuple[str, ScanMeta] | None = None
+    ) -> tuple[Any, tuple[int, ...], int]:
+        """(array, inner chunk shape, itemsize): the chunk geometry feeds ``io_counters``."""
+        if name not in (LABEL_MAP, LOCATIONS):  # derived arrays are opened only from here
+            validate_array_name(name)
         version, meta = state or self._state(scan_id)
         if name == MASK and not meta.has_mask:
             raise ArrayNotFound(f"scan {scan_id!r} has no mask")
         key = (scan_id, name, version)
-        arr = self._arrays.get(key)
-        if arr is None:
+        opened = self._arrays.get(key)
+        if opened is None:
             path = version_dir(self.root, scan_id, version) / name
             spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
             try:
                 arr = ts.open(spec, context=self._context, read=True, open=True).result()
             except ValueError:
                 raise ArrayNotFound(f"scan {scan_id!r} has no array {name!r}") from None
-            self._arrays.put(key, arr)
-        return arr
+            inner = tuple(int(n or 1) for n in arr.chunk_layout.read_chunk.shape or arr.shape)
+            opened = (arr, inner, int(arr.dtype.numpy_dtype.itemsize))
+            self._arrays.put(key, opened)
+        return opened  # type: ignore[no-any-return]
 
     def region(self, scan_id: str, roi: RoiLike) -> Region:
         return as_region(roi, self.metadata(scan_id).shape)
 
-    def _start(self, req: RegionRequest, state: tuple[str, ScanMeta]) -> Any:
+    def _uses_label_map(self, req: RegionRequest, meta: ScanMeta) -> bool:
+        return req.array == MASK and has_label_map(meta.attrs)
+
+    def _start(self, req: RegionRequest, state: tuple[str, ScanMeta]) -> tuple[Any, int]:
+        """The read's future and the decoded chunk bytes it needs (``io_counters``)."""
         region = as_region(req.roi, state[1].shape)
-        return self._array(req.scan_id, req.array, state)[region].read()
+        name = LABEL_MAP if self._uses_label_map(req, state[1]) else req.array
+        arr, inner, itemsize = self._opened(req.scan_id, name, state)
+        return arr[region].read(), chunk_bytes_touched(region, inner, itemsize)
 
     def _finish(self, req: RegionRequest, data: np.ndarray, meta: ScanMeta) -> np.ndarray:
         if req.array == IMAGE:
             return data
+        cats = None if req.categories is None else normalize_categories(req.categories, meta.num_classes)
+        if self._uses_label_map(req, meta):  # data is the label map: merge through a table
+            return apply_table(data, category_table(cats, req.background, meta.num_classes))
         if req.categories is None and not req.background:
             return data
-        cats = None if req.categories is None else normalize_categories(req.categories, meta.num_classes)
         return merge_mask(data, cats, req.background)
 
     def read_regions(self, requests: Sequence[RegionRequest]) -> list[np.ndarray]:
         # Each scan's zarr.json is checked once per call (not once per region), then every read
         # is started before waiting on any: tensorstore runs them concurrently.
+        started = time.perf_counter()
         states: dict[str, tuple[str, ScanMeta]] = {}
         for r in requests:
             if r.scan_id not in states:
                 states[r.scan_id] = self._state(r.scan_id)
-        futures = [self._start(r, states[r.scan_id]) for r in requests]
-        return [
-            self._finish(r, f.result(), states[r.scan_id][1]) for r, f in zip(requests, futures, strict=True)
+        reads = [self._start(r, states[r.scan_id]) for r in requests]
+        out = [
+            self._finish(r, f.result(), states[r.scan_id][1])
+            for r, (f, _) in zip(requests, reads, strict=True)
         ]
+        with self._counters_lock:
+            counters = self._counters
+            counters["bytes_decoded"] += sum(n for _, n in reads)
+            counters["bytes_returned"] += sum(a.nbytes for a in out)
+            counters["read_s"] += time.perf_counter() - started
+            counters["regions"] += len(out)
+        return out
+
+    def decoded_bytes(self, requests: Sequence[RegionRequest]) -> int:
+        """Decoded chunk bytes that reading ``requests`` needs (the server's
+        ``X-Scancache-Decoded-Bytes``); no data is read."""
+        total = 0
+        for r in requests:
+            state = self._state(r.scan_id)
+            name = LABEL_MAP if self._uses_label_map(r, state[1]) else r.array
+            _, inner, itemsize = self._opened(r.scan_id, name, state)
+            total += chunk_bytes_touched(as_region(r.roi, state[1].shape), inner, itemsize)
+        return total
+
+    def io_counters(self) -> dict[str, Any]:
+        """Cumulative since the source was opened: ``bytes_decoded`` (decoded bytes of the
+        inner chunks the reads touched, whether the chunk cache held them or not),
+        ``bytes_returned`` (bytes of the arrays returned), ``read_s``, ``regions``."""
+        with self._counters_lock:
+            return dict(self._counters)
+
+    def read_locations(self, scan_id: str) -> np.ndarray | None:
+        """(N, 3) int32 foreground locations (class-sorted, ``location_counts``), or None for a
+        scan written without them."""
+        state = self._state(scan_id)
+        if state[1].attrs.get("location_counts") is None:
+            return None
+        return np.asarray(self._array(scan_id, LOCATIONS, state).read().result(), dtype=np.int32)
 
     def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
         return self.read_regions([RegionRequest(scan_id, IMAGE, roi)])[0]
@@ -238,3 +266,14 @@ class LocalSource:
     def close(self) -> None:
         self._arrays.clear()
         self._meta.clear()
+
+
+def chunk_bytes_touched(region: Sequence[slice], inner: Sequence[int], itemsize: int) -> int:
+    """Decoded bytes of the inner chunks a region touches (an edge chunk counts whole: it is
+    decoded whole). Axes past the region's (a mask's class axis) are read whole."""
+    chunks = 1
+    for axis, size in enumerate(inner):
+        if axis < len(region):
+            lo, hi = region[axis].start, region[axis].stop
+            chunks *= 0 if hi <= lo else (hi - 1) // size - lo // size + 1
+    return chunks * int(np.prod(inner)) * itemsize

@@ -14,6 +14,8 @@ import numpy as np
 
 NPY_MEDIA_TYPE = "application/x-npy"
 NPY_STREAM_MEDIA_TYPE = "application/x-npy-stream"
+# decoded chunk bytes the server's read of a response needed (``io_counters``, docs/rest-api.md)
+DECODED_BYTES_HEADER = "X-Scancache-Decoded-Bytes"
 
 
 def npy_header(arr: np.ndarray) -> bytes:

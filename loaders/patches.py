@@ -8,12 +8,20 @@ from typing import Any
 
 import numpy as np
 
+from client.label_map import location_counts
 from client.layout import MASK
 from client.protocol import RegionRequest, ScanSource
 from loaders.base import DataLoader, Element, register_loader
 from loaders.config import Config
 from loaders.geometry import blend_weights, normalize_per_axis
-from loaders.sampling import LOCATION_CACHE_BYTES, ForegroundSampler, LocationCache, Sample, grid_windows
+from loaders.sampling import (
+    LOCATION_CACHE_BYTES,
+    ClassLocations,
+    ForegroundSampler,
+    LocationCache,
+    Sample,
+    grid_windows,
+)
 from loaders.scans import ScanEntry, read_grouped
 
 
@@ -97,6 +105,7 @@ class RandomPatchDataLoader(PatchDataLoader):
         self.ratio = float(cfg.FOREGROUND_RATIO)
         self._counts: dict[int, list[list[int]]] = {}
         self._locations = LocationCache(LOCATION_CACHE_BYTES)
+        self._stored: dict[int, ClassLocations | None] = {}  # scan -> its store's locations
         super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size, **sharding)
 
     @property
@@ -147,6 +156,16 @@ class RandomPatchDataLoader(PatchDataLoader):
                 found[key] = located
         return [found[key] for key in wanted]  # type: ignore[misc]
 
+    def _stored_locations(self, scan_index: int) -> ClassLocations | None:
+        """The scan's stored foreground locations (format 2), read once; None without them."""
+        if scan_index not in self._stored:
+            scan = self.scans[scan_index]
+            counts = location_counts(scan.meta.attrs)
+            read = getattr(scan.source, "read_locations", None)
+            rows = read(scan.scan_id) if counts is not None and read is not None else None
+            self._stored[scan_index] = None if rows is None or counts is None else (rows, counts)
+        return self._stored[scan_index]
+
     def resolve(self, samples: Sequence[Sample], epoch: int) -> list[Element]:
         windows = self.sampler.draw(
             samples,
@@ -155,6 +174,7 @@ class RandomPatchDataLoader(PatchDataLoader):
             self._per_slice,
             self._foreground_classes,
             self._locate,
+            self._stored_locations,
         )
         return [Element(s.scan, w) for s, w in zip(samples, windows, strict=True)]
 

@@ -6,6 +6,10 @@ chosen uniformly among those present, slice weighted by the store's per-slice cl
 counts, voxel uniformly within that slice), the rest uniformly anywhere, as nnU-Net's
 oversample_foreground_percent and MONAI's RandCropByPosNegLabel. Every draw comes from
 ``numpy.random.default_rng((seed, epoch, sample))``, so results do not depend on thread timing.
+
+A scan written with ``locations`` (store format 2: per class a sample of its voxels, written by
+the job) is drawn from without reading any mask: the class as above, then a uniform row of
+that class's locations, which is a uniform voxel of the class as the slice-then-voxel draw is.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from loaders.stitching import Window
 LOCATION_CACHE_BYTES = 64 * 2**20
 
 Locations = tuple[np.ndarray, np.ndarray]
+# a scan's class-sorted (N, 3) int32 (y, x, z) foreground locations and the per-class counts
+ClassLocations = tuple[np.ndarray, list[int]]
 
 
 class LocationCache:
@@ -114,6 +120,18 @@ class ForegroundSampler:
         z = int(rng.choice(counts.shape[0], p=counts[:, k] / counts[:, k].sum()))
         return k, z
 
+    def pick_location(
+        self, rng: np.random.Generator, known: ClassLocations, classes: Sequence[int]
+    ) -> tuple[int, int, int] | None:
+        """(y, x, z) of a foreground sample from stored locations, or None when no class has any."""
+        rows, counts = known
+        present = [k for k in classes if k < len(counts) and counts[k] > 0]
+        if not present:
+            return None
+        k = present[int(rng.integers(len(present)))]
+        row = int(sum(counts[:k])) + int(rng.integers(counts[k]))
+        return int(rows[row, 0]), int(rows[row, 1]), int(rows[row, 2])
+
     def window_around(self, center: Sequence[int], shape: Sequence[int]) -> Window:
         out = []
         for c, size, p, pad in zip(center, shape, self.patch, self.pad, strict=True):
@@ -138,22 +156,35 @@ class ForegroundSampler:
         per_slice: Callable[[int], Sequence[Sequence[int]]],
         classes: Callable[[int], Sequence[int]],
         locate: Callable[[list[tuple[int, int, int]]], list[tuple[np.ndarray, np.ndarray]]],
+        class_locations: Callable[[int], ClassLocations | None] | None = None,
     ) -> list[Window]:
         """Windows for ``samples``; foreground ones locate their chosen slices in one call.
 
         ``locate([(scan, class, z), ...])`` returns, per slice, the ``(ys, xs)`` of its voxels of
         that class in ``numpy.nonzero`` order (so a cache of them changes no draw).
+        ``class_locations(scan)``, where it returns a scan's stored locations, replaces both.
         """
         rngs = [self.rng(epoch, s) for s in samples]
+        stored = [
+            class_locations(s.scan) if s.foreground and class_locations is not None else None for s in samples
+        ]
         picks: list[tuple[int, int] | None] = [
-            self.pick_slice(rng, per_slice(s.scan), classes(s.scan)) if s.foreground else None
-            for s, rng in zip(samples, rngs, strict=True)
+            self.pick_slice(rng, per_slice(s.scan), classes(s.scan))
+            if s.foreground and known is None
+            else None
+            for s, rng, known in zip(samples, rngs, stored, strict=True)
         ]
         wanted = [(s.scan, *p) for s, p in zip(samples, picks, strict=True) if p is not None]
         located = iter(locate(wanted)) if wanted else iter(())
         windows = []
-        for s, rng, pick in zip(samples, rngs, picks, strict=True):
+        for s, rng, pick, known in zip(samples, rngs, picks, stored, strict=True):
             shape = shapes[s.scan]
+            if known is not None:
+                center = self.pick_location(rng, known, classes(s.scan))
+                windows.append(
+                    self.random_window(rng, shape) if center is None else self.window_around(center, shape)
+                )
+                continue
             if pick is None:
                 windows.append(self.random_window(rng, shape))
                 continue

@@ -94,10 +94,12 @@ def shape3(text: str) -> tuple[int, int, int]:
 # -- subcommands ------------------------------------------------------------------------------
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from client.layout import ChunkLayout
+    from service.layouts import chunks_text
     from service.preprocess import run_preprocess
 
     try:
-        layout = ChunkLayout.parse(args.chunks, shard_depth=args.shard_depth, codec=args.codec)
+        chunks = chunks_text(args.layout, args.chunks)
+        layout = ChunkLayout.parse(chunks, shard_depth=args.shard_depth, codec=args.codec)
     except ValueError as err:
         raise SystemExit(f"scancache preprocess: error: {err}") from None
     summary = run_preprocess(
@@ -229,6 +231,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from service.profile import explain, parse_categories, parse_int_tuple, run_profile
+
+    result = run_profile(
+        args.source,
+        args.tag,
+        batch_size=args.batch_size,
+        categories=parse_categories(args.categories) if args.categories else None,
+        img_size=parse_int_tuple(args.img_size, "--img-size") if args.img_size else None,
+        seconds=args.seconds,
+        split=args.split,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print("\n".join(explain(result)))
+    return 0
+
+
+def add_profile_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="run a training loader for a while and say where the time goes",
+        description="Run the TAG loader over SOURCE (a store path or a server URL) for a bounded "
+        "time and print batches/s, read amplification and where the time goes (loader.stats()).",
+    )
+    p.add_argument("source", metavar="SOURCE", help="store folder or http(s):// server URL")
+    p.add_argument(
+        "--tag", required=True, help="loader: DefaultDataLoader, S25dDataLoader, PatchDataLoader, ..."
+    )
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="default: %(default)s")
+    p.add_argument("--categories", metavar="CATS", help="e.g. [0,[1,2],3] or 0,1+2,3 (default: every class)")
+    p.add_argument("--img-size", metavar="H,W,C", help="the loader's IMG_SIZE, e.g. 288,288,1")
+    p.add_argument("--seconds", type=float, default=10.0, metavar="S", help="how long to run (default: 10)")
+    p.add_argument("--split", default=None, help="only scans of this split (default: all)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_profile)
+
+
 # -- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -260,7 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=positive_int, metavar="N", help="local worker processes (default: CPU count)"
     )
     p.add_argument(
-        "--chunks", default="96,96,8", metavar="Y,X,Z", help="inner chunk shape (default: %(default)s)"
+        "--chunks", default=None, metavar="Y,X,Z", help="inner chunk shape (default: from --layout)"
+    )
+    p.add_argument(
+        "--layout",
+        choices=("patches", "balanced", "slices"),
+        default=None,
+        help="chunk shape for the access pattern: patches = 96,96,8 (default), balanced = 64,64,2, "
+        "slices = whole slices (docs/tuning.md)",
     )
     p.add_argument(
         "--shard-depth", type=positive_int, default=None, metavar="Z", help="slices per shard (default: 32)"
@@ -371,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a predictions store (loaders.write_predictions) to serve beside the scans",
     )
     p.set_defaults(func=cmd_serve)
+    add_profile_parser(sub)
     return parser
 
 

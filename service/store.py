@@ -22,6 +22,7 @@ import numpy as np
 
 from client import ome
 from client import publish as publish_mod
+from client.label_map import LABEL_MAP, LOCATIONS
 from client.layout import (
     FORMAT_VERSION,
     IMAGE,
@@ -31,6 +32,7 @@ from client.layout import (
     group_metadata,
     validate_scan_id,
 )
+from service.derived import LocationSampler, label_map_block, scan_seed
 from service.shards import ShardedArrayWriter
 
 _STATISTICS_BLOCK = 1 << 20  # voxels per float64 scratch block (8 MB)
@@ -286,6 +288,8 @@ class StagedScan:
         for writer in (self.image, self.mask):
             if writer is not None:
                 writer.close()
+        for step in self.steps:  # an aborted scan: steps close what they hold open
+            getattr(step, "close", lambda: None)()
         if not self.published:
             shutil.rmtree(self.work, ignore_errors=True)
         if self._own_staging is not None:
@@ -401,3 +405,66 @@ def write_arrays(staged: StagedScan, image: np.ndarray, mask: np.ndarray | None)
             stats.add_class_counts(mask_block.sum(axis=(0, 1), dtype=np.int64))
         staged.slab_written(z0, block, mask_block)
     return stats
+
+
+class DerivedArrays(ArrayStep):
+    """``label_map`` and ``locations`` (store format 2, ``service/derived.py``), computed from
+    the mask slabs as they are written. The label map is dropped at the first slab where two
+    classes overlap; ``finish`` returns the attributes that say what was written."""
+
+    name = "derived"
+
+    def __init__(self, staged: StagedScan) -> None:
+        super().__init__(staged)
+        self.labels: ShardedArrayWriter | None = None
+        self.sampler: LocationSampler | None = None
+        self.overlap = False
+
+    def on_slab(self, z0: int, image: np.ndarray, mask: np.ndarray | None) -> None:
+        if mask is None:
+            return
+        if self.sampler is None:  # the first slab: the mask's shape is known now
+            assert self.staged.mask is not None, "mask slabs come from the staged mask writer"
+            shape = self.staged.mask.shape
+            volume = (int(shape[0]), int(shape[1]), int(shape[2]))
+            self.sampler = LocationSampler(volume, int(mask.shape[3]), scan_seed(self.staged.scan_id))
+            self.labels = ShardedArrayWriter(
+                self.staged.work / LABEL_MAP, volume, np.dtype(np.uint8), self.staged.layout
+            )
+        labels = label_map_block(mask) if self.labels is not None else None
+        if labels is None and self.labels is not None:  # classes overlap: mask only
+            self.labels.close()
+            shutil.rmtree(self.labels.path, ignore_errors=True)
+            self.labels = None
+            self.overlap = True
+        if self.labels is not None and labels is not None:
+            self.labels.write_slab(z0, labels)
+        self.sampler.add(z0, mask, labels)
+
+    def finish(self) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}
+        import zarr  # the core dependency every reader has; a small single-chunk array
+
+        if self.labels is not None:
+            self.labels.close()
+        rows, counts = self.sampler.result()
+        array = zarr.create_array(
+            store=str(self.staged.work / LOCATIONS),
+            shape=rows.shape,
+            chunks=(max(1, len(rows)), 3),
+            dtype="int32",
+            fill_value=0,
+            dimension_names=["row", "yxz"],
+            compressors=None,  # raw little-endian int32: HttpSource reads it from /zarr/ as is
+        )
+        if len(rows):
+            array[:] = rows
+        return {"label_map": self.labels is not None, "location_counts": counts}
+
+    def close(self) -> None:
+        if self.labels is not None:
+            self.labels.close()
+
+
+ARRAY_STEPS.append(DerivedArrays)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import SourceError
+from client.errors import SourceError, one_line
 from client.layout import IMAGE, MASK
 from client.publish import current_version, version_dir
 from service.slice_files import LoadedScan, load_scan
@@ -112,7 +112,7 @@ def compare_scan(store: Path, spec: ScanSpec) -> VerifyLine:
     try:
         return _compare_arrays(folder, spec, source, attrs)
     except Exception as err:  # a shard that does not decode: damaged after publication
-        why = " ".join(str(err).split())[:200] or type(err).__name__
+        why = one_line(err, 200)
         return VerifyLine(spec.scan_id, TORN, f"unreadable: {type(err).__name__}: {why}")
 
 

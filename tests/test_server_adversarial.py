@@ -205,3 +205,41 @@ def test_listing_survives_damaged_and_non_finite_metadata(tmp_path, caplog):
         assert attrs["mean"] is None and attrs["std"] is None and attrs["percentiles"] == [1.0, None]
         assert client.get("/scans/0000002_V00-Aug00").status_code == 404
     assert any("skipped scan 0000002_V00-Aug00" in r.getMessage() for r in caplog.records)
+
+
+def test_half_open_connections_are_closed_after_the_header_timeout(small_store):
+    import socket
+    import time
+
+    with live_server(small_store[0], header_timeout=1.0) as base:
+        host, port = urlsplit(base).hostname, urlsplit(base).port
+        conns = []
+        for i in range(300):
+            sock = socket.create_connection((host, port), timeout=10)
+            if i % 2:  # half send a partial request, half nothing at all
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            conns.append(sock)
+        healthy = raw(base, "GET", "/health")  # others are still served meanwhile
+        assert healthy.status == 200
+        deadline = time.monotonic() + 30
+        closed = 0
+        for sock in conns:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                closed += sock.recv(1) == b""
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        assert closed == 300
+        # a request whose headers arrive in time is answered as usual, on a kept-alive connection
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        for _ in range(2):
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() == b'{"status":"ok"}'
+        conn.close()
+
+
+def test_oversized_headers_are_refused(url):
+    response = raw(url, "GET", "/health", {"X-Big": "a" * 100_000})
+    assert response.status == 431

@@ -252,3 +252,21 @@ def test_array_steps_see_every_slab_and_publish_with_the_scan(tmp_path, monkeypa
     assert publish.current_version(tmp_path, SCAN) == before
     assert not (tmp_path / ".staging").exists()
     np.testing.assert_array_equal(LocalSource(tmp_path).read_image(SCAN), image)
+
+
+def test_bounded_lru_keeps_entry_and_byte_bounds():
+    from client.lru import BoundedLRU
+
+    by_entries = BoundedLRU(max_entries=2)
+    for k in "abc":
+        by_entries.put(k, k.upper())
+    assert by_entries.get("a") is None and by_entries.get("b") == "B" and len(by_entries) == 2
+    by_entries.put("d", "D")  # "c" is now the least recently used
+    assert by_entries.get("c") is None and by_entries.get("b") == "B"
+    by_bytes = BoundedLRU(max_bytes=10, sizeof=len)
+    by_bytes.put("x", "123456")
+    by_bytes.put("y", "1234")
+    by_bytes.put("z", "12")  # 12 bytes > 10: "x" goes
+    assert by_bytes.get("x") is None and by_bytes.nbytes == 6
+    by_bytes.put("huge", "0" * 11)  # larger than the whole cache: not kept
+    assert by_bytes.get("huge") is None and by_bytes.nbytes == 6

@@ -12,6 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.server.errors import error_response
 
 FORBIDDEN_RAW = (b"%2f", b"%5c", b"%00", b"\\", b"\x00")
+# h11 bounds headers still arriving (service.server.http_protocol); ones that arrive complete in
+# one read are checked here, so the limit holds either way.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 def raw_path_problem(raw_path: bytes) -> str | None:
@@ -32,6 +35,11 @@ class PathGuardMiddleware:
             problem = raw_path_problem(raw)
             if problem:
                 await error_response(400, problem, "InvalidPath", "path")(scope, receive, send)
+                return
+            size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
+            if size > MAX_HEADER_BYTES:
+                detail = f"headers: {size} bytes, over the server's limit of {MAX_HEADER_BYTES}"
+                await error_response(431, detail, "InvalidParameter", "headers")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

@@ -5,7 +5,8 @@ or of its headers and then nothing is kept open forever (300 such connections st
 holding a socket and a file descriptor. Here every connection must complete its request headers
 within ``header_timeout`` seconds of opening, or of its previous response; a request being read
 or answered is never cut (the deadline only closes a connection still waiting for headers).
-Header size is bounded by h11 (``MAX_HEADER_BYTES``; larger is answered 400).
+Header size is bounded too: h11 refuses (400) headers still incomplete past ``MAX_HEADER_BYTES``,
+and the path guard answers 431 to complete ones over it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from service.server.guards import MAX_HEADER_BYTES
 from service.server.settings import DEFAULT_HEADER_TIMEOUT, ENV_HEADER_TIMEOUT, positive_seconds
 
-MAX_HEADER_BYTES = 64 * 1024
 # For ``--workers N`` uvicorn imports the protocol in each worker process by name.
 PROTOCOL_IMPORT = "service.server.http_protocol:GuardedH11Protocol"
 

@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 UNROUTED = "unrouted"  # answered before routing (401, 400 path guard) or no route matched
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
 
 class TensorstoreCacheCollector(Collector):
     """tensorstore's decoded-chunk cache hit and miss counts (process-wide)."""
@@ -109,7 +111,10 @@ class MetricsMiddleware:
 
     def _observe(self, scope: Scope, status: int, sent: int, seconds: float) -> None:
         route = route_label(scope)
-        self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
+        method = scope.get("method", "")
+        # Label values are kept forever: any other method a client invents counts as OTHER.
+        method = method if method in KNOWN_METHODS else "OTHER"
+        self.metrics.requests.labels(route, method, str(status)).inc()
         self.metrics.latency.labels(route).observe(seconds)
         self.metrics.sent.labels(route).inc(sent)
         if status == 304:

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from client.errors import RequestTooLarge
 from client.layout import IMAGE, MASK
-from client.wire import NPY_MEDIA_TYPE, NPY_STREAM_MEDIA_TYPE, encode_npy_parts
+from client.wire import DECODED_BYTES_HEADER, NPY_MEDIA_TYPE, NPY_STREAM_MEDIA_TYPE, encode_npy_parts
 from service.server.errors import error_responses
 from service.server.http_cache import (
     MASK_GZIP_MIN_BYTES,
@@ -85,12 +85,13 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
     if etag_matches(request.headers.get("if-none-match"), etag):
         return not_modified(etag, vary="Accept-Encoding")
 
-    def read_and_encode() -> list[bytes | memoryview]:
-        return _encode(state.source.read_regions([plan.request()])[0], gzip)
+    def read_and_encode() -> tuple[list[bytes | memoryview], int]:
+        requests = [plan.request()]
+        return _encode(state.source.read_regions(requests)[0], gzip), decoded_bytes(state.source, requests)
 
     release = await state.inflight.acquire(plan.cost)
     try:
-        parts = await to_thread.run_sync(read_and_encode)
+        parts, decoded = await to_thread.run_sync(read_and_encode)
     except BaseException:
         release()
         raise
@@ -99,6 +100,7 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
         "ETag": etag,
         "Cache-Control": REVALIDATE,
         "Vary": "Accept-Encoding",
+        DECODED_BYTES_HEADER: str(decoded),
     }
     if gzip:
         headers["Content-Encoding"] = "gzip"
@@ -189,18 +191,27 @@ async def post_batch(state: State, batch: BatchRequest) -> Response:
     plans = await to_thread.run_sync(plan_all)
     total = check_budget(plans, state.settings.max_bytes)
 
-    def read_all() -> list[bytes | memoryview]:
-        arrays = state.source.read_regions([p.request() for p in plans])
-        return [part for arr in arrays for part in encode_npy_parts(arr)]
+    def read_all() -> tuple[list[bytes | memoryview], int]:
+        requests = [p.request() for p in plans]
+        arrays = state.source.read_regions(requests)
+        return [part for arr in arrays for part in encode_npy_parts(arr)], decoded_bytes(
+            state.source, requests
+        )
 
     release = await state.inflight.acquire(total)
     try:
-        parts = await to_thread.run_sync(read_all)
+        parts, decoded = await to_thread.run_sync(read_all)
     except BaseException:
         release()
         raise
     for plan in plans:
         state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
-    return PartsResponse(
-        parts, NPY_STREAM_MEDIA_TYPE, headers={"Cache-Control": "no-store"}, on_close=release
-    )
+    headers = {"Cache-Control": "no-store", DECODED_BYTES_HEADER: str(decoded)}
+    return PartsResponse(parts, NPY_STREAM_MEDIA_TYPE, headers=headers, on_close=release)
+
+
+def decoded_bytes(source: Any, requests: list[Any]) -> int:
+    """Decoded chunk bytes of the reads (``X-Scancache-Decoded-Bytes``); 0 for a source that
+    cannot tell."""
+    measure = getattr(source, "decoded_bytes", None)
+    return int(measure(requests)) if measure is not None else 0

@@ -1,0 +1,219 @@
+"""``scancache profile SOURCE --tag TAG``: why is my GPU idle?
+
+Runs a training loader over a store path or a server URL for a bounded time, the way
+``model.fit`` consumes it (batch after batch, epoch after epoch, nothing else competing), and
+prints batches/s, read amplification (bytes decoded / bytes delivered) and where the time went,
+from ``loader.stats()``. The loaders need the ``[loaders]`` extra (Keras): imported only here,
+so ``service`` itself never imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+PROFILE_DATASET = "scancache-profile"
+# stats keys that are seconds spent inside the loader (not wall time): their split is the "why"
+WORK_KEYS = ("read_s", "merge_s", "copy_s")
+
+
+def parse_int_tuple(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not comma-separated integers like 288,288,1") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{name}: {text!r} must be positive integers")
+    return values
+
+
+def parse_categories(text: str) -> list[Any]:
+    """``[0,[1,2],3]`` (JSON) or ``0,1+2,3`` (a ``+`` merges classes)."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"--categories: {text!r} is not a JSON list like [0,[1,2],3]") from None
+        if not isinstance(value, list):
+            raise ValueError(f"--categories: {text!r} is not a JSON list like [0,[1,2],3]")
+        return value
+    try:
+        return [
+            [int(k) for k in item.split("+")] if "+" in item else int(item)
+            for item in text.split(",")
+            if item
+        ]
+    except ValueError:
+        raise ValueError(f"--categories: {text!r} is not like 0,1+2,3 or [0,[1,2],3]") from None
+
+
+def _import_loaders() -> Any:
+    try:
+        import loaders
+    except ImportError as err:
+        raise RuntimeError(
+            f"scancache profile needs the loaders (Keras) extra: pip install 'scancache[loaders]' ({err})"
+        ) from None
+    return loaders
+
+
+def run_profile(
+    source: str,
+    tag: str,
+    batch_size: int = 16,
+    categories: Sequence[Any] | None = None,
+    img_size: tuple[int, ...] | None = None,
+    seconds: float = 10.0,
+    split: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the loader for about ``seconds`` (at least one batch); returns its figures."""
+    loaders = _import_loaders()
+    cfg = loaders.Config()
+    cfg.TAG = tag
+    cfg.SEED = seed
+    if categories is not None:
+        cfg.CATEGORIES = list(categories)
+    if img_size is not None:
+        cfg.IMG_SIZE = tuple(img_size)
+    filters = {"split": split} if split else {}
+    loaders.DatasetCatalog.register(PROFILE_DATASET, source, **filters)
+    loader = loaders.build_loader(
+        cfg, PROFILE_DATASET, batch_size=batch_size, is_test=False, shuffle=True, drop_last=False
+    )
+    try:
+        return _measure(loader, seconds)
+    finally:
+        loader.close()
+        unregister = getattr(loaders.DatasetCatalog, "remove", None)
+        if unregister is not None:
+            unregister(PROFILE_DATASET)
+
+
+def _measure(loader: Any, seconds: float) -> dict[str, Any]:
+    fallback = _CounterStats(loader) if not hasattr(loader, "stats") else None
+    if fallback is None and hasattr(loader, "reset_stats"):
+        loader.reset_stats()
+    batches = examples = epochs = 0
+    waited = 0.0
+    started = time.perf_counter()
+    while True:
+        for index in range(len(loader)):
+            asked = time.perf_counter()
+            x, _ = loader[index][:2]
+            waited += time.perf_counter() - asked
+            batches += 1
+            examples += len(x)
+            if time.perf_counter() - started >= seconds:
+                break
+        else:
+            loader.on_epoch_end()
+            epochs += 1
+            continue
+        break
+    wall = time.perf_counter() - started
+    stats = dict(loader.stats()) if fallback is None else fallback.stats(batches, waited, wall)
+    stats.setdefault("seconds", wall)
+    return {
+        "tag": type(loader).__name__,
+        "batches": batches,
+        "examples": examples,
+        "epochs_completed": epochs,
+        "seconds": wall,
+        "batches_per_s": batches / wall if wall > 0 else 0.0,
+        "examples_per_s": examples / wall if wall > 0 else 0.0,
+        "caller_wait_s": waited,
+        "stats": stats,
+    }
+
+
+class _CounterStats:
+    """``loader.stats()`` for a loader that has none yet: the sources' ``io_counters`` deltas
+    and the time the caller waited in ``loader[i]`` (docs: /work NOTICES interface)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.sources = list({id(s.source): s.source for s in loader.scans}.values())
+        self.start = self._totals()
+
+    def _totals(self) -> dict[str, float] | None:
+        totals: dict[str, float] = {}
+        for source in self.sources:
+            counters = getattr(source, "io_counters", None)
+            if counters is None:
+                return None
+            for key, value in counters().items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+
+    def stats(self, batches: int, waited: float, wall: float) -> dict[str, Any]:
+        end = self._totals()
+        out: dict[str, Any] = {"batches": batches, "wait_s": waited, "seconds": wall}
+        if end is None or self.start is None:
+            out.update(bytes_read=None, bytes_delivered=None, read_amplification=None, read_s=None)
+            return out
+        delta = {k: end[k] - self.start.get(k, 0) for k in end}
+        read, delivered = int(delta["bytes_decoded"]), int(delta["bytes_returned"])
+        out.update(
+            bytes_read=read,
+            bytes_delivered=delivered,
+            read_amplification=read / delivered if delivered else None,
+            read_s=delta["read_s"],
+        )
+        return out
+
+
+def explain(result: dict[str, Any]) -> list[str]:
+    """The figures and the "why", from what this run measured."""
+    stats = result["stats"]
+    wall = float(result["seconds"]) or 1e-9
+    lines = [
+        f"{result['tag']}: {result['batches']} batches ({result['examples']} examples) in {wall:.1f} s: "
+        f"{result['batches_per_s']:.2f} batches/s, {result['examples_per_s']:.1f} examples/s",
+    ]
+    amp = stats.get("read_amplification")
+    if amp is not None:
+        lines.append(
+            f"read amplification {amp:.2f}: {_mb(stats.get('bytes_read'))} decoded for "
+            f"{_mb(stats.get('bytes_delivered'))} delivered"
+        )
+    else:
+        lines.append("read amplification: unknown (the source has no io_counters)")
+    wait = float(stats.get("wait_s") or 0.0)
+    work = {k: float(stats[k]) for k in WORK_KEYS if stats.get(k) is not None}
+    parts = [f"{k[:-2]} {v:.2f} s" for k, v in work.items()]
+    lines.append(
+        f"time: the caller waited {wait:.2f} s of {wall:.2f} s ({100 * wait / wall:.0f}%)"
+        + (f"; loader threads spent {', '.join(parts)}" if parts else "")
+    )
+    step_ms = 1000.0 / result["batches_per_s"] if result["batches_per_s"] else float("inf")
+    lines.append(f"a training step shorter than {step_ms:.1f} ms waits for data (the GPU idles)")
+    lines.append("why: " + _why(work, amp))
+    return lines
+
+
+def _why(work: dict[str, float], amp: float | None) -> str:
+    """What bounds the loader, from this run's time split (not canned per loader)."""
+    if not work:
+        return "the loader reports no time split (read, merge, copy)"
+    biggest = max(work, key=lambda k: work[k])
+    total = sum(work.values()) or 1e-9
+    text = f"{biggest[:-2]} is {100 * work[biggest] / total:.0f}% of the loader threads' measured time"
+    if biggest == "read_s" and amp is not None and amp > 1.5:
+        text += (
+            f"; reads decode {amp:.1f}x the bytes they deliver, so chunks shaped for this access "
+            "(scancache preprocess --chunks) would cut it"
+        )
+    elif biggest == "read_s":
+        text += "; reads decode little more than they deliver: a larger chunk cache or more workers helps"
+    elif biggest == "merge_s":
+        text += "; merging CATEGORIES dominates: a store with a label map merges by table lookup"
+    else:
+        text += "; copying into float32 batches dominates: Config.Y_DTYPE = 'uint8' halves y's bytes"
+    return text
+
+
+def _mb(value: Any) -> str:
+    return "?" if value is None else f"{int(value) / 1e6:.1f} MB"

@@ -1,0 +1,44 @@
+"""``scancache preprocess --layout``: presets resolve to chunk shapes, and every preset reads
+back exactly (image, merged mask through the label map, locations)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.layout import ChunkLayout
+from client.local import LocalSource
+from service.cli import main
+from service.layouts import LAYOUTS, chunks_text
+from service.store import write_scan
+from tests.conftest import make_volume
+
+
+def test_presets_and_explicit_chunks():
+    assert chunks_text(None, None) == "96,96,8"
+    assert chunks_text("balanced", None) == "64,64,2"
+    assert chunks_text(None, "8,8,2") == "8,8,2"
+    with pytest.raises(ValueError, match="not both"):
+        chunks_text("slices", "8,8,2")
+
+
+def test_layout_and_chunks_together_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(
+            ["preprocess", str(tmp_path), str(tmp_path / "store"), "--layout", "slices", "--chunks", "8,8,1"]
+        )
+    assert "not both" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_every_preset_reads_back_exactly(tmp_path, name):
+    image, mask = make_volume((70, 66, 9), 4, seed=1)
+    layout = ChunkLayout.parse(LAYOUTS[name])
+    write_scan(tmp_path / "store", "s", image, mask, {}, layout)
+    src = LocalSource(tmp_path / "store", cache_bytes=0)
+    assert src.metadata("s").attrs["layout"]["chunks"] == list(layout.chunks)
+    np.testing.assert_array_equal(src.read_image("s", "3:60,:,2:7"), image[3:60, :, 2:7])
+    merged = src.read_mask("s", ":,:,4", categories=[[0, 1], 3], background=True)
+    m = mask[:, :, 4:5].astype(np.int64)
+    want = np.stack([(m[..., [0, 1, 3]].sum(-1) == 0), m[..., 0] + m[..., 1], m[..., 3]], -1).astype(np.uint8)
+    np.testing.assert_array_equal(merged, want)

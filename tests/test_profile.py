@@ -1,0 +1,54 @@
+"""``scancache profile``: a real loader over a real store, for a bounded time."""
+
+from __future__ import annotations
+
+import json
+
+from service.cli import main
+
+
+def test_profile_prints_rates_amplification_and_why(small_store, capsys):
+    root, _ = small_store
+    args = ["profile", str(root), "--tag", "DefaultDataLoader", "--batch-size", "4", "--seconds", "0.3"]
+    assert main([*args, "--categories", "0,1+2", "--split", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "batches/s" in out and "read amplification" in out and "why: " in out
+
+    assert main([*args, "--categories", "[0,[1,2]]", "--split", "train", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    stats = result["stats"]
+    assert result["batches"] >= 1 and result["examples"] >= 4
+    assert stats["bytes_delivered"] > 0
+    assert abs(stats["read_amplification"] - stats["bytes_read"] / stats["bytes_delivered"]) < 1e-9
+    # 2D slices from (40, 36, 8)-deep chunks: more is decoded than delivered
+    assert stats["read_amplification"] > 1
+
+
+def test_profile_patches_over_http(small_store, capsys):
+    from tests.live_server import live_server
+
+    root, _ = small_store
+    with live_server(root) as url:
+        code = main(
+            [
+                "profile",
+                url,
+                "--tag",
+                "PatchDataLoader",
+                "--img-size",
+                "16,16,4,1",
+                "--seconds",
+                "0.3",
+                "--json",
+            ]
+        )
+    assert code == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["bytes_read"] > 0 and stats["read_amplification"] >= 1
+
+
+def test_profile_bad_arguments_are_one_line(small_store, capsys):
+    root, _ = small_store
+    assert main(["profile", str(root), "--tag", "DefaultDataLoader", "--categories", "0,x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--categories" in err
