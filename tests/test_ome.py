@@ -53,3 +53,32 @@ def test_link_labels_adds_a_label_image_without_copying(tmp_path):
     colors = zarr.open_group(str(scan / "labels" / "classes"), mode="r").attrs["ome"]["image-label"]["colors"]
     assert [c["label-value"] for c in colors] == [1, 2]
     assert not ome.link_labels(tmp_path / "no-labels", "label_map", 2)
+
+
+def test_scan_with_a_label_map_opens_with_its_labels(small_store):
+    root, truth = small_store
+    scan_id = "0000001_V00-Aug00"
+    group = zarr.open_group(str(root / scan_id), mode="r")
+    assert group.attrs["label_map"] is True
+    nodes = read_nodes(root / scan_id)
+    labels = [n for n in nodes if any(isinstance(s, Label) for s in n.specs)]
+    assert len(labels) == 1
+    mask = truth[scan_id][1]
+    expected = np.where(mask.any(-1), mask.argmax(-1) + 1, 0).astype(np.uint8)  # classes are disjoint
+    np.testing.assert_array_equal(np.asarray(labels[0].data[0]), expected)
+
+
+def test_served_store_exposes_the_labels_for_neuroglancer(small_store):
+    """docs/viewer.md's neuroglancer sources: the OME group, its labels and the linked label map."""
+    import httpx
+    from live_server import live_server
+
+    root, _ = small_store
+    scan_id = "0000001_V00-Aug00"
+    with live_server(root) as url:
+        base = f"{url}/zarr/{scan_id}"
+        assert httpx.get(f"{base}/zarr.json").json()["attributes"]["ome"]["version"] == "0.5"
+        assert httpx.get(f"{base}/labels/zarr.json").json()["attributes"]["ome"]["labels"] == ["classes"]
+        assert "image-label" in httpx.get(f"{base}/labels/classes/zarr.json").json()["attributes"]["ome"]
+        linked = httpx.get(f"{base}/labels/classes/0/zarr.json")
+        assert linked.status_code == 200 and linked.json()["data_type"] == "uint8"
