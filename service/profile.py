@@ -204,7 +204,7 @@ def _why(work: dict[str, float], amp: float | None) -> str:
     if biggest == "read_s" and amp is not None and amp > 1.5:
         text += (
             f"; reads decode {amp:.1f}x the bytes they deliver, so chunks shaped for this access "
-            "(scancache preprocess --chunks) would cut it"
+            "(scancache preprocess --layout slices or balanced, docs/tuning.md section 12) would cut it"
         )
     elif biggest == "read_s":
         text += "; reads decode little more than they deliver: a larger chunk cache or more workers helps"
