@@ -2,7 +2,7 @@
 
 * The batch client's connections stay bounded across threads and epochs (Keras starts a new
   thread pool every epoch).
-* 32 concurrent clients for LOAD_SECONDS (30 s; SCANCACHE_LOAD_TEST_SECONDS to change) against
+* 32 concurrent clients for LOAD_SECONDS (60 s; SCANCACHE_LOAD_TEST_SECONDS to change) against
   ``scancache serve`` in its own process: zero errors, every answer exact, and the server's RSS
   grows by at most ``--cache-bytes`` + ``--max-inflight-bytes`` + RSS_MARGIN over its idle RSS;
   a reader that stops reading its response does not stall the others.
@@ -28,7 +28,7 @@ from client.http import HttpSource
 from client.protocol import RegionRequest
 
 SCANS = [(f"000001{i}_V00-Aug00", (128, 128, 32), 3, "train", 10 + i, 0, 0, np.float32) for i in range(4)]
-LOAD_SECONDS = float(os.environ.get("SCANCACHE_LOAD_TEST_SECONDS", "30"))
+LOAD_SECONDS = float(os.environ.get("SCANCACHE_LOAD_TEST_SECONDS", "60"))
 CLIENTS = 32
 CACHE_BYTES = 16 * 2**20
 INFLIGHT_BYTES = 64 * 2**20
