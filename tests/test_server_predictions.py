@@ -243,3 +243,20 @@ def test_per_slice_dataset_prediction_and_its_preview(small_store, tmp_path):
         for k in range(4):
             expected = blend(expected, full == k + 1, k)
         np.testing.assert_array_equal(side, expected)
+
+
+def test_predictions_are_served_as_zarr_for_standard_viewers(served, small_store, tmp_path):
+    url, _, pred = served
+    scan_id = WITH_PREDICTION[0]
+    root = zarr.open_group(
+        zarr.storage.FsspecStore.from_url(f"{url}/predictions/zarr/", read_only=True), mode="r"
+    )
+    np.testing.assert_array_equal(root[scan_id]["label_map"][...], pred[scan_id]["label_map"][...])
+    np.testing.assert_array_equal(root[scan_id]["probabilities"][...], pred[scan_id]["probabilities"][...])
+    assert "ome" in dict(root[scan_id].attrs)  # the NGFF label image neuroglancer opens
+    assert httpx.get(f"{url}/predictions/zarr/.staging/x").status_code == 404
+    assert httpx.get(f"{url}/predictions/zarr/../zarr.json").status_code in (400, 404)
+    store_root, _ = small_store
+    with live_server(store_root) as plain:
+        r = httpx.get(f"{plain}/predictions/zarr/zarr.json")
+        assert r.status_code == 404 and "predictions" in r.json()["detail"]

@@ -281,3 +281,41 @@ async def _respond(request: Request, file: OpenFile) -> Response:
     data = await to_thread.run_sync(_read_range, file, start, end)
     media_type = headers.pop("Content-Type")
     return Response(data, status_code=status, media_type=media_type, headers=headers)
+
+
+@router.head(
+    "/predictions/zarr/{path:path}",
+    summary="Headers only (size, ETag) of a file in the predictions' Zarr tree",
+    response_class=Response,
+    responses={200: {"description": "As GET, without a body."}, **error_responses(400, 401, 404)},
+)
+@router.get(
+    "/predictions/zarr/{path:path}",
+    summary="The predictions store (`--predictions`) as read-only Zarr v3, as `/zarr/` serves the scans",
+    response_class=Response,
+    responses={
+        200: {"description": "The whole file, `Accept-Ranges: bytes`, ETag."},
+        206: {"description": "One byte range, with Content-Range."},
+        304: {"description": "Not modified: the If-None-Match ETag is current."},
+        **error_responses(400, 401, 404, 416),
+    },
+)
+async def predictions_zarr_file(
+    request: Request,
+    state: Annotated[ServerState, Depends(server_state)],
+    path: Annotated[
+        str, PathParam(description="`zarr.json`, or `<scan_id>/...` inside a written prediction")
+    ],
+) -> Response:
+    # The predictions store has the scan store's layout (client/publish.py): same checks, same
+    # answers, so neuroglancer opens a prediction's label image like a scan's.
+    root = state.settings.predictions
+    if root is None:
+        raise NotInStore("this server has no predictions (scancache serve --predictions PRED)")
+    parts = split_store_path(path)
+    file = await to_thread.run_sync(open_store_file, root, parts)
+    try:
+        return await _respond(request, file)
+    except BaseException:
+        file.close()
+        raise
