@@ -237,8 +237,13 @@ async def zarr_file(
     state: Annotated[ServerState, Depends(server_state)],
     path: Annotated[str, PathParam(description="`zarr.json`, or `<scan_id>/...` inside a complete scan")],
 ) -> Response:
-    parts = split_store_path(path)
-    file = await to_thread.run_sync(open_store_file, state.settings.store, parts)
+    return await serve_tree_file(request, state.settings.store, path)
+
+
+async def serve_tree_file(request: Request, root: Path, path: str) -> Response:
+    """One file of a store laid out by client/publish.py (the scans' or the predictions'), checked
+    and answered the same way for both trees."""
+    file = await to_thread.run_sync(open_store_file, root, split_store_path(path))
     try:
         return await _respond(request, file)
     except BaseException:
@@ -312,10 +317,4 @@ async def predictions_zarr_file(
     root = state.settings.predictions
     if root is None:
         raise NotInStore("this server has no predictions (scancache serve --predictions PRED)")
-    parts = split_store_path(path)
-    file = await to_thread.run_sync(open_store_file, root, parts)
-    try:
-        return await _respond(request, file)
-    except BaseException:
-        file.close()
-        raise
+    return await serve_tree_file(request, root, path)
