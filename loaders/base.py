@@ -37,8 +37,10 @@ from client.layout import IMAGE, MASK
 from client.protocol import RegionRequest, ScanSource
 from loaders import inference
 from loaders.config import Config, check_config
+from loaders.batch_memory import BatchArrays
+from loaders.blocks import BlockBuffer, block_ids, block_key
 from loaders.geometry import AxisRead, check_pad_mode, take_window
-from loaders.ordering import Shard, shard_order
+from loaders.ordering import Shard, shard_block_order
 from loaders.prefetch import Prefetcher
 from loaders.registry import KEEPS_VALUES, LOADER_REGISTRY, Element, keeps_values, register_loader
 from loaders.scans import (
@@ -60,6 +62,10 @@ def _roi(axes: Sequence[AxisRead]) -> tuple[slice, ...]:
 
 class DataLoader(keras.utils.PyDataset):
     """Base class of scancache loaders (a Keras ``PyDataset``). See the module docstring."""
+
+    # Whether examples are read in chunk-deep blocks (loaders.blocks; the slice loaders do):
+    # then cfg.SHUFFLE_BLOCKS > 0 interleaves blocks in the order and reads each block once.
+    reads_blocks = False
 
     def __init__(
         self,
@@ -113,11 +119,14 @@ class DataLoader(keras.utils.PyDataset):
         self._last_index = -2
         self._serve_lock = threading.Lock()
         self._base_elements: list[Any] = list(self.build_elements())
-        # (epoch, elements, order) is replaced as one tuple, so a background read sees one epoch's plan.
-        self._plan: tuple[int, list[Any], list[int]] = self._make_plan(0)
+        # (epoch, elements, order, blocks) is replaced as one tuple, so a background read sees one
+        # epoch's plan (and its block buffer).
+        self._plan: tuple[int, list[Any], list[int], BlockBuffer | None] = self._make_plan(0)
         self._prefetcher: Prefetcher[tuple[int, int], tuple[np.ndarray, ...]] = Prefetcher(
             self._load_key, workers=max(1, int(cfg.NUM_WORKERS)), depth=int(cfg.PREFETCH_BATCHES)
         )
+        # x and y of the batches in flight (read ahead, being trained on), each twice over
+        self._batch_arrays = BatchArrays(4 * (int(cfg.PREFETCH_BATCHES) + 2))
         self._stats = LoaderStats(s.source for s in self.scans)
         self._wait_base = 0.0
 
@@ -173,12 +182,24 @@ class DataLoader(keras.utils.PyDataset):
         count = len(scan.categories) if scan.categories is not None else scan.meta.num_classes
         return count + (1 if self._cfg.INCLUDE_BACKGROUND else 0)
 
-    def _make_plan(self, epoch: int) -> tuple[int, list[Any], list[int]]:
+    def _make_plan(self, epoch: int) -> tuple[int, list[Any], list[int], BlockBuffer | None]:
         elements = list(self.epoch_elements(epoch))
-        order = shard_order(self.seed, epoch, [e.scan for e in elements], self.shuffle, self.shard)
-        return epoch, elements, order.tolist()
+        window = int(self._cfg.SHUFFLE_BLOCKS)
+        blocks = self.reads_blocks and window > 0 and bool(elements)
+        keys = [block_key(e, self.scans) for e in elements] if blocks else []
+        scan_of = [e.scan for e in elements]
+        order = shard_block_order(
+            self.seed, epoch, scan_of, block_ids(keys) if blocks else None, self.shuffle, window, self.shard
+        ).tolist()
+        buffer = None
+        if blocks:
+            background = bool(self._cfg.INCLUDE_BACKGROUND)
+            # the order keeps about two windows of blocks in use at a time (the current one and
+            # the one read ahead); the LRU bound only matters for other access patterns
+            buffer = BlockBuffer(self.scans, elements, order, keys, self.pad_mode, background, 2 * window + 2)
+        return epoch, elements, order, buffer
 
-    def _plan_for(self, epoch: int) -> tuple[int, list[Any], list[int]]:
+    def _plan_for(self, epoch: int) -> tuple[int, list[Any], list[int], BlockBuffer | None]:
         plan = self._plan
         return plan if plan[0] == epoch else self._make_plan(epoch)
 
@@ -239,13 +260,13 @@ class DataLoader(keras.utils.PyDataset):
 
     def batch_elements(self, index: int, epoch: int | None = None) -> list[Any]:
         """The elements of batch ``index`` of ``epoch`` (default: the current one)."""
-        _, elements, order = self._plan_for(self.epoch if epoch is None else epoch)
+        _, elements, order, _ = self._plan_for(self.epoch if epoch is None else epoch)
         start = index * self.batch_size
         return [elements[i] for i in order[start : min(start + self.batch_size, len(order))]]
 
     def _load_key(self, key: tuple[int, int]) -> tuple[np.ndarray, ...]:
         epoch, index = key
-        x, y = self.load_batch(self.batch_elements(index, epoch))
+        x, y = self.load_batch(self.batch_elements(index, epoch), _blocks=self._plan_for(epoch)[3])
         x_in, y_out = self.preprocess(x, y)
         return (x_in, y_out, x) if self.is_test else (x_in, y_out)
 
@@ -353,7 +374,9 @@ class DataLoader(keras.utils.PyDataset):
             for i, (img_axes, mask_axes) in enumerate(plans)
         ]
 
-    def load_batch(self, elements: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    def load_batch(
+        self, elements: Sequence[Any], _blocks: BlockBuffer | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """x and y of a batch, float32, before :meth:`preprocess`.
 
         Each example is converted straight into its slot of one preallocated x and y (no
@@ -363,7 +386,10 @@ class DataLoader(keras.utils.PyDataset):
         conversion happens in the copy into the batch, with identical values.
         """
         started = time.perf_counter()
-        pairs = self.read_elements(elements)
+        if _blocks is not None and type(self).read_elements is DataLoader.read_elements:
+            pairs = _blocks.read(elements)  # windows cut from chunk-deep blocks read once
+        else:
+            pairs = self.read_elements(elements)
         read_done = time.perf_counter()
         target_casts = getattr(type(self).model_target, KEEPS_VALUES, False)
         x: np.ndarray | None = None
@@ -372,8 +398,8 @@ class DataLoader(keras.utils.PyDataset):
             xi = self.model_input(img if img.dtype == np.float32 else img.astype(np.float32), e)
             yi = self.model_target(mask if target_casts else mask.astype(np.float32), e)
             if x is None or y is None:
-                x = np.empty((len(pairs), *xi.shape), np.float32)
-                y = np.empty((len(pairs), *yi.shape), self.y_dtype)
+                x = self._batch_arrays.empty((len(pairs), *xi.shape), np.dtype(np.float32))
+                y = self._batch_arrays.empty((len(pairs), *yi.shape), self.y_dtype)
             elif xi.shape != x.shape[1:] or yi.shape != y.shape[1:]:
                 self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi.shape, y.shape[1:]])
             np.copyto(x[i], xi, casting="unsafe")

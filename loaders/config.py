@@ -46,6 +46,12 @@ class Config:
     # dtype of y: "float32" (MedSegPy's) or "uint8" (4x fewer bytes; cast on the device, e.g.
     # keras.ops.cast(y, "float32") in the loss). Values are the same 0/1 (or summed) class counts.
     Y_DTYPE: str = "float32"
+    # 2D / 2.5D loaders: examples come in blocks (a scan's slices sharing one inner chunk along
+    # z, read and decoded once) and the shuffled order interleaves this many blocks at a time:
+    # consecutive examples come from different blocks (different scans where the data set has
+    # enough), and about 2x this many blocks are in memory (loaders/blocks.py). 0: every example
+    # is read on its own, in the per-example order (each slice decodes its whole chunk).
+    SHUFFLE_BLOCKS: int = 16
 
     def __init__(self, **overrides: Any) -> None:
         # Mutable class defaults (CATEGORIES = []) are copied per instance: appending to one
@@ -99,5 +105,7 @@ def check_config(cfg: Config) -> None:
             "PRELOAD_DATA=True is not supported: the store's decoded-chunk cache holds scans in memory "
             "(set SCANCACHE_LOCAL_CACHE_BYTES, or the server's --cache-bytes); leave PRELOAD_DATA False"
         )
+    if not isinstance(cfg.SHUFFLE_BLOCKS, int) or isinstance(cfg.SHUFFLE_BLOCKS, bool) or cfg.SHUFFLE_BLOCKS < 0:
+        raise ValueError(f"SHUFFLE_BLOCKS must be a whole number >= 0, got {cfg.SHUFFLE_BLOCKS!r}")
     if str(cfg.Y_DTYPE) not in Y_DTYPES:
         raise ValueError(f"Y_DTYPE must be one of {', '.join(Y_DTYPES)}, got {cfg.Y_DTYPE!r}")

@@ -22,6 +22,7 @@ import numpy as np
 
 # Separates the order's random stream from the patch sampler's (which uses (seed, epoch)).
 _ORDER_STREAM = 0x5CA7
+_BLOCK_STREAM = 0xB10C
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,71 @@ def epoch_order(seed: int, epoch: int, scan_of: Sequence[int], shuffle: bool) ->
 def shard_order(seed: int, epoch: int, scan_of: Sequence[int], shuffle: bool, shard: Shard) -> np.ndarray:
     """The examples rank ``shard.rank`` reads in ``epoch``, in order."""
     return epoch_order(seed, epoch, scan_of, shuffle)[shard.block(len(scan_of))]
+
+
+def block_epoch_order(
+    seed: int, epoch: int, scan_of: Sequence[int], block_of: Sequence[int], shuffle: bool, window: int
+) -> np.ndarray:
+    """The order of epoch ``epoch`` when examples come in *blocks* (``block_of[i]``: example i's
+    block, e.g. the slices of one scan that share an inner chunk, so a block is decoded once).
+
+    Shuffled, the blocks are ordered first, each scan's blocks evenly spaced over the epoch
+    (block ``j`` of a scan with ``c`` blocks at ``(j + u) / c``, one uniform ``u`` per scan, so
+    two blocks of a scan are never closer than the data set allows); then every ``window``
+    consecutive blocks are interleaved: one example of each block (in a random order, a new
+    one every round), then a second of each, and so on, each block's examples in a random
+    order. So ``window`` consecutive examples come from ``window`` different blocks (and, with
+    at least ``window`` scans, mostly different scans), while a block's examples all fall
+    within ``window`` x its size examples of each other: reading a block once serves them all
+    from a buffer of about ``window`` blocks. ``window <= 0``: the per-example order
+    (:func:`epoch_order`). Deterministic from ``(seed, epoch)``; unshuffled: as built.
+    """
+    n = len(scan_of)
+    if not shuffle or n == 0:
+        return np.arange(n, dtype=np.int64)
+    if window <= 0:
+        return epoch_order(seed, epoch, scan_of, shuffle)
+    if len(block_of) != n:
+        raise ValueError(f"block_of has {len(block_of)} entries for {n} examples")
+    rng = np.random.default_rng((int(seed), _BLOCK_STREAM, int(epoch)))
+    scans = np.asarray(scan_of, dtype=np.int64)
+    _, block = np.unique(np.asarray(block_of, dtype=np.int64), return_inverse=True)
+    num_blocks = int(block.max()) + 1
+    block_scan = np.zeros(num_blocks, np.int64)
+    block_scan[block] = scans
+    # block positions: a random order within each scan, each scan's blocks evenly spaced
+    shuffled = rng.permutation(num_blocks)
+    by_scan = shuffled[np.argsort(block_scan[shuffled], kind="stable")]
+    sorted_scans = block_scan[by_scan]
+    starts = np.flatnonzero(np.r_[True, sorted_scans[1:] != sorted_scans[:-1]])
+    counts = np.diff(np.r_[starts, num_blocks])
+    offset = rng.random(len(starts))  # one per scan
+    rank_in_scan = np.arange(num_blocks) - np.repeat(starts, counts)
+    position = (rank_in_scan + np.repeat(offset, counts)) / np.repeat(counts, counts)
+    block_rank = np.empty(num_blocks, np.int64)
+    block_rank[by_scan[np.lexsort((rng.random(num_blocks), position))]] = np.arange(num_blocks)
+    # examples grouped by block in block order, in a random order within each block
+    examples = rng.permutation(n)
+    examples = examples[np.argsort(block_rank[block[examples]], kind="stable")]
+    ranks = block_rank[block[examples]]
+    starts = np.flatnonzero(np.r_[True, ranks[1:] != ranks[:-1]])
+    counts = np.diff(np.r_[starts, n])
+    round_in_block = np.arange(n) - np.repeat(starts, counts)
+    window_of = ranks // int(window)
+    return examples[np.lexsort((rng.random(n), round_in_block, window_of))]
+
+
+def shard_block_order(
+    seed: int,
+    epoch: int,
+    scan_of: Sequence[int],
+    block_of: Sequence[int] | None,
+    shuffle: bool,
+    window: int,
+    shard: Shard,
+) -> np.ndarray:
+    """The examples rank ``shard.rank`` reads in ``epoch``: :func:`block_epoch_order` when the
+    examples have blocks, else :func:`epoch_order`; a contiguous block of it per rank."""
+    if block_of is None:
+        return shard_order(seed, epoch, scan_of, shuffle, shard)
+    return block_epoch_order(seed, epoch, scan_of, block_of, shuffle, window)[shard.block(len(scan_of))]

@@ -18,8 +18,11 @@ class DefaultDataLoader(DataLoader):
 
     One element per slice of every scan (or per listed ``slice_id``). y holds ``CATEGORIES``
     merged as MedSegPy's ``collect_mask`` (a tuple sums its classes), with a background
-    channel first when ``INCLUDE_BACKGROUND``. Test batches are ``(x, y, x_raw)``.
+    channel first when ``INCLUDE_BACKGROUND``. Test batches are ``(x, y, x_raw)``. Slices are
+    read in chunk-deep blocks (``cfg.SHUFFLE_BLOCKS``, ``loaders.blocks``).
     """
+
+    reads_blocks = True
 
     def build_elements(self) -> Sequence[Element]:
         return [

@@ -94,7 +94,7 @@ def assert_batch_exact(loader, batch, elements, arrays):
 
 def example_keys(loader, epoch):
     """What makes an example itself: the order index into the epoch's elements."""
-    _, _, order = loader._plan_for(epoch)
+    order = loader._plan_for(epoch)[2]
     return order[: len(loader) * loader.batch_size] if loader.drop_last else order
 
 

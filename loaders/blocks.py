@@ -1,0 +1,217 @@
+"""Chunk-deep blocks: read the slices that share an inner chunk once, serve them all from memory.
+
+A 2D example needs one slice, but the store decodes whole inner chunks (``96x96x8`` by
+default): read slice by slice, every slice decodes eight, and at real scale (the data set
+larger than every cache) each of them is decoded again for each of its slices. The slice
+loaders therefore group their examples into *blocks*, the examples of one scan whose slice
+falls in the same inner chunk along z, and the epoch order interleaves a window of blocks
+(:func:`loaders.ordering.block_epoch_order`). :class:`BlockBuffer` reads a block's bounding
+box (image, and mask with the categories merged) in one request the first time one of its
+examples is wanted, cuts each example's windows from it, and drops it when its last example
+of the epoch has been cut, so about a window of blocks is in memory at a time. Windows are cut
+exactly as a read of the window would return them (:func:`loaders.geometry.take_window`), the
+padding of windows that reach outside the volume included.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from client.layout import IMAGE, MASK
+from client.protocol import RegionRequest
+from loaders.geometry import AxisRead, take_window
+from loaders.registry import Element
+from client.errors import RequestTooLarge
+from loaders.scans import ScanEntry, read_grouped, read_in_slabs, window_reads
+
+BlockKey = tuple[int, int]  # (scan index, inner-chunk index along z)
+
+
+def chunk_depth(scan: ScanEntry) -> int:
+    """The inner chunk depth along z of a scan's arrays (its ``layout`` attribute), 1 if unknown."""
+    layout = scan.meta.attrs.get("layout") or {}
+    chunks = layout.get("chunks") if isinstance(layout, dict) else None
+    try:
+        return max(1, int(chunks[2]))  # type: ignore[index]
+    except (TypeError, ValueError, IndexError):
+        return 1
+
+
+def block_key(element: Element, scans: Sequence[ScanEntry]) -> BlockKey:
+    """The block of an element: its scan and the inner chunk of its output window's first slice."""
+    scan = scans[element.scan]
+    z = min(max(int(element.output_window[2][0]), 0), scan.shape[2] - 1)
+    return (element.scan, z // chunk_depth(scan))
+
+
+def block_ids(keys: Sequence[BlockKey]) -> list[int]:
+    """One integer per block key (the order's ``block_of``)."""
+    ids: dict[BlockKey, int] = {}
+    return [ids.setdefault(k, len(ids)) for k in keys]
+
+
+@dataclass(frozen=True)
+class _Box:
+    """The region read for a block: per axis ``[lo, hi)``, image and mask apart."""
+
+    image: tuple[tuple[int, int], ...]
+    mask: tuple[tuple[int, int], ...]
+
+
+def _union(boxes: list[tuple[tuple[int, int], ...]], axes: Sequence[AxisRead]) -> None:
+    if not boxes:
+        boxes.append(tuple((a.lo, a.hi) for a in axes))
+        return
+    boxes[0] = tuple((min(lo, a.lo), max(hi, a.hi)) for (lo, hi), a in zip(boxes[0], axes, strict=True))
+
+
+class _Slot:
+    """One block in the buffer: filled once by the thread that reads it, waited on by others."""
+
+    def __init__(self, remaining: int) -> None:
+        self.ready = threading.Event()
+        self.arrays: tuple[np.ndarray, np.ndarray] | None = None
+        self.error: BaseException | None = None
+        self.remaining = remaining
+
+
+class BlockBuffer:
+    """Blocks of one epoch's plan: ``read(elements)`` -> (image window, mask window) each.
+
+    ``elements``/``order``: the epoch's elements and the ones this loader serves (counts of
+    each block's uses, so a block leaves memory after its last use). ``capacity``: blocks kept
+    at most in any access pattern (least recently used first out); a block evicted early is
+    simply read again. Thread-safe: read-ahead threads share it.
+    """
+
+    def __init__(
+        self,
+        scans: Sequence[ScanEntry],
+        elements: Sequence[Element],
+        order: Sequence[int],
+        keys: Sequence[BlockKey],
+        pad_mode: str,
+        background: bool,
+        capacity: int,
+    ) -> None:
+        self.scans = scans
+        self.pad_mode = pad_mode
+        self.background = background
+        self.capacity = max(1, int(capacity))
+        self._uses = Counter(keys[i] for i in order)
+        image_boxes: dict[BlockKey, list[Any]] = {}
+        mask_boxes: dict[BlockKey, list[Any]] = {}
+        for key, e in zip(keys, elements, strict=True):
+            shape = scans[e.scan].shape
+            img_axes = window_reads(e.window, shape, pad_mode)
+            mask_axes = img_axes if e.target is None else window_reads(e.target, shape, pad_mode)
+            _union(image_boxes.setdefault(key, []), img_axes)
+            _union(mask_boxes.setdefault(key, []), mask_axes)
+        self._boxes = {k: _Box(image_boxes[k][0], mask_boxes[k][0]) for k in image_boxes}
+        self._slots: OrderedDict[BlockKey, _Slot] = OrderedDict()
+        self._lock = threading.Lock()
+        self.peak_blocks = 0  # most blocks held at once (tests, docs)
+
+    def read(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(image window, mask window) of each element of a batch (elements of this plan)."""
+        keys = [block_key(e, self.scans) for e in elements]
+        unknown = [k for k in keys if k not in self._boxes]
+        if unknown:
+            raise ValueError(f"block {unknown[0]} is not part of this epoch's plan")
+        mine: list[BlockKey] = []
+        slots: dict[BlockKey, _Slot] = {}
+        with self._lock:
+            for key in dict.fromkeys(keys):
+                slot = self._slots.get(key)
+                if slot is None:
+                    slot = self._slots[key] = _Slot(self._uses.get(key, 0))
+                    mine.append(key)
+                self._slots.move_to_end(key)
+                slots[key] = slot
+            self._evict()
+            self.peak_blocks = max(self.peak_blocks, len(self._slots))
+        if mine:
+            self._fill(mine, slots)
+        out = []
+        for element, key in zip(elements, keys, strict=True):
+            slot = slots[key]
+            slot.ready.wait()
+            if slot.error is not None:
+                raise slot.error
+            assert slot.arrays is not None
+            out.append(self._cut(element, key, slot.arrays))
+        with self._lock:
+            for key in keys:
+                slot = slots[key]
+                slot.remaining -= 1
+                if slot.remaining <= 0 and self._slots.get(key) is slot:
+                    del self._slots[key]
+        return out
+
+    def _fill(self, keys: list[BlockKey], slots: dict[BlockKey, _Slot]) -> None:
+        """Read the blocks this thread registered, in one ``read_regions`` round per source."""
+        requests = []
+        for scan_index, z in keys:
+            scan = self.scans[scan_index]
+            box = self._boxes[(scan_index, z)]
+            requests.append((scan.source, RegionRequest(scan.scan_id, IMAGE, _slices(box.image))))
+            requests.append(
+                (
+                    scan.source,
+                    RegionRequest(scan.scan_id, MASK, _slices(box.mask), scan.categories, self.background),
+                )
+            )
+        try:
+            try:
+                arrays = read_grouped(requests)
+            except RequestTooLarge:  # a server's --max-bytes below a block: slabs along z
+                arrays = [read_in_slabs(src, req, req.roi) for src, req in requests]  # type: ignore[arg-type]
+        except BaseException as err:
+            with self._lock:
+                for key in keys:
+                    slots[key].error = err
+                    if self._slots.get(key) is slots[key]:
+                        del self._slots[key]  # the next batch that wants it tries again
+                    slots[key].ready.set()
+            raise
+        for n, key in enumerate(keys):
+            slots[key].arrays = (arrays[2 * n], arrays[2 * n + 1])
+            slots[key].ready.set()
+
+    def _cut(
+        self, element: Element, key: BlockKey, arrays: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        shape = self.scans[element.scan].shape
+        img_axes = window_reads(element.window, shape, self.pad_mode)
+        mask_axes = img_axes if element.target is None else window_reads(element.target, shape, self.pad_mode)
+        box = self._boxes[key]
+        image = arrays[0][_within(box.image, img_axes)]
+        mask = arrays[1][_within(box.mask, mask_axes)]
+        return take_window(image, img_axes), take_window(mask, mask_axes)
+
+    def _evict(self) -> None:
+        while len(self._slots) > self.capacity:
+            key, slot = next(iter(self._slots.items()))
+            if not slot.ready.is_set():  # being read: never drop a slot someone waits on
+                self._slots.move_to_end(key)
+                if all(not s.ready.is_set() for s in self._slots.values()):
+                    return
+                continue
+            del self._slots[key]
+
+
+def _slices(box: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
+    return tuple(slice(lo, hi) for lo, hi in box)
+
+
+def _within(box: tuple[tuple[int, int], ...], axes: Sequence[AxisRead]) -> tuple[slice, ...]:
+    """The element's read region ``[a.lo, a.hi)`` inside its block's box."""
+    if any(a.lo < lo or a.hi > hi for (lo, hi), a in zip(box, axes, strict=True)):
+        raise ValueError("an element's window lies outside its block: not an element of this plan")
+    return tuple(slice(a.lo - lo, a.hi - lo) for (lo, _), a in zip(box, axes, strict=True))
