@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -108,7 +109,9 @@ def _word_plan(table_bytes: bytes, rows: int, channels: int) -> tuple[int, list[
         combos = np.indices((rows,) * span).reshape(span, -1).T
         joined = table[combos].reshape(len(combos), span * channels)
         offset = 8 * j - first * channels
-        words.append((first, span, np.ascontiguousarray(joined[:, offset : offset + 8]).view(np.uint64)[:, 0]))
+        words.append(
+            (first, span, np.ascontiguousarray(joined[:, offset : offset + 8]).view(np.uint64)[:, 0])
+        )
     return group, words
 
 
@@ -129,6 +132,26 @@ def _gather_words(groups: np.ndarray, rows: int, words: list[_Word], out: np.nda
         # every index is in range: labels are < rows (the caller's category_table has a row
         # per class), and a label map never holds more.
         np.take(word_table, index, out=columns[:, j], mode="clip")
+
+
+@dataclass(frozen=True)
+class LabelRegion:
+    """A mask region still as its label map and the table that merges it (``apply_table``)."""
+
+    labels: np.ndarray
+    table: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the merged mask it stands for."""
+        return int(self.labels.size) * int(self.table.shape[1])
+
+
+Decoded = np.ndarray | LabelRegion
+
+
+def merged(region: Decoded) -> np.ndarray:
+    return apply_table(region.labels, region.table) if isinstance(region, LabelRegion) else region
 
 
 def class_rows(locations: np.ndarray, counts: Sequence[int], k: int) -> np.ndarray:

@@ -29,7 +29,9 @@ def cases(draw: st.DrawFn) -> tuple[np.ndarray, list[tuple[int, ...]] | None, bo
 
 @settings(max_examples=300, deadline=None)
 @given(cases())
-def test_apply_table_equals_merge_mask(case: tuple[np.ndarray, list[tuple[int, ...]] | None, bool, int]) -> None:
+def test_apply_table_equals_merge_mask(
+    case: tuple[np.ndarray, list[tuple[int, ...]] | None, bool, int],
+) -> None:
     labels, categories, background, num_classes = case
     expected = merge_mask(one_hot(labels, num_classes), categories, background)
     got = apply_table(labels, category_table(categories, background, num_classes))
