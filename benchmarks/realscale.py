@@ -115,23 +115,28 @@ def why(result: dict[str, Any], over_http: bool) -> str:
     return "; ".join(parts)
 
 
-def honest_shuffle_row(scans: int = 16, slices: int = 160, batch: int = 16) -> Row:
-    """The default epoch order over a 16-scan data set: the fewest distinct scans in any batch of
-    16, over seeds 0-2 and epochs 0-2 (the order is a pure function of SEED and the epoch)."""
-    from loaders.ordering import epoch_order
+def honest_shuffle_row(scans: int = 16, slices: int = 160, batch: int = 16, depth: int = 8) -> Row:
+    """The default 2D epoch order over a 16-scan data set (blocks of ``depth`` slices, 16 blocks
+    interleaved, cfg.SHUFFLE_BLOCKS): the fewest distinct scans in any batch of 16, over seeds
+    0-2 and epochs 0-2 (the order is a pure function of SEED and the epoch)."""
+    from loaders.config import Config
+    from loaders.ordering import block_epoch_order
 
+    window = Config().SHUFFLE_BLOCKS
     scan_of = np.repeat(np.arange(scans), slices)
+    block_of = scan_of * slices + np.tile(np.arange(slices) // depth, scans)
     fewest = batch
     for seed in range(3):
         for epoch in range(3):
-            order = epoch_order(seed, epoch, scan_of, shuffle=True)
-            if not np.array_equal(order, epoch_order(seed, epoch, scan_of, shuffle=True)):
+            order = block_epoch_order(seed, epoch, scan_of, block_of, True, window)
+            if not np.array_equal(order, block_epoch_order(seed, epoch, scan_of, block_of, True, window)):
                 raise AssertionError("the epoch order is not a function of (SEED, epoch)")
             batches = scan_of[order[: len(order) // batch * batch]].reshape(-1, batch)
             fewest = min(fewest, min(len(set(b.tolist())) for b in batches))
     return Row(SECTION, f"{scans} scans x {slices} slices: fewest distinct scans in a batch of {batch}",
                fewest, "scans", 8, "target", ">= 8 scans a batch", 1.0,
-               note="loaders/ordering.py epoch_order, seeds 0-2 x epochs 0-2, deterministic")  # fmt: skip
+               note=f"loaders/ordering.py block_epoch_order (blocks of {depth} slices, {window} interleaved), "
+               "seeds 0-2 x epochs 0-2, deterministic")  # fmt: skip
 
 
 def run(data: BenchData, quick: bool, server_workers: int) -> list[Row]:

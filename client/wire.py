@@ -2,15 +2,20 @@
 
 A single region is one ``.npy`` file (``application/x-npy``); ``numpy.load`` reads it. A batch
 is the concatenation of several ``.npy`` payloads (``application/x-npy-stream``): each header
-states shape and dtype, so the stream needs no other framing and decodes without copies.
+states shape and dtype, so the stream needs no other framing and decodes without copies. In a
+batch asked with ``label_maps``, a mask region may come as two payloads, its label map (3-D)
+and the table that merges it (2-D); a merged mask is 4-D, so the header tells which.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 
 import numpy as np
+
+from client.label_map import apply_table
 
 NPY_MEDIA_TYPE = "application/x-npy"
 NPY_STREAM_MEDIA_TYPE = "application/x-npy-stream"
@@ -72,4 +77,27 @@ def decode_npy_stream(data: bytes | memoryview) -> list[np.ndarray]:
             raise ValueError("truncated .npy stream")
         out.append(np.frombuffer(view[start : start + nbytes], dtype=dtype).reshape(shape))
         pos = start + nbytes
+    return out
+
+
+def decode_batch(data: bytes | memoryview, masks: Sequence[bool]) -> list[np.ndarray]:
+    """The regions of a batch response, ``masks[i]`` telling whether region ``i`` is a mask;
+    a mask sent as label map and table is merged here (``label_map.apply_table``)."""
+    arrays = decode_npy_stream(data)
+    out: list[np.ndarray] = []
+    pos = 0
+    for i, is_mask in enumerate(masks):
+        if pos >= len(arrays):
+            raise ValueError(f"the stream's {len(arrays)} payloads end before region {i} of {len(masks)}")
+        arr = arrays[pos]
+        pos += 1
+        if is_mask and arr.ndim == 3:  # a label map: its table follows
+            table = arrays[pos] if pos < len(arrays) else None
+            if table is None or table.ndim != 2 or arr.dtype != np.uint8 or table.dtype != np.uint8:
+                raise ValueError("a label map without its uint8 table")
+            pos += 1
+            arr = apply_table(arr, table)
+        out.append(arr)
+    if pos != len(arrays):
+        raise ValueError(f"{len(arrays) - pos} payloads left over after {len(masks)} regions")
     return out

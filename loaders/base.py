@@ -36,9 +36,9 @@ import numpy as np
 from client.layout import IMAGE, MASK
 from client.protocol import RegionRequest, ScanSource
 from loaders import inference
-from loaders.config import Config, check_config
 from loaders.batch_memory import BatchArrays
 from loaders.blocks import BlockBuffer, block_ids, block_key
+from loaders.config import Config, check_config
 from loaders.geometry import AxisRead, check_pad_mode, take_window
 from loaders.ordering import Shard, shard_block_order
 from loaders.prefetch import Prefetcher

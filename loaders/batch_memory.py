@@ -35,7 +35,11 @@ class BatchArrays:
         shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
         with self._lock:
             for array in self._arrays:
-                if array.shape == shape and array.dtype == dtype and sys.getrefcount(array) <= _OWN_REFERENCES:
+                if (
+                    array.shape == shape
+                    and array.dtype == dtype
+                    and sys.getrefcount(array) <= _OWN_REFERENCES
+                ):
                     self.reused += 1
                     return array
             fresh = np.empty(shape, dtype)

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from client.errors import RequestTooLarge
 from client.layout import IMAGE, MASK
 from client.protocol import RegionRequest
 from loaders.geometry import AxisRead, take_window
 from loaders.registry import Element
-from client.errors import RequestTooLarge
 from loaders.scans import ScanEntry, read_grouped, read_in_slabs, window_reads
 
 BlockKey = tuple[int, int]  # (scan index, inner-chunk index along z)

@@ -105,7 +105,11 @@ def check_config(cfg: Config) -> None:
             "PRELOAD_DATA=True is not supported: the store's decoded-chunk cache holds scans in memory "
             "(set SCANCACHE_LOCAL_CACHE_BYTES, or the server's --cache-bytes); leave PRELOAD_DATA False"
         )
-    if not isinstance(cfg.SHUFFLE_BLOCKS, int) or isinstance(cfg.SHUFFLE_BLOCKS, bool) or cfg.SHUFFLE_BLOCKS < 0:
+    if (
+        not isinstance(cfg.SHUFFLE_BLOCKS, int)
+        or isinstance(cfg.SHUFFLE_BLOCKS, bool)
+        or cfg.SHUFFLE_BLOCKS < 0
+    ):
         raise ValueError(f"SHUFFLE_BLOCKS must be a whole number >= 0, got {cfg.SHUFFLE_BLOCKS!r}")
     if str(cfg.Y_DTYPE) not in Y_DTYPES:
         raise ValueError(f"Y_DTYPE must be one of {', '.join(Y_DTYPES)}, got {cfg.Y_DTYPE!r}")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from client.errors import RequestTooLarge
+from client.label_map import LabelRegion, merged
 from client.layout import IMAGE, MASK
 from client.wire import DECODED_BYTES_HEADER, NPY_MEDIA_TYPE, NPY_STREAM_MEDIA_TYPE, encode_npy_parts
 from service.server.errors import error_responses
@@ -86,8 +87,8 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
         return not_modified(etag, vary="Accept-Encoding")
 
     def read_and_encode() -> tuple[list[bytes | memoryview], int]:
-        requests = [plan.request()]
-        return _encode(state.source.read_regions(requests)[0], gzip), decoded_bytes(state.source, requests)
+        arrays, decoded = state.source.read_decoded([plan.request()])
+        return _encode(merged(arrays[0]), gzip), decoded
 
     release = await state.inflight.acquire(plan.cost)
     try:
@@ -157,6 +158,15 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     regions: list[RegionSpec] = Field(description="The regions, answered in this order.")
+    label_maps: bool = Field(
+        False,
+        description=(
+            "Send a mask region of a scan stored with a label map as two payloads: the label map "
+            "(h, w, d) uint8 and the (C + 1, C') uint8 table whose row `label` is that voxel's "
+            "output channels; the mask is `table[labels]`. A fifth of the bytes at 4 categories "
+            "plus background, and the merge runs on the client. Other mask regions are sent merged."
+        ),
+    )
 
 
 @router.post(
@@ -192,11 +202,14 @@ async def post_batch(state: State, batch: BatchRequest) -> Response:
     total = check_budget(plans, state.settings.max_bytes)
 
     def read_all() -> tuple[list[bytes | memoryview], int]:
-        requests = [p.request() for p in plans]
-        arrays = state.source.read_regions(requests)
-        return [part for arr in arrays for part in encode_npy_parts(arr)], decoded_bytes(
-            state.source, requests
-        )
+        arrays, decoded = state.source.read_decoded([p.request() for p in plans])
+        parts: list[bytes | memoryview] = []
+        for arr in arrays:
+            if isinstance(arr, LabelRegion) and batch.label_maps:
+                parts += encode_npy_parts(arr.labels) + encode_npy_parts(arr.table)
+            else:
+                parts += encode_npy_parts(merged(arr))
+        return parts, decoded
 
     release = await state.inflight.acquire(total)
     try:
@@ -208,10 +221,3 @@ async def post_batch(state: State, batch: BatchRequest) -> Response:
         state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
     headers = {"Cache-Control": "no-store", DECODED_BYTES_HEADER: str(decoded)}
     return PartsResponse(parts, NPY_STREAM_MEDIA_TYPE, headers=headers, on_close=release)
-
-
-def decoded_bytes(source: Any, requests: list[Any]) -> int:
-    """Decoded chunk bytes of the reads (``X-Scancache-Decoded-Bytes``); 0 for a source that
-    cannot tell."""
-    measure = getattr(source, "decoded_bytes", None)
-    return int(measure(requests)) if measure is not None else 0
