@@ -1,0 +1,125 @@
+"""Chunk-deep blocks (loaders/blocks.py): the block order, exact batches, memory held, reuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loaders import Config, DatasetCatalog, build_loader
+from loaders.batch_memory import BatchArrays
+from loaders.ordering import block_epoch_order
+
+CATEGORIES = (0, (1, 2), 3)
+
+
+def reference_mask(mask):
+    """CATEGORIES merged with background first, from the one-hot numpy truth."""
+    channels = [mask[..., list(g)].sum(-1) if isinstance(g, tuple) else mask[..., g] for g in CATEGORIES]
+    out = np.stack(channels, -1).astype(np.float32)
+    return np.concatenate([(out.sum(-1, keepdims=True) == 0).astype(np.float32), out], -1)
+
+
+@pytest.fixture(scope="module")
+def train(small_store):
+    root, truth = small_store
+    DatasetCatalog.remove("blocks_train")
+    DatasetCatalog.register("blocks_train", str(root), split="train")
+    yield "blocks_train", truth
+    DatasetCatalog.remove("blocks_train")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    depth=st.integers(1, 8),
+    window=st.integers(1, 20),
+    seed=st.integers(0, 2**31 - 1),
+    epoch=st.integers(0, 5),
+)
+def test_block_order_is_a_deterministic_permutation_interleaving_blocks(sizes, depth, window, seed, epoch):
+    scan_of = np.repeat(np.arange(len(sizes)), sizes)
+    z = np.concatenate([np.arange(n) for n in sizes])
+    block_of = scan_of * 1000 + z // depth
+    order = block_epoch_order(seed, epoch, scan_of, block_of, True, window)
+    assert sorted(order.tolist()) == list(range(len(scan_of)))
+    assert np.array_equal(order, block_epoch_order(seed, epoch, scan_of, block_of, True, window))
+    blocks = block_of[order]
+    # a block's examples are served within one window: window x block size examples at most
+    for b in np.unique(blocks):
+        where = np.flatnonzero(blocks == b)
+        assert where[-1] - where[0] < window * depth
+    # blocks come whole windows at a time: at most `window` blocks are ever started and unfinished
+    first = {b: np.flatnonzero(blocks == b)[0] for b in np.unique(blocks)}
+    last = {b: np.flatnonzero(blocks == b)[-1] for b in np.unique(blocks)}
+    live = max(sum(first[b] <= i <= last[b] for b in first) for i in range(len(blocks)))
+    assert live <= window
+
+
+def test_sixteen_scans_give_sixteen_scans_a_batch():
+    scan_of = np.repeat(np.arange(16), 160)
+    block_of = scan_of * 1000 + np.tile(np.arange(160) // 8, 16)
+    for seed in range(3):
+        order = block_epoch_order(seed, 0, scan_of, block_of, True, 16)
+        batches = scan_of[order].reshape(-1, 16)
+        assert min(len(set(b.tolist())) for b in batches) >= 8
+
+
+@pytest.mark.parametrize(
+    "tag,img_size", [("DefaultDataLoader", (40, 36, 1)), ("S25dDataLoader", (40, 36, 5))]
+)
+def test_every_shuffled_batch_equals_the_numpy_truth_and_blocks_are_released(train, tag, img_size):
+    name, truth = train
+    cfg = Config(SEED=3, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True, TAG=tag, IMG_SIZE=img_size)
+    loader = build_loader(cfg, name, batch_size=4, is_test=False, shuffle=True, drop_last=False)
+    buffer = loader._plan[3]
+    assert buffer is not None, "the slice loaders read blocks by default"
+    k = img_size[2]
+    seen = 0
+    for b, (x, y) in enumerate(loader):
+        for i, e in enumerate(loader.batch_elements(b)):
+            image, mask = truth[loader.scans[e.scan].scan_id]
+            z = e.output_window[2][0]
+            # reference: the window of np.pad(edge) of the whole volume, centre slice's mask
+            padded = np.pad(image, ((0, 0), (0, 0), (k // 2, k // 2)), mode="edge")
+            np.testing.assert_array_equal(x[i], padded[:, :, z : z + k])
+            np.testing.assert_array_equal(y[i], reference_mask(mask[:, :, z]))
+            seen += 1
+    assert seen == sum(len(s.slices) for s in loader.scans)
+    assert 0 < buffer.peak_blocks <= 2 * cfg.SHUFFLE_BLOCKS + 2
+    assert not buffer._slots, "every block leaves memory after its last example"
+    loader.close()
+
+
+def test_shuffle_blocks_zero_reads_examples_one_by_one_with_the_same_values(train):
+    name, truth = train
+    cfg = Config(SEED=3, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True, SHUFFLE_BLOCKS=0)
+    loader = build_loader(cfg, name, batch_size=4, is_test=False, shuffle=True, drop_last=True)
+    assert loader._plan[3] is None
+    x, y = loader[1]
+    for i, e in enumerate(loader.batch_elements(1)):
+        image, mask = truth[loader.scans[e.scan].scan_id]
+        z = e.window[2][0]
+        np.testing.assert_array_equal(x[i, ..., 0], image[:, :, z])
+        np.testing.assert_array_equal(y[i], reference_mask(mask[:, :, z]))
+    with pytest.raises(ValueError, match="SHUFFLE_BLOCKS"):
+        build_loader(
+            Config(SHUFFLE_BLOCKS=-1), name, batch_size=4, is_test=False, shuffle=True, drop_last=True
+        )
+
+
+def test_batch_arrays_are_reused_only_once_nobody_holds_them():
+    pool = BatchArrays(keep=4)
+    held = pool.empty((8, 8), np.dtype(np.float32))
+    held[:] = 1
+    other = pool.empty((8, 8), np.dtype(np.float32))
+    assert other is not held and pool.reused == 0
+    view = other[:2]
+    del other
+    again = pool.empty((8, 8), np.dtype(np.float32))
+    assert again is not held and again.base is None and pool.reused == 0, "a view still holds it"
+    del view, again
+    reused = pool.empty((8, 8), np.dtype(np.float32))
+    assert pool.reused == 1 and reused is not held
+    np.testing.assert_array_equal(held, 1)
