@@ -150,7 +150,15 @@ def test_a_loader_epoch_rides_out_a_restart(server, small_store):
     DatasetCatalog.register(names[0], str(store), split="train")
     DatasetCatalog.register(names[1], server.url, timeout=10, retry_seconds=60, split="train")
     try:
-        cfg = Config(SEED=3, CATEGORIES=(0, (1, 2), 3), INCLUDE_BACKGROUND=True, TAG="DefaultDataLoader")
+        # SHUFFLE_BLOCKS=0: every batch reads from the server (blocks would serve the second
+        # half of this small epoch from memory, never meeting the outage)
+        cfg = Config(
+            SEED=3,
+            CATEGORIES=(0, (1, 2), 3),
+            INCLUDE_BACKGROUND=True,
+            TAG="DefaultDataLoader",
+            SHUFFLE_BLOCKS=0,
+        )
         local, remote = (
             build_loader(cfg, n, batch_size=4, is_test=False, shuffle=True, drop_last=False) for n in names
         )
