@@ -33,7 +33,6 @@ from typing import Any
 import keras
 import numpy as np
 
-from client.layout import IMAGE, MASK
 from client.protocol import RegionRequest, ScanSource
 from loaders import inference
 from loaders.batch_memory import BatchArrays
@@ -45,9 +44,10 @@ from loaders.prefetch import Prefetcher
 from loaders.registry import KEEPS_VALUES, LOADER_REGISTRY, Element, keeps_values, register_loader
 from loaders.scans import (
     ScanEntry,
+    element_reads,
     read_grouped,
+    scan_requests,
     scans_from_dicts,
-    window_reads,
 )
 from loaders.state import LoaderState
 from loaders.stats import LoaderStats
@@ -361,12 +361,8 @@ class DataLoader(keras.utils.PyDataset):
         background = bool(self._cfg.INCLUDE_BACKGROUND)
         for e in elements:
             scan = self.scans[e.scan]
-            img_axes = window_reads(e.window, scan.shape, self.pad_mode)
-            mask_axes = img_axes if e.target is None else window_reads(e.target, scan.shape, self.pad_mode)
-            requests.append((scan.source, RegionRequest(scan.scan_id, IMAGE, _roi(img_axes))))
-            requests.append(
-                (scan.source, RegionRequest(scan.scan_id, MASK, _roi(mask_axes), scan.categories, background))
-            )
+            img_axes, mask_axes = element_reads(e, scan.shape, self.pad_mode)
+            requests += scan_requests(scan, _roi(img_axes), _roi(mask_axes), background)
             plans.append((img_axes, mask_axes))
         arrays = read_grouped(requests)
         return [

@@ -48,7 +48,3 @@ class BatchArrays:
                     self._arrays.pop(0)
                 self._arrays.append(fresh)
             return fresh
-
-    def clear(self) -> None:
-        with self._lock:
-            self._arrays.clear()

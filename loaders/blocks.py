@@ -19,16 +19,13 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from client.errors import RequestTooLarge
-from client.layout import IMAGE, MASK
-from client.protocol import RegionRequest
 from loaders.geometry import AxisRead, take_window
 from loaders.registry import Element
-from loaders.scans import ScanEntry, read_grouped, read_in_slabs, window_reads
+from loaders.scans import ScanEntry, element_reads, read_grouped, read_in_slabs, scan_requests
 
 BlockKey = tuple[int, int]  # (scan index, inner-chunk index along z)
 
@@ -60,15 +57,18 @@ def block_ids(keys: Sequence[BlockKey]) -> list[int]:
 class _Box:
     """The region read for a block: per axis ``[lo, hi)``, image and mask apart."""
 
-    image: tuple[tuple[int, int], ...]
-    mask: tuple[tuple[int, int], ...]
+    image: Span
+    mask: Span
 
 
-def _union(boxes: list[tuple[tuple[int, int], ...]], axes: Sequence[AxisRead]) -> None:
-    if not boxes:
-        boxes.append(tuple((a.lo, a.hi) for a in axes))
-        return
-    boxes[0] = tuple((min(lo, a.lo), max(hi, a.hi)) for (lo, hi), a in zip(boxes[0], axes, strict=True))
+Span = tuple[tuple[int, int], ...]  # per axis [lo, hi)
+
+
+def _widen(span: Span | None, axes: Sequence[AxisRead]) -> Span:
+    """``span`` grown to cover the reads ``axes`` (the reads themselves when ``span`` is None)."""
+    if span is None:
+        return tuple((a.lo, a.hi) for a in axes)
+    return tuple((min(lo, a.lo), max(hi, a.hi)) for (lo, hi), a in zip(span, axes, strict=True))
 
 
 class _Slot:
@@ -105,15 +105,13 @@ class BlockBuffer:
         self.background = background
         self.capacity = max(1, int(capacity))
         self._uses = Counter(keys[i] for i in order)
-        image_boxes: dict[BlockKey, list[Any]] = {}
-        mask_boxes: dict[BlockKey, list[Any]] = {}
+        image_spans: dict[BlockKey, Span] = {}
+        mask_spans: dict[BlockKey, Span] = {}
         for key, e in zip(keys, elements, strict=True):
-            shape = scans[e.scan].shape
-            img_axes = window_reads(e.window, shape, pad_mode)
-            mask_axes = img_axes if e.target is None else window_reads(e.target, shape, pad_mode)
-            _union(image_boxes.setdefault(key, []), img_axes)
-            _union(mask_boxes.setdefault(key, []), mask_axes)
-        self._boxes = {k: _Box(image_boxes[k][0], mask_boxes[k][0]) for k in image_boxes}
+            img_axes, mask_axes = element_reads(e, scans[e.scan].shape, pad_mode)
+            image_spans[key] = _widen(image_spans.get(key), img_axes)
+            mask_spans[key] = _widen(mask_spans.get(key), mask_axes)
+        self._boxes = {k: _Box(image_spans[k], mask_spans[k]) for k in image_spans}
         self._slots: OrderedDict[BlockKey, _Slot] = OrderedDict()
         self._lock = threading.Lock()
         self.peak_blocks = 0  # most blocks held at once (tests, docs)
@@ -157,15 +155,10 @@ class BlockBuffer:
     def _fill(self, keys: list[BlockKey], slots: dict[BlockKey, _Slot]) -> None:
         """Read the blocks this thread registered, in one ``read_regions`` round per source."""
         requests = []
-        for scan_index, z in keys:
-            scan = self.scans[scan_index]
-            box = self._boxes[(scan_index, z)]
-            requests.append((scan.source, RegionRequest(scan.scan_id, IMAGE, _slices(box.image))))
-            requests.append(
-                (
-                    scan.source,
-                    RegionRequest(scan.scan_id, MASK, _slices(box.mask), scan.categories, self.background),
-                )
+        for key in keys:
+            box = self._boxes[key]
+            requests += scan_requests(
+                self.scans[key[0]], _slices(box.image), _slices(box.mask), self.background
             )
         try:
             try:
@@ -187,30 +180,24 @@ class BlockBuffer:
     def _cut(
         self, element: Element, key: BlockKey, arrays: tuple[np.ndarray, np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray]:
-        shape = self.scans[element.scan].shape
-        img_axes = window_reads(element.window, shape, self.pad_mode)
-        mask_axes = img_axes if element.target is None else window_reads(element.target, shape, self.pad_mode)
+        img_axes, mask_axes = element_reads(element, self.scans[element.scan].shape, self.pad_mode)
         box = self._boxes[key]
         image = arrays[0][_within(box.image, img_axes)]
         mask = arrays[1][_within(box.mask, mask_axes)]
         return take_window(image, img_axes), take_window(mask, mask_axes)
 
     def _evict(self) -> None:
-        while len(self._slots) > self.capacity:
-            key, slot = next(iter(self._slots.items()))
-            if not slot.ready.is_set():  # being read: never drop a slot someone waits on
-                self._slots.move_to_end(key)
-                if all(not s.ready.is_set() for s in self._slots.values()):
-                    return
-                continue
+        """Least recently used first, never a block still being read (others wait on it)."""
+        excess = len(self._slots) - self.capacity
+        for key in [k for k, slot in self._slots.items() if slot.ready.is_set()][: max(0, excess)]:
             del self._slots[key]
 
 
-def _slices(box: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
+def _slices(box: Span) -> tuple[slice, ...]:
     return tuple(slice(lo, hi) for lo, hi in box)
 
 
-def _within(box: tuple[tuple[int, int], ...], axes: Sequence[AxisRead]) -> tuple[slice, ...]:
+def _within(box: Span, axes: Sequence[AxisRead]) -> tuple[slice, ...]:
     """The element's read region ``[a.lo, a.hi)`` inside its block's box."""
     if any(a.lo < lo or a.hi > hi for (lo, hi), a in zip(box, axes, strict=True)):
         raise ValueError("an element's window lies outside its block: not an element of this plan")

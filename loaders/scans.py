@@ -15,7 +15,7 @@ import numpy as np
 
 from client.categories import Categories, normalize_categories
 from client.errors import RequestTooLarge
-from client.layout import ScanMeta
+from client.layout import IMAGE, MASK, ScanMeta
 from client.protocol import RegionRequest, ScanSource
 from loaders.catalog import shared_source
 from loaders.config import Config
@@ -82,6 +82,25 @@ def scans_from_dicts(dataset_dicts: Sequence[dict[str, Any]], cfg: Config) -> li
 
 def window_reads(window: Window, shape: Sequence[int], mode: str) -> tuple[AxisRead, ...]:
     return tuple(padded_indices(a, b, int(n), mode) for (a, b), n in zip(window, shape, strict=True))
+
+
+def element_reads(
+    element: Any, shape: Sequence[int], mode: str
+) -> tuple[tuple[AxisRead, ...], tuple[AxisRead, ...]]:
+    """How to read an element's image window and its mask (target) window."""
+    image = window_reads(element.window, shape, mode)
+    mask = image if element.target is None else window_reads(element.target, shape, mode)
+    return image, mask
+
+
+def scan_requests(
+    scan: ScanEntry, image_roi: tuple[slice, ...], mask_roi: tuple[slice, ...], background: bool
+) -> list[tuple[ScanSource, RegionRequest]]:
+    """The image and the merged-mask requests of one read of a scan (what the loaders read)."""
+    return [
+        (scan.source, RegionRequest(scan.scan_id, IMAGE, image_roi)),
+        (scan.source, RegionRequest(scan.scan_id, MASK, mask_roi, scan.categories, background)),
+    ]
 
 
 def cut_window(volume: np.ndarray, window: Window, mode: str) -> np.ndarray:
