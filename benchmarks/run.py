@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     shape, subjects = sizes(args.quick)
     print(f"benchmarks: preparing data ({subjects} scans of {shape}) in {work}", file=sys.stderr, flush=True)
     data = prepare(work, args.quick, layout)
+    # Freshly written data is still being flushed to disk for a while; measuring during that
+    # writeback halved the first section's figures in one run (2026-12-03), so wait for it.
+    os.sync()
     used = layout or ChunkLayout()
     report = Report(
         machine.describe(),

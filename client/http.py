@@ -17,6 +17,7 @@ Settings (arguments, else environment, else default): ``timeout`` seconds per re
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from client.errors import (
     one_line,
 )
 from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
+from client.label_map import Decoded, merged
 from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
 from client.protocol import RegionRequest, RoiLike
 from client.wire import DECODED_BYTES_HEADER, decode_batch, decode_npy
@@ -336,7 +338,7 @@ class HttpSource:
             "background": bool(req.background),
         }
 
-    def _post_batch(self, regions: list[dict[str, Any]]) -> list[np.ndarray]:
+    def _post_batch(self, regions: list[dict[str, Any]], merge: bool = True) -> list[Decoded]:
         context = (
             {"scan_id": regions[0]["scan_id"], "array": regions[0]["array"]} if len(regions) == 1 else {}
         )
@@ -358,9 +360,9 @@ class HttpSource:
                 raise
             # The server's byte limit is per response: halve the batch until each half fits.
             half = len(regions) // 2
-            return self._post_batch(regions[:half]) + self._post_batch(regions[half:])
+            return self._post_batch(regions[:half], merge) + self._post_batch(regions[half:], merge)
         try:
-            return decode_batch(memoryview(body), [r["array"] == MASK for r in regions])
+            return decode_batch(memoryview(body), [r["array"] == MASK for r in regions], merge)
         except ValueError as exc:
             raise ServerError(one_line(f"POST {self.url}/batch: not a valid .npy stream ({exc})")) from None
 
@@ -372,17 +374,23 @@ class HttpSource:
 
     def read_regions(self, requests: Sequence[RegionRequest]) -> list[np.ndarray]:
         """One ``POST /batch`` per group of regions; groups run concurrently, order is kept."""
+        return [merged(a) for a in self._read(requests, merge=True)]
+
+    def read_unmerged(self, requests: Sequence[RegionRequest]) -> list[Decoded]:
+        return self._read(requests, merge=False)
+
+    def _read(self, requests: Sequence[RegionRequest], merge: bool) -> list[Decoded]:
         if not requests:
             return []
         started = time.perf_counter()
         regions = [self._region_json(r) for r in requests]
         groups = min(self.concurrency, -(-len(regions) // self.regions_per_request))
         if groups <= 1:
-            out = self._post_batch(regions)
+            out = self._post_batch(regions, merge)
         else:
             size = -(-len(regions) // groups)
             chunks = [regions[i : i + size] for i in range(0, len(regions), size)]
-            results = list(self._executor().map(self._post_batch, chunks))
+            results = list(self._executor().map(functools.partial(self._post_batch, merge=merge), chunks))
             out = [arr for chunk in results for arr in chunk]
         self._count_returned(out, started)
         return out
@@ -417,7 +425,7 @@ class HttpSource:
         with self._counters_lock:
             self._counters["bytes_decoded"] += decoded
 
-    def _count_returned(self, arrays: Sequence[np.ndarray], started: float) -> None:
+    def _count_returned(self, arrays: Sequence[Decoded], started: float) -> None:
         with self._counters_lock:
             self._counters["bytes_returned"] += sum(a.nbytes for a in arrays)
             self._counters["read_s"] += time.perf_counter() - started

@@ -238,7 +238,10 @@ class LocalSource:
         return out, decoded
 
     def read_regions(self, requests: Sequence[RegionRequest]) -> list[np.ndarray]:
-        return [merged(a) for a in self.read_decoded(requests)[0]]
+        return [merged(a) for a in self.read_unmerged(requests)]
+
+    def read_unmerged(self, requests: Sequence[RegionRequest]) -> list[Decoded]:
+        return self.read_decoded(requests)[0]
 
     def io_counters(self) -> dict[str, Any]:
         """Cumulative since the source was opened: ``bytes_decoded`` (decoded bytes of the

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from client.categories import Categories
+from client.label_map import Decoded
 from client.layout import IMAGE, ScanMeta
 
 RoiLike = str | Sequence[slice] | None
@@ -56,6 +57,13 @@ class ScanSource(Protocol):
 
     def read_regions(self, requests: Sequence[RegionRequest]) -> list[np.ndarray]:
         """Many regions at once (concurrently, or in one round trip), in request order."""
+        ...
+
+    def read_unmerged(self, requests: Sequence[RegionRequest]) -> list[Decoded]:
+        """As ``read_regions``, except that a mask of a scan with a label map may come unmerged,
+        as a ``LabelRegion`` (its labels and the table that merges them), a fifth of the bytes
+        at 4 categories plus background: the loaders write their float32 targets straight from
+        it (``label_map.apply_table``). ``label_map.merged`` gives what ``read_regions`` would."""
         ...
 
     def close(self) -> None: ...

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from client.label_map import apply_table
+from client.label_map import Decoded, LabelRegion, apply_table
 
 NPY_MEDIA_TYPE = "application/x-npy"
 NPY_STREAM_MEDIA_TYPE = "application/x-npy-stream"
@@ -80,11 +80,12 @@ def decode_npy_stream(data: bytes | memoryview) -> list[np.ndarray]:
     return out
 
 
-def decode_batch(data: bytes | memoryview, masks: Sequence[bool]) -> list[np.ndarray]:
+def decode_batch(data: bytes | memoryview, masks: Sequence[bool], merge: bool = True) -> list[Decoded]:
     """The regions of a batch response, ``masks[i]`` telling whether region ``i`` is a mask;
-    a mask sent as label map and table is merged here (``label_map.apply_table``)."""
+    a mask sent as label map and table is merged here (``label_map.apply_table``), or with
+    ``merge=False`` returned as a ``LabelRegion``."""
     arrays = decode_npy_stream(data)
-    out: list[np.ndarray] = []
+    out: list[Decoded] = []
     pos = 0
     for i, is_mask in enumerate(masks):
         if pos >= len(arrays):
@@ -96,7 +97,8 @@ def decode_batch(data: bytes | memoryview, masks: Sequence[bool]) -> list[np.nda
             if table is None or table.ndim != 2 or arr.dtype != np.uint8 or table.dtype != np.uint8:
                 raise ValueError("a label map without its uint8 table")
             pos += 1
-            arr = apply_table(arr, table)
+            out.append(apply_table(arr, table) if merge else LabelRegion(arr, table))
+            continue
         out.append(arr)
     if pos != len(arrays):
         raise ValueError(f"{len(arrays) - pos} payloads left over after {len(masks)} regions")

@@ -33,6 +33,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from client.label_map import Decoded, LabelRegion, apply_table, merged
 from client.protocol import RegionRequest, ScanSource
 from loaders import inference
 from loaders.batch_memory import BatchArrays
@@ -41,19 +42,37 @@ from loaders.config import Config, check_config
 from loaders.geometry import AxisRead, check_pad_mode, take_window
 from loaders.ordering import Shard, shard_block_order
 from loaders.prefetch import Prefetcher
-from loaders.registry import KEEPS_VALUES, LOADER_REGISTRY, Element, keeps_values, register_loader
+from loaders.registry import (
+    KEEPS_VALUES,
+    LOADER_REGISTRY,
+    SELECTS_VOXELS,
+    Element,
+    keeps_values,
+    register_loader,
+    selects_voxels,
+)
 from loaders.scans import (
     ScanEntry,
     element_reads,
     read_grouped,
+    read_grouped_unmerged,
     scan_requests,
     scans_from_dicts,
+    take_mask_window,
 )
 from loaders.state import LoaderState
 from loaders.stats import LoaderStats
 
 # re-exported: custom loaders import these from loaders.base
-__all__ = ["LOADER_REGISTRY", "DataLoader", "Element", "build_data_loader", "keeps_values", "register_loader"]
+__all__ = [
+    "LOADER_REGISTRY",
+    "DataLoader",
+    "Element",
+    "build_data_loader",
+    "keeps_values",
+    "register_loader",
+    "selects_voxels",
+]
 
 
 def _roi(axes: Sequence[AxisRead]) -> tuple[slice, ...]:
@@ -139,7 +158,7 @@ class DataLoader(keras.utils.PyDataset):
         """The model's input for a window of the image (float32). Default: add a channel."""
         return image[..., None]
 
-    @keeps_values
+    @selects_voxels
     def model_target(self, mask: np.ndarray, element: Element) -> np.ndarray:
         """The target for a window of the mask ``(h, w, d, C)``. Default: unchanged."""
         return mask
@@ -370,6 +389,21 @@ class DataLoader(keras.utils.PyDataset):
             for i, (img_axes, mask_axes) in enumerate(plans)
         ]
 
+    def _read_unmerged(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, Decoded]]:
+        """``read_elements`` with label-map masks left as labels (``take_mask_window``)."""
+        requests: list[tuple[ScanSource, RegionRequest]] = []
+        plans = []
+        background = bool(self._cfg.INCLUDE_BACKGROUND)
+        for e in elements:
+            img_axes, mask_axes = element_reads(e, self.scans[e.scan].shape, self.pad_mode)
+            requests += scan_requests(self.scans[e.scan], _roi(img_axes), _roi(mask_axes), background)
+            plans.append((img_axes, mask_axes))
+        arrays = read_grouped_unmerged(requests)
+        return [
+            (take_window(merged(arrays[2 * i]), img_axes), take_mask_window(arrays[2 * i + 1], mask_axes))
+            for i, (img_axes, mask_axes) in enumerate(plans)
+        ]
+
     def load_batch(
         self, elements: Sequence[Any], _blocks: BlockBuffer | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -382,24 +416,41 @@ class DataLoader(keras.utils.PyDataset):
         conversion happens in the copy into the batch, with identical values.
         """
         started = time.perf_counter()
-        if _blocks is not None and type(self).read_elements is DataLoader.read_elements:
+        builtin_read = type(self).read_elements is DataLoader.read_elements
+        pairs: Sequence[tuple[np.ndarray, Decoded]]
+        if _blocks is not None and builtin_read:
             pairs = _blocks.read(elements)  # windows cut from chunk-deep blocks read once
+        elif builtin_read:
+            pairs = self._read_unmerged(elements)
         else:
             pairs = self.read_elements(elements)
         read_done = time.perf_counter()
-        target_casts = getattr(type(self).model_target, KEEPS_VALUES, False)
+        target = type(self).model_target
+        target_casts = getattr(target, KEEPS_VALUES, False)
+        from_labels = getattr(target, SELECTS_VOXELS, False)
         x: np.ndarray | None = None
         y: np.ndarray | None = None
         for i, ((img, mask), e) in enumerate(zip(pairs, elements, strict=True)):
             xi = self.model_input(img if img.dtype == np.float32 else img.astype(np.float32), e)
-            yi = self.model_target(mask if target_casts else mask.astype(np.float32), e)
+            labels = None
+            if isinstance(mask, LabelRegion) and from_labels:
+                labels = self.model_target(mask.labels, e)  # a spatial selection of the labels
+                yi_shape = (*labels.shape, mask.table.shape[1])
+            else:
+                plain = merged(mask)
+                yi = self.model_target(plain if target_casts else plain.astype(np.float32), e)
+                yi_shape = yi.shape
             if x is None or y is None:
                 x = self._batch_arrays.empty((len(pairs), *xi.shape), np.dtype(np.float32))
-                y = self._batch_arrays.empty((len(pairs), *yi.shape), self.y_dtype)
-            elif xi.shape != x.shape[1:] or yi.shape != y.shape[1:]:
-                self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi.shape, y.shape[1:]])
+                y = self._batch_arrays.empty((len(pairs), *yi_shape), self.y_dtype)
+            elif xi.shape != x.shape[1:] or yi_shape != y.shape[1:]:
+                self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi_shape, y.shape[1:]])
             np.copyto(x[i], xi, casting="unsafe")
-            np.copyto(y[i], yi, casting="unsafe")
+            if labels is not None and isinstance(mask, LabelRegion):
+                # y written straight from the labels: one table gather per voxel, exact
+                apply_table(labels, mask.table.astype(y.dtype), out=y[i])
+            else:
+                np.copyto(y[i], yi, casting="unsafe")
         if x is None or y is None:
             raise ValueError("a batch needs at least one element")
         self._stats.add_batch(read_done - started, time.perf_counter() - read_done)

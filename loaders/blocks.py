@@ -23,9 +23,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from client.errors import RequestTooLarge
+from client.label_map import Decoded, LabelRegion, merged
 from loaders.geometry import AxisRead, take_window
 from loaders.registry import Element
-from loaders.scans import ScanEntry, element_reads, read_grouped, read_in_slabs, scan_requests
+from loaders.scans import (
+    ScanEntry,
+    element_reads,
+    read_grouped_unmerged,
+    read_in_slabs,
+    scan_requests,
+    take_mask_window,
+)
 
 BlockKey = tuple[int, int]  # (scan index, inner-chunk index along z)
 
@@ -76,7 +84,7 @@ class _Slot:
 
     def __init__(self, remaining: int) -> None:
         self.ready = threading.Event()
-        self.arrays: tuple[np.ndarray, np.ndarray] | None = None
+        self.arrays: tuple[np.ndarray, Decoded] | None = None
         self.error: BaseException | None = None
         self.remaining = remaining
 
@@ -116,8 +124,10 @@ class BlockBuffer:
         self._lock = threading.Lock()
         self.peak_blocks = 0  # most blocks held at once (tests, docs)
 
-    def read(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(image window, mask window) of each element of a batch (elements of this plan)."""
+    def read(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, Decoded]]:
+        """(image window, mask window) of each element of a batch (elements of this plan); a
+        mask window of a label-map scan is a ``LabelRegion`` (the loader writes its target
+        from the labels: ``DataLoader.load_batch``)."""
         keys = [block_key(e, self.scans) for e in elements]
         unknown = [k for k in keys if k not in self._boxes]
         if unknown:
@@ -153,16 +163,17 @@ class BlockBuffer:
         return out
 
     def _fill(self, keys: list[BlockKey], slots: dict[BlockKey, _Slot]) -> None:
-        """Read the blocks this thread registered, in one ``read_regions`` round per source."""
+        """Read the blocks this thread registered, in one ``read_unmerged`` round per source."""
         requests = []
         for key in keys:
             box = self._boxes[key]
             requests += scan_requests(
                 self.scans[key[0]], _slices(box.image), _slices(box.mask), self.background
             )
+        arrays: list[Decoded]
         try:
             try:
-                arrays = read_grouped(requests)
+                arrays = read_grouped_unmerged(requests)
             except RequestTooLarge:  # a server's --max-bytes below a block: slabs along z
                 arrays = [read_in_slabs(src, req, req.roi) for src, req in requests]  # type: ignore[arg-type]
         except BaseException as err:
@@ -174,17 +185,20 @@ class BlockBuffer:
                     slots[key].ready.set()
             raise
         for n, key in enumerate(keys):
-            slots[key].arrays = (arrays[2 * n], arrays[2 * n + 1])
+            slots[key].arrays = (merged(arrays[2 * n]), arrays[2 * n + 1])
             slots[key].ready.set()
 
     def _cut(
-        self, element: Element, key: BlockKey, arrays: tuple[np.ndarray, np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, element: Element, key: BlockKey, arrays: tuple[np.ndarray, Decoded]
+    ) -> tuple[np.ndarray, Decoded]:
         img_axes, mask_axes = element_reads(element, self.scans[element.scan].shape, self.pad_mode)
         box = self._boxes[key]
-        image = arrays[0][_within(box.image, img_axes)]
-        mask = arrays[1][_within(box.mask, mask_axes)]
-        return take_window(image, img_axes), take_window(mask, mask_axes)
+        image = take_window(arrays[0][_within(box.image, img_axes)], img_axes)
+        mask, within = arrays[1], _within(box.mask, mask_axes)
+        region = (
+            LabelRegion(mask.labels[within], mask.table) if isinstance(mask, LabelRegion) else mask[within]
+        )
+        return image, take_mask_window(region, mask_axes)
 
     def _evict(self) -> None:
         """Least recently used first, never a block still being read (others wait on it)."""

@@ -63,6 +63,11 @@ class AxisRead:
         """The window lies inside the volume: the read is the window."""
         return len(self.take) == self.hi - self.lo and self.take == _identity(self.hi - self.lo)
 
+    @functools.cached_property
+    def fills(self) -> bool:
+        """Some positions are constant padding (zero-filled by ``take_window``)."""
+        return not self.is_plain and min(self.take) < 0
+
 
 @functools.lru_cache(maxsize=64)
 def _identity(n: int) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""What a loader is made of and how it is found: ``Element``, ``register_loader``, ``keeps_values``.
+"""What a loader is made of and how it is found: ``Element``, ``register_loader``, target marks.
 
 (Imported by ``loaders.base``, which re-exports these names.)
 """
@@ -15,6 +15,7 @@ LOADER_REGISTRY: dict[str, type[Any]] = {}  # name -> DataLoader subclass
 L = TypeVar("L", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
 KEEPS_VALUES = "_scancache_keeps_values"
+SELECTS_VOXELS = "_scancache_selects_voxels"
 
 
 def keeps_values(method: F) -> F:
@@ -23,6 +24,15 @@ def keeps_values(method: F) -> F:
     A subclass that overrides ``model_target`` without this mark gets float32, as always."""
     setattr(method, KEEPS_VALUES, True)
     return method
+
+
+def selects_voxels(method: F) -> F:
+    """Mark a ``model_target`` that only indexes the spatial axes (the first three) and keeps
+    the class axis last and whole: it may be given a scan's label map ``(h, w, d)`` in place of
+    its mask ``(h, w, d, C)``, and the loader then writes y straight from the selected labels
+    (one table gather per voxel, no merged uint8 mask in between). Implies ``keeps_values``."""
+    setattr(method, SELECTS_VOXELS, True)
+    return keeps_values(method)
 
 
 def register_loader(cls: L | None = None, *, name: str | None = None) -> Any:

@@ -15,6 +15,7 @@ import numpy as np
 
 from client.categories import Categories, normalize_categories
 from client.errors import RequestTooLarge
+from client.label_map import Decoded, LabelRegion, apply_table, merged
 from client.layout import IMAGE, MASK, ScanMeta
 from client.protocol import RegionRequest, ScanSource
 from loaders.catalog import shared_source
@@ -109,14 +110,34 @@ def cut_window(volume: np.ndarray, window: Window, mode: str) -> np.ndarray:
     return take_window(volume[tuple(slice(a.lo, a.hi) for a in axes)], axes)
 
 
+def take_mask_window(mask: Decoded, axes: Sequence[AxisRead]) -> Decoded:
+    """``take_window`` of a mask region as read, a label map kept as labels (``LabelRegion``).
+
+    Constant padding is all-zero channels, which no label stands for (label 0 is background):
+    a window that reaches into it is merged first."""
+    if not isinstance(mask, LabelRegion):
+        return take_window(mask, axes)
+    if any(a.fills for a in axes):
+        return take_window(apply_table(mask.labels, mask.table), axes)
+    return LabelRegion(take_window(mask.labels, axes), mask.table)
+
+
 def read_grouped(requests: Sequence[tuple[ScanSource, RegionRequest]]) -> list[np.ndarray]:
     """Read requests from possibly several sources: one ``read_regions`` call per source."""
+    return [merged(a) for a in read_grouped_unmerged(requests, merge=True)]
+
+
+def read_grouped_unmerged(
+    requests: Sequence[tuple[ScanSource, RegionRequest]], merge: bool = False
+) -> list[Decoded]:
+    """As ``read_grouped``, label-map masks left unmerged (``ScanSource.read_unmerged``)."""
     by_source: dict[int, tuple[ScanSource, list[int]]] = {}
     for i, (source, _) in enumerate(requests):
         by_source.setdefault(id(source), (source, []))[1].append(i)
-    out: list[np.ndarray | None] = [None] * len(requests)
+    out: list[Decoded | None] = [None] * len(requests)
     for source, positions in by_source.values():
-        arrays = source.read_regions([requests[i][1] for i in positions])
+        wanted = [requests[i][1] for i in positions]
+        arrays: Sequence[Decoded] = source.read_regions(wanted) if merge else source.read_unmerged(wanted)
         for i, arr in zip(positions, arrays, strict=True):
             out[i] = arr
     return [a for a in out if a is not None]

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders.base import DataLoader, Element, keeps_values, register_loader
+from loaders.base import DataLoader, Element, register_loader, selects_voxels
 from loaders.config import Config
 from loaders.geometry import neighbour_window
 
@@ -34,7 +34,7 @@ class DefaultDataLoader(DataLoader):
     def model_input(self, image: np.ndarray, element: Element) -> np.ndarray:
         return image  # (H, W, 1): the slice axis is the channel
 
-    @keeps_values
+    @selects_voxels
     def model_target(self, mask: np.ndarray, element: Element) -> np.ndarray:
         return mask[:, :, 0]  # (H, W, 1, C) -> (H, W, C)
 

@@ -7,9 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from client.label_map import has_label_map
+from client.local import LocalSource
 from loaders import Config, DatasetCatalog, build_loader
 from loaders.batch_memory import BatchArrays
 from loaders.ordering import block_epoch_order
+from service.store import write_scan
 
 CATEGORIES = (0, (1, 2), 3)
 
@@ -75,6 +78,7 @@ def test_every_shuffled_batch_equals_the_numpy_truth_and_blocks_are_released(tra
     loader = build_loader(cfg, name, batch_size=4, is_test=False, shuffle=True, drop_last=False)
     buffer = loader._plan[3]
     assert buffer is not None, "the slice loaders read blocks by default"
+    assert all(has_label_map(s.meta.attrs) for s in loader.scans), "y is written from label maps"
     k = img_size[2]
     seen = 0
     for b, (x, y) in enumerate(loader):
@@ -107,6 +111,43 @@ def test_shuffle_blocks_zero_reads_examples_one_by_one_with_the_same_values(trai
         build_loader(
             Config(SHUFFLE_BLOCKS=-1), name, batch_size=4, is_test=False, shuffle=True, drop_last=True
         )
+
+
+@pytest.mark.parametrize("y_dtype", ["float32", "uint8"])
+def test_overlapping_classes_without_a_label_map_give_the_same_exact_batches(tmp_path, y_dtype):
+    # classes 1 and 2 overlap: the writer keeps no label map, so y is cut from merged masks;
+    # the label-map scans of the other tests write y from labels. Both must equal the truth.
+    rng = np.random.default_rng(7)
+    image = rng.normal(size=(24, 20, 10)).astype(np.float32)
+    mask = (rng.random((24, 20, 10, 4)) < 0.3).astype(np.uint8)
+    write_scan(tmp_path / "store", "0000009_V00-Aug00", image, mask, {"split": "train"})
+    source = LocalSource(tmp_path / "store")
+    assert not has_label_map(source.metadata("0000009_V00-Aug00").attrs)
+    DatasetCatalog.remove("overlap")
+    DatasetCatalog.register("overlap", str(tmp_path / "store"))
+    cfg = Config(SEED=1, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True, Y_DTYPE=y_dtype)
+    loader = build_loader(cfg, "overlap", batch_size=3, is_test=False, shuffle=True, drop_last=False)
+    for b, (x, y) in enumerate(loader):
+        assert y.dtype == np.dtype(y_dtype)
+        for i, e in enumerate(loader.batch_elements(b)):
+            z = e.window[2][0]
+            np.testing.assert_array_equal(x[i, ..., 0], image[:, :, z])
+            np.testing.assert_array_equal(y[i], reference_mask(mask[:, :, z]).astype(y_dtype))
+    loader.close()
+    DatasetCatalog.remove("overlap")
+
+
+def test_label_map_batches_in_uint8_equal_the_truth(train):
+    name, truth = train
+    cfg = Config(SEED=5, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True, Y_DTYPE="uint8")
+    loader = build_loader(cfg, name, batch_size=4, is_test=False, shuffle=True, drop_last=False)
+    assert all(has_label_map(s.meta.attrs) for s in loader.scans)
+    x, y = loader[0]
+    assert y.dtype == np.uint8
+    for i, e in enumerate(loader.batch_elements(0)):
+        mask = truth[loader.scans[e.scan].scan_id][1]
+        np.testing.assert_array_equal(y[i], reference_mask(mask[:, :, e.window[2][0]]).astype(np.uint8))
+    loader.close()
 
 
 def test_batch_arrays_are_reused_only_once_nobody_holds_them():

@@ -27,6 +27,7 @@ from client.errors import (
     Unauthorized,
 )
 from client.http import HttpSource
+from client.label_map import LabelRegion, apply_table, merged
 from client.local import LocalSource
 from client.protocol import RegionRequest, ScanSource
 from client.wire import encode_npy
@@ -135,6 +136,27 @@ def test_read_regions_keeps_order_over_split_batches(source, small_store):
     for got, want in zip(arrays, expected, strict=True):
         np.testing.assert_array_equal(got, want)
     assert source.read_regions([]) == []
+
+
+def test_read_unmerged_gives_label_maps_that_merge_to_the_mask(source, small_store):
+    _, truth = small_store
+    image, mask = truth[SCAN]
+    requests = [
+        RegionRequest(SCAN, "mask", "2:33,:,1:6", ((1,), (0, 3)), True),
+        RegionRequest(SCAN, "image", "2:33,:,1:6"),
+        RegionRequest(SCAN, "mask", ":,4:9,7"),
+    ]
+    label_region, image_region, plain = source.read_unmerged(requests)
+    assert isinstance(label_region, LabelRegion), "the test store's classes never overlap: it has label maps"
+    assert label_region.labels.shape == (31, mask.shape[1], 5) and label_region.labels.dtype == np.uint8
+    np.testing.assert_array_equal(merged(label_region), merged_reference(mask[2:33, :, 1:6], [1, [0, 3]], True))
+    np.testing.assert_array_equal(merged(image_region), image[2:33, :, 1:6])
+    np.testing.assert_array_equal(merged(plain), mask[:, 4:9, 7:8])
+    # the table also writes any dtype straight into a caller's array (the loaders' float32 y)
+    y = np.empty((*label_region.labels.shape, label_region.table.shape[1]), np.float32)
+    apply_table(label_region.labels, label_region.table.astype(np.float32), out=y)
+    np.testing.assert_array_equal(y, merged_reference(mask[2:33, :, 1:6], [1, [0, 3]], True).astype(np.float32))
+    assert source.read_unmerged([]) == []
 
 
 def test_errors_have_the_same_types(source):
