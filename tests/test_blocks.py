@@ -142,7 +142,7 @@ def test_label_map_batches_in_uint8_equal_the_truth(train):
     cfg = Config(SEED=5, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True, Y_DTYPE="uint8")
     loader = build_loader(cfg, name, batch_size=4, is_test=False, shuffle=True, drop_last=False)
     assert all(has_label_map(s.meta.attrs) for s in loader.scans)
-    x, y = loader[0]
+    _x, y = loader[0]
     assert y.dtype == np.uint8
     for i, e in enumerate(loader.batch_elements(0)):
         mask = truth[loader.scans[e.scan].scan_id][1]
