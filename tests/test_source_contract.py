@@ -149,13 +149,17 @@ def test_read_unmerged_gives_label_maps_that_merge_to_the_mask(source, small_sto
     label_region, image_region, plain = source.read_unmerged(requests)
     assert isinstance(label_region, LabelRegion), "the test store's classes never overlap: it has label maps"
     assert label_region.labels.shape == (31, mask.shape[1], 5) and label_region.labels.dtype == np.uint8
-    np.testing.assert_array_equal(merged(label_region), merged_reference(mask[2:33, :, 1:6], [1, [0, 3]], True))
+    np.testing.assert_array_equal(
+        merged(label_region), merged_reference(mask[2:33, :, 1:6], [1, [0, 3]], True)
+    )
     np.testing.assert_array_equal(merged(image_region), image[2:33, :, 1:6])
     np.testing.assert_array_equal(merged(plain), mask[:, 4:9, 7:8])
     # the table also writes any dtype straight into a caller's array (the loaders' float32 y)
     y = np.empty((*label_region.labels.shape, label_region.table.shape[1]), np.float32)
     apply_table(label_region.labels, label_region.table.astype(np.float32), out=y)
-    np.testing.assert_array_equal(y, merged_reference(mask[2:33, :, 1:6], [1, [0, 3]], True).astype(np.float32))
+    np.testing.assert_array_equal(
+        y, merged_reference(mask[2:33, :, 1:6], [1, [0, 3]], True).astype(np.float32)
+    )
     assert source.read_unmerged([]) == []
 
 
