@@ -198,10 +198,19 @@ class LocalSource:
         region = as_region(req.roi, state[1].shape)
         name = LABEL_MAP if self._uses_label_map(req, state[1]) else req.array
         arr, inner, itemsize = self._opened(req.scan_id, name, state)
-        return arr[region].read(), chunk_bytes_touched(region, inner, itemsize)
+        view = arr[region]
+        if self._slice_major(req, state[1]):  # z first: tensorstore writes each slice contiguous
+            view = view[ts.d[2].transpose[0]]
+        return view.read(), chunk_bytes_touched(region, inner, itemsize)
+
+    def _slice_major(self, req: RegionRequest, meta: ScanMeta) -> bool:
+        """Honour the hint for 3-D arrays (image, label map), not for a (h, w, d, C) mask."""
+        return req.slice_major and (req.array == IMAGE or self._uses_label_map(req, meta))
 
     def _finish(self, req: RegionRequest, data: np.ndarray, meta: ScanMeta) -> Decoded:
         """What the read returns, before any label-map merge (see ``read_decoded``)."""
+        if self._slice_major(req, meta):
+            data = np.moveaxis(data, 0, 2)  # (h, w, d) again, as a view
         if req.array == IMAGE:
             return data
         cats = None if req.categories is None else normalize_categories(req.categories, meta.num_classes)

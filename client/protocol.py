@@ -22,13 +22,20 @@ RoiLike = str | Sequence[slice] | None
 
 @dataclass(frozen=True)
 class RegionRequest:
-    """One region of one array: ``array`` is ``image`` or ``mask``; ``roi`` covers (y, x, z)."""
+    """One region of one array: ``array`` is ``image`` or ``mask``; ``roi`` covers (y, x, z).
+
+    ``slice_major`` is a layout hint, never a change of values: the caller will use the region
+    slice by slice, so a source may return an image or a label map as an (h, w, d) view of
+    (d, h, w) memory, each z slice contiguous (``LocalSource`` does, at no cost: tensorstore
+    lays the decoded chunks out so; over HTTP the payload is C order).
+    """
 
     scan_id: str
     array: str = IMAGE
     roi: RoiLike = None
     categories: Categories | None = None
     background: bool = False
+    slice_major: bool = False
 
 
 @runtime_checkable

@@ -36,7 +36,7 @@ import numpy as np
 from client.label_map import Decoded, LabelRegion, apply_table, merged
 from client.protocol import RegionRequest, ScanSource
 from loaders import inference
-from loaders.batch_memory import BatchArrays
+from loaders.batch_memory import BatchArrays, copy_into
 from loaders.blocks import BlockBuffer, block_ids, block_key
 from loaders.config import Config, check_config
 from loaders.geometry import AxisRead, check_pad_mode, take_window
@@ -445,7 +445,7 @@ class DataLoader(keras.utils.PyDataset):
                 y = self._batch_arrays.empty((len(pairs), *yi_shape), self.y_dtype)
             elif xi.shape != x.shape[1:] or yi_shape != y.shape[1:]:
                 self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi_shape, y.shape[1:]])
-            np.copyto(x[i], xi, casting="unsafe")
+            copy_into(x[i], xi)
             if labels is not None and isinstance(mask, LabelRegion):
                 # y written straight from the labels: one table gather per voxel, exact
                 apply_table(labels, mask.table.astype(y.dtype), out=y[i])

@@ -48,3 +48,14 @@ class BatchArrays:
                     self._arrays.pop(0)
                 self._arrays.append(fresh)
             return fresh
+
+
+def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """``np.copyto(dst, src, casting="unsafe")``, channel by channel when ``src``'s last axis
+    is its slowest (a 2.5D window cut from a slice-major block: its k slices lie a whole slice
+    apart). numpy would otherwise run its inner loop over the k channels, ~3x slower."""
+    if src.ndim >= 3 and src.shape[-1] > 1 and src.strides[-1] > max(src.strides[:-1]):
+        for c in range(src.shape[-1]):
+            np.copyto(dst[..., c], src[..., c], casting="unsafe")
+    else:
+        np.copyto(dst, src, casting="unsafe")

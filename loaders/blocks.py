@@ -167,8 +167,9 @@ class BlockBuffer:
         requests = []
         for key in keys:
             box = self._boxes[key]
+            # slice-major: every example takes whole slices, which are then contiguous
             requests += scan_requests(
-                self.scans[key[0]], _slices(box.image), _slices(box.mask), self.background
+                self.scans[key[0]], _slices(box.image), _slices(box.mask), self.background, True
             )
         arrays: list[Decoded]
         try:

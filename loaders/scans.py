@@ -95,12 +95,17 @@ def element_reads(
 
 
 def scan_requests(
-    scan: ScanEntry, image_roi: tuple[slice, ...], mask_roi: tuple[slice, ...], background: bool
+    scan: ScanEntry,
+    image_roi: tuple[slice, ...],
+    mask_roi: tuple[slice, ...],
+    background: bool,
+    slice_major: bool = False,
 ) -> list[tuple[ScanSource, RegionRequest]]:
-    """The image and the merged-mask requests of one read of a scan (what the loaders read)."""
+    """The image and the merged-mask requests of one read of a scan (what the loaders read);
+    ``slice_major`` for reads that are cut slice by slice (``RegionRequest``)."""
     return [
-        (scan.source, RegionRequest(scan.scan_id, IMAGE, image_roi)),
-        (scan.source, RegionRequest(scan.scan_id, MASK, mask_roi, scan.categories, background)),
+        (scan.source, RegionRequest(scan.scan_id, IMAGE, image_roi, slice_major=slice_major)),
+        (scan.source, RegionRequest(scan.scan_id, MASK, mask_roi, scan.categories, background, slice_major)),
     ]
 
 

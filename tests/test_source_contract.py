@@ -163,6 +163,22 @@ def test_read_unmerged_gives_label_maps_that_merge_to_the_mask(source, small_sto
     assert source.read_unmerged([]) == []
 
 
+def test_the_slice_major_hint_changes_layout_never_values(source, small_store):
+    _, truth = small_store
+    image, mask = truth[SCAN]
+    hinted = [
+        RegionRequest(SCAN, "image", "3:30,:,2:9", slice_major=True),
+        RegionRequest(SCAN, "mask", "3:30,:,2:9", ((0, 1), (3,)), True, slice_major=True),
+    ]
+    got_image, got_mask = source.read_regions(hinted)
+    np.testing.assert_array_equal(got_image, image[3:30, :, 2:9])
+    np.testing.assert_array_equal(got_mask, merged_reference(mask[3:30, :, 2:9], [[0, 1], 3], True))
+    labels = source.read_unmerged(hinted)[1]
+    assert isinstance(labels, LabelRegion)
+    if isinstance(source, LocalSource):  # each z slice contiguous: what the block reads want
+        assert got_image[:, :, 4].flags.c_contiguous and labels.labels[:, :, 4].flags.c_contiguous
+
+
 def test_errors_have_the_same_types(source):
     with pytest.raises(ScanNotFound):
         source.metadata("0000009_V00-Aug00")
