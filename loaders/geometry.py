@@ -94,12 +94,13 @@ def take_window(data: np.ndarray, axes: Sequence[AxisRead]) -> np.ndarray:
     Trailing axes of ``data`` beyond ``axes`` (classes) are kept whole. Constant-padded
     positions are zero, as ``np.pad``'s default constant.
     """
-    if all(a.is_plain for a in axes):
-        return data
-    index = np.ix_(*[np.maximum(np.asarray(a.take, dtype=np.intp), 0) for a in axes])
-    out = data[index]
+    out = data
     for axis, a in enumerate(axes):
-        fill = np.asarray(a.take) < 0
+        if a.is_plain:  # gather only the padded axes: a 2.5D window pads z, never 384x384
+            continue
+        take = np.asarray(a.take, dtype=np.intp)
+        out = np.take(out, np.maximum(take, 0), axis=axis)
+        fill = take < 0
         if fill.any():
             sl: list[slice | np.ndarray] = [slice(None)] * out.ndim
             sl[axis] = fill
