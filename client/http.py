@@ -146,7 +146,7 @@ class HttpSource:
         backoff: float = 0.25,
         max_connections: int = 16,
         concurrency: int = 4,
-        regions_per_request: int = 16,
+        regions_per_request: int = 8,
         retry_seconds: float | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
