@@ -66,7 +66,7 @@ def realscale_measure(spec: dict[str, Any]) -> dict[str, Any]:
     sources = list({id(s.source): s.source for s in loader.scans}.values())
     n = min(int(spec["batches"]), len(loader))
     epoch = [e for i in range(len(loader)) for e in loader.batch_elements(i)]
-    chunks = [int(c) for c in loader.scans[0].meta.attrs.get("layout", {}).get("chunks", (96, 96, 8))]
+    chunks = [int(c) for c in loader.scans[0].meta.attrs.get("layout", {}).get("chunks", (64, 64, 8))]
     uniform = [epoch[i] for i in np.random.default_rng(1).permutation(len(epoch))]
     if hasattr(loader, "reset_stats"):
         loader.reset_stats()

@@ -76,7 +76,7 @@ def validate_array_name(name: str) -> str:
 class ChunkLayout:
     """Inner chunk shape (y, x, z) and how many slices one shard holds."""
 
-    chunks: tuple[int, int, int] = (96, 96, 8)
+    chunks: tuple[int, int, int] = (64, 64, 8)  # service/layouts.py: why
     shard_depth: int = 32
     codec: str = "blosc-lz4"  # or "zstd" or "none"
 
@@ -90,7 +90,7 @@ class ChunkLayout:
 
     @classmethod
     def parse(cls, text: str, shard_depth: int | None = None, codec: str | None = None) -> ChunkLayout:
-        """Parse ``--chunks 96,96,8``."""
+        """Parse ``--chunks 64,64,8``."""
         try:
             parts = tuple(int(p) for p in text.split(","))
         except ValueError:

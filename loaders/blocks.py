@@ -1,6 +1,6 @@
 """Chunk-deep blocks: read the slices that share an inner chunk once, serve them all from memory.
 
-A 2D example needs one slice, but the store decodes whole inner chunks (``96x96x8`` by
+A 2D example needs one slice, but the store decodes whole inner chunks (``64x64x8`` by
 default): read slice by slice, every slice decodes eight, and at real scale (the data set
 larger than every cache) each of them is decoded again for each of its slices. The slice
 loaders therefore group their examples into *blocks*, the examples of one scan whose slice

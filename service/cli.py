@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout",
         choices=("patches", "balanced", "slices"),
         default=None,
-        help="chunk shape for the access pattern: patches = 96,96,8 (default), balanced = 64,64,2, "
+        help="chunk shape for the access pattern: patches = 64,64,8 (default), balanced = 64,64,2, "
         "slices = whole slices (docs/tuning.md)",
     )
     p.add_argument(

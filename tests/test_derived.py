@@ -119,7 +119,7 @@ def test_io_counters_count_chunk_bytes_and_returned_bytes(derived_store):
     root, image, _ = derived_store
     src = LocalSource(root)
     assert src.io_counters() == {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
-    # inner chunks are (96, 96, 8) capped to the volume: (40, 36, 8); z 7..9 touches 2 of them
+    # inner chunks are (64, 64, 8) capped to the volume: (40, 36, 8); z 7..9 touches 2 of them
     out = src.read_regions(
         [
             RegionRequest("a_disjoint", "image", "0:10,0:10,7:9"),

@@ -15,7 +15,7 @@ from tests.conftest import make_volume
 
 
 def test_presets_and_explicit_chunks():
-    assert chunks_text(None, None) == "96,96,8"
+    assert chunks_text(None, None) == "64,64,8"
     assert chunks_text("balanced", None) == "64,64,2"
     assert chunks_text(None, "8,8,2") == "8,8,2"
     with pytest.raises(ValueError, match="not both"):
