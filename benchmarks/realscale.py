@@ -87,11 +87,11 @@ WHOLE_EPOCH = 1 << 30  # the child reads min(batches, len(loader)): a whole epoc
 def measured_batches(case: Case, quick: bool) -> int:
     """Slice loaders are timed over a whole epoch, the unit training repeats: with blocks the
     first window of blocks and the first opens of each scan's arrays are paid once an epoch,
-    so a dozen batches would time mostly that start-up. Patch loaders draw 12 batches (their
+    so a dozen batches would time mostly that start-up. Patch loaders draw 48 batches (their
     epoch is PATCHES_PER_SCAN patches a scan, set from the count)."""
     if quick:
         return 3
-    return 12 if case.tag == "RandomPatchDataLoader" else WHOLE_EPOCH
+    return 48 if case.tag == "RandomPatchDataLoader" else WHOLE_EPOCH
 
 
 def _spec(source: str, case: Case, batches: int, scans: int) -> dict[str, Any]:
@@ -118,6 +118,11 @@ def why(result: dict[str, Any], over_http: bool) -> str:
         )
         + f") and decoded {result['bytes_decoded'] / 1e6:.0f} MB for {result['bytes_returned'] / 1e6:.0f} MB "
         f"delivered ({amp:.2f}x)"
+        + (
+            f"; {result['disk_bytes'] / 1e6:.0f} MB of the store came from disk, not the page cache"
+            if result.get("disk_bytes")
+            else ""
+        )
     ]
     stats = result.get("stats") or {}
     split = {k: stats[k] for k in ("merge_s", "copy_s", "wait_s") if isinstance(stats.get(k), (int, float))}

@@ -27,6 +27,17 @@ def _counters(sources: Sequence[Any]) -> dict[str, float]:
     return total
 
 
+def disk_read_bytes() -> int:
+    """Bytes this process has read from the block device (not the page cache): Linux's
+    ``/proc/self/io`` ``read_bytes``; 0 where it is not available."""
+    try:
+        with open("/proc/self/io") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields.get("read_bytes", "0"))
+    except (OSError, ValueError):
+        return 0
+
+
 def _chunk_key(element: Any, chunks: Sequence[int]) -> tuple[int, ...]:
     starts = [max(0, int(lo)) for lo, _ in element.window]
     return (int(element.scan), *(a // c for a, c in zip(starts, chunks, strict=True)))
@@ -71,11 +82,13 @@ def realscale_measure(spec: dict[str, Any]) -> dict[str, Any]:
     if hasattr(loader, "reset_stats"):
         loader.reset_stats()
     before = _counters(sources)
+    disk_before = disk_read_bytes()
     t0 = time.perf_counter()
     for i in range(n):
         x, _ = loader[i][:2]
         assert x.shape[0] == int(spec["batch_size"])
     wall = time.perf_counter() - t0
+    disk = disk_read_bytes() - disk_before
     after = _counters(sources)
     stats = dict(loader.stats()) if hasattr(loader, "stats") else {}
     loader.close()
@@ -87,6 +100,7 @@ def realscale_measure(spec: dict[str, Any]) -> dict[str, Any]:
         "bytes_decoded": delta.get("bytes_decoded", 0),
         "bytes_returned": delta.get("bytes_returned", 0),
         "read_s": delta.get("read_s", 0.0),
+        "disk_bytes": disk,
         "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float)) or v is None},
         "shuffle": shuffle_quality(epoch, chunks),
         "shuffle_uniform": shuffle_quality(uniform, chunks),
