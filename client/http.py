@@ -330,13 +330,16 @@ class HttpSource:
     def _region_json(self, req: RegionRequest) -> dict[str, Any]:
         validate_scan_id(req.scan_id)
         validate_array_name(req.array)
-        return {
+        region = {
             "scan_id": req.scan_id,
             "array": req.array,
             "roi": roi_text(req.roi),
             "categories": categories_json(req.categories),
             "background": bool(req.background),
         }
+        if req.slice_major:  # only when asked: the body stays what older servers accept
+            region["slice_major"] = True
+        return region
 
     def _post_batch(self, regions: list[dict[str, Any]], merge: bool = True) -> list[Decoded]:
         context = (
@@ -362,7 +365,9 @@ class HttpSource:
             half = len(regions) // 2
             return self._post_batch(regions[:half], merge) + self._post_batch(regions[half:], merge)
         try:
-            return decode_batch(memoryview(body), [r["array"] == MASK for r in regions], merge)
+            masks = [r["array"] == MASK for r in regions]
+            slice_major = [bool(r.get("slice_major")) for r in regions]
+            return decode_batch(memoryview(body), masks, merge, slice_major)
         except ValueError as exc:
             raise ServerError(one_line(f"POST {self.url}/batch: not a valid .npy stream ({exc})")) from None
 

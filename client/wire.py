@@ -80,10 +80,17 @@ def decode_npy_stream(data: bytes | memoryview) -> list[np.ndarray]:
     return out
 
 
-def decode_batch(data: bytes | memoryview, masks: Sequence[bool], merge: bool = True) -> list[Decoded]:
+def decode_batch(
+    data: bytes | memoryview,
+    masks: Sequence[bool],
+    merge: bool = True,
+    slice_major: Sequence[bool] | None = None,
+) -> list[Decoded]:
     """The regions of a batch response, ``masks[i]`` telling whether region ``i`` is a mask;
     a mask sent as label map and table is merged here (``label_map.apply_table``), or with
-    ``merge=False`` returned as a ``LabelRegion``."""
+    ``merge=False`` returned as a ``LabelRegion``. A 3-D payload of a region asked
+    ``slice_major[i]`` is (d, h, w) and comes back as its (h, w, d) view."""
+    flags = list(slice_major) if slice_major is not None else [False] * len(masks)
     arrays = decode_npy_stream(data)
     out: list[Decoded] = []
     pos = 0
@@ -92,6 +99,8 @@ def decode_batch(data: bytes | memoryview, masks: Sequence[bool], merge: bool = 
             raise ValueError(f"the stream's {len(arrays)} payloads end before region {i} of {len(masks)}")
         arr = arrays[pos]
         pos += 1
+        if arr.ndim == 3 and i < len(flags) and flags[i]:
+            arr = np.moveaxis(arr, 0, 2)  # (d, h, w) on the wire: each slice contiguous
         if is_mask and arr.ndim == 3:  # a label map: its table follows
             table = arrays[pos] if pos < len(arrays) else None
             if table is None or table.ndim != 2 or arr.dtype != np.uint8 or table.dtype != np.uint8:

@@ -7,6 +7,7 @@ worker threads so the event loop only moves bytes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Annotated, Any
 
@@ -142,6 +143,12 @@ async def get_mask(
     return await region_response(request, state, plan)
 
 
+def _wire(arr: np.ndarray, slice_major: bool) -> np.ndarray:
+    """What goes on the wire: a 3-D region asked ``slice_major`` as (d, h, w) (the read left it
+    so in memory: no copy), anything else as it is."""
+    return np.moveaxis(arr, 2, 0) if slice_major and arr.ndim == 3 else arr
+
+
 class RegionSpec(BaseModel):
     """One region of a batch; the same parameters as the single-region routes."""
 
@@ -152,6 +159,14 @@ class RegionSpec(BaseModel):
     roi: str | None = Field(None, description=ROI_DOC)
     categories: list[Any] | None = Field(None, description=CATEGORIES_DOC + " Masks only.")
     background: bool = Field(False, description=BACKGROUND_DOC + " Masks only.")
+    slice_major: bool = Field(
+        False,
+        description=(
+            "Send an image or label-map payload as (d, h, w), each z slice contiguous, for a client "
+            "that uses the region slice by slice (the server reads it so at no cost). Merged masks "
+            "are sent as (h, w, d, C') regardless."
+        ),
+    )
 
 
 class BatchRequest(BaseModel):
@@ -202,13 +217,16 @@ async def post_batch(state: State, batch: BatchRequest) -> Response:
     total = check_budget(plans, state.settings.max_bytes)
 
     def read_all() -> tuple[list[bytes | memoryview], int]:
-        arrays, decoded = state.source.read_decoded([p.request() for p in plans])
+        requests = [
+            replace(p.request(), slice_major=r.slice_major) for p, r in zip(plans, batch.regions, strict=True)
+        ]
+        arrays, decoded = state.source.read_decoded(requests)
         parts: list[bytes | memoryview] = []
-        for arr in arrays:
+        for arr, spec in zip(arrays, batch.regions, strict=True):
             if isinstance(arr, LabelRegion) and batch.label_maps:
-                parts += encode_npy_parts(arr.labels) + encode_npy_parts(arr.table)
+                parts += encode_npy_parts(_wire(arr.labels, spec.slice_major)) + encode_npy_parts(arr.table)
             else:
-                parts += encode_npy_parts(merged(arr))
+                parts += encode_npy_parts(_wire(merged(arr), spec.slice_major))
         return parts, decoded
 
     release = await state.inflight.acquire(total)
