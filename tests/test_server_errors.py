@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import shutil
 from pathlib import Path
 from urllib.parse import quote
@@ -314,7 +315,9 @@ def test_fuzzed_batches_never_5xx(client, store_root, body):
 @given(path=st.text(alphabet=st.characters(codec="utf-8", exclude_characters="?#"), max_size=30))
 def test_fuzzed_zarr_paths_never_5xx(client, store_root, path):
     response = client.get("/zarr/" + quote(path, safe="/."))
-    assert response.status_code in (200, 400, 404), response.text
+    # "/zarr/." and the like normalize to "/zarr/", which redirects to "/zarr" (not an error)
+    redirected = response.status_code == 307 and posixpath.normpath("/" + path) == "/"
+    assert response.status_code in (200, 400, 404) or redirected, response.text
     assert str(store_root) not in response.text
 
 
