@@ -53,9 +53,9 @@ WHY_MISSED: list[tuple[str, tuple[str, ...], str]] = [
     (
         "2D training",
         (),
-        "a whole-slice read decodes 8-slice deep chunks (96x96x8, chosen for 3D patches) when cold, "
-        "and building float32 y with merged categories costs as much as reading "
-        "(docs/tuning.md sections 3 and 7)",
+        "this section does not split its time; the real-scale section's rows for the same loader "
+        "give this run's split (source reads, copy, wait) and read amplification "
+        "(docs/tuning.md sections 7 and 12)",
     ),
     (
         "3D random patches",
@@ -65,10 +65,8 @@ WHY_MISSED: list[tuple[str, tuple[str, ...], str]] = [
     (
         "3D random patches",
         (),
-        "cold reads decompress ~10 MB of 96x96x8 chunks per 64x64x32 patch, and the first foreground "
-        "draw from a slice reads that whole mask slice (later draws use cached locations); warm reads "
-        "are memory copies, but merging categories into float32 y costs as much "
-        "(docs/tuning.md sections 3 and 7, 'What remains')",
+        "this section does not split its time; the real-scale section's patch rows give this run's "
+        "split (source reads, copy, wait) and read amplification (docs/tuning.md sections 7 and 12)",
     ),
     (
         "Inference stitching",
