@@ -11,6 +11,7 @@ same files, HTTP against local, read amplification (bytes decoded / bytes delive
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,7 @@ def run(data: BenchData, quick: bool, server_workers: int) -> list[Row]:
     chosen = [c for c in cases(data.shape) if not quick or c.label in ("2D", "64x64x32 patches")]
     for case in chosen:
         batches = measured_batches(case, quick)
+        os.sync()  # no writeback of earlier sections' files during the measurements
         disk_before = disk_read_bytes()
         base, base_name = baseline(data, case, quick)
         base_disk = disk_read_bytes() - disk_before

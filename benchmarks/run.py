@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in wanted:
             continue
         print(f"benchmarks: {name} ...", file=sys.stderr, flush=True)
+        os.sync()  # the previous section's writes are flushed before this one measures
         t0 = time.perf_counter()
         try:
             report.add(step())
