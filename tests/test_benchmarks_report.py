@@ -69,7 +69,7 @@ def test_missed_targets_say_by_how_much_and_why():
     text = report.markdown()
     assert "### Not met in this run" in text
     assert "ratio 5.00x where >= 20x needs 20.00x (75% short)" in text
-    assert "decompress" in text  # the 3D explanation, not the fallback
+    assert "real-scale section's patch rows" in text  # the 3D explanation, not the fallback
     assert "warm**" not in text  # the met target is not listed
 
 
