@@ -54,7 +54,6 @@ from loaders.registry import (
 from loaders.scans import (
     ScanEntry,
     element_reads,
-    read_grouped,
     read_grouped_unmerged,
     scan_requests,
     scans_from_dicts,
@@ -372,22 +371,10 @@ class DataLoader(keras.utils.PyDataset):
     def read_elements(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(image window, mask window) per element, all read in one round per source.
 
-        The mask is as the source returns it (uint8, categories merged); images keep the
-        store's dtype. :meth:`load_batch` converts both to float32 once, into the batch.
+        The mask is uint8 with the categories merged; images keep the store's dtype.
+        :meth:`load_batch` converts both to float32 once, into the batch.
         """
-        requests: list[tuple[ScanSource, RegionRequest]] = []
-        plans = []
-        background = bool(self._cfg.INCLUDE_BACKGROUND)
-        for e in elements:
-            scan = self.scans[e.scan]
-            img_axes, mask_axes = element_reads(e, scan.shape, self.pad_mode)
-            requests += scan_requests(scan, _roi(img_axes), _roi(mask_axes), background)
-            plans.append((img_axes, mask_axes))
-        arrays = read_grouped(requests)
-        return [
-            (take_window(arrays[2 * i], img_axes), take_window(arrays[2 * i + 1], mask_axes))
-            for i, (img_axes, mask_axes) in enumerate(plans)
-        ]
+        return [(image, merged(mask)) for image, mask in self._read_unmerged(elements)]
 
     def _read_unmerged(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, Decoded]]:
         """``read_elements`` with label-map masks left as labels (``take_mask_window``)."""
@@ -432,10 +419,11 @@ class DataLoader(keras.utils.PyDataset):
         y: np.ndarray | None = None
         for i, ((img, mask), e) in enumerate(zip(pairs, elements, strict=True)):
             xi = self.model_input(img if img.dtype == np.float32 else img.astype(np.float32), e)
-            labels = None
+            labels: LabelRegion | None = None
             if isinstance(mask, LabelRegion) and from_labels:
-                labels = self.model_target(mask.labels, e)  # a spatial selection of the labels
-                yi_shape = (*labels.shape, mask.table.shape[1])
+                # a spatial selection of the labels; the table expands them into y below
+                labels = LabelRegion(self.model_target(mask.labels, e), mask.table)
+                yi_shape = (*labels.labels.shape, mask.table.shape[1])
             else:
                 plain = merged(mask)
                 yi = self.model_target(plain if target_casts else plain.astype(np.float32), e)
@@ -446,9 +434,8 @@ class DataLoader(keras.utils.PyDataset):
             elif xi.shape != x.shape[1:] or yi_shape != y.shape[1:]:
                 self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi_shape, y.shape[1:]])
             copy_into(x[i], xi)
-            if labels is not None and isinstance(mask, LabelRegion):
-                # y written straight from the labels: one table gather per voxel, exact
-                apply_table(labels, mask.table.astype(y.dtype), out=y[i])
+            if labels is not None:  # y straight from the labels: one table gather a voxel, exact
+                apply_table(labels.labels, labels.table.astype(y.dtype), out=y[i])
             else:
                 np.copyto(y[i], yi, casting="unsafe")
         if x is None or y is None:

@@ -7,7 +7,7 @@ a window read from a store, a server or an in-memory volume comes out identical.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -129,21 +129,25 @@ def take_mask_window(mask: Decoded, axes: Sequence[AxisRead]) -> Decoded:
 
 def read_grouped(requests: Sequence[tuple[ScanSource, RegionRequest]]) -> list[np.ndarray]:
     """Read requests from possibly several sources: one ``read_regions`` call per source."""
-    return [merged(a) for a in read_grouped_unmerged(requests, merge=True)]
+    return [merged(a) for a in _per_source(requests, lambda s, r: s.read_regions(r))]
 
 
-def read_grouped_unmerged(
-    requests: Sequence[tuple[ScanSource, RegionRequest]], merge: bool = False
-) -> list[Decoded]:
+def read_grouped_unmerged(requests: Sequence[tuple[ScanSource, RegionRequest]]) -> list[Decoded]:
     """As ``read_grouped``, label-map masks left unmerged (``ScanSource.read_unmerged``)."""
+    return _per_source(requests, lambda s, r: s.read_unmerged(r))
+
+
+def _per_source(
+    requests: Sequence[tuple[ScanSource, RegionRequest]],
+    read: Callable[[ScanSource, list[RegionRequest]], Sequence[Decoded]],
+) -> list[Decoded]:
+    """``read`` once per source with its requests; the results in request order."""
     by_source: dict[int, tuple[ScanSource, list[int]]] = {}
     for i, (source, _) in enumerate(requests):
         by_source.setdefault(id(source), (source, []))[1].append(i)
     out: list[Decoded | None] = [None] * len(requests)
     for source, positions in by_source.values():
-        wanted = [requests[i][1] for i in positions]
-        arrays: Sequence[Decoded] = source.read_regions(wanted) if merge else source.read_unmerged(wanted)
-        for i, arr in zip(positions, arrays, strict=True):
+        for i, arr in zip(positions, read(source, [requests[i][1] for i in positions]), strict=True):
             out[i] = arr
     return [a for a in out if a is not None]
 
