@@ -424,9 +424,9 @@ def test_backup_and_restore_with_loader_checkpoint_resumes_the_data_exactly(scal
         served = again.served[epoch][-len(resumed) :]
         for got, want in zip(served, expected_firsts(resumed, epoch, arrays), strict=True):
             np.testing.assert_array_equal(got, want)
-    # the same batches the interrupted run had begun: 3, or 4 when TF read one more ahead of
-    # the interrupt (every batch it was given, in order, not only the last 3)
+    # the same batches the interrupted run had begun: the 2 trained, plus any read ahead of
+    # the interrupt (TF: 1-2 more), every one in order, not only the last 3
     begun = recorder.served[2]
-    assert len(begun) >= 3
+    assert len(begun) >= 2
     for got, want in zip(begun, again.served[2][-len(resumed) :][: len(begun)], strict=True):
         np.testing.assert_array_equal(got, want)
