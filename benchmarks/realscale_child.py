@@ -10,6 +10,7 @@ the epoch order is shuffled, next to a uniform permutation of the same examples.
 from __future__ import annotations
 
 import itertools
+import resource
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +37,13 @@ def disk_read_bytes() -> int:
         return int(fields.get("read_bytes", "0"))
     except (OSError, ValueError):
         return 0
+
+
+def cpu_usage() -> dict[str, float]:
+    """This process's CPU seconds in user space and in the kernel, and its minor page faults
+    (first touches of fresh memory), from ``getrusage``: subtract two readings."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": usage.ru_utime, "sys_s": usage.ru_stime, "faults": float(usage.ru_minflt)}
 
 
 def _chunk_key(element: Any, chunks: Sequence[int]) -> tuple[int, ...]:
@@ -83,11 +91,15 @@ def realscale_measure(spec: dict[str, Any]) -> dict[str, Any]:
         loader.reset_stats()
     before = _counters(sources)
     disk_before = disk_read_bytes()
+    cpu_before = cpu_usage()
     t0 = time.perf_counter()
+    shapes: list[list[int]] = []
     for i in range(n):
-        x, _ = loader[i][:2]
+        x, y = loader[i][:2]
         assert x.shape[0] == int(spec["batch_size"])
+        shapes = [list(x.shape), list(y.shape)]
     wall = time.perf_counter() - t0
+    cpu = {k: v - cpu_before[k] for k, v in cpu_usage().items()}
     disk = disk_read_bytes() - disk_before
     after = _counters(sources)
     stats = dict(loader.stats()) if hasattr(loader, "stats") else {}
@@ -112,6 +124,8 @@ def realscale_measure(spec: dict[str, Any]) -> dict[str, Any]:
         "bytes_returned": delta.get("bytes_returned", 0),
         "read_s": delta.get("read_s", 0.0),
         "disk_bytes": disk,
+        "cpu": cpu,
+        "batch_shapes": shapes,  # x and y of a batch (float32), for the copy ceiling
         "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float)) or v is None},
         "shuffle": shuffle_quality(epoch, chunks),
         "shuffle_uniform": shuffle_quality(uniform, chunks),

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 HOST = "127.0.0.1"
+_SESSIONS: dict[str, int] = {}  # url of a running server -> its session id (the first pid)
 
 
 def free_port() -> int:
@@ -51,8 +52,10 @@ def _process(cmd: list[str], url: str, probe: str, env: dict[str, str] | None = 
     )
     try:
         _wait(url, proc, probe)
+        _SESSIONS[url] = proc.pid
         yield url
     finally:
+        _SESSIONS.pop(url, None)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -61,6 +64,27 @@ def _process(cmd: list[str], url: str, probe: str, env: dict[str, str] | None = 
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
+
+
+def server_cpu_s(url: str) -> float:
+    """CPU seconds (user + kernel) used so far by the server at ``url``: every live process of
+    its session, with the children they reaped (Linux ``/proc``; NaN elsewhere). Subtract two
+    readings for the CPU a measurement cost the server."""
+    sid, total = _SESSIONS[url], 0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return float("nan")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
+        if int(fields[3]) == sid:  # field 6, the session
+            total += sum(int(n) for n in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def scancache_server(
