@@ -101,6 +101,10 @@ class LocalSource:
                 "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)},
             }
         )
+        # reads asked not to fill the cache (``RegionRequest.keep_in_cache``): same resources, no LRU
+        self._uncached = ts.Context(
+            ts.Context.Spec({"cache_pool": {"total_bytes_limit": 0}}), parent=self._context
+        )
         # scan_id -> (version, metadata)
         self._meta: BoundedLRU[tuple[str, ScanMeta]] = BoundedLRU(META_CACHE_ENTRIES)
         # (scan_id, name, version) -> (tensorstore, inner chunk shape, itemsize)
@@ -165,21 +169,23 @@ class LocalSource:
         return self._opened(scan_id, name, state)[0]
 
     def _opened(
-        self, scan_id: str, name: str, state: tuple[str, ScanMeta] | None = None
+        self, scan_id: str, name: str, state: tuple[str, ScanMeta] | None = None, cached: bool = True
     ) -> tuple[Any, tuple[int, ...], int]:
-        """(array, inner chunk shape, itemsize): the chunk geometry feeds ``io_counters``."""
+        """(array, inner chunk shape, itemsize): the chunk geometry feeds ``io_counters``.
+        ``cached=False``: a handle on the same array whose reads bypass the chunk cache."""
         if name not in (LABEL_MAP, LOCATIONS):  # derived arrays are opened only from here
             validate_array_name(name)
         version, meta = state or self._state(scan_id)
         if name == MASK and not meta.has_mask:
             raise ArrayNotFound(f"scan {scan_id!r} has no mask")
-        key = (scan_id, name, version)
+        key = (scan_id, name, version, cached)
         opened = self._arrays.get(key)
         if opened is None:
             path = version_dir(self.root, scan_id, version) / name
             spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
             try:
-                arr = ts.open(spec, context=self._context, read=True, open=True).result()
+                context = self._context if cached else self._uncached
+                arr = ts.open(spec, context=context, read=True, open=True).result()
             except ValueError:
                 raise ArrayNotFound(f"scan {scan_id!r} has no array {name!r}") from None
             inner = tuple(int(n or 1) for n in arr.chunk_layout.read_chunk.shape or arr.shape)
@@ -197,7 +203,7 @@ class LocalSource:
         """The read's future and the decoded chunk bytes it needs (``io_counters``)."""
         region = as_region(req.roi, state[1].shape)
         name = LABEL_MAP if self._uses_label_map(req, state[1]) else req.array
-        arr, inner, itemsize = self._opened(req.scan_id, name, state)
+        arr, inner, itemsize = self._opened(req.scan_id, name, state, req.keep_in_cache)
         view = arr[region]
         if self._slice_major(req, state[1]):  # z first: tensorstore writes each slice contiguous
             view = view[ts.d[2].transpose[0]]

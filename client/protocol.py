@@ -28,6 +28,12 @@ class RegionRequest:
     slice by slice, so a source may return an image or a label map as an (h, w, d) view of
     (d, h, w) memory, each z slice contiguous (``LocalSource`` does, at no cost: tensorstore
     lays the decoded chunks out so; over HTTP the payload is C order).
+
+    ``keep_in_cache`` is a cache hint, never a change of values either: ``False`` when the
+    caller reads these chunks once per pass over data larger than the source's chunk cache.
+    An LRU swept cyclically by more than it holds never hits again, and filling it only costs
+    memory touched for the first time, so ``LocalSource`` reads such regions past its cache;
+    ``HttpSource`` leaves the choice to the server, which serves many readers.
     """
 
     scan_id: str
@@ -36,6 +42,7 @@ class RegionRequest:
     categories: Categories | None = None
     background: bool = False
     slice_major: bool = False
+    keep_in_cache: bool = True
 
 
 @runtime_checkable

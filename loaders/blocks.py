@@ -32,6 +32,7 @@ from loaders.scans import (
     read_grouped_unmerged,
     read_in_slabs,
     scan_requests,
+    sweep_exceeds_cache,
     take_mask_window,
 )
 
@@ -120,6 +121,18 @@ class BlockBuffer:
             image_spans[key] = _widen(image_spans.get(key), img_axes)
             mask_spans[key] = _widen(mask_spans.get(key), mask_axes)
         self._boxes = {k: _Box(image_spans[k], mask_spans[k]) for k in image_spans}
+        # Each block is read once an epoch. A block whose box lies in one layer of inner chunks
+        # (2D) is the only reader of those chunks; where the scans decode to more than the
+        # source's chunk cache, the sweep evicts them before their next use, so caching them
+        # only fills the cache with memory touched for the first time (a third more page
+        # faults in a first 2D epoch; docs/tuning.md section 12). Those blocks skip the cache.
+        # Blocks whose windows reach into the next layer (2.5D) share those chunks: cached.
+        past = sweep_exceeds_cache(scans)
+        self._uncached = {
+            k
+            for k, box in self._boxes.items()
+            if k[0] in past and _within_layer(box, chunk_depth(scans[k[0]]))
+        }
         self._slots: OrderedDict[BlockKey, _Slot] = OrderedDict()
         self._lock = threading.Lock()
         self.peak_blocks = 0  # most blocks held at once (tests, docs)
@@ -168,8 +181,9 @@ class BlockBuffer:
         for key in keys:
             box = self._boxes[key]
             # slice-major: every example takes whole slices, which are then contiguous
+            keep = key not in self._uncached
             requests += scan_requests(
-                self.scans[key[0]], _slices(box.image), _slices(box.mask), self.background, True
+                self.scans[key[0]], _slices(box.image), _slices(box.mask), self.background, True, keep
             )
         arrays: list[Decoded]
         try:
@@ -206,6 +220,11 @@ class BlockBuffer:
         excess = len(self._slots) - self.capacity
         for key in [k for k, slot in self._slots.items() if slot.ready.is_set()][: max(0, excess)]:
             del self._slots[key]
+
+
+def _within_layer(box: _Box, depth: int) -> bool:
+    """Do the block's image and mask boxes lie in one layer of inner chunks along z?"""
+    return all((lo // depth) == ((hi - 1) // depth) for lo, hi in (box.image[2], box.mask[2]))
 
 
 def _slices(box: Span) -> tuple[slice, ...]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from client.categories import Categories, normalize_categories
 from client.errors import RequestTooLarge
-from client.label_map import Decoded, LabelRegion, apply_table, merged
+from client.label_map import Decoded, LabelRegion, apply_table, has_label_map, merged
 from client.layout import IMAGE, MASK, ScanMeta
 from client.protocol import RegionRequest, ScanSource
 from loaders.catalog import shared_source
@@ -100,13 +100,33 @@ def scan_requests(
     mask_roi: tuple[slice, ...],
     background: bool,
     slice_major: bool = False,
+    keep_in_cache: bool = True,
 ) -> list[tuple[ScanSource, RegionRequest]]:
     """The image and the merged-mask requests of one read of a scan (what the loaders read);
-    ``slice_major`` for reads that are cut slice by slice (``RegionRequest``)."""
+    ``slice_major`` for reads that are cut slice by slice, ``keep_in_cache`` False for reads
+    of a sweep larger than the cache (``RegionRequest``)."""
     return [
-        (scan.source, RegionRequest(scan.scan_id, IMAGE, image_roi, slice_major=slice_major)),
-        (scan.source, RegionRequest(scan.scan_id, MASK, mask_roi, scan.categories, background, slice_major)),
+        (scan.source, RegionRequest(scan.scan_id, IMAGE, image_roi, None, False, slice_major, keep_in_cache)),
+        (
+            scan.source,
+            RegionRequest(
+                scan.scan_id, MASK, mask_roi, scan.categories, background, slice_major, keep_in_cache
+            ),
+        ),
     ]
+
+
+def sweep_exceeds_cache(scans: Sequence[ScanEntry]) -> set[int]:
+    """Indices of the scans whose source's chunk cache (``cache_bytes``, where the source has
+    one) holds less than all of that source's scans decoded (image, and label map or mask):
+    for them an epoch that reads every chunk once is a cyclic sweep larger than the LRU."""
+    decoded: dict[int, int] = {}
+    for scan in scans:
+        h, w, d = scan.shape
+        mask_bytes = 1 if has_label_map(scan.meta.attrs) else scan.meta.num_classes
+        voxel = np.dtype(scan.meta.dtype).itemsize + mask_bytes
+        decoded[id(scan.source)] = decoded.get(id(scan.source), 0) + h * w * d * voxel
+    return {s.index for s in scans if decoded[id(s.source)] > getattr(s.source, "cache_bytes", float("inf"))}
 
 
 def cut_window(volume: np.ndarray, window: Window, mode: str) -> np.ndarray:

@@ -137,6 +137,54 @@ def test_overlapping_classes_without_a_label_map_give_the_same_exact_batches(tmp
     DatasetCatalog.remove("overlap")
 
 
+@pytest.mark.parametrize(
+    "tag,img_size", [("DefaultDataLoader", (24, 20, 1)), ("S25dDataLoader", (24, 20, 5))]
+)
+def test_blocks_of_a_sweep_larger_than_the_cache_skip_it_and_batches_stay_exact(
+    tmp_path, monkeypatch, tag, img_size
+):
+    # three scans of 20 slices decode to ~60 KB: a 4 KB chunk cache holds a fraction of them
+    rng = np.random.default_rng(11)
+    truth = {}
+    for n in range(3):
+        scan_id = f"000000{n + 1}_V00-Aug00"
+        image = rng.normal(size=(24, 20, 20)).astype(np.float32)
+        labels = rng.integers(0, 5, size=(24, 20, 20))
+        mask = (labels[..., None] == np.arange(1, 5)).astype(np.uint8)  # classes never overlap
+        write_scan(tmp_path / "store", scan_id, image, mask, {"split": "train"})
+        truth[scan_id] = image, mask
+    monkeypatch.setenv("SCANCACHE_LOCAL_CACHE_BYTES", "4K")
+    DatasetCatalog.remove("sweep")
+    DatasetCatalog.register("sweep", str(tmp_path / "store"))
+    cfg = Config(SEED=2, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True, TAG=tag, IMG_SIZE=img_size)
+    loader = build_loader(cfg, "sweep", batch_size=4, is_test=False, shuffle=True, drop_last=False)
+    buffer = loader._plan[3]
+    assert buffer is not None and loader.scans[0].source.cache_bytes == 4096
+    if tag == "DefaultDataLoader":  # a 2D block is the only reader of its chunks: past the cache
+        assert buffer._uncached == set(buffer._boxes)
+    else:  # 2.5D windows reach into the neighbouring layer of chunks, which blocks share: cached
+        assert not buffer._uncached
+    k = img_size[2]
+    for b, (x, y) in enumerate(loader):
+        for i, e in enumerate(loader.batch_elements(b)):
+            image, mask = truth[loader.scans[e.scan].scan_id]
+            z = e.output_window[2][0]
+            padded = np.pad(image, ((0, 0), (0, 0), (k // 2, k // 2)), mode="edge")
+            np.testing.assert_array_equal(x[i], padded[:, :, z : z + k])
+            np.testing.assert_array_equal(y[i], reference_mask(mask[:, :, z]))
+    loader.close()
+    DatasetCatalog.remove("sweep")
+
+
+def test_blocks_of_data_the_cache_holds_stay_cached(train):
+    name, _ = train
+    cfg = Config(SEED=3, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True)
+    loader = build_loader(cfg, name, batch_size=4, is_test=False, shuffle=True, drop_last=False)
+    buffer = loader._plan[3]
+    assert buffer is not None and buffer._boxes and not buffer._uncached  # later epochs read the cache
+    loader.close()
+
+
 def test_label_map_batches_in_uint8_equal_the_truth(train):
     name, truth = train
     cfg = Config(SEED=5, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True, Y_DTYPE="uint8")

@@ -180,6 +180,20 @@ def test_the_slice_major_hint_changes_layout_never_values(source, small_store):
     np.testing.assert_array_equal(labels.labels, mask[3:30, :, 2:9].argmax(-1) + mask[3:30, :, 2:9].any(-1))
 
 
+def test_the_keep_in_cache_hint_never_changes_values(source, small_store):
+    _, truth = small_store
+    image, mask = truth[SCAN]
+    for keep in (False, True, False):  # past the cache, into it, past it again: the same voxels
+        got_image, got_mask = source.read_regions(
+            [
+                RegionRequest(SCAN, "image", "1:31,2:,0:7", keep_in_cache=keep),
+                RegionRequest(SCAN, "mask", "1:31,2:,0:7", ((0, 1), (3,)), True, True, keep),
+            ]
+        )
+        np.testing.assert_array_equal(got_image, image[1:31, 2:, 0:7])
+        np.testing.assert_array_equal(got_mask, merged_reference(mask[1:31, 2:, 0:7], [[0, 1], 3], True))
+
+
 def test_errors_have_the_same_types(source):
     with pytest.raises(ScanNotFound):
         source.metadata("0000009_V00-Aug00")
