@@ -40,17 +40,27 @@ def loader_rates(spec: dict[str, Any]) -> dict[str, float]:
     n = min(int(spec["batches"]), len(loader))
     per_batch = int(spec["batch_size"])
 
+    shapes: list[list[int]] = []
+
     def one_pass() -> float:
         t0 = time.perf_counter()
         for i in range(n):
             x, y = loader[i]
             assert x.shape[0] == per_batch and y.shape[0] == per_batch
+            shapes[:] = [list(x.shape), list(y.shape)]
         return n * per_batch / (time.perf_counter() - t0)
 
+    from benchmarks.realscale_child import cpu_usage
+
     cold = one_pass()
+    loader.reset_stats()
+    before = cpu_usage()
     warm = one_pass()
+    warm_cpu = {k: v - before[k] for k, v in cpu_usage().items()}
+    warm_stats = {k: v for k, v in loader.stats().items() if isinstance(v, (int, float))}
     loader.close()
-    return {"cold": cold, "warm": warm, "open_s": opened, "items": n * per_batch}
+    return {"cold": cold, "warm": warm, "open_s": opened, "items": n * per_batch,
+            "warm_cpu": warm_cpu, "warm_stats": warm_stats, "batch_shapes": shapes}  # fmt: skip
 
 
 def run_child(spec: dict[str, Any], timeout: float = 900, env: dict[str, str] | None = None) -> Any:

@@ -26,6 +26,7 @@ from benchmarks.realscale_child import disk_read_bytes
 from benchmarks.report import Row
 from benchmarks.servers import scancache_server, server_cpu_s
 from benchmarks.slicefiles import medsegpy_slice, read_h5
+from benchmarks.timing import copy_ceiling
 from benchmarks.train2d import _categories, gather_rate, medsegpy_2d_rate
 from client.local import LOCAL_CACHE_ENV
 
@@ -106,24 +107,6 @@ def _spec(source: str, case: Case, batches: int, scans: int) -> dict[str, Any]:
         "patches_per_scan": -(-min(batches, 10**4) * case.batch // scans),
         "next_epoch": batches == WHOLE_EPOCH,  # slice loaders: also time the next epoch
     }  # fmt: skip
-
-
-def copy_ceiling(shapes: list[list[int]], batches: int = 12, repeats: int = 3) -> float:
-    """Examples a second that writing the batches alone allows on this machine: x and y of
-    ``shapes`` (float32) filled with ``np.copyto`` from arrays already in memory, into arrays
-    reused from batch to batch (no fresh pages), one example at a time, best of ``repeats``.
-    No loader can deliver these batches faster; the bytes, not the reads, bound it."""
-    arrays = [np.empty(shape, np.float32) for shape in shapes]
-    sources = [np.random.default_rng(0).random(shape[1:], dtype=np.float32) for shape in shapes]
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            for out, src in zip(arrays, sources, strict=True):
-                for i in range(out.shape[0]):
-                    np.copyto(out[i], src)
-        best = min(best, time.perf_counter() - t0)
-    return batches * shapes[0][0] / best
 
 
 def why(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -19,6 +20,7 @@ from benchmarks.data import CATEGORIES, NUM_CLASSES, BenchData
 from benchmarks.report import Row
 from benchmarks.servers import scancache_server
 from benchmarks.slicefiles import gather_patch, medsegpy_slice
+from benchmarks.timing import copy_ceiling
 from client.categories import merge_mask, normalize_categories
 from client.local import default_cache_bytes
 
@@ -95,6 +97,27 @@ def _loader_spec(source: str, tag: str, img_size: list[int], batch: int, batches
     }  # fmt: skip
 
 
+def warm_why(result: dict[str, Any], baseline: float) -> str:
+    """The warm pass's time split and CPU, and the copy ceiling of its batches (measured now)."""
+    stats, cpu = result.get("warm_stats") or {}, result.get("warm_cpu") or {}
+    per_batch = 1000 * result["items"] / max(result["warm"], 1e-9) / max(1, result["items"] // BATCH_2D)
+    parts = [f"{per_batch:.0f} ms a batch with every chunk in the decoded-chunk cache"]
+    split = {
+        k: stats[k] for k in ("source_read_s", "copy_s", "wait_s") if isinstance(stats.get(k), (int, float))
+    }
+    if split:
+        parts.append(", ".join(f"{k[:-2].replace('_', ' ')} {v:.2f} s" for k, v in split.items()))
+    if cpu:
+        parts.append(f"CPU {cpu['user_s']:.2f} s in user space and {cpu['sys_s']:.2f} s in the kernel")
+    if result.get("batch_shapes"):
+        ceiling = copy_ceiling(result["batch_shapes"])
+        parts.append(
+            f"writing these float32 batches alone (x, and y of {result['batch_shapes'][1][-1]} channels) runs at "
+            f"{ceiling:.0f} slices/s here, {ceiling / baseline:.1f}x the baseline"
+        )
+    return "; ".join(parts)
+
+
 def run(data: BenchData, quick: bool, server_workers: int) -> list[Row]:
     h, w, d = data.shape
     batches_2d = 6 if quick else 30
@@ -130,10 +153,11 @@ def run(data: BenchData, quick: bool, server_workers: int) -> list[Row]:
             note="h5py open per .im/.seg + collect_mask",
         ),
     ]
-    for temp in ("cold", "warm"):
-        target = ">= 2x MedSegPy"
-        rows.append(Row(SECTION_2D, f"scancache local, {temp}", local_2d[temp], "slices/s", base_2d,
-                        "MedSegPy-style", target, 2.0 if target else None))  # fmt: skip
+    rows.append(Row(SECTION_2D, "scancache local, cold", local_2d["cold"], "slices/s", base_2d,
+                    "MedSegPy-style", ">= 2x MedSegPy", 2.0))  # fmt: skip
+    # issue 9: with the data in the cache, 2D at least 10x the MedSegPy-style reader
+    rows.append(Row(SECTION_2D, "scancache local, warm", local_2d["warm"], "slices/s", base_2d,
+                    "MedSegPy-style", ">= 10x MedSegPy", 10.0, why=warm_why(local_2d, base_2d)))  # fmt: skip
     for temp in ("cold", "warm"):
         target = ">= 0.7x local"
         rows.append(Row(SECTION_2D, f"scancache over HTTP, {temp}", http_2d[temp], "slices/s", local_2d[temp],

@@ -3,9 +3,10 @@
 import httpx
 import numpy as np
 
-from benchmarks.realscale import copy_ceiling, why
+from benchmarks.realscale import why
 from benchmarks.realscale_child import cpu_usage
 from benchmarks.servers import scancache_server, server_cpu_s
+from benchmarks.timing import copy_ceiling
 
 
 def test_cpu_usage_counts_user_time_and_first_touches_of_fresh_memory():
@@ -49,3 +50,18 @@ def test_why_states_the_measured_cpu_split_and_the_ceiling():
     text = why(remote, True, local=local)
     assert "the server 1.60 s more" in text
     assert "together used 2.30 s of CPU where reading locally used 1.50 s (1.5x)" in text
+
+
+def test_the_warm_why_states_the_split_the_cpu_and_the_ceiling():
+    from benchmarks.train2d import warm_why
+
+    result = {
+        "warm": 800.0, "items": 480, "batch_shapes": [[16, 32, 32, 1], [16, 32, 32, 5]],
+        "warm_stats": {"source_read_s": 0.1, "copy_s": 0.3, "wait_s": 0.5},
+        "warm_cpu": {"user_s": 0.7, "sys_s": 0.2, "faults": 1000.0},
+    }  # fmt: skip
+    text = warm_why(result, baseline=100.0)
+    assert text.startswith("20 ms a batch with every chunk in the decoded-chunk cache")
+    assert "source read 0.10 s, copy 0.30 s, wait 0.50 s" in text
+    assert "CPU 0.70 s in user space and 0.20 s in the kernel" in text
+    assert "(x, and y of 5 channels) runs at" in text and "x the baseline" in text
