@@ -65,3 +65,15 @@ def test_the_warm_why_states_the_split_the_cpu_and_the_ceiling():
     assert "source read 0.10 s, copy 0.30 s, wait 0.50 s" in text
     assert "CPU 0.70 s in user space and 0.20 s in the kernel" in text
     assert "(x, and y of 5 channels) runs at" in text and "x the baseline" in text
+
+
+def test_one_scans_conversion_is_split_into_phases_within_its_time(tmp_path):
+    from benchmarks.conversion import PHASES, scan_split
+    from service.sample_data import write_sample_data
+
+    write_sample_data(tmp_path / "src", subjects=1, visits=1, shape=(32, 28, 12), num_classes=3)
+    seconds, split = scan_split(tmp_path / "src", tmp_path / "store", None)
+    assert set(split) == set(PHASES) and seconds > 0
+    assert all(v > 0 for v in split.values()), split  # each phase ran and was found by name
+    assert sum(split.values()) <= 1.5 * seconds  # profiled parts of one conversion, not more
+    assert not (tmp_path / "store").exists()
