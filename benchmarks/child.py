@@ -50,7 +50,7 @@ def loader_rates(spec: dict[str, Any]) -> dict[str, float]:
             shapes[:] = [list(x.shape), list(y.shape)]
         return n * per_batch / (time.perf_counter() - t0)
 
-    from benchmarks.realscale_child import cpu_usage
+    from benchmarks.timing import cpu_usage
 
     cold = one_pass()
     loader.reset_stats()

@@ -138,7 +138,10 @@ def run(data: BenchData, work: Path, layout: ChunkLayout | None) -> list[Row]:
             f"Python processes importing numpy, h5py and distributed on 2 shared cores. On an already "
             f"started cluster the same job took {two:.2f} s ({floor / two:.2f}x)"
         )
-    why += f". {per_scan}: besides reading, every voxel is compressed and written, and more scans or a running cluster (--scheduler) amortise only the start"
+    why += (
+        f". {per_scan}: besides reading, every voxel is compressed and written, and more scans or a "
+        "running cluster (--scheduler) amortise only the start"
+    )
     return [
         Row(SECTION, "read floor: every source file once (h5py)", floor, "s", note=f"{n} scans"),
         Row(SECTION, "one scan in one process", one_scan, "s", floor / n, "read floor of one scan",

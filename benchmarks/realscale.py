@@ -26,7 +26,7 @@ from benchmarks.realscale_child import disk_read_bytes
 from benchmarks.report import Row
 from benchmarks.servers import scancache_server, server_cpu_s
 from benchmarks.slicefiles import medsegpy_slice, read_h5
-from benchmarks.timing import copy_ceiling
+from benchmarks.timing import copy_ceiling, describe_cpu
 from benchmarks.train2d import _categories, gather_rate, medsegpy_2d_rate
 from client.local import LOCAL_CACHE_ENV
 
@@ -141,8 +141,7 @@ def why(
     cpu = result.get("cpu") or {}
     if cpu:
         parts.append(
-            f"CPU {cpu['user_s']:.2f} s in user space and {cpu['sys_s']:.2f} s in the kernel "
-            f"({cpu['faults'] / 1e3:.0f}k page faults: first touches of fresh memory)"
+            describe_cpu(cpu)
             + (f", the server {result['server_cpu_s']:.2f} s more" if result.get("server_cpu_s") else "")
         )
     if local and local.get("cpu") and cpu and result.get("server_cpu_s"):

@@ -10,12 +10,13 @@ the epoch order is shuffled, next to a uniform permutation of the same examples.
 from __future__ import annotations
 
 import itertools
-import resource
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from benchmarks.timing import cpu_usage
 
 SHUFFLE_BATCH = 16  # distinct scans are counted per 16 consecutive examples, whatever the batch
 
@@ -37,13 +38,6 @@ def disk_read_bytes() -> int:
         return int(fields.get("read_bytes", "0"))
     except (OSError, ValueError):
         return 0
-
-
-def cpu_usage() -> dict[str, float]:
-    """This process's CPU seconds in user space and in the kernel, and its minor page faults
-    (first touches of fresh memory), from ``getrusage``: subtract two readings."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"user_s": usage.ru_utime, "sys_s": usage.ru_stime, "faults": float(usage.ru_minflt)}
 
 
 def _chunk_key(element: Any, chunks: Sequence[int]) -> tuple[int, ...]:

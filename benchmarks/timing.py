@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -51,3 +52,18 @@ def copy_ceiling(shapes: list[list[int]], batches: int = 12, repeats: int = 3) -
                     np.copyto(out[i], src)
         best = min(best, time.perf_counter() - t0)
     return batches * shapes[0][0] / best
+
+
+def cpu_usage() -> dict[str, float]:
+    """This process's CPU seconds in user space and in the kernel, and its minor page faults
+    (first touches of fresh memory), from ``getrusage``: subtract two readings."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": usage.ru_utime, "sys_s": usage.ru_stime, "faults": float(usage.ru_minflt)}
+
+
+def describe_cpu(cpu: dict[str, float]) -> str:
+    """Two :func:`cpu_usage` readings' difference, as the report words it."""
+    return (
+        f"CPU {cpu['user_s']:.2f} s in user space and {cpu['sys_s']:.2f} s in the kernel "
+        f"({cpu['faults'] / 1e3:.0f}k page faults: first touches of fresh memory)"
+    )

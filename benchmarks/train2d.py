@@ -20,7 +20,7 @@ from benchmarks.data import CATEGORIES, NUM_CLASSES, BenchData
 from benchmarks.report import Row
 from benchmarks.servers import scancache_server
 from benchmarks.slicefiles import gather_patch, medsegpy_slice
-from benchmarks.timing import copy_ceiling
+from benchmarks.timing import copy_ceiling, describe_cpu
 from client.categories import merge_mask, normalize_categories
 from client.local import default_cache_bytes
 
@@ -108,7 +108,7 @@ def warm_why(result: dict[str, Any], baseline: float) -> str:
     if split:
         parts.append(", ".join(f"{k[:-2].replace('_', ' ')} {v:.2f} s" for k, v in split.items()))
     if cpu:
-        parts.append(f"CPU {cpu['user_s']:.2f} s in user space and {cpu['sys_s']:.2f} s in the kernel")
+        parts.append(describe_cpu(cpu))
     if result.get("batch_shapes"):
         ceiling = copy_ceiling(result["batch_shapes"])
         parts.append(

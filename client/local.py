@@ -107,7 +107,7 @@ class LocalSource:
         )
         # scan_id -> (version, metadata)
         self._meta: BoundedLRU[tuple[str, ScanMeta]] = BoundedLRU(META_CACHE_ENTRIES)
-        # (scan_id, name, version) -> (tensorstore, inner chunk shape, itemsize)
+        # (scan_id, name, version, cached) -> (tensorstore, inner chunk shape, itemsize)
         self._arrays: BoundedLRU[Any] = BoundedLRU(ARRAY_CACHE_ENTRIES)
         self._counters_lock = threading.Lock()
         self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
