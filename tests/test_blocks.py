@@ -24,6 +24,21 @@ def reference_mask(mask):
     return np.concatenate([(out.sum(-1, keepdims=True) == 0).astype(np.float32), out], -1)
 
 
+def assert_epoch_equals_truth(loader, truth, k):
+    """Every batch of the loader's epoch against the numpy truth: x the window of np.pad(edge)
+    of the whole volume (k slices), y the centre slice's mask. Returns the examples checked."""
+    seen = 0
+    for b, (x, y) in enumerate(loader):
+        for i, e in enumerate(loader.batch_elements(b)):
+            image, mask = truth[loader.scans[e.scan].scan_id]
+            z = e.output_window[2][0]
+            padded = np.pad(image, ((0, 0), (0, 0), (k // 2, k // 2)), mode="edge")
+            np.testing.assert_array_equal(x[i], padded[:, :, z : z + k])
+            np.testing.assert_array_equal(y[i], reference_mask(mask[:, :, z]))
+            seen += 1
+    return seen
+
+
 @pytest.fixture(scope="module")
 def train(small_store):
     root, truth = small_store
@@ -79,18 +94,7 @@ def test_every_shuffled_batch_equals_the_numpy_truth_and_blocks_are_released(tra
     buffer = loader._plan[3]
     assert buffer is not None, "the slice loaders read blocks by default"
     assert all(has_label_map(s.meta.attrs) for s in loader.scans), "y is written from label maps"
-    k = img_size[2]
-    seen = 0
-    for b, (x, y) in enumerate(loader):
-        for i, e in enumerate(loader.batch_elements(b)):
-            image, mask = truth[loader.scans[e.scan].scan_id]
-            z = e.output_window[2][0]
-            # reference: the window of np.pad(edge) of the whole volume, centre slice's mask
-            padded = np.pad(image, ((0, 0), (0, 0), (k // 2, k // 2)), mode="edge")
-            np.testing.assert_array_equal(x[i], padded[:, :, z : z + k])
-            np.testing.assert_array_equal(y[i], reference_mask(mask[:, :, z]))
-            seen += 1
-    assert seen == sum(len(s.slices) for s in loader.scans)
+    assert assert_epoch_equals_truth(loader, truth, img_size[2]) == sum(len(s.slices) for s in loader.scans)
     assert 0 < buffer.peak_blocks <= 2 * cfg.SHUFFLE_BLOCKS + 2
     assert not buffer._slots, "every block leaves memory after its last example"
     loader.close()
@@ -164,14 +168,7 @@ def test_blocks_of_a_sweep_larger_than_the_cache_skip_it_and_batches_stay_exact(
         assert buffer._uncached == set(buffer._boxes)
     else:  # 2.5D windows reach into the neighbouring layer of chunks, which blocks share: cached
         assert not buffer._uncached
-    k = img_size[2]
-    for b, (x, y) in enumerate(loader):
-        for i, e in enumerate(loader.batch_elements(b)):
-            image, mask = truth[loader.scans[e.scan].scan_id]
-            z = e.output_window[2][0]
-            padded = np.pad(image, ((0, 0), (0, 0), (k // 2, k // 2)), mode="edge")
-            np.testing.assert_array_equal(x[i], padded[:, :, z : z + k])
-            np.testing.assert_array_equal(y[i], reference_mask(mask[:, :, z]))
+    assert assert_epoch_equals_truth(loader, truth, img_size[2]) == 60
     loader.close()
     DatasetCatalog.remove("sweep")
 
