@@ -51,19 +51,21 @@ def test_why_states_the_measured_cpu_split_and_the_ceiling():
     assert "together used 2.30 s of CPU where reading locally used 1.50 s (1.5x)" in text
 
 
-def test_the_warm_why_states_the_split_the_cpu_and_the_ceiling():
-    from benchmarks.train2d import warm_why
+def test_a_pass_why_states_the_split_the_cpu_and_the_ceiling():
+    from benchmarks.train2d import pass_why
 
     result = {
         "warm": 800.0, "items": 480, "batch_shapes": [[16, 32, 32, 1], [16, 32, 32, 5]],
         "warm_stats": {"source_read_s": 0.1, "copy_s": 0.3, "wait_s": 0.5},
         "warm_cpu": {"user_s": 0.7, "sys_s": 0.2, "faults": 1000.0},
     }  # fmt: skip
-    text = warm_why(result, baseline=100.0)
+    text = pass_why(result, "warm", baseline=100.0)
     assert text.startswith("20 ms a batch with every chunk in the decoded-chunk cache")
     assert "source read 0.10 s, copy 0.30 s, wait 0.50 s" in text
     assert "CPU 0.70 s in user space and 0.20 s in the kernel (1k page faults" in text
     assert "(x, and y of 5 channels) runs at" in text and "x the baseline" in text
+    over_http = pass_why(result, "warm", server_cpu=1.25)
+    assert "the server 1.25 s more over both passes" in over_http and "runs at" not in over_http
 
 
 def test_one_scans_conversion_is_split_into_phases_within_its_time(tmp_path):
