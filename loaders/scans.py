@@ -105,15 +105,11 @@ def scan_requests(
     """The image and the merged-mask requests of one read of a scan (what the loaders read);
     ``slice_major`` for reads that are cut slice by slice, ``keep_in_cache`` False for reads
     of a sweep larger than the cache (``RegionRequest``)."""
-    return [
-        (scan.source, RegionRequest(scan.scan_id, IMAGE, image_roi, None, False, slice_major, keep_in_cache)),
-        (
-            scan.source,
-            RegionRequest(
-                scan.scan_id, MASK, mask_roi, scan.categories, background, slice_major, keep_in_cache
-            ),
-        ),
-    ]
+    image = RegionRequest(
+        scan.scan_id, IMAGE, image_roi, slice_major=slice_major, keep_in_cache=keep_in_cache
+    )
+    mask = replace(image, array=MASK, roi=mask_roi, categories=scan.categories, background=background)
+    return [(scan.source, image), (scan.source, mask)]
 
 
 def sweep_exceeds_cache(scans: Sequence[ScanEntry]) -> set[int]:
