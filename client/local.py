@@ -68,6 +68,31 @@ def default_cache_bytes() -> int:
     return int(min(max(memory // 8, DEFAULT_CACHE_BYTES), LOCAL_CACHE_MAX))
 
 
+# Decode threads of a LocalSource opened later in this process (None: one per core). A reader
+# process that is one of k on a machine (a torch DataLoader worker) takes its share of the cores.
+_READ_THREADS: int | None = None
+# The process that first opened an array with tensorstore: a child forked after that cannot use
+# tensorstore at all (it aborts), so a forked reader checks this first (loaders.torch_data).
+_TENSORSTORE_PID: int | None = None
+
+
+def set_read_threads(threads: int | None) -> None:
+    """Decode (and file) threads of every ``LocalSource`` opened from now on in this process."""
+    global _READ_THREADS
+    _READ_THREADS = None if threads is None else max(1, int(threads))
+
+
+def tensorstore_used_before_fork() -> bool:
+    """Did the process this one was forked from read through tensorstore before the fork?"""
+    return _TENSORSTORE_PID is not None and _TENSORSTORE_PID != os.getpid()
+
+
+def _mark_tensorstore_used() -> None:
+    global _TENSORSTORE_PID
+    if _TENSORSTORE_PID != os.getpid():
+        _TENSORSTORE_PID = os.getpid()
+
+
 META_CACHE_ENTRIES = 4096  # scans whose metadata a LocalSource keeps (LRU)
 ARRAY_CACHE_ENTRIES = 1024  # open tensorstore arrays it keeps (LRU); each holds no chunk data
 
@@ -95,12 +120,14 @@ class LocalSource:
         if cache_bytes is None:
             cache_bytes = default_cache_bytes()
         self.cache_bytes = int(cache_bytes)
-        self._context = ts.Context(
-            {
-                "cache_pool": {"total_bytes_limit": int(cache_bytes)},
-                "data_copy_concurrency": {"limit": max(2, os.cpu_count() or 2)},
-            }
-        )
+        threads = _READ_THREADS or max(2, os.cpu_count() or 2)
+        resources: dict[str, Any] = {
+            "cache_pool": {"total_bytes_limit": int(cache_bytes)},
+            "data_copy_concurrency": {"limit": threads},
+        }
+        if _READ_THREADS is not None:
+            resources["file_io_concurrency"] = {"limit": threads}
+        self._context = ts.Context(resources)
         # reads asked not to fill the cache (``RegionRequest.keep_in_cache``): same resources, no LRU
         self._uncached = ts.Context(
             ts.Context.Spec({"cache_pool": {"total_bytes_limit": 0}}), parent=self._context
@@ -183,6 +210,7 @@ class LocalSource:
         if opened is None:
             path = version_dir(self.root, scan_id, version) / name
             spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+            _mark_tensorstore_used()
             try:
                 context = self._context if cached else self._uncached
                 arr = ts.open(spec, context=context, read=True, open=True).result()

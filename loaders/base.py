@@ -37,10 +37,11 @@ from client.label_map import Decoded, LabelRegion, apply_table, merged
 from client.protocol import RegionRequest, ScanSource
 from loaders import inference
 from loaders.batch_memory import BatchArrays, copy_into
+from loaders.class_index import class_indices, index_table
 from loaders.blocks import BlockBuffer, block_ids, block_key
 from loaders.config import Config, check_config
 from loaders.geometry import AxisRead, check_pad_mode, take_window
-from loaders.ordering import Shard, shard_block_order
+from loaders.ordering import Shard, batch_groups, resumed_lanes, shard_block_order, worker_batches
 from loaders.prefetch import Prefetcher
 from loaders.registry import (
     KEEPS_VALUES,
@@ -60,7 +61,7 @@ from loaders.scans import (
     take_mask_window,
 )
 from loaders.state import LoaderState
-from loaders.stats import LoaderStats
+from loaders.stats import LoaderStats, WorkerCounters, with_workers
 
 # re-exported: custom loaders import these from loaders.base
 __all__ = [
@@ -72,6 +73,10 @@ __all__ = [
     "register_loader",
     "selects_voxels",
 ]
+
+
+# (epoch, elements, the examples this rank reads in order, block buffer, group of each batch)
+Plan = tuple[int, list[Any], list[int], BlockBuffer | None, list[int]]
 
 
 def _roi(axes: Sequence[AxisRead]) -> tuple[slice, ...]:
@@ -114,7 +119,9 @@ class DataLoader(keras.utils.PyDataset):
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.batch_size = int(batch_size)
-        self.y_dtype = np.dtype(cfg.Y_DTYPE)
+        # y as class indices (a uint8 label map per example, one-hot on the device) or channels
+        self.class_index = str(cfg.Y_FORMAT) == "class_index"
+        self.y_dtype = np.dtype(np.uint8) if self.class_index else np.dtype(cfg.Y_DTYPE)
         self.pad_mode = check_pad_mode(cfg.IMG_PAD_MODE)
         # what a torch worker needs to rebuild this loader in its own process (loaders.torch_data)
         self._recipe: tuple[list[dict[str, Any]], dict[str, Any]] = (
@@ -132,14 +139,16 @@ class DataLoader(keras.utils.PyDataset):
         self.seed = cfg.SEED if cfg.SEED is not None else random.SystemRandom().randrange(2**31)
         self.epoch = 0
         self._position = 0  # batches of this epoch already delivered by an iterator or fit()
+        # the reader processes whose delivery order _position counts in (loaders.torch_data)
+        self._position_workers = 1
         self._keras_epoch = False  # between Keras' on_epoch_begin and on_epoch_end
         self._served = 0
         self._last_index = -2
         self._serve_lock = threading.Lock()
         self._base_elements: list[Any] = list(self.build_elements())
-        # (epoch, elements, order, blocks) is replaced as one tuple, so a background read sees one
-        # epoch's plan (and its block buffer).
-        self._plan: tuple[int, list[Any], list[int], BlockBuffer | None] = self._make_plan(0)
+        # (epoch, elements, order, blocks, batch groups) is replaced as one tuple, so a background
+        # read sees one epoch's plan (and its block buffer).
+        self._plan: Plan = self._make_plan(0)
         self._prefetcher: Prefetcher[tuple[int, int], tuple[np.ndarray, ...]] = Prefetcher(
             self._load_key, workers=max(1, int(cfg.NUM_WORKERS)), depth=int(cfg.PREFETCH_BATCHES)
         )
@@ -147,6 +156,8 @@ class DataLoader(keras.utils.PyDataset):
         self._batch_arrays = BatchArrays(4 * (int(cfg.PREFETCH_BATCHES) + 2))
         self._stats = LoaderStats(s.source for s in self.scans)
         self._wait_base = 0.0
+        # counters of reader processes feeding this loader's batches (as_torch_dataset workers)
+        self._worker_counters: list[WorkerCounters] = []
 
     # -- what subclasses define -----------------------------------------------------------------
     def build_elements(self) -> Sequence[Any]:
@@ -200,7 +211,7 @@ class DataLoader(keras.utils.PyDataset):
         count = len(scan.categories) if scan.categories is not None else scan.meta.num_classes
         return count + (1 if self._cfg.INCLUDE_BACKGROUND else 0)
 
-    def _make_plan(self, epoch: int) -> tuple[int, list[Any], list[int], BlockBuffer | None]:
+    def _make_plan(self, epoch: int) -> Plan:
         elements = list(self.epoch_elements(epoch))
         window = int(self._cfg.SHUFFLE_BLOCKS)
         blocks = self.reads_blocks and window > 0 and bool(elements)
@@ -215,9 +226,13 @@ class DataLoader(keras.utils.PyDataset):
             # the order keeps about two windows of blocks in use at a time (the current one and
             # the one read ahead); the LRU bound only matters for other access patterns
             buffer = BlockBuffer(self.scans, elements, order, keys, self.pad_mode, background, 2 * window + 2)
-        return epoch, elements, order, buffer
+            ids = block_ids(keys)
+            groups = batch_groups([ids[i] for i in order], self.batch_size, window)
+        else:
+            groups = list(range(math.ceil(len(order) / self.batch_size)))
+        return epoch, elements, order, buffer, groups
 
-    def _plan_for(self, epoch: int) -> tuple[int, list[Any], list[int], BlockBuffer | None]:
+    def _plan_for(self, epoch: int) -> Plan:
         plan = self._plan
         return plan if plan[0] == epoch else self._make_plan(epoch)
 
@@ -262,11 +277,25 @@ class DataLoader(keras.utils.PyDataset):
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
         """The current epoch's batches from where it stands (``state_dict``'s position)."""
-        epoch, length = self.epoch, len(self)
-        for index, batch in self.batches_of(epoch, range(self._position, length)):
-            self._position = index + 1
+        epoch = self.epoch
+        for index, batch in self.batches_of(epoch, self.remaining_batches()):
+            self._position += 1
             yield batch
-        self._position = 0
+        self._position, self._position_workers = 0, 1
+
+    def worker_lanes(self, epoch: int, workers: int, position: int = 0, position_workers: int = 1) -> list[list[int]]:
+        """The batches each of ``workers`` reader processes reads of ``epoch`` (``loaders.ordering``):
+        whole block groups dealt round-robin, so no two processes decode the same blocks; from
+        ``position`` on (counted in the delivery order of ``position_workers`` processes), the
+        rest of that order dealt so that taking turns delivers it unchanged."""
+        groups = self._plan_for(epoch)[4][: len(self)]
+        if position > 0:
+            return resumed_lanes(worker_batches(groups, position_workers), position, workers)
+        return worker_batches(groups, workers)
+
+    def remaining_batches(self) -> list[int]:
+        """The batch indices of the current epoch still to come, in order (``state_dict``'s position)."""
+        return self.worker_lanes(self.epoch, 1, self._position, self._position_workers)[0]
 
     def batches_of(self, epoch: int, indices: Sequence[int]) -> Iterator[tuple[int, tuple[np.ndarray, ...]]]:
         """``(index, batch)`` for ``indices`` of ``epoch``, reading the following ones ahead."""
@@ -278,7 +307,7 @@ class DataLoader(keras.utils.PyDataset):
 
     def batch_elements(self, index: int, epoch: int | None = None) -> list[Any]:
         """The elements of batch ``index`` of ``epoch`` (default: the current one)."""
-        _, elements, order, _ = self._plan_for(self.epoch if epoch is None else epoch)
+        elements, order = self._plan_for(self.epoch if epoch is None else epoch)[1:3]
         start = index * self.batch_size
         return [elements[i] for i in order[start : min(start + self.batch_size, len(order))]]
 
@@ -294,7 +323,7 @@ class DataLoader(keras.utils.PyDataset):
         with self._serve_lock:
             self._keras_epoch = True
             self._served = 0
-            self._position = 0
+            self._position, self._position_workers = 0, 1
 
     def on_epoch_end(self) -> None:
         """The next epoch. When Keras calls it, only after a complete pass: Keras also ends an
@@ -315,7 +344,7 @@ class DataLoader(keras.utils.PyDataset):
         self._plan = self._make_plan(int(epoch))
         with self._serve_lock:
             self.epoch = int(epoch)
-            self._position = 0
+            self._position, self._position_workers = 0, 1
             self._served = 0
             self._last_index = -2
 
@@ -334,6 +363,7 @@ class DataLoader(keras.utils.PyDataset):
             shard.num_replicas,
             shard.rank,
             len(self),
+            int(self._position_workers),
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -344,17 +374,22 @@ class DataLoader(keras.utils.PyDataset):
         self.set_epoch(restored.epoch)
         restored.check_length(len(self))
         self._prefetcher.reset()
-        self._position = restored.position
+        self._position, self._position_workers = restored.position, restored.workers
 
     def stats(self) -> dict[str, Any]:
         """Figures since creation or :meth:`reset_stats` (``loaders.stats``): ``batches``,
         ``bytes_read`` (decoded), ``bytes_delivered``, ``read_amplification``, ``read_s``,
-        ``copy_s``, ``wait_s`` (a caller waiting for a batch not ready), ``seconds``."""
-        return self._stats.report(self._prefetcher.wait_s - self._wait_base)
+        ``copy_s``, ``wait_s`` (a caller waiting for a batch not ready), ``seconds``; with
+        reader processes (``as_torch_dataset`` workers) their figures are added in, and
+        ``workers`` lists each one's (``batches_per_s``, ``cpu_s``, ``wait_s``, ...)."""
+        report = self._stats.report(self._prefetcher.wait_s - self._wait_base)
+        return with_workers(report, [w for c in self._worker_counters for w in c.per_worker()])
 
     def reset_stats(self) -> None:
         self._stats.reset()
         self._wait_base = self._prefetcher.wait_s
+        for counters in self._worker_counters:
+            counters.reset()
 
     def as_tf_dataset(self) -> Any:
         """A prefetched ``tf.data.Dataset`` of this loader's batches (``loaders.tf_data``)."""
@@ -428,14 +463,21 @@ class DataLoader(keras.utils.PyDataset):
                 plain = merged(mask)
                 yi = self.model_target(plain if target_casts else plain.astype(np.float32), e)
                 yi_shape = yi.shape
+            if self.class_index:
+                yi_shape = yi_shape[:-1]
             if x is None or y is None:
                 x = self._batch_arrays.empty((len(pairs), *xi.shape), np.dtype(np.float32))
                 y = self._batch_arrays.empty((len(pairs), *yi_shape), self.y_dtype)
             elif xi.shape != x.shape[1:] or yi_shape != y.shape[1:]:
                 self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi_shape, y.shape[1:]])
             copy_into(x[i], xi)
-            if labels is not None:  # y straight from the labels: one table gather a voxel, exact
+            background = bool(self._cfg.INCLUDE_BACKGROUND)
+            if labels is not None and self.class_index:  # one small table lookup a voxel
+                np.take(index_table(labels.table, background), labels.labels, out=y[i], mode="clip")
+            elif labels is not None:  # y straight from the labels: one table gather a voxel, exact
                 apply_table(labels.labels, labels.table.astype(y.dtype), out=y[i])
+            elif self.class_index:
+                y[i] = class_indices(yi, background)
             else:
                 np.copyto(y[i], yi, casting="unsafe")
         if x is None or y is None:

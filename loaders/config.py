@@ -52,6 +52,9 @@ class Config:
     # enough), and about 2x this many blocks are in memory (loaders/blocks.py). 0: every example
     # is read on its own, in the per-example order (each slice decodes its whole chunk).
     SHUFFLE_BLOCKS: int = 16
+    # y as "one_hot" channels (MedSegPy's) or "class_index": a uint8 label map per example
+    # (0 background, category c is c + 1), for one-hot on the device (docs/user-guide.md).
+    Y_FORMAT: str = "one_hot"
 
     def __init__(self, **overrides: Any) -> None:
         # Mutable class defaults (CATEGORIES = []) are copied per instance: appending to one
@@ -96,6 +99,7 @@ class Config:
 
 
 Y_DTYPES = ("float32", "uint8")
+Y_FORMATS = ("one_hot", "class_index")
 
 
 def check_config(cfg: Config) -> None:
@@ -113,3 +117,5 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"SHUFFLE_BLOCKS must be a whole number >= 0, got {cfg.SHUFFLE_BLOCKS!r}")
     if str(cfg.Y_DTYPE) not in Y_DTYPES:
         raise ValueError(f"Y_DTYPE must be one of {', '.join(Y_DTYPES)}, got {cfg.Y_DTYPE!r}")
+    if str(cfg.Y_FORMAT) not in Y_FORMATS:
+        raise ValueError(f"Y_FORMAT must be one of {', '.join(Y_FORMATS)}, got {cfg.Y_FORMAT!r}")

@@ -138,3 +138,66 @@ def shard_block_order(
     if block_of is None:
         return shard_order(seed, epoch, scan_of, shuffle, shard)
     return block_epoch_order(seed, epoch, scan_of, block_of, shuffle, window)[shard.block(len(scan_of))]
+
+
+# -- division between worker processes ------------------------------------------------------------
+# A rank's epoch is a list of batches; with k reader processes (torch DataLoader workers) each
+# process reads its own batches and torch hands them out round-robin. Which process reads which
+# batch is a pure function of the epoch's batch *groups* and k, so every process computes its
+# share alone, the delivered order is known in advance (resume), and no two processes decode
+# the same blocks: a group is a run of batches cut from the same window of blocks.
+
+
+def batch_groups(block_of_ordered: Sequence[int], batch_size: int, window: int) -> list[int]:
+    """Group of each batch of an epoch whose examples come in interleaved blocks (the order of
+    :func:`block_epoch_order`; ``block_of_ordered[j]``: the block of the j-th example read).
+
+    Blocks are numbered by first appearance; the block window of batch b is that of its first
+    example (``number // window``). Batches of one window share blocks, so they stay together
+    in one process; a batch that straddles two windows decodes a few blocks twice at most."""
+    first_seen: dict[int, int] = {}
+    window_of = [first_seen.setdefault(int(b), len(first_seen)) // max(1, int(window)) for b in block_of_ordered]
+    return [window_of[start] for start in range(0, len(window_of), max(1, int(batch_size)))]
+
+
+def worker_batches(groups: Sequence[int], workers: int) -> list[list[int]]:
+    """The batches each of ``workers`` processes reads, in its order.
+
+    Whole groups are dealt round-robin in order of first appearance (group i to process
+    i % workers) as long as every process gets one more; the batches of the groups left over
+    (fewer than ``workers``) are dealt one at a time, so no process reads more than a group
+    beyond the others (those few groups' blocks are decoded by several processes)."""
+    workers = max(1, int(workers))
+    rank_of: dict[int, int] = {}
+    for group in groups:
+        rank_of.setdefault(group, len(rank_of))
+    whole = len(rank_of) - len(rank_of) % workers
+    lanes: list[list[int]] = [[] for _ in range(workers)]
+    rest = 0
+    for index, group in enumerate(groups):
+        rank = rank_of[group]
+        if rank < whole:
+            lanes[rank % workers].append(index)
+        else:
+            lanes[rest % workers].append(index)
+            rest += 1
+    return lanes
+
+
+def delivery_order(lanes: Sequence[Sequence[int]]) -> list[int]:
+    """The order torch's ``DataLoader`` hands out the lanes' batches: one from each process in
+    turn, skipping a process once it has run out (as torch does for an ``IterableDataset``)."""
+    out: list[int] = []
+    depth = max((len(lane) for lane in lanes), default=0)
+    for j in range(depth):
+        out.extend(lane[j] for lane in lanes if j < len(lane))
+    return out
+
+
+def resumed_lanes(lanes: Sequence[Sequence[int]], position: int, workers: int) -> list[list[int]]:
+    """The lanes of ``workers`` processes that deliver what remains of an epoch that ``lanes``
+    delivered up to ``position``: the rest of its order, dealt round-robin so that torch's
+    turn-taking from the first process on gives exactly that rest, whatever ``workers`` is."""
+    rest = delivery_order(lanes)[max(0, int(position)) :]
+    workers = max(1, int(workers))
+    return [rest[w::workers] for w in range(workers)]

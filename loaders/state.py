@@ -23,6 +23,9 @@ class LoaderState:
     num_replicas: int
     rank: int
     num_batches: int
+    # The number of reader processes whose delivery order ``position`` counts in (torch
+    # DataLoader workers: loaders.ordering.worker_batches); 1 for the loader's own order.
+    workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"scancache_loader_state": STATE_VERSION, **asdict(self)}
@@ -41,6 +44,7 @@ class LoaderState:
                 int(state["num_replicas"]),
                 int(state["rank"]),
                 int(state["num_batches"]),
+                int(state.get("workers", 1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"load_state_dict: the state lacks or garbles {exc}") from None
@@ -55,6 +59,8 @@ class LoaderState:
                 )
         if self.epoch < 0:
             raise ValueError(f"load_state_dict: epoch {self.epoch} is negative")
+        if self.workers < 1:
+            raise ValueError(f"load_state_dict: workers {self.workers} must be at least 1")
 
     def check_length(self, num_batches: int) -> None:
         """After moving to the state's epoch: same length, position within it."""

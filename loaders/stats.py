@@ -79,3 +79,96 @@ class LoaderStats:
             out["source_read_s"] = io_now["read_s"] - start["read_s"]
             out["regions"] = int(io_now["regions"] - start["regions"])
         return out
+
+
+# -- reader processes (torch DataLoader workers) ----------------------------------------------------
+WORKER_FIELDS = (
+    "batches",
+    "seconds",  # wall time the process spent inside its passes (reading and waiting to hand out)
+    "cpu_s",  # the process's CPU time over those passes (all its threads)
+    "read_s",
+    "copy_s",
+    "wait_s",
+    "bytes_read",
+    "bytes_delivered",
+    "source_read_s",
+    "regions",
+)
+MAX_WORKERS = 256  # slots in the shared table; workers beyond it go uncounted
+
+
+class WorkerCounters:
+    """Per-worker counters in shared memory, written by reader processes, read by the parent.
+
+    Created in the training process before its workers start (a ``RawArray`` reaches forked,
+    spawned and forkserver workers alike, pickled while they start). Each worker adds its own
+    deltas to its slot (one writer per slot), so slots add up over non-persistent workers that
+    are started again every epoch.
+    """
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self._table = multiprocessing.RawArray("d", MAX_WORKERS * len(WORKER_FIELDS))
+        self.num_workers = multiprocessing.RawValue("i", 0)
+
+    def add(self, worker: int, deltas: dict[str, float]) -> None:
+        if not 0 <= worker < MAX_WORKERS:
+            return
+        base = worker * len(WORKER_FIELDS)
+        for i, key in enumerate(WORKER_FIELDS):
+            self._table[base + i] += float(deltas.get(key) or 0.0)
+
+    def reset(self) -> None:
+        for i in range(len(self._table)):
+            self._table[i] = 0.0
+
+    def per_worker(self) -> list[dict[str, Any]]:
+        """One dict per worker slot that has read anything, with its rate (batches/s)."""
+        out = []
+        width = len(WORKER_FIELDS)
+        for w in range(MAX_WORKERS):
+            row = dict(zip(WORKER_FIELDS, self._table[w * width : (w + 1) * width], strict=True))
+            if not row["batches"] and not row["seconds"]:
+                continue
+            row["worker"] = w
+            row["batches_per_s"] = row["batches"] / row["seconds"] if row["seconds"] else None
+            row["batches"] = int(row["batches"])
+            out.append(row)
+        return out
+
+
+def snapshot(report: dict[str, Any], cpu_s: float, seconds: float) -> dict[str, float]:
+    """The cumulative figures of one worker's loader that :class:`WorkerCounters` adds up."""
+    return {
+        "batches": report["batches"],
+        "seconds": seconds,
+        "cpu_s": cpu_s,
+        "read_s": report["read_s"],
+        "copy_s": report["copy_s"],
+        "wait_s": report["wait_s"],
+        "bytes_read": report["bytes_read"] or 0,
+        "bytes_delivered": report["bytes_delivered"] or 0,
+        "source_read_s": report["source_read_s"] or 0,
+        "regions": report["regions"] or 0,
+    }
+
+
+def with_workers(report: dict[str, Any], workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training process's report with its reader processes' figures added in: totals over
+    every process, and ``workers``, one entry each (``batches_per_s``, ``cpu_s``, ...)."""
+    if not workers:
+        return report
+    out = dict(report)
+    for key in ("batches", "read_s", "copy_s"):
+        out[key] = (out[key] or 0) + sum(w[key] for w in workers)
+    out["worker_wait_s"] = sum(w["wait_s"] for w in workers)
+    for key, field in (("bytes_read", "bytes_read"), ("bytes_delivered", "bytes_delivered"),
+                       ("source_read_s", "source_read_s"), ("regions", "regions")):  # fmt: skip
+        out[key] = (out[key] or 0) + sum(w[field] for w in workers)
+    out["regions"] = int(out["regions"])
+    delivered = out["bytes_delivered"]
+    out["read_amplification"] = out["bytes_read"] / delivered if delivered else None
+    out["workers"] = workers
+    out["worker_cpu_s"] = sum(w["cpu_s"] for w in workers)
+    return out

@@ -42,8 +42,8 @@ def tf_dataset(loader: DataLoader) -> Any:
 
     def batches() -> Iterator[tuple[np.ndarray, ...]]:
         epoch = loader.epoch
-        for index, batch in loader.batches_of(epoch, range(loader._position, len(loader))):
-            loader._position = index + 1
+        for _, batch in loader.batches_of(epoch, loader.remaining_batches()):
+            loader._position += 1
             yield batch
         loader.set_epoch(epoch + 1)
 

@@ -1,31 +1,46 @@
 """``loader.as_torch_dataset(channels_first=False)``: a torch ``IterableDataset`` of ``(x, y)``.
 
-For ``DataLoader(ds, batch_size=None, num_workers=k)``: worker w of k reads batches
-``w, w + k, ...`` of the loader's epoch (its order, sharding and state) through the loader's
-read-ahead layer; torch hands them out round-robin, so the batches come once each, in order,
-whatever k. A worker rebuilds the loader in its own process from plain data (the config,
-dataset dicts, settings and ``state_dict``) instead of inheriting open tensorstore contexts or
-httpx connections, which do not survive ``fork``; tensorstore refuses to run in a forked child
-at all, so for a local store ``as_torch_dataset`` sets multiprocessing's start method to
-``forkserver`` (Python 3.14's default) when it is ``fork`` or unset, with a warning if it was
-``fork``; spawn and forkserver are kept. Call ``ds.set_epoch(e)`` before each epoch, as with
-torch's ``DistributedSampler``.
+For ``DataLoader(ds, batch_size=None, num_workers=k)``, persistent workers or not. Which worker
+reads which batch is a pure function of the epoch's block groups and k
+(``loaders.ordering.worker_batches``): whole groups of batches that share decoded blocks go to
+one worker, so k workers decode no more than one process would, and torch's turn-taking hands
+the batches out in an order known in advance (``state_dict`` counts in it, and a resumed epoch
+continues it exactly, whatever k is then).
+
+* **Epochs reach persistent workers.** ``set_epoch``, ``load_state_dict`` and the seed go
+  through a small shared-memory table that each worker reads when torch starts its next pass,
+  so workers are started once, not per epoch.
+* **Any start method.** A worker rebuilds the loader in its own process from plain data (the
+  config, dataset dicts and settings) instead of using the parent's open sources. With
+  ``fork`` (Linux's default before Python 3.14) a script without an ``if __name__ ==
+  "__main__":`` guard and a notebook work; ``spawn`` and ``forkserver`` work where the user
+  picks them (with the guard, as always for those). tensorstore aborts a forked child if the
+  parent had already read through it: such a worker stops with one line saying what to do.
+* **Its share of the cores.** A worker reads with ``cores // k`` decode threads, not all of them.
+* **No copies on the way to torch.** In a worker, batches are written straight into torch
+  shared memory; the tensors torch sends to the training process are those, not copies.
+* **Counted.** Each worker adds its figures to a shared table; ``loader.stats()`` and
+  ``ds.stats()`` in the training process include them (``workers``: one entry per worker).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-import warnings
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from loaders.catalog import forget_shared_sources, is_url
+from loaders.stats import WorkerCounters, snapshot, with_workers
 
 if TYPE_CHECKING:
     from loaders.base import DataLoader
+
+# The shared control table: what the next pass of every worker reads.
+_EPOCH, _SEED, _START, _ORDER_WORKERS, _DELIVERED = range(5)
 
 
 def _torch_base() -> type:
@@ -36,24 +51,38 @@ def _torch_base() -> type:
     return torch.utils.data.IterableDataset
 
 
-def _avoid_fork(dicts: list[dict[str, Any]]) -> None:
-    """tensorstore aborts a forked child that uses it: for a local store, torch's default
-    workers must start by forkserver (Python 3.14's default on Linux), which starts them clean."""
-    if all(is_url(str(d["source"])) for d in dicts):
-        return  # httpx connections are reopened in the worker; fork is fine
-    method = multiprocessing.get_start_method(allow_none=True)
-    if method in (None, "fork"):
-        if method == "fork":
-            warnings.warn(
-                "as_torch_dataset: multiprocessing's start method switched from 'fork' to 'forkserver' "
-                "(tensorstore cannot read in a forked worker)",
-                stacklevel=3,
-            )
-        multiprocessing.set_start_method("forkserver", force=True)
-    if multiprocessing.get_start_method() == "forkserver":
-        # The server imports the loaders (and Keras' backend) once; workers fork from it, clean
-        # of tensorstore's threads, instead of importing them again each epoch.
-        multiprocessing.set_forkserver_preload(["loaders.torch_data"])
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class SharedBatchArrays:
+    """``empty(shape, dtype)`` in torch shared memory: a worker's batch is sent to the training
+    process as it was written (torch passes shared storage by handle instead of copying it)."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[int, Any] = {}
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        import torch
+
+        shape = tuple(int(n) for n in shape)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        # a fresh shared segment (share_memory_() on an empty tensor would copy it over)
+        storage = torch.UntypedStorage._new_shared(max(1, nbytes))
+        tensor = torch.from_numpy(np.empty(0, dtype)).set_(storage, 0, shape)
+        array = tensor.numpy()
+        self._tensors[array.__array_interface__["data"][0]] = tensor
+        return array
+
+    def tensor_of(self, array: np.ndarray) -> Any:
+        """The shared tensor behind ``array`` (handed out once), or None for another array."""
+        tensor = self._tensors.pop(array.__array_interface__["data"][0], None)
+        if tensor is not None and tuple(tensor.shape) == array.shape and array.flags.c_contiguous:
+            return tensor
+        return None
 
 
 class TorchBatches(_torch_base()):  # type: ignore[misc]
@@ -68,65 +97,137 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
                     f"as_torch_dataset: scan {d['scan_id']!r} has a source object, not a path or URL; "
                     "torch workers reopen sources by path or URL"
                 )
-        _avoid_fork(dicts)
         self.channels_first = bool(channels_first)
         self._recipe = (type(loader), loader.cfg.copy(), dicts, settings)
         self._loader: DataLoader | None = loader
-        self._state: dict[str, Any] | None = None
         self._owner_pid = os.getpid()
+        self._control = multiprocessing.RawArray("q", 5)
+        self._counters = WorkerCounters()
+        loader._worker_counters.append(self._counters)
+        self._publish(loader)
+
+    # -- the training process --------------------------------------------------------------------
+    def _publish(self, loader: DataLoader) -> None:
+        """What the next pass reads: the parent loader's seed, epoch and position."""
+        c = self._control
+        c[_EPOCH], c[_SEED], c[_START] = loader.epoch, loader.seed, loader._position
+        c[_ORDER_WORKERS], c[_DELIVERED] = loader._position_workers, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch the next pass reads (from its first batch), as ``DistributedSampler.set_epoch``."""
-        self._current().set_epoch(epoch)
+        """The epoch the next pass reads (from its first batch), as ``DistributedSampler.set_epoch``;
+        persistent workers see it at their next pass."""
+        loader = self._current()
+        loader.set_epoch(epoch)
+        self._publish(loader)
+
+    def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
+        """Where the epoch stands. With workers, pass the batches your loop has taken from the
+        ``DataLoader`` in this pass (the training process cannot see them); in the main process
+        the dataset counts them itself."""
+        c = self._control
+        state = self._current().state_dict()
+        done = int(c[_DELIVERED]) if batches_done is None else int(batches_done)
+        state["epoch"], state["seed"] = int(c[_EPOCH]), int(c[_SEED])
+        state["position"] = int(c[_START]) + done
+        state["workers"] = max(1, int(c[_ORDER_WORKERS]))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (``state_dict``): the next pass gives exactly the batches
+        still to come, whatever the number of workers now."""
+        loader = self._current()
+        loader.load_state_dict(state)
+        self._publish(loader)
+
+    def stats(self) -> dict[str, Any]:
+        """The loader's ``stats()``, its workers' figures included."""
+        return self._current().stats()
 
     def __len__(self) -> int:
         return len(self._current())
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_state"] = self._current().state_dict()
         state["_loader"] = None  # workers rebuild it; open sources are not sent
         return state
 
-    def _current(self) -> DataLoader:
+    # -- any process -----------------------------------------------------------------------------
+    def _current(self, workers: int = 1) -> DataLoader:
         if self._loader is not None and os.getpid() == self._owner_pid:
             return self._loader
-        if self._loader is not None:  # inherited through fork: its sources belong to the parent
-            if not all(is_url(str(d["source"])) for d in self._recipe[2]):
-                raise RuntimeError(
-                    "as_torch_dataset: tensorstore cannot read a local store in a forked worker; "
-                    "use DataLoader(..., multiprocessing_context='forkserver') or 'spawn'"
-                )
-            self._state = self._loader.state_dict()
-            forget_shared_sources()
+        _refuse_inherited_tensorstore(self._recipe[2])
+        forget_shared_sources()  # anything inherited through fork belongs to the parent
+        from client import local
+
+        local.set_read_threads(max(1, usable_cores() // max(1, workers)))
         cls, cfg, dicts, settings = self._recipe
         loader = cls(cfg, dicts, **settings)
-        if self._state is not None:
-            loader.load_state_dict(self._state)
+        loader._batch_arrays = SharedBatchArrays()  # type: ignore[assignment]
         self._loader, self._owner_pid = loader, os.getpid()
         return loader
 
-    def _tensors(self, batch: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
+    def _tensors(self, loader: DataLoader, batch: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
         import torch
 
+        shared = loader._batch_arrays if isinstance(loader._batch_arrays, SharedBatchArrays) else None
         out = []
         for a in batch:
-            if self.channels_first and a.ndim >= 3:
-                a = np.moveaxis(a, -1, 1)
-            out.append(torch.from_numpy(np.ascontiguousarray(a)))
+            tensor = shared.tensor_of(a) if shared is not None else None
+            if tensor is None:
+                tensor = torch.from_numpy(a if a.flags.writeable else a.copy())
+            if self.channels_first and tensor.ndim >= 3:
+                tensor = tensor.movedim(-1, 1)  # a view: channels-last memory, channels-first shape
+            out.append(tensor)
         return tuple(out)
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         import torch.utils.data
 
-        loader = self._current()
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        start = loader._position
-        indices = range(start + worker, len(loader), workers)
-        for index, batch in loader.batches_of(loader.epoch, indices):
-            if info is None:
-                loader._position = index + 1
-            yield self._tensors(batch)
+        loader = self._current(workers)
+        c = self._control
+        epoch, seed, start, order_workers = int(c[_EPOCH]), int(c[_SEED]), int(c[_START]), int(c[_ORDER_WORKERS])
+        if loader.seed != seed or loader.epoch != epoch:
+            loader.seed = seed
+            loader.set_epoch(epoch)
+        if start == 0:
+            c[_ORDER_WORKERS] = order_workers = workers
+        lane = loader.worker_lanes(epoch, workers, start, max(1, order_workers))[worker]
         if info is None:
-            loader._position = 0
+            c[_DELIVERED] = 0
+        started, cpu0 = time.perf_counter(), time.process_time()
+        last = snapshot(loader.stats(), 0.0, 0.0)
+        for _, batch in loader.batches_of(epoch, lane):
+            tensors = self._tensors(loader, batch)
+            if info is None:
+                c[_DELIVERED] += 1
+            else:
+                now = snapshot(loader.stats(), time.process_time() - cpu0, time.perf_counter() - started)
+                self._counters.add(worker, {k: now[k] - last.get(k, 0.0) for k in now})
+                last = now
+            yield tensors
+        if info is None:  # a whole pass in this process: the next one starts the epoch again
+            c[_START], c[_DELIVERED], c[_ORDER_WORKERS] = 0, 0, 1
+            loader._position, loader._position_workers = 0, 1
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return self._counters.per_worker()
+
+
+def _refuse_inherited_tensorstore(dicts: list[dict[str, Any]]) -> None:
+    """One line, instead of tensorstore's abort, in a forked worker whose parent had read a local
+    store before starting it."""
+    from client import local
+
+    if all(is_url(str(d["source"])) for d in dicts) or not local.tensorstore_used_before_fork():
+        return
+    raise RuntimeError(
+        "as_torch_dataset: this training process read the local store with tensorstore before the "
+        "DataLoader forked its workers, which tensorstore forbids; start the workers first "
+        "(persistent_workers=True keeps them), or pass multiprocessing_context='forkserver' "
+        "with an `if __name__ == '__main__':` guard"
+    )
+
+
+__all__ = ["TorchBatches", "usable_cores", "with_workers"]
