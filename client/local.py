@@ -84,12 +84,12 @@ def set_read_threads(threads: int | None) -> None:
 
 def tensorstore_used_before_fork() -> bool:
     """Did the process this one was forked from read through tensorstore before the fork?"""
-    return _TENSORSTORE_PID is not None and _TENSORSTORE_PID != os.getpid()
+    return _TENSORSTORE_PID is not None and os.getpid() != _TENSORSTORE_PID
 
 
 def _mark_tensorstore_used() -> None:
     global _TENSORSTORE_PID
-    if _TENSORSTORE_PID != os.getpid():
+    if os.getpid() != _TENSORSTORE_PID:
         _TENSORSTORE_PID = os.getpid()
 
 

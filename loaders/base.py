@@ -37,8 +37,8 @@ from client.label_map import Decoded, LabelRegion, apply_table, merged
 from client.protocol import RegionRequest, ScanSource
 from loaders import inference
 from loaders.batch_memory import BatchArrays, copy_into
-from loaders.class_index import class_indices, index_table
 from loaders.blocks import BlockBuffer, block_ids, block_key
+from loaders.class_index import class_indices, index_table
 from loaders.config import Config, check_config
 from loaders.geometry import AxisRead, check_pad_mode, take_window
 from loaders.ordering import Shard, batch_groups, resumed_lanes, shard_block_order, worker_batches
@@ -278,12 +278,14 @@ class DataLoader(keras.utils.PyDataset):
     def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
         """The current epoch's batches from where it stands (``state_dict``'s position)."""
         epoch = self.epoch
-        for index, batch in self.batches_of(epoch, self.remaining_batches()):
+        for _, batch in self.batches_of(epoch, self.remaining_batches()):
             self._position += 1
             yield batch
         self._position, self._position_workers = 0, 1
 
-    def worker_lanes(self, epoch: int, workers: int, position: int = 0, position_workers: int = 1) -> list[list[int]]:
+    def worker_lanes(
+        self, epoch: int, workers: int, position: int = 0, position_workers: int = 1
+    ) -> list[list[int]]:
         """The batches each of ``workers`` reader processes reads of ``epoch`` (``loaders.ordering``):
         whole block groups dealt round-robin, so no two processes decode the same blocks; from
         ``position`` on (counted in the delivery order of ``position_workers`` processes), the

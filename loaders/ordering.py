@@ -156,7 +156,9 @@ def batch_groups(block_of_ordered: Sequence[int], batch_size: int, window: int) 
     example (``number // window``). Batches of one window share blocks, so they stay together
     in one process; a batch that straddles two windows decodes a few blocks twice at most."""
     first_seen: dict[int, int] = {}
-    window_of = [first_seen.setdefault(int(b), len(first_seen)) // max(1, int(window)) for b in block_of_ordered]
+    window_of = [
+        first_seen.setdefault(int(b), len(first_seen)) // max(1, int(window)) for b in block_of_ordered
+    ]
     return [window_of[start] for start in range(0, len(window_of), max(1, int(batch_size)))]
 
 

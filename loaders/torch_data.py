@@ -58,6 +58,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """C-order strides in elements."""
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= max(1, n)
+    return tuple(reversed(out))
+
+
 class SharedBatchArrays:
     """``empty(shape, dtype)`` in torch shared memory: a worker's batch is sent to the training
     process as it was written (torch passes shared storage by handle instead of copying it)."""
@@ -72,7 +81,7 @@ class SharedBatchArrays:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         # a fresh shared segment (share_memory_() on an empty tensor would copy it over)
         storage = torch.UntypedStorage._new_shared(max(1, nbytes))
-        tensor = torch.from_numpy(np.empty(0, dtype)).set_(storage, 0, shape)
+        tensor = torch.from_numpy(np.empty(0, dtype)).set_(storage, 0, shape, _strides(shape))  # type: ignore[call-overload]
         array = tensor.numpy()
         self._tensors[array.__array_interface__["data"][0]] = tensor
         return array
@@ -187,7 +196,12 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         loader = self._current(workers)
         c = self._control
-        epoch, seed, start, order_workers = int(c[_EPOCH]), int(c[_SEED]), int(c[_START]), int(c[_ORDER_WORKERS])
+        epoch, seed, start, order_workers = (
+            int(c[_EPOCH]),
+            int(c[_SEED]),
+            int(c[_START]),
+            int(c[_ORDER_WORKERS]),
+        )
         if loader.seed != seed or loader.epoch != epoch:
             loader.seed = seed
             loader.set_epoch(epoch)
