@@ -1,0 +1,413 @@
+"""The training-feed benchmark: does the GPU wait for data? ``python -m benchmarks.trainfeed``.
+
+OAI-size phantoms (default 16 scans of 384x384x160 float32, 6 classes) as MedSegPy slice files
+and as a scancache store. A torch ``DataLoader`` with k worker processes reads them three ways:
+
+* **MedSegPy-style**: a map ``Dataset`` opening one ``.im`` and one ``.seg`` per item
+  (``shuffle=True``, persistent workers), the baseline;
+* **scancache local**: ``build_loader(...).as_torch_dataset(channels_first=True)``, persistent
+  workers, ``set_epoch`` each epoch;
+* **scancache HTTP**: the same over ``scancache serve`` on loopback (on the same machine).
+
+Measured: the loader alone (2D slices/s for k = 0, 1, 2, 4, ... up to the cores; 64^3 patches/s
+for a few k), then training a reference 2D U-Net (5 levels, 32 filters; CUDA with bf16 when
+present, else the CPU) with the share of time the device waits for its next batch. Each
+configuration writes one JSON line as soon as it is measured (``--out``), so a run cut short
+keeps what it measured. ``--quick`` is a small smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import numpy as np
+
+CATEGORIES = (0, (1, 2), 3, (4, 5))
+NUM_CLASSES = 6
+
+
+@dataclass(frozen=True)
+class Data:
+    source: Path
+    store: Path
+    shape: tuple[int, int, int]
+    scan_ids: list[str]
+
+
+def _write_scan(args: tuple[Path, int, tuple[int, int, int]]) -> str:
+    from service.sample_data import _write_slices, phantom
+
+    folder, subject, shape = args
+    image, mask = phantom(shape, NUM_CLASSES, np.random.default_rng(subject))
+    scan_id = f"{subject:07d}_V00-Aug00"
+    _write_slices(folder, scan_id, image, mask)
+    return scan_id
+
+
+def prepare(work: Path, scans: int, shape: tuple[int, int, int], cores: int) -> Data:
+    """Slice files written in parallel (one process per scan), then ``scancache preprocess``."""
+    from service.preprocess import run_preprocess
+
+    tag = f"{scans}x{'x'.join(map(str, shape))}"
+    source, store = work / f"source-{tag}", work / f"store-{tag}"
+    ids = [f"{s:07d}_V00-Aug00" for s in range(1, scans + 1)]
+    if not (source / ".complete").exists():
+        source.mkdir(parents=True, exist_ok=True)
+        with concurrent.futures.ProcessPoolExecutor(max(1, min(cores, scans))) as pool:
+            list(pool.map(_write_scan, [(source, s, shape) for s in range(1, scans + 1)]))
+        (source / ".complete").touch()
+    if not (store / ".complete").exists():
+        summary = run_preprocess(source, store, workers=max(1, min(cores, scans)), progress=False)
+        if summary.failed:
+            raise RuntimeError(f"preprocessing failed: {summary.failures()[:3]}")
+        (store / ".complete").touch()
+    return Data(source, store, shape, ids)
+
+
+# -- the baseline: MedSegPy-style map datasets ------------------------------------------------------
+def _merge(seg: np.ndarray) -> np.ndarray:
+    from client.categories import merge_mask, normalize_categories
+
+    return merge_mask(seg, normalize_categories(list(CATEGORIES), NUM_CLASSES), False)
+
+
+class MedSegPySlices:
+    """One example per slice: open the ``.im`` and the ``.seg``, read, collect the mask."""
+
+    def __init__(self, data: Data) -> None:
+        self.paths = sorted(data.source.glob("*.im"))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        import h5py
+        import torch
+
+        with h5py.File(self.paths[i], "r") as f:
+            image = f["data"][()]
+        with h5py.File(self.paths[i].with_suffix(".seg"), "r") as f:
+            seg = f["data"][()][:, :, 0, :]
+        y = _merge(seg).astype(np.float32)
+        return torch.from_numpy(np.moveaxis(image, -1, 0).copy()), torch.from_numpy(
+            np.moveaxis(y, -1, 0).copy()
+        )
+
+
+class MedSegPyPatches:
+    """A random 64^3 patch per item, gathered from the slice files (one open per slice and file)."""
+
+    def __init__(self, data: Data, size: int = 64, count: int = 512) -> None:
+        self.data, self.size, self.count = data, size, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        import h5py
+        import torch
+
+        rng = np.random.default_rng(i)
+        scan = self.data.scan_ids[int(rng.integers(len(self.data.scan_ids)))]
+        h, w, d = self.data.shape
+        s = min(self.size, h, w, d)
+        y0, x0, z0 = (int(rng.integers(0, n - s + 1)) for n in (h, w, d))
+        images, masks = [], []
+        for z in range(z0, z0 + s):
+            stem = self.data.source / f"{scan}_{z + 1:03d}"
+            with h5py.File(stem.with_suffix(".im"), "r") as f:
+                images.append(f["data"][y0 : y0 + s, x0 : x0 + s, 0])
+            with h5py.File(stem.with_suffix(".seg"), "r") as f:
+                masks.append(f["data"][y0 : y0 + s, x0 : x0 + s, 0, :])
+        y = _merge(np.stack(masks, axis=2)).astype(np.float32)
+        return torch.from_numpy(np.stack(images, axis=2)[None]), torch.from_numpy(
+            np.moveaxis(y, -1, 0).copy()
+        )
+
+
+# -- scancache ---------------------------------------------------------------------------------------
+def scancache_dataset(source: str, tag: str, img_size: tuple[int, ...], batch: int, y_format: str) -> Any:
+    from loaders import Config, DatasetCatalog, build_loader
+
+    name = f"feed-{abs(hash((source, tag, img_size, batch, y_format)))}"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, source)
+    cfg = Config(TAG=tag, CATEGORIES=CATEGORIES, IMG_SIZE=img_size, SEED=0, Y_FORMAT=y_format)
+    if tag == "RandomPatchDataLoader":
+        cfg.PATCHES_PER_SCAN = 16
+    loader = build_loader(cfg, name, batch_size=batch, is_test=False, shuffle=True, drop_last=True)
+    return loader.as_torch_dataset(channels_first=True)
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+def _cpu_s() -> float:
+    """CPU seconds of this process and its live children (workers, servers started by us)."""
+    try:
+        import psutil
+    except ImportError:
+        return time.process_time()
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            continue
+    return total
+
+
+def _batches(loader: Any, dataset: Any) -> Iterable[Any]:
+    """Endless batches, a new epoch (``set_epoch``) whenever one ends."""
+    epoch = 0
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def torch_loader(dataset: Any, workers: int, batch: int | None, cuda: bool) -> Any:
+    import torch
+
+    kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": cuda}
+    if workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=4)
+    if batch is None:  # scancache: the dataset yields whole batches
+        return torch.utils.data.DataLoader(dataset, batch_size=None, **kwargs)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, **kwargs)
+
+
+def loader_rate(make: Callable[[], tuple[Any, Any]], workers: int, seconds: float) -> dict[str, Any]:
+    """Examples/s of a DataLoader over ``seconds`` after its workers have started (warm-up:
+    ``max(2, workers)`` batches), with the CPU it cost per example."""
+    loader, dataset = make()
+    it = iter(_batches(loader, dataset))
+    t_start = time.perf_counter()
+    for _ in range(max(2, workers)):
+        next(it)
+    first = time.perf_counter() - t_start
+    if hasattr(dataset, "stats"):
+        dataset._current().reset_stats()
+    cpu0, t0, examples = _cpu_s(), time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        x, _ = next(it)
+        examples += int(x.shape[0])
+    elapsed = time.perf_counter() - t0
+    cpu = _cpu_s() - cpu0
+    out: dict[str, Any] = {"rate": examples / elapsed, "examples": examples, "seconds": elapsed,
+                           "cpu_ms_per_example": 1000 * cpu / max(1, examples), "warmup_s": first}  # fmt: skip
+    if hasattr(dataset, "stats"):
+        stats = dataset.stats()
+        out["read_amplification"] = stats.get("read_amplification")
+        out["worker_rates"] = [round(w["batches_per_s"] or 0, 2) for w in stats.get("workers", [])]
+    del it, loader
+    gc.collect()
+    return out
+
+
+# -- training ----------------------------------------------------------------------------------------
+def unet(in_channels: int, classes: int, levels: int = 5, filters: int = 32) -> Any:
+    import torch
+    from torch import nn
+
+    def block(cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        )  # fmt: skip
+
+    class UNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            widths = [filters * 2**i for i in range(levels)]
+            self.down = nn.ModuleList()
+            cin = in_channels
+            for w in widths:
+                self.down.append(block(cin, w))
+                cin = w
+            self.up = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in widths[:-1])
+            self.merge = nn.ModuleList(block(w * 2, w) for w in widths[:-1])
+            self.head = nn.Conv2d(widths[0], classes, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            skips = []
+            for i, layer in enumerate(self.down):
+                x = layer(x)
+                if i < len(self.down) - 1:
+                    skips.append(x)
+                    x = nn.functional.max_pool2d(x, 2)
+            for up, merge in zip(reversed(self.up), reversed(self.merge), strict=True):
+                x = up(x)
+                x = merge(torch.cat([x, skips.pop()], 1))
+            return self.head(x)
+
+    return UNet()
+
+
+def train_wait(
+    make: Callable[[], tuple[Any, Any]], workers: int, seconds: float, device: str
+) -> dict[str, Any]:
+    """Train the reference U-Net for ``seconds``: slices/s and the share of time the device
+    waited for a batch (time blocked on the loader over the whole loop; every step is
+    synchronised, so the time outside the loader is the device's)."""
+    import torch
+
+    loader, dataset = make()
+    cuda = device == "cuda"
+    model = unet(1, len(CATEGORIES)).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if y.dtype == torch.uint8 and y.ndim == 3:  # class indices: one-hot on the device
+            y = torch.nn.functional.one_hot(y.long(), len(CATEGORIES) + 1)[..., 1:].permute(0, 3, 1, 2)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_fn(model(x), y.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    it = iter(_batches(loader, dataset))
+    for _ in range(max(3, workers)):  # workers started, cuDNN tuned
+        step(*next(it))
+    waited, examples, t0 = 0.0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        w0 = time.perf_counter()
+        x, y = next(it)
+        waited += time.perf_counter() - w0
+        step(x, y)
+        examples += int(x.shape[0])
+    elapsed = time.perf_counter() - t0
+    del it, loader
+    gc.collect()
+    return {
+        "rate": examples / elapsed,
+        "wait_share": waited / elapsed,
+        "examples": examples,
+        "seconds": elapsed,
+    }
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ks = sorted({0, 1, 2, *(2**i for i in range(2, 8) if 2**i <= cores), cores})
+    p = argparse.ArgumentParser(prog="python -m benchmarks.trainfeed", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="4 small scans, short windows (a smoke run)")
+    p.add_argument("--scans", type=int, default=16)
+    p.add_argument("--shape", default="384,384,160")
+    p.add_argument("--workers", default=",".join(map(str, ks)), help="k for the loader-alone 2D rows")
+    p.add_argument(
+        "--patch-workers", default=",".join(map(str, sorted({0, min(4, cores), cores - cores // 4})))
+    )
+    p.add_argument("--train-workers", default=",".join(map(str, sorted({min(4, cores), cores - cores // 4}))))
+    p.add_argument("--seconds", type=float, default=5.0, help="measuring window per configuration")
+    p.add_argument("--train-seconds", type=float, default=10.0)
+    p.add_argument("--feeds", default="medsegpy,local,local-index,http", help="which readers")
+    p.add_argument("--sections", default="2d,train,patches")
+    p.add_argument("--server-workers", type=int, default=max(1, cores // 2))
+    p.add_argument("--work", default="bench-output/trainfeed")
+    p.add_argument("--out", default=None, help="JSON lines (default: WORK/results.jsonl)")
+    args = p.parse_args(argv)
+    args.cores = cores
+    if args.quick:
+        args.scans, args.shape, args.seconds, args.train_seconds = 4, "96,96,32", 1.5, 2.0
+        args.workers, args.patch_workers, args.train_workers = "0,2", "0,2", "2"
+    return args
+
+
+def _ks(text: str) -> list[int]:
+    return [int(k) for k in text.split(",") if k.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from benchmarks.servers import scancache_server
+
+    args = parse_args(argv)
+    shape = tuple(int(n) for n in args.shape.split(","))
+    work = Path(args.work)
+    out_path = Path(args.out) if args.out else work / "results.jsonl"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    feeds, sections = args.feeds.split(","), args.sections.split(",")
+
+    def emit(record: dict[str, Any]) -> None:
+        print(json.dumps(record), flush=True)
+        with out_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    t0 = time.perf_counter()
+    data = prepare(work, args.scans, shape, args.cores)  # type: ignore[arg-type]
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none"
+    emit({"kind": "machine", "cores": args.cores, "device": device, "gpu": gpu, "scans": args.scans,
+          "shape": list(shape), "prepare_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    h, w, _ = shape
+    patch = min(64, *shape)
+    with scancache_server(data.store, workers=args.server_workers, cache_bytes="1G") as url:
+        sources = {"local": str(data.store), "local-index": str(data.store), "http": url}
+
+        def maker(feed: str, kind: str, k: int) -> Callable[[], tuple[Any, Any]]:
+            cuda = device == "cuda"
+            if feed == "medsegpy":
+                ds = MedSegPySlices(data) if kind == "2d" else MedSegPyPatches(data, patch)
+                batch = 16 if kind == "2d" else 2
+                return lambda: (torch_loader(ds, k, batch, cuda), ds)
+            y_format = "class_index" if feed == "local-index" else "one_hot"
+            if kind == "2d":
+                make = lambda: scancache_dataset(sources[feed], "DefaultDataLoader", (h, w, 1), 16, y_format)  # noqa: E731
+            else:
+                make = lambda: scancache_dataset(  # noqa: E731
+                    sources[feed], "RandomPatchDataLoader", (patch, patch, patch, 1), 2, y_format
+                )
+
+            def build() -> tuple[Any, Any]:
+                ds = make()
+                return torch_loader(ds, k, None, cuda), ds
+
+            return build
+
+        plan: list[tuple[str, str, int]] = []
+        if "2d" in sections:
+            plan += [("2d", f, k) for k in _ks(args.workers) for f in feeds]
+        if "train" in sections:
+            plan += [("train", f, k) for k in _ks(args.train_workers) for f in feeds]
+        if "patches" in sections:
+            plan += [("patches", f, k) for k in _ks(args.patch_workers) for f in feeds if f != "local-index"]
+        # Workers are forked, and tensorstore forbids a fork once the parent has read through it:
+        # every configuration with workers runs before those reading in this process (k = 0).
+        plan.sort(key=lambda item: item[2] == 0)
+        for section, feed, k in plan:
+            kind = "patches" if section == "patches" else "2d"
+            try:
+                if section == "train":
+                    result = train_wait(maker(feed, kind, k), k, args.train_seconds, device)
+                else:
+                    result = loader_rate(maker(feed, kind, k), k, args.seconds)
+            except Exception as exc:  # one broken configuration must not hide the others
+                result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            emit({"kind": section, "feed": feed, "workers": k, **result})
+            gc.collect()  # the last DataLoader's iterator must not be inherited by the next workers
+    emit({"kind": "done", "total_s": round(time.perf_counter() - t0, 1)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
