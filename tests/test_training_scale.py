@@ -278,9 +278,18 @@ def test_torch_dataloader_gives_every_batch_once_whatever_the_workers(scale_stor
     # each worker count on a fresh epoch (workers=3 > 2 cores: torch warns, still exact)
     for workers, epoch in ((0, 0), (2, 1), (3, 2)) if where == "local" else ((2, 1),):
         ds.set_epoch(epoch)
-        got = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+        # pytest read the store in this process: workers start by forkserver (a fork would refuse)
+        context = "forkserver" if workers else None
+        got = list(
+            torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=workers, multiprocessing_context=context
+            )
+        )
+        order = loader.worker_lanes(epoch, max(1, workers))
         assert len(got) == len(loader), workers
-        for b, (x, y) in enumerate(got):
+        from loaders.ordering import delivery_order
+
+        for b, (x, y) in zip(delivery_order(order), got, strict=True):
             assert isinstance(x, torch.Tensor)
             assert_batch_exact(loader, (x.numpy(), y.numpy()), loader.batch_elements(b, epoch), arrays)
     x, y = next(iter(loader.as_torch_dataset(channels_first=True)))

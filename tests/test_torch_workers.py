@@ -1,0 +1,166 @@
+"""torch DataLoader workers: persistent, exact, divided by blocks, resumable, counted, and
+started by fork from a plain script (tests/test_training_scale.py has the data and references)."""
+
+# ruff: noqa: F811  (the fixtures come from test_training_scale)
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_training_scale import assert_batch_exact, config, names, reference_mask, scale_store  # noqa: F401
+
+from loaders import Config, build_loader
+from loaders.blocks import block_key
+from loaders.ordering import delivery_order, resumed_lanes, worker_batches
+
+torch = pytest.importorskip("torch")
+# pytest has read the local store in this process already, so in-process workers start clean
+CLEAN = "forkserver"
+
+
+# -- the division is a pure function ------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 6), min_size=0, max_size=40).map(sorted),
+    st.integers(1, 5),
+    st.integers(1, 5),
+    st.data(),
+)
+def test_lanes_cover_every_batch_once_keep_groups_whole_and_resume_the_same_order(groups, k1, k2, data):
+    lanes = worker_batches(groups, k1)
+    assert sorted(b for lane in lanes for b in lane) == list(range(len(groups)))
+    distinct = sorted(set(groups))
+    whole = distinct[: len(distinct) - len(distinct) % k1]
+    for g in whole:  # a group dealt whole lies in one lane
+        assert sum(any(groups[b] == g for b in lane) for lane in lanes) == 1
+    order = delivery_order(lanes)
+    position = data.draw(st.integers(0, len(groups)))
+    assert delivery_order(resumed_lanes(lanes, position, k2)) == order[position:]
+
+
+def test_each_worker_decodes_its_own_blocks(names):
+    loader = build_loader(config("2d", SHUFFLE_BLOCKS=2), names["local"], 4, False, True, True)
+    lanes = loader.worker_lanes(0, 2)
+    blocks = [{block_key(e, loader.scans) for b in lane for e in loader.batch_elements(b)} for lane in lanes]
+    assert all(lanes)
+    # only batches that straddle two windows of blocks share blocks between workers; dealing
+    # batch by batch (what whole groups replace) makes both workers decode nearly every block
+    by_batch = [{block_key(e, loader.scans) for b in range(w, len(loader), 2) for e in loader.batch_elements(b)}
+                for w in range(2)]  # fmt: skip
+    assert len(blocks[0]) + len(blocks[1]) < len(by_batch[0]) + len(by_batch[1])
+    assert len(blocks[0] & blocks[1]) <= len(blocks[0] | blocks[1]) // 2
+
+
+# -- torch workers, exact ---------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "http"])
+def test_persistent_workers_see_each_epoch_and_give_exact_batches(scale_store, names, where):
+    _, arrays = scale_store
+    loader = build_loader(config("2d"), names[where], 8, False, True, True)
+    ds = loader.as_torch_dataset()
+    dl = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=2, persistent_workers=True, multiprocessing_context=CLEAN
+    )
+    orders = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        got = list(dl)
+        order = delivery_order(loader.worker_lanes(epoch, 2))
+        assert len(got) == len(loader) == len(order)
+        for (x, y), b in zip(got, order, strict=True):
+            assert_batch_exact(loader, (x.numpy(), y.numpy()), loader.batch_elements(b, epoch), arrays)
+        orders.append([tuple(loader.batch_elements(b, epoch)) for b in order])
+    assert orders[0] != orders[1] != orders[2]
+    stats = loader.stats()  # the training process sees its workers' figures
+    assert len(stats["workers"]) == 2 and sum(w["batches"] for w in stats["workers"]) == 3 * len(loader)
+    assert stats["bytes_delivered"] > 0 and stats["read_amplification"] is not None
+
+
+@pytest.mark.slow
+def test_a_resumed_epoch_gives_the_rest_exactly_whatever_the_workers(scale_store, names):
+    _, arrays = scale_store
+    loader = build_loader(config("patch"), names["local"], 2, False, True, True)
+    ds = loader.as_torch_dataset()
+    ds.set_epoch(1)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context=CLEAN)
+    full = [(x.numpy().copy(), y.numpy().copy()) for x, y in dl]
+    state = ds.state_dict(batches_done=3)
+    assert state["workers"] == 2 and state["position"] == 3 and state["epoch"] == 1
+    again = build_loader(config("patch"), names["local"], 2, False, True, True)
+    resumed_ds = again.as_torch_dataset()
+    resumed_ds.load_state_dict(state)
+    dl3 = torch.utils.data.DataLoader(
+        resumed_ds, batch_size=None, num_workers=3, multiprocessing_context=CLEAN
+    )
+    rest = [(x.numpy(), y.numpy()) for x, y in dl3]
+    assert len(rest) == len(full) - 3
+    for (x, y), (x_ref, y_ref) in zip(rest, full[3:], strict=True):
+        np.testing.assert_array_equal(x, x_ref)
+        np.testing.assert_array_equal(y, y_ref)
+    order = delivery_order(loader.worker_lanes(1, 2))
+    assert_batch_exact(again, full[3], again.batch_elements(order[3], 1), arrays)
+
+
+# -- y as class indices -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["2d", "patch"])
+@pytest.mark.parametrize("where", ["local", "http"])
+@pytest.mark.parametrize("background", [True, False])
+def test_class_index_y_is_the_one_hot_channel(scale_store, names, kind, where, background):
+    _, arrays = scale_store
+    cfg = config(kind, Y_FORMAT="class_index", INCLUDE_BACKGROUND=background)
+    loader = build_loader(cfg, names[where], 4, False, True, True)
+    for b in range(len(loader)):
+        x, y = loader[b]
+        assert y.dtype == np.uint8 and y.shape == x.shape[:-1]
+        for e, yi in zip(loader.batch_elements(b), y, strict=True):
+            _, mask = arrays[loader.scans[e.scan].scan_id]
+            hot = reference_mask(mask)  # background first, then the categories
+            pads = [
+                (max(0, -a), max(0, z - n)) for (a, z), n in zip(e.output_window, mask.shape[:3], strict=True)
+            ]
+            cut = np.pad(hot, [*pads, (0, 0)], mode=loader.pad_mode)[
+                tuple(slice(a + p[0], z + p[0]) for (a, z), p in zip(e.output_window, pads, strict=True))
+            ]
+            expected = cut.argmax(-1).astype(np.uint8)
+            np.testing.assert_array_equal(yi, expected.reshape(yi.shape))
+
+
+def test_y_format_is_checked_where_it_enters(names):
+    with pytest.raises(ValueError, match="Y_FORMAT must be one of one_hot, class_index"):
+        build_loader(Config(Y_FORMAT="indices", IMG_SIZE=(12, 10, 1)), names["local"], 4, False, True, True)
+
+
+# -- scripts as users write them ------------------------------------------------------------------------
+SCRIPT = """
+import torch
+from loaders import Config, DatasetCatalog, build_loader
+DatasetCatalog.register("s", {store!r}, split="train")
+loader = build_loader(Config(IMG_SIZE=(12, 10, 1), SEED=1), "s", batch_size=4, is_test=False, shuffle=True, drop_last=True)
+ds = loader.as_torch_dataset(channels_first=True)
+{before}
+n = sum(1 for _ in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+print("batches", n, len(loader))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before", ["", "loader[0]"])
+def test_a_script_without_a_main_guard_reads_in_forked_workers(scale_store, tmp_path, before):
+    root, _ = scale_store
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(SCRIPT.format(store=str(root), before=before)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    if not before:
+        assert out.returncode == 0, out.stderr[-2000:]
+        n, length = out.stdout.split()[1:]
+        assert n == length
+    else:  # the parent read through tensorstore first: one line says what to do
+        assert out.returncode != 0
+        assert (
+            "start the workers first" in out.stderr and "multiprocessing_context='forkserver'" in out.stderr
+        )
