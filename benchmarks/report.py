@@ -63,6 +63,7 @@ class Report:
     settings: dict[str, str]
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    blocks: list[str] = field(default_factory=list)  # whole markdown sections (the training feed)
 
     def add(self, rows: list[Row]) -> None:
         self.rows.extend(rows)
@@ -130,6 +131,7 @@ class Report:
                 ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
                 out.append(f"| {r.name} | {_fmt(r.ours)} {r.unit} | {base} | {ratio} | {r.note} |")
             out.append("")
+        out += [block + "\n" for block in self.blocks]
         if self.notes:
             out += ["## Notes", ""] + [f"- {n}" for n in self.notes] + [""]
         return "\n".join(out)

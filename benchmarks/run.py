@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -23,7 +24,7 @@ from benchmarks.report import Report, Row
 from client.errors import one_line
 from client.layout import ChunkLayout
 
-SECTIONS = ("realscale", "conversion", "writepath", "loaders", "server", "stitching")
+SECTIONS = ("realscale", "conversion", "writepath", "loaders", "server", "stitching", "trainfeed")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +47,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"--only: unknown sections {', '.join(sorted(unknown))}")
     return args
+
+
+def trainfeed_section(report: Report, work: Path, quick: bool) -> list[Row]:
+    """The training-feed benchmark in a fresh process (its workers are forked, which tensorstore
+    forbids once this process has read through it), with the runs recorded on the largest machine."""
+    from benchmarks.trainfeed import render
+
+    out = work / "trainfeed.jsonl"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.trainfeed", "--work", str(work / "trainfeed"), "--out", str(out)]
+    subprocess.run(cmd + (["--quick"] if quick else []), check=True, stdout=subprocess.DEVNULL)
+    recorded = sorted(Path(__file__).resolve().parent.parent.glob("docs/device-runs/trainfeed-*.jsonl"))
+    text = ["## Training feed (benchmarks/trainfeed.py)", "", "### This machine", "", render([str(out)])]
+    if recorded:
+        text += [
+            "",
+            "### The largest machine it ran on (docs/device-runs/)",
+            "",
+            render([str(p) for p in recorded]),
+        ]
+    report.blocks.append("\n".join(text))
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ("loaders", lambda: train2d.run(data, args.quick, args.server_workers)),
         ("server", lambda: server_load.run(data, work, args.quick, args.server_workers)),
         ("stitching", lambda: stitching.run(data)),
+        ("trainfeed", lambda: trainfeed_section(report, work, args.quick)),
     ]
     failed = False
     for name, step in steps:

@@ -334,6 +334,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-workers", type=int, default=max(1, cores // 2))
     p.add_argument("--work", default="bench-output/trainfeed")
     p.add_argument("--out", default=None, help="JSON lines (default: WORK/results.jsonl)")
+    p.add_argument(
+        "--render", nargs="+", default=None, metavar="JSONL", help="print the tables of earlier runs"
+    )
     args = p.parse_args(argv)
     args.cores = cores
     if args.quick:
@@ -352,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.servers import scancache_server
 
     args = parse_args(argv)
+    if args.render:
+        print(render(args.render))
+        return 0
     shape = tuple(int(n) for n in args.shape.split(","))
     work = Path(args.work)
     out_path = Path(args.out) if args.out else work / "results.jsonl"
@@ -417,6 +423,75 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()  # the last DataLoader's iterator must not be inherited by the next workers
     emit({"kind": "done", "total_s": round(time.perf_counter() - t0, 1)})
     return 0
+
+
+# -- the report ----------------------------------------------------------------------------------------
+def _span(values: list[float], fmt: str = "{:.0f}") -> str:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return "-"
+    lo, hi = fmt.format(values[0]), fmt.format(values[-1])
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def markdown(runs: list[list[dict[str, Any]]]) -> str:
+    """The tables of one or more runs (ranges over the runs): loader alone per k, training."""
+    machine = next((r for r in runs[0] if r.get("kind") == "machine"), {})
+    ok = [r for run in runs for r in run if "rate" in r]
+
+    def rates(kind: str, feed: str, k: int, key: str = "rate") -> list[float]:
+        return [r[key] for r in ok if r["kind"] == kind and r["feed"] == feed and r["workers"] == k]
+
+    def ratio(kind: str, feed: str, base: str, k: int) -> list[float]:
+        pairs = zip(rates(kind, feed, k), rates(kind, base, k), strict=False)
+        return [a / b for a, b in pairs if b]
+
+    out = [
+        f"{len(runs)} run(s) on {machine.get('cores')} cores, device {machine.get('gpu')}; "
+        f"{machine.get('scans')} scans of {'x'.join(map(str, machine.get('shape', [])))}, batch 16 (2D) / 2 (64^3).",
+        "",
+    ]
+    for kind, unit in (("2d", "slices/s"), ("patches", "patches/s")):
+        ks = sorted({r["workers"] for r in ok if r["kind"] == kind})
+        if not ks:
+            continue
+        out += [f"**Loader alone, {kind}** ({unit}; ratio to MedSegPy-style; HTTP over local)", "",
+                "| k | MedSegPy-style | local | ratio | local, class-index y | ratio | HTTP | HTTP/local |",
+                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for k in ks:
+            out.append(
+                f"| {k} | {_span(rates(kind, 'medsegpy', k))} | {_span(rates(kind, 'local', k))} "
+                f"| {_span(ratio(kind, 'local', 'medsegpy', k), '{:.1f}x')} "
+                f"| {_span(rates(kind, 'local-index', k))} | {_span(ratio(kind, 'local-index', 'medsegpy', k), '{:.1f}x')} "
+                f"| {_span(rates(kind, 'http', k))} | {_span(ratio(kind, 'http', 'local', k), '{:.2f}')} |"
+            )
+        out.append("")
+    ks = sorted({r["workers"] for r in ok if r["kind"] == "train"})
+    if ks:
+        out += ["**Training the reference 2D U-Net** (slices/s, share of time the device waited)", "",
+                "| k | MedSegPy-style | local | local, class-index y | HTTP |", "|---|---|---|---|---|"]  # fmt: skip
+        for k in ks:
+            cells = [
+                f"{_span(rates('train', f, k))} ({_span([100 * v for v in rates('train', f, k, 'wait_share')], '{:.1f}')} %)"
+                for f in ("medsegpy", "local", "local-index", "http")
+            ]
+            out.append(f"| {k} | " + " | ".join(cells) + " |")
+        out.append("")
+    cpu = [
+        (r["feed"], r["workers"], r["cpu_ms_per_example"])
+        for r in ok
+        if r["kind"] == "2d" and "cpu_ms_per_example" in r
+    ]
+    if cpu:
+        out.append("CPU per 2D example (ms, all processes): " + "; ".join(
+            f"{feed} {_span([c for f, k, c in cpu if f == feed], '{:.1f}')}" for feed in ("medsegpy", "local", "local-index", "http")
+        ) + ".")  # fmt: skip
+    return "\n".join(out)
+
+
+def render(paths: list[str]) -> str:
+    runs = [[json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()] for p in paths]
+    return markdown(runs)
 
 
 if __name__ == "__main__":
