@@ -452,6 +452,7 @@ class DataLoader(keras.utils.PyDataset):
         target = type(self).model_target
         target_casts = getattr(target, KEEPS_VALUES, False)
         from_labels = getattr(target, SELECTS_VOXELS, False)
+        background = bool(self._cfg.INCLUDE_BACKGROUND)
         x: np.ndarray | None = None
         y: np.ndarray | None = None
         for i, ((img, mask), e) in enumerate(zip(pairs, elements, strict=True)):
@@ -473,7 +474,6 @@ class DataLoader(keras.utils.PyDataset):
             elif xi.shape != x.shape[1:] or yi_shape != y.shape[1:]:
                 self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi_shape, y.shape[1:]])
             copy_into(x[i], xi)
-            background = bool(self._cfg.INCLUDE_BACKGROUND)
             if labels is not None and self.class_index:  # one small table lookup a voxel
                 np.take(index_table(labels.table, background), labels.labels, out=y[i], mode="clip")
             elif labels is not None:  # y straight from the labels: one table gather a voxel, exact

@@ -110,7 +110,6 @@ class WorkerCounters:
         import multiprocessing
 
         self._table = multiprocessing.RawArray("d", MAX_WORKERS * len(WORKER_FIELDS))
-        self.num_workers = multiprocessing.RawValue("i", 0)
 
     def add(self, worker: int, deltas: dict[str, float]) -> None:
         if not 0 <= worker < MAX_WORKERS:
@@ -160,12 +159,9 @@ def with_workers(report: dict[str, Any], workers: list[dict[str, Any]]) -> dict[
     if not workers:
         return report
     out = dict(report)
-    for key in ("batches", "read_s", "copy_s"):
+    for key in ("batches", "read_s", "copy_s", "bytes_read", "bytes_delivered", "source_read_s", "regions"):
         out[key] = (out[key] or 0) + sum(w[key] for w in workers)
     out["worker_wait_s"] = sum(w["wait_s"] for w in workers)
-    for key, field in (("bytes_read", "bytes_read"), ("bytes_delivered", "bytes_delivered"),
-                       ("source_read_s", "source_read_s"), ("regions", "regions")):  # fmt: skip
-        out[key] = (out[key] or 0) + sum(w[field] for w in workers)
     out["regions"] = int(out["regions"])
     delivered = out["bytes_delivered"]
     out["read_amplification"] = out["bytes_read"] / delivered if delivered else None

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loaders.catalog import forget_shared_sources, is_url
-from loaders.stats import WorkerCounters, snapshot, with_workers
+from loaders.stats import WorkerCounters, snapshot
 
 if TYPE_CHECKING:
     from loaders.base import DataLoader
@@ -71,6 +71,10 @@ class SharedBatchArrays:
     """``empty(shape, dtype)`` in torch shared memory: a worker's batch is sent to the training
     process as it was written (torch passes shared storage by handle instead of copying it)."""
 
+    # Arrays handed out but never turned into tensors (a ``preprocess`` that returns new ones)
+    # are forgotten after this many, so their segments are freed.
+    KEEP = 64
+
     def __init__(self) -> None:
         self._tensors: dict[int, Any] = {}
 
@@ -84,6 +88,8 @@ class SharedBatchArrays:
         tensor = torch.from_numpy(np.empty(0, dtype)).set_(storage, 0, shape, _strides(shape))  # type: ignore[call-overload]
         array = tensor.numpy()
         self._tensors[array.__array_interface__["data"][0]] = tensor
+        while len(self._tensors) > self.KEEP:  # oldest first (dicts keep insertion order)
+            self._tensors.pop(next(iter(self._tensors)))
         return array
 
     def tensor_of(self, array: np.ndarray) -> Any:
@@ -225,9 +231,6 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
             c[_START], c[_DELIVERED], c[_ORDER_WORKERS] = 0, 0, 1
             loader._position, loader._position_workers = 0, 1
 
-    def worker_stats(self) -> list[dict[str, Any]]:
-        return self._counters.per_worker()
-
 
 def _refuse_inherited_tensorstore(dicts: list[dict[str, Any]]) -> None:
     """One line, instead of tensorstore's abort, in a forked worker whose parent had read a local
@@ -244,4 +247,4 @@ def _refuse_inherited_tensorstore(dicts: list[dict[str, Any]]) -> None:
     )
 
 
-__all__ = ["TorchBatches", "usable_cores", "with_workers"]
+__all__ = ["TorchBatches", "usable_cores"]
