@@ -332,6 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--feeds", default="medsegpy,local,local-index,http", help="which readers")
     p.add_argument("--sections", default="2d,train,patches")
     p.add_argument("--server-workers", type=int, default=max(1, cores // 2))
+    p.add_argument("--server-cache", default="1G", help="the server's --cache-bytes (default: %(default)s)")
     p.add_argument("--work", default="bench-output/trainfeed")
     p.add_argument("--out", default=None, help="JSON lines (default: WORK/results.jsonl)")
     p.add_argument(
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
           "shape": list(shape), "prepare_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
     h, w, _ = shape
     patch = min(64, *shape)
-    with scancache_server(data.store, workers=args.server_workers, cache_bytes="1G") as url:
+    with scancache_server(data.store, workers=args.server_workers, cache_bytes=args.server_cache) as url:
         sources = {"local": str(data.store), "local-index": str(data.store), "http": url}
 
         def maker(feed: str, kind: str, k: int, pin: bool) -> Callable[[], tuple[Any, Any]]:
