@@ -17,8 +17,9 @@ continues it exactly, whatever k is then).
   picks them (with the guard, as always for those). tensorstore aborts a forked child if the
   parent had already read through it: such a worker stops with one line saying what to do.
 * **Its share of the cores.** A worker reads with ``cores // k`` decode threads, not all of them.
-* **No copies on the way to torch.** In a worker, batches are written straight into torch
-  shared memory; the tensors torch sends to the training process are those, not copies.
+* **No copies on the way to torch.** In a worker, batches are written straight into shared
+  memory that is used again once the training process has let go of it
+  (``loaders.shared_batches``): no copy, and no fresh pages to fault in for every batch.
 * **Counted.** Each worker adds its figures to a shared table; ``loader.stats()`` and
   ``ds.stats()`` in the training process include them (``workers``: one entry per worker).
 """
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loaders.catalog import forget_shared_sources, is_url
+from loaders.shared_batches import SlotTable, WorkerBatchPool
 from loaders.stats import WorkerCounters, snapshot
 
 if TYPE_CHECKING:
@@ -58,48 +60,6 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """C-order strides in elements."""
-    out, step = [], 1
-    for n in reversed(shape):
-        out.append(step)
-        step *= max(1, n)
-    return tuple(reversed(out))
-
-
-class SharedBatchArrays:
-    """``empty(shape, dtype)`` in torch shared memory: a worker's batch is sent to the training
-    process as it was written (torch passes shared storage by handle instead of copying it)."""
-
-    # Arrays handed out but never turned into tensors (a ``preprocess`` that returns new ones)
-    # are forgotten after this many, so their segments are freed.
-    KEEP = 64
-
-    def __init__(self) -> None:
-        self._tensors: dict[int, Any] = {}
-
-    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        import torch
-
-        shape = tuple(int(n) for n in shape)
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        # a fresh shared segment (share_memory_() on an empty tensor would copy it over)
-        storage = torch.UntypedStorage._new_shared(max(1, nbytes))
-        tensor = torch.from_numpy(np.empty(0, dtype)).set_(storage, 0, shape, _strides(shape))  # type: ignore[call-overload]
-        array = tensor.numpy()
-        self._tensors[array.__array_interface__["data"][0]] = tensor
-        while len(self._tensors) > self.KEEP:  # oldest first (dicts keep insertion order)
-            self._tensors.pop(next(iter(self._tensors)))
-        return array
-
-    def tensor_of(self, array: np.ndarray) -> Any:
-        """The shared tensor behind ``array`` (handed out once), or None for another array."""
-        tensor = self._tensors.pop(array.__array_interface__["data"][0], None)
-        if tensor is not None and tuple(tensor.shape) == array.shape and array.flags.c_contiguous:
-            return tensor
-        return None
-
-
 class TorchBatches(_torch_base()):  # type: ignore[misc]
     """``loader.as_torch_dataset(channels_first=False)``: see the module docstring."""
 
@@ -118,6 +78,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         self._owner_pid = os.getpid()
         self._control = multiprocessing.RawArray("q", 5)
         self._counters = WorkerCounters()
+        self._slots = SlotTable()  # which worker batch memory the training process still holds
         loader._worker_counters.append(self._counters)
         self._publish(loader)
 
@@ -167,7 +128,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         return state
 
     # -- any process -----------------------------------------------------------------------------
-    def _current(self, workers: int = 1) -> DataLoader:
+    def _current(self, workers: int = 1, worker: int = 0) -> DataLoader:
         if self._loader is not None and os.getpid() == self._owner_pid:
             return self._loader
         _refuse_inherited_tensorstore(self._recipe[2])
@@ -177,19 +138,22 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         local.set_read_threads(max(1, usable_cores() // max(1, workers)))
         cls, cfg, dicts, settings = self._recipe
         loader = cls(cfg, dicts, **settings)
-        loader._batch_arrays = SharedBatchArrays()  # type: ignore[assignment]
+        loader._batch_arrays = WorkerBatchPool(self._slots, worker)  # type: ignore[assignment]
         self._loader, self._owner_pid = loader, os.getpid()
         return loader
 
     def _tensors(self, loader: DataLoader, batch: tuple[np.ndarray, ...]) -> tuple[Any, ...]:
         import torch
 
-        shared = loader._batch_arrays if isinstance(loader._batch_arrays, SharedBatchArrays) else None
-        out = []
+        pool = loader._batch_arrays if isinstance(loader._batch_arrays, WorkerBatchPool) else None
+        out: list[Any] = []
         for a in batch:
-            tensor = shared.tensor_of(a) if shared is not None else None
-            if tensor is None:
-                tensor = torch.from_numpy(a if a.flags.writeable else a.copy())
+            shared = pool.batch_of(a) if pool is not None else None
+            if shared is not None:  # becomes a tensor in the training process, no copy
+                shared.channels_first = self.channels_first
+                out.append(shared)
+                continue
+            tensor = torch.from_numpy(a if a.flags.writeable else a.copy())
             if self.channels_first and tensor.ndim >= 3:
                 tensor = tensor.movedim(-1, 1)  # a view: channels-last memory, channels-first shape
             out.append(tensor)
@@ -200,7 +164,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
 
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        loader = self._current(workers)
+        loader = self._current(workers, worker)
         c = self._control
         epoch, seed, start, order_workers = (
             int(c[_EPOCH]),

@@ -164,3 +164,33 @@ def test_a_script_without_a_main_guard_reads_in_forked_workers(scale_store, tmp_
         assert (
             "start the workers first" in out.stderr and "multiprocessing_context='forkserver'" in out.stderr
         )
+
+
+# -- worker batch memory is used again only once released ------------------------------------------
+def test_a_worker_slot_is_reused_only_after_every_view_of_its_batch_is_gone():
+    import gc
+    import pickle
+
+    from multiprocessing.reduction import ForkingPickler
+
+    from loaders.shared_batches import SlotTable, WorkerBatchPool
+
+    table = SlotTable()
+    pool = WorkerBatchPool(table, worker=3)
+    first = pool.empty((4, 5), np.dtype(np.float32))
+    first[...] = 7
+    travelling = pool.batch_of(first)
+    assert travelling is not None
+    received = pickle.loads(ForkingPickler.dumps(travelling))  # what the training process gets
+    del travelling, first
+    gc.collect()
+    view = received[1:]
+    del received
+    gc.collect()
+    second = pool.empty((4, 5), np.dtype(np.float32))  # the first slot is still held by the view
+    second[...] = 9
+    assert pool.reused == 0 and float(view.sum()) == 7 * 15
+    del second, view
+    gc.collect()
+    third = pool.empty((4, 5), np.dtype(np.float32))
+    assert pool.reused == 1 and third.shape == (4, 5)
