@@ -170,7 +170,6 @@ def test_a_script_without_a_main_guard_reads_in_forked_workers(scale_store, tmp_
 def test_a_worker_slot_is_reused_only_after_every_view_of_its_batch_is_gone():
     import gc
     import pickle
-
     from multiprocessing.reduction import ForkingPickler
 
     from loaders.shared_batches import SlotTable, WorkerBatchPool
