@@ -44,6 +44,8 @@ class SlotTable:
         self.token = (os.getpid() << 20) | next(_token_counter)
         with _lock:
             _tables[self.token] = self.cells
+        # releases after the dataset is gone have nothing left to free
+        weakref.finalize(self, _tables.pop, self.token, None)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"cells": self.cells, "token": self.token}
