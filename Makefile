@@ -37,9 +37,9 @@ test-torch: setup
 		-k "not default_backend and not mirrored" $(TORCH_TESTS)
 
 check: setup
-	$(BIN)/ruff check service client loaders tests benchmarks examples
-	$(BIN)/ruff format --check service client loaders tests benchmarks examples
-	$(BIN)/mypy service client loaders examples
+	$(BIN)/ruff check service client store loaders tests benchmarks examples
+	$(BIN)/ruff format --check service client store loaders tests benchmarks examples
+	$(BIN)/mypy service client store loaders examples
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

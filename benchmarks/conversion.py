@@ -19,9 +19,9 @@ import h5py
 
 from benchmarks.data import BenchData
 from benchmarks.report import Row
-from client.layout import ChunkLayout
 from service.preprocess import Summary, convert_scan, dask_client, run_preprocess
 from service.sources import discover
+from store.format import ChunkLayout
 
 SECTION = "Conversion (preprocess)"
 TARGET = 1 / 1.5  # floor / job: the job takes at most 1.5x the floor
@@ -77,11 +77,11 @@ def job_on_started_cluster(
 # Where one scan's conversion spends its time: (file, function) of our code -> phase
 PHASES: dict[str, tuple[tuple[str, str], ...]] = {
     "reading its slice files": (("service/slice_files.py", "read_image"), ("service/slice_files.py", "read_mask")),
-    "compressing and writing shards": (("service/shards.py", "write_slab"),),
-    "label map and class locations": (("service/store.py", "slab_written"),),
-    "statistics": (("service/store.py", "add_image"), ("service/store.py", "add_class_counts"),
-                   ("service/store.py", "binary_class_counts")),
-    "publishing (fsync, link)": (("service/store.py", "publish"),),
+    "compressing and writing shards": (("store/shards.py", "write_slab"),),
+    "label map and class locations": (("store/writer.py", "slab_written"),),
+    "statistics": (("store/writer.py", "add_image"), ("store/writer.py", "add_class_counts"),
+                   ("store/writer.py", "binary_class_counts")),
+    "publishing (fsync, link)": (("store/writer.py", "publish"),),
 }  # fmt: skip
 
 

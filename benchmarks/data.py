@@ -6,8 +6,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.layout import ChunkLayout
 from service.sample_data import SampleData, write_sample_data
+from store.format import ChunkLayout
 
 NUM_CLASSES = 6
 CATEGORIES = (0, (1, 2), 3, (4, 5))  # the seed page's example: merged classes plus background

@@ -21,8 +21,8 @@ import zarr
 from benchmarks.phantom import phantom
 from benchmarks.slicefiles import gather_patch, read_h5, write_slice_files
 from benchmarks.timing import median_ms, total_s
-from client.layout import ChunkLayout
-from service.store import write_scan
+from store.format import ChunkLayout
+from store.writer import write_scan
 
 SWEEP = [
     ChunkLayout((384, 384, 1), 32, "none"),
@@ -173,7 +173,7 @@ def measure_slice_files(folder: Path, image: np.ndarray, mask: np.ndarray, reps:
 
 def mask_shuffle_sweep(work: Path, mask: np.ndarray, reps: int) -> str:
     """The uint8 mask alone: blosc-lz4 with bitshuffle (the first default) against no shuffle."""
-    from client.layout import array_metadata
+    from store.format import array_metadata
 
     zs = [int(z) for z in np.random.default_rng(1).integers(0, mask.shape[2], size=reps)]
     o64 = _positions(mask.shape[:3], reps + 1, (64, 64, 64), 2)

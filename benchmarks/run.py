@@ -21,8 +21,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 from benchmarks import conversion, machine, realscale, server_load, stitching, train2d, writepath
 from benchmarks.data import CATEGORIES, prepare, sizes
 from benchmarks.report import Report, Row
-from client.errors import one_line
-from client.layout import ChunkLayout
+from store.errors import one_line
+from store.format import ChunkLayout
 
 SECTIONS = ("realscale", "conversion", "writepath", "loaders", "server", "stitching", "trainfeed")
 

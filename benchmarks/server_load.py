@@ -18,9 +18,9 @@ from benchmarks.data import BenchData
 from benchmarks.report import Row
 from benchmarks.servers import scancache_server, static_server
 from benchmarks.timing import percentile
-from client.local import LocalSource
-from client.roi import format_roi
 from client.wire import encode_npy
+from store.roi import format_roi
+from store.source import LocalSource
 
 SECTION = "Server: region reads (random 64x64x32 image patches, .npy)"
 PATCH = (64, 64, 32)

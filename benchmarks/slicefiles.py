@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from client.categories import Categories, merge_mask
+from store.categories import Categories, merge_mask
 
 
 def slice_name(subject: int, visit: int, aug: int, z: int) -> str:

@@ -22,8 +22,8 @@ from benchmarks.report import Row
 from benchmarks.servers import scancache_server, server_cpu_s
 from benchmarks.slicefiles import gather_patch, medsegpy_slice
 from benchmarks.timing import copy_ceiling, describe_cpu
-from client.categories import merge_mask, normalize_categories
-from client.local import default_cache_bytes
+from store.categories import merge_mask, normalize_categories
+from store.source import default_cache_bytes
 
 BATCH_2D = 16
 BATCH_3D = 4

@@ -78,7 +78,7 @@ def prepare(work: Path, scans: int, shape: tuple[int, int, int], cores: int) -> 
 
 # -- the baseline: MedSegPy-style map datasets ------------------------------------------------------
 def _merge(seg: np.ndarray) -> np.ndarray:
-    from client.categories import merge_mask, normalize_categories
+    from store.categories import merge_mask, normalize_categories
 
     return merge_mask(seg, normalize_categories(list(CATEGORIES), NUM_CLASSES), False)
 

@@ -1,7 +1,7 @@
-"""The write path: ``service/shards.py`` against tensorstore writing the same shards.
+"""The write path: ``store/shards.py`` against tensorstore writing the same shards.
 
 ``python -m benchmarks.writepath [--quick]``. One scan (image float32 + 6-class mask) is
-written two ways into the exact store format (``client.layout.array_metadata``):
+written two ways into the exact store format (``store.format.array_metadata``):
 ``ShardedArrayWriter`` (numcodecs' documented ``blosc.compress``) and tensorstore
 (``ts.open(create=True)`` of the same metadata, a whole shard of slices at a time). Every
 output is read back and compared, so the figures compare equal work. (An earlier variant
@@ -22,8 +22,8 @@ import tensorstore as ts
 
 from benchmarks.phantom import phantom
 from benchmarks.report import Row
-from client.layout import ChunkLayout, array_metadata
-from service import shards
+from store import shards
+from store.format import ChunkLayout, array_metadata
 
 SECTION = "Write path (one scan, same shards, read back exactly)"
 
@@ -90,7 +90,7 @@ def report_rows(quick: bool) -> list[Row]:
     for row in run(quick):
         ours, theirs = row["shards.py"], row["tensorstore"]
         out.append(
-            Row(SECTION, f"{row['array']}: service/shards.py", ours[0], "s", theirs[0], "tensorstore",
+            Row(SECTION, f"{row['array']}: store/shards.py", ours[0], "s", theirs[0], "tensorstore",
                 higher_is_better=False,
                 note=f"3 writes: ours {ours[0]:.2f}-{ours[1]:.2f} s, tensorstore {theirs[0]:.2f}-{theirs[1]:.2f} s")
         )  # fmt: skip
@@ -101,7 +101,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.writepath", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
-    print("| array | service/shards.py (s) | tensorstore (s) |")
+    print("| array | store/shards.py (s) | tensorstore (s) |")
     print("|---|---|---|")
     for row in run(args.quick):
         cells = [f"{row[k][0]:.2f}-{row[k][1]:.2f}" for k in ("shards.py", "tensorstore")]

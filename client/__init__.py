@@ -1,6 +1,7 @@
-"""scancache's client side: the store format, the scan-reading protocol and its sources."""
+"""scancache's client side: reading a store through a scancache server (HttpSource), re-exporting the
+store's value types (errors, regions, scan metadata) that client code names."""
 
-from client.errors import (
+from store.errors import (
     ArrayNotFound,
     InvalidCategories,
     InvalidParameter,
@@ -13,8 +14,8 @@ from client.errors import (
     SourceError,
     Unauthorized,
 )
-from client.layout import ChunkLayout, ScanMeta
-from client.protocol import RegionRequest, ScanSource
+from store.format import ChunkLayout, ScanMeta
+from store.protocol import RegionRequest, ScanSource
 
 __all__ = [
     "ArrayNotFound",

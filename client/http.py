@@ -31,7 +31,9 @@ from typing import Any, NoReturn, TypeVar
 import httpx
 import numpy as np
 
-from client.errors import (
+from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
+from client.wire import DECODED_BYTES_HEADER, decode_batch, decode_npy
+from store.errors import (
     ArrayNotFound,
     InvalidCategories,
     InvalidParameter,
@@ -43,11 +45,9 @@ from client.errors import (
     Unauthorized,
     one_line,
 )
-from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
-from client.label_map import Decoded, merged
-from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
-from client.protocol import RegionRequest, RoiLike
-from client.wire import DECODED_BYTES_HEADER, decode_batch, decode_npy
+from store.format import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
+from store.label_map import Decoded, merged
+from store.protocol import RegionRequest, RoiLike
 
 R = TypeVar("R")
 log = logging.getLogger("scancache.client")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from client.label_map import Decoded, LabelRegion, apply_table
+from store.label_map import Decoded, LabelRegion, apply_table
 
 NPY_MEDIA_TYPE = "application/x-npy"
 NPY_STREAM_MEDIA_TYPE = "application/x-npy-stream"

@@ -119,9 +119,9 @@ def dice_ce_loss(y_true, y_pred):  # type: ignore[no-untyped-def]
 def save_preview(store: Path, predictions: Path, scan_id: str, path: Path) -> Path:
     """Slice z = D/2 of ``scan_id`` with its stored prediction overlaid, as a PNG (what
     ``GET /scans/{scan_id}/preview.png?overlay=prediction`` serves)."""
-    from client.local import LocalSource
-    from client.predictions import LABEL_MAP, PredictionStore
     from service import preview
+    from store.predictions import LABEL_MAP, PredictionStore
+    from store.source import LocalSource
 
     source, preds = LocalSource(store), PredictionStore(predictions)
     meta, attrs = source.metadata(scan_id), preds.attrs(scan_id)

@@ -33,8 +33,6 @@ from typing import Any
 import keras
 import numpy as np
 
-from client.label_map import Decoded, LabelRegion, apply_table, merged
-from client.protocol import RegionRequest, ScanSource
 from loaders import inference
 from loaders.batch_memory import BatchArrays, copy_into
 from loaders.blocks import BlockBuffer, block_ids, block_key
@@ -62,6 +60,8 @@ from loaders.scans import (
 )
 from loaders.state import LoaderState
 from loaders.stats import LoaderStats, WorkerCounters, with_workers
+from store.label_map import Decoded, LabelRegion, apply_table, merged
+from store.protocol import RegionRequest, ScanSource
 
 # re-exported: custom loaders import these from loaders.base
 __all__ = [

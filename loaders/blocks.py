@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.errors import RequestTooLarge
-from client.label_map import Decoded, LabelRegion, merged
 from loaders.geometry import AxisRead, take_window
 from loaders.registry import Element
 from loaders.scans import (
@@ -35,6 +33,8 @@ from loaders.scans import (
     sweep_exceeds_cache,
     take_mask_window,
 )
+from store.errors import RequestTooLarge
+from store.label_map import Decoded, LabelRegion, merged
 
 BlockKey = tuple[int, int]  # (scan index, inner-chunk index along z)
 

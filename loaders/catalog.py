@@ -16,9 +16,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from client.layout import ScanMeta
-from client.local import LocalSource
-from client.protocol import ScanSource
+from store.format import ScanMeta
+from store.protocol import ScanSource
+from store.source import LocalSource
 
 SourceLike = str | ScanSource
 
@@ -121,7 +121,7 @@ class DatasetCatalog:
         """Register a store path or server URL with attribute filters, or a callable.
 
         ``DatasetCatalog.register("oai_train", "/data/store", split="train")`` selects the
-        scans whose attributes match (see ``client.layout.matches``). A callable takes no
+        scans whose attributes match (see ``store.format.matches``). A callable takes no
         arguments and returns dataset dicts, each with ``source`` and ``scan_id``. For a server
         URL, ``timeout`` (seconds per request), ``retries`` (most retries of one request) and
         ``retry_seconds`` (how long to keep retrying) go to its ``HttpSource``.

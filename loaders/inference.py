@@ -32,11 +32,11 @@ from typing import Any, Protocol
 import keras
 import numpy as np
 
-from client.layout import IMAGE, MASK
-from client.protocol import RegionRequest
 from loaders.config import Config
 from loaders.scans import ScanEntry, cut_window, read_in_slabs
 from loaders.stitching import Aggregator, windows_disjoint
+from store.format import IMAGE, MASK
+from store.protocol import RegionRequest
 
 
 class InferenceLoader(Protocol):

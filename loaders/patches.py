@@ -8,9 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from client.label_map import location_counts
-from client.layout import MASK
-from client.protocol import RegionRequest, ScanSource
 from loaders.base import DataLoader, Element, register_loader
 from loaders.config import Config
 from loaders.geometry import blend_weights, normalize_per_axis
@@ -23,6 +20,9 @@ from loaders.sampling import (
     grid_windows,
 )
 from loaders.scans import ScanEntry, read_grouped
+from store.format import MASK
+from store.label_map import location_counts
+from store.protocol import RegionRequest, ScanSource
 
 
 @register_loader

@@ -1,6 +1,6 @@
 """``write_predictions(loader, model, path)``: per-scan inference into a Zarr v3 predictions store.
 
-The store's layout is ``client.predictions`` (which the server reads). Per scan, in the order
+The store's layout is ``store.predictions`` (which the server reads). Per scan, in the order
 ``loader.inference(model)`` yields them:
 
 * ``probabilities`` (H, W, D, C) float16: the stitched ``y_pred``;
@@ -9,10 +9,10 @@ The store's layout is ``client.predictions`` (which the server reads). Per scan,
   without one, the most probable category if its probability is at least 0.5, else 0;
 * attributes: per-category Dice of the label map against ``y_true`` (1.0 where both are empty),
   the categories, when and with what the scan was written, and NGFF 0.5 label-image metadata
-  (``client.ome``), so napari and neuroglancer open a prediction as labels.
+  (``store.ome``), so napari and neuroglancer open a prediction as labels.
 
 Each scan is written to ``PATH/.staging/`` and published as a new version by one atomic symlink
-switch (``client.publish``, shared with the scan store); a re-run skips scans
+switch (``store.publish``, shared with the scan store); a re-run skips scans
 already in the store unless ``overwrite=True``. Arrays are converted and written slab by slab
 (whole chunks of slices), so memory stays within the one scan's output ``inference`` yields.
 """
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from client import ome, publish
-from client.categories import categories_to_json
-from client.predictions import (
+from store import ome, publish
+from store.categories import categories_to_json
+from store.predictions import (
     LABEL_MAP,
     PREDICTIONS_FORMAT,
     PROBABILITIES,
@@ -103,7 +103,7 @@ def _root(path: Path) -> None:
 
 def publish_scan(staged: Path, root: Path, scan_id: str) -> str:
     """Make a staged scan visible: ``PRED/<scan_id> -> .versions/<scan_id>/<version>``, switched
-    in one atomic rename (``client.publish``, as the scan store); returns the version. A reader
+    in one atomic rename (``store.publish``, as the scan store); returns the version. A reader
     sees the old prediction or the new one, never a mix; old versions go after a grace period."""
     return publish.publish_version(root, scan_id, staged)
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.lru import BoundedLRU
 from loaders.geometry import PatchGrid
 from loaders.stitching import Window
+from store.lru import BoundedLRU
 
 # Foreground voxel locations kept per loader: a 384x384 slice with 5% of one class is ~30 KiB.
 LOCATION_CACHE_BYTES = 64 * 2**20

@@ -13,15 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from client.categories import Categories, normalize_categories
-from client.errors import RequestTooLarge
-from client.label_map import Decoded, LabelRegion, apply_table, has_label_map, merged
-from client.layout import IMAGE, MASK, ScanMeta
-from client.protocol import RegionRequest, ScanSource
 from loaders.catalog import shared_source
 from loaders.config import Config
 from loaders.geometry import AxisRead, padded_indices, take_window
 from loaders.stitching import Window
+from store.categories import Categories, normalize_categories
+from store.errors import RequestTooLarge
+from store.format import IMAGE, MASK, ScanMeta
+from store.label_map import Decoded, LabelRegion, apply_table, has_label_map, merged
+from store.protocol import RegionRequest, ScanSource
 
 
 @dataclass(frozen=True)

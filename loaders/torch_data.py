@@ -133,7 +133,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
             return self._loader
         _refuse_inherited_tensorstore(self._recipe[2])
         forget_shared_sources()  # anything inherited through fork belongs to the parent
-        from client import local
+        from store import source as local
 
         local.set_read_threads(max(1, usable_cores() // max(1, workers)))
         cls, cfg, dicts, settings = self._recipe
@@ -199,7 +199,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
 def _refuse_inherited_tensorstore(dicts: list[dict[str, Any]]) -> None:
     """One line, instead of tensorstore's abort, in a forked worker whose parent had read a local
     store before starting it."""
-    from client import local
+    from store import source as local
 
     if all(is_url(str(d["source"])) for d in dicts) or not local.tensorstore_used_before_fork():
         return

@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from client.errors import one_line
-from client.units import parse_bytes as _parse_size
+from store.errors import one_line
+from store.units import parse_bytes as _parse_size
 
 
 def parse_bytes(text: str) -> int:
-    """argparse type for sizes (``512M``); the parsing itself is ``client.units.parse_bytes``."""
+    """argparse type for sizes (``512M``); the parsing itself is ``store.units.parse_bytes``."""
     try:
         return _parse_size(text, "size")
     except ValueError:
@@ -93,9 +93,9 @@ def shape3(text: str) -> tuple[int, int, int]:
 
 # -- subcommands ------------------------------------------------------------------------------
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from client.layout import ChunkLayout
     from service.layouts import chunks_text
     from service.preprocess import run_preprocess
+    from store.format import ChunkLayout
 
     try:
         chunks = chunks_text(args.layout, args.chunks)
@@ -128,7 +128,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _scan_rows(store: Path) -> list[dict[str, Any]]:
     from service.preprocess import dir_bytes
-    from service.store import check_store, published_scan_ids, read_scan_attrs
+    from store.writer import check_store, published_scan_ids, read_scan_attrs
 
     check_store(store)
     rows = []

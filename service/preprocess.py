@@ -2,14 +2,14 @@
 
 Each scan is one task (``convert_scan``) that stats its sources, skips the scan if the store
 already holds it with the same fingerprint and every file of its manifest, and otherwise reads
-it, checks it and publishes it as a new version (``service.store.StagedScan``). Tasks never raise for bad input: they return a
+it, checks it and publishes it as a new version (``store.writer.StagedScan``). Tasks never raise for bad input: they return a
 ``ScanResult`` with a one-line message, so one bad scan never stops the others.
 
 By default the graph runs on a ``LocalCluster`` (processes, one thread each); with
 ``scheduler="tcp://host:port"`` it runs on an existing cluster whose workers see the same
 filesystem paths (source and store), e.g. dask-jobqueue on SLURM.
 
-One job per store: the job holds ``STORE/.lock`` (``service.job_lock``) while it runs, stages
+One job per store: the job holds ``STORE/.lock`` (``store.lock``) while it runs, stages
 in a folder of its own, and afterwards lists (or with ``prune`` removes) scans whose sources
 are gone and deletes versions superseded more than ``grace_s`` seconds ago.
 """
@@ -29,14 +29,14 @@ from typing import IO, Any
 
 import numpy as np
 
-from client import publish
-from client.errors import SourceError, one_line
-from client.layout import ChunkLayout
-from service import store as store_mod
-from service.job_lock import JobLock
-from service.scratch import release_all, restore_malloc, scratch, tune_malloc_for_conversion
 from service.slice_files import SliceReader, load_scan
 from service.sources import ScanSpec, discover, fingerprint
+from store import publish
+from store import writer as store_mod
+from store.errors import SourceError, one_line
+from store.format import ChunkLayout
+from store.lock import JobLock
+from store.scratch import release_all, restore_malloc, scratch, tune_malloc_for_conversion
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
 

@@ -3,7 +3,7 @@
 A plane is the image at index k along one axis, keeping the other two axes in store order as
 (rows, columns): ``axis="z"`` gives (y, x), ``axis="y"`` gives (x, z), ``axis="x"`` gives (y, z).
 Intensities map linearly from the window [lo, hi] to 0..255 grey; each class is blended over
-it in its own colour (``client.ome.CLASS_COLORS``, the viewers' colours too).
+it in its own colour (``store.ome.CLASS_COLORS``, the viewers' colours too).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import InvalidParameter
-from client.ome import class_color
+from store.errors import InvalidParameter
+from store.ome import class_color
 
 AXES = {"y": 0, "x": 1, "z": 2}
 OVERLAYS = ("none", "mask", "prediction")

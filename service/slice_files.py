@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import SourceError, one_line
 from service.sources import ScanSpec
+from store.errors import SourceError, one_line
 
 _HDF5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.errors import EmptySource, InvalidPath, SourceError
-from client.layout import FORMAT_VERSION, ChunkLayout, validate_scan_id
+from store.errors import EmptySource, InvalidPath, SourceError
+from store.format import FORMAT_VERSION, ChunkLayout, validate_scan_id
 
 IMAGE_SUFFIX, MASK_SUFFIX, VOLUME_SUFFIX = ".im", ".seg", ".h5"
 _SLICE_NAME = re.compile(r"^(?P<key>(?P<subject>\d+)_V(?P<visit>\d+)-Aug(?P<aug>\d+))_(?P<slice>\d+)$")

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import SourceError, one_line
-from client.layout import IMAGE, MASK
-from client.publish import current_version, version_dir
 from service.slice_files import LoadedScan, load_scan
 from service.sources import ScanSpec, discover
-from service.store import check_store, manifest_problem, published_scan_ids, read_scan_attrs
+from store.errors import SourceError, one_line
+from store.format import IMAGE, MASK
+from store.publish import current_version, version_dir
+from store.writer import check_store, manifest_problem, published_scan_ids, read_scan_attrs
 
 OK, MISMATCH, MISSING, FAILED, EXTRA, TORN = "OK", "MISMATCH", "MISSING", "FAILED", "EXTRA", "TORN"
 STATUSES = (OK, MISMATCH, MISSING, TORN, FAILED, EXTRA)

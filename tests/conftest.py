@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from service.store import write_scan
+from store.writer import write_scan
 
 
 def make_volume(shape, num_classes, seed, dtype=np.float32):

@@ -17,9 +17,9 @@ from h5_sources import (
     write_volume_file,
 )
 
-from client.errors import EmptySource, SourceError
 from service.slice_files import load_scan
 from service.sources import discover
+from store.errors import EmptySource, SourceError
 
 GOOD = ("0000001_V00-Aug00", "0000001_V01-Aug00", "0000009_V00-Aug00")
 

@@ -11,9 +11,9 @@ import pytest
 from live_server import live_server
 
 from client.http import HttpSource
-from client.protocol import RegionRequest
 from client.wire import decode_batch, decode_npy_stream, encode_npy
-from service.store import write_scan
+from store.protocol import RegionRequest
+from store.writer import write_scan
 from tests.conftest import make_volume
 
 SHAPE = (40, 36, 20)

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.label_map import has_label_map
-from client.local import LocalSource
 from loaders import Config, DatasetCatalog, build_loader
 from loaders.batch_memory import BatchArrays
 from loaders.ordering import block_epoch_order
-from service.store import write_scan
+from store.label_map import has_label_map
+from store.source import LocalSource
+from store.writer import write_scan
 
 CATEGORIES = (0, (1, 2), 3)
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import zarr
 
-from client.label_map import class_rows
-from client.local import LocalSource
-from client.protocol import RegionRequest
-from service.derived import LocationSampler, label_map_block, scan_seed
-from service.store import write_scan
+from store.derived import LocationSampler, label_map_block, scan_seed
+from store.label_map import class_rows
+from store.protocol import RegionRequest
+from store.source import LocalSource
+from store.writer import write_scan
 from tests.conftest import make_volume
 
 SHAPE = (40, 36, 20)

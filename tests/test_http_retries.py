@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from client.errors import ServerError
 from client.http import HttpSource, retry_after_seconds
 from client.wire import encode_npy
+from store.errors import ServerError
 
 PAYLOAD = np.arange(6, dtype=np.int16).reshape(1, 2, 3)
 

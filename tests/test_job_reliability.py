@@ -12,14 +12,14 @@ import time
 import numpy as np
 import pytest
 
-from client.errors import EmptySource, SourceError
-from client.local import LocalSource
-from service.job_lock import JobLock
 from service.preprocess import CONVERTED, SKIPPED, run_preprocess
 from service.sample_data import write_sample_data
 from service.slice_files import load_scan
 from service.sources import discover
-from service.store import manifest_problem
+from store.errors import EmptySource, SourceError
+from store.lock import JobLock
+from store.source import LocalSource
+from store.writer import manifest_problem
 from tests.h5_sources import random_scan, reference, run_cli, write_slice_files, write_volume_file
 
 

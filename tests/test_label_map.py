@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.categories import all_categories, merge_mask
-from client.label_map import apply_table, category_table
+from store.categories import all_categories, merge_mask
+from store.label_map import apply_table, category_table
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.layout import ChunkLayout
-from client.local import LocalSource
 from service.cli import main
 from service.layouts import LAYOUTS, chunks_text
-from service.store import write_scan
+from store.format import ChunkLayout
+from store.source import LocalSource
+from store.writer import write_scan
 from tests.conftest import make_volume
 
 

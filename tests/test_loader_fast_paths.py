@@ -11,10 +11,10 @@ from live_server import live_server
 
 from client.http import HttpSource
 from client.http_batch import direct_http
-from client.local import DEFAULT_CACHE_BYTES, LOCAL_CACHE_ENV, LOCAL_CACHE_MAX, default_cache_bytes
-from client.protocol import RegionRequest
 from loaders import LOADER_REGISTRY, Config, DatasetCatalog, DefaultDataLoader, build_loader
 from loaders.base import Element
+from store.protocol import RegionRequest
+from store.source import DEFAULT_CACHE_BYTES, LOCAL_CACHE_ENV, LOCAL_CACHE_MAX, default_cache_bytes
 
 SCAN = "0000001_V00-Aug00"
 

@@ -7,8 +7,8 @@ import pytest
 from live_server import live_server
 
 from client.http import HttpSource
-from client.local import LocalSource
 from loaders import Config, DatasetCatalog, build_loader, open_source
+from store.source import LocalSource
 
 CONFIGS = {
     "2d": dict(TAG="DefaultDataLoader"),

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import zarr
 
-from client.errors import ArrayNotFound, InvalidPath, InvalidROI, ScanNotFound
-from client.local import LocalSource
+from store.errors import ArrayNotFound, InvalidPath, InvalidROI, ScanNotFound
+from store.source import LocalSource
 
 
 def test_zarr_python_reads_store_exactly(small_store):

@@ -7,7 +7,7 @@ import zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Multiscales, Reader
 
-from client import ome
+from store import ome
 
 
 def read_nodes(path):

@@ -72,7 +72,7 @@ def test_written_store_matches_numpy_and_reruns_skip(train_dataset, tmp_path, ca
     assert list(summary.written) == scan_ids and summary.skipped == ()
     check_store(path, truth, scan_ids)
     assert not (path / ".staging").exists()  # this writer's staging is gone
-    assert all((path / s).is_symlink() for s in scan_ids)  # published as versions (client/publish.py)
+    assert all((path / s).is_symlink() for s in scan_ids)  # published as versions (store/publish.py)
 
     stamps = {s: (path / s / "zarr.json").stat().st_mtime_ns for s in scan_ids}
     again = write_predictions(make_loader(name), softmax_model, path)

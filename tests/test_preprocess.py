@@ -11,11 +11,11 @@ from h5_sources import assert_store_matches, random_scan, read_store, write_slic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.layout import ChunkLayout
-from client.local import LocalSource
 from service.preprocess import CONVERTED, SKIPPED, run_preprocess
 from service.sample_data import write_sample_data
-from service.store import scan_statistics
+from store.format import ChunkLayout
+from store.source import LocalSource
+from store.writer import scan_statistics
 
 
 @pytest.fixture(scope="module")

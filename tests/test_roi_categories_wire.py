@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.categories import merge_mask, normalize_categories
-from client.errors import InvalidCategories, InvalidParameter, InvalidROI
-from client.roi import format_roi, parse_roi, region_shape
 from client.wire import decode_npy, decode_npy_stream, encode_npy
+from store.categories import merge_mask, normalize_categories
+from store.errors import InvalidCategories, InvalidParameter, InvalidROI
+from store.roi import format_roi, parse_roi, region_shape
 
 shapes = st.lists(st.integers(1, 12), min_size=1, max_size=4).map(tuple)
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from client.wire import decode_npy, decode_npy_stream
 from service.server import Settings, create_app
-from service.store import write_scan
+from store.writer import write_scan
 
 SCAN = "0000001_V00-Aug00"  # (40, 36, 12) float32, 4 classes
 IMAGE_ONLY = "0000003_V00-Aug01"

@@ -15,8 +15,8 @@ import tensorstore as ts
 import zarr
 from live_server import live_server
 
-from client.categories import merge_mask
 from client.wire import NPY_MEDIA_TYPE, NPY_STREAM_MEDIA_TYPE, decode_npy_stream
+from store.categories import merge_mask
 
 SCAN = "0000001_V00-Aug00"  # (40, 36, 12) float32, 4 classes
 INT_SCAN = "0000002_V00-Aug00"  # (33, 27, 10) int16

@@ -25,7 +25,7 @@ from conftest import build_store
 from live_server import live_server
 
 from client.http import HttpSource
-from client.protocol import RegionRequest
+from store.protocol import RegionRequest
 
 SCANS = [(f"000001{i}_V00-Aug00", (128, 128, 32), 3, "train", 10 + i, 0, 0, np.float32) for i in range(4)]
 LOAD_SECONDS = float(os.environ.get("SCANCACHE_LOAD_TEST_SECONDS", "60"))

@@ -12,9 +12,9 @@ from live_server import live_server
 from PIL import Image
 from test_predictions import softmax_model
 
-from client.ome import CLASS_COLORS
 from loaders import Config, DatasetCatalog, build_loader, write_predictions
 from service.cli import build_parser
+from store.ome import CLASS_COLORS
 
 WITH_PREDICTION = ["0000001_V00-Aug00", "0000001_V01-Aug00"]
 

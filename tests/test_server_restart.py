@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import zarr
 
-from client.errors import ServerError
 from client.http import HttpSource
-from client.protocol import RegionRequest
 from loaders import Config, DatasetCatalog, build_loader
 from loaders.catalog import close_shared_sources
+from store.errors import ServerError
+from store.protocol import RegionRequest
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = [0, [1, 2], 3]

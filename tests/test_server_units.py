@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.errors import InvalidPath
 from service.server.auth import bearer_token, token_ok
 from service.server.errors import NotInStore, _location
 from service.server.guards import raw_path_problem
 from service.server.http_cache import accepts_gzip, etag_matches, gzip_etag, gzip_parts, make_etag
 from service.server.settings import Settings
 from service.server.zarr_http import RangeNotSatisfiable, parse_range, split_store_path
+from store.errors import InvalidPath
 
 
 @given(size=st.integers(1, 5000), a=st.integers(0, 6000), b=st.integers(0, 6000))

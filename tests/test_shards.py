@@ -1,4 +1,4 @@
-"""The shard writer (service/shards.py) against independent readers, and the conversion's
+"""The shard writer (store/shards.py) against independent readers, and the conversion's
 streaming statistics against whole-array numpy."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.layout import ChunkLayout, array_metadata
-from service.scratch import release_all, scratch
-from service.store import ScanStatistics, binary_class_counts, write_scan
+from store.format import ChunkLayout, array_metadata
+from store.scratch import release_all, scratch
+from store.writer import ScanStatistics, binary_class_counts, write_scan
 
 DTYPES = ["float32", ">f4", "int16", "uint8", "float64", "bool", "uint16"]
 

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 from live_server import live_server
 
-from client.errors import (
+from client.http import HttpSource
+from client.wire import encode_npy
+from loaders import open_source
+from store.errors import (
     ArrayNotFound,
     InvalidCategories,
     InvalidPath,
@@ -26,12 +29,9 @@ from client.errors import (
     ServerError,
     Unauthorized,
 )
-from client.http import HttpSource
-from client.label_map import LabelRegion, apply_table, merged
-from client.local import LocalSource
-from client.protocol import RegionRequest, ScanSource
-from client.wire import encode_npy
-from loaders import open_source
+from store.label_map import LabelRegion, apply_table, merged
+from store.protocol import RegionRequest, ScanSource
+from store.source import LocalSource
 
 SCAN = "0000001_V00-Aug00"
 INT_SCAN = "0000002_V00-Aug00"

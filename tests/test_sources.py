@@ -11,10 +11,10 @@ from h5_sources import random_scan, reference, write_slice_files, write_volume_f
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.errors import SourceError
-from client.layout import ChunkLayout
 from service.slice_files import load_scan
 from service.sources import _SLICE_NAME, discover, fingerprint
+from store.errors import SourceError
+from store.format import ChunkLayout
 
 
 @settings(max_examples=60, deadline=None)

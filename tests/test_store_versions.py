@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import zarr
 
-import client.local as local_mod
-from client import publish
-from client.layout import StoreFormatError
-from client.local import LocalSource
-from service.job_lock import JobLock, StoreLocked
-from service.store import ensure_store, write_scan
+import store.source as local_mod
+from store import publish
+from store.format import StoreFormatError
+from store.lock import JobLock, StoreLocked
+from store.source import LocalSource
+from store.writer import ensure_store, write_scan
 
 SCAN = "0000001_V00-Aug00"
 
@@ -102,7 +102,7 @@ def test_republish_under_a_reader_never_mixes_versions(tmp_path):
 
 def test_reads_in_one_call_come_from_one_version(tmp_path):
     """A call resolves the link once: image and mask of one read_regions belong together."""
-    from client.protocol import RegionRequest
+    from store.protocol import RegionRequest
 
     versions = [_volume(3), _volume(4)]
     write_scan(tmp_path, SCAN, *versions[0], {})
@@ -227,7 +227,7 @@ def test_stale_staging_of_dead_writers_only_is_removed(tmp_path):
 
 
 def test_array_steps_see_every_slab_and_publish_with_the_scan(tmp_path, monkeypatch):
-    from service import store as store_mod
+    from store import writer as store_mod
 
     seen = []
 
@@ -266,7 +266,7 @@ def test_array_steps_see_every_slab_and_publish_with_the_scan(tmp_path, monkeypa
 
 
 def test_bounded_lru_keeps_entry_and_byte_bounds():
-    from client.lru import BoundedLRU
+    from store.lru import BoundedLRU
 
     by_entries = BoundedLRU(max_entries=2)
     for k in "abc":

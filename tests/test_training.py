@@ -8,7 +8,7 @@ import pytest
 from live_server import live_server
 
 from loaders import Config, DatasetCatalog, build_loader
-from service.store import write_scan
+from store.writer import write_scan
 
 
 def disc_scan(seed, shape=(32, 32, 8)):

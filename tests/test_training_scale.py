@@ -14,7 +14,7 @@ import zarr
 from live_server import live_server
 
 from loaders import Config, DatasetCatalog, build_loader
-from service.store import write_scan
+from store.writer import write_scan
 
 NUM_SCANS = 16
 CATEGORIES = (0, (1, 2))

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.errors import one_line
-from client.local import LOCAL_CACHE_ENV, default_cache_bytes
-from client.units import parse_bytes
 from service.server.settings import ENV_CACHE_BYTES, ENV_MAX_BYTES, ENV_STORE, Settings
+from store.errors import one_line
+from store.source import LOCAL_CACHE_ENV, default_cache_bytes
+from store.units import parse_bytes
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from client.local import LocalSource
-from client.predictions import PredictionStore, check_predictions_root
 from service.server.auth import BearerAuthMiddleware
 from service.server.errors import error_responses, install_error_handlers
 from service.server.guards import BodyLimitMiddleware, HeadAsGetMiddleware, PathGuardMiddleware
@@ -33,6 +31,8 @@ from service.server.routes_viewer import router as viewer_router
 from service.server.settings import Settings
 from service.server.state import ServerState, server_state
 from service.server.zarr_http import router as zarr_router
+from store.predictions import PredictionStore, check_predictions_root
+from store.source import LocalSource
 
 log = logging.getLogger("scancache.server")
 
@@ -58,7 +58,7 @@ def close_app(app: FastAPI) -> None:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    # Fails fast, in one line, on a missing store or one of another format (client.layout).
+    # Fails fast, in one line, on a missing store or one of another format (store.format).
     source = LocalSource(settings.store, cache_bytes=settings.cache_bytes)
     metrics = Metrics(settings.cache_bytes)
 

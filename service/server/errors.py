@@ -2,7 +2,7 @@
 
 Every error body is ``{"detail": "<one line>", "error": "<class>", "param": "<name>"|null}``:
 ``detail`` is the pinned contract; ``error`` names the scancache exception so that a client can
-raise the same class the local source would. Domain errors (``client.errors``) carry messages
+raise the same class the local source would. Domain errors (``store.errors``) carry messages
 written for users and never contain filesystem paths. Anything else is a server bug or a broken
 store: the client gets a generic one-line 500 and the traceback goes to the server log only
 (tensorstore and OS messages do contain paths).
@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from client.errors import (
+from store.errors import (
     ArrayNotFound,
     InvalidParameter,
     InvalidPath,

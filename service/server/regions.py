@@ -14,18 +14,18 @@ from typing import Any
 
 import numpy as np
 
-from client.categories import Categories, categories_to_json, normalize_categories
-from client.errors import (
+from store.categories import Categories, categories_to_json, normalize_categories
+from store.errors import (
     ArrayNotFound,
     InvalidCategories,
     InvalidPath,
     RequestTooLarge,
     ScanNotFound,
 )
-from client.layout import ARRAYS, IMAGE, MASK, validate_scan_id
-from client.local import LocalSource
-from client.protocol import RegionRequest
-from client.roi import Region, format_roi, parse_roi, region_shape
+from store.format import ARRAYS, IMAGE, MASK, validate_scan_id
+from store.protocol import RegionRequest
+from store.roi import Region, format_roi, parse_roi, region_shape
+from store.source import LocalSource
 
 WIRE_VERSION = 1  # bump to invalidate every cached region when the encoding changes
 

@@ -1,6 +1,6 @@
 """Prediction routes: a scan's stored probabilities and label map as ``.npy`` (``--predictions``).
 
-The predictions store (``client.predictions``, written by ``loaders.write_predictions``) is
+The predictions store (``store.predictions``, written by ``loaders.write_predictions``) is
 served beside the scans: the same scan ids, the same ``roi`` syntax, byte limit, ETags, errors
 and authentication as the image and mask routes. A scan without a prediction (or a server
 started without ``--predictions``) answers 404.
@@ -16,15 +16,15 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from client.errors import RequestTooLarge
-from client.layout import validate_scan_id
-from client.predictions import LABEL_MAP, PROBABILITIES, PredictionStore, require_prediction
-from client.roi import format_roi, parse_roi
 from client.wire import NPY_MEDIA_TYPE, encode_npy_parts
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
 from service.server.responses import PartsResponse, not_modified
 from service.server.routes_regions import ROI_DOC, SCAN_ID_DOC, npy_response_doc
 from service.server.state import ServerState, server_state
+from store.errors import RequestTooLarge
+from store.format import validate_scan_id
+from store.predictions import LABEL_MAP, PROBABILITIES, PredictionStore, require_prediction
+from store.roi import format_roi, parse_roi
 
 router = APIRouter(tags=["predictions"])
 

@@ -14,9 +14,6 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.responses import Response
 
-from client.errors import ArrayNotFound, RequestTooLarge
-from client.layout import validate_scan_id
-from client.predictions import LABEL_MAP, PredictionStore, require_prediction
 from service import preview
 from service.server.errors import error_responses
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
@@ -24,6 +21,9 @@ from service.server.responses import not_modified
 from service.server.routes_predictions import Predictions
 from service.server.routes_regions import SCAN_ID_DOC
 from service.server.state import ServerState, server_state
+from store.errors import ArrayNotFound, RequestTooLarge
+from store.format import validate_scan_id
+from store.predictions import LABEL_MAP, PredictionStore, require_prediction
 
 router = APIRouter(tags=["previews"])
 State = Annotated[ServerState, Depends(server_state)]

@@ -17,9 +17,6 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from client.errors import RequestTooLarge
-from client.label_map import LabelRegion, merged
-from client.layout import IMAGE, MASK
 from client.wire import DECODED_BYTES_HEADER, NPY_MEDIA_TYPE, NPY_STREAM_MEDIA_TYPE, encode_npy_parts
 from service.server.errors import error_responses
 from service.server.http_cache import (
@@ -34,6 +31,9 @@ from service.server.http_cache import (
 from service.server.regions import RegionPlan, check_budget, plan_region
 from service.server.responses import PartsResponse, not_modified
 from service.server.state import ServerState, server_state
+from store.errors import RequestTooLarge
+from store.format import IMAGE, MASK
+from store.label_map import LabelRegion, merged
 
 router = APIRouter(tags=["regions"])
 

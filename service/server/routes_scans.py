@@ -11,13 +11,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from client.errors import one_line
-from client.layout import ScanMeta, matches
-from client.local import LocalSource
 from service.server.errors import error_response, error_responses
 from service.server.responses import cached_json
 from service.server.routes_predictions import Predictions, prediction_fields
 from service.server.state import ServerState, server_state
+from store.errors import one_line
+from store.format import ScanMeta, matches
+from store.source import LocalSource
 
 log = logging.getLogger("scancache.server")
 router = APIRouter()

@@ -13,8 +13,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from starlette.responses import Response
 
-from client.errors import ArrayNotFound
 from service.server.errors import error_responses
+from store.errors import ArrayNotFound
 
 router = APIRouter(tags=["viewer"])
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import uvicorn
 
-from client.local import DEFAULT_CACHE_BYTES
 from service.server.app import close_app, create_app
 from service.server.http_protocol import uvicorn_options
 from service.server.settings import DEFAULT_MAX_BYTES, ENV_STORE, Settings
+from store.source import DEFAULT_CACHE_BYTES
 
 APP_FACTORY = "service.server.app:app_from_env"
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.local import DEFAULT_CACHE_BYTES
-from client.units import parse_bytes
+from store.source import DEFAULT_CACHE_BYTES
+from store.units import parse_bytes
 
 DEFAULT_MAX_BYTES = 1 << 30  # one response (or batch) of at most 1 GiB of array data
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a batch request body: thousands of regions fit in 4 MiB

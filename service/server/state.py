@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from client.local import LocalSource
 from service.server.inflight import InflightBudget
 from service.server.metrics import Metrics
 from service.server.settings import Settings
+from store.source import LocalSource
 
 
 @dataclass

@@ -27,13 +27,13 @@ from fastapi import Path as PathParam
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from client.errors import InvalidPath
-from client.layout import validate_scan_id
-from client.publish import VERSIONS_DIR
 from service.server.errors import NotInStore, error_response, error_responses
 from service.server.guards import HEAD_SCOPE_KEY
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
 from service.server.state import ServerState, server_state
+from store.errors import InvalidPath
+from store.format import validate_scan_id
+from store.publish import VERSIONS_DIR
 
 router = APIRouter(tags=["zarr"])
 
@@ -241,7 +241,7 @@ async def zarr_file(
 
 
 async def serve_tree_file(request: Request, root: Path, path: str) -> Response:
-    """One file of a store laid out by client/publish.py (the scans' or the predictions'), checked
+    """One file of a store laid out by store/publish.py (the scans' or the predictions'), checked
     and answered the same way for both trees."""
     file = await to_thread.run_sync(open_store_file, root, split_store_path(path))
     try:
@@ -312,7 +312,7 @@ async def predictions_zarr_file(
         str, PathParam(description="`zarr.json`, or `<scan_id>/...` inside a written prediction")
     ],
 ) -> Response:
-    # The predictions store has the scan store's layout (client/publish.py): same checks, same
+    # The predictions store has the scan store's layout (store/publish.py): same checks, same
     # answers, so neuroglancer opens a prediction's label image like a scan's.
     root = state.settings.predictions
     if root is None:

@@ -1,6 +1,6 @@
 """Publishing a folder into a store atomically and durably: versioned folders and a symlink.
 
-Stdlib only, shared by the preprocessing job (``service/store.py``) and the predictions writer
+Stdlib only, shared by the preprocessing job (``store/writer.py``) and the predictions writer
 (``loaders/predictions.py``). A published name is a relative symlink::
 
     ROOT/<name> -> .versions/<name>/<version>

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import InvalidCategories
+from store.errors import InvalidCategories
 
 Categories = tuple[tuple[int, ...], ...]
 

@@ -18,18 +18,9 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from client.categories import merge_mask, normalize_categories
-from client.errors import ArrayNotFound, ScanNotFound
-from client.label_map import (
-    LABEL_MAP,
-    LOCATIONS,
-    Decoded,
-    LabelRegion,
-    category_table,
-    has_label_map,
-    merged,
-)
-from client.layout import (
+from store.categories import merge_mask, normalize_categories
+from store.errors import ArrayNotFound, ScanNotFound
+from store.format import (
     IMAGE,
     MASK,
     ScanMeta,
@@ -39,11 +30,20 @@ from client.layout import (
     validate_array_name,
     validate_scan_id,
 )
-from client.lru import BoundedLRU
-from client.protocol import RegionRequest, RoiLike
-from client.publish import current_version, version_dir
-from client.roi import Region, as_region
-from client.units import parse_bytes
+from store.label_map import (
+    LABEL_MAP,
+    LOCATIONS,
+    Decoded,
+    LabelRegion,
+    category_table,
+    has_label_map,
+    merged,
+)
+from store.lru import BoundedLRU
+from store.protocol import RegionRequest, RoiLike
+from store.publish import current_version, version_dir
+from store.roi import Region, as_region
+from store.units import parse_bytes
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
 LOCAL_CACHE_ENV = "SCANCACHE_LOCAL_CACHE_BYTES"

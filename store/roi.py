@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from client.errors import InvalidROI
+from store.errors import InvalidROI
 
 # ASCII digits only, of bounded length: int() would also take "1_0", other scripts' digits and 5000-digit numbers.
 _INT = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)

@@ -1,6 +1,6 @@
 """Encoding scancache arrays: Zarr v3 shards written slab by slab, in exactly the store format.
 
-The store format (``client/layout.py``: ``sharding_indexed`` shards of whole slices holding
+The store format (``store/format.py``: ``sharding_indexed`` shards of whole slices holding
 inner chunks encoded with ``bytes`` little endian plus blosc-lz4 / zstd / nothing, the index at
 the end followed by its crc32c) is written here directly with the c-blosc and zstd that
 numcodecs ships and google-crc32c, the libraries zarr-python decodes with; tests read every
@@ -29,8 +29,8 @@ import google_crc32c
 import numpy as np
 from numcodecs import blosc, zstd
 
-from client.layout import ChunkLayout, array_metadata
-from service.scratch import scratch
+from store.format import ChunkLayout, array_metadata
+from store.scratch import scratch
 
 _MISSING = np.uint64(2**64 - 1)  # index entry of an inner chunk that is not stored
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from client.layout import LOCK_FILE
-from client.publish import fsync_dir, owner_alive
+from store.format import LOCK_FILE
+from store.publish import fsync_dir, owner_alive
 
 
 class StoreLocked(RuntimeError):

@@ -3,7 +3,7 @@
 A scan is written under the job's staging folder ``STORE/.staging/<job>-<random>/``: its
 arrays, then every extra array step (``ARRAY_STEPS``), then its group ``zarr.json`` carrying
 the scan's attributes and a manifest (every file of the scan and its size). ``publish`` hands
-the folder to ``client.publish.publish_version``: fsync, rename into
+the folder to ``store.publish.publish_version``: fsync, rename into
 ``STORE/.versions/<scan_id>/<version>``, atomic symlink switch of ``STORE/<scan_id>``. A
 published version is never modified or moved; old ones are removed after a grace period.
 """
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from client import ome
-from client import publish as publish_mod
-from client.label_map import LABEL_MAP, LOCATIONS
-from client.layout import (
+from store import ome
+from store import publish as publish_mod
+from store.derived import LocationSampler, label_map_block, scan_seed
+from store.format import (
     FORMAT_VERSION,
     IMAGE,
     MASK,
@@ -32,8 +32,8 @@ from client.layout import (
     group_metadata,
     validate_scan_id,
 )
-from service.derived import LocationSampler, label_map_block, scan_seed
-from service.shards import ShardedArrayWriter
+from store.label_map import LABEL_MAP, LOCATIONS
+from store.shards import ShardedArrayWriter
 
 _STATISTICS_BLOCK = 1 << 20  # voxels per float64 scratch block (8 MB)
 MANIFEST = "manifest"  # scan attribute: {relative file path: size in bytes} of every array file
@@ -252,7 +252,7 @@ ARRAY_STEPS: list[type[ArrayStep]] = []
 class StagedScan:
     """A scan being written under a staging folder: its arrays, then ``publish``.
 
-    ``staging``: the job's staging folder (``client.publish.new_staging``); without it the
+    ``staging``: the job's staging folder (``store.publish.new_staging``); without it the
     scan gets one of its own, removed on exit. Used as a context manager: leaving it without
     ``publish`` (an error, a bad slice found half-way) removes everything written, so a store
     never holds part of a scan.
@@ -324,7 +324,7 @@ class StagedScan:
         extra: dict[str, Any] = {}
         for step in self.steps:
             extra.update(step.finish())
-        # OME-Zarr labels (client/ome.py) over the label map an extra step wrote, if any
+        # OME-Zarr labels (store/ome.py) over the label map an extra step wrote, if any
         ome.link_labels(self.work, "label_map", 0 if self.mask is None else self.mask.shape[3])
         manifest = _manifest(self.work)
         full = {
@@ -408,7 +408,7 @@ def write_arrays(staged: StagedScan, image: np.ndarray, mask: np.ndarray | None)
 
 
 class DerivedArrays(ArrayStep):
-    """``label_map`` and ``locations`` (store format 2, ``service/derived.py``), computed from
+    """``label_map`` and ``locations`` (store format 2, ``store/derived.py``), computed from
     the mask slabs as they are written. The label map is dropped at the first slab where two
     classes overlap; ``finish`` returns the attributes that say what was written."""
 

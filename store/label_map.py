@@ -8,7 +8,7 @@ channel. That decodes one byte a voxel instead of one a class and replaces the p
 of ``merge_mask``; the result is identical because a voxel has at most one class.
 
 ``locations`` (N, 3) int32 holds per class a sample of its voxels (class-sorted; counts in the
-attribute ``location_counts``), see ``service/derived.py``.
+attribute ``location_counts``), see ``store/derived.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from client.categories import Categories, all_categories
+from store.categories import Categories, all_categories
 
 LABEL_MAP = "label_map"
 LOCATIONS = "locations"

@@ -1,11 +1,11 @@
 """Arrays derived from a scan's mask while it is written: the label map and foreground locations.
 
-Pure numpy, no I/O: ``service/store.py`` feeds slabs in and writes what comes out.
+Pure numpy, no I/O: ``store/writer.py`` feeds slabs in and writes what comes out.
 
 * ``label_map`` (H, W, D) uint8: 0 where no class is set, ``k + 1`` where class ``k`` is. It
   exists only when no voxel of the scan has two classes (and every value is 0 or 1), so it
   holds exactly what ``mask`` holds in a sixth of the bytes for six classes; readers merge
-  ``CATEGORIES`` from it through a lookup table (``client/label_map.py``).
+  ``CATEGORIES`` from it through a lookup table (``store/label_map.py``).
 * ``locations`` (N, 3) int32 ``(y, x, z)``: per class, up to ``LOCATIONS_PER_CLASS`` of its
   voxels, rows sorted by class and then in ``numpy.nonzero`` order, with the per-class counts
   in the scan attribute ``location_counts``. Foreground sampling draws a row of the chosen
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.scratch import scratch
+from store.scratch import scratch
 
 LOCATIONS_PER_CLASS = 10_000
 MAX_LABEL_CLASSES = 254  # label k is stored as k + 1 in a uint8

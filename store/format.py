@@ -11,7 +11,7 @@ symlink to the scan's current version::
     STORE/.staging/<job>-<random>/                         scans being written; never read
     STORE/.lock                                            the running job's lock
 
-Publication (``client/publish.py``) renames a complete, fsynced version folder into
+Publication (``store/publish.py``) renames a complete, fsynced version folder into
 ``.versions`` and then switches the symlink, so every ``STORE/<scan_id>`` a reader finds is a
 complete scan, and a reader that resolved the link keeps a consistent version.
 
@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from client.errors import InvalidPath, ScanCacheError
-from client.publish import STAGING_DIR as STAGING_DIR  # re-exported: the store format
-from client.publish import VERSIONS_DIR as VERSIONS_DIR
+from store.errors import InvalidPath, ScanCacheError
+from store.publish import STAGING_DIR as STAGING_DIR  # re-exported: the store format
+from store.publish import VERSIONS_DIR as VERSIONS_DIR
 
 FORMAT_VERSION = 2
 LOCK_FILE = ".lock"

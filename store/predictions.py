@@ -3,7 +3,7 @@
 ::
 
     PRED/zarr.json                      root group, attributes {"scancache_predictions": {"format": 1}}
-    PRED/<scan_id> -> .versions/<scan_id>/<version>   relative symlink, switched atomically (client/publish.py)
+    PRED/<scan_id> -> .versions/<scan_id>/<version>   relative symlink, switched atomically (store/publish.py)
     PRED/<scan_id>/zarr.json            one group per scan: attributes "prediction" (below) and "ome"
     PRED/<scan_id>/probabilities/       (H, W, D, C) float16, the stitched y_pred
     PRED/<scan_id>/label_map/           (H, W, D) uint8: 0 = no class, k+1 = category k
@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from client.errors import ArrayNotFound
-from client.layout import validate_scan_id
-from client.lru import BoundedLRU
-from client.publish import STAGING_DIR as STAGING_DIR  # one name for the staging folder
-from client.roi import Region
+from store.errors import ArrayNotFound
+from store.format import validate_scan_id
+from store.lru import BoundedLRU
+from store.publish import STAGING_DIR as STAGING_DIR  # one name for the staging folder
+from store.roi import Region
 
 PREDICTIONS_FORMAT = 1
 ROOT_KEY = "scancache_predictions"

@@ -13,9 +13,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from client.categories import Categories
-from client.label_map import Decoded
-from client.layout import IMAGE, ScanMeta
+from store.categories import Categories
+from store.format import IMAGE, ScanMeta
+from store.label_map import Decoded
 
 RoiLike = str | Sequence[slice] | None
 
