@@ -35,8 +35,8 @@ from store import publish
 from store import writer as store_mod
 from store.errors import SourceError, one_line
 from store.format import ChunkLayout
-from store.lock import JobLock
 from store.scratch import release_all, restore_malloc, scratch, tune_malloc_for_conversion
+from store.storage import is_s3_url
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
 
@@ -329,7 +329,8 @@ def run_preprocess(
     stream = stream or sys.stderr
     layout = layout or ChunkLayout()
     found = discover(source)
-    store_path = store_mod.ensure_store(Path(store).resolve())
+    location = str(store) if is_s3_url(str(store)) else Path(store).resolve()
+    storage = store_mod.ensure_store(location)
     summary = Summary()
     for err in found.failures:
         summary.add(ScanResult(err.scan, FAILED, str(err)))
@@ -337,14 +338,16 @@ def run_preprocess(
     def warn(message: str) -> None:
         print(f"preprocess: warning: {message}", file=stream, flush=True)
 
-    with JobLock(store_path, wait=wait, warn=warn):
-        publish.clean_stale_staging(store_path)  # what killed jobs left behind
-        staging = publish.new_staging(store_path, "job")
+    with storage.lock(wait=wait, warn=warn):
+        storage.clean_stale_staging()  # what killed jobs left behind
+        # Local: one staging folder beside the store (publishing is a rename). Object storage:
+        # each scan is staged on the disk of the worker converting it, then uploaded.
+        staging = storage.new_staging("job") if storage.is_local else None
         try:
             if found.scans:
                 _convert_all(
                     found.scans,
-                    store_path,
+                    storage.url,
                     staging,
                     layout,
                     summary,
@@ -356,22 +359,23 @@ def run_preprocess(
                     dashboard,
                 )
         finally:
-            publish.remove_staging(staging)
+            if staging is not None:
+                storage.remove_staging(staging)
         known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
-        summary.orphans = [s for s in store_mod.published_scan_ids(store_path) if s not in known]
+        summary.orphans = [s for s in storage.published_names() if s not in known]
         if prune:
             for scan_id in summary.orphans:
-                publish.unpublish(store_path, scan_id)
+                storage.unpublish(scan_id)
             summary.pruned = True
-        summary.removed_versions = len(publish.remove_old_versions(store_path, grace_s))
+        summary.removed_versions = len(storage.remove_old_versions(grace_s))
     summary.seconds = time.monotonic() - started
     return summary
 
 
 def _convert_all(
     specs: list[ScanSpec],
-    store_path: Path,
-    staging: Path,
+    store_url: str,
+    staging: Path | None,
     layout: ChunkLayout,
     summary: Summary,
     scheduler: str | None,
@@ -390,7 +394,16 @@ def _convert_all(
         bar = Progress(summary.total + len(specs), summary.total, progress, stream)
         _run_on_workers(client, tune_malloc_for_conversion)
         try:
-            _run_graph(client, specs, str(store_path), str(staging), layout, summary, bar, on_result)
+            _run_graph(
+                client,
+                specs,
+                store_url,
+                None if staging is None else str(staging),
+                layout,
+                summary,
+                bar,
+                on_result,
+            )
         finally:
             bar.close()
             _run_on_workers(client, release_all)
@@ -411,7 +424,7 @@ def _run_graph(
     client: Any,
     specs: list[ScanSpec],
     store: str,
-    staging: str,
+    staging: str | None,
     layout: ChunkLayout,
     summary: Summary,
     bar: Progress,

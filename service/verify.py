@@ -20,8 +20,8 @@ from service.slice_files import LoadedScan, load_scan
 from service.sources import ScanSpec, discover
 from store.errors import SourceError, one_line
 from store.format import IMAGE, MASK
-from store.publish import current_version, version_dir
-from store.writer import check_store, manifest_problem, published_scan_ids, read_scan_attrs
+from store.storage import Storage, is_s3_url, version_key
+from store.writer import check_store, manifest_mismatch, published_scan_ids
 
 OK, MISMATCH, MISSING, FAILED, EXTRA, TORN = "OK", "MISMATCH", "MISSING", "FAILED", "EXTRA", "TORN"
 STATUSES = (OK, MISMATCH, MISSING, TORN, FAILED, EXTRA)
@@ -55,13 +55,14 @@ class VerifyReport:
         return f"verify: {', '.join(parts) or 'nothing to compare'}; {verdict}"
 
 
-def _read_array(folder: Path, name: str) -> np.ndarray | None:
-    import zarr
+def _read_array(storage: Storage, folder: str, name: str) -> np.ndarray | None:
+    """A whole stored array, read through tensorstore from the store's own storage."""
+    import tensorstore as ts
 
-    path = folder / name
-    if not (path / "zarr.json").is_file():
+    if storage.read(f"{folder}/{name}/zarr.json") is None:
         return None
-    return np.asarray(zarr.open_array(str(path), mode="r")[...])
+    spec = {"driver": "zarr3", "kvstore": storage.kvstore(f"{folder}/{name}")}
+    return np.asarray(ts.open(spec, read=True, open=True).result().read().result())
 
 
 def _equal(stored: np.ndarray, truth: np.ndarray, block: int = 8) -> bool:
@@ -96,28 +97,36 @@ def _first_difference(stored: np.ndarray, truth: np.ndarray) -> str:
     return f"{len(where)} voxels differ, first at {index}: store {stored[index]!r}, source {truth[index]!r}"
 
 
-def compare_scan(store: Path, spec: ScanSpec) -> VerifyLine:
+def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
     try:
         source = load_scan(spec)
     except SourceError as err:
         return VerifyLine(spec.scan_id, FAILED, f"{err.file}: {err.why}")
-    version = current_version(store, spec.scan_id)
-    folder = version_dir(store, spec.scan_id, version) if version else store / spec.scan_id
-    attrs = read_scan_attrs(folder.parent, folder.name)
-    if version is None or attrs is None:
+    version = store.current_version(spec.scan_id)
+    if version is None:
         return VerifyLine(spec.scan_id, MISSING, "not in the store")
-    torn = manifest_problem(folder.parent, folder.name, attrs)
+    folder = version_key(spec.scan_id, version)  # one version throughout, even if re-published
+    try:
+        doc = store.read_json(f"{folder}/zarr.json")
+        attrs = doc["attributes"] if isinstance(doc, dict) else None
+    except (ValueError, KeyError):
+        attrs = None
+    if not isinstance(attrs, dict):
+        return VerifyLine(spec.scan_id, MISSING, "not in the store")
+    torn = manifest_mismatch(store.sizes(folder), attrs)
     if torn is not None:
         return VerifyLine(spec.scan_id, TORN, torn)
     try:
-        return _compare_arrays(folder, spec, source, attrs)
+        return _compare_arrays(store, folder, spec, source, attrs)
     except Exception as err:  # a shard that does not decode: damaged after publication
         why = one_line(err, 200)
         return VerifyLine(spec.scan_id, TORN, f"unreadable: {type(err).__name__}: {why}")
 
 
-def _compare_arrays(folder: Path, spec: ScanSpec, source: LoadedScan, attrs: dict[str, Any]) -> VerifyLine:
-    image = _read_array(folder, IMAGE)
+def _compare_arrays(
+    store: Storage, folder: str, spec: ScanSpec, source: LoadedScan, attrs: dict[str, Any]
+) -> VerifyLine:
+    image = _read_array(store, folder, IMAGE)
     if image is None:
         return VerifyLine(spec.scan_id, MISSING, "no image array")
     if image.shape != source.image.shape or image.dtype != source.image.dtype:
@@ -128,7 +137,7 @@ def _compare_arrays(folder: Path, spec: ScanSpec, source: LoadedScan, attrs: dic
         )
     if not _equal(image, source.image):
         return VerifyLine(spec.scan_id, MISMATCH, "image: " + _first_difference(image, source.image))
-    mask = _read_array(folder, MASK)
+    mask = _read_array(store, folder, MASK)
     if (mask is None) != (source.mask is None):
         has = "has no mask" if mask is None else "has a mask"
         return VerifyLine(
@@ -151,7 +160,7 @@ def verify_store(
 ) -> VerifyReport:
     """Compare every scan of ``source`` with ``store``. Raises ``EmptySource`` for an empty source."""
     found = discover(source)
-    root = check_store(store)
+    root = check_store(str(store) if is_s3_url(str(store)) else Path(store))
     report = VerifyReport()
 
     def emit(line: VerifyLine) -> None:

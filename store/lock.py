@@ -30,7 +30,7 @@ class StoreLocked(RuntimeError):
     """Another job holds the store's lock."""
 
 
-def _describe(owner: dict[str, Any] | None) -> str:
+def describe_owner(owner: dict[str, Any] | None) -> str:
     if not owner:
         return "an unknown job (unreadable lock file)"
     started = owner.get("started")
@@ -61,9 +61,11 @@ class JobLock:
         wait: bool = False,
         warn: Callable[[str], None] | None = None,
         poll_s: float = 1.0,
+        name: str = LOCK_FILE,
     ) -> None:
         self.store = Path(store)
-        self.path = self.store / LOCK_FILE
+        self.name = name
+        self.path = self.store / name
         self.wait, self.poll_s = wait, poll_s
         self.warn = warn or (lambda message: None)
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
@@ -84,14 +86,14 @@ class JobLock:
     def _take_over_stale(self, owner: dict[str, Any]) -> None:
         """Move a stale lock aside; if what was moved is not the lock judged stale (another
         job took it over first), put it back."""
-        aside = self.store / f"{LOCK_FILE}.stale-{uuid.uuid4().hex[:8]}"
+        aside = self.store / f"{self.name}.stale-{uuid.uuid4().hex[:8]}"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
         if read_lock(aside) == owner:
             aside.unlink(missing_ok=True)
-            self.warn(f"{self.store}: took over the lock of a job that is gone ({_describe(owner)})")
+            self.warn(f"{self.store}: took over the lock of a job that is gone ({describe_owner(owner)})")
         else:
             try:
                 os.link(aside, self.path)  # fails if yet another job holds it now
@@ -110,11 +112,11 @@ class JobLock:
                 continue  # released between our attempt and the read
             if not self.wait:
                 raise StoreLocked(
-                    f"{self.store}: another job is writing this store ({_describe(owner)}); "
-                    f"wait for it (--wait), or delete {LOCK_FILE} if that job is gone"
+                    f"{self.store}: another job is writing this store ({describe_owner(owner)}); "
+                    f"wait for it (--wait), or delete {self.name} if that job is gone"
                 )
             if not announced:
-                self.warn(f"{self.store}: waiting for the job holding the lock ({_describe(owner)})")
+                self.warn(f"{self.store}: waiting for the job holding the lock ({describe_owner(owner)})")
                 announced = True
             time.sleep(self.poll_s)
         self.held = True

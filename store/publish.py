@@ -85,11 +85,11 @@ def write_json_durably(path: str | os.PathLike[str], doc: object) -> None:
     os.replace(tmp, target)
 
 
-def _new_version_name() -> str:
+def new_version_name() -> str:
     return f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
 
 
-def _version_time(version: str) -> float | None:
+def version_time(version: str) -> float | None:
     head = version.split("-", 1)[0]
     return int(head) / 1e9 if head.isdigit() and len(head) == 20 else None
 
@@ -125,7 +125,7 @@ def publish_version(root: str | os.PathLike[str], name: str, staged_dir: str | o
         versions.mkdir(parents=True, exist_ok=True)
         fsync_dir(versions.parent)
         fsync_dir(root)
-    version = _new_version_name()
+    version = new_version_name()
     os.rename(staged_dir, versions / version)
     fsync_dir(versions)
     link = root / f".{name}.{uuid.uuid4().hex}.link"
@@ -171,7 +171,7 @@ def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_G
         for i, version in enumerate(versions):
             if version == current:
                 continue
-            later = _version_time(versions[i + 1]) if i + 1 < len(versions) else None
+            later = version_time(versions[i + 1]) if i + 1 < len(versions) else None
             try:
                 since = later if later is not None else name_dir.stat().st_mtime
                 since = max(since, (name_dir / version).stat().st_mtime)
@@ -189,9 +189,9 @@ def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_G
 
 
 # -- staging ----------------------------------------------------------------------------------
-def new_staging(root: str | os.PathLike[str], label: str) -> Path:
+def new_staging(root: str | os.PathLike[str], label: str, folder: str = STAGING_DIR) -> Path:
     """A fresh folder ``ROOT/.staging/<label>-<random>/`` owned by this process."""
-    staging = Path(root) / STAGING_DIR
+    staging = Path(root) / folder
     staging.mkdir(parents=True, exist_ok=True)
     path = staging / f"{label}-{uuid.uuid4().hex[:12]}"
     path.mkdir()
@@ -238,9 +238,9 @@ def owner_alive(owner: dict[str, object]) -> bool:
     return pid_alive(pid)
 
 
-def clean_stale_staging(root: str | os.PathLike[str]) -> int:
+def clean_stale_staging(root: str | os.PathLike[str], folder: str = STAGING_DIR) -> int:
     """Remove staging folders of dead writers (and entries without an owner); returns how many."""
-    staging = Path(root) / STAGING_DIR
+    staging = Path(root) / folder
     if not staging.is_dir():
         return 0
     count = 0

@@ -41,8 +41,8 @@ from store.label_map import (
 )
 from store.lru import BoundedLRU
 from store.protocol import RegionRequest, RoiLike
-from store.publish import current_version, version_dir
 from store.roi import Region, as_region
+from store.storage import Storage, open_storage, version_key
 from store.units import parse_bytes
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
@@ -98,25 +98,31 @@ ARRAY_CACHE_ENTRIES = 1024  # open tensorstore arrays it keeps (LRU); each holds
 
 
 class LocalSource:
-    """A store on disk. Thread-safe; cheap to create; ``close`` is optional.
+    """A store read directly, without a server: a folder (local or mounted) or
+    ``s3://BUCKET/PREFIX`` (``store.s3``). Thread-safe; cheap to create; ``close`` is optional.
 
     ``cache_bytes``: the decoded-chunk LRU (default :func:`default_cache_bytes`).
 
-    Every call resolves each scan's link ``STORE/<scan_id> -> .versions/<scan_id>/<version>``
-    once and reads that version's folder, so one call never mixes two versions and never sees
+    Every call resolves each scan's current version once (the link
+    ``STORE/<scan_id> -> .versions/<scan_id>/<version>``, or on S3 its pointer object, trusted
+    for a second) and reads that version, so one call never mixes two versions and never sees
     a gap while a job re-publishes; the next call reads the new version. Metadata and open
     arrays are cached by version, in LRUs bounded in entries.
     """
 
-    def __init__(self, path: str | os.PathLike[str], cache_bytes: int | None = None) -> None:
-        self.root = Path(path)
+    def __init__(self, path: str | os.PathLike[str] | Storage, cache_bytes: int | None = None) -> None:
+        self.storage = open_storage(path)
+        self.root = self.storage.local_path() or Path(self.storage.url)
+        data = self.storage.read("zarr.json")
+        if data is None:
+            raise FileNotFoundError(f"{self.storage}: not a scancache store (no zarr.json)")
         try:
-            root_doc = json.loads((self.root / "zarr.json").read_bytes())
-        except (FileNotFoundError, NotADirectoryError):
-            raise FileNotFoundError(f"{path}: not a scancache store (no zarr.json)") from None
+            root_doc = json.loads(data)
         except ValueError:
-            raise StoreFormatError(f"{path}: not a scancache store (its zarr.json is not JSON)") from None
-        check_store_format(path, root_doc)
+            raise StoreFormatError(
+                f"{self.storage}: not a scancache store (its zarr.json is not JSON)"
+            ) from None
+        check_store_format(self.storage, root_doc)
         if cache_bytes is None:
             cache_bytes = default_cache_bytes()
         self.cache_bytes = int(cache_bytes)
@@ -140,11 +146,11 @@ class LocalSource:
         self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
 
     def __repr__(self) -> str:
-        return f"LocalSource({str(self.root)!r})"
+        return f"LocalSource({self.storage.url!r})"
 
     # -- metadata ---------------------------------------------------------------------------
     def _current(self, scan_id: str) -> str:
-        version = current_version(self.root, scan_id)
+        version = self.storage.current_version(scan_id)
         if version is None:  # no link: never published, removed, or a file in the store root
             raise ScanNotFound(f"scan {scan_id!r} not found")
         return version
@@ -156,11 +162,11 @@ class LocalSource:
         cached = self._meta.get(scan_id)
         if cached is not None and cached[0] == version:
             return cached
+        data = self.storage.read(f"{version_key(scan_id, version)}/zarr.json")
+        if data is None:  # the version was removed under us
+            raise ScanNotFound(f"scan {scan_id!r} not found")
         try:
-            doc = json.loads((version_dir(self.root, scan_id, version) / "zarr.json").read_bytes())
-            meta = ScanMeta.from_attrs(doc["attributes"])
-        except (FileNotFoundError, NotADirectoryError):  # the version was removed under us
-            raise ScanNotFound(f"scan {scan_id!r} not found") from None
+            meta = ScanMeta.from_attrs(json.loads(data)["attributes"])
         except (KeyError, ValueError, TypeError):
             raise ScanNotFound(f"{scan_id!r} is not a scancache scan") from None
         state = (version, meta)
@@ -176,9 +182,7 @@ class LocalSource:
         return self._state(scan_id)[0]
 
     def scan_ids(self) -> list[str]:
-        with os.scandir(self.root) as it:
-            names = [entry.name for entry in it if not entry.name.startswith(".")]
-        return sorted(name for name in names if current_version(self.root, name) is not None)
+        return self.storage.published_names()
 
     def list_scans(self, **filters: Any) -> list[ScanMeta]:
         out = []
@@ -208,8 +212,10 @@ class LocalSource:
         key = (scan_id, name, version, cached)
         opened = self._arrays.get(key)
         if opened is None:
-            path = version_dir(self.root, scan_id, version) / name
-            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+            spec = {
+                "driver": "zarr3",
+                "kvstore": self.storage.kvstore(f"{version_key(scan_id, version)}/{name}"),
+            }
             _mark_tensorstore_used()
             try:
                 context = self._context if cached else self._uncached

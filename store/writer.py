@@ -10,7 +10,6 @@ published version is never modified or moved; old ones are removed after a grace
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -33,81 +32,81 @@ from store.format import (
     validate_scan_id,
 )
 from store.label_map import LABEL_MAP, LOCATIONS
+from store.s3 import S3Storage
 from store.shards import ShardedArrayWriter
+from store.storage import LocalStorage, Storage, open_storage, version_key
 
 _STATISTICS_BLOCK = 1 << 20  # voxels per float64 scratch block (8 MB)
 MANIFEST = "manifest"  # scan attribute: {relative file path: size in bytes} of every array file
 
 
-def ensure_store(root: str | os.PathLike[str]) -> Path:
-    """Create the root group if needed; refuse a directory that is something else, or a store
+def ensure_store(location: str | os.PathLike[str] | Storage) -> Storage:
+    """Create the root group if needed; refuse a location that is something else, or a store
     of another format version (one line naming the store and both versions)."""
-    path = Path(root)
-    meta = path / "zarr.json"
-    if meta.exists():
-        try:
-            doc = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            raise ValueError(f"{root}: exists and is not a scancache store (unreadable zarr.json)") from None
+    storage = open_storage(location)
+    if isinstance(storage, S3Storage):
+        storage.check_bucket()
+    local = storage.local_path()
+    if local is not None and local.exists() and not local.is_dir():
+        raise ValueError(f"{storage}: exists and is a file, not a store folder")
+    try:
+        doc = storage.read_json("zarr.json")
+    except ValueError:
+        raise ValueError(f"{storage}: exists and is not a scancache store (unreadable zarr.json)") from None
+    if doc is not None:
         if not isinstance(doc, dict) or doc.get("node_type") != "group":
-            raise ValueError(f"{root}: exists and is not a scancache store")
-        check_store_format(root, doc)
-        return path
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{root}: exists and is a file, not a store folder")
-    if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".")):
-        raise ValueError(f"{root}: exists, is not empty and is not a scancache store")
-    path.mkdir(parents=True, exist_ok=True)
-    publish_mod.write_json_durably(meta, group_metadata({"scancache": {"format": FORMAT_VERSION}}))
-    publish_mod.fsync_dir(path)
-    return path
+            raise ValueError(f"{storage}: exists and is not a scancache store")
+        check_store_format(storage, doc)
+        return storage
+    if not storage.is_empty():
+        raise ValueError(f"{storage}: exists, is not empty and is not a scancache store")
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+    storage.write_json("zarr.json", group_metadata({"scancache": {"format": FORMAT_VERSION}}))
+    return storage
 
 
-def check_store(root: str | os.PathLike[str]) -> Path:
+def check_store(location: str | os.PathLike[str] | Storage) -> Storage:
     """An existing store of this format (for readers: verify, scans); refuses anything else."""
-    path = Path(root)
+    storage = open_storage(location)
     try:
-        doc = json.loads((path / "zarr.json").read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        raise FileNotFoundError(f"{root}: not a scancache store (no zarr.json)") from None
-    except (OSError, ValueError):
-        raise ValueError(f"{root}: not a scancache store (unreadable zarr.json)") from None
-    check_store_format(root, doc)
-    return path
+        doc = storage.read_json("zarr.json")
+    except ValueError:
+        raise ValueError(f"{storage}: not a scancache store (unreadable zarr.json)") from None
+    if doc is None:
+        raise FileNotFoundError(f"{storage}: not a scancache store (no zarr.json)")
+    check_store_format(storage, doc)
+    return storage
 
 
-def read_scan_attrs(root: str | os.PathLike[str], scan_id: str) -> dict[str, Any] | None:
+def read_scan_attrs(location: str | os.PathLike[str] | Storage, scan_id: str) -> dict[str, Any] | None:
     """The attributes of a published scan, or None if there is none (or it is unreadable)."""
+    storage = open_storage(location)
+    version = storage.current_version(scan_id)
+    if version is None:
+        return None
     try:
-        doc = json.loads((Path(root) / scan_id / "zarr.json").read_text())
+        doc = storage.read_json(f"{version_key(scan_id, version)}/zarr.json")
         attrs = doc["attributes"]
         return attrs if isinstance(attrs, dict) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def published_scan_ids(root: str | os.PathLike[str]) -> list[str]:
-    """Names of the store's published scans (links into ``.versions``), sorted."""
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return []
-    return sorted(n for n in names if not n.startswith(".") and publish_mod.current_version(root, n))
+def published_scan_ids(location: str | os.PathLike[str] | Storage) -> list[str]:
+    """Names of the store's published scans, sorted."""
+    return open_storage(location).published_names()
 
 
-def manifest_problem(root: str | os.PathLike[str], scan_id: str, attrs: dict[str, Any]) -> str | None:
-    """Why a published scan's files do not match its manifest (None: all there, all sizes right).
-
-    Neither the skip check nor ``verify`` trusts a scan this returns a reason for.
-    """
+def manifest_mismatch(sizes: dict[str, int], attrs: dict[str, Any]) -> str | None:
+    """Why a scan version's files (``sizes``: relative path -> bytes) do not match the
+    manifest in its attributes (None: all there, all sizes right)."""
     manifest = attrs.get(MANIFEST)
     if not isinstance(manifest, dict) or not manifest:
         return "no manifest of its files"
-    folder = Path(root) / scan_id
     for rel, size in manifest.items():
-        try:
-            have = os.stat(folder / rel).st_size
-        except OSError:
+        have = sizes.get(rel)
+        if have is None:
             return f"{rel} is missing"
         if have != size:
             return f"{rel} has {have} bytes, {size} were written"
@@ -115,6 +114,21 @@ def manifest_problem(root: str | os.PathLike[str], scan_id: str, attrs: dict[str
         if f"{array}/zarr.json" not in manifest:
             return f"no {array} array"
     return None
+
+
+def manifest_problem(
+    location: str | os.PathLike[str] | Storage, scan_id: str, attrs: dict[str, Any]
+) -> str | None:
+    """Why a published scan's files do not match its manifest (None: all there, all sizes right).
+
+    Neither the skip check nor ``verify`` trusts a scan this returns a reason for. One listing
+    of the version (one LIST request on object storage).
+    """
+    storage = open_storage(location)
+    version = storage.current_version(scan_id)
+    if version is None:
+        return "not published"
+    return manifest_mismatch(storage.sizes(version_key(scan_id, version)), attrs)
 
 
 class ScanStatistics:
@@ -260,7 +274,7 @@ class StagedScan:
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        root: str | os.PathLike[str] | Storage,
         scan_id: str,
         layout: ChunkLayout,
         staging: str | os.PathLike[str] | None = None,
@@ -268,7 +282,7 @@ class StagedScan:
         self.scan_id = validate_scan_id(scan_id)
         self.layout = layout
         self.store = ensure_store(root)
-        self._own_staging = None if staging is not None else publish_mod.new_staging(self.store, "scan")
+        self._own_staging = None if staging is not None else self.store.new_staging("scan")
         parent = Path(staging) if staging is not None else self._own_staging
         assert parent is not None
         self.work = parent / f"{scan_id}.{uuid.uuid4().hex}"
@@ -290,10 +304,11 @@ class StagedScan:
                 writer.close()
         for step in self.steps:  # an aborted scan: steps close what they hold open
             getattr(step, "close", lambda: None)()
-        if not self.published:
-            shutil.rmtree(self.work, ignore_errors=True)
+        # unpublished: nothing of it is kept; published to object storage: the upload's source
+        # (a local publish renamed the folder away)
+        shutil.rmtree(self.work, ignore_errors=True)
         if self._own_staging is not None:
-            publish_mod.remove_staging(self._own_staging)
+            self.store.remove_staging(self._own_staging)
 
     def create_image(self, shape: tuple[int, int, int], dtype: np.dtype) -> ShardedArrayWriter:
         native = np.dtype(dtype).newbyteorder("=")  # the store keeps values, not byte orders
@@ -340,13 +355,13 @@ class StagedScan:
             MANIFEST: manifest,
         }
         full["ome"] = ome.image_attrs(self.scan_id, IMAGE)  # NGFF 0.5 for napari, neuroglancer
-        problem = manifest_problem(self.work.parent, self.work.name, full)
+        problem = manifest_mismatch(LocalStorage(self.work).sizes(""), full)
         if problem is not None:  # never publish a scan whose arrays are not all there
             raise ValueError(f"{self.scan_id}: not published, {problem}")
         group = self.work / "zarr.json"
         publish_mod.write_json_durably(group, group_metadata(full))
         self.bytes_written = sum(manifest.values()) + group.stat().st_size
-        self.version = publish_mod.publish_version(self.store, self.scan_id, self.work)
+        self.version = self.store.publish(self.scan_id, self.work)
         self.published = True
         return full
 

@@ -1,0 +1,356 @@
+"""A store in an S3-compatible bucket: ``s3://BUCKET/PREFIX``.
+
+Keys are the local layout's paths under ``PREFIX/``, except that object storage has no links:
+a published name is a small pointer object ``PREFIX/.current/<name>`` holding
+``{"version": "<version>"}``; the version's objects live under
+``PREFIX/.versions/<name>/<version>/``, uploaded completely before the pointer is written
+(one PUT, atomic on S3), so a reader that finds a pointer finds the whole version.
+Unpublishing deletes the pointer and leaves ``.versions/<name>/.unpublished`` (the time) so
+the grace period counts from then. The job's lock is ``PREFIX/.lock``, created with a
+conditional write (``If-None-Match: *``) and kept fresh by a heartbeat (``store.s3_lock``).
+
+Endpoint, region and credentials come from the standard AWS settings (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_PROFILE`` and the
+files under ``~/.aws``), resolved by botocore; tensorstore reads arrays with the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from store.errors import ScanCacheError
+from store.format import VERSIONS_DIR
+from store.publish import new_version_name, version_time
+from store.storage import S3_SCHEME, Storage, clean_local_staging, copy_tree_files, local_staging
+
+CURRENT_DIR = ".current"
+UNPUBLISHED = ".unpublished"
+POINTER_TTL_S = 1.0  # how long a reader trusts a pointer it read (old versions outlive it by far)
+UPLOAD_THREADS = 16
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class StoreUnavailable(ScanCacheError, OSError):
+    """The object store cannot be used: no bucket, refused credentials, unreachable endpoint."""
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> (bucket, prefix without slashes at either end)."""
+    if not url.startswith(S3_SCHEME):
+        raise ValueError(f"{url}: not an s3:// URL")
+    bucket, _, prefix = url[len(S3_SCHEME) :].partition("/")
+    if not _BUCKET.match(bucket):
+        raise ValueError(f"{url}: {bucket!r} is not a valid S3 bucket name")
+    prefix = prefix.strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise ValueError(f"{url}: the prefix has empty, '.' or '..' components")
+    return bucket, prefix
+
+
+def _error_code(err: BaseException) -> str:
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+class S3Storage(Storage):
+    """A store under ``s3://bucket/prefix``; thread-safe."""
+
+    def __init__(self, bucket: str, prefix: str, client: Any = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = f"{S3_SCHEME}{bucket}/{self.prefix}" if self.prefix else f"{S3_SCHEME}{bucket}"
+        session = boto3.session.Session()
+        config = Config(
+            max_pool_connections=64,
+            connect_timeout=5,
+            read_timeout=60,
+            retries={"max_attempts": 4, "mode": "standard"},
+        )
+        self.client = client or session.client("s3", config=config)
+        self.endpoint = str(self.client.meta.endpoint_url)
+        self.region = session.region_name or self.client.meta.region_name or "us-east-1"
+        self._profile = session.profile_name if os.environ.get("AWS_PROFILE") else None
+        self._pointers: dict[str, tuple[float, str | None]] = {}
+        self._pointer_lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str) -> S3Storage:
+        bucket, prefix = parse_s3_url(url)
+        return cls(bucket, prefix)
+
+    def __getstate__(self) -> dict[str, Any]:  # Dask ships storages to workers: re-make the client
+        return {"bucket": self.bucket, "prefix": self.prefix}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["bucket"], state["prefix"])  # type: ignore[misc]
+
+    # -- keys and errors ----------------------------------------------------------------
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _fail(self, err: BaseException) -> StoreUnavailable:
+        """One line naming the store and the cause."""
+        code = _error_code(err)
+        name = type(err).__name__
+        if code in ("NoSuchBucket",) or (code == "404" and "Bucket" in str(err)):
+            why = f"bucket {self.bucket!r} does not exist"
+        elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"):
+            why = f"access denied ({code}): check the AWS credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE)"
+        elif name in (
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ReadTimeoutError",
+            "ConnectionClosedError",
+        ):
+            why = f"cannot reach the endpoint {self.endpoint} ({name})"
+        elif name == "NoCredentialsError":
+            why = "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        else:
+            why = f"{name}: {code or err}"
+        return StoreUnavailable(f"{self.url}: {why}")
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
+        except ClientError as err:
+            if _error_code(err) in ("NoSuchKey", "404") and method in ("get_object", "head_object"):
+                return None
+            if _error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                raise
+            raise self._fail(err) from None
+        except BotoCoreError as err:
+            raise self._fail(err) from None
+
+    def check_bucket(self) -> None:
+        """Fail in one line if the bucket is missing or refused."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            if _error_code(err) in ("404", "NoSuchBucket", "NotFound"):
+                raise StoreUnavailable(f"{self.url}: bucket {self.bucket!r} does not exist") from None
+            raise self._fail(err) from None
+        except BotoCoreError as err:
+            raise self._fail(err) from None
+
+    # -- documents ----------------------------------------------------------------------
+    def read(self, key: str) -> bytes | None:
+        response = self._call("get_object", Key=self._key(key))
+        return None if response is None else bytes(response["Body"].read())
+
+    def read_with_etag(self, key: str) -> tuple[bytes, str, dict[str, Any]] | None:
+        response = self._call("get_object", Key=self._key(key))
+        if response is None:
+            return None
+        return bytes(response["Body"].read()), str(response["ETag"]), response
+
+    def read_range(self, key: str, start: int, end: int) -> bytes | None:
+        if end <= start:
+            return b"" if self.read_size(key) is not None else None
+        response = self._call("get_object", Key=self._key(key), Range=f"bytes={start}-{end - 1}")
+        return None if response is None else bytes(response["Body"].read())
+
+    def read_size(self, key: str) -> int | None:
+        response = self._call("head_object", Key=self._key(key))
+        return None if response is None else int(response["ContentLength"])
+
+    def write(self, key: str, data: bytes) -> None:
+        self._call("put_object", Key=self._key(key), Body=data)
+
+    def create(self, key: str, data: bytes) -> str | None:
+        """Write only if absent (``If-None-Match: *``); returns the ETag, or None if it exists."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return str(self._call("put_object", Key=self._key(key), Body=data, IfNoneMatch="*")["ETag"])
+        except ClientError:
+            return None
+
+    def replace(self, key: str, data: bytes, etag: str) -> str | None:
+        """Write only if the object still has ``etag`` (``If-Match``); the new ETag or None."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return str(self._call("put_object", Key=self._key(key), Body=data, IfMatch=etag)["ETag"])
+        except ClientError:
+            return None
+
+    def delete(self, key: str) -> None:
+        self._call("delete_object", Key=self._key(key))
+
+    def _list(self, prefix: str, delimiter: bool = False) -> Iterator[dict[str, Any]]:
+        """Pages of ``list_objects_v2`` under a key prefix (which ends with ``/`` or is empty)."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": prefix}
+            if delimiter:
+                kwargs["Delimiter"] = "/"
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("list_objects_v2", **kwargs)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    def _objects(self, prefix: str) -> Iterator[dict[str, Any]]:
+        base = self._key(prefix.rstrip("/") + "/") if prefix else (self.prefix + "/" if self.prefix else "")
+        for page in self._list(base):
+            for item in page.get("Contents", []):
+                item = dict(item)
+                item["Rel"] = item["Key"][len(base) :]
+                yield item
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        return {item["Rel"]: int(item["Size"]) for item in self._objects(prefix)}
+
+    def is_empty(self) -> bool:
+        base = self.prefix + "/" if self.prefix else ""
+        for page in self._list(base, delimiter=True):
+            keys = [c["Key"][len(base) :] for c in page.get("Contents", [])]
+            keys += [p["Prefix"][len(base) :] for p in page.get("CommonPrefixes", [])]
+            if any(not k.startswith(".") for k in keys):
+                return False
+        return True
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            self._call("delete_objects", Delete={"Objects": batch, "Quiet": True})
+
+    # -- versions -----------------------------------------------------------------------
+    def _pointer_key(self, name: str) -> str:
+        return f"{CURRENT_DIR}/{name}"
+
+    def current_version(self, name: str) -> str | None:
+        now = time.monotonic()
+        with self._pointer_lock:
+            cached = self._pointers.get(name)
+        if cached is not None and now - cached[0] < POINTER_TTL_S:
+            return cached[1]
+        version = None
+        try:
+            doc = self.read_json(self._pointer_key(name))
+            if isinstance(doc, dict) and isinstance(doc.get("version"), str):
+                version = doc["version"]
+        except ValueError:
+            version = None
+        with self._pointer_lock:
+            self._pointers[name] = (now, version)
+            if len(self._pointers) > 65536:
+                self._pointers.clear()
+        return version
+
+    def published_names(self) -> list[str]:
+        return sorted(rel for rel in self.sizes(CURRENT_DIR) if "/" not in rel and not rel.startswith("."))
+
+    def publish(self, name: str, staged: Path) -> str:
+        version = new_version_name()
+        base = f"{VERSIONS_DIR}/{name}/{version}"
+        files = copy_tree_files(staged)
+        last = [f for f in files if f[1] == "zarr.json"]  # the group last: a complete version
+        rest = [f for f in files if f[1] != "zarr.json"]
+
+        def upload(item: tuple[Path, str]) -> None:
+            self._call("put_object", Key=self._key(f"{base}/{item[1]}"), Body=item[0].read_bytes())
+
+        with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+            list(pool.map(upload, rest))
+        for item in last:
+            upload(item)
+        self.write_json(self._pointer_key(name), {"version": version})
+        self.delete(f"{VERSIONS_DIR}/{name}/{UNPUBLISHED}")
+        with self._pointer_lock:
+            self._pointers[name] = (time.monotonic(), version)
+        return version
+
+    def unpublish(self, name: str) -> bool:
+        if self.current_version(name) is None and self.read(self._pointer_key(name)) is None:
+            return False
+        self.write_json(f"{VERSIONS_DIR}/{name}/{UNPUBLISHED}", {"time": time.time()})
+        self.delete(self._pointer_key(name))
+        with self._pointer_lock:
+            self._pointers.pop(name, None)
+        return True
+
+    def remove_old_versions(self, grace_s: float) -> list[str]:
+        by_version: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        unpublished: dict[str, float] = {}
+        for item in self._objects(VERSIONS_DIR):
+            parts = item["Rel"].split("/", 2)
+            if len(parts) == 2 and parts[1] == UNPUBLISHED:
+                try:
+                    doc = json.loads(self.read(f"{VERSIONS_DIR}/{item['Rel']}") or b"{}")
+                    unpublished[parts[0]] = float(doc.get("time", 0.0))
+                except (ValueError, TypeError):
+                    unpublished[parts[0]] = item["LastModified"].timestamp()
+            elif len(parts) == 3:
+                by_version.setdefault((parts[0], parts[1]), []).append(item)
+        now = time.time()
+        removed = []
+        names = sorted({name for name, _ in by_version})
+        for name in names:
+            with self._pointer_lock:
+                self._pointers.pop(name, None)
+            current = self.current_version(name)
+            versions = sorted(v for n, v in by_version if n == name)
+            for i, version in enumerate(versions):
+                if version == current:
+                    continue
+                items = by_version[(name, version)]
+                later = version_time(versions[i + 1]) if i + 1 < len(versions) else None
+                written = max(item["LastModified"].timestamp() for item in items)
+                since = later if later is not None else max(written, unpublished.get(name, 0.0))
+                if now - max(since, written) >= grace_s:
+                    self._delete_keys([item["Key"] for item in items])
+                    removed.append(f"{name}/{version}")
+            if current is None and len(removed) and all(f"{name}/{v}" in removed for v in versions):
+                self.delete(f"{VERSIONS_DIR}/{name}/{UNPUBLISHED}")
+        return removed
+
+    # -- staging and the lock ------------------------------------------------------------
+    def new_staging(self, label: str) -> Path:
+        return local_staging(label)
+
+    def clean_stale_staging(self) -> int:
+        return clean_local_staging()
+
+    def lock(
+        self, wait: bool = False, warn: Callable[[str], None] | None = None, key: str = ".lock"
+    ) -> AbstractContextManager[Any]:
+        from store.s3_lock import S3Lock
+
+        return S3Lock(self, key, wait=wait, warn=warn)
+
+    # -- reading arrays -----------------------------------------------------------------
+    def kvstore(self, key: str) -> dict[str, Any]:
+        if os.environ.get("AWS_ACCESS_KEY_ID"):
+            credentials: dict[str, Any] = {"type": "environment"}
+        elif self._profile:
+            credentials = {"type": "profile", "profile": self._profile}
+        else:
+            credentials = {"type": "default"}
+        return {
+            "driver": "s3",
+            "bucket": self.bucket,
+            "path": self._key(key.rstrip("/") + "/"),
+            "endpoint": self.endpoint,
+            "aws_region": self.region,
+            "aws_credentials": credentials,
+        }

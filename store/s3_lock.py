@@ -1,0 +1,141 @@
+"""One writer per store on object storage: ``PREFIX/.lock`` by conditional writes.
+
+The lock object is created with ``If-None-Match: *``: of two jobs that try at once, exactly
+one PUT succeeds. The holder rewrites it every ``HEARTBEAT_S`` seconds with ``If-Match`` on
+the ETag it last wrote, so a lock whose object has not changed for ``STALE_S`` seconds (by the
+object store's own clock: its ``Last-Modified`` against the ``Date`` of the response that read
+it) belongs to a job that is gone, as does one naming a dead pid of this host. A stale lock is
+taken over with ``If-Match`` on the ETag judged stale, so two jobs cannot both take it over.
+A holder whose heartbeat finds the lock taken stops publishing (``lost`` is set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from store.lock import StoreLocked, describe_owner
+from store.publish import owner_alive
+
+if TYPE_CHECKING:
+    from store.s3 import S3Storage
+
+HEARTBEAT_S = float(os.environ.get("SCANCACHE_LOCK_HEARTBEAT_S", "15"))
+STALE_S = float(os.environ.get("SCANCACHE_LOCK_STALE_S", "90"))
+
+
+class S3Lock:
+    def __init__(
+        self,
+        storage: S3Storage,
+        key: str = ".lock",
+        wait: bool = False,
+        warn: Callable[[str], None] | None = None,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.storage, self.key = storage, key
+        self.wait, self.poll_s = wait, poll_s
+        self.warn = warn or (lambda message: None)
+        self.owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "token": uuid.uuid4().hex,
+        }
+        self.etag: str | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        return json.dumps({**self.owner, "heartbeat": time.time()}, allow_nan=False).encode()
+
+    def _stale(self, owner: dict[str, Any] | None, response: dict[str, Any]) -> bool:
+        if isinstance(owner, dict) and owner.get("host") == socket.gethostname() and not owner_alive(owner):
+            return True
+        try:
+            modified = response["LastModified"].timestamp()
+            date = response["ResponseMetadata"]["HTTPHeaders"]["date"]
+            now = parsedate_to_datetime(date).timestamp()
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return False
+        return now - modified > STALE_S
+
+    def acquire(self) -> None:
+        announced = False
+        while True:
+            self.etag = self.storage.create(self.key, self._body())
+            if self.etag is not None:
+                break
+            found = self.storage.read_with_etag(self.key)
+            if found is None:
+                continue  # released between our attempt and the read
+            data, etag, response = found
+            try:
+                owner = json.loads(data)
+            except ValueError:
+                owner = None
+            if self._stale(owner, response):
+                self.etag = self.storage.replace(self.key, self._body(), etag)
+                if self.etag is not None:
+                    self.warn(
+                        f"{self.storage.url}: took over the lock of a job that is gone "
+                        f"({describe_owner(owner)})"
+                    )
+                    break
+                continue
+            if not self.wait:
+                raise StoreLocked(
+                    f"{self.storage.url}: another job is writing this store ({describe_owner(owner)}); "
+                    f"wait for it (--wait); a lock not renewed for {STALE_S:.0f} s is taken over"
+                )
+            if not announced:
+                self.warn(
+                    f"{self.storage.url}: waiting for the job holding the lock ({describe_owner(owner)})"
+                )
+                announced = True
+            time.sleep(self.poll_s)
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name="scancache-lock", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            if self.etag is None:
+                return
+            try:
+                etag = self.storage.replace(self.key, self._body(), self.etag)
+            except OSError:
+                continue  # the endpoint hiccupped: the next beat tries again, well before STALE_S
+            if etag is None:
+                self.lost = True
+                self.warn(f"{self.storage.url}: another job took over this job's lock")
+                return
+            self.etag = etag
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+        if self.etag is not None and not self.lost:
+            found = self.storage.read_with_etag(self.key)
+            if found is not None and found[1] == self.etag:
+                self.storage.delete(self.key)
+        self.etag = None
+
+    def __enter__(self) -> S3Lock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
