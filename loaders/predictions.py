@@ -42,10 +42,10 @@ from store.predictions import (
     PROBABILITIES,
     ROOT_KEY,
     SCAN_KEY,
-    STAGING_DIR,
     PredictionStore,
     check_predictions_root,
 )
+from store.storage import Storage, open_storage, parse_location
 
 SLAB_SLICES = 16  # slices converted and written at a time: whole chunks (CHUNK_DEPTH divides it)
 CHUNK_YX = 128
@@ -56,7 +56,7 @@ CHUNK_DEPTH = 8
 class PredictionSummary:
     """What ``write_predictions`` did: scans written and skipped, and the written scans' Dice."""
 
-    path: Path
+    path: Path | str  # a folder, or s3://BUCKET/PREFIX
     written: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
     dice: dict[str, list[float] | None] = field(default_factory=dict)
@@ -84,28 +84,31 @@ def dice_from_counts(overlap: np.ndarray, truth: np.ndarray, predicted: np.ndarr
     return [float(2 * o / t) if t else 1.0 for o, t in zip(overlap, total, strict=True)]
 
 
-def _root(path: Path) -> None:
-    """Create the predictions store, or check that ``path`` is one (never write into a scan store)."""
-    doc_path = path / "zarr.json"
-    if doc_path.is_file():
-        check_predictions_root(path)
+def _root(storage: Storage) -> None:
+    """Create the predictions store, or check that ``storage`` is one (never write into a scan store)."""
+    if storage.read("zarr.json") is not None:
+        check_predictions_root(storage)
         return
-    if path.exists() and any(p.name not in (STAGING_DIR, publish.VERSIONS_DIR) for p in path.iterdir()):
-        raise ValueError(f"{path}: not empty and not a predictions store; choose an empty folder")
-    path.mkdir(parents=True, exist_ok=True)
+    local = storage.local_path()
+    if local is not None and local.exists() and not local.is_dir():
+        raise ValueError(f"{storage}: is a file; choose an empty folder")
+    if not storage.is_empty():
+        raise ValueError(f"{storage}: not empty and not a predictions store; choose an empty folder")
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
     root_doc = {
         "zarr_format": 3,
         "node_type": "group",
         "attributes": {ROOT_KEY: {"format": PREDICTIONS_FORMAT}},
     }
-    doc_path.write_text(json.dumps(root_doc, indent=2))
+    storage.write_json("zarr.json", root_doc)
 
 
-def publish_scan(staged: Path, root: Path, scan_id: str) -> str:
-    """Make a staged scan visible: ``PRED/<scan_id> -> .versions/<scan_id>/<version>``, switched
-    in one atomic rename (``store.publish``, as the scan store); returns the version. A reader
+def publish_scan(staged: Path, root: Storage, scan_id: str) -> str:
+    """Make a staged scan visible as the scan store does (``Storage.publish``: a symlink switch
+    in one atomic rename, or a pointer object written last); returns the version. A reader
     sees the old prediction or the new one, never a mix; old versions go after a grace period."""
-    return publish.publish_version(root, scan_id, staged)
+    return root.publish(scan_id, staged)
 
 
 def _version(package: str) -> str | None:
@@ -183,7 +186,7 @@ class _Meta:
 
 
 def _write_scan(
-    staged: Path, root: Path, scan_id: str, outputs: dict[str, Any], meta: _Meta
+    staged: Path, root: Storage, scan_id: str, outputs: dict[str, Any], meta: _Meta
 ) -> list[float] | None:
     """Write one scan's arrays and attributes in ``staged`` and publish it; returns its Dice."""
     y_pred = np.asarray(outputs["y_pred"])
@@ -256,7 +259,7 @@ def write_predictions(
     ``overwrite=True`` redoes scans already written; ``progress`` (default: on a terminal)
     shows a bar of scans. Returns a :class:`PredictionSummary`.
     """
-    root = Path(path)
+    root = open_storage(parse_location(path))
     _root(root)
     store = PredictionStore(root)
     entries = _scan_entries(loader)
@@ -272,9 +275,9 @@ def write_predictions(
         cats,
         _written_by(loader, model, predict_kwargs),
     )
-    publish.clean_stale_staging(root)  # left by a killed writer (never a live one's)
-    publish.remove_old_versions(root)  # superseded by an overwrite more than an hour ago
-    staging = publish.new_staging(root, "predictions")  # this writer's, owned by its pid
+    root.clean_stale_staging()  # left by a killed writer (never a live one's)
+    root.remove_old_versions(publish.DEFAULT_GRACE_S)  # superseded by an overwrite an hour ago
+    staging = root.new_staging("predictions")  # this writer's, owned by its pid
     try:
         for inputs, outputs in _inference(_pending_loader(loader, done), model, predict_kwargs):
             scan_id = inputs["scan_id"]
@@ -289,8 +292,8 @@ def write_predictions(
                 bar.add(1)
             del outputs  # the caller of inference holds one scan's output at a time
     finally:
-        publish.remove_staging(staging)
-    return PredictionSummary(root, tuple(written), tuple(sorted(skipped)), dice)
+        root.remove_staging(staging)
+    return PredictionSummary(root.local_path() or root.url, tuple(written), tuple(sorted(skipped)), dice)
 
 
 def _normalized(categories: Any) -> Any:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from store.errors import one_line
+from store.storage import parse_location
 from store.units import parse_bytes as _parse_size
 
 
@@ -126,11 +127,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.exact else 1
 
 
-def _scan_rows(store: Path) -> list[dict[str, Any]]:
-    from service.preprocess import dir_bytes
+def _scan_rows(location: str | Path) -> list[dict[str, Any]]:
     from store.writer import check_store, published_scan_ids, read_scan_attrs
 
-    check_store(store)
+    store = check_store(location)
     rows = []
     for entry in published_scan_ids(store):
         attrs = read_scan_attrs(store, entry)
@@ -146,7 +146,7 @@ def _scan_rows(store: Path) -> list[dict[str, Any]]:
                 "shape": attrs.get("shape"),
                 "dtype": attrs.get("dtype"),
                 "num_classes": attrs.get("num_classes", 0),
-                "bytes": dir_bytes(store / entry),
+                "bytes": sum(attrs.get("manifest", {}).values()),  # the files as written
             }
         )
     return rows
@@ -155,7 +155,7 @@ def _scan_rows(store: Path) -> list[dict[str, Any]]:
 def cmd_scans(args: argparse.Namespace) -> int:
     from service.preprocess import format_bytes
 
-    rows = _scan_rows(Path(args.store))
+    rows = _scan_rows(parse_location(args.store))
     if args.json:
         print(json.dumps({"scans": rows}, indent=2, allow_nan=False))
         return 0

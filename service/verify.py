@@ -20,7 +20,7 @@ from service.slice_files import LoadedScan, load_scan
 from service.sources import ScanSpec, discover
 from store.errors import SourceError, one_line
 from store.format import IMAGE, MASK
-from store.storage import Storage, is_s3_url, version_key
+from store.storage import Storage, is_s3_url
 from store.writer import check_store, manifest_mismatch, published_scan_ids
 
 OK, MISMATCH, MISSING, FAILED, EXTRA, TORN = "OK", "MISMATCH", "MISSING", "FAILED", "EXTRA", "TORN"
@@ -105,7 +105,7 @@ def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
     version = store.current_version(spec.scan_id)
     if version is None:
         return VerifyLine(spec.scan_id, MISSING, "not in the store")
-    folder = version_key(spec.scan_id, version)  # one version throughout, even if re-published
+    folder = store.version_key(spec.scan_id, version)  # one version throughout, even if re-published
     try:
         doc = store.read_json(f"{folder}/zarr.json")
         attrs = doc["attributes"] if isinstance(doc, dict) else None

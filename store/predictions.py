@@ -17,7 +17,6 @@ symlink switch once complete, so every ``PRED/<scan_id>/zarr.json`` a reader fin
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from store.format import validate_scan_id
 from store.lru import BoundedLRU
 from store.publish import STAGING_DIR as STAGING_DIR  # one name for the staging folder
 from store.roi import Region
+from store.storage import Storage, open_storage
 
 PREDICTIONS_FORMAT = 1
 ROOT_KEY = "scancache_predictions"
@@ -42,11 +42,11 @@ ATTRS_CACHE_ENTRIES = 4096
 ARRAY_CACHE_ENTRIES = 256
 
 
-def check_predictions_root(path: str | os.PathLike[str]) -> None:
+def check_predictions_root(path: str | os.PathLike[str] | Storage) -> None:
     """Refuse, in one line, a folder that is not a predictions store of this format."""
     try:
-        attrs = json.loads((Path(path) / "zarr.json").read_bytes()).get("attributes", {})
-    except (OSError, ValueError, AttributeError):
+        attrs = open_storage(path).read_json("zarr.json").get("attributes", {})
+    except (ValueError, AttributeError):
         raise FileNotFoundError(f"{path}: not a predictions store (no readable zarr.json)") from None
     found = attrs.get(ROOT_KEY, {}).get("format") if isinstance(attrs.get(ROOT_KEY), dict) else None
     if found is None:
@@ -59,25 +59,23 @@ def check_predictions_root(path: str | os.PathLike[str]) -> None:
 
 
 class PredictionStore:
-    """Reads a predictions store; thread-safe. A missing folder is an empty store."""
+    """Reads a predictions store (a folder or ``s3://...``); thread-safe. A missing folder is an
+    empty store."""
 
-    def __init__(self, path: str | os.PathLike[str], cache_bytes: int = 64 * 2**20) -> None:
-        self.root = Path(path)
+    def __init__(self, path: str | os.PathLike[str] | Storage, cache_bytes: int = 64 * 2**20) -> None:
+        self.storage = open_storage(path)
+        self.root = self.storage.local_path() or Path(self.storage.url)
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}})
-        # keyed by the scan's zarr.json (inode, mtime): a re-published scan is a new entry and
-        # the superseded one ages out
-        self._attrs: BoundedLRU[tuple[tuple[int, int], dict[str, Any]]] = BoundedLRU(ATTRS_CACHE_ENTRIES)
+        # keyed by the scan's published version: a re-published scan is a new entry and the
+        # superseded one ages out
+        self._attrs: BoundedLRU[tuple[str, dict[str, Any]]] = BoundedLRU(ATTRS_CACHE_ENTRIES)
         self._arrays: BoundedLRU[Any] = BoundedLRU(ARRAY_CACHE_ENTRIES)
 
     def __repr__(self) -> str:
-        return f"PredictionStore({str(self.root)!r})"
+        return f"PredictionStore({self.storage.url!r})"
 
-    def _signature(self, scan_id: str) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.root / scan_id / "zarr.json")
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return (st.st_ino, st.st_mtime_ns)
+    def _signature(self, scan_id: str) -> str | None:
+        return self.storage.current_version(scan_id)
 
     def has(self, scan_id: str) -> bool:
         return self.attrs(scan_id) is not None
@@ -92,7 +90,7 @@ class PredictionStore:
         if cached and cached[0] == sig:
             return cached[1]
         try:
-            doc = json.loads((self.root / scan_id / "zarr.json").read_bytes())
+            doc = self.storage.read_json(f"{self.storage.version_key(scan_id, sig)}/zarr.json")
             attrs = doc["attributes"][SCAN_KEY]
         except (OSError, KeyError, ValueError, TypeError):
             return None
@@ -106,16 +104,10 @@ class PredictionStore:
         sig = self._signature(scan_id)
         if sig is None:
             raise ArrayNotFound(f"scan {scan_id!r} has no prediction")
-        return f"{sig[0]:x}-{sig[1]:x}"
+        return sig
 
     def scan_ids(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            e.name
-            for e in os.scandir(self.root)
-            if not e.name.startswith(".") and os.path.isfile(os.path.join(e.path, "zarr.json"))
-        )
+        return self.storage.published_names()
 
     def shape(self, scan_id: str, array: str) -> tuple[int, ...]:
         attrs = self.attrs(scan_id)
@@ -135,8 +127,10 @@ class PredictionStore:
         key = (scan_id, array, sig)
         arr = self._arrays.get(key)
         if arr is None:
-            path = str(self.root / scan_id / array)
-            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+            spec = {
+                "driver": "zarr3",
+                "kvstore": self.storage.kvstore(f"{self.storage.version_key(scan_id, sig)}/{array}"),
+            }
             try:
                 arr = ts.open(spec, context=self._context, read=True, open=True).result()
             except ValueError:

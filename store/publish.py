@@ -192,9 +192,8 @@ def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_G
 def new_staging(root: str | os.PathLike[str], label: str, folder: str = STAGING_DIR) -> Path:
     """A fresh folder ``ROOT/.staging/<label>-<random>/`` owned by this process."""
     staging = Path(root) / folder
-    staging.mkdir(parents=True, exist_ok=True)
     path = staging / f"{label}-{uuid.uuid4().hex[:12]}"
-    path.mkdir()
+    path.mkdir(parents=True)  # parents too: another writer may have just removed an empty .staging
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     (path / OWNER_FILE).write_text(json.dumps(owner, allow_nan=False))
     return path
@@ -238,6 +237,13 @@ def owner_alive(owner: dict[str, object]) -> bool:
     return pid_alive(pid)
 
 
+def _young(entry: Path, seconds: float = 60.0) -> bool:
+    try:
+        return time.time() - entry.stat().st_mtime < seconds
+    except OSError:
+        return False
+
+
 def clean_stale_staging(root: str | os.PathLike[str], folder: str = STAGING_DIR) -> int:
     """Remove staging folders of dead writers (and entries without an owner); returns how many."""
     staging = Path(root) / folder
@@ -252,6 +258,8 @@ def clean_stale_staging(root: str | os.PathLike[str], folder: str = STAGING_DIR)
                 owner = None
             if isinstance(owner, dict) and owner_alive(owner):
                 continue
+            if owner is None and _young(entry):
+                continue  # just made by a writer that has not written its owner.json yet
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)

@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from store.errors import ScanCacheError
-from store.format import VERSIONS_DIR
 from store.publish import new_version_name, version_time
 from store.storage import S3_SCHEME, Storage, clean_local_staging, copy_tree_files, local_staging
 
 CURRENT_DIR = ".current"
+# Not ".versions" as in a folder: SeaweedFS keeps S3 object versions in entries named
+# "*.versions" and leaves them out of every listing, so versions live under this name instead.
+OBJECT_VERSIONS_DIR = ".scan-versions"
 UNPUBLISHED = ".unpublished"
 POINTER_TTL_S = 1.0  # how long a reader trusts a pointer it read (old versions outlive it by far)
 UPLOAD_THREADS = 16
@@ -65,6 +67,8 @@ def _error_code(err: BaseException) -> str:
 
 class S3Storage(Storage):
     """A store under ``s3://bucket/prefix``; thread-safe."""
+
+    versions_dir = OBJECT_VERSIONS_DIR
 
     def __init__(self, bucket: str, prefix: str, client: Any = None) -> None:
         import boto3
@@ -262,7 +266,7 @@ class S3Storage(Storage):
 
     def publish(self, name: str, staged: Path) -> str:
         version = new_version_name()
-        base = f"{VERSIONS_DIR}/{name}/{version}"
+        base = f"{OBJECT_VERSIONS_DIR}/{name}/{version}"
         files = copy_tree_files(staged)
         last = [f for f in files if f[1] == "zarr.json"]  # the group last: a complete version
         rest = [f for f in files if f[1] != "zarr.json"]
@@ -275,7 +279,7 @@ class S3Storage(Storage):
         for item in last:
             upload(item)
         self.write_json(self._pointer_key(name), {"version": version})
-        self.delete(f"{VERSIONS_DIR}/{name}/{UNPUBLISHED}")
+        self.delete(f"{OBJECT_VERSIONS_DIR}/{name}/{UNPUBLISHED}")
         with self._pointer_lock:
             self._pointers[name] = (time.monotonic(), version)
         return version
@@ -283,7 +287,7 @@ class S3Storage(Storage):
     def unpublish(self, name: str) -> bool:
         if self.current_version(name) is None and self.read(self._pointer_key(name)) is None:
             return False
-        self.write_json(f"{VERSIONS_DIR}/{name}/{UNPUBLISHED}", {"time": time.time()})
+        self.write_json(f"{OBJECT_VERSIONS_DIR}/{name}/{UNPUBLISHED}", {"time": time.time()})
         self.delete(self._pointer_key(name))
         with self._pointer_lock:
             self._pointers.pop(name, None)
@@ -292,11 +296,11 @@ class S3Storage(Storage):
     def remove_old_versions(self, grace_s: float) -> list[str]:
         by_version: dict[tuple[str, str], list[dict[str, Any]]] = {}
         unpublished: dict[str, float] = {}
-        for item in self._objects(VERSIONS_DIR):
+        for item in self._objects(OBJECT_VERSIONS_DIR):
             parts = item["Rel"].split("/", 2)
             if len(parts) == 2 and parts[1] == UNPUBLISHED:
                 try:
-                    doc = json.loads(self.read(f"{VERSIONS_DIR}/{item['Rel']}") or b"{}")
+                    doc = json.loads(self.read(f"{OBJECT_VERSIONS_DIR}/{item['Rel']}") or b"{}")
                     unpublished[parts[0]] = float(doc.get("time", 0.0))
                 except (ValueError, TypeError):
                     unpublished[parts[0]] = item["LastModified"].timestamp()
@@ -321,7 +325,7 @@ class S3Storage(Storage):
                     self._delete_keys([item["Key"] for item in items])
                     removed.append(f"{name}/{version}")
             if current is None and len(removed) and all(f"{name}/{v}" in removed for v in versions):
-                self.delete(f"{VERSIONS_DIR}/{name}/{UNPUBLISHED}")
+                self.delete(f"{OBJECT_VERSIONS_DIR}/{name}/{UNPUBLISHED}")
         return removed
 
     # -- staging and the lock ------------------------------------------------------------

@@ -42,7 +42,7 @@ from store.label_map import (
 from store.lru import BoundedLRU
 from store.protocol import RegionRequest, RoiLike
 from store.roi import Region, as_region
-from store.storage import Storage, open_storage, version_key
+from store.storage import Storage, open_storage
 from store.units import parse_bytes
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
@@ -162,7 +162,7 @@ class LocalSource:
         cached = self._meta.get(scan_id)
         if cached is not None and cached[0] == version:
             return cached
-        data = self.storage.read(f"{version_key(scan_id, version)}/zarr.json")
+        data = self.storage.read(f"{self.storage.version_key(scan_id, version)}/zarr.json")
         if data is None:  # the version was removed under us
             raise ScanNotFound(f"scan {scan_id!r} not found")
         try:
@@ -214,7 +214,7 @@ class LocalSource:
         if opened is None:
             spec = {
                 "driver": "zarr3",
-                "kvstore": self.storage.kvstore(f"{version_key(scan_id, version)}/{name}"),
+                "kvstore": self.storage.kvstore(f"{self.storage.version_key(scan_id, version)}/{name}"),
             }
             _mark_tensorstore_used()
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -34,15 +35,26 @@ def is_s3_url(location: str | os.PathLike[str]) -> bool:
     return isinstance(location, str) and location.startswith(S3_SCHEME)
 
 
-def version_key(name: str, version: str) -> str:
-    """The key prefix (no trailing slash) of one version of a published name."""
-    return f"{VERSIONS_DIR}/{name}/{version}"
+def parse_location(text: str | os.PathLike[str]) -> str | Path:
+    """A store location as typed (CLI, environment, API): ``s3://BUCKET/PREFIX`` (checked, kept
+    as text) or a local path. The one parser of store locations."""
+    if isinstance(text, str) and text.startswith(S3_SCHEME):
+        from store.s3 import parse_s3_url
+
+        bucket, prefix = parse_s3_url(text)
+        return f"{S3_SCHEME}{bucket}/{prefix}" if prefix else f"{S3_SCHEME}{bucket}"
+    return Path(text)
 
 
 class Storage(ABC):
     """One store's storage. Keys are ``/``-separated, relative to the store's root."""
 
     url: str  # what the user typed, normalised: a path or s3://bucket/prefix (for messages)
+    versions_dir: str = VERSIONS_DIR  # where versions of published names live
+
+    def version_key(self, name: str, version: str) -> str:
+        """The key prefix (no trailing slash) of one version of a published name."""
+        return f"{self.versions_dir}/{name}/{version}"
 
     def __str__(self) -> str:
         return self.url
@@ -59,6 +71,10 @@ class Storage(ABC):
     @abstractmethod
     def read_range(self, key: str, start: int, end: int) -> bytes | None:
         """Bytes ``[start, end)`` of an object, or None if there is none."""
+
+    @abstractmethod
+    def read_size(self, key: str) -> int | None:
+        """The size of an object (a regular file), or None if there is none."""
 
     @abstractmethod
     def write(self, key: str, data: bytes) -> None:
@@ -165,6 +181,13 @@ class LocalStorage(Storage):
                 return f.read(max(0, end - start))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+
+    def read_size(self, key: str) -> int | None:
+        try:
+            st = (self.root / key).stat()
+        except OSError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def write(self, key: str, data: bytes) -> None:
         target = self.root / key

@@ -34,7 +34,7 @@ from store.format import (
 from store.label_map import LABEL_MAP, LOCATIONS
 from store.s3 import S3Storage
 from store.shards import ShardedArrayWriter
-from store.storage import LocalStorage, Storage, open_storage, version_key
+from store.storage import LocalStorage, Storage, open_storage
 
 _STATISTICS_BLOCK = 1 << 20  # voxels per float64 scratch block (8 MB)
 MANIFEST = "manifest"  # scan attribute: {relative file path: size in bytes} of every array file
@@ -86,7 +86,7 @@ def read_scan_attrs(location: str | os.PathLike[str] | Storage, scan_id: str) ->
     if version is None:
         return None
     try:
-        doc = storage.read_json(f"{version_key(scan_id, version)}/zarr.json")
+        doc = storage.read_json(f"{storage.version_key(scan_id, version)}/zarr.json")
         attrs = doc["attributes"]
         return attrs if isinstance(attrs, dict) else None
     except (OSError, ValueError, KeyError, TypeError):
@@ -128,7 +128,7 @@ def manifest_problem(
     version = storage.current_version(scan_id)
     if version is None:
         return "not published"
-    return manifest_mismatch(storage.sizes(version_key(scan_id, version)), attrs)
+    return manifest_mismatch(storage.sizes(storage.version_key(scan_id, version)), attrs)
 
 
 class ScanStatistics:

@@ -52,3 +52,28 @@ def small_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("store") / "store"
     truth = build_store(root)
     return root, truth
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on loopback for the whole session; the standard
+    AWS variables point this process and every child (CLI, Dask workers, servers) at it."""
+    from s3_server import running_s3_server
+
+    with running_s3_server(tmp_path_factory.mktemp("s3")) as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture
+def s3_url(s3_server):
+    """``s3://<the session's bucket>/<a fresh prefix>``."""
+    return s3_server.new_url()

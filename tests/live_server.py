@@ -127,6 +127,8 @@ def live_server(
     ``settings`` are ``Settings`` fields (``max_bytes=...``); with ``process=True`` they are
     ``service.server.run`` keywords instead (``workers=2``, ``cache_bytes=...``).
     """
+    from store.storage import parse_location
+
     start = _process_server if process or settings.get("workers", 1) > 1 else _thread_server
-    with start(Path(store), token, settings, timeout) as url:
+    with start(parse_location(str(store)), token, settings, timeout) as url:
         yield url

@@ -124,7 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def open_predictions(path: Path | None) -> PredictionStore | None:
+def open_predictions(path: Path | str | None) -> PredictionStore | None:
     """The ``--predictions`` store, checked at startup like the scan store."""
     if path is None:
         return None

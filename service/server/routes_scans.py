@@ -99,10 +99,17 @@ def listable_scans(source: LocalSource, filters: dict[str, Any]) -> list[ScanMet
 )
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.scancache
-    available = await to_thread.run_sync((state.settings.store / "zarr.json").is_file)
+    available = await to_thread.run_sync(_store_readable, state)
     if not available:
         return error_response(503, "store unavailable", "ServerError")
     return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
+
+
+def _store_readable(state: ServerState) -> bool:
+    try:
+        return state.source.storage.read("zarr.json") is not None
+    except OSError:  # object storage unreachable
+        return False
 
 
 @router.get(

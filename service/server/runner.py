@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 
 import uvicorn
 
@@ -12,6 +11,7 @@ from service.server.app import close_app, create_app
 from service.server.http_protocol import uvicorn_options
 from service.server.settings import DEFAULT_MAX_BYTES, ENV_STORE, Settings
 from store.source import DEFAULT_CACHE_BYTES
+from store.storage import parse_location
 
 APP_FACTORY = "service.server.app:app_from_env"
 
@@ -39,7 +39,7 @@ def run(
     if workers < 1:
         raise ValueError(f"--workers: must be at least 1, got {workers}")
     # Options without a keyword here (CORS, body limits, mask compression) come from SCANCACHE_*.
-    base = Settings.from_env({**os.environ, ENV_STORE: str(Path(store))})
+    base = Settings.from_env({**os.environ, ENV_STORE: str(parse_location(store))})
     settings = dataclasses.replace(
         base,
         cache_bytes=cache_bytes,
@@ -47,7 +47,7 @@ def run(
         token=token if token is not None else base.token,
         max_inflight_bytes=max_inflight_bytes if max_inflight_bytes is not None else base.max_inflight_bytes,
         header_timeout=header_timeout if header_timeout is not None else base.header_timeout,
-        predictions=Path(predictions) if predictions is not None else base.predictions,
+        predictions=parse_location(predictions) if predictions is not None else base.predictions,
     )
     options = uvicorn_options(settings.header_timeout, workers)
     app = create_app(settings)  # fails here, once, with a clear message (bad store, format)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from store.source import DEFAULT_CACHE_BYTES
+from store.storage import parse_location
 from store.units import parse_bytes
 
 DEFAULT_MAX_BYTES = 1 << 30  # one response (or batch) of at most 1 GiB of array data
@@ -72,7 +73,7 @@ def _flag(value: str) -> bool:
 class Settings:
     """Everything ``create_app`` needs. ``token`` None means no authentication."""
 
-    store: Path
+    store: Path | str  # a folder, or s3://BUCKET/PREFIX (store.storage.parse_location)
     cache_bytes: int = DEFAULT_CACHE_BYTES
     max_bytes: int = DEFAULT_MAX_BYTES
     token: str | None = field(default=None, repr=False)  # never printed in logs or reprs
@@ -87,12 +88,12 @@ class Settings:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds to send the request headers
     inflight_wait: float = 5.0  # seconds a request may queue for the in-flight budget, then 503
     # A predictions store (loaders.write_predictions) served beside the scans; None: none.
-    predictions: Path | None = None
+    predictions: Path | str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "store", Path(self.store))
+        object.__setattr__(self, "store", parse_location(self.store))
         if self.predictions is not None:
-            object.__setattr__(self, "predictions", Path(self.predictions))
+            object.__setattr__(self, "predictions", parse_location(self.predictions))
         if not float(self.header_timeout) > 0:
             raise ValueError(f"header_timeout: must be positive, got {self.header_timeout}")
         object.__setattr__(self, "header_timeout", float(self.header_timeout))
@@ -110,7 +111,7 @@ class Settings:
         env = os.environ if env is None else env
         if not env.get(ENV_STORE):
             raise ValueError(f"{ENV_STORE} is not set: which store should the server serve?")
-        base = cls(store=Path(env[ENV_STORE]))
+        base = cls(store=parse_location(env[ENV_STORE]))
         origins = tuple(o.strip() for o in env.get(ENV_CORS_ORIGINS, "").split(",") if o.strip())
         return cls(
             store=base.store,
@@ -129,7 +130,7 @@ class Settings:
             header_timeout=positive_seconds(
                 ENV_HEADER_TIMEOUT, env.get(ENV_HEADER_TIMEOUT, base.header_timeout)
             ),
-            predictions=Path(env[ENV_PREDICTIONS]) if env.get(ENV_PREDICTIONS) else None,
+            predictions=parse_location(env[ENV_PREDICTIONS]) if env.get(ENV_PREDICTIONS) else None,
         )
 
     def to_env(self) -> dict[str, str]:

@@ -34,6 +34,7 @@ from service.server.state import ServerState, server_state
 from store.errors import InvalidPath
 from store.format import validate_scan_id
 from store.publish import VERSIONS_DIR
+from store.storage import Storage, open_storage
 
 router = APIRouter(tags=["zarr"])
 
@@ -112,11 +113,57 @@ class OpenFile:
     name: str
     closed: bool = False
 
+    def pread(self, n: int, offset: int) -> bytes:
+        return os.pread(self.fd, n, offset)
+
     def close(self) -> None:
         """Idempotent: a second close must never close a descriptor number reused since."""
         if not self.closed:
             self.closed = True
             os.close(self.fd)
+
+
+@dataclass
+class StoredObject:
+    """A file of a store on object storage, read by range requests as it is sent."""
+
+    storage: Storage
+    key: str
+    size: int
+    etag: str
+    name: str
+
+    def pread(self, n: int, offset: int) -> bytes:
+        data = self.storage.read_range(self.key, offset, offset + n)
+        if data is None:  # removed after the grace period while being sent
+            raise OSError("object removed while being sent")
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def open_stored_object(storage: Storage, parts: tuple[str, ...]) -> StoredObject:
+    """``/zarr/`` on object storage: the root ``zarr.json``, or a file of a scan's current
+    version (found through its pointer, so never staging, the lock or another scan)."""
+    missing = NotInStore(f"path: {'/'.join(parts)!r} not found")
+    if len(parts) == 1:
+        if parts[0] != "zarr.json":
+            raise missing
+        key = "zarr.json"
+    else:
+        try:
+            validate_scan_id(parts[0])
+        except InvalidPath:
+            raise missing from None
+        version = storage.current_version(parts[0])
+        if version is None:
+            raise missing
+        key = f"{storage.version_key(parts[0], version)}/{'/'.join(parts[1:])}"
+    size = storage.read_size(key)
+    if size is None:
+        raise missing
+    return StoredObject(storage, key, size, make_etag("zarr-object", key, size), parts[-1])
 
 
 def _inside(folder: str, path: str) -> bool:
@@ -168,7 +215,7 @@ class FileRangeResponse(Response):
     """Streams ``[start, end)`` of an open file in worker threads, then closes it."""
 
     def __init__(
-        self, file: OpenFile, start: int, end: int, status_code: int, headers: dict[str, str]
+        self, file: OpenFile | StoredObject, start: int, end: int, status_code: int, headers: dict[str, str]
     ) -> None:
         self.file, self.start, self.end = file, start, end
         self.status_code = status_code
@@ -188,9 +235,7 @@ class FileRangeResponse(Response):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
             while pos < self.end:
-                data = await to_thread.run_sync(
-                    os.pread, self.file.fd, min(STREAM_CHUNK, self.end - pos), pos
-                )
+                data = await to_thread.run_sync(self.file.pread, min(STREAM_CHUNK, self.end - pos), pos)
                 if not data:
                     raise OSError("file shrank while being sent")
                 pos += len(data)
@@ -199,9 +244,9 @@ class FileRangeResponse(Response):
             self.file.close()
 
 
-def _read_range(file: OpenFile, start: int, end: int) -> bytes:
+def _read_range(file: OpenFile | StoredObject, start: int, end: int) -> bytes:
     try:
-        return os.pread(file.fd, end - start, start)
+        return file.pread(end - start, start)
     finally:
         file.close()
 
@@ -240,10 +285,15 @@ async def zarr_file(
     return await serve_tree_file(request, state.settings.store, path)
 
 
-async def serve_tree_file(request: Request, root: Path, path: str) -> Response:
+async def serve_tree_file(request: Request, root: Path | str, path: str) -> Response:
     """One file of a store laid out by store/publish.py (the scans' or the predictions'), checked
-    and answered the same way for both trees."""
-    file = await to_thread.run_sync(open_store_file, root, split_store_path(path))
+    and answered the same way for both trees, on a local folder or on object storage."""
+    parts = split_store_path(path)
+    file: OpenFile | StoredObject
+    if isinstance(root, Path):
+        file = await to_thread.run_sync(open_store_file, root, parts)
+    else:
+        file = await to_thread.run_sync(open_stored_object, open_storage(root), parts)
     try:
         return await _respond(request, file)
     except BaseException:
@@ -251,7 +301,7 @@ async def serve_tree_file(request: Request, root: Path, path: str) -> Response:
         raise
 
 
-async def _respond(request: Request, file: OpenFile) -> Response:
+async def _respond(request: Request, file: OpenFile | StoredObject) -> Response:
     """Answer from an open file; the response (or this function on a bodiless answer) closes it."""
     headers = {
         "ETag": file.etag,

