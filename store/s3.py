@@ -71,8 +71,13 @@ class S3Storage(Storage):
     versions_dir = OBJECT_VERSIONS_DIR
 
     def __init__(self, bucket: str, prefix: str, client: Any = None) -> None:
-        import boto3
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise StoreUnavailable(
+                f"s3://{bucket}/{prefix}: reading S3 needs boto3: pip install 'scancache[s3]'"
+            ) from None
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.url = f"{S3_SCHEME}{bucket}/{self.prefix}" if self.prefix else f"{S3_SCHEME}{bucket}"

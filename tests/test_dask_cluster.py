@@ -36,8 +36,9 @@ QUIET_HTTP = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Scheduler + 2 single-threaded workers; all killed (process groups) when the module ends."""
+def cluster(tmp_path_factory, s3_server):
+    """Scheduler + 2 single-threaded workers; all killed (process groups) when the module ends.
+    The workers inherit the AWS_* settings of the test S3 server (``s3_server``)."""
     logs = tmp_path_factory.mktemp("dask-logs")
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -120,6 +121,22 @@ def test_cli_scheduler_option_rerun_skips(cluster, tmp_path):
     second = run_cli("preprocess", source, store, "--scheduler", address)
     assert "scans: 0 converted, 2 skipped, 0 failed" in second.stdout
     assert run_cli("verify", source, store).returncode == 0
+
+
+def test_cluster_workers_write_their_scans_straight_to_s3(cluster, tmp_path, s3_url):
+    from s3_reading import assert_s3_store_matches
+
+    address, workers = cluster
+    source = tmp_path / "source"
+    write_sample_data(source, subjects=3, visits=2, shape=(24, 24, 6), num_classes=2, seed=8)
+    summary = run_preprocess(source, s3_url, scheduler=address, progress=False)
+    assert summary.failed == 0 and summary.converted == 6, summary.failures()
+    assert {r.worker for r in summary.results} <= workers
+    _truth, stored = assert_s3_store_matches(s3_url, source)
+    assert len(stored) == 6
+    again = run_cli("preprocess", source, s3_url, "--scheduler", address)
+    assert "scans: 0 converted, 6 skipped, 0 failed" in again.stdout, again.stdout + again.stderr
+    assert run_cli("verify", source, s3_url).returncode == 0
 
 
 def test_unreachable_scheduler_is_one_line(tmp_path):
