@@ -18,13 +18,24 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from benchmarks import conversion, machine, realscale, server_load, stitching, train2d, writepath
+from benchmarks import (
+    conversion,
+    machine,
+    object_storage,
+    realscale,
+    server_load,
+    stitching,
+    train2d,
+    writepath,
+)
 from benchmarks.data import CATEGORIES, prepare, sizes
 from benchmarks.report import Report, Row
 from store.errors import one_line
 from store.format import ChunkLayout
 
-SECTIONS = ("realscale", "conversion", "writepath", "loaders", "server", "stitching", "trainfeed")
+SECTIONS = (
+    "realscale", "conversion", "writepath", "loaders", "server", "stitching", "s3", "trainfeed",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         ("loaders", lambda: train2d.run(data, args.quick, args.server_workers)),
         ("server", lambda: server_load.run(data, work, args.quick, args.server_workers)),
         ("stitching", lambda: stitching.run(data)),
+        ("s3", lambda: object_storage.run(data, work, args.quick)),
         ("trainfeed", lambda: trainfeed_section(report, work, args.quick)),
     ]
     failed = False

