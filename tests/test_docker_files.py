@@ -64,8 +64,42 @@ def test_services_share_the_data_paths_and_depend_on_services_that_exist():
 def test_the_image_holds_every_package_the_commands_import():
     dockerfile = (DOCKER / "Dockerfile").read_text()
     copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile, re.MULTILINE))
-    assert copied == {"client", "service", "loaders"}
+    assert copied == {"client", "store", "service", "loaders"}
     assert all((REPO / name / "__init__.py").is_file() for name in copied)
     allowed = (DOCKER / "Dockerfile.dockerignore").read_text()
     assert all(f"!{name}/**" in allowed for name in copied)
-    assert 'pip install ".[service]"' in dockerfile
+    assert 'pip install ".[service,s3]"' in dockerfile
+
+
+def test_the_s3_compose_file_writes_to_s3_from_a_cluster_and_balances_two_servers():
+    compose = yaml.safe_load((DOCKER / "docker-compose.s3.yml").read_text())
+    services = compose["services"]
+    assert {
+        "s3",
+        "scheduler",
+        "worker-1",
+        "worker-2",
+        "preprocess",
+        "server-1",
+        "server-2",
+        "balancer",
+    } <= set(services)
+    job = cli.build_parser().parse_args(_with_defaults(services["preprocess"]["command"]))
+    assert job.store.startswith("s3://") and job.scheduler
+    for name in ("server-1", "server-2"):
+        argv = _with_defaults(services[name]["command"])
+        assert cli.build_parser().parse_args(argv).store == job.store
+    for name, service in services.items():
+        words = [str(w) for w in service.get("command") or []] + [
+            str(w) for w in service.get("entrypoint") or []
+        ]
+        assert not any("SECRET" in w or w == "--token" for w in words), name  # secrets: environment only
+        assert set(service.get("depends_on") or ()) <= set(services), name
+    for name in ("worker-1", "worker-2", "preprocess", "server-1", "server-2"):
+        env = services[name]["environment"]
+        assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env), name
+        assert not services[name].get("volumes") or all(
+            ":/data/source" in v for v in services[name]["volumes"]
+        )
+    upstream = (DOCKER / "nginx-two-servers.conf").read_text()
+    assert "server server-1:8000;" in upstream and "server server-2:8000;" in upstream
