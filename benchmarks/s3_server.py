@@ -109,7 +109,7 @@ def running_s3_server(workdir: Path) -> Iterator[S3Server]:
         )
     )
     os.chmod(config, 0o600)
-    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
+    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "iceberg", "lance")}
     log = workdir / "weed.log"
     args = [
         binary,
@@ -125,6 +125,9 @@ def running_s3_server(workdir: Path) -> Iterator[S3Server]:
         f"-filer.port={ports['filer']}",
         "-s3",
         f"-s3.port={ports['s3']}",
+        # side services of the S3 gateway on fixed default ports: free ones, so two servers coexist
+        f"-s3.port.iceberg={ports['iceberg']}",
+        f"-s3.port.lance={ports['lance']}",
         f"-s3.config={config}",
     ]
     (workdir / "data").mkdir(exist_ok=True)
@@ -146,9 +149,5 @@ def running_s3_server(workdir: Path) -> Iterator[S3Server]:
                 time.sleep(0.3)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.kill()  # its data is a temporary folder; weed takes long to stop on SIGTERM
+        process.wait()
