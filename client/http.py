@@ -33,6 +33,7 @@ import numpy as np
 
 from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
 from client.wire import DECODED_BYTES_HEADER, decode_batch, decode_npy
+from store.categories import categories_json_value, parse_categories
 from store.errors import (
     ArrayNotFound,
     InvalidCategories,
@@ -83,23 +84,11 @@ def roi_text(roi: RoiLike) -> str | None:
 
 
 def categories_json(categories: Any) -> list[Any] | None:
-    """Categories as JSON values: ``[0, [1, 2], 3]``; validation is the server's."""
+    """Categories as JSON values: ``[0, [1, 2], 3]``, parsed and checked here (the range of the
+    indices is the server's to check: it knows the scan)."""
     if categories is None:
         return None
-    if isinstance(categories, str):
-        try:
-            categories = json.loads(categories)
-        except json.JSONDecodeError:
-            raise InvalidCategories(f"{categories!r} is not a JSON list") from None
-    if not isinstance(categories, (list, tuple)):
-        raise InvalidCategories("must be a non-empty list of class indices or lists of them")
-    out: list[Any] = []
-    for item in categories:
-        if isinstance(item, (list, tuple)):
-            out.append([int(k) if isinstance(k, np.integer) else k for k in item])
-        else:
-            out.append(int(item) if isinstance(item, np.integer) else item)
-    return out
+    return categories_json_value(parse_categories(categories))
 
 
 def _env_number(name: str, value: float | None, default: float | None) -> float | None:

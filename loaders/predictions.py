@@ -35,7 +35,7 @@ import numpy as np
 import zarr
 
 from store import ome, publish
-from store.categories import categories_to_json
+from store.categories import categories_to_json, parse_categories
 from store.predictions import (
     LABEL_MAP,
     PREDICTIONS_FORMAT,
@@ -297,9 +297,7 @@ def write_predictions(
 
 
 def _normalized(categories: Any) -> Any:
-    if not categories:
-        return None
-    return tuple(tuple(c) if isinstance(c, (list, tuple)) else (int(c),) for c in categories)
+    return parse_categories(categories) if categories else None
 
 
 def _inference(

@@ -9,10 +9,12 @@ so ``service`` itself never imports them.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from store.categories import categories_json_value
+from store.categories import parse_categories as parse_store_categories
 
 PROFILE_DATASET = "scancache-profile"
 # stats keys that are seconds spent inside the loader (not wall time): their split is the "why"
@@ -30,24 +32,8 @@ def parse_int_tuple(text: str, name: str) -> tuple[int, ...]:
 
 
 def parse_categories(text: str) -> list[Any]:
-    """``[0,[1,2],3]`` (JSON) or ``0,1+2,3`` (a ``+`` merges classes)."""
-    text = text.strip()
-    if text.startswith("["):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            raise ValueError(f"--categories: {text!r} is not a JSON list like [0,[1,2],3]") from None
-        if not isinstance(value, list):
-            raise ValueError(f"--categories: {text!r} is not a JSON list like [0,[1,2],3]")
-        return value
-    try:
-        return [
-            [int(k) for k in item.split("+")] if "+" in item else int(item)
-            for item in text.split(",")
-            if item
-        ]
-    except ValueError:
-        raise ValueError(f"--categories: {text!r} is not like 0,1+2,3 or [0,[1,2],3]") from None
+    """``--categories``: ``[0,[1,2],3]`` (JSON) or ``0,1+2,3`` (store.categories parses both)."""
+    return categories_json_value(parse_store_categories(text, "--categories"))
 
 
 def _import_loaders() -> Any:

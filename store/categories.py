@@ -20,37 +20,58 @@ from store.errors import InvalidCategories
 Categories = tuple[tuple[int, ...], ...]
 
 
-def normalize_categories(value: Any, num_classes: int) -> Categories:
-    """Validate a categories value (list, tuple or JSON text) into tuples of class indices."""
+def parse_categories(value: Any, param: str = "categories") -> Categories:
+    """The one parser of categories, wherever they enter (REST query, client, CLI, predictions):
+    a list or tuple, JSON text (``[0,[1,2],3]``) or the CLI's short form (``0,1+2,3``, a ``+``
+    merges classes), into tuples of class indices, each class at most once. The range of the
+    indices depends on the scan: :func:`normalize_categories` checks it."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise InvalidCategories(f"{value[:40]!r} is not a JSON list") from None
-        except RecursionError:
-            raise InvalidCategories("too deeply nested") from None
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise InvalidCategories(f"{text[:40]!r} is not a JSON list", param) from None
+            except RecursionError:
+                raise InvalidCategories("too deeply nested", param) from None
+        else:
+            try:
+                value = [[int(k) for k in item.split("+")] if "+" in item else int(item)
+                         for item in text.split(",") if item.strip()]  # fmt: skip
+            except ValueError:
+                raise InvalidCategories(f"{text[:40]!r} is not like 0,1+2,3 or [0,[1,2],3]", param) from None
     if not isinstance(value, (list, tuple)) or len(value) == 0:
-        raise InvalidCategories("must be a non-empty list of class indices or lists of them")
-    if len(value) > num_classes:
-        raise InvalidCategories(
-            f"{len(value)} categories for {num_classes} classes: at most one channel a class"
-        )
+        raise InvalidCategories("must be a non-empty list of class indices or lists of them", param)
     out: list[tuple[int, ...]] = []
     seen: set[int] = set()
     for item in value:
         group = item if isinstance(item, (list, tuple)) else (item,)
         if len(group) == 0:
-            raise InvalidCategories("an empty sub-list selects no class")
+            raise InvalidCategories("an empty sub-list selects no class", param)
         for k in group:
             if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-                raise InvalidCategories(f"{k!r} is not a class index")
-            if not 0 <= int(k) < num_classes:
-                raise InvalidCategories(f"class {k} is out of range for {num_classes} classes")
+                raise InvalidCategories(f"{k!r} is not a class index", param)
+            if int(k) < 0:
+                raise InvalidCategories(f"class {k} is negative", param)
             if int(k) in seen:
-                raise InvalidCategories(f"class {k} is selected twice: each class may appear once")
+                raise InvalidCategories(f"class {k} is selected twice: each class may appear once", param)
             seen.add(int(k))
         out.append(tuple(int(k) for k in group))
     return tuple(out)
+
+
+def normalize_categories(value: Any, num_classes: int) -> Categories:
+    """Parse categories (:func:`parse_categories`) and check them against a scan's classes."""
+    parsed = parse_categories(value)
+    if len(parsed) > num_classes:
+        raise InvalidCategories(
+            f"{len(parsed)} categories for {num_classes} classes: at most one channel a class"
+        )
+    for group in parsed:
+        for k in group:
+            if k >= num_classes:
+                raise InvalidCategories(f"class {k} is out of range for {num_classes} classes")
+    return parsed
 
 
 def all_categories(num_classes: int) -> Categories:
@@ -103,7 +124,12 @@ def _background(channels: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarra
     return empty
 
 
+def categories_json_value(categories: Sequence[Sequence[int]]) -> list[Any]:
+    """``((0,), (1, 2))`` as the JSON value ``[0, [1, 2]]``."""
+    return [list(g) if len(g) > 1 else g[0] for g in categories]
+
+
 def categories_to_json(categories: Sequence[Sequence[int]] | None) -> str | None:
     if categories is None:
         return None
-    return json.dumps([list(g) if len(g) > 1 else g[0] for g in categories])
+    return json.dumps(categories_json_value(categories))
