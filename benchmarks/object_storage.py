@@ -14,6 +14,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from benchmarks.child import run_child
 from benchmarks.data import BenchData
@@ -26,16 +27,28 @@ SECTION = "Object storage: S3 on loopback (SeaweedFS) against a local folder"
 TARGET = 0.7
 
 
-def _convert(source: Path, store: str | Path) -> float:
-    """Scans per second of one job (two local workers) into a fresh store."""
+def _cpu(process: Any) -> float:
+    """User + system CPU seconds of a process and its children so far."""
+    total = sum(process.cpu_times()[:2])
+    for child in process.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except Exception:  # gone meanwhile
+            pass
+    return float(total)
+
+
+def _convert(source: Path, store: str | Path, server: Any) -> tuple[float, float, float]:
+    """(scans per second, S3 server CPU s, wall s) of one job (two local workers) into a fresh store."""
     from service.preprocess import run_preprocess
 
+    before = _cpu(server)
     t0 = time.perf_counter()
     summary = run_preprocess(source, store, workers=2, progress=False)
     seconds = time.perf_counter() - t0
     if summary.failed:
         raise RuntimeError(f"conversion to {store} failed: {summary.failures()[:2]}")
-    return summary.converted / seconds
+    return summary.converted / seconds, _cpu(server) - before, seconds
 
 
 def _rates(runs: list[dict]) -> str:
@@ -43,16 +56,21 @@ def _rates(runs: list[dict]) -> str:
 
 
 def _why(local: dict, remote: dict) -> str:
-    """The measured split: read time and CPU per batch, both ways."""
+    """The measured split: wall, read time and CPU per batch both ways, and the S3 server's CPU
+    per batch (it runs on the same cores as the loader here, not on other machines)."""
     out = []
     for name, r in (("local", local), ("S3", remote)):
         batches = max(1, int(r["batches"]))
-        cpu = sum(float(v) for v in r.get("cpu", {}).values()) if isinstance(r.get("cpu"), dict) else 0.0
-        out.append(
+        cpu = r.get("cpu", {})
+        cpu_s = float(cpu.get("user_s", 0.0)) + float(cpu.get("sys_s", 0.0)) if isinstance(cpu, dict) else 0.0
+        text = (
             f"{name}: {1000 * r['wall_s'] / batches:.0f} ms a batch, read {1000 * r['read_s'] / batches:.0f} ms, "
-            f"CPU {1000 * cpu / batches:.0f} ms"
+            f"loader CPU {1000 * cpu_s / batches:.0f} ms"
         )
-    return "; ".join(out)
+        if "server_cpu_s" in r:
+            text += f", S3 server CPU {1000 * r['server_cpu_s'] / batches:.0f} ms"
+        out.append(text)
+    return "; ".join(out) + f" ({os.cpu_count()} cores shared by the loader and the S3 server)"
 
 
 def run(data: BenchData, work: Path, quick: bool, repeats: int | None = None) -> list[Row]:
@@ -64,21 +82,29 @@ def run(data: BenchData, work: Path, quick: bool, repeats: int | None = None) ->
     try:
         with running_s3_server(server_dir) as server:
             os.environ.update(server.env())
-            local_rates, s3_rates = [], []
+            import psutil
+
+            weed = psutil.Process(server.process.pid)
+            local_rates, s3_rates, s3_server_cpu, s3_wall = [], [], [], []
             s3_store = ""
             for _ in range(repeats):
                 local_store = work / f"s3bench-local-{uuid.uuid4().hex[:8]}"
                 try:
-                    local_rates.append(_convert(data.source_2d, local_store))
+                    local_rates.append(_convert(data.source_2d, local_store, weed)[0])
                 finally:
                     shutil.rmtree(local_store, ignore_errors=True)
                 s3_store = server.new_url("bench")
-                s3_rates.append(_convert(data.source_2d, s3_store))
+                rate, server_cpu, wall = _convert(data.source_2d, s3_store, weed)
+                s3_rates.append(rate)
+                s3_server_cpu.append(server_cpu)
+                s3_wall.append(wall)
             rows.append(
                 Row(SECTION, "conversion, scans/s (best of runs)", max(s3_rates), "scans/s", max(local_rates),
                     "the job into a local folder", f">= {TARGET:g}x local", TARGET,
                     note=f"runs: S3 {', '.join(f'{r:.2f}' for r in s3_rates)}; local "
-                    f"{', '.join(f'{r:.2f}' for r in local_rates)}")
+                    f"{', '.join(f'{r:.2f}' for r in local_rates)}",
+                    why=f"the S3 server used {max(s3_server_cpu):.1f} s of CPU in a {max(s3_wall):.1f} s job "
+                    f"({os.cpu_count()} cores shared with the job's two workers)")
             )  # fmt: skip
             cap = max(1, decoded_bytes(data) // 4)
             env = {LOCAL_CACHE_ENV: str(cap)}
@@ -90,7 +116,9 @@ def run(data: BenchData, work: Path, quick: bool, repeats: int | None = None) ->
                     local_runs.append(
                         run_child(_spec(str(data.store), case, batches, len(data.scan_ids)), env=env)
                     )
+                    before = _cpu(weed)
                     s3_runs.append(run_child(_spec(s3_store, case, batches, len(data.scan_ids)), env=env))
+                    s3_runs[-1]["server_cpu_s"] = _cpu(weed) - before
                 best_local = max(local_runs, key=lambda r: r["rate"])
                 best_s3 = max(s3_runs, key=lambda r: r["rate"])
                 unit = "slices/s" if case.tag != "RandomPatchDataLoader" else "patches/s"
