@@ -233,7 +233,7 @@ class LocalSource:
     def _uses_label_map(self, req: RegionRequest, meta: ScanMeta) -> bool:
         return req.array == MASK and has_label_map(meta.attrs)
 
-    def _start(self, req: RegionRequest, state: tuple[str, ScanMeta]) -> tuple[Any, int]:
+    def _start(self, req: RegionRequest, state: tuple[str, ScanMeta], batch: Any = None) -> tuple[Any, int]:
         """The read's future and the decoded chunk bytes it needs (``io_counters``)."""
         region = as_region(req.roi, state[1].shape)
         name = LABEL_MAP if self._uses_label_map(req, state[1]) else req.array
@@ -241,7 +241,7 @@ class LocalSource:
         view = arr[region]
         if self._slice_major(req, state[1]):  # z first: tensorstore writes each slice contiguous
             view = view[ts.d[2].transpose[0]]
-        return view.read(), chunk_bytes_touched(region, inner, itemsize)
+        return view.read(batch=batch), chunk_bytes_touched(region, inner, itemsize)
 
     def _slice_major(self, req: RegionRequest, meta: ScanMeta) -> bool:
         """Honour the hint for 3-D arrays (image, label map), not for a (h, w, d, C) mask."""
@@ -272,7 +272,10 @@ class LocalSource:
         for r in requests:
             if r.scan_id not in states:
                 states[r.scan_id] = self._state(r.scan_id)
-        reads = [self._start(r, states[r.scan_id]) for r in requests]
+        # One tensorstore batch for the call: on object storage the reads of neighbouring inner
+        # chunks of one shard are coalesced into fewer range requests (each a round trip).
+        with ts.Batch() as batch:
+            reads = [self._start(r, states[r.scan_id], batch) for r in requests]
         out = [
             self._finish(r, f.result(), states[r.scan_id][1])
             for r, (f, _) in zip(requests, reads, strict=True)
