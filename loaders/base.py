@@ -39,7 +39,7 @@ from loaders import inference
 from loaders.batch_memory import BatchArrays, copy_into
 from loaders.blocks import BlockBuffer, block_ids, block_key
 from loaders.class_index import class_indices, index_table
-from loaders.config import Config, check_config
+from loaders.config import Config, check_batching, check_config
 from loaders.geometry import AxisRead, check_pad_mode, take_window
 from loaders.ordering import Shard, batch_groups, resumed_lanes, shard_block_order, worker_batches
 from loaders.prefetch import Prefetcher
@@ -106,10 +106,9 @@ class DataLoader(keras.utils.PyDataset):
         super().__init__(
             workers=1, use_multiprocessing=False, max_queue_size=max(2, int(cfg.PREFETCH_BATCHES))
         )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        batch_size, num_replicas, rank = check_batching(batch_size, num_replicas, rank)
         check_config(cfg)
-        self.shard = Shard(int(num_replicas), int(rank))
+        self.shard = Shard(num_replicas, rank)
         if self.shard.num_replicas > 1 and cfg.SEED is None:
             raise ValueError(
                 f"num_replicas={num_replicas} needs cfg.SEED set: every rank must compute the same epoch order"
@@ -149,6 +148,7 @@ class DataLoader(keras.utils.PyDataset):
         # (epoch, elements, order, blocks, batch groups) is replaced as one tuple, so a background
         # read sees one epoch's plan (and its block buffer).
         self._plan: Plan = self._make_plan(0)
+        self._check_has_batches()
         self._prefetcher: Prefetcher[tuple[int, int], tuple[np.ndarray, ...]] = Prefetcher(
             self._load_key, workers=max(1, int(cfg.NUM_WORKERS)), depth=int(cfg.PREFETCH_BATCHES)
         )
@@ -231,6 +231,21 @@ class DataLoader(keras.utils.PyDataset):
         else:
             groups = list(range(math.ceil(len(order) / self.batch_size)))
         return epoch, elements, order, buffer, groups
+
+    def _check_has_batches(self) -> None:
+        """Refuse, now and in one line, a batch_size or num_replicas that leaves an epoch without
+        a batch (instead of an IndexError at the first one)."""
+        examples = len(self._plan[1])
+        if examples == 0 or len(self) > 0:
+            return
+        replicas = self.shard.num_replicas
+        if replicas > examples:
+            raise ValueError(f"num_replicas={replicas} is more than the {examples} examples of this data set")
+        raise ValueError(
+            f"batch_size={self.batch_size} is more than the {self._num_elements()} examples "
+            + (f"of rank {self.shard.rank} (of {replicas})" if replicas > 1 else "of this data set")
+            + " and drop_last=True leaves no batch"
+        )
 
     def _plan_for(self, epoch: int) -> Plan:
         plan = self._plan

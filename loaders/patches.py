@@ -97,10 +97,6 @@ class RandomPatchDataLoader(PatchDataLoader):
         batch_size: int = 1,
         **sharding: Any,
     ) -> None:
-        if not 0.0 <= float(cfg.FOREGROUND_RATIO) <= 1.0:
-            raise ValueError(f"FOREGROUND_RATIO must be within [0, 1], got {cfg.FOREGROUND_RATIO}")
-        if int(cfg.PATCHES_PER_SCAN) < 1:
-            raise ValueError(f"PATCHES_PER_SCAN must be positive, got {cfg.PATCHES_PER_SCAN}")
         self.per_scan = int(cfg.PATCHES_PER_SCAN)
         self.ratio = float(cfg.FOREGROUND_RATIO)
         self._counts: dict[int, list[list[int]]] = {}
