@@ -21,6 +21,8 @@ Decorate it with :func:`register_loader` and select it with ``cfg.TAG``.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import random
 import sys
@@ -60,7 +62,7 @@ from loaders.scans import (
     scans_from_dicts,
     take_mask_window,
 )
-from loaders.state import LoaderState
+from loaders.state import LoaderState, dataset_fingerprint, plain_json
 from loaders.stats import LoaderStats, WorkerCounters, with_workers
 
 # re-exported: custom loaders import these from loaders.base
@@ -89,6 +91,9 @@ class DataLoader(keras.utils.PyDataset):
     # Whether examples are read in chunk-deep blocks (loaders.blocks; the slice loaders do):
     # then cfg.SHUFFLE_BLOCKS > 0 interleaves blocks in the order and reads each block once.
     reads_blocks = False
+    # Config fields that decide which examples an epoch holds and in which order: a state saved
+    # under other values (load_state_dict) is refused. A subclass names the ones it reads.
+    batch_fields: tuple[str, ...] = ("IMG_SIZE", "IMG_STRIDE", "IMG_PAD_SIZE", "SHUFFLE_BLOCKS")
 
     def __init__(
         self,
@@ -258,7 +263,10 @@ class DataLoader(keras.utils.PyDataset):
         return len(self.scans)
 
     def __len__(self) -> int:
-        n = self._num_elements()
+        return self._batches_in(self._plan)
+
+    def _batches_in(self, plan: Plan) -> int:
+        n = len(plan[2])
         if not self.is_test and self.drop_last:
             return n // self.batch_size
         return math.ceil(n / self.batch_size)
@@ -358,10 +366,13 @@ class DataLoader(keras.utils.PyDataset):
         """Start epoch ``epoch`` from its first batch (its order is a function of SEED and epoch)."""
         if int(epoch) < 0:
             raise ValueError(f"epoch must not be negative, got {epoch}")
-        self._plan = self._make_plan(int(epoch))
+        self._use_plan(self._make_plan(int(epoch)))
+
+    def _use_plan(self, plan: Plan, position: int = 0, position_workers: int = 1) -> None:
+        self._plan = plan
         with self._serve_lock:
-            self.epoch = int(epoch)
-            self._position, self._position_workers = 0, 1
+            self.epoch = plan[0]
+            self._position, self._position_workers = position, position_workers
             self._served = 0
             self._last_index = -2
 
@@ -369,6 +380,17 @@ class DataLoader(keras.utils.PyDataset):
         """Where the loader stands, as plain JSON (``loaders.state``): restoring it gives exactly
         the batches still to come (seed, epoch, batches of it already delivered, shard)."""
         return self._state().to_dict()
+
+    @functools.cached_property
+    def dataset_fingerprint(self) -> str:
+        """What identifies this loader's data set in a state (``loaders.state.dataset_fingerprint``)."""
+        return dataset_fingerprint(self.scans)
+
+    def batch_settings(self) -> dict[str, Any]:
+        """The settings that decide the batches, as a state records them (plain JSON)."""
+        settings = {"batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
+        settings.update({name: getattr(self._cfg, name) for name in self.batch_fields})
+        return dict(plain_json(settings))
 
     def _state(self) -> LoaderState:
         shard = self.shard
@@ -381,17 +403,27 @@ class DataLoader(keras.utils.PyDataset):
             shard.rank,
             len(self),
             int(self._position_workers),
+            self.dataset_fingerprint,
+            len(self.scans),
+            self.batch_settings(),
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of the same loader and data set)."""
+        """Continue from ``state`` (from :meth:`state_dict` of the same loader and data set).
+
+        Everything is checked before anything changes: a refused state (another data set,
+        other batch settings, another length) leaves the loader where it was."""
         restored = LoaderState.parse(state)
         restored.check_matches(self._state())
+        # the state's epoch as this loader would make it under the state's seed, made on a
+        # shallow copy (sharing scans and caches) so that this loader is untouched until it fits
+        trial = copy.copy(self)
+        trial.seed = restored.seed
+        plan = trial._make_plan(restored.epoch)
+        restored.check_length(self._batches_in(plan))
         self.seed = restored.seed
-        self.set_epoch(restored.epoch)
-        restored.check_length(len(self))
+        self._use_plan(plan, restored.position, restored.workers)
         self._prefetcher.reset()
-        self._position, self._position_workers = restored.position, restored.workers
 
     def stats(self) -> dict[str, Any]:
         """Figures since creation or :meth:`reset_stats` (``loaders.stats``): ``batches``,

@@ -35,6 +35,8 @@ class PatchDataLoader(DataLoader):
     than a patch are padded at the end. ``inference`` blends overlaps with ``BLEND_MODE``.
     """
 
+    batch_fields: tuple[str, ...] = ("IMG_SIZE", "IMG_STRIDE", "IMG_PAD_SIZE")
+
     def __init__(
         self,
         cfg: Config,
@@ -86,6 +88,9 @@ class RandomPatchDataLoader(PatchDataLoader):
     ``CATEGORIES`` selects them (all classes when it is empty). Draws are deterministic from
     ``SEED`` and the epoch (see ``loaders.sampling``). ``inference`` uses the grid.
     """
+
+    # IMG_STRIDE is the inference grid's only; CATEGORIES decides what is foreground
+    batch_fields = ("IMG_SIZE", "IMG_PAD_SIZE", "PATCHES_PER_SCAN", "FOREGROUND_RATIO", "CATEGORIES")
 
     def __init__(
         self,
