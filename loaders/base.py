@@ -32,12 +32,11 @@ import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import keras
 import numpy as np
 
 from client.label_map import Decoded, LabelRegion, apply_table, merged
 from client.protocol import RegionRequest, ScanSource
-from loaders import inference
+from loaders.backend import import_keras
 from loaders.batch_memory import BatchArrays, copy_into
 from loaders.blocks import BlockBuffer, block_ids, block_key
 from loaders.class_index import class_indices, index_table
@@ -64,6 +63,12 @@ from loaders.scans import (
 )
 from loaders.state import LoaderState, dataset_fingerprint, plain_json
 from loaders.stats import LoaderStats, WorkerCounters, with_workers
+
+import_keras()  # chooses the backend before Keras' first import (loaders.backend)
+
+import keras  # noqa: E402
+
+from loaders import inference  # noqa: E402
 
 # re-exported: custom loaders import these from loaders.base
 __all__ = [

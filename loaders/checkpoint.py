@@ -22,7 +22,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import keras
+from loaders.backend import import_keras
+
+import_keras()  # chooses the backend before Keras' first import (loaders.backend)
+
+import keras  # noqa: E402
 
 STATE_FILE = "scancache_loader_state.json"
 

@@ -46,6 +46,7 @@ from client.predictions import (
     PredictionStore,
     check_predictions_root,
 )
+from loaders.backend import import_keras
 
 SLAB_SLICES = 16  # slices converted and written at a time: whole chunks (CHUNK_DEPTH divides it)
 CHUNK_YX = 128
@@ -116,7 +117,7 @@ def _version(package: str) -> str | None:
 
 
 def _written_by(loader: Any, model: Any, predict_kwargs: dict[str, Any]) -> dict[str, Any]:
-    import keras
+    keras = import_keras()
 
     return {
         "model": str(getattr(model, "name", None) or type(model).__name__),
@@ -237,7 +238,7 @@ def _progress(total: int, enabled: bool | None) -> Any:
         enabled = sys.stdout.isatty()
     if not enabled or total == 0:
         return None
-    import keras
+    keras = import_keras()
 
     return keras.utils.Progbar(total, unit_name="scan")
 

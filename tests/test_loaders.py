@@ -345,7 +345,7 @@ def test_a_chosen_backend_that_is_missing_is_one_line_naming_the_extra(tmp_path)
         pytest.skip("jax is installed here")
     out = _backend_in_subprocess(tmp_path, "import loaders", KERAS_BACKEND="jax")
     assert out.returncode != 0
-    assert "Keras backend 'jax' is selected but not installed" in out.stderr
+    assert "Keras backend 'jax' is selected (KERAS_BACKEND) but not installed" in out.stderr
     assert ".[jax]" in out.stderr.strip().splitlines()[-1]
 
 
