@@ -145,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args(argv)
 
-    import keras
-
     from loaders import Config, DatasetCatalog, build_loader, write_predictions
+    from loaders.backend import import_keras
     from service.preprocess import run_preprocess
     from service.sample_data import write_sample_data
+
+    keras = import_keras()  # the backend chosen first (a torch-only machine works too)
 
     out = Path(args.out).resolve()
     # predictions.zarr: older demos wrote .npy files to predictions/, which is not a store

@@ -8,18 +8,60 @@
 
 from __future__ import annotations
 
-from loaders.backend import import_keras
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import_keras()  # the backend chosen (and TensorFlow quiet) before Keras' first import
+# Nothing heavy at `import loaders`: each name is imported on first use, so Keras and its
+# backend (seconds, and TensorFlow's start-up) load only with what needs them (the loaders,
+# build_loader, LoaderCheckpoint), and Config / DatasetCatalog never need them.
+# loaders.backend sets TF_CPP_MIN_LOG_LEVEL now, before anything can import TensorFlow.
+from loaders import backend as _backend  # noqa: F401
 
-from loaders.base import LOADER_REGISTRY, DataLoader, Element, register_loader  # noqa: E402
-from loaders.build import build_loader, get_dataset_dicts  # noqa: E402
-from loaders.catalog import DatasetCatalog, open_source  # noqa: E402
-from loaders.checkpoint import LoaderCheckpoint  # noqa: E402
-from loaders.config import Config  # noqa: E402
-from loaders.patches import PatchDataLoader, RandomPatchDataLoader  # noqa: E402
-from loaders.predictions import PredictionSummary, write_predictions  # noqa: E402
-from loaders.slices import DefaultDataLoader, S25dDataLoader  # noqa: E402
+if TYPE_CHECKING:
+    from loaders.base import LOADER_REGISTRY, DataLoader, Element, register_loader
+    from loaders.build import build_loader, get_dataset_dicts
+    from loaders.catalog import DatasetCatalog, open_source
+    from loaders.checkpoint import LoaderCheckpoint
+    from loaders.config import Config
+    from loaders.patches import PatchDataLoader, RandomPatchDataLoader
+    from loaders.predictions import PredictionSummary, write_predictions
+    from loaders.slices import DefaultDataLoader, S25dDataLoader
+
+_HOME = {
+    "LOADER_REGISTRY": "loaders.base",
+    "DataLoader": "loaders.base",
+    "Element": "loaders.base",
+    "register_loader": "loaders.base",
+    "build_loader": "loaders.build",
+    "get_dataset_dicts": "loaders.build",
+    "DatasetCatalog": "loaders.catalog",
+    "open_source": "loaders.catalog",
+    "LoaderCheckpoint": "loaders.checkpoint",
+    "Config": "loaders.config",
+    "PatchDataLoader": "loaders.patches",
+    "RandomPatchDataLoader": "loaders.patches",
+    "PredictionSummary": "loaders.predictions",
+    "write_predictions": "loaders.predictions",
+    "DefaultDataLoader": "loaders.slices",
+    "S25dDataLoader": "loaders.slices",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+    if home == "loaders.base":  # the registry with the built-in loaders in it
+        importlib.import_module("loaders.slices")
+        importlib.import_module("loaders.patches")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
+
 
 __all__ = [
     "LOADER_REGISTRY",

@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # absl/TSL start-up lines: "I0000 00:00:1796419795.537521   17918 port.cc:153] ..." (info and
 # warning levels) and absl's notice before them
 _STARTUP_LINE = re.compile(
-    rb"^(?:[IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] .*"
+    rb"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] .*"
     rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR)$"
 )
 _import_lock = threading.Lock()

@@ -588,6 +588,8 @@ def _called_from_keras(depth: int = 6) -> bool:
 
 def build_data_loader(cfg: Config, dataset_dicts: Sequence[dict[str, Any]], **kwargs: Any) -> DataLoader:
     """The loader registered under ``cfg.TAG``, built over ``dataset_dicts``."""
+    from loaders import patches, slices  # noqa: F401  (they register the built-in loaders)
+
     try:
         cls: Callable[..., DataLoader] = LOADER_REGISTRY[cfg.TAG]
     except KeyError:

@@ -72,3 +72,60 @@ def test_torch_only_machine_with_a_keras_json_naming_tensorflow_says_what_to_do(
     # KERAS_BACKEND wins over keras.json
     out = run_python(tmp_path, USE_KERAS, hide_tensorflow=True, KERAS_BACKEND="torch")
     assert out.returncode == 0 and out.stdout.split() == ["torch", "False"], out.stderr[-2000:]
+
+
+HEAVY = ("keras", "tensorflow", "torch", "jax")
+
+
+def test_import_loaders_imports_no_keras_nor_a_backend(tmp_path):
+    code = (
+        "import sys, loaders\n"
+        "from loaders import Config, DatasetCatalog\n"
+        "cfg = Config(SEED=1, IMG_SIZE=(8, 8, 1))\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+        "from loaders import build_loader, DefaultDataLoader, LOADER_REGISTRY\n"
+        "print('keras' in sys.modules, 'DefaultDataLoader' in LOADER_REGISTRY)\n"
+    )
+    out = run_python(tmp_path, code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["[]", "True True"]
+
+
+def test_an_unknown_name_is_an_attribute_error(tmp_path):
+    out = run_python(tmp_path, "import loaders; loaders.NoSuch")
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == "AttributeError: module 'loaders' has no attribute 'NoSuch'"
+
+
+STARTUP = ("I0000", "W0000", "absl::InitializeLog", "port.cc", "cudart_stub")
+
+
+def test_tensorflow_starts_quietly_but_a_level_the_user_set_is_kept(tmp_path):
+    code = (
+        "from loaders import build_loader; import os, tensorflow; print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+    )
+    out = run_python(tmp_path, code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2"]
+    assert not [line for line in out.stderr.splitlines() if any(s in line for s in STARTUP)], out.stderr
+    out = run_python(tmp_path, code, TF_CPP_MIN_LOG_LEVEL="0")
+    assert out.returncode == 0 and out.stdout.split() == ["0"], out.stderr[-2000:]
+
+
+def test_the_quiet_import_passes_on_everything_but_the_start_up_lines(tmp_path):
+    code = (
+        "import os\n"
+        "from loaders import backend\n"
+        "with backend._quiet_startup():\n"
+        "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
+        "    os.write(2, b'I0000 00:00:1796419795.537521   17918 port.cc:153] oneDNN custom operations are on.\\n')\n"
+        "    os.write(2, b'E0000 00:00:1796419802.511123   18006 cuda_platform.cc:52] failed call to cuInit\\n')\n"
+        "    os.write(2, b'a real message\\n')\n"
+        "print('done')\n"
+    )
+    out = run_python(tmp_path, code)
+    assert out.returncode == 0 and out.stdout == "done\n"
+    assert out.stderr.splitlines() == [
+        "E0000 00:00:1796419802.511123   18006 cuda_platform.cc:52] failed call to cuInit",
+        "a real message",
+    ]
