@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -36,6 +37,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def scancache_command() -> str:
+    """The ``scancache`` executable beside this Python (the virtual environment's), by its full
+    path: the printed line works without activating the environment."""
+    exe = Path(sys.executable).parent / "scancache"
+    return shlex.quote(str(exe)) if exe.exists() else f"{shlex.quote(sys.executable)} -m service.cli"
 
 
 @contextlib.contextmanager
@@ -145,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args(argv)
 
-    import keras
-
     from loaders import Config, DatasetCatalog, build_loader, write_predictions
+    from loaders.backend import import_keras
     from service.preprocess import run_preprocess
     from service.sample_data import write_sample_data
+
+    keras = import_keras()  # the backend chosen first (a torch-only machine works too)
 
     out = Path(args.out).resolve()
     # predictions.zarr: older demos wrote .npy files to predictions/, which is not a store
@@ -232,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"preview of {rows[0]['scan_id']} (middle slice, prediction overlaid): {shown}")
     say(f"predictions: {preds}   dice: {out / 'dice.json'}   store: {store}")
     say(f"done in {time.perf_counter() - started:.0f} s; the demo's server is stopped. To look at it all:")
-    print(f"    scancache serve {store} --predictions {preds} --port 8000")
+    print(
+        f"    {scancache_command()} serve {shlex.quote(str(store))} --predictions {shlex.quote(str(preds))} --port 8000"
+    )
     print("    then open http://127.0.0.1:8000/viewer in a browser", flush=True)
     return 0
 

@@ -8,64 +8,60 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import sys
+import importlib
+from typing import TYPE_CHECKING, Any
 
-# TensorFlow's C++ start-up logging (oneDNN, CUDA probing, CPU features) hides real messages;
-# quiet by default, unless the user set the level. Only effective before TensorFlow is imported.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Nothing heavy at `import loaders`: each name is imported on first use, so Keras and its
+# backend (seconds, and TensorFlow's start-up) load only with what needs them (the loaders,
+# build_loader, LoaderCheckpoint), and Config / DatasetCatalog never need them.
+# loaders.backend sets TF_CPP_MIN_LOG_LEVEL now, before anything can import TensorFlow.
+from loaders import backend as _backend  # noqa: F401
 
-BACKEND_EXTRAS = {"tensorflow": "loaders", "torch": "torch", "jax": "jax"}
+if TYPE_CHECKING:
+    from loaders.base import LOADER_REGISTRY, DataLoader, Element, register_loader
+    from loaders.build import build_loader, get_dataset_dicts
+    from loaders.catalog import DatasetCatalog, open_source
+    from loaders.checkpoint import LoaderCheckpoint
+    from loaders.config import Config
+    from loaders.patches import PatchDataLoader, RandomPatchDataLoader
+    from loaders.predictions import PredictionSummary, write_predictions
+    from loaders.slices import DefaultDataLoader, S25dDataLoader
 
-
-def _configured_backend() -> str | None:
-    """The backend the user chose: $KERAS_BACKEND, else keras.json's (where Keras reads it)."""
-    if os.environ.get("KERAS_BACKEND"):
-        return os.environ["KERAS_BACKEND"]
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    try:
-        with open(os.path.join(home, "keras.json")) as f:
-            backend = json.load(f).get("backend")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(backend) if backend else None
-
-
-def _check_keras_backend() -> None:
-    """Keras defaults to TensorFlow (installed by the ``loaders`` extra). A backend the user chose
-    is never overridden; if none was chosen and TensorFlow is absent, an installed one is used.
-    Where the needed backend is missing, say so in one line naming the extra."""
-    if "keras" in sys.modules:  # imported already: its backend is settled
-        return
-    chosen = _configured_backend()
-    if chosen is not None:
-        if chosen in BACKEND_EXTRAS and importlib.util.find_spec(chosen) is None:
-            raise ImportError(
-                f'Keras backend {chosen!r} is selected but not installed: pip install -e ".[{BACKEND_EXTRAS[chosen]}]"'
-            )
-        return
-    for name in ("tensorflow", "jax", "torch"):
-        if importlib.util.find_spec(name) is not None:
-            if name != "tensorflow":
-                os.environ["KERAS_BACKEND"] = name
-            return
-    raise ImportError(
-        'no Keras backend is installed: pip install -e ".[loaders]" (TensorFlow), or ".[torch]" / ".[jax]"'
-    )
+_HOME = {
+    "LOADER_REGISTRY": "loaders.base",
+    "DataLoader": "loaders.base",
+    "Element": "loaders.base",
+    "register_loader": "loaders.base",
+    "build_loader": "loaders.build",
+    "get_dataset_dicts": "loaders.build",
+    "DatasetCatalog": "loaders.catalog",
+    "open_source": "loaders.catalog",
+    "LoaderCheckpoint": "loaders.checkpoint",
+    "Config": "loaders.config",
+    "PatchDataLoader": "loaders.patches",
+    "RandomPatchDataLoader": "loaders.patches",
+    "PredictionSummary": "loaders.predictions",
+    "write_predictions": "loaders.predictions",
+    "DefaultDataLoader": "loaders.slices",
+    "S25dDataLoader": "loaders.slices",
+}
 
 
-_check_keras_backend()
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+    if home == "loaders.base":  # the registry with the built-in loaders in it
+        importlib.import_module("loaders.slices")
+        importlib.import_module("loaders.patches")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
 
-from loaders.base import LOADER_REGISTRY, DataLoader, Element, register_loader  # noqa: E402
-from loaders.build import build_loader, get_dataset_dicts  # noqa: E402
-from loaders.catalog import DatasetCatalog, open_source  # noqa: E402
-from loaders.checkpoint import LoaderCheckpoint  # noqa: E402
-from loaders.config import Config  # noqa: E402
-from loaders.patches import PatchDataLoader, RandomPatchDataLoader  # noqa: E402
-from loaders.predictions import PredictionSummary, write_predictions  # noqa: E402
-from loaders.slices import DefaultDataLoader, S25dDataLoader  # noqa: E402
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
+
 
 __all__ = [
     "LOADER_REGISTRY",

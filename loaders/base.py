@@ -21,6 +21,8 @@ Decorate it with :func:`register_loader` and select it with ``cfg.TAG``.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import random
 import sys
@@ -30,14 +32,14 @@ import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import keras
 import numpy as np
 
 from loaders import inference
+from loaders.backend import import_keras
 from loaders.batch_memory import BatchArrays, copy_into
 from loaders.blocks import BlockBuffer, block_ids, block_key
 from loaders.class_index import class_indices, index_table
-from loaders.config import Config, check_config
+from loaders.config import Config, check_batching, check_config
 from loaders.geometry import AxisRead, check_pad_mode, take_window
 from loaders.ordering import Shard, batch_groups, resumed_lanes, shard_block_order, worker_batches
 from loaders.prefetch import Prefetcher
@@ -58,10 +60,14 @@ from loaders.scans import (
     scans_from_dicts,
     take_mask_window,
 )
-from loaders.state import LoaderState
+from loaders.state import LoaderState, dataset_fingerprint, plain_json
 from loaders.stats import LoaderStats, WorkerCounters, with_workers
 from store.label_map import Decoded, LabelRegion, apply_table, merged
 from store.protocol import RegionRequest, ScanSource
+
+import_keras()  # chooses the backend before Keras' first import (loaders.backend)
+
+import keras  # noqa: E402
 
 # re-exported: custom loaders import these from loaders.base
 __all__ = [
@@ -89,6 +95,9 @@ class DataLoader(keras.utils.PyDataset):
     # Whether examples are read in chunk-deep blocks (loaders.blocks; the slice loaders do):
     # then cfg.SHUFFLE_BLOCKS > 0 interleaves blocks in the order and reads each block once.
     reads_blocks = False
+    # Config fields that decide which examples an epoch holds and in which order: a state saved
+    # under other values (load_state_dict) is refused. A subclass names the ones it reads.
+    batch_fields: tuple[str, ...] = ("IMG_SIZE", "IMG_STRIDE", "IMG_PAD_SIZE", "SHUFFLE_BLOCKS")
 
     def __init__(
         self,
@@ -106,10 +115,9 @@ class DataLoader(keras.utils.PyDataset):
         super().__init__(
             workers=1, use_multiprocessing=False, max_queue_size=max(2, int(cfg.PREFETCH_BATCHES))
         )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        batch_size, num_replicas, rank = check_batching(batch_size, num_replicas, rank)
         check_config(cfg)
-        self.shard = Shard(int(num_replicas), int(rank))
+        self.shard = Shard(num_replicas, rank)
         if self.shard.num_replicas > 1 and cfg.SEED is None:
             raise ValueError(
                 f"num_replicas={num_replicas} needs cfg.SEED set: every rank must compute the same epoch order"
@@ -149,6 +157,7 @@ class DataLoader(keras.utils.PyDataset):
         # (epoch, elements, order, blocks, batch groups) is replaced as one tuple, so a background
         # read sees one epoch's plan (and its block buffer).
         self._plan: Plan = self._make_plan(0)
+        self._check_has_batches()
         self._prefetcher: Prefetcher[tuple[int, int], tuple[np.ndarray, ...]] = Prefetcher(
             self._load_key, workers=max(1, int(cfg.NUM_WORKERS)), depth=int(cfg.PREFETCH_BATCHES)
         )
@@ -232,6 +241,21 @@ class DataLoader(keras.utils.PyDataset):
             groups = list(range(math.ceil(len(order) / self.batch_size)))
         return epoch, elements, order, buffer, groups
 
+    def _check_has_batches(self) -> None:
+        """Refuse, now and in one line, a batch_size or num_replicas that leaves an epoch without
+        a batch (instead of an IndexError at the first one)."""
+        examples = len(self._plan[1])
+        if examples == 0 or len(self) > 0:
+            return
+        replicas = self.shard.num_replicas
+        if replicas > examples:
+            raise ValueError(f"num_replicas={replicas} is more than the {examples} examples of this data set")
+        raise ValueError(
+            f"batch_size={self.batch_size} is more than the {self._num_elements()} examples "
+            + (f"of rank {self.shard.rank} (of {replicas})" if replicas > 1 else "of this data set")
+            + " and drop_last=True leaves no batch"
+        )
+
     def _plan_for(self, epoch: int) -> Plan:
         plan = self._plan
         return plan if plan[0] == epoch else self._make_plan(epoch)
@@ -243,7 +267,10 @@ class DataLoader(keras.utils.PyDataset):
         return len(self.scans)
 
     def __len__(self) -> int:
-        n = self._num_elements()
+        return self._batches_in(self._plan)
+
+    def _batches_in(self, plan: Plan) -> int:
+        n = len(plan[2])
         if not self.is_test and self.drop_last:
             return n // self.batch_size
         return math.ceil(n / self.batch_size)
@@ -343,10 +370,13 @@ class DataLoader(keras.utils.PyDataset):
         """Start epoch ``epoch`` from its first batch (its order is a function of SEED and epoch)."""
         if int(epoch) < 0:
             raise ValueError(f"epoch must not be negative, got {epoch}")
-        self._plan = self._make_plan(int(epoch))
+        self._use_plan(self._make_plan(int(epoch)))
+
+    def _use_plan(self, plan: Plan, position: int = 0, position_workers: int = 1) -> None:
+        self._plan = plan
         with self._serve_lock:
-            self.epoch = int(epoch)
-            self._position, self._position_workers = 0, 1
+            self.epoch = plan[0]
+            self._position, self._position_workers = position, position_workers
             self._served = 0
             self._last_index = -2
 
@@ -354,6 +384,17 @@ class DataLoader(keras.utils.PyDataset):
         """Where the loader stands, as plain JSON (``loaders.state``): restoring it gives exactly
         the batches still to come (seed, epoch, batches of it already delivered, shard)."""
         return self._state().to_dict()
+
+    @functools.cached_property
+    def dataset_fingerprint(self) -> str:
+        """What identifies this loader's data set in a state (``loaders.state.dataset_fingerprint``)."""
+        return dataset_fingerprint(self.scans)
+
+    def batch_settings(self) -> dict[str, Any]:
+        """The settings that decide the batches, as a state records them (plain JSON)."""
+        settings = {"batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
+        settings.update({name: getattr(self._cfg, name) for name in self.batch_fields})
+        return dict(plain_json(settings))
 
     def _state(self) -> LoaderState:
         shard = self.shard
@@ -366,17 +407,27 @@ class DataLoader(keras.utils.PyDataset):
             shard.rank,
             len(self),
             int(self._position_workers),
+            self.dataset_fingerprint,
+            len(self.scans),
+            self.batch_settings(),
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of the same loader and data set)."""
+        """Continue from ``state`` (from :meth:`state_dict` of the same loader and data set).
+
+        Everything is checked before anything changes: a refused state (another data set,
+        other batch settings, another length) leaves the loader where it was."""
         restored = LoaderState.parse(state)
         restored.check_matches(self._state())
+        # the state's epoch as this loader would make it under the state's seed, made on a
+        # shallow copy (sharing scans and caches) so that this loader is untouched until it fits
+        trial = copy.copy(self)
+        trial.seed = restored.seed
+        plan = trial._make_plan(restored.epoch)
+        restored.check_length(self._batches_in(plan))
         self.seed = restored.seed
-        self.set_epoch(restored.epoch)
-        restored.check_length(len(self))
+        self._use_plan(plan, restored.position, restored.workers)
         self._prefetcher.reset()
-        self._position, self._position_workers = restored.position, restored.workers
 
     def stats(self) -> dict[str, Any]:
         """Figures since creation or :meth:`reset_stats` (``loaders.stats``): ``batches``,
@@ -536,6 +587,8 @@ def _called_from_keras(depth: int = 6) -> bool:
 
 def build_data_loader(cfg: Config, dataset_dicts: Sequence[dict[str, Any]], **kwargs: Any) -> DataLoader:
     """The loader registered under ``cfg.TAG``, built over ``dataset_dicts``."""
+    from loaders import patches, slices  # noqa: F401  (they register the built-in loaders)
+
     try:
         cls: Callable[..., DataLoader] = LOADER_REGISTRY[cfg.TAG]
     except KeyError:

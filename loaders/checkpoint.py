@@ -22,7 +22,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import keras
+from loaders.backend import import_keras
+
+import_keras()  # chooses the backend before Keras' first import (loaders.backend)
+
+import keras  # noqa: E402
 
 STATE_FILE = "scancache_loader_state.json"
 
@@ -51,7 +55,10 @@ class LoaderCheckpoint(keras.callbacks.Callback):
                 raise ValueError(
                     f"LoaderCheckpoint: {self.path.name} is not a loader state (not JSON)"
                 ) from None
-            self.loader.load_state_dict(state)
+            try:
+                self.loader.load_state_dict(state)
+            except ValueError as exc:  # refused, the loader unchanged and the file kept
+                raise ValueError(f"LoaderCheckpoint: {self.path.name}: {exc}") from None
         self._save(self.loader.epoch)
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:

@@ -7,7 +7,13 @@ lines run unchanged. Where scancache reads a field differently, the comment says
 from __future__ import annotations
 
 import copy
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
+
+from loaders.geometry import BLEND_MODES, PAD_MODES
 
 
 class Config:
@@ -68,7 +74,10 @@ class Config:
     def __setattr__(self, key: str, value: Any) -> None:
         if not key.isupper() or not hasattr(type(self), key):
             raise AttributeError(f"Config has no field {key!r}")
-        object.__setattr__(self, key, value)
+        # Checked (and made a plain typed value) here, where it enters: a wrong value fails
+        # now, in one line naming the field, not at the first batch with a message naming none.
+        check = FIELD_CHECKS.get(key)
+        object.__setattr__(self, key, check(key, value) if check is not None else value)
 
     def get_num_classes(self, store_classes: int | None = None) -> int:
         """Output channels, as MedSegPy computes them.
@@ -100,22 +109,119 @@ class Config:
 
 Y_DTYPES = ("float32", "uint8")
 Y_FORMATS = ("one_hot", "class_index")
+MAX_SEED = 2**63 - 1  # the seed travels in a signed 64-bit table to torch workers
+
+
+def whole_number(name: str, value: Any, minimum: int = 0, maximum: int | None = None) -> int:
+    """``value`` as an int within ``[minimum, maximum]``; anything else (a string, a float, a
+    bool) refused in one line naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    number = int(value)
+    if number < minimum or (maximum is not None and number > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"within {minimum}..{maximum}"
+        raise ValueError(f"{name} must be a whole number {bounds}, got {value!r}")
+    return number
+
+
+def _minimum(minimum: int) -> Callable[[str, Any], int]:
+    return lambda name, value: whole_number(name, value, minimum)
+
+
+def _seed(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return whole_number(name, value, 0, MAX_SEED)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be None (a random seed) or a whole number within 0..2**63-1, got {value!r}"
+        ) from None
+
+
+def _flag(name: str, value: Any) -> bool:
+    # numpy's bool is not a bool; "no" or 2 is a mistake, not a truth value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _ratio(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number within [0, 1], got {value!r}")
+    return float(value)
+
+
+def _img_size(name: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+        raise ValueError(f"{name} must be a tuple of whole numbers >= 1, got {value!r}")
+    try:
+        return tuple(whole_number(name, v, 1) for v in value)
+    except ValueError:
+        raise ValueError(f"{name} must be a tuple of whole numbers >= 1, got {value!r}") from None
+
+
+def _per_axis(minimum: int, none_ok: bool) -> Callable[[str, Any], Any]:
+    """IMG_STRIDE / IMG_PAD_SIZE: () or None (the default), one number for every axis, or one
+    per axis (None in IMG_PAD_SIZE: no padding on that axis)."""
+
+    def check(name: str, value: Any) -> Any:
+        if value is None:
+            return ()
+        what = f"{name} must be (), a whole number >= {minimum} or a tuple of them, got {value!r}"
+        if isinstance(value, (str, bytes)):
+            raise ValueError(what)
+        try:
+            if isinstance(value, Sequence):
+                return tuple(None if v is None and none_ok else whole_number(name, v, minimum) for v in value)
+            return whole_number(name, value, minimum)
+        except ValueError:
+            raise ValueError(what) from None
+
+    return check
+
+
+# Each field's check, run by Config.__setattr__ (fields not listed take any value).
+FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "SEED": _seed,
+    "NUM_WORKERS": _minimum(1),
+    "PREFETCH_BATCHES": _minimum(1),
+    "PATCHES_PER_SCAN": _minimum(1),
+    "SHUFFLE_BLOCKS": _minimum(0),
+    "INCLUDE_BACKGROUND": _flag,
+    "PRELOAD_DATA": _flag,
+    "IMG_SIZE": _img_size,
+    "IMG_STRIDE": _per_axis(1, none_ok=False),
+    "IMG_PAD_SIZE": _per_axis(0, none_ok=True),
+    "IMG_PAD_MODE": _one_of(PAD_MODES),
+    "BLEND_MODE": _one_of(BLEND_MODES),
+    "FOREGROUND_RATIO": _ratio,
+    "Y_DTYPE": _one_of(Y_DTYPES),
+    "Y_FORMAT": _one_of(Y_FORMATS),
+}
 
 
 def check_config(cfg: Config) -> None:
-    """Refuse settings a loader cannot honour, in one line naming the field."""
+    """Refuse settings a loader cannot honour, in one line naming the field (each field's own
+    value is checked when it is set: ``FIELD_CHECKS``)."""
     if cfg.PRELOAD_DATA:
         raise ValueError(
             "PRELOAD_DATA=True is not supported: the store's decoded-chunk cache holds scans in memory "
             "(set SCANCACHE_LOCAL_CACHE_BYTES, or the server's --cache-bytes); leave PRELOAD_DATA False"
         )
-    if (
-        not isinstance(cfg.SHUFFLE_BLOCKS, int)
-        or isinstance(cfg.SHUFFLE_BLOCKS, bool)
-        or cfg.SHUFFLE_BLOCKS < 0
-    ):
-        raise ValueError(f"SHUFFLE_BLOCKS must be a whole number >= 0, got {cfg.SHUFFLE_BLOCKS!r}")
-    if str(cfg.Y_DTYPE) not in Y_DTYPES:
-        raise ValueError(f"Y_DTYPE must be one of {', '.join(Y_DTYPES)}, got {cfg.Y_DTYPE!r}")
-    if str(cfg.Y_FORMAT) not in Y_FORMATS:
-        raise ValueError(f"Y_FORMAT must be one of {', '.join(Y_FORMATS)}, got {cfg.Y_FORMAT!r}")
+
+
+def check_batching(batch_size: Any, num_replicas: Any, rank: Any) -> tuple[int, int, int]:
+    """``build_loader``'s batch_size / num_replicas / rank as ints, in one line naming the argument."""
+    size = whole_number("batch_size", batch_size, 1)
+    replicas = whole_number("num_replicas", num_replicas, 1)
+    return size, replicas, whole_number("rank", rank, 0, replicas - 1)

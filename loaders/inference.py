@@ -29,14 +29,18 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
-import keras
 import numpy as np
 
+from loaders.backend import import_keras
 from loaders.config import Config
 from loaders.scans import ScanEntry, cut_window, read_in_slabs
 from loaders.stitching import Aggregator, windows_disjoint
 from store.format import IMAGE, MASK
 from store.protocol import RegionRequest
+
+import_keras()  # chooses the backend before Keras' first import (loaders.backend)
+
+import keras  # noqa: E402
 
 
 class InferenceLoader(Protocol):

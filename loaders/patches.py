@@ -35,6 +35,8 @@ class PatchDataLoader(DataLoader):
     than a patch are padded at the end. ``inference`` blends overlaps with ``BLEND_MODE``.
     """
 
+    batch_fields: tuple[str, ...] = ("IMG_SIZE", "IMG_STRIDE", "IMG_PAD_SIZE")
+
     def __init__(
         self,
         cfg: Config,
@@ -87,6 +89,9 @@ class RandomPatchDataLoader(PatchDataLoader):
     ``SEED`` and the epoch (see ``loaders.sampling``). ``inference`` uses the grid.
     """
 
+    # IMG_STRIDE is the inference grid's only; CATEGORIES decides what is foreground
+    batch_fields = ("IMG_SIZE", "IMG_PAD_SIZE", "PATCHES_PER_SCAN", "FOREGROUND_RATIO", "CATEGORIES")
+
     def __init__(
         self,
         cfg: Config,
@@ -97,10 +102,6 @@ class RandomPatchDataLoader(PatchDataLoader):
         batch_size: int = 1,
         **sharding: Any,
     ) -> None:
-        if not 0.0 <= float(cfg.FOREGROUND_RATIO) <= 1.0:
-            raise ValueError(f"FOREGROUND_RATIO must be within [0, 1], got {cfg.FOREGROUND_RATIO}")
-        if int(cfg.PATCHES_PER_SCAN) < 1:
-            raise ValueError(f"PATCHES_PER_SCAN must be positive, got {cfg.PATCHES_PER_SCAN}")
         self.per_scan = int(cfg.PATCHES_PER_SCAN)
         self.ratio = float(cfg.FOREGROUND_RATIO)
         self._counts: dict[int, list[list[int]]] = {}

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from loaders.backend import import_keras
 from store import ome, publish
 from store.categories import categories_to_json, parse_categories
 from store.predictions import (
@@ -119,7 +120,7 @@ def _version(package: str) -> str | None:
 
 
 def _written_by(loader: Any, model: Any, predict_kwargs: dict[str, Any]) -> dict[str, Any]:
-    import keras
+    keras = import_keras()
 
     return {
         "model": str(getattr(model, "name", None) or type(model).__name__),
@@ -240,7 +241,7 @@ def _progress(total: int, enabled: bool | None) -> Any:
         enabled = sys.stdout.isatty()
     if not enabled or total == 0:
         return None
-    import keras
+    keras = import_keras()
 
     return keras.utils.Progbar(total, unit_name="scan")
 

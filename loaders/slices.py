@@ -23,6 +23,7 @@ class DefaultDataLoader(DataLoader):
     """
 
     reads_blocks = True
+    batch_fields: tuple[str, ...] = ("SHUFFLE_BLOCKS",)  # whole slices, whatever IMG_SIZE says
 
     def build_elements(self) -> Sequence[Element]:
         return [
@@ -49,6 +50,8 @@ class S25dDataLoader(DefaultDataLoader):
     Slices beyond the scan's ends are filled with ``IMG_PAD_MODE`` (as ``np.pad`` of the
     volume along z); y is the centre slice's mask.
     """
+
+    batch_fields = ("IMG_SIZE", "SHUFFLE_BLOCKS")
 
     def __init__(
         self,

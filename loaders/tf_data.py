@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from loaders.backend import import_tensorflow
+
 if TYPE_CHECKING:
     from loaders.base import DataLoader
 
@@ -28,7 +30,7 @@ def _probe(loader: DataLoader) -> tuple[np.ndarray, ...]:
 
 
 def tf_dataset(loader: DataLoader) -> Any:
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     if len(loader) == 0:
         raise ValueError("as_tf_dataset: the loader has no batches")

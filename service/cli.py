@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from service.version import package_version
 from store.errors import one_line
 from store.storage import parse_location
 from store.units import parse_bytes as _parse_size
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'scancache COMMAND --help' for a command's options.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"scancache {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -398,10 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     p.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes (default: 1)")
     p.add_argument(
-        "--cache-bytes", type=parse_bytes, default=None, metavar="B", help="decoded-chunk cache, e.g. 512M"
+        "--cache-bytes",
+        type=parse_bytes,
+        default=None,
+        metavar="B",
+        help="decoded-chunk cache, e.g. 512M (default: $SCANCACHE_CACHE_BYTES, else 512M)",
     )
     p.add_argument(
-        "--max-bytes", type=parse_bytes, default=None, metavar="B", help="largest response, e.g. 256M"
+        "--max-bytes",
+        type=parse_bytes,
+        default=None,
+        metavar="B",
+        help="largest response, e.g. 256M (default: $SCANCACHE_MAX_BYTES, else 1G)",
     )
     p.add_argument(
         "--max-inflight-bytes",

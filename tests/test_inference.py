@@ -100,7 +100,7 @@ def test_2d_and_25d_inference_restore_volumes(odd_store):
         np.testing.assert_array_equal(outputs["y_pred"], pointwise(image.astype(np.float32)[..., None]))
         np.testing.assert_array_equal(outputs["y_true"], mask[..., 2:3].astype(np.float32))
 
-    cfg = Config(TAG="S25dDataLoader", IMG_SIZE=(0, 0, 3), CATEGORIES=(1, 2))
+    cfg = Config(TAG="S25dDataLoader", IMG_SIZE=(288, 288, 3), CATEGORIES=(1, 2))
 
     def centre_only(x):  # (N, H, W, 3) -> the centre slice's pointwise output
         return pointwise(x[..., 1:2])

@@ -326,14 +326,16 @@ def _backend_in_subprocess(tmp_path, code, keras_json=None, **env_overrides):
 
 
 def test_tensorflow_is_the_default_backend_and_a_chosen_one_is_kept(tmp_path):
-    code = "import loaders, keras, os; print(keras.backend.backend(), os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+    code = (
+        "import loaders.base, keras, os; print(keras.backend.backend(), os.environ['TF_CPP_MIN_LOG_LEVEL'])"
+    )
     out = _backend_in_subprocess(tmp_path, code)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["tensorflow", "2"]
     assert "cpu_feature_guard" not in out.stderr  # TF's C++ start-up logging is quiet
     # a backend chosen in keras.json is never overridden ($KERAS_BACKEND: the next test)
     out = _backend_in_subprocess(
-        tmp_path, "import loaders, keras; print(keras.backend.backend())", {"backend": "torch"}
+        tmp_path, "import loaders.base, keras; print(keras.backend.backend())", {"backend": "torch"}
     )
     assert out.returncode == 0 and out.stdout.split() == ["torch"], out.stderr[-2000:]
 
@@ -343,9 +345,9 @@ def test_a_chosen_backend_that_is_missing_is_one_line_naming_the_extra(tmp_path)
 
     if importlib.util.find_spec("jax") is not None:
         pytest.skip("jax is installed here")
-    out = _backend_in_subprocess(tmp_path, "import loaders", KERAS_BACKEND="jax")
+    out = _backend_in_subprocess(tmp_path, "from loaders import build_loader", KERAS_BACKEND="jax")
     assert out.returncode != 0
-    assert "Keras backend 'jax' is selected but not installed" in out.stderr
+    assert "Keras backend 'jax' is selected (KERAS_BACKEND) but not installed" in out.stderr
     assert ".[jax]" in out.stderr.strip().splitlines()[-1]
 
 

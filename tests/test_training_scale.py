@@ -197,7 +197,7 @@ def test_a_restored_loader_gives_exactly_the_rest_of_the_run(scale_store, names,
 def test_state_of_another_loader_is_refused_in_one_line(names):
     a = build_loader(config("2d"), names["local"], 8, False, True, True)
     b = build_loader(config("2d"), names["local"], 4, False, True, True)
-    with pytest.raises(ValueError, match="batches") as err:
+    with pytest.raises(ValueError, match="batch_size=8, this loader has 4") as err:
         b.load_state_dict(a.state_dict())
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="not a scancache loader state"):

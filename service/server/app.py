@@ -23,6 +23,7 @@ from service.server.errors import error_responses, install_error_handlers
 from service.server.guards import BodyLimitMiddleware, HeadAsGetMiddleware, PathGuardMiddleware
 from service.server.inflight import InflightBudget
 from service.server.metrics import Metrics, MetricsMiddleware
+from service.server.routes_docs import add_docs_routes
 from service.server.routes_predictions import router as predictions_router
 from service.server.routes_preview import router as preview_router
 from service.server.routes_regions import router as regions_router
@@ -31,6 +32,7 @@ from service.server.routes_viewer import router as viewer_router
 from service.server.settings import Settings
 from service.server.state import ServerState, server_state
 from service.server.zarr_http import router as zarr_router
+from service.version import package_version
 from store.predictions import PredictionStore, check_predictions_root
 from store.source import LocalSource
 
@@ -72,10 +74,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(
         title="scancache",
-        version="0.1.0",
+        version=package_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc without a CDN: routes_docs
+        redoc_url=None,
     )
+    add_docs_routes(app)
     inflight = InflightBudget(settings.max_inflight_bytes, settings.inflight_wait)
     app.state.scancache = ServerState(settings=settings, source=source, metrics=metrics, inflight=inflight)
     install_error_handlers(app)

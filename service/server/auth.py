@@ -13,7 +13,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.server.errors import error_response
 
 OPEN_PATHS = frozenset({"/health", "/viewer"})
-OPEN_PREFIXES = ("/viewer/static/",)  # the viewer's script and style: no data, no token
+# the viewer's script and style, the docs pages' scripts: no data, no token
+OPEN_PREFIXES = ("/viewer/static/", "/docs/assets/")
 
 
 def bearer_token(authorization: str | None) -> str | None:

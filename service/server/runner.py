@@ -9,8 +9,7 @@ import uvicorn
 
 from service.server.app import close_app, create_app
 from service.server.http_protocol import uvicorn_options
-from service.server.settings import DEFAULT_MAX_BYTES, ENV_STORE, Settings
-from store.source import DEFAULT_CACHE_BYTES
+from service.server.settings import ENV_STORE, Settings
 from store.storage import parse_location
 
 APP_FACTORY = "service.server.app:app_from_env"
@@ -21,8 +20,8 @@ def run(
     host: str = "127.0.0.1",
     port: int = 8000,
     workers: int = 1,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    cache_bytes: int | None = None,
+    max_bytes: int | None = None,
     token: str | None = None,
     log_level: str = "info",
     max_inflight_bytes: int | None = None,
@@ -32,7 +31,8 @@ def run(
     """Serve ``store`` until interrupted.
 
     ``token`` defaults to ``SCANCACHE_TOKEN`` (keep secrets out of command lines); the other
-    ``SCANCACHE_*`` variables (``service.server.settings``) apply too. Each of the ``workers``
+    ``SCANCACHE_*`` variables (``service.server.settings``) apply too, e.g. ``cache_bytes``
+    None is ``SCANCACHE_CACHE_BYTES`` if set, else 512 MiB; a value given here wins. Each of the ``workers``
     processes has its own chunk cache of ``cache_bytes`` and in-flight budget of
     ``max_inflight_bytes``; they share nothing else.
     """
@@ -42,8 +42,8 @@ def run(
     base = Settings.from_env({**os.environ, ENV_STORE: str(parse_location(store))})
     settings = dataclasses.replace(
         base,
-        cache_bytes=cache_bytes,
-        max_bytes=max_bytes,
+        cache_bytes=cache_bytes if cache_bytes is not None else base.cache_bytes,
+        max_bytes=max_bytes if max_bytes is not None else base.max_bytes,
         token=token if token is not None else base.token,
         max_inflight_bytes=max_inflight_bytes if max_inflight_bytes is not None else base.max_inflight_bytes,
         header_timeout=header_timeout if header_timeout is not None else base.header_timeout,

@@ -53,7 +53,9 @@ class RangeNotSatisfiable(Exception):
 
 def split_store_path(path: str) -> tuple[str, ...]:
     """Validate a path below ``/zarr/`` into components (pure; no filesystem access)."""
-    if path == "":
+    if path == "" or path.endswith("/"):
+        # a folder, e.g. what zarr-python lists of a group opened at ".../zarr/": no listing
+        # here (readers find arrays through zarr.json), and a folder is not a bad path
         raise NotInStore("path: not a file; try zarr.json")
     parts = tuple(path.split("/"))
     for part in parts:
