@@ -55,6 +55,10 @@ class InvalidCategories(InvalidParameter):
         super().__init__(param, message)
 
 
+class PredictionMismatch(ScanCacheError, ValueError):
+    """A stored prediction does not fit its scan (another shape, slices outside the scan)."""
+
+
 class InvalidPath(ScanCacheError, ValueError):
     """A scan id or store path that could escape the store or is not well formed."""
 

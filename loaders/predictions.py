@@ -13,7 +13,8 @@ The store's layout is ``client.predictions`` (which the server reads). Per scan,
 
 Each scan is written to ``PATH/.staging/`` and published as a new version by one atomic symlink
 switch (``client.publish``, shared with the scan store); a re-run skips scans
-already in the store unless ``overwrite=True``. Arrays are converted and written slab by slab
+already in the store unless ``overwrite=True``. One writer at a time holds ``PATH/.lock``
+(``service.job_lock``, as the preprocessing job): a second fails at once naming the holder. Arrays are converted and written slab by slab
 (whole chunks of slices), so memory stays within the one scan's output ``inference`` yields.
 """
 
@@ -36,6 +37,7 @@ import zarr
 
 from client import ome, publish
 from client.categories import categories_to_json
+from client.layout import LOCK_FILE
 from client.predictions import (
     LABEL_MAP,
     PREDICTIONS_FORMAT,
@@ -46,6 +48,7 @@ from client.predictions import (
     PredictionStore,
     check_predictions_root,
 )
+from service.job_lock import JobLock
 
 SLAB_SLICES = 16  # slices converted and written at a time: whole chunks (CHUNK_DEPTH divides it)
 CHUNK_YX = 128
@@ -90,7 +93,10 @@ def _root(path: Path) -> None:
     if doc_path.is_file():
         check_predictions_root(path)
         return
-    if path.exists() and any(p.name not in (STAGING_DIR, publish.VERSIONS_DIR) for p in path.iterdir()):
+    own = (STAGING_DIR, publish.VERSIONS_DIR, LOCK_FILE)
+    if path.exists() and any(
+        p.name not in own and not p.name.startswith(".zarr.json.") for p in path.iterdir()
+    ):
         raise ValueError(f"{path}: not empty and not a predictions store; choose an empty folder")
     path.mkdir(parents=True, exist_ok=True)
     root_doc = {
@@ -98,7 +104,8 @@ def _root(path: Path) -> None:
         "node_type": "group",
         "attributes": {ROOT_KEY: {"format": PREDICTIONS_FORMAT}},
     }
-    doc_path.write_text(json.dumps(root_doc, indent=2))
+    # renamed into place: a second writer starting now reads a whole document, never half of one
+    publish.write_json_durably(doc_path, root_doc)
 
 
 def publish_scan(staged: Path, root: Path, scan_id: str) -> str:
@@ -254,10 +261,30 @@ def write_predictions(
     """Run ``loader.inference(model, **predict_kwargs)`` and write each scan's prediction to ``path``.
 
     ``overwrite=True`` redoes scans already written; ``progress`` (default: on a terminal)
-    shows a bar of scans. Returns a :class:`PredictionSummary`.
+    shows a bar of scans. Returns a :class:`PredictionSummary`. One writer at a time: while
+    another holds ``path/.lock``, this fails at once with ``StoreLocked`` naming its pid and host.
     """
     root = Path(path)
     _root(root)
+    # One writer at a time, as one job per scan store: two runs would both find a scan missing
+    # and both publish it (the second replacing the first without overwrite=True).
+    lock = JobLock(
+        root,
+        writer="write_predictions",
+        advice=f"wait for it to finish, or delete {root / LOCK_FILE} if that writer is gone",
+    )
+    with lock:
+        return _write_locked(loader, model, root, overwrite, progress, predict_kwargs)
+
+
+def _write_locked(
+    loader: Any,
+    model: Any,
+    root: Path,
+    overwrite: bool,
+    progress: bool | None,
+    predict_kwargs: dict[str, Any],
+) -> PredictionSummary:
     store = PredictionStore(root)
     entries = _scan_entries(loader)
     done = set() if overwrite else {s for s in entries if store.has(s)}

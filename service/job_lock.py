@@ -61,8 +61,14 @@ class JobLock:
         wait: bool = False,
         warn: Callable[[str], None] | None = None,
         poll_s: float = 1.0,
+        writer: str = "job",
+        advice: str | None = None,
     ) -> None:
         self.store = Path(store)
+        # what the refusal calls the holder, and what it tells the user to do (other writers
+        # than the job, e.g. write_predictions, have no --wait)
+        self.writer = writer
+        self.advice = advice or f"wait for it (--wait), or delete {LOCK_FILE} if that job is gone"
         self.path = self.store / LOCK_FILE
         self.wait, self.poll_s = wait, poll_s
         self.warn = warn or (lambda message: None)
@@ -110,8 +116,8 @@ class JobLock:
                 continue  # released between our attempt and the read
             if not self.wait:
                 raise StoreLocked(
-                    f"{self.store}: another job is writing this store ({_describe(owner)}); "
-                    f"wait for it (--wait), or delete {LOCK_FILE} if that job is gone"
+                    f"{self.store}: another {self.writer} is writing this store ({_describe(owner)}); "
+                    + self.advice
                 )
             if not announced:
                 self.warn(f"{self.store}: waiting for the job holding the lock ({_describe(owner)})")

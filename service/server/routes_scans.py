@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Annotated, Any
 
 from anyio import to_thread
@@ -15,7 +14,7 @@ from client.errors import one_line
 from client.layout import ScanMeta, matches
 from client.local import LocalSource
 from service.server.errors import error_response, error_responses
-from service.server.responses import cached_json
+from service.server.responses import cached_json, finite_json
 from service.server.routes_predictions import Predictions, prediction_fields
 from service.server.state import ServerState, server_state
 
@@ -46,18 +45,6 @@ SCAN_EXAMPLE = {
     "time_point": 0,
     "augmentation": 0,
 }
-
-
-def finite_json(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by None: responses are strict JSON
-    (a statistic of a scan with non-finite voxels must not make the listing invalid or a 500)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
 
 
 def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
