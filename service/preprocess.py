@@ -32,6 +32,7 @@ import numpy as np
 from client import publish
 from client.errors import SourceError, one_line
 from client.layout import ChunkLayout
+from client.units import format_bytes
 from service import store as store_mod
 from service.job_lock import JobLock
 from service.scratch import release_all, restore_malloc, scratch, tune_malloc_for_conversion
@@ -116,14 +117,6 @@ class Summary:
             lines.append(f"failures ({self.failed}):")
             lines.extend(f"  {message}" for message in self.failures())
         return "\n".join(lines)
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def dir_bytes(path: Path) -> int:

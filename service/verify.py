@@ -101,6 +101,9 @@ def compare_scan(store: Path, spec: ScanSpec) -> VerifyLine:
         source = load_scan(spec)
     except SourceError as err:
         return VerifyLine(spec.scan_id, FAILED, f"{err.file}: {err.why}")
+    except Exception as err:  # MemoryError and the like: this scan is bad, the run goes on
+        why = f"cannot read the scan: {type(err).__name__}: {one_line(err, 200)}"
+        return VerifyLine(spec.scan_id, FAILED, f"{spec.image_files[0]}: {why}")
     version = current_version(store, spec.scan_id)
     folder = version_dir(store, spec.scan_id, version) if version else store / spec.scan_id
     attrs = read_scan_attrs(folder.parent, folder.name)

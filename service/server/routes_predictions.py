@@ -9,7 +9,7 @@ started without ``--predictions``) answers 404.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 
 import numpy as np
 from anyio import to_thread
@@ -55,7 +55,7 @@ def _dims(shape: Any) -> str:
     return "x".join(str(n) for n in shape)
 
 
-def _ints(value: Any) -> bool:
+def _ints(value: Any) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in value)
 
 
