@@ -19,7 +19,7 @@ import numpy as np
 import tensorstore as ts
 
 from client.categories import merge_mask, normalize_categories
-from client.errors import ArrayNotFound, ScanNotFound
+from client.errors import ArrayNotFound, ScanChanged, ScanNotFound, changed_message
 from client.label_map import (
     LABEL_MAP,
     LOCATIONS,
@@ -36,6 +36,7 @@ from client.layout import (
     StoreFormatError,
     check_store_format,
     matches,
+    store_identity,
     validate_array_name,
     validate_scan_id,
 )
@@ -117,6 +118,7 @@ class LocalSource:
         except ValueError:
             raise StoreFormatError(f"{path}: not a scancache store (its zarr.json is not JSON)") from None
         check_store_format(path, root_doc)
+        self.store_id = store_identity(self.root, root_doc)  # the server sends it to clients
         if cache_bytes is None:
             cache_bytes = default_cache_bytes()
         self.cache_bytes = int(cache_bytes)
@@ -158,7 +160,7 @@ class LocalSource:
             return cached
         try:
             doc = json.loads((version_dir(self.root, scan_id, version) / "zarr.json").read_bytes())
-            meta = ScanMeta.from_attrs(doc["attributes"])
+            meta = ScanMeta.from_attrs(doc["attributes"], version)
         except (FileNotFoundError, NotADirectoryError):  # the version was removed under us
             raise ScanNotFound(f"scan {scan_id!r} not found") from None
         except (KeyError, ValueError, TypeError):
@@ -259,6 +261,13 @@ class LocalSource:
         the decoded chunk bytes the reads touched. The server sends label maps as they are
         (a fifth of the merged mask's bytes at 4 categories plus background) and the client
         merges; ``read_regions`` merges here."""
+        out, decoded, _ = self.read_versioned(requests)
+        return out, decoded
+
+    def read_versioned(self, requests: Sequence[RegionRequest]) -> tuple[list[Decoded], int, dict[str, str]]:
+        """``read_decoded`` and the version each scan was read at (the server reports them).
+        A request that names a ``version`` other than the scan's current one is refused
+        (``ScanChanged``) before anything is read."""
         # Each scan's zarr.json is checked once per call (not once per region), then every read
         # is started before waiting on any: tensorstore runs them concurrently.
         started = time.perf_counter()
@@ -266,6 +275,8 @@ class LocalSource:
         for r in requests:
             if r.scan_id not in states:
                 states[r.scan_id] = self._state(r.scan_id)
+            if r.version is not None and r.version != states[r.scan_id][0]:
+                raise ScanChanged(changed_message(r.scan_id, r.version, states[r.scan_id][0]))
         reads = [self._start(r, states[r.scan_id]) for r in requests]
         out = [
             self._finish(r, f.result(), states[r.scan_id][1])
@@ -278,7 +289,7 @@ class LocalSource:
             counters["bytes_returned"] += sum(a.nbytes for a in out)
             counters["read_s"] += time.perf_counter() - started
             counters["regions"] += len(out)
-        return out, decoded
+        return out, decoded, {scan_id: state[0] for scan_id, state in states.items()}
 
     def read_regions(self, requests: Sequence[RegionRequest]) -> list[np.ndarray]:
         return [merged(a) for a in self.read_unmerged(requests)]

@@ -60,7 +60,7 @@ _check_keras_backend()
 
 from loaders.base import LOADER_REGISTRY, DataLoader, Element, register_loader  # noqa: E402
 from loaders.build import build_loader, get_dataset_dicts  # noqa: E402
-from loaders.catalog import DatasetCatalog, open_source  # noqa: E402
+from loaders.catalog import DatasetCatalog, close_shared_sources, open_source  # noqa: E402
 from loaders.checkpoint import LoaderCheckpoint  # noqa: E402
 from loaders.config import Config  # noqa: E402
 from loaders.patches import PatchDataLoader, RandomPatchDataLoader  # noqa: E402
@@ -80,6 +80,7 @@ __all__ = [
     "RandomPatchDataLoader",
     "S25dDataLoader",
     "build_loader",
+    "close_shared_sources",
     "get_dataset_dicts",
     "open_source",
     "register_loader",

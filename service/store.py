@@ -27,9 +27,11 @@ from client.layout import (
     FORMAT_VERSION,
     IMAGE,
     MASK,
+    STORE_ID_KEY,
     ChunkLayout,
     check_store_format,
     group_metadata,
+    new_store_id,
     validate_scan_id,
 )
 from service.derived import LocationSampler, label_map_block, scan_seed
@@ -58,7 +60,8 @@ def ensure_store(root: str | os.PathLike[str]) -> Path:
     if path.exists() and any(p for p in path.iterdir() if not p.name.startswith(".")):
         raise ValueError(f"{root}: exists, is not empty and is not a scancache store")
     path.mkdir(parents=True, exist_ok=True)
-    publish_mod.write_json_durably(meta, group_metadata({"scancache": {"format": FORMAT_VERSION}}))
+    root_attrs = {"scancache": {"format": FORMAT_VERSION, STORE_ID_KEY: new_store_id()}}
+    publish_mod.write_json_durably(meta, group_metadata(root_attrs))
     publish_mod.fsync_dir(path)
     return path
 

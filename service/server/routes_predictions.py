@@ -21,7 +21,6 @@ from client.layout import validate_scan_id
 from client.predictions import LABEL_MAP, PROBABILITIES, PredictionStore, require_prediction
 from client.roi import format_roi, parse_roi
 from client.wire import NPY_MEDIA_TYPE, encode_npy_parts
-from service.server.errors import error_responses
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
 from service.server.responses import PartsResponse, not_modified
 from service.server.routes_regions import ROI_DOC, SCAN_ID_DOC, npy_response_doc
@@ -149,10 +148,9 @@ async def prediction_response(
     "/scans/{scan_id}/prediction",
     summary="A region of the stored prediction's probabilities as float16 .npy, shape (h, w, d, C)",
     response_class=Response,
-    responses={
-        **npy_response_doc("The probabilities (h, w, d, C) as float16; 404 where the scan has no prediction"),
-        **error_responses(409),
-    },
+    responses=npy_response_doc(
+        "The probabilities (h, w, d, C) as float16; 404 where the scan has no prediction"
+    ),
 )
 async def get_prediction(
     request: Request, state: State, store: Predictions, scan_id: ScanId, roi: Roi = None
@@ -164,10 +162,7 @@ async def get_prediction(
     "/scans/{scan_id}/prediction/label_map",
     summary="A region of the stored prediction's label map as uint8 .npy, shape (h, w, d)",
     response_class=Response,
-    responses={
-        **npy_response_doc("The label map (h, w, d) as uint8: 0 = no class, k+1 = category k"),
-        **error_responses(409),
-    },
+    responses=npy_response_doc("The label map (h, w, d) as uint8: 0 = no class, k+1 = category k"),
 )
 async def get_prediction_label_map(
     request: Request, state: State, store: Predictions, scan_id: ScanId, roi: Roi = None
