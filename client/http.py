@@ -6,7 +6,9 @@ large batch is split over a few concurrent requests. Every request is a read (GE
 read-only batch POST), so connection errors, timeouts, 408, 429 and 5xx are retried with
 exponential backoff and jitter for up to ``retry_seconds`` in all (a restarted server takes
 seconds to answer; a training run should ride that out), honouring ``Retry-After``; other 4xx
-become the same typed errors ``LocalSource`` raises.
+become the same typed errors ``LocalSource`` raises. Every answer is checked against the store
+and scan versions this source knows it reads (``client.identity``): another store behind the
+URL, or a scan re-published since its metadata, is one ``ScanChanged`` error.
 
 Settings (arguments, else environment, else default): ``timeout`` seconds per request
 (``SCANCACHE_HTTP_TIMEOUT``, 30), ``retry_seconds`` total time to keep retrying one request
@@ -32,7 +34,13 @@ import httpx
 import numpy as np
 
 from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
-from client.wire import DECODED_BYTES_HEADER, decode_batch, decode_npy
+from client.identity import ServedIdentity
+from client.wire import (
+    DECODED_BYTES_HEADER,
+    MAX_VERSIONED_SCANS,
+    decode_batch,
+    decode_npy,
+)
 from store.categories import categories_json_value, parse_categories
 from store.errors import (
     ArrayNotFound,
@@ -41,9 +49,12 @@ from store.errors import (
     InvalidPath,
     InvalidROI,
     RequestTooLarge,
+    ScanCacheError,
+    ScanChanged,
     ScanNotFound,
     ServerError,
     Unauthorized,
+    changed_message,
     one_line,
 )
 from store.format import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
@@ -65,6 +76,10 @@ MAX_BACKOFF = 8.0  # the longest pause between two attempts (Retry-After may ask
 RETRY_STATUSES = frozenset({408, 429})
 # Filters the server understands as query parameters; every filter is also applied here.
 SERVER_FILTERS = ("split", "subject_id", "time_point", "augmentation", "has_class")
+
+# Refusals a region request gets when the scan it planned with is not what the server has now
+# (another shape: the roi is out of bounds; removed; image-only now): worth a version check.
+CHANGE_SYMPTOMS = (InvalidParameter, ScanNotFound, ArrayNotFound)
 
 # Retry jitter from a private generator: training code seeds the global `random` (Keras
 # shuffles with it), and a retry must not shift that stream.
@@ -165,6 +180,8 @@ class HttpSource:
         )
         self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
         self._counters_lock = threading.Lock()
+        # what this source knows it reads: the served store and each scan's version
+        self._identity = ServedIdentity(self.url)
 
     def __repr__(self) -> str:
         return f"HttpSource({self.url!r})"
@@ -183,6 +200,7 @@ class HttpSource:
 
         def send() -> tuple[int, httpx.Response, httpx.Response]:
             response = self._client.request(method, path, **kw)
+            self._identity.check_store(response.headers)
             return response.status_code, response, response
 
         return self._with_retries(method, path, context, send)
@@ -250,6 +268,7 @@ class HttpSource:
 
         def send() -> tuple[int, tuple[bytearray, dict[str, str]], httpx.Response | None]:
             status, headers, body = poster.post(path, payload, "application/json")
+            self._identity.check_store(headers)
             if status < 400:
                 return status, (body, headers), None
             request = httpx.Request("POST", f"{self.url}{path}")
@@ -257,6 +276,20 @@ class HttpSource:
             return status, (body, headers), error
 
         return self._with_retries("POST", path, context, send)
+
+    # -- identity: the store served and each scan's version (client/identity.py) -----------
+    def _explain_refusal(self, err: ScanCacheError, expected: dict[str, str], scan_ids: set[str]) -> NoReturn:
+        """A region request was refused (422 roi, 404): if a scan it planned with has been
+        re-published since (another shape), that is the error to report, not the symptom."""
+        for scan_id in sorted(scan_ids & expected.keys()):
+            try:
+                doc = self._request("GET", f"/scans/{scan_id}", context={"scan_id": scan_id}).json()
+            except (ScanCacheError, ValueError):
+                continue
+            now = doc.get("version") if isinstance(doc, dict) else None
+            if isinstance(now, str) and now != expected[scan_id]:
+                raise ScanChanged(changed_message(scan_id, expected[scan_id], now)) from None
+        raise err
 
     def health(self) -> dict[str, Any]:
         result: dict[str, Any] = self._request("GET", "/health").json()
@@ -276,22 +309,29 @@ class HttpSource:
                 value = sorted(value, key=str)
             params[key] = value
         doc = self._request("GET", "/scans", params=params).json()
-        metas = [ScanMeta.from_attrs(item) for item in doc["scans"]]
+        metas = [self._meta_of(item) for item in doc["scans"]]
         return sorted((m for m in metas if matches(m, filters)), key=lambda m: m.scan_id)
 
     def metadata(self, scan_id: str) -> ScanMeta:
         validate_scan_id(scan_id)
         doc = self._request("GET", f"/scans/{scan_id}", context={"scan_id": scan_id}).json()
-        return ScanMeta.from_attrs(doc)
+        return self._meta_of(doc)
+
+    def _meta_of(self, doc: dict[str, Any]) -> ScanMeta:
+        """A scan document as ``ScanMeta``: ``version`` and ``store_id`` are about the document,
+        not scan attributes (``LocalSource`` has none such either); the version is remembered."""
+        attrs = {k: v for k, v in doc.items() if k not in ("version", "store_id")}
+        version = doc.get("version") if isinstance(doc.get("version"), str) else None
+        meta = ScanMeta.from_attrs(attrs, version)
+        self._identity.remember(meta.scan_id, version)
+        return meta
 
     # -- arrays -----------------------------------------------------------------------------
     def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
         validate_scan_id(scan_id)
         params = {"roi": roi_text(roi)} if roi is not None else {}
         started = time.perf_counter()
-        response = self._request(
-            "GET", f"/scans/{scan_id}/image", context={"scan_id": scan_id, "array": IMAGE}, params=params
-        )
+        response = self._get_region(scan_id, IMAGE, params)
         return self._counted(_decode_one(response), response.headers, started)
 
     def read_mask(
@@ -311,10 +351,19 @@ class HttpSource:
         if background:
             params["background"] = "true"
         started = time.perf_counter()
-        response = self._request(
-            "GET", f"/scans/{scan_id}/mask", context={"scan_id": scan_id, "array": MASK}, params=params
-        )
+        response = self._get_region(scan_id, MASK, params)
         return self._counted(_decode_one(response), response.headers, started)
+
+    def _get_region(self, scan_id: str, array: str, params: dict[str, Any]) -> httpx.Response:
+        """One region by GET, checked against the scan version this source knows."""
+        expected = self._identity.expected([RegionRequest(scan_id, array)])
+        context = {"scan_id": scan_id, "array": array}
+        try:
+            response = self._request("GET", f"/scans/{scan_id}/{array}", context=context, params=params)
+        except CHANGE_SYMPTOMS as err:
+            self._explain_refusal(err, expected, {scan_id})
+        self._identity.check_versions(response.headers, expected)
+        return response
 
     def _region_json(self, req: RegionRequest) -> dict[str, Any]:
         validate_scan_id(req.scan_id)
@@ -330,7 +379,10 @@ class HttpSource:
             region["slice_major"] = True
         return region
 
-    def _post_batch(self, regions: list[dict[str, Any]], merge: bool = True) -> list[Decoded]:
+    def _post_batch(
+        self, regions: list[dict[str, Any]], merge: bool = True, expected: dict[str, str] | None = None
+    ) -> list[Decoded]:
+        expected = expected or {}
         context = (
             {"scan_id": regions[0]["scan_id"], "array": regions[0]["array"]} if len(regions) == 1 else {}
         )
@@ -339,20 +391,25 @@ class HttpSource:
         # the merge (docs/tuning.md).
         document = {"regions": regions, "label_maps": True}
         body: bytes | bytearray
+        headers: Any
         try:
             if self._poster is not None:
                 body, headers = self._post_direct("/batch", document, context)
-                self._count_decoded(headers)
             else:
                 response = self._request("POST", "/batch", context=context, json=document)
-                body = response.content
-                self._count_decoded(response.headers)
+                body, headers = response.content, response.headers
         except RequestTooLarge:
             if len(regions) == 1:
                 raise
             # The server's byte limit is per response: halve the batch until each half fits.
             half = len(regions) // 2
-            return self._post_batch(regions[:half], merge) + self._post_batch(regions[half:], merge)
+            return self._post_batch(regions[:half], merge, expected) + self._post_batch(
+                regions[half:], merge, expected
+            )
+        except CHANGE_SYMPTOMS as err:
+            self._explain_refusal(err, expected, {r["scan_id"] for r in regions})
+        self._count_decoded(headers)
+        self._identity.check_versions(headers, expected)
         try:
             masks = [r["array"] == MASK for r in regions]
             slice_major = [bool(r.get("slice_major")) for r in regions]
@@ -378,13 +435,19 @@ class HttpSource:
             return []
         started = time.perf_counter()
         regions = [self._region_json(r) for r in requests]
+        expected = self._identity.expected(requests)
         groups = min(self.concurrency, -(-len(regions) // self.regions_per_request))
-        if groups <= 1:
-            out = self._post_batch(regions, merge)
+        size = -(-len(regions) // max(groups, 1))
+        chunks = [
+            part
+            for i in range(0, len(regions), size)
+            for part in _by_scans(regions[i : i + size], MAX_VERSIONED_SCANS)
+        ]
+        if len(chunks) == 1:
+            out = self._post_batch(regions, merge, expected)
         else:
-            size = -(-len(regions) // groups)
-            chunks = [regions[i : i + size] for i in range(0, len(regions), size)]
-            results = list(self._executor().map(functools.partial(self._post_batch, merge=merge), chunks))
+            post = functools.partial(self._post_batch, merge=merge, expected=expected)
+            results = list(self._executor().map(post, chunks))
             out = [arr for chunk in results for arr in chunk]
         self._count_returned(out, started)
         return out
@@ -444,6 +507,23 @@ class HttpSource:
         if self._poster is not None:
             self._poster.close()
         self._client.close()
+
+
+def _by_scans(regions: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
+    """Regions in consecutive parts of at most ``limit`` distinct scans each: the server names
+    the version of every scan a response read (up to MAX_VERSIONED_SCANS of them)."""
+    parts: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for region in regions:
+        if region["scan_id"] not in seen and len(seen) == limit:
+            parts.append(current)
+            current, seen = [], set()
+        current.append(region)
+        seen.add(region["scan_id"])
+    if current:
+        parts.append(current)
+    return parts
 
 
 def _decode_one(response: httpx.Response) -> np.ndarray:
@@ -514,4 +594,6 @@ def _raise_client_error(response: httpx.Response, context: dict[str, Any]) -> No
         raise RequestTooLarge(detail)
     if status in (401, 403):
         raise Unauthorized(detail or "missing or wrong bearer token")
+    if status == 409 and error == "ScanChanged":
+        raise ScanChanged(detail)
     raise InvalidParameter("request", f"HTTP {status}: {detail}")

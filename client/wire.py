@@ -21,6 +21,29 @@ NPY_MEDIA_TYPE = "application/x-npy"
 NPY_STREAM_MEDIA_TYPE = "application/x-npy-stream"
 # decoded chunk bytes the server's read of a response needed (``io_counters``, docs/rest-api.md)
 DECODED_BYTES_HEADER = "X-Scancache-Decoded-Bytes"
+# the served store's identity (root attribute scancache.store_id), on every response
+STORE_HEADER = "X-Scancache-Store"
+# the version each scan of a data response was read at: ``scan_id=version`` pairs, comma-separated
+VERSIONS_HEADER = "X-Scancache-Versions"
+# a response names at most this many scans' versions (a header stays well under clients' limits)
+MAX_VERSIONED_SCANS = 256
+
+
+def versions_header(versions: dict[str, str]) -> str | None:
+    """The ``X-Scancache-Versions`` value, or None past ``MAX_VERSIONED_SCANS`` scans."""
+    if len(versions) > MAX_VERSIONED_SCANS:
+        return None
+    return ",".join(f"{scan_id}={version}" for scan_id, version in versions.items())
+
+
+def parse_versions_header(value: str | None) -> dict[str, str]:
+    """``versions_header`` read back; malformed pairs (a proxy's header) are skipped."""
+    out: dict[str, str] = {}
+    for pair in (value or "").split(","):
+        scan_id, sep, version = pair.strip().partition("=")
+        if sep and scan_id and version:
+            out[scan_id] = version
+    return out
 
 
 def npy_header(arr: np.ndarray) -> bytes:

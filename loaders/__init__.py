@@ -20,7 +20,7 @@ from loaders import backend as _backend  # noqa: F401
 if TYPE_CHECKING:
     from loaders.base import LOADER_REGISTRY, DataLoader, Element, register_loader
     from loaders.build import build_loader, get_dataset_dicts
-    from loaders.catalog import DatasetCatalog, open_source
+    from loaders.catalog import DatasetCatalog, close_shared_sources, open_source
     from loaders.checkpoint import LoaderCheckpoint
     from loaders.config import Config
     from loaders.patches import PatchDataLoader, RandomPatchDataLoader
@@ -36,6 +36,7 @@ _HOME = {
     "get_dataset_dicts": "loaders.build",
     "DatasetCatalog": "loaders.catalog",
     "open_source": "loaders.catalog",
+    "close_shared_sources": "loaders.catalog",
     "LoaderCheckpoint": "loaders.checkpoint",
     "Config": "loaders.config",
     "PatchDataLoader": "loaders.patches",
@@ -76,6 +77,7 @@ __all__ = [
     "RandomPatchDataLoader",
     "S25dDataLoader",
     "build_loader",
+    "close_shared_sources",
     "get_dataset_dicts",
     "open_source",
     "register_loader",

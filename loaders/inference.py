@@ -99,9 +99,10 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
 def read_scan(loader: InferenceLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]:
     """The whole image (float32) and merged mask (float32, ``y_true``) of a scan, each converted once."""
     whole = (slice(0, scan.shape[0]), slice(0, scan.shape[1]), slice(0, scan.shape[2]))
-    image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE), whole)
+    image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE, version=scan.version), whole)
     image = image.astype(np.float32, copy=False)  # a float32 store's buffer is used as is
-    request = RegionRequest(scan.scan_id, MASK, None, scan.categories, bool(loader.cfg.INCLUDE_BACKGROUND))
+    background = bool(loader.cfg.INCLUDE_BACKGROUND)
+    request = RegionRequest(scan.scan_id, MASK, None, scan.categories, background, version=scan.version)
     mask = read_in_slabs(scan.source, request, whole)
     return image, mask.astype(np.float32, copy=False)
 

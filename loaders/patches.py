@@ -127,7 +127,7 @@ class RandomPatchDataLoader(PatchDataLoader):
             scan = self.scans[scan_index]
             counts = scan.meta.class_voxels_per_slice()
             if not counts:  # a server's listing omits per-slice counts; the scan's metadata has them
-                counts = scan.source.metadata(scan.scan_id).class_voxels_per_slice()
+                counts = scan.check_version(scan.source.metadata(scan.scan_id)).class_voxels_per_slice()
             self._counts[scan_index] = counts
         return counts
 
@@ -148,7 +148,8 @@ class RandomPatchDataLoader(PatchDataLoader):
             for scan_index, k, z in missing:
                 scan = self.scans[scan_index]
                 roi = (slice(None), slice(None), slice(z, z + 1))
-                requests.append((scan.source, RegionRequest(scan.scan_id, MASK, roi, ((k,),), False)))
+                request = RegionRequest(scan.scan_id, MASK, roi, ((k,),), False, version=scan.version)
+                requests.append((scan.source, request))
             for key, mask in zip(missing, read_grouped(requests), strict=True):
                 ys, xs = np.nonzero(mask[:, :, 0, 0])
                 index_type = np.int16 if max(mask.shape[:2]) < 2**15 else np.int32

@@ -12,8 +12,9 @@ The store's layout is ``store.predictions`` (which the server reads). Per scan, 
   (``store.ome``), so napari and neuroglancer open a prediction as labels.
 
 Each scan is written to ``PATH/.staging/`` and published as a new version by one atomic symlink
-switch (``store.publish``, shared with the scan store); a re-run skips scans
-already in the store unless ``overwrite=True``. Arrays are converted and written slab by slab
+switch (``Storage.publish``, shared with the scan store); a re-run skips scans
+already in the store unless ``overwrite=True``. One writer at a time holds ``PATH/.lock``
+(``Storage.lock``, as the preprocessing job): a second fails at once naming the holder. Arrays are converted and written slab by slab
 (whole chunks of slices), so memory stays within the one scan's output ``inference`` yields.
 """
 
@@ -258,10 +259,29 @@ def write_predictions(
     """Run ``loader.inference(model, **predict_kwargs)`` and write each scan's prediction to ``path``.
 
     ``overwrite=True`` redoes scans already written; ``progress`` (default: on a terminal)
-    shows a bar of scans. Returns a :class:`PredictionSummary`.
+    shows a bar of scans. Returns a :class:`PredictionSummary`. One writer at a time: while
+    another holds ``path/.lock``, this fails at once with ``StoreLocked`` naming its pid and host.
     """
     root = open_storage(parse_location(path))
     _root(root)
+    # One writer at a time, as one job per scan store: two runs would both find a scan missing
+    # and both publish it (the second replacing the first without overwrite=True).
+    lock = root.lock(
+        writer="write_predictions",
+        advice=f"wait for it to finish, or delete {root.url}/.lock if that writer is gone",
+    )
+    with lock:
+        return _write_locked(loader, model, root, overwrite, progress, predict_kwargs)
+
+
+def _write_locked(
+    loader: Any,
+    model: Any,
+    root: Storage,
+    overwrite: bool,
+    progress: bool | None,
+    predict_kwargs: dict[str, Any],
+) -> PredictionSummary:
     store = PredictionStore(root)
     entries = _scan_entries(loader)
     done = set() if overwrite else {s for s in entries if store.has(s)}

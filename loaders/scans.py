@@ -18,7 +18,7 @@ from loaders.config import Config
 from loaders.geometry import AxisRead, padded_indices, take_window
 from loaders.stitching import Window
 from store.categories import Categories, normalize_categories
-from store.errors import RequestTooLarge
+from store.errors import RequestTooLarge, ScanChanged, changed_message
 from store.format import IMAGE, MASK, ScanMeta
 from store.label_map import Decoded, LabelRegion, apply_table, has_label_map, merged
 from store.protocol import RegionRequest, ScanSource
@@ -39,6 +39,18 @@ class ScanEntry:
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.meta.shape
+
+    @property
+    def version(self) -> str | None:
+        """The scan version the loader's plan rests on: every read of it asks for exactly this
+        one, so a scan re-published mid-epoch is one ``ScanChanged`` error, never other voxels."""
+        return self.meta.version
+
+    def check_version(self, meta: ScanMeta) -> ScanMeta:
+        """``meta`` read again later, refused (``ScanChanged``) if it is another version."""
+        if self.version is not None and meta.version is not None and meta.version != self.version:
+            raise ScanChanged(changed_message(self.scan_id, self.version, meta.version))
+        return meta
 
     def inference_attributes(self) -> dict[str, Any]:
         """``scan_*`` keys for inference inputs: dataset-dict keys and scalar scan attributes."""
@@ -106,7 +118,12 @@ def scan_requests(
     ``slice_major`` for reads that are cut slice by slice, ``keep_in_cache`` False for reads
     of a sweep larger than the cache (``RegionRequest``)."""
     image = RegionRequest(
-        scan.scan_id, IMAGE, image_roi, slice_major=slice_major, keep_in_cache=keep_in_cache
+        scan.scan_id,
+        IMAGE,
+        image_roi,
+        slice_major=slice_major,
+        keep_in_cache=keep_in_cache,
+        version=scan.version,
     )
     mask = replace(image, array=MASK, roi=mask_roi, categories=scan.categories, background=background)
     return [(scan.source, image), (scan.source, mask)]

@@ -39,7 +39,23 @@ def read_token_file(path: str) -> str:
         ) from None
     if not token or any(c.isspace() for c in token):
         raise SystemExit(f"scancache serve: error: --token-file {path}: must hold one token on one line")
+    warn_if_readable_by_others(path)
     return token
+
+
+def warn_if_readable_by_others(path: str) -> None:
+    """One line on stderr when group or other users may read the token file (as ssh checks a
+    private key): the secret is as safe as the file's mode."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        print(
+            f"scancache serve: warning: --token-file {path} is accessible by other users"
+            f" (mode {mode:04o}); run: chmod 600 {path}",
+            file=sys.stderr,
+        )
 
 
 class RefuseTokenFlag(argparse.Action):
@@ -154,7 +170,7 @@ def _scan_rows(location: str | Path) -> list[dict[str, Any]]:
 
 
 def cmd_scans(args: argparse.Namespace) -> int:
-    from service.preprocess import format_bytes
+    from store.units import format_bytes
 
     rows = _scan_rows(parse_location(args.store))
     if args.json:

@@ -37,6 +37,7 @@ from store.errors import SourceError, one_line
 from store.format import ChunkLayout
 from store.scratch import release_all, restore_malloc, scratch, tune_malloc_for_conversion
 from store.storage import is_s3_url
+from store.units import format_bytes
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
 
@@ -116,14 +117,6 @@ class Summary:
             lines.append(f"failures ({self.failed}):")
             lines.extend(f"  {message}" for message in self.failures())
         return "\n".join(lines)
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def dir_bytes(path: Path) -> int:

@@ -11,6 +11,7 @@ the file.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import numpy as np
 
 from service.sources import ScanSpec
 from store.errors import SourceError, one_line
+from store.units import format_bytes
 
 _HDF5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
 
@@ -74,14 +76,41 @@ def as_binary(scan: str, rel: str, data: np.ndarray) -> np.ndarray:
     return data.astype(np.uint8)
 
 
-def spacing_of(value: Any) -> list[float] | None:
+def spacing_of(scan: str, rel: str, value: Any) -> list[float] | None:
+    """The ``spacing`` attribute as floats (None if absent or not numbers); refuses a NaN,
+    infinite, zero or negative voxel size naming the file (it would reach the store's strict
+    JSON and fail there, blaming the store)."""
     if value is None:
         return None
     try:
         out = [float(v) for v in np.asarray(value).reshape(-1)]
     except (TypeError, ValueError):
         return None
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        shown = "[" + ", ".join(repr(v) for v in out[:4]) + (", ..." if len(out) > 4 else "") + "]"
+        raise SourceError(scan, rel, f"spacing {shown} is not positive finite numbers (voxel size in mm)")
     return out or None
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the platform does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits(scan: str, rel: str, what: str, shape: tuple[int, ...], nbytes: int) -> None:
+    """Refuse, naming the file, a header whose declared shape needs more memory than the machine
+    has (a damaged or wrong header): reading it would fail with a MemoryError naming nothing."""
+    limit = memory_bytes()
+    if limit is not None and nbytes > limit:
+        raise SourceError(
+            scan,
+            rel,
+            f"{what} declares shape {shape}: {format_bytes(nbytes)} to read, more than this machine's"
+            f" memory ({format_bytes(limit)}); a damaged or wrong header?",
+        )
 
 
 class SliceReader:
@@ -115,16 +144,25 @@ class SliceReader:
             check_extent(spec.scan_id, rel, "image slice", shape)
             self.plane: tuple[int, int] = (shape[0], shape[1])
             self.dtype = numeric_dtype(spec.scan_id, rel, dataset.dtype, "image")
-            self.spacing = spacing_of(self._spacing_attr(dataset))
+            declared = tuple(int(n) for n in dataset.shape)
+            check_fits(spec.scan_id, rel, "image slice", declared, math.prod(shape) * self.dtype.itemsize)
+            self.spacing = spacing_of(spec.scan_id, rel, self._spacing_attr(dataset))
         self.num_classes = 0
         if spec.mask_files:
             rel = spec.mask_files[0]
             with self._open(rel) as dataset:
                 self.num_classes = self._mask_shape(rel, self._array_shape(rel, dataset))[2]
+            mask_slice = (*self.plane, 1, self.num_classes)
+            check_fits(spec.scan_id, rel, "mask slice", mask_slice, math.prod(mask_slice))
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (*self.plane, len(self.spec.image_files))
+
+    def scan_bytes(self) -> int:
+        """Bytes of the whole scan read at once (image and mask), as ``load_scan`` does."""
+        voxels = math.prod(self.shape)
+        return voxels * (self.dtype.itemsize + self.num_classes)
 
     # -- per slice ----------------------------------------------------------------------------
     def read_image(self, z: int, out: np.ndarray) -> None:
@@ -234,6 +272,9 @@ def load_scan(spec: ScanSpec) -> LoadedScan:
         return _load_volume(spec)
     reader = SliceReader(spec)
     height, width, depth = reader.shape
+    # slice 1's header decides (H, W) of every slice
+    what = f"image slice 1 (for all {depth} slices)"
+    check_fits(spec.scan_id, spec.image_files[0], what, reader.shape, reader.scan_bytes())
     image = np.empty((depth, height, width), reader.dtype)
     for z in range(depth):
         reader.read_image(z, image[z])
@@ -266,6 +307,7 @@ def _load_volume(spec: ScanSpec) -> LoadedScan:
     scan, rel = spec.scan_id, spec.image_files[0]
     try:
         with h5py.File(Path(spec.root) / rel, "r", locking=False) as f:
+            _check_declared(scan, rel, f)
             volume = _read_dataset(scan, rel, f, "volume")
             seg = _read_dataset(scan, rel, f, "seg") if "seg" in f else None
             spacing = f.attrs.get("spacing", f["volume"].attrs.get("spacing"))
@@ -273,6 +315,7 @@ def _load_volume(spec: ScanSpec) -> LoadedScan:
         raise
     except _HDF5_ERRORS as err:
         raise unreadable(scan, rel, err) from None
+    spacing_list = spacing_of(scan, rel, spacing)
     if volume.ndim != 3:
         raise SourceError(scan, rel, f"volume has shape {volume.shape}, expected (H, W, D)")
     check_extent(scan, rel, "volume", volume.shape)
@@ -283,4 +326,15 @@ def _load_volume(spec: ScanSpec) -> LoadedScan:
             expected = ", ".join(map(str, volume.shape))
             raise SourceError(scan, rel, f"seg has shape {seg.shape}, expected ({expected}, C)")
         mask = as_binary(scan, rel, seg)
-    return LoadedScan(volume, mask, spacing_of(spacing))
+    return LoadedScan(volume, mask, spacing_list)
+
+
+def _check_declared(scan: str, rel: str, f: Any) -> None:
+    """Refuse datasets whose headers declare more than the machine's memory, before reading."""
+    import h5py
+
+    for name in ("volume", "seg"):
+        dataset = f.get(name)
+        if isinstance(dataset, h5py.Dataset) and dataset.shape:
+            shape = tuple(int(n) for n in dataset.shape)
+            check_fits(scan, rel, f"dataset {name!r}", shape, math.prod(shape) * dataset.dtype.itemsize)

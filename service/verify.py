@@ -102,6 +102,9 @@ def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
         source = load_scan(spec)
     except SourceError as err:
         return VerifyLine(spec.scan_id, FAILED, f"{err.file}: {err.why}")
+    except Exception as err:  # MemoryError and the like: this scan is bad, the run goes on
+        why = f"cannot read the scan: {type(err).__name__}: {one_line(err, 200)}"
+        return VerifyLine(spec.scan_id, FAILED, f"{spec.image_files[0]}: {why}")
     version = store.current_version(spec.scan_id)
     if version is None:
         return VerifyLine(spec.scan_id, MISSING, "not in the store")

@@ -55,6 +55,24 @@ class InvalidCategories(InvalidParameter):
         super().__init__(param, message)
 
 
+class PredictionMismatch(ScanCacheError, ValueError):
+    """A stored prediction does not fit its scan (another shape, slices outside the scan)."""
+
+
+class ScanChanged(ScanCacheError, RuntimeError):
+    """A scan is not the version the reader's metadata describes (re-published since), or a
+    server now serves another store: reading on would give other voxels than those planned."""
+
+
+def changed_message(scan_id: str, expected: str, found: str) -> str:
+    """The one line a reader refuses a re-published scan with (local and remote alike)."""
+    return (
+        f"scan {scan_id!r} changed while being read: version {found} was published after the"
+        f" metadata this reader planned with (version {expected}); rebuild the loader (or re-read"
+        " the scan's metadata) to read the new version"
+    )
+
+
 class InvalidPath(ScanCacheError, ValueError):
     """A scan id or store path that could escape the store or is not well formed."""
 

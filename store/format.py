@@ -3,7 +3,7 @@
 A store (format 2) is a Zarr v3 root group with one child group per scan, each a relative
 symlink to the scan's current version::
 
-    STORE/zarr.json                         root group, attributes {"scancache": {"format": 2}}
+    STORE/zarr.json                         root group, attributes {"scancache": {"format": 2, "store_id": ...}}
     STORE/<scan_id> -> .versions/<scan_id>/<version>      switched atomically on re-publish
     STORE/.versions/<scan_id>/<version>/zarr.json          scan group: see ScanMeta
     STORE/.versions/<scan_id>/<version>/image/             (H, W, D) array in the source dtype
@@ -22,10 +22,14 @@ few files per scan while a whole slice or a 3D patch decodes only the chunks it 
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from store.errors import InvalidPath, ScanCacheError
@@ -33,6 +37,7 @@ from store.publish import STAGING_DIR as STAGING_DIR  # re-exported: the store f
 from store.publish import VERSIONS_DIR as VERSIONS_DIR
 
 FORMAT_VERSION = 2
+STORE_ID_KEY = "store_id"  # root attribute scancache.store_id: the store's identity (random)
 LOCK_FILE = ".lock"
 IMAGE = "image"
 MASK = "mask"
@@ -64,6 +69,28 @@ def check_store_format(store: object, root_doc: object) -> None:
             f"{store}: store format {found}, but this scancache reads format {FORMAT_VERSION}; "
             "re-run `scancache preprocess` into a new store"
         )
+
+
+def new_store_id() -> str:
+    """A store's identity, written once when the store is created (``scancache.store_id``)."""
+    return uuid.uuid4().hex
+
+
+def store_identity(store: str | os.PathLike[str], root_doc: object, local: bool = True) -> str:
+    """The store's ``scancache.store_id``; a store written before there was one gets an id
+    derived from its root ``zarr.json`` (inode and modification time, never rewritten after
+    creation): stable while the store stays where it is, another for a copy of it. (Stores on
+    object storage always have one: they came with the version that wrote ids; else their URL.)"""
+    attrs = root_doc.get("attributes") if isinstance(root_doc, dict) else None
+    marker = attrs.get("scancache") if isinstance(attrs, dict) else None
+    found = marker.get(STORE_ID_KEY) if isinstance(marker, dict) else None
+    if isinstance(found, str) and found:
+        return found
+    if not local:
+        return "derived-" + hashlib.sha256(str(store).encode()).hexdigest()[:24]
+    st = os.stat(Path(store) / "zarr.json")
+    digest = hashlib.sha256(f"{st.st_ino}:{st.st_mtime_ns}".encode()).hexdigest()
+    return f"derived-{digest[:24]}"
 
 
 def validate_array_name(name: str) -> str:
@@ -204,9 +231,11 @@ class ScanMeta:
     time_point: int | None
     augmentation: int | None
     attrs: dict[str, Any]
+    # the published version these attributes are of (``STORE/<scan_id>`` link target), when known
+    version: str | None = None
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> ScanMeta:
+    def from_attrs(cls, attrs: dict[str, Any], version: str | None = None) -> ScanMeta:
         return cls(
             scan_id=attrs["scan_id"],
             shape=tuple(int(n) for n in attrs["shape"]),  # type: ignore[arg-type]
@@ -217,6 +246,7 @@ class ScanMeta:
             time_point=attrs.get("time_point"),
             augmentation=attrs.get("augmentation"),
             attrs=attrs,
+            version=version,
         )
 
     @property

@@ -62,9 +62,15 @@ class JobLock:
         warn: Callable[[str], None] | None = None,
         poll_s: float = 1.0,
         name: str = LOCK_FILE,
+        writer: str = "job",
+        advice: str | None = None,
     ) -> None:
         self.store = Path(store)
         self.name = name
+        # what the refusal calls the holder, and what it tells the user to do (other writers
+        # than the job, e.g. write_predictions, have no --wait)
+        self.writer = writer
+        self.advice = advice or f"wait for it (--wait), or delete {name} if that job is gone"
         self.path = self.store / name
         self.wait, self.poll_s = wait, poll_s
         self.warn = warn or (lambda message: None)
@@ -112,8 +118,8 @@ class JobLock:
                 continue  # released between our attempt and the read
             if not self.wait:
                 raise StoreLocked(
-                    f"{self.store}: another job is writing this store ({describe_owner(owner)}); "
-                    f"wait for it (--wait), or delete {self.name} if that job is gone"
+                    f"{self.store}: another {self.writer} is writing this store ({describe_owner(owner)}); "
+                    + self.advice
                 )
             if not announced:
                 self.warn(f"{self.store}: waiting for the job holding the lock ({describe_owner(owner)})")

@@ -116,6 +116,10 @@ class PredictionStore:
         volume = tuple(int(n) for n in attrs["shape"])
         return (*volume, int(attrs["channels"])) if array == PROBABILITIES else volume
 
+    def stored_shape(self, scan_id: str, array: str) -> tuple[int, ...]:
+        """The shape the array's own metadata gives (what a read is bounded by)."""
+        return tuple(int(n) for n in self._array(scan_id, array).shape)
+
     def _array(self, scan_id: str, array: str) -> Any:
         if array not in PREDICTION_ARRAYS:
             raise ArrayNotFound(

@@ -34,6 +34,11 @@ class RegionRequest:
     An LRU swept cyclically by more than it holds never hits again, and filling it only costs
     memory touched for the first time, so ``LocalSource`` reads such regions past its cache;
     ``HttpSource`` leaves the choice to the server, which serves many readers.
+
+    ``version`` is the scan version (``ScanMeta.version``) the caller's plan rests on (shape,
+    class counts): a source refuses to read any other with ``ScanChanged``, naming the scan, so
+    a scan re-published mid-epoch is one clear error, never other voxels. None: read the current
+    version (``HttpSource`` still refuses one that differs from the version it saw first).
     """
 
     scan_id: str
@@ -43,6 +48,7 @@ class RegionRequest:
     background: bool = False
     slice_major: bool = False
     keep_in_cache: bool = True
+    version: str | None = None
 
 
 @runtime_checkable

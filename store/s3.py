@@ -341,11 +341,16 @@ class S3Storage(Storage):
         return clean_local_staging()
 
     def lock(
-        self, wait: bool = False, warn: Callable[[str], None] | None = None, key: str = ".lock"
+        self,
+        wait: bool = False,
+        warn: Callable[[str], None] | None = None,
+        key: str = ".lock",
+        writer: str = "job",
+        advice: str | None = None,
     ) -> AbstractContextManager[Any]:
         from store.s3_lock import S3Lock
 
-        return S3Lock(self, key, wait=wait, warn=warn)
+        return S3Lock(self, key, wait=wait, warn=warn, writer=writer, advice=advice)
 
     # -- reading arrays -----------------------------------------------------------------
     def kvstore(self, key: str) -> dict[str, Any]:

@@ -40,8 +40,12 @@ class S3Lock:
         wait: bool = False,
         warn: Callable[[str], None] | None = None,
         poll_s: float = 1.0,
+        writer: str = "job",
+        advice: str | None = None,
     ) -> None:
         self.storage, self.key = storage, key
+        self.writer = writer
+        self.advice = advice or f"wait for it (--wait); a lock not renewed for {STALE_S:.0f} s is taken over"
         self.wait, self.poll_s = wait, poll_s
         self.warn = warn or (lambda message: None)
         self.owner = {
@@ -94,8 +98,8 @@ class S3Lock:
                 continue
             if not self.wait:
                 raise StoreLocked(
-                    f"{self.storage.url}: another job is writing this store ({describe_owner(owner)}); "
-                    f"wait for it (--wait); a lock not renewed for {STALE_S:.0f} s is taken over"
+                    f"{self.storage.url}: another {self.writer} is writing this store ({describe_owner(owner)}); "
+                    + self.advice
                 )
             if not announced:
                 self.warn(

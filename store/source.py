@@ -19,7 +19,7 @@ import numpy as np
 import tensorstore as ts
 
 from store.categories import merge_mask, normalize_categories
-from store.errors import ArrayNotFound, ScanNotFound
+from store.errors import ArrayNotFound, ScanChanged, ScanNotFound, changed_message
 from store.format import (
     IMAGE,
     MASK,
@@ -27,6 +27,7 @@ from store.format import (
     StoreFormatError,
     check_store_format,
     matches,
+    store_identity,
     validate_array_name,
     validate_scan_id,
 )
@@ -123,6 +124,8 @@ class LocalSource:
                 f"{self.storage}: not a scancache store (its zarr.json is not JSON)"
             ) from None
         check_store_format(self.storage, root_doc)
+        # the server sends it to clients
+        self.store_id = store_identity(self.root, root_doc, local=self.storage.is_local)
         if cache_bytes is None:
             cache_bytes = default_cache_bytes()
         self.cache_bytes = int(cache_bytes)
@@ -166,7 +169,7 @@ class LocalSource:
         if data is None:  # the version was removed under us
             raise ScanNotFound(f"scan {scan_id!r} not found")
         try:
-            meta = ScanMeta.from_attrs(json.loads(data)["attributes"])
+            meta = ScanMeta.from_attrs(json.loads(data)["attributes"], version)
         except (KeyError, ValueError, TypeError):
             raise ScanNotFound(f"{scan_id!r} is not a scancache scan") from None
         state = (version, meta)
@@ -265,6 +268,13 @@ class LocalSource:
         the decoded chunk bytes the reads touched. The server sends label maps as they are
         (a fifth of the merged mask's bytes at 4 categories plus background) and the client
         merges; ``read_regions`` merges here."""
+        out, decoded, _ = self.read_versioned(requests)
+        return out, decoded
+
+    def read_versioned(self, requests: Sequence[RegionRequest]) -> tuple[list[Decoded], int, dict[str, str]]:
+        """``read_decoded`` and the version each scan was read at (the server reports them).
+        A request that names a ``version`` other than the scan's current one is refused
+        (``ScanChanged``) before anything is read."""
         # Each scan's zarr.json is checked once per call (not once per region), then every read
         # is started before waiting on any: tensorstore runs them concurrently.
         started = time.perf_counter()
@@ -272,8 +282,10 @@ class LocalSource:
         for r in requests:
             if r.scan_id not in states:
                 states[r.scan_id] = self._state(r.scan_id)
+            if r.version is not None and r.version != states[r.scan_id][0]:
+                raise ScanChanged(changed_message(r.scan_id, r.version, states[r.scan_id][0]))
         # One tensorstore batch for the call: on object storage the reads of neighbouring inner
-        # chunks of one shard are coalesced into fewer range requests (each a round trip).
+        # chunks of one shard may share range requests.
         with ts.Batch() as batch:
             reads = [self._start(r, states[r.scan_id], batch) for r in requests]
         out = [
@@ -287,7 +299,7 @@ class LocalSource:
             counters["bytes_returned"] += sum(a.nbytes for a in out)
             counters["read_s"] += time.perf_counter() - started
             counters["regions"] += len(out)
-        return out, decoded
+        return out, decoded, {scan_id: state[0] for scan_id, state in states.items()}
 
     def read_regions(self, requests: Sequence[RegionRequest]) -> list[np.ndarray]:
         return [merged(a) for a in self.read_unmerged(requests)]

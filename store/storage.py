@@ -140,9 +140,15 @@ class Storage(ABC):
 
     @abstractmethod
     def lock(
-        self, wait: bool = False, warn: Callable[[str], None] | None = None, key: str = ".lock"
+        self,
+        wait: bool = False,
+        warn: Callable[[str], None] | None = None,
+        key: str = ".lock",
+        writer: str = "job",
+        advice: str | None = None,
     ) -> AbstractContextManager[Any]:
-        """One writer at a time: the job's lock (``key``), held for a ``with`` block."""
+        """One writer at a time: the lock ``key``, held for a ``with`` block. A refusal names the
+        holder as another ``writer`` and ends with ``advice`` (default: the job's --wait)."""
 
     # -- reading arrays -----------------------------------------------------------------
     @abstractmethod
@@ -249,11 +255,16 @@ class LocalStorage(Storage):
         return local_publish.clean_stale_staging(self.root)
 
     def lock(
-        self, wait: bool = False, warn: Callable[[str], None] | None = None, key: str = ".lock"
+        self,
+        wait: bool = False,
+        warn: Callable[[str], None] | None = None,
+        key: str = ".lock",
+        writer: str = "job",
+        advice: str | None = None,
     ) -> AbstractContextManager[Any]:
         from store.lock import JobLock
 
-        return JobLock(self.root, wait=wait, warn=warn, name=key)
+        return JobLock(self.root, wait=wait, warn=warn, name=key, writer=writer, advice=advice)
 
     def kvstore(self, key: str) -> dict[str, Any]:
         return {"driver": "file", "path": str(self.root / key)}

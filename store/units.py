@@ -1,4 +1,4 @@
-"""The one parser of byte sizes, for command-line flags and ``SCANCACHE_*`` environment settings.
+"""The one parser (and formatter) of byte sizes, for command-line flags and ``SCANCACHE_*`` environment settings.
 
 ``4096``, ``64k``, ``512M``, ``2G``, ``1.5GiB`` and ``10MB`` are all accepted; K/M/G/T are powers
 of 1024 whether written ``M``, ``MB`` or ``MiB`` (a cache size is never meant in powers of 1000).
@@ -29,3 +29,12 @@ def parse_bytes(text: str | int, name: str = "size") -> int:
     if "." in number:
         return int(float(number) * _UNITS[unit])
     return int(number) * _UNITS[unit]  # exact for whole numbers (no float rounding)
+
+
+def format_bytes(n: float) -> str:
+    """``format_bytes(3 * 2**30)`` -> ``"3.0 GiB"`` (powers of 1024, as ``parse_bytes``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -26,9 +26,11 @@ from store.format import (
     FORMAT_VERSION,
     IMAGE,
     MASK,
+    STORE_ID_KEY,
     ChunkLayout,
     check_store_format,
     group_metadata,
+    new_store_id,
     validate_scan_id,
 )
 from store.label_map import LABEL_MAP, LOCATIONS
@@ -62,7 +64,8 @@ def ensure_store(location: str | os.PathLike[str] | Storage) -> Storage:
         raise ValueError(f"{storage}: exists, is not empty and is not a scancache store")
     if local is not None:
         local.mkdir(parents=True, exist_ok=True)
-    storage.write_json("zarr.json", group_metadata({"scancache": {"format": FORMAT_VERSION}}))
+    root_attrs = {"scancache": {"format": FORMAT_VERSION, STORE_ID_KEY: new_store_id()}}
+    storage.write_json("zarr.json", group_metadata(root_attrs))
     return storage
 
 

@@ -47,10 +47,11 @@ def _thread_server(store: Path, token: str | None, settings: dict[str, Any], tim
     from service.server import Settings, create_app
     from service.server.http_protocol import uvicorn_options
 
+    port = settings.pop("port", 0)  # a fixed port: another server at the same address
     app = create_app(Settings(store=store, token=token, **settings))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, 0))  # the kernel picks a free port; no race with other tests
+    sock.bind((HOST, port))  # 0: the kernel picks a free port; no race with other tests
     port = sock.getsockname()[1]
     # The protocol options `scancache serve` uses (header deadline, header size bound).
     options = uvicorn_options(app.state.scancache.settings.header_timeout)
@@ -124,8 +125,9 @@ def live_server(
 ) -> Iterator[str]:
     """Serve ``store`` on a free loopback port; yields the base URL (no trailing slash).
 
-    ``settings`` are ``Settings`` fields (``max_bytes=...``); with ``process=True`` they are
-    ``service.server.run`` keywords instead (``workers=2``, ``cache_bytes=...``).
+    ``settings`` are ``Settings`` fields (``max_bytes=...``) and ``port`` (default: a free one);
+    with ``process=True`` they are ``service.server.run`` keywords instead (``workers=2``,
+    ``cache_bytes=...``).
     """
     from store.storage import parse_location
 

@@ -109,6 +109,28 @@ def build_bad_source(root):
     write_volume_file(valid / f"{key}.h5", volume, seg[:, :, :2])
     expected[key] = (f"valid/{key}.h5", "seg has shape")
 
+    huge = (2**20, 2**20)  # 4 TiB a float32 slice: a damaged header (the file holds no data)
+    key = "0000015_V00-Aug00"  # 2D: slice 1 declares a huge shape (image-only: nothing else differs)
+    write_slice_files(train, key, _scan(seed=15)[0], None)
+    with h5py.File(train / f"{key}_001.im", "w") as f:
+        f.create_dataset("data", shape=(*huge, 1), dtype=np.float32, chunks=(64, 64, 1))
+    expected[key] = (f"train/{key}_001.im", "declares shape (1048576, 1048576, 1)")
+
+    key = "0000016_V00-Aug00"  # 3D: the volume declares a huge shape
+    with h5py.File(valid / f"{key}.h5", "w") as f:
+        f.create_dataset("volume", shape=(*huge, 4), dtype=np.float32, chunks=(64, 64, 4))
+    expected[key] = (f"valid/{key}.h5", "dataset 'volume' declares shape (1048576, 1048576, 4)")
+
+    key = "0000017_V00-Aug00"  # 3D: NaN spacing (it failed in the store's strict JSON)
+    write_volume_file(valid / f"{key}.h5", *_scan(seed=17), spacing=[0.5, float("nan"), 1.0])
+    expected[key] = (f"valid/{key}.h5", "spacing [0.5, nan, 1.0] is not positive finite")
+
+    key = "0000018_V00-Aug00"  # 2D: an infinite spacing on slice 1
+    write_slice_files(train, key, *_scan(seed=18))
+    with h5py.File(train / f"{key}_001.im", "a") as f:
+        f.attrs["spacing"] = [0.5, 0.5, float("inf")]
+    expected[key] = (f"train/{key}_001.im", "spacing [0.5, 0.5, inf] is not positive finite")
+
     (train / "scan-one_slice2.im").write_bytes(b"")  # a name that does not parse
     expected["scan-one_slice2"] = ("train/scan-one_slice2.im", "does not parse")
     (train / "notes.txt").write_text("ignored")
@@ -145,8 +167,11 @@ def test_verify_reports_good_and_bad(bad_run):
     assert "Traceback" not in result.stdout + result.stderr
     for scan in GOOD:
         assert f"OK       {scan}" in result.stdout
-    for scan in expected:
-        assert f"FAILED   {scan}: " in result.stdout, scan
+    lines = result.stdout.splitlines()
+    for scan, (file, why) in expected.items():  # one line each, naming the file and why
+        matching = [line for line in lines if line.startswith(f"FAILED   {scan}: ")]
+        assert len(matching) == 1 and file in matching[0] and why in matching[0], (scan, result.stdout)
+    assert f"verify: {len(GOOD)} ok, {len(expected)} failed; store is NOT exact" in result.stdout
 
 
 @pytest.mark.parametrize("make", ["empty", "missing", "only_other_files"])

@@ -233,6 +233,24 @@ def test_serve_refuses_a_token_on_the_command_line(small_store, tmp_path):
         assert bad.returncode != 0 and "--token-file" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_token_file_readable_by_others_is_warned_about(tmp_path, capsys):
+    from service.cli import read_token_file
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    token_file.chmod(0o644)
+    assert read_token_file(str(token_file)) == "s3cret"
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"scancache serve: warning: --token-file {token_file} is accessible by other users (mode 0644);"
+        f" run: chmod 600 {token_file}"
+    )
+    assert "s3cret" not in err
+    token_file.chmod(0o600)
+    assert read_token_file(str(token_file)) == "s3cret"
+    assert capsys.readouterr().err == ""
+
+
 def test_serve_refuses_a_store_of_another_format(tmp_path):
     store = tmp_path / "old-store"
     store.mkdir()

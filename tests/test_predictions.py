@@ -137,3 +137,44 @@ def test_prediction_is_an_ngff_label_image(train_dataset, tmp_path):
 
     model = ImageLabel.from_zarr(zarr.open_group(str(path / scan_id), mode="r"))
     assert [c.label_value for c in model.attributes.ome.image_label.colors] == [1, 2, 3, 4]
+
+
+def test_second_writer_fails_at_once_naming_the_first(train_dataset, tmp_path):
+    """Two runs into one folder: the second is refused while the first writes (before, both
+    found every scan missing and both published it)."""
+    import os
+    import socket
+    import threading
+
+    from store.lock import StoreLocked
+
+    name, truth = train_dataset
+    path = tmp_path / "pred"
+    inside, go_on = threading.Event(), threading.Event()
+
+    def slow_model(x):
+        inside.set()
+        assert go_on.wait(30)
+        return softmax_model(x)
+
+    results = {}
+    first = threading.Thread(
+        target=lambda: results.update(first=write_predictions(make_loader(name), slow_model, path))
+    )
+    first.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(StoreLocked) as refused:
+            write_predictions(make_loader(name), softmax_model, path)
+    finally:
+        go_on.set()
+        first.join(30)
+    message = str(refused.value)
+    assert "\n" not in message and "another write_predictions is writing" in message
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in message and ".lock" in message
+    scan_ids = ["0000001_V00-Aug00", "0000001_V01-Aug00"]
+    assert list(results["first"].written) == scan_ids
+    assert not (path / ".lock").exists()  # released at the end
+    again = write_predictions(make_loader(name), softmax_model, path)
+    assert again.written == () and list(again.skipped) == scan_ids
+    check_store(path, truth, scan_ids)

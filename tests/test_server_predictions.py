@@ -260,3 +260,80 @@ def test_predictions_are_served_as_zarr_for_standard_viewers(served, small_store
     with live_server(store_root) as plain:
         r = httpx.get(f"{plain}/predictions/zarr/zarr.json")
         assert r.status_code == 404 and "predictions" in r.json()["detail"]
+
+
+def copy_predictions(pred, dst, scan_id, **changes):
+    """A copy of the served predictions store with ``changes`` to one scan's ``prediction``
+    attributes (written with Python's default, non-strict JSON, as a foreign tool might)."""
+    import json
+    import shutil
+
+    shutil.copytree(pred.store.root, dst, symlinks=True)
+    doc_path = (dst / scan_id).resolve() / "zarr.json"
+    doc = json.loads(doc_path.read_text())
+    doc["attributes"]["prediction"].update(changes)
+    doc_path.write_text(json.dumps(doc))
+    return dst
+
+
+def test_prediction_of_other_data_is_refused_409_one_line(served, small_store, tmp_path):
+    """A predictions store written for another store with the same scan ids (other shapes),
+    or whose slices or arrays do not fit: 409, one line naming the scan, the connection kept."""
+    from conftest import SMALL_SCANS, build_store
+
+    _, _, pred = served
+    scan_id = WITH_PREDICTION[0]
+    other = tmp_path / "other"
+    build_store(
+        other, [(s, (30, 30, 12) if s == scan_id else shape, *rest) for s, shape, *rest in SMALL_SCANS]
+    )
+    with live_server(other, predictions=pred.store.root) as url, httpx.Client(base_url=url) as client:
+        for path, params in (
+            (f"/scans/{scan_id}/preview.png", {"overlay": "prediction"}),
+            (f"/scans/{scan_id}/preview.png", {"overlay": "prediction", "axis": "x", "z": 3}),
+            (f"/scans/{scan_id}/prediction", {}),
+            (f"/scans/{scan_id}/prediction/label_map", {"roi": "0:5"}),
+        ):
+            r = client.get(path, params=params)
+            assert r.status_code == 409, (path, r.text)
+            detail = r.json()["detail"]
+            assert r.json()["error"] == "PredictionMismatch" and "\n" not in detail
+            assert scan_id in detail and "40x36x12" in detail and "30x30x12" in detail
+            assert r.headers.get("connection") != "close"  # keep-alive survives (a 500 reset it)
+        assert (
+            client.get(
+                f"/scans/{WITH_PREDICTION[1]}/preview.png", params={"overlay": "prediction"}
+            ).status_code
+            == 200
+        )
+
+    bad_slices = copy_predictions(pred, tmp_path / "slices", scan_id, slices=[0, 5, 50], shape=[40, 36, 3])
+    bad_array = copy_predictions(pred, tmp_path / "array", scan_id, slices=[0, 1, 2], shape=[40, 36, 3])
+    for folder, words in ((bad_slices, "slices"), (bad_array, "label_map is 40x36x12")):
+        with live_server(small_store[0], predictions=folder) as url:
+            r = httpx.get(f"{url}/scans/{scan_id}/preview.png", params={"overlay": "prediction", "z": 0})
+            assert r.status_code == 409 and words in r.json()["detail"], r.text
+
+
+def test_non_finite_dice_is_null_and_never_fails_the_listing(served, small_store, tmp_path):
+    import json
+
+    _, _, pred = served
+    scan_id = WITH_PREDICTION[0]
+    nan = float("nan")
+    folder = copy_predictions(pred, tmp_path / "nan", scan_id, dice=[nan, float("inf"), 0.5, -float("inf")])
+    assert "NaN" in ((folder / scan_id).resolve() / "zarr.json").read_text()
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+
+    with live_server(small_store[0], predictions=folder) as url:
+        listing = httpx.get(f"{url}/scans")
+        assert listing.status_code == 200, listing.text
+        by_id = {s["scan_id"]: s for s in strict(listing.text)["scans"]}
+        assert by_id[scan_id]["prediction_dice"] == [None, None, 0.5, None]
+        one = httpx.get(f"{url}/scans/{scan_id}")
+        assert one.status_code == 200 and strict(one.text)["prediction_dice"] == [None, None, 0.5, None]
+        assert httpx.get(f"{url}/scans", params={"has_prediction": "true"}).status_code == 200
+        viewer_js = httpx.get(f"{url}/viewer/static/viewer.js").text
+        assert "diceText" in viewer_js  # the page shows a null Dice as n/a instead of throwing

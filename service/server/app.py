@@ -1,7 +1,7 @@
 """``create_app(settings)``: the FastAPI application serving one store.
 
-Request path, outermost first: CORS (only if configured) -> metrics -> bearer auth -> path guard
--> body limit -> FastAPI routing and error handlers -> routes. The app holds a ``LocalSource``
+Request path, outermost first: CORS (only if configured) -> store id header -> metrics -> bearer
+auth -> path guard -> body limit -> FastAPI routing and error handlers -> routes. The app holds a ``LocalSource``
 (whose tensorstore context owns the byte-capped decoded-chunk cache) and nothing else.
 """
 
@@ -18,9 +18,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
+from client.wire import STORE_HEADER, VERSIONS_HEADER
 from service.server.auth import BearerAuthMiddleware
 from service.server.errors import error_responses, install_error_handlers
-from service.server.guards import BodyLimitMiddleware, HeadAsGetMiddleware, PathGuardMiddleware
+from service.server.guards import (
+    BodyLimitMiddleware,
+    HeadAsGetMiddleware,
+    PathGuardMiddleware,
+    StoreIdMiddleware,
+)
 from service.server.inflight import InflightBudget
 from service.server.metrics import Metrics, MetricsMiddleware
 from service.server.routes_docs import add_docs_routes
@@ -118,13 +124,22 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.token:
         app.add_middleware(BearerAuthMiddleware, token=settings.token)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(StoreIdMiddleware, store_id=source.store_id)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "HEAD", "POST"],
             allow_headers=["Authorization", "Range", "If-None-Match", "Content-Type"],
-            expose_headers=["Content-Range", "Accept-Ranges", "ETag", "Content-Length", "Content-Encoding"],
+            expose_headers=[
+                "Content-Range",
+                "Accept-Ranges",
+                "ETag",
+                "Content-Length",
+                "Content-Encoding",
+                STORE_HEADER,
+                VERSIONS_HEADER,
+            ],
         )
     return app
 

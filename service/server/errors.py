@@ -23,8 +23,10 @@ from store.errors import (
     ArrayNotFound,
     InvalidParameter,
     InvalidPath,
+    PredictionMismatch,
     RequestTooLarge,
     ScanCacheError,
+    ScanChanged,
     ScanNotFound,
     Unauthorized,
     one_line,
@@ -54,6 +56,8 @@ STATUS_BY_ERROR: tuple[tuple[type[ScanCacheError], int], ...] = (
     (NotInStore, 404),
     (InvalidParameter, 422),
     (InvalidPath, 400),
+    (PredictionMismatch, 409),
+    (ScanChanged, 409),
     (RequestTooLarge, 413),
     (Unauthorized, 401),
     (ServerBusy, 503),
@@ -64,6 +68,10 @@ DESCRIPTIONS = {
     400: "Malformed request or path (e.g. an invalid scan id, `..` or an encoded slash).",
     401: "Missing or wrong `Authorization: Bearer <token>` (only when SCANCACHE_TOKEN is set).",
     404: "Unknown scan, array or file.",
+    409: (
+        "Conflict: the stored prediction does not match the scan (another shape), or the scan was"
+        " re-published while being read."
+    ),
     413: "The response would exceed the server's --max-bytes (refused before reading).",
     416: "The Range cannot be satisfied for this file.",
     422: "A parameter is invalid (roi, categories, filters); `param` names it.",

@@ -1,4 +1,5 @@
-"""Request guards that run before routing: encoded path separators and request body size.
+"""Request guards that run before routing: encoded path separators and request body size;
+and the header naming the served store on every response.
 
 An encoded slash (``%2F``) or backslash in the raw path would let a path parameter carry a
 separator that routing never saw, so such paths are refused outright. Request bodies (only
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from client.wire import STORE_HEADER
 from service.server.errors import error_response
 
 FORBIDDEN_RAW = (b"%2f", b"%5c", b"%00", b"\\", b"\x00")
@@ -114,3 +116,25 @@ class HeadAsGetMiddleware:
             headers = [(k, v) for k, v in scope.get("headers", []) if k not in (b"range", b"if-range")]
             scope = {**scope, "method": "GET", "headers": headers, HEAD_SCOPE_KEY: True}
         await self.app(scope, receive, send)
+
+
+class StoreIdMiddleware:
+    """Adds ``X-Scancache-Store: <store_id>`` to every response (errors too): a client that
+    reconnects to a server now serving another store learns it from the first answer, before
+    it takes other scans' voxels (or an out-of-bounds ROI error) for its own."""
+
+    def __init__(self, app: ASGIApp, store_id: str) -> None:
+        self.app = app
+        self.header = (STORE_HEADER.lower().encode("latin-1"), store_id.encode("latin-1"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_store(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_store)

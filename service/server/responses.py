@@ -7,6 +7,7 @@ so a large region is never copied into one ``bytes`` object just to be written t
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -87,9 +88,25 @@ def not_modified(etag: str, cache_control: str = REVALIDATE, vary: str | None = 
     return Response(status_code=304, headers=headers)
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: responses are strict JSON
+    (a statistic of a scan with non-finite voxels must not make the listing invalid or a 500)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def cached_json(request: Request, content: Any) -> Response:
-    """JSON with an ETag of its bytes (304 on a match) and gzip when it pays."""
-    body = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+    """JSON with an ETag of its bytes (304 on a match) and gzip when it pays. Strict JSON:
+    non-finite numbers anywhere (a stored prediction's Dice, a statistic) are sent as null."""
+    try:
+        body = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # only non-finite floats make strict dumps fail; the common case pays nothing
+        body = json.dumps(finite_json(content), separators=(",", ":"), allow_nan=False).encode()
     gzip = len(body) >= JSON_GZIP_MIN_BYTES and accepts_gzip(request.headers.get("accept-encoding"))
     # A 304 carries the ETag of the representation a 200 would have sent (RFC 9110 15.4.5).
     etag = gzip_etag(make_etag("json", body)) if gzip else make_etag("json", body)

@@ -9,7 +9,7 @@ started without ``--predictions``) answers 404.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeGuard
 
 import numpy as np
 from anyio import to_thread
@@ -21,7 +21,7 @@ from service.server.http_cache import REVALIDATE, etag_matches, make_etag
 from service.server.responses import PartsResponse, not_modified
 from service.server.routes_regions import ROI_DOC, SCAN_ID_DOC, npy_response_doc
 from service.server.state import ServerState, server_state
-from store.errors import RequestTooLarge
+from store.errors import PredictionMismatch, RequestTooLarge
 from store.format import validate_scan_id
 from store.predictions import LABEL_MAP, PROBABILITIES, PredictionStore, require_prediction
 from store.roi import format_roi, parse_roi
@@ -50,6 +50,60 @@ def prediction_fields(store: PredictionStore | None, scan_id: str) -> dict[str, 
     }
 
 
+def _dims(shape: Any) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def _ints(value: Any) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in value)
+
+
+def check_prediction(
+    store: PredictionStore | None, scan_id: str, scan_shape: tuple[int, ...], array: str
+) -> dict[str, Any]:
+    """The scan's prediction attributes, refused in one line (409) unless the prediction fits
+    the scan: its (H, W, D) is the scan's, or (H, W, len(slices)) with every slice inside the
+    scan, and the stored array has the shape the attributes say. A prediction written against
+    another store with the same scan ids must not be overlaid, nor read past its bounds (500)."""
+    attrs = require_prediction(store, scan_id)
+    assert store is not None
+    shape, channels, slices = attrs.get("shape"), attrs.get("channels"), attrs.get("slices")
+    if not (
+        _ints(shape)
+        and len(shape) == 3
+        and min(shape) > 0
+        and isinstance(channels, int)
+        and channels > 0
+        and (slices is None or _ints(slices))
+    ):
+        raise PredictionMismatch(
+            f"scan {scan_id!r}: the stored prediction's attributes (shape, channels, slices) are malformed;"
+            " re-run write_predictions for it (overwrite=True)"
+        )
+    height, width, depth = (int(n) for n in scan_shape[:3])
+    expected = [height, width, len(slices) if slices else depth]
+    if shape != expected:
+        what = f"{len(slices)} slices of " if slices else ""
+        raise PredictionMismatch(
+            f"scan {scan_id!r}: the stored prediction is {_dims(shape)}, but the scan is {_dims(scan_shape[:3])}"
+            f"{' (' + what + 'it)' if what else ''}; it was written for other data: re-run"
+            " write_predictions for it (overwrite=True)"
+        )
+    if slices and (len(set(slices)) != len(slices) or not all(0 <= z < depth for z in slices)):
+        raise PredictionMismatch(
+            f"scan {scan_id!r}: the stored prediction names slices that are not the scan's 0..{depth - 1}"
+            " (or repeats one); re-run write_predictions for it (overwrite=True)"
+        )
+    stored = store.stored_shape(scan_id, array)
+    want = store.shape(scan_id, array)
+    if stored != want:
+        raise PredictionMismatch(
+            f"scan {scan_id!r}: the stored prediction's {array} is {_dims(stored)}, but its attributes"
+            f" say {_dims(want)}; re-run write_predictions for it (overwrite=True)"
+        )
+    return attrs
+
+
 async def prediction_response(
     request: Request,
     state: ServerState,
@@ -61,8 +115,8 @@ async def prediction_response(
     validate_scan_id(scan_id)
 
     def plan() -> tuple[tuple[slice, ...], tuple[int, ...], str]:
-        state.source.metadata(scan_id)  # 404 for an unknown scan, as every scan route
-        require_prediction(store, scan_id)
+        meta = state.source.metadata(scan_id)  # 404 for an unknown scan, as every scan route
+        check_prediction(store, scan_id, meta.shape, array)
         assert store is not None
         shape = store.shape(scan_id, array)
         region = parse_roi(roi, shape[:3])

@@ -18,12 +18,12 @@ from service import preview
 from service.server.errors import error_responses
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
 from service.server.responses import not_modified
-from service.server.routes_predictions import Predictions
+from service.server.routes_predictions import Predictions, check_prediction
 from service.server.routes_regions import SCAN_ID_DOC
 from service.server.state import ServerState, server_state
 from store.errors import ArrayNotFound, RequestTooLarge
 from store.format import validate_scan_id
-from store.predictions import LABEL_MAP, PredictionStore, require_prediction
+from store.predictions import LABEL_MAP, PredictionStore
 
 router = APIRouter(tags=["previews"])
 State = Annotated[ServerState, Depends(server_state)]
@@ -36,7 +36,7 @@ def _prediction_plane(
 
     A prediction of some slices only (a per-slice dataset) stores those slices: other slices
     have no prediction (404 along z; empty columns along y and x)."""
-    attrs = require_prediction(store, scan_id)
+    attrs = check_prediction(store, scan_id, shape, LABEL_MAP)  # again: it may have been re-published
     assert store is not None
     categories = int(attrs["channels"]) - int(bool(attrs.get("include_background")))
     slices = attrs.get("slices")
@@ -69,7 +69,7 @@ def _prediction_plane(
             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
         },
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 413, 422),
+        **error_responses(400, 401, 404, 409, 413, 422),
     },
 )
 async def get_preview(
@@ -100,8 +100,8 @@ async def get_preview(
     if overlay == "mask" and not meta.has_mask:
         raise ArrayNotFound(f"scan {scan_id!r} has no mask")
     versions = [state.source.version(scan_id)]
-    if overlay == "prediction":
-        require_prediction(store, scan_id)
+    if overlay == "prediction":  # 404 without one, 409 if it does not fit this scan
+        await to_thread.run_sync(check_prediction, store, scan_id, meta.shape, LABEL_MAP)
         assert store is not None
         versions.append(store.version(scan_id))
     etag = make_etag("preview", scan_id, *versions, axis, index, overlay, scale, window_given)

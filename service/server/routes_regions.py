@@ -17,7 +17,14 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from client.wire import DECODED_BYTES_HEADER, NPY_MEDIA_TYPE, NPY_STREAM_MEDIA_TYPE, encode_npy_parts
+from client.wire import (
+    DECODED_BYTES_HEADER,
+    NPY_MEDIA_TYPE,
+    NPY_STREAM_MEDIA_TYPE,
+    VERSIONS_HEADER,
+    encode_npy_parts,
+    versions_header,
+)
 from service.server.errors import error_responses
 from service.server.http_cache import (
     MASK_GZIP_MIN_BYTES,
@@ -59,7 +66,7 @@ def npy_response_doc(what: str) -> dict[int | str, dict[str, Any]]:
             "content": {NPY_MEDIA_TYPE: NPY_SCHEMA},
         },
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 413, 422, 503),
+        **error_responses(400, 401, 404, 409, 413, 422, 503),
     }
 
 
@@ -87,13 +94,16 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
     if etag_matches(request.headers.get("if-none-match"), etag):
         return not_modified(etag, vary="Accept-Encoding")
 
-    def read_and_encode() -> tuple[list[bytes | memoryview], int]:
-        arrays, decoded = state.source.read_decoded([plan.request()])
-        return _encode(merged(arrays[0]), gzip), decoded
+    def read_and_encode() -> tuple[list[bytes | memoryview], int, dict[str, str]]:
+        # the version planned (shape checked, ETag): a re-publish since is the client's to see
+        arrays, decoded, versions = state.source.read_versioned(
+            [replace(plan.request(), version=plan.version)]
+        )
+        return _encode(merged(arrays[0]), gzip), decoded, versions
 
     release = await state.inflight.acquire(plan.cost)
     try:
-        parts, decoded = await to_thread.run_sync(read_and_encode)
+        parts, decoded, versions = await to_thread.run_sync(read_and_encode)
     except BaseException:
         release()
         raise
@@ -103,6 +113,7 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
         "Cache-Control": REVALIDATE,
         "Vary": "Accept-Encoding",
         DECODED_BYTES_HEADER: str(decoded),
+        VERSIONS_HEADER: versions_header(versions) or "",
     }
     if gzip:
         headers["Content-Encoding"] = "gzip"
@@ -197,7 +208,7 @@ class BatchRequest(BaseModel):
             ),
             "content": {NPY_STREAM_MEDIA_TYPE: NPY_SCHEMA},
         },
-        **error_responses(400, 401, 404, 413, 422, 503),
+        **error_responses(400, 401, 404, 409, 413, 422, 503),
     },
 )
 async def post_batch(state: State, batch: BatchRequest) -> Response:
@@ -216,26 +227,30 @@ async def post_batch(state: State, batch: BatchRequest) -> Response:
     plans = await to_thread.run_sync(plan_all)
     total = check_budget(plans, state.settings.max_bytes)
 
-    def read_all() -> tuple[list[bytes | memoryview], int]:
+    def read_all() -> tuple[list[bytes | memoryview], int, dict[str, str]]:
         requests = [
-            replace(p.request(), slice_major=r.slice_major) for p, r in zip(plans, batch.regions, strict=True)
+            replace(p.request(), slice_major=r.slice_major, version=p.version)
+            for p, r in zip(plans, batch.regions, strict=True)
         ]
-        arrays, decoded = state.source.read_decoded(requests)
+        arrays, decoded, versions = state.source.read_versioned(requests)
         parts: list[bytes | memoryview] = []
         for arr, spec in zip(arrays, batch.regions, strict=True):
             if isinstance(arr, LabelRegion) and batch.label_maps:
                 parts += encode_npy_parts(_wire(arr.labels, spec.slice_major)) + encode_npy_parts(arr.table)
             else:
                 parts += encode_npy_parts(_wire(merged(arr), spec.slice_major))
-        return parts, decoded
+        return parts, decoded, versions
 
     release = await state.inflight.acquire(total)
     try:
-        parts, decoded = await to_thread.run_sync(read_all)
+        parts, decoded, versions = await to_thread.run_sync(read_all)
     except BaseException:
         release()
         raise
     for plan in plans:
         state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
     headers = {"Cache-Control": "no-store", DECODED_BYTES_HEADER: str(decoded)}
+    listed = versions_header(versions)  # past MAX_VERSIONED_SCANS scans: not sent
+    if listed is not None:
+        headers[VERSIONS_HEADER] = listed
     return PartsResponse(parts, NPY_STREAM_MEDIA_TYPE, headers=headers, on_close=release)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Annotated, Any
 
 from anyio import to_thread
@@ -12,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from service.server.errors import error_response, error_responses
-from service.server.responses import cached_json
+from service.server.responses import cached_json, finite_json
 from service.server.routes_predictions import Predictions, prediction_fields
 from service.server.state import ServerState, server_state
 from store.errors import one_line
@@ -45,29 +44,21 @@ SCAN_EXAMPLE = {
     "subject_id": 1,
     "time_point": 0,
     "augmentation": 0,
+    "version": "01733340000123456789-1a2b3c4d",
 }
-
-
-def finite_json(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by None: responses are strict JSON
-    (a statistic of a scan with non-finite voxels must not make the listing invalid or a 500)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
+STORE_ID_EXAMPLE = "5f0c3e0d9b7a4f3c8e1d2a6b7c8d9e0f"
 
 
 def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
-    """A scan's attributes, pinned keys first; per-slice counts only when ``full``."""
+    """A scan's attributes, pinned keys first; per-slice counts only when ``full``; and the
+    ``version`` they are of (clients check that what they read later is still that version)."""
     doc: dict[str, Any] = {key: meta.attrs.get(key) for key in PINNED_KEYS}
     doc["shape"] = list(meta.shape)
     doc["num_classes"] = meta.num_classes
     for key, value in meta.attrs.items():
         if key not in doc and (full or key not in LISTING_OMITS):
             doc[key] = value
+    doc["version"] = meta.version
     return finite_json(doc)  # type: ignore[no-any-return]
 
 
@@ -119,7 +110,9 @@ def _store_readable(state: ServerState) -> bool:
     responses={
         200: {
             "description": '`{"scans": [...]}`; repeat a filter to accept several values. Carries an ETag.',
-            "content": {"application/json": {"example": {"scans": [SCAN_EXAMPLE]}}},
+            "content": {
+                "application/json": {"example": {"scans": [SCAN_EXAMPLE], "store_id": STORE_ID_EXAMPLE}}
+            },
         },
         304: {"description": "Not modified."},
         **error_responses(401, 422),
@@ -151,7 +144,7 @@ async def list_scans(
     docs = [{**scan_document(m, full), **f} for m, f in zip(metas, fields, strict=True)]
     if has_prediction is not None:
         docs = [d for d in docs if d["has_prediction"] == has_prediction]
-    return cached_json(request, {"scans": docs})
+    return cached_json(request, {"scans": docs, "store_id": state.source.store_id})
 
 
 @router.get(
@@ -159,7 +152,10 @@ async def list_scans(
     tags=["scans"],
     summary="One scan's metadata: shape, dtype, classes, split, statistics, per-slice class counts",
     responses={
-        200: {"content": {"application/json": {"example": SCAN_EXAMPLE}}, "description": "Carries an ETag."},
+        200: {
+            "content": {"application/json": {"example": {**SCAN_EXAMPLE, "store_id": STORE_ID_EXAMPLE}}},
+            "description": "Carries an ETag.",
+        },
         304: {"description": "Not modified."},
         **error_responses(400, 401, 404),
     },
@@ -172,4 +168,5 @@ async def scan_metadata(
 ) -> Response:
     meta = await to_thread.run_sync(state.source.metadata, scan_id)
     fields = await to_thread.run_sync(prediction_fields, predictions, scan_id)
-    return cached_json(request, {**scan_document(meta, full=True), **fields})
+    doc = {**scan_document(meta, full=True), **fields, "store_id": state.source.store_id}
+    return cached_json(request, doc)

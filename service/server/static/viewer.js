@@ -21,9 +21,14 @@ async function api(path) {
 
 function showError(err) { $("error").textContent = err ? String(err.message || err) : ""; }
 
+// The server sends a non-finite Dice as null (strict JSON).
+function diceText(d) {
+  return typeof d === "number" ? d.toFixed(3) : "n/a";
+}
+
 function formatDice(dice) {
   if (!dice) return "";
-  return "Dice " + dice.map((d) => d.toFixed(3)).join(" / ");
+  return "Dice " + dice.map(diceText).join(" / ");
 }
 
 async function listScans(event) {
@@ -90,7 +95,7 @@ function renderDice(dice) {
     const row = document.createElement("tr");
     row.innerHTML = "<td></td><td></td>";
     row.children[0].textContent = String(k);
-    row.children[1].textContent = d.toFixed(3);
+    row.children[1].textContent = diceText(d);
     body.appendChild(row);
   }
 }
