@@ -35,6 +35,7 @@ from pathlib import Path
 VERSIONS_DIR = ".versions"
 STAGING_DIR = ".staging"
 OWNER_FILE = "owner.json"
+NEW_PREFIX = ".new-"  # a staging folder being made (``new_staging``)
 DEFAULT_GRACE_S = 3600.0  # old versions kept an hour after they were superseded
 
 
@@ -192,10 +193,15 @@ def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_G
 def new_staging(root: str | os.PathLike[str], label: str, folder: str = STAGING_DIR) -> Path:
     """A fresh folder ``ROOT/.staging/<label>-<random>/`` owned by this process."""
     staging = Path(root) / folder
-    path = staging / f"{label}-{uuid.uuid4().hex[:12]}"
-    path.mkdir(parents=True)  # parents too: another writer may have just removed an empty .staging
+    name = f"{label}-{uuid.uuid4().hex[:12]}"
+    # made under a temporary name and renamed once it names its owner: a cleaner running at the
+    # same moment never finds this folder without its owner.json (only young ".new-" ones)
+    making = staging / f"{NEW_PREFIX}{name}"
+    making.mkdir(parents=True)  # parents too: another writer may have just removed an empty .staging
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    (path / OWNER_FILE).write_text(json.dumps(owner, allow_nan=False))
+    (making / OWNER_FILE).write_text(json.dumps(owner, allow_nan=False))
+    path = staging / name
+    os.rename(making, path)
     return path
 
 
@@ -258,8 +264,8 @@ def clean_stale_staging(root: str | os.PathLike[str], folder: str = STAGING_DIR)
                 owner = None
             if isinstance(owner, dict) and owner_alive(owner):
                 continue
-            if owner is None and _young(entry):
-                continue  # just made by a writer that has not written its owner.json yet
+            if owner is None and entry.name.startswith(NEW_PREFIX) and _young(entry):
+                continue  # being made by ``new_staging`` right now
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
