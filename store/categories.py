@@ -39,7 +39,9 @@ def parse_categories(value: Any, param: str = "categories") -> Categories:
                 value = [[int(k) for k in item.split("+")] if "+" in item else int(item)
                          for item in text.split(",") if item.strip()]  # fmt: skip
             except ValueError:
-                raise InvalidCategories(f"{text[:40]!r} is not like 0,1+2,3 or [0,[1,2],3]", param) from None
+                raise InvalidCategories(
+                    f"{text[:40]!r} is neither a JSON list like [0,[1,2],3] nor like 0,1+2,3", param
+                ) from None
     if not isinstance(value, (list, tuple)) or len(value) == 0:
         raise InvalidCategories("must be a non-empty list of class indices or lists of them", param)
     out: list[tuple[int, ...]] = []
