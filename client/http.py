@@ -8,8 +8,9 @@ exponential backoff and jitter for up to ``retry_seconds`` in all (a restarted s
 seconds to answer; a training run should ride that out), honouring ``Retry-After``; other 4xx
 become the same typed errors ``LocalSource`` raises.
 
-Settings (arguments, else environment, else default): ``timeout`` seconds per request
-(``SCANCACHE_HTTP_TIMEOUT``, 30), ``retry_seconds`` total time to keep retrying one request
+Settings (arguments, else environment, else default): ``timeout`` seconds for one attempt of a
+request in all, connect to last byte (``SCANCACHE_HTTP_TIMEOUT``, 30; ``client.deadline``: a
+server that trickles bytes cannot stretch it), ``retry_seconds`` total time to keep retrying one request
 (``SCANCACHE_RETRY_SECONDS``, 120), ``retries`` most retries of one request
 (``SCANCACHE_RETRIES``, unlimited within ``retry_seconds``).
 """
@@ -31,6 +32,7 @@ from typing import Any, NoReturn, TypeVar
 import httpx
 import numpy as np
 
+from client import deadline
 from client.errors import (
     ArrayNotFound,
     InvalidCategories,
@@ -38,6 +40,7 @@ from client.errors import (
     InvalidPath,
     InvalidROI,
     RequestTooLarge,
+    ScanCacheError,
     ScanNotFound,
     ServerError,
     Unauthorized,
@@ -165,6 +168,12 @@ class HttpSource:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
+        # every transport httpx built (the direct one, and one per proxy from the environment)
+        for transport in (
+            getattr(self._client, "_transport", None),
+            *getattr(self._client, "_mounts", {}).values(),
+        ):
+            deadline.install(transport)
         self.backoff = float(backoff)
         self.concurrency = max(1, int(concurrency))
         self.regions_per_request = max(1, int(regions_per_request))
@@ -212,7 +221,10 @@ class HttpSource:
         while True:
             wait_at_least = 0.0
             try:
-                status, result, response = send()
+                with deadline.attempt_deadline(self.timeout):
+                    status, result, response = send()
+            except ScanCacheError:  # already one clear line (ServerError is an OSError too)
+                raise
             except (httpx.TransportError, *TRANSPORT_ERRORS) as exc:  # timeouts, refused, reset
                 failure = f"{type(exc).__name__}: {exc}"
             else:

@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_seconds_arg,
         default=None,
         metavar="S",
-        help="seconds a connection has to send its request headers (default 10)",
+        help="seconds a connection has to send its request headers, and then its body (default 10)",
     )
     p.add_argument(
         "--token-file",

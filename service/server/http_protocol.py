@@ -1,10 +1,13 @@
-"""uvicorn's h11 protocol with a deadline for request headers.
+"""uvicorn's h11 protocol with deadlines for request headers and request bodies.
 
 uvicorn closes idle keep-alive connections, but a connection that sends part of a request line
 or of its headers and then nothing is kept open forever (300 such connections stayed open), each
-holding a socket and a file descriptor. Here every connection must complete its request headers
-within ``header_timeout`` seconds of opening, or of its previous response; a request being read
-or answered is never cut (the deadline only closes a connection still waiting for headers).
+holding a socket and a file descriptor; so is one that sends its headers and never the body they
+announce (its request waits in ``receive()`` for good). Here every connection must complete its
+request headers within ``header_timeout`` seconds of opening, or of its previous response, and
+then the request's body within ``header_timeout`` seconds of its headers; otherwise it is closed.
+A request being answered is never cut by these deadlines (they only close a connection still
+waiting for the client's bytes).
 Header size is bounded too: h11 refuses (400) headers still incomplete past ``MAX_HEADER_BYTES``,
 and the path guard answers 431 to complete ones over it.
 """
@@ -37,8 +40,16 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._awaiting_body = False
         super().connection_made(transport)
         self._arm_header_deadline()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is h11.SEND_BODY and not self._awaiting_body:
+            # The headers are in and a body is announced: it gets a deadline of its own.
+            self._awaiting_body = True
+            self._arm_header_deadline()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -50,6 +61,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _arm_header_deadline(self) -> None:
         self._cancel_header_deadline()
+        self._awaiting_body = self.conn.their_state is h11.SEND_BODY
         seconds = self.header_timeout if self.header_timeout is not None else header_timeout_from_env()
         self._header_deadline = self.loop.call_later(seconds, self._on_header_deadline)
 
@@ -61,8 +73,9 @@ class GuardedH11Protocol(H11Protocol):
 
     def _on_header_deadline(self) -> None:
         self._header_deadline = None
-        # IDLE: the client has not finished a request line and headers since the last response.
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        # IDLE: the client has not finished a request line and headers since the last response;
+        # SEND_BODY: it has sent the headers but not all of the body they announced.
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
             self.transport.close()
 
 
