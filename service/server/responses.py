@@ -25,8 +25,12 @@ from service.server.http_cache import (
     make_etag,
     total_length,
 )
+from service.server.inflight import InflightBudget
 
 SEND_PIECE = 1 << 20
+# Bodies built in memory from this size on hold their bytes of the in-flight budget while sent;
+# smaller ones (metadata, errors) are taken whole by the transport's 64 KiB buffer.
+COUNTED_BODY_BYTES = 64 * 1024
 
 
 class PartsResponse(Response):
@@ -87,8 +91,10 @@ def not_modified(etag: str, cache_control: str = REVALIDATE, vary: str | None = 
     return Response(status_code=304, headers=headers)
 
 
-def cached_json(request: Request, content: Any) -> Response:
-    """JSON with an ETag of its bytes (304 on a match) and gzip when it pays."""
+async def cached_json(request: Request, content: Any, inflight: InflightBudget) -> Response:
+    """JSON with an ETag of its bytes (304 on a match) and gzip when it pays. A large body (a
+    listing with per-slice counts) holds its size of the in-flight budget until it is sent;
+    small ones fit the transport's buffer and never wait."""
     body = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
     gzip = len(body) >= JSON_GZIP_MIN_BYTES and accepts_gzip(request.headers.get("accept-encoding"))
     # A 304 carries the ETag of the representation a 200 would have sent (RFC 9110 15.4.5).
@@ -98,5 +104,6 @@ def cached_json(request: Request, content: Any) -> Response:
     headers = {"ETag": etag, "Cache-Control": REVALIDATE, "Vary": "Accept-Encoding"}
     if gzip:
         headers["Content-Encoding"] = "gzip"
-        return Response(gzip_parts([body], 6), media_type="application/json", headers=headers)
-    return Response(body, media_type="application/json", headers=headers)
+        body = gzip_parts([body], 6)
+    release = await inflight.acquire(len(body)) if len(body) >= COUNTED_BODY_BYTES else None
+    return PartsResponse([body], "application/json", headers=headers, on_close=release)

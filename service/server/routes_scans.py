@@ -115,7 +115,7 @@ async def health(request: Request) -> Response:
             "content": {"application/json": {"example": {"scans": [SCAN_EXAMPLE]}}},
         },
         304: {"description": "Not modified."},
-        **error_responses(401, 422),
+        **error_responses(401, 422, 503),
     },
 )
 async def list_scans(
@@ -144,7 +144,7 @@ async def list_scans(
     docs = [{**scan_document(m, full), **f} for m, f in zip(metas, fields, strict=True)]
     if has_prediction is not None:
         docs = [d for d in docs if d["has_prediction"] == has_prediction]
-    return cached_json(request, {"scans": docs})
+    return await cached_json(request, {"scans": docs}, state.inflight)
 
 
 @router.get(
@@ -154,7 +154,7 @@ async def list_scans(
     responses={
         200: {"content": {"application/json": {"example": SCAN_EXAMPLE}}, "description": "Carries an ETag."},
         304: {"description": "Not modified."},
-        **error_responses(400, 401, 404),
+        **error_responses(400, 401, 404, 503),
     },
 )
 async def scan_metadata(
@@ -165,4 +165,4 @@ async def scan_metadata(
 ) -> Response:
     meta = await to_thread.run_sync(state.source.metadata, scan_id)
     fields = await to_thread.run_sync(prediction_fields, predictions, scan_id)
-    return cached_json(request, {**scan_document(meta, full=True), **fields})
+    return await cached_json(request, {**scan_document(meta, full=True), **fields}, state.inflight)
