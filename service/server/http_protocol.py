@@ -118,7 +118,13 @@ class GuardedH11Protocol(H11Protocol):
         self._header_deadline = None
         # IDLE: the client has not finished a request line and headers since the last response;
         # SEND_BODY: it has sent the headers but not all of the body they announced.
-        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+            return
+        if self.transport.get_write_buffer_size():
+            # The tail of the last response is still untaken: close() (uvicorn's keep-alive
+            # timeout's too) would wait for it for as long as the client does not read.
+            self.transport.abort()
+        elif not self.transport.is_closing():
             self.transport.close()
 
 
