@@ -46,7 +46,7 @@ from client.errors import (
     Unauthorized,
     one_line,
 )
-from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
+from client.http_batch import STALE_CONNECTION, TRANSPORT_ERRORS, BatchPoster, direct_http
 from client.label_map import Decoded, merged
 from client.layout import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
 from client.protocol import RegionRequest, RoiLike
@@ -63,6 +63,9 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRY_SECONDS = 120.0
 RETRY_WARN_EVERY = 15.0  # seconds between two "still retrying" warnings of one request
 MAX_BACKOFF = 8.0  # the longest pause between two attempts (Retry-After may ask for more)
+# What a request on a connection the server has just closed fails with (not a timeout, not
+# "connection refused"): retried once at once, silently (``_with_retries``).
+CLOSED_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, *STALE_CONNECTION)
 # Statuses that say "try again later" rather than "this request is wrong".
 RETRY_STATUSES = frozenset({408, 429})
 # Filters the server understands as query parameters; every filter is also applied here.
@@ -218,6 +221,7 @@ class HttpSource:
         attempt = 0
         started = time.monotonic()
         last_warned = -RETRY_WARN_EVERY
+        reconnected = False
         while True:
             wait_at_least = 0.0
             try:
@@ -227,6 +231,13 @@ class HttpSource:
                 raise
             except (httpx.TransportError, *TRANSPORT_ERRORS) as exc:  # timeouts, refused, reset
                 failure = f"{type(exc).__name__}: {exc}"
+                if attempt == 0 and not reconnected and isinstance(exc, CLOSED_CONNECTION):
+                    # Most likely a kept-alive connection the server closed as we sent on it
+                    # (uvicorn drops idle ones after 5 s; the pools skip those already closed):
+                    # expected, so once, at once and without a word, on a new connection.
+                    reconnected = False
+                    log.debug("%s %s%s: %s; sending again", method, self.url, path, failure)
+                    continue
             else:
                 if status < 400:
                     return result
