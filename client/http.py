@@ -10,8 +10,9 @@ become the same typed errors ``LocalSource`` raises. Every answer is checked aga
 and scan versions this source knows it reads (``client.identity``): another store behind the
 URL, or a scan re-published since its metadata, is one ``ScanChanged`` error.
 
-Settings (arguments, else environment, else default): ``timeout`` seconds per request
-(``SCANCACHE_HTTP_TIMEOUT``, 30), ``retry_seconds`` total time to keep retrying one request
+Settings (arguments, else environment, else default): ``timeout`` seconds for one attempt of a
+request in all, connect to last byte (``SCANCACHE_HTTP_TIMEOUT``, 30; ``client.deadline``: a
+server that trickles bytes cannot stretch it), ``retry_seconds`` total time to keep retrying one request
 (``SCANCACHE_RETRY_SECONDS``, 120), ``retries`` most retries of one request
 (``SCANCACHE_RETRIES``, unlimited within ``retry_seconds``).
 """
@@ -33,7 +34,8 @@ from typing import Any, NoReturn, TypeVar
 import httpx
 import numpy as np
 
-from client.http_batch import TRANSPORT_ERRORS, BatchPoster, direct_http
+from client import deadline
+from client.http_batch import STALE_CONNECTION, TRANSPORT_ERRORS, BatchPoster, direct_http
 from client.identity import ServedIdentity
 from client.wire import (
     DECODED_BYTES_HEADER,
@@ -72,6 +74,9 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRY_SECONDS = 120.0
 RETRY_WARN_EVERY = 15.0  # seconds between two "still retrying" warnings of one request
 MAX_BACKOFF = 8.0  # the longest pause between two attempts (Retry-After may ask for more)
+# What a request on a connection the server has just closed fails with (not a timeout, not
+# "connection refused"): retried once at once, silently (``_with_retries``).
+CLOSED_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, *STALE_CONNECTION)
 # Statuses that say "try again later" rather than "this request is wrong".
 RETRY_STATUSES = frozenset({408, 429})
 # Filters the server understands as query parameters; every filter is also applied here.
@@ -169,6 +174,12 @@ class HttpSource:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
+        # every transport httpx built (the direct one, and one per proxy from the environment)
+        for transport in (
+            getattr(self._client, "_transport", None),
+            *getattr(self._client, "_mounts", {}).values(),
+        ):
+            deadline.install(transport)
         self.backoff = float(backoff)
         self.concurrency = max(1, int(concurrency))
         self.regions_per_request = max(1, int(regions_per_request))
@@ -216,12 +227,23 @@ class HttpSource:
         attempt = 0
         started = time.monotonic()
         last_warned = -RETRY_WARN_EVERY
+        reconnected = False
         while True:
             wait_at_least = 0.0
             try:
-                status, result, response = send()
+                with deadline.attempt_deadline(self.timeout):
+                    status, result, response = send()
+            except ScanCacheError:  # already one clear line (ServerError is an OSError too)
+                raise
             except (httpx.TransportError, *TRANSPORT_ERRORS) as exc:  # timeouts, refused, reset
                 failure = f"{type(exc).__name__}: {exc}"
+                if attempt == 0 and not reconnected and isinstance(exc, CLOSED_CONNECTION):
+                    # Most likely a kept-alive connection the server closed as we sent on it
+                    # (uvicorn drops idle ones after 5 s; the pools skip those already closed):
+                    # expected, so once, at once and without a word, on a new connection.
+                    reconnected = False
+                    log.debug("%s %s%s: %s; sending again", method, self.url, path, failure)
+                    continue
             else:
                 if status < 400:
                     return result

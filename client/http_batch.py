@@ -7,16 +7,22 @@ decoded as views of it), which measured about a third less time per batch reques
 loopback (docs/tuning.md). Only ``http://`` URLs that no proxy applies to use it; everything
 else (TLS, proxies, metadata requests) stays with httpx. Keep-alive connections come from one
 bounded pool shared by all threads: Keras starts a new thread pool every epoch, and a connection
-per thread ever seen would grow without end.
+per thread ever seen would grow without end. Every socket operation is bounded by the calling
+thread's attempt deadline (``client.deadline``), so a server that trickles bytes cannot hold a
+request longer than its timeout.
 """
 
 from __future__ import annotations
 
 import http.client
+import select
 import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+
+from client.deadline import DeadlineSocket, time_left
+from store.errors import ServerError, one_line
 
 # What a broken or reset connection raises here (retried like httpx's TransportError).
 TRANSPORT_ERRORS = (OSError, http.client.HTTPException)
@@ -33,6 +39,38 @@ def direct_http(url: str) -> bool:
     if not (proxies.get("http") or proxies.get("all")):
         return True
     return bool(urllib.request.proxy_bypass(parts.hostname))
+
+
+class _Connection(http.client.HTTPConnection):
+    """An ``HTTPConnection`` whose connect and socket I/O keep to the thread's deadline."""
+
+    def connect(self) -> None:
+        timeout = time_left(self.timeout)
+        assert timeout is not None
+        self.timeout = timeout  # the connect may take only what the deadline leaves
+        try:
+            super().connect()
+        finally:
+            self.timeout = self.io_timeout
+        assert self.sock is not None
+        self.sock = DeadlineSocket.adopt(self.sock, self.io_timeout)
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.io_timeout = timeout
+
+
+def _closed_by_peer(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle kept-alive connection is readable: the server has closed it (or sent
+    something unasked), so it must not be used again."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 class BatchPoster:
@@ -56,12 +94,18 @@ class BatchPoster:
         self._idle: list[http.client.HTTPConnection] = []
         self._closed = False
 
-    def _checkout(self) -> http.client.HTTPConnection:
-        """An idle connection or a new one; the caller holds one of the pool's slots."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+    def _checkout(self, fresh: bool = False) -> http.client.HTTPConnection:
+        """An idle connection the server has not closed, or a new one (always with ``fresh``);
+        the caller holds one of the pool's slots."""
+        while not fresh:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn = self._idle.pop()
+            if not _closed_by_peer(conn):
+                return conn
+            conn.close()  # closed while idle (uvicorn drops idle ones after 5 s): expected
+        return _Connection(self.host, self.port, self.timeout)
 
     def _checkin(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -78,16 +122,17 @@ class BatchPoster:
         headers = {**self.headers, "Content-Type": content_type, "Accept-Encoding": "identity"}
         with self._slots:
             for fresh_retry in (False, True):
-                conn = self._checkout()
+                conn = self._checkout(fresh=fresh_retry)
                 reused = conn.sock is not None
                 try:
                     conn.request("POST", self.prefix + path, body=body, headers=headers)
                     response = conn.getresponse()
-                    data = _read_body(response)
+                    data = _read_body(response, f"POST http://{self.host}:{self.port}{self.prefix}{path}")
                 except STALE_CONNECTION:
                     conn.close()
-                    # A kept-alive connection the server closed meanwhile (uvicorn drops idle
-                    # ones after 5 s): the read-only POST is safe to send again on a new one.
+                    # A kept-alive connection the server closed just as we sent (the check in
+                    # _checkout can miss a close in flight): the read-only POST is safe to send
+                    # again, on a new connection (other idle ones may be as stale).
                     if reused and not fresh_retry:
                         continue
                     raise
@@ -109,11 +154,19 @@ class BatchPoster:
             conn.close()
 
 
-def _read_body(response: http.client.HTTPResponse) -> bytearray:
+def _read_body(response: http.client.HTTPResponse, what: str) -> bytearray:
     length = response.length
     if length is None:  # chunked or until close: let http.client assemble it
         return bytearray(response.read())
-    buf = bytearray(length)
+    try:
+        buf = bytearray(length)
+    except (MemoryError, OverflowError):
+        # Not worth a retry: the same server would declare the same size again.
+        raise ServerError(
+            one_line(
+                f"{what}: the response declares {length} bytes (Content-Length), more than this process can hold"
+            )
+        ) from None
     view = memoryview(buf)
     got = 0
     while got < length:

@@ -236,6 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_bytes": args.max_bytes,
         "max_inflight_bytes": args.max_inflight_bytes,
         "header_timeout": args.header_timeout,
+        "send_timeout": args.send_timeout,
     }
     if getattr(args, "predictions", None):
         options["predictions"] = args.predictions
@@ -441,7 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_seconds_arg,
         default=None,
         metavar="S",
-        help="seconds a connection has to send its request headers (default 10)",
+        help="seconds a connection has to send its request headers, and then its body (default 10)",
+    )
+    p.add_argument(
+        "--send-timeout",
+        type=positive_seconds_arg,
+        default=None,
+        metavar="S",
+        help="seconds a client may stop reading its response before it is disconnected (default 10)",
     )
     p.add_argument(
         "--token-file",

@@ -54,7 +54,8 @@ def _thread_server(store: Path, token: str | None, settings: dict[str, Any], tim
     sock.bind((HOST, port))  # 0: the kernel picks a free port; no race with other tests
     port = sock.getsockname()[1]
     # The protocol options `scancache serve` uses (header deadline, header size bound).
-    options = uvicorn_options(app.state.scancache.settings.header_timeout)
+    chosen = app.state.scancache.settings
+    options = uvicorn_options(chosen.header_timeout, send_timeout=chosen.send_timeout)
     config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="on", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(

@@ -240,6 +240,43 @@ def test_half_open_connections_are_closed_after_the_header_timeout(small_store):
         conn.close()
 
 
+def test_requests_whose_body_never_arrives_are_closed_after_the_header_timeout(small_store):
+    import json
+    import socket
+    import time
+
+    body = json.dumps({"regions": [{"scan_id": SCAN, "roi": "0:2,0:2,0"}]}).encode()
+    head = f"POST /batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with live_server(small_store[0], header_timeout=1.0) as base:
+        address = (urlsplit(base).hostname, urlsplit(base).port)
+        stalled = []
+        for sent in (b"", body[:10]):  # headers and nothing, headers and part of the body
+            sock = socket.create_connection(address, timeout=10)
+            sock.sendall(head.encode() + sent)
+            stalled.append(sock)
+        # a body that arrives a moment after its headers (within the deadline) is answered,
+        # and the kept-alive connection serves the next request too
+        slow = socket.create_connection(address, timeout=10)
+        slow.sendall(head.encode())
+        time.sleep(0.4)
+        slow.sendall(body + head.encode() + body)
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 2:
+            chunk = slow.recv(65536)
+            assert chunk, answers
+            answers += chunk
+        slow.close()
+        started = time.monotonic()
+        for sock in stalled:
+            try:
+                assert sock.recv(1) == b""  # closed by the server, without an answer
+            except ConnectionResetError:
+                pass
+            finally:
+                sock.close()
+        assert time.monotonic() - started < 5
+
+
 def test_oversized_headers_are_refused(url):
     response = raw(url, "GET", "/health", {"X-Big": "a" * 100_000})
     assert response.status == 431

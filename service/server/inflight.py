@@ -1,8 +1,11 @@
 """A server-wide budget for bytes in flight: what all requests of one worker hold at once.
 
 ``--max-bytes`` bounds one response; without a bound on their sum, three concurrent requests
-just under it take three times the memory. Each region request holds its cost (the bytes it
-reads or returns, whichever is larger) from before it reads until its response has been sent.
+just under it take three times the memory. Each request that builds a body in memory holds its
+cost (regions, batches, predictions: the bytes read or returned, whichever is larger; previews:
+planes and raster; ``/zarr/`` files and JSON: the body, from 64 KiB) from before it reads until
+its response has been sent, or until its client, having stopped reading, is cut off
+(``--send-timeout``, service.server.http_protocol).
 Requests past the budget queue in arrival order; one that waits longer than ``wait_s`` gets 503
 with ``Retry-After`` (the HTTP client retries those). A request larger than the whole budget
 (but within ``--max-bytes``) runs alone. Everything runs on the event loop: no locks.

@@ -26,8 +26,12 @@ from service.server.http_cache import (
     make_etag,
     total_length,
 )
+from service.server.inflight import InflightBudget
 
 SEND_PIECE = 1 << 20
+# Bodies built in memory from this size on hold their bytes of the in-flight budget while sent;
+# smaller ones (metadata, errors) are taken whole by the transport's 64 KiB buffer.
+COUNTED_BODY_BYTES = 64 * 1024
 
 
 class PartsResponse(Response):
@@ -100,9 +104,11 @@ def finite_json(value: Any) -> Any:
     return value
 
 
-def cached_json(request: Request, content: Any) -> Response:
+async def cached_json(request: Request, content: Any, inflight: InflightBudget) -> Response:
     """JSON with an ETag of its bytes (304 on a match) and gzip when it pays. Strict JSON:
-    non-finite numbers anywhere (a stored prediction's Dice, a statistic) are sent as null."""
+    non-finite numbers anywhere (a stored prediction's Dice, a statistic) are sent as null. A
+    large body (a listing with per-slice counts) holds its size of the in-flight budget until it
+    is sent; small ones fit the transport's buffer and never wait."""
     try:
         body = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
     except ValueError:  # only non-finite floats make strict dumps fail; the common case pays nothing
@@ -115,5 +121,6 @@ def cached_json(request: Request, content: Any) -> Response:
     headers = {"ETag": etag, "Cache-Control": REVALIDATE, "Vary": "Accept-Encoding"}
     if gzip:
         headers["Content-Encoding"] = "gzip"
-        return Response(gzip_parts([body], 6), media_type="application/json", headers=headers)
-    return Response(body, media_type="application/json", headers=headers)
+        body = gzip_parts([body], 6)
+    release = await inflight.acquire(len(body)) if len(body) >= COUNTED_BODY_BYTES else None
+    return PartsResponse([body], "application/json", headers=headers, on_close=release)

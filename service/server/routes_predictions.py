@@ -140,8 +140,15 @@ async def prediction_response(
         data: np.ndarray = store.read(scan_id, array, region)
         return encode_npy_parts(data)
 
-    parts = await to_thread.run_sync(read)
-    return PartsResponse(parts, NPY_MEDIA_TYPE, headers={"ETag": etag, "Cache-Control": REVALIDATE})
+    # Held like a region's bytes (routes_regions): from before the read until the client has them.
+    release = await state.inflight.acquire(nbytes)
+    try:
+        parts = await to_thread.run_sync(read)
+    except BaseException:
+        release()
+        raise
+    headers = {"ETag": etag, "Cache-Control": REVALIDATE}
+    return PartsResponse(parts, NPY_MEDIA_TYPE, headers=headers, on_close=release)
 
 
 @router.get(

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from service import preview
 from service.server.errors import error_responses
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
-from service.server.responses import not_modified
+from service.server.responses import PartsResponse, not_modified
 from service.server.routes_predictions import Predictions, check_prediction
 from service.server.routes_regions import SCAN_ID_DOC
 from service.server.state import ServerState, server_state
@@ -69,7 +69,7 @@ def _prediction_plane(
             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
         },
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 409, 413, 422),
+        **error_responses(400, 401, 404, 409, 413, 422, 503),
     },
 )
 async def get_preview(
@@ -119,5 +119,15 @@ async def get_preview(
         chosen = window_given or preview.default_window(meta.attrs.get("intensity"), plane)
         return preview.render_png(plane, chosen, classes, scale)
 
-    body = await to_thread.run_sync(render)
-    return Response(body, media_type="image/png", headers={"ETag": etag, "Cache-Control": REVALIDATE})
+    # The planes read (image, mask or labels) and the RGB raster, held in the in-flight budget
+    # like a region's bytes until the PNG has been sent.
+    classes = meta.num_classes if overlay != "none" else 0
+    cost = rows * cols * (np.dtype(meta.dtype).itemsize + classes + 3 * scale * scale)
+    release = await state.inflight.acquire(cost)
+    try:
+        body = await to_thread.run_sync(render)
+    except BaseException:
+        release()
+        raise
+    headers = {"ETag": etag, "Cache-Control": REVALIDATE}
+    return PartsResponse([body], "image/png", headers=headers, on_close=release)

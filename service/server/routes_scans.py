@@ -115,7 +115,7 @@ def _store_readable(state: ServerState) -> bool:
             },
         },
         304: {"description": "Not modified."},
-        **error_responses(401, 422),
+        **error_responses(401, 422, 503),
     },
 )
 async def list_scans(
@@ -144,7 +144,7 @@ async def list_scans(
     docs = [{**scan_document(m, full), **f} for m, f in zip(metas, fields, strict=True)]
     if has_prediction is not None:
         docs = [d for d in docs if d["has_prediction"] == has_prediction]
-    return cached_json(request, {"scans": docs, "store_id": state.source.store_id})
+    return await cached_json(request, {"scans": docs, "store_id": state.source.store_id}, state.inflight)
 
 
 @router.get(
@@ -157,7 +157,7 @@ async def list_scans(
             "description": "Carries an ETag.",
         },
         304: {"description": "Not modified."},
-        **error_responses(400, 401, 404),
+        **error_responses(400, 401, 404, 503),
     },
 )
 async def scan_metadata(
@@ -169,4 +169,4 @@ async def scan_metadata(
     meta = await to_thread.run_sync(state.source.metadata, scan_id)
     fields = await to_thread.run_sync(prediction_fields, predictions, scan_id)
     doc = {**scan_document(meta, full=True), **fields, "store_id": state.source.store_id}
-    return cached_json(request, doc)
+    return await cached_json(request, doc, state.inflight)

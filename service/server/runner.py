@@ -26,6 +26,7 @@ def run(
     log_level: str = "info",
     max_inflight_bytes: int | None = None,
     header_timeout: float | None = None,
+    send_timeout: float | None = None,
     predictions: str | os.PathLike[str] | None = None,
 ) -> None:
     """Serve ``store`` until interrupted.
@@ -47,9 +48,10 @@ def run(
         token=token if token is not None else base.token,
         max_inflight_bytes=max_inflight_bytes if max_inflight_bytes is not None else base.max_inflight_bytes,
         header_timeout=header_timeout if header_timeout is not None else base.header_timeout,
+        send_timeout=send_timeout if send_timeout is not None else base.send_timeout,
         predictions=parse_location(predictions) if predictions is not None else base.predictions,
     )
-    options = uvicorn_options(settings.header_timeout, workers)
+    options = uvicorn_options(settings.header_timeout, workers, settings.send_timeout)
     app = create_app(settings)  # fails here, once, with a clear message (bad store, format)
     if workers == 1:
         uvicorn.run(app, host=host, port=port, log_level=log_level, **options)  # lifespan closes it

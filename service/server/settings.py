@@ -34,6 +34,10 @@ ENV_CORS_ORIGINS = "SCANCACHE_CORS_ORIGINS"
 ENV_MAX_INFLIGHT_BYTES = "SCANCACHE_MAX_INFLIGHT_BYTES"
 ENV_HEADER_TIMEOUT = "SCANCACHE_HEADER_TIMEOUT"  # read by service.server.http_protocol too
 DEFAULT_HEADER_TIMEOUT = 10.0
+# Seconds a client may leave its response's bytes untaken (the server's write buffer full)
+# before the connection is dropped: what a stalled reader holds is bounded in time.
+ENV_SEND_TIMEOUT = "SCANCACHE_SEND_TIMEOUT"  # read by service.server.http_protocol too
+DEFAULT_SEND_TIMEOUT = 10.0
 ENV_PREDICTIONS = "SCANCACHE_PREDICTIONS"
 
 
@@ -86,6 +90,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds to send the request headers
+    send_timeout: float = DEFAULT_SEND_TIMEOUT  # seconds a client may stop taking its response
     inflight_wait: float = 5.0  # seconds a request may queue for the in-flight budget, then 503
     # A predictions store (loaders.write_predictions) served beside the scans; None: none.
     predictions: Path | str | None = None
@@ -94,9 +99,8 @@ class Settings:
         object.__setattr__(self, "store", parse_location(self.store))
         if self.predictions is not None:
             object.__setattr__(self, "predictions", parse_location(self.predictions))
-        if not float(self.header_timeout) > 0:
-            raise ValueError(f"header_timeout: must be positive, got {self.header_timeout}")
-        object.__setattr__(self, "header_timeout", float(self.header_timeout))
+        for name in ("header_timeout", "send_timeout"):
+            object.__setattr__(self, name, positive_seconds(name, getattr(self, name)))
         for name in ("cache_bytes", "max_bytes", "max_body_bytes", "max_inflight_bytes"):
             object.__setattr__(self, name, _size(name, getattr(self, name)))
         object.__setattr__(
@@ -130,6 +134,7 @@ class Settings:
             header_timeout=positive_seconds(
                 ENV_HEADER_TIMEOUT, env.get(ENV_HEADER_TIMEOUT, base.header_timeout)
             ),
+            send_timeout=positive_seconds(ENV_SEND_TIMEOUT, env.get(ENV_SEND_TIMEOUT, base.send_timeout)),
             predictions=parse_location(env[ENV_PREDICTIONS]) if env.get(ENV_PREDICTIONS) else None,
         )
 
@@ -145,6 +150,7 @@ class Settings:
             ENV_CORS_ORIGINS: ",".join(self.cors_origins),
             ENV_MAX_INFLIGHT_BYTES: str(self.max_inflight_bytes),
             ENV_HEADER_TIMEOUT: str(self.header_timeout),
+            ENV_SEND_TIMEOUT: str(self.send_timeout),
         }
         if self.token:
             env[ENV_TOKEN] = self.token

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -30,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 from service.server.errors import NotInStore, error_response, error_responses
 from service.server.guards import HEAD_SCOPE_KEY
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
+from service.server.responses import COUNTED_BODY_BYTES, PartsResponse
 from service.server.state import ServerState, server_state
 from store.errors import InvalidPath
 from store.format import validate_scan_id
@@ -214,12 +216,20 @@ def open_store_file(root: Path, parts: tuple[str, ...]) -> OpenFile:
 
 
 class FileRangeResponse(Response):
-    """Streams ``[start, end)`` of an open file in worker threads, then closes it."""
+    """Streams ``[start, end)`` of an open file in worker threads, then closes it (and calls
+    ``on_close``: the in-flight bytes of its one chunk in memory)."""
 
     def __init__(
-        self, file: OpenFile | StoredObject, start: int, end: int, status_code: int, headers: dict[str, str]
+        self,
+        file: OpenFile | StoredObject,
+        start: int,
+        end: int,
+        status_code: int,
+        headers: dict[str, str],
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.file, self.start, self.end = file, start, end
+        self.on_close = on_close
         self.status_code = status_code
         self.media_type = headers.pop("Content-Type")
         self.background = None
@@ -244,6 +254,8 @@ class FileRangeResponse(Response):
                 await send({"type": "http.response.body", "body": data, "more_body": pos < self.end})
         finally:
             self.file.close()
+            if self.on_close is not None:
+                self.on_close()
 
 
 def _read_range(file: OpenFile | StoredObject, start: int, end: int) -> bytes:
@@ -276,7 +288,7 @@ def _read_range(file: OpenFile | StoredObject, start: int, end: int) -> bytes:
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         },
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 416),
+        **error_responses(400, 401, 404, 416, 503),
     },
 )
 async def zarr_file(
@@ -284,10 +296,10 @@ async def zarr_file(
     state: Annotated[ServerState, Depends(server_state)],
     path: Annotated[str, PathParam(description="`zarr.json`, or `<scan_id>/...` inside a complete scan")],
 ) -> Response:
-    return await serve_tree_file(request, state.settings.store, path)
+    return await serve_tree_file(request, state, state.settings.store, path)
 
 
-async def serve_tree_file(request: Request, root: Path | str, path: str) -> Response:
+async def serve_tree_file(request: Request, state: ServerState, root: Path | str, path: str) -> Response:
     """One file of a store laid out by store/publish.py (the scans' or the predictions'), checked
     and answered the same way for both trees, on a local folder or on object storage."""
     parts = split_store_path(path)
@@ -297,13 +309,13 @@ async def serve_tree_file(request: Request, root: Path | str, path: str) -> Resp
     else:
         file = await to_thread.run_sync(open_stored_object, open_storage(root), parts)
     try:
-        return await _respond(request, file)
+        return await _respond(request, state, file)
     except BaseException:
         file.close()
         raise
 
 
-async def _respond(request: Request, file: OpenFile | StoredObject) -> Response:
+async def _respond(request: Request, state: ServerState, file: OpenFile | StoredObject) -> Response:
     """Answer from an open file; the response (or this function on a bodiless answer) closes it."""
     headers = {
         "ETag": file.etag,
@@ -333,11 +345,22 @@ async def _respond(request: Request, file: OpenFile | StoredObject) -> Response:
     status = 206 if byte_range else 200
     if byte_range:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{file.size}"
-    if head or end - start > READ_AT_ONCE:
+    if head:
         return FileRangeResponse(file, start, end, status, headers)
-    data = await to_thread.run_sync(_read_range, file, start, end)
+    # What this response holds in memory at once (the range, or one chunk of a streamed one),
+    # in the in-flight budget like every body (small ones never wait: responses.py).
+    in_memory = min(end - start, STREAM_CHUNK)
+    release = await state.inflight.acquire(in_memory) if in_memory >= COUNTED_BODY_BYTES else None
+    if end - start > READ_AT_ONCE:
+        return FileRangeResponse(file, start, end, status, headers, on_close=release)
+    try:
+        data = await to_thread.run_sync(_read_range, file, start, end)
+    except BaseException:
+        if release is not None:
+            release()
+        raise
     media_type = headers.pop("Content-Type")
-    return Response(data, status_code=status, media_type=media_type, headers=headers)
+    return PartsResponse([data], media_type, status_code=status, headers=headers, on_close=release)
 
 
 @router.head(
@@ -354,7 +377,7 @@ async def _respond(request: Request, file: OpenFile | StoredObject) -> Response:
         200: {"description": "The whole file, `Accept-Ranges: bytes`, ETag."},
         206: {"description": "One byte range, with Content-Range."},
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 416),
+        **error_responses(400, 401, 404, 416, 503),
     },
 )
 async def predictions_zarr_file(
@@ -369,4 +392,4 @@ async def predictions_zarr_file(
     root = state.settings.predictions
     if root is None:
         raise NotInStore("this server has no predictions (scancache serve --predictions PRED)")
-    return await serve_tree_file(request, root, path)
+    return await serve_tree_file(request, state, root, path)
