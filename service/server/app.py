@@ -29,6 +29,7 @@ from service.server.guards import (
 )
 from service.server.inflight import InflightBudget
 from service.server.metrics import Metrics, MetricsMiddleware
+from service.server.openapi_statuses import install_openapi
 from service.server.routes_docs import add_docs_routes
 from service.server.routes_predictions import router as predictions_router
 from service.server.routes_preview import router as preview_router
@@ -87,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     add_docs_routes(app)
+    install_openapi(app)
     inflight = InflightBudget(settings.max_inflight_bytes, settings.inflight_wait)
     app.state.scancache = ServerState(settings=settings, source=source, metrics=metrics, inflight=inflight)
     install_error_handlers(app)
