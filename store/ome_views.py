@@ -164,3 +164,19 @@ def write_scan_views(
         _write_group(labels, attrs)
         write_view([scan / label_map], labels / ome.LABEL_LEVEL)
     return ome.image_attrs(name, f"{image}{VIEW_SUFFIX}", spacing, len(sources))
+
+
+def write_label_image_view(
+    folder: Path,
+    name: str,
+    label_map: str,
+    num_classes: int,
+    spacing: Sequence[float],
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The (z, y, x) view ``<label_map>_zyx`` of a group that is itself an NGFF label image (a
+    prediction); returns the group's ``ome`` attribute."""
+    write_view([folder / label_map], folder / f"{label_map}{VIEW_SUFFIX}")
+    return ome.label_image_attrs(
+        name, f"{label_map}{VIEW_SUFFIX}", num_classes, spacing=spacing, class_names=class_names
+    )
