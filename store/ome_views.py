@@ -1,20 +1,24 @@
-"""OME views: the stored (y, x, z) arrays declared (z, y, x) for NGFF viewers, without recompressing.
+"""OME views: the stored (y, x, z) arrays declared (z, y, x) for NGFF viewers, in the same files.
 
 NGFF viewers want space axes ``z, y, x``; scancache stores (y, x, z) and its loaders rely on
 it. A view is a second Zarr v3 array of the same voxels whose metadata is the stored array's
 with the axes permuted and a ``transpose`` codec (Zarr v3 core, order ``[1, 2, 0]``) put first
 in the chunk codecs: a (z, y, x) chunk transposed that way is the stored (y, x, z) chunk, so
-its encoded bytes are exactly the stored chunk's. So the view is made of the stored files:
+its encoded bytes are exactly the stored chunk's. So the view is made of the stored files,
+each under its permuted key (``c/i/j/k`` -> ``c/k/i/j``):
 
-* an unsharded array (a predictions store's ``label_map``): each chunk file is the stored one
-  under the permuted key (``c/i/j/k`` -> ``c/k/i/j``), hard-linked (no extra bytes) or copied;
-* a sharded array (the scan store's ``image`` and ``label_map``): each shard file is the stored
-  one with only its index (``(gy, gx, gz, 2)`` offsets and sizes, then its crc32c) permuted to
-  ``(gz, gy, gx, 2)``; the compressed chunks are copied byte for byte.
+* an unsharded array (a predictions store's ``label_map``): the chunk files, hard-linked;
+* a sharded array (the scan store's ``image`` and ``label_map``): the view's shards have their
+  index at the **start**, the stored array's at the end. The writer (``store/shards.py``)
+  begins every 3D shard file with the view's index, so the view's shard is the stored file
+  itself, hard-linked: no byte is written twice. A shard file without it (another writer) is
+  copied behind a view index instead. Sharding lets a file hold bytes no index points at, and
+  each reader follows only its own index.
 
-Several same-shaped arrays (image channels) make one view with a leading channel axis ``c``.
-zarr-python, tensorstore, ngff-zarr, ome-zarr-py and neuroglancer decode the transpose codec
-(tests/test_ome.py reads every view back with the first four).
+Where hard links are impossible (another file system) files are copied. Several same-shaped
+arrays (image channels) make one view with a leading channel axis ``c``. zarr-python,
+tensorstore, ngff-zarr, ome-zarr-py and neuroglancer decode the transpose codec and both index
+locations (tests/test_ome.py reads every view back with the first four).
 """
 
 from __future__ import annotations
@@ -27,15 +31,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
 
 from store import ome
 
 VIEW_SUFFIX = "_zyx"  # image -> image_zyx, label_map -> label_map_zyx
 _SHARDING = "sharding_indexed"
-_INDEX_ENTRY = 16  # bytes of one inner chunk's (offset, nbytes) pair of uint64
-_CRC = 4
+_CRC = 4  # the crc32c after a shard index
+_MISSING = np.uint64(2**64 - 1)  # the index entry of an inner chunk that is not stored
+
+
+def encoded_index(index: np.ndarray) -> bytes:
+    """A shard index as the store's ``index_codecs`` encode it: little-endian uint64 pairs,
+    then their crc32c."""
+    import google_crc32c  # the writer's dependency (the service extra); unsharded views need none
+
+    table = np.ascontiguousarray(index, dtype="<u8").tobytes()
+    return table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes()
+
+
+def zyx_index(index: np.ndarray) -> np.ndarray:
+    """The index of a (y, x, z) shard, ``(gy, gx, gz, 2)``, as the (z, y, x) view of the same
+    chunks indexes them: ``(gz, gy, gx, 2)`` (a channel view's ``(1, gz, gy, gx, 2)`` is the
+    same bytes)."""
+    return index.transpose(2, 0, 1, 3)
 
 
 def _to_zyx(values: Sequence[Any]) -> list[Any]:
@@ -61,6 +80,7 @@ def view_metadata(doc: dict[str, Any], channels: int = 1) -> dict[str, Any]:
         inner = first["configuration"]
         inner["chunk_shape"] = one + _to_zyx(inner["chunk_shape"])
         inner["codecs"] = [transpose, *inner["codecs"]]
+        inner["index_location"] = "start"  # the stored array's is at the end of the same file
     else:
         view["codecs"] = [transpose, *view["codecs"]]
     view["dimension_names"] = ([ome.CHANNEL_AXIS] if channels > 1 else []) + list(ome.SPACE_AXES)
@@ -81,21 +101,27 @@ def _chunk_files(array: Path) -> list[tuple[list[int], Path]]:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
-        os.link(src, dst)  # identical bytes: a hard link costs no space (same file system)
+        os.link(src, dst)  # the same bytes: a hard link costs no space
     except OSError:
         shutil.copyfile(src, dst)
 
 
-def _permuted_shard(data: bytes, grid: Sequence[int]) -> bytes:
-    """A shard file with its end index ``(gy, gx, gz, 2)`` rewritten as ``(gz, gy, gx, 2)``
-    and its crc32c recomputed (a channel view's ``(1, gz, gy, gx, 2)`` is the same bytes)."""
-    size = int(np.prod(grid)) * _INDEX_ENTRY
-    if len(data) < size + _CRC:
-        raise ValueError("shard file shorter than its index")
-    index = np.frombuffer(data, "<u8", count=size // 8, offset=len(data) - size - _CRC).reshape(*grid, 2)
-    table = np.ascontiguousarray(index.transpose(2, 0, 1, 3)).tobytes()
-    crc = np.uint32(google_crc32c.value(table)).astype("<u4").tobytes()
-    return data[: len(data) - size - _CRC] + table + crc
+def _write_view_shard(src: Path, dst: Path, grid: Sequence[int]) -> None:
+    """The view's shard (index at the start) of a stored shard (index at the end): the file
+    itself when it already begins with the view's index (store/shards.py writes it), else a
+    copy behind one (offsets moved by its length)."""
+    size = len(encoded_index(np.zeros((*grid, 2), "<u8")))
+    with open(src, "rb") as f:
+        head = f.read(size)
+        f.seek(-size, os.SEEK_END)
+        tail = f.read(size)
+    index = np.frombuffer(tail[:-_CRC], "<u8").reshape(*grid, 2)
+    if head == encoded_index(zyx_index(index)):
+        _link_or_copy(src, dst)
+        return
+    moved = np.where(index == _MISSING, _MISSING, index + np.uint64(size))
+    moved[..., 1] = index[..., 1]  # sizes stay; offsets move behind the new index
+    dst.write_bytes(encoded_index(zyx_index(moved)) + src.read_bytes())
 
 
 def write_view(sources: Sequence[Path], dest: Path) -> None:
@@ -107,12 +133,11 @@ def write_view(sources: Sequence[Path], dest: Path) -> None:
     channels = len(sources)
     meta = view_metadata(docs[0], channels)
     sharding = docs[0]["codecs"][0]
-    if sharding["name"] == _SHARDING:
+    sharded = sharding["name"] == _SHARDING
+    if sharded:
         config = sharding["configuration"]
-        if config.get("index_location", "end") != "end" or [c["name"] for c in config["index_codecs"]] != [
-            "bytes",
-            "crc32c",
-        ]:
+        codecs = [c["name"] for c in config["index_codecs"]]
+        if config.get("index_location", "end") != "end" or codecs != ["bytes", "crc32c"]:
             raise ValueError(f"{dest.name}: only end indexes with crc32c are supported")
         shard = docs[0]["chunk_grid"]["configuration"]["chunk_shape"]
         grid = [s // c for s, c in zip(shard, config["chunk_shape"], strict=True)]
@@ -123,8 +148,8 @@ def write_view(sources: Sequence[Path], dest: Path) -> None:
         for key, path in _chunk_files(src):
             out = dest.joinpath("c", *[str(n) for n in ([channel] if lead else []) + _to_zyx(key)])
             out.parent.mkdir(parents=True, exist_ok=True)
-            if sharding["name"] == _SHARDING:
-                out.write_bytes(_permuted_shard(path.read_bytes(), grid))
+            if sharded:
+                _write_view_shard(path, out, grid)
             else:
                 _link_or_copy(path, out)
 

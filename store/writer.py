@@ -364,16 +364,27 @@ class StagedScan:
             ome.spacing_of(full),
             ome.class_names_of(full, num_classes),
         )
-        manifest = full[MANIFEST] = _manifest(self.work)
+        full[MANIFEST] = _manifest(self.work)
         problem = manifest_mismatch(LocalStorage(self.work).sizes(""), full)
         if problem is not None:  # never publish a scan whose arrays are not all there
             raise ValueError(f"{self.scan_id}: not published, {problem}")
         group = self.work / "zarr.json"
         publish_mod.write_json_durably(group, group_metadata(full))
-        self.bytes_written = sum(manifest.values()) + group.stat().st_size
+        self.bytes_written = _stored_bytes(self.work)  # a hard-linked view's files count once
         self.version = self.store.publish(self.scan_id, self.work)
         self.published = True
         return full
+
+
+def _stored_bytes(folder: Path) -> int:
+    """Bytes of the files under a staged scan, a file with several names (hard links: the
+    OME views, store/ome_views.py) counted once."""
+    seen: dict[tuple[int, int], int] = {}
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            st = (Path(dirpath) / name).stat()
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
 
 
 def _manifest(folder: Path) -> dict[str, int]:

@@ -4,6 +4,7 @@ ngff-zarr (with its validation), ome-zarr-py, ome-zarr-models, zarr-python and t
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -66,7 +67,9 @@ def test_ngff_zarr_validates_and_reads_the_scan_upright_with_its_spacing(convert
 
     flat = ngff_zarr.from_ngff_zarr(str(converted / SLICES), validate=True).images[0]
     assert flat.scale == {"z": 1.0, "y": 1.0, "x": 1.0}  # no spacing in the source: 1 mm
-    np.testing.assert_array_equal(np.asarray(flat.data), stored(converted / SLICES, "image").transpose(2, 0, 1))
+    np.testing.assert_array_equal(
+        np.asarray(flat.data), stored(converted / SLICES, "image").transpose(2, 0, 1)
+    )
 
 
 def test_ome_zarr_py_reads_image_and_labels_upright(converted):
@@ -107,15 +110,40 @@ def test_views_decode_identically_in_tensorstore(converted):
         np.testing.assert_array_equal(got, stored(scan, array).transpose(2, 0, 1))
 
 
-def test_views_reuse_the_stored_chunks_and_are_in_the_manifest(converted):
+def test_views_are_the_stored_files_hard_linked_and_in_the_manifest(converted):
     scan = converted / VOLUME
-    attrs = json.loads((scan / "zarr.json").read_text())["attributes"]
-    manifest = attrs["manifest"]
+    manifest = json.loads((scan / "zarr.json").read_text())["attributes"]["manifest"]
     assert "image_zyx/zarr.json" in manifest and "labels/classes/0/zarr.json" in manifest
-    image_bytes = sum(n for k, n in manifest.items() if k.startswith("image/c/"))
-    view_bytes = sum(n for k, n in manifest.items() if k.startswith("image_zyx/c/"))
-    assert view_bytes == image_bytes  # the same compressed chunks, only the shard index permuted
+    for array, view in (("image", "image_zyx"), ("label_map", "labels/classes/0")):
+        shards = sorted((scan / array / "c").rglob("*"))
+        shards = [p for p in shards if p.is_file()]
+        assert shards
+        for shard in shards:
+            y, x, z = shard.relative_to(scan / array / "c").parts
+            linked = scan / view / "c" / z / y / x
+            assert os.path.samefile(shard, linked)  # one file, two indexes: no byte stored twice
     assert not any(p.is_symlink() for p in scan.rglob("*"))  # real arrays: object storage copies them as is
+
+
+def test_a_shard_without_the_view_index_is_copied_behind_one(tmp_path):
+    """Shards of another writer (zarr-python's) have no (z, y, x) index at their start: the view
+    gets a copy with one in front, and reads back the same."""
+    data = np.random.default_rng(2).integers(0, 255, size=(20, 17, 9)).astype(np.uint8)
+    data[:8, :8, :4] = 0
+    zarr.create_array(
+        str(tmp_path / "label_map"),
+        data=data,
+        chunks=(8, 8, 4),
+        shards=(24, 24, 8),
+        dimension_names=["y", "x", "z"],
+    )
+    ome_views.write_view([tmp_path / "label_map"], tmp_path / "view")
+    np.testing.assert_array_equal(
+        zarr.open_array(str(tmp_path / "view"), mode="r")[...], data.transpose(2, 0, 1)
+    )
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "view")}}
+    np.testing.assert_array_equal(ts.open(spec, read=True).result().read().result(), data.transpose(2, 0, 1))
+    assert all(p.stat().st_nlink == 1 for p in (tmp_path / "view" / "c").rglob("*") if p.is_file())
 
 
 @pytest.mark.parametrize("codec", ["blosc-lz4", "zstd", "none"])
@@ -134,7 +162,12 @@ def test_channels_make_one_czyx_view(tmp_path, codec):
         writer.close()
     attrs = ome_views.write_scan_views(scan, "scan", "image", None, (0.5, 0.6, 2.0), [])
     assert attrs["multiscales"][0]["axes"][0] == {"name": "c", "type": "channel"}
-    assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 0.5, 0.6]
+    assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [
+        1.0,
+        2.0,
+        0.5,
+        0.6,
+    ]
     expected = np.stack([c.transpose(2, 0, 1) for c in channels])
     np.testing.assert_array_equal(zarr.open_array(str(scan / "image_zyx"), mode="r")[...], expected)
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(scan / "image_zyx")}}
@@ -146,8 +179,12 @@ def test_unsharded_view_hard_links_the_chunks(tmp_path):
     """A predictions store's label map (zarr-python, unsharded): the view's chunk files are the
     stored ones (hard links), and it reads back transposed."""
     labels = (np.arange(30 * 20 * 9).reshape(30, 20, 9) % 5).astype(np.uint8)
-    zarr.create_array(str(tmp_path / "label_map"), data=labels, chunks=(16, 16, 4), dimension_names=["y", "x", "z"])
-    attrs = ome_views.write_label_image_view(tmp_path, "pred", "label_map", 4, (1.0, 1.0, 3.0), ["a", "b", "c", "d"])
+    zarr.create_array(
+        str(tmp_path / "label_map"), data=labels, chunks=(16, 16, 4), dimension_names=["y", "x", "z"]
+    )
+    attrs = ome_views.write_label_image_view(
+        tmp_path, "pred", "label_map", 4, (1.0, 1.0, 3.0), ["a", "b", "c", "d"]
+    )
     view = tmp_path / "label_map_zyx"
     np.testing.assert_array_equal(zarr.open_array(str(view), mode="r")[...], labels.transpose(2, 0, 1))
     chunk = next(p for p in (view / "c").rglob("*") if p.is_file())
@@ -179,5 +216,7 @@ def test_served_store_exposes_the_views_for_neuroglancer(converted):
         assert ome_attrs["multiscales"][0]["datasets"][0]["path"] == "image_zyx"
         assert httpx.get(f"{base}/labels/zarr.json").json()["attributes"]["ome"]["labels"] == ["classes"]
         for view, array in (("image_zyx", "image"), ("labels/classes/0", "label_map")):
-            remote = zarr.open_array(zarr.storage.FsspecStore.from_url(f"{base}/{view}", read_only=True), mode="r")
+            remote = zarr.open_array(
+                zarr.storage.FsspecStore.from_url(f"{base}/{view}", read_only=True), mode="r"
+            )
             np.testing.assert_array_equal(remote[...], stored(scan, array).transpose(2, 0, 1))

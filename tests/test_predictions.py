@@ -149,7 +149,9 @@ def test_prediction_label_image_has_the_scans_spacing(tmp_path):
     rng = np.random.default_rng(5)
     image = rng.normal(100, 40, size=(24, 20, 6)).astype(np.float32)
     mask = np.stack([rng.random(image.shape) < 0.2, np.zeros(image.shape, bool)], -1).astype(np.uint8)
-    write_scan(tmp_path / "store", "0000009_V00-Aug00", image, mask, {"split": "train", "spacing": [0.4, 0.5, 1.5]})
+    write_scan(
+        tmp_path / "store", "0000009_V00-Aug00", image, mask, {"split": "train", "spacing": [0.4, 0.5, 1.5]}
+    )
     DatasetCatalog.remove("pred_spacing")
     DatasetCatalog.register("pred_spacing", str(tmp_path / "store"), split="train")
     try:

@@ -148,7 +148,9 @@ def anisotropic(tmp_path_factory):
     image = rng.normal(100, 30, size=(30, 26, 10)).astype(np.float32)
     labels = rng.integers(-1, 3, size=image.shape)
     mask = np.stack([labels == k for k in range(3)], axis=-1).astype(np.uint8)
-    write_scan(root, "0000020_V00-Aug00", image, mask, {"split": "train", "spacing": SPACING, "class_names": NAMES})
+    write_scan(
+        root, "0000020_V00-Aug00", image, mask, {"split": "train", "spacing": SPACING, "class_names": NAMES}
+    )
     write_scan(root, "0000021_V00-Aug00", image[:, :, :4], mask[:, :, :4], {"split": "train"})
     with live_server(root) as url:
         yield url, image
@@ -156,7 +158,9 @@ def anisotropic(tmp_path_factory):
 
 def rendered_size(page):
     """The preview's size on the page in CSS pixels (height, width)."""
-    box = page.evaluate("() => { const r = document.getElementById('preview').getBoundingClientRect(); return [r.height, r.width]; }")
+    box = page.evaluate(
+        "() => { const r = document.getElementById('preview').getBoundingClientRect(); return [r.height, r.width]; }"
+    )
     return tuple(box)
 
 
@@ -234,7 +238,10 @@ def test_viewer_window_level_control_sets_the_grey_levels(anisotropic, browser):
     expected = np.repeat(np.repeat(grey, 2, axis=0), 2, axis=1)
     np.testing.assert_array_equal(windowed, np.repeat(expected[..., None], 3, axis=-1))
     assert not np.array_equal(windowed, auto)
-    assert page.locator("#level-value").inner_text() == "110" and page.locator("#width-value").inner_text() == "40.0"
+    assert (
+        page.locator("#level-value").inner_text() == "110"
+        and page.locator("#width-value").inner_text() == "40.0"
+    )
 
     page.click("#window-reset")
     page.wait_for_function("!document.getElementById('preview').dataset.shown.includes('window')")

@@ -49,7 +49,9 @@ async def viewer_page() -> Response:
     response_class=Response,
     responses={200: {"description": "The file."}, **error_responses(404)},
 )
-async def viewer_static(name: Annotated[str, Path(description="`viewer.js`, `viewer.css` or `colors.json`")]) -> Response:
+async def viewer_static(
+    name: Annotated[str, Path(description="`viewer.js`, `viewer.css` or `colors.json`")],
+) -> Response:
     media_type = STATIC_FILES.get(name)
     if media_type is None:  # a fixed list: nothing else of the package is reachable
         raise ArrayNotFound(f"no viewer file {name!r}")
