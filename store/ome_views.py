@@ -124,12 +124,20 @@ def _write_view_shard(src: Path, dst: Path, grid: Sequence[int]) -> None:
     dst.write_bytes(encoded_index(zyx_index(moved)) + src.read_bytes())
 
 
+def _layout(doc: dict[str, Any]) -> list[Any]:
+    """What channels of one view must share (their attributes may differ)."""
+    return [
+        doc.get(k) for k in ("shape", "data_type", "chunk_grid", "chunk_key_encoding", "fill_value", "codecs")
+    ]
+
+
 def write_view(sources: Sequence[Path], dest: Path) -> None:
     """Write the (z, y, x) view of the stored (y, x, z) arrays ``sources`` at ``dest``: one
     array, or several of the same metadata (image channels) as a (c, z, y, x) view."""
     docs = [json.loads((src / "zarr.json").read_text()) for src in sources]
-    if any(doc != docs[0] for doc in docs[1:]):
-        raise ValueError(f"{dest.name}: channel arrays differ in shape, type or chunks")
+    if any(_layout(doc) != _layout(docs[0]) for doc in docs[1:]):
+        names = ", ".join(src.name for src in sources)
+        raise ValueError(f"{dest.name}: the channel arrays {names} differ in shape, type or chunks")
     channels = len(sources)
     meta = view_metadata(docs[0], channels)
     sharding = docs[0]["codecs"][0]

@@ -220,3 +220,13 @@ def test_served_store_exposes_the_views_for_neuroglancer(converted):
                 zarr.storage.FsspecStore.from_url(f"{base}/{view}", read_only=True), mode="r"
             )
             np.testing.assert_array_equal(remote[...], stored(scan, array).transpose(2, 0, 1))
+
+
+def test_channels_of_another_layout_are_refused_naming_them(tmp_path):
+    layout = ChunkLayout(chunks=(8, 8, 4), shard_depth=8)
+    for name, dtype in (("image", np.uint16), ("image_c1", np.float32)):
+        writer = ShardedArrayWriter(tmp_path / name, (9, 9, 4), np.dtype(dtype), layout)
+        writer.write_slab(0, np.ones((9, 9, 4), dtype))
+        writer.close()
+    with pytest.raises(ValueError, match="image_zyx: the channel arrays image, image_c1 differ"):
+        ome_views.write_scan_views(tmp_path, "scan", "image", None, (1.0, 1.0, 1.0), [])
