@@ -36,7 +36,7 @@ import numpy as np
 import zarr
 
 from loaders.backend import import_keras
-from store import ome, publish
+from store import ome, ome_views, publish
 from store.categories import categories_to_json, parse_categories
 from store.predictions import (
     LABEL_MAP,
@@ -211,7 +211,11 @@ def _write_scan(
             "written_by": meta.written_by,
         }
         num_categories = int(y_pred.shape[-1]) - int(meta.include_background)
-        label_ome = ome.label_image_attrs(f"{scan_id} prediction", LABEL_MAP, num_categories)
+        # NGFF 0.5 label image over a (z, y, x) view of label_map, in the scan's spacing
+        spacing = ome.spacing_of(entry.meta.attrs) if entry is not None else ome.DEFAULT_SPACING
+        label_ome = ome_views.write_label_image_view(
+            staged, f"{scan_id} prediction", LABEL_MAP, num_categories, spacing
+        )
         writer.group.attrs.update({SCAN_KEY: attrs, "ome": label_ome})
         publish_scan(staged, root, scan_id)
     except BaseException:

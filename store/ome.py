@@ -1,30 +1,30 @@
-"""OME-Zarr (NGFF 0.5) metadata, so scans and predictions open in napari and neuroglancer.
+"""OME-Zarr (NGFF 0.5) metadata, so scans and predictions open upright in napari and neuroglancer.
 
-Pure builders of the ``"ome"`` group attribute, plus :func:`link_labels`, which adds a labels
-group to a scan folder without copying data. The class colours live here too: previews, the
-viewer page and the label metadata all draw class k in ``CLASS_COLORS[k]``.
+Pure builders of the ``"ome"`` group attributes. The class colours live here too: previews,
+the viewer page and the label metadata all draw class k in ``CLASS_COLORS[k]``.
 
-Axes: scancache arrays are stored (y, x, z) (a slice is ``[:, :, k]``). NGFF only asks that
-space axes come last; it does not fix their order, so the metadata declares the arrays as they
-are (``y, x, z``) and nothing is copied or transposed. neuroglancer reads the axis names and
-shows all three planes; napari shows the last two axes, so set ``viewer.dims.order = (2, 0, 1)``
-to page through z (docs/viewer.md). One resolution level: scans of a few hundred voxels a side
-open in both viewers without a pyramid.
+Axes: scancache arrays are stored (y, x, z) (a slice is ``[:, :, k]``), and the loaders rely on
+that. NGFF viewers want space axes ordered ``z, y, x`` (ngff-zarr's validation refuses any
+other order; napari shows the last two axes, so an axial slice only comes upright in that
+order). So the metadata never describes the stored arrays: it describes their **OME views**,
+arrays of the same voxels declared (z, y, x) (``store/ome_views.py`` makes them from the stored
+chunks without recompressing), with each axis's unit (millimetre) and the voxel spacing as the
+scale. One resolution level: scans of a few hundred voxels a side open without a pyramid.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 NGFF_VERSION = "0.5"
-SPACE_AXES = ("y", "x", "z")
+SPACE_AXES = ("z", "y", "x")  # the views' axes; the stored arrays are (y, x, z)
+UNIT = "millimeter"  # spacing is in mm (the scan attribute ``spacing``)
+CHANNEL_AXIS = "c"
 LABELS_GROUP = "labels"
 SCAN_LABELS = "classes"  # STORE/<scan>/labels/classes: the scan's label map as an NGFF label image
 LABEL_LEVEL = "0"  # the one resolution level of a label image
+DEFAULT_SPACING = (1.0, 1.0, 1.0)
 
 # Class k's colour (RGB), repeating after 12 classes; chosen to stay apart on a grey image.
 CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
@@ -47,27 +47,55 @@ def class_color(k: int) -> tuple[int, int, int]:
     return CLASS_COLORS[k % len(CLASS_COLORS)]
 
 
-def _axes(names: Sequence[str]) -> list[dict[str, str]]:
-    return [{"name": n, "type": "space"} for n in names]
+def spacing_of(attrs: dict[str, Any]) -> tuple[float, float, float]:
+    """A scan's ``spacing`` attribute ([sy, sx, sz] mm along the stored axes), [1, 1, 1] when
+    it has none."""
+    found = attrs.get("spacing")
+    if found is None:
+        return DEFAULT_SPACING
+    return zyx_checked(found)
 
 
-def multiscales(name: str, path: str, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> list[dict[str, Any]]:
-    """One single-level multiscale over the (y, x, z) array at ``path`` (relative to the group)."""
-    scale = [float(s) for s in spacing]
-    if len(scale) != len(SPACE_AXES) or any(s <= 0 for s in scale):
-        raise ValueError(f"spacing: expected three positive numbers, got {list(spacing)}")
+def zyx_checked(spacing: Sequence[float]) -> tuple[float, float, float]:
+    values = [float(s) for s in spacing]
+    if len(values) != 3 or not all(s > 0 and s != float("inf") for s in values):
+        raise ValueError(f"spacing: expected three positive finite numbers, got {list(spacing)}")
+    return values[0], values[1], values[2]
+
+
+def axes(channels: int = 1) -> list[dict[str, str]]:
+    """The views' axes: ``z, y, x`` in millimetres, after a channel axis ``c`` when there are
+    several channels."""
+    space = [{"name": n, "type": "space", "unit": UNIT} for n in SPACE_AXES]
+    return ([{"name": CHANNEL_AXIS, "type": "channel"}] if channels > 1 else []) + space
+
+
+def scale(spacing: Sequence[float], channels: int = 1) -> list[float]:
+    """The NGFF scale of a view: ``[sz, sy, sx]`` from the stored axes' spacing ``[sy, sx, sz]``
+    (with 1 for a channel axis)."""
+    sy, sx, sz = zyx_checked(spacing)
+    return ([1.0] if channels > 1 else []) + [sz, sy, sx]
+
+
+def multiscales(
+    name: str, path: str, spacing: Sequence[float] = DEFAULT_SPACING, channels: int = 1
+) -> list[dict[str, Any]]:
+    """One single-level multiscale over the (z, y, x) view at ``path`` (relative to the group)."""
+    transform = {"type": "scale", "scale": scale(spacing, channels)}
     return [
         {
             "name": name,
-            "axes": _axes(SPACE_AXES),
-            "datasets": [{"path": path, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+            "axes": axes(channels),
+            "datasets": [{"path": path, "coordinateTransformations": [transform]}],
         }
     ]
 
 
-def image_attrs(name: str, path: str, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, Any]:
-    """The ``ome`` attribute of an image group whose image array is ``path``."""
-    return {"version": NGFF_VERSION, "multiscales": multiscales(name, path, spacing)}
+def image_attrs(
+    name: str, path: str, spacing: Sequence[float] = DEFAULT_SPACING, channels: int = 1
+) -> dict[str, Any]:
+    """The ``ome`` attribute of an image group whose (z, y, x) view is the array ``path``."""
+    return {"version": NGFF_VERSION, "multiscales": multiscales(name, path, spacing, channels)}
 
 
 def label_colors(num_classes: int, alpha: int = 255) -> list[dict[str, Any]]:
@@ -75,15 +103,23 @@ def label_colors(num_classes: int, alpha: int = 255) -> list[dict[str, Any]]:
     return [{"label-value": k + 1, "rgba": [*class_color(k), alpha]} for k in range(num_classes)]
 
 
+def label_properties(class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """``image-label`` properties: the name of each label value (napari shows it on hover)."""
+    return [{"label-value": k + 1, "class": str(n)} for k, n in enumerate(class_names)]
+
+
 def label_image_attrs(
     name: str,
     path: str,
     num_classes: int,
     source_image: str | None = None,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    spacing: Sequence[float] = DEFAULT_SPACING,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The ``ome`` attribute of a label image (uint8, 0 = no class, k+1 = class k)."""
     image_label: dict[str, Any] = {"colors": label_colors(num_classes)}
+    if class_names:
+        image_label["properties"] = label_properties(class_names[:num_classes])
     if source_image is not None:
         image_label["source"] = {"image": source_image}
     return {**image_attrs(name, path, spacing), "image-label": image_label}
@@ -98,30 +134,8 @@ def group_document(ome: dict[str, Any], **attributes: Any) -> dict[str, Any]:
     return {"zarr_format": 3, "node_type": "group", "attributes": {**attributes, "ome": ome}}
 
 
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.write_text(json.dumps(doc, indent=2))
-
-
-def link_labels(
-    scan_dir: str | os.PathLike[str], label_array: str, num_classes: int, name: str = SCAN_LABELS
-) -> bool:
-    """Give a scan folder an NGFF labels group over its existing label map, without a copy.
-
-    Writes ``labels/zarr.json``, ``labels/<name>/zarr.json`` and a relative symlink
-    ``labels/<name>/0 -> ../../<label_array>``. Call it on the staged folder before it is
-    published. Returns False (and writes nothing) when the scan has no ``label_array``.
-    """
-    scan = Path(scan_dir)
-    if not (scan / label_array / "zarr.json").is_file():
-        return False
-    label_dir = scan / LABELS_GROUP / name
-    label_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(scan / LABELS_GROUP / "zarr.json", group_document(labels_group_attrs([name])))
-    _write_json(
-        label_dir / "zarr.json", group_document(label_image_attrs(name, LABEL_LEVEL, num_classes, "../../"))
-    )
-    link = label_dir / LABEL_LEVEL
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(Path("..") / ".." / label_array, target_is_directory=True)
-    return True
+def class_names_of(attrs: dict[str, Any], num_classes: int) -> list[str]:
+    """A scan's ``class_names`` attribute, ``"class k"`` for every class it does not name."""
+    found = attrs.get("class_names")
+    names = [str(n) for n in found] if isinstance(found, list) else []
+    return names[:num_classes] + [f"class {k}" for k in range(len(names), num_classes)]

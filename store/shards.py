@@ -8,7 +8,9 @@ layout back with zarr-python and tensorstore. Slabs arrive slice-major from the 
 inner chunk is gathered once into a reused buffer, compressed with numcodecs' documented
 ``blosc.compress`` / ``zstd.compress`` and appended to its shard file. Inner chunks equal to
 the fill value (0) are left out, as zarr-python and tensorstore do, so empty mask regions cost
-nothing. Measured against tensorstore writing the same shards (``python -m
+nothing. A 3D array's shard file also begins with the index of its chunks in (z, y, x) order,
+so that the same file, hard-linked, is a shard of the array's OME view (``store/ome_views.py``)
+at no extra space; readers of the stored array never look at it. Measured against tensorstore writing the same shards (``python -m
 benchmarks.writepath``), this writer is 1.3-1.7x faster for images, which is why it stays;
 calling c-blosc through ctypes into reused buffers was not measurably faster than numcodecs'
 public function, so it is gone (docs/tuning.md, "The write path").
@@ -25,11 +27,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 from numcodecs import blosc, zstd
 
 from store.format import ChunkLayout, array_metadata
+from store.ome_views import encoded_index, zyx_index
 from store.scratch import scratch
 
 _MISSING = np.uint64(2**64 - 1)  # index entry of an inner chunk that is not stored
@@ -81,19 +83,26 @@ class _OpenShard:
     """A shard file being appended to: chunks go in as they are encoded, the index last.
 
     Zarr v3 sharding finds every inner chunk through the index, so chunks may sit in the
-    file in any order; here they are in the order slabs arrive (z-layer by z-layer).
+    file in any order; here they are in the order slabs arrive (z-layer by z-layer). With
+    ``view_index`` (3D arrays) the file also begins with the index of the same chunks in
+    (z, y, x) order, so one file is both a shard of the stored array (index at the end) and a
+    shard of its OME view (index at the start, ``store/ome_views.py``); each reader follows
+    its own index's offsets and never reads the other.
     """
 
-    def __init__(self, path: Path, grid: list[int]) -> None:
+    def __init__(self, path: Path, grid: list[int], view_index: bool = False) -> None:
         self.path = path
         self.index = np.full((*grid, 2), _MISSING, dtype="<u8")
         self.fd = -1
-        self.offset = 0
+        self.view_index = view_index and len(grid) == 3
+        self.offset = len(encoded_index(self.index)) if self.view_index else 0
 
     def append(self, where: tuple[int, int, int], data: memoryview) -> None:
         if self.fd < 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            if self.offset:  # room for the view's index, written once the offsets are known
+                _write_all(self.fd, memoryview(bytes(self.offset)))
         _write_all(self.fd, data)
         self.index[where] = (self.offset, len(data))  # a trailing class axis has grid size 1
         self.offset += len(data)
@@ -104,11 +113,11 @@ class _OpenShard:
         if self.fd < 0:
             return 0
         try:
-            table = self.index.tobytes()
-            _write_all(
-                self.fd, memoryview(table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes())
-            )
-            return self.offset + len(table) + 4
+            end = encoded_index(self.index)
+            _write_all(self.fd, memoryview(end))
+            if self.view_index:
+                os.pwrite(self.fd, encoded_index(zyx_index(self.index)), 0)
+            return self.offset + len(end)
         finally:
             self.close()
 
@@ -202,7 +211,8 @@ class ShardedArrayWriter:
         shard = self._open.get(where)
         if shard is None:
             key = [str(n) for n in where] + ["0"] * (len(self.shape) - 3)
-            shard = self._open[where] = _OpenShard(self.path.joinpath("c", *key), self._grid)
+            path = self.path.joinpath("c", *key)
+            shard = self._open[where] = _OpenShard(path, self._grid, view_index=len(self.shape) == 3)
         return shard
 
     def _finish_shards(self) -> None:

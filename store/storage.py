@@ -308,8 +308,9 @@ def open_storage(location: str | os.PathLike[str] | Storage) -> Storage:
 
 
 def copy_tree_files(src: Path) -> list[tuple[Path, str]]:
-    """(file, relative key) of every file under ``src``, following the OME labels' folder
-    links (object storage has no links: the linked array is stored again under the link)."""
+    """(file, relative key) of every file under ``src``, following folder links (object
+    storage has no links: a linked folder, as the OME labels of older versions were, is stored
+    again under the link; a hard-linked OME view's files are objects of their own)."""
     out = []
     for dirpath, _dirnames, filenames in os.walk(src, followlinks=True):
         for name in filenames:

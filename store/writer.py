@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from store import ome
+from store import ome, ome_views
 from store import publish as publish_mod
 from store.derived import LocationSampler, label_map_block, scan_seed
 from store.format import (
@@ -342,31 +342,49 @@ class StagedScan:
         extra: dict[str, Any] = {}
         for step in self.steps:
             extra.update(step.finish())
-        # OME-Zarr labels (store/ome.py) over the label map an extra step wrote, if any
-        ome.link_labels(self.work, "label_map", 0 if self.mask is None else self.mask.shape[3])
-        manifest = _manifest(self.work)
+        num_classes = 0 if self.mask is None else self.mask.shape[3]
         full = {
             **attrs,
             "scan_id": self.scan_id,
             "shape": list(self.image.shape),
             "dtype": self.image.dtype.name,
-            "num_classes": 0 if self.mask is None else self.mask.shape[3],
+            "num_classes": num_classes,
             "layout": self.layout.to_json(),
             "scancache_format": FORMAT_VERSION,
             **stats.to_attrs(),
             **extra,
-            MANIFEST: manifest,
         }
-        full["ome"] = ome.image_attrs(self.scan_id, IMAGE)  # NGFF 0.5 for napari, neuroglancer
+        # NGFF 0.5 for napari and neuroglancer: (z, y, x) views of the image and the label map
+        # made of their stored chunks (store/ome_views.py), in mm from the scan's spacing
+        full["ome"] = ome_views.write_scan_views(
+            self.work,
+            self.scan_id,
+            IMAGE,
+            LABEL_MAP if full.get("label_map") else None,
+            ome.spacing_of(full),
+            ome.class_names_of(full, num_classes),
+        )
+        full[MANIFEST] = _manifest(self.work)
         problem = manifest_mismatch(LocalStorage(self.work).sizes(""), full)
         if problem is not None:  # never publish a scan whose arrays are not all there
             raise ValueError(f"{self.scan_id}: not published, {problem}")
         group = self.work / "zarr.json"
         publish_mod.write_json_durably(group, group_metadata(full))
-        self.bytes_written = sum(manifest.values()) + group.stat().st_size
+        self.bytes_written = _stored_bytes(self.work)  # a hard-linked view's files count once
         self.version = self.store.publish(self.scan_id, self.work)
         self.published = True
         return full
+
+
+def _stored_bytes(folder: Path) -> int:
+    """Bytes of the files under a staged scan, a file with several names (hard links: the
+    OME views, store/ome_views.py) counted once."""
+    seen: dict[tuple[int, int], int] = {}
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            st = (Path(dirpath) / name).stat()
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
 
 
 def _manifest(folder: Path) -> dict[str, int]:

@@ -185,6 +185,7 @@ RUN = [
     ("docs/rest-api.md", "import tensorstore as ts"),
     ("docs/store-format.md", "import json, pathlib, zarr"),
     ("docs/user-guide.md", "from loaders import open_source"),
+    ("docs/viewer.md", "import os\n\nimport ngff_zarr"),
 ]
 # (docs/custom-dataloader.md's example runs in tests/test_custom_loader.py)
 

@@ -130,13 +130,41 @@ def test_prediction_is_an_ngff_label_image(train_dataset, tmp_path):
     node = nodes[0]
     assert any(isinstance(spec, Label) for spec in node.specs)
     _, labels, _ = reference(*truth[scan_id])
-    np.testing.assert_array_equal(np.asarray(node.data[0]), labels)
-    assert [a["name"] for a in node.metadata["axes"]] == ["y", "x", "z"]
+    np.testing.assert_array_equal(np.asarray(node.data[0]), labels.transpose(2, 0, 1))  # upright: (z, y, x)
+    assert [a["name"] for a in node.metadata["axes"]] == ["z", "y", "x"]
+    assert node.metadata["coordinateTransformations"] == [[{"type": "scale", "scale": [1.0, 1.0, 1.0]}]]
 
     from ome_zarr_models.v05.image_label import ImageLabel  # a second, strict NGFF 0.5 reader
 
     model = ImageLabel.from_zarr(zarr.open_group(str(path / scan_id), mode="r"))
     assert [c.label_value for c in model.attributes.ome.image_label.colors] == [1, 2, 3, 4]
+
+
+def test_prediction_label_image_has_the_scans_spacing(tmp_path):
+    """A scan with a spacing: its prediction opens in ngff-zarr (validated) in millimetres."""
+    import ngff_zarr
+
+    from store.writer import write_scan
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(100, 40, size=(24, 20, 6)).astype(np.float32)
+    mask = np.stack([rng.random(image.shape) < 0.2, np.zeros(image.shape, bool)], -1).astype(np.uint8)
+    write_scan(
+        tmp_path / "store", "0000009_V00-Aug00", image, mask, {"split": "train", "spacing": [0.4, 0.5, 1.5]}
+    )
+    DatasetCatalog.remove("pred_spacing")
+    DatasetCatalog.register("pred_spacing", str(tmp_path / "store"), split="train")
+    try:
+        cfg = Config(CATEGORIES=(0, 1), INCLUDE_BACKGROUND=True)
+        loader = build_loader(cfg, "pred_spacing", batch_size=2, is_test=True, shuffle=False, drop_last=False)
+        write_predictions(loader, softmax_model, tmp_path / "pred")
+    finally:
+        DatasetCatalog.remove("pred_spacing")
+    scan = tmp_path / "pred" / "0000009_V00-Aug00"
+    label_image = ngff_zarr.from_ngff_zarr(str(scan), validate=True).images[0]
+    assert label_image.dims == ("z", "y", "x") and label_image.scale == {"z": 1.5, "y": 0.4, "x": 0.5}
+    stored = zarr.open_array(str(scan / "label_map"), mode="r")[...]
+    np.testing.assert_array_equal(np.asarray(label_image.data), stored.transpose(2, 0, 1))
 
 
 def test_second_writer_fails_at_once_naming_the_first(train_dataset, tmp_path):

@@ -76,7 +76,8 @@ def test_empty_chunks_and_shards_are_not_stored(tmp_path):
     write_scan(tmp_path, "0000001_V00-Aug00", image, np.zeros((8, 8, 8, 2), np.uint8), {}, layout)
     scan = (tmp_path / "0000001_V00-Aug00").resolve()  # the current version's folder
     shards_on_disk = sorted(p.relative_to(scan) for p in scan.rglob("c/*/*/*") if p.is_file())
-    assert [str(p) for p in shards_on_disk] == ["image/c/0/0/0"]
+    # the image's one shard, and its OME view's (the same chunks, store/ome_views.py)
+    assert [str(p) for p in shards_on_disk] == ["image/c/0/0/0", "image_zyx/c/0/0/0"]
     data = (scan / shards_on_disk[0]).read_bytes()
     index = np.frombuffer(data[-4 - 2 * 8 * 4 : -4], "<u8").reshape(2, 2, 1, 2)
     assert (index[1:] == 2**64 - 1).all() and (index[0, 1] == 2**64 - 1).all()

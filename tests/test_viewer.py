@@ -111,14 +111,139 @@ def test_viewer_lists_scans_moves_the_slider_and_draws_overlays(served, browser)
     page.close()
 
 
-def test_viewer_sends_the_token(small_store, browser):
+def test_viewer_shows_an_authentication_error_instead_of_an_empty_list(small_store, browser):
     root, _ = small_store
     with live_server(root, token="t0ken") as url:
         page = browser.new_page()
         page.goto(f"{url}/viewer")
-        page.wait_for_function("document.getElementById('error').textContent.includes('bearer token')")
+        page.wait_for_selector("#auth:not([hidden])")
+        assert page.locator("#auth").inner_text().startswith("This server needs a token")
+        assert page.locator("#scans li").count() == 0 and page.locator("#count").inner_text() == ""
+        assert page.get_attribute("#token", "aria-invalid") == "true"
+
+        page.fill("#token", "wrong")
+        page.dispatch_event("#token", "change")
+        page.wait_for_function("document.getElementById('auth').textContent.includes('did not accept')")
+        assert page.locator("#scans li").count() == 0
+
         page.fill("#token", "t0ken")
         page.dispatch_event("#token", "change")
         page.wait_for_selector("#scans li")
         assert page.locator("#scans li").count() == 4
+        assert page.locator("#auth").is_hidden() and page.get_attribute("#token", "aria-invalid") == "false"
         page.close()
+
+
+SPACING = [0.365, 0.365, 0.7]  # mm along (y, x, z), as MedSegPy 3D files give it
+NAMES = ["femoral cartilage", "tibial cartilage", "meniscus"]
+
+
+@pytest.fixture(scope="module")
+def anisotropic(tmp_path_factory):
+    """A store of one scan with a spacing and class names, and one with neither."""
+    from store.writer import write_scan
+
+    root = tmp_path_factory.mktemp("viewer") / "store"
+    rng = np.random.default_rng(11)
+    image = rng.normal(100, 30, size=(30, 26, 10)).astype(np.float32)
+    labels = rng.integers(-1, 3, size=image.shape)
+    mask = np.stack([labels == k for k in range(3)], axis=-1).astype(np.uint8)
+    write_scan(
+        root, "0000020_V00-Aug00", image, mask, {"split": "train", "spacing": SPACING, "class_names": NAMES}
+    )
+    write_scan(root, "0000021_V00-Aug00", image[:, :, :4], mask[:, :, :4], {"split": "train"})
+    with live_server(root) as url:
+        yield url, image
+
+
+def rendered_size(page):
+    """The preview's size on the page in CSS pixels (height, width)."""
+    box = page.evaluate(
+        "() => { const r = document.getElementById('preview').getBoundingClientRect(); return [r.height, r.width]; }"
+    )
+    return tuple(box)
+
+
+def test_viewer_draws_every_plane_with_its_physical_aspect(anisotropic, browser):
+    url, _ = anisotropic
+    page = browser.new_page()
+    page.goto(f"{url}/viewer")
+    page.click("#scans li[data-scan-id='0000020_V00-Aug00']")
+    page.wait_for_selector("#view:not([hidden])")
+    assert shown(page).shape[:2] == (60, 52)  # (y, x) = 30 x 26 at zoom 2: square voxels
+    assert rendered_size(page) == pytest.approx((60, 52), abs=0.5)
+
+    stretch = SPACING[2] / SPACING[0]  # a slice is 0.7 mm thick, a pixel 0.365 mm wide
+    page.select_option("#axis", "x")
+    assert shown(page).shape[:2] == (60, 20)  # the PNG: (y, z) = 30 x 10 at zoom 2
+    assert rendered_size(page) == pytest.approx((60, 20 * stretch), abs=0.5)
+    page.select_option("#axis", "y")
+    assert shown(page).shape[:2] == (52, 20)  # (x, z)
+    assert rendered_size(page) == pytest.approx((52, 20 * stretch), abs=0.5)
+    assert "0.7 mm" in page.locator("#aspect").inner_text()
+
+    page.click("#scans li[data-scan-id='0000021_V00-Aug00']")  # no spacing: 1 mm, no stretch
+    page.wait_for_function("document.getElementById('title').textContent === '0000021_V00-Aug00'")
+    shown(page)
+    assert rendered_size(page) == pytest.approx((52, 8), abs=0.5)
+    page.close()
+
+
+def test_viewer_legend_names_the_classes_in_their_colours(anisotropic, browser):
+    from store.ome import CLASS_COLORS
+
+    url, _ = anisotropic
+    page = browser.new_page()
+    page.goto(f"{url}/viewer")
+    page.click("#scans li[data-scan-id='0000020_V00-Aug00']")
+    page.wait_for_selector("#view:not([hidden])")
+    assert page.locator("#legend").is_hidden()  # no overlay, no legend
+    page.check("input[name=overlay][value=mask]")
+    shown(page)
+    assert page.locator("#legend .name").all_inner_texts() == NAMES
+    swatches = page.eval_on_selector_all(
+        "#legend .swatch", "els => els.map(e => getComputedStyle(e).backgroundColor)"
+    )
+    assert swatches == [f"rgb({r}, {g}, {b})" for r, g, b in CLASS_COLORS[:3]]
+
+    page.click("#scans li[data-scan-id='0000021_V00-Aug00']")  # no class names: "class k"
+    page.wait_for_function("document.getElementById('title').textContent === '0000021_V00-Aug00'")
+    shown(page)
+    assert page.locator("#legend .name").all_inner_texts() == ["class 0", "class 1", "class 2"]
+    page.close()
+
+
+def set_range(page, selector, value):
+    page.eval_on_selector(
+        selector, "(el, v) => { el.value = String(v); el.dispatchEvent(new Event('input')); }", value
+    )
+
+
+def test_viewer_window_level_control_sets_the_grey_levels(anisotropic, browser):
+    url, image = anisotropic
+    page = browser.new_page()
+    page.goto(f"{url}/viewer")
+    page.click("#scans li[data-scan-id='0000020_V00-Aug00']")
+    page.wait_for_selector("#view:not([hidden])")
+    auto = shown(page)
+    assert "window" not in page.get_attribute("#preview", "data-shown")  # the server's default
+
+    set_range(page, "#level", 110)
+    set_range(page, "#width", 40)
+    page.wait_for_function("document.getElementById('preview').dataset.shown.includes('window=90%2C130')")
+    windowed = shown(page)
+    # the same pixels as numpy's window: (v - 90) * 255 / 40, clipped, at zoom 2
+    plane = image[:, :, 5].astype(np.float64)
+    grey = np.clip(np.rint((plane - 90) * (255.0 / 40)), 0, 255).astype(int)
+    expected = np.repeat(np.repeat(grey, 2, axis=0), 2, axis=1)
+    np.testing.assert_array_equal(windowed, np.repeat(expected[..., None], 3, axis=-1))
+    assert not np.array_equal(windowed, auto)
+    assert (
+        page.locator("#level-value").inner_text() == "110"
+        and page.locator("#width-value").inner_text() == "40.0"
+    )
+
+    page.click("#window-reset")
+    page.wait_for_function("!document.getElementById('preview').dataset.shown.includes('window')")
+    np.testing.assert_array_equal(shown(page), auto)
+    page.close()

@@ -3,10 +3,13 @@
 Plain HTML, JS and CSS shipped as package data (``service/server/static``); the page reads the
 REST API (scans with filters, metadata with Dice, ``preview.png``). The page and its files hold
 no data, so they need no token; the page sends the token the user types to every API call.
+``colors.json`` is made from ``store.ome.CLASS_COLORS``, so the legend shows the colours the
+previews and the OME label metadata use.
 """
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from typing import Annotated
 
@@ -15,15 +18,18 @@ from starlette.responses import Response
 
 from service.server.errors import error_responses
 from store.errors import ArrayNotFound
+from store.ome import CLASS_COLORS
 
 router = APIRouter(tags=["viewer"])
 
 STATIC_PREFIX = "/viewer/static/"
-STATIC_FILES = {"viewer.js": "text/javascript", "viewer.css": "text/css"}
+STATIC_FILES = {"viewer.js": "text/javascript", "viewer.css": "text/css", "colors.json": "application/json"}
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 
 def _static(name: str) -> bytes:
+    if name == "colors.json":  # the legend's colours: class k is drawn in CLASS_COLORS[k]
+        return json.dumps([list(rgb) for rgb in CLASS_COLORS]).encode()
     return resources.files("service.server").joinpath("static", name).read_bytes()
 
 
@@ -39,11 +45,13 @@ async def viewer_page() -> Response:
 
 @router.get(
     "/viewer/static/{name}",
-    summary="The viewer's script and style sheet",
+    summary="The viewer's script, style sheet and class colours (`colors.json`: RGB of class k at k)",
     response_class=Response,
     responses={200: {"description": "The file."}, **error_responses(404)},
 )
-async def viewer_static(name: Annotated[str, Path(description="`viewer.js` or `viewer.css`")]) -> Response:
+async def viewer_static(
+    name: Annotated[str, Path(description="`viewer.js`, `viewer.css` or `colors.json`")],
+) -> Response:
     media_type = STATIC_FILES.get(name)
     if media_type is None:  # a fixed list: nothing else of the package is reachable
         raise ArrayNotFound(f"no viewer file {name!r}")
