@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from store import ome
 from store.errors import InvalidPath, ScanCacheError
 from store.publish import STAGING_DIR as STAGING_DIR  # re-exported: the store format
 from store.publish import VERSIONS_DIR as VERSIONS_DIR
@@ -252,6 +253,53 @@ class ScanMeta:
     @property
     def has_mask(self) -> bool:
         return self.num_classes > 0
+
+    # Geometry and names (docs/store-format.md, "Geometry"): defaults for scans written before
+    # they were recorded and for sources without them.
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """mm along the stored axes (y, x, z); [1, 1, 1] when the scan records none."""
+        return ome.spacing_of(self.attrs)
+
+    @property
+    def affine(self) -> list[list[float]]:
+        """4x4, stored voxel index (axis 0, 1, 2, 1) -> RAS+ world mm; diag(spacing, 1) when the
+        scan records none."""
+        found = self.attrs.get("affine")
+        if found is not None:
+            return [[float(v) for v in row] for row in found]
+        sy, sx, sz = self.spacing
+        return [[sy, 0.0, 0.0, 0.0], [0.0, sx, 0.0, 0.0], [0.0, 0.0, sz, 0.0], [0.0, 0.0, 0.0, 1.0]]
+
+    @property
+    def source_affine(self) -> list[list[float]]:
+        """The source file's affine (NIfTI sources); the stored ``affine`` for others."""
+        found = self.attrs.get("source_affine")
+        return [[float(v) for v in row] for row in found] if found is not None else self.affine
+
+    @property
+    def class_names(self) -> list[str]:
+        """One name per mask channel, ``"class k"`` for every class the scan does not name."""
+        return ome.class_names_of(self.attrs, self.num_classes)
+
+    @property
+    def label_values(self) -> list[int]:
+        """The source label value of each mask channel (label-map value c + 1 by default)."""
+        found = self.attrs.get("label_values")
+        if isinstance(found, list) and len(found) == self.num_classes:
+            return [int(v) for v in found]
+        return list(range(1, self.num_classes + 1))
+
+    @property
+    def channels(self) -> int:
+        """Image channels: ``image`` is channel 0, ``image_c1`` ... the others."""
+        return int(self.attrs.get("channels", 1))
+
+    @property
+    def channel_names(self) -> list[str]:
+        found = self.attrs.get("channel_names")
+        names = [str(n) for n in found] if isinstance(found, list) else []
+        return names[: self.channels] + [f"channel {k}" for k in range(len(names), self.channels)]
 
     def class_voxels(self) -> list[int]:
         return [int(v) for v in self.attrs.get("class_voxels", [])]

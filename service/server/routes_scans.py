@@ -55,6 +55,10 @@ def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
     doc: dict[str, Any] = {key: meta.attrs.get(key) for key in PINNED_KEYS}
     doc["shape"] = list(meta.shape)
     doc["num_classes"] = meta.num_classes
+    # geometry and names for every scan, defaults included for scans that record none
+    doc["spacing"] = list(meta.spacing)
+    doc["affine"] = meta.affine
+    doc["class_names"] = meta.class_names
     for key, value in meta.attrs.items():
         if key not in doc and (full or key not in LISTING_OMITS):
             doc[key] = value
