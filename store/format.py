@@ -44,6 +44,12 @@ IMAGE = "image"
 MASK = "mask"
 ARRAYS = (IMAGE, MASK)
 
+
+def channel_names(channels: int) -> list[str]:
+    """The arrays of an image's channels 1 .. channels-1 (channel 0 is ``image``)."""
+    return [f"{IMAGE}_c{k}" for k in range(1, channels)]
+
+
 _SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 

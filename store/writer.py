@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from store.format import (
     MASK,
     STORE_ID_KEY,
     ChunkLayout,
+    channel_names,
     check_store_format,
     group_metadata,
     new_store_id,
@@ -113,7 +115,8 @@ def manifest_mismatch(sizes: dict[str, int], attrs: dict[str, Any]) -> str | Non
             return f"{rel} is missing"
         if have != size:
             return f"{rel} has {have} bytes, {size} were written"
-    for array in (IMAGE, MASK) if attrs.get("num_classes") else (IMAGE,):
+    arrays = [IMAGE, *channel_names(int(attrs.get("channels", 1)))]
+    for array in [*arrays, MASK] if attrs.get("num_classes") else arrays:
         if f"{array}/zarr.json" not in manifest:
             return f"no {array} array"
     return None
@@ -292,6 +295,7 @@ class StagedScan:
         self.work.mkdir()
         self.image: ShardedArrayWriter | None = None
         self.mask: ShardedArrayWriter | None = None
+        self.extra_channels: list[ShardedArrayWriter] = []  # image_c1, image_c2, ...
         self.steps: list[ArrayStep] = [step(self) for step in ARRAY_STEPS]
         self.bytes_written = 0
         self.published = False
@@ -302,9 +306,8 @@ class StagedScan:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for writer in (self.image, self.mask):
-            if writer is not None:
-                writer.close()
+        for writer in self._writers():
+            writer.close()
         for step in self.steps:  # an aborted scan: steps close what they hold open
             getattr(step, "close", lambda: None)()
         # unpublished: nothing of it is kept; published to object storage: the upload's source
@@ -317,6 +320,18 @@ class StagedScan:
         native = np.dtype(dtype).newbyteorder("=")  # the store keeps values, not byte orders
         self.image = ShardedArrayWriter(self.work / IMAGE, shape, native, self.layout)
         return self.image
+
+    def create_channel(self, shape: tuple[int, int, int], dtype: np.dtype) -> ShardedArrayWriter:
+        """The next image channel's array (``image_c1``, then ``image_c2``, ...): the same
+        layout as ``image``, so a loader reads all channels of a window with the same chunks."""
+        name = channel_names(len(self.extra_channels) + 2)[-1]
+        native = np.dtype(dtype).newbyteorder("=")
+        writer = ShardedArrayWriter(self.work / name, shape, native, self.layout)
+        self.extra_channels.append(writer)
+        return writer
+
+    def _writers(self) -> list[ShardedArrayWriter]:
+        return [w for w in (self.image, self.mask, *self.extra_channels) if w is not None]
 
     def create_mask(self, shape: tuple[int, ...]) -> ShardedArrayWriter:
         self.mask = ShardedArrayWriter(self.work / MASK, shape, np.dtype(np.uint8), self.layout)
@@ -332,12 +347,11 @@ class StagedScan:
         the folder as the scan's new version; returns the attributes."""
         if self.image is None:
             raise ValueError(f"{self.scan_id}: no image array written")
-        for writer in (self.image, self.mask):
-            if writer is not None and writer.pending:
+        for writer in self._writers():
+            if writer.pending:
                 raise ValueError(f"{self.scan_id}: {writer.path.name} has slices not written yet")
-        for writer in (self.image, self.mask):
-            if writer is not None:
-                writer.close()  # every shard index written before the manifest counts bytes
+        for writer in self._writers():
+            writer.close()  # every shard index written before the manifest counts bytes
         self.stats = stats
         extra: dict[str, Any] = {}
         for step in self.steps:
@@ -349,6 +363,7 @@ class StagedScan:
             "shape": list(self.image.shape),
             "dtype": self.image.dtype.name,
             "num_classes": num_classes,
+            "channels": 1 + len(self.extra_channels),
             "layout": self.layout.to_json(),
             "scancache_format": FORMAT_VERSION,
             **stats.to_attrs(),
@@ -407,12 +422,14 @@ def write_scan(
     mask: np.ndarray | None,
     attrs: dict[str, Any],
     layout: ChunkLayout | None = None,
+    extra_channels: Sequence[np.ndarray] = (),
 ) -> dict[str, Any]:
     """Write one scan and publish it atomically. Returns the scan's attributes.
 
-    ``image`` is (H, W, D); ``mask`` is (H, W, D, C) binary or None. ``attrs`` holds the
-    caller's attributes (split, subject_id, ..., fingerprint); shape, dtype, classes and
-    statistics are computed here.
+    ``image`` is (H, W, D); ``mask`` is (H, W, D, C) binary or None; ``extra_channels`` the
+    image's channels 1, 2, ... (each (H, W, D), stored as ``image_c1``, ...). ``attrs`` holds
+    the caller's attributes (split, subject_id, ..., fingerprint); shape, dtype, classes,
+    channels and statistics are computed here.
     """
     validate_scan_id(scan_id)
     layout = layout or ChunkLayout()
@@ -421,18 +438,31 @@ def write_scan(
     if mask is not None and (mask.ndim != 4 or mask.shape[:3] != image.shape):
         raise ValueError(f"{scan_id}: mask shape {mask.shape} does not match image {image.shape}")
     with StagedScan(root, scan_id, layout) as staged:
-        return staged.publish(attrs, write_arrays(staged, image, mask))
+        return staged.publish(attrs, write_arrays(staged, image, mask, extra_channels))
 
 
-def write_arrays(staged: StagedScan, image: np.ndarray, mask: np.ndarray | None) -> ScanStatistics:
-    """Write whole in-memory arrays into a staged scan, slab by slab; returns their statistics."""
-    image_out = staged.create_image((image.shape[0], image.shape[1], image.shape[2]), image.dtype)
+def write_arrays(
+    staged: StagedScan,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    extra_channels: Sequence[np.ndarray] = (),
+) -> ScanStatistics:
+    """Write whole in-memory arrays into a staged scan, slab by slab; returns their statistics
+    (the intensity statistics are channel 0's)."""
+    shape = (image.shape[0], image.shape[1], image.shape[2])
+    for k, channel in enumerate(extra_channels, start=1):
+        if channel.shape != shape:
+            raise ValueError(f"{staged.scan_id}: channel {k} has shape {channel.shape}, channel 0 {shape}")
+    image_out = staged.create_image(shape, image.dtype)
+    channel_outs = [staged.create_channel(shape, channel.dtype) for channel in extra_channels]
     mask_out = None if mask is None else staged.create_mask(mask.shape)
     stats = ScanStatistics()
     depth = image_out.slab_depth
     for z0 in range(0, image.shape[2], depth):
         block = image[:, :, z0 : z0 + depth]
         image_out.write_slab(z0, block)
+        for channel, out in zip(extra_channels, channel_outs, strict=True):
+            out.write_slab(z0, channel[:, :, z0 : z0 + depth])
         stats.add_image(block)
         mask_block = None
         if mask is not None and mask_out is not None:
