@@ -109,6 +109,27 @@ def shape3(text: str) -> tuple[int, int, int]:
     return values[0], values[1], values[2]
 
 
+def class_names_arg(text: str) -> tuple[str, ...]:
+    """``--class-names femur,tibia,patella``: one non-empty name per class, no name twice."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name; give names like a,b,c")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{text!r} names {twice[0]!r} twice")
+    return names
+
+
+def spacing_arg(text: str) -> tuple[float, float, float]:
+    """``--spacing 0.365,0.365,0.7``: mm along the stored axes (y, x, z)."""
+    from store.ome import zyx_checked
+
+    try:
+        return zyx_checked([float(p) for p in text.split(",")])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three positive numbers SY,SX,SZ (mm)") from None
+
+
 # -- subcommands ------------------------------------------------------------------------------
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from service.layouts import chunks_text
@@ -131,6 +152,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         wait=args.wait,
         prune=args.prune,
         grace_s=args.grace,
+        class_names=args.class_names,
+        spacing=args.spacing,
     )
     print(summary.report(), flush=True)
     return summary.exit_code
@@ -304,12 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocess",
         help="convert a source folder into a store (Dask job)",
         description="Convert every scan under SOURCE (2D .im/.seg slices or 3D .h5 volumes; "
-        "first-level folders are splits) into the Zarr v3 store STORE. Scans already in the "
+        "first-level folders are splits; or an nnU-Net raw dataset: a folder with dataset.json, "
+        "imagesTr/, labelsTr/, NIfTI files) into the Zarr v3 store STORE. Scans already in the "
         "store with unchanged sources are skipped; a killed run resumes when re-run. One job "
         "per store at a time (STORE/.lock). A re-converted scan is published as a new version; "
         "readers switch to it atomically. Exits 1 if any scan failed.",
     )
-    p.add_argument("source", metavar="SOURCE", help="folder of MedSegPy input files")
+    p.add_argument(
+        "source", metavar="SOURCE", help="folder of MedSegPy input files, or an nnU-Net dataset folder"
+    )
     p.add_argument("store", metavar="STORE", help="store folder (created if missing)")
     p.add_argument(
         "--scheduler",
@@ -361,6 +387,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep a replaced or removed scan version this long for readers still using it, "
         "then delete it at the end of a later job (default: %(default)s)",
+    )
+    p.add_argument(
+        "--class-names",
+        type=class_names_arg,
+        default=(),
+        metavar="A,B,C",
+        help="MedSegPy sources: one name per mask class, in class order (default: class 0, class 1, ...)",
+    )
+    p.add_argument(
+        "--spacing",
+        type=spacing_arg,
+        default=None,
+        metavar="SY,SX,SZ",
+        help="MedSegPy sources: voxel size in mm along the stored axes, for scans whose files give none "
+        "(default: 1,1,1)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output, only the summary")
     p.set_defaults(func=cmd_preprocess)

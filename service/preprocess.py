@@ -23,14 +23,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from service.nifti_source import load_case
+from service.nnunet_dataset import NIFTI_KIND
 from service.slice_files import SliceReader, load_scan
-from service.sources import ScanSpec, discover, fingerprint
+from service.sources import ScanOptions, ScanSpec, discover, fingerprint
 from store import publish
 from store import writer as store_mod
 from store.errors import SourceError, one_line
@@ -164,12 +166,20 @@ def _convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str 
             "sources": {"files": len(spec.files), "bytes": source_bytes},
         }
         with store_mod.StagedScan(store, spec.scan_id, layout, staging) as staged:
-            if spec.kind == "2d":
-                stats = _stream_slices(SliceReader(spec), staged, attrs)
+            if spec.kind == NIFTI_KIND:
+                case = load_case(spec)
+                attrs.update(case.attrs)
+                stats = store_mod.write_arrays(staged, case.image, case.mask, case.extra_channels)
+            elif spec.kind == "2d":
+                reader = SliceReader(spec)
+                attrs.update(user_geometry(spec, reader.spacing, reader.num_classes))
+                stats = _stream_slices(reader, staged, attrs)
             else:
                 scan = load_scan(spec)
                 if scan.spacing is not None:
                     attrs["spacing"] = scan.spacing
+                num_classes = 0 if scan.mask is None else int(scan.mask.shape[3])
+                attrs.update(user_geometry(spec, scan.spacing, num_classes))
                 stats = store_mod.write_arrays(staged, scan.image, scan.mask)
             staged.publish(attrs, stats)
         warning = ""
@@ -193,6 +203,26 @@ def _convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str 
         return ScanResult(
             spec.scan_id, FAILED, f"{spec.scan_id}: (store): {type(err).__name__}: {why}", worker=worker
         )
+
+
+def user_geometry(spec: ScanSpec, source_spacing: list[float] | None, num_classes: int) -> dict[str, Any]:
+    """The attributes ``--spacing`` and ``--class-names`` give a MedSegPy scan: the spacing
+    (and ``affine`` = diag(spacing, 1)) only where the source has none; the class names, whose
+    count must be the scan's number of classes."""
+    out: dict[str, Any] = {}
+    options = spec.options
+    if options.spacing is not None and source_spacing is None:
+        out["spacing"] = list(options.spacing)
+        out["affine"] = np.diag([*options.spacing, 1.0]).tolist()
+    if options.class_names and num_classes:
+        if len(options.class_names) != num_classes:
+            raise SourceError(
+                spec.scan_id,
+                spec.files[-1],
+                f"--class-names gives {len(options.class_names)} names, the scan has {num_classes} classes",
+            )
+        out["class_names"] = list(options.class_names)
+    return out
 
 
 def _stream_slices(
@@ -308,6 +338,8 @@ def run_preprocess(
     prune: bool = False,
     grace_s: float = publish.DEFAULT_GRACE_S,
     dashboard: str | None = None,
+    class_names: tuple[str, ...] = (),
+    spacing: tuple[float, float, float] | None = None,
 ) -> Summary:
     """Convert every scan of ``source`` into ``store``; returns the summary.
 
@@ -317,11 +349,15 @@ def run_preprocess(
     raise: they are failures in the summary. ``prune`` removes scans whose sources are gone;
     versions superseded more than ``grace_s`` seconds ago are deleted at the end.
     ``dashboard``: serve the local cluster's Dask dashboard at this address (none by default).
+    ``class_names`` and ``spacing`` (MedSegPy sources only; ``ValueError`` for an nnU-Net
+    dataset, which has its own): every scan's class names, and its spacing in mm where the
+    source has none.
     """
     started = time.monotonic()
     stream = stream or sys.stderr
     layout = layout or ChunkLayout()
     found = discover(source)
+    found.scans = with_user_options(found.scans, class_names, spacing)
     location = str(store) if is_s3_url(str(store)) else Path(store).resolve()
     storage = store_mod.ensure_store(location)
     summary = Summary()
@@ -363,6 +399,22 @@ def run_preprocess(
         summary.removed_versions = len(storage.remove_old_versions(grace_s))
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def with_user_options(
+    specs: list[ScanSpec], class_names: tuple[str, ...], spacing: tuple[float, float, float] | None
+) -> list[ScanSpec]:
+    """The scans with ``--class-names``/``--spacing`` in their options (and so in their
+    fingerprints: changing them re-converts)."""
+    if not class_names and spacing is None:
+        return specs
+    if any(spec.kind == NIFTI_KIND for spec in specs):
+        raise ValueError(
+            "--class-names and --spacing are for MedSegPy sources; an nnU-Net dataset names its classes "
+            "in dataset.json and each NIfTI file has its own spacing"
+        )
+    options = ScanOptions(class_names=tuple(class_names), spacing=spacing)
+    return [replace(spec, options=options) for spec in specs]
 
 
 def _convert_all(

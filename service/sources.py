@@ -9,6 +9,8 @@ Two input formats (the same ones MedSegPy reads):
   a ``spacing`` attribute; the scan key is the stem.
 
 The first-level folder under the source becomes the scan's ``split`` (``train``/``valid``/...).
+A folder holding a ``dataset.json`` is an nnU-Net raw dataset instead (NIfTI files:
+``service/nnunet_dataset.py`` finds its cases, ``service/nifti_source.py`` reads them).
 Discovery only looks at names and folders (cheap, on the client, no HDF5); reading and checking
 a scan's files is ``service.slice_files`` (on a Dask worker). Every problem is a
 ``SourceError`` whose message is one line: ``scan: file: why``.
@@ -35,18 +37,44 @@ _NAME_HELP = "name does not parse as <subject>_V<visit>-Aug<aug>_<slice>"
 
 
 @dataclass(frozen=True)
+class ScanOptions:
+    """What converting a scan needs besides its files, part of its fingerprint: given by the
+    user for MedSegPy sources (``--class-names``, ``--spacing``) or by an nnU-Net dataset's
+    ``dataset.json`` (class names, label values, channel names)."""
+
+    class_names: tuple[str, ...] = ()
+    spacing: tuple[float, float, float] | None = None  # mm, used where the source has none
+    label_values: tuple[int, ...] = ()  # NIfTI: the source label value of each class
+    channel_names: tuple[str, ...] = ()  # NIfTI: the image channels' names
+
+    def to_json(self) -> dict[str, Any]:
+        """The options given (empty for none: a scan without options keeps its fingerprint)."""
+        out: dict[str, Any] = {}
+        if self.class_names:
+            out["class_names"] = list(self.class_names)
+        if self.spacing is not None:
+            out["spacing"] = list(self.spacing)
+        if self.label_values:
+            out["label_values"] = list(self.label_values)
+        if self.channel_names:
+            out["channel_names"] = list(self.channel_names)
+        return out
+
+
+@dataclass(frozen=True)
 class ScanSpec:
     """One scan found in a source: which files make it up (paths relative to ``root``)."""
 
     scan_id: str
     root: str
-    kind: str  # "2d" or "3d"
+    kind: str  # "2d", "3d" or "nifti" (service/nnunet_dataset.py)
     split: str | None
     subject_id: int | None
     time_point: int | None
     augmentation: int | None
     image_files: tuple[str, ...]  # 2D: one per slice, slice 1 first; 3D: the one .h5 file
-    mask_files: tuple[str, ...] = ()  # 2D only; empty for an image-only scan
+    mask_files: tuple[str, ...] = ()  # 2D (and NIfTI: the label file); empty for an image-only scan
+    options: ScanOptions = ScanOptions()
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -94,6 +122,10 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
         raise EmptySource(f"{source}: is a file; SOURCE must be the folder holding the scans")
     if not root.is_dir():
         raise EmptySource(f"{source}: source folder does not exist")
+    from service import nnunet_dataset  # imported here: it builds on this module's types
+
+    if nnunet_dataset.is_dataset(root):  # an nnU-Net / Decathlon raw dataset, not MedSegPy files
+        return nnunet_dataset.discover_dataset(root)
     found = Discovery(root=root)
     refused: set[str] = set()  # scan keys with a refused file: not converted at all
     visited = {str(root)}
@@ -218,13 +250,17 @@ def _contiguous(key: str, numbers: dict[int, list[str]], suffix: str) -> tuple[s
 
 # -- fingerprint ------------------------------------------------------------------------------
 def fingerprint(spec: ScanSpec, layout: ChunkLayout) -> tuple[str, int]:
-    """sha256 over the sources' (relative path, size, mtime) and the layout; and total bytes.
+    """sha256 over the sources' (relative path, size, mtime), the layout and the scan's options
+    (``ScanOptions``); and total bytes.
 
     Stat'ed before reading: a file changed while the job reads it gets a new fingerprint on
     the next run and is redone.
     """
     digest = hashlib.sha256()
     digest.update(json.dumps({"format": FORMAT_VERSION, "layout": layout.to_json()}).encode())
+    options = spec.options.to_json()
+    if options:  # only then: scans converted before options existed keep their fingerprint
+        digest.update(json.dumps(options, sort_keys=True).encode())
     total = 0
     for rel in sorted(spec.files):
         try:

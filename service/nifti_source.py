@@ -1,0 +1,190 @@
+"""Reading one NIfTI case (``service/nnunet_dataset.py`` finds them) with nibabel, losslessly.
+
+* Voxels as nibabel gives them through ``img.dataobj``: the header's scl_slope/scl_inter
+  applied where it has them (float), the stored integers as they are where it has none.
+* Geometry: the affine nibabel chooses (``img.affine``: the sform before the qform). The case
+  is reoriented by axis permutations and flips only, so that the stored axes (0, 1, 2) point
+  to (P, L, S): an axial slice ``[:, :, k]`` shows upright as radiologists view it. The
+  stored ``affine`` is the source's composed with that reorientation, so stored voxels and
+  stored affine describe exactly the source's world image; ``spacing`` is the voxel size
+  along the stored axes. Back to the source's voxel order:
+  ``ornt_transform(io_orientation(affine), io_orientation(source_affine))``.
+* Labels: an integer-valued label map on the image's grid; mask channel c is
+  ``label == label_values[c]`` (the dataset's c-th non-background label).
+
+Every problem is a ``SourceError`` naming the case, the file and why, in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.sources import ScanSpec
+from store.errors import SourceError, one_line
+
+STORED_AXCODES = ("P", "L", "S")  # where stored axes 0, 1, 2 point (nibabel axis codes)
+GRID_TOLERANCE_MM = 1e-4  # label/channel affines equal to the image's within this (float32 headers)
+
+
+@dataclass
+class NiftiCase:
+    """A case read and reoriented: channel 0, channels 1.., the binary mask, the attributes."""
+
+    image: np.ndarray  # (H, W, D), stored orientation
+    extra_channels: list[np.ndarray] = field(default_factory=list)
+    mask: np.ndarray | None = None  # (H, W, D, C) uint8
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> list[float]:
+        return [float(s) for s in self.attrs["spacing"]]
+
+
+def stored_orientation(affine: np.ndarray) -> np.ndarray:
+    """The nibabel orientation transform from a source's voxel axes to the stored ones."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    return ornt_transform(io_orientation(affine), axcodes2ornt(STORED_AXCODES))
+
+
+def stored_affine(source_affine: np.ndarray, transform: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Stored voxel index -> world: the source affine composed with the reorientation's inverse
+    (what nibabel's ``as_reoriented`` does)."""
+    from nibabel.orientations import inv_ornt_aff
+
+    return np.asarray(source_affine @ inv_ornt_aff(transform, shape[:3]), dtype=np.float64)
+
+
+@dataclass
+class _Volume:
+    data: np.ndarray  # 3D, or 4D for a Decathlon multi-channel file
+    affine: np.ndarray
+
+
+def _read(spec: ScanSpec, rel: str) -> _Volume:
+    """One NIfTI file's voxels (scaled as nibabel scales them) and best affine."""
+    import nibabel as nib
+
+    path = Path(spec.root) / rel
+    try:
+        img = nib.load(path)
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise SourceError(spec.scan_id, rel, f"not a NIfTI image ({type(img).__name__})")
+        data = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except SourceError:
+        raise
+    except FileNotFoundError:
+        raise SourceError(spec.scan_id, rel, "file not found") from None
+    except Exception as err:  # truncated gzip, bad header, ...: this case fails, others go on
+        raise SourceError(
+            spec.scan_id, rel, f"cannot read as NIfTI: {type(err).__name__}: {one_line(err, 160)}"
+        ) from None
+    if data.dtype.kind not in "iuf" or data.dtype.fields is not None:
+        raise SourceError(spec.scan_id, rel, f"voxel type {data.dtype} is not a real number type")
+    while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1): one volume
+        data = data[..., 0]
+    if data.ndim == 2:  # a 2D image: one slice
+        data = data[..., np.newaxis]
+    if data.ndim not in (3, 4) or min(data.shape) < 1:
+        raise SourceError(spec.scan_id, rel, f"image of shape {list(data.shape)} is not 3D")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise SourceError(spec.scan_id, rel, "its affine is degenerate (zero or non-finite voxel axes)")
+    return _Volume(data, affine)
+
+
+def _check_grid(spec: ScanSpec, rel: str, what: str, volume: _Volume, reference: _Volume, first: str) -> None:
+    shape, want = volume.data.shape[:3], reference.data.shape[:3]
+    if shape != want:
+        raise SourceError(spec.scan_id, rel, f"{what} grid {list(shape)} differs from the image's {list(want)} ({first})")
+    off = float(np.abs(volume.affine - reference.affine).max())
+    if off > GRID_TOLERANCE_MM:
+        raise SourceError(
+            spec.scan_id, rel, f"{what} affine differs from the image's ({first}) by up to {off:.4g} mm"
+        )
+
+
+def _channel_volumes(spec: ScanSpec, first: _Volume) -> list[np.ndarray]:
+    """Every channel's 3D voxels in source orientation (channel files, or a 4D Decathlon file)."""
+    declared = len(spec.options.channel_names)
+    rel0 = spec.image_files[0]
+    if first.data.ndim == 4:
+        if len(spec.image_files) > 1 or (declared and first.data.shape[3] != declared):
+            want = declared or 1
+            raise SourceError(
+                spec.scan_id, rel0, f"holds {first.data.shape[3]} volumes; dataset.json declares {want} channels"
+            )
+        return [first.data[..., k] for k in range(first.data.shape[3])]
+    if len(spec.image_files) == 1 and declared > 1:
+        raise SourceError(spec.scan_id, rel0, f"holds 1 volume; dataset.json declares {declared} channels")
+    volumes = [first.data]
+    for k, rel in enumerate(spec.image_files[1:], start=1):
+        volume = _read(spec, rel)
+        if volume.data.ndim != 3:
+            raise SourceError(spec.scan_id, rel, f"channel {k} is not one 3D volume")
+        _check_grid(spec, rel, f"channel {k}", volume, first, rel0)
+        volumes.append(volume.data)
+    return volumes
+
+
+def _label_map(spec: ScanSpec, rel: str, volume: _Volume) -> np.ndarray:
+    """The label file's values as integers; refuses fractions, non-finite values, and values
+    that dataset.json does not list."""
+    data = volume.data
+    if data.ndim != 3:
+        raise SourceError(spec.scan_id, rel, f"label map of shape {list(data.shape)} is not 3D")
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data) | (data != np.round(data))
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise SourceError(
+                spec.scan_id, rel, f"label file is not integer-valued ({float(data[where])!r} at voxel {list(where)})"
+            )
+        data = data.astype(np.int64)
+    known = {0, *spec.options.label_values}
+    present = np.unique(data)
+    unknown = [int(v) for v in present if int(v) not in known]
+    if unknown:
+        listed = ", ".join(str(v) for v in sorted(known))
+        raise SourceError(spec.scan_id, rel, f"label value {unknown[0]} is not in dataset.json's labels ({listed})")
+    return data
+
+
+def load_case(spec: ScanSpec) -> NiftiCase:
+    """Read, check and reorient one case (every channel and its label map)."""
+    from nibabel.affines import voxel_sizes
+    from nibabel.orientations import apply_orientation
+
+    rel0 = spec.image_files[0]
+    first = _read(spec, rel0)
+    source_shape = first.data.shape[:3]
+    try:
+        transform = stored_orientation(first.affine)
+    except Exception as err:
+        raise SourceError(spec.scan_id, rel0, f"no axis orientation for its affine: {one_line(err, 120)}") from None
+    channels = [apply_orientation(v, transform) for v in _channel_volumes(spec, first)]
+    mask = None
+    if spec.mask_files:
+        rel = spec.mask_files[0]
+        labels = _read(spec, rel)
+        _check_grid(spec, rel, "label", labels, first, rel0)
+        label_map = apply_orientation(_label_map(spec, rel, labels), transform)
+        values = np.asarray(spec.options.label_values, dtype=np.int64)
+        # one byte per voxel and class; a bool array viewed as uint8 is the binary mask
+        mask = (label_map[..., np.newaxis] == values).view(np.uint8)
+    affine = stored_affine(first.affine, transform, source_shape)
+    attrs: dict[str, Any] = {
+        "spacing": [float(s) for s in voxel_sizes(affine)],
+        "affine": affine.tolist(),
+        "source_affine": first.affine.tolist(),
+        "source_shape": [int(n) for n in source_shape],
+        "class_names": list(spec.options.class_names),
+        "label_values": list(spec.options.label_values),
+    }
+    names = spec.options.channel_names or tuple(f"channel {k}" for k in range(len(channels)))
+    attrs["channel_names"] = list(names)
+    return NiftiCase(channels[0], channels[1:], mask, attrs)

@@ -1,0 +1,250 @@
+"""nnU-Net raw datasets (and Medical Segmentation Decathlon ones): reading dataset.json, finding cases.
+
+Layout (nnU-Net v2)::
+
+    DATASET/dataset.json
+    DATASET/imagesTr/<case>_0000.nii.gz, <case>_0001.nii.gz, ...   one file per image channel
+    DATASET/labelsTr/<case>.nii.gz                                    integer label map
+    DATASET/imagesTs/..., DATASET/labelsTs/...                        optional; labels optional
+
+A case is a scan: its id is the case identifier, its split ``train`` (``imagesTr``) or ``test``
+(``imagesTs``). ``dataset.json`` comes in two forms, both understood:
+
+* nnU-Net v2: ``"labels": {"background": 0, "liver": 1}`` (name -> value), ``"channel_names":
+  {"0": "CT"}``, ``"file_ending": ".nii.gz"``;
+* Decathlon (and nnU-Net v1): ``"labels": {"0": "background", "1": "liver"}`` (value -> name),
+  ``"modality": {"0": "CT"}``; its ``training``/``test`` lists are not needed, the folders are
+  read (Decathlon's own files have no ``_0000`` suffix: a file ``<case>.nii.gz`` is the whole
+  image, several channels then along its 4th axis).
+
+Class c is the c-th non-background label in increasing value (background: value 0). Only names
+and folders are read here (on the client); ``service/nifti_source.py`` reads the voxels on a
+worker. A problem with one case is a ``SourceError`` for that case only; a dataset.json that
+cannot be used is a ``DatasetError`` (nothing can be converted).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.sources import Discovery, ScanOptions, ScanSpec
+from store.errors import EmptySource, InvalidPath, ScanCacheError, SourceError
+from store.format import validate_scan_id
+
+DATASET_JSON = "dataset.json"
+NIFTI_KIND = "nifti"
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+FOLDERS = (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test"))
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+class DatasetError(ScanCacheError, ValueError):
+    """A dataset.json that does not parse or cannot be used: names the file and why."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What dataset.json says about every case."""
+
+    labels: tuple[tuple[int, str], ...]  # (value, name) of each non-background label, increasing
+    channel_names: tuple[str, ...]  # empty when dataset.json declares none
+    file_endings: tuple[str, ...]
+
+    def options(self) -> ScanOptions:
+        return ScanOptions(
+            class_names=tuple(name for _, name in self.labels),
+            label_values=tuple(value for value, _ in self.labels),
+            channel_names=self.channel_names,
+        )
+
+
+def is_dataset(root: Path) -> bool:
+    return (root / DATASET_JSON).is_file()
+
+
+def read_dataset_json(root: Path) -> DatasetInfo:
+    path = root / DATASET_JSON
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetError(
+            f"{path}: does not parse as JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: cannot read it ({type(err).__name__})") from None
+    if not isinstance(doc, dict):
+        raise DatasetError(f"{path}: must hold a JSON object")
+    if "labels" not in doc:
+        raise DatasetError(f"{path}: has no \"labels\"")
+    labels = _labels(path, doc["labels"])
+    names = doc.get("channel_names", doc.get("modality"))
+    channel_names = () if names is None else _channel_names(path, names)
+    ending = doc.get("file_ending")
+    if ending is None:
+        endings = NIFTI_ENDINGS
+    elif ending in NIFTI_ENDINGS:
+        endings = (ending,)
+    else:
+        raise DatasetError(
+            f"{path}: file_ending {ending!r} is not NIfTI; scancache reads {' and '.join(NIFTI_ENDINGS)}"
+        )
+    return DatasetInfo(labels, channel_names, endings)
+
+
+def _labels(path: Path, raw: Any) -> tuple[tuple[int, str], ...]:
+    """(value, name) of each non-background label, from either form of ``labels``."""
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f"{path}: \"labels\" must be a non-empty object")
+    found: dict[int, str] = {}
+    for key, value in raw.items():
+        if isinstance(value, list):
+            raise DatasetError(
+                f"{path}: label {key!r} is a region ({value}); region-based labels are not supported, "
+                "give each label one value"
+            )
+        if isinstance(value, int) and not isinstance(value, bool):  # nnU-Net v2: name -> value
+            number, name = value, str(key)
+        elif isinstance(value, str) and re.fullmatch(r"\d+", str(key)):  # Decathlon: value -> name
+            number, name = int(key), value
+        else:
+            raise DatasetError(
+                f"{path}: label {key!r}: {value!r} is neither name -> integer value (nnU-Net v2) "
+                "nor value -> name (Decathlon)"
+            )
+        if number < 0:
+            raise DatasetError(f"{path}: label {name!r} has a negative value {number}")
+        if number in found:
+            raise DatasetError(f"{path}: labels {found[number]!r} and {name!r} have the same value {number}")
+        found[number] = name
+    pairs = tuple(sorted((v, n) for v, n in found.items() if v != 0))  # value 0 is background
+    if not pairs:
+        raise DatasetError(f"{path}: \"labels\" names no label besides background (value 0)")
+    return pairs
+
+
+def _channel_names(path: Path, raw: Any) -> tuple[str, ...]:
+    """``channel_names`` / ``modality``: {"0": name, "1": name, ...}, channels 0..K-1."""
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f"{path}: \"channel_names\" (or \"modality\") must be a non-empty object")
+    try:
+        numbered = {int(k): str(v) for k, v in raw.items()}
+    except ValueError:
+        raise DatasetError(f"{path}: channel_names keys must be channel numbers 0, 1, ...") from None
+    if sorted(numbered) != list(range(len(numbered))):
+        raise DatasetError(f"{path}: channel_names must number the channels 0..{len(numbered) - 1}")
+    return tuple(numbered[k] for k in range(len(numbered)))
+
+
+def _strip_ending(name: str, endings: tuple[str, ...]) -> str | None:
+    for ending in endings:
+        if name.endswith(ending) and len(name) > len(ending):
+            return name[: -len(ending)]
+    return None
+
+
+def _listing(root: Path, folder: str, endings: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(stem, relative path) of the NIfTI files in a dataset folder, sorted; others ignored."""
+    where = root / folder
+    if not where.is_dir():
+        return []
+    out = []
+    for entry in sorted(where.iterdir()):
+        stem = _strip_ending(entry.name, endings)
+        if stem is not None and not entry.name.startswith(".") and entry.is_file():
+            out.append((stem, f"{folder}/{entry.name}"))
+    return out
+
+
+def discover_dataset(root: Path) -> Discovery:
+    """The dataset's cases as ``ScanSpec``s (kind ``nifti``) and the cases that cannot be
+    converted as failures. Raises ``DatasetError`` for an unusable dataset.json and
+    ``EmptySource`` when no folder holds an image."""
+    info = read_dataset_json(root)
+    found = Discovery(root=root)
+    seen: dict[str, str] = {}  # case -> the images folder it was found in
+    any_image = False
+    for images, labels, split in FOLDERS:
+        image_files = _listing(root, images, info.file_endings)
+        any_image = any_image or bool(image_files)
+        label_files = _listing(root, labels, info.file_endings)
+        channels: dict[str, dict[int | None, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for stem, rel in image_files:
+            match = _CHANNEL_FILE.match(stem)
+            if match is None:  # Decathlon: the whole image in one file
+                channels[stem][None].append(rel)
+            else:
+                channels[match["case"]][int(match["channel"])].append(rel)
+        label_of: dict[str, list[str]] = defaultdict(list)
+        for stem, rel in label_files:
+            label_of[stem].append(rel)
+        for case in sorted(set(label_of) - set(channels)):
+            found.failures.append(SourceError(case, label_of[case][0], f"label file without an image in {images}/"))
+        for case in sorted(channels):
+            try:
+                if case in seen:
+                    raise SourceError(case, f"{images}/", f"case also in {seen[case]}/")
+                seen[case] = images
+                found.scans.append(
+                    _case_spec(root, info, case, split, images, labels, channels[case], label_of.get(case, []))
+                )
+            except SourceError as err:
+                found.failures.append(err)
+    if not any_image:
+        raise EmptySource(
+            f"{root}: has a dataset.json but no {' or '.join(info.file_endings)} images in imagesTr/ or imagesTs/"
+        )
+    return found
+
+
+def _case_spec(
+    root: Path,
+    info: DatasetInfo,
+    case: str,
+    split: str,
+    images: str,
+    labels: str,
+    files: dict[int | None, list[str]],
+    label_files: list[str],
+) -> ScanSpec:
+    first = next(iter(files.values()))[0]
+    try:
+        validate_scan_id(case)
+    except InvalidPath:
+        raise SourceError(case, first, "case identifier not usable as a scan id (letters, digits, '.', '_', '-')") from None
+    for paths in [*files.values(), label_files]:
+        if len(paths) > 1:
+            raise SourceError(case, paths[1], f"duplicate file (also {paths[0]})")
+    ending = next(e for e in info.file_endings if first.endswith(e))
+    if None in files:
+        if len(files) > 1:
+            numbered = next(paths[0] for key, paths in files.items() if key is not None)
+            raise SourceError(case, numbered, f"case given both as {first} and as channel files")
+        image_files: tuple[str, ...] = (files[None][0],)  # channels (if several) along the 4th axis
+    else:
+        count = len(info.channel_names) or max(k for k in files if k is not None) + 1
+        for k in sorted(k for k in files if k is not None and k >= count):
+            raise SourceError(case, files[k][0], f"channel {k}, but dataset.json declares {count} channels")
+        for k in range(count):
+            if k not in files:
+                name = f" ({info.channel_names[k]})" if info.channel_names else ""
+                raise SourceError(case, f"{images}/{case}_{k:04d}{ending}", f"missing channel {k}{name}")
+        image_files = tuple(files[k][0] for k in range(count))
+    if not label_files and split == "train":
+        raise SourceError(case, f"{labels}/{case}{ending}", f"no label file for this case of {images}/")
+    return ScanSpec(
+        case,
+        str(root),
+        NIFTI_KIND,
+        split,
+        None,
+        None,
+        None,
+        image_files,
+        tuple(label_files[:1]),
+        info.options(),
+    )
