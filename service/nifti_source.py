@@ -100,7 +100,9 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
 def _check_grid(spec: ScanSpec, rel: str, what: str, volume: _Volume, reference: _Volume, first: str) -> None:
     shape, want = volume.data.shape[:3], reference.data.shape[:3]
     if shape != want:
-        raise SourceError(spec.scan_id, rel, f"{what} grid {list(shape)} differs from the image's {list(want)} ({first})")
+        raise SourceError(
+            spec.scan_id, rel, f"{what} grid {list(shape)} differs from the image's {list(want)} ({first})"
+        )
     off = float(np.abs(volume.affine - reference.affine).max())
     if off > GRID_TOLERANCE_MM:
         raise SourceError(
@@ -116,7 +118,9 @@ def _channel_volumes(spec: ScanSpec, first: _Volume) -> list[np.ndarray]:
         if len(spec.image_files) > 1 or (declared and first.data.shape[3] != declared):
             want = declared or 1
             raise SourceError(
-                spec.scan_id, rel0, f"holds {first.data.shape[3]} volumes; dataset.json declares {want} channels"
+                spec.scan_id,
+                rel0,
+                f"holds {first.data.shape[3]} volumes; dataset.json declares {want} channels",
             )
         return [first.data[..., k] for k in range(first.data.shape[3])]
     if len(spec.image_files) == 1 and declared > 1:
@@ -142,7 +146,9 @@ def _label_map(spec: ScanSpec, rel: str, volume: _Volume) -> np.ndarray:
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise SourceError(
-                spec.scan_id, rel, f"label file is not integer-valued ({float(data[where])!r} at voxel {list(where)})"
+                spec.scan_id,
+                rel,
+                f"label file is not integer-valued ({float(data[where])!r} at voxel {list(where)})",
             )
         data = data.astype(np.int64)
     known = {0, *spec.options.label_values}
@@ -150,7 +156,9 @@ def _label_map(spec: ScanSpec, rel: str, volume: _Volume) -> np.ndarray:
     unknown = [int(v) for v in present if int(v) not in known]
     if unknown:
         listed = ", ".join(str(v) for v in sorted(known))
-        raise SourceError(spec.scan_id, rel, f"label value {unknown[0]} is not in dataset.json's labels ({listed})")
+        raise SourceError(
+            spec.scan_id, rel, f"label value {unknown[0]} is not in dataset.json's labels ({listed})"
+        )
     return data
 
 
@@ -165,7 +173,9 @@ def load_case(spec: ScanSpec) -> NiftiCase:
     try:
         transform = stored_orientation(first.affine)
     except Exception as err:
-        raise SourceError(spec.scan_id, rel0, f"no axis orientation for its affine: {one_line(err, 120)}") from None
+        raise SourceError(
+            spec.scan_id, rel0, f"no axis orientation for its affine: {one_line(err, 120)}"
+        ) from None
     channels = [apply_orientation(v, transform) for v in _channel_volumes(spec, first)]
     mask = None
     if spec.mask_files:

@@ -80,7 +80,7 @@ def read_dataset_json(root: Path) -> DatasetInfo:
     if not isinstance(doc, dict):
         raise DatasetError(f"{path}: must hold a JSON object")
     if "labels" not in doc:
-        raise DatasetError(f"{path}: has no \"labels\"")
+        raise DatasetError(f'{path}: has no "labels"')
     labels = _labels(path, doc["labels"])
     names = doc.get("channel_names", doc.get("modality"))
     channel_names = () if names is None else _channel_names(path, names)
@@ -99,7 +99,7 @@ def read_dataset_json(root: Path) -> DatasetInfo:
 def _labels(path: Path, raw: Any) -> tuple[tuple[int, str], ...]:
     """(value, name) of each non-background label, from either form of ``labels``."""
     if not isinstance(raw, dict) or not raw:
-        raise DatasetError(f"{path}: \"labels\" must be a non-empty object")
+        raise DatasetError(f'{path}: "labels" must be a non-empty object')
     found: dict[int, str] = {}
     for key, value in raw.items():
         if isinstance(value, list):
@@ -123,14 +123,14 @@ def _labels(path: Path, raw: Any) -> tuple[tuple[int, str], ...]:
         found[number] = name
     pairs = tuple(sorted((v, n) for v, n in found.items() if v != 0))  # value 0 is background
     if not pairs:
-        raise DatasetError(f"{path}: \"labels\" names no label besides background (value 0)")
+        raise DatasetError(f'{path}: "labels" names no label besides background (value 0)')
     return pairs
 
 
 def _channel_names(path: Path, raw: Any) -> tuple[str, ...]:
     """``channel_names`` / ``modality``: {"0": name, "1": name, ...}, channels 0..K-1."""
     if not isinstance(raw, dict) or not raw:
-        raise DatasetError(f"{path}: \"channel_names\" (or \"modality\") must be a non-empty object")
+        raise DatasetError(f'{path}: "channel_names" (or "modality") must be a non-empty object')
     try:
         numbered = {int(k): str(v) for k, v in raw.items()}
     except ValueError:
@@ -183,14 +183,18 @@ def discover_dataset(root: Path) -> Discovery:
         for stem, rel in label_files:
             label_of[stem].append(rel)
         for case in sorted(set(label_of) - set(channels)):
-            found.failures.append(SourceError(case, label_of[case][0], f"label file without an image in {images}/"))
+            found.failures.append(
+                SourceError(case, label_of[case][0], f"label file without an image in {images}/")
+            )
         for case in sorted(channels):
             try:
                 if case in seen:
                     raise SourceError(case, f"{images}/", f"case also in {seen[case]}/")
                 seen[case] = images
                 found.scans.append(
-                    _case_spec(root, info, case, split, images, labels, channels[case], label_of.get(case, []))
+                    _case_spec(
+                        root, info, case, split, images, labels, channels[case], label_of.get(case, [])
+                    )
                 )
             except SourceError as err:
                 found.failures.append(err)
@@ -215,7 +219,9 @@ def _case_spec(
     try:
         validate_scan_id(case)
     except InvalidPath:
-        raise SourceError(case, first, "case identifier not usable as a scan id (letters, digits, '.', '_', '-')") from None
+        raise SourceError(
+            case, first, "case identifier not usable as a scan id (letters, digits, '.', '_', '-')"
+        ) from None
     for paths in [*files.values(), label_files]:
         if len(paths) > 1:
             raise SourceError(case, paths[1], f"duplicate file (also {paths[0]})")

@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from service.nifti_source import load_case
+from service.nnunet_dataset import NIFTI_KIND
 from service.slice_files import LoadedScan, load_scan
 from service.sources import ScanSpec, discover
 from store.errors import SourceError, one_line
-from store.format import IMAGE, MASK
+from store.format import IMAGE, MASK, channel_names
 from store.storage import Storage, is_s3_url
 from store.writer import check_store, manifest_mismatch, published_scan_ids
 
@@ -97,9 +99,27 @@ def _first_difference(stored: np.ndarray, truth: np.ndarray) -> str:
     return f"{len(where)} voxels differ, first at {index}: store {stored[index]!r}, source {truth[index]!r}"
 
 
+@dataclass
+class _Source:
+    """A scan as its source files give it: MedSegPy's arrays, or a NIfTI case read and
+    reoriented as the job stores it (its other channels and geometry attributes too)."""
+
+    scan: LoadedScan
+    extra_channels: list[np.ndarray] = field(default_factory=list)
+    geometry: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_source(spec: ScanSpec) -> _Source:
+    if spec.kind != NIFTI_KIND:
+        return _Source(load_scan(spec))
+    case = load_case(spec)
+    geometry = {k: case.attrs[k] for k in ("affine", "spacing", "source_affine", "label_values")}
+    return _Source(LoadedScan(case.image, case.mask, case.spacing), case.extra_channels, geometry)
+
+
 def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
     try:
-        source = load_scan(spec)
+        source = _load_source(spec)
     except SourceError as err:
         return VerifyLine(spec.scan_id, FAILED, f"{err.file}: {err.why}")
     except Exception as err:  # MemoryError and the like: this scan is bad, the run goes on
@@ -127,8 +147,23 @@ def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
 
 
 def _compare_arrays(
-    store: Storage, folder: str, spec: ScanSpec, source: LoadedScan, attrs: dict[str, Any]
+    store: Storage, folder: str, spec: ScanSpec, loaded: _Source, attrs: dict[str, Any]
 ) -> VerifyLine:
+    source = loaded.scan
+    for key, want in loaded.geometry.items():
+        if not np.allclose(np.asarray(attrs.get(key), dtype=np.float64), np.asarray(want), rtol=0, atol=1e-9):
+            return VerifyLine(spec.scan_id, MISMATCH, f"{key} {attrs.get(key)}, source {want}")
+    stored_channels = int(attrs.get("channels", 1))
+    if stored_channels != 1 + len(loaded.extra_channels):
+        return VerifyLine(
+            spec.scan_id, MISMATCH, f"{stored_channels} channels, source {1 + len(loaded.extra_channels)}"
+        )
+    for name, channel in zip(channel_names(stored_channels), loaded.extra_channels, strict=True):
+        stored = _read_array(store, folder, name)
+        if stored is None or stored.shape != channel.shape or stored.dtype != channel.dtype:
+            return VerifyLine(spec.scan_id, MISMATCH, f"{name} missing or of another shape or type")
+        if not _equal(stored, channel):
+            return VerifyLine(spec.scan_id, MISMATCH, f"{name}: " + _first_difference(stored, channel))
     image = _read_array(store, folder, IMAGE)
     if image is None:
         return VerifyLine(spec.scan_id, MISSING, "no image array")

@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 
 TEMPLATES = Path("/usr/share/mricron/templates")
-T1, T1_BET, ATLAS, ATLAS_NAMES = (TEMPLATES / n for n in ("ch2.nii.gz", "ch2bet.nii.gz", "aal.nii.gz", "aal.nii.txt"))
+T1, T1_BET, ATLAS, ATLAS_NAMES = (
+    TEMPLATES / n for n in ("ch2.nii.gz", "ch2bet.nii.gz", "aal.nii.gz", "aal.nii.txt")
+)
 CROP = (slice(60, 108), slice(80, 136), slice(70, 110))  # 48 x 56 x 40 voxels through the brain
 KEPT = 10
 
@@ -151,13 +153,23 @@ def write_json(path: Path, doc: dict) -> None:
 
 
 # case -> what it is; every case of build_v2_dataset
-V2_CASES = ("colin_flip", "colin_qform", "colin_ras", "colin_scaled")
+V2_CASES = ("colin_aniso", "colin_flip", "colin_qform", "colin_ras", "colin_scaled")
+ANISO_ZOOMS = (0.7, 1.3, 2.5)  # colin_aniso's voxel size along its source axes (R, A, S)
+
+
+def anisotropic(img, zooms=ANISO_ZOOMS):
+    """The same voxels on a grid of other voxel sizes (a different world image, on purpose)."""
+    import nibabel as nib
+
+    return nib.Nifti1Image(np.asarray(img.dataobj), img.affine @ np.diag([*zooms, 1.0]))
 
 
 def build_v2_dataset(root: Path) -> Path:
-    """nnU-Net v2 dataset, one channel: the crop as is, flipped/permuted, rescaled, qform-only
-    (train) and the crop as a test case with a label (imagesTs/labelsTs)."""
+    """nnU-Net v2 dataset, one channel: the crop as is, flipped/permuted, rescaled, qform-only,
+    anisotropic (train) and the crop as a test case with a label (imagesTs/labelsTs)."""
     c = colin()
+    save(anisotropic(c.t1), root / "imagesTr/colin_aniso_0000.nii.gz")
+    save(anisotropic(c.labels), root / "labelsTr/colin_aniso.nii.gz")
     save(c.t1, root / "imagesTr/colin_ras_0000.nii.gz")
     save(c.labels, root / "labelsTr/colin_ras.nii.gz")
     save(flip_permute(c.t1), root / "imagesTr/colin_flip_0000.nii.gz")

@@ -1,0 +1,240 @@
+"""nnU-Net / Decathlon datasets of real NIfTI files (mricron-data) through `scancache preprocess`:
+voxels, geometry, labels and names checked exactly against nibabel; bad cases fail one by one."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import zarr
+from h5_sources import run_cli
+from nifti_sources import (
+    ANISO_ZOOMS,
+    BAD_CASES,
+    INTER,
+    SLOPE,
+    V2_CASES,
+    build_bad_dataset,
+    build_decathlon_dataset,
+    build_two_channel_dataset,
+    build_v2_dataset,
+    colin,
+    qform_only,
+    requires_mricron,
+)
+
+from store.label_map import LABEL_MAP
+
+pytestmark = requires_mricron
+
+
+def source_on_stored_grid(stored_affine, source_affine, source, shape):
+    """The source's voxels at the stored voxels' world points: stored index i is world point
+    ``A @ i``, which must be a source voxel centre ``B @ j`` (a lossless reorientation maps
+    voxel centres onto voxel centres). Plain numpy on the two affines, no orientation code."""
+    index = np.indices(shape).reshape(3, -1)
+    homogeneous = np.vstack([index, np.ones((1, index.shape[1]))])
+    j = (np.linalg.inv(np.asarray(source_affine)) @ np.asarray(stored_affine) @ homogeneous)[:3]
+    rounded = np.rint(j).astype(np.int64)
+    assert np.abs(j - rounded).max() < 1e-6, "stored voxel centres are source voxel centres"
+    assert (rounded >= 0).all() and all((rounded[a] < source.shape[a]).all() for a in range(3))
+    return source[tuple(rounded)].reshape(shape)
+
+
+def convert(dataset, store, *more):
+    result = run_cli("preprocess", dataset, store, "--workers", "1", "-q", *more)
+    return result
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nifti")
+    dataset, store = build_v2_dataset(root / "Dataset001_Colin"), root / "store"
+    result = convert(dataset, store)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 converted, 0 skipped, 0 failed" in result.stdout
+    return dataset, store
+
+
+def test_voxels_affine_spacing_and_labels_equal_nibabel(v2):
+    import nibabel as nib
+    from nibabel.affines import voxel_sizes
+    from nibabel.orientations import aff2axcodes
+
+    dataset, store = v2
+    group = zarr.open_group(str(store), mode="r")
+    kept = colin().kept
+    for case in (*V2_CASES, "colin_test"):
+        folder = "imagesTs" if case == "colin_test" else "imagesTr"
+        labels_folder = "labelsTs" if case == "colin_test" else "labelsTr"
+        img = nib.load(dataset / f"{folder}/{case}_0000.nii.gz")
+        lab = nib.load(dataset / f"{labels_folder}/{case}.nii.gz")
+        scan = group[case]
+        attrs = dict(scan.attrs)
+        affine = np.asarray(attrs["affine"])
+        assert attrs["split"] == ("test" if case == "colin_test" else "train")
+        assert np.array_equal(np.asarray(attrs["source_affine"]), img.affine), case
+        assert attrs["source_shape"] == list(img.shape)
+        assert aff2axcodes(affine) == ("P", "L", "S"), case
+        assert attrs["spacing"] == pytest.approx(voxel_sizes(affine).tolist(), abs=1e-12)
+        assert attrs["class_names"] == [name for _, name in kept]
+        assert attrs["label_values"] == [value for value, _ in kept]
+        assert attrs["channels"] == 1 and attrs["channel_names"] == ["T1"]
+        image = scan["image"][...]
+        truth = np.asarray(img.dataobj)
+        assert image.dtype == truth.dtype, case
+        assert np.array_equal(image, source_on_stored_grid(affine, img.affine, truth, image.shape)), case
+        label_truth = source_on_stored_grid(affine, lab.affine, np.asarray(lab.dataobj), image.shape)
+        mask = scan["mask"][...]
+        assert mask.shape == (*image.shape, len(kept)) and mask.dtype == np.uint8
+        for c, (value, _) in enumerate(kept):
+            assert np.array_equal(mask[..., c], (label_truth == value).astype(np.uint8)), (case, c)
+        label_map = scan[LABEL_MAP][...]
+        expected_map = np.zeros(image.shape, np.uint8)
+        for c, (value, _) in enumerate(kept):
+            expected_map[label_truth == value] = c + 1
+        assert np.array_equal(label_map, expected_map), case
+
+
+def test_header_rules_sform_qform_scaling_and_spacing(v2):
+    import nibabel as nib
+
+    dataset, store = v2
+    group = zarr.open_group(str(store), mode="r")
+    c = colin()
+    # integer data without scaling stays integer, in its own type
+    assert group["colin_ras"]["image"].dtype == c.t1.get_data_dtype() == np.uint8
+    # scl_slope/scl_inter applied: float, raw * slope + inter
+    scaled = nib.load(dataset / "imagesTr/colin_scaled_0000.nii.gz")
+    header = gzip.decompress((dataset / "imagesTr/colin_scaled_0000.nii.gz").read_bytes())[:348]
+    assert struct.unpack_from("<ff", header, 112) == (SLOPE, INTER)  # scl_slope, scl_inter
+    assert (scaled.dataobj.slope, scaled.dataobj.inter) == (SLOPE, INTER)  # nibabel moves them here
+    stored = group["colin_scaled"]["image"][...]
+    assert stored.dtype.kind == "f"
+    raw = scaled.dataobj.get_unscaled().astype(np.float64) * SLOPE + INTER
+    assert raw.dtype.kind == "f" and np.array_equal(np.unique(stored), np.unique(raw))
+    ras = group["colin_ras"]["image"][...]
+    assert np.array_equal(stored, ras.astype(np.float64) * SLOPE + INTER)
+    # qform only (sform_code 0, a decoy sform matrix): the qform is the affine
+    qform = nib.load(dataset / "imagesTr/colin_qform_0000.nii.gz")
+    assert int(qform.header["sform_code"]) == 0 and int(qform.header["qform_code"]) == 1
+    _, qaffine = qform_only(c.t1)
+    assert np.allclose(group["colin_qform"].attrs["source_affine"], qaffine, rtol=0, atol=1e-5)
+    shifted = np.asarray(group["colin_ras"].attrs["affine"])
+    shifted[:3, 3] += (3.5, -2.0, 7.0)
+    assert np.allclose(group["colin_qform"].attrs["affine"], shifted, rtol=0, atol=1e-5)
+    assert np.array_equal(group["colin_qform"]["image"][...], ras)
+    # the source's sform (mricron's files) is used as it is
+    assert int(c.t1.header["sform_code"]) > 0 and int(c.t1.header["qform_code"]) == 0
+    # stored axes (P, L, S) come from source axes (A, R, S) of a RAS file: spacing follows them
+    sx, sy, sz = ANISO_ZOOMS
+    assert group["colin_aniso"].attrs["spacing"] == pytest.approx([sy, sx, sz], abs=1e-6)
+    assert np.array_equal(group["colin_aniso"]["image"][...], ras)
+
+
+def test_a_reoriented_copy_is_stored_as_the_same_image(v2):
+    """colin_flip holds colin_ras's voxels permuted and flipped with the matching affine: the
+    same world image, so the same stored voxels and the same stored affine."""
+    from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
+
+    _, store = v2
+    group = zarr.open_group(str(store), mode="r")
+    flip, ras = group["colin_flip"], group["colin_ras"]
+    assert np.array_equal(flip["image"][...], ras["image"][...])
+    assert np.array_equal(flip["mask"][...], ras["mask"][...])
+    assert np.allclose(flip.attrs["affine"], ras.attrs["affine"], rtol=0, atol=1e-9)
+    assert not np.allclose(flip.attrs["source_affine"], ras.attrs["source_affine"])
+    # back to the source's voxel order, as docs/store-format.md says
+    affine, source_affine = np.asarray(flip.attrs["affine"]), np.asarray(flip.attrs["source_affine"])
+    back = ornt_transform(io_orientation(affine), io_orientation(source_affine))
+    shape = flip["image"].shape
+    assert np.allclose(affine @ inv_ornt_aff(back, shape), source_affine, atol=1e-9)
+
+
+def test_two_channels_and_the_decathlon_form(tmp_path):
+    import nibabel as nib
+
+    two = build_two_channel_dataset(tmp_path / "two")
+    decathlon = build_decathlon_dataset(tmp_path / "msd")
+    for dataset, store in ((two, tmp_path / "s2"), (decathlon, tmp_path / "sd")):
+        result = convert(dataset, store)
+        assert result.returncode == 0, result.stdout + result.stderr
+    scan = zarr.open_group(str(tmp_path / "s2"), mode="r")["colin2"]
+    assert scan.attrs["channels"] == 2 and scan.attrs["channel_names"] == ["T1", "T1 brain"]
+    affine = np.asarray(scan.attrs["affine"])
+    for name, file in (("image", "colin2_0000"), ("image_c1", "colin2_0001")):
+        img = nib.load(two / f"imagesTr/{file}.nii.gz")
+        stored = scan[name][...]
+        assert stored.dtype == img.get_data_dtype()
+        assert np.array_equal(
+            stored, source_on_stored_grid(affine, img.affine, np.asarray(img.dataobj), stored.shape)
+        )
+    msd = zarr.open_group(str(tmp_path / "sd"), mode="r")
+    train, test = msd["colin_003"], msd["colin_004"]
+    assert train.attrs["split"] == "train" and test.attrs["split"] == "test"
+    assert train.attrs["class_names"] == [n for _, n in colin().kept]
+    assert train.attrs["channel_names"] == ["MRI"]
+    assert test.attrs["num_classes"] == 0 and "mask" not in test  # imagesTs without a label
+    assert np.array_equal(test["image"][...], train["image"][...])  # a flipped copy: same image
+    result = run_cli("verify", decathlon, tmp_path / "sd")
+    assert result.returncode == 0 and "store is exact" in result.stdout
+
+
+def test_each_bad_case_fails_in_one_line_and_the_good_one_converts(tmp_path):
+    dataset, store = build_bad_dataset(tmp_path / "bad"), tmp_path / "store"
+    result = convert(dataset, store)
+    assert result.returncode == 1
+    assert "1 converted, 0 skipped, 7 failed" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines() if line.startswith("  ")]
+    for case, cause in BAD_CASES.items():
+        (line,) = [line for line in lines if line.startswith(f"{case}: ")]
+        assert cause in line, line
+    assert zarr.open_group(str(store), mode="r")["good"].attrs["channels"] == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('{"labels": {"background": 0, "a": 1}', "does not parse as JSON"),
+        ('{"labels": {"background": 0, "tumour": [1, 2]}}', "region-based labels are not supported"),
+        ('{"labels": {"background": 0, "a": 1}, "file_ending": ".png"}', "is not NIfTI"),
+    ],
+)
+def test_an_unusable_dataset_json_is_one_line_naming_it(tmp_path, text, words):
+    dataset = build_two_channel_dataset(tmp_path / "ds")
+    (dataset / "dataset.json").write_text(text)
+    result = convert(dataset, tmp_path / "store")
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert str(dataset / "dataset.json") in line and words in line, line
+
+
+def test_rerun_skips_a_renamed_label_reconverts_and_verify_finds_a_bad_file(v2, tmp_path):
+    dataset, store = v2
+    copy, copy_store = tmp_path / "ds", tmp_path / "store"
+    shutil.copytree(dataset, copy)  # copy2: same sizes and mtimes, so the same fingerprints
+    shutil.copytree(store, copy_store, symlinks=True)
+    again = convert(copy, copy_store)
+    assert "0 converted, 6 skipped, 0 failed" in again.stdout, again.stdout
+    doc = json.loads((copy / "dataset.json").read_text())
+    first_name = next(name for name, value in doc["labels"].items() if value)
+    doc["labels"]["renamed"] = doc["labels"].pop(first_name)
+    (copy / "dataset.json").write_text(json.dumps(doc))
+    renamed = convert(copy, copy_store)
+    assert "6 converted, 0 skipped, 0 failed" in renamed.stdout, renamed.stdout
+    names = zarr.open_group(str(copy_store), mode="r")["colin_ras"].attrs["class_names"]
+    assert names[0] == "renamed"
+    verified = run_cli("verify", copy, copy_store)
+    assert verified.returncode == 0 and "6 ok; store is exact" in verified.stdout, verified.stdout
+    bad = copy / "imagesTr/colin_scaled_0000.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated: one bad file
+    verified = run_cli("verify", copy, copy_store)
+    assert verified.returncode == 1
+    assert "5 ok, 1 failed" in verified.stdout
+    (line,) = [ln for ln in verified.stdout.splitlines() if ln.startswith("FAILED")]
+    assert "colin_scaled: imagesTr/colin_scaled_0000.nii.gz: cannot read as NIfTI" in line
