@@ -85,10 +85,11 @@ def read_dataset_json(root: Path) -> DatasetInfo:
     names = doc.get("channel_names", doc.get("modality"))
     channel_names = () if names is None else _channel_names(path, names)
     ending = doc.get("file_ending")
+    endings: tuple[str, ...]
     if ending is None:
         endings = NIFTI_ENDINGS
     elif ending in NIFTI_ENDINGS:
-        endings = (ending,)
+        endings = (str(ending),)
     else:
         raise DatasetError(
             f"{path}: file_ending {ending!r} is not NIfTI; scancache reads {' and '.join(NIFTI_ENDINGS)}"

@@ -238,3 +238,127 @@ def test_rerun_skips_a_renamed_label_reconverts_and_verify_finds_a_bad_file(v2, 
     assert "5 ok, 1 failed" in verified.stdout
     (line,) = [ln for ln in verified.stdout.splitlines() if ln.startswith("FAILED")]
     assert "colin_scaled: imagesTr/colin_scaled_0000.nii.gz: cannot read as NIfTI" in line
+
+
+def stored_view_of_ras(volume):
+    """A RAS crop as stored (axes P, L, S), by hand: stored[i, j, k] = source[nx-1-j, ny-1-i, k]."""
+    return np.flip(volume.transpose(1, 0, 2), axis=(0, 1))
+
+
+def test_a_loader_epoch_equals_numpy_slices_of_the_nibabel_data(v2):
+    from loaders import Config, DatasetCatalog, build_loader
+
+    _, store = v2
+    c = colin()
+    t1 = stored_view_of_ras(np.asarray(c.t1.dataobj))
+    labels = stored_view_of_ras(np.asarray(c.labels.dataobj))
+    # every training case is the crop's world image (or its voxels on another grid): the same
+    # stored voxels, colin_scaled's rescaled
+    images = {case: t1.astype(np.float32) for case in V2_CASES}
+    images["colin_scaled"] = (t1.astype(np.float64) * SLOPE + INTER).astype(np.float32)
+    values = [value for value, _ in c.kept]
+    categories = (0, (1, 2), 9)
+    DatasetCatalog.remove("colin_train")
+    DatasetCatalog.register("colin_train", str(store), split="train")
+    try:
+        cfg = Config(SEED=0, CATEGORIES=categories, INCLUDE_BACKGROUND=True, IMG_SIZE=(56, 48, 1))
+        loader = build_loader(cfg, "colin_train", batch_size=8, is_test=False, shuffle=False, drop_last=False)
+        slices = [(case, z) for case in sorted(V2_CASES) for z in range(t1.shape[2])]
+        seen = 0
+        for b in range(len(loader)):
+            x, y = loader[b]
+            chunk = slices[b * 8 : (b + 1) * 8]
+            x_ref = np.stack([images[case][:, :, z, None] for case, z in chunk])
+            groups = [
+                np.isin(labels[:, :, z], [values[i] for i in (g if isinstance(g, tuple) else (g,))])
+                for _, z in chunk
+                for g in categories
+            ]
+            fg = np.stack(groups).reshape(len(chunk), len(categories), *t1.shape[:2]).transpose(0, 2, 3, 1)
+            y_ref = np.concatenate([(fg.sum(-1, keepdims=True) == 0), fg], -1).astype(np.float32)
+            np.testing.assert_array_equal(x, x_ref)
+            np.testing.assert_array_equal(y, y_ref)
+            seen += len(chunk)
+        assert seen == len(slices) == 5 * 40
+    finally:
+        DatasetCatalog.remove("colin_train")
+
+
+@pytest.mark.slow
+def test_a_tiny_unet_trains_on_the_converted_dataset(v2):
+    import keras
+
+    from loaders import Config, DatasetCatalog, build_loader
+
+    _, store = v2
+    DatasetCatalog.remove("colin_fit")
+    DatasetCatalog.register("colin_fit", str(store), split="train")
+    try:
+        cfg = Config(SEED=0, CATEGORIES=(8, 9), INCLUDE_BACKGROUND=True, IMG_SIZE=(56, 48, 1))
+        train = build_loader(cfg, "colin_fit", batch_size=8, is_test=False, shuffle=True, drop_last=True)
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((56, 48, 1))
+        scaled = keras.layers.Rescaling(1 / 128.0)(inputs)
+        c1 = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(scaled)
+        down = keras.layers.MaxPooling2D()(c1)
+        c2 = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(down)
+        merged = keras.layers.Concatenate()([keras.layers.UpSampling2D()(c2), c1])
+        outputs = keras.layers.Conv2D(cfg.get_num_classes(), 1, activation="softmax")(merged)
+        model = keras.Model(inputs, outputs)
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy")
+        losses = model.fit(train, epochs=3, verbose=0).history["loss"]
+        assert len(losses) == 3 and all(np.isfinite(losses))
+        assert losses[-1] < 0.8 * losses[0], losses
+    finally:
+        DatasetCatalog.remove("colin_fit")
+
+
+def test_medsegpy_class_names_and_spacing_flags(tmp_path):
+    from service.sample_data import SPACING, write_sample_data
+
+    data = write_sample_data(
+        tmp_path / "src", subjects=2, visits=1, shape=(16, 16, 4), num_classes=3, fmt="both", splits=None
+    )
+    kinds = {scan.scan_id: scan.kind for scan in data.scans}
+    store = tmp_path / "store"
+    plain = convert(data.root, store)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    group = zarr.open_group(str(store), mode="r")
+    for scan_id in kinds:  # without flags: as before, no names, no affine
+        attrs = dict(group[scan_id].attrs)
+        assert "class_names" not in attrs and "affine" not in attrs
+    named = convert(data.root, store, "--class-names", "femur, tibia,patella", "--spacing", "0.5,0.25,2")
+    assert "2 converted, 0 skipped, 0 failed" in named.stdout, named.stdout  # the flags re-convert
+    group = zarr.open_group(str(store), mode="r")
+    for scan_id, kind in kinds.items():
+        attrs = dict(group[scan_id].attrs)
+        assert attrs["class_names"] == ["femur", "tibia", "patella"]
+        if kind == "2d":  # no spacing in the files: the flag's
+            assert attrs["spacing"] == [0.5, 0.25, 2.0]
+            assert attrs["affine"] == np.diag([0.5, 0.25, 2.0, 1.0]).tolist()
+        else:  # the file's own spacing wins
+            assert attrs["spacing"] == pytest.approx(list(SPACING)) and "affine" not in attrs
+    assert (
+        "0 converted, 2 skipped"
+        in convert(data.root, store, "--class-names", "femur,tibia,patella", "--spacing", "0.5,0.25,2").stdout
+    )
+    wrong = convert(data.root, store, "--class-names", "a,b")
+    assert wrong.returncode == 1 and "0 converted, 0 skipped, 2 failed" in wrong.stdout
+    assert wrong.stdout.count("--class-names gives 2 names, the scan has 3 classes") == 2
+    for flag, value, words in (
+        ("--spacing", "0,1,1", "is not three positive numbers"),
+        ("--spacing", "1,1", "is not three positive numbers"),
+        ("--class-names", "a,,b", "has an empty name"),
+        ("--class-names", "a,b,a", "names 'a' twice"),
+    ):
+        refused = convert(data.root, store, flag, value)
+        assert refused.returncode == 2
+        assert words in refused.stderr.strip().splitlines()[-1]
+
+
+def test_flags_for_medsegpy_only_are_refused_for_a_dataset(v2, tmp_path):
+    dataset, _ = v2
+    refused = convert(dataset, tmp_path / "store", "--class-names", "a")
+    assert refused.returncode == 1
+    (line,) = refused.stderr.strip().splitlines()
+    assert "--class-names and --spacing are for MedSegPy sources" in line
