@@ -139,9 +139,10 @@ def test_header_rules_sform_qform_scaling_and_spacing(v2):
 def test_a_reoriented_copy_is_stored_as_the_same_image(v2):
     """colin_flip holds colin_ras's voxels permuted and flipped with the matching affine: the
     same world image, so the same stored voxels and the same stored affine."""
-    from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 
-    _, store = v2
+    dataset, store = v2
     group = zarr.open_group(str(store), mode="r")
     flip, ras = group["colin_flip"], group["colin_ras"]
     assert np.array_equal(flip["image"][...], ras["image"][...])
@@ -153,6 +154,8 @@ def test_a_reoriented_copy_is_stored_as_the_same_image(v2):
     back = ornt_transform(io_orientation(affine), io_orientation(source_affine))
     shape = flip["image"].shape
     assert np.allclose(affine @ inv_ornt_aff(back, shape), source_affine, atol=1e-9)
+    source = nib.load(dataset / "imagesTr/colin_flip_0000.nii.gz")
+    assert np.array_equal(apply_orientation(flip["image"][...], back), np.asarray(source.dataobj))
 
 
 def test_two_channels_and_the_decathlon_form(tmp_path):
