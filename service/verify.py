@@ -117,6 +117,15 @@ def _load_source(spec: ScanSpec) -> _Source:
     return _Source(LoadedScan(case.image, case.mask, case.spacing), case.extra_channels, geometry)
 
 
+def _same_numbers(stored: Any, source: Any) -> bool:
+    """Whether a stored geometry attribute holds the source's numbers (to float rounding)."""
+    try:
+        ours, theirs = np.asarray(stored, dtype=np.float64), np.asarray(source, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return ours.shape == theirs.shape and bool(np.allclose(ours, theirs, rtol=0, atol=1e-9))
+
+
 def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
     try:
         source = _load_source(spec)
@@ -151,7 +160,7 @@ def _compare_arrays(
 ) -> VerifyLine:
     source = loaded.scan
     for key, want in loaded.geometry.items():
-        if not np.allclose(np.asarray(attrs.get(key), dtype=np.float64), np.asarray(want), rtol=0, atol=1e-9):
+        if not _same_numbers(attrs.get(key), want):
             return VerifyLine(spec.scan_id, MISMATCH, f"{key} {attrs.get(key)}, source {want}")
     stored_channels = int(attrs.get("channels", 1))
     if stored_channels != 1 + len(loaded.extra_channels):

@@ -25,6 +25,8 @@ from nifti_sources import (
     colin,
     qform_only,
     requires_mricron,
+    save,
+    write_json,
 )
 
 from store.label_map import LABEL_MAP
@@ -185,6 +187,31 @@ def test_two_channels_and_the_decathlon_form(tmp_path):
     assert np.array_equal(test["image"][...], train["image"][...])  # a flipped copy: same image
     result = run_cli("verify", decathlon, tmp_path / "sd")
     assert result.returncode == 0 and "store is exact" in result.stdout
+
+
+def test_a_decathlon_file_with_channels_along_its_4th_axis(tmp_path):
+    import nibabel as nib
+
+    c = colin()
+    dataset = tmp_path / "msd4d"
+    both = np.stack([np.asarray(c.t1.dataobj), np.asarray(c.t1_bet.dataobj)], axis=-1)
+    save(nib.Nifti1Image(both, c.t1.affine), dataset / "imagesTr/brain_001.nii.gz")
+    doc = {"modality": {"0": "T1", "1": "T1 brain"}, "labels": {"0": "background", "33": "a", "34": "b"}}
+    write_json(dataset / "dataset.json", doc)
+    labels = np.where(np.isin(np.asarray(c.labels.dataobj), [33, 34]), np.asarray(c.labels.dataobj), 0)
+    save(nib.Nifti1Image(labels.astype(np.uint8), c.labels.affine), dataset / "labelsTr/brain_001.nii.gz")
+    result = convert(dataset, tmp_path / "store")
+    assert result.returncode == 0, result.stdout + result.stderr
+    scan = zarr.open_group(str(tmp_path / "store"), mode="r")["brain_001"]
+    assert scan.attrs["channels"] == 2 and scan.attrs["channel_names"] == ["T1", "T1 brain"]
+    assert scan.attrs["class_names"] == ["a", "b"] and scan.attrs["label_values"] == [33, 34]
+    affine = np.asarray(scan.attrs["affine"])
+    for k, name in enumerate(("image", "image_c1")):
+        stored = scan[name][...]
+        assert np.array_equal(stored, source_on_stored_grid(affine, c.t1.affine, both[..., k], stored.shape))
+    mask = scan["mask"][...]
+    truth = source_on_stored_grid(affine, c.t1.affine, labels, mask.shape[:3])
+    assert np.array_equal(mask[..., 1], (truth == 34).astype(np.uint8))
 
 
 def test_each_bad_case_fails_in_one_line_and_the_good_one_converts(tmp_path):
