@@ -392,3 +392,16 @@ def test_flags_for_medsegpy_only_are_refused_for_a_dataset(v2, tmp_path):
     assert refused.returncode == 1
     (line,) = refused.stderr.strip().splitlines()
     assert "--class-names and --spacing are for MedSegPy sources" in line
+
+
+def test_a_dataset_into_object_storage_resumes_and_verifies(v2, s3_url):
+    """The same Dask job: an s3:// store, skip-by-fingerprint and verify work for NIfTI too."""
+    dataset, _ = v2
+    first = convert(dataset, s3_url)
+    assert first.returncode == 0 and "6 converted, 0 skipped, 0 failed" in first.stdout, (
+        first.stdout + first.stderr
+    )
+    again = convert(dataset, s3_url)
+    assert "0 converted, 6 skipped, 0 failed" in again.stdout, again.stdout + again.stderr
+    verified = run_cli("verify", dataset, s3_url)
+    assert verified.returncode == 0 and "6 ok; store is exact" in verified.stdout, verified.stdout
