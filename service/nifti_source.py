@@ -120,7 +120,7 @@ def _channel_volumes(spec: ScanSpec, first: _Volume) -> list[np.ndarray]:
             raise SourceError(
                 spec.scan_id,
                 rel0,
-                f"holds {first.data.shape[3]} volumes; dataset.json declares {want} channels",
+                f"holds {first.data.shape[3]} volumes; dataset.json declares {want} channel{'s' if want > 1 else ''}",
             )
         return [first.data[..., k] for k in range(first.data.shape[3])]
     if len(spec.image_files) == 1 and declared > 1:

@@ -54,6 +54,9 @@ class DatasetInfo:
     labels: tuple[tuple[int, str], ...]  # (value, name) of each non-background label, increasing
     channel_names: tuple[str, ...]  # empty when dataset.json declares none
     file_endings: tuple[str, ...]
+    # Decathlon: image file names its training/test lists give; such a file is a whole image
+    # even when its name ends like a channel file (``case_0001.nii.gz``)
+    listed_images: frozenset[str] = frozenset()
 
     def options(self) -> ScanOptions:
         return ScanOptions(
@@ -94,7 +97,18 @@ def read_dataset_json(root: Path) -> DatasetInfo:
         raise DatasetError(
             f"{path}: file_ending {ending!r} is not NIfTI; scancache reads {' and '.join(NIFTI_ENDINGS)}"
         )
-    return DatasetInfo(labels, channel_names, endings)
+    return DatasetInfo(labels, channel_names, endings, _listed_images(doc))
+
+
+def _listed_images(doc: dict[str, Any]) -> frozenset[str]:
+    """The file names of the images in a Decathlon dataset.json's ``training`` and ``test``
+    lists (``{"image": "./imagesTr/x.nii.gz", ...}`` or ``"./imagesTs/x.nii.gz"``)."""
+    names = set()
+    for entry in [*(doc.get("training") or []), *(doc.get("test") or [])]:
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        if isinstance(image, str):
+            names.add(image.replace("\\", "/").rsplit("/", 1)[-1])
+    return frozenset(names)
 
 
 def _labels(path: Path, raw: Any) -> tuple[tuple[int, str], ...]:
@@ -176,7 +190,7 @@ def discover_dataset(root: Path) -> Discovery:
         channels: dict[str, dict[int | None, list[str]]] = defaultdict(lambda: defaultdict(list))
         for stem, rel in image_files:
             match = _CHANNEL_FILE.match(stem)
-            if match is None:  # Decathlon: the whole image in one file
+            if match is None or rel.rsplit("/", 1)[-1] in info.listed_images:  # Decathlon: one file
                 channels[stem][None].append(rel)
             else:
                 channels[match["case"]][int(match["channel"])].append(rel)
@@ -235,7 +249,8 @@ def _case_spec(
     else:
         count = len(info.channel_names) or max(k for k in files if k is not None) + 1
         for k in sorted(k for k in files if k is not None and k >= count):
-            raise SourceError(case, files[k][0], f"channel {k}, but dataset.json declares {count} channels")
+            declared = f"{count} channel{'s' if count > 1 else ''}"
+            raise SourceError(case, files[k][0], f"channel {k}, but dataset.json declares {declared}")
         for k in range(count):
             if k not in files:
                 name = f" ({info.channel_names[k]})" if info.channel_names else ""

@@ -198,18 +198,24 @@ def build_two_channel_dataset(root: Path) -> Path:
 
 def build_decathlon_dataset(root: Path) -> Path:
     """Decathlon form: labels value -> name, ``modality``, ``training``/``test`` lists, files
-    without a channel suffix, uncompressed ``.nii``; one training and one test case."""
+    without a channel suffix, uncompressed ``.nii``; two training cases and one test case."""
     c = colin()
     save(c.t1, root / "imagesTr/colin_003.nii")
     save(c.labels, root / "labelsTr/colin_003.nii")
     save(flip_permute(c.t1), root / "imagesTs/colin_004.nii")
+    # a case id ending like a channel file: the training list says it is a whole image
+    save(c.t1, root / "imagesTr/colin_0005.nii")
+    save(c.labels, root / "labelsTr/colin_0005.nii")
     doc = {
         "name": "Colin27",
         "modality": {"0": "MRI"},
         "labels": {"0": "background", **{str(v): n for v, n in c.kept}},
-        "numTraining": 1,
+        "numTraining": 2,
         "numTest": 1,
-        "training": [{"image": "./imagesTr/colin_003.nii", "label": "./labelsTr/colin_003.nii"}],
+        "training": [
+            {"image": "./imagesTr/colin_003.nii", "label": "./labelsTr/colin_003.nii"},
+            {"image": "./imagesTr/colin_0005.nii", "label": "./labelsTr/colin_0005.nii"},
+        ],
         "test": ["./imagesTs/colin_004.nii"],
     }
     write_json(root / "dataset.json", doc)

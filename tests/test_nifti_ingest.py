@@ -185,6 +185,8 @@ def test_two_channels_and_the_decathlon_form(tmp_path):
     assert train.attrs["channel_names"] == ["MRI"]
     assert test.attrs["num_classes"] == 0 and "mask" not in test  # imagesTs without a label
     assert np.array_equal(test["image"][...], train["image"][...])  # a flipped copy: same image
+    assert np.array_equal(msd["colin_0005"]["image"][...], train["image"][...])
+    assert msd["colin_0005"].attrs["split"] == "train"
     result = run_cli("verify", decathlon, tmp_path / "sd")
     assert result.returncode == 0 and "store is exact" in result.stdout
 
