@@ -290,3 +290,43 @@ def test_img_size_must_name_the_channels(names):
         )
     with pytest.raises(ValueError, match=r"use IMG_SIZE \(8, 8, 4, 3\)"):
         build_loader(cfg(TAG="PatchDataLoader", IMG_SIZE=(8, 8, 4)), names["local"], 2, False, False, False)
+
+
+def test_a_small_server_byte_limit_reads_channels_in_slabs(mc_store):
+    """Blocks and whole-scan inference reads of every channel halve below --max-bytes."""
+    root, truth = mc_store
+    slice_bytes = 20 * 18 * 4
+    with live_server(root, max_bytes=3 * slice_bytes) as url:
+        DatasetCatalog.remove("mc_tight")
+        DatasetCatalog.register("mc_tight", url, split="train")
+        try:
+            loader = build_loader(cfg(), "mc_tight", 4, True, True, False)
+            for elements, (x, _, _) in every_batch(loader):
+                for i, e in enumerate(elements):
+                    image = truth[loader.scans[e.scan].scan_id][0]
+                    np.testing.assert_array_equal(x[i], image[:, :, e.window[2][0], :].astype(np.float32))
+            for inputs_, outputs_ in loader.inference(lambda x: x[..., 1:2]):
+                image = truth[inputs_["scan_id"]][0]
+                np.testing.assert_array_equal(inputs_["x"], image.astype(np.float32))
+                np.testing.assert_array_equal(outputs_["y_pred"][..., 0], image[..., 1].astype(np.float32))
+        finally:
+            DatasetCatalog.remove("mc_tight")
+
+
+def test_torch_worker_processes_give_the_channels(mc_store, names):
+    torch = pytest.importorskip("torch")
+    _, truth = mc_store
+    loader = build_loader(
+        cfg(TAG="PatchDataLoader", IMG_SIZE=(8, 8, 4, K)), names["local"], 4, False, True, False
+    )
+    ds = loader.as_torch_dataset(channels_first=True)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="forkserver")
+    got = list(dl)
+    assert len(got) == len(loader)
+    for (x, _), b in zip(got, range(len(loader)), strict=True):
+        assert tuple(x.shape[1:]) == (K, 8, 8, 4)
+        for i, e in enumerate(loader.batch_elements(b)):
+            image = truth[loader.scans[e.scan].scan_id][0]
+            np.testing.assert_array_equal(
+                x[i].numpy(), np.moveaxis(padded_cut(image, e.window, "edge"), -1, 0)
+            )
