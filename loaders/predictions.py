@@ -38,7 +38,7 @@ import zarr
 
 from loaders.backend import import_keras
 from store import ome, ome_views, publish
-from store.categories import Categories, category_names, categories_json_value, parse_categories
+from store.categories import Categories, categories_json_value, category_names, parse_categories
 from store.predictions import (
     LABEL_MAP,
     PREDICTIONS_FORMAT,

@@ -101,7 +101,9 @@ def scan_categories(selection: Selection, meta: ScanMeta, first: ScanEntry | Non
     try:
         cats = resolve_categories(selection, meta.num_classes, meta.class_names, "CATEGORIES")
     except InvalidCategories as exc:
-        raise InvalidCategories(f"scan {meta.scan_id!r}: {str(exc)[len(exc.param) + 2 :]}", exc.param) from None
+        raise InvalidCategories(
+            f"scan {meta.scan_id!r}: {str(exc)[len(exc.param) + 2 :]}", exc.param
+        ) from None
     if first is None or first.categories is None or cats == first.categories:
         return cats
     for group, theirs in zip(selection, first.categories, strict=True):

@@ -1,4 +1,4 @@
-"""The ``scancache`` command line: preprocess, verify, scans, sample-data, serve.
+"""The ``scancache`` command line: preprocess, verify, scans, sample-data, serve, profile, export.
 
 Errors reach the user as one line (``scancache: error: ...``) and exit code 1 (2 for usage
 errors, as argparse does); ``--debug`` shows the traceback too.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from service.export_cli import add_export_parser
 from service.version import package_version
 from store.errors import one_line
 from store.storage import parse_location
@@ -466,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
     add_profile_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

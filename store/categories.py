@@ -87,7 +87,10 @@ def _is_index(text: str) -> bool:
 
 
 def resolve_categories(
-    selection: Selection, num_classes: int, class_names: Sequence[str] | None = None, param: str = "categories"
+    selection: Selection,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    param: str = "categories",
 ) -> Categories:
     """Class names to indices (``class_names``: the scan's, one per mask channel), checked
     against the scan's ``num_classes``: every index in range, each class at most once."""
@@ -128,7 +131,9 @@ def format_names(names: Sequence[str]) -> str:
     return (shown + more) if names else "none (the scan has no mask)"
 
 
-def normalize_categories(value: Any, num_classes: int, class_names: Sequence[str] | None = None) -> Categories:
+def normalize_categories(
+    value: Any, num_classes: int, class_names: Sequence[str] | None = None
+) -> Categories:
     """Parse categories (:func:`parse_categories`) and resolve them against a scan's classes."""
     return resolve_categories(parse_categories(value), num_classes, class_names)
 
