@@ -10,6 +10,7 @@ the exported files are read back with nibabel and compared exactly with the sour
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import nibabel as nib
@@ -57,7 +58,9 @@ def to_stored(array, affine):
     ornt = orientations.ornt_transform(
         orientations.io_orientation(affine), orientations.axcodes2ornt(("P", "L", "S"))
     )
-    return orientations.apply_orientation(array, ornt), affine @ orientations.inv_ornt_aff(ornt, array.shape[:3])
+    return orientations.apply_orientation(array, ornt), affine @ orientations.inv_ornt_aff(
+        ornt, array.shape[:3]
+    )
 
 
 def write_nifti_like(root, scan_id, seed, names=NAMES):
@@ -109,7 +112,10 @@ def test_categories_by_name_select_the_same_channels_as_numbers(nifti_store):
 
 
 def test_bad_names_are_one_line(nifti_store, tmp_path):
-    with pytest.raises(ValueError, match=r"^CATEGORIES: scan 'case_001': no class named 'lung'; the classes are 'liver', 'kidney', 'spleen'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^CATEGORIES: scan 'case_001': no class named 'lung'; the classes are 'liver', 'kidney', 'spleen'$",
+    ):
         loader_for("nifti_like", ("lung",))
     with pytest.raises(ValueError, match=r"scan 'case_001': class 0 and class 'liver' are the same class"):
         loader_for("nifti_like", ("liver", 0))
@@ -153,7 +159,9 @@ def test_categories_by_name_over_http(nifti_store):
 @pytest.fixture(scope="module")
 def nifti_predictions(nifti_store, tmp_path_factory):
     pred = tmp_path_factory.mktemp("pred") / "pred"
-    summary = write_predictions(loader_for("nifti_like", ("liver", "kidney", "spleen")), pointwise_model, pred)
+    summary = write_predictions(
+        loader_for("nifti_like", ("liver", "kidney", "spleen")), pointwise_model, pred
+    )
     return pred, summary
 
 
@@ -168,7 +176,9 @@ def test_predictions_record_names_and_dice_per_class(nifti_store, nifti_predicti
     pred, summary = nifti_predictions
     for scan_id, (image, labels) in truth.items():
         _, predicted = reference_labels(image)
-        expected = {n: numpy_dice(labels == v, predicted == v) for n, v in zip(NAMES, LABEL_VALUES, strict=True)}
+        expected = {
+            n: numpy_dice(labels == v, predicted == v) for n, v in zip(NAMES, LABEL_VALUES, strict=True)
+        }
         got = summary.dice_by_class()[scan_id]
         assert list(got) == NAMES
         np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=0, atol=1e-12)
@@ -182,12 +192,12 @@ def test_predictions_record_names_and_dice_per_class(nifti_store, nifti_predicti
 
 
 def test_export_is_the_source_grid_with_source_values(nifti_store, nifti_predictions, tmp_path):
-    root, truth = nifti_store
+    _, truth = nifti_store
     pred, _ = nifti_predictions
     out = tmp_path / "out"
     done = export_nifti(pred, out, probabilities=True, progress=False)
     assert [d.scan_id for d in done] == ["case_001", "case_002"]
-    for scan_id, (image, labels) in truth.items():
+    for scan_id, (image, _labels) in truth.items():
         probs, predicted = reference_labels(image)
         label_img = nib.load(out / f"{scan_id}.nii.gz")
         data = np.asanyarray(label_img.dataobj)
@@ -206,10 +216,9 @@ def test_export_is_the_source_grid_with_source_values(nifti_store, nifti_predict
         assert sidecar["probabilities"] == f"{scan_id}_probabilities.nii.gz"
 
 
-def test_exported_and_stored_describe_the_same_world(nifti_store, nifti_predictions, tmp_path):
+def test_exported_and_stored_describe_the_same_world(nifti_predictions, tmp_path):
     """Every exported voxel, mapped through source_affine to mm and back through the stored
     affine, lands on the stored voxel with the same label (numpy only)."""
-    _, truth = nifti_store
     pred, _ = nifti_predictions
     export_nifti(pred, tmp_path, scans=["case_002"], progress=False)
     exported = np.asanyarray(nib.load(tmp_path / "case_002.nii.gz").dataobj)
@@ -237,7 +246,9 @@ def test_export_refuses_in_one_line(nifti_predictions, tmp_path):
     assert "scan 'case_009' has no prediction" in unknown.stderr and "case_001, case_002" in unknown.stderr
     replaced = run_cli("export", pred, out, "--overwrite", "--quiet", "--probabilities")
     assert replaced.returncode == 0 and sorted(p.name for p in out.iterdir()) == [
-        f"{s}{suffix}" for s in ("case_001", "case_002") for suffix in (".json", ".nii.gz", "_probabilities.nii.gz")
+        f"{s}{suffix}"
+        for s in ("case_001", "case_002")
+        for suffix in (".json", ".nii.gz", "_probabilities.nii.gz")
     ]
 
 
@@ -248,8 +259,6 @@ def test_old_predictions_export_with_the_scan_store(nifti_store, nifti_predictio
     pred, _ = nifti_predictions
     old = tmp_path / "old"
     run_cli("export", pred, tmp_path / "new", "--scans", "case_001", "--quiet")
-    import shutil
-
     shutil.copytree(pred, old, symlinks=True)
     doc_path = (old / "case_001").resolve() / "zarr.json"
     doc = json.loads(doc_path.read_text())
@@ -257,7 +266,7 @@ def test_old_predictions_export_with_the_scan_store(nifti_store, nifti_predictio
                 "scan_class_names", "label_values", "source_shape"):  # fmt: skip
         del doc["attributes"]["prediction"][key]
     doc_path.write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match="records no geometry.*--store STORE"):
+    with pytest.raises(ValueError, match=r"records no geometry.*--store STORE"):
         export_nifti(old, tmp_path / "x", scans=["case_001"], progress=False)
     export_nifti(old, tmp_path / "x", scans=["case_001"], scan_store=root, progress=False)
     a = nib.load(tmp_path / "x" / "case_001.nii.gz")
@@ -278,7 +287,9 @@ def medsegpy_store(tmp_path_factory):
     classes = rng.integers(0, 4, size=(20, 16, 6))
     volume = (CENTERS[classes] + rng.normal(0, 40, size=classes.shape)).astype(np.float32)
     seg = np.stack([classes == k + 1 for k in range(3)], axis=-1).astype(np.uint8)
-    write_volume_file(base / "source" / "train" / "0000001_V00-Aug00.h5", volume, seg, spacing=[0.5, 0.5, 2.0])
+    write_volume_file(
+        base / "source" / "train" / "0000001_V00-Aug00.h5", volume, seg, spacing=[0.5, 0.5, 2.0]
+    )
     result = run_cli("preprocess", base / "source", base / "store", "--workers", "1")
     assert result.returncode == 0, result.stderr
     return base / "store", volume, seg
