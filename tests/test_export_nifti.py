@@ -323,3 +323,28 @@ def test_medsegpy_export_with_merged_categories(medsegpy_store, tmp_path):
     assert list(got) == ["class 0", "class 1+class 2"]
     np.testing.assert_allclose(list(got.values()), want, rtol=0, atol=1e-12)
     assert sidecar["dice"] == got
+
+
+def test_some_slices_export_on_the_whole_grid(nifti_store, tmp_path):
+    """A per-slice dataset predicts stored slices 1 and 3 only: the export has them in place
+    (through the affines, numpy only) and 0 everywhere else."""
+    from loaders.catalog import scan_dict, shared_source
+
+    root, truth = nifti_store
+    meta = shared_source(str(root)).metadata("case_001")
+    DatasetCatalog.register(
+        "nifti_slices", lambda: [{**scan_dict(str(root), meta), "slice_id": z} for z in (2, 4)]
+    )
+    try:
+        write_predictions(loader_for("nifti_slices", None), pointwise_model, tmp_path / "pred")
+    finally:
+        DatasetCatalog.remove("nifti_slices")
+    export_nifti(tmp_path / "pred", tmp_path / "out", progress=False)
+    exported = np.asanyarray(nib.load(tmp_path / "out" / "case_001.nii.gz").dataobj)
+    _, predicted = reference_labels(truth["case_001"][0])  # every voxel, source order
+    ijk = np.indices(SOURCE_SHAPE).reshape(3, -1)
+    world = SOURCE_AFFINE @ np.vstack([ijk, np.ones(ijk.shape[1])])
+    stored_z = np.rint(np.linalg.inv(np.array(meta.affine)) @ world)[2].astype(int)
+    expected = np.where(np.isin(stored_z, [1, 3]), predicted[tuple(ijk)], 0)
+    np.testing.assert_array_equal(exported[tuple(ijk)], expected)
+    assert 0 < np.count_nonzero(expected) < expected.size
