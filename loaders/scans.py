@@ -17,8 +17,8 @@ from loaders.catalog import shared_source
 from loaders.config import Config
 from loaders.geometry import AxisRead, padded_indices, take_window
 from loaders.stitching import Window
-from store.categories import Categories, normalize_categories
-from store.errors import RequestTooLarge, ScanChanged, changed_message
+from store.categories import Categories, Selection, format_names, parse_categories, resolve_categories
+from store.errors import InvalidCategories, RequestTooLarge, ScanChanged, changed_message
 from store.format import MASK, ScanMeta, image_arrays
 from store.label_map import Decoded, LabelRegion, apply_table, has_label_map, merged
 from store.protocol import RegionRequest, ScanSource
@@ -80,6 +80,7 @@ def scans_from_dicts(dataset_dicts: Sequence[dict[str, Any]], cfg: Config) -> li
         key = (source if isinstance(source, str) else f"<{id(source)}>", d["scan_id"])
         grouped.setdefault(key, []).append(d)
     scans: list[ScanEntry] = []
+    selection = parse_categories(cfg.CATEGORIES, "CATEGORIES") if cfg.CATEGORIES else None
     for index, dicts in enumerate(grouped.values()):
         first = dicts[0]
         source = shared_source(first["source"])
@@ -93,14 +94,37 @@ def scans_from_dicts(dataset_dicts: Sequence[dict[str, Any]], cfg: Config) -> li
             slices = tuple(range(depth))
         if not meta.has_mask:
             raise ValueError(f"scan {meta.scan_id!r} has no mask; loaders need labelled scans")
-        cats = normalize_categories(cfg.CATEGORIES, meta.num_classes) if cfg.CATEGORIES else None
         if scans and meta.channels != scans[0].meta.channels:  # one model input for every scan
             raise ValueError(
                 f"scan {meta.scan_id!r} has {meta.channels} image channel(s), but scan "
                 f"{scans[0].scan_id!r} has {scans[0].meta.channels}: one loader needs the same channels in every scan"
             )
+        cats = None if selection is None else scan_categories(selection, meta, scans[0] if scans else None)
         scans.append(ScanEntry(index, meta.scan_id, source, meta, first, slices, cats))
     return scans
+
+
+def scan_categories(selection: Selection, meta: ScanMeta, first: ScanEntry | None) -> Categories:
+    """``CATEGORIES`` resolved against a scan's classes. Names resolve against the first scan's
+    class names; every other scan must give each name used the same index (one channel means
+    one class in every batch), else one line names the scan, the name and its classes."""
+    try:
+        cats = resolve_categories(selection, meta.num_classes, meta.class_names, "CATEGORIES")
+    except InvalidCategories as exc:
+        raise InvalidCategories(
+            f"scan {meta.scan_id!r}: {str(exc)[len(exc.param) + 2 :]}", exc.param
+        ) from None
+    if first is None or first.categories is None or cats == first.categories:
+        return cats
+    for group, theirs in zip(selection, first.categories, strict=True):
+        for k, index in zip(group, theirs, strict=True):
+            if isinstance(k, str) and meta.class_names.index(k) != index:
+                raise ValueError(
+                    f"CATEGORIES: class {k!r} is class {meta.class_names.index(k)} of scan {meta.scan_id!r}"
+                    f" but class {index} of scan {first.scan_id!r}: the scans of a loader must name their"
+                    f" classes alike (scan {meta.scan_id!r} has {format_names(meta.class_names)})"
+                )
+    return cats
 
 
 def window_reads(window: Window, shape: Sequence[int], mode: str) -> tuple[AxisRead, ...]:

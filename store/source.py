@@ -260,7 +260,11 @@ class LocalSource:
             data = np.moveaxis(data, 0, 2)  # (h, w, d) again, as a view
         if req.array != MASK:  # an image channel
             return data
-        cats = None if req.categories is None else normalize_categories(req.categories, meta.num_classes)
+        cats = (
+            None
+            if req.categories is None
+            else normalize_categories(req.categories, meta.num_classes, meta.class_names)
+        )
         if self._uses_label_map(req, meta):  # data is the label map: merged through a table
             return LabelRegion(data, category_table(cats, req.background, meta.num_classes))
         if req.categories is None and not req.background:
@@ -337,7 +341,11 @@ class LocalSource:
         background: bool = False,
     ) -> np.ndarray:
         meta = self.metadata(scan_id)
-        cats = None if categories is None else normalize_categories(categories, meta.num_classes)
+        cats = (
+            None
+            if categories is None
+            else normalize_categories(categories, meta.num_classes, meta.class_names)
+        )
         return self.read_regions([RegionRequest(scan_id, MASK, roi, cats, background)])[0]
 
     def close(self) -> None:

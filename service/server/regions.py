@@ -99,7 +99,7 @@ def plan_region(
         region = parse_roi(roi, meta.shape, param=prefix + "roi")
         cats = None
         if array == MASK and categories is not None:
-            cats = normalize_categories(categories, meta.num_classes)
+            cats = normalize_categories(categories, meta.num_classes, meta.class_names)
     except RecursionError:  # json.loads of "[[[[..." deeper than the interpreter allows
         raise InvalidCategories("nested too deeply", param=prefix + "categories") from None
     except InvalidCategories as exc:

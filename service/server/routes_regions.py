@@ -51,7 +51,8 @@ ROI_DOC = (
 )
 CATEGORIES_DOC = (
     "JSON list of classes to return, in order; a sub-list merges classes into one channel "
-    "(MedSegPy `CATEGORIES`), e.g. `[0,[1,2],3]`. Default: every class."
+    "(MedSegPy `CATEGORIES`), e.g. `[0,[1,2],3]`. A class is its index or its name (one of the "
+    'scan\'s `class_names`), e.g. `["liver",["kidney",2]]`. Default: every class.'
 )
 BACKGROUND_DOC = "Prepend a channel that is 1 where none of the selected categories is set."
 SCAN_ID_DOC = "Scan id, e.g. `0000001_V00-Aug00`."
