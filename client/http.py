@@ -59,7 +59,7 @@ from store.errors import (
     changed_message,
     one_line,
 )
-from store.format import IMAGE, MASK, ScanMeta, matches, validate_array_name, validate_scan_id
+from store.format import IMAGE, MASK, ScanMeta, channel_array, matches, validate_array_name, validate_scan_id
 from store.label_map import Decoded, merged
 from store.protocol import RegionRequest, RoiLike
 
@@ -349,8 +349,12 @@ class HttpSource:
         return meta
 
     # -- arrays -----------------------------------------------------------------------------
-    def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
+    def read_image(self, scan_id: str, roi: RoiLike = None, channel: int = 0) -> np.ndarray:
         validate_scan_id(scan_id)
+        if int(channel) != 0:
+            # By POST /batch, as the loaders read channels: a server older than image channels
+            # refuses the array name there, where its GET would ignore ``channel`` and send channel 0.
+            return self.read_regions([RegionRequest(scan_id, channel_array(channel), roi)])[0]
         params = {"roi": roi_text(roi)} if roi is not None else {}
         started = time.perf_counter()
         response = self._get_region(scan_id, IMAGE, params)

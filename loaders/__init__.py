@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from loaders.catalog import DatasetCatalog, close_shared_sources, open_source
     from loaders.checkpoint import LoaderCheckpoint
     from loaders.config import Config
+    from loaders.export import ExportedScan, export_nifti
     from loaders.patches import PatchDataLoader, RandomPatchDataLoader
     from loaders.predictions import PredictionSummary, write_predictions
     from loaders.slices import DefaultDataLoader, S25dDataLoader
@@ -39,6 +40,8 @@ _HOME = {
     "close_shared_sources": "loaders.catalog",
     "LoaderCheckpoint": "loaders.checkpoint",
     "Config": "loaders.config",
+    "ExportedScan": "loaders.export",
+    "export_nifti": "loaders.export",
     "PatchDataLoader": "loaders.patches",
     "RandomPatchDataLoader": "loaders.patches",
     "PredictionSummary": "loaders.predictions",
@@ -71,6 +74,7 @@ __all__ = [
     "DatasetCatalog",
     "DefaultDataLoader",
     "Element",
+    "ExportedScan",
     "LoaderCheckpoint",
     "PatchDataLoader",
     "PredictionSummary",
@@ -78,6 +82,7 @@ __all__ = [
     "S25dDataLoader",
     "build_loader",
     "close_shared_sources",
+    "export_nifti",
     "get_dataset_dicts",
     "open_source",
     "register_loader",

@@ -55,6 +55,7 @@ from loaders.registry import (
 from loaders.scans import (
     ScanEntry,
     element_reads,
+    paired_reads,
     read_grouped_unmerged,
     scan_requests,
     scans_from_dicts,
@@ -174,8 +175,10 @@ class DataLoader(keras.utils.PyDataset):
         raise NotImplementedError
 
     def model_input(self, image: np.ndarray, element: Element) -> np.ndarray:
-        """The model's input for a window of the image (float32). Default: add a channel."""
-        return image[..., None]
+        """The model's input for a window of the image (float32): ``(h, w, d)``, or ``(h, w,
+        d, K)`` for scans with K > 1 image channels (``ScanEntry.channels``). Default: add a
+        channel axis where there is none."""
+        return image[..., None] if image.ndim == 3 else image
 
     @selects_voxels
     def model_target(self, mask: np.ndarray, element: Element) -> np.ndarray:
@@ -459,7 +462,8 @@ class DataLoader(keras.utils.PyDataset):
     def read_elements(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(image window, mask window) per element, all read in one round per source.
 
-        The mask is uint8 with the categories merged; images keep the store's dtype.
+        The mask is uint8 with the categories merged; images keep the store's dtype, a scan's
+        K > 1 image channels stacked on a last axis ``(h, w, d, K)``.
         :meth:`load_batch` converts both to float32 once, into the batch.
         """
         return [(image, merged(mask)) for image, mask in self._read_unmerged(elements)]
@@ -473,10 +477,10 @@ class DataLoader(keras.utils.PyDataset):
             img_axes, mask_axes = element_reads(e, self.scans[e.scan].shape, self.pad_mode)
             requests += scan_requests(self.scans[e.scan], _roi(img_axes), _roi(mask_axes), background)
             plans.append((img_axes, mask_axes))
-        arrays = read_grouped_unmerged(requests)
+        pairs = paired_reads(read_grouped_unmerged(requests), [self.scans[e.scan] for e in elements])
         return [
-            (take_window(merged(arrays[2 * i]), img_axes), take_mask_window(arrays[2 * i + 1], mask_axes))
-            for i, (img_axes, mask_axes) in enumerate(plans)
+            (take_window(image, img_axes), take_mask_window(mask, mask_axes))
+            for (image, mask), (img_axes, mask_axes) in zip(pairs, plans, strict=True)
         ]
 
     def load_batch(
@@ -565,7 +569,8 @@ class DataLoader(keras.utils.PyDataset):
     def inference(self, model: Any, **predict_kwargs: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """Yield ``(input, output)`` per scan, as MedSegPy's ``DataLoader.inference``.
 
-        input: ``{"x": (H, W, D) image, "scan_id": ..., "scan_<attr>": ...}``; output:
+        input: ``{"x": (H, W, D) image ((H, W, D, K) for K > 1 image channels), "scan_id": ...,
+        "scan_<attr>": ...}``; output:
         ``{"y_true": (H, W, D, C), "y_pred": (H, W, D, C), "time_elapsed": seconds}`` (reading
         included). The next scan is read while this one is predicted; memory stays within
         two scans' inputs and one scan's output. Per-slice datasets give D = their slices.

@@ -27,6 +27,7 @@ from loaders.registry import Element
 from loaders.scans import (
     ScanEntry,
     element_reads,
+    paired_reads,
     read_grouped_unmerged,
     read_in_slabs,
     scan_requests,
@@ -34,7 +35,7 @@ from loaders.scans import (
     take_mask_window,
 )
 from store.errors import RequestTooLarge
-from store.label_map import Decoded, LabelRegion, merged
+from store.label_map import Decoded, LabelRegion
 
 BlockKey = tuple[int, int]  # (scan index, inner-chunk index along z)
 
@@ -199,8 +200,8 @@ class BlockBuffer:
                         del self._slots[key]  # the next batch that wants it tries again
                     slots[key].ready.set()
             raise
-        for n, key in enumerate(keys):
-            slots[key].arrays = (merged(arrays[2 * n]), arrays[2 * n + 1])
+        for key, pair in zip(keys, paired_reads(arrays, [self.scans[k[0]] for k in keys]), strict=True):
+            slots[key].arrays = pair
             slots[key].ready.set()
 
     def _cut(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from loaders.geometry import BLEND_MODES, PAD_MODES
+from store.categories import parse_categories
 
 
 class Config:
@@ -25,8 +26,9 @@ class Config:
     TRAIN_DATASET: str = ""
     VAL_DATASET: str = ""
     TEST_DATASET: str = ""
-    # Items are a class index or a tuple of class indices summed into one channel. MedSegPy's
-    # default [] selects nothing; here an empty value means every class of the store.
+    # Items are a class (its index, or its name: one of the scans' class_names) or a tuple of
+    # classes summed into one channel, e.g. (0, ("tibia", "patella")). MedSegPy's default []
+    # selects nothing; here an empty value means every class of the store.
     CATEGORIES: Any = []
     INCLUDE_BACKGROUND: bool = False
     # 2D: (H, W, 1); 2.5D: (H, W, k) with k odd; 3D patches: (h, w, d, 1) or (h, w, d).
@@ -190,9 +192,19 @@ def _per_axis(minimum: int, none_ok: bool) -> Callable[[str, Any], Any]:
     return check
 
 
+def _categories(name: str, value: Any) -> Any:
+    """CATEGORIES' form checked now (the scans' classes check indices and names when a loader
+    is built); the value is kept as given, so ``cfg.CATEGORIES.append(...)`` still works."""
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return value
+    parse_categories(value, name)
+    return value
+
+
 # Each field's check, run by Config.__setattr__ (fields not listed take any value).
 FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "SEED": _seed,
+    "CATEGORIES": _categories,
     "NUM_WORKERS": _minimum(1),
     "PREFETCH_BATCHES": _minimum(1),
     "PATCHES_PER_SCAN": _minimum(1),

@@ -35,7 +35,8 @@ from loaders.backend import import_keras
 from loaders.config import Config
 from loaders.scans import ScanEntry, cut_window, read_in_slabs
 from loaders.stitching import Aggregator, windows_disjoint
-from store.format import IMAGE, MASK
+from store.errors import RequestTooLarge
+from store.format import IMAGE, MASK, image_arrays
 from store.protocol import RegionRequest
 
 import_keras()  # chooses the backend before Keras' first import (loaders.backend)
@@ -97,14 +98,34 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
 
 
 def read_scan(loader: InferenceLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]:
-    """The whole image (float32) and merged mask (float32, ``y_true``) of a scan, each converted once."""
+    """The whole image (float32; (H, W, D, K) for K > 1 image channels) and merged mask
+    (float32, ``y_true``) of a scan, each converted once."""
     whole = (slice(0, scan.shape[0]), slice(0, scan.shape[1]), slice(0, scan.shape[2]))
-    image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE, version=scan.version), whole)
-    image = image.astype(np.float32, copy=False)  # a float32 store's buffer is used as is
+    if scan.channels == 1:
+        image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE, version=scan.version), whole)
+        image = image.astype(np.float32, copy=False)  # a float32 store's buffer is used as is
+    else:
+        image = _read_channels(scan, whole)
     background = bool(loader.cfg.INCLUDE_BACKGROUND)
     request = RegionRequest(scan.scan_id, MASK, None, scan.categories, background, version=scan.version)
     mask = read_in_slabs(scan.source, request, whole)
     return image, mask.astype(np.float32, copy=False)
+
+
+def _read_channels(scan: ScanEntry, whole: tuple[slice, slice, slice]) -> np.ndarray:
+    """All K image channels of a scan as one (H, W, D, K) float32 volume: one read of every
+    channel's array where the source allows it, else channel by channel in slabs."""
+    requests = [
+        RegionRequest(scan.scan_id, name, whole, version=scan.version) for name in image_arrays(scan.channels)
+    ]
+    out = np.empty((*scan.shape, scan.channels), np.float32)
+    try:
+        channels = scan.source.read_regions(requests)
+    except RequestTooLarge:  # a server's --max-bytes below the scan: slabs along z, per channel
+        channels = [read_in_slabs(scan.source, r, whole) for r in requests]
+    for k, channel in enumerate(channels):
+        out[..., k] = channel
+    return out
 
 
 def _is_keras_model(model: Any) -> bool:

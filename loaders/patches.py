@@ -27,7 +27,8 @@ from store.protocol import RegionRequest, ScanSource
 
 @register_loader
 class PatchDataLoader(DataLoader):
-    """3D patches on a grid: ``IMG_SIZE = (h, w, d, 1)`` (x gets a channel) or ``(h, w, d)``.
+    """3D patches on a grid: ``IMG_SIZE = (h, w, d, 1)`` (x gets a channel) or ``(h, w, d)``;
+    for scans of K > 1 image channels ``(h, w, d, K)``, x ``(N, h, w, d, K)``.
 
     Patches start every ``IMG_STRIDE`` (default: the patch size; smaller strides overlap)
     over the volume padded by ``IMG_PAD_SIZE`` voxels per side with ``IMG_PAD_MODE``; the
@@ -48,17 +49,30 @@ class PatchDataLoader(DataLoader):
         **sharding: Any,
     ) -> None:
         size = tuple(int(n) for n in cfg.IMG_SIZE)
-        if len(size) == 4 and size[3] == 1:
+        if len(size) == 4 and size[3] >= 1:  # the channels are checked against the scans below
             self.patch, self.add_channel = size[:3], True
         elif len(size) == 3:
             self.patch, self.add_channel = size, False
         else:
-            raise ValueError(f"IMG_SIZE: 3D patches need (h, w, d, 1) or (h, w, d), got {size}")
+            raise ValueError(f"IMG_SIZE: 3D patches need (h, w, d, K) or (h, w, d), got {size}")
         self.stride = normalize_per_axis(cfg.IMG_STRIDE, 3, "IMG_STRIDE") or self.patch
         self.pad = normalize_per_axis(cfg.IMG_PAD_SIZE, 3, "IMG_PAD_SIZE") or (0, 0, 0)
         self.blend_mode = cfg.BLEND_MODE
         blend_weights((1, 1, 1), self.blend_mode)  # validates the mode early
         super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size, **sharding)
+        self._check_channels(size)
+
+    def _check_channels(self, size: tuple[int, ...]) -> None:
+        """IMG_SIZE's channels are the scans' image channels K: (h, w, d) only for K = 1."""
+        if not self.scans:
+            return
+        channels = self.scans[0].channels
+        wanted = size[3] if len(size) == 4 else 1
+        if wanted != channels or (channels > 1 and len(size) == 3):
+            raise ValueError(
+                f"IMG_SIZE {size}: scan {self.scans[0].scan_id!r} has {channels} image channel(s); "
+                f"use IMG_SIZE {(*size[:3], channels)}"
+            )
 
     def grid(self, scan: ScanEntry) -> list[Element]:
         return [Element(scan.index, w) for w in grid_windows(scan.shape, self.patch, self.stride, self.pad)]
@@ -70,7 +84,8 @@ class PatchDataLoader(DataLoader):
         return self.grid(scan)
 
     def model_input(self, image: np.ndarray, element: Element) -> np.ndarray:
-        return image[..., None] if self.add_channel else image
+        # (h, w, d) gets a channel axis; K > 1 channels come as (h, w, d, K) already
+        return image[..., None] if self.add_channel and image.ndim == 3 else image
 
     @functools.cached_property
     def _weights(self) -> np.ndarray:

@@ -8,8 +8,10 @@ The store's layout is ``store.predictions`` (which the server reads). Per scan, 
   (``INCLUDE_BACKGROUND``) a voxel takes the most probable channel, background meaning 0;
   without one, the most probable category if its probability is at least 0.5, else 0;
 * attributes: per-category Dice of the label map against ``y_true`` (1.0 where both are empty),
-  the categories, when and with what the scan was written, and NGFF 0.5 label-image metadata
-  (``store.ome``), so napari and neuroglancer open a prediction as labels.
+  the categories (as class indices) and their names (``class_names``, parallel to ``dice``;
+  ``channel_names`` for the probabilities' channels), the scan's geometry (for the NIfTI
+  export, ``loaders.export``), when and with what the scan was written, and NGFF 0.5
+  label-image metadata (``store.ome``), so napari and neuroglancer open a prediction as labels.
 
 Each scan is written to ``PATH/.staging/`` and published as a new version by one atomic symlink
 switch (``Storage.publish``, shared with the scan store); a re-run skips scans
@@ -21,7 +23,6 @@ already in the store unless ``overwrite=True``. One writer at a time holds ``PAT
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import sys
 import uuid
@@ -37,7 +38,7 @@ import zarr
 
 from loaders.backend import import_keras
 from store import ome, ome_views, publish
-from store.categories import categories_to_json, parse_categories
+from store.categories import Categories, categories_json_value, category_names, parse_categories
 from store.predictions import (
     LABEL_MAP,
     PREDICTIONS_FORMAT,
@@ -62,6 +63,16 @@ class PredictionSummary:
     written: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
     dice: dict[str, list[float] | None] = field(default_factory=dict)
+    # per written scan, the name of each category (parallel to its ``dice``)
+    class_names: dict[str, list[str]] = field(default_factory=dict)
+
+    def dice_by_class(self) -> dict[str, dict[str, float] | None]:
+        """Per written scan, ``{class name: Dice}`` (None for a scan without a mask)."""
+        out: dict[str, dict[str, float] | None] = {}
+        for scan_id, scores in self.dice.items():
+            names = self.class_names.get(scan_id) or [f"category {k}" for k in range(len(scores or ()))]
+            out[scan_id] = None if scores is None else dict(zip(names, scores, strict=True))
+        return out
 
     def __str__(self) -> str:
         return (
@@ -187,10 +198,38 @@ class _Meta:
     written_by: dict[str, Any]
 
 
+def _names_and_geometry(entry: Any, categories: Any, include_background: bool) -> dict[str, Any]:
+    """The attributes that name a scan's categories and carry its geometry: ``categories`` as
+    class indices, ``class_names`` (label-map value k+1 is category k; "a+b" for merged
+    classes), ``channel_names`` (probabilities, "background" first when included), and what
+    the NIfTI export needs: the scan's shape, spacing, affine, source affine and label values."""
+    if entry is None:  # a loader that keeps its scans elsewhere: the categories as configured
+        cats = parse_categories(categories) if categories else None
+        return {"categories": categories_json_value(cats) if cats else None}
+    resolved: Categories | None = entry.categories
+    scan = entry.meta
+    names = category_names(resolved, scan.class_names)
+    fields: dict[str, Any] = {
+        "categories": categories_json_value(resolved) if resolved else None,
+        "class_names": names,
+        "channel_names": ["background", *names] if include_background else names,
+        "scan_shape": list(scan.shape),
+        "spacing": list(scan.spacing),
+        "affine": scan.affine,
+        "source_affine": scan.source_affine,
+        "scan_class_names": scan.class_names,
+        "label_values": scan.label_values,
+    }
+    if scan.attrs.get("source_shape") is not None:
+        fields["source_shape"] = [int(n) for n in scan.attrs["source_shape"]]
+    return fields
+
+
 def _write_scan(
     staged: Path, root: Storage, scan_id: str, outputs: dict[str, Any], meta: _Meta
-) -> list[float] | None:
-    """Write one scan's arrays and attributes in ``staged`` and publish it; returns its Dice."""
+) -> tuple[list[float] | None, list[str] | None]:
+    """Write one scan's arrays and attributes in ``staged`` and publish it; returns its Dice
+    and the categories' names."""
     y_pred = np.asarray(outputs["y_pred"])
     try:
         writer = _ScanWriter(
@@ -203,7 +242,7 @@ def _write_scan(
             "scan_id": scan_id,
             "shape": list(y_pred.shape[:3]),
             "channels": int(y_pred.shape[-1]),
-            "categories": json.loads(categories_to_json(_normalized(meta.categories)) or "null"),
+            **_names_and_geometry(entry, meta.categories, meta.include_background),
             "include_background": meta.include_background,
             "slices": list(entry.slices) if partial and entry is not None else None,
             "dice": scores,
@@ -211,6 +250,9 @@ def _write_scan(
             "written_by": meta.written_by,
         }
         num_categories = int(y_pred.shape[-1]) - int(meta.include_background)
+        if len(attrs.get("class_names") or ()) != num_categories:  # a model with other outputs
+            attrs.pop("class_names", None)
+            attrs.pop("channel_names", None)
         # NGFF 0.5 label image over a (z, y, x) view of label_map, in the scan's spacing
         spacing = ome.spacing_of(entry.meta.attrs) if entry is not None else ome.DEFAULT_SPACING
         label_ome = ome_views.write_label_image_view(
@@ -221,7 +263,7 @@ def _write_scan(
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    return scores
+    return scores, attrs.get("class_names")
 
 
 def _scan_entries(loader: Any) -> dict[str, Any]:
@@ -294,6 +336,7 @@ def _write_locked(
     cats = getattr(loader.cfg, "CATEGORIES", None)
     written: list[str] = []
     dice: dict[str, list[float] | None] = {}
+    names: dict[str, list[str]] = {}
     meta = _Meta(
         entries,
         bool(getattr(loader.cfg, "INCLUDE_BACKGROUND", False)),
@@ -310,19 +353,21 @@ def _write_locked(
                 if scan_id not in skipped:
                     skipped.append(scan_id)
                 continue
-            scores = _write_scan(staging / f"{scan_id}.{uuid.uuid4().hex[:12]}", root, scan_id, outputs, meta)
+            scores, scan_names = _write_scan(
+                staging / f"{scan_id}.{uuid.uuid4().hex[:12]}", root, scan_id, outputs, meta
+            )
             written.append(scan_id)
             dice[scan_id] = scores
+            if scan_names is not None:
+                names[scan_id] = scan_names
             if bar is not None:
                 bar.add(1)
             del outputs  # the caller of inference holds one scan's output at a time
     finally:
         root.remove_staging(staging)
-    return PredictionSummary(root.local_path() or root.url, tuple(written), tuple(sorted(skipped)), dice)
-
-
-def _normalized(categories: Any) -> Any:
-    return parse_categories(categories) if categories else None
+    return PredictionSummary(
+        root.local_path() or root.url, tuple(written), tuple(sorted(skipped)), dice, names
+    )
 
 
 def _inference(

@@ -17,9 +17,9 @@ from loaders.catalog import shared_source
 from loaders.config import Config
 from loaders.geometry import AxisRead, padded_indices, take_window
 from loaders.stitching import Window
-from store.categories import Categories, normalize_categories
-from store.errors import RequestTooLarge, ScanChanged, changed_message
-from store.format import IMAGE, MASK, ScanMeta
+from store.categories import Categories, Selection, format_names, parse_categories, resolve_categories
+from store.errors import InvalidCategories, RequestTooLarge, ScanChanged, changed_message
+from store.format import MASK, ScanMeta, image_arrays
 from store.label_map import Decoded, LabelRegion, apply_table, has_label_map, merged
 from store.protocol import RegionRequest, ScanSource
 
@@ -39,6 +39,11 @@ class ScanEntry:
     @property
     def shape(self) -> tuple[int, int, int]:
         return self.meta.shape
+
+    @property
+    def channels(self) -> int:
+        """Image channels K (``ScanMeta.channels``): x gets them as its last axis when K > 1."""
+        return self.meta.channels
 
     @property
     def version(self) -> str | None:
@@ -74,7 +79,8 @@ def scans_from_dicts(dataset_dicts: Sequence[dict[str, Any]], cfg: Config) -> li
         source = d["source"]
         key = (source if isinstance(source, str) else f"<{id(source)}>", d["scan_id"])
         grouped.setdefault(key, []).append(d)
-    scans = []
+    scans: list[ScanEntry] = []
+    selection = parse_categories(cfg.CATEGORIES, "CATEGORIES") if cfg.CATEGORIES else None
     for index, dicts in enumerate(grouped.values()):
         first = dicts[0]
         source = shared_source(first["source"])
@@ -88,9 +94,37 @@ def scans_from_dicts(dataset_dicts: Sequence[dict[str, Any]], cfg: Config) -> li
             slices = tuple(range(depth))
         if not meta.has_mask:
             raise ValueError(f"scan {meta.scan_id!r} has no mask; loaders need labelled scans")
-        cats = normalize_categories(cfg.CATEGORIES, meta.num_classes) if cfg.CATEGORIES else None
+        if scans and meta.channels != scans[0].meta.channels:  # one model input for every scan
+            raise ValueError(
+                f"scan {meta.scan_id!r} has {meta.channels} image channel(s), but scan "
+                f"{scans[0].scan_id!r} has {scans[0].meta.channels}: one loader needs the same channels in every scan"
+            )
+        cats = None if selection is None else scan_categories(selection, meta, scans[0] if scans else None)
         scans.append(ScanEntry(index, meta.scan_id, source, meta, first, slices, cats))
     return scans
+
+
+def scan_categories(selection: Selection, meta: ScanMeta, first: ScanEntry | None) -> Categories:
+    """``CATEGORIES`` resolved against a scan's classes. Names resolve against the first scan's
+    class names; every other scan must give each name used the same index (one channel means
+    one class in every batch), else one line names the scan, the name and its classes."""
+    try:
+        cats = resolve_categories(selection, meta.num_classes, meta.class_names, "CATEGORIES")
+    except InvalidCategories as exc:
+        raise InvalidCategories(
+            f"scan {meta.scan_id!r}: {str(exc)[len(exc.param) + 2 :]}", exc.param
+        ) from None
+    if first is None or first.categories is None or cats == first.categories:
+        return cats
+    for group, theirs in zip(selection, first.categories, strict=True):
+        for k, index in zip(group, theirs, strict=True):
+            if isinstance(k, str) and meta.class_names.index(k) != index:
+                raise ValueError(
+                    f"CATEGORIES: class {k!r} is class {meta.class_names.index(k)} of scan {meta.scan_id!r}"
+                    f" but class {index} of scan {first.scan_id!r}: the scans of a loader must name their"
+                    f" classes alike (scan {meta.scan_id!r} has {format_names(meta.class_names)})"
+                )
+    return cats
 
 
 def window_reads(window: Window, shape: Sequence[int], mode: str) -> tuple[AxisRead, ...]:
@@ -114,19 +148,54 @@ def scan_requests(
     slice_major: bool = False,
     keep_in_cache: bool = True,
 ) -> list[tuple[ScanSource, RegionRequest]]:
-    """The image and the merged-mask requests of one read of a scan (what the loaders read);
-    ``slice_major`` for reads that are cut slice by slice, ``keep_in_cache`` False for reads
-    of a sweep larger than the cache (``RegionRequest``)."""
-    image = RegionRequest(
-        scan.scan_id,
-        IMAGE,
-        image_roi,
-        slice_major=slice_major,
-        keep_in_cache=keep_in_cache,
-        version=scan.version,
-    )
-    mask = replace(image, array=MASK, roi=mask_roi, categories=scan.categories, background=background)
-    return [(scan.source, image), (scan.source, mask)]
+    """The image and the merged-mask requests of one read of a scan (what the loaders read):
+    one request per image channel (``image``, ``image_c1``, ...: the same region, so the same
+    chunks of each channel's array), then the mask; :func:`paired_reads` puts the answers back
+    together. ``slice_major`` for reads that are cut slice by slice, ``keep_in_cache`` False
+    for reads of a sweep larger than the cache (``RegionRequest``)."""
+    images = [
+        RegionRequest(
+            scan.scan_id,
+            name,
+            image_roi,
+            slice_major=slice_major,
+            keep_in_cache=keep_in_cache,
+            version=scan.version,
+        )
+        for name in image_arrays(scan.channels)
+    ]
+    mask = replace(images[0], array=MASK, roi=mask_roi, categories=scan.categories, background=background)
+    return [(scan.source, r) for r in (*images, mask)]
+
+
+def paired_reads(arrays: Sequence[Decoded], scans: Sequence[ScanEntry]) -> list[tuple[np.ndarray, Decoded]]:
+    """(image, mask) per read of :func:`scan_requests` (``scans``: the scan of each, in order);
+    the image of a K-channel scan is its channels stacked last (:func:`stack_channels`)."""
+    out: list[tuple[np.ndarray, Decoded]] = []
+    pos = 0
+    for scan in scans:
+        k = scan.channels
+        if k == 1:  # one image region, as it was read
+            out.append((merged(arrays[pos]), arrays[pos + 1]))
+        else:
+            out.append((stack_channels([merged(a) for a in arrays[pos : pos + k]]), arrays[pos + k]))
+        pos += k + 1
+    if pos != len(arrays):
+        raise ValueError(f"{len(arrays)} regions read for {pos} requested")
+    return out
+
+
+def stack_channels(channels: Sequence[np.ndarray]) -> np.ndarray:
+    """(h, w, d) regions of each channel as one (h, w, d, K) array (one channel: itself).
+
+    Regions read slice-major (an (h, w, d) view of (d, h, w) memory) are stacked as (d, h, w,
+    K) memory, so that each slice's (h, w, K) stays contiguous for the slice loaders."""
+    if len(channels) == 1:
+        return channels[0]
+    first = channels[0]
+    if first.ndim == 3 and first.shape[2] > 1 and first.strides[2] > first.strides[0]:
+        return np.moveaxis(np.stack([np.moveaxis(c, 2, 0) for c in channels], axis=-1), 0, 2)
+    return np.stack(channels, axis=-1)
 
 
 def sweep_exceeds_cache(scans: Sequence[ScanEntry]) -> set[int]:
@@ -137,7 +206,7 @@ def sweep_exceeds_cache(scans: Sequence[ScanEntry]) -> set[int]:
     for scan in scans:
         h, w, d = scan.shape
         mask_bytes = 1 if has_label_map(scan.meta.attrs) else scan.meta.num_classes
-        voxel = np.dtype(scan.meta.dtype).itemsize + mask_bytes
+        voxel = np.dtype(scan.meta.dtype).itemsize * scan.channels + mask_bytes
         decoded[id(scan.source)] = decoded.get(id(scan.source), 0) + h * w * d * voxel
     return {s.index for s in scans if decoded[id(s.source)] > getattr(s.source, "cache_bytes", float("inf"))}
 

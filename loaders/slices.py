@@ -14,7 +14,8 @@ from loaders.geometry import neighbour_window
 
 @register_loader
 class DefaultDataLoader(DataLoader):
-    """2D slices: x ``(N, H, W, 1)``, y ``(N, H, W, C)`` float32.
+    """2D slices: x ``(N, H, W, 1)`` (``(N, H, W, K)`` for scans of K image channels), y
+    ``(N, H, W, C)`` float32.
 
     One element per slice of every scan (or per listed ``slice_id``). y holds ``CATEGORIES``
     merged as MedSegPy's ``collect_mask`` (a tuple sums its classes), with a background
@@ -33,7 +34,10 @@ class DefaultDataLoader(DataLoader):
         ]
 
     def model_input(self, image: np.ndarray, element: Element) -> np.ndarray:
-        return image  # (H, W, 1): the slice axis is the channel
+        if image.ndim == 3:
+            return image  # (H, W, 1): the slice axis is the channel
+        # K image channels: (H, W, k, K) -> (H, W, k * K), channel s * K + c = slice s, channel c
+        return image.reshape(image.shape[0], image.shape[1], -1)
 
     @selects_voxels
     def model_target(self, mask: np.ndarray, element: Element) -> np.ndarray:
@@ -48,7 +52,9 @@ class S25dDataLoader(DefaultDataLoader):
     """2.5D: ``IMG_SIZE = (H, W, k)``, k odd; x holds slices ``z-k//2 .. z+k//2`` as channels.
 
     Slices beyond the scan's ends are filled with ``IMG_PAD_MODE`` (as ``np.pad`` of the
-    volume along z); y is the centre slice's mask.
+    volume along z); y is the centre slice's mask. Scans of K image channels give x
+    ``(N, H, W, k * K)``, slices by channels: channel ``s * K + c`` is image channel c of the
+    window's slice s (all channels of the first slice, then of the next, ...).
     """
 
     batch_fields = ("IMG_SIZE", "SHUFFLE_BLOCKS")

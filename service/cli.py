@@ -1,4 +1,4 @@
-"""The ``scancache`` command line: preprocess, verify, scans, sample-data, serve.
+"""The ``scancache`` command line: preprocess, verify, scans, sample-data, serve, profile, export.
 
 Errors reach the user as one line (``scancache: error: ...``) and exit code 1 (2 for usage
 errors, as argparse does); ``--debug`` shows the traceback too.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from service.export_cli import add_export_parser
 from service.version import package_version
 from store.errors import one_line
 from store.storage import parse_location
@@ -303,7 +304,11 @@ def add_profile_parser(sub: Any) -> None:
         "--tag", required=True, help="loader: DefaultDataLoader, S25dDataLoader, PatchDataLoader, ..."
     )
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="default: %(default)s")
-    p.add_argument("--categories", metavar="CATS", help="e.g. [0,[1,2],3] or 0,1+2,3 (default: every class)")
+    p.add_argument(
+        "--categories",
+        metavar="CATS",
+        help="e.g. [0,[1,2],3], 0,1+2,3 or liver,kidney+2 (default: every class)",
+    )
     p.add_argument("--img-size", metavar="H,W,C", help="the loader's IMG_SIZE, e.g. 288,288,1")
     p.add_argument("--seconds", type=float, default=10.0, metavar="S", help="how long to run (default: 10)")
     p.add_argument("--split", default=None, help="only scans of this split (default: all)")
@@ -507,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
     add_profile_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from store.categories import categories_json_value
 from store.categories import parse_categories as parse_store_categories
+from store.errors import InvalidCategories
 
 PROFILE_DATASET = "scancache-profile"
 # stats keys that are seconds spent inside the loader (not wall time): their split is the "why"
@@ -67,9 +68,13 @@ def run_profile(
         cfg.IMG_SIZE = tuple(img_size)
     filters = {"split": split} if split else {}
     loaders.DatasetCatalog.register(PROFILE_DATASET, source, **filters)
-    loader = loaders.build_loader(
-        cfg, PROFILE_DATASET, batch_size=batch_size, is_test=False, shuffle=True, drop_last=False
-    )
+    try:
+        loader = loaders.build_loader(
+            cfg, PROFILE_DATASET, batch_size=batch_size, is_test=False, shuffle=True, drop_last=False
+        )
+    except InvalidCategories as exc:  # a class name the scans lack: name the flag the user typed
+        loaders.DatasetCatalog.remove(PROFILE_DATASET)
+        raise InvalidCategories(str(exc)[len(exc.param) + 2 :], "--categories") from None
     try:
         return _measure(loader, seconds)
     finally:

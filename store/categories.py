@@ -1,10 +1,11 @@
 """Class selection and merging, MedSegPy's ``CATEGORIES`` semantics.
 
-``categories`` is a sequence whose items are a class index or a sequence of class indices; a
-sequence merges its classes by summing them (MedSegPy's ``collect_mask``). ``background``
-prepends a channel that is 1 where none of the selected categories is set. Each class appears at
-most once in all, so a request has at most one channel per class: repeating a class would only
-multiply the response (a 9 KB URL could ask for a gigabyte).
+``categories`` is a sequence whose items are a class or a sequence of classes; a sequence merges
+its classes by summing them (MedSegPy's ``collect_mask``). A class is its index or its name (a
+str, one of the scan's ``class_names``). ``background`` prepends a channel that is 1 where none
+of the selected categories is set. Each class appears at most once in all, so a request has at
+most one channel per class: repeating a class would only multiply the response (a 9 KB URL could
+ask for a gigabyte).
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import numpy as np
 from store.errors import InvalidCategories
 
 Categories = tuple[tuple[int, ...], ...]
+# Categories as given, before the scan's class names resolve them: indices and names.
+Selection = tuple[tuple[int | str, ...], ...]
+SHOWN_NAMES = 20  # class names an error lists (an atlas has a hundred)
 
 
-def parse_categories(value: Any, param: str = "categories") -> Categories:
-    """The one parser of categories, wherever they enter (REST query, client, CLI, predictions):
-    a list or tuple, JSON text (``[0,[1,2],3]``) or the CLI's short form (``0,1+2,3``, a ``+``
-    merges classes), into tuples of class indices, each class at most once. The range of the
-    indices depends on the scan: :func:`normalize_categories` checks it."""
+def parse_categories(value: Any, param: str = "categories") -> Selection:
+    """The one parser of categories, wherever they enter (REST query, client, CLI, Config,
+    predictions): a list or tuple, JSON text (``[0,[1,"b",2],3]``) or the CLI's short form
+    (``0,1+2,3`` or ``femur,tibia+patella``: a ``+`` merges classes; a whole number is an index,
+    anything else a name), into tuples of class indices and names, each at most once. The range
+    of the indices and the names depend on the scan: :func:`resolve_categories` checks them."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
@@ -35,45 +40,110 @@ def parse_categories(value: Any, param: str = "categories") -> Categories:
             except RecursionError:
                 raise InvalidCategories("too deeply nested", param) from None
         else:
-            try:
-                value = [[int(k) for k in item.split("+")] if "+" in item else int(item)
-                         for item in text.split(",") if item.strip()]  # fmt: skip
-            except ValueError:
-                raise InvalidCategories(
-                    f"{text[:40]!r} is neither a JSON list like [0,[1,2],3] nor like 0,1+2,3", param
-                ) from None
+            value = [_short_group(item, param) for item in text.split(",") if item.strip()]
     if not isinstance(value, (list, tuple)) or len(value) == 0:
-        raise InvalidCategories("must be a non-empty list of class indices or lists of them", param)
-    out: list[tuple[int, ...]] = []
-    seen: set[int] = set()
+        raise InvalidCategories("must be a non-empty list of classes (index or name) or lists of them", param)
+    out: list[tuple[int | str, ...]] = []
+    seen: set[int | str] = set()
     for item in value:
         group = item if isinstance(item, (list, tuple)) else (item,)
         if len(group) == 0:
             raise InvalidCategories("an empty sub-list selects no class", param)
         for k in group:
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-                raise InvalidCategories(f"{k!r} is not a class index", param)
-            if int(k) < 0:
+            if isinstance(k, str):
+                if not k.strip():
+                    raise InvalidCategories("an empty class name", param)
+                key: int | str = k
+            elif isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                raise InvalidCategories(f"{k!r} is not a class index or name", param)
+            elif int(k) < 0:
                 raise InvalidCategories(f"class {k} is negative", param)
-            if int(k) in seen:
-                raise InvalidCategories(f"class {k} is selected twice: each class may appear once", param)
-            seen.add(int(k))
-        out.append(tuple(int(k) for k in group))
+            else:
+                key = int(k)
+            if key in seen:
+                raise InvalidCategories(f"class {k!r} is selected twice: each class may appear once", param)
+            seen.add(key)
+        out.append(tuple(k if isinstance(k, str) else int(k) for k in group))
     return tuple(out)
 
 
-def normalize_categories(value: Any, num_classes: int) -> Categories:
-    """Parse categories (:func:`parse_categories`) and check them against a scan's classes."""
-    parsed = parse_categories(value)
-    if len(parsed) > num_classes:
+def _short_group(item: str, param: str) -> Any:
+    """One item of the short form: ``1``, ``femur``, ``1+2`` or ``femur+2``."""
+    parts = [part.strip() for part in item.split("+")]
+    if any(not part for part in parts):
         raise InvalidCategories(
-            f"{len(parsed)} categories for {num_classes} classes: at most one channel a class"
+            f"{item.strip()[:40]!r} is neither a JSON list like [0,[1,2],3] nor like 0,1+2,3", param
         )
-    for group in parsed:
+    classes = [int(part) if _is_index(part) else part for part in parts]
+    return classes if len(classes) > 1 else classes[0]
+
+
+def _is_index(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_categories(
+    selection: Selection,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    param: str = "categories",
+) -> Categories:
+    """Class names to indices (``class_names``: the scan's, one per mask channel), checked
+    against the scan's ``num_classes``: every index in range, each class at most once."""
+    if len(selection) > num_classes:
+        raise InvalidCategories(
+            f"{len(selection)} categories for {num_classes} classes: at most one channel a class", param
+        )
+    names = list(class_names or ())
+    out: list[tuple[int, ...]] = []
+    seen: dict[int, int | str] = {}
+    for group in selection:
+        indices = []
         for k in group:
-            if k >= num_classes:
-                raise InvalidCategories(f"class {k} is out of range for {num_classes} classes")
-    return parsed
+            index = _index_of(k, names, param) if isinstance(k, str) else k
+            if index >= num_classes:
+                raise InvalidCategories(f"class {k} is out of range for {num_classes} classes", param)
+            if index in seen:
+                raise InvalidCategories(
+                    f"class {k!r} and class {seen[index]!r} are the same class: each class may appear once",
+                    param,
+                )
+            seen[index] = k
+            indices.append(index)
+        out.append(tuple(indices))
+    return tuple(out)
+
+
+def _index_of(name: str, names: Sequence[str], param: str) -> int:
+    if name in names:
+        return names.index(name)
+    raise InvalidCategories(f"no class named {name!r}; the classes are {format_names(names)}", param)
+
+
+def format_names(names: Sequence[str]) -> str:
+    """Class names for a one-line error: quoted, at most ``SHOWN_NAMES`` of them."""
+    shown = ", ".join(repr(n) for n in names[:SHOWN_NAMES])
+    more = f", ... ({len(names)} in all)" if len(names) > SHOWN_NAMES else ""
+    return (shown + more) if names else "none (the scan has no mask)"
+
+
+def normalize_categories(
+    value: Any, num_classes: int, class_names: Sequence[str] | None = None
+) -> Categories:
+    """Parse categories (:func:`parse_categories`) and resolve them against a scan's classes."""
+    return resolve_categories(parse_categories(value), num_classes, class_names)
+
+
+def category_names(categories: Categories | None, class_names: Sequence[str]) -> list[str]:
+    """The output channels' names: a class's name, merged classes' names joined by ``+``
+    (``"tibia+patella"``); every class of the scan when ``categories`` is None."""
+    if categories is None:
+        return list(class_names)
+    return ["+".join(class_names[k] for k in group) for group in categories]
 
 
 def all_categories(num_classes: int) -> Categories:
@@ -126,12 +196,12 @@ def _background(channels: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarra
     return empty
 
 
-def categories_json_value(categories: Sequence[Sequence[int]]) -> list[Any]:
-    """``((0,), (1, 2))`` as the JSON value ``[0, [1, 2]]``."""
+def categories_json_value(categories: Sequence[Sequence[int | str]]) -> list[Any]:
+    """``((0,), (1, "b"))`` as the JSON value ``[0, [1, "b"]]``."""
     return [list(g) if len(g) > 1 else g[0] for g in categories]
 
 
-def categories_to_json(categories: Sequence[Sequence[int]] | None) -> str | None:
+def categories_to_json(categories: Sequence[Sequence[int | str]] | None) -> str | None:
     if categories is None:
         return None
     return json.dumps(categories_json_value(categories))

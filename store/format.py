@@ -50,6 +50,29 @@ def channel_names(channels: int) -> list[str]:
     return [f"{IMAGE}_c{k}" for k in range(1, channels)]
 
 
+_CHANNEL_ARRAY = re.compile(r"^image_c([1-9][0-9]{0,3})$")
+
+
+def image_arrays(channels: int) -> list[str]:
+    """The arrays of all of an image's channels, in channel order: ``image``, ``image_c1``, ..."""
+    return [IMAGE, *channel_names(channels)]
+
+
+def channel_array(channel: int) -> str:
+    """The array holding image channel ``channel`` (0: ``image``)."""
+    if int(channel) < 0:
+        raise ValueError(f"image channel {channel} is negative")
+    return IMAGE if int(channel) == 0 else f"{IMAGE}_c{int(channel)}"
+
+
+def channel_of(name: str) -> int | None:
+    """The image channel an array holds (``image``: 0, ``image_c2``: 2), None for other arrays."""
+    if name == IMAGE:
+        return 0
+    found = _CHANNEL_ARRAY.match(name)
+    return int(found.group(1)) if found else None
+
+
 _SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -101,8 +124,11 @@ def store_identity(store: str | os.PathLike[str], root_doc: object, local: bool 
 
 
 def validate_array_name(name: str) -> str:
-    if name not in ARRAYS:
-        raise InvalidPath(f"invalid array name {name!r}; expected one of {', '.join(ARRAYS)}")
+    """``image``, ``mask``, or an image channel ``image_c1``, ``image_c2``, ..."""
+    if name not in ARRAYS and channel_of(name) is None:
+        raise InvalidPath(
+            f"invalid array name {name!r}; expected one of {', '.join(ARRAYS)} or image_c1, image_c2, ..."
+        )
     return name
 
 

@@ -10,8 +10,12 @@
     PRED/.staging/                      scans being written; never read
 
 The ``prediction`` attribute holds ``scan_id``, ``shape``, ``channels``, ``categories``,
+``class_names`` (each category's name, parallel to ``dice``), ``channel_names`` (the
+probabilities' channels), the scan's geometry (``scan_shape``, ``spacing``, ``affine``,
+``source_affine``, ``scan_class_names``, ``label_values``; ``loaders.export``),
 ``include_background``, ``dice`` (per category, or null without a mask), ``written_at`` (UTC,
-ISO 8601) and ``written_by`` (model, loader, versions). A scan group appears only by an atomic
+ISO 8601) and ``written_by`` (model, loader, versions). Stores written before names and
+geometry were recorded lack those keys and stay readable. A scan group appears only by an atomic
 symlink switch once complete, so every ``PRED/<scan_id>/zarr.json`` a reader finds is complete.
 """
 

@@ -22,7 +22,8 @@ RoiLike = str | Sequence[slice] | None
 
 @dataclass(frozen=True)
 class RegionRequest:
-    """One region of one array: ``array`` is ``image`` or ``mask``; ``roi`` covers (y, x, z).
+    """One region of one array: ``array`` is ``image``, an image channel ``image_c1``, ... (a
+    multi-channel scan, ``ScanMeta.channels``) or ``mask``; ``roi`` covers (y, x, z).
 
     ``slice_major`` is a layout hint, never a change of values: the caller will use the region
     slice by slice, so a source may return an image or a label map as an (h, w, d) view of
@@ -61,8 +62,8 @@ class ScanSource(Protocol):
         """Raises ``ScanNotFound`` (a ``KeyError``)."""
         ...
 
-    def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
-        """(h, w, d) in the stored dtype."""
+    def read_image(self, scan_id: str, roi: RoiLike = None, channel: int = 0) -> np.ndarray:
+        """(h, w, d) of image channel ``channel`` in the stored dtype."""
         ...
 
     def read_mask(

@@ -21,10 +21,11 @@ import tensorstore as ts
 from store.categories import merge_mask, normalize_categories
 from store.errors import ArrayNotFound, ScanChanged, ScanNotFound, changed_message
 from store.format import (
-    IMAGE,
     MASK,
     ScanMeta,
     StoreFormatError,
+    channel_array,
+    channel_of,
     check_store_format,
     matches,
     store_identity,
@@ -212,6 +213,9 @@ class LocalSource:
         version, meta = state or self._state(scan_id)
         if name == MASK and not meta.has_mask:
             raise ArrayNotFound(f"scan {scan_id!r} has no mask")
+        channel = channel_of(name)
+        if channel is not None and channel >= meta.channels:
+            raise ArrayNotFound(f"scan {scan_id!r} has no image channel {channel} (it has {meta.channels})")
         key = (scan_id, name, version, cached)
         opened = self._arrays.get(key)
         if opened is None:
@@ -247,16 +251,20 @@ class LocalSource:
         return view.read(batch=batch), chunk_bytes_touched(region, inner, itemsize)
 
     def _slice_major(self, req: RegionRequest, meta: ScanMeta) -> bool:
-        """Honour the hint for 3-D arrays (image, label map), not for a (h, w, d, C) mask."""
-        return req.slice_major and (req.array == IMAGE or self._uses_label_map(req, meta))
+        """Honour the hint for 3-D arrays (image channels, label map), not for a (h, w, d, C) mask."""
+        return req.slice_major and (channel_of(req.array) is not None or self._uses_label_map(req, meta))
 
     def _finish(self, req: RegionRequest, data: np.ndarray, meta: ScanMeta) -> Decoded:
         """What the read returns, before any label-map merge (see ``read_decoded``)."""
         if self._slice_major(req, meta):
             data = np.moveaxis(data, 0, 2)  # (h, w, d) again, as a view
-        if req.array == IMAGE:
+        if req.array != MASK:  # an image channel
             return data
-        cats = None if req.categories is None else normalize_categories(req.categories, meta.num_classes)
+        cats = (
+            None
+            if req.categories is None
+            else normalize_categories(req.categories, meta.num_classes, meta.class_names)
+        )
         if self._uses_label_map(req, meta):  # data is the label map: merged through a table
             return LabelRegion(data, category_table(cats, req.background, meta.num_classes))
         if req.categories is None and not req.background:
@@ -322,8 +330,8 @@ class LocalSource:
             return None
         return np.asarray(self._array(scan_id, LOCATIONS, state).read().result(), dtype=np.int32)
 
-    def read_image(self, scan_id: str, roi: RoiLike = None) -> np.ndarray:
-        return self.read_regions([RegionRequest(scan_id, IMAGE, roi)])[0]
+    def read_image(self, scan_id: str, roi: RoiLike = None, channel: int = 0) -> np.ndarray:
+        return self.read_regions([RegionRequest(scan_id, channel_array(channel), roi)])[0]
 
     def read_mask(
         self,
@@ -333,7 +341,11 @@ class LocalSource:
         background: bool = False,
     ) -> np.ndarray:
         meta = self.metadata(scan_id)
-        cats = None if categories is None else normalize_categories(categories, meta.num_classes)
+        cats = (
+            None
+            if categories is None
+            else normalize_categories(categories, meta.num_classes, meta.class_names)
+        )
         return self.read_regions([RegionRequest(scan_id, MASK, roi, cats, background)])[0]
 
     def close(self) -> None:

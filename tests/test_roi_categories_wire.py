@@ -130,3 +130,26 @@ def test_npy_stream_rejects_truncation():
         decode_npy_stream(payload[:-3])
     with pytest.raises(ValueError):
         decode_npy_stream(b"garbage!!!!!")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['["b",["a","d"]]', "b,a+d", ("b", ("a", 3)), ["b", [0, "d"]], "1,0+3", [1, [0, 3]]],
+)
+def test_categories_by_name_resolve_to_indices(value):
+    assert normalize_categories(value, 4, ["a", "b", "c", "d"]) == ((1,), (0, 3))
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ('["x"]', "no class named 'x'; the classes are 'a', 'b', 'c', 'd'"),
+        ("a,0", "class 0 and class 'a' are the same class"),
+        ("a,a", "class 'a' is selected twice"),
+        ("a+,b", "is neither a JSON list"),
+    ],
+)
+def test_bad_category_names(value, words):
+    with pytest.raises(InvalidCategories) as info:
+        normalize_categories(value, 4, ["a", "b", "c", "d"])
+    assert str(info.value).startswith("categories:") and words in str(info.value)

@@ -22,7 +22,7 @@ from store.errors import (
     RequestTooLarge,
     ScanNotFound,
 )
-from store.format import ARRAYS, IMAGE, MASK, validate_scan_id
+from store.format import ARRAYS, MASK, channel_of, validate_scan_id
 from store.protocol import RegionRequest
 from store.roi import Region, format_roi, parse_roi, region_shape
 from store.source import LocalSource
@@ -80,8 +80,10 @@ def plan_region(
         validate_scan_id(scan_id)
     except InvalidPath as exc:
         raise InvalidPath(f"{where}{exc}") from None
-    if array not in ARRAYS:
-        raise ArrayNotFound(f"{where}no array {array!r}; expected one of {', '.join(ARRAYS)}")
+    channel = channel_of(array)  # image (0), image_c1 (1), ...; None for the mask
+    if array not in ARRAYS and channel is None:
+        expected = f"{', '.join(ARRAYS)} or an image channel image_c1, image_c2, ..."
+        raise ArrayNotFound(f"{where}no array {array!r}; expected one of {expected}")
     try:
         version = source.version(scan_id)
         meta = source.metadata(scan_id)
@@ -89,11 +91,15 @@ def plan_region(
         raise ScanNotFound(f"{where}{exc}") from None
     if array == MASK and not meta.has_mask:
         raise ArrayNotFound(f"{where}scan {scan_id!r} has no mask")
+    if channel is not None and channel >= meta.channels:
+        raise ArrayNotFound(
+            f"{where}scan {scan_id!r} has no image channel {channel} (it has {meta.channels})"
+        )
     try:
         region = parse_roi(roi, meta.shape, param=prefix + "roi")
         cats = None
         if array == MASK and categories is not None:
-            cats = normalize_categories(categories, meta.num_classes)
+            cats = normalize_categories(categories, meta.num_classes, meta.class_names)
     except RecursionError:  # json.loads of "[[[[..." deeper than the interpreter allows
         raise InvalidCategories("nested too deeply", param=prefix + "categories") from None
     except InvalidCategories as exc:
@@ -101,10 +107,10 @@ def plan_region(
             raise
         raise InvalidCategories(str(exc)[len(exc.param) + 2 :], param=prefix + exc.param) from None
     voxels = region_shape(region)
-    if array == IMAGE:
+    if channel is not None:  # channels share the image's dtype (store-format.md)
         dtype = np.dtype(meta.dtype)
         return RegionPlan(
-            scan_id, IMAGE, region, None, False, voxels, dtype, math.prod(voxels) * dtype.itemsize, version
+            scan_id, array, region, None, False, voxels, dtype, math.prod(voxels) * dtype.itemsize, version
         )
     channels = (meta.num_classes if cats is None else len(cats)) + int(background)
     read_bytes = math.prod(voxels) * meta.num_classes

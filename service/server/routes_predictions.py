@@ -42,11 +42,16 @@ Predictions = Annotated[PredictionStore | None, Depends(prediction_store)]
 
 
 def prediction_fields(store: PredictionStore | None, scan_id: str) -> dict[str, Any]:
-    """What a scan's metadata says of its prediction: ``has_prediction`` and ``prediction_dice``."""
+    """What a scan's metadata says of its prediction: ``has_prediction``, ``prediction_dice``
+    (per category) and ``prediction_class_names`` (the categories' names, parallel to the Dice
+    and to the label map's values 1, 2, ...; null for predictions written before names were
+    recorded)."""
     attrs = None if store is None else store.attrs(scan_id)
+    names = None if attrs is None else attrs.get("class_names")
     return {
         "has_prediction": attrs is not None,
         "prediction_dice": None if attrs is None else attrs.get("dice"),
+        "prediction_class_names": names if isinstance(names, list) else None,
     }
 
 

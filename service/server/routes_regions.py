@@ -39,7 +39,7 @@ from service.server.regions import RegionPlan, check_budget, plan_region
 from service.server.responses import PartsResponse, not_modified
 from service.server.state import ServerState, server_state
 from store.errors import RequestTooLarge
-from store.format import IMAGE, MASK
+from store.format import IMAGE, MASK, channel_array, channel_of
 from store.label_map import LabelRegion, merged
 
 router = APIRouter(tags=["regions"])
@@ -51,7 +51,8 @@ ROI_DOC = (
 )
 CATEGORIES_DOC = (
     "JSON list of classes to return, in order; a sub-list merges classes into one channel "
-    "(MedSegPy `CATEGORIES`), e.g. `[0,[1,2],3]`. Default: every class."
+    "(MedSegPy `CATEGORIES`), e.g. `[0,[1,2],3]`. A class is its index or its name (one of the "
+    'scan\'s `class_names`), e.g. `["liver",["kidney",2]]`. Default: every class.'
 )
 BACKGROUND_DOC = "Prepend a channel that is 1 where none of the selected categories is set."
 SCAN_ID_DOC = "Scan id, e.g. `0000001_V00-Aug00`."
@@ -107,7 +108,7 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
     except BaseException:
         release()
         raise
-    state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
+    state.metrics.region_bytes.labels(_metric_array(plan.array)).inc(plan.out_bytes)
     headers = {
         "ETag": etag,
         "Cache-Control": REVALIDATE,
@@ -118,6 +119,11 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
     if gzip:
         headers["Content-Encoding"] = "gzip"
     return PartsResponse(parts, NPY_MEDIA_TYPE, headers=headers, on_close=release)
+
+
+def _metric_array(array: str) -> str:
+    """The metrics' ``array`` label: every image channel counts as ``image`` (few series)."""
+    return IMAGE if channel_of(array) is not None else array
 
 
 ScanId = Annotated[str, Path(description=SCAN_ID_DOC)]
@@ -131,8 +137,17 @@ State = Annotated[ServerState, Depends(server_state)]
     response_class=Response,
     responses=npy_response_doc("The image region (h, w, d) in the stored dtype"),
 )
-async def get_image(request: Request, state: State, scan_id: ScanId, roi: Roi = None) -> Response:
-    plan = await _plan(state, scan_id, IMAGE, roi)
+async def get_image(
+    request: Request,
+    state: State,
+    scan_id: ScanId,
+    roi: Roi = None,
+    channel: Annotated[
+        int,
+        Query(ge=0, description="Image channel of a multi-channel scan (its `channels` attribute); 0 first."),
+    ] = 0,
+) -> Response:
+    plan = await _plan(state, scan_id, channel_array(channel), roi)
     return await region_response(request, state, plan)
 
 
@@ -166,7 +181,13 @@ class RegionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scan_id: str = Field(description=SCAN_ID_DOC)
-    array: str = Field(IMAGE, description="`image` or `mask`.")
+    array: str = Field(
+        IMAGE,
+        description=(
+            "`image`, `mask`, or image channel k >= 1 of a multi-channel scan as `image_c{k}` "
+            "(`image` is channel 0; the scan's `channels` attribute counts them)."
+        ),
+    )
     roi: str | None = Field(None, description=ROI_DOC)
     categories: list[Any] | None = Field(None, description=CATEGORIES_DOC + " Masks only.")
     background: bool = Field(False, description=BACKGROUND_DOC + " Masks only.")
@@ -248,7 +269,7 @@ async def post_batch(state: State, batch: BatchRequest) -> Response:
         release()
         raise
     for plan in plans:
-        state.metrics.region_bytes.labels(plan.array).inc(plan.out_bytes)
+        state.metrics.region_bytes.labels(_metric_array(plan.array)).inc(plan.out_bytes)
     headers = {"Cache-Control": "no-store", DECODED_BYTES_HEADER: str(decoded)}
     listed = versions_header(versions)  # past MAX_VERSIONED_SCANS scans: not sent
     if listed is not None:

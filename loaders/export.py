@@ -1,0 +1,300 @@
+"""``export_nifti(predictions, out_dir)``: stored predictions as NIfTI files in the source's geometry.
+
+One file per scan, ``OUT/<scan_id>.nii.gz``, that 3D Slicer or ITK-SNAP overlay on the original
+image without a shift: the voxels go back from the store's orientation (NIfTI scans are stored
+reoriented to (P, L, S)) to the source file's voxel order, and the file carries the source's
+affine (``source_affine``; for MedSegPy scans the stored ``affine``, diag(spacing, 1)).
+
+* Label map values: when every category is one class of the scan, the class's source label
+  value (``label_values``: what the source label file used; 1..n for MedSegPy scans), so the
+  export means what the source labels mean; when categories merge classes, 1..n in the
+  categories' order. 0 is background either way.
+* ``OUT/<scan_id>.json`` beside it names every value (``{"0": "background", "1": "liver"}``)
+  and gives the Dice per class name.
+* ``probabilities=True`` adds ``OUT/<scan_id>_probabilities.nii.gz``: float32 (x, y, z, c), the
+  channels in the sidecar's ``channels`` order.
+
+A prediction of some slices only is exported on the scan's whole grid (0 elsewhere). The
+geometry comes from the prediction's attributes (recorded by ``write_predictions``); for
+predictions written before they were recorded, pass the scan store (``scan_store=``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from store.predictions import LABEL_MAP, PROBABILITIES, PredictionStore, check_predictions_root
+
+LABEL_SUFFIX = ".nii.gz"
+PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
+SIDECAR_SUFFIX = ".json"
+AFFINE_TOLERANCE = 1e-4  # mm: float32 rounding of a recorded affine, never a voxel's shift
+
+
+@dataclass(frozen=True)
+class ExportedScan:
+    """The files written for one scan."""
+
+    scan_id: str
+    label_map: Path
+    sidecar: Path
+    probabilities: Path | None = None
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """What the export needs of the scan a prediction was made on."""
+
+    scan_shape: tuple[int, int, int]
+    affine: np.ndarray
+    source_affine: np.ndarray
+    source_shape: tuple[int, ...] | None
+    class_names: list[str]  # the scan's, one per mask channel
+    label_values: list[int]  # the scan's, one per mask channel
+
+
+def export_nifti(
+    predictions: str | os.PathLike[str] | PredictionStore,
+    out_dir: str | os.PathLike[str],
+    *,
+    scans: Sequence[str] | None = None,
+    probabilities: bool = False,
+    overwrite: bool = False,
+    scan_store: str | os.PathLike[str] | Any | None = None,
+    progress: bool | None = None,
+) -> list[ExportedScan]:
+    """Export the predictions of ``scans`` (default: every scan with one) into ``out_dir``.
+
+    Refuses, before writing anything, an unknown scan and files already in ``out_dir`` (unless
+    ``overwrite``). ``scan_store`` (a store folder, a server URL or a ``ScanSource``) supplies
+    the geometry of predictions that record none. ``progress`` (default: stderr is a terminal)
+    prints a line per scan on stderr."""
+    nib = _import_nibabel()
+    store = predictions if isinstance(predictions, PredictionStore) else _open_predictions(predictions)
+    available = store.scan_ids()
+    wanted = list(available) if scans is None else list(dict.fromkeys(scans))
+    for scan_id in wanted:
+        if not store.has(scan_id):
+            raise ValueError(
+                f"scan {scan_id!r} has no prediction in {store.storage.url} ({_listed(available)})"
+            )
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file; choose a folder")
+    if not overwrite:
+        for scan_id in wanted:
+            for path in _paths(out, scan_id, probabilities):
+                if path.exists():
+                    raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    source = _open_scan_store(scan_store)
+    show = sys.stderr.isatty() if progress is None else progress
+    out.mkdir(parents=True, exist_ok=True)
+    done = []
+    for i, scan_id in enumerate(wanted, start=1):
+        done.append(_export_scan(nib, store, scan_id, out, probabilities, source))
+        if show:
+            print(f"scancache export: {i}/{len(wanted)} {scan_id}", file=sys.stderr, flush=True)
+    return done
+
+
+def _import_nibabel() -> Any:
+    try:
+        import nibabel
+    except ImportError:
+        raise RuntimeError("the NIfTI export needs nibabel: pip install 'scancache[service]'") from None
+    return nibabel
+
+
+def _open_predictions(path: str | os.PathLike[str]) -> PredictionStore:
+    check_predictions_root(path)
+    return PredictionStore(path)
+
+
+def _open_scan_store(scan_store: Any) -> Any:
+    if scan_store is None or hasattr(scan_store, "metadata"):
+        return scan_store
+    from loaders.catalog import open_source
+
+    return open_source(scan_store)
+
+
+def _listed(scan_ids: Sequence[str], shown: int = 10) -> str:
+    if not scan_ids:
+        return "it has none"
+    more = f", ... ({len(scan_ids)} in all)" if len(scan_ids) > shown else ""
+    return "it has " + ", ".join(scan_ids[:shown]) + more
+
+
+def _paths(out: Path, scan_id: str, probabilities: bool) -> list[Path]:
+    paths = [out / f"{scan_id}{LABEL_SUFFIX}", out / f"{scan_id}{SIDECAR_SUFFIX}"]
+    return [*paths, out / f"{scan_id}{PROBABILITIES_SUFFIX}"] if probabilities else paths
+
+
+def _geometry(scan_id: str, attrs: dict[str, Any], source: Any) -> _Geometry:
+    """From the prediction's attributes, else from the scan store's metadata."""
+    if attrs.get("affine") is not None and attrs.get("scan_shape") is not None:
+        found: dict[str, Any] = attrs
+        names, values = attrs.get("scan_class_names"), attrs.get("label_values")
+    elif source is not None:
+        meta = source.metadata(scan_id)
+        found = {
+            "scan_shape": list(meta.shape),
+            "affine": meta.affine,
+            "source_affine": meta.source_affine,
+            "source_shape": meta.attrs.get("source_shape"),
+        }
+        names, values = meta.class_names, meta.label_values
+    else:
+        raise ValueError(
+            f"scan {scan_id!r}: its prediction records no geometry (written by an older scancache);"
+            " pass the scan store it was made from: --store STORE (scan_store=...)"
+        )
+    affine = np.asarray(found["affine"], np.float64)
+    source_affine = np.asarray(found.get("source_affine") or found["affine"], np.float64)
+    shape = found.get("source_shape")
+    return _Geometry(
+        tuple(int(n) for n in found["scan_shape"]),  # type: ignore[arg-type]
+        affine,
+        source_affine,
+        None if shape is None else tuple(int(n) for n in shape),
+        [str(n) for n in names or ()],
+        [int(v) for v in values or ()],
+    )
+
+
+def _categories(attrs: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The prediction's categories as scan classes (every class when it selected all)."""
+    found = attrs.get("categories")
+    if not found:
+        count = int(attrs["channels"]) - int(bool(attrs.get("include_background")))
+        return [(k,) for k in range(count)]
+    return [tuple(int(k) for k in g) if isinstance(g, list) else (int(g),) for g in found]
+
+
+def _labels(attrs: dict[str, Any], geometry: _Geometry) -> tuple[np.ndarray, dict[str, str], bool]:
+    """The table from stored label (0, k+1 = category k) to exported value, the sidecar's
+    value -> name, and whether the values are the source's label values."""
+    categories = _categories(attrs)
+    names = attrs.get("class_names")
+    if not isinstance(names, list) or len(names) != len(categories):
+        scan_names = geometry.class_names
+        in_range = all(k < len(scan_names) for g in categories for k in g)
+        names = [
+            "+".join(scan_names[k] for k in g) if in_range else f"category {i}"
+            for i, g in enumerate(categories)
+        ]
+    known = len(geometry.label_values)
+    source_values = all(len(g) == 1 and g[0] < known for g in categories)
+    values = (
+        [geometry.label_values[g[0]] for g in categories] if source_values else list(range(1, len(names) + 1))
+    )
+    table = np.array([0, *values], np.int64)
+    dtype = np.result_type(np.min_scalar_type(int(table.min())), np.min_scalar_type(int(table.max())))
+    return (
+        table.astype(dtype),
+        {"0": "background", **{str(v): n for v, n in zip(values, names, strict=True)}},
+        source_values,
+    )
+
+
+def _full_grid(scan_id: str, data: np.ndarray, attrs: dict[str, Any], geometry: _Geometry) -> np.ndarray:
+    """A prediction of some slices placed on the scan's whole grid (0 elsewhere)."""
+    slices = attrs.get("slices")
+    if not slices:
+        if tuple(data.shape[:3]) != geometry.scan_shape:
+            raise ValueError(
+                f"scan {scan_id!r}: the prediction is {data.shape[:3]}, but the scan is {geometry.scan_shape}"
+            )
+        return data
+    full = np.zeros((*geometry.scan_shape, *data.shape[3:]), data.dtype)
+    full[:, :, list(slices)] = data
+    return full
+
+
+def _to_source_order(nib: Any, scan_id: str, data: np.ndarray, geometry: _Geometry) -> np.ndarray:
+    """Stored voxel order -> the source's: the flips/permutations between the two affines'
+    orientations, checked to map the stored affine exactly onto the source affine."""
+    from nibabel import orientations
+
+    ornt = orientations.ornt_transform(
+        orientations.io_orientation(geometry.affine), orientations.io_orientation(geometry.source_affine)
+    )
+    moved = orientations.apply_orientation(data, ornt)
+    reached = geometry.affine @ orientations.inv_ornt_aff(ornt, data.shape[:3])
+    if not np.allclose(reached, geometry.source_affine, rtol=0, atol=AFFINE_TOLERANCE):
+        raise ValueError(
+            f"scan {scan_id!r}: its stored affine is not its source affine up to axis flips and"
+            " permutations; cannot export it on the source's grid"
+        )
+    if geometry.source_shape is not None and tuple(moved.shape[:3]) != geometry.source_shape[:3]:
+        raise ValueError(
+            f"scan {scan_id!r}: in source order the prediction is {moved.shape[:3]}, but the source"
+            f" was {tuple(geometry.source_shape)}"
+        )
+    return np.ascontiguousarray(moved)
+
+
+def _write_nifti(nib: Any, path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """``data`` with ``affine`` as sform and (where it can hold it exactly) qform, written to a
+    temporary name and renamed: an interrupted export never leaves a truncated file."""
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_data_dtype(data.dtype)  # no scaling: the values are written as they are
+    image.header.set_xyzt_units("mm")
+    image.set_sform(affine, code="scanner")
+    image.set_qform(affine, code="scanner")
+    if not np.allclose(image.get_qform(), affine, rtol=0, atol=AFFINE_TOLERANCE):
+        image.set_qform(None, code="unknown")  # a sheared affine: the sform alone holds it
+    # nibabel picks the format and compression by the name's ending: keep .nii.gz last
+    partial = path.with_name(f".{path.name.removesuffix(LABEL_SUFFIX)}.partial{LABEL_SUFFIX}")
+    nib.save(image, partial)
+    os.replace(partial, path)
+
+
+def _export_scan(
+    nib: Any, store: PredictionStore, scan_id: str, out: Path, probabilities: bool, source: Any
+) -> ExportedScan:
+    attrs = store.attrs(scan_id)
+    assert attrs is not None
+    geometry = _geometry(scan_id, attrs, source)
+    table, names, source_values = _labels(attrs, geometry)
+    whole = tuple(slice(0, n) for n in store.shape(scan_id, LABEL_MAP))
+    stored = store.read(scan_id, LABEL_MAP, whole)
+    if int(stored.max(initial=0)) >= len(table):
+        raise ValueError(f"scan {scan_id!r}: its label map has values beyond its {len(table) - 1} categories")
+    labels = _to_source_order(nib, scan_id, _full_grid(scan_id, table[stored], attrs, geometry), geometry)
+    label_path, sidecar_path, *rest = _paths(out, scan_id, probabilities)
+    _write_nifti(nib, label_path, labels, geometry.source_affine)
+    probabilities_path = None
+    if probabilities:
+        probs = store.read(scan_id, PROBABILITIES, whole).astype(np.float32)
+        moved = _to_source_order(nib, scan_id, _full_grid(scan_id, probs, attrs, geometry), geometry)
+        probabilities_path = rest[0]
+        _write_nifti(nib, probabilities_path, moved, geometry.source_affine)
+    channels = attrs.get("channel_names")
+    sidecar = {
+        "scan_id": scan_id,
+        "label_map": label_path.name,
+        "labels": names,
+        "label_values": "source" if source_values else "categories",
+        "dice": _named_dice(attrs.get("dice"), list(names.values())[1:]),
+        "probabilities": None if probabilities_path is None else probabilities_path.name,
+        "channels": channels if isinstance(channels, list) else None,
+    }
+    partial = sidecar_path.with_name(f".{sidecar_path.name}.partial")
+    partial.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, sidecar_path)
+    return ExportedScan(scan_id, label_path, sidecar_path, probabilities_path)
+
+
+def _named_dice(dice: Any, names: list[str]) -> dict[str, float | None] | None:
+    if not isinstance(dice, list) or len(dice) != len(names):
+        return None
+    return dict(zip(names, dice, strict=True))

@@ -1,0 +1,55 @@
+"""``scancache export PREDICTIONS OUT_DIR``: stored predictions as NIfTI files (loaders.export)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from loaders.export import export_nifti  # nibabel only when exporting
+
+    scans = [s for item in args.scans or () for s in item.split(",") if s.strip()] or None
+    done = export_nifti(
+        args.predictions,
+        args.out_dir,
+        scans=scans,
+        probabilities=args.probabilities,
+        overwrite=args.overwrite,
+        scan_store=args.store,
+        progress=not args.quiet,
+    )
+    what = "label maps and probabilities" if args.probabilities else "label maps"
+    print(f"exported {len(done)} scans ({what}, each with a .json naming its labels) to {args.out_dir}")
+    return 0
+
+
+def add_export_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export stored predictions as NIfTI files in the source's geometry",
+        description="Write each scan's predicted label map (and probabilities with --probabilities) "
+        "from PREDICTIONS (written by loaders.write_predictions) as OUT_DIR/<scan_id>.nii.gz, in the "
+        "source image's voxel order with its affine, and OUT_DIR/<scan_id>.json naming the label values.",
+    )
+    p.add_argument(
+        "predictions", metavar="PREDICTIONS", help="predictions store (folder or s3://BUCKET/PREFIX)"
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the .nii.gz and .json files")
+    p.add_argument(
+        "--scans", nargs="+", metavar="SCAN", help="only these scans (default: every scan with a prediction)"
+    )
+    p.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also write <scan_id>_probabilities.nii.gz (float32 x,y,z,c)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace files already in OUT_DIR")
+    p.add_argument(
+        "--store",
+        metavar="STORE",
+        help="the scan store (or server URL) the predictions were made on; needed only for predictions "
+        "that record no geometry (written by an older scancache)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress line per scan")
+    p.set_defaults(func=cmd_export)
