@@ -28,6 +28,10 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np
 
+# The phantoms' four tissue shells, innermost first (service/sample_data.py), named for the
+# store (``--class-names``) so CATEGORIES, predictions and Dice speak of tissues, not numbers.
+CLASS_NAMES = ("inner shell", "second shell", "third shell", "outer shell")
+
 
 def say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         stamp.write_text(json.dumps(params))
 
     say(f"2/5 preprocessing with Dask into {store}")
-    summary = run_preprocess(source, store, workers=2, progress=sys.stderr.isatty())
+    summary = run_preprocess(source, store, workers=2, progress=sys.stderr.isatty(), class_names=CLASS_NAMES)
     say(f"    {summary}")
     if getattr(summary, "failed", 0):
         say("preprocessing reported failures; see above")
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config()
         cfg.TAG = "DefaultDataLoader"
         cfg.TRAIN_DATASET, cfg.VAL_DATASET, cfg.TEST_DATASET = "demo_train", "demo_val", "demo_test"
-        cfg.CATEGORIES = (0, 1, 2, 3)
+        cfg.CATEGORIES = CLASS_NAMES  # by name (the store records them); (0, 1, 2, 3) is the same
         cfg.INCLUDE_BACKGROUND = True
         cfg.IMG_SIZE = (shape[0], shape[1], 1)
         cfg.SEED = 0  # the same shuffles, weights and so Dice on every run
@@ -225,16 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         written = write_predictions(test, model, preds, overwrite=True, verbose=0)
         say(f"    {written}")
         rows: list[dict[str, Any]] = [
-            {"scan_id": scan_id, "dice": [round(float(d), 4) for d in scores or []]}
-            for scan_id, scores in written.dice.items()
+            {"scan_id": scan_id, "dice": {name: round(float(d), 4) for name, d in (scores or {}).items()}}
+            for scan_id, scores in written.dice_by_class().items()
         ]
-    header = "scan".ljust(20) + "".join(f"class {k} dice".rjust(16) for k in cfg.CATEGORIES)
-    print(header)
-    for row in rows:
-        print(row["scan_id"].ljust(20) + "".join(f"{d:16.3f}" for d in row["dice"]))
+    print("Dice per scan and class:")
+    print("scan".ljust(20) + "".join(name.rjust(20) for name in CLASS_NAMES))
+    table = [[row["dice"][name] for name in CLASS_NAMES] for row in rows]
+    for row, scores in zip(rows, table, strict=True):
+        print(row["scan_id"].ljust(20) + "".join(f"{d:20.3f}" for d in scores))
     if rows:
-        mean = np.mean([r["dice"] for r in rows], axis=0)
-        print("mean".ljust(20) + "".join(f"{d:16.3f}" for d in mean))
+        print("mean".ljust(20) + "".join(f"{d:20.3f}" for d in np.mean(table, axis=0)))
     (out / "dice.json").write_text(json.dumps(rows, indent=2))
     if rows:
         shown = save_preview(store, preds, rows[0]["scan_id"], out / "preview.png")
