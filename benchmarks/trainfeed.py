@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.servers import scancache_server
+    from loaders.catalog import close_shared_sources
 
     args = parse_args(argv)
     if args.render:
@@ -422,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
             emit({"kind": section, "feed": feed, "workers": k, **result})
             gc.collect()  # the last DataLoader's iterator must not be inherited by the next workers
+        # before the server stops: read-ahead threads still retrying against it end now, not
+        # after the client's retry budget (they would hold the process at exit)
+        close_shared_sources()
     emit({"kind": "done", "total_s": round(time.perf_counter() - t0, 1)})
     return 0
 

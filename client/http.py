@@ -185,6 +185,9 @@ class HttpSource:
         self.regions_per_request = max(1, int(regions_per_request))
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # set by close(): a read retrying against a gone server (a read-ahead thread after its
+        # loader is done) stops at once instead of holding the process for the retry budget
+        self._closed = threading.Event()
         # POST /batch bodies are read straight into one buffer when no TLS/proxy is involved.
         self._poster = (
             BatchPoster(self.url, headers, timeout, max_connections) if direct_http(self.url) else None
@@ -266,6 +269,10 @@ class HttpSource:
                         500,
                     )
                 )
+            if self._closed.is_set():
+                raise ServerError(
+                    f"{method} {self.url}{path}: the source was closed while retrying ({one_line(failure, 200)})"
+                )
             if elapsed - last_warned >= RETRY_WARN_EVERY:  # long waits show progress
                 last_warned = elapsed
                 log.warning(
@@ -276,7 +283,10 @@ class HttpSource:
                     one_line(failure, 200),
                     self.retry_seconds - elapsed,
                 )
-            time.sleep(delay)
+            if self._closed.wait(delay):
+                raise ServerError(
+                    f"{method} {self.url}{path}: the source was closed while retrying ({one_line(failure, 200)})"
+                )
             attempt += 1
 
     def _post_direct(
@@ -526,6 +536,7 @@ class HttpSource:
             return dict(self._counters)
 
     def close(self) -> None:
+        self._closed.set()
         with self._pool_lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)

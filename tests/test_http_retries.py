@@ -122,3 +122,36 @@ def test_catalog_passes_timeout_and_retries_to_the_url_only(small_store):
         for name in names:
             DatasetCatalog.remove(name)
         close_shared_sources()
+
+
+def test_closing_the_source_ends_a_read_that_is_retrying():
+    """A read-ahead thread retrying against a server that is gone must not hold the process for
+    the whole retry budget once its source is closed (a loader that is done, interpreter exit)."""
+    port = _unused_port()
+    source = HttpSource(f"http://127.0.0.1:{port}", timeout=2, retry_seconds=120)
+    failures: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            source.metadata("any")
+        except BaseException as err:  # what the read ended with
+            failures.append(err)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.5)  # refused, now waiting to retry
+    started = time.monotonic()
+    source.close()
+    reader.join(timeout=10)
+    assert not reader.is_alive()
+    assert time.monotonic() - started < 5
+    assert len(failures) == 1 and isinstance(failures[0], ServerError)
+    assert "closed while retrying" in str(failures[0]) and "\n" not in str(failures[0])
+
+
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # bound, never listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
