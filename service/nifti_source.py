@@ -70,6 +70,7 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
     import nibabel as nib
 
     path = Path(spec.root) / rel
+    img = None
     try:
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -80,10 +81,12 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
         raise
     except FileNotFoundError:
         raise SourceError(spec.scan_id, rel, "file not found") from None
+    except MemoryError:  # a header declaring more voxels than this machine holds
+        shape = "x".join(str(n) for n in img.shape) if img is not None else "?"
+        raise SourceError(spec.scan_id, rel, f"its {shape} voxels do not fit in memory") from None
     except Exception as err:  # truncated gzip, bad header, ...: this case fails, others go on
-        raise SourceError(
-            spec.scan_id, rel, f"cannot read as NIfTI: {type(err).__name__}: {one_line(err, 160)}"
-        ) from None
+        why = one_line(err, 160).replace(str(path), rel)  # nibabel repeats the path: once is enough
+        raise SourceError(spec.scan_id, rel, f"cannot read as NIfTI: {type(err).__name__}: {why}") from None
     if data.dtype.kind not in "iuf" or data.dtype.fields is not None:
         raise SourceError(spec.scan_id, rel, f"voxel type {data.dtype} is not a real number type")
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1): one volume
@@ -155,11 +158,22 @@ def _label_map(spec: ScanSpec, rel: str, volume: _Volume) -> np.ndarray:
     present = np.unique(data)
     unknown = [int(v) for v in present if int(v) not in known]
     if unknown:
-        listed = ", ".join(str(v) for v in sorted(known))
+        listed = value_ranges(sorted(known))
         raise SourceError(
             spec.scan_id, rel, f"label value {unknown[0]} is not in dataset.json's labels ({listed})"
         )
     return data
+
+
+def value_ranges(values: list[int]) -> str:
+    """Increasing integers as runs, short even for an atlas of hundreds: ``0-116, 200, 210-212``."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def load_case(spec: ScanSpec) -> NiftiCase:

@@ -73,7 +73,7 @@ def is_dataset(root: Path) -> bool:
 def read_dataset_json(root: Path) -> DatasetInfo:
     path = root / DATASET_JSON
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is fine
     except json.JSONDecodeError as err:
         raise DatasetError(
             f"{path}: does not parse as JSON ({err.msg} at line {err.lineno} column {err.colno})"
@@ -122,10 +122,10 @@ def _labels(path: Path, raw: Any) -> tuple[tuple[int, str], ...]:
                 f"{path}: label {key!r} is a region ({value}); region-based labels are not supported, "
                 "give each label one value"
             )
-        if isinstance(value, int) and not isinstance(value, bool):  # nnU-Net v2: name -> value
-            number, name = value, str(key)
-        elif isinstance(value, str) and re.fullmatch(r"\d+", str(key)):  # Decathlon: value -> name
+        if isinstance(value, str) and re.fullmatch(r"\d+", str(key)):  # Decathlon: value -> name
             number, name = int(key), value
+        elif (as_number := _label_number(value)) is not None:  # nnU-Net v2: name -> value
+            number, name = as_number, str(key)
         else:
             raise DatasetError(
                 f"{path}: label {key!r}: {value!r} is neither name -> integer value (nnU-Net v2) "
@@ -140,6 +140,20 @@ def _labels(path: Path, raw: Any) -> tuple[tuple[int, str], ...]:
     if not pairs:
         raise DatasetError(f'{path}: "labels" names no label besides background (value 0)')
     return pairs
+
+
+def _label_number(value: Any) -> int | None:
+    """A v2 label value as nnU-Net reads it (``int(value)``): an integer, a whole float such as
+    ``1.0``, or a string of digits such as ``"1"``; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        return int(value)
+    return None
 
 
 def _channel_names(path: Path, raw: Any) -> tuple[str, ...]:
@@ -175,6 +189,28 @@ def _listing(root: Path, folder: str, endings: tuple[str, ...]) -> list[tuple[st
     return out
 
 
+def _case_of(stem: str) -> str:
+    match = _CHANNEL_FILE.match(stem)
+    return stem if match is None else match["case"]
+
+
+def _other_endings(root: Path, folders: tuple[str, str], info: DatasetInfo) -> dict[str, str]:
+    """case -> its first NIfTI file whose ending is not dataset.json's ``file_ending`` (e.g.
+    ``.nii`` beside ``.nii.gz`` files): such a file is not read, and its case says why."""
+    if info.file_endings == NIFTI_ENDINGS:
+        return {}
+    other = tuple(e for e in NIFTI_ENDINGS if e not in info.file_endings)
+    out: dict[str, str] = {}
+    for folder in folders:
+        for stem, rel in _listing(root, folder, other):
+            out.setdefault(_case_of(stem) if folder.startswith("images") else stem, rel)
+    return out
+
+
+def _ending_problem(info: DatasetInfo) -> str:
+    return f"its file ending is not dataset.json's file_ending {info.file_endings[0]!r} (file not read)"
+
+
 def discover_dataset(root: Path) -> Discovery:
     """The dataset's cases as ``ScanSpec``s (kind ``nifti``) and the cases that cannot be
     converted as failures. Raises ``DatasetError`` for an unusable dataset.json and
@@ -197,7 +233,10 @@ def discover_dataset(root: Path) -> Discovery:
         label_of: dict[str, list[str]] = defaultdict(list)
         for stem, rel in label_files:
             label_of[stem].append(rel)
-        for case in sorted(set(label_of) - set(channels)):
+        other = _other_endings(root, (images, labels), info)
+        for case in sorted(set(other) - set(channels)):
+            found.failures.append(SourceError(case, other[case], _ending_problem(info)))
+        for case in sorted(set(label_of) - set(channels) - set(other)):
             found.failures.append(
                 SourceError(case, label_of[case][0], f"label file without an image in {images}/")
             )
@@ -206,6 +245,8 @@ def discover_dataset(root: Path) -> Discovery:
                 if case in seen:
                     raise SourceError(case, f"{images}/", f"case also in {seen[case]}/")
                 seen[case] = images
+                if case not in label_of and case in other:  # its label file, with the other ending
+                    raise SourceError(case, other[case], _ending_problem(info))
                 found.scans.append(
                     _case_spec(
                         root, info, case, split, images, labels, channels[case], label_of.get(case, [])
@@ -214,8 +255,11 @@ def discover_dataset(root: Path) -> Discovery:
             except SourceError as err:
                 found.failures.append(err)
     if not any_image:
+        hint = ""
+        if any(_other_endings(root, (images,), info) for images, _, _ in FOLDERS):
+            hint = f" (its NIfTI files end otherwise: dataset.json's file_ending is {info.file_endings[0]!r})"
         raise EmptySource(
-            f"{root}: has a dataset.json but no {' or '.join(info.file_endings)} images in imagesTr/ or imagesTs/"
+            f"{root}: has a dataset.json but no {' or '.join(info.file_endings)} images in imagesTr/ or imagesTs/{hint}"
         )
     return found
 

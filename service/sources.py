@@ -170,6 +170,11 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
             slices[key][kind][number].append(rel.as_posix())
             splits[key].setdefault(_split_of(rel), rel.as_posix())
     if not any_input:
+        if any((root / folder).is_dir() for folder in ("imagesTr", "imagesTs")):  # nnU-Net, unnamed
+            raise EmptySource(
+                f"{source}: has imagesTr/ or imagesTs/ but no {nnunet_dataset.DATASET_JSON}: an nnU-Net "
+                "dataset needs one (its labels, channel names, file ending)"
+            )
         raise EmptySource(f"{source}: no .im/.seg slices or .h5 volumes found")
     for key in sorted(set(slices) - refused):
         try:

@@ -107,6 +107,7 @@ class _Source:
     scan: LoadedScan
     extra_channels: list[np.ndarray] = field(default_factory=list)
     geometry: dict[str, Any] = field(default_factory=dict)
+    names: dict[str, list[str]] = field(default_factory=dict)  # from dataset.json: compared exactly
 
 
 def _load_source(spec: ScanSpec) -> _Source:
@@ -114,7 +115,8 @@ def _load_source(spec: ScanSpec) -> _Source:
         return _Source(load_scan(spec))
     case = load_case(spec)
     geometry = {k: case.attrs[k] for k in ("affine", "spacing", "source_affine", "label_values")}
-    return _Source(LoadedScan(case.image, case.mask, case.spacing), case.extra_channels, geometry)
+    names = {k: case.attrs[k] for k in ("class_names", "channel_names")}
+    return _Source(LoadedScan(case.image, case.mask, case.spacing), case.extra_channels, geometry, names)
 
 
 def _same_numbers(stored: Any, source: Any) -> bool:
@@ -162,6 +164,18 @@ def _compare_arrays(
     for key, want in loaded.geometry.items():
         if not _same_numbers(attrs.get(key), want):
             return VerifyLine(spec.scan_id, MISMATCH, f"{key} {attrs.get(key)}, source {want}")
+    for key, names in loaded.names.items():  # dataset.json renamed a class: preprocess re-converts
+        if attrs.get(key) != names:
+            stored = attrs.get(key) if isinstance(attrs.get(key), list) else []
+            first = next(
+                (i for i, pair in enumerate(zip(stored, names, strict=False)) if pair[0] != pair[1]), None
+            )
+            where = (
+                f"stored {stored[first]!r}, dataset.json {names[first]!r}"
+                if first is not None
+                else f"{len(stored)} stored, dataset.json {len(names)}"
+            )
+            return VerifyLine(spec.scan_id, MISMATCH, f"{key}: {where} (preprocess converts it again)")
     stored_channels = int(attrs.get("channels", 1))
     if stored_channels != 1 + len(loaded.extra_channels):
         return VerifyLine(

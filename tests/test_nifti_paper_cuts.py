@@ -1,0 +1,158 @@
+"""What a new user of an nnU-Net dataset runs into (issue 20 review): dataset.json as nnU-Net
+itself reads it, files with the other NIfTI ending, long label lists, renamed classes in
+verify, a dataset without its dataset.json, messages that do not repeat absolute paths."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from h5_sources import run_cli
+from nifti_sources import build_two_channel_dataset, colin, requires_mricron, save, write_json
+
+from service.nifti_source import value_ranges
+
+pytestmark = requires_mricron
+
+
+def convert(dataset, store):
+    return run_cli("preprocess", dataset, store, "--workers", "1", "-q")
+
+
+def failure_lines(result) -> dict[str, str]:
+    lines = [line.strip() for line in result.stdout.splitlines() if line.startswith("  ")]
+    return {line.split(": ", 1)[0]: line for line in lines}
+
+
+def one_case(root, case, ending=".nii.gz", label_ending=None, labels=None):
+    c = colin()
+    save(c.t1, root / f"imagesTr/{case}_0000{ending}")
+    save(c.labels if labels is None else labels, root / f"labelsTr/{case}{label_ending or ending}")
+
+
+def test_dataset_json_with_a_bom_and_label_values_as_nnunet_reads_them(tmp_path):
+    """nnU-Net v2 takes ``int(value)`` of each label: "1" and 1.0 are label 1; a BOM is fine."""
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "colin")
+    (first, first_name), (second, second_name), *rest = c.kept
+    labels = {"background": "0", first_name: str(first), second_name: float(second)}
+    labels.update({name: value for value, name in rest})
+    doc = {"channel_names": {"0": "T1"}, "labels": labels, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode())
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 0, result.stdout + result.stderr
+    attrs = zarr.open_group(str(tmp_path / "store"), mode="r")["colin"].attrs
+    assert attrs["label_values"] == [v for v, _ in c.kept]
+    assert attrs["class_names"] == [n for _, n in c.kept]
+
+
+def test_a_file_with_the_other_nifti_ending_fails_its_case_in_one_line(tmp_path):
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "good")
+    one_case(root, "plain_image", ending=".nii", label_ending=".nii.gz")  # image .nii
+    one_case(root, "plain_label", ending=".nii.gz", label_ending=".nii")  # label .nii
+    one_case(root, "all_plain", ending=".nii")
+    write_json(
+        root / "dataset.json",
+        {"labels": {"background": 0, **{n: v for v, n in c.kept}}, "file_ending": ".nii.gz"},
+    )
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1
+    assert "1 converted, 0 skipped, 3 failed" in result.stdout, result.stdout
+    lines = failure_lines(result)
+    ending = "its file ending is not dataset.json's file_ending '.nii.gz' (file not read)"
+    assert lines["plain_image"] == f"plain_image: imagesTr/plain_image_0000.nii: {ending}"
+    assert lines["plain_label"] == f"plain_label: labelsTr/plain_label.nii: {ending}"
+    assert lines["all_plain"] == f"all_plain: imagesTr/all_plain_0000.nii: {ending}"
+
+
+def test_a_dataset_whose_images_all_have_the_other_ending_says_so(tmp_path):
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "colin", ending=".nii")
+    write_json(
+        root / "dataset.json",
+        {"labels": {"background": 0, **{n: v for v, n in c.kept}}, "file_ending": ".nii.gz"},
+    )
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "no .nii.gz images in imagesTr/ or imagesTs/" in line
+    assert "its NIfTI files end otherwise: dataset.json's file_ending is '.nii.gz'" in line
+
+
+def test_a_folder_with_images_but_no_dataset_json_names_it(tmp_path):
+    root = build_two_channel_dataset(tmp_path / "ds")
+    (root / "dataset.json").rename(root / "Dataset.json")
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "has imagesTr/ or imagesTs/ but no dataset.json" in line, line
+
+
+def test_an_unlisted_label_value_lists_the_known_values_as_runs(tmp_path):
+    """An atlas of 116 regions: the line gives ``0-116``, not 117 numbers."""
+    import nibabel as nib
+
+    c = colin()
+    root = tmp_path / "ds"
+    labels = np.asarray(c.labels.dataobj).copy()
+    labels[5, 6, 7] = 200
+    one_case(root, "atlas", labels=nib.Nifti1Image(labels, c.labels.affine))
+    names = {"background": 0, **{f"region{v}": v for v in range(1, 117)}, "extra": 150}
+    write_json(root / "dataset.json", {"labels": names, "file_ending": ".nii.gz"})
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1
+    assert failure_lines(result)["atlas"] == (
+        "atlas: labelsTr/atlas.nii.gz: label value 200 is not in dataset.json's labels (0-116, 150)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "text"),
+    [([0], "0"), ([0, 1, 2, 3], "0-3"), ([0, 2, 3, 5, 9, 10], "0, 2-3, 5, 9-10"), ([], "")],
+)
+def test_value_ranges(values, text):
+    assert value_ranges(values) == text
+
+
+def test_a_damaged_file_is_named_once_relative_to_the_dataset(tmp_path):
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "good")
+    one_case(root, "junk")
+    (root / "imagesTr/junk_0000.nii.gz").write_bytes(b"")
+    write_json(root / "dataset.json", {"labels": {"background": 0, **{n: v for v, n in c.kept}}})
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1
+    line = failure_lines(result)["junk"]
+    assert line.startswith("junk: imagesTr/junk_0000.nii.gz: cannot read as NIfTI: ImageFileError:"), line
+    assert str(tmp_path) not in result.stdout + result.stderr
+
+
+def test_verify_finds_classes_renamed_in_dataset_json(tmp_path):
+    c = colin()
+    root, store = tmp_path / "ds", tmp_path / "store"
+    one_case(root, "colin")
+    doc = {"channel_names": {"0": "T1"}, "labels": {"background": 0, **{n: v for v, n in c.kept}}}
+    write_json(root / "dataset.json", doc)
+    assert convert(root, store).returncode == 0
+    assert run_cli("verify", root, store).returncode == 0
+    (value, name), *_ = c.kept
+    doc["labels"] = {"background": 0, "renamed": value, **{n: v for v, n in c.kept[1:]}}
+    write_json(root / "dataset.json", doc)
+    verified = run_cli("verify", root, store)
+    assert verified.returncode == 1
+    (line,) = [ln for ln in verified.stdout.splitlines() if ln.startswith("MISMATCH")]
+    assert line == (
+        f"MISMATCH colin: class_names: stored {name!r}, dataset.json 'renamed' (preprocess converts it again)"
+    )
+    doc["channel_names"] = {"0": "T1w"}
+    doc["labels"] = {"background": 0, **{n: v for v, n in c.kept}}
+    write_json(root / "dataset.json", doc)
+    verified = run_cli("verify", root, store)
+    assert "MISMATCH colin: channel_names: stored 'T1', dataset.json 'T1w'" in verified.stdout
