@@ -244,8 +244,8 @@ def test_export_refuses_in_one_line(nifti_predictions, tmp_path):
     unknown = run_cli("export", pred, out, "--scans", "case_009", "--overwrite")
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
     assert "scan 'case_009' has no prediction" in unknown.stderr and "case_001, case_002" in unknown.stderr
-    replaced = run_cli("export", pred, out, "--overwrite", "--quiet", "--probabilities")
-    assert replaced.returncode == 0 and sorted(p.name for p in out.iterdir()) == [
+    replaced = run_cli("export", pred, out, "--overwrite", "-q", "--probabilities")  # -q as preprocess's
+    assert replaced.returncode == 0 and replaced.stderr == "" and sorted(p.name for p in out.iterdir()) == [
         f"{s}{suffix}"
         for s in ("case_001", "case_002")
         for suffix in (".json", ".nii.gz", "_probabilities.nii.gz")
