@@ -82,7 +82,7 @@ class PredictionSummary:
 
 def label_map(probabilities: np.ndarray, include_background: bool) -> np.ndarray:
     """(..., C) probabilities -> (...) uint8 labels: 0 = no class, k+1 = category k."""
-    if probabilities.shape[-1] > 255:
+    if probabilities.shape[-1] - (1 if include_background else 0) > 255:
         raise ValueError(f"{probabilities.shape[-1]} channels do not fit a uint8 label map")
     best = probabilities.argmax(axis=-1).astype(np.uint8)
     if include_background:
@@ -232,6 +232,12 @@ def _write_scan(
     and the categories' names."""
     y_pred = np.asarray(outputs["y_pred"])
     try:
+        labels = y_pred.shape[-1] - (1 if meta.include_background else 0)
+        if labels > 255:  # an atlas of hundreds of regions: the scan store holds them, this cannot
+            raise ValueError(
+                f"scan {scan_id!r}: {labels} categories do not fit the predictions' uint8 label map "
+                "(at most 255); predict at most 255 at a time (CATEGORIES)"
+            )
         writer = _ScanWriter(
             staged, (int(y_pred.shape[0]), int(y_pred.shape[1]), int(y_pred.shape[2])), int(y_pred.shape[-1])
         )

@@ -245,11 +245,16 @@ def test_export_refuses_in_one_line(nifti_predictions, tmp_path):
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
     assert "scan 'case_009' has no prediction" in unknown.stderr and "case_001, case_002" in unknown.stderr
     replaced = run_cli("export", pred, out, "--overwrite", "-q", "--probabilities")  # -q as preprocess's
-    assert replaced.returncode == 0 and replaced.stderr == "" and sorted(p.name for p in out.iterdir()) == [
-        f"{s}{suffix}"
-        for s in ("case_001", "case_002")
-        for suffix in (".json", ".nii.gz", "_probabilities.nii.gz")
-    ]
+    assert (
+        replaced.returncode == 0
+        and replaced.stderr == ""
+        and sorted(p.name for p in out.iterdir())
+        == [
+            f"{s}{suffix}"
+            for s in ("case_001", "case_002")
+            for suffix in (".json", ".nii.gz", "_probabilities.nii.gz")
+        ]
+    )
 
 
 def test_old_predictions_export_with_the_scan_store(nifti_store, nifti_predictions, tmp_path):

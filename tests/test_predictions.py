@@ -206,3 +206,25 @@ def test_second_writer_fails_at_once_naming_the_first(train_dataset, tmp_path):
     again = write_predictions(make_loader(name), softmax_model, path)
     assert again.written == () and list(again.skipped) == scan_ids
     check_store(path, truth, scan_ids)
+
+
+def test_more_categories_than_a_label_map_holds_is_one_line_naming_the_scan(train_dataset, tmp_path):
+    """A model with 256 outputs (an atlas of hundreds of regions) and no background channel:
+    refused before anything of the scan is written; 255 categories plus background fit."""
+    name, _ = train_dataset
+    cfg = Config(TAG="DefaultDataLoader", CATEGORIES=(0, 1, 2, 3), INCLUDE_BACKGROUND=False)
+    loader = build_loader(cfg, name, batch_size=4, is_test=True, shuffle=False, drop_last=False)
+    first = sorted(s.scan_id for s in loader.scans)[0]
+    wide = lambda x: np.full((*x.shape[:3], 256), 1 / 256, np.float32)  # noqa: E731
+    with pytest.raises(ValueError) as err:
+        write_predictions(loader, wide, tmp_path / "pred", progress=False)
+    assert str(err.value) == (
+        f"scan {first!r}: 256 categories do not fit the predictions' uint8 label map (at most 255); "
+        "predict at most 255 at a time (CATEGORIES)"
+    )
+    assert not (tmp_path / "pred" / first).exists() and not any((tmp_path / "pred" / ".staging").glob("*"))
+    from loaders.predictions import label_map
+
+    probs = np.zeros((2, 256), np.float32)
+    probs[0, 255] = probs[1, 0] = 1.0
+    np.testing.assert_array_equal(label_map(probs, include_background=True), [255, 0])
