@@ -82,8 +82,8 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
     except FileNotFoundError:
         raise SourceError(spec.scan_id, rel, "file not found") from None
     except MemoryError:  # a header declaring more voxels than this machine holds
-        shape = "x".join(str(n) for n in img.shape) if img is not None else "?"
-        raise SourceError(spec.scan_id, rel, f"its {shape} voxels do not fit in memory") from None
+        shape = "x".join(str(n) for n in getattr(img, "shape", ())) or "its"
+        raise SourceError(spec.scan_id, rel, f"the header's {shape} voxels do not fit in memory") from None
     except Exception as err:  # truncated gzip, bad header, ...: this case fails, others go on
         why = one_line(err, 160).replace(str(path), rel)  # nibabel repeats the path: once is enough
         raise SourceError(spec.scan_id, rel, f"cannot read as NIfTI: {type(err).__name__}: {why}") from None

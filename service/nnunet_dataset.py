@@ -194,7 +194,7 @@ def _case_of(stem: str) -> str:
     return stem if match is None else match["case"]
 
 
-def _other_endings(root: Path, folders: tuple[str, str], info: DatasetInfo) -> dict[str, str]:
+def _other_endings(root: Path, folders: tuple[str, ...], info: DatasetInfo) -> dict[str, str]:
     """case -> its first NIfTI file whose ending is not dataset.json's ``file_ending`` (e.g.
     ``.nii`` beside ``.nii.gz`` files): such a file is not read, and its case says why."""
     if info.file_endings == NIFTI_ENDINGS:

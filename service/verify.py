@@ -166,14 +166,16 @@ def _compare_arrays(
             return VerifyLine(spec.scan_id, MISMATCH, f"{key} {attrs.get(key)}, source {want}")
     for key, names in loaded.names.items():  # dataset.json renamed a class: preprocess re-converts
         if attrs.get(key) != names:
-            stored = attrs.get(key) if isinstance(attrs.get(key), list) else []
+            found = attrs.get(key)
+            stored_names: list[Any] = found if isinstance(found, list) else []
             first = next(
-                (i for i, pair in enumerate(zip(stored, names, strict=False)) if pair[0] != pair[1]), None
+                (i for i, pair in enumerate(zip(stored_names, names, strict=False)) if pair[0] != pair[1]),
+                None,
             )
             where = (
-                f"stored {stored[first]!r}, dataset.json {names[first]!r}"
+                f"stored {stored_names[first]!r}, dataset.json {names[first]!r}"
                 if first is not None
-                else f"{len(stored)} stored, dataset.json {len(names)}"
+                else f"{len(stored_names)} stored, dataset.json {len(names)}"
             )
             return VerifyLine(spec.scan_id, MISMATCH, f"{key}: {where} (preprocess converts it again)")
     stored_channels = int(attrs.get("channels", 1))

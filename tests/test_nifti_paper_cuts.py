@@ -156,3 +156,25 @@ def test_verify_finds_classes_renamed_in_dataset_json(tmp_path):
     write_json(root / "dataset.json", doc)
     verified = run_cli("verify", root, store)
     assert "MISMATCH colin: channel_names: stored 'T1', dataset.json 'T1w'" in verified.stdout
+
+
+def test_a_header_declaring_more_voxels_than_memory_fails_its_case(tmp_path):
+    """An uncompressed .nii whose header says 32767^3 float64 (281 TB, beyond any address space): one line, and
+    the good case converts."""
+    import nibabel as nib
+
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "good", ending=".nii")
+    one_case(root, "huge", ending=".nii")
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float64)
+    header.set_data_shape((32767, 32767, 32767))
+    header.set_sform(c.t1.affine, code=1)
+    (root / "imagesTr/huge_0000.nii").write_bytes(header.binaryblock + b"\0" * 4 + b"\0" * 4096)
+    write_json(root / "dataset.json", {"labels": {"background": 0, **{n: v for v, n in c.kept}}})
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1 and "1 converted, 0 skipped, 1 failed" in result.stdout, result.stdout
+    assert failure_lines(result)["huge"] == (
+        "huge: imagesTr/huge_0000.nii: the header's 32767x32767x32767 voxels do not fit in memory"
+    )
