@@ -164,6 +164,26 @@ def rendered_size(page):
     return tuple(box)
 
 
+def assert_upright(page, png, stretch):
+    """What the page shows is the PNG turned a quarter to the left (its last column, the
+    highest z, on top), stretched to the slice thickness: every shown row is one of the turned
+    PNG's rows, top to bottom in order, from its first row to its last."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    turned = np.rot90(png, 1)  # counter-clockwise: z from the top (highest) down
+    shot = np.asarray(Image.open(BytesIO(page.locator("#preview").screenshot())).convert("RGB"), dtype=int)
+    assert abs(shot.shape[1] - turned.shape[1]) <= 1
+    assert abs(shot.shape[0] - turned.shape[0] * stretch) <= 2  # the screenshot rounds the box
+    width = min(shot.shape[1], turned.shape[1])
+    errors = np.array([[np.abs(row[:width] - t[:width]).max() for t in turned] for row in shot])
+    exact = errors.min(axis=1) <= 8  # shown rows that are a row of the turned PNG
+    assert exact.sum() >= turned.shape[0] * stretch - 3  # all but the rounded box's blank edges
+    best = errors.argmin(axis=1)[exact]
+    assert np.all(np.diff(best) >= 0) and best[0] <= 1 and best[-1] >= turned.shape[0] - 2
+
+
 def test_viewer_draws_every_plane_with_its_physical_aspect(anisotropic, browser):
     url, _ = anisotropic
     page = browser.new_page()
@@ -174,18 +194,24 @@ def test_viewer_draws_every_plane_with_its_physical_aspect(anisotropic, browser)
     assert rendered_size(page) == pytest.approx((60, 52), abs=0.5)
 
     stretch = SPACING[2] / SPACING[0]  # a slice is 0.7 mm thick, a pixel 0.365 mm wide
+    # planes through x or y: the PNG keeps (y or x, z); the page turns it so that z runs upwards
     page.select_option("#axis", "x")
-    assert shown(page).shape[:2] == (60, 20)  # the PNG: (y, z) = 30 x 10 at zoom 2
-    assert rendered_size(page) == pytest.approx((60, 20 * stretch), abs=0.5)
+    png = shown(page)
+    assert png.shape[:2] == (60, 20)  # the PNG: (y, z) = 30 x 10 at zoom 2
+    assert rendered_size(page) == pytest.approx((20 * stretch, 60), abs=0.5)
+    assert_upright(page, png, stretch)
     page.select_option("#axis", "y")
-    assert shown(page).shape[:2] == (52, 20)  # (x, z)
-    assert rendered_size(page) == pytest.approx((52, 20 * stretch), abs=0.5)
+    png = shown(page)
+    assert png.shape[:2] == (52, 20)  # (x, z)
+    assert rendered_size(page) == pytest.approx((20 * stretch, 52), abs=0.5)
+    assert_upright(page, png, stretch)
     assert "0.7 mm" in page.locator("#aspect").inner_text()
+    assert "z upwards" in page.locator("#aspect").inner_text()
 
     page.click("#scans li[data-scan-id='0000021_V00-Aug00']")  # no spacing: 1 mm, no stretch
     page.wait_for_function("document.getElementById('title').textContent === '0000021_V00-Aug00'")
     shown(page)
-    assert rendered_size(page) == pytest.approx((52, 8), abs=0.5)
+    assert rendered_size(page) == pytest.approx((8, 52), abs=0.5)  # still through y: z upwards
     page.close()
 
 

@@ -169,16 +169,34 @@ async function loadColors() {
 // -- the picture ------------------------------------------------------------------------------
 // The PNG has one pixel per voxel (times the zoom); the page stretches it so that a pixel is as
 // many millimetres high and wide as its voxel: planes through y or x (z across) keep their
-// physical aspect however thick the slices are.
+// physical aspect however thick the slices are. Those planes are also turned a quarter to the
+// left, so that z runs upwards: for scans stored (P, L, S), as NIfTI scans are, superior is up
+// as radiologists view a coronal or sagittal plane (the PNG itself keeps the REST layout).
 function fitAspect(img) {
-  const along = [0, 1, 2].filter((a) => a !== AXIS_INDEX[$("axis").value]);  // (rows, columns)
+  const axis = AXIS_INDEX[$("axis").value];
+  const along = [0, 1, 2].filter((a) => a !== axis);  // the PNG's (rows, columns)
   const mm = spacing();
   const [rowMm, colMm] = along.map((a) => mm[a]);
   const unit = Math.min(rowMm, colMm);
-  img.style.height = (img.naturalHeight * rowMm / unit) + "px";
-  img.style.width = (img.naturalWidth * colMm / unit) + "px";
+  const height = img.naturalHeight * rowMm / unit;
+  const width = img.naturalWidth * colMm / unit;
+  img.style.height = height + "px";
+  img.style.width = width + "px";
+  const frame = img.parentElement;
   const names = along.map((a) => "yxz"[a]);
-  $("aspect").textContent = "rows " + names[0] + " (" + rowMm + " mm), columns " + names[1] + " (" + colMm + " mm)";
+  if (axis === 2) {
+    img.style.transform = "";
+    frame.style.width = width + "px";
+    frame.style.height = height + "px";
+    $("aspect").textContent = "rows " + names[0] + " (" + rowMm + " mm), columns " + names[1] + " (" + colMm + " mm)";
+  } else {
+    // rotate about the top-left corner, then move the turned picture back into its frame
+    img.style.transformOrigin = "0 0";
+    img.style.transform = "translate(0, " + width + "px) rotate(-90deg)";
+    frame.style.width = height + "px";
+    frame.style.height = width + "px";
+    $("aspect").textContent = "rows z upwards (" + colMm + " mm), columns " + names[0] + " (" + rowMm + " mm)";
+  }
 }
 
 async function selectScan(scanId) {
