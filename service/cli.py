@@ -520,12 +520,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader gone away is seen here, not in the interpreter's exit
+        return code
     except KeyboardInterrupt:
         print("scancache: interrupted", file=sys.stderr)
         return 130
     except SystemExit:
         raise
+    except BrokenPipeError:
+        # the reader of our output went away (`scancache scans STORE | head`): as any Unix
+        # tool, stop quietly; stdout is pointed at devnull so the interpreter's final flush
+        # does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except Exception as err:
         if args.debug:
             traceback.print_exc()

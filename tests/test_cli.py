@@ -261,3 +261,18 @@ def test_serve_refuses_a_store_of_another_format(tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "store format 999" in lines[0] and "scancache preprocess" in lines[0]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(small_store):
+    """`scancache scans STORE | head -1`: the pipe's reader closes early; the command stops as a
+    Unix tool does (status 141, nothing on stderr), not with an error or a traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "scans", str(small_store[0])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command has written anything: its writes find no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""
