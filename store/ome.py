@@ -98,6 +98,24 @@ def image_attrs(
     return {"version": NGFF_VERSION, "multiscales": multiscales(name, path, spacing, channels)}
 
 
+def omero(channel_names: Sequence[str], intensity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``omero`` block napari's OME-Zarr reader takes layer names and contrast from: one
+    entry per image channel; channel 0 gets a window of mean +- 3 std within [min, max] from
+    the scan's intensity statistics (the other channels have none recorded)."""
+    channels: list[dict[str, Any]] = [
+        {"label": str(n), "color": "FFFFFF", "active": k == 0} for k, n in enumerate(channel_names)
+    ]
+    stats = intensity or {}
+    values = [stats.get(key) for key in ("min", "max", "mean", "std")]
+    if channels and all(isinstance(v, (int, float)) for v in values):
+        low, high, mean, std = (float(v) for v in values)  # type: ignore[arg-type]
+        if high > low:
+            start = max(low, mean - 3 * std)
+            end = max(start, min(high, mean + 3 * std))
+            channels[0]["window"] = {"min": low, "max": high, "start": start, "end": end}
+    return {"channels": channels}
+
+
 def label_colors(num_classes: int, alpha: int = 255) -> list[dict[str, Any]]:
     """``image-label`` colours: label value k+1 is class k (0 is no class)."""
     return [{"label-value": k + 1, "rgba": [*class_color(k), alpha]} for k in range(num_classes)]

@@ -182,10 +182,13 @@ def write_scan_views(
     label_map: str | None,
     spacing: Sequence[float],
     class_names: Sequence[str],
+    channel_names: Sequence[str] = (),
+    intensity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The OME views of a staged scan folder: ``<image>_zyx`` (all its channels), and where
     the scan has a label map, the NGFF labels group ``labels/classes`` whose level ``0`` is the
-    label map's view. Returns the scan group's ``ome`` attribute."""
+    label map's view. Returns the scan group's ``ome`` attribute (with ``omero`` channel
+    names and channel 0's contrast window, for napari)."""
     sources = channel_arrays(scan, image)
     write_view(sources, scan / f"{image}{VIEW_SUFFIX}")
     if label_map is not None and (scan / label_map / "zarr.json").is_file():
@@ -196,7 +199,12 @@ def write_scan_views(
         )
         _write_group(labels, attrs)
         write_view([scan / label_map], labels / ome.LABEL_LEVEL)
-    return ome.image_attrs(name, f"{image}{VIEW_SUFFIX}", spacing, len(sources))
+    names = list(channel_names)[: len(sources)]
+    names += [f"channel {k}" for k in range(len(names), len(sources))]
+    return {
+        **ome.image_attrs(name, f"{image}{VIEW_SUFFIX}", spacing, len(sources)),
+        "omero": ome.omero(names, intensity),
+    }
 
 
 def write_label_image_view(

@@ -378,6 +378,8 @@ class StagedScan:
             LABEL_MAP if full.get("label_map") else None,
             ome.spacing_of(full),
             ome.class_names_of(full, num_classes),
+            full.get("channel_names") or (),
+            full.get("intensity"),
         )
         full[MANIFEST] = _manifest(self.work)
         problem = manifest_mismatch(LocalStorage(self.work).sizes(""), full)

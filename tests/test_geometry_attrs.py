@@ -62,8 +62,12 @@ def test_bad_spacing_is_one_line_naming_it():
 def test_extra_channels_are_stored_beside_the_image(tmp_path):
     image, mask = make_volume((20, 18, 11), 2, seed=3)
     extra = [(image * 2 + 1).astype(np.float32), np.arange(image.size, dtype=np.int16).reshape(image.shape)]
-    attrs = write_scan(tmp_path / "store", "multi", image, mask, {}, extra_channels=extra)
+    names = ["T1", "T2", "FLAIR"]
+    attrs = write_scan(
+        tmp_path / "store", "multi", image, mask, {"channel_names": names}, extra_channels=extra
+    )
     assert attrs["channels"] == 3
+    assert [c["label"] for c in attrs["ome"]["omero"]["channels"]] == names  # napari's layer names
     group = zarr.open_group(str(tmp_path / "store" / "multi"), mode="r")
     # one dtype for all channels, numpy's promotion (int16 with float32: float32, same values)
     np.testing.assert_array_equal(group["image"][:], image)

@@ -237,3 +237,18 @@ def test_channels_of_another_layout_are_refused_naming_them(tmp_path):
         writer.close()
     with pytest.raises(ValueError, match="image_zyx: the channel arrays image, image_c1 differ"):
         ome_views.write_scan_views(tmp_path, "scan", "image", None, (1.0, 1.0, 1.0), [])
+
+
+def test_omero_names_the_channels_and_gives_a_contrast_window(converted):
+    """napari takes layer names and contrast from ``omero`` (through ome-zarr-py's reader):
+    the channel's name, and mean +- 3 std of the scan's voxels within [min, max] (numpy)."""
+    scan = converted / VOLUME
+    image = next(iter(Reader(parse_url(str(scan)))()))
+    assert image.metadata["channel_names"] == ["channel 0"]
+    voxels = stored(scan, "image").astype(np.float64)
+    low, high = voxels.min(), voxels.max()
+    start, end = max(low, voxels.mean() - 3 * voxels.std()), min(high, voxels.mean() + 3 * voxels.std())
+    got = image.metadata["contrast_limits"][0]
+    np.testing.assert_allclose(got, [start, end], rtol=1e-5)
+    window = zarr.open_group(str(scan), mode="r").attrs["ome"]["omero"]["channels"][0]["window"]
+    np.testing.assert_allclose([window["min"], window["max"]], [low, high], rtol=1e-6)
