@@ -64,7 +64,7 @@ class InferenceLoader(Protocol):
     def predict_scan(
         self, model: Any, scan: ScanEntry, image: np.ndarray, predict_kwargs: dict[str, Any], mask: Any = None
     ) -> np.ndarray: ...
-    def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]: ...
+    def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 # How far (bytes of predictions waiting to be stitched) the model may run ahead of stitching:
@@ -97,15 +97,17 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
     return out if isinstance(out, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(out))
 
 
-def read_scan(loader: InferenceLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]:
+def read_scan(loader: InferenceLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray | None]:
     """The whole image (float32; (H, W, D, K) for K > 1 image channels) and merged mask
-    (float32, ``y_true``) of a scan, each converted once."""
+    (float32, ``y_true``; None for a scan without a mask) of a scan, each converted once."""
     whole = (slice(0, scan.shape[0]), slice(0, scan.shape[1]), slice(0, scan.shape[2]))
     if scan.channels == 1:
         image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE, version=scan.version), whole)
         image = image.astype(np.float32, copy=False)  # a float32 store's buffer is used as is
     else:
         image = _read_channels(scan, whole)
+    if not scan.meta.has_mask:  # a test case without labels: predicted, nothing to compare with
+        return image, None
     background = bool(loader.cfg.INCLUDE_BACKGROUND)
     request = RegionRequest(scan.scan_id, MASK, None, scan.categories, background, version=scan.version)
     mask = read_in_slabs(scan.source, request, whole)
@@ -218,12 +220,14 @@ def predict_scan(
     return stitcher.aggregator.result()
 
 
-def _select_slices(scan: ScanEntry, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    """Per-slice datasets: keep the listed slices (D = their number)."""
+def _select_slices(
+    scan: ScanEntry, arrays: tuple[np.ndarray | None, ...]
+) -> tuple[np.ndarray | None, ...]:
+    """Per-slice datasets: keep the listed slices (D = their number); None stays None."""
     if len(scan.slices) == scan.shape[2]:
         return arrays
     picked = list(scan.slices)
-    return tuple(a[:, :, picked] for a in arrays)
+    return tuple(None if a is None else a[:, :, picked] for a in arrays)
 
 
 def run_inference(
