@@ -220,14 +220,11 @@ def predict_scan(
     return stitcher.aggregator.result()
 
 
-def _select_slices(
-    scan: ScanEntry, arrays: tuple[np.ndarray | None, ...]
-) -> tuple[np.ndarray | None, ...]:
-    """Per-slice datasets: keep the listed slices (D = their number); None stays None."""
+def _select_slices(scan: ScanEntry, array: np.ndarray) -> np.ndarray:
+    """Per-slice datasets: keep the listed slices (D = their number)."""
     if len(scan.slices) == scan.shape[2]:
-        return arrays
-    picked = list(scan.slices)
-    return tuple(None if a is None else a[:, :, picked] for a in arrays)
+        return array
+    return array[:, :, list(scan.slices)]
 
 
 def run_inference(
@@ -250,7 +247,8 @@ def run_inference(
             if k + 1 < len(scans):
                 pending = pool.submit(loader._read_scan, scans[k + 1])
             y_pred = loader.predict_scan(model, scan, image, kwargs, mask)
-            image, mask, y_pred = _select_slices(scan, (image, mask, y_pred))
+            image, y_pred = _select_slices(scan, image), _select_slices(scan, y_pred)
+            mask = None if mask is None else _select_slices(scan, mask)  # None: a scan without a mask
             elapsed = time.perf_counter() - start
             inputs = {"x": image, "scan_id": scan.scan_id, **scan.inference_attributes()}
             yield inputs, {"y_true": mask, "y_pred": y_pred, "time_elapsed": elapsed}

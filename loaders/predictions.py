@@ -263,7 +263,8 @@ def _write_scan(
         if len(attrs.get("class_names") or ()) != num_categories:  # a model with other outputs
             attrs.pop("class_names", None)
             attrs.pop("channel_names", None)
-            if entry is not None and not entry.meta.has_mask:  # no Dice either: the viewer's legend counts these
+            # no mask, so no Dice either: the viewer's legend counts the categories by their names
+            if entry is not None and not entry.meta.has_mask:
                 attrs["class_names"] = [f"category {k}" for k in range(num_categories)]
         # NGFF 0.5 label image over a (z, y, x) view of label_map, in the scan's spacing
         spacing = ome.spacing_of(entry.meta.attrs) if entry is not None else ome.DEFAULT_SPACING

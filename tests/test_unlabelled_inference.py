@@ -44,8 +44,6 @@ def predict_loader(name, categories=(), background=True):
     return build_loader(cfg, name, batch_size=4, is_test=True, shuffle=False, drop_last=False)
 
 
-
-
 # -- (a) nnU-Net imagesTs without labelsTs ------------------------------------------------------
 @pytest.fixture(scope="module")
 def nnunet_ts(tmp_path_factory):
@@ -189,7 +187,9 @@ def test_image_only_scan_takes_the_categories_of_the_labelled_scans(small_store,
             "0000002_V00-Aug00": ((3,), (1,)),
             IMAGE_ONLY: ((3,), (1,)),
         }
-        with pytest.raises(ValueError, match=r"^CATEGORIES: scan '0000002_V00-Aug00': class 7 is out of range"):
+        with pytest.raises(
+            ValueError, match=r"^CATEGORIES: scan '0000002_V00-Aug00': class 7 is out of range"
+        ):
             predict_loader("mixed_test", (7,))
         summary = write_predictions(loader, SMALL_MODEL, tmp_path / "pred", progress=False)
         assert summary.dice[IMAGE_ONLY] is None and len(summary.dice["0000002_V00-Aug00"]) == 2
@@ -214,7 +214,9 @@ def test_training_loader_refuses_an_unlabelled_scan_in_one_line(image_only):
     assert "\n" not in message and f"scan '{IMAGE_ONLY}' has no mask" in message
     assert "training loaders need labels" in message and "is_test=True" in message
     dicts = get_dataset_dicts("image_only", filter_empty=False)
-    with pytest.raises(ValueError, match=rf"^scan '{IMAGE_ONLY}' has no mask; training loaders need labelled scans"):
+    with pytest.raises(
+        ValueError, match=rf"^scan '{IMAGE_ONLY}' has no mask; training loaders need labelled scans"
+    ):
         build_data_loader(Config(), dicts, is_test=False, batch_size=2)
 
 
@@ -236,3 +238,30 @@ def test_batches_of_a_test_loader_with_an_unlabelled_scan_refuse_in_one_line(sma
             loader.load_batch(loader.batch_elements(0))
     finally:
         DatasetCatalog.remove("all_for_batches")
+
+
+def test_medsegpy_image_only_scan_records_class_names(tmp_path):
+    """``--class-names`` names an image-only scan's classes too: its prediction names them."""
+    from h5_sources import random_scan, write_volume_file
+
+    image, mask = random_scan((12, 10, 3), 2, seed=3)
+    write_volume_file(tmp_path / "src/0000001_V00-Aug00.h5", image, mask)
+    write_volume_file(tmp_path / "src/0000002_V00-Aug00.h5", image)
+    store = tmp_path / "store"
+    result = run_cli(
+        "preprocess", tmp_path / "src", store, "--workers", "1", "-q", "--class-names", "fat,muscle"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    group = zarr.open_group(str(store), mode="r")
+    assert group["0000002_V00-Aug00"].attrs["num_classes"] == 0
+    assert group["0000002_V00-Aug00"].attrs["class_names"] == ["fat", "muscle"]
+    DatasetCatalog.register("named_image_only", str(store), scan_id=["0000002_V00-Aug00"])
+    try:
+        loader = predict_loader("named_image_only", ("muscle",))
+        assert loader.scans[0].categories == ((1,),) and loader.scans[0].meta.label_values == [1, 2]
+        model = pointwise([0.0, 1.0], 1.0)  # background + the one category
+        summary = write_predictions(loader, model, tmp_path / "pred", progress=False)
+    finally:
+        DatasetCatalog.remove("named_image_only")
+    assert summary.dice_by_class() == {"0000002_V00-Aug00": None}
+    assert summary.class_names == {"0000002_V00-Aug00": ["muscle"]}
