@@ -144,7 +144,9 @@ class DataLoader(keras.utils.PyDataset):
                 "rank": self.shard.rank,
             },
         )
-        self.scans = scans_from_dicts(dataset_dicts, cfg)
+        # a test loader also takes scans without a mask: inference predicts them, batches refuse
+        self.scans = scans_from_dicts(dataset_dicts, cfg, unlabelled=self.is_test)
+        self._unlabelled = tuple(s.scan_id for s in self.scans if not s.meta.has_mask)
         self.seed = cfg.SEED if cfg.SEED is not None else random.SystemRandom().randrange(2**31)
         self.epoch = 0
         self._position = 0  # batches of this epoch already delivered by an iterator or fit()
@@ -219,9 +221,22 @@ class DataLoader(keras.utils.PyDataset):
     def num_classes(self) -> int:
         """Channels of y: the selected categories (every class of the store when CATEGORIES is
         empty), plus background if ``INCLUDE_BACKGROUND``; what ``cfg.get_num_classes`` needs."""
-        scan = self.scans[0]
-        count = len(scan.categories) if scan.categories is not None else scan.meta.num_classes
+        # the first scan with classes (a scan without a mask may record the dataset's names)
+        scan = next((s for s in self.scans if s.meta.named_classes > 0), self.scans[0])
+        count = len(scan.categories) if scan.categories is not None else scan.meta.named_classes
         return count + (1 if self._cfg.INCLUDE_BACKGROUND else 0)
+
+    def _check_labelled(self) -> None:
+        """Batches are (x, y): a test loader holding a scan without a mask has no y for it
+        (Keras' fit and evaluate need one). Refused in one line naming the scan, before any
+        read; such scans are predicted with ``inference`` or ``write_predictions``."""
+        unlabelled = self._unlabelled
+        if unlabelled:
+            more = f" (and {len(unlabelled) - 1} more)" if len(unlabelled) > 1 else ""
+            raise ValueError(
+                f"scan {unlabelled[0]!r}{more} has no mask, so batches (x, y) cannot hold it; predict it "
+                "with loader.inference(model) or write_predictions(loader, model, path)"
+            )
 
     def _make_plan(self, epoch: int) -> Plan:
         elements = list(self.epoch_elements(epoch))
@@ -287,6 +302,7 @@ class DataLoader(keras.utils.PyDataset):
         ``on_epoch_end`` request k gets the epoch's batch k whatever index Keras asks: the same
         batches, once each, in an order that the read-ahead follows and a resumed run repeats.
         """
+        self._check_labelled()
         length = len(self)
         if index < 0:
             index += length
@@ -331,6 +347,7 @@ class DataLoader(keras.utils.PyDataset):
 
     def batches_of(self, epoch: int, indices: Sequence[int]) -> Iterator[tuple[int, tuple[np.ndarray, ...]]]:
         """``(index, batch)`` for ``indices`` of ``epoch``, reading the following ones ahead."""
+        self._check_labelled()
         indices = list(indices)
         depth = self._prefetcher.depth
         for k, index in enumerate(indices):
@@ -494,6 +511,7 @@ class DataLoader(keras.utils.PyDataset):
         :func:`keeps_values` (a pure view/selection), which then gets the uint8 mask and the
         conversion happens in the copy into the batch, with identical values.
         """
+        self._check_labelled()
         started = time.perf_counter()
         builtin_read = type(self).read_elements is DataLoader.read_elements
         pairs: Sequence[tuple[np.ndarray, Decoded]]
@@ -551,8 +569,9 @@ class DataLoader(keras.utils.PyDataset):
         self._prefetcher.close()
 
     # -- inference (loaders.inference) ----------------------------------------------------------
-    def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]:
-        """The whole image and merged mask of a scan, float32 (the mask is ``y_true``)."""
+    def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray | None]:
+        """The whole image and merged mask of a scan, float32 (the mask is ``y_true``; None
+        for a scan without a mask)."""
         return inference.read_scan(self, scan)
 
     def predict_scan(
@@ -572,7 +591,8 @@ class DataLoader(keras.utils.PyDataset):
         input: ``{"x": (H, W, D) image ((H, W, D, K) for K > 1 image channels), "scan_id": ...,
         "scan_<attr>": ...}``; output:
         ``{"y_true": (H, W, D, C), "y_pred": (H, W, D, C), "time_elapsed": seconds}`` (reading
-        included). The next scan is read while this one is predicted; memory stays within
+        included; ``y_true`` is None for a scan without a mask, which a test loader holds:
+        nnU-Net ``imagesTs`` cases without ``labelsTs``). The next scan is read while this one is predicted; memory stays within
         two scans' inputs and one scan's output. Per-slice datasets give D = their slices.
         """
         return inference.run_inference(self, model, predict_kwargs)

@@ -41,12 +41,20 @@ def build_loader(
 
     ``num_replicas`` and ``rank`` shard it for data-parallel training: in every epoch each rank
     reads its own disjoint share (``loaders.ordering``), all ranks have the same ``len()``.
+    A test loader (``is_test``) also holds the scans without a mask, for ``inference`` and
+    ``write_predictions`` (its batches refuse them); a training loader leaves them out.
     """
     if num_replicas != 1 or rank != 0:
         kwargs.update(num_replicas=num_replicas, rank=rank)
-    dicts = get_dataset_dicts(dataset_names)
+    # A test loader also predicts scans without a mask (nnU-Net imagesTs without labelsTs);
+    # a training loader needs labels and leaves them out, as MedSegPy's filter_empty does.
+    every = get_dataset_dicts(dataset_names, filter_empty=False)
+    dicts = every if is_test else [d for d in every if d.get("has_mask", True)]
     if not dicts:
-        raise ValueError(f"datasets {dataset_names!r} hold no labelled scans")
+        raise ValueError(
+            f"datasets {dataset_names!r} hold no labelled scans (scan {every[0]['scan_id']!r} has no mask):"
+            " training loaders need labels; predict them with a test loader (is_test=True)"
+        )
     return build_data_loader(
         cfg, dicts, batch_size=batch_size, is_test=is_test, shuffle=shuffle, drop_last=drop_last, **kwargs
     )

@@ -64,7 +64,7 @@ class InferenceLoader(Protocol):
     def predict_scan(
         self, model: Any, scan: ScanEntry, image: np.ndarray, predict_kwargs: dict[str, Any], mask: Any = None
     ) -> np.ndarray: ...
-    def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]: ...
+    def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 # How far (bytes of predictions waiting to be stitched) the model may run ahead of stitching:
@@ -97,15 +97,17 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
     return out if isinstance(out, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(out))
 
 
-def read_scan(loader: InferenceLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray]:
+def read_scan(loader: InferenceLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray | None]:
     """The whole image (float32; (H, W, D, K) for K > 1 image channels) and merged mask
-    (float32, ``y_true``) of a scan, each converted once."""
+    (float32, ``y_true``; None for a scan without a mask) of a scan, each converted once."""
     whole = (slice(0, scan.shape[0]), slice(0, scan.shape[1]), slice(0, scan.shape[2]))
     if scan.channels == 1:
         image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE, version=scan.version), whole)
         image = image.astype(np.float32, copy=False)  # a float32 store's buffer is used as is
     else:
         image = _read_channels(scan, whole)
+    if not scan.meta.has_mask:  # a test case without labels: predicted, nothing to compare with
+        return image, None
     background = bool(loader.cfg.INCLUDE_BACKGROUND)
     request = RegionRequest(scan.scan_id, MASK, None, scan.categories, background, version=scan.version)
     mask = read_in_slabs(scan.source, request, whole)
@@ -218,12 +220,11 @@ def predict_scan(
     return stitcher.aggregator.result()
 
 
-def _select_slices(scan: ScanEntry, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+def _select_slices(scan: ScanEntry, array: np.ndarray) -> np.ndarray:
     """Per-slice datasets: keep the listed slices (D = their number)."""
     if len(scan.slices) == scan.shape[2]:
-        return arrays
-    picked = list(scan.slices)
-    return tuple(a[:, :, picked] for a in arrays)
+        return array
+    return array[:, :, list(scan.slices)]
 
 
 def run_inference(
@@ -246,7 +247,8 @@ def run_inference(
             if k + 1 < len(scans):
                 pending = pool.submit(loader._read_scan, scans[k + 1])
             y_pred = loader.predict_scan(model, scan, image, kwargs, mask)
-            image, mask, y_pred = _select_slices(scan, (image, mask, y_pred))
+            image, y_pred = _select_slices(scan, image), _select_slices(scan, y_pred)
+            mask = None if mask is None else _select_slices(scan, mask)  # None: a scan without a mask
             elapsed = time.perf_counter() - start
             inputs = {"x": image, "scan_id": scan.scan_id, **scan.inference_attributes()}
             yield inputs, {"y_true": mask, "y_pred": y_pred, "time_elapsed": elapsed}

@@ -208,7 +208,11 @@ def _names_and_geometry(entry: Any, categories: Any, include_background: bool) -
         return {"categories": categories_json_value(cats) if cats else None}
     resolved: Categories | None = entry.categories
     scan = entry.meta
-    names = category_names(resolved, scan.class_names)
+    # a scan without a mask that records no names has the categories of the loader's other
+    # scans (loaders.scans.categories_of): "class k" names the classes it does not
+    used = max((k for group in resolved or () for k in group), default=-1) + 1
+    scan_names = scan.class_names + [f"class {k}" for k in range(len(scan.class_names), used)]
+    names = category_names(resolved, scan_names)
     fields: dict[str, Any] = {
         "categories": categories_json_value(resolved) if resolved else None,
         "class_names": names,
@@ -259,6 +263,9 @@ def _write_scan(
         if len(attrs.get("class_names") or ()) != num_categories:  # a model with other outputs
             attrs.pop("class_names", None)
             attrs.pop("channel_names", None)
+            # no mask, so no Dice either: the viewer's legend counts the categories by their names
+            if entry is not None and not entry.meta.has_mask:
+                attrs["class_names"] = [f"category {k}" for k in range(num_categories)]
         # NGFF 0.5 label image over a (z, y, x) view of label_map, in the scan's spacing
         spacing = ome.spacing_of(entry.meta.attrs) if entry is not None else ome.DEFAULT_SPACING
         label_ome = ome_views.write_label_image_view(

@@ -72,16 +72,20 @@ class ScanEntry:
         return out
 
 
-def scans_from_dicts(dataset_dicts: Sequence[dict[str, Any]], cfg: Config) -> list[ScanEntry]:
-    """Group dataset dicts by scan (first appearance order); per-slice dicts select slices."""
+def scans_from_dicts(
+    dataset_dicts: Sequence[dict[str, Any]], cfg: Config, unlabelled: bool = False
+) -> list[ScanEntry]:
+    """Group dataset dicts by scan (first appearance order); per-slice dicts select slices.
+
+    ``unlabelled`` (test loaders) admits scans without a mask: they can be predicted
+    (``loader.inference``), not batched as (x, y). Otherwise such a scan is refused in one line."""
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for d in dataset_dicts:
         source = d["source"]
         key = (source if isinstance(source, str) else f"<{id(source)}>", d["scan_id"])
         grouped.setdefault(key, []).append(d)
-    scans: list[ScanEntry] = []
-    selection = parse_categories(cfg.CATEGORIES, "CATEGORIES") if cfg.CATEGORIES else None
-    for index, dicts in enumerate(grouped.values()):
+    found: list[tuple[ScanSource, ScanMeta, dict[str, Any], tuple[int, ...]]] = []
+    for dicts in grouped.values():
         first = dicts[0]
         source = shared_source(first["source"])
         meta = first.get("_meta") or source.metadata(first["scan_id"])
@@ -92,36 +96,77 @@ def scans_from_dicts(dataset_dicts: Sequence[dict[str, Any]], cfg: Config) -> li
                 raise ValueError(f"scan {meta.scan_id!r}: slice_id out of 1..{depth}")
         else:
             slices = tuple(range(depth))
-        if not meta.has_mask:
-            raise ValueError(f"scan {meta.scan_id!r} has no mask; loaders need labelled scans")
-        if scans and meta.channels != scans[0].meta.channels:  # one model input for every scan
+        if not meta.has_mask and not unlabelled:
+            raise ValueError(
+                f"scan {meta.scan_id!r} has no mask; training loaders need labelled scans "
+                "(a test loader, is_test=True, predicts it: loader.inference(model) or write_predictions)"
+            )
+        if found and meta.channels != found[0][1].channels:  # one model input for every scan
             raise ValueError(
                 f"scan {meta.scan_id!r} has {meta.channels} image channel(s), but scan "
-                f"{scans[0].scan_id!r} has {scans[0].meta.channels}: one loader needs the same channels in every scan"
+                f"{found[0][1].scan_id!r} has {found[0][1].channels}: one loader needs the same channels in every scan"
             )
-        cats = None if selection is None else scan_categories(selection, meta, scans[0] if scans else None)
+        found.append((source, meta, first, slices))
+    selection = parse_categories(cfg.CATEGORIES, "CATEGORIES") if cfg.CATEGORIES else None
+    # the scan that CATEGORIES' names resolve against: the first that has classes (a mask, or
+    # the dataset's class names recorded without one)
+    named = [meta for _, meta, _, _ in found if meta.named_classes > 0]
+    reference = None
+    if selection is not None and named:
+        reference = (named[0].scan_id, scan_categories(selection, named[0], None))
+    scans: list[ScanEntry] = []
+    for index, (source, meta, first, slices) in enumerate(found):
+        cats = None if selection is None else categories_of(selection, meta, reference)
         scans.append(ScanEntry(index, meta.scan_id, source, meta, first, slices, cats))
     return scans
 
 
-def scan_categories(selection: Selection, meta: ScanMeta, first: ScanEntry | None) -> Categories:
-    """``CATEGORIES`` resolved against a scan's classes. Names resolve against the first scan's
-    class names; every other scan must give each name used the same index (one channel means
-    one class in every batch), else one line names the scan, the name and its classes."""
+def categories_of(
+    selection: Selection, meta: ScanMeta, reference: tuple[str, Categories] | None
+) -> Categories:
+    """``CATEGORIES`` for one scan of a loader. A scan with classes resolves them itself
+    (:func:`scan_categories`). One with neither a mask nor recorded class names (an image-only
+    MedSegPy scan preprocessed without ``--class-names``) takes them as the loader's scans with
+    classes resolve them (``reference``: the first such scan and its categories): one model
+    predicts the same channels for every scan. Without any such scan there is nothing to check
+    numbers against, so they are taken as given; a name is refused in one line."""
+    if meta.named_classes > 0:
+        return scan_categories(selection, meta, reference)
+    if reference is not None:
+        return reference[1]
+    for group in selection:
+        for k in group:
+            if isinstance(k, str):
+                raise InvalidCategories(
+                    f"scan {meta.scan_id!r} has no mask and records no class names, so class {k!r} names "
+                    "nothing: select classes by number, or preprocess it with --class-names",
+                    "CATEGORIES",
+                )
+    return tuple(tuple(int(k) for k in group) for group in selection)
+
+
+def scan_categories(
+    selection: Selection, meta: ScanMeta, reference: tuple[str, Categories] | None
+) -> Categories:
+    """``CATEGORIES`` resolved against a scan's classes (``ScanMeta.named_classes``: its mask's,
+    or the dataset's class names a scan without a mask records). Names resolve against the
+    reference scan's class names (``reference``: its id and categories, None for the reference
+    itself); every other scan must give each name used the same index (one channel means one
+    class in every batch), else one line names the scan, the name and its classes."""
     try:
-        cats = resolve_categories(selection, meta.num_classes, meta.class_names, "CATEGORIES")
+        cats = resolve_categories(selection, meta.named_classes, meta.class_names, "CATEGORIES")
     except InvalidCategories as exc:
         raise InvalidCategories(
             f"scan {meta.scan_id!r}: {str(exc)[len(exc.param) + 2 :]}", exc.param
         ) from None
-    if first is None or first.categories is None or cats == first.categories:
+    if reference is None or cats == reference[1]:
         return cats
-    for group, theirs in zip(selection, first.categories, strict=True):
+    for group, theirs in zip(selection, reference[1], strict=True):
         for k, index in zip(group, theirs, strict=True):
             if isinstance(k, str) and meta.class_names.index(k) != index:
                 raise ValueError(
                     f"CATEGORIES: class {k!r} is class {meta.class_names.index(k)} of scan {meta.scan_id!r}"
-                    f" but class {index} of scan {first.scan_id!r}: the scans of a loader must name their"
+                    f" but class {index} of scan {reference[0]!r}: the scans of a loader must name their"
                     f" classes alike (scan {meta.scan_id!r} has {format_names(meta.class_names)})"
                 )
     return cats

@@ -208,14 +208,15 @@ def _convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str 
 def user_geometry(spec: ScanSpec, source_spacing: list[float] | None, num_classes: int) -> dict[str, Any]:
     """The attributes ``--spacing`` and ``--class-names`` give a MedSegPy scan: the spacing
     (and ``affine`` = diag(spacing, 1)) only where the source has none; the class names, whose
-    count must be the scan's number of classes."""
+    count must be the scan's number of classes (an image-only scan records them as given: the
+    classes a prediction of it names, ``ScanMeta.class_names``)."""
     out: dict[str, Any] = {}
     options = spec.options
     if options.spacing is not None and source_spacing is None:
         out["spacing"] = list(options.spacing)
         out["affine"] = np.diag([*options.spacing, 1.0]).tolist()
-    if options.class_names and num_classes:
-        if len(options.class_names) != num_classes:
+    if options.class_names:  # an image-only scan records them too: the dataset's classes
+        if num_classes and len(options.class_names) != num_classes:
             raise SourceError(
                 spec.scan_id,
                 spec.files[-1],

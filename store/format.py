@@ -310,17 +310,34 @@ class ScanMeta:
         return [[float(v) for v in row] for row in found] if found is not None else self.affine
 
     @property
+    def named_classes(self) -> int:
+        """How many classes ``class_names`` and ``label_values`` list: ``num_classes`` for a scan
+        with a mask; for one without (an nnU-Net ``imagesTs`` case without ``labelsTs``, an
+        image-only MedSegPy scan), the dataset's classes it records, 0 if it records none.
+        ``num_classes`` stays the mask's channels (0: no mask)."""
+        if self.has_mask:
+            return self.num_classes
+        for key in ("class_names", "label_values"):
+            found = self.attrs.get(key)
+            if isinstance(found, list) and found:
+                return len(found)
+        return 0
+
+    @property
     def class_names(self) -> list[str]:
-        """One name per mask channel, ``"class k"`` for every class the scan does not name."""
-        return ome.class_names_of(self.attrs, self.num_classes)
+        """One name per mask channel, ``"class k"`` for every class the scan does not name; for
+        a scan without a mask, the dataset's class names it records (``named_classes``)."""
+        return ome.class_names_of(self.attrs, self.named_classes)
 
     @property
     def label_values(self) -> list[int]:
-        """The source label value of each mask channel (label-map value c + 1 by default)."""
+        """The source label value of each class of ``class_names`` (label-map value c + 1 by
+        default)."""
+        count = self.named_classes
         found = self.attrs.get("label_values")
-        if isinstance(found, list) and len(found) == self.num_classes:
+        if isinstance(found, list) and len(found) == count:
             return [int(v) for v in found]
-        return list(range(1, self.num_classes + 1))
+        return list(range(1, count + 1))
 
     @property
     def channels(self) -> int:

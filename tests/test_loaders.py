@@ -293,16 +293,19 @@ def test_catalog_accepts_medsegpy_style_callables(store):
     DatasetCatalog.remove("callable_ds")
 
 
-def test_build_loader_drops_image_only_scans_and_checks_tag(small_store):
+def test_build_loader_drops_image_only_scans_for_training_and_checks_tag(small_store):
     root, _ = small_store
     DatasetCatalog.remove("all_scans")
     DatasetCatalog.register("all_scans", root)
-    loader = build_loader(cfg_for(), "all_scans", batch_size=4, is_test=True, shuffle=False, drop_last=False)
+    loader = build_loader(cfg_for(), "all_scans", batch_size=4, is_test=False, shuffle=False, drop_last=False)
     assert [s.scan_id for s in loader.scans] == [
         "0000001_V00-Aug00",
         "0000001_V01-Aug00",
         "0000002_V00-Aug00",
     ]
+    # a test loader keeps the image-only scan for inference (tests/test_unlabelled_inference.py)
+    tested = build_loader(cfg_for(), "all_scans", batch_size=4, is_test=True, shuffle=False, drop_last=False)
+    assert [s.scan_id for s in tested.scans][-1] == "0000003_V00-Aug01"
     with pytest.raises(ValueError, match="mixes input shapes"):
         loader[5]  # slices of a 40x36 and a 33x27 scan in one batch
     with pytest.raises(KeyError, match="NoSuchLoader"):
