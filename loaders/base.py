@@ -144,9 +144,10 @@ class DataLoader(keras.utils.PyDataset):
                 "rank": self.shard.rank,
             },
         )
-        # a test loader also takes scans without a mask: inference predicts them, batches refuse
+        # a test loader also takes scans without a mask: inference predicts them; batches (x, y)
+        # hold the labelled scans only (MedSegPy's test loaders left the others out altogether)
         self.scans = scans_from_dicts(dataset_dicts, cfg, unlabelled=self.is_test)
-        self._unlabelled = tuple(s.scan_id for s in self.scans if not s.meta.has_mask)
+        self._unlabelled = frozenset(s.index for s in self.scans if not s.meta.has_mask)
         self.seed = cfg.SEED if cfg.SEED is not None else random.SystemRandom().randrange(2**31)
         self.epoch = 0
         self._position = 0  # batches of this epoch already delivered by an iterator or fit()
@@ -227,19 +228,21 @@ class DataLoader(keras.utils.PyDataset):
         return count + (1 if self._cfg.INCLUDE_BACKGROUND else 0)
 
     def _check_labelled(self) -> None:
-        """Batches are (x, y): a test loader holding a scan without a mask has no y for it
-        (Keras' fit and evaluate need one). Refused in one line naming the scan, before any
-        read; such scans are predicted with ``inference`` or ``write_predictions``."""
-        unlabelled = self._unlabelled
-        if unlabelled:
-            more = f" (and {len(unlabelled) - 1} more)" if len(unlabelled) > 1 else ""
+        """Batches are (x, y): a test loader whose scans all lack a mask has none to give
+        (Keras' fit and evaluate need y). Refused in one line naming a scan, before any read;
+        such scans are predicted with ``inference`` or ``write_predictions``."""
+        if self._unlabelled and len(self._unlabelled) == len(self.scans):
+            first = self.scans[min(self._unlabelled)].scan_id
+            more = f" (and {len(self._unlabelled) - 1} more)" if len(self._unlabelled) > 1 else ""
             raise ValueError(
-                f"scan {unlabelled[0]!r}{more} has no mask, so batches (x, y) cannot hold it; predict it "
+                f"scan {first!r}{more} has no mask, so there are no batches (x, y) to give; predict it "
                 "with loader.inference(model) or write_predictions(loader, model, path)"
             )
 
     def _make_plan(self, epoch: int) -> Plan:
         elements = list(self.epoch_elements(epoch))
+        if self._unlabelled:  # batches hold labelled scans; inference_elements still has them all
+            elements = [e for e in elements if e.scan not in self._unlabelled]
         window = int(self._cfg.SHUFFLE_BLOCKS)
         blocks = self.reads_blocks and window > 0 and bool(elements)
         keys = [block_key(e, self.scans) for e in elements] if blocks else []

@@ -42,7 +42,7 @@ def build_loader(
     ``num_replicas`` and ``rank`` shard it for data-parallel training: in every epoch each rank
     reads its own disjoint share (``loaders.ordering``), all ranks have the same ``len()``.
     A test loader (``is_test``) also holds the scans without a mask, for ``inference`` and
-    ``write_predictions`` (its batches refuse them); a training loader leaves them out.
+    ``write_predictions`` (its batches hold the labelled scans); a training loader leaves them out.
     """
     if num_replicas != 1 or rank != 0:
         kwargs.update(num_replicas=num_replicas, rank=rank)

@@ -1,7 +1,7 @@
 """Scans without a mask in test loaders: nnU-Net ``imagesTs/`` without ``labelsTs/`` and MedSegPy
 image-only scans are predicted (``y_true`` and Dice None) locally and over HTTP, exported as NIfTI
-in the source geometry with the source label values; their batches and training loaders refuse
-them in one line. References are numpy, nibabel and zarr-python on the files themselves."""
+in the source geometry with the source label values; batches hold the labelled scans only, and
+training loaders (or batches of only unlabelled scans) refuse them in one line. References are numpy, nibabel and zarr-python on the files themselves."""
 
 from __future__ import annotations
 
@@ -220,24 +220,55 @@ def test_training_loader_refuses_an_unlabelled_scan_in_one_line(image_only):
         build_data_loader(Config(), dicts, is_test=False, batch_size=2)
 
 
-def test_batches_of_a_test_loader_with_an_unlabelled_scan_refuse_in_one_line(small_store):
-    root, _ = small_store
+def test_batches_hold_the_labelled_scans_and_inference_all_of_them(small_store):
+    """A test loader over labelled and unlabelled scans: its batches (x, y), what Keras'
+    evaluate reads, are the labelled scans' slices exactly (numpy); inference covers every scan."""
+    root, truth = small_store
     DatasetCatalog.register("all_for_batches", str(root))
     try:
-        loader = predict_loader("all_for_batches", (0, 1))
-        assert IMAGE_ONLY in [s.scan_id for s in loader.scans] and len(loader) > 0
-        expected = (
-            rf"^scan '{IMAGE_ONLY}' has no mask, so batches \(x, y\) cannot hold it; predict it with "
-            r"loader.inference\(model\) or write_predictions\(loader, model, path\)$"
+        loader = build_loader(
+            Config(CATEGORIES=(0, 1), INCLUDE_BACKGROUND=True),
+            "all_for_batches",
+            batch_size=1,
+            is_test=True,
+            shuffle=False,
+            drop_last=False,
         )
-        with pytest.raises(ValueError, match=expected):
-            loader[0]  # a batch of a labelled scan: the loader as a whole has no y for every batch
-        with pytest.raises(ValueError, match=expected):
-            next(iter(loader))
-        with pytest.raises(ValueError, match=expected):
-            loader.load_batch(loader.batch_elements(0))
+        labelled = [s for s in loader.scans if s.scan_id != IMAGE_ONLY]
+        assert IMAGE_ONLY in [s.scan_id for s in loader.scans]
+        shown = []
+        for x, y in (loader[i][:2] for i in range(len(loader))):
+            shown.append((x[0, ..., 0], y[0]))
+        expected = []
+        for scan in labelled:
+            image, mask = truth[scan.scan_id]
+            for z in range(image.shape[2]):
+                m = mask[:, :, z, :2].astype(np.float32)
+                expected.append(
+                    (image[:, :, z].astype(np.float32), np.concatenate([1 - m.sum(-1, keepdims=True), m], -1))
+                )
+        assert len(shown) == len(expected) == sum(truth[s.scan_id][0].shape[2] for s in labelled)
+        for (x, y), (want_x, want_y) in zip(shown, expected, strict=True):
+            np.testing.assert_array_equal(x, want_x)
+            np.testing.assert_array_equal(y, want_y)
+        predicted = [inputs["scan_id"] for inputs, _ in loader.inference(SMALL_MODEL)]
+        assert predicted == [s.scan_id for s in loader.scans]
     finally:
         DatasetCatalog.remove("all_for_batches")
+
+
+def test_batches_of_a_loader_of_unlabelled_scans_refuse_in_one_line(image_only):
+    loader = predict_loader("image_only", (0, 1))
+    expected = (
+        rf"^scan '{IMAGE_ONLY}' has no mask, so there are no batches \(x, y\) to give; predict it with "
+        r"loader.inference\(model\) or write_predictions\(loader, model, path\)$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        loader[0]
+    with pytest.raises(ValueError, match=expected):
+        next(iter(loader))
+    with pytest.raises(ValueError, match=expected):
+        loader.load_batch(loader.batch_elements(0))
 
 
 def test_medsegpy_image_only_scan_records_class_names(tmp_path):
