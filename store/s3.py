@@ -94,6 +94,7 @@ class S3Storage(Storage):
         self._profile = session.profile_name if os.environ.get("AWS_PROFILE") else None
         self._pointers: dict[str, tuple[float, str | None]] = {}
         self._pointer_lock = threading.Lock()
+        self.bytes_uploaded = 0  # file bytes sent by publish (a hard-linked file counts once)
 
     @classmethod
     def from_url(cls, url: str) -> S3Storage:
@@ -274,13 +275,22 @@ class S3Storage(Storage):
         base = f"{OBJECT_VERSIONS_DIR}/{name}/{version}"
         files = copy_tree_files(staged)
         last = [f for f in files if f[1] == "zarr.json"]  # the group last: a complete version
-        rest = [f for f in files if f[1] != "zarr.json"]
+        uploads, copies = _hard_link_copies([f for f in files if f[1] != "zarr.json"])
 
         def upload(item: tuple[Path, str]) -> None:
             self._call("put_object", Key=self._key(f"{base}/{item[1]}"), Body=item[0].read_bytes())
 
+        def copy(item: tuple[str, str]) -> None:
+            source = {"Bucket": self.bucket, "Key": self._key(f"{base}/{item[0]}")}
+            self._call("copy_object", Key=self._key(f"{base}/{item[1]}"), CopySource=source)
+
         with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
-            list(pool.map(upload, rest))
+            list(pool.map(upload, uploads))
+            # after every upload: a copy's source must exist
+            list(pool.map(copy, copies))
+        sent = sum(path.stat().st_size for path, _ in uploads + last)
+        with self._pointer_lock:
+            self.bytes_uploaded += sent
         for item in last:
             upload(item)
         self.write_json(self._pointer_key(name), {"version": version})
@@ -368,3 +378,21 @@ class S3Storage(Storage):
             "aws_region": self.region,
             "aws_credentials": credentials,
         }
+
+
+def _hard_link_copies(files: list[tuple[Path, str]]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """(files to upload, (source key, key) pairs to copy on the server): a file hard-linked
+    under several names (an OME view's shards are the image's, ``store.ome_views``) is sent
+    once and copied by the object store, so a scan's bytes cross the network once."""
+    first: dict[tuple[int, int], str] = {}
+    uploads: list[tuple[Path, str]] = []
+    copies: list[tuple[str, str]] = []
+    for path, key in files:
+        info = path.stat()
+        inode = (info.st_dev, info.st_ino)
+        if info.st_nlink > 1 and inode in first:
+            copies.append((first[inode], key))
+        else:
+            first[inode] = key
+            uploads.append((path, key))
+    return uploads, copies

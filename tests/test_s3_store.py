@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -88,6 +89,22 @@ def test_storage_publish_switch_unpublish_and_grace(storage, tmp_path):
     assert storage.published_names() == [] and storage.current_version("scan-a") is None
     assert storage.remove_old_versions(3600) == []  # unpublished an instant ago
     assert storage.remove_old_versions(0) == [f"scan-a/{v2}"]
+
+
+def test_storage_publishes_hard_linked_files_under_every_name(storage, tmp_path):
+    """An OME view's shards are the image's files hard-linked (store/ome_views.py): both names
+    read back the same bytes; object storage sends the bytes once and copies on the server."""
+    folder = _staged(
+        tmp_path, {"zarr.json": b"{}", "image/c/0": os.urandom(70_000), "image/zarr.json": b"{}"}
+    )
+    (folder / "image_zyx" / "c").mkdir(parents=True)
+    os.link(folder / "image/c/0", folder / "image_zyx/c/0")
+    data = (folder / "image/c/0").read_bytes()
+    version = storage.publish("linked", folder)  # a local publish moves the folder
+    key = storage.version_key("linked", version)
+    assert storage.read(f"{key}/image_zyx/c/0") == storage.read(f"{key}/image/c/0") == data
+    if isinstance(storage, S3Storage):
+        assert storage.bytes_uploaded == 70_000 + 2 * len(b"{}")  # the linked file once
 
 
 def test_storage_lock_is_exclusive(storage):
