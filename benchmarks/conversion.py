@@ -79,8 +79,8 @@ PHASES: dict[str, tuple[tuple[str, str], ...]] = {
     "reading its slice files": (("service/slice_files.py", "read_image"), ("service/slice_files.py", "read_mask")),
     "compressing and writing shards": (("store/shards.py", "write_slab"),),
     "label map and class locations": (("store/writer.py", "slab_written"),),
-    "statistics": (("store/writer.py", "add_image"), ("store/writer.py", "add_class_counts"),
-                   ("store/writer.py", "binary_class_counts")),
+    "statistics": (("store/statistics.py", "add_image"), ("store/statistics.py", "add_class_counts"),
+                   ("store/statistics.py", "binary_class_counts")),
     "publishing (fsync, link)": (("store/writer.py", "publish"),),
 }  # fmt: skip
 
