@@ -1,0 +1,139 @@
+"""Issue 20's new surface used the wrong way, as a careless or hostile client would: class
+names with odd characters over REST, image channels out of range, ``scancache export`` with
+bad arguments or predictions it cannot fully export. Each answer is a documented status with a
+one-line detail, or a one-line CLI error that writes nothing; never a 5xx, never half a result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+from h5_sources import run_cli
+from live_server import live_server
+from test_export_nifti import SOURCE_AFFINE, loader_for, pointwise_model, to_stored, write_nifti_like
+
+from client.wire import decode_npy
+from loaders import DatasetCatalog, write_predictions
+from store.writer import write_scan
+
+ODD_NAMES = ["a,b", "c+d", "[x]"]  # names the short form cannot say; the JSON form can
+
+
+@pytest.fixture(scope="module")
+def odd_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd") / "store"
+    rng = np.random.default_rng(3)
+    image = rng.random((16, 16, 4)).astype(np.float32)
+    mask = (rng.random((16, 16, 4, 3)) > 0.5).astype(np.uint8)
+    write_scan(
+        root, "multi", image, mask, {"split": "train", "class_names": ODD_NAMES}, extra_channels=[image * 2]
+    )
+    write_scan(root, "single", image, mask, {"split": "train"})
+    return root, image, mask
+
+
+def test_odd_class_names_select_exactly_in_json_and_fail_in_one_line_in_short_form(odd_store):
+    root, _, mask = odd_store
+    with live_server(root) as url:
+        got = httpx.get(f"{url}/scans/multi/mask", params={"categories": '["[x]",["a,b","c+d"]]'})
+        assert got.status_code == 200
+        expected = np.stack([mask[..., 2], mask[..., 0] + mask[..., 1]], axis=-1)
+        np.testing.assert_array_equal(decode_npy(got.content), expected)
+        short = httpx.get(f"{url}/scans/multi/mask", params={"categories": "a,b"})
+        assert short.status_code == 422
+        assert short.json() == {
+            "detail": "categories: no class named 'a'; the classes are 'a,b', 'c+d', '[x]'",
+            "error": "InvalidCategories",
+            "param": "categories",
+        }
+
+
+def test_image_channel_out_of_range_is_a_bad_parameter_or_a_missing_channel(odd_store):
+    root, image, _ = odd_store
+    with live_server(root) as url:
+        second = httpx.get(f"{url}/scans/multi/image", params={"channel": 1})
+        np.testing.assert_array_equal(decode_npy(second.content), image * 2)
+        for huge in ("10000", "99999999999999999999"):
+            r = httpx.get(f"{url}/scans/multi/image", params={"channel": huge})
+            assert r.status_code == 422, r.text
+            assert r.json()["param"] == "channel" and r.json()["detail"] == (
+                "channel: Input should be less than or equal to 9999"
+            )
+        missing = httpx.get(f"{url}/scans/single/image", params={"channel": 1})
+        assert missing.status_code == 404
+        assert missing.json()["detail"] == "scan 'single' has no image channel 1 (it has 1)"
+        params = httpx.get(f"{url}/openapi.json").json()["paths"]["/scans/{scan_id}/image"]["get"][
+            "parameters"
+        ]
+        schema = next(p["schema"] for p in params if p["name"] == "channel")
+        assert (schema["minimum"], schema["maximum"]) == (0, 9999)  # the limit is documented
+
+
+@pytest.fixture(scope="module")
+def nifti_predictions(tmp_path_factory):
+    base = tmp_path_factory.mktemp("adv_pred")
+    root = base / "store"
+    write_nifti_like(root, "case_001", 0)
+    DatasetCatalog.remove("adversarial_nifti")
+    DatasetCatalog.register("adversarial_nifti", str(root), split="train")
+    try:
+        pred = base / "pred"
+        write_predictions(
+            loader_for("adversarial_nifti", ("liver", "kidney", "spleen")), pointwise_model, pred
+        )
+        # a model with other outputs than its categories: 4 channels for background + 2 categories
+        other = base / "other"
+        write_predictions(
+            loader_for("adversarial_nifti", ("liver", ("kidney", "spleen"))), pointwise_model, other
+        )
+    finally:
+        DatasetCatalog.remove("adversarial_nifti")
+    return base, pred, other
+
+
+def test_export_probabilities_of_a_prediction_without_them_writes_nothing(nifti_predictions, tmp_path):
+    _, pred, _ = nifti_predictions
+    stripped = tmp_path / "stripped"
+    shutil.copytree(pred, stripped, symlinks=True)
+    shutil.rmtree((stripped / "case_001").resolve() / "probabilities")
+    out = tmp_path / "out"
+    result = run_cli("export", stripped, out, "--probabilities", "-q")
+    assert result.returncode == 1
+    assert result.stderr == "scancache export: error: scan 'case_001': prediction has no 'probabilities'\n"
+    assert not out.exists()  # refused before the label map was written
+    assert run_cli("export", stripped, out, "-q").returncode == 0  # the label maps alone export
+    assert sorted(p.name for p in out.iterdir()) == ["case_001.json", "case_001.nii.gz"]
+
+
+def test_export_with_an_empty_scan_list_is_refused(nifti_predictions, tmp_path):
+    _, pred, _ = nifti_predictions
+    result = run_cli("export", pred, tmp_path / "out", "--scans", ",", "-q")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "scancache export: error: --scans: ',' names no scan; give scan ids like case_001,case_002\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_model_with_other_outputs_names_categories_by_number(nifti_predictions, tmp_path):
+    """write_predictions keeps such a prediction (without names); the export writes its label map
+    as stored (values 1..n, no class claimed) instead of failing on it."""
+    _, _, other = nifti_predictions
+    out = tmp_path / "out"
+    result = run_cli("export", other, out, "-q")
+    assert result.returncode == 0, result.stderr
+    stored = zarr.open_array(str((other / "case_001").resolve() / "label_map"), mode="r")[...]
+    exported = nib.load(out / "case_001.nii.gz")
+    np.testing.assert_array_equal(exported.affine, SOURCE_AFFINE)
+    back, _ = to_stored(np.asanyarray(exported.dataobj), SOURCE_AFFINE)
+    np.testing.assert_array_equal(back, stored)
+    assert int(stored.max()) == 3  # the fourth channel's label is there and exported
+    sidecar = json.loads((out / "case_001.json").read_text())
+    assert sidecar["labels"] == {"0": "background", "1": "category 0", "2": "category 1", "3": "category 2"}
+    assert sidecar["label_values"] == "categories" and sidecar["channels"] is None
