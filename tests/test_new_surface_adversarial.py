@@ -137,3 +137,29 @@ def test_export_of_a_model_with_other_outputs_names_categories_by_number(nifti_p
     sidecar = json.loads((out / "case_001.json").read_text())
     assert sidecar["labels"] == {"0": "background", "1": "category 0", "2": "category 1", "3": "category 2"}
     assert sidecar["label_values"] == "categories" and sidecar["channels"] is None
+
+
+def test_a_malformed_affine_is_refused_by_the_writer_and_skipped_by_the_server(tmp_path):
+    root = tmp_path / "store"
+    image = np.zeros((8, 8, 2), np.float32)
+    with pytest.raises(ValueError, match=r"^affine: expected a 4x4 list of finite numbers, got \[\[1\]\]$"):
+        write_scan(root, "short", image, None, {"affine": [[1]]})
+    write_scan(root, "good", image, None, {"split": "train"})
+    write_scan(root, "edited", image, None, {"split": "train"})
+    # a store edited by hand (or written by another tool): the affine no longer parses
+    doc_path = (root / "edited").resolve() / "zarr.json"
+    doc = json.loads(doc_path.read_text())
+    doc["attributes"]["affine"] = "x"
+    doc_path.write_text(json.dumps(doc))
+    with live_server(root) as url:
+        listing = httpx.get(f"{url}/scans")
+        assert listing.status_code == 200
+        assert [s["scan_id"] for s in listing.json()["scans"]] == ["good"]
+        one = httpx.get(f"{url}/scans/edited")
+        assert one.status_code == 404
+        assert one.json() == {
+            "detail": "'edited' is not a scancache scan",
+            "error": "ScanNotFound",
+            "param": None,
+        }
+        assert httpx.get(f"{url}/scans/edited/image").status_code == 404
