@@ -147,7 +147,13 @@ def _geometry(scan_id: str, attrs: dict[str, Any], source: Any) -> _Geometry:
         found: dict[str, Any] = attrs
         names, values = attrs.get("scan_class_names"), attrs.get("label_values")
     elif source is not None:
-        meta = source.metadata(scan_id)
+        try:
+            meta = source.metadata(scan_id)
+        except KeyError:  # ScanNotFound: say which store lacks it, not just "not found"
+            raise ValueError(
+                f"scan {scan_id!r}: its prediction records no geometry and the scan store given"
+                " (--store, scan_store=) has no scan of that id; pass the store the prediction was made from"
+            ) from None
         found = {
             "scan_shape": list(meta.shape),
             "affine": meta.affine,

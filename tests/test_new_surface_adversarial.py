@@ -163,3 +163,22 @@ def test_a_malformed_affine_is_refused_by_the_writer_and_skipped_by_the_server(t
             "param": None,
         }
         assert httpx.get(f"{url}/scans/edited/image").status_code == 404
+
+
+def test_old_prediction_with_a_scan_store_that_lacks_the_scan_names_the_cause(nifti_predictions, tmp_path):
+    _, pred, _ = nifti_predictions
+    old = tmp_path / "old"
+    shutil.copytree(pred, old, symlinks=True)
+    doc_path = (old / "case_001").resolve() / "zarr.json"
+    doc = json.loads(doc_path.read_text())
+    for key in ("scan_shape", "affine", "source_affine"):  # as a prediction of an older scancache
+        del doc["attributes"]["prediction"][key]
+    doc_path.write_text(json.dumps(doc))
+    other = tmp_path / "other"
+    write_scan(other, "another", np.zeros((4, 4, 4), np.float32), None, {})
+    result = run_cli("export", old, tmp_path / "out", "--store", other, "-q")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "scancache export: error: scan 'case_001': its prediction records no geometry and the scan store"
+        " given (--store, scan_store=) has no scan of that id; pass the store the prediction was made from\n"
+    )
