@@ -119,8 +119,14 @@ def resolve_categories(
 
 
 def _index_of(name: str, names: Sequence[str], param: str) -> int:
-    if name in names:
-        return names.index(name)
+    found = [k for k, n in enumerate(names) if n == name]
+    if len(found) > 1:  # a Decathlon dataset.json may give two values one name: never guess
+        classes = ", ".join(map(str, found))
+        raise InvalidCategories(
+            f"class name {name!r} is ambiguous: classes {classes} have it; select them by number", param
+        )
+    if found:
+        return found[0]
     raise InvalidCategories(f"no class named {name!r}; the classes are {format_names(names)}", param)
 
 

@@ -182,3 +182,24 @@ def test_old_prediction_with_a_scan_store_that_lacks_the_scan_names_the_cause(ni
         "scancache export: error: scan 'case_001': its prediction records no geometry and the scan store"
         " given (--store, scan_store=) has no scan of that id; pass the store the prediction was made from\n"
     )
+
+
+def test_a_name_two_classes_share_is_refused_not_guessed(tmp_path):
+    """A Decathlon dataset.json may name two label values alike; selecting by that name must not
+    silently pick the first."""
+    root = tmp_path / "store"
+    mask = np.zeros((8, 8, 2, 3), np.uint8)
+    mask[:2, ..., 0] = mask[2:4, ..., 1] = mask[4:6, ..., 2] = 1
+    write_scan(
+        root, "twins", np.zeros((8, 8, 2), np.float32), mask, {"class_names": ["liver", "tumour", "tumour"]}
+    )
+    with live_server(root) as url:
+        bad = httpx.get(f"{url}/scans/twins/mask", params={"categories": '["tumour"]'})
+        assert bad.status_code == 422
+        assert bad.json()["detail"] == (
+            "categories: class name 'tumour' is ambiguous: classes 1, 2 have it; select them by number"
+        )
+        ok = httpx.get(f"{url}/scans/twins/mask", params={"categories": '["liver",[1,2]]'})
+        np.testing.assert_array_equal(
+            decode_npy(ok.content), np.stack([mask[..., 0], mask[..., 1] + mask[..., 2]], axis=-1)
+        )
