@@ -11,6 +11,7 @@ ask for a gigabyte).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,9 +80,13 @@ def _short_group(item: str, param: str) -> Any:
 
 
 def _is_index(text: str) -> bool:
+    """ASCII digits, as in a roi: ``int`` alone would also read ``1_0`` as 10 and other
+    scripts' digits (Arabic-Indic, fullwidth) as numbers."""
+    if not re.fullmatch(r"-?[0-9]+", text):
+        return False
     try:
         int(text)
-    except ValueError:
+    except ValueError:  # past Python's digit limit: a name, refused as no class named so
         return False
     return True
 

@@ -203,3 +203,22 @@ def test_a_name_two_classes_share_is_refused_not_guessed(tmp_path):
         np.testing.assert_array_equal(
             decode_npy(ok.content), np.stack([mask[..., 0], mask[..., 1] + mask[..., 2]], axis=-1)
         )
+
+
+def test_short_form_indices_are_ascii_digits_as_in_a_roi(odd_store):
+    from store.categories import parse_categories
+
+    assert parse_categories("0,1+2") == ((0,), (1, 2))
+    assert parse_categories("1_0,\u0661,\uff11") == (
+        ("1_0",),
+        ("\u0661",),
+        ("\uff11",),
+    )  # names, not 10, 1, 1
+    root, _, _ = odd_store
+    with live_server(root) as url:
+        r = httpx.get(f"{url}/scans/multi/mask", params={"categories": "1_0"})
+        assert r.status_code == 422
+        assert r.json()["detail"] == "categories: no class named '1_0'; the classes are 'a,b', 'c+d', '[x]'"
+        assert httpx.get(f"{url}/scans/multi/mask", params={"categories": "-1"}).json()["detail"] == (
+            "categories: class -1 is negative"
+        )
