@@ -80,6 +80,8 @@ def export_nifti(
     nib = _import_nibabel()
     store = predictions if isinstance(predictions, PredictionStore) else _open_predictions(predictions)
     available = store.scan_ids()
+    if isinstance(scans, str):  # one scan id, not its characters
+        scans = [scans]
     wanted = list(available) if scans is None else list(dict.fromkeys(scans))
     for scan_id in wanted:
         if not store.has(scan_id):

@@ -222,3 +222,13 @@ def test_short_form_indices_are_ascii_digits_as_in_a_roi(odd_store):
         assert httpx.get(f"{url}/scans/multi/mask", params={"categories": "-1"}).json()["detail"] == (
             "categories: class -1 is negative"
         )
+
+
+def test_export_nifti_takes_one_scan_id_as_a_string(nifti_predictions, tmp_path):
+    from loaders import export_nifti
+
+    _, pred, _ = nifti_predictions
+    done = export_nifti(pred, tmp_path / "out", scans="case_001", progress=False)
+    assert [d.scan_id for d in done] == ["case_001"]
+    with pytest.raises(ValueError, match=r"^scan 'case_9' has no prediction in .* \(it has case_001\)$"):
+        export_nifti(pred, tmp_path / "out", scans="case_9", progress=False)
