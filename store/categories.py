@@ -56,7 +56,7 @@ def parse_categories(value: Any, param: str = "categories") -> Selection:
                     raise InvalidCategories("an empty class name", param)
                 key: int | str = k
             elif isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-                raise InvalidCategories(f"{k!r} is not a class index or name", param)
+                raise InvalidCategories(f"{_shown(k)} is not a class index or name", param)
             elif int(k) < 0:
                 raise InvalidCategories(f"class {k} is negative", param)
             else:
@@ -132,7 +132,13 @@ def _index_of(name: str, names: Sequence[str], param: str) -> int:
         )
     if found:
         return found[0]
-    raise InvalidCategories(f"no class named {name!r}; the classes are {format_names(names)}", param)
+    raise InvalidCategories(f"no class named {_shown(name)}; the classes are {format_names(names)}", param)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A client's value in an error, cut short: a request must not make a megabyte of detail."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def format_names(names: Sequence[str]) -> str:

@@ -232,3 +232,23 @@ def test_export_nifti_takes_one_scan_id_as_a_string(nifti_predictions, tmp_path)
     assert [d.scan_id for d in done] == ["case_001"]
     with pytest.raises(ValueError, match=r"^scan 'case_9' has no prediction in .* \(it has case_001\)$"):
         export_nifti(pred, tmp_path / "out", scans="case_9", progress=False)
+
+
+def test_a_huge_category_is_named_in_a_short_detail(odd_store):
+    root, _, _ = odd_store
+    with live_server(root) as url:
+        long_name = httpx.post(
+            f"{url}/batch",
+            json={"regions": [{"scan_id": "multi", "array": "mask", "categories": ["x" * 5000]}]},
+        )
+        assert long_name.status_code == 422
+        assert long_name.json()["detail"] == (
+            "regions[0].categories: no class named '" + "x" * 76 + "...; the classes are 'a,b', 'c+d', '[x]'"
+        )
+        nested = httpx.post(
+            f"{url}/batch",
+            json={"regions": [{"scan_id": "multi", "array": "mask", "categories": [[list(range(20000))]]}]},
+        )
+        assert nested.status_code == 422
+        detail = nested.json()["detail"]
+        assert detail.endswith("... is not a class index or name") and len(detail) < 150
