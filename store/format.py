@@ -283,7 +283,7 @@ class ScanMeta:
             attrs=attrs,
             version=version,
         )
-        meta.spacing, meta.affine, meta.source_affine  # noqa: B018 (parsed for their errors)
+        meta.spacing, meta.affine, meta.source_affine, meta.label_values, meta.channels  # noqa: B018 (parsed for their errors)
         return meta
 
     @property

@@ -144,6 +144,8 @@ def test_a_malformed_affine_is_refused_by_the_writer_and_skipped_by_the_server(t
     image = np.zeros((8, 8, 2), np.float32)
     with pytest.raises(ValueError, match=r"^affine: expected a 4x4 list of finite numbers, got \[\[1\]\]$"):
         write_scan(root, "short", image, None, {"affine": [[1]]})
+    with pytest.raises(ValueError, match=r"invalid literal for int\(\) with base 10: 'x'"):
+        write_scan(root, "values", image, np.zeros((8, 8, 2, 1), np.uint8), {"label_values": ["x"]})
     write_scan(root, "good", image, None, {"split": "train"})
     write_scan(root, "edited", image, None, {"split": "train"})
     # a store edited by hand (or written by another tool): the affine no longer parses
