@@ -254,3 +254,23 @@ def test_a_huge_category_is_named_in_a_short_detail(odd_store):
         assert nested.status_code == 422
         detail = nested.json()["detail"]
         assert detail.endswith("... is not a class index or name") and len(detail) < 150
+
+
+def test_prediction_fields_are_lists_or_null_whatever_the_store_holds(nifti_predictions, tmp_path):
+    base, pred, _ = nifti_predictions
+    edited = tmp_path / "edited"
+    shutil.copytree(pred, edited, symlinks=True)
+    doc_path = (edited / "case_001").resolve() / "zarr.json"
+    doc = json.loads(doc_path.read_text())
+    doc["attributes"]["prediction"]["dice"] = "oops"
+    doc["attributes"]["prediction"]["class_names"] = {"1": "liver"}
+    doc_path.write_text(json.dumps(doc))
+    with live_server(base / "store", predictions=edited) as url:
+        got = httpx.get(f"{url}/scans/case_001").json()
+        assert (got["has_prediction"], got["prediction_dice"], got["prediction_class_names"]) == (
+            True,
+            None,
+            None,
+        )
+        listed = httpx.get(f"{url}/scans").json()["scans"]
+        assert [(s["scan_id"], s["prediction_dice"]) for s in listed] == [("case_001", None)]
