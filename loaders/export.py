@@ -80,12 +80,17 @@ def export_nifti(
     nib = _import_nibabel()
     store = predictions if isinstance(predictions, PredictionStore) else _open_predictions(predictions)
     available = store.scan_ids()
+    if isinstance(scans, str):  # one scan id, not its characters
+        scans = [scans]
     wanted = list(available) if scans is None else list(dict.fromkeys(scans))
     for scan_id in wanted:
         if not store.has(scan_id):
             raise ValueError(
                 f"scan {scan_id!r} has no prediction in {store.storage.url} ({_listed(available)})"
             )
+    if probabilities:  # refused before writing anything, not after half the scans' files
+        for scan_id in wanted:
+            store.stored_shape(scan_id, PROBABILITIES)  # ArrayNotFound: one line naming the scan
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: is a file; choose a folder")
@@ -144,7 +149,13 @@ def _geometry(scan_id: str, attrs: dict[str, Any], source: Any) -> _Geometry:
         found: dict[str, Any] = attrs
         names, values = attrs.get("scan_class_names"), attrs.get("label_values")
     elif source is not None:
-        meta = source.metadata(scan_id)
+        try:
+            meta = source.metadata(scan_id)
+        except KeyError:  # ScanNotFound: say which store lacks it, not just "not found"
+            raise ValueError(
+                f"scan {scan_id!r}: its prediction records no geometry and the scan store given"
+                " (--store, scan_store=) has no scan of that id; pass the store the prediction was made from"
+            ) from None
         found = {
             "scan_shape": list(meta.shape),
             "affine": meta.affine,
@@ -170,12 +181,16 @@ def _geometry(scan_id: str, attrs: dict[str, Any], source: Any) -> _Geometry:
     )
 
 
-def _categories(attrs: dict[str, Any]) -> list[tuple[int, ...]]:
-    """The prediction's categories as scan classes (every class when it selected all)."""
+def _categories(attrs: dict[str, Any]) -> list[tuple[int, ...]] | None:
+    """The prediction's categories as scan classes (every class when it selected all); None
+    when the model gave another number of channels than its categories (``write_predictions``
+    keeps such a prediction, without names): its categories are then no known classes."""
+    count = int(attrs["channels"]) - int(bool(attrs.get("include_background")))
     found = attrs.get("categories")
     if not found:
-        count = int(attrs["channels"]) - int(bool(attrs.get("include_background")))
         return [(k,) for k in range(count)]
+    if len(found) != count:
+        return None
     return [tuple(int(k) for k in g) if isinstance(g, list) else (int(g),) for g in found]
 
 
@@ -183,6 +198,14 @@ def _labels(attrs: dict[str, Any], geometry: _Geometry) -> tuple[np.ndarray, dic
     """The table from stored label (0, k+1 = category k) to exported value, the sidecar's
     value -> name, and whether the values are the source's label values."""
     categories = _categories(attrs)
+    if categories is None:  # values 1..n named by their number, never by a class they may not be
+        count = int(attrs["channels"]) - int(bool(attrs.get("include_background")))
+        values = list(range(1, count + 1))
+        return (
+            np.array([0, *values], np.min_scalar_type(count)),
+            {"0": "background", **{str(v): f"category {v - 1}" for v in values}},
+            False,
+        )
     names = attrs.get("class_names")
     if not isinstance(names, list) or len(names) != len(categories):
         scan_names = geometry.class_names

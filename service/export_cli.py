@@ -9,7 +9,13 @@ from typing import Any
 def cmd_export(args: argparse.Namespace) -> int:
     from loaders.export import export_nifti  # nibabel only when exporting
 
-    scans = [s for item in args.scans or () for s in item.split(",") if s.strip()] or None
+    scans = None
+    if args.scans is not None:
+        scans = [s.strip() for item in args.scans for s in item.split(",") if s.strip()]
+        if not scans:  # `--scans ,` must not mean every scan
+            raise ValueError(
+                f"--scans: {' '.join(args.scans)!r} names no scan; give scan ids like case_001,case_002"
+            )
     done = export_nifti(
         args.predictions,
         args.out_dir,

@@ -11,6 +11,7 @@ ask for a gigabyte).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +56,7 @@ def parse_categories(value: Any, param: str = "categories") -> Selection:
                     raise InvalidCategories("an empty class name", param)
                 key: int | str = k
             elif isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-                raise InvalidCategories(f"{k!r} is not a class index or name", param)
+                raise InvalidCategories(f"{_shown(k)} is not a class index or name", param)
             elif int(k) < 0:
                 raise InvalidCategories(f"class {k} is negative", param)
             else:
@@ -79,9 +80,13 @@ def _short_group(item: str, param: str) -> Any:
 
 
 def _is_index(text: str) -> bool:
+    """ASCII digits, as in a roi: ``int`` alone would also read ``1_0`` as 10 and other
+    scripts' digits (Arabic-Indic, fullwidth) as numbers."""
+    if not re.fullmatch(r"-?[0-9]+", text):
+        return False
     try:
         int(text)
-    except ValueError:
+    except ValueError:  # past Python's digit limit: a name, refused as no class named so
         return False
     return True
 
@@ -119,9 +124,21 @@ def resolve_categories(
 
 
 def _index_of(name: str, names: Sequence[str], param: str) -> int:
-    if name in names:
-        return names.index(name)
-    raise InvalidCategories(f"no class named {name!r}; the classes are {format_names(names)}", param)
+    found = [k for k, n in enumerate(names) if n == name]
+    if len(found) > 1:  # a Decathlon dataset.json may give two values one name: never guess
+        classes = ", ".join(map(str, found))
+        raise InvalidCategories(
+            f"class name {name!r} is ambiguous: classes {classes} have it; select them by number", param
+        )
+    if found:
+        return found[0]
+    raise InvalidCategories(f"no class named {_shown(name)}; the classes are {format_names(names)}", param)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A client's value in an error, cut short: a request must not make a megabyte of detail."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def format_names(names: Sequence[str]) -> str:

@@ -269,7 +269,9 @@ class ScanMeta:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], version: str | None = None) -> ScanMeta:
-        return cls(
+        """Raises ValueError or TypeError for attributes that do not parse, the geometry's
+        included: a hand-edited ``affine`` fails here, once, not in every route that uses it."""
+        meta = cls(
             scan_id=attrs["scan_id"],
             shape=tuple(int(n) for n in attrs["shape"]),  # type: ignore[arg-type]
             dtype=attrs["dtype"],
@@ -281,6 +283,8 @@ class ScanMeta:
             attrs=attrs,
             version=version,
         )
+        meta.spacing, meta.affine, meta.source_affine, meta.label_values, meta.channels  # noqa: B018 (parsed for their errors)
+        return meta
 
     @property
     def has_mask(self) -> bool:
@@ -299,7 +303,7 @@ class ScanMeta:
         scan records none."""
         found = self.attrs.get("affine")
         if found is not None:
-            return [[float(v) for v in row] for row in found]
+            return _matrix4(found, "affine")
         sy, sx, sz = self.spacing
         return [[sy, 0.0, 0.0, 0.0], [0.0, sx, 0.0, 0.0], [0.0, 0.0, sz, 0.0], [0.0, 0.0, 0.0, 1.0]]
 
@@ -307,7 +311,7 @@ class ScanMeta:
     def source_affine(self) -> list[list[float]]:
         """The source file's affine (NIfTI sources); the stored ``affine`` for others."""
         found = self.attrs.get("source_affine")
-        return [[float(v) for v in row] for row in found] if found is not None else self.affine
+        return _matrix4(found, "source_affine") if found is not None else self.affine
 
     @property
     def named_classes(self) -> int:
@@ -379,3 +383,14 @@ def matches(meta: ScanMeta, filters: dict[str, Any]) -> bool:
         elif have != want and str(have) != str(want):
             return False
     return True
+
+
+def _matrix4(found: Any, name: str) -> list[list[float]]:
+    """A 4x4 attribute of finite numbers (an affine), as floats; ValueError naming it otherwise."""
+    try:
+        matrix = [[float(v) for v in row] for row in found]
+    except (TypeError, ValueError):
+        matrix = []
+    if len(matrix) != 4 or any(len(row) != 4 or not all(math.isfinite(v) for v in row) for row in matrix):
+        raise ValueError(f"{name}: expected a 4x4 list of finite numbers, got {str(found)[:80]}")
+    return matrix

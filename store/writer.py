@@ -28,6 +28,7 @@ from store.format import (
     MASK,
     STORE_ID_KEY,
     ChunkLayout,
+    ScanMeta,
     channel_names,
     check_store_format,
     group_metadata,
@@ -264,6 +265,7 @@ class StagedScan:
             **stats.to_attrs(),
             **extra,
         }
+        ScanMeta.from_attrs(full)  # what readers will parse (the geometry too) parses: else not published
         # NGFF 0.5 for napari and neuroglancer: (z, y, x) views of the image and the label map
         # made of their stored chunks (store/ome_views.py), in mm from the scan's spacing
         full["ome"] = ome_views.write_scan_views(

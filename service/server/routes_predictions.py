@@ -48,9 +48,11 @@ def prediction_fields(store: PredictionStore | None, scan_id: str) -> dict[str, 
     recorded)."""
     attrs = None if store is None else store.attrs(scan_id)
     names = None if attrs is None else attrs.get("class_names")
+    dice = None if attrs is None else attrs.get("dice")
     return {
         "has_prediction": attrs is not None,
-        "prediction_dice": None if attrs is None else attrs.get("dice"),
+        # a list or null, as documented: the viewer maps over it (a hand-edited store may hold anything)
+        "prediction_dice": dice if isinstance(dice, list) else None,
         "prediction_class_names": names if isinstance(names, list) else None,
     }
 

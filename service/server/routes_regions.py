@@ -144,7 +144,13 @@ async def get_image(
     roi: Roi = None,
     channel: Annotated[
         int,
-        Query(ge=0, description="Image channel of a multi-channel scan (its `channels` attribute); 0 first."),
+        # le: the most image_c{k} arrays name (store.format); a larger one is a bad parameter (422),
+        # not a missing array named `image_c10000`, a name the client never gave
+        Query(
+            ge=0,
+            le=9999,
+            description="Image channel of a multi-channel scan (its `channels` attribute); 0 first.",
+        ),
     ] = 0,
 ) -> Response:
     plan = await _plan(state, scan_id, channel_array(channel), roi)
