@@ -269,11 +269,8 @@ class HttpSource:
                         500,
                     )
                 )
-            if self._closed.is_set():
-                raise ServerError(
-                    f"{method} {self.url}{path}: the source was closed while retrying ({one_line(failure, 200)})"
-                )
-            if elapsed - last_warned >= RETRY_WARN_EVERY:  # long waits show progress
+            # Long waits show progress; a closed source ends at the wait below, unannounced.
+            if not self._closed.is_set() and elapsed - last_warned >= RETRY_WARN_EVERY:
                 last_warned = elapsed
                 log.warning(
                     "%s %s%s: %s; retrying for up to %.0f s more",

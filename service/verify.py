@@ -21,7 +21,7 @@ from service.nnunet_dataset import NIFTI_KIND
 from service.slice_files import LoadedScan, load_scan
 from service.sources import ScanSpec, discover
 from store.errors import SourceError, one_line
-from store.format import IMAGE, MASK, channel_names
+from store.format import IMAGE, MASK, extra_channel_arrays
 from store.storage import Storage, is_s3_url
 from store.writer import check_store, manifest_mismatch, published_scan_ids
 
@@ -183,7 +183,7 @@ def _compare_arrays(
         return VerifyLine(
             spec.scan_id, MISMATCH, f"{stored_channels} channels, source {1 + len(loaded.extra_channels)}"
         )
-    for name, channel in zip(channel_names(stored_channels), loaded.extra_channels, strict=True):
+    for name, channel in zip(extra_channel_arrays(stored_channels), loaded.extra_channels, strict=True):
         stored = _read_array(store, folder, name)
         if stored is None or stored.shape != channel.shape or stored.dtype != channel.dtype:
             return VerifyLine(spec.scan_id, MISMATCH, f"{name} missing or of another shape or type")

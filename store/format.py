@@ -45,8 +45,9 @@ MASK = "mask"
 ARRAYS = (IMAGE, MASK)
 
 
-def channel_names(channels: int) -> list[str]:
-    """The arrays of an image's channels 1 .. channels-1 (channel 0 is ``image``)."""
+def extra_channel_arrays(channels: int) -> list[str]:
+    """The arrays of an image's channels 1 .. channels-1 (channel 0 is ``image``); not to be
+    confused with ``ScanMeta.channel_names``, the channels' names for users."""
     return [f"{IMAGE}_c{k}" for k in range(1, channels)]
 
 
@@ -55,7 +56,7 @@ _CHANNEL_ARRAY = re.compile(r"^image_c([1-9][0-9]{0,3})$")
 
 def image_arrays(channels: int) -> list[str]:
     """The arrays of all of an image's channels, in channel order: ``image``, ``image_c1``, ..."""
-    return [IMAGE, *channel_names(channels)]
+    return [IMAGE, *extra_channel_arrays(channels)]
 
 
 def channel_array(channel: int) -> str:

@@ -29,9 +29,10 @@ from store.format import (
     STORE_ID_KEY,
     ChunkLayout,
     ScanMeta,
-    channel_names,
+    channel_array,
     check_store_format,
     group_metadata,
+    image_arrays,
     new_store_id,
     validate_scan_id,
 )
@@ -117,7 +118,7 @@ def manifest_mismatch(sizes: dict[str, int], attrs: dict[str, Any]) -> str | Non
             return f"{rel} is missing"
         if have != size:
             return f"{rel} has {have} bytes, {size} were written"
-    arrays = [IMAGE, *channel_names(int(attrs.get("channels", 1)))]
+    arrays = image_arrays(int(attrs.get("channels", 1)))
     for array in [*arrays, MASK] if attrs.get("num_classes") else arrays:
         if f"{array}/zarr.json" not in manifest:
             return f"no {array} array"
@@ -220,7 +221,7 @@ class StagedScan:
     def create_channel(self, shape: tuple[int, int, int], dtype: np.dtype) -> ShardedArrayWriter:
         """The next image channel's array (``image_c1``, then ``image_c2``, ...): the same
         layout as ``image``, so a loader reads all channels of a window with the same chunks."""
-        name = channel_names(len(self.extra_channels) + 2)[-1]
+        name = channel_array(len(self.extra_channels) + 1)
         native = np.dtype(dtype).newbyteorder("=")
         writer = ShardedArrayWriter(self.work / name, shape, native, self.layout)
         self.extra_channels.append(writer)

@@ -10,7 +10,7 @@ import zarr
 from conftest import make_volume
 from live_server import live_server
 
-from store.format import ScanMeta, channel_names
+from store.format import ScanMeta, extra_channel_arrays
 from store.writer import manifest_mismatch, write_scan
 
 
@@ -51,7 +51,7 @@ def test_recorded_values_win_and_short_name_lists_are_completed():
     assert meta.class_names == ["femur", "class 1", "class 2"]
     assert meta.label_values == [4, 9, 12]
     assert meta.channel_names == ["T1", "T2"]
-    assert channel_names(3) == ["image_c1", "image_c2"]
+    assert extra_channel_arrays(3) == ["image_c1", "image_c2"]
 
 
 def test_bad_spacing_is_one_line_naming_it():
