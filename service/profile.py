@@ -76,7 +76,9 @@ def run_profile(
         loaders.DatasetCatalog.remove(PROFILE_DATASET)
         raise InvalidCategories(str(exc)[len(exc.param) + 2 :], "--categories") from None
     try:
-        return _measure(loader, seconds)
+        result = _measure(loader, seconds)
+        result["object_storage"] = source.startswith("s3://")
+        return result
     finally:
         loader.close()
         unregister = getattr(loaders.DatasetCatalog, "remove", None)
@@ -181,11 +183,11 @@ def explain(result: dict[str, Any]) -> list[str]:
     )
     step_ms = 1000.0 / result["batches_per_s"] if result["batches_per_s"] else float("inf")
     lines.append(f"a training step shorter than {step_ms:.1f} ms waits for data (the GPU idles)")
-    lines.append("why: " + _why(work, amp))
+    lines.append("why: " + _why(work, amp, str(result["tag"]), bool(result.get("object_storage"))))
     return lines
 
 
-def _why(work: dict[str, float], amp: float | None) -> str:
+def _why(work: dict[str, float], amp: float | None, tag: str = "", object_storage: bool = False) -> str:
     """What bounds the loader, from this run's time split (not canned per loader)."""
     if not work:
         return "the loader reports no time split (read, merge, copy)"
@@ -196,6 +198,15 @@ def _why(work: dict[str, float], amp: float | None) -> str:
         text += (
             f"; reads decode {amp:.1f}x the bytes they deliver, so chunks shaped for this access "
             "(scancache preprocess --layout slices or balanced, docs/tuning.md section 12) would cut it"
+        )
+    elif biggest == "read_s" and object_storage and "Patch" in tag:
+        # measured: about two range requests per z-layer of inner chunks a patch crosses, each
+        # costing the S3 service CPU; tensorstore merges only reads less than 4 KiB apart
+        text += (
+            "; on object storage a patch costs range requests, about two per z-layer of inner "
+            "chunks it crosses: a store converted with deeper inner chunks (scancache preprocess "
+            "--chunks 64,64,32) needs fewer, or read through scancache serve (docs/tuning.md "
+            "section 13)"
         )
     elif biggest == "read_s":
         text += "; reads decode little more than they deliver: a larger chunk cache or more workers helps"

@@ -52,3 +52,25 @@ def test_profile_bad_arguments_are_one_line(small_store, capsys):
     assert main(["profile", str(root), "--tag", "DefaultDataLoader", "--categories", "0,x"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--categories" in err
+
+
+def test_profile_names_range_requests_for_patches_on_object_storage():
+    """The advice follows the run: a patch loader whose reads dominate on s3:// is told what a
+    patch costs in range requests and which layout needs fewer; not so on a local store."""
+    from service.profile import explain
+
+    result = {
+        "tag": "RandomPatchDataLoader",
+        "batches": 10,
+        "examples": 40,
+        "seconds": 2.0,
+        "batches_per_s": 5.0,
+        "examples_per_s": 20.0,
+        "stats": {"read_s": 1.8, "merge_s": 0.1, "copy_s": 0.1, "wait_s": 1.5, "read_amplification": 1.2,
+                  "bytes_read": 12e6, "bytes_delivered": 10e6},
+        "object_storage": True,
+    }  # fmt: skip
+    why = explain(result)[-1]
+    assert why.startswith("why: read is 90%") and "--chunks 64,64,32" in why and "range requests" in why
+    assert "range requests" not in explain({**result, "object_storage": False})[-1]
+    assert "range requests" not in explain({**result, "tag": "DefaultDataLoader"})[-1]

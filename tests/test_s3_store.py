@@ -329,6 +329,19 @@ def test_loader_over_s3_gives_the_numpy_batches_and_predictions_go_to_s3(s3_stor
         DatasetCatalog.remove("s3_train")
 
 
+def test_profile_runs_a_patch_loader_on_s3(s3_store, capsys):
+    """``scancache profile s3://...``: a real patch loader on the bucket, its figures and a why
+    that knows the store is on object storage."""
+    from service.cli import main
+
+    url, _ = s3_store
+    args = ["profile", url, "--tag", "RandomPatchDataLoader", "--img-size", "8,8,4,1", "--seconds", "0.3"]
+    assert main([*args, "--batch-size", "2", "--split", "train", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["object_storage"] is True and result["batches"] >= 1
+    assert result["stats"]["bytes_delivered"] > 0
+
+
 def test_server_over_s3_serves_regions_and_the_zarr_tree(s3_store):
     import httpx
     import zarr
