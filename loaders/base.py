@@ -551,7 +551,8 @@ class DataLoader(keras.utils.PyDataset):
                 self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi_shape, y.shape[1:]])
             copy_into(x[i], xi)
             if labels is not None and self.class_index:  # one small table lookup a voxel
-                np.take(index_table(labels.table, background), labels.labels, out=y[i], mode="clip")
+                indices = index_table(labels.table, background)[:, None]
+                apply_table(labels.labels, indices, out=y[i][..., None])
             elif labels is not None:  # y straight from the labels: one table gather a voxel, exact
                 apply_table(labels.labels, labels.table.astype(y.dtype), out=y[i])
             elif self.class_index:

@@ -59,8 +59,10 @@ def apply_table(labels: np.ndarray, table: np.ndarray, out: np.ndarray | None = 
     384x384 slice at 5 channels). Taking rows for groups of ``g`` voxels at once (a table of
     every combination of ``g`` labels, ``rows ** g`` rows of ``g * channels`` values, small
     enough to stay in cache) divides the loop count by ``g``: about 2x faster, exact by
-    construction. The loaders write float32 y straight from a label map this way (no uint8
-    merged copy in between); the server and the HTTP client merge uint8 masks with it.
+    construction. uint8 labels with a small enough table go two at a time through a pair table
+    instead (``_pair_table``), which needs no index arithmetic. The loaders write float32 y
+    (and class-index y) straight from a label map this way (no uint8 merged copy in between);
+    the server and the HTTP client merge uint8 masks with it.
     """
     rows, channels = table.shape
     if out is None:
@@ -73,10 +75,15 @@ def apply_table(labels: np.ndarray, table: np.ndarray, out: np.ndarray | None = 
     top = int(flat.max())
     if top >= rows:  # the gathers clip indices; a plain table[labels] would have raised
         raise ValueError(f"label map holds label {top}, but the table has rows for labels 0-{rows - 1}")
-    group = _group_size(rows)
-    body = flat.size - flat.size % group
     dest = out.reshape(-1, channels)
-    if group > 1 and body:
+    pairs = _pair_table_fits(flat.dtype, channels, table.dtype)
+    group = 2 if pairs else _group_size(rows)
+    body = flat.size - flat.size % group
+    if pairs and body:  # two uint8 labels read as one uint16 are the pair table's row: no index arithmetic
+        paired = _pair_table(table.tobytes(), table.dtype.str, rows, channels)
+        np.take(paired, flat[:body].view("<u2"), axis=0, mode="clip",
+                out=dest[:body].reshape(-1, 2 * channels))  # fmt: skip
+    elif group > 1 and body:
         combined = _group_table(table.tobytes(), table.dtype.str, rows, channels, group)
         np.take(combined, _group_index(flat[:body], rows, group), axis=0, mode="clip",
                 out=dest[:body].reshape(-1, group * channels))  # fmt: skip
@@ -85,6 +92,25 @@ def apply_table(labels: np.ndarray, table: np.ndarray, out: np.ndarray | None = 
     if body < flat.size:  # mode="clip" writes straight into out (no bounds-check buffer)
         np.take(table, flat[body:], axis=0, mode="clip", out=dest[body:])
     return out
+
+
+PAIR_TABLE_MAX_BYTES = 8 << 20  # 65536 rows; only the rows of labels present are touched (cache)
+
+
+def _pair_table_fits(labels: np.dtype, channels: int, dtype: np.dtype) -> bool:
+    return labels == np.uint8 and 65536 * 2 * channels * dtype.itemsize <= PAIR_TABLE_MAX_BYTES
+
+
+@functools.lru_cache(maxsize=16)
+def _pair_table(table_bytes: bytes, dtype: str, rows: int, channels: int) -> np.ndarray:
+    """(65536, 2 * channels): row ``a + 256 * b`` holds the channels of label ``a`` then label
+    ``b``, the two bytes ``[a, b]`` read as one little-endian uint16. Rows of labels past the
+    table are zero and never taken (``apply_table`` checks the largest label first). About
+    2.5x faster than the group table: the labels are the index, no arithmetic per voxel."""
+    table = np.zeros((256, channels), np.dtype(dtype))
+    table[:rows] = np.frombuffer(table_bytes, np.dtype(dtype)).reshape(rows, channels)
+    index = np.arange(65536)
+    return np.ascontiguousarray(np.concatenate([table[index & 255], table[index >> 8]], axis=1))
 
 
 GROUP_TABLE_MAX = 4096  # rows of a group table: 4 voxels at up to 7 labels (6 classes), 3 at 16

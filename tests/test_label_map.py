@@ -72,3 +72,25 @@ def test_many_classes_fall_back_to_the_row_gather() -> None:
     categories = [(0, 1), (2,), (29,)]
     expected = merge_mask(one_hot(labels, 30), categories, False)
     np.testing.assert_array_equal(apply_table(labels, category_table(categories, False, 30)), expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    channels=st.integers(1, 40),
+    size=st.integers(1, 301),
+    dtype=st.sampled_from([np.uint8, np.float32, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_float_tables_two_labels_at_a_time_equal_numpy(
+    rows: int, channels: int, size: int, dtype: type, seed: int
+) -> None:
+    # float y (one-hot, class index) takes labels in pairs where the pair table fits
+    # (PAIR_TABLE_MAX_BYTES), else the group or row gather: all equal numpy's table[labels].
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, 5, (rows, channels)).astype(dtype)
+    labels = rng.integers(0, rows, size, dtype=np.uint8)
+    out = np.full((size, channels), 7, dtype)
+    got = apply_table(labels, table, out=out)
+    assert got is out
+    np.testing.assert_array_equal(got, table[labels])
