@@ -189,9 +189,30 @@ def torch_loader(dataset: Any, workers: int, batch: int | None, cuda: bool) -> A
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, **kwargs)
 
 
+def _child_pids() -> set[int]:
+    try:
+        import psutil
+    except ImportError:
+        return set()
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _peak_rss_mib(pid: int) -> float | None:
+    """A process's peak resident memory (``VmHWM``: its shared batch segments included), Linux."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def loader_rate(make: Callable[[], tuple[Any, Any]], workers: int, seconds: float) -> dict[str, Any]:
     """Examples/s of a DataLoader over ``seconds`` after its workers have started (warm-up:
-    ``max(2, workers)`` batches), with the CPU it cost per example."""
+    ``max(2, workers)`` batches), with the CPU it cost per example and each worker's peak
+    memory (the processes started for this loader)."""
+    before = _child_pids()
     loader, dataset = make()
     it = iter(_batches(loader, dataset))
     t_start = time.perf_counter()
@@ -212,6 +233,8 @@ def loader_rate(make: Callable[[], tuple[Any, Any]], workers: int, seconds: floa
         stats = dataset.stats()
         out["read_amplification"] = stats.get("read_amplification")
         out["worker_rates"] = [round(w["batches_per_s"] or 0, 2) for w in stats.get("workers", [])]
+    peaks = [_peak_rss_mib(pid) for pid in sorted(_child_pids() - before)]
+    out["worker_peak_mib"] = [round(p) for p in peaks if p is not None]
     del it, loader
     gc.collect()
     return out
@@ -487,6 +510,16 @@ def markdown(runs: list[list[dict[str, Any]]]) -> str:
         for r in ok
         if r["kind"] == "2d" and "cpu_ms_per_example" in r
     ]
+    peaks = [
+        (r["kind"], r["feed"], r["workers"], max(r["worker_peak_mib"]))
+        for r in ok
+        if r.get("worker_peak_mib") and r["workers"] > 0
+    ]
+    if peaks:
+        out.append("Peak memory of a worker (MiB, resident, its shared batch segments included): " + "; ".join(
+            f"{kind} {feed} k={k} {_span([m for kd, f, kk, m in peaks if (kd, f, kk) == (kind, feed, k)])}"
+            for kind, feed, k in sorted({(kd, f, kk) for kd, f, kk, _ in peaks})
+        ) + ".")  # fmt: skip
     if cpu:
         out.append("CPU per 2D example (ms, all processes): " + "; ".join(
             f"{feed} {_span([c for f, k, c in cpu if f == feed], '{:.1f}')}" for feed in ("medsegpy", "local", "local-index", "http")
