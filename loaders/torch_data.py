@@ -16,7 +16,8 @@ continues it exactly, whatever k is then).
   "__main__":`` guard and a notebook work; ``spawn`` and ``forkserver`` work where the user
   picks them (with the guard, as always for those). tensorstore aborts a forked child if the
   parent had already read through it: such a worker stops with one line saying what to do.
-* **Its share of the cores.** A worker reads with ``cores // k`` decode threads, not all of them.
+* **Its share of the cores and memory.** A worker reads with ``cores // k`` decode threads,
+  not all of them, and keeps a k-th of the default chunk cache (``store.source.default_cache_bytes``).
 * **No copies on the way to torch.** In a worker, batches are written straight into shared
   memory that is used again once the training process has let go of it
   (``loaders.shared_batches``): no copy, and no fresh pages to fault in for every batch.
@@ -135,7 +136,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         forget_shared_sources()  # anything inherited through fork belongs to the parent
         from store import source as local
 
-        local.set_read_threads(max(1, usable_cores() // max(1, workers)))
+        local.set_reader_share(max(1, usable_cores() // max(1, workers)), readers=max(1, workers))
         cls, cfg, dicts, settings = self._recipe
         loader = cls(cfg, dicts, **settings)
         loader._batch_arrays = WorkerBatchPool(self._slots, worker)  # type: ignore[assignment]

@@ -50,6 +50,7 @@ from store.units import parse_bytes
 DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
 LOCAL_CACHE_ENV = "SCANCACHE_LOCAL_CACHE_BYTES"
 LOCAL_CACHE_MAX = 4 * 2**30
+WORKER_CACHE_MIN = 128 * 2**20  # the least default cache of one of k reader processes
 
 
 def default_cache_bytes() -> int:
@@ -58,7 +59,10 @@ def default_cache_bytes() -> int:
     ``$SCANCACHE_LOCAL_CACHE_BYTES`` if set, else an eighth of physical memory within
     [512 MiB, 4 GiB]: a training epoch touches every chunk again, and a cache that holds the
     decoded dataset turns later epochs into copies (docs/tuning.md). The cache only grows as
-    chunks are read; several training processes on one machine each have their own.
+    chunks are read; several training processes on one machine each have their own. In one of
+    k reader processes (:func:`set_reader_share`, a torch DataLoader worker) the default is a
+    k-th of that, at least 128 MiB: k workers together hold what one process would, not k
+    times as much (16 workers of 4 GiB each would fill a 64 GB machine).
     """
     text = os.environ.get(LOCAL_CACHE_ENV, "").strip()
     if text:
@@ -66,22 +70,29 @@ def default_cache_bytes() -> int:
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not POSIX: keep the server's default
-        return DEFAULT_CACHE_BYTES
-    return int(min(max(memory // 8, DEFAULT_CACHE_BYTES), LOCAL_CACHE_MAX))
+        memory = 8 * DEFAULT_CACHE_BYTES
+    whole = int(min(max(memory // 8, DEFAULT_CACHE_BYTES), LOCAL_CACHE_MAX))
+    return whole if _READERS == 1 else max(whole // _READERS, WORKER_CACHE_MIN)
 
 
-# Decode threads of a LocalSource opened later in this process (None: one per core). A reader
-# process that is one of k on a machine (a torch DataLoader worker) takes its share of the cores.
+# A reader process that is one of k on a machine (a torch DataLoader worker) takes its share of
+# the cores (decode threads of a LocalSource opened later in this process; None: one per core)
+# and of the default chunk cache.
 _READ_THREADS: int | None = None
+_READERS = 1
 # The process that first opened an array with tensorstore: a child forked after that cannot use
 # tensorstore at all (it aborts), so a forked reader checks this first (loaders.torch_data).
 _TENSORSTORE_PID: int | None = None
 
 
-def set_read_threads(threads: int | None) -> None:
-    """Decode (and file) threads of every ``LocalSource`` opened from now on in this process."""
-    global _READ_THREADS
+def set_reader_share(threads: int | None, readers: int = 1) -> None:
+    """This process is one of ``readers`` reading at once: every ``LocalSource`` opened from
+    now on decodes with ``threads`` (None: one per core) and, unless ``cache_bytes`` or
+    ``$SCANCACHE_LOCAL_CACHE_BYTES`` says otherwise, keeps a ``readers``-th of the default
+    chunk cache (:func:`default_cache_bytes`)."""
+    global _READ_THREADS, _READERS
     _READ_THREADS = None if threads is None else max(1, int(threads))
+    _READERS = max(1, int(readers))
 
 
 def tensorstore_used_before_fork() -> bool:

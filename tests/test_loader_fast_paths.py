@@ -14,7 +14,14 @@ from client.http_batch import direct_http
 from loaders import LOADER_REGISTRY, Config, DatasetCatalog, DefaultDataLoader, build_loader
 from loaders.base import Element
 from store.protocol import RegionRequest
-from store.source import DEFAULT_CACHE_BYTES, LOCAL_CACHE_ENV, LOCAL_CACHE_MAX, default_cache_bytes
+from store.source import (
+    DEFAULT_CACHE_BYTES,
+    LOCAL_CACHE_ENV,
+    LOCAL_CACHE_MAX,
+    WORKER_CACHE_MIN,
+    default_cache_bytes,
+    set_reader_share,
+)
 
 SCAN = "0000001_V00-Aug00"
 
@@ -78,6 +85,23 @@ def test_default_cache_bytes(monkeypatch):
     monkeypatch.setenv(LOCAL_CACHE_ENV, "lots")
     with pytest.raises(ValueError, match=LOCAL_CACHE_ENV):
         default_cache_bytes()
+
+
+def test_one_of_k_readers_keeps_a_kth_of_the_default_cache(monkeypatch):
+    # torch workers call set_reader_share(cores // k, k): k caches together stay one budget
+    monkeypatch.delenv(LOCAL_CACHE_ENV, raising=False)
+    whole = default_cache_bytes()
+    try:
+        set_reader_share(1, readers=4)
+        assert default_cache_bytes() == max(whole // 4, WORKER_CACHE_MIN)
+        set_reader_share(1, readers=1000)
+        assert default_cache_bytes() == WORKER_CACHE_MIN
+        monkeypatch.setenv(LOCAL_CACHE_ENV, "300M")  # the user's setting is per process, as documented
+        assert default_cache_bytes() == 300 * 2**20
+    finally:
+        set_reader_share(None, readers=1)
+    monkeypatch.delenv(LOCAL_CACHE_ENV)
+    assert default_cache_bytes() == whole
 
 
 def test_direct_http_only_without_tls_or_proxy(monkeypatch):
