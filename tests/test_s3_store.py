@@ -285,6 +285,28 @@ def test_local_source_reads_s3_exactly_and_follows_a_republish(s3_store, s3_serv
     np.testing.assert_array_equal(reader.read_image("0000001_V00-Aug00"), new_image)
 
 
+def _s3_reads() -> float:
+    import tensorstore as ts
+
+    metrics = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/s3/read")
+    return sum(v.get("value", 0) for m in metrics for v in m.get("values", []))
+
+
+def test_cached_chunks_cost_no_request(s3_store):
+    # A published version never changes, so what the chunk cache holds is not revalidated:
+    # tensorstore's default would send one conditional request per shard on every read.
+    url, truth = s3_store
+    source = LocalSource(url, cache_bytes=64 << 20)
+    scan_id = sorted(truth)[0]
+    roi = (slice(2, 10), slice(None), slice(1, 4))
+    first = source.read_image(scan_id, roi)
+    before = _s3_reads()
+    for _ in range(3):
+        np.testing.assert_array_equal(source.read_image(scan_id, roi), truth[scan_id][0][roi])
+    assert _s3_reads() == before
+    np.testing.assert_array_equal(first, truth[scan_id][0][roi])
+
+
 def _reference_y(mask):
     """CATEGORIES (0, (1, 2), 3) with background first, from the numpy mask (classes disjoint)."""
     channels = [mask[..., 0], mask[..., [1, 2]].sum(-1), mask[..., 3]]
