@@ -190,18 +190,22 @@ def torch_loader(dataset: Any, workers: int, batch: int | None, cuda: bool) -> A
 
 
 def _child_pids() -> set[int]:
+    """This process's direct children (torch's workers are; a server's own workers are not)."""
     try:
         import psutil
     except ImportError:
         return set()
-    return {child.pid for child in psutil.Process().children(recursive=True)}
+    return {child.pid for child in psutil.Process().children(recursive=False)}
 
 
-def _peak_rss_mib(pid: int) -> float | None:
-    """A process's peak resident memory (``VmHWM``: its shared batch segments included), Linux."""
+def _pss_mib(pid: int) -> float | None:
+    """A process's proportional set size (Linux ``smaps_rollup``): its private pages plus its
+    share of pages it shares (copy-on-write pages of the parent it was forked from, batch
+    segments the training process maps too). ``VmHWM`` would count the parent's whole resident
+    memory at the fork for every forked worker."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         return None
@@ -210,8 +214,8 @@ def _peak_rss_mib(pid: int) -> float | None:
 
 def loader_rate(make: Callable[[], tuple[Any, Any]], workers: int, seconds: float) -> dict[str, Any]:
     """Examples/s of a DataLoader over ``seconds`` after its workers have started (warm-up:
-    ``max(2, workers)`` batches), with the CPU it cost per example and each worker's peak
-    memory (the processes started for this loader)."""
+    ``max(2, workers)`` batches), with the CPU it cost per example and each worker's memory
+    at the end (PSS of the processes started for this loader)."""
     before = _child_pids()
     loader, dataset = make()
     it = iter(_batches(loader, dataset))
@@ -233,8 +237,8 @@ def loader_rate(make: Callable[[], tuple[Any, Any]], workers: int, seconds: floa
         stats = dataset.stats()
         out["read_amplification"] = stats.get("read_amplification")
         out["worker_rates"] = [round(w["batches_per_s"] or 0, 2) for w in stats.get("workers", [])]
-    peaks = [_peak_rss_mib(pid) for pid in sorted(_child_pids() - before)]
-    out["worker_peak_mib"] = [round(p) for p in peaks if p is not None]
+    sizes = [_pss_mib(pid) for pid in sorted(_child_pids() - before)]
+    out["worker_pss_mib"] = [round(m) for m in sizes if m is not None]
     del it, loader
     gc.collect()
     return out
@@ -511,12 +515,12 @@ def markdown(runs: list[list[dict[str, Any]]]) -> str:
         if r["kind"] == "2d" and "cpu_ms_per_example" in r
     ]
     peaks = [
-        (r["kind"], r["feed"], r["workers"], max(r["worker_peak_mib"]))
+        (r["kind"], r["feed"], r["workers"], max(r["worker_pss_mib"]))
         for r in ok
-        if r.get("worker_peak_mib") and r["workers"] > 0
+        if r.get("worker_pss_mib") and r["workers"] > 0
     ]
     if peaks:
-        out.append("Peak memory of a worker (MiB, resident, its shared batch segments included): " + "; ".join(
+        out.append("Memory of a worker at the end of its window (MiB, PSS, the largest of the k): " + "; ".join(
             f"{kind} {feed} k={k} {_span([m for kd, f, kk, m in peaks if (kd, f, kk) == (kind, feed, k)])}"
             for kind, feed, k in sorted({(kd, f, kk) for kd, f, kk, _ in peaks})
         ) + ".")  # fmt: skip

@@ -76,7 +76,7 @@ def apply_table(labels: np.ndarray, table: np.ndarray, out: np.ndarray | None = 
     if top >= rows:  # the gathers clip indices; a plain table[labels] would have raised
         raise ValueError(f"label map holds label {top}, but the table has rows for labels 0-{rows - 1}")
     dest = out.reshape(-1, channels)
-    pairs = _pair_table_fits(flat.dtype, channels, table.dtype)
+    pairs = _pair_table_fits(flat.dtype, rows, channels, table.dtype)
     group = 2 if pairs else _group_size(rows)
     body = flat.size - flat.size % group
     if pairs and body:  # two uint8 labels read as one uint16 are the pair table's row: no index arithmetic
@@ -94,23 +94,30 @@ def apply_table(labels: np.ndarray, table: np.ndarray, out: np.ndarray | None = 
     return out
 
 
-PAIR_TABLE_MAX_BYTES = 8 << 20  # 65536 rows; only the rows of labels present are touched (cache)
+PAIR_TABLE_MAX_BYTES = 4 << 20  # a table of rows * 256 pairs; the rows of labels present stay in cache
 
 
-def _pair_table_fits(labels: np.dtype, channels: int, dtype: np.dtype) -> bool:
-    return labels == np.uint8 and 65536 * 2 * channels * dtype.itemsize <= PAIR_TABLE_MAX_BYTES
+def _pair_table_fits(labels: np.dtype, rows: int, channels: int, dtype: np.dtype) -> bool:
+    return (
+        labels == np.uint8
+        and rows <= 256
+        and rows * 256 * 2 * channels * dtype.itemsize <= PAIR_TABLE_MAX_BYTES
+    )
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _pair_table(table_bytes: bytes, dtype: str, rows: int, channels: int) -> np.ndarray:
-    """(65536, 2 * channels): row ``a + 256 * b`` holds the channels of label ``a`` then label
-    ``b``, the two bytes ``[a, b]`` read as one little-endian uint16. Rows of labels past the
-    table are zero and never taken (``apply_table`` checks the largest label first). About
-    2.5x faster than the group table: the labels are the index, no arithmetic per voxel."""
+    """(rows * 256, 2 * channels), read-only: row ``a + 256 * b`` holds the channels of label
+    ``a`` then label ``b``, the two bytes ``[a, b]`` read as one little-endian uint16. Labels
+    are below ``rows`` (``apply_table`` checks the largest first), so no index reaches
+    ``rows * 256``; rows whose ``a`` is past the table are zero and never taken. About 2.5x
+    faster than the group table: the labels are the index, no arithmetic per voxel."""
     table = np.zeros((256, channels), np.dtype(dtype))
     table[:rows] = np.frombuffer(table_bytes, np.dtype(dtype)).reshape(rows, channels)
-    index = np.arange(65536)
-    return np.ascontiguousarray(np.concatenate([table[index & 255], table[index >> 8]], axis=1))
+    index = np.arange(rows * 256)
+    pairs = np.ascontiguousarray(np.concatenate([table[index & 255], table[index >> 8]], axis=1))
+    pairs.setflags(write=False)  # cached and shared between threads
+    return pairs
 
 
 GROUP_TABLE_MAX = 4096  # rows of a group table: 4 voxels at up to 7 labels (6 classes), 3 at 16
