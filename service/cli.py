@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli_args import (
+    PROFILE_Y_FORMATS,
     RefuseTokenFlag,
     class_names_arg,
     non_negative_float,
@@ -185,6 +186,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         img_size=parse_int_tuple(args.img_size, "--img-size") if args.img_size else None,
         seconds=args.seconds,
         split=args.split,
+        y_format=args.y_format,
     )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -213,6 +215,12 @@ def add_profile_parser(sub: Any) -> None:
     p.add_argument("--img-size", metavar="H,W,C", help="the loader's IMG_SIZE, e.g. 288,288,1")
     p.add_argument("--seconds", type=float, default=10.0, metavar="S", help="how long to run (default: 10)")
     p.add_argument("--split", default=None, help="only scans of this split (default: all)")
+    p.add_argument(
+        "--y-format",
+        choices=PROFILE_Y_FORMATS,
+        default="one_hot",
+        help="the loader's Y_FORMAT (default: %(default)s; class_index: one uint8 label a voxel)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_profile)
 

@@ -12,6 +12,10 @@ from typing import Any
 
 from store.units import parse_bytes as _parse_size
 
+# loaders.config.Y_FORMATS, written out so that the CLI does not import the loaders (numpy)
+# to build its parser; tests/test_profile.py checks that the two agree.
+PROFILE_Y_FORMATS = ("one_hot", "class_index")
+
 
 def parse_bytes(text: str) -> int:
     """argparse type for sizes (``512M``); the parsing itself is ``store.units.parse_bytes``."""

@@ -56,12 +56,14 @@ def run_profile(
     seconds: float = 10.0,
     split: str | None = None,
     seed: int = 0,
+    y_format: str = "one_hot",
 ) -> dict[str, Any]:
     """Run the loader for about ``seconds`` (at least one batch); returns its figures."""
     loaders = _import_loaders()
     cfg = loaders.Config()
     cfg.TAG = tag
     cfg.SEED = seed
+    cfg.Y_FORMAT = y_format
     if categories is not None:
         cfg.CATEGORIES = list(categories)
     if img_size is not None:
@@ -78,6 +80,7 @@ def run_profile(
     try:
         result = _measure(loader, seconds)
         result["object_storage"] = source.startswith("s3://")
+        result["y_format"] = y_format
         return result
     finally:
         loader.close()
@@ -183,11 +186,26 @@ def explain(result: dict[str, Any]) -> list[str]:
     )
     step_ms = 1000.0 / result["batches_per_s"] if result["batches_per_s"] else float("inf")
     lines.append(f"a training step shorter than {step_ms:.1f} ms waits for data (the GPU idles)")
-    lines.append("why: " + _why(work, amp, str(result["tag"]), bool(result.get("object_storage"))))
+    lines.append(
+        "why: "
+        + _why(
+            work,
+            amp,
+            str(result["tag"]),
+            bool(result.get("object_storage")),
+            str(result.get("y_format") or "one_hot"),
+        )
+    )
     return lines
 
 
-def _why(work: dict[str, float], amp: float | None, tag: str = "", object_storage: bool = False) -> str:
+def _why(
+    work: dict[str, float],
+    amp: float | None,
+    tag: str = "",
+    object_storage: bool = False,
+    y_format: str = "one_hot",
+) -> str:
     """What bounds the loader, from this run's time split (not canned per loader)."""
     if not work:
         return "the loader reports no time split (read, merge, copy)"
@@ -212,8 +230,18 @@ def _why(work: dict[str, float], amp: float | None, tag: str = "", object_storag
         text += "; reads decode little more than they deliver: a larger chunk cache or more workers helps"
     elif biggest == "merge_s":
         text += "; merging CATEGORIES dominates: a store with a label map merges by table lookup"
+    elif y_format == "one_hot":
+        # measured (docs/tuning.md, 2026-12-05): one-hot float32 y is most of a 2D example's copy
+        text += (
+            "; copying into the batches dominates, mostly one-hot y (a float32 a channel a voxel): "
+            "Config.Y_FORMAT = 'class_index' writes one uint8 a voxel for a one-hot on the device "
+            "(docs/user-guide.md), or Config.Y_DTYPE = 'uint8' a quarter of y's bytes"
+        )
     else:
-        text += "; copying into float32 batches dominates: Config.Y_DTYPE = 'uint8' halves y's bytes"
+        text += (
+            "; copying x into the batches dominates: more workers (as_torch_dataset with "
+            "num_workers) divide it"
+        )
     return text
 
 

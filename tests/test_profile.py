@@ -74,3 +74,46 @@ def test_profile_names_range_requests_for_patches_on_object_storage():
     assert why.startswith("why: read is 90%") and "--chunks 64,64,32" in why and "range requests" in why
     assert "range requests" not in explain({**result, "object_storage": False})[-1]
     assert "range requests" not in explain({**result, "tag": "DefaultDataLoader"})[-1]
+
+
+def test_profile_advice_for_copies_follows_the_y_format():
+    """Copy-bound with one-hot y: class-index y (one uint8 a voxel) is the advice; with
+    class-index y already, the workers; and the flag's choices are the loaders' own."""
+    from loaders.config import Y_FORMATS
+    from service.cli_args import PROFILE_Y_FORMATS
+    from service.profile import explain
+
+    assert tuple(PROFILE_Y_FORMATS) == tuple(Y_FORMATS)
+    result = {
+        "tag": "DefaultDataLoader",
+        "batches": 10,
+        "examples": 160,
+        "seconds": 2.0,
+        "batches_per_s": 5.0,
+        "examples_per_s": 80.0,
+        "stats": {"read_s": 0.6, "merge_s": 0.0, "copy_s": 1.2, "wait_s": 1.5, "read_amplification": 0.6,
+                  "bytes_read": 6e6, "bytes_delivered": 10e6},
+    }  # fmt: skip
+    why = explain({**result, "y_format": "one_hot"})[-1]
+    assert why.startswith("why: copy is 67%") and "Y_FORMAT = 'class_index'" in why and "quarter" in why
+    why = explain({**result, "y_format": "class_index"})[-1]
+    assert "class_index" not in why and "workers" in why
+
+
+def test_profile_runs_class_index_y(small_store, capsys):
+    root, _ = small_store
+    args = ["profile", str(root), "--tag", "DefaultDataLoader", "--batch-size", "4", "--seconds", "0.3"]
+    assert main([*args, "--split", "train", "--y-format", "class_index", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["y_format"] == "class_index" and result["examples"] >= 4
+
+
+def test_profile_refuses_an_unknown_y_format(small_store, capsys):
+    import pytest
+
+    root, _ = small_store
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", str(root), "--tag", "DefaultDataLoader", "--y-format", "indices"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--y-format" in err and "class_index" in err
