@@ -84,11 +84,10 @@ def _widen(span: Span | None, axes: Sequence[AxisRead]) -> Span:
 class _Slot:
     """One block in the buffer: filled once by the thread that reads it, waited on by others."""
 
-    def __init__(self, remaining: int) -> None:
+    def __init__(self) -> None:
         self.ready = threading.Event()
         self.arrays: tuple[np.ndarray, Decoded] | None = None
         self.error: BaseException | None = None
-        self.remaining = remaining
 
 
 class BlockBuffer:
@@ -114,7 +113,9 @@ class BlockBuffer:
         self.pad_mode = pad_mode
         self.background = background
         self.capacity = max(1, int(capacity))
-        self._uses = Counter(keys[i] for i in order)
+        # examples of each block still to be cut this epoch: a block leaves memory after its
+        # last, also when it was evicted early and read again
+        self._left = Counter(keys[i] for i in order)
         image_spans: dict[BlockKey, Span] = {}
         mask_spans: dict[BlockKey, Span] = {}
         for key, e in zip(keys, elements, strict=True):
@@ -152,7 +153,7 @@ class BlockBuffer:
             for key in dict.fromkeys(keys):
                 slot = self._slots.get(key)
                 if slot is None:
-                    slot = self._slots[key] = _Slot(self._uses.get(key, 0))
+                    slot = self._slots[key] = _Slot()
                     mine.append(key)
                 self._slots.move_to_end(key)
                 slots[key] = slot
@@ -170,9 +171,8 @@ class BlockBuffer:
             out.append(self._cut(element, key, slot.arrays))
         with self._lock:
             for key in keys:
-                slot = slots[key]
-                slot.remaining -= 1
-                if slot.remaining <= 0 and self._slots.get(key) is slot:
+                self._left[key] -= 1
+                if self._left[key] <= 0 and self._slots.get(key) is slots[key]:
                     del self._slots[key]
         return out
 

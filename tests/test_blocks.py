@@ -209,3 +209,23 @@ def test_batch_arrays_are_reused_only_once_nobody_holds_them():
     reused = pool.empty((8, 8), np.dtype(np.float32))
     assert pool.reused == 1 and reused is not held
     np.testing.assert_array_equal(held, 1)
+
+
+def test_a_block_evicted_early_and_read_again_still_leaves_memory_after_its_last_example(train):
+    name, truth = train
+    cfg = Config(SEED=5, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True)
+    loader = build_loader(cfg, name, batch_size=4, is_test=False, shuffle=True, drop_last=False)
+    plan = loader._plan
+    buffer = plan[3]
+    assert buffer is not None
+    buffer.capacity = 1  # every batch evicts the blocks of the one before: blocks are read again
+    seen = 0
+    for b in range(len(loader)):
+        elements = loader.batch_elements(b)
+        for (image, _), e in zip(buffer.read(elements), elements, strict=True):
+            z = e.output_window[2][0]
+            np.testing.assert_array_equal(image[:, :, 0], truth[loader.scans[e.scan].scan_id][0][:, :, z])
+            seen += 1
+    assert seen == len(plan[2])
+    assert not buffer._slots, "every block leaves memory after its last example, even one read twice"
+    loader.close()
