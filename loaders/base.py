@@ -36,7 +36,7 @@ import numpy as np
 
 from loaders import inference
 from loaders.backend import import_keras
-from loaders.batch_memory import BatchArrays, copy_into
+from loaders.batch_memory import BatchArrays, CopyThreads, copy_into
 from loaders.blocks import BlockBuffer, block_ids, block_key
 from loaders.class_index import class_indices, index_table
 from loaders.config import Config, check_batching, check_config
@@ -167,6 +167,7 @@ class DataLoader(keras.utils.PyDataset):
         )
         # x and y of the batches in flight (read ahead, being trained on), each twice over
         self._batch_arrays = BatchArrays(4 * (int(cfg.PREFETCH_BATCHES) + 2))
+        self._copy_threads = CopyThreads()
         self._stats = LoaderStats(s.source for s in self.scans)
         self._wait_base = 0.0
         # counters of reader processes feeding this loader's batches (as_torch_dataset workers)
@@ -531,9 +532,13 @@ class DataLoader(keras.utils.PyDataset):
         background = bool(self._cfg.INCLUDE_BACKGROUND)
         x: np.ndarray | None = None
         y: np.ndarray | None = None
+        # The hooks run here, in order; the copies into the batch (most of the work) are
+        # independent and run on the process's share of the cores (``CopyThreads``).
+        copies: list[Callable[[], None]] = []
         for i, ((img, mask), e) in enumerate(zip(pairs, elements, strict=True)):
             xi = self.model_input(img if img.dtype == np.float32 else img.astype(np.float32), e)
             labels: LabelRegion | None = None
+            yi: np.ndarray | None = None
             if isinstance(mask, LabelRegion) and from_labels:
                 # a spatial selection of the labels; the table expands them into y below
                 labels = LabelRegion(self.model_target(mask.labels, e), mask.table)
@@ -549,20 +554,35 @@ class DataLoader(keras.utils.PyDataset):
                 y = self._batch_arrays.empty((len(pairs), *yi_shape), self.y_dtype)
             elif xi.shape != x.shape[1:] or yi_shape != y.shape[1:]:
                 self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi_shape, y.shape[1:]])
-            copy_into(x[i], xi)
-            if labels is not None and self.class_index:  # one small table lookup a voxel
-                indices = index_table(labels.table, background)[:, None]
-                apply_table(labels.labels, indices, out=y[i][..., None])
-            elif labels is not None:  # y straight from the labels: one table gather a voxel, exact
-                apply_table(labels.labels, labels.table.astype(y.dtype), out=y[i])
-            elif self.class_index:
-                y[i] = class_indices(yi, background)
-            else:
-                np.copyto(y[i], yi, casting="unsafe")
+            copies.append(functools.partial(self._copy_example, x[i], y[i], xi, labels, yi, background))
         if x is None or y is None:
             raise ValueError("a batch needs at least one element")
+        self._copy_threads.run(copies)
         self._stats.add_batch(read_done - started, time.perf_counter() - read_done)
         return x, y
+
+    def _copy_example(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        xi: np.ndarray,
+        labels: LabelRegion | None,
+        yi: np.ndarray | None,
+        background: bool,
+    ) -> None:
+        """One example into its slots ``x``, ``y`` of the batch (exact in every y format)."""
+        copy_into(x, xi)
+        if labels is not None and self.class_index:  # one small table lookup a voxel
+            indices = index_table(labels.table, background)[:, None]
+            apply_table(labels.labels, indices, out=y[..., None])
+        elif labels is not None:  # y straight from the labels: one table gather a voxel, exact
+            apply_table(labels.labels, labels.table.astype(y.dtype), out=y)
+        else:
+            assert yi is not None  # without labels, load_batch merged the mask into yi
+            if self.class_index:
+                y[...] = class_indices(yi, background)
+            else:
+                np.copyto(y, yi, casting="unsafe")
 
     def _mixed_shapes(self, elements: Sequence[Element], xs: list[Any], ys: list[Any]) -> None:
         names = sorted({self.scans[e.scan].scan_id for e in elements})
@@ -571,6 +591,7 @@ class DataLoader(keras.utils.PyDataset):
 
     def close(self) -> None:
         self._prefetcher.close()
+        self._copy_threads.close()
 
     # -- inference (loaders.inference) ----------------------------------------------------------
     def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray | None]:

@@ -95,6 +95,17 @@ def set_reader_share(threads: int | None, readers: int = 1) -> None:
     _READERS = max(1, int(readers))
 
 
+def reader_cores() -> int:
+    """The cores this process may keep busy reading: its share (:func:`set_reader_share`), else
+    the cores it may run on."""
+    if _READ_THREADS is not None:
+        return _READ_THREADS
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def tensorstore_used_before_fork() -> bool:
     """Did the process this one was forked from read through tensorstore before the fork?"""
     return _TENSORSTORE_PID is not None and os.getpid() != _TENSORSTORE_PID
