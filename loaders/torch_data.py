@@ -38,6 +38,7 @@ import numpy as np
 from loaders.catalog import forget_shared_sources, is_url
 from loaders.shared_batches import SlotTable, WorkerBatchPool
 from loaders.stats import WorkerCounters, snapshot
+from store.source import usable_cores
 
 if TYPE_CHECKING:
     from loaders.base import DataLoader
@@ -52,13 +53,6 @@ def _torch_base() -> type:
     except ImportError:
         raise ImportError('as_torch_dataset needs PyTorch: pip install -e ".[torch]"') from None
     return torch.utils.data.IterableDataset
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 class TorchBatches(_torch_base()):  # type: ignore[misc]

@@ -95,15 +95,18 @@ def set_reader_share(threads: int | None, readers: int = 1) -> None:
     _READERS = max(1, int(readers))
 
 
-def reader_cores() -> int:
-    """The cores this process may keep busy reading: its share (:func:`set_reader_share`), else
-    the cores it may run on."""
-    if _READ_THREADS is not None:
-        return _READ_THREADS
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def reader_cores() -> int:
+    """The cores this process may keep busy reading: its share (:func:`set_reader_share`), else
+    :func:`usable_cores`."""
+    return _READ_THREADS if _READ_THREADS is not None else usable_cores()
 
 
 def tensorstore_used_before_fork() -> bool:
