@@ -193,3 +193,46 @@ def test_a_worker_slot_is_reused_only_after_every_view_of_its_batch_is_gone():
     gc.collect()
     third = pool.empty((4, 5), np.dtype(np.float32))
     assert pool.reused == 1 and third.shape == (4, 5)
+
+
+def test_the_training_process_keeps_its_mapping_of_a_slot_and_drops_it_with_the_worker():
+    import gc
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from loaders import shared_batches
+    from loaders.shared_batches import SlotTable, WorkerBatchPool
+
+    def send(pool: WorkerBatchPool, value: float):  # one batch, as the training process receives it
+        array = pool.empty((8, 6), np.dtype(np.float32))
+        array[...] = value
+        travelling = pool.batch_of(array)
+        assert travelling is not None
+        del array
+        return pickle.loads(ForkingPickler.dumps(travelling))
+
+    table = SlotTable()
+    token = table.token
+    pool = WorkerBatchPool(table, worker=1)
+    first = send(pool, 1.0)
+    address = first.data_ptr()
+    del first
+    gc.collect()
+    second = send(pool, 2.0)  # the same slot, its segment written again: the same mapping
+    assert pool.reused == 1 and second.data_ptr() == address
+    assert np.array_equal(second.numpy(), np.full((8, 6), 2.0, np.float32))
+    del second
+    gc.collect()
+    (old_segment,) = [ident for ident, _ in shared_batches._mappings[token].values()]
+    # a new process for worker 1 (its leases carry another pid) has new segments: the old
+    # mapping is dropped, the new one kept in its place
+    successor = WorkerBatchPool(table, worker=1)
+    successor.pid += 1
+    third = send(successor, 3.0)
+    assert np.array_equal(third.numpy(), np.full((8, 6), 3.0, np.float32))
+    (new_segment,) = [ident for ident, _ in shared_batches._mappings[token].values()]
+    assert new_segment != old_segment
+    # the dataset's table gone: every mapping it kept goes with it
+    del third, table, pool, successor
+    gc.collect()
+    assert token not in shared_batches._mappings
