@@ -19,15 +19,13 @@ server that trickles bytes cannot stretch it), ``retry_seconds`` total time to k
 
 from __future__ import annotations
 
-import email.utils
 import functools
 import json
 import logging
 import os
-import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
@@ -35,8 +33,9 @@ import httpx
 import numpy as np
 
 from client import deadline
-from client.http_batch import STALE_CONNECTION, TRANSPORT_ERRORS, BatchPoster, direct_http
+from client.http_batch import BatchPoster, direct_http
 from client.identity import ServedIdentity
+from client.retries import RetryPolicy
 from client.wire import (
     DECODED_BYTES_HEADER,
     MAX_VERSIONED_SCANS,
@@ -46,16 +45,13 @@ from client.wire import (
 from store.categories import categories_json_value, parse_categories
 from store.errors import (
     ArrayNotFound,
-    InvalidCategories,
     InvalidParameter,
-    InvalidPath,
     InvalidROI,
     RequestTooLarge,
     ScanCacheError,
     ScanChanged,
     ScanNotFound,
     ServerError,
-    Unauthorized,
     changed_message,
     one_line,
 )
@@ -67,28 +63,12 @@ R = TypeVar("R")
 log = logging.getLogger("scancache.client")
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
-TIMEOUT_ENV = "SCANCACHE_HTTP_TIMEOUT"
-RETRY_SECONDS_ENV = "SCANCACHE_RETRY_SECONDS"
-RETRIES_ENV = "SCANCACHE_RETRIES"
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_RETRY_SECONDS = 120.0
-RETRY_WARN_EVERY = 15.0  # seconds between two "still retrying" warnings of one request
-MAX_BACKOFF = 8.0  # the longest pause between two attempts (Retry-After may ask for more)
-# What a request on a connection the server has just closed fails with (not a timeout, not
-# "connection refused"): retried once at once, silently (``_with_retries``).
-CLOSED_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, *STALE_CONNECTION)
-# Statuses that say "try again later" rather than "this request is wrong".
-RETRY_STATUSES = frozenset({408, 429})
 # Filters the server understands as query parameters; every filter is also applied here.
 SERVER_FILTERS = ("split", "subject_id", "time_point", "augmentation", "has_class")
 
 # Refusals a region request gets when the scan it planned with is not what the server has now
 # (another shape: the roi is out of bounds; removed; image-only now): worth a version check.
 CHANGE_SYMPTOMS = (InvalidParameter, ScanNotFound, ArrayNotFound)
-
-# Retry jitter from a private generator: training code seeds the global `random` (Keras
-# shuffles with it), and a retry must not shift that stream.
-_JITTER = random.Random()
 
 
 def roi_text(roi: RoiLike) -> str | None:
@@ -111,38 +91,6 @@ def categories_json(categories: Any) -> list[Any] | None:
     return categories_json_value(parse_categories(categories))
 
 
-def _env_number(name: str, value: float | None, default: float | None) -> float | None:
-    """``value`` if given, else the environment variable ``name``, else ``default``."""
-    if value is not None:
-        return float(value)
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        number = float(text)
-    except ValueError:
-        raise ValueError(f"{name}: {text[:40]!r} is not a number") from None
-    if not number >= 0:  # also refuses NaN
-        raise ValueError(f"{name}: must not be negative, got {text[:40]!r}")
-    return number
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """A ``Retry-After`` header (delay-seconds or an HTTP-date) as seconds from now, or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit() and len(value) <= 9:
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class HttpSource:
     """A scancache server. Thread-safe; ``close`` releases the connection pool."""
 
@@ -161,11 +109,13 @@ class HttpSource:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s):// URL")
         self.url = url.rstrip("/")
-        timeout = _env_number(TIMEOUT_ENV, timeout, DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT
-        self.timeout = timeout
-        self.retry_seconds = _env_number(RETRY_SECONDS_ENV, retry_seconds, DEFAULT_RETRY_SECONDS) or 0.0
-        max_retries = _env_number(RETRIES_ENV, retries, None)
-        self.retries = None if max_retries is None else int(max_retries)
+        self.retry = RetryPolicy.from_settings(timeout, retry_seconds, retries, backoff)
+        timeout = self.timeout = self.retry.timeout
+        self.retry_seconds, self.retries, self.backoff = (
+            self.retry.retry_seconds,
+            self.retry.retries,
+            self.retry.backoff,
+        )
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(
@@ -180,7 +130,6 @@ class HttpSource:
             *getattr(self._client, "_mounts", {}).values(),
         ):
             deadline.install(transport)
-        self.backoff = float(backoff)
         self.concurrency = max(1, int(concurrency))
         self.regions_per_request = max(1, int(regions_per_request))
         self._pool: ThreadPoolExecutor | None = None
@@ -207,9 +156,7 @@ class HttpSource:
         self.close()
 
     # -- transport --------------------------------------------------------------------------
-    def _request(
-        self, method: str, path: str, context: dict[str, Any] | None = None, **kw: Any
-    ) -> httpx.Response:
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """Send with retries on connection errors, timeouts and 5xx; raise typed errors on 4xx."""
 
         def send() -> tuple[int, httpx.Response, httpx.Response]:
@@ -217,78 +164,9 @@ class HttpSource:
             self._identity.check_store(response.headers)
             return response.status_code, response, response
 
-        return self._with_retries(method, path, context, send)
+        return self.retry.run(f"{method} {self.url}{path}", send, self._closed)
 
-    def _with_retries(
-        self,
-        method: str,
-        path: str,
-        context: dict[str, Any] | None,
-        send: Callable[[], tuple[int, R, httpx.Response | None]],
-    ) -> R:
-        """``send()`` -> (status, result, response for errors); retried as the module says."""
-        attempt = 0
-        started = time.monotonic()
-        last_warned = -RETRY_WARN_EVERY
-        reconnected = False
-        while True:
-            wait_at_least = 0.0
-            try:
-                with deadline.attempt_deadline(self.timeout):
-                    status, result, response = send()
-            except ScanCacheError:  # already one clear line (ServerError is an OSError too)
-                raise
-            except (httpx.TransportError, *TRANSPORT_ERRORS) as exc:  # timeouts, refused, reset
-                failure = f"{type(exc).__name__}: {exc}"
-                if attempt == 0 and not reconnected and isinstance(exc, CLOSED_CONNECTION):
-                    # Most likely a kept-alive connection the server closed as we sent on it
-                    # (uvicorn drops idle ones after 5 s; the pools skip those already closed):
-                    # expected, so once, at once and without a word, on a new connection.
-                    reconnected = False
-                    log.debug("%s %s%s: %s; sending again", method, self.url, path, failure)
-                    continue
-            else:
-                if status < 400:
-                    return result
-                assert response is not None
-                if status < 500 and status not in RETRY_STATUSES:
-                    _raise_client_error(response, context or {})
-                failure = f"HTTP {status} {_detail(response)}"
-                if status in (429, 503):
-                    wait_at_least = retry_after_seconds(response.headers.get("retry-after")) or 0.0
-            elapsed = time.monotonic() - started
-            # Full jitter keeps many clients from retrying in lockstep after a server restart.
-            delay = min(self.backoff * (2**attempt), MAX_BACKOFF) * (0.5 + _JITTER.random() / 2)
-            delay = min(max(delay, wait_at_least), self.retry_seconds - elapsed)
-            if (self.retries is not None and attempt >= self.retries) or delay <= 0:
-                raise ServerError(
-                    one_line(
-                        f"{method} {self.url}{path}: no good answer from the server for {elapsed:.0f} s"
-                        f" (after {attempt + 1} attempts; last: {failure}); is `scancache serve`"
-                        " running? (retry budget: SCANCACHE_RETRY_SECONDS or retry_seconds=)",
-                        500,
-                    )
-                )
-            # Long waits show progress; a closed source ends at the wait below, unannounced.
-            if not self._closed.is_set() and elapsed - last_warned >= RETRY_WARN_EVERY:
-                last_warned = elapsed
-                log.warning(
-                    "%s %s%s: %s; retrying for up to %.0f s more",
-                    method,
-                    self.url,
-                    path,
-                    one_line(failure, 200),
-                    self.retry_seconds - elapsed,
-                )
-            if self._closed.wait(delay):
-                raise ServerError(
-                    f"{method} {self.url}{path}: the source was closed while retrying ({one_line(failure, 200)})"
-                )
-            attempt += 1
-
-    def _post_direct(
-        self, path: str, document: dict[str, Any], context: dict[str, Any]
-    ) -> tuple[bytearray, dict[str, str]]:
+    def _post_direct(self, path: str, document: dict[str, Any]) -> tuple[bytearray, dict[str, str]]:
         """POST JSON over the plain-HTTP fast path; the body as one buffer and the headers
         (lower-case names), with the same retries and errors."""
         assert self._poster is not None
@@ -304,7 +182,7 @@ class HttpSource:
             error = httpx.Response(status, headers=headers, content=bytes(body), request=request)
             return status, (body, headers), error
 
-        return self._with_retries("POST", path, context, send)
+        return self.retry.run(f"POST {self.url}{path}", send, self._closed)
 
     # -- identity: the store served and each scan's version (client/identity.py) -----------
     def _explain_refusal(self, err: ScanCacheError, expected: dict[str, str], scan_ids: set[str]) -> NoReturn:
@@ -312,7 +190,7 @@ class HttpSource:
         re-published since (another shape), that is the error to report, not the symptom."""
         for scan_id in sorted(scan_ids & expected.keys()):
             try:
-                doc = self._request("GET", f"/scans/{scan_id}", context={"scan_id": scan_id}).json()
+                doc = self._request("GET", f"/scans/{scan_id}").json()
             except (ScanCacheError, ValueError):
                 continue
             now = doc.get("version") if isinstance(doc, dict) else None
@@ -343,7 +221,7 @@ class HttpSource:
 
     def metadata(self, scan_id: str) -> ScanMeta:
         validate_scan_id(scan_id)
-        doc = self._request("GET", f"/scans/{scan_id}", context={"scan_id": scan_id}).json()
+        doc = self._request("GET", f"/scans/{scan_id}").json()
         return self._meta_of(doc)
 
     def _meta_of(self, doc: dict[str, Any]) -> ScanMeta:
@@ -390,9 +268,8 @@ class HttpSource:
     def _get_region(self, scan_id: str, array: str, params: dict[str, Any]) -> httpx.Response:
         """One region by GET, checked against the scan version this source knows."""
         expected = self._identity.expected([RegionRequest(scan_id, array)])
-        context = {"scan_id": scan_id, "array": array}
         try:
-            response = self._request("GET", f"/scans/{scan_id}/{array}", context=context, params=params)
+            response = self._request("GET", f"/scans/{scan_id}/{array}", params=params)
         except CHANGE_SYMPTOMS as err:
             self._explain_refusal(err, expected, {scan_id})
         self._identity.check_versions(response.headers, expected)
@@ -416,9 +293,6 @@ class HttpSource:
         self, regions: list[dict[str, Any]], merge: bool = True, expected: dict[str, str] | None = None
     ) -> list[Decoded]:
         expected = expected or {}
-        context = (
-            {"scan_id": regions[0]["scan_id"], "array": regions[0]["array"]} if len(regions) == 1 else {}
-        )
         # Masks of label-map scans come as label map + table and are merged here: a fifth of
         # the bytes on the wire, and the server's cores (shared with ours on one machine) skip
         # the merge (docs/tuning.md).
@@ -427,9 +301,9 @@ class HttpSource:
         headers: Any
         try:
             if self._poster is not None:
-                body, headers = self._post_direct("/batch", document, context)
+                body, headers = self._post_direct("/batch", document)
             else:
-                response = self._request("POST", "/batch", context=context, json=document)
+                response = self._request("POST", "/batch", json=document)
                 body, headers = response.content, response.headers
         except RequestTooLarge:
             if len(regions) == 1:
@@ -489,9 +363,8 @@ class HttpSource:
         """As ``LocalSource.read_locations``: the scan's ``locations`` array, fetched from the
         server's ``/zarr/`` tree (one uncompressed chunk); None if the scan has none."""
         validate_scan_id(scan_id)
-        context = {"scan_id": scan_id}
         try:
-            doc = self._request("GET", f"/zarr/{scan_id}/locations/zarr.json", context=context).json()
+            doc = self._request("GET", f"/zarr/{scan_id}/locations/zarr.json").json()
             rows = int(doc["shape"][0])
             plain = doc.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
             single = doc["chunk_grid"]["configuration"]["chunk_shape"] == [max(1, rows), 3]
@@ -499,7 +372,7 @@ class HttpSource:
                 return None
             if rows == 0:
                 return np.empty((0, 3), np.int32)
-            body = self._request("GET", f"/zarr/{scan_id}/locations/c/0/0", context=context).content
+            body = self._request("GET", f"/zarr/{scan_id}/locations/c/0/0").content
         except (KeyError, TypeError, ValueError):  # ScanNotFound / ArrayNotFound are KeyErrors
             return None
         if len(body) != rows * 12:
@@ -566,68 +439,3 @@ def _decode_one(response: httpx.Response) -> np.ndarray:
         return decode_npy(response.content)
     except ValueError as exc:
         raise ServerError(f"GET {response.request.url}: not an .npy response ({exc})") from None
-
-
-def _body(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _detail(response: httpx.Response) -> str:
-    """The server's one-line ``detail`` (a FastAPI validation list names its first field)."""
-    detail = _body(response).get("detail")
-    if detail is None:
-        text = response.text.strip()
-        return text.splitlines()[0][:200] if text else response.reason_phrase
-    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        first = detail[0]
-        loc = [str(p) for p in first.get("loc", []) if p not in ("query", "body", "path")]
-        return f"{loc[-1] if loc else 'request'}: {first.get('msg', 'invalid')}"
-    return one_line(str(detail))
-
-
-_PARAM_ERRORS: dict[str, Callable[[str, str], InvalidParameter]] = {
-    "InvalidROI": lambda param, msg: InvalidROI(msg, param),
-    "InvalidCategories": lambda param, msg: InvalidCategories(msg, param),
-}
-
-
-def _param_error(error: str | None, param: str | None, detail: str) -> InvalidParameter:
-    """Rebuild the parameter error the server raised: same class, param and message."""
-    if not param:
-        head, sep, rest = detail.partition(": ")
-        param, detail = (head, rest) if sep and head and " " not in head else ("request", detail)
-    elif detail.startswith(param + ": "):
-        detail = detail[len(param) + 2 :]
-    leaf = param.rsplit(".", 1)[-1]
-    if error is None:  # an older server or a proxy: guess from the parameter's name
-        error = {"roi": "InvalidROI", "categories": "InvalidCategories"}.get(leaf)
-    factory = _PARAM_ERRORS.get(error or "")
-    return factory(param, detail) if factory else InvalidParameter(param, detail)
-
-
-def _raise_client_error(response: httpx.Response, context: dict[str, Any]) -> NoReturn:
-    """4xx -> the error ``LocalSource`` raises for the same request (the body's ``error`` names it)."""
-    status = response.status_code
-    body = _body(response)
-    detail = _detail(response)
-    error = body.get("error") if isinstance(body.get("error"), str) else None
-    if status == 404:
-        if error == "ArrayNotFound" or (error is None and "no mask" in detail):
-            raise ArrayNotFound(detail)
-        raise ScanNotFound(detail)
-    if status == 400 and (error == "InvalidPath" or (error is None and "invalid scan id" in detail)):
-        raise InvalidPath(detail)
-    if status in (400, 422):
-        param = body.get("param") if isinstance(body.get("param"), str) else None
-        raise _param_error(error, param, detail)
-    if status == 413:
-        raise RequestTooLarge(detail)
-    if status in (401, 403):
-        raise Unauthorized(detail or "missing or wrong bearer token")
-    if status == 409 and error == "ScanChanged":
-        raise ScanChanged(detail)
-    raise InvalidParameter("request", f"HTTP {status}: {detail}")

@@ -133,3 +133,23 @@ def test_a_body_no_process_can_hold_is_one_clear_error():
     message = str(info.value)
     assert f"POST {url}/batch" in message and f"{2**42} bytes (Content-Length)" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("read", READS.values(), ids=READS.keys())
+def test_a_server_that_always_hangs_up_is_retried_with_backoff_not_at_once_forever(read):
+    """A closed keep-alive connection is sent again once, at once; a server that hangs up on
+    every request is a failure like any other: backoff, then one line when the budget ends."""
+    hangups: list[float] = []
+
+    def hang_up(conn: socket.socket, stop: threading.Event) -> None:
+        hangups.append(time.monotonic())
+        conn.shutdown(socket.SHUT_RDWR)
+        raise OSError("hung up")  # ends this connection's loop in misbehaving_server
+
+    with misbehaving_server(hang_up) as url, HttpSource(url, backoff=0.05, retry_seconds=1.5) as source:
+        started = time.monotonic()
+        with pytest.raises(ServerError) as info:
+            read(source)
+        took = time.monotonic() - started
+    assert "no good answer from the server" in str(info.value) and "\n" not in str(info.value)
+    assert took < 10 and 3 <= len(hangups) <= 40  # paced by the backoff, ended by the budget

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from client.http import HttpSource, retry_after_seconds
+from client.http import HttpSource
+from client.retries import retry_after_seconds
 from client.wire import encode_npy
 from store.errors import ServerError
 
