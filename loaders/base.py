@@ -21,14 +21,9 @@ Decorate it with :func:`register_loader` and select it with ``cfg.TAG``.
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 import random
-import sys
 import threading
-import time
-import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -36,17 +31,16 @@ import numpy as np
 
 from loaders import inference
 from loaders.backend import import_keras
-from loaders.batch_memory import BatchArrays, CopyThreads, copy_into
+from loaders.batch_fill import BatchFilling
+from loaders.batch_memory import BatchArrays, CopyThreads
 from loaders.blocks import BlockBuffer, block_ids, block_key
-from loaders.class_index import class_indices, index_table
 from loaders.config import Config, check_batching, check_config
-from loaders.geometry import AxisRead, check_pad_mode, take_window
+from loaders.epochs import EpochState
+from loaders.geometry import check_pad_mode
 from loaders.ordering import Shard, batch_groups, resumed_lanes, shard_block_order, worker_batches
 from loaders.prefetch import Prefetcher
 from loaders.registry import (
-    KEEPS_VALUES,
     LOADER_REGISTRY,
-    SELECTS_VOXELS,
     Element,
     keeps_values,
     register_loader,
@@ -54,17 +48,9 @@ from loaders.registry import (
 )
 from loaders.scans import (
     ScanEntry,
-    element_reads,
-    paired_reads,
-    read_grouped_unmerged,
-    scan_requests,
     scans_from_dicts,
-    take_mask_window,
 )
-from loaders.state import LoaderState, dataset_fingerprint, plain_json
 from loaders.stats import LoaderStats, WorkerCounters, with_workers
-from store.label_map import Decoded, LabelRegion, apply_table, merged
-from store.protocol import RegionRequest, ScanSource
 
 import_keras()  # chooses the backend before Keras' first import (loaders.backend)
 
@@ -86,11 +72,7 @@ __all__ = [
 Plan = tuple[int, list[Any], list[int], BlockBuffer | None, list[int]]
 
 
-def _roi(axes: Sequence[AxisRead]) -> tuple[slice, ...]:
-    return tuple(slice(a.lo, a.hi) for a in axes)
-
-
-class DataLoader(keras.utils.PyDataset):
+class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
     """Base class of scancache loaders (a Keras ``PyDataset``). See the module docstring."""
 
     # Whether examples are read in chunk-deep blocks (loaders.blocks; the slice loaders do):
@@ -370,89 +352,7 @@ class DataLoader(keras.utils.PyDataset):
         x_in, y_out = self.preprocess(x, y)
         return (x_in, y_out, x) if self.is_test else (x_in, y_out)
 
-    # -- epochs, state and stats -----------------------------------------------------------------
-    def on_epoch_begin(self) -> None:
-        """Keras calls this before an epoch: serve it in order from its first batch."""
-        with self._serve_lock:
-            self._keras_epoch = True
-            self._served = 0
-            self._position, self._position_workers = 0, 1
-
-    def on_epoch_end(self) -> None:
-        """The next epoch. When Keras calls it, only after a complete pass: Keras also ends an
-        "epoch" right after reading its first batches for the input spec, and that must not
-        skip an epoch of the loader's order."""
-        with self._serve_lock:
-            keras_epoch, complete = self._keras_epoch, self._served >= len(self)
-            self._keras_epoch = False
-        if _called_from_keras() and not (keras_epoch and complete):
-            self.set_epoch(self.epoch)  # from its first batch again
-        else:
-            self.set_epoch(self.epoch + 1)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` from its first batch (its order is a function of SEED and epoch)."""
-        if int(epoch) < 0:
-            raise ValueError(f"epoch must not be negative, got {epoch}")
-        self._use_plan(self._make_plan(int(epoch)))
-
-    def _use_plan(self, plan: Plan, position: int = 0, position_workers: int = 1) -> None:
-        self._plan = plan
-        with self._serve_lock:
-            self.epoch = plan[0]
-            self._position, self._position_workers = position, position_workers
-            self._served = 0
-            self._last_index = -2
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where the loader stands, as plain JSON (``loaders.state``): restoring it gives exactly
-        the batches still to come (seed, epoch, batches of it already delivered, shard)."""
-        return self._state().to_dict()
-
-    @functools.cached_property
-    def dataset_fingerprint(self) -> str:
-        """What identifies this loader's data set in a state (``loaders.state.dataset_fingerprint``)."""
-        return dataset_fingerprint(self.scans)
-
-    def batch_settings(self) -> dict[str, Any]:
-        """The settings that decide the batches, as a state records them (plain JSON)."""
-        settings = {"batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
-        settings.update({name: getattr(self._cfg, name) for name in self.batch_fields})
-        return dict(plain_json(settings))
-
-    def _state(self) -> LoaderState:
-        shard = self.shard
-        return LoaderState(
-            type(self).__name__,
-            int(self.seed),
-            int(self.epoch),
-            int(self._position),
-            shard.num_replicas,
-            shard.rank,
-            len(self),
-            int(self._position_workers),
-            self.dataset_fingerprint,
-            len(self.scans),
-            self.batch_settings(),
-        )
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of the same loader and data set).
-
-        Everything is checked before anything changes: a refused state (another data set,
-        other batch settings, another length) leaves the loader where it was."""
-        restored = LoaderState.parse(state)
-        restored.check_matches(self._state())
-        # the state's epoch as this loader would make it under the state's seed, made on a
-        # shallow copy (sharing scans and caches) so that this loader is untouched until it fits
-        trial = copy.copy(self)
-        trial.seed = restored.seed
-        plan = trial._make_plan(restored.epoch)
-        restored.check_length(self._batches_in(plan))
-        self.seed = restored.seed
-        self._use_plan(plan, restored.position, restored.workers)
-        self._prefetcher.reset()
-
+    # -- stats ---------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Figures since creation or :meth:`reset_stats` (``loaders.stats``): ``batches``,
         ``bytes_read`` (decoded), ``bytes_delivered``, ``read_amplification``, ``read_s``,
@@ -479,115 +379,6 @@ class DataLoader(keras.utils.PyDataset):
         from loaders.torch_data import TorchBatches
 
         return TorchBatches(self, channels_first=channels_first)
-
-    def read_elements(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(image window, mask window) per element, all read in one round per source.
-
-        The mask is uint8 with the categories merged; images keep the store's dtype, a scan's
-        K > 1 image channels stacked on a last axis ``(h, w, d, K)``.
-        :meth:`load_batch` converts both to float32 once, into the batch.
-        """
-        return [(image, merged(mask)) for image, mask in self._read_unmerged(elements)]
-
-    def _read_unmerged(self, elements: Sequence[Element]) -> list[tuple[np.ndarray, Decoded]]:
-        """``read_elements`` with label-map masks left as labels (``take_mask_window``)."""
-        requests: list[tuple[ScanSource, RegionRequest]] = []
-        plans = []
-        background = bool(self._cfg.INCLUDE_BACKGROUND)
-        for e in elements:
-            img_axes, mask_axes = element_reads(e, self.scans[e.scan].shape, self.pad_mode)
-            requests += scan_requests(self.scans[e.scan], _roi(img_axes), _roi(mask_axes), background)
-            plans.append((img_axes, mask_axes))
-        pairs = paired_reads(read_grouped_unmerged(requests), [self.scans[e.scan] for e in elements])
-        return [
-            (take_window(image, img_axes), take_mask_window(mask, mask_axes))
-            for (image, mask), (img_axes, mask_axes) in zip(pairs, plans, strict=True)
-        ]
-
-    def load_batch(
-        self, elements: Sequence[Any], _blocks: BlockBuffer | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """x and y of a batch, float32, before :meth:`preprocess`.
-
-        Each example is converted straight into its slot of one preallocated x and y (no
-        per-example float32 copy, no ``np.stack``): at 384^2 x 5 classes those copies cost
-        more than reading the chunks. ``model_target`` sees float32 unless it is marked
-        :func:`keeps_values` (a pure view/selection), which then gets the uint8 mask and the
-        conversion happens in the copy into the batch, with identical values.
-        """
-        self._check_labelled()
-        started = time.perf_counter()
-        builtin_read = type(self).read_elements is DataLoader.read_elements
-        pairs: Sequence[tuple[np.ndarray, Decoded]]
-        if _blocks is not None and builtin_read:
-            pairs = _blocks.read(elements)  # windows cut from chunk-deep blocks read once
-        elif builtin_read:
-            pairs = self._read_unmerged(elements)
-        else:
-            pairs = self.read_elements(elements)
-        read_done = time.perf_counter()
-        target = type(self).model_target
-        target_casts = getattr(target, KEEPS_VALUES, False)
-        from_labels = getattr(target, SELECTS_VOXELS, False)
-        background = bool(self._cfg.INCLUDE_BACKGROUND)
-        x: np.ndarray | None = None
-        y: np.ndarray | None = None
-        # The hooks run here, in order; the copies into the batch (most of the work) are
-        # independent and run on the process's share of the cores (``CopyThreads``).
-        copies: list[Callable[[], None]] = []
-        for i, ((img, mask), e) in enumerate(zip(pairs, elements, strict=True)):
-            xi = self.model_input(img if img.dtype == np.float32 else img.astype(np.float32), e)
-            labels: LabelRegion | None = None
-            yi: np.ndarray | None = None
-            if isinstance(mask, LabelRegion) and from_labels:
-                # a spatial selection of the labels; the table expands them into y below
-                labels = LabelRegion(self.model_target(mask.labels, e), mask.table)
-                yi_shape = (*labels.labels.shape, mask.table.shape[1])
-            else:
-                plain = merged(mask)
-                yi = self.model_target(plain if target_casts else plain.astype(np.float32), e)
-                yi_shape = yi.shape
-            if self.class_index:
-                yi_shape = yi_shape[:-1]
-            if x is None or y is None:
-                x = self._batch_arrays.empty((len(pairs), *xi.shape), np.dtype(np.float32))
-                y = self._batch_arrays.empty((len(pairs), *yi_shape), self.y_dtype)
-            elif xi.shape != x.shape[1:] or yi_shape != y.shape[1:]:
-                self._mixed_shapes(elements, [xi.shape, x.shape[1:]], [yi_shape, y.shape[1:]])
-            copies.append(functools.partial(self._copy_example, x[i], y[i], xi, labels, yi, background))
-        if x is None or y is None:
-            raise ValueError("a batch needs at least one element")
-        self._copy_threads.run(copies)
-        self._stats.add_batch(read_done - started, time.perf_counter() - read_done)
-        return x, y
-
-    def _copy_example(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        xi: np.ndarray,
-        labels: LabelRegion | None,
-        yi: np.ndarray | None,
-        background: bool,
-    ) -> None:
-        """One example into its slots ``x``, ``y`` of the batch (exact in every y format)."""
-        copy_into(x, xi)
-        if labels is not None and self.class_index:  # one small table lookup a voxel
-            indices = index_table(labels.table, background)[:, None]
-            apply_table(labels.labels, indices, out=y[..., None])
-        elif labels is not None:  # y straight from the labels: one table gather a voxel, exact
-            apply_table(labels.labels, labels.table.astype(y.dtype), out=y)
-        else:
-            assert yi is not None  # without labels, load_batch merged the mask into yi
-            if self.class_index:
-                y[...] = class_indices(yi, background)
-            else:
-                np.copyto(y, yi, casting="unsafe")
-
-    def _mixed_shapes(self, elements: Sequence[Element], xs: list[Any], ys: list[Any]) -> None:
-        names = sorted({self.scans[e.scan].scan_id for e in elements})
-        shapes = sorted({tuple(s) for s in xs}) if xs[0] != xs[1] else sorted({tuple(s) for s in ys})
-        raise ValueError(f"one batch mixes input shapes {shapes} (scans {', '.join(names)})")
 
     def close(self) -> None:
         self._prefetcher.close()
@@ -621,18 +412,6 @@ class DataLoader(keras.utils.PyDataset):
         two scans' inputs and one scan's output. Per-slice datasets give D = their slices.
         """
         return inference.run_inference(self, model, predict_kwargs)
-
-
-def _called_from_keras(depth: int = 6) -> bool:
-    """Is a ``keras`` module among the callers of the calling method (a subclass may sit between)?"""
-    frame: types.FrameType | None = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return False
-        if str(frame.f_globals.get("__name__", "")).startswith("keras."):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def build_data_loader(cfg: Config, dataset_dicts: Sequence[dict[str, Any]], **kwargs: Any) -> DataLoader:
