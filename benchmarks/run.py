@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def trainfeed_section(report: Report, work: Path, quick: bool) -> list[Row]:
     """The training-feed benchmark in a fresh process (its workers are forked, which tensorstore
     forbids once this process has read through it), with the runs recorded on the largest machine."""
-    from benchmarks.trainfeed import render
+    from benchmarks.trainfeed_report import render
 
     out = work / "trainfeed.jsonl"
     out.unlink(missing_ok=True)

@@ -34,6 +34,9 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np
 
+from benchmarks.trainfeed_report import render
+from benchmarks.unet import unet
+
 CATEGORIES = (0, (1, 2), 3, (4, 5))
 NUM_CLASSES = 6
 
@@ -168,6 +171,13 @@ def _cpu_s() -> float:
     return total
 
 
+def _own_cpu_s() -> float:
+    """CPU seconds of this process alone (every thread: torch's pin-memory thread included),
+    not its workers: what receiving the batches costs the training process."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _batches(loader: Any, dataset: Any) -> Iterable[Any]:
     """Endless batches, a new epoch (``set_epoch``) whenever one ends."""
     epoch = 0
@@ -225,14 +235,16 @@ def loader_rate(make: Callable[[], tuple[Any, Any]], workers: int, seconds: floa
     first = time.perf_counter() - t_start
     if hasattr(dataset, "stats"):
         dataset._current().reset_stats()
-    cpu0, t0, examples = _cpu_s(), time.perf_counter(), 0
+    cpu0, own0, t0, examples, batches = _cpu_s(), _own_cpu_s(), time.perf_counter(), 0, 0
     while time.perf_counter() - t0 < seconds:
         x, _ = next(it)
         examples += int(x.shape[0])
+        batches += 1
     elapsed = time.perf_counter() - t0
-    cpu = _cpu_s() - cpu0
+    cpu, own = _cpu_s() - cpu0, _own_cpu_s() - own0
     out: dict[str, Any] = {"rate": examples / elapsed, "examples": examples, "seconds": elapsed,
-                           "cpu_ms_per_example": 1000 * cpu / max(1, examples), "warmup_s": first}  # fmt: skip
+                           "cpu_ms_per_example": 1000 * cpu / max(1, examples), "warmup_s": first,
+                           "own_cpu_ms_per_batch": 1000 * own / max(1, batches)}  # fmt: skip
     if hasattr(dataset, "stats"):
         stats = dataset.stats()
         out["read_amplification"] = stats.get("read_amplification")
@@ -245,44 +257,6 @@ def loader_rate(make: Callable[[], tuple[Any, Any]], workers: int, seconds: floa
 
 
 # -- training ----------------------------------------------------------------------------------------
-def unet(in_channels: int, classes: int, levels: int = 5, filters: int = 32) -> Any:
-    import torch
-    from torch import nn
-
-    def block(cin: int, cout: int) -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        )  # fmt: skip
-
-    class UNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            widths = [filters * 2**i for i in range(levels)]
-            self.down = nn.ModuleList()
-            cin = in_channels
-            for w in widths:
-                self.down.append(block(cin, w))
-                cin = w
-            self.up = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in widths[:-1])
-            self.merge = nn.ModuleList(block(w * 2, w) for w in widths[:-1])
-            self.head = nn.Conv2d(widths[0], classes, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            skips = []
-            for i, layer in enumerate(self.down):
-                x = layer(x)
-                if i < len(self.down) - 1:
-                    skips.append(x)
-                    x = nn.functional.max_pool2d(x, 2)
-            for up, merge in zip(reversed(self.up), reversed(self.merge), strict=True):
-                x = up(x)
-                x = merge(torch.cat([x, skips.pop()], 1))
-            return self.head(x)
-
-    return UNet()
-
-
 def train_wait(
     make: Callable[[], tuple[Any, Any]], workers: int, seconds: float, device: str
 ) -> dict[str, Any]:
@@ -314,11 +288,13 @@ def train_wait(
     if cuda:
         torch.cuda.synchronize()
     events: list[tuple[Any, Any]] = []
-    waited, examples, t0 = 0.0, 0, time.perf_counter()
+    waited, examples, batches, t0 = 0.0, 0, 0, time.perf_counter()
+    own0 = _own_cpu_s()
     while time.perf_counter() - t0 < seconds:
         w0 = time.perf_counter()
         x, y = next(it)
         waited += time.perf_counter() - w0
+        batches += 1
         if cuda:
             events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             events[-1][0].record()
@@ -329,6 +305,7 @@ def train_wait(
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    own = _own_cpu_s() - own0
     host_wait = waited / elapsed
     wait = host_wait
     if events:
@@ -338,6 +315,7 @@ def train_wait(
     del it, loader
     gc.collect()
     return {"rate": examples / elapsed, "wait_share": wait, "host_wait_share": host_wait,
+            "own_cpu_ms_per_batch": 1000 * own / max(1, batches),
             "examples": examples, "seconds": elapsed}  # fmt: skip
 
 
@@ -455,85 +433,6 @@ def main(argv: list[str] | None = None) -> int:
         close_shared_sources()
     emit({"kind": "done", "total_s": round(time.perf_counter() - t0, 1)})
     return 0
-
-
-# -- the report ----------------------------------------------------------------------------------------
-def _span(values: list[float], fmt: str = "{:.0f}") -> str:
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return "-"
-    lo, hi = fmt.format(values[0]), fmt.format(values[-1])
-    return lo if lo == hi else f"{lo}-{hi}"
-
-
-def markdown(runs: list[list[dict[str, Any]]]) -> str:
-    """The tables of one or more runs (ranges over the runs): loader alone per k, training."""
-    machine = next((r for r in runs[0] if r.get("kind") == "machine"), {})
-    ok = [r for run in runs for r in run if "rate" in r]
-
-    def rates(kind: str, feed: str, k: int, key: str = "rate") -> list[float]:
-        return [r[key] for r in ok if r["kind"] == kind and r["feed"] == feed and r["workers"] == k]
-
-    def ratio(kind: str, feed: str, base: str, k: int) -> list[float]:
-        pairs = zip(rates(kind, feed, k), rates(kind, base, k), strict=False)
-        return [a / b for a, b in pairs if b]
-
-    out = [
-        f"{len(runs)} run(s) on {machine.get('cores')} cores, device {machine.get('gpu')}; "
-        f"{machine.get('scans')} scans of {'x'.join(map(str, machine.get('shape', [])))}, batch 16 (2D) / 2 (64^3).",
-        "",
-    ]
-    for kind, unit in (("2d", "slices/s"), ("patches", "patches/s")):
-        ks = sorted({r["workers"] for r in ok if r["kind"] == kind})
-        if not ks:
-            continue
-        out += [f"**Loader alone, {kind}** ({unit}; ratio to MedSegPy-style; HTTP over local)", "",
-                "| k | MedSegPy-style | local | ratio | local, class-index y | ratio | HTTP | HTTP/local |",
-                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for k in ks:
-            out.append(
-                f"| {k} | {_span(rates(kind, 'medsegpy', k))} | {_span(rates(kind, 'local', k))} "
-                f"| {_span(ratio(kind, 'local', 'medsegpy', k), '{:.1f}x')} "
-                f"| {_span(rates(kind, 'local-index', k))} | {_span(ratio(kind, 'local-index', 'medsegpy', k), '{:.1f}x')} "
-                f"| {_span(rates(kind, 'http', k))} | {_span(ratio(kind, 'http', 'local', k), '{:.2f}')} |"
-            )
-        out.append("")
-    ks = sorted({r["workers"] for r in ok if r["kind"] == "train"})
-    if ks:
-        out += ["**Training the reference 2D U-Net** (slices/s, share of time the device waited)", "",
-                "| k | MedSegPy-style | local | local, class-index y | HTTP |", "|---|---|---|---|---|"]  # fmt: skip
-        for k in ks:
-            cells = [
-                f"{_span(rates('train', f, k))} ({_span([100 * v for v in rates('train', f, k, 'wait_share')], '{:.1f}')} %)"
-                for f in ("medsegpy", "local", "local-index", "http")
-            ]
-            out.append(f"| {k} | " + " | ".join(cells) + " |")
-        out.append("")
-    cpu = [
-        (r["feed"], r["workers"], r["cpu_ms_per_example"])
-        for r in ok
-        if r["kind"] == "2d" and "cpu_ms_per_example" in r
-    ]
-    peaks = [
-        (r["kind"], r["feed"], r["workers"], max(r["worker_pss_mib"]))
-        for r in ok
-        if r.get("worker_pss_mib") and r["workers"] > 0
-    ]
-    if peaks:
-        out.append("Memory of a worker at the end of its window (MiB, PSS, the largest of the k): " + "; ".join(
-            f"{kind} {feed} k={k} {_span([m for kd, f, kk, m in peaks if (kd, f, kk) == (kind, feed, k)])}"
-            for kind, feed, k in sorted({(kd, f, kk) for kd, f, kk, _ in peaks})
-        ) + ".")  # fmt: skip
-    if cpu:
-        out.append("CPU per 2D example (ms, all processes): " + "; ".join(
-            f"{feed} {_span([c for f, k, c in cpu if f == feed], '{:.1f}')}" for feed in ("medsegpy", "local", "local-index", "http")
-        ) + ".")  # fmt: skip
-    return "\n".join(out)
-
-
-def render(paths: list[str]) -> str:
-    runs = [[json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()] for p in paths]
-    return markdown(runs)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,22 @@ def test_unknown_section_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--only", "loaders,nope"])
     assert "nope" in capsys.readouterr().err
+
+
+def test_trainfeed_tables_give_ranges_over_runs_and_the_training_process_own_cpu():
+    from benchmarks.trainfeed_report import markdown
+
+    def run(local: float, base: float, own: float) -> list[dict]:
+        return [
+            {"kind": "machine", "cores": 16, "gpu": "X", "scans": 16, "shape": [384, 384, 160]},
+            {"kind": "2d", "feed": "medsegpy", "workers": 2, "rate": base, "cpu_ms_per_example": 8.0},
+            {"kind": "2d", "feed": "local", "workers": 2, "rate": local, "cpu_ms_per_example": 2.0,
+             "own_cpu_ms_per_batch": own, "worker_pss_mib": [500, 600]},
+            {"kind": "2d", "feed": "local", "workers": 4, "error": "RuntimeError: broken"},
+        ]  # fmt: skip
+
+    text = markdown([run(1000, 250, 0.7), run(1200, 200, 1.4)])
+    assert text.startswith("2 run(s) on 16 cores, device X;")
+    assert "| 2 | 200-250 | 1000-1200 | 4.0x-6.0x |" in text  # ranges over the runs, ratio per run
+    assert "2d local k=2 0.7-1.4" in text and "2d local k=2 600" in text
+    assert "| 4 |" not in text  # a configuration that failed gives no row
