@@ -171,8 +171,13 @@ class BlockBuffer:
             out.append(self._cut(element, key, slot.arrays))
         with self._lock:
             for key in keys:
-                self._left[key] -= 1
-                if self._left[key] <= 0 and self._slots.get(key) is slots[key]:
+                left = self._left[key]
+                self._left[key] = left - 1
+                # A block leaves memory with its last planned example. Examples served again
+                # (batches of this epoch asked for twice: a replay, a second pass) find their
+                # block's count spent: it then stays under the LRU bound, so the replay's other
+                # examples of it reuse it instead of reading the whole block again each.
+                if left == 1 and self._slots.get(key) is slots[key]:
                     del self._slots[key]
         return out
 

@@ -229,3 +229,29 @@ def test_a_block_evicted_early_and_read_again_still_leaves_memory_after_its_last
     assert seen == len(plan[2])
     assert not buffer._slots, "every block leaves memory after its last example, even one read twice"
     loader.close()
+
+
+def test_batches_asked_for_again_read_each_block_once_more_not_once_an_example(train):
+    """A second pass over batches already served (the same epoch, e.g. evaluated twice) finds
+    every block's count of examples spent; each block is then read once for the pass, as in
+    the first, and the batches are still exact."""
+    name, truth = train
+    cfg = Config(SEED=5, CATEGORIES=CATEGORIES, INCLUDE_BACKGROUND=True, PREFETCH_BATCHES=1)
+    loader = build_loader(cfg, name, batch_size=4, is_test=False, shuffle=True, drop_last=False)
+    buffer = loader._plan[3]
+    assert buffer is not None
+    blocks = len(buffer._boxes)
+    passes = []
+    for _ in range(2):
+        loader.reset_stats()
+        for b in range(len(loader)):
+            x, y = loader[b]
+            for i, e in enumerate(loader.batch_elements(b)):
+                image, mask = truth[loader.scans[e.scan].scan_id]
+                z = e.output_window[2][0]
+                np.testing.assert_array_equal(x[i, :, :, 0], image[:, :, z])
+                np.testing.assert_array_equal(y[i], reference_mask(mask[:, :, z]))
+        passes.append(loader.stats()["regions"])
+    # two regions a block (image and mask): the second pass reads no more than the first
+    assert passes[0] == 2 * blocks and passes[1] <= passes[0], passes
+    loader.close()
