@@ -16,8 +16,9 @@ float32 one-hot y, more than reading and decoding it. So each worker keeps a few
 * The training process keeps its mapping of each slot's segment and maps it again only when the
   slot's segment changes. A fresh mapping of a 47 MB batch costs the process that reads it
   (torch's pin-memory thread, or the model) ~720 page faults and 2-4 ms of CPU a batch on the
-  2-core VM; a kept one costs none. Mappings of a worker process that has ended are dropped
-  when its successor sends its first batch, and all of a dataset's when its table goes.
+  2-core VM; a kept one costs none. Mappings of worker processes that have ended are dropped at
+  ``set_epoch`` and when a new worker process first sends, and all of a dataset's when its
+  table goes.
 """
 
 from __future__ import annotations
@@ -67,18 +68,48 @@ def _forget(token: int) -> None:
             del _senders[key]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now holds the number: ours has ended
+        return False
+    return True
+
+
+def _drop_worker(token: int, worker: int) -> None:
+    """Forget the kept mappings of one worker (under ``_lock``); each is unmapped once the
+    last tensor using it is gone."""
+    kept = _mappings.get(token, {})
+    for c in [c for c in kept if c // SLOTS == worker]:
+        del kept[c]
+    _senders.pop((token, worker), None)
+
+
+def forget_ended_workers(token: int) -> None:
+    """Drop the mappings of worker processes that have ended (a ``DataLoader`` without
+    persistent workers ends them with every pass), so their memory goes now, not when their
+    successors first send: called at ``set_epoch`` and whenever a new worker process sends."""
+    with _lock:
+        for (t, worker), pid in list(_senders.items()):
+            if t == token and not _alive(pid):
+                _drop_worker(token, worker)
+
+
 def _mapping(token: int, cell: int, lease: int, fd: int, nbytes: int) -> mmap.mmap:
     """The training process's mapping of the segment behind ``fd``: the one kept for ``cell``
     when it is the same segment (device, inode, size), else a new one, kept in its place."""
     st = os.fstat(fd)
     ident = (st.st_dev, st.st_ino, nbytes)
     worker, pid = cell // SLOTS, lease >> 24
+    if _senders.get((token, worker)) != pid:  # a new process for this worker: its segments are new
+        forget_ended_workers(token)
     with _lock:
         kept = _mappings.setdefault(token, {})
-        if _senders.get((token, worker)) != pid:  # a new process for this worker: its segments are new
+        if _senders.get((token, worker)) != pid:
+            _drop_worker(token, worker)
             _senders[(token, worker)] = pid
-            for c in [c for c in kept if c // SLOTS == worker]:
-                del kept[c]  # unmapped once the last tensor using it is gone
         found = kept.get(cell)
         if found is not None and found[0] == ident:
             return found[1]

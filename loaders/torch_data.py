@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loaders.catalog import forget_shared_sources, is_url
-from loaders.shared_batches import SlotTable, WorkerBatchPool
+from loaders.shared_batches import SlotTable, WorkerBatchPool, forget_ended_workers
 from loaders.stats import WorkerCounters, snapshot
 from store.source import usable_cores
 
@@ -90,6 +90,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         loader = self._current()
         loader.set_epoch(epoch)
         self._publish(loader)
+        forget_ended_workers(self._slots.token)  # workers of a pass that has ended: their memory goes
 
     def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
         """Where the epoch stands. With workers, pass the batches your loop has taken from the

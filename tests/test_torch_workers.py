@@ -232,7 +232,20 @@ def test_the_training_process_keeps_its_mapping_of_a_slot_and_drops_it_with_the_
     assert np.array_equal(third.numpy(), np.full((8, 6), 3.0, np.float32))
     (new_segment,) = [ident for ident, _ in shared_batches._mappings[token].values()]
     assert new_segment != old_segment
+    # a worker process that has ended: its mappings go at the next set_epoch (or new worker)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    other = WorkerBatchPool(table, worker=2)
+    other.pid = int(ended.stdout)
+    fourth = send(other, 4.0)
+    assert np.array_equal(fourth.numpy(), np.full((8, 6), 4.0, np.float32))
+    del fourth
+    gc.collect()
+    assert len(shared_batches._mappings[token]) == 2
+    shared_batches.forget_ended_workers(token)
+    assert [c // shared_batches.SLOTS for c in shared_batches._mappings[token]] == [1]
     # the dataset's table gone: every mapping it kept goes with it
-    del third, table, pool, successor
+    del third, table, pool, successor, other
     gc.collect()
     assert token not in shared_batches._mappings
