@@ -38,6 +38,7 @@ from benchmarks.trainfeed_report import render
 from benchmarks.unet import unet
 
 CATEGORIES = (0, (1, 2), 3, (4, 5))
+MIN_STEPS = 3  # training steps a window must hold for its wait share to mean something
 NUM_CLASSES = 6
 
 
@@ -283,10 +284,17 @@ def train_wait(
         opt.step()
 
     it = iter(_batches(loader, dataset))
-    for _ in range(max(3, workers)):  # workers started, cuDNN tuned
+    for i in range(max(3, workers)):  # workers started, cuDNN tuned
+        s0 = time.perf_counter()
         step(*next(it))
-    if cuda:
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
+        took = time.perf_counter() - s0
+        if i > 0 and took > seconds / MIN_STEPS:  # the first step also waits for the workers
+            del it, loader
+            gc.collect()
+            return {"skipped": f"a training step takes {took:.1f} s on {device}: the {seconds:g} s "
+                    f"window holds fewer than {MIN_STEPS} steps"}  # fmt: skip
     events: list[tuple[Any, Any]] = []
     waited, examples, batches, t0 = 0.0, 0, 0, time.perf_counter()
     own0 = _own_cpu_s()
@@ -346,7 +354,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.cores = cores
     if args.quick:
-        args.scans, args.shape, args.seconds, args.train_seconds = 4, "96,96,32", 1.5, 2.0
+        args.scans, args.shape, args.seconds, args.train_seconds = 4, "96,96,32", 1.5, 6.0
         args.workers, args.patch_workers, args.train_workers = "0,2", "0,2", "2"
     return args
 
@@ -416,16 +424,20 @@ def main(argv: list[str] | None = None) -> int:
         # Workers are forked, and tensorstore forbids a fork once the parent has read through it:
         # every configuration with workers runs before those reading in this process (k = 0).
         plan.sort(key=lambda item: item[2] == 0)
+        too_slow: str | None = None  # the device's step time does not depend on the feed
         for section, feed, k in plan:
             kind = "patches" if section == "patches" else "2d"
             try:
-                if section == "train":
+                if section == "train" and too_slow:
+                    result = {"skipped": too_slow}
+                elif section == "train":
                     # pinned memory, as for training on a GPU
                     result = train_wait(maker(feed, kind, k, device == "cuda"), k, args.train_seconds, device)
                 else:  # the loader alone, as the baseline was measured (no pinning)
                     result = loader_rate(maker(feed, kind, k, False), k, args.seconds)
             except Exception as exc:  # one broken configuration must not hide the others
                 result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            too_slow = too_slow or result.get("skipped")
             emit({"kind": section, "feed": feed, "workers": k, **result})
             gc.collect()  # the last DataLoader's iterator must not be inherited by the next workers
         # before the server stops: read-ahead threads still retrying against it end now, not

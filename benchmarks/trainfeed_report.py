@@ -48,6 +48,11 @@ def markdown(runs: list[list[dict[str, Any]]]) -> str:
                 f"| {_span(rates(kind, 'http', k))} | {_span(ratio(kind, 'http', 'local', k), '{:.2f}')} |"
             )
         out.append("")
+    skipped = sorted(
+        {r["skipped"] for run in runs for r in run if r.get("kind") == "train" and "skipped" in r}
+    )
+    if skipped:
+        out += [f"**Training the reference 2D U-Net**: not measured ({skipped[0]}).", ""]
     ks = sorted({r["workers"] for r in ok if r["kind"] == "train"})
     if ks:
         out += ["**Training the reference 2D U-Net** (slices/s, share of time the device waited)", "",

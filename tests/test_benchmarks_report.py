@@ -90,3 +90,16 @@ def test_trainfeed_tables_give_ranges_over_runs_and_the_training_process_own_cpu
     assert "| 2 | 200-250 | 1000-1200 | 4.0x-6.0x |" in text  # ranges over the runs, ratio per run
     assert "2d local k=2 0.7-1.4" in text and "2d local k=2 600" in text
     assert "| 4 |" not in text  # a configuration that failed gives no row
+
+
+def test_trainfeed_says_why_training_was_not_measured():
+    from benchmarks.trainfeed_report import markdown
+
+    why = "a training step takes 17.4 s on cpu: the 10 s window holds fewer than 3 steps"
+    run = [
+        {"kind": "machine", "cores": 2, "gpu": "none", "scans": 2, "shape": [384, 384, 160]},
+        {"kind": "train", "feed": "local", "workers": 2, "skipped": why},
+    ]
+    text = markdown([run])
+    assert f"**Training the reference 2D U-Net**: not measured ({why})." in text
+    assert "share of time the device waited" not in text  # no table of zeros
