@@ -259,7 +259,7 @@ def loader_rate(make: Callable[[], tuple[Any, Any]], workers: int, seconds: floa
 
 # -- training ----------------------------------------------------------------------------------------
 def train_wait(
-    make: Callable[[], tuple[Any, Any]], workers: int, seconds: float, device: str
+    make: Callable[[], tuple[Any, Any]], workers: int, seconds: float, device: str, min_steps: int = MIN_STEPS
 ) -> dict[str, Any]:
     """Train the reference U-Net for ``seconds``: slices/s and the share of time the device
     waited for a batch (time blocked on the loader over the whole loop; every step is
@@ -290,11 +290,11 @@ def train_wait(
         if cuda:
             torch.cuda.synchronize()
         took = time.perf_counter() - s0
-        if i > 0 and took > seconds / MIN_STEPS:  # the first step also waits for the workers
+        if i > 0 and min_steps and took > seconds / min_steps:  # the first step also waits for the workers
             del it, loader
             gc.collect()
             return {"skipped": f"a training step takes {took:.1f} s on {device}: the {seconds:g} s "
-                    f"window holds fewer than {MIN_STEPS} steps"}  # fmt: skip
+                    f"window holds fewer than {min_steps} steps"}  # fmt: skip
     events: list[tuple[Any, Any]] = []
     waited, examples, batches, t0 = 0.0, 0, 0, time.perf_counter()
     own0 = _own_cpu_s()
@@ -354,7 +354,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.cores = cores
     if args.quick:
-        args.scans, args.shape, args.seconds, args.train_seconds = 4, "96,96,32", 1.5, 6.0
+        args.scans, args.shape, args.seconds, args.train_seconds = 4, "96,96,32", 1.5, 2.0
         args.workers, args.patch_workers, args.train_workers = "0,2", "0,2", "2"
     return args
 
@@ -432,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                     result = {"skipped": too_slow}
                 elif section == "train":
                     # pinned memory, as for training on a GPU
-                    result = train_wait(maker(feed, kind, k, device == "cuda"), k, args.train_seconds, device)
+                    # a smoke run (--quick) always trains, so that every part of the loop runs
+                    result = train_wait(maker(feed, kind, k, device == "cuda"), k, args.train_seconds, device,
+                                        0 if args.quick else MIN_STEPS)  # fmt: skip
                 else:  # the loader alone, as the issue's baseline was measured (no pinning)
                     result = loader_rate(maker(feed, kind, k, False), k, args.seconds)
             except Exception as exc:  # one broken configuration must not hide the others
