@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import httpx
 import numpy as np
@@ -58,9 +57,6 @@ from store.errors import (
 from store.format import IMAGE, MASK, ScanMeta, channel_array, matches, validate_array_name, validate_scan_id
 from store.label_map import Decoded, merged
 from store.protocol import RegionRequest, RoiLike
-
-R = TypeVar("R")
-log = logging.getLogger("scancache.client")
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
 # Filters the server understands as query parameters; every filter is also applied here.
@@ -110,12 +106,7 @@ class HttpSource:
             raise ValueError(f"{url!r} is not an http(s):// URL")
         self.url = url.rstrip("/")
         self.retry = RetryPolicy.from_settings(timeout, retry_seconds, retries, backoff)
-        timeout = self.timeout = self.retry.timeout
-        self.retry_seconds, self.retries, self.backoff = (
-            self.retry.retry_seconds,
-            self.retry.retries,
-            self.retry.backoff,
-        )
+        timeout = self.retry.timeout
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(
@@ -145,6 +136,23 @@ class HttpSource:
         self._counters_lock = threading.Lock()
         # what this source knows it reads: the served store and each scan's version
         self._identity = ServedIdentity(self.url)
+
+    # the settings in force (arguments, else environment, else defaults): the retry policy's
+    @property
+    def timeout(self) -> float:
+        return self.retry.timeout
+
+    @property
+    def retry_seconds(self) -> float:
+        return self.retry.retry_seconds
+
+    @property
+    def retries(self) -> int | None:
+        return self.retry.retries
+
+    @property
+    def backoff(self) -> float:
+        return self.retry.backoff
 
     def __repr__(self) -> str:
         return f"HttpSource({self.url!r})"
