@@ -71,7 +71,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _scan_rows(location: str | Path) -> list[dict[str, Any]]:
-    from store.writer import check_store, published_scan_ids, read_scan_attrs
+    from store.inventory import check_store, published_scan_ids, read_scan_attrs
 
     store = check_store(location)
     rows = []

@@ -1,9 +1,8 @@
 """The preprocessing job: every scan of a source into the store, as one Dask graph.
 
-Each scan is one task (``convert_scan``) that stats its sources, skips the scan if the store
-already holds it with the same fingerprint and every file of its manifest, and otherwise reads
-it, checks it and publishes it as a new version (``store.writer.StagedScan``). Tasks never raise for bad input: they return a
-``ScanResult`` with a one-line message, so one bad scan never stops the others.
+Each scan is one task (``service.scan_task.convert_scan``): it skips a scan the store already
+holds, converts and publishes the others, and never raises for bad input (a failure is a
+one-line ``ScanResult``), so one bad scan never stops the others.
 
 By default the graph runs on a ``LocalCluster`` (processes, one thread each); with
 ``scheduler="tcp://host:port"`` it runs on an existing cluster whose workers see the same
@@ -23,243 +22,33 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
-
-from service.nifti_source import load_case
+from service.job_summary import CONVERTED, FAILED, SKIPPED, Progress, ScanResult, Summary
 from service.nnunet_dataset import NIFTI_KIND
-from service.slice_files import SliceReader, load_scan
-from service.sources import ScanOptions, ScanSpec, discover, fingerprint
+from service.scan_task import convert_scan
+from service.sources import ScanOptions, ScanSpec, discover
 from store import publish
-from store import writer as store_mod
-from store.errors import SourceError, one_line
+from store.errors import one_line
 from store.format import ChunkLayout
-from store.scratch import release_all, restore_malloc, scratch, tune_malloc_for_conversion
+from store.inventory import ensure_store
+from store.scratch import release_all, restore_malloc, tune_malloc_for_conversion
 from store.storage import is_s3_url
-from store.units import format_bytes
 
-CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
-
-
-@dataclass(frozen=True)
-class ScanResult:
-    """What one task reports back (small: it travels from the worker to the client)."""
-
-    scan_id: str
-    status: str  # converted / skipped / failed
-    message: str = ""  # for failures: "scan: file: why"
-    bytes_in: int = 0
-    bytes_out: int = 0
-    worker: str = ""
-    warning: str = ""  # e.g. non-finite voxels: converted exactly, but worth knowing
-
-
-@dataclass
-class Summary:
-    converted: int = 0
-    skipped: int = 0
-    failed: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    seconds: float = 0.0
-    results: list[ScanResult] = field(default_factory=list)
-    orphans: list[str] = field(default_factory=list)  # scans in the store whose sources are gone
-    pruned: bool = False  # whether the orphans were removed
-    removed_versions: int = 0
-
-    def add(self, result: ScanResult) -> None:
-        self.results.append(result)
-        setattr(self, result.status, getattr(self, result.status) + 1)
-        self.bytes_in += result.bytes_in
-        self.bytes_out += result.bytes_out
-
-    @property
-    def total(self) -> int:
-        return self.converted + self.skipped + self.failed
-
-    def warnings(self) -> list[str]:
-        return sorted(r.warning for r in self.results if r.warning)
-
-    def failures(self) -> list[str]:
-        """The failure lines (``scan: file: why``), sorted."""
-        return sorted(r.message for r in self.results if r.status == FAILED)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-    def __str__(self) -> str:
-        return (
-            f"{self.converted} converted, {self.skipped} skipped, {self.failed} failed; "
-            f"{format_bytes(self.bytes_in)} read, {format_bytes(self.bytes_out)} written in {self.seconds:.1f} s"
-        )
-
-    def report(self) -> str:
-        lines = [
-            f"scans: {self.converted} converted, {self.skipped} skipped, {self.failed} failed "
-            f"in {self.seconds:.1f} s",
-            f"bytes: {format_bytes(self.bytes_in)} read, {format_bytes(self.bytes_out)} written",
-        ]
-        if self.warnings():
-            lines.append(f"warnings ({len(self.warnings())}):")
-            lines.extend(f"  {message}" for message in self.warnings())
-        if self.orphans:
-            if self.pruned:
-                lines.append(f"removed {len(self.orphans)} scans whose sources are gone:")
-            else:
-                lines.append(
-                    f"{len(self.orphans)} scans in the store have no source any more "
-                    "(kept; --prune removes them):"
-                )
-            lines.extend(f"  {scan_id}" for scan_id in self.orphans)
-        if self.failed:
-            lines.append(f"failures ({self.failed}):")
-            lines.extend(f"  {message}" for message in self.failures())
-        return "\n".join(lines)
-
-
-def dir_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            try:
-                total += os.stat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _worker_name() -> str:
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().address)
-    except (ImportError, ValueError):
-        return ""
-
-
-def convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str | None = None) -> ScanResult:
-    """One task: skip, convert or fail one scan. Never raises, never warns on stderr."""
-    # numpy's floating-point warnings (NaN/Inf in a source) would go to a worker's stderr; the
-    # result reports them instead. errstate is per thread (a context variable), unlike warnings
-    with np.errstate(all="ignore"):
-        return _convert_scan(spec, store, layout, staging)
-
-
-def _convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str | None) -> ScanResult:
-    worker = _worker_name()
-    try:
-        fp, source_bytes = fingerprint(spec, layout)
-        published = store_mod.read_scan_attrs(store, spec.scan_id)
-        if (
-            published is not None
-            and published.get("fingerprint") == fp
-            and store_mod.manifest_problem(store, spec.scan_id, published) is None
-        ):
-            return ScanResult(spec.scan_id, SKIPPED, worker=worker)
-        attrs: dict[str, Any] = {
-            **spec.attrs(),
-            "fingerprint": fp,
-            "sources": {"files": len(spec.files), "bytes": source_bytes},
-        }
-        with store_mod.StagedScan(store, spec.scan_id, layout, staging) as staged:
-            if spec.kind == NIFTI_KIND:
-                case = load_case(spec)
-                attrs.update(case.attrs)
-                stats = store_mod.write_arrays(staged, case.image, case.mask, case.extra_channels)
-            elif spec.kind == "2d":
-                reader = SliceReader(spec)
-                attrs.update(user_geometry(spec, reader.spacing, reader.num_classes))
-                stats = _stream_slices(reader, staged, attrs)
-            else:
-                scan = load_scan(spec)
-                if scan.spacing is not None:
-                    attrs["spacing"] = scan.spacing
-                num_classes = 0 if scan.mask is None else int(scan.mask.shape[3])
-                attrs.update(user_geometry(spec, scan.spacing, num_classes))
-                stats = store_mod.write_arrays(staged, scan.image, scan.mask)
-            staged.publish(attrs, stats)
-        warning = ""
-        if stats.non_finite:
-            warning = (
-                f"{spec.scan_id}: {stats.non_finite} non-finite image voxels (NaN/Inf), stored as they "
-                "are and left out of the intensity statistics"
-            )
-        return ScanResult(
-            spec.scan_id,
-            CONVERTED,
-            bytes_in=source_bytes,
-            bytes_out=staged.bytes_written,
-            worker=worker,
-            warning=warning,
-        )
-    except SourceError as err:
-        return ScanResult(spec.scan_id, FAILED, str(err), worker=worker)
-    except Exception as err:  # a write error, a full disk: still one line, still not fatal
-        why = one_line(err, 200)
-        return ScanResult(
-            spec.scan_id, FAILED, f"{spec.scan_id}: (store): {type(err).__name__}: {why}", worker=worker
-        )
-
-
-def user_geometry(spec: ScanSpec, source_spacing: list[float] | None, num_classes: int) -> dict[str, Any]:
-    """The attributes ``--spacing`` and ``--class-names`` give a MedSegPy scan: the spacing
-    (and ``affine`` = diag(spacing, 1)) only where the source has none; the class names, whose
-    count must be the scan's number of classes (an image-only scan records them as given: the
-    classes a prediction of it names, ``ScanMeta.class_names``)."""
-    out: dict[str, Any] = {}
-    options = spec.options
-    if options.spacing is not None and source_spacing is None:
-        out["spacing"] = list(options.spacing)
-        out["affine"] = np.diag([*options.spacing, 1.0]).tolist()
-    if options.class_names:  # an image-only scan records them too: the dataset's classes
-        if num_classes and len(options.class_names) != num_classes:
-            raise SourceError(
-                spec.scan_id,
-                spec.files[-1],
-                f"--class-names gives {len(options.class_names)} names, the scan has {num_classes} classes",
-            )
-        out["class_names"] = list(options.class_names)
-    return out
-
-
-def _stream_slices(
-    reader: SliceReader, staged: store_mod.StagedScan, attrs: dict[str, Any]
-) -> store_mod.ScanStatistics:
-    """Read a 2D scan one shard-deep slab of slices at a time and write each slab's shards.
-
-    Every slice file is read once, straight into a slab buffer, and its statistics taken while
-    it is in the CPU cache; the buffers (one shard deep, some 50 MB for a knee scan) are reused
-    from slab to slab, so memory stays far below one scan's size.
-    """
-    if reader.spacing is not None:
-        attrs["spacing"] = reader.spacing
-    height, width, depth = reader.shape
-    image_out = staged.create_image(reader.shape, reader.dtype)
-    mask_out = staged.create_mask((*reader.shape, reader.num_classes)) if reader.num_classes else None
-    slab = min(image_out.slab_depth, depth)
-    images = scratch("slab-image", (slab, height, width), reader.dtype)
-    masks = scratch("slab-mask", (slab, height, width, reader.num_classes), np.uint8) if mask_out else None
-    stats = store_mod.ScanStatistics(scratch=scratch("statistics", (height * width,), np.float64))
-    for z0 in range(0, depth, slab):
-        count = min(slab, depth - z0)
-        for i in range(count):
-            reader.read_image(z0 + i, images[i])
-            stats.add_image(images[i])
-        image_slab = images[:count].transpose(1, 2, 0)
-        image_out.write_slab(z0, image_slab)
-        mask_slab = None
-        if mask_out is not None and masks is not None:
-            for i in range(count):
-                reader.read_mask(z0 + i, masks[i])
-                stats.add_class_counts(store_mod.binary_class_counts(masks[i]))
-            mask_slab = masks[:count].transpose(1, 2, 0, 3)
-            mask_out.write_slab(z0, mask_slab)
-        staged.slab_written(z0, image_slab, mask_slab)
-    return stats
+# Re-exported: scripts and the benchmarks import them from here.
+__all__ = [
+    "CONVERTED",
+    "FAILED",
+    "SKIPPED",
+    "ScanResult",
+    "Summary",
+    "convert_scan",
+    "dask_client",
+    "run_preprocess",
+    "with_user_options",
+]
 
 
 # -- running the graph ------------------------------------------------------------------------
@@ -296,36 +85,6 @@ def dask_client(
         yield client
 
 
-class Progress:
-    """A tqdm bar on a terminal; otherwise a plain line every few seconds and at the end."""
-
-    def __init__(self, total: int, done: int, enabled: bool, stream: IO[str], every: float = 5.0) -> None:
-        self.total, self.enabled, self.stream, self.every = total, enabled, stream, every
-        self.bar: Any = None
-        self.last = time.monotonic()
-        if enabled and stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, unit="scan", file=stream, dynamic_ncols=True)
-
-    def update(self, summary: Summary) -> None:
-        if not self.enabled:
-            return
-        text = f"converted {summary.converted}, skipped {summary.skipped}, failed {summary.failed}"
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-            return
-        now = time.monotonic()
-        if summary.total == self.total or now - self.last >= self.every:
-            self.last = now
-            print(f"preprocess: {summary.total}/{self.total} scans ({text})", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def run_preprocess(
     source: str | os.PathLike[str],
     store: str | os.PathLike[str],
@@ -360,7 +119,7 @@ def run_preprocess(
     found = discover(source)
     found.scans = with_user_options(found.scans, class_names, spacing)
     location = str(store) if is_s3_url(str(store)) else Path(store).resolve()
-    storage = store_mod.ensure_store(location)
+    storage = ensure_store(location)
     summary = Summary()
     for err in found.failures:
         summary.add(ScanResult(err.scan, FAILED, str(err)))

@@ -22,8 +22,8 @@ from service.slice_files import LoadedScan, load_scan
 from service.sources import ScanSpec, discover
 from store.errors import SourceError, one_line
 from store.format import IMAGE, MASK, extra_channel_arrays
+from store.inventory import check_store, manifest_mismatch, published_scan_ids
 from store.storage import Storage, is_s3_url
-from store.writer import check_store, manifest_mismatch, published_scan_ids
 
 OK, MISMATCH, MISSING, FAILED, EXTRA, TORN = "OK", "MISMATCH", "MISSING", "FAILED", "EXTRA", "TORN"
 STATUSES = (OK, MISMATCH, MISSING, TORN, FAILED, EXTRA)

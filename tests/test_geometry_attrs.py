@@ -11,7 +11,8 @@ from conftest import make_volume
 from live_server import live_server
 
 from store.format import ScanMeta, extra_channel_arrays
-from store.writer import manifest_mismatch, write_scan
+from store.inventory import manifest_mismatch
+from store.writer import write_scan
 
 
 def _meta(**attrs):

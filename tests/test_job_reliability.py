@@ -17,9 +17,9 @@ from service.sample_data import write_sample_data
 from service.slice_files import load_scan
 from service.sources import discover
 from store.errors import EmptySource, SourceError
+from store.inventory import manifest_problem
 from store.lock import JobLock
 from store.source import LocalSource
-from store.writer import manifest_problem
 from tests.h5_sources import random_scan, reference, run_cli, write_slice_files, write_volume_file
 
 

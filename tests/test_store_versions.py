@@ -18,9 +18,10 @@ import zarr
 import store.source as local_mod
 from store import publish
 from store.format import StoreFormatError
+from store.inventory import ensure_store
 from store.lock import JobLock, StoreLocked
 from store.source import LocalSource
-from store.writer import ensure_store, write_scan
+from store.writer import write_scan
 
 SCAN = "0000001_V00-Aug00"
 

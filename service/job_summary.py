@@ -1,0 +1,119 @@
+"""What a preprocessing job reports: each scan's result (small: it travels from a Dask worker
+to the client), the job's summary and its progress line or bar."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from store.units import format_bytes
+
+CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What one task reports back (small: it travels from the worker to the client)."""
+
+    scan_id: str
+    status: str  # converted / skipped / failed
+    message: str = ""  # for failures: "scan: file: why"
+    bytes_in: int = 0
+    bytes_out: int = 0
+    worker: str = ""
+    warning: str = ""  # e.g. non-finite voxels: converted exactly, but worth knowing
+
+
+@dataclass
+class Summary:
+    converted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    results: list[ScanResult] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # scans in the store whose sources are gone
+    pruned: bool = False  # whether the orphans were removed
+    removed_versions: int = 0
+
+    def add(self, result: ScanResult) -> None:
+        self.results.append(result)
+        setattr(self, result.status, getattr(self, result.status) + 1)
+        self.bytes_in += result.bytes_in
+        self.bytes_out += result.bytes_out
+
+    @property
+    def total(self) -> int:
+        return self.converted + self.skipped + self.failed
+
+    def warnings(self) -> list[str]:
+        return sorted(r.warning for r in self.results if r.warning)
+
+    def failures(self) -> list[str]:
+        """The failure lines (``scan: file: why``), sorted."""
+        return sorted(r.message for r in self.results if r.status == FAILED)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.converted} converted, {self.skipped} skipped, {self.failed} failed; "
+            f"{format_bytes(self.bytes_in)} read, {format_bytes(self.bytes_out)} written in {self.seconds:.1f} s"
+        )
+
+    def report(self) -> str:
+        lines = [
+            f"scans: {self.converted} converted, {self.skipped} skipped, {self.failed} failed "
+            f"in {self.seconds:.1f} s",
+            f"bytes: {format_bytes(self.bytes_in)} read, {format_bytes(self.bytes_out)} written",
+        ]
+        if self.warnings():
+            lines.append(f"warnings ({len(self.warnings())}):")
+            lines.extend(f"  {message}" for message in self.warnings())
+        if self.orphans:
+            if self.pruned:
+                lines.append(f"removed {len(self.orphans)} scans whose sources are gone:")
+            else:
+                lines.append(
+                    f"{len(self.orphans)} scans in the store have no source any more "
+                    "(kept; --prune removes them):"
+                )
+            lines.extend(f"  {scan_id}" for scan_id in self.orphans)
+        if self.failed:
+            lines.append(f"failures ({self.failed}):")
+            lines.extend(f"  {message}" for message in self.failures())
+        return "\n".join(lines)
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a plain line every few seconds and at the end."""
+
+    def __init__(self, total: int, done: int, enabled: bool, stream: IO[str], every: float = 5.0) -> None:
+        self.total, self.enabled, self.stream, self.every = total, enabled, stream, every
+        self.bar: Any = None
+        self.last = time.monotonic()
+        if enabled and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="scan", file=stream, dynamic_ncols=True)
+
+    def update(self, summary: Summary) -> None:
+        if not self.enabled:
+            return
+        text = f"converted {summary.converted}, skipped {summary.skipped}, failed {summary.failed}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+            return
+        now = time.monotonic()
+        if summary.total == self.total or now - self.last >= self.every:
+            self.last = now
+            print(f"preprocess: {summary.total}/{self.total} scans ({text})", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
