@@ -7,16 +7,13 @@ errors, as argparse does); ``--debug`` shows the traceback too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from service.cli_args import (
-    PROFILE_Y_FORMATS,
     RefuseTokenFlag,
     class_names_arg,
     non_negative_float,
@@ -28,9 +25,10 @@ from service.cli_args import (
     spacing_arg,
 )
 from service.export_cli import add_export_parser
+from service.profile_cli import add_profile_parser
+from service.scans_cli import add_scans_parser
 from service.version import package_version
 from store.errors import one_line
-from store.storage import parse_location
 
 
 # -- subcommands ------------------------------------------------------------------------------
@@ -68,58 +66,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_store(args.source, args.store, on_line=lambda line: print(line, flush=True))
     print(report.summary())
     return 0 if report.exact else 1
-
-
-def _scan_rows(location: str | Path) -> list[dict[str, Any]]:
-    from store.inventory import check_store, published_scan_ids, read_scan_attrs
-
-    store = check_store(location)
-    rows = []
-    for entry in published_scan_ids(store):
-        attrs = read_scan_attrs(store, entry)
-        if attrs is None or "scan_id" not in attrs:
-            continue
-        rows.append(
-            {
-                "scan_id": attrs["scan_id"],
-                "split": attrs.get("split"),
-                "subject_id": attrs.get("subject_id"),
-                "time_point": attrs.get("time_point"),
-                "augmentation": attrs.get("augmentation"),
-                "shape": attrs.get("shape"),
-                "dtype": attrs.get("dtype"),
-                "num_classes": attrs.get("num_classes", 0),
-                "bytes": sum(attrs.get("manifest", {}).values()),  # the files as written
-            }
-        )
-    return rows
-
-
-def cmd_scans(args: argparse.Namespace) -> int:
-    from store.units import format_bytes
-
-    rows = _scan_rows(parse_location(args.store))
-    if args.json:
-        print(json.dumps({"scans": rows}, indent=2, allow_nan=False))
-        return 0
-    table = [("SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE")]
-    for row in rows:
-        shape = "x".join(str(n) for n in row["shape"] or [])
-        table.append(
-            (
-                row["scan_id"],
-                row["split"] or "-",
-                shape,
-                str(row["dtype"]),
-                str(row["num_classes"]),
-                format_bytes(row["bytes"]),
-            )
-        )
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-    print(f"{len(rows)} scans, {format_bytes(sum(r['bytes'] for r in rows))}")
-    return 0
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:
@@ -173,56 +119,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = {k: v for k, v in options.items() if v is not None or k in ("store", "host", "port", "workers")}
     run(**options)  # blocks until the server stops (Ctrl-C)
     return 0
-
-
-def cmd_profile(args: argparse.Namespace) -> int:
-    from service.profile import explain, parse_categories, parse_int_tuple, run_profile
-
-    result = run_profile(
-        args.source,
-        args.tag,
-        batch_size=args.batch_size,
-        categories=parse_categories(args.categories) if args.categories else None,
-        img_size=parse_int_tuple(args.img_size, "--img-size") if args.img_size else None,
-        seconds=args.seconds,
-        split=args.split,
-        y_format=args.y_format,
-    )
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print("\n".join(explain(result)))
-    return 0
-
-
-def add_profile_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "profile",
-        help="run a training loader for a while and say where the time goes",
-        description="Run the TAG loader over SOURCE (a store path or a server URL) for a bounded "
-        "time and print batches/s, read amplification and where the time goes (loader.stats()).",
-    )
-    p.add_argument("source", metavar="SOURCE", help="store folder or http(s):// server URL")
-    p.add_argument(
-        "--tag", required=True, help="loader: DefaultDataLoader, S25dDataLoader, PatchDataLoader, ..."
-    )
-    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="default: %(default)s")
-    p.add_argument(
-        "--categories",
-        metavar="CATS",
-        help="e.g. [0,[1,2],3], 0,1+2,3 or liver,kidney+2 (default: every class)",
-    )
-    p.add_argument("--img-size", metavar="H,W,C", help="the loader's IMG_SIZE, e.g. 288,288,1")
-    p.add_argument("--seconds", type=float, default=10.0, metavar="S", help="how long to run (default: 10)")
-    p.add_argument("--split", default=None, help="only scans of this split (default: all)")
-    p.add_argument(
-        "--y-format",
-        choices=PROFILE_Y_FORMATS,
-        default="one_hot",
-        help="the loader's Y_FORMAT (default: %(default)s; class_index: one uint8 label a voxel)",
-    )
-    p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    p.set_defaults(func=cmd_profile)
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -331,10 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("scans", help="list the scans of a store", description="List the scans of STORE.")
-    p.add_argument("store", metavar="STORE")
-    p.add_argument("--json", action="store_true", help='print {"scans": [...]} as JSON')
-    p.set_defaults(func=cmd_scans)
+    add_scans_parser(sub)
 
     p = sub.add_parser(
         "sample-data",

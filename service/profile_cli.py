@@ -1,0 +1,60 @@
+"""``scancache profile SOURCE --tag TAG``: run a training loader for a while and say where
+the time goes and which setting to change (``service.profile``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from service.cli_args import PROFILE_Y_FORMATS, positive_int
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from service.profile import explain, parse_categories, parse_int_tuple, run_profile
+
+    result = run_profile(
+        args.source,
+        args.tag,
+        batch_size=args.batch_size,
+        categories=parse_categories(args.categories) if args.categories else None,
+        img_size=parse_int_tuple(args.img_size, "--img-size") if args.img_size else None,
+        seconds=args.seconds,
+        split=args.split,
+        y_format=args.y_format,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print("\n".join(explain(result)))
+    return 0
+
+
+def add_profile_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="run a training loader for a while and say where the time goes",
+        description="Run the TAG loader over SOURCE (a store path or a server URL) for a bounded "
+        "time and print batches/s, read amplification and where the time goes (loader.stats()).",
+    )
+    p.add_argument("source", metavar="SOURCE", help="store folder or http(s):// server URL")
+    p.add_argument(
+        "--tag", required=True, help="loader: DefaultDataLoader, S25dDataLoader, PatchDataLoader, ..."
+    )
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="default: %(default)s")
+    p.add_argument(
+        "--categories",
+        metavar="CATS",
+        help="e.g. [0,[1,2],3], 0,1+2,3 or liver,kidney+2 (default: every class)",
+    )
+    p.add_argument("--img-size", metavar="H,W,C", help="the loader's IMG_SIZE, e.g. 288,288,1")
+    p.add_argument("--seconds", type=float, default=10.0, metavar="S", help="how long to run (default: 10)")
+    p.add_argument("--split", default=None, help="only scans of this split (default: all)")
+    p.add_argument(
+        "--y-format",
+        choices=PROFILE_Y_FORMATS,
+        default="one_hot",
+        help="the loader's Y_FORMAT (default: %(default)s; class_index: one uint8 label a voxel)",
+    )
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_profile)

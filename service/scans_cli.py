@@ -1,0 +1,69 @@
+"""``scancache scans STORE``: the published scans of a store, as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from store.storage import parse_location
+
+
+def _scan_rows(location: str | Path) -> list[dict[str, Any]]:
+    from store.inventory import check_store, published_scan_ids, read_scan_attrs
+
+    store = check_store(location)
+    rows = []
+    for entry in published_scan_ids(store):
+        attrs = read_scan_attrs(store, entry)
+        if attrs is None or "scan_id" not in attrs:
+            continue
+        rows.append(
+            {
+                "scan_id": attrs["scan_id"],
+                "split": attrs.get("split"),
+                "subject_id": attrs.get("subject_id"),
+                "time_point": attrs.get("time_point"),
+                "augmentation": attrs.get("augmentation"),
+                "shape": attrs.get("shape"),
+                "dtype": attrs.get("dtype"),
+                "num_classes": attrs.get("num_classes", 0),
+                "bytes": sum(attrs.get("manifest", {}).values()),  # the files as written
+            }
+        )
+    return rows
+
+
+def cmd_scans(args: argparse.Namespace) -> int:
+    from store.units import format_bytes
+
+    rows = _scan_rows(parse_location(args.store))
+    if args.json:
+        print(json.dumps({"scans": rows}, indent=2, allow_nan=False))
+        return 0
+    table = [("SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE")]
+    for row in rows:
+        shape = "x".join(str(n) for n in row["shape"] or [])
+        table.append(
+            (
+                row["scan_id"],
+                row["split"] or "-",
+                shape,
+                str(row["dtype"]),
+                str(row["num_classes"]),
+                format_bytes(row["bytes"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    print(f"{len(rows)} scans, {format_bytes(sum(r['bytes'] for r in rows))}")
+    return 0
+
+
+def add_scans_parser(sub: Any) -> None:
+    p = sub.add_parser("scans", help="list the scans of a store", description="List the scans of STORE.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--json", action="store_true", help='print {"scans": [...]} as JSON')
+    p.set_defaults(func=cmd_scans)
