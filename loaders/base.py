@@ -51,6 +51,7 @@ from loaders.scans import (
     scans_from_dicts,
 )
 from loaders.stats import LoaderStats, WorkerCounters, with_workers
+from store.errors import NotRegistered
 
 import_keras()  # chooses the backend before Keras' first import (loaders.backend)
 
@@ -257,8 +258,13 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         raise ValueError(
             f"batch_size={self.batch_size} is more than the {self._num_elements()} examples "
             + (f"of rank {self.shard.rank} (of {replicas})" if replicas > 1 else "of this data set")
+            + self.examples_note()
             + " and drop_last=True leaves no batch"
         )
+
+    def examples_note(self) -> str:
+        """What decides the count of examples, for the message above (a loader may say)."""
+        return ""
 
     def _plan_for(self, epoch: int) -> Plan:
         plan = self._plan
@@ -422,5 +428,5 @@ def build_data_loader(cfg: Config, dataset_dicts: Sequence[dict[str, Any]], **kw
         cls: Callable[..., DataLoader] = LOADER_REGISTRY[cfg.TAG]
     except KeyError:
         known = ", ".join(sorted(LOADER_REGISTRY))
-        raise KeyError(f"cfg.TAG {cfg.TAG!r} is not a registered loader; registered: {known}") from None
+        raise NotRegistered(f"cfg.TAG {cfg.TAG!r} is not a registered loader; registered: {known}") from None
     return cls(cfg, dataset_dicts, **kwargs)

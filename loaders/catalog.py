@@ -16,7 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from store.format import ScanMeta
+from store.errors import NotRegistered
+from store.format import ScanMeta, why_nothing_matches
 from store.protocol import ScanSource
 from store.source import LocalSource
 
@@ -142,7 +143,12 @@ class DatasetCatalog:
         location: SourceLike = str(source) if hasattr(source, "__fspath__") else source  # type: ignore[assignment]
 
         def load() -> list[dict[str, Any]]:
-            return [scan_dict(location, m) for m in shared_source(location).list_scans(**filters)]
+            source = shared_source(location)
+            scans = source.list_scans(**filters)
+            if not scans and any(v is not None for v in filters.values()):
+                why = why_nothing_matches(source.list_scans(), filters)
+                raise ValueError(f"dataset {name!r}: {why}")
+            return [scan_dict(location, m) for m in scans]
 
         DatasetCatalog._REGISTERED[name] = load
 
@@ -152,7 +158,7 @@ class DatasetCatalog:
             func = DatasetCatalog._REGISTERED[name]
         except KeyError:
             known = ", ".join(sorted(DatasetCatalog._REGISTERED)) or "none"
-            raise KeyError(f"dataset {name!r} is not registered; registered: {known}") from None
+            raise NotRegistered(f"dataset {name!r} is not registered; registered: {known}") from None
         dicts = func()
         for i, d in enumerate(dicts):
             if not isinstance(d, dict) or "scan_id" not in d or "source" not in d:

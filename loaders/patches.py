@@ -74,6 +74,9 @@ class PatchDataLoader(DataLoader):
                 f"use IMG_SIZE {(*size[:3], channels)}"
             )
 
+    def examples_note(self) -> str:
+        return f" ({len(self._plan[1])} patches of IMG_SIZE {self.patch} in {len(self.scans)} scans)"
+
     def grid(self, scan: ScanEntry) -> list[Element]:
         return [Element(scan.index, w) for w in grid_windows(scan.shape, self.patch, self.stride, self.pad)]
 

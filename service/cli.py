@@ -7,10 +7,14 @@ errors, as argparse does); ``--debug`` shows the traceback too.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from service.cli_args import (
@@ -18,6 +22,7 @@ from service.cli_args import (
     class_names_arg,
     non_negative_float,
     parse_bytes,
+    port_number,
     positive_int,
     positive_seconds_arg,
     read_token_file,
@@ -29,6 +34,8 @@ from service.profile_cli import add_profile_parser
 from service.scans_cli import add_scans_parser
 from service.version import package_version
 from store.errors import one_line
+
+SAMPLE_DATA_STAMP = ".sample-data.json"  # what `scancache sample-data` wrote into its folder
 
 
 # -- subcommands ------------------------------------------------------------------------------
@@ -72,6 +79,19 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     from service.sample_data import write_sample_data
 
     splits = None if args.no_splits else tuple(s for s in args.splits.split(",") if s)
+    params = {
+        "subjects": args.subjects, "visits": args.visits, "shape": list(args.shape), "classes": args.classes,
+        "format": args.format, "seed": args.seed, "splits": splits, "dtype": args.dtype,
+    }  # fmt: skip
+    folder = Path(args.dir)
+    stamp = folder / SAMPLE_DATA_STAMP
+    if folder.is_dir() and any(folder.iterdir()):
+        # the same command again (a compose file, a Makefile) finds its data and is done; any
+        # other contents would mix shapes and formats under one scan id
+        if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(params)):
+            print(f"{args.dir} already holds this sample data: nothing written")
+            return 0
+        raise ValueError(f"{args.dir} is not empty: give a new or empty folder")
     data = write_sample_data(
         args.dir,
         subjects=args.subjects,
@@ -83,6 +103,7 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
         splits=splits,
         dtype=args.dtype,
     )
+    stamp.write_text(json.dumps(params))
     kinds = ", ".join(f"{data.count(k)} {k.upper()}" for k in ("2d", "3d") if data.count(k))
     print(f"wrote {kinds} scans of {'x'.join(map(str, args.shape))} to {data.root}")
     print(f"convert them with: scancache preprocess {data.root} STORE")
@@ -125,8 +146,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scancache",
-        description="Preprocess MedSegPy slice-wise HDF5 scans into a chunked Zarr v3 store, "
-        "verify it, list it, and serve it over HTTP.",
+        description="Preprocess MedSegPy slice-wise HDF5 scans or an nnU-Net NIfTI dataset into a "
+        "chunked Zarr v3 store (a folder or s3://BUCKET/PREFIX), verify it, list it, and serve it over HTTP.",
         epilog="Run 'scancache COMMAND --help' for a command's options.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -262,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("store", metavar="STORE")
     p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
-    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--port", type=port_number, default=8000, help="default: %(default)s")
     p.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes (default: 1)")
     p.add_argument(
         "--cache-bytes",
@@ -318,13 +339,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, a batch scheduler, ``kill``): unwinds as Ctrl-C does, so a job
+    releases its lock and removes its staging on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the server leaves SIGTERM to uvicorn (a graceful shutdown); a job or a command stops cleanly
+    previous = None
+    if args.command != "serve" and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = int(args.func(args))
         sys.stdout.flush()  # a reader gone away is seen here, not in the interpreter's exit
         return code
+    except Terminated:
+        print("scancache: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a process stopped by it
     except KeyboardInterrupt:
         print("scancache: interrupted", file=sys.stderr)
         return 130
@@ -342,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = one_line(err)
         print(f"scancache {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:  # main() called from Python (a test, a script) leaves it as it was
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

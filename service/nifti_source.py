@@ -108,8 +108,15 @@ def _check_grid(spec: ScanSpec, rel: str, what: str, volume: _Volume, reference:
         )
     off = float(np.abs(volume.affine - reference.affine).max())
     if off > GRID_TOLERANCE_MM:
+        # what the user can picture: how far apart the two place a voxel centre (largest at a
+        # corner of the grid, the maps being affine), not the largest matrix entry's difference
+        corners = np.array([[*(0 if c == "0" else n - 1 for c, n in zip(bits, shape, strict=True)), 1]
+                            for bits in ("000", "001", "010", "011", "100", "101", "110", "111")]).T  # fmt: skip
+        apart = float(np.linalg.norm((volume.affine - reference.affine)[:3] @ corners, axis=0).max())
         raise SourceError(
-            spec.scan_id, rel, f"{what} affine differs from the image's ({first}) by up to {off:.4g} mm"
+            spec.scan_id,
+            rel,
+            f"{what} affine differs from the image's ({first}): voxel centres up to {apart:.4g} mm apart",
         )
 
 

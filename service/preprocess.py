@@ -192,8 +192,10 @@ def _convert_all(
 ) -> None:
     with dask_client(scheduler, workers, len(specs), dashboard) as client:
         if progress:
-            where = scheduler or f"a local cluster of {len(client.scheduler_info()['workers'])} workers"
-            print(f"preprocess: {len(specs)} scans on {where}", file=stream, flush=True)
+            n = len(client.scheduler_info()["workers"])
+            where = scheduler or f"a local cluster of {n} worker{'s' if n != 1 else ''}"
+            early = f" ({summary.failed} more failed before converting)" if summary.failed else ""
+            print(f"preprocess: {len(specs)} scans to convert on {where}{early}", file=stream, flush=True)
         if dashboard and not scheduler:
             print(f"preprocess: dashboard at {client.dashboard_link}", file=stream, flush=True)
         bar = Progress(summary.total + len(specs), summary.total, progress, stream)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from store.ome_views import is_view_chunk_file
 from store.storage import parse_location
 
 
@@ -29,7 +30,8 @@ def _scan_rows(location: str | Path) -> list[dict[str, Any]]:
                 "shape": attrs.get("shape"),
                 "dtype": attrs.get("dtype"),
                 "num_classes": attrs.get("num_classes", 0),
-                "bytes": sum(attrs.get("manifest", {}).values()),  # the files as written
+                # the files as written, an OME view's chunks (the arrays' own files) counted once
+                "bytes": sum(n for f, n in attrs.get("manifest", {}).items() if not is_view_chunk_file(f)),
             }
         )
     return rows

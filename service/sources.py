@@ -175,6 +175,12 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
                 f"{source}: has imagesTr/ or imagesTs/ but no {nnunet_dataset.DATASET_JSON}: an nnU-Net "
                 "dataset needs one (its labels, channel names, file ending)"
             )
+        parent = root.parent
+        if any(root.glob("*.nii*")) and nnunet_dataset.is_dataset(parent):  # imagesTr/ given
+            raise EmptySource(
+                f"{source}: holds NIfTI files of the nnU-Net dataset {parent}; give that folder "
+                f"(the one with {nnunet_dataset.DATASET_JSON}) as SOURCE"
+            )
         raise EmptySource(f"{source}: no .im/.seg slices or .h5 volumes found")
     for key in sorted(set(slices) - refused):
         try:

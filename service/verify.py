@@ -21,7 +21,7 @@ from service.nnunet_dataset import NIFTI_KIND
 from service.slice_files import LoadedScan, load_scan
 from service.sources import ScanSpec, discover
 from store.errors import SourceError, one_line
-from store.format import IMAGE, MASK, extra_channel_arrays
+from store.format import IMAGE, MASK, channel_dtype, extra_channel_arrays
 from store.inventory import check_store, manifest_mismatch, published_scan_ids
 from store.storage import Storage, is_s3_url
 
@@ -183,20 +183,28 @@ def _compare_arrays(
         return VerifyLine(
             spec.scan_id, MISMATCH, f"{stored_channels} channels, source {1 + len(loaded.extra_channels)}"
         )
+    # every channel is stored in the channels' common dtype (store.format.channel_dtype)
+    want = channel_dtype(source.image.dtype, *(c.dtype for c in loaded.extra_channels))
     for name, channel in zip(extra_channel_arrays(stored_channels), loaded.extra_channels, strict=True):
         stored = _read_array(store, folder, name)
-        if stored is None or stored.shape != channel.shape or stored.dtype != channel.dtype:
-            return VerifyLine(spec.scan_id, MISMATCH, f"{name} missing or of another shape or type")
+        if stored is None:
+            return VerifyLine(spec.scan_id, MISMATCH, f"no {name} array")
+        if stored.shape != channel.shape or stored.dtype != want:
+            return VerifyLine(
+                spec.scan_id,
+                MISMATCH,
+                f"{name} is {stored.dtype}{list(stored.shape)}, source {want}{list(channel.shape)}",
+            )
         if not _equal(stored, channel):
             return VerifyLine(spec.scan_id, MISMATCH, f"{name}: " + _first_difference(stored, channel))
     image = _read_array(store, folder, IMAGE)
     if image is None:
         return VerifyLine(spec.scan_id, MISSING, "no image array")
-    if image.shape != source.image.shape or image.dtype != source.image.dtype:
+    if image.shape != source.image.shape or image.dtype != want:
         return VerifyLine(
             spec.scan_id,
             MISMATCH,
-            f"image is {image.dtype}{list(image.shape)}, source {source.image.dtype}{list(source.image.shape)}",
+            f"image is {image.dtype}{list(image.shape)}, source {want}{list(source.image.shape)}",
         )
     if not _equal(image, source.image):
         return VerifyLine(spec.scan_id, MISMATCH, "image: " + _first_difference(image, source.image))

@@ -16,7 +16,10 @@ def one_line(err_or_text: BaseException | str, limit: int = ONE_LINE_LIMIT) -> s
     Whitespace runs (newlines of tracebacks, tensorstore and h5py messages) become one space; an
     exception with an empty message is named by its class. The one formatter for the project.
     """
-    text = " ".join(str(err_or_text).split())
+    raw = err_or_text
+    if type(raw) is KeyError and len(raw.args) == 1 and isinstance(raw.args[0], str):
+        raw = raw.args[0]  # str(KeyError) is the repr of its message: quotes and escapes
+    text = " ".join(str(raw).split())
     if not text and isinstance(err_or_text, BaseException):
         text = type(err_or_text).__name__
     return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
@@ -31,6 +34,10 @@ class ScanCacheError(Exception):
 
 class ScanNotFound(ScanCacheError, KeyError):
     """No complete scan with this id in the store."""
+
+
+class NotRegistered(ScanCacheError, KeyError):
+    """A loader ``TAG`` or a dataset name that nothing registered."""
 
 
 class ArrayNotFound(ScanCacheError, KeyError):

@@ -54,6 +54,15 @@ def extra_channel_arrays(channels: int) -> list[str]:
 _CHANNEL_ARRAY = re.compile(r"^image_c([1-9][0-9]{0,3})$")
 
 
+def channel_dtype(*dtypes: Any) -> Any:
+    """The one dtype every image channel of a scan is stored in: numpy's promotion of the
+    channels' own (int16 with float32 is float32, int16 with uint16 int32: values unchanged), so
+    a loader stacks channels without casts and the OME view is one array."""
+    import numpy as np  # not at the top: the command line parses its arguments without numpy
+
+    return np.result_type(*dtypes)
+
+
 def image_arrays(channels: int) -> list[str]:
     """The arrays of all of an image's channels, in channel order: ``image``, ``image_c1``, ..."""
     return [IMAGE, *extra_channel_arrays(channels)]
@@ -384,6 +393,28 @@ def matches(meta: ScanMeta, filters: dict[str, Any]) -> bool:
         elif have != want and str(have) != str(want):
             return False
     return True
+
+
+def why_nothing_matches(scans: Sequence[ScanMeta], filters: dict[str, Any]) -> str:
+    """Why ``filters`` select none of ``scans`` (every scan of a store): the first filter no
+    scan passes, with the values the scans have (or the attribute a misspelt key may mean)."""
+    import difflib
+
+    if not scans:
+        return "the store has no scans"
+    for key, want in filters.items():
+        if want is None or any(matches(meta, {key: want}) for meta in scans):
+            continue
+        if key == "has_class":
+            return f"has_class={want!r}: no scan has voxels of that class"
+        values = sorted({str(meta.attrs[key]) for meta in scans if key in meta.attrs})
+        if values:
+            shown = ", ".join(values[:12]) + (", ..." if len(values) > 12 else "")
+            return f"{key}={want!r} matches no scan (its scans have {key} {shown})"
+        names = sorted({k for meta in scans for k in meta.attrs} | {"has_class"})
+        close = difflib.get_close_matches(key, names, n=1)
+        return f"no scan has an attribute {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return f"no scan matches all of {', '.join(f'{k}={v!r}' for k, v in filters.items())}"
 
 
 def _matrix4(found: Any, name: str) -> list[list[float]]:

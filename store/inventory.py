@@ -17,7 +17,7 @@ from store.format import (
     new_store_id,
 )
 from store.s3 import S3Storage
-from store.storage import Storage, open_storage
+from store.storage import Storage, no_store_message, open_storage
 
 MANIFEST = "manifest"  # scan attribute: {relative file path: size in bytes} of every array file
 
@@ -57,7 +57,7 @@ def check_store(location: str | os.PathLike[str] | Storage) -> Storage:
     except ValueError:
         raise ValueError(f"{storage}: not a scancache store (unreadable zarr.json)") from None
     if doc is None:
-        raise FileNotFoundError(f"{storage}: not a scancache store (no zarr.json)")
+        raise FileNotFoundError(no_store_message(storage))
     check_store_format(storage, doc)
     return storage
 

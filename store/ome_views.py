@@ -167,6 +167,16 @@ def _write_group(folder: Path, attrs: dict[str, Any]) -> None:
     (folder / "zarr.json").write_text(json.dumps(ome.group_document(attrs), indent=2))
 
 
+def is_view_chunk_file(path: str) -> bool:
+    """Whether a scan file (path relative to its version, ``/``-separated) holds chunks of an OME
+    view: the bytes of a stored array's file under a second name (a hard link locally)."""
+    parts = path.split("/")
+    if "c" not in parts:
+        return False
+    array = parts[: parts.index("c")]
+    return bool(array) and (array[0].endswith(VIEW_SUFFIX) or array[0] == ome.LABELS_GROUP)
+
+
 def channel_arrays(scan: Path, image: str) -> list[Path]:
     """``image`` and its channels ``image_c1``, ``image_c2``, ... that exist in a scan folder."""
     found = [scan / image]

@@ -44,7 +44,7 @@ from store.label_map import (
 from store.lru import BoundedLRU
 from store.protocol import RegionRequest, RoiLike
 from store.roi import Region, as_region
-from store.storage import Storage, open_storage
+from store.storage import Storage, no_store_message, open_storage
 from store.units import parse_bytes
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
@@ -142,7 +142,7 @@ class LocalSource:
         self.root = self.storage.local_path() or Path(self.storage.url)
         data = self.storage.read("zarr.json")
         if data is None:
-            raise FileNotFoundError(f"{self.storage}: not a scancache store (no zarr.json)")
+            raise FileNotFoundError(no_store_message(self.storage))
         try:
             root_doc = json.loads(data)
         except ValueError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -44,6 +45,16 @@ def parse_location(text: str | os.PathLike[str]) -> str | Path:
         bucket, prefix = parse_s3_url(text)
         return f"{S3_SCHEME}{bucket}/{prefix}" if prefix else f"{S3_SCHEME}{bucket}"
     return Path(text)
+
+
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d+(/|$)")  # 127.0.0.1:8000, myserver:8000/
+
+
+def no_store_message(location: object) -> str:
+    """One line for a location without a store's ``zarr.json``; a ``host:port`` typed without its
+    scheme was meant as a server URL."""
+    hint = "; a server's URL starts with http://" if _HOST_PORT.match(str(location)) else ""
+    return f"{location}: not a scancache store (no zarr.json){hint}"
 
 
 class Storage(ABC):

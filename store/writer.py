@@ -29,6 +29,7 @@ from store.format import (
     ChunkLayout,
     ScanMeta,
     channel_array,
+    channel_dtype,
     group_metadata,
     validate_scan_id,
 )
@@ -254,9 +255,7 @@ def write_arrays(
     for k, channel in enumerate(extra_channels, start=1):
         if channel.shape != shape:
             raise ValueError(f"{staged.scan_id}: channel {k} has shape {channel.shape}, channel 0 {shape}")
-    # All channels share one dtype (numpy's promotion: int16 with float32 is float32, values
-    # unchanged), so a loader stacks them without casts and the OME view is one array.
-    dtype = np.result_type(image.dtype, *(c.dtype for c in extra_channels))
+    dtype = channel_dtype(image.dtype, *(c.dtype for c in extra_channels))
     if dtype != image.dtype:
         image = image.astype(dtype)
     extra_channels = [c if c.dtype == dtype else c.astype(dtype) for c in extra_channels]

@@ -225,7 +225,8 @@ def build_decathlon_dataset(root: Path) -> Path:
 # case -> the words its one failure line must hold
 BAD_CASES = {
     "shape_off": "label grid [48, 56, 39] differs from the image's [48, 56, 40]",
-    "affine_off": "label affine differs from the image's",
+    # shifted 1 mm: every voxel centre moves 1 mm
+    "affine_off": "label affine differs from the image's (imagesTr/affine_off_0000.nii.gz): voxel centres up to 1 mm apart",
     "unknown_label": "is not in dataset.json's labels",
     "fraction": "label file is not integer-valued",
     "no_channel1": "missing channel 1 (T1 brain)",

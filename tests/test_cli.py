@@ -71,6 +71,8 @@ def test_parse_bytes_rejects(bad):
         (["preprocess", "s", "t", "--workers", "0"], "must be at least 1"),
         (["preprocess", "s", "t", "--codec", "gzip"], "invalid choice"),
         (["serve", "st", "--max-bytes", "lots"], "not a byte size"),
+        (["serve", "st", "--port", "99999"], "'99999' is not a port number (0 to 65535)"),
+        (["serve", "st", "--port", "-5"], "'-5' is not a port number (0 to 65535)"),
         (["sample-data", "d", "--shape", "8,8"], "three positive integers"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -102,6 +104,14 @@ def test_scans_table_and_json(small_store, capsys):
     assert row["shape"] == list(image.shape) and row["dtype"] == "int16" and row["split"] == "valid"
     assert row["num_classes"] == mask.shape[3] and row["subject_id"] == 2 and row["bytes"] > 0
     assert by_id["0000003_V00-Aug01"]["num_classes"] == 0
+    # the size is the scan's files on disk with a hard-linked file (an OME view's shard) once
+    version = (root / "0000002_V00-Aug00").resolve()
+    inodes = {
+        (f.stat().st_dev, f.stat().st_ino): f.stat().st_size
+        for f in version.rglob("*")
+        if f.is_file() and f != version / "zarr.json"
+    }
+    assert row["bytes"] == sum(inodes.values())
     assert cli.main(["scans", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE"]
@@ -113,6 +123,12 @@ def test_scans_of_a_folder_that_is_not_a_store(tmp_path, capsys):
     assert cli.main(["scans", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("scancache scans: error: ") and "not a scancache store" in err
+    # host:port without its scheme was meant as a server
+    assert cli.main(["scans", "127.0.0.1:8000"]) == 1
+    assert capsys.readouterr().err == (
+        "scancache scans: error: 127.0.0.1:8000: not a scancache store (no zarr.json); "
+        "a server's URL starts with http://\n"
+    )
 
 
 def test_sample_data_command(tmp_path, capsys):
@@ -140,6 +156,15 @@ def test_sample_data_command(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("scancache sample-data: error: ") and "at least 2 subjects" in err
     assert err.count("\n") == 1
+    # the same command again finds its data; other data in the folder is refused, not mixed in
+    again = ["sample-data", str(tmp_path / "d"), "--subjects", "2", "--visits", "1", "--shape", "8x8x3"]
+    assert cli.main([*again, "--format", "both"]) == 0
+    assert "already holds this sample data: nothing written" in capsys.readouterr().out
+    before = sorted(p.name for p in (tmp_path / "d").rglob("*"))
+    assert cli.main([*again[:-1], "16x16x4", "--format", "both"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"scancache sample-data: error: {tmp_path / 'd'} is not empty: give a new or empty folder\n"
+    assert sorted(p.name for p in (tmp_path / "d").rglob("*")) == before
 
 
 def test_debug_shows_the_traceback(tmp_path):

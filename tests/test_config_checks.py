@@ -127,3 +127,17 @@ def test_a_batch_larger_than_the_data_without_drop_last_is_one_batch(name):
     loader = build_loader(Config(SEED=1), name, 1000, is_test=False, shuffle=True, drop_last=False)
     assert len(loader) == 1 and loader[0][0].shape[0] == 21
     loader.close()
+
+
+def test_too_few_patches_for_a_batch_says_how_many_the_patch_size_gives(name):
+    # a patch larger than every scan: one patch a scan (padded), fewer than the batch
+    with pytest.raises(ValueError) as err:
+        build_loader(
+            Config(TAG="PatchDataLoader", IMG_SIZE=(128, 128, 32, 1)),
+            name,
+            64,
+            is_test=False,
+            shuffle=False,
+            drop_last=True,
+        )
+    one_line(err, "batch_size=64", "patches of IMG_SIZE (128, 128, 32) in ", " scans)", "drop_last=True")

@@ -117,7 +117,7 @@ def test_cli_scheduler_option_rerun_skips(cluster, tmp_path):
     first = run_cli("preprocess", source, store, "--scheduler", address)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "scans: 2 converted, 0 skipped, 0 failed" in first.stdout
-    assert f"scans on {address}" in first.stderr
+    assert f"scans to convert on {address}" in first.stderr
     second = run_cli("preprocess", source, store, "--scheduler", address)
     assert "scans: 0 converted, 2 skipped, 0 failed" in second.stdout
     assert run_cli("verify", source, store).returncode == 0

@@ -103,3 +103,18 @@ def test_the_s3_compose_file_writes_to_s3_from_a_cluster_and_balances_two_server
         )
     upstream = (DOCKER / "nginx-two-servers.conf").read_text()
     assert "server server-1:8000;" in upstream and "server server-2:8000;" in upstream
+
+
+def test_only_servers_are_health_checked_in_both_compose_files():
+    """The image's HEALTHCHECK asks a server's /health: a job or a Dask process would show as
+    unhealthy forever, so every other service of the scancache image turns it off."""
+    for name in ("docker-compose.yml", "docker-compose.s3.yml"):
+        services = yaml.safe_load((DOCKER / name).read_text())["services"]
+        for service_name, service in services.items():
+            if "scancache" not in str(service.get("image", "")):
+                continue
+            check = service.get("healthcheck") or {}
+            if service_name.startswith("server"):
+                assert "/health" in " ".join(check["test"]), (name, service_name)
+            else:
+                assert check.get("disable") is True, (name, service_name)

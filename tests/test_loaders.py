@@ -293,6 +293,26 @@ def test_catalog_accepts_medsegpy_style_callables(store):
     DatasetCatalog.remove("callable_ds")
 
 
+def test_a_filter_that_selects_nothing_says_which_and_what_there_is(small_store):
+    root, truth = small_store
+    group = zarr.open_group(str(root), mode="r")
+    splits = sorted({str(group[scan_id].attrs["split"]) for scan_id in truth})
+    cases = {
+        "typo_split": (
+            {"split": "val"},
+            f"split='val' matches no scan (its scans have split {', '.join(splits)})",
+        ),
+        "typo_key": ({"spilt": "train"}, "no scan has an attribute 'spilt' (did you mean 'split'?)"),
+    }
+    for name, (filters, why) in cases.items():
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, root, **filters)
+        with pytest.raises(ValueError) as info:
+            build_loader(cfg_for(), name, batch_size=1, is_test=True, shuffle=False, drop_last=False)
+        assert str(info.value) == f"dataset {name!r}: {why}"
+        DatasetCatalog.remove(name)
+
+
 def test_build_loader_drops_image_only_scans_for_training_and_checks_tag(small_store):
     root, _ = small_store
     DatasetCatalog.remove("all_scans")

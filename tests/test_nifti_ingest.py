@@ -27,6 +27,8 @@ from nifti_sources import (
     qform_only,
     requires_mricron,
     save,
+    save_scaled,
+    v2_dataset_json,
     write_json,
 )
 
@@ -190,6 +192,34 @@ def test_two_channels_and_the_decathlon_form(tmp_path):
     assert msd["colin_0005"].attrs["split"] == "train"
     result = run_cli("verify", decathlon, tmp_path / "sd")
     assert result.returncode == 0 and "store is exact" in result.stdout
+
+
+def test_channels_of_different_dtypes_are_stored_in_one_and_verify_exactly(tmp_path):
+    """A scaled int16 T1 (float64 once scaled) beside a plain brain-extracted T1: every channel
+    is stored in their common dtype with the source's values, and verify finds it exact."""
+    import nibabel as nib
+
+    c = colin()
+    dataset = tmp_path / "mixed"
+    (dataset / "imagesTr").mkdir(parents=True)
+    save_scaled(c.t1, dataset / "imagesTr/mixed_0000.nii.gz")
+    save(c.t1_bet, dataset / "imagesTr/mixed_0001.nii.gz")
+    save(c.labels, dataset / "labelsTr/mixed.nii.gz")
+    write_json(dataset / "dataset.json", v2_dataset_json(c.kept, channels=("T1", "T1 brain"), num_training=1))
+    result = convert(dataset, tmp_path / "store")
+    assert result.returncode == 0, result.stdout + result.stderr
+    scan = zarr.open_group(str(tmp_path / "store"), mode="r")["mixed"]
+    affine = np.asarray(scan.attrs["affine"])
+    sources = [nib.load(dataset / f"imagesTr/mixed_000{k}.nii.gz") for k in (0, 1)]
+    want = np.result_type(*(np.asarray(img.dataobj).dtype for img in sources))
+    assert np.asarray(sources[0].dataobj).dtype != np.asarray(sources[1].dataobj).dtype
+    for name, img in zip(("image", "image_c1"), sources, strict=True):
+        stored = scan[name][...]
+        assert stored.dtype == want
+        truth = source_on_stored_grid(affine, img.affine, np.asarray(img.dataobj), stored.shape)
+        assert np.array_equal(stored, truth.astype(want))
+    verified = run_cli("verify", dataset, tmp_path / "store")
+    assert verified.returncode == 0 and "store is exact" in verified.stdout, verified.stdout
 
 
 def test_a_decathlon_file_with_channels_along_its_4th_axis(tmp_path):

@@ -94,6 +94,15 @@ def test_a_folder_with_images_but_no_dataset_json_names_it(tmp_path):
     assert "has imagesTr/ or imagesTs/ but no dataset.json" in line, line
 
 
+def test_pointing_at_imagestr_names_the_dataset_folder_to_give(tmp_path):
+    root = build_two_channel_dataset(tmp_path / "ds")
+    result = convert(root / "imagesTr", tmp_path / "store")
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "holds NIfTI files of the nnU-Net dataset" in line and "(the one with dataset.json)" in line, line
+    assert not (tmp_path / "store").exists()
+
+
 def test_an_unlisted_label_value_lists_the_known_values_as_runs(tmp_path):
     """An atlas of 116 regions: the line gives ``0-116``, not 117 numbers."""
     import nibabel as nib

@@ -105,6 +105,38 @@ def test_sigkill_then_rerun_completes_and_skips(source, tmp_path):
     assert run_cli("verify", source, store).returncode == 0
 
 
+def test_sigterm_stops_the_job_cleanly_and_a_rerun_completes(source, tmp_path):
+    """``docker stop`` sends SIGTERM to the job alone: it unwinds as Ctrl-C does, lock and
+    staging removed, every published scan whole; the re-run converts the rest."""
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "preprocess", str(source), str(store), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        while not published(store):
+            assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before it published a scan"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    if proc.returncode == 0:
+        pytest.skip("the job finished before SIGTERM reached it")
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "scancache: terminated", err
+    assert not (store / ".lock").exists() and not (store / ".staging").exists()
+    done = published(store)
+    assert_store_matches(store, source, only=done)
+    rerun = run_cli("preprocess", source, store, "--workers", "2")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"scans: {SCANS - len(done)} converted, {len(done)} skipped, 0 failed" in rerun.stdout
+
+
 def test_store_modified_behind_our_back_is_caught_by_verify(tmp_path):
     """verify compares voxels, not fingerprints: a damaged chunk or a lost scan fails it."""
     store = tmp_path / "store"

@@ -61,6 +61,17 @@ def test_serve_honours_cache_and_max_bytes_from_the_environment_and_the_flag_win
                     SCANCACHE_MAX_BYTES="20K") as url:  # fmt: skip
         assert cache_limit(url) == 32 * 2**20
         assert httpx.get(f"{url}/scans/{SCAN}/image").status_code == 200
+    # the flag wins even over a variable that does not parse: the variable is not read at all
+    with cli_server(
+        root,
+        "--cache-bytes",
+        "32M",
+        "--max-bytes",
+        "1M",
+        SCANCACHE_CACHE_BYTES="garbage",
+        SCANCACHE_MAX_BYTES="",
+    ) as url:
+        assert cache_limit(url) == 32 * 2**20
 
 
 def test_a_bad_size_in_the_environment_is_one_line_naming_it(small_store):

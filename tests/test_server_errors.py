@@ -159,6 +159,20 @@ def test_malformed_batch_bodies_are_422(client, body):
     assert_error(client.post("/batch", content=body, headers={"content-type": "application/json"}), 422)
 
 
+@pytest.mark.parametrize(
+    ("body", "headers", "detail"),
+    [
+        (b"not json", {"content-type": "application/json"}, "body: not valid JSON at character 0"),
+        (b'{"regions": [],}', {"content-type": "application/json"}, "body: not valid JSON at character 15"),
+        (b'{"regions": []}', {}, "body: expected a JSON object (send it with Content-Type: application/json)"),
+    ],
+)
+def test_a_body_that_is_not_json_is_named_as_the_body(client, body, headers, detail):
+    # not "[0]" (pydantic's location of a JSON error is a character offset, not an index)
+    answer = assert_error(client.post("/batch", content=body, headers=headers), 422, detail)
+    assert answer["param"] == "body"
+
+
 def test_empty_batch_is_an_empty_stream(client):
     response = client.post("/batch", json={"regions": []})
     assert response.status_code == 200 and response.content == b""

@@ -142,6 +142,15 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     if not errors:
         return error_response(422, "request: invalid", "InvalidParameter", "request")
     first = errors[0]
+    if first.get("type") == "json_invalid":  # its loc is ("body", character offset): not a field
+        where = first.get("loc", ())[-1:]
+        at = f" at character {where[0]}" if where and isinstance(where[0], int) else ""
+        detail = first.get("ctx", {}).get("error", "")
+        message = f"body: not valid JSON{at}" + (f" ({detail})" if detail else "")
+        return error_response(422, message, "InvalidParameter", "body")
+    if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
+        message = "body: expected a JSON object (send it with Content-Type: application/json)"
+        return error_response(422, message, "InvalidParameter", "body")
     param = _location(first.get("loc", ()))
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return error_response(422, f"{param}: {first.get('msg', 'invalid')}{more}", "InvalidParameter", param)

@@ -9,7 +9,17 @@ import uvicorn
 
 from service.server.app import close_app, create_app
 from service.server.http_protocol import uvicorn_options
-from service.server.settings import ENV_STORE, Settings
+from service.server.settings import (
+    ENV_CACHE_BYTES,
+    ENV_HEADER_TIMEOUT,
+    ENV_MAX_BYTES,
+    ENV_MAX_INFLIGHT_BYTES,
+    ENV_PREDICTIONS,
+    ENV_SEND_TIMEOUT,
+    ENV_STORE,
+    ENV_TOKEN,
+    Settings,
+)
 from store.storage import parse_location
 
 APP_FACTORY = "service.server.app:app_from_env"
@@ -40,7 +50,15 @@ def run(
     if workers < 1:
         raise ValueError(f"--workers: must be at least 1, got {workers}")
     # Options without a keyword here (CORS, body limits, mask compression) come from SCANCACHE_*.
-    base = Settings.from_env({**os.environ, ENV_STORE: str(parse_location(store))})
+    # A value given here wins over its variable, which is then not read at all (a bad one in
+    # the environment must not stop a command line that sets it right).
+    given = {
+        ENV_CACHE_BYTES: cache_bytes, ENV_MAX_BYTES: max_bytes, ENV_TOKEN: token,
+        ENV_MAX_INFLIGHT_BYTES: max_inflight_bytes, ENV_HEADER_TIMEOUT: header_timeout,
+        ENV_SEND_TIMEOUT: send_timeout, ENV_PREDICTIONS: predictions,
+    }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if given.get(k) is None}
+    base = Settings.from_env({**env, ENV_STORE: str(parse_location(store))})
     settings = dataclasses.replace(
         base,
         cache_bytes=cache_bytes if cache_bytes is not None else base.cache_bytes,
