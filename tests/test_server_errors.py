@@ -164,7 +164,11 @@ def test_malformed_batch_bodies_are_422(client, body):
     [
         (b"not json", {"content-type": "application/json"}, "body: not valid JSON at character 0"),
         (b'{"regions": [],}', {"content-type": "application/json"}, "body: not valid JSON at character 15"),
-        (b'{"regions": []}', {}, "body: expected a JSON object (send it with Content-Type: application/json)"),
+        (
+            b'{"regions": []}',
+            {},
+            "body: expected a JSON object (send it with Content-Type: application/json)",
+        ),
     ],
 )
 def test_a_body_that_is_not_json_is_named_as_the_body(client, body, headers, detail):
