@@ -31,10 +31,15 @@ BACKEND_EXTRAS = {"tensorflow": "loaders", "torch": "torch", "jax": "jax"}
 # Keras' order of preference after its default, TensorFlow
 FALLBACK_BACKENDS = ("jax", "torch")
 
-# Whether the user set the level; if not, it is 2 (warnings off) for this process and its
-# children (torch workers, which then start quiet).
-USER_TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL" in os.environ
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Whether the user set the level (then TensorFlow's start-up lines are theirs to see); if not,
+# it is 2 (warnings off) for this process and its children. A child (a spawned torch worker)
+# inherits the variable, so a marker says it was ours and the child filters the lines too:
+# TensorFlow 2.21 prints its start-up lines whatever the level says.
+_OURS = "SCANCACHE_SET_TF_LOG_LEVEL"
+USER_TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL" in os.environ and os.environ.get(_OURS) != "1"
+if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    os.environ[_OURS] = "1"
 
 # absl/TSL start-up lines: "I0000 00:00:1796419795.537521   17918 port.cc:153] ..." (info and
 # warning levels) and absl's notice before them

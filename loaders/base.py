@@ -364,7 +364,9 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         ``bytes_read`` (decoded), ``bytes_delivered``, ``read_amplification``, ``read_s``,
         ``copy_s``, ``wait_s`` (a caller waiting for a batch not ready), ``seconds``; with
         reader processes (``as_torch_dataset`` workers) their figures are added in, and
-        ``workers`` lists each one's (``batches_per_s``, ``cpu_s``, ``wait_s``, ...)."""
+        ``workers`` lists each one's (``batches_per_s``, ``cpu_s``, ``wait_s``, ...);
+        ``wait_s`` stays this process's own (a loop waiting on a torch ``DataLoader`` is not
+        seen here), ``worker_wait_s`` the workers' waits for their reads."""
         report = self._stats.report(self._prefetcher.wait_s - self._wait_base)
         return with_workers(report, [w for c in self._worker_counters for w in c.per_worker()])
 

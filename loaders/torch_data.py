@@ -143,14 +143,16 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
 
         pool = loader._batch_arrays if isinstance(loader._batch_arrays, WorkerBatchPool) else None
         out: list[Any] = []
-        for a in batch:
+        for position, a in enumerate(batch):
+            # x's last axis is its channels, a one-hot y's its classes; a class-index y has none
+            move = self.channels_first and not (position == 1 and loader.class_index)
             shared = pool.batch_of(a) if pool is not None else None
             if shared is not None:  # becomes a tensor in the training process, no copy
-                shared.channels_first = self.channels_first
+                shared.channels_first = move
                 out.append(shared)
                 continue
             tensor = torch.from_numpy(a if a.flags.writeable else a.copy())
-            if self.channels_first and tensor.ndim >= 3:
+            if move and tensor.ndim >= 3:
                 tensor = tensor.movedim(-1, 1)  # a view: channels-last memory, channels-first shape
             out.append(tensor)
         return tuple(out)
@@ -200,8 +202,9 @@ def _refuse_inherited_tensorstore(dicts: list[dict[str, Any]]) -> None:
     if all(is_url(str(d["source"])) for d in dicts) or not local.tensorstore_used_before_fork():
         return
     raise RuntimeError(
-        "as_torch_dataset: this training process read the local store with tensorstore before the "
-        "DataLoader forked its workers, which tensorstore forbids; start the workers first "
+        "as_torch_dataset: this training process read the store (a folder or s3://) with "
+        "tensorstore before the DataLoader forked its workers (any read counts, a validation "
+        "loop between epochs included), which tensorstore forbids; start the workers first "
         "(persistent_workers=True keeps them), or pass multiprocessing_context='forkserver' "
         "with an `if __name__ == '__main__':` guard"
     )

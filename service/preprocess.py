@@ -119,6 +119,8 @@ def run_preprocess(
     found = discover(source)
     found.scans = with_user_options(found.scans, class_names, spacing)
     location = str(store) if is_s3_url(str(store)) else Path(store).resolve()
+    if scheduler and found.scans:
+        check_scheduler_reachable(scheduler)  # before the store is made: no empty store left
     storage = ensure_store(location)
     summary = Summary()
     for err in found.failures:
@@ -159,6 +161,24 @@ def run_preprocess(
         summary.removed_versions = len(storage.remove_old_versions(grace_s))
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def check_scheduler_reachable(address: str, timeout: float = 10.0) -> None:
+    """One line, at once, for a ``tcp://host:port`` scheduler nothing listens on (Dask itself
+    retries for its connect timeout, 30 s by default, then raises its own traceback-ish error)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        return  # tls://, inproc:// or a form Dask parses itself: left to Dask
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(
+            f"--scheduler {address}: cannot reach the Dask scheduler ({err.strerror or type(err).__name__}); "
+            "is it running, and is the address the one it printed?"
+        ) from None
 
 
 def with_user_options(

@@ -227,7 +227,14 @@ def _why(
             "section 13)"
         )
     elif biggest == "read_s":
-        text += "; reads decode little more than they deliver: a larger chunk cache or more workers helps"
+        text += (
+            "; reads decode little more than they deliver, so decoding itself is the work: more "
+            "reader processes divide it (as_torch_dataset with DataLoader(num_workers=k), or "
+            "Config.NUM_WORKERS read-ahead threads), and where the data set is larger than the "
+            "chunk cache a larger cache keeps more of it decoded between epochs "
+            "(SCANCACHE_LOCAL_CACHE_BYTES for a store read directly, scancache serve --cache-bytes "
+            "for a server)"
+        )
     elif biggest == "merge_s":
         text += "; merging CATEGORIES dominates: a store with a label map merges by table lookup"
     elif y_format == "one_hot":

@@ -34,10 +34,12 @@ def add_profile_parser(sub: Any) -> None:
     p = sub.add_parser(
         "profile",
         help="run a training loader for a while and say where the time goes",
-        description="Run the TAG loader over SOURCE (a store path or a server URL) for a bounded "
+        description="Run the TAG loader over SOURCE (a store folder, s3:// store or server URL) for a bounded "
         "time and print batches/s, read amplification and where the time goes (loader.stats()).",
     )
-    p.add_argument("source", metavar="SOURCE", help="store folder or http(s):// server URL")
+    p.add_argument(
+        "source", metavar="SOURCE", help="store folder, s3://BUCKET/PREFIX, or http(s):// server URL"
+    )
     p.add_argument(
         "--tag", required=True, help="loader: DefaultDataLoader, S25dDataLoader, PatchDataLoader, ..."
     )

@@ -41,6 +41,11 @@ UPLOAD_THREADS = 16
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
+# scancache writes under a prefix of a bucket it is given; making buckets (their region, policy,
+# versioning, costs) is the owner's decision
+_CREATE_IT = " (create it first, e.g. aws s3 mb s3://BUCKET; scancache does not make buckets)"
+
+
 class StoreUnavailable(ScanCacheError, OSError):
     """The object store cannot be used: no bucket, refused credentials, unreachable endpoint."""
 
@@ -82,19 +87,32 @@ class S3Storage(Storage):
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.url = f"{S3_SCHEME}{bucket}/{self.prefix}" if self.prefix else f"{S3_SCHEME}{bucket}"
         session = boto3.session.Session()
-        config = Config(
+        self._config = Config(
             max_pool_connections=64,
             connect_timeout=5,
             read_timeout=60,
             retries={"max_attempts": 4, "mode": "standard"},
         )
-        self.client = client or session.client("s3", config=config)
-        self.endpoint = str(self.client.meta.endpoint_url)
+        self._client = client or session.client("s3", config=self._config)
+        self._client_pid = os.getpid()
+        self.endpoint = str(self._client.meta.endpoint_url)
         self.region = session.region_name or self.client.meta.region_name or "us-east-1"
         self._profile = session.profile_name if os.environ.get("AWS_PROFILE") else None
         self._pointers: dict[str, tuple[float, str | None]] = {}
         self._pointer_lock = threading.Lock()
         self.bytes_uploaded = 0  # file bytes sent by publish (a hard-linked file counts once)
+
+    @property
+    def client(self) -> Any:
+        """This process's boto3 client. A forked child (a torch DataLoader worker) makes its own:
+        the parent's pooled connections are shared sockets, on which two processes' requests
+        and answers interleave (another request's body, checksum errors)."""
+        if self._client_pid != os.getpid():
+            import boto3
+
+            self._client = boto3.session.Session().client("s3", config=self._config)
+            self._client_pid = os.getpid()
+        return self._client
 
     @classmethod
     def from_url(cls, url: str) -> S3Storage:
@@ -116,7 +134,7 @@ class S3Storage(Storage):
         code = _error_code(err)
         name = type(err).__name__
         if code in ("NoSuchBucket",) or (code == "404" and "Bucket" in str(err)):
-            why = f"bucket {self.bucket!r} does not exist"
+            why = f"bucket {self.bucket!r} does not exist{_CREATE_IT}"
         elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"):
             why = f"access denied ({code}): check the AWS credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE)"
         elif name in (
@@ -154,7 +172,9 @@ class S3Storage(Storage):
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as err:
             if _error_code(err) in ("404", "NoSuchBucket", "NotFound"):
-                raise StoreUnavailable(f"{self.url}: bucket {self.bucket!r} does not exist") from None
+                raise StoreUnavailable(
+                    f"{self.url}: bucket {self.bucket!r} does not exist{_CREATE_IT}"
+                ) from None
             raise self._fail(err) from None
         except BotoCoreError as err:
             raise self._fail(err) from None

@@ -298,6 +298,8 @@ def clean_local_staging() -> int:
 
 
 _OPENED: dict[str, Storage] = {}
+# a forked child opens its own (an S3 client's pooled connections belong to the parent)
+os.register_at_fork(after_in_child=_OPENED.clear)
 
 
 def open_storage(location: str | os.PathLike[str] | Storage) -> Storage:

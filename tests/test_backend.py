@@ -110,6 +110,11 @@ def test_tensorflow_starts_quietly_but_a_level_the_user_set_is_kept(tmp_path):
     assert not [line for line in out.stderr.splitlines() if any(s in line for s in STARTUP)], out.stderr
     out = run_python(tmp_path, code, TF_CPP_MIN_LOG_LEVEL="0")
     assert out.returncode == 0 and out.stdout.split() == ["0"], out.stderr[-2000:]
+    # a spawned torch worker inherits the level the parent's loaders set: still quiet
+    inherited = {"TF_CPP_MIN_LOG_LEVEL": "2", "SCANCACHE_SET_TF_LOG_LEVEL": "1"}
+    out = run_python(tmp_path, code, **inherited)
+    assert out.returncode == 0 and out.stdout.split() == ["2"], out.stderr[-2000:]
+    assert not [line for line in out.stderr.splitlines() if any(s in line for s in STARTUP)], out.stderr
 
 
 def test_the_quiet_import_passes_on_everything_but_the_start_up_lines(tmp_path):

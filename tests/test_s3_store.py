@@ -240,6 +240,7 @@ def test_bad_object_storage_is_one_line(source, s3_server, tmp_path):
     assert missing.returncode == 1
     assert missing.stderr.strip() == (
         "scancache preprocess: error: s3://no-such-bucket-here/store: bucket 'no-such-bucket-here' does not exist"
+        " (create it first, e.g. aws s3 mb s3://BUCKET; scancache does not make buckets)"
     )
     url = s3_server.new_url()
     wrong = run_cli("scans", url, env={"AWS_SECRET_ACCESS_KEY": "wrong"})
@@ -405,6 +406,35 @@ def test_storages_pickle_for_dask_workers(s3_url):
     storage = open_storage(s3_url)
     copy = pickle.loads(pickle.dumps(storage))
     assert copy.url == storage.url and copy.read("zarr.json") is None
+
+
+def _read_many(storage, keys, rounds, out):
+    """Read every key ``rounds`` times; put how many answers differed from the first one's."""
+    first = {k: storage.read(k) for k in keys}
+    wrong = sum(storage.read(k) != first[k] for _ in range(rounds) for k in keys)
+    out.put((wrong, sorted(k for k, v in first.items() if v is None)))
+
+
+def test_a_forked_process_reads_through_its_own_connections(s3_store):
+    """A torch DataLoader forks its workers after the training process has read the store: a
+    child that used the parent's pooled connections would get answers meant for the parent
+    (another object's body, checksum errors). Parent and child read the same objects at once."""
+    import multiprocessing
+
+    url, truth = s3_store
+    storage = open_storage(url)
+    keys = ["zarr.json", *(f".current/{scan_id}" for scan_id in truth)]
+    assert all(storage.read(k) is not None for k in keys)  # the parent's pool holds connections
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_read_many, args=(storage, keys, 100, out))
+    child.start()
+    _read_many(storage, keys, 100, out)
+    results = [out.get(timeout=120) for _ in range(2)]
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert results == [(0, []), (0, [])]
+    assert open_storage(url) is storage  # this process keeps its own
 
 
 def test_an_unreachable_store_is_not_a_traceback_in_python(s3_server):

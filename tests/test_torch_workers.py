@@ -4,6 +4,7 @@ started by fork from a plain script (tests/test_training_scale.py has the data a
 # ruff: noqa: F811  (the fixtures come from test_training_scale)
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -118,16 +119,41 @@ def test_class_index_y_is_the_one_hot_channel(scale_store, names, kind, where, b
         x, y = loader[b]
         assert y.dtype == np.uint8 and y.shape == x.shape[:-1]
         for e, yi in zip(loader.batch_elements(b), y, strict=True):
-            _, mask = arrays[loader.scans[e.scan].scan_id]
-            hot = reference_mask(mask)  # background first, then the categories
-            pads = [
-                (max(0, -a), max(0, z - n)) for (a, z), n in zip(e.output_window, mask.shape[:3], strict=True)
-            ]
-            cut = np.pad(hot, [*pads, (0, 0)], mode=loader.pad_mode)[
-                tuple(slice(a + p[0], z + p[0]) for (a, z), p in zip(e.output_window, pads, strict=True))
-            ]
-            expected = cut.argmax(-1).astype(np.uint8)
-            np.testing.assert_array_equal(yi, expected.reshape(yi.shape))
+            np.testing.assert_array_equal(yi, expected_class_index(loader, e, arrays).reshape(yi.shape))
+
+
+def expected_class_index(loader, e, arrays):
+    """An element's y as class indices, from zarr-python's mask with numpy."""
+    _, mask = arrays[loader.scans[e.scan].scan_id]
+    hot = reference_mask(mask)  # background first, then the categories
+    pads = [(max(0, -a), max(0, z - n)) for (a, z), n in zip(e.output_window, mask.shape[:3], strict=True)]
+    cut = np.pad(hot, [*pads, (0, 0)], mode=loader.pad_mode)[
+        tuple(slice(a + p[0], z + p[0]) for (a, z), p in zip(e.output_window, pads, strict=True))
+    ]
+    return cut.argmax(-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["2d", "patch"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_channels_first_moves_x_channels_and_leaves_class_index_y_as_it_is(scale_store, names, kind, workers):
+    """(N, H, W) labels have no channel axis to move: channels_first must not transpose them
+    (12x10 slices: a transposed y would be 10x12)."""
+    _, arrays = scale_store
+    loader = build_loader(config(kind, Y_FORMAT="class_index"), names["local"], 4, False, True, True)
+    ds = loader.as_torch_dataset(channels_first=True)
+    context = CLEAN if workers else None
+    dl = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=workers, multiprocessing_context=context
+    )
+    ds.set_epoch(0)
+    got = list(dl)
+    order = delivery_order(loader.worker_lanes(0, workers)) if workers else range(len(loader))
+    assert len(got) == len(loader)
+    for (x, y), b in zip(got, order, strict=True):
+        elements = loader.batch_elements(b, 0)
+        assert x.shape[1] == 1 and tuple(y.shape) == (len(elements), *x.shape[2:])
+        for e, yi in zip(elements, y.numpy(), strict=True):
+            np.testing.assert_array_equal(yi, expected_class_index(loader, e, arrays).reshape(yi.shape))
 
 
 def test_y_format_is_checked_where_it_enters(names):
@@ -227,7 +253,7 @@ def test_the_training_process_keeps_its_mapping_of_a_slot_and_drops_it_with_the_
     # a new process for worker 1 (its leases carry another pid) has new segments: the old
     # mapping is dropped, the new one kept in its place
     successor = WorkerBatchPool(table, worker=1)
-    successor.pid += 1
+    successor.pid = os.getppid()  # another pid, and a live one (pid + 1 may be gone at any time)
     third = send(successor, 3.0)
     assert np.array_equal(third.numpy(), np.full((8, 6), 3.0, np.float32))
     (new_segment,) = [ident for ident, _ in shared_batches._mappings[token].values()]
