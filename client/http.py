@@ -105,6 +105,11 @@ class HttpSource:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s):// URL")
         self.url = url.rstrip("/")
+        if self.url.endswith(("/zarr", "/predictions/zarr")):  # the URL the docs give Zarr readers
+            raise ValueError(
+                f"{url!r} is the server's Zarr tree (for zarr-python, tensorstore); give the "
+                f"server's own URL, {self.url.rsplit('/zarr', 1)[0].removesuffix('/predictions')}, to read scans"
+            )
         self.retry = RetryPolicy.from_settings(timeout, retry_seconds, retries, backoff)
         timeout = self.retry.timeout
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None

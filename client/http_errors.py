@@ -83,7 +83,11 @@ def raise_client_error(response: httpx.Response) -> NoReturn:
     if status == 413:
         raise RequestTooLarge(detail)
     if status in (401, 403):
-        raise Unauthorized(detail or "missing or wrong bearer token")
+        # the server's words are for any client; this one takes its token from the environment
+        raise Unauthorized(
+            f"{detail or 'missing or wrong bearer token'} (this client sends the token in SCANCACHE_TOKEN,"
+            " or HttpSource(url, token=...))"
+        )
     if status == 409 and error == "ScanChanged":
         raise ScanChanged(detail)
     raise InvalidParameter("request", f"HTTP {status}: {detail}")

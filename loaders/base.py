@@ -138,6 +138,9 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         self._position_workers = 1
         self._keras_epoch = False  # between Keras' on_epoch_begin and on_epoch_end
         self._served = 0
+        self._resume_pass = False  # the next Keras epoch goes on from _position
+        self._begin_position = 0  # where the current Keras epoch began: epoch, batch
+        self._begin_epoch = 0
         self._last_index = -2
         self._serve_lock = threading.Lock()
         self._base_elements: list[Any] = list(self.build_elements())
@@ -301,6 +304,14 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         if not 0 <= index < length:
             raise IndexError(f"batch {index} out of range for {length} batches")
         with self._serve_lock:
+            outrun = self._keras_epoch and self._served >= length
+        if outrun:
+            # Keras' steps go past the pass (fit(steps_per_epoch=k) resumed mid-pass: its own
+            # iterator counts from the resume): the loader's next epoch, from its first batch
+            self.set_epoch(self.epoch + 1)
+        with self._serve_lock:
+            if outrun:
+                self._keras_epoch = True
             if self._keras_epoch and self._served < length:
                 index = self._served
                 self._served += 1

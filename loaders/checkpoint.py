@@ -5,14 +5,15 @@ epoch it was in, from that epoch's first step, with the weights of the last back
 data to resume exactly too, the loader must be in that same epoch, with the same seed (also a
 random one, ``SEED=None``). This callback
 
-* writes ``loader.state_dict()`` (seed, epoch, shard) to ``<directory>/<name>`` when training
-  begins and after every epoch (written to a temporary file, then renamed: never half a file);
-* restores it when training begins, if the file exists;
-* at each epoch's start puts the loader at Keras' epoch number, from its first batch, so the
-  epoch Keras repeats gets exactly the batches an uninterrupted run gave it.
+* writes ``loader.state_dict()`` (seed, epoch, position, shard) to ``<directory>/<name>`` when
+  training begins and after every Keras epoch (written to a temporary file, then renamed:
+  never half a file), i.e. where the loader stands when the next Keras epoch begins;
+* restores it when training begins, if the file exists,
 
-Mid-epoch positions (``state_dict()["position"]``) are for your own loops, tf.data and torch:
-Keras itself repeats an interrupted epoch from its start.
+so the Keras epoch that ``BackupAndRestore`` repeats gets exactly the batches an uninterrupted
+run gave it. A Keras epoch is usually one pass over the loader (the position saved is then 0);
+with ``fit(steps_per_epoch=k)`` shorter than a pass it is the next k batches of the pass, and
+the position saved says where they start.
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ class LoaderCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.loader = loader
         self.path = Path(directory) / name
+        self._steps = 0  # steps Keras has trained in this epoch
 
-    def _save(self, epoch: int) -> None:
+    def _save(self, trained: int | None = None) -> None:
+        """The loader's state; ``trained``: the batches Keras trained on in this epoch, which
+        set where the next one begins when the read-ahead (tf.data's prefetch) ran further."""
         state = self.loader.state_dict()
-        state.update(epoch=int(epoch), position=0)
+        if trained is not None and state["position"] > 0:
+            reached = self.loader._begin_position + trained
+            passes, state["position"] = divmod(reached, len(self.loader))
+            state["epoch"] = self.loader._begin_epoch + passes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(state))
@@ -59,10 +66,16 @@ class LoaderCheckpoint(keras.callbacks.Callback):
                 self.loader.load_state_dict(state)
             except ValueError as exc:  # refused, the loader unchanged and the file kept
                 raise ValueError(f"LoaderCheckpoint: {self.path.name}: {exc}") from None
-        self._save(self.loader.epoch)
+        self._save()
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-        self.loader.set_epoch(int(epoch))
+        self._steps = 0
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self._steps = int(batch) + 1  # Keras passes the last step of the execution
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        self._save(int(epoch) + 1)
+        # Keras has ended the loader's pass (position 0) or, an epoch of steps_per_epoch shorter
+        # than a pass, left it to go on: then the pass stands where Keras' steps got to, not
+        # where the read-ahead (tf.data's prefetch) did
+        self._save(self._steps)

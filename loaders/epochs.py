@@ -38,6 +38,9 @@ class _Loader(Protocol):
     _served: int
     _last_index: int
     _keras_epoch: bool
+    _resume_pass: bool
+    _begin_position: int
+    _begin_epoch: int
     _serve_lock: threading.Lock
     _prefetcher: Prefetcher[Any, Any]
 
@@ -56,23 +59,33 @@ class EpochState:
     """Keras' epoch callbacks, ``set_epoch``, ``state_dict`` and ``load_state_dict``."""
 
     def on_epoch_begin(self: _Loader) -> None:
-        """Keras calls this before an epoch: serve it in order from its first batch."""
+        """Keras calls this before an epoch: serve its batches in order, from the first, or from
+        where the pass stands when Keras' epochs are shorter than a pass (``steps_per_epoch``)
+        or a state was restored mid-pass."""
         with self._serve_lock:
             self._keras_epoch = True
-            self._served = 0
-            self._position, self._position_workers = 0, 1
+            if not self._resume_pass:
+                self._position, self._position_workers = 0, 1
+            self._served = self._begin_position = self._position
+            self._begin_epoch = self.epoch
+            self._resume_pass = False
 
     def on_epoch_end(self: _Loader) -> None:
-        """The next epoch. When Keras calls it, only after a complete pass: Keras also ends an
-        "epoch" right after reading its first batches for the input spec, and that must not
-        skip an epoch of the loader's order."""
+        """The next epoch once a pass is complete. When Keras calls it before that: after
+        reading its first batches for the input spec (``EpochIterator.reset``) the pass starts
+        again where it began; after an epoch of ``steps_per_epoch`` steps, fewer than a pass,
+        the next Keras epoch goes on with the same pass, as Keras' own iterator does."""
         with self._serve_lock:
             keras_epoch, complete = self._keras_epoch, self._served >= len(self)
             self._keras_epoch = False
-        if _called_from_keras() and not (keras_epoch and complete):
-            self.set_epoch(self.epoch)  # from its first batch again
-        else:
+            begin = self._begin_position
+        if not _called_from_keras() or (keras_epoch and complete):
             self.set_epoch(self.epoch + 1)
+        elif _called_from_keras(function="reset"):
+            self._use_plan(self._plan, begin)  # the input-spec batches again, in the real epoch
+        else:
+            with self._serve_lock:
+                self._resume_pass = True
 
     def set_epoch(self: _Loader, epoch: int) -> None:
         """Start epoch ``epoch`` from its first batch (its order is a function of SEED and epoch)."""
@@ -87,6 +100,7 @@ class EpochState:
             self._position, self._position_workers = position, position_workers
             self._served = 0
             self._last_index = -2
+            self._resume_pass = position > 0  # a Keras epoch goes on from there
 
     def state_dict(self: _Loader) -> dict[str, Any]:
         """Where the loader stands, as plain JSON (``loaders.state``): restoring it gives exactly
@@ -138,13 +152,16 @@ class EpochState:
         self._prefetcher.reset()
 
 
-def _called_from_keras(depth: int = 6) -> bool:
-    """Is a ``keras`` module among the callers of the calling method (a subclass may sit between)?"""
+def _called_from_keras(depth: int = 6, function: str | None = None) -> bool:
+    """Is a ``keras`` module (its function ``function``, if given) among the callers of the
+    calling method (a subclass may sit between)?"""
     frame: types.FrameType | None = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
             return False
-        if str(frame.f_globals.get("__name__", "")).startswith("keras."):
+        if str(frame.f_globals.get("__name__", "")).startswith("keras.") and (
+            function is None or frame.f_code.co_name == function
+        ):
             return True
         frame = frame.f_back
     return False

@@ -60,6 +60,12 @@ class Prefetcher(Generic[K, T]):
             if future is not None and not future.cancelled():
                 return future.result()
             return self._load(key)
+        except BaseException:
+            # the reads queued ahead would likely fail the same way, each after its own
+            # retries; a caller that gives up must not wait for them (nor its exit: the pool's
+            # threads run every queued read before they end)
+            self.reset()
+            raise
         finally:
             elapsed = time.perf_counter() - start
             with self._lock:

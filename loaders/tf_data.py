@@ -6,6 +6,11 @@ It walks the loader's epoch (its order, sharding and state) through its one read
 batch is full), prefetched. One full pass is one epoch: at its end the loader moves to the
 next epoch, so ``model.fit(ds, epochs=n)`` sees n different orders. Under a
 ``tf.distribute`` strategy each global batch is split between the replicas.
+
+The loader's position (``state_dict``) counts the batches the consumer has taken, not those
+tf.data has read ahead into its prefetch buffer: a step after the prefetch counts each batch as
+it leaves, and ends the epoch when the last one has. So a loop stopped after k batches resumes
+at batch k, and ``ds.take(1)`` moves the epoch on by one batch only.
 """
 
 from __future__ import annotations
@@ -43,11 +48,22 @@ def tf_dataset(loader: DataLoader) -> Any:
     )
 
     def batches() -> Iterator[tuple[np.ndarray, ...]]:
-        epoch = loader.epoch
-        for _, batch in loader.batches_of(epoch, loader.remaining_batches()):
-            loader._position += 1
+        for _, batch in loader.batches_of(loader.epoch, loader.remaining_batches()):
             yield batch
-        loader.set_epoch(epoch + 1)
 
-    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec)
-    return dataset.prefetch(2)
+    def taken() -> np.int64:
+        """One batch has left the prefetch buffer: count it, and after the epoch's last, the next epoch."""
+        loader._position += 1
+        if loader._position >= len(loader):
+            loader.set_epoch(loader.epoch + 1)
+        return np.int64(loader._position)
+
+    def counted(*batch: Any) -> tuple[Any, ...]:
+        tick = tf.py_function(taken, [], Tout=tf.int64)
+        with tf.control_dependencies([tick]):
+            return tuple(tf.identity(t) for t in batch)
+
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2).map(counted)
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False  # nothing read ahead of the count
+    return dataset.with_options(options)

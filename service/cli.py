@@ -117,11 +117,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from service.server import run
     except ImportError as err:
         raise RuntimeError(f"the server is not available ({err}); install scancache[service]") from None
+    store = args.store or os.environ.get("SCANCACHE_STORE")
+    if not store:
+        raise ValueError("give the STORE to serve, or set SCANCACHE_STORE")
     token = read_token_file(args.token_file) if args.token_file else None
     if token:  # the server reads SCANCACHE_TOKEN (also in uvicorn's worker processes)
         os.environ["SCANCACHE_TOKEN"] = token
     options: dict[str, Any] = {
-        "store": args.store,
+        "store": store,
         "host": args.host,
         "port": args.port,
         "workers": args.workers,
@@ -281,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a store over HTTP",
         description="Serve STORE over HTTP: REST regions and read-only Zarr v3.",
     )
-    p.add_argument("store", metavar="STORE")
+    p.add_argument(
+        "store", metavar="STORE", nargs="?", default=None, help="store folder or s3://BUCKET/PREFIX "
+        "(default: SCANCACHE_STORE, as for the server's other settings)",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     p.add_argument("--port", type=port_number, default=8000, help="default: %(default)s")
     p.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes (default: 1)")

@@ -167,6 +167,31 @@ def test_prefetches_the_next_batches_in_background(train_name):
     loader.close()
 
 
+def test_a_failed_read_cancels_the_reads_queued_ahead():
+    """A server gone for good: the caller gets the error once, and the batches queued ahead are
+    not read afterwards, each after its own retries (which also held the process's exit)."""
+    import time
+
+    from loaders.prefetch import Prefetcher
+
+    started: list[int] = []
+
+    def load(key: int) -> int:
+        started.append(key)
+        if key == 0:
+            raise OSError("no good answer from the server")
+        time.sleep(0.5)  # a read ahead that is already running goes on
+        return key
+
+    prefetcher = Prefetcher(load, workers=1, depth=4)
+    with pytest.raises(OSError, match="no good answer"):
+        prefetcher.get(0, [1, 2, 3, 4])
+    assert prefetcher.pending() == set()
+    time.sleep(1.5)
+    assert len(started) <= 2 and set(started) <= {0, 1}, started
+    prefetcher.close()
+
+
 @pytest.mark.parametrize("mode", ["edge", "reflect", "constant", "symmetric"])
 def test_s25d_neighbouring_slices_with_padding(store, train_name, mode):
     _, arrays = store

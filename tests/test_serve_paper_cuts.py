@@ -144,6 +144,26 @@ def test_the_demos_closing_command_runs_without_an_activated_environment():
     assert "--predictions" in run.stdout
 
 
+def test_serve_takes_its_store_from_scancache_store_as_its_other_settings(small_store):
+    root = small_store[0]
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCANCACHE_")}
+    env.update(SCANCACHE_STORE=str(root), PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://{HOST}:{port}"
+        _wait_healthy(url, lambda: proc.poll() is None, 60)
+        assert SCAN in [s["scan_id"] for s in httpx.get(f"{url}/scans").json()["scans"]]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    del env["SCANCACHE_STORE"]
+    run = subprocess.run([*cmd[:-2]], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert run.stderr == "scancache serve: error: give the STORE to serve, or set SCANCACHE_STORE\n"
+
+
 @pytest.mark.parametrize("flag", ["--cache-bytes", "--max-bytes"])
 def test_serve_help_names_the_environment_variable(flag):
     run = subprocess.run(

@@ -100,6 +100,15 @@ def store_root(small_store):
         (f"/scans/{SCAN}/mask?background=maybe", 422, ["background"], "InvalidParameter"),
         ("/scans?has_class=one", 422, ["has_class"], "InvalidParameter"),
         ("/scans?subject_id=x", 422, ["subject_id"], "InvalidParameter"),
+        # a misspelt parameter would have meant the whole volume, or every scan
+        (
+            f"/scans/{SCAN}/image?rio=0:1",
+            422,
+            ["rio: not a parameter of this route (it takes: channel, roi)"],
+            "InvalidParameter",
+        ),
+        ("/scans?splt=train", 422, ["splt: not a parameter", "split"], "InvalidParameter"),
+        ("/zarr/zarr.json?x=1", 422, ["x: not a parameter", "takes: none"], "InvalidParameter"),
         ("/nothing-here", 404, ["Not Found"], None),
     ],
 )
@@ -181,6 +190,18 @@ def test_empty_batch_is_an_empty_stream(client):
     response = client.post("/batch", json={"regions": []})
     assert response.status_code == 200 and response.content == b""
     assert decode_npy_stream(response.content) == []
+
+
+def test_batch_takes_the_short_category_form_as_the_get_routes_do(client, small_store):
+    """``"0,1+2"`` in a batch region is ``[0, [1, 2]]``, as in ``?categories=`` (one parser)."""
+    _, truth = small_store
+    _, mask = truth[SCAN]
+    region = {"scan_id": SCAN, "array": "mask", "roi": "0:5,0:4,0:2"}
+    short = client.post("/batch", json={"regions": [{**region, "categories": "0,1+2"}]})
+    assert short.status_code == 200, short.text
+    (got,) = decode_npy_stream(short.content)
+    want = np.stack([mask[:5, :4, :2, 0], mask[:5, :4, :2, 1] + mask[:5, :4, :2, 2]], -1)
+    np.testing.assert_array_equal(got, np.minimum(want, 1))
 
 
 def test_limits_are_enforced_before_reading(small_store):
@@ -391,3 +412,8 @@ def test_health_reports_a_missing_store(tmp_path):
     assert client.get("/health").json() == {"status": "ok"}
     (root / "zarr.json").rename(root / "moved.json")
     assert_error(client.get("/health"), 503, "store unavailable", root=tmp_path)
+    # the listing and a scan say so too, not "no scans" or "no such scan" (a client retries a 503)
+    root.rename(tmp_path / "moved")
+    assert_error(client.get("/scans"), 503, "store unavailable", root=tmp_path)
+    assert_error(client.get(f"/scans/{SCAN}"), 503, "store unavailable", root=tmp_path)
+    assert_error(client.get(f"/scans/{SCAN}/image"), 503, "store unavailable", root=tmp_path)

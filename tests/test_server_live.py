@@ -302,6 +302,12 @@ def test_metrics_count_requests_and_bytes(client):
     client.get(f"/scans/{SCAN}/image", params={"roi": "0:4"})
     text = client.get("/metrics").text
     assert 'scancache_http_requests_total{method="GET",route="/scans/{scan_id}/image",status="200"}' in text
+    # a HEAD is counted under its route too, not "unrouted"
+    assert client.head("/scans").status_code == 200 and client.head("/zarr/zarr.json").status_code == 200
+    text = client.get("/metrics").text
+    assert 'scancache_http_requests_total{method="HEAD",route="/scans",status="200"}' in text
+    assert 'scancache_http_requests_total{method="HEAD",route="/zarr/{path:path}",status="200"}' in text
+    assert 'method="HEAD",route="unrouted"' not in text
     assert "scancache_http_response_bytes_total" in text and "scancache_chunk_cache_limit_bytes" in text
     assert (
         "scancache_chunk_cache_hits_total" in text and 'scancache_region_bytes_total{array="image"}' in text

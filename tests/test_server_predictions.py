@@ -114,6 +114,8 @@ def test_limits_and_auth_apply(small_store, served, tmp_path):
         assert small.status_code == 200
         page = httpx.get(f"{url}/viewer")  # the page holds no data: no token needed
         assert page.status_code == 200 and "scancache viewer" in page.text
+        slash = httpx.get(f"{url}/viewer/", follow_redirects=True)  # a trailing slash: no token either
+        assert slash.status_code == 200 and "scancache viewer" in slash.text
         assert httpx.get(f"{url}/viewer/static/viewer.js").status_code == 200
         assert httpx.get(f"{url}/viewer/static/secret.py").status_code == 404
 
@@ -306,6 +308,13 @@ def test_prediction_of_other_data_is_refused_409_one_line(served, small_store, t
             ).status_code
             == 200
         )
+        # nor does the scan's metadata claim it (the viewer would show its Dice): not the scan's
+        meta = client.get(f"/scans/{scan_id}").json()
+        assert meta["has_prediction"] is False and meta["prediction_dice"] is None
+        listed = {d["scan_id"]: d for d in client.get("/scans").json()["scans"]}
+        assert listed[scan_id]["has_prediction"] is False and listed[WITH_PREDICTION[1]]["has_prediction"]
+        with_prediction = client.get("/scans", params={"has_prediction": "true"}).json()["scans"]
+        assert scan_id not in {d["scan_id"] for d in with_prediction}
 
     bad_slices = copy_predictions(pred, tmp_path / "slices", scan_id, slices=[0, 5, 50], shape=[40, 36, 3])
     bad_array = copy_predictions(pred, tmp_path / "array", scan_id, slices=[0, 1, 2], shape=[40, 36, 3])

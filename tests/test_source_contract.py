@@ -222,8 +222,11 @@ def test_token_from_argument_or_environment(small_store, monkeypatch):
     root, truth = small_store
     monkeypatch.delenv("SCANCACHE_TOKEN", raising=False)
     with live_server(root, token="s3cret") as url:
-        with HttpSource(url) as anonymous, pytest.raises(Unauthorized):
+        with HttpSource(url) as anonymous, pytest.raises(Unauthorized) as refused:
             anonymous.list_scans()
+        assert str(refused.value).endswith(
+            "(this client sends the token in SCANCACHE_TOKEN, or HttpSource(url, token=...))"
+        )
         with HttpSource(url, token="wrong") as wrong, pytest.raises(PermissionError):
             wrong.read_image(SCAN)
         with HttpSource(url, token="s3cret") as given:

@@ -224,6 +224,32 @@ def test_tf_dataset_has_a_static_spec_and_the_loaders_batches(scale_store, names
     assert partial.element_spec[0].shape[0] is None and len(partial.element_spec) == 3
 
 
+def test_tf_dataset_positions_count_what_the_consumer_took_not_the_read_ahead(scale_store, names):
+    """A loop that took 3 batches (tf.data having read further ahead) resumes at batch 3, and
+    ``take(1)`` moves the epoch on by one batch."""
+    import time
+
+    pytest.importorskip("tensorflow")
+    _, arrays = scale_store
+    loader = build_loader(config("2d"), names["local"], 8, False, True, True)
+    it = iter(loader.as_tf_dataset())
+    taken = [next(it) for _ in range(3)]
+    time.sleep(1.0)  # the prefetch fills meanwhile
+    state = loader.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 3)
+    resumed = build_loader(config("2d"), names["local"], 8, False, True, True)
+    resumed.load_state_dict(state)
+    rest = list(resumed.as_tf_dataset())
+    assert len(taken) + len(rest) == len(loader)
+    for b, (x, y) in enumerate(taken + rest):
+        assert_batch_exact(loader, (x.numpy(), y.numpy()), loader.batch_elements(b, 0), arrays)
+    assert resumed.epoch == 1 and resumed.state_dict()["position"] == 0
+    peek = build_loader(config("2d"), names["local"], 8, False, True, True)
+    ds = peek.as_tf_dataset()
+    assert len(list(ds.take(1))) == 1 and peek.state_dict()["position"] == 1
+    assert len(list(ds)) == len(loader) - 1 and len(list(ds)) == len(loader) and peek.epoch == 2
+
+
 MIRRORED = r"""
 import sys, numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -438,4 +464,75 @@ def test_backup_and_restore_with_loader_checkpoint_resumes_the_data_exactly(scal
     begun = recorder.served[2]
     assert len(begun) >= 2
     for got, want in zip(begun, again.served[2][-len(resumed) :][: len(begun)], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def recording_model(trained):
+    """tiny_model, eager, noting the first pixel of every x it trains on (what Keras consumed,
+    not what was read ahead)."""
+    import keras
+
+    class Recording(keras.Model):
+        def train_step(self, data):
+            trained.append(np.array(data[0])[:, 0, 0, 0].copy())
+            return super().train_step(data)
+
+    base = tiny_model()
+    model = Recording(base.inputs, base.outputs)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy", run_eagerly=True)
+    return model
+
+
+def test_fit_with_fewer_steps_than_a_pass_goes_on_through_the_pass_and_resumes_exactly(
+    scale_store, names, tmp_path
+):
+    """steps_per_epoch=k shorter than the loader: each Keras epoch takes the next k batches of
+    the pass, every batch once, then the loader's next epoch, as Keras' own iterator goes on.
+    Interrupted mid-pass, BackupAndRestore + LoaderCheckpoint repeat that Keras epoch with the
+    same batches and go on with the same ones an uninterrupted run had."""
+    import keras
+
+    from loaders import LoaderCheckpoint
+
+    _, arrays = scale_store
+    cfg = config("2d", SEED=None)
+    train = build_loader(cfg, names["local"], 8, False, True, True)
+    n, k = len(train), 4
+    assert n % k, "the pass must end inside a Keras epoch"
+    expected = expected_firsts(train, 0, arrays) + expected_firsts(train, 1, arrays)
+    trained: list[np.ndarray] = []
+    epochs = -(-n // k) + 2  # through the first pass and into the second
+    recording_model(trained).fit(train, epochs=epochs, steps_per_epoch=k, verbose=0)
+    assert len(trained) > n
+    for got, want in zip(trained, expected, strict=False):
+        np.testing.assert_array_equal(got, want)
+
+    # interrupted in Keras epoch 1 (the pass at batch k), after 2 of its steps
+    seed_train = build_loader(cfg, names["local"], 8, False, True, True)
+    expected = expected_firsts(seed_train, 0, arrays) + expected_firsts(seed_train, 1, arrays)
+    backup = tmp_path / "backup"
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.model.optimizer.iterations.numpy() == k + 2:
+                raise KeyboardInterrupt
+
+    first: list[np.ndarray] = []
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(backup)),
+        LoaderCheckpoint(seed_train, backup),
+        Interrupt(),
+    ]
+    with pytest.raises(KeyboardInterrupt):
+        recording_model(first).fit(
+            seed_train, epochs=epochs, steps_per_epoch=k, verbose=0, callbacks=callbacks
+        )
+    resumed = build_loader(cfg, names["local"], 8, False, True, True)  # a new process would do this
+    again: list[np.ndarray] = []
+    callbacks = [keras.callbacks.BackupAndRestore(str(backup)), LoaderCheckpoint(resumed, backup)]
+    recording_model(again).fit(resumed, epochs=epochs, steps_per_epoch=k, verbose=0, callbacks=callbacks)
+    assert resumed.seed == seed_train.seed
+    assert len(first) == k + 2 and len(again) > n - k
+    # Keras repeats epoch 1 from its first step: batches k, k + 1, ... of the pass, and on
+    for got, want in zip(first + again, expected[: k + 2] + expected[k:], strict=False):
         np.testing.assert_array_equal(got, want)

@@ -65,3 +65,21 @@ def test_one_line():
     assert one_line(OSError("disk\nfull")) == "disk full"
     long = one_line("x" * 1000, 50)
     assert len(long) == 50 and long.endswith("...")
+
+
+@pytest.mark.parametrize(
+    ("url", "server"),
+    [
+        ("http://127.0.0.1:8765/zarr/", "http://127.0.0.1:8765"),
+        ("https://h/x/predictions/zarr", "https://h/x"),
+    ],
+)
+def test_the_zarr_tree_given_as_a_server_url_names_the_url_to_give(url, server):
+    from client.http import HttpSource
+
+    with pytest.raises(ValueError) as err:
+        HttpSource(url)
+    assert str(err.value) == (
+        f"{url!r} is the server's Zarr tree (for zarr-python, tensorstore); give the server's own URL, "
+        f"{server}, to read scans"
+    )

@@ -30,6 +30,7 @@ from service.server.guards import (
 from service.server.inflight import InflightBudget
 from service.server.metrics import Metrics, MetricsMiddleware
 from service.server.openapi_statuses import install_openapi
+from service.server.query_check import refuse_unknown_query
 from service.server.routes_docs import add_docs_routes
 from service.server.routes_predictions import router as predictions_router
 from service.server.routes_preview import router as preview_router
@@ -86,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # /docs and /redoc without a CDN: routes_docs
         redoc_url=None,
+        dependencies=[Depends(refuse_unknown_query)],
     )
     add_docs_routes(app)
     install_openapi(app)

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.server.errors import error_response
 
-OPEN_PATHS = frozenset({"/health", "/viewer"})
+OPEN_PATHS = frozenset({"/health", "/viewer", "/viewer/"})  # "/viewer/": a redirect to the page
 # the viewer's script and style, the docs pages' scripts: no data, no token
 OPEN_PREFIXES = ("/viewer/static/", "/docs/assets/")
 

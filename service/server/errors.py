@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -157,8 +158,15 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_domain(_: Request, exc: Exception) -> JSONResponse:
+    async def on_domain(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ScanCacheError)
+        state = getattr(request.app.state, "scancache", None)
+        if (
+            isinstance(exc, ScanNotFound)
+            and state is not None
+            and not await to_thread.run_sync(state.store_readable)
+        ):
+            return error_response(503, "store unavailable", "ServerError")  # not "no such scan"
         return domain_error_response(exc)
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:

@@ -114,7 +114,16 @@ class HeadAsGetMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("method") == "HEAD":
             headers = [(k, v) for k, v in scope.get("headers", []) if k not in (b"range", b"if-range")]
-            scope = {**scope, "method": "GET", "headers": headers, HEAD_SCOPE_KEY: True}
+            inner = {**scope, "method": "GET", "headers": headers, HEAD_SCOPE_KEY: True}
+            try:
+                await self.app(inner, receive, send)
+            finally:
+                # what routing put in the copy (the route) is what the outer middlewares (the
+                # metrics' route label) read from the original
+                for key in ("route", "endpoint", "path_params"):
+                    if key in inner:
+                        scope[key] = inner[key]
+            return
         await self.app(scope, receive, send)
 
 

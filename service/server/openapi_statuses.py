@@ -3,7 +3,8 @@
 Routes document what they raise themselves (``error_responses``); the guards in front of them
 (service/server/guards.py, auth.py) can answer any route before it runs: 400 for an encoded
 slash or NUL in the raw path, 431 for oversized headers, 401 without the token (every route but
-the open ones), 413 for a request body over ``--max-body-bytes`` (methods with a body). A client
+the open ones), 413 for a request body over ``--max-body-bytes`` (methods with a body), 422 for
+a query parameter the route does not take (every route but the pages, ``query_check``). A client
 or fuzzer reading the document must find every status it can get, so they are added here, once,
 from the same lists the middleware uses, instead of by hand on each route.
 """
@@ -17,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service.server.auth import OPEN_PATHS, OPEN_PREFIXES
 from service.server.errors import DESCRIPTIONS
+from service.server.query_check import PAGES
 
 BODY_METHODS = frozenset({"post", "put", "patch"})
 ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorBody"}
@@ -25,6 +27,7 @@ MIDDLEWARE_DESCRIPTIONS = {
     401: DESCRIPTIONS[401],
     413: "The request body is over the server's --max-body-bytes (refused before it is read).",
     431: "The request's headers are over the server's limit (64 KiB).",
+    422: "A query parameter this route does not take (a typo must not return other data); `param` names it.",
 }
 
 
@@ -35,6 +38,8 @@ def middleware_statuses(path: str, method: str) -> list[int]:
         codes.append(401)
     if method in BODY_METHODS:
         codes.append(413)
+    if not path.startswith(PAGES):  # service.server.query_check
+        codes.append(422)
     return codes
 
 

@@ -41,12 +41,15 @@ def prediction_store(request: Request) -> PredictionStore | None:
 Predictions = Annotated[PredictionStore | None, Depends(prediction_store)]
 
 
-def prediction_fields(store: PredictionStore | None, scan_id: str) -> dict[str, Any]:
+def prediction_fields(store: PredictionStore | None, scan_id: str, scan_shape: Any) -> dict[str, Any]:
     """What a scan's metadata says of its prediction: ``has_prediction``, ``prediction_dice``
     (per category) and ``prediction_class_names`` (the categories' names, parallel to the Dice
     and to the label map's values 1, 2, ...; null for predictions written before names were
-    recorded)."""
+    recorded). A prediction that does not fit the scan (written for other data: the
+    prediction routes answer 409) is not the scan's: no prediction, no Dice."""
     attrs = None if store is None else store.attrs(scan_id)
+    if attrs is not None and prediction_mismatch(attrs, scan_id, tuple(scan_shape)) is not None:
+        attrs = None
     names = None if attrs is None else attrs.get("class_names")
     dice = None if attrs is None else attrs.get("dice")
     return {
@@ -65,15 +68,9 @@ def _ints(value: Any) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in value)
 
 
-def check_prediction(
-    store: PredictionStore | None, scan_id: str, scan_shape: tuple[int, ...], array: str
-) -> dict[str, Any]:
-    """The scan's prediction attributes, refused in one line (409) unless the prediction fits
-    the scan: its (H, W, D) is the scan's, or (H, W, len(slices)) with every slice inside the
-    scan, and the stored array has the shape the attributes say. A prediction written against
-    another store with the same scan ids must not be overlaid, nor read past its bounds (500)."""
-    attrs = require_prediction(store, scan_id)
-    assert store is not None
+def prediction_mismatch(attrs: dict[str, Any], scan_id: str, scan_shape: tuple[int, ...]) -> str | None:
+    """Why a prediction's attributes do not fit the scan (None: they do): its (H, W, D) must be
+    the scan's, or (H, W, len(slices)) with every slice inside the scan."""
     shape, channels, slices = attrs.get("shape"), attrs.get("channels"), attrs.get("slices")
     if not (
         _ints(shape)
@@ -83,7 +80,7 @@ def check_prediction(
         and channels > 0
         and (slices is None or _ints(slices))
     ):
-        raise PredictionMismatch(
+        return (
             f"scan {scan_id!r}: the stored prediction's attributes (shape, channels, slices) are malformed;"
             " re-run write_predictions for it (overwrite=True)"
         )
@@ -91,16 +88,31 @@ def check_prediction(
     expected = [height, width, len(slices) if slices else depth]
     if shape != expected:
         what = f"{len(slices)} slices of " if slices else ""
-        raise PredictionMismatch(
+        return (
             f"scan {scan_id!r}: the stored prediction is {_dims(shape)}, but the scan is {_dims(scan_shape[:3])}"
             f"{' (' + what + 'it)' if what else ''}; it was written for other data: re-run"
             " write_predictions for it (overwrite=True)"
         )
     if slices and (len(set(slices)) != len(slices) or not all(0 <= z < depth for z in slices)):
-        raise PredictionMismatch(
+        return (
             f"scan {scan_id!r}: the stored prediction names slices that are not the scan's 0..{depth - 1}"
             " (or repeats one); re-run write_predictions for it (overwrite=True)"
         )
+    return None
+
+
+def check_prediction(
+    store: PredictionStore | None, scan_id: str, scan_shape: tuple[int, ...], array: str
+) -> dict[str, Any]:
+    """The scan's prediction attributes, refused in one line (409) unless the prediction fits
+    the scan: its (H, W, D) is the scan's, or (H, W, len(slices)) with every slice inside the
+    scan, and the stored array has the shape the attributes say. A prediction written against
+    another store with the same scan ids must not be overlaid, nor read past its bounds (500)."""
+    attrs = require_prediction(store, scan_id)
+    assert store is not None
+    why = prediction_mismatch(attrs, scan_id, scan_shape)
+    if why is not None:
+        raise PredictionMismatch(why)
     stored = store.stored_shape(scan_id, array)
     want = store.shape(scan_id, array)
     if stored != want:

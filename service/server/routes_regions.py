@@ -195,7 +195,8 @@ class RegionSpec(BaseModel):
         ),
     )
     roi: str | None = Field(None, description=ROI_DOC)
-    categories: list[Any] | None = Field(None, description=CATEGORIES_DOC + " Masks only.")
+    # a JSON list, or the same text the GET routes take (`"liver,kidney+2"`): one parser for both
+    categories: list[Any] | str | None = Field(None, description=CATEGORIES_DOC + " Masks only.")
     background: bool = Field(False, description=BACKGROUND_DOC + " Masks only.")
     slice_major: bool = Field(
         False,

@@ -94,17 +94,10 @@ def listable_scans(source: LocalSource, filters: dict[str, Any]) -> list[ScanMet
 )
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.scancache
-    available = await to_thread.run_sync(_store_readable, state)
+    available = await to_thread.run_sync(state.store_readable)
     if not available:
         return error_response(503, "store unavailable", "ServerError")
     return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
-
-
-def _store_readable(state: ServerState) -> bool:
-    try:
-        return state.source.storage.read("zarr.json") is not None
-    except OSError:  # object storage unreachable
-        return False
 
 
 @router.get(
@@ -144,7 +137,11 @@ async def list_scans(
         "has_class": has_class,
     }
     metas = await to_thread.run_sync(listable_scans, state.source, filters)
-    fields = await to_thread.run_sync(lambda: [prediction_fields(predictions, m.scan_id) for m in metas])
+    if not metas and not await to_thread.run_sync(state.store_readable):
+        return error_response(503, "store unavailable", "ServerError")  # not "no scans"
+    fields = await to_thread.run_sync(
+        lambda: [prediction_fields(predictions, m.scan_id, m.shape) for m in metas]
+    )
     docs = [{**scan_document(m, full), **f} for m, f in zip(metas, fields, strict=True)]
     if has_prediction is not None:
         docs = [d for d in docs if d["has_prediction"] == has_prediction]
@@ -171,6 +168,6 @@ async def scan_metadata(
     predictions: Predictions = None,
 ) -> Response:
     meta = await to_thread.run_sync(state.source.metadata, scan_id)
-    fields = await to_thread.run_sync(prediction_fields, predictions, scan_id)
+    fields = await to_thread.run_sync(prediction_fields, predictions, scan_id, meta.shape)
     doc = {**scan_document(meta, full=True), **fields, "store_id": state.source.store_id}
     return await cached_json(request, doc, state.inflight)

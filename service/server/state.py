@@ -19,6 +19,14 @@ class ServerState:
     metrics: Metrics
     inflight: InflightBudget
 
+    def store_readable(self) -> bool:
+        """Whether the store's root is there (``/health``; an empty answer or a 404 from a store
+        that is gone would tell a client the store is empty or the scan unknown)."""
+        try:
+            return self.source.storage.read("zarr.json") is not None
+        except OSError:  # object storage unreachable
+            return False
+
 
 def server_state(request: Request) -> ServerState:
     """FastAPI dependency: the state ``create_app`` attached to the app."""
