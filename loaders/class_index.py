@@ -18,9 +18,12 @@ def _indices(hits: np.ndarray, background: bool) -> np.ndarray:
     """(..., C) booleans -> (...) uint8 indices; every position at most one hit."""
     count = hits.sum(axis=-1)
     if (count > 1).any():
+        first = np.unravel_index(int(np.argmax(count > 1)), count.shape)
+        both = [int(c) for c in np.flatnonzero(hits[first])]
         raise ValueError(
             "Y_FORMAT='class_index' needs CATEGORIES that do not overlap: a voxel belongs to "
-            "two selected categories; use Y_FORMAT='one_hot'"
+            f"categories {both[0]} and {both[1]} (CATEGORIES[{both[0]}], CATEGORIES[{both[1]}]) at "
+            "once, so it has no single index; use Y_FORMAT='one_hot'"
         )
     offset = 0 if background else 1
     return np.where(count > 0, hits.argmax(axis=-1) + offset, 0).astype(np.uint8)

@@ -51,8 +51,9 @@ def parse_window(text: str | None) -> tuple[float, float] | None:
         lo, hi = (float(p) for p in parts)
     except ValueError:
         raise InvalidParameter("window", f"{text!r} is not two numbers 'lo,hi'") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise InvalidParameter("window", f"{text!r}: needs finite lo < hi")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi and math.isfinite(hi - lo)):
+        # hi - lo past the largest float (-1e308,1e308) would scale every voxel to 0: black
+        raise InvalidParameter("window", f"{text!r}: needs finite lo < hi, hi - lo finite too")
     return lo, hi
 
 

@@ -197,7 +197,11 @@ class LocalSource:
         try:
             meta = ScanMeta.from_attrs(json.loads(data)["attributes"], version)
         except (KeyError, ValueError, TypeError):
-            raise ScanNotFound(f"{scan_id!r} is not a scancache scan") from None
+            # a published version is never changed: a zarr.json that does not parse was damaged
+            # after publication (verify reports it TORN), or the folder is not scancache's
+            raise ScanNotFound(
+                f"scan {scan_id!r}: its zarr.json is not a scancache scan's (damaged? scancache verify checks)"
+            ) from None
         state = (version, meta)
         self._meta.put(scan_id, state)
         return state

@@ -453,3 +453,16 @@ def test_location_cache_is_an_lru_capped_in_bytes(puts, cap):
         assert len(cache) == len(model)
     for key in model:
         assert cache.get(key) is not None
+
+
+def test_class_index_refuses_a_voxel_in_two_categories_naming_them():
+    from loaders.class_index import class_indices
+
+    y = np.zeros((2, 3, 3), np.float32)  # (h, w, C): categories 0, 1, 2
+    y[0, 0, 0] = y[1, 2, 1] = 1
+    np.testing.assert_array_equal(class_indices(y, background=False), [[1, 0, 0], [0, 0, 2]])
+    y[1, 1, [0, 2]] = 1  # one voxel in categories 0 and 2
+    with pytest.raises(ValueError) as err:
+        class_indices(y, background=False)
+    assert "categories 0 and 2 (CATEGORIES[0], CATEGORIES[2]) at once" in str(err.value)
+    assert "Y_FORMAT='one_hot'" in str(err.value)

@@ -160,7 +160,7 @@ def test_a_malformed_affine_is_refused_by_the_writer_and_skipped_by_the_server(t
         one = httpx.get(f"{url}/scans/edited")
         assert one.status_code == 404
         assert one.json() == {
-            "detail": "'edited' is not a scancache scan",
+            "detail": "scan 'edited': its zarr.json is not a scancache scan's (damaged? scancache verify checks)",
             "error": "ScanNotFound",
             "param": None,
         }

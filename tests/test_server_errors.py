@@ -154,7 +154,11 @@ def test_the_service_is_read_only(client, method, url):
             422,
             ["regions[1].categories"],
         ),
-        ([{"scan_id": SCAN, "array": "mask", "categories": "[0]"}], 422, ["regions[0].categories"]),
+        (
+            [{"scan_id": SCAN, "array": "mask", "categories": "0,nine"}],
+            422,
+            ["regions[0].categories", "no class named 'nine'"],
+        ),
         ([{"scan_id": SCAN, "colour": "red"}], 422, ["regions[0].colour"]),
         ([{"roi": "0:1"}], 422, ["regions[0].scan_id"]),
     ],

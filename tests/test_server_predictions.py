@@ -95,6 +95,9 @@ def test_prediction_errors_are_one_line_4xx(served):
     assert httpx.get(f"{url}/scans/0009999_V00-Aug00/prediction/label_map").status_code == 404
     bad = httpx.get(f"{url}/scans/{WITH_PREDICTION[0]}/prediction", params={"roi": "0:99"})
     assert bad.status_code == 422 and bad.json()["param"] == "roi"
+    # a window wider than the largest float would draw every voxel black: refused
+    wide = httpx.get(f"{url}/scans/{WITH_PREDICTION[0]}/preview.png", params={"window": "-1e308,1e308"})
+    assert wide.status_code == 422 and wide.json()["param"] == "window", wide.text
 
 
 def test_limits_and_auth_apply(small_store, served, tmp_path):
