@@ -35,7 +35,7 @@ from loaders.batch_fill import BatchFilling
 from loaders.batch_memory import BatchArrays, CopyThreads
 from loaders.blocks import BlockBuffer, block_ids, block_key
 from loaders.config import Config, check_batching, check_config
-from loaders.epochs import EpochState
+from loaders.epochs import EpochState, _called_from_keras
 from loaders.geometry import check_pad_mode
 from loaders.ordering import Shard, batch_groups, resumed_lanes, shard_block_order, worker_batches
 from loaders.prefetch import Prefetcher
@@ -82,6 +82,13 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
     # Config fields that decide which examples an epoch holds and in which order: a state saved
     # under other values (load_state_dict) is refused. A subclass names the ones it reads.
     batch_fields: tuple[str, ...] = ("IMG_SIZE", "IMG_STRIDE", "IMG_PAD_SIZE", "SHUFFLE_BLOCKS")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DataLoader:
+        loader = super().__new__(cls)
+        # a subclass's own keyword arguments (build_loader(..., flip=True) reaches its __init__):
+        # a torch worker passes them again when it rebuilds the loader (loaders.torch_data)
+        loader._init_kwargs = dict(kwargs)
+        return loader
 
     def __init__(
         self,
@@ -322,6 +329,10 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         batch = self._prefetcher.get((epoch, index), [(epoch, i) for i in ahead[: self._prefetcher.depth]])
         if self._keras_epoch:
             self._position = index + 1
+        if len(batch) > 2 and _called_from_keras():
+            # Keras takes a third element for sample weights: a test batch's x_raw would weight
+            # evaluate()'s loss and metrics by the image's intensities
+            return batch[:2]
         return batch
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:

@@ -19,7 +19,8 @@ class DefaultDataLoader(DataLoader):
 
     One element per slice of every scan (or per listed ``slice_id``). y holds ``CATEGORIES``
     merged as MedSegPy's ``collect_mask`` (a tuple sums its classes), with a background
-    channel first when ``INCLUDE_BACKGROUND``. Test batches are ``(x, y, x_raw)``. Slices are
+    channel first when ``INCLUDE_BACKGROUND``. Test batches are ``(x, y, x_raw)`` (``(x, y)``
+    to Keras and in ``as_tf_dataset``, where a third element would be sample weights). Slices are
     read in chunk-deep blocks (``cfg.SHUFFLE_BLOCKS``, ``loaders.blocks``).
     """
 

@@ -11,6 +11,11 @@ The loader's position (``state_dict``) counts the batches the consumer has taken
 tf.data has read ahead into its prefetch buffer: a step after the prefetch counts each batch as
 it leaves, and ends the epoch when the last one has. So a loop stopped after k batches resumes
 at batch k, and ``ds.take(1)`` moves the epoch on by one batch only.
+
+A dataset made at the start of an epoch has a known length, ``len(loader)`` batches per pass,
+as Keras needs for exact losses: a pass that begins where a ``take(k)`` stopped goes on into
+the next epoch for its last k batches. A dataset made mid-epoch (after ``load_state_dict``) has
+an unknown length: its first pass is the rest of that epoch, then whole epochs.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ if TYPE_CHECKING:
 
 
 def _probe(loader: DataLoader) -> tuple[np.ndarray, ...]:
-    """One example's batch (a batch of one): enough for the shapes and dtypes of the spec."""
+    """One example's batch (a batch of one): enough for the shapes and dtypes of the spec. Test
+    batches too are (x, y) here: Keras would take a third element (x_raw) for sample weights."""
     elements = loader.batch_elements(0)[:1]
     x, y = loader.load_batch(elements)
-    x_in, y_out = loader.preprocess(x, y)
-    return (x_in, y_out, x) if loader.is_test else (x_in, y_out)
+    return loader.preprocess(x, y)
 
 
 def tf_dataset(loader: DataLoader) -> Any:
@@ -44,12 +49,23 @@ def tf_dataset(loader: DataLoader) -> Any:
     batch_dim = loader.batch_size if full else None
     spec = tuple(
         tf.TensorSpec((batch_dim, *a.shape[1:]), tf.as_dtype(a.dtype), name=name)
-        for a, name in zip(_probe(loader), ("x", "y", "x_raw"), strict=False)
+        for a, name in zip(_probe(loader), ("x", "y"), strict=True)
     )
 
+    # Made at a pass boundary, every pass is len(loader) batches and the dataset says so: Keras
+    # (3.15) averages one empty step into fit's and evaluate's loss on a dataset of unknown length
+    # (n/(n+1) of it). Made mid-epoch (a resumed run), its first pass is the rest of the epoch.
+    per_pass = len(loader) if loader._position == 0 else None
+
     def batches() -> Iterator[tuple[np.ndarray, ...]]:
-        for _, batch in loader.batches_of(loader.epoch, loader.remaining_batches()):
-            yield batch
+        epoch, rest = loader.epoch, loader.remaining_batches()
+        for _, batch in loader.batches_of(epoch, rest):
+            yield batch[:2]
+        if per_pass is not None and len(rest) < per_pass:
+            # this pass began mid-epoch (after a take()): it goes on into the next epoch
+            head = loader.worker_lanes(epoch + 1, 1)[0][: per_pass - len(rest)]
+            for _, batch in loader.batches_of(epoch + 1, head):
+                yield batch[:2]
 
     def taken() -> np.int64:
         """One batch has left the prefetch buffer: count it, and after the epoch's last, the next epoch."""
@@ -64,6 +80,8 @@ def tf_dataset(loader: DataLoader) -> Any:
             return tuple(tf.identity(t) for t in batch)
 
     dataset = tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2).map(counted)
+    if per_pass is not None:
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(per_pass))
     options = tf.data.Options()
     options.experimental_optimization.inject_prefetch = False  # nothing read ahead of the count
     return dataset.with_options(options)

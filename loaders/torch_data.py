@@ -61,6 +61,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
     def __init__(self, loader: DataLoader, channels_first: bool = False) -> None:
         super().__init__()
         dicts, settings = loader._recipe
+        settings = {**getattr(loader, "_init_kwargs", {}), **settings}  # a subclass's own arguments too
         for d in dicts:
             if not isinstance(d["source"], str):
                 raise TypeError(

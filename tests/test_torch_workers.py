@@ -13,9 +13,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_training_scale import assert_batch_exact, config, names, reference_mask, scale_store  # noqa: F401
+from test_training_scale import (  # noqa: F401
+    assert_batch_exact,
+    config,
+    names,
+    reference_batch,
+    reference_mask,
+    scale_store,
+)
 
-from loaders import Config, build_loader
+from loaders import Config, DefaultDataLoader, build_loader, register_loader
 from loaders.blocks import block_key
 from loaders.ordering import delivery_order, resumed_lanes, worker_batches
 
@@ -154,6 +161,35 @@ def test_channels_first_moves_x_channels_and_leaves_class_index_y_as_it_is(scale
         assert x.shape[1] == 1 and tuple(y.shape) == (len(elements), *x.shape[2:])
         for e, yi in zip(elements, y.numpy(), strict=True):
             np.testing.assert_array_equal(yi, expected_class_index(loader, e, arrays).reshape(yi.shape))
+
+
+@register_loader
+class FlipLoader(DefaultDataLoader):
+    """A custom loader with a keyword argument of its own, which build_loader passes on."""
+
+    def __init__(self, cfg, dataset_dicts, flip=False, **kwargs):
+        self.flip = flip
+        super().__init__(cfg, dataset_dicts, **kwargs)
+
+    def preprocess(self, x, y):
+        return (x[:, ::-1].copy(), y[:, ::-1].copy()) if self.flip else (x, y)
+
+
+def test_workers_rebuild_a_custom_loader_with_its_own_arguments(scale_store, names):
+    """A worker rebuilds the loader from the config, the datasets and the constructor's keyword
+    arguments, the subclass's own (flip=True) included: its batches are the flipped ones."""
+    _, arrays = scale_store
+    loader = build_loader(config("2d", TAG="FlipLoader"), names["local"], 4, False, True, True, flip=True)
+    dl = torch.utils.data.DataLoader(
+        loader.as_torch_dataset(), batch_size=None, num_workers=2, multiprocessing_context=CLEAN
+    )
+    got = list(dl)
+    order = delivery_order(loader.worker_lanes(0, 2))
+    assert len(got) == len(loader)
+    for (x, y), b in zip(got, order, strict=True):
+        x_ref, y_ref = reference_batch(loader, loader.batch_elements(b, 0), arrays)
+        np.testing.assert_array_equal(x.numpy(), x_ref.reshape(x.shape)[:, ::-1])
+        np.testing.assert_array_equal(y.numpy(), y_ref.reshape(y.shape)[:, ::-1])
 
 
 def test_y_format_is_checked_where_it_enters(names):

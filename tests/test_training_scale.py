@@ -221,7 +221,7 @@ def test_tf_dataset_has_a_static_spec_and_the_loaders_batches(scale_store, names
             assert_batch_exact(loader, (x.numpy(), y.numpy()), loader.batch_elements(b, epoch), arrays)
     assert loader.epoch == 2, "each full pass is one epoch"
     partial = build_loader(config("2d"), names[where], 7, True, False, False).as_tf_dataset()
-    assert partial.element_spec[0].shape[0] is None and len(partial.element_spec) == 3
+    assert partial.element_spec[0].shape[0] is None and len(partial.element_spec) == 2  # no x_raw
 
 
 def test_tf_dataset_positions_count_what_the_consumer_took_not_the_read_ahead(scale_store, names):
@@ -247,7 +247,17 @@ def test_tf_dataset_positions_count_what_the_consumer_took_not_the_read_ahead(sc
     peek = build_loader(config("2d"), names["local"], 8, False, True, True)
     ds = peek.as_tf_dataset()
     assert len(list(ds.take(1))) == 1 and peek.state_dict()["position"] == 1
-    assert len(list(ds)) == len(loader) - 1 and len(list(ds)) == len(loader) and peek.epoch == 2
+    # a dataset made at an epoch's start has passes of len(loader) batches: this one goes on
+    # into epoch 1 for its last batch
+    assert ds.cardinality().numpy() == len(loader)
+    passed = list(ds)
+    assert len(passed) == len(loader) and (peek.epoch, peek.state_dict()["position"]) == (1, 1)
+    want = [(0, b) for b in range(1, len(loader))] + [(1, 0)]
+    for (x, y), (e, b) in zip(passed, want, strict=True):
+        assert_batch_exact(peek, (x.numpy(), y.numpy()), peek.batch_elements(b, e), arrays)
+    again = build_loader(config("2d"), names["local"], 8, False, True, True)
+    again.load_state_dict(state)
+    assert again.as_tf_dataset().cardinality().numpy() == -2  # made mid-epoch: length unknown
 
 
 MIRRORED = r"""
@@ -536,3 +546,24 @@ def test_fit_with_fewer_steps_than_a_pass_goes_on_through_the_pass_and_resumes_e
     # Keras repeats epoch 1 from its first step: batches k, k + 1, ... of the pass, and on
     for got, want in zip(first + again, expected[: k + 2] + expected[k:], strict=False):
         np.testing.assert_array_equal(got, want)
+
+
+def test_evaluate_on_a_test_loader_scores_its_batches_unweighted(scale_store, names):
+    """A test batch is (x, y, x_raw) in plain code; Keras would read x_raw as sample weights, so
+    to Keras (and through as_tf_dataset) it is (x, y): evaluate() equals the same batches' numpy."""
+    import keras
+
+    pytest.importorskip("tensorflow")
+    test = build_loader(config("2d"), names["local"], 8, True, False, False)
+    assert len(test[0]) == 3
+    xs, ys = zip(*(test[i][:2] for i in range(len(test))), strict=True)
+    keras.utils.set_random_seed(0)
+    model = tiny_model()
+    want = model.evaluate(np.concatenate(xs), np.concatenate(ys), batch_size=8, verbose=0)
+    assert np.isclose(model.evaluate(test, verbose=0), want, rtol=1e-5)
+    tf_batches = [(x.numpy(), y.numpy()) for x, y in test.as_tf_dataset()]
+    assert len(tf_batches) == len(xs)
+    for (x, y), x_ref, y_ref in zip(tf_batches, xs, ys, strict=True):
+        np.testing.assert_array_equal(x, x_ref)
+        np.testing.assert_array_equal(y, y_ref)
+    assert np.isclose(model.evaluate(test.as_tf_dataset(), verbose=0), want, rtol=1e-5)
