@@ -223,9 +223,9 @@ class HttpSource:
         for key, value in filters.items():
             if key not in SERVER_FILTERS or value is None:
                 continue
+            if key == "has_class" and (isinstance(value, bool) or not isinstance(value, int)):
+                continue  # several classes or a class name: matched here, on every scan's counts
             if isinstance(value, (list, tuple, set, frozenset)):
-                if key == "has_class":
-                    continue
                 value = sorted(value, key=str)
             params[key] = value
         doc = self._request("GET", "/scans", params=params).json()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from store.errors import NotRegistered
-from store.format import ScanMeta, why_nothing_matches
+from store.format import ScanMeta, has_class_values, why_nothing_matches
 from store.protocol import ScanSource
 from store.source import LocalSource
 
@@ -140,6 +140,11 @@ class DatasetCatalog:
                 raise TypeError(f"dataset {name!r}: filters apply to a store or URL, not to a callable")
             DatasetCatalog._REGISTERED[name] = source
             return
+        if filters.get("has_class") is not None:
+            try:
+                has_class_values(filters["has_class"])
+            except ValueError as err:
+                raise ValueError(f"dataset {name!r}: {err}") from None
         location: SourceLike = str(source) if hasattr(source, "__fspath__") else source  # type: ignore[assignment]
 
         def load() -> list[dict[str, Any]]:

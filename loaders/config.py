@@ -1,7 +1,9 @@
 """``Config``: MedSegPy's data fields and defaults, plus a few of scancache's own.
 
-Field names and defaults follow ``medsegpy/config.py`` so that a MedSegPy script's config
-lines run unchanged. Where scancache reads a field differently, the comment says so.
+Field names and defaults follow ``medsegpy/config.py`` so that a MedSegPy script's data
+config lines run unchanged. Where scancache reads a field differently, the comment says so.
+MedSegPy's training fields (batch sizes, epochs, learning rate, ...) are not data settings:
+setting one is refused with where its value goes instead (``build_loader``'s arguments, Keras).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class Config:
 
     def __setattr__(self, key: str, value: Any) -> None:
         if not key.isupper() or not hasattr(type(self), key):
-            raise AttributeError(f"Config has no field {key!r}")
+            raise AttributeError(_no_field(key))
         # Checked (and made a plain typed value) here, where it enters: a wrong value fails
         # now, in one line naming the field, not at the first batch with a message naming none.
         check = FIELD_CHECKS.get(key)
@@ -107,6 +109,42 @@ class Config:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())
         return f"Config({fields})"
+
+
+# MedSegPy config fields that belong to training, not to data loading: where each one's value
+# goes with scancache, for the one-line refusal of a MedSegPy script's config line.
+TRAINING_FIELDS = {
+    "TRAIN_BATCH_SIZE": "build_loader(cfg, name, batch_size=...)",
+    "VALID_BATCH_SIZE": "build_loader(cfg, name, batch_size=...)",
+    "TEST_BATCH_SIZE": "build_loader(cfg, name, batch_size=...)",
+    "N_EPOCHS": "model.fit(..., epochs=...)",
+    "INITIAL_LEARNING_RATE": "the optimizer (keras.optimizers.Adam(learning_rate=...))",
+    "LOSS": "model.compile(loss=...)",
+    "OPTIMIZER": "model.compile(optimizer=...)",
+    "MODEL_NAME": "your model code",
+    "OUTPUT_DIR": "your training script (LoaderCheckpoint(backup_dir) for the loader's state)",
+    "USE_EARLY_STOPPING": "keras.callbacks.EarlyStopping",
+    "NUM_GRAD_STEPS": "your training loop",
+    "CLASS_WEIGHTS": "the loss",
+    "AUGMENT_DATA": "a custom loader's preprocess(x, y) (docs/custom-dataloader.md)",
+    "FILE_TYPES": "nothing: the store holds each scan's image and mask",
+    "TISSUES": "CATEGORIES (MedSegPy's newer name for it too)",
+}
+
+
+def _no_field(key: str) -> str:
+    """The refusal of an unknown field: where a MedSegPy training field's value goes instead,
+    or the field a misspelt name may mean."""
+    import difflib
+
+    if key in TRAINING_FIELDS:
+        return (
+            f"Config has no field {key!r}: it is a MedSegPy training setting, not a data one; "
+            f"with scancache it goes to {TRAINING_FIELDS[key]}"
+        )
+    names = [k for k in dir(Config) if k.isupper()]
+    close = difflib.get_close_matches(key.upper(), names, n=1)
+    return f"Config has no field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 Y_DTYPES = ("float32", "uint8")

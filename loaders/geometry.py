@@ -83,7 +83,10 @@ def padded_indices(start: int, stop: int, size: int, mode: str) -> AxisRead:
     sources = [source_index(p, size, mode) for p in range(start, stop)]
     inside = [s for s in sources if s >= 0]
     if not inside:
-        raise ValueError(f"window [{start}, {stop}) lies entirely in constant padding of size {size}")
+        raise ValueError(
+            f"window [{start}, {stop}) lies wholly outside an axis of {size} voxels: with "
+            "IMG_PAD_MODE='constant' it would be padding only, no voxel of the scan"
+        )
     lo, hi = min(inside), max(inside) + 1
     return AxisRead(lo, hi, tuple(s - lo if s >= 0 else -1 for s in sources))
 

@@ -66,6 +66,8 @@ class ScanEntry:
             if value is None or isinstance(value, (str, int, float, bool)):
                 out[key if key.startswith("scan") else f"scan_{key}"] = value
         out["scan_shape"] = tuple(self.meta.shape)
+        # MedSegPy's evaluators take scan_spacing for distances in mm (ASSD, Hausdorff)
+        out["scan_spacing"] = tuple(self.meta.spacing)
         out.update({k: v for k, v in self.info.items() if k.startswith("scan") and k != "scan_id"})
         if self.meta.subject_id is not None:
             out["subject_id"] = self.meta.subject_id

@@ -375,15 +375,43 @@ class ScanMeta:
 FILTER_KEYS = ("split", "subject_id", "time_point", "augmentation", "has_class", "scan_id")
 
 
+def has_class_values(want: Any) -> list[int | str]:
+    """``has_class``'s classes: an index, a class name, or a list of them (any of them)."""
+    values = list(want) if isinstance(want, (list, tuple, set, frozenset)) else [want]
+    out: list[int | str] = []
+    for value in values:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, str))
+            or (isinstance(value, int) and value < 0)
+        ):
+            raise ValueError(
+                f"has_class: expected a class index (0, 1, ...) or a class name, or a list of them; got {want!r}"
+            )
+        out.append(value)
+    return out
+
+
+def has_any_class(meta: ScanMeta, want: Any) -> bool:
+    """Whether one of ``want``'s classes (an index or a name) has voxels in the scan."""
+    counts = meta.class_voxels()
+    names = meta.class_names
+    for value in has_class_values(want):
+        k = names.index(value) if isinstance(value, str) and value in names else value
+        if isinstance(k, int) and k < len(counts) and counts[k] > 0:
+            return True
+    return False
+
+
 def matches(meta: ScanMeta, filters: dict[str, Any]) -> bool:
     """Whether a scan passes attribute filters (``has_class=k``: class k has voxels)."""
     for key, want in filters.items():
         if want is None:
             continue
         if key == "has_class":
-            counts = meta.class_voxels()
-            k = int(want)
-            if not (0 <= k < len(counts) and counts[k] > 0):
+            if not has_any_class(meta, want):
                 return False
             continue
         have = meta.attrs.get(key)
@@ -406,6 +434,10 @@ def why_nothing_matches(scans: Sequence[ScanMeta], filters: dict[str, Any]) -> s
         if want is None or any(matches(meta, {key: want}) for meta in scans):
             continue
         if key == "has_class":
+            names = sorted({n for meta in scans for n in meta.class_names})
+            unknown = [v for v in has_class_values(want) if isinstance(v, str) and v not in names]
+            if unknown:
+                return f"has_class={want!r}: no scan has a class named {unknown[0]!r} (classes: {', '.join(names)})"
             return f"has_class={want!r}: no scan has voxels of that class"
         values = sorted({str(meta.attrs[key]) for meta in scans if key in meta.attrs})
         if values:

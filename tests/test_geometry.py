@@ -140,3 +140,12 @@ def test_random_patches_stay_in_padded_bounds_and_hold_their_centre(cases, seed,
             assert a < n and b > 0
     around = sampler.window_around(centre, shape)
     assert all(a <= c < b for (a, b), c in zip(around, centre, strict=True))
+
+
+def test_a_window_wholly_outside_the_axis_names_the_axis_and_the_pad_mode():
+    with pytest.raises(
+        ValueError,
+        match=r"window \[12, 15\) lies wholly outside an axis of 10 voxels: with IMG_PAD_MODE='constant'",
+    ):
+        padded_indices(12, 15, 10, "constant")
+    assert padded_indices(12, 15, 10, "edge").take == (0, 0, 0)  # other modes repeat the scan's voxels

@@ -78,6 +78,10 @@ def test_stitched_patches_of_a_pointwise_model_are_exact(odd_store, blend, pad):
         np.testing.assert_array_equal(outputs["y_true"], np.concatenate([background, merged], -1))
         assert outputs["time_elapsed"] >= 0
         assert inputs["scan_split"] == "test" and inputs["subject_id"] == inputs["scan_subject_id"]
+        spacing = zarr.open_group(str(odd_store[0]), mode="r")[inputs["scan_id"]].attrs.get(
+            "spacing", [1, 1, 1]
+        )
+        assert inputs["scan_spacing"] == tuple(float(s) for s in spacing)
 
 
 def test_a_keras_model_stitches_exactly_too(odd_store):
@@ -223,3 +227,24 @@ def test_an_overriding_preprocess_sees_the_real_targets(odd_store):
     y0 = seen[0][1]
     volume_mask = arrays[sorted(arrays)[0]][1][..., 1:3].astype(np.float32)
     np.testing.assert_array_equal(y0[0], volume_mask[0:8, 0:7, 0:4])
+
+
+def test_inference_inputs_carry_the_scans_spacing(tmp_path):
+    """MedSegPy's evaluators read ``scan_spacing`` (mm) for surface distances: the store's
+    spacing attribute, as zarr-python reads it, reaches each scan's inference inputs."""
+    from store.writer import write_scan
+
+    root = tmp_path / "store"
+    image = np.arange(6 * 5 * 3, dtype=np.float32).reshape(6, 5, 3)
+    mask = np.stack([image % 2 == 0, image % 2 == 1], -1).astype(np.uint8)
+    write_scan(root, "0000009_V00-Aug00", image, mask, {"split": "test", "spacing": [0.31, 0.29, 0.7]})
+    DatasetCatalog.remove("spaced")
+    DatasetCatalog.register("spaced", str(root), split="test")
+    try:
+        cfg = Config(TAG="PatchDataLoader", IMG_SIZE=(6, 5, 3, 1))
+        loader = build_loader(cfg, "spaced", batch_size=1, is_test=True, shuffle=False, drop_last=False)
+        [(inputs, _)] = list(loader.inference(pointwise))
+    finally:
+        DatasetCatalog.remove("spaced")
+    want = zarr.open_group(str(root), mode="r")["0000009_V00-Aug00"].attrs["spacing"]
+    assert inputs["scan_spacing"] == tuple(want) == (0.31, 0.29, 0.7)

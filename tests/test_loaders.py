@@ -328,6 +328,10 @@ def test_a_filter_that_selects_nothing_says_which_and_what_there_is(small_store)
             f"split='val' matches no scan (its scans have split {', '.join(splits)})",
         ),
         "typo_key": ({"spilt": "train"}, "no scan has an attribute 'spilt' (did you mean 'split'?)"),
+        "class_name": (
+            {"has_class": "femur"},
+            "has_class='femur': no scan has a class named 'femur' (classes: class 0, class 1, class 2, class 3)",
+        ),
     }
     for name, (filters, why) in cases.items():
         DatasetCatalog.remove(name)
@@ -336,6 +340,15 @@ def test_a_filter_that_selects_nothing_says_which_and_what_there_is(small_store)
             build_loader(cfg_for(), name, batch_size=1, is_test=True, shuffle=False, drop_last=False)
         assert str(info.value) == f"dataset {name!r}: {why}"
         DatasetCatalog.remove(name)
+
+
+def test_a_has_class_that_is_no_class_is_refused_where_it_is_registered(small_store):
+    root, _ = small_store
+    with pytest.raises(
+        ValueError, match=r"dataset 'bad_class': has_class: expected a class index .* got 1\.5"
+    ):
+        DatasetCatalog.register("bad_class", root, has_class=1.5)
+    assert "bad_class" not in DatasetCatalog.list()
 
 
 def test_build_loader_drops_image_only_scans_for_training_and_checks_tag(small_store):
@@ -466,3 +479,20 @@ def test_class_index_refuses_a_voxel_in_two_categories_naming_them():
         class_indices(y, background=False)
     assert "categories 0 and 2 (CATEGORIES[0], CATEGORIES[2]) at once" in str(err.value)
     assert "Y_FORMAT='one_hot'" in str(err.value)
+
+
+def test_a_medsegpy_training_field_or_a_typo_is_refused_with_where_to_go():
+    """MedSegPy's data fields are Config's own; its training fields are refused in one line
+    saying where their value goes, and a misspelt field names the one it may mean."""
+    with pytest.raises(
+        AttributeError, match=r"'TRAIN_BATCH_SIZE': it is a MedSegPy training setting.*batch_size="
+    ):
+        Config(TRAIN_BATCH_SIZE=16)
+    with pytest.raises(
+        AttributeError, match=r"Config has no field 'IMG_SIZES' \(did you mean 'IMG_SIZE'\?\)"
+    ):
+        Config().IMG_SIZES = (8, 8, 1)
+    cfg = Config(
+        TRAIN_DATASET="oai_train", TAG="PatchDataLoader", CATEGORIES=[0, (1, 2)], INCLUDE_BACKGROUND=True
+    )
+    assert (cfg.TRAIN_DATASET, cfg.TAG, cfg.INCLUDE_BACKGROUND) == ("oai_train", "PatchDataLoader", True)

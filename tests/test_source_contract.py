@@ -82,6 +82,24 @@ def test_list_scans_and_filters(source, small_store):
     assert source.list_scans(split="nope") == []
 
 
+def test_has_class_takes_several_classes_and_class_names(source, small_store):
+    """A list is any of its classes, as for the other filters; a name is a class of
+    ``class_names`` (an unnamed class k is "class k"): both against numpy's voxel counts."""
+    _, truth = small_store
+
+    def having(*classes):
+        return sorted(
+            s for s, (_, m) in truth.items() if m is not None and any(m[..., k].any() for k in classes)
+        )
+
+    assert [m.scan_id for m in source.list_scans(has_class=[2, 3])] == having(2, 3)
+    assert [m.scan_id for m in source.list_scans(has_class="class 3")] == having(3)
+    assert [m.scan_id for m in source.list_scans(has_class=["class 1", 3])] == having(1, 3)
+    assert source.list_scans(has_class="no such class") == []
+    with pytest.raises(ValueError, match="has_class: expected a class index"):
+        source.list_scans(has_class=1.5)
+
+
 def test_metadata_matches_truth(source, small_store):
     _, truth = small_store
     for scan_id, (image, mask) in truth.items():
