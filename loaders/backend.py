@@ -10,7 +10,9 @@
 * **Quiet.** TensorFlow's C++ start-up lines (oneDNN, CUDA probing) are left out unless the
   user set ``TF_CPP_MIN_LOG_LEVEL``: setting it in this process before the import does not
   reach them (TensorFlow 2.21 logs them while its libraries load), so they are filtered from
-  what the import writes to stderr; everything else it writes is passed on.
+  what the import writes to stderr; everything else it writes is passed on. The first device
+  query runs there too, so that a machine without an NVIDIA driver does not get TensorFlow's
+  "failed call to cuInit" error line at the first batch.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
 _STARTUP_LINE = re.compile(
     rb"^(?:[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] .*"
     rb"|WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR)$"
+)
+# On a machine without an NVIDIA driver (no /dev/nvidiactl) TensorFlow's first device query
+# logs this at error level though nothing is wrong: there is no GPU to initialise. With a driver
+# present the line is kept, as a broken driver's sign.
+_NO_DRIVER_LINE = re.compile(
+    rb"^E\d{4} \d\d:\d\d:\d+\.\d+ +\d+ cuda_platform\.cc:\d+\] failed call to cuInit: .*$"
 )
 _import_lock = threading.Lock()
 
@@ -133,7 +141,10 @@ def _quiet_startup() -> Iterator[None]:
             os.close(saved)
             captured.seek(0)
             lines = captured.read().splitlines(keepends=True)
-            rest = b"".join(line for line in lines if not _STARTUP_LINE.match(line.rstrip(b"\r\n")))
+            patterns = [_STARTUP_LINE] + ([] if os.path.exists("/dev/nvidiactl") else [_NO_DRIVER_LINE])
+            rest = b"".join(
+                line for line in lines if not any(p.match(line.rstrip(b"\r\n")) for p in patterns)
+            )
             while rest:
                 rest = rest[os.write(2, rest) :]
 
@@ -145,6 +156,8 @@ def import_keras() -> ModuleType:
             backend = choose_backend()
             with _quiet_startup() if backend == "tensorflow" else contextlib.nullcontext():
                 importlib.import_module("keras")
+                if backend == "tensorflow":
+                    _probe_devices()
     return sys.modules["keras"]
 
 
@@ -154,4 +167,10 @@ def import_tensorflow() -> ModuleType:
         if "tensorflow" not in sys.modules:
             with _quiet_startup():
                 importlib.import_module("tensorflow")
+                _probe_devices()
     return sys.modules["tensorflow"]
+
+
+def _probe_devices() -> None:
+    """TensorFlow's first device query, inside the quiet block: it is what probes CUDA."""
+    sys.modules["tensorflow"].config.list_physical_devices()

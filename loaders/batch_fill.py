@@ -173,4 +173,7 @@ class BatchFilling:
     def _mixed_shapes(self: _Loader, elements: Sequence[Element], xs: list[Any], ys: list[Any]) -> None:
         names = sorted({self.scans[e.scan].scan_id for e in elements})
         shapes = sorted({tuple(s) for s in xs}) if xs[0] != xs[1] else sorted({tuple(s) for s in ys})
-        raise ValueError(f"one batch mixes input shapes {shapes} (scans {', '.join(names)})")
+        raise ValueError(
+            f"one batch mixes input shapes {shapes} (scans {', '.join(names)}): use batch_size=1 "
+            "or a patch loader, or resample the scans to one grid"
+        )

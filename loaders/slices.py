@@ -28,11 +28,31 @@ class DefaultDataLoader(DataLoader):
     batch_fields: tuple[str, ...] = ("SHUFFLE_BLOCKS",)  # whole slices, whatever IMG_SIZE says
 
     def build_elements(self) -> Sequence[Element]:
+        self._check_one_slice_shape()
         return [
             Element(scan.index, ((0, scan.shape[0]), (0, scan.shape[1]), (z, z + 1)))
             for scan in self.scans
             for z in scan.slices
         ]
+
+    def _check_one_slice_shape(self) -> None:
+        """A training batch stacks whole slices: refuse here, not at the first batch, a data set
+        whose slices differ in shape (nnU-Net cases often do; so does a case whose file axes
+        are permuted, after the stored P, L, S orientation). A test loader predicts scan by scan
+        (inference works), so only its batches refuse, when asked for."""
+        if self.is_test or self.batch_size == 1:
+            return
+        first: dict[tuple[int, int], str] = {}
+        for scan in self.scans:
+            first.setdefault((int(scan.shape[0]), int(scan.shape[1])), scan.scan_id)
+        if len(first) > 1:
+            (a, scan_a), (b, scan_b) = list(first.items())[:2]
+            raise ValueError(
+                f"{type(self).__name__}: slices differ in shape ({a[0]}x{a[1]} in {scan_a}, "
+                f"{b[0]}x{b[1]} in {scan_b}) and a batch stacks whole slices: use batch_size=1, "
+                "a patch loader (TAG='PatchDataLoader' or 'RandomPatchDataLoader'), or resample "
+                "the scans to one grid"
+            )
 
     def model_input(self, image: np.ndarray, element: Element) -> np.ndarray:
         if image.ndim == 3:
@@ -77,6 +97,7 @@ class S25dDataLoader(DefaultDataLoader):
         super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size, **sharding)
 
     def build_elements(self) -> Sequence[Element]:
+        self._check_one_slice_shape()
         return [
             Element(
                 scan.index,

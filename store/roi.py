@@ -22,6 +22,8 @@ Region = tuple[slice, ...]  # normalized: concrete start < stop, step None
 def _parse_int(text: str, axis: int, param: str) -> int:
     text = text.strip(" \t")
     if _INT.fullmatch(text) is None:
+        if re.fullmatch(r"[+-]?[0-9]+", text, re.ASCII):
+            raise InvalidROI(f"axis {axis}: {text[:40]!r} has more than 18 digits", param)
         raise InvalidROI(f"axis {axis}: {text[:40]!r} is not an integer", param)
     return int(text)
 
@@ -45,9 +47,9 @@ def parse_roi(text: str | None, shape: Sequence[int], param: str = "roi") -> Reg
         if ":" in part:
             bits = part.split(":")
             if len(bits) != 2:
-                raise InvalidROI(
-                    f"axis {axis}: {part.strip()!r} is not 'a:b' (steps are not supported)", param
-                )
+                # a:b:c is a step; a:b;c:d is axes split by ';' where ',' was meant
+                why = "axes are split by ','" if ";" in part else "steps are not supported"
+                raise InvalidROI(f"axis {axis}: {part.strip()!r} is not 'a:b' ({why})", param)
             lo, hi = (b.strip() for b in bits)
             start = _normalize(_parse_int(lo, axis, param), size) if lo else 0
             stop = _normalize(_parse_int(hi, axis, param), size) if hi else size

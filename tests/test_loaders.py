@@ -355,7 +355,7 @@ def test_build_loader_drops_image_only_scans_for_training_and_checks_tag(small_s
     root, _ = small_store
     DatasetCatalog.remove("all_scans")
     DatasetCatalog.register("all_scans", root)
-    loader = build_loader(cfg_for(), "all_scans", batch_size=4, is_test=False, shuffle=False, drop_last=False)
+    loader = build_loader(cfg_for(), "all_scans", batch_size=1, is_test=False, shuffle=False, drop_last=False)
     assert [s.scan_id for s in loader.scans] == [
         "0000001_V00-Aug00",
         "0000001_V01-Aug00",
@@ -364,8 +364,16 @@ def test_build_loader_drops_image_only_scans_for_training_and_checks_tag(small_s
     # a test loader keeps the image-only scan for inference (tests/test_unlabelled_inference.py)
     tested = build_loader(cfg_for(), "all_scans", batch_size=4, is_test=True, shuffle=False, drop_last=False)
     assert [s.scan_id for s in tested.scans][-1] == "0000003_V00-Aug01"
-    with pytest.raises(ValueError, match="mixes input shapes"):
-        loader[5]  # slices of a 40x36 and a 33x27 scan in one batch
+    # a training batch of 40x36 and 33x27 slices is refused where the loader is built
+    with pytest.raises(ValueError) as info:
+        build_loader(cfg_for(), "all_scans", batch_size=4, is_test=False, shuffle=False, drop_last=False)
+    assert str(info.value) == (
+        "DefaultDataLoader: slices differ in shape (40x36 in 0000001_V00-Aug00, 33x27 in 0000002_V00-Aug00) "
+        "and a batch stacks whole slices: use batch_size=1, a patch loader (TAG='PatchDataLoader' or "
+        "'RandomPatchDataLoader'), or resample the scans to one grid"
+    )
+    with pytest.raises(ValueError, match=r"mixes input shapes .*: use batch_size=1 or a patch loader"):
+        tested[5]  # a test loader (inference goes scan by scan) refuses only such a batch
     with pytest.raises(KeyError, match="NoSuchLoader"):
         build_loader(cfg_for(TAG="NoSuchLoader"), "all_scans", 4, False, True, True)
     DatasetCatalog.remove("all_scans")

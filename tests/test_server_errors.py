@@ -86,6 +86,8 @@ def store_root(small_store):
         (f"/scans/{SCAN}/image?roi=a:b", 422, ["roi", "not an integer"], "InvalidROI"),
         (f"/scans/{SCAN}/image?roi=0:1,0:1,0:1,0:1", 422, ["roi", "4 axes"], "InvalidROI"),
         (f"/scans/{SCAN}/image?roi=0:4:2", 422, ["roi", "steps"], "InvalidROI"),
+        (f"/scans/{SCAN}/image?roi=0:4;0:4", 422, ["roi", "axes are split by ','"], "InvalidROI"),
+        (f"/scans/{SCAN}/image?roi=0:1234567890123456789", 422, ["roi", "more than 18 digits"], "InvalidROI"),
         (f"/scans/{SCAN}/mask?categories=[9]", 422, ["categories", "out of range"], "InvalidCategories"),
         (f"/scans/{SCAN}/mask?categories=[]", 422, ["categories"], "InvalidCategories"),
         (f"/scans/{SCAN}/mask?categories=[[]]", 422, ["categories", "empty"], "InvalidCategories"),
@@ -108,6 +110,9 @@ def store_root(small_store):
             "InvalidParameter",
         ),
         ("/scans?splt=train", 422, ["splt: not a parameter", "split"], "InvalidParameter"),
+        # one value given twice would have answered the last one; a list parameter repeats
+        (f"/scans/{SCAN}/image?roi=0:4&roi=0:8", 422, ["roi: given more than once"], "InvalidParameter"),
+        ("/scans?split=train&split=valid", 200, [], None),
         ("/zarr/zarr.json?x=1", 422, ["x: not a parameter", "takes: none"], "InvalidParameter"),
         ("/nothing-here", 404, ["Not Found"], None),
     ],
@@ -164,7 +169,8 @@ def test_the_service_is_read_only(client, method, url):
     ],
 )
 def test_batch_errors_name_the_region(client, regions, status, words):
-    assert_error(client.post("/batch", json={"regions": regions}), status, *words)
+    body = assert_error(client.post("/batch", json={"regions": regions}), status, *words)
+    assert body["param"] is not None and body["param"].startswith(words[0]), body  # also a 404's field
 
 
 @pytest.mark.parametrize("body", [b"{", b"[]", b'{"regions": 1}', b'{"regions": [1]}', b"\xff\xfe"])

@@ -118,7 +118,7 @@ def domain_error_response(exc: ScanCacheError) -> JSONResponse:
     extra = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
     if isinstance(exc, ServerBusy):
         extra = {"Retry-After": str(exc.retry_after)}
-    param = exc.param if isinstance(exc, InvalidParameter) else None
+    param = exc.param if isinstance(exc, InvalidParameter) else getattr(exc, "param", None)
     return error_response(status, str(exc), type(exc).__name__, param, extra)
 
 

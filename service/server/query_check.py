@@ -1,9 +1,12 @@
 """Query parameters a route does not take are refused (422), not ignored: ``?rio=0:4`` (for
 ``roi``) or ``?splt=train`` would otherwise answer the whole volume or every scan, a typo that
-silently returns the wrong voxels (docs/rest-api.md, "Conventions")."""
+silently returns the wrong voxels (docs/rest-api.md, "Conventions"). So is a parameter of one
+value given twice (``?roi=0:4&roi=0:8`` would answer the last one)."""
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
 from starlette.requests import Request
@@ -16,20 +19,32 @@ PAGES = ("/viewer", "/docs", "/redoc", "/openapi.json", "/health")
 _ATTRIBUTE = "_scancache_query_names"  # kept on the route: found once per route, not per request
 
 
-def _allowed(route: object) -> frozenset[str]:
-    """The query parameters a route declares, its dependencies' included."""
+def _takes_several(annotation: Any) -> bool:
+    """A list-typed parameter (``split: list[str] | None``) takes one value per repetition."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_takes_several(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _allowed(route: object) -> dict[str, bool]:
+    """The query parameters a route declares, its dependencies' included: name -> whether it
+    may be repeated."""
     known = getattr(route, _ATTRIBUTE, None)
     if known is not None:
-        return frozenset(known)
-    names: set[str] = set()
+        return dict(known)
+    names: dict[str, bool] = {}
     pending: list[Any] = [getattr(route, "dependant", None)]
     while pending:  # the route's parameters and its dependencies', recursively
         dependant = pending.pop()
         if dependant is not None:
-            names.update(field.alias for field in dependant.query_params)
+            for field in dependant.query_params:
+                names[field.alias] = _takes_several(getattr(field.field_info, "annotation", None))
             pending.extend(dependant.dependencies)
-    setattr(route, _ATTRIBUTE, frozenset(names))
-    return frozenset(names)
+    setattr(route, _ATTRIBUTE, dict(names))
+    return names
 
 
 def refuse_unknown_query(request: Request) -> None:
@@ -38,7 +53,11 @@ def refuse_unknown_query(request: Request) -> None:
     if route is None or not getattr(route, "dependant", None) or request.url.path.startswith(PAGES):
         return
     allowed = _allowed(route)
-    unknown = sorted(set(request.query_params) - allowed)
+    unknown = sorted(set(request.query_params) - set(allowed))
     if unknown:
         takes = ", ".join(sorted(allowed)) or "none"
         raise InvalidParameter(unknown[0], f"not a parameter of this route (it takes: {takes})")
+    given = request.query_params.multi_items()
+    twice = sorted({k for k, _ in given if not allowed[k] and sum(1 for n, _ in given if n == k) > 1})
+    if twice:
+        raise InvalidParameter(twice[0], "given more than once (it takes one value)")

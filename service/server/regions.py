@@ -65,6 +65,14 @@ class RegionPlan:
         )
 
 
+def _located(exc: Exception, prefix: str, field: str) -> Exception:
+    """A batch item's error names its field (``regions[2].scan_id``) in the body's ``param``;
+    on the GET routes the path names the scan and the array."""
+    if prefix:
+        exc.param = prefix + field  # type: ignore[attr-defined]
+    return exc
+
+
 def plan_region(
     source: LocalSource,
     scan_id: str,
@@ -79,21 +87,25 @@ def plan_region(
     try:
         validate_scan_id(scan_id)
     except InvalidPath as exc:
-        raise InvalidPath(f"{where}{exc}") from None
+        raise _located(InvalidPath(f"{where}{exc}"), prefix, "scan_id") from None
     channel = channel_of(array)  # image (0), image_c1 (1), ...; None for the mask
     if array not in ARRAYS and channel is None:
         expected = f"{', '.join(ARRAYS)} or an image channel image_c1, image_c2, ..."
-        raise ArrayNotFound(f"{where}no array {array!r}; expected one of {expected}")
+        raise _located(
+            ArrayNotFound(f"{where}no array {array!r}; expected one of {expected}"), prefix, "array"
+        )
     try:
         version = source.version(scan_id)
         meta = source.metadata(scan_id)
     except ScanNotFound as exc:
-        raise ScanNotFound(f"{where}{exc}") from None
+        raise _located(ScanNotFound(f"{where}{exc}"), prefix, "scan_id") from None
     if array == MASK and not meta.has_mask:
-        raise ArrayNotFound(f"{where}scan {scan_id!r} has no mask")
+        raise _located(ArrayNotFound(f"{where}scan {scan_id!r} has no mask"), prefix, "array")
     if channel is not None and channel >= meta.channels:
-        raise ArrayNotFound(
-            f"{where}scan {scan_id!r} has no image channel {channel} (it has {meta.channels})"
+        raise _located(
+            ArrayNotFound(f"{where}scan {scan_id!r} has no image channel {channel} (it has {meta.channels})"),
+            prefix,
+            "array",
         )
     try:
         region = parse_roi(roi, meta.shape, param=prefix + "roi")
