@@ -43,6 +43,7 @@ from loaders.registry import (
     LOADER_REGISTRY,
     Element,
     keeps_values,
+    refuse_medsegpy_hooks,
     register_loader,
     selects_voxels,
 )
@@ -82,6 +83,10 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
     # Config fields that decide which examples an epoch holds and in which order: a state saved
     # under other values (load_state_dict) is refused. A subclass names the ones it reads.
     batch_fields: tuple[str, ...] = ("IMG_SIZE", "IMG_STRIDE", "IMG_PAD_SIZE", "SHUFFLE_BLOCKS")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        refuse_medsegpy_hooks(cls)  # a port of MedSegPy's hooks would be silently not called
 
     def __new__(cls, *args: Any, **kwargs: Any) -> DataLoader:
         loader = super().__new__(cls)
@@ -448,9 +453,21 @@ def build_data_loader(cfg: Config, dataset_dicts: Sequence[dict[str, Any]], **kw
     """The loader registered under ``cfg.TAG``, built over ``dataset_dicts``."""
     from loaders import patches, slices  # noqa: F401  (they register the built-in loaders)
 
+    tag = MEDSEGPY_TAGS.get(cfg.TAG, cfg.TAG) if cfg.TAG not in LOADER_REGISTRY else cfg.TAG
     try:
-        cls: Callable[..., DataLoader] = LOADER_REGISTRY[cfg.TAG]
+        cls: Callable[..., DataLoader] = LOADER_REGISTRY[tag]
     except KeyError:
         known = ", ".join(sorted(LOADER_REGISTRY))
-        raise NotRegistered(f"cfg.TAG {cfg.TAG!r} is not a registered loader; registered: {known}") from None
+        instead = MEDSEGPY_INSTEAD.get(cfg.TAG, "")
+        raise NotRegistered(
+            f"cfg.TAG {cfg.TAG!r} is not a registered loader{instead}; registered: {known}"
+        ) from None
     return cls(cfg, dataset_dicts, **kwargs)
+
+
+# MedSegPy's legacy TAGs, which it maps to its DefaultDataLoader too
+MEDSEGPY_TAGS = dict.fromkeys(("oai_aug", "oai", "oai_2d", "oai_aug_2d"), "DefaultDataLoader")
+# MedSegPy loaders with no loader of that name here: what to use instead
+MEDSEGPY_INSTEAD = {
+    "N5dDataLoader": " (MedSegPy's N.5D slices: use S25dDataLoader with IMG_SIZE=(H, W, k))",
+}

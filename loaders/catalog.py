@@ -166,8 +166,15 @@ class DatasetCatalog:
             raise NotRegistered(f"dataset {name!r} is not registered; registered: {known}") from None
         dicts = func()
         for i, d in enumerate(dicts):
-            if not isinstance(d, dict) or "scan_id" not in d or "source" not in d:
-                raise ValueError(f"dataset {name!r}: item {i} is not a dict with 'scan_id' and 'source'")
+            if not isinstance(d, dict):
+                raise ValueError(f"dataset {name!r}: item {i} is a {type(d).__name__}, not a dataset dict")
+            missing = [key for key in ("scan_id", "source") if key not in d]
+            if missing:
+                # MedSegPy's dicts name slice files; here each names its scan and where it is stored
+                raise ValueError(
+                    f"dataset {name!r}: item {i} has no {' and no '.join(repr(k) for k in missing)} "
+                    "(each dict needs 'scan_id' and 'source', the store path or server URL holding the scan)"
+                )
         return dicts
 
     @staticmethod

@@ -122,6 +122,8 @@ TRAINING_FIELDS = {
     "LOSS": "model.compile(loss=...)",
     "OPTIMIZER": "model.compile(optimizer=...)",
     "MODEL_NAME": "your model code",
+    "EXP_NAME": "your training script",
+    "DESCRIPTION": "your training script",
     "OUTPUT_DIR": "your training script (LoaderCheckpoint(backup_dir) for the loader's state)",
     "USE_EARLY_STOPPING": "keras.callbacks.EarlyStopping",
     "NUM_GRAD_STEPS": "your training loop",

@@ -11,9 +11,19 @@ from typing import Any, TypeVar
 
 from loaders.stitching import Window
 
-LOADER_REGISTRY: dict[str, type[Any]] = {}  # name -> DataLoader subclass
 L = TypeVar("L", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class LoaderRegistry(dict[str, type[Any]]):
+    """Name -> DataLoader subclass. ``@LOADER_REGISTRY.register()`` is MedSegPy's (fvcore's)
+    spelling of ``@register_loader``, so a ported loader registers unchanged."""
+
+    def register(self, obj: L | None = None) -> Any:
+        return register_loader(obj) if obj is not None else register_loader
+
+
+LOADER_REGISTRY = LoaderRegistry()
 KEEPS_VALUES = "_scancache_keeps_values"
 SELECTS_VOXELS = "_scancache_selects_voxels"
 
@@ -33,6 +43,28 @@ def selects_voxels(method: F) -> F:
     (one table gather per voxel, no merged uint8 mask in between). Implies ``keeps_values``."""
     setattr(method, SELECTS_VOXELS, True)
     return keeps_values(method)
+
+
+# MedSegPy's DataLoader hooks and what takes their place here: a class ported with one of them
+# is refused, as the loader would never call it (the batches would be the defaults, silently).
+MEDSEGPY_HOOKS = {
+    "_load_input": "model_input(image, element) and model_target(mask, element) (the loader reads each window)",
+    "_load_batch": "model_input / model_target per example (load_batch reads the windows)",
+    "_preprocess": "preprocess(x, y)",
+    "_restructure_data": "from_prediction(prediction, element) (inference stitches each scan)",
+    "_load_patch": "build_elements (the windows) and model_input / model_target",
+}
+
+
+def refuse_medsegpy_hooks(klass: type) -> None:
+    """One line naming the hook a class ported from MedSegPy defines and what to override."""
+    ported = [hook for hook in MEDSEGPY_HOOKS if hasattr(klass, hook)]
+    if ported:
+        hook = ported[0]
+        raise TypeError(
+            f"{klass.__name__} defines MedSegPy's {hook}, which scancache's loaders never call: "
+            f"override {MEDSEGPY_HOOKS[hook]} instead (docs/custom-dataloader.md)"
+        )
 
 
 def register_loader(cls: L | None = None, *, name: str | None = None) -> Any:

@@ -18,7 +18,7 @@ from loaders.config import Config
 from loaders.geometry import AxisRead, padded_indices, take_window
 from loaders.stitching import Window
 from store.categories import Categories, Selection, format_names, parse_categories, resolve_categories
-from store.errors import InvalidCategories, RequestTooLarge, ScanChanged, changed_message
+from store.errors import InvalidCategories, RequestTooLarge, ScanChanged, ScanNotFound, changed_message
 from store.format import MASK, ScanMeta, image_arrays
 from store.label_map import Decoded, LabelRegion, apply_table, has_label_map, merged
 from store.protocol import RegionRequest, ScanSource
@@ -74,6 +74,23 @@ class ScanEntry:
         return out
 
 
+def _metadata_of(source: ScanSource, scan_id: Any, location: Any) -> ScanMeta:
+    """A dataset dict's scan, or one line naming the source and the ids it holds that are close
+    (a MedSegPy OAI dict's "0000001_V00" is stored as "0000001_V00-Aug00")."""
+    import difflib
+
+    try:
+        return source.metadata(str(scan_id))
+    except ScanNotFound:
+        ids = [m.scan_id for m in source.list_scans()]
+        close = [i for i in ids if i.startswith(f"{scan_id}-")][:1] or difflib.get_close_matches(
+            str(scan_id), ids, n=1
+        )
+        where = location if isinstance(location, str) else "its source"
+        hint = f" (did you mean {close[0]!r}?)" if close else f" ({len(ids)} scans there)"
+        raise ScanNotFound(f"dataset dict: scan {scan_id!r} is not in {where}{hint}") from None
+
+
 def scans_from_dicts(
     dataset_dicts: Sequence[dict[str, Any]], cfg: Config, unlabelled: bool = False
 ) -> list[ScanEntry]:
@@ -90,7 +107,7 @@ def scans_from_dicts(
     for dicts in grouped.values():
         first = dicts[0]
         source = shared_source(first["source"])
-        meta = first.get("_meta") or source.metadata(first["scan_id"])
+        meta = first.get("_meta") or _metadata_of(source, first["scan_id"], first["source"])
         depth = meta.shape[2]
         if all("slice_id" in d for d in dicts):
             slices = tuple(sorted({int(d["slice_id"]) - 1 for d in dicts}))  # MedSegPy: 1-indexed

@@ -77,3 +77,85 @@ def test_the_normalizing_example(example, dataset):
     np.testing.assert_array_equal(x_raw[..., 0], np.moveaxis(image[:, :, :4], 2, 0))
     np.testing.assert_allclose(x.mean(axis=(1, 2, 3)), 0, atol=1e-4)
     np.testing.assert_allclose(x.std(axis=(1, 2, 3)), 1, atol=1e-3)
+
+
+def test_a_loader_ported_with_medsegpys_hooks_is_refused_naming_what_to_override():
+    """MedSegPy's _load_input / _preprocess would never be called: the batches would silently
+    be the defaults. Defining one is refused where the class is defined."""
+    from loaders import DefaultDataLoader
+
+    with pytest.raises(TypeError) as info:
+
+        class Ported(DefaultDataLoader):
+            def _preprocess(self, inputs, outputs):
+                return inputs * 2, outputs
+
+    assert str(info.value) == (
+        "Ported defines MedSegPy's _preprocess, which scancache's loaders never call: "
+        "override preprocess(x, y) instead (docs/custom-dataloader.md)"
+    )
+    with pytest.raises(TypeError, match=r"_load_input.*override model_input\(image, element\)"):
+
+        class PortedInput(DataLoader):
+            def _load_input(self, dataset_dict):
+                return None
+
+
+def test_medsegpys_registry_spelling_and_legacy_tags_work(dataset):
+    """``@LOADER_REGISTRY.register()`` (MedSegPy's fvcore form) registers; MedSegPy's legacy
+    TAG "oai_2d" is its DefaultDataLoader; N5dDataLoader names the loader to use instead."""
+    from loaders import DefaultDataLoader
+    from store.errors import NotRegistered
+
+    name, image, _ = dataset
+
+    @LOADER_REGISTRY.register()
+    class RegisteredTheMedSegPyWay(DefaultDataLoader):
+        pass
+
+    try:
+        assert LOADER_REGISTRY["RegisteredTheMedSegPyWay"] is RegisteredTheMedSegPyWay
+        loader = build_loader(
+            Config(TAG="oai_2d"), name, batch_size=1, is_test=False, shuffle=False, drop_last=False
+        )
+        assert type(loader) is DefaultDataLoader
+        np.testing.assert_array_equal(loader[0][0][0, ..., 0], image[:, :, 0])
+        with pytest.raises(
+            NotRegistered, match=r"'N5dDataLoader' .*use S25dDataLoader with IMG_SIZE=\(H, W, k\)"
+        ):
+            build_loader(
+                Config(TAG="N5dDataLoader"), name, batch_size=1, is_test=False, shuffle=False, drop_last=False
+            )
+    finally:
+        LOADER_REGISTRY.pop("RegisteredTheMedSegPyWay", None)
+
+
+def test_medsegpy_style_dataset_dicts_get_a_line_saying_what_is_missing(small_store):
+    """A MedSegPy OAI dict names its scan "0000001_V00" and no source: each is one line
+    saying what to give (the key, or the stored id that is meant)."""
+    from store.errors import ScanNotFound
+
+    root, _ = small_store
+    for name, dicts in (
+        ("msp_no_source", [{"scan_id": "0000001_V00", "file_name": "x.im"}]),
+        ("msp_short_id", [{"scan_id": "0000001_V00", "source": str(root)}]),
+    ):
+        DatasetCatalog.remove(name)
+        DatasetCatalog.register(name, lambda dicts=dicts: dicts)
+    try:
+        with pytest.raises(ValueError) as info:
+            DatasetCatalog.get("msp_no_source")
+        assert str(info.value) == (
+            "dataset 'msp_no_source': item 0 has no 'source' (each dict needs 'scan_id' and 'source', "
+            "the store path or server URL holding the scan)"
+        )
+        with pytest.raises(ScanNotFound) as missing:
+            build_loader(
+                Config(), "msp_short_id", batch_size=1, is_test=False, shuffle=False, drop_last=False
+            )
+        assert str(missing.value) == (
+            f"dataset dict: scan '0000001_V00' is not in {root} (did you mean '0000001_V00-Aug00'?)"
+        )
+    finally:
+        DatasetCatalog.remove("msp_no_source")
+        DatasetCatalog.remove("msp_short_id")
