@@ -26,6 +26,7 @@ from service.cli_args import (
     positive_int,
     positive_seconds_arg,
     read_token_file,
+    scan_id_list,
     shape3,
     spacing_arg,
 )
@@ -62,16 +63,24 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         grace_s=args.grace,
         class_names=args.class_names,
         spacing=args.spacing,
+        rebuild=args.rebuild,
     )
     print(summary.report(), flush=True)
     return summary.exit_code
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from service.verify import verify_store
+    from service.verify import MISMATCH, verify_store
 
     report = verify_store(args.source, args.store, on_line=lambda line: print(line, flush=True))
     print(report.summary())
+    damaged = [line.scan_id for line in report.lines if line.status == MISMATCH]
+    if damaged:
+        # their sources are unchanged, so a plain re-run would skip them
+        ids = ",".join(damaged)
+        print(
+            f"verify: to convert them again: scancache preprocess {args.source} {args.store} --rebuild {ids}"
+        )
     return 0 if report.exact else 1
 
 
@@ -208,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait",
         action="store_true",
         help="if another job is writing STORE, wait for it to finish (default: fail at once)",
+    )
+    p.add_argument(
+        "--rebuild",
+        type=scan_id_list,
+        default=(),
+        metavar="ID[,ID...]",
+        help="convert these scans again even if the store holds them from unchanged sources "
+        "(verify's MISMATCH: a stored copy damaged after it was written)",
     )
     p.add_argument(
         "--prune",

@@ -127,6 +127,18 @@ def class_names_arg(text: str) -> tuple[str, ...]:
     return names
 
 
+def scan_id_list(text: str) -> tuple[str, ...]:
+    """``--rebuild 0000001_V00-Aug00,case_0003``: one or more scan ids."""
+    from store.errors import InvalidPath
+    from store.format import validate_scan_id
+
+    ids = tuple(part.strip() for part in text.split(","))
+    try:
+        return tuple(validate_scan_id(i) for i in ids)
+    except InvalidPath as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def spacing_arg(text: str) -> tuple[float, float, float]:
     """``--spacing 0.365,0.365,0.7``: mm along the stored axes (y, x, z)."""
     from store.ome import zyx_checked

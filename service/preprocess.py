@@ -100,6 +100,7 @@ def run_preprocess(
     dashboard: str | None = None,
     class_names: tuple[str, ...] = (),
     spacing: tuple[float, float, float] | None = None,
+    rebuild: tuple[str, ...] = (),
 ) -> Summary:
     """Convert every scan of ``source`` into ``store``; returns the summary.
 
@@ -111,13 +112,16 @@ def run_preprocess(
     ``dashboard``: serve the local cluster's Dask dashboard at this address (none by default).
     ``class_names`` and ``spacing`` (MedSegPy sources only; ``ValueError`` for an nnU-Net
     dataset, which has its own): every scan's class names, and its spacing in mm where the
-    source has none.
+    source has none. ``rebuild``: scan ids converted again even where the store holds them from
+    unchanged sources (a copy damaged after it was written); ``ValueError`` for an id the source
+    does not have.
     """
     started = time.monotonic()
     stream = stream or sys.stderr
     layout = layout or ChunkLayout()
     found = discover(source)
     found.scans = with_user_options(found.scans, class_names, spacing)
+    found.scans = marked_for_rebuild(found.scans, rebuild)
     location = str(store) if is_s3_url(str(store)) else Path(store).resolve()
     if scheduler and found.scans:
         check_scheduler_reachable(scheduler)  # before the store is made: no empty store left
@@ -179,6 +183,15 @@ def check_scheduler_reachable(address: str, timeout: float = 10.0) -> None:
             f"--scheduler {address}: cannot reach the Dask scheduler ({err.strerror or type(err).__name__}); "
             "is it running, and is the address the one it printed?"
         ) from None
+
+
+def marked_for_rebuild(specs: list[ScanSpec], rebuild: tuple[str, ...]) -> list[ScanSpec]:
+    """The scans with those named by ``--rebuild`` marked to be converted whatever the store holds."""
+    wanted = set(rebuild)
+    unknown = sorted(wanted - {spec.scan_id for spec in specs})
+    if unknown:
+        raise ValueError(f"--rebuild {unknown[0]}: the source has no scan of that id")
+    return [replace(spec, rebuild=True) if spec.scan_id in wanted else spec for spec in specs]
 
 
 def with_user_options(

@@ -47,7 +47,8 @@ def _convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str 
         fp, source_bytes = fingerprint(spec, layout)
         published = read_scan_attrs(store, spec.scan_id)
         if (
-            published is not None
+            not spec.rebuild
+            and published is not None
             and published.get("fingerprint") == fp
             and manifest_problem(store, spec.scan_id, published) is None
         ):

@@ -75,6 +75,9 @@ class ScanSpec:
     image_files: tuple[str, ...]  # 2D: one per slice, slice 1 first; 3D: the one .h5 file
     mask_files: tuple[str, ...] = ()  # 2D (and NIfTI: the label file); empty for an image-only scan
     options: ScanOptions = ScanOptions()
+    # convert even if the store holds this scan from these very files (`preprocess --rebuild`):
+    # a stored copy damaged after it was written (verify's MISMATCH) has an unchanged fingerprint
+    rebuild: bool = False
 
     @property
     def files(self) -> tuple[str, ...]:

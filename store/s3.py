@@ -50,17 +50,32 @@ class StoreUnavailable(ScanCacheError, OSError):
     """The object store cannot be used: no bucket, refused credentials, unreachable endpoint."""
 
 
+def without_secrets(url: str) -> str:
+    """``scheme://user:password@host/...`` with the user information hidden, for messages."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", url)
+
+
 def parse_s3_url(url: str) -> tuple[str, str]:
     """``s3://BUCKET/PREFIX`` -> (bucket, prefix without slashes at either end)."""
     if not url.startswith(S3_SCHEME):
-        raise ValueError(f"{url}: not an s3:// URL")
+        raise ValueError(f"{without_secrets(url)}: not an s3:// URL")
     bucket, _, prefix = url[len(S3_SCHEME) :].partition("/")
+    if "@" in bucket:
+        raise ValueError(
+            f"{without_secrets(url)}: credentials do not go in the URL (it is shown in logs and "
+            "listings): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        )
     if not _BUCKET.match(bucket):
         raise ValueError(f"{url}: {bucket!r} is not a valid S3 bucket name")
     prefix = prefix.strip("/")
     if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
         raise ValueError(f"{url}: the prefix has empty, '.' or '..' components")
     return bucket, prefix
+
+
+# Bare HTTP statuses (no S3 error code in the body) that an S3 API never answers with; other
+# bare ones (403 to a HEAD, 412 to a conditional write, 5xx from a proxy) can be S3's own.
+NOT_S3_STATUSES = ("400", "404", "405", "501")
 
 
 def _error_code(err: BaseException) -> str:
@@ -84,18 +99,34 @@ class S3Storage(Storage):
                 f"s3://{bucket}/{prefix}: reading S3 needs boto3: pip install 'scancache[s3]'"
             ) from None
 
+        from botocore.exceptions import BotoCoreError, ProfileNotFound
+
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.url = f"{S3_SCHEME}{bucket}/{self.prefix}" if self.prefix else f"{S3_SCHEME}{bucket}"
-        session = boto3.session.Session()
         self._config = Config(
             max_pool_connections=64,
             connect_timeout=5,
             read_timeout=60,
             retries={"max_attempts": 4, "mode": "standard"},
         )
-        self._client = client or session.client("s3", config=self._config)
+        try:
+            session = boto3.session.Session()
+            self._client = client or session.client("s3", config=self._config)
+        except ProfileNotFound as err:
+            raise StoreUnavailable(
+                f"{self.url}: AWS_PROFILE {err.kwargs.get('profile')!r} is not in the AWS config files"
+            ) from None
+        except ValueError as err:  # botocore: "Invalid endpoint: ..."
+            endpoint = without_secrets(os.environ.get("AWS_ENDPOINT_URL", ""))
+            raise StoreUnavailable(
+                f"{self.url}: AWS_ENDPOINT_URL {endpoint!r} is not a URL (it starts with http:// or https://)"
+                if "endpoint" in str(err).lower()
+                else f"{self.url}: {without_secrets(str(err))}"
+            ) from None
+        except BotoCoreError as err:
+            raise StoreUnavailable(f"{self.url}: {type(err).__name__}: {without_secrets(str(err))}") from None
         self._client_pid = os.getpid()
-        self.endpoint = str(self._client.meta.endpoint_url)
+        self.endpoint = without_secrets(str(self._client.meta.endpoint_url))
         self.region = session.region_name or self.client.meta.region_name or "us-east-1"
         self._profile = session.profile_name if os.environ.get("AWS_PROFILE") else None
         self._pointers: dict[str, tuple[float, str | None]] = {}
@@ -136,7 +167,10 @@ class S3Storage(Storage):
         if code in ("NoSuchBucket",) or (code == "404" and "Bucket" in str(err)):
             why = f"bucket {self.bucket!r} does not exist{_CREATE_IT}"
         elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"):
-            why = f"access denied ({code}): check the AWS credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE)"
+            why = (
+                f"access denied ({code}): check the AWS credentials "
+                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+            )
         elif name in (
             "EndpointConnectionError",
             "ConnectTimeoutError",
@@ -147,8 +181,16 @@ class S3Storage(Storage):
         elif name == "NoCredentialsError":
             why = "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
         else:
-            why = f"{name}: {code or err}"
+            why = f"{name}: {code or without_secrets(str(err))}"
         return StoreUnavailable(f"{self.url}: {why}")
+
+    def _not_s3(self, status: str) -> StoreUnavailable:
+        """A request answered without an S3 error code: the endpoint is some other HTTP service
+        (a SeaweedFS filer, master or volume port, a web server), not an S3 API."""
+        return StoreUnavailable(
+            f"{self.url}: the endpoint {self.endpoint} answers HTTP {status} without an S3 error: "
+            "it is not an S3 API (check AWS_ENDPOINT_URL)"
+        )
 
     def _call(self, method: str, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -156,6 +198,8 @@ class S3Storage(Storage):
         try:
             return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
         except ClientError as err:
+            if _error_code(err) in NOT_S3_STATUSES and method != "head_object":
+                raise self._not_s3(_error_code(err)) from None  # S3 names its errors (NoSuchKey, ...)
             if _error_code(err) in ("NoSuchKey", "404") and method in ("get_object", "head_object"):
                 return None
             if _error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
@@ -171,7 +215,10 @@ class S3Storage(Storage):
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as err:
-            if _error_code(err) in ("404", "NoSuchBucket", "NotFound"):
+            if _error_code(err) in ("NoSuchBucket", "NotFound", *NOT_S3_STATUSES):
+                # a HEAD's answer has no body: a GET tells a missing bucket (NoSuchBucket) from an
+                # endpoint that is no S3 API at all (a bare status)
+                self._call("list_objects_v2", MaxKeys=1)
                 raise StoreUnavailable(
                     f"{self.url}: bucket {self.bucket!r} does not exist{_CREATE_IT}"
                 ) from None

@@ -32,14 +32,27 @@ from store.format import VERSIONS_DIR
 S3_SCHEME = "s3://"
 
 
+# "S3://", "s3:/", "s3:" ...: meant as S3, but a path to the local file system would take them
+# (a folder named "S3:" in the working directory, silently written there)
+_S3_LOOKALIKE = re.compile(r"^s3:", re.IGNORECASE)
+
+
 def is_s3_url(location: str | os.PathLike[str]) -> bool:
-    return isinstance(location, str) and location.startswith(S3_SCHEME)
+    """Whether a location is an S3 URL; one that only looks like one is refused in one line."""
+    if not isinstance(location, str):
+        return False
+    if location.startswith(S3_SCHEME):
+        return True
+    if _S3_LOOKALIKE.match(location):
+        rest = re.sub(r"^s3:/*", "", location, flags=re.IGNORECASE)
+        raise ValueError(f"{location}: an S3 store is written s3://BUCKET/PREFIX (did you mean s3://{rest}?)")
+    return False
 
 
 def parse_location(text: str | os.PathLike[str]) -> str | Path:
     """A store location as typed (CLI, environment, API): ``s3://BUCKET/PREFIX`` (checked, kept
     as text) or a local path. The one parser of store locations."""
-    if isinstance(text, str) and text.startswith(S3_SCHEME):
+    if isinstance(text, str) and is_s3_url(text):
         from store.s3 import parse_s3_url
 
         bucket, prefix = parse_s3_url(text)

@@ -1,5 +1,5 @@
 """Reading an S3 store without scancache, as docs/store-format.md says a plain reader does:
-list the pointers under ``.current/``, read one, open ``.versions/<scan>/<version>`` with
+list the pointers under ``.current/``, read one, open ``.scan-versions/<scan>/<version>`` with
 zarr-python (through fsspec's s3fs)."""
 
 from __future__ import annotations

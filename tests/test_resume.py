@@ -156,3 +156,40 @@ def test_store_modified_behind_our_back_is_caught_by_verify(tmp_path):
         or "TORN     0000001_V00-Aug00: image/c/0/0/0 has " in result.stdout
     )
     assert "MISSING  0000002_V00-Aug00: not in the store" in result.stdout
+
+
+def test_a_scan_damaged_in_the_store_is_rebuilt_by_name(tmp_path):
+    """A stored chunk damaged after it was written keeps its scan's fingerprint, so a re-run
+    skips it; verify names the scans and the command, and --rebuild converts them again."""
+    import zarr
+
+    store, small = tmp_path / "store", tmp_path / "small"
+    write_sample_data(small, subjects=2, visits=1, shape=(16, 16, 4), num_classes=2, seed=5)
+    assert run_cli("preprocess", small, store, "--workers", "1", "-q", "--codec", "none").returncode == 0
+    scan = "0000001_V00-Aug00"
+    shard = store / scan / "image" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    # one inner chunk, its (offset, nbytes, crc32c) index at the end (zarr's sharding codec)
+    offset = int.from_bytes(data[-20:-12], "little")
+    data[offset] ^= 0xFF  # voxel (0, 0, 0); same size: no manifest check can see it, only the voxels
+    shard.write_bytes(bytes(data))
+    result = run_cli("verify", small, store)
+    assert result.returncode == 1 and f"MISMATCH {scan}: image: 1 voxels differ" in result.stdout
+    hint = f"verify: to convert them again: scancache preprocess {small} {store} --rebuild {scan}"
+    assert result.stdout.strip().splitlines()[-1] == hint
+    rerun = run_cli("preprocess", small, store, "--workers", "1", "--codec", "none")
+    assert "scans: 0 converted, 2 skipped, 0 failed" in rerun.stdout
+    rebuilt = run_cli("preprocess", small, store, "--workers", "1", "--codec", "none", "--rebuild", scan)
+    assert rebuilt.returncode == 0 and "scans: 1 converted, 1 skipped, 0 failed" in rebuilt.stdout
+    assert run_cli("verify", small, store).returncode == 0
+    want = np.stack(
+        [np.asarray(h5py.File(f, "r")["data"])[..., 0] for f in sorted((small).rglob(f"{scan}_*.im"))], -1
+    )
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")[scan]["image"][...], want)
+    unknown = run_cli("preprocess", small, store, "--workers", "1", "--rebuild", "0000009_V00-Aug00")
+    assert unknown.returncode != 0
+    assert (
+        unknown.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--rebuild 0000009_V00-Aug00: the source has no scan of that id")
+    )

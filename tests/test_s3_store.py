@@ -442,6 +442,73 @@ def test_an_unreachable_store_is_not_a_traceback_in_python(s3_server):
         LocalSource("s3://no-bucket-x/store")
 
 
+@pytest.fixture
+def plain_http_server(tmp_path):
+    """A real HTTP server on loopback that is no S3 API (as a SeaweedFS filer port would be): a
+    static file server of an empty folder, answering 404 to everything."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_an_endpoint_that_is_no_s3_api_is_named_not_taken_for_a_missing_store(
+    s3_server, plain_http_server, monkeypatch
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", plain_http_server)
+    storage = S3Storage("lab", "knee")
+    why = f"s3://lab/knee: the endpoint {plain_http_server} answers HTTP 404 without an S3 error: it is not an S3 API (check AWS_ENDPOINT_URL)"
+    for attempt in (storage.check_bucket, lambda: storage.read("zarr.json")):
+        with pytest.raises(StoreUnavailable) as info:
+            attempt()
+        assert str(info.value) == why
+
+
+def test_s3_settings_errors_name_the_store_and_the_setting(s3_server, monkeypatch):
+    """A look-alike URL, credentials in the URL, an unknown profile and an endpoint without its
+    scheme: each one line naming the store and what to change, no secret repeated."""
+    from store.storage import parse_location
+
+    with pytest.raises(
+        ValueError,
+        match=r"^S3://lab/knee: an S3 store is written s3://BUCKET/PREFIX \(did you mean s3://lab/knee\?\)$",
+    ):
+        open_storage("S3://lab/knee")
+    with pytest.raises(ValueError, match=r"did you mean s3://lab/x\?"):
+        parse_location("s3:/lab/x")
+    with pytest.raises(ValueError) as info:
+        open_storage("s3://key:secret-XYZ@lab/knee")
+    assert "secret-XYZ" not in str(info.value) and "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in str(
+        info.value
+    )
+    monkeypatch.setenv("AWS_PROFILE", "nosuch")
+    with pytest.raises(
+        StoreUnavailable, match=r"^s3://lab/knee: AWS_PROFILE 'nosuch' is not in the AWS config files$"
+    ):
+        S3Storage("lab", "knee")
+    monkeypatch.delenv("AWS_PROFILE")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "127.0.0.1:18333")
+    with pytest.raises(
+        StoreUnavailable,
+        match=r"AWS_ENDPOINT_URL '127.0.0.1:18333' is not a URL \(it starts with http:// or https://\)",
+    ):
+        S3Storage("lab", "knee")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://user:pw-XYZ@127.0.0.1:1")
+    with pytest.raises(StoreUnavailable) as unreachable:
+        S3Storage("lab", "knee").check_bucket()
+    assert "pw-XYZ" not in str(unreachable.value) and "http://***@127.0.0.1:1" in str(unreachable.value)
+
+
 def test_local_storage_is_unchanged_on_disk(tmp_path):
     root = tmp_path / "store"
     build_store(root, scans=SMALL_SCANS[:1])
