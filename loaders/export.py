@@ -83,6 +83,8 @@ def export_nifti(
     if isinstance(scans, str):  # one scan id, not its characters
         scans = [scans]
     wanted = list(available) if scans is None else list(dict.fromkeys(scans))
+    if not wanted:  # "exported 0 scans" would read as success (a run that wrote nothing)
+        raise ValueError(f"{store.storage.url}: the predictions store holds no predictions")
     for scan_id in wanted:
         if not store.has(scan_id):
             raise ValueError(

@@ -148,12 +148,29 @@ class _ScanStitcher:
 
     def add_batch(self, chunk: list[Any], predictions: np.ndarray) -> None:
         for e, p in zip(chunk, predictions, strict=True):
-            out = self.loader.from_prediction(p, e)
+            out = self._window_prediction(p, e)
             if self.aggregator is None or (not self.started and self.aggregator.channels != out.shape[-1]):
                 # the channels are known from the first prediction (a wrong guess is replaced)
                 self.aggregator = Aggregator(self.scan.shape, out.shape[-1], disjoint=self.disjoint)
             self.aggregator.add(e.output_window, out, self.loader.blend_weights(e))
             self.started = True
+
+    def _window_prediction(self, prediction: np.ndarray, element: Any) -> np.ndarray:
+        """One example's output as its window's (h, w, d, C), or one line naming the scan and
+        the shapes: a model that pools, crops or outputs one vector cannot be stitched as is."""
+        window = tuple(b - a for a, b in element.output_window)
+        try:
+            out = np.asarray(self.loader.from_prediction(prediction, element))
+        except (IndexError, ValueError):
+            out = None
+        if out is None or out.ndim != len(window) + 1 or out.shape[: len(window)] != window:
+            raise ValueError(
+                f"scan {self.scan.scan_id!r}: the model's output for one example is {tuple(prediction.shape)}, "
+                f"but inference needs one value per voxel of its {'x'.join(map(str, window))} window "
+                "(the input's size, channels last); a model that pools or crops needs its loader's "
+                "from_prediction to map its output back (docs/custom-dataloader.md)"
+            )
+        return out
 
 
 def _batch_input(

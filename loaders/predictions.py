@@ -26,6 +26,7 @@ import copy
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -223,6 +224,8 @@ def _names_and_geometry(entry: Any, categories: Any, include_background: bool) -
         "source_affine": scan.source_affine,
         "scan_class_names": scan.class_names,
         "label_values": scan.label_values,
+        # the version predicted from: a server refuses to show it as another version's (409)
+        "scan_version": scan.version,
     }
     if scan.attrs.get("source_shape") is not None:
         fields["source_shape"] = [int(n) for n in scan.attrs["source_shape"]]
@@ -235,6 +238,20 @@ def _write_scan(
     """Write one scan's arrays and attributes in ``staged`` and publish it; returns its Dice
     and the categories' names."""
     y_pred = np.asarray(outputs["y_pred"])
+    y_true = outputs.get("y_true")
+    if y_true is not None and np.asarray(y_true).shape[-1] != y_pred.shape[-1]:
+        # kept (a model of other categories may be wanted), but not silently: no names, no Dice
+        warnings.warn(
+            f"scan {scan_id!r}: the model predicts {y_pred.shape[-1]} channels, but the loader's categories "
+            f"(CATEGORIES{' and the background' if meta.include_background else ''}) are "
+            f"{np.asarray(y_true).shape[-1]}: stored without class names or Dice",
+            stacklevel=4,
+        )
+    if not np.isfinite(y_pred).all():
+        bad = int(np.count_nonzero(~np.isfinite(y_pred)))
+        raise ValueError(
+            f"scan {scan_id!r}: the model's output holds {bad} NaN or infinite values; nothing written"
+        )
     try:
         labels = y_pred.shape[-1] - (1 if meta.include_background else 0)
         if labels > 255:  # an atlas of hundreds of regions: the scan store holds them, this cannot
@@ -281,6 +298,16 @@ def _write_scan(
 
 def _scan_entries(loader: Any) -> dict[str, Any]:
     return {s.scan_id: s for s in getattr(loader, "scans", ())}
+
+
+def _predicted(store: PredictionStore, scan_id: str, entry: Any) -> bool:
+    """The store holds a prediction of this version of the scan (one made from an older version,
+    before the scan was converted again, is predicted anew, not skipped)."""
+    attrs = store.attrs(scan_id)
+    if attrs is None:
+        return False
+    recorded, current = attrs.get("scan_version"), getattr(getattr(entry, "meta", None), "version", None)
+    return not (isinstance(recorded, str) and current is not None and recorded != current)
 
 
 def _pending_loader(loader: Any, done: set[str]) -> Any:
@@ -343,7 +370,7 @@ def _write_locked(
 ) -> PredictionSummary:
     store = PredictionStore(root)
     entries = _scan_entries(loader)
-    done = set() if overwrite else {s for s in entries if store.has(s)}
+    done = set() if overwrite else {s for s in entries if _predicted(store, s, entries.get(s))}
     skipped = sorted(done)
     bar = _progress(len(entries) - len(done), progress)
     cats = getattr(loader.cfg, "CATEGORIES", None)
@@ -362,7 +389,7 @@ def _write_locked(
     try:
         for inputs, outputs in _inference(_pending_loader(loader, done), model, predict_kwargs):
             scan_id = inputs["scan_id"]
-            if scan_id in done or (not overwrite and store.has(scan_id)):
+            if scan_id in done or (not overwrite and _predicted(store, scan_id, entries.get(scan_id))):
                 if scan_id not in skipped:
                     skipped.append(scan_id)
                 continue

@@ -257,6 +257,20 @@ def test_export_refuses_in_one_line(nifti_predictions, tmp_path):
     )
 
 
+def test_an_empty_predictions_store_exports_nothing_and_says_so(tmp_path):
+    """A predictions store whose every run failed (its root made, no scan written): one line and
+    a non-zero exit, not "exported 0 scans"."""
+    from loaders.predictions import _root
+    from store.storage import open_storage
+
+    empty = tmp_path / "empty"
+    _root(open_storage(empty))
+    result = run_cli("export", empty, tmp_path / "out")
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"scancache export: error: {empty}: the predictions store holds no predictions"
+    ), result.stderr
+
+
 def test_old_predictions_export_with_the_scan_store(nifti_store, nifti_predictions, tmp_path):
     """A prediction written before names and geometry were recorded: readable, exported the
     same once the scan store gives the geometry."""

@@ -228,3 +228,37 @@ def test_more_categories_than_a_label_map_holds_is_one_line_naming_the_scan(trai
     probs = np.zeros((2, 256), np.float32)
     probs[0, 255] = probs[1, 0] = 1.0
     np.testing.assert_array_equal(label_map(probs, include_background=True), [255, 0])
+
+
+def test_model_outputs_that_cannot_be_stored_as_they_are_say_so_naming_the_scan(train_dataset, tmp_path):
+    """NaN in a scan's output is refused (a label map of zeros and Dice 0 would look like a
+    result); a pooled or flat output names the scan and the window; a model of other categories
+    is stored with a warning (no names, no Dice), not silently."""
+    name, _ = train_dataset
+    cfg = Config(TAG="DefaultDataLoader", CATEGORIES=(0, 1, 2, 3), INCLUDE_BACKGROUND=True)
+
+    def loader():
+        return build_loader(cfg, name, batch_size=4, is_test=True, shuffle=False, drop_last=False)
+
+    first = sorted(s.scan_id for s in loader().scans)[0]
+    nan = lambda x: np.full((*x.shape[:3], 5), np.nan, np.float32)  # noqa: E731
+    with pytest.raises(
+        ValueError,
+        match=rf"^scan '{first}': the model's output holds \d+ NaN or infinite values; nothing written$",
+    ):
+        write_predictions(loader(), nan, tmp_path / "nan", progress=False)
+    assert not (tmp_path / "nan" / first).exists()
+    pooled = lambda x: np.ones((x.shape[0], x.shape[1] // 2, x.shape[2] // 2, 5), np.float32)  # noqa: E731
+    flat = lambda x: np.ones((x.shape[0], 5), np.float32)  # noqa: E731
+    for model, shape in ((pooled, "(20, 18, 5)"), (flat, "(5,)")):
+        with pytest.raises(ValueError) as info:
+            list(loader().inference(model))
+        assert str(info.value).startswith(
+            f"scan '{first}': the model's output for one example is {shape}, but"
+        )
+        assert "one value per voxel of its 40x36x1 window" in str(info.value)
+    three = lambda x: np.full((*x.shape[:3], 3), 1 / 3, np.float32)  # noqa: E731
+    with pytest.warns(
+        UserWarning, match=r"the model predicts 3 channels, but the loader's categories .* are 5"
+    ):
+        assert write_predictions(loader(), three, tmp_path / "three", progress=False).written

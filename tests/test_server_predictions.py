@@ -305,17 +305,14 @@ def test_prediction_of_other_data_is_refused_409_one_line(served, small_store, t
             assert r.json()["error"] == "PredictionMismatch" and "\n" not in detail
             assert scan_id in detail and "40x36x12" in detail and "30x30x12" in detail
             assert r.headers.get("connection") != "close"  # keep-alive survives (a 500 reset it)
-        assert (
-            client.get(
-                f"/scans/{WITH_PREDICTION[1]}/preview.png", params={"overlay": "prediction"}
-            ).status_code
-            == 200
-        )
+        # the other scan has the same id and shape but is another store's version: other data too
+        same_shape = client.get(f"/scans/{WITH_PREDICTION[1]}/preview.png", params={"overlay": "prediction"})
+        assert same_shape.status_code == 409 and "another version of the scan" in same_shape.json()["detail"]
         # nor does the scan's metadata claim it (the viewer would show its Dice): not the scan's
         meta = client.get(f"/scans/{scan_id}").json()
         assert meta["has_prediction"] is False and meta["prediction_dice"] is None
         listed = {d["scan_id"]: d for d in client.get("/scans").json()["scans"]}
-        assert listed[scan_id]["has_prediction"] is False and listed[WITH_PREDICTION[1]]["has_prediction"]
+        assert listed[scan_id]["has_prediction"] is False and not listed[WITH_PREDICTION[1]]["has_prediction"]
         with_prediction = client.get("/scans", params={"has_prediction": "true"}).json()["scans"]
         assert scan_id not in {d["scan_id"] for d in with_prediction}
 
@@ -349,3 +346,41 @@ def test_non_finite_dice_is_null_and_never_fails_the_listing(served, small_store
         assert httpx.get(f"{url}/scans", params={"has_prediction": "true"}).status_code == 200
         viewer_js = httpx.get(f"{url}/viewer/static/viewer.js").text
         assert "diceText" in viewer_js  # the page shows a null Dice as n/a instead of throwing
+
+
+def test_a_prediction_of_another_version_of_the_scan_is_not_shown_and_is_predicted_anew(tmp_path):
+    """Two stores converted from the same data hold scans of one id and shape but different
+    versions: predictions written from one are refused (409) when served with the other, and
+    not counted as the scan's. A scan converted again since is predicted anew, not skipped."""
+    from conftest import SMALL_SCANS, build_store
+
+    first, second, pred = tmp_path / "first", tmp_path / "second", tmp_path / "pred"
+    build_store(first, scans=SMALL_SCANS[:1], image_only=())
+    build_store(second, scans=SMALL_SCANS[:1], image_only=())
+    scan_id = SMALL_SCANS[0][0]
+    DatasetCatalog.remove("versioned")
+    DatasetCatalog.register("versioned", str(first))
+    try:
+        cfg = Config(TAG="DefaultDataLoader", CATEGORIES=(0, 1, 2, 3), INCLUDE_BACKGROUND=True)
+
+        def loader():
+            return build_loader(cfg, "versioned", batch_size=4, is_test=True, shuffle=False, drop_last=False)
+
+        assert write_predictions(loader(), softmax_model, pred).written == (scan_id,)
+        with live_server(first, predictions=pred) as url:
+            assert httpx.get(f"{url}/scans/{scan_id}/prediction", params={"roi": "0:2"}).status_code == 200
+        with live_server(second, predictions=pred) as url:
+            r = httpx.get(f"{url}/scans/{scan_id}/prediction", params={"roi": "0:2"})
+            assert r.status_code == 409 and r.json()["error"] == "PredictionMismatch"
+            assert "made from another version of the scan" in r.json()["detail"]
+            assert httpx.get(f"{url}/scans/{scan_id}").json()["has_prediction"] is False
+        assert write_predictions(loader(), softmax_model, pred).skipped == (scan_id,)
+        build_store(first, scans=SMALL_SCANS[:1], image_only=())  # converted again: a new version
+        DatasetCatalog.remove("versioned")
+        DatasetCatalog.register("versioned", str(first))
+        from loaders import close_shared_sources
+
+        close_shared_sources()
+        assert write_predictions(loader(), softmax_model, pred).written == (scan_id,)
+    finally:
+        DatasetCatalog.remove("versioned")

@@ -41,14 +41,16 @@ def prediction_store(request: Request) -> PredictionStore | None:
 Predictions = Annotated[PredictionStore | None, Depends(prediction_store)]
 
 
-def prediction_fields(store: PredictionStore | None, scan_id: str, scan_shape: Any) -> dict[str, Any]:
+def prediction_fields(
+    store: PredictionStore | None, scan_id: str, scan_shape: Any, scan_version: str | None = None
+) -> dict[str, Any]:
     """What a scan's metadata says of its prediction: ``has_prediction``, ``prediction_dice``
     (per category) and ``prediction_class_names`` (the categories' names, parallel to the Dice
     and to the label map's values 1, 2, ...; null for predictions written before names were
     recorded). A prediction that does not fit the scan (written for other data: the
     prediction routes answer 409) is not the scan's: no prediction, no Dice."""
     attrs = None if store is None else store.attrs(scan_id)
-    if attrs is not None and prediction_mismatch(attrs, scan_id, tuple(scan_shape)) is not None:
+    if attrs is not None and prediction_mismatch(attrs, scan_id, tuple(scan_shape), scan_version) is not None:
         attrs = None
     names = None if attrs is None else attrs.get("class_names")
     dice = None if attrs is None else attrs.get("dice")
@@ -68,9 +70,13 @@ def _ints(value: Any) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in value)
 
 
-def prediction_mismatch(attrs: dict[str, Any], scan_id: str, scan_shape: tuple[int, ...]) -> str | None:
+def prediction_mismatch(
+    attrs: dict[str, Any], scan_id: str, scan_shape: tuple[int, ...], scan_version: str | None = None
+) -> str | None:
     """Why a prediction's attributes do not fit the scan (None: they do): its (H, W, D) must be
-    the scan's, or (H, W, len(slices)) with every slice inside the scan."""
+    the scan's, or (H, W, len(slices)) with every slice inside the scan, and where it records the
+    scan version it was predicted from, that version must be the one served (another store's
+    scan of the same id and shape, or a scan converted again since, is other data)."""
     shape, channels, slices = attrs.get("shape"), attrs.get("channels"), attrs.get("slices")
     if not (
         _ints(shape)
@@ -98,11 +104,22 @@ def prediction_mismatch(attrs: dict[str, Any], scan_id: str, scan_shape: tuple[i
             f"scan {scan_id!r}: the stored prediction names slices that are not the scan's 0..{depth - 1}"
             " (or repeats one); re-run write_predictions for it (overwrite=True)"
         )
+    predicted_from = attrs.get("scan_version")
+    if isinstance(predicted_from, str) and scan_version is not None and predicted_from != scan_version:
+        return (
+            f"scan {scan_id!r}: the stored prediction was made from another version of the scan "
+            "(another store's, or this scan before it was converted again); re-run write_predictions "
+            "for it (overwrite=True)"
+        )
     return None
 
 
 def check_prediction(
-    store: PredictionStore | None, scan_id: str, scan_shape: tuple[int, ...], array: str
+    store: PredictionStore | None,
+    scan_id: str,
+    scan_shape: tuple[int, ...],
+    array: str,
+    scan_version: str | None = None,
 ) -> dict[str, Any]:
     """The scan's prediction attributes, refused in one line (409) unless the prediction fits
     the scan: its (H, W, D) is the scan's, or (H, W, len(slices)) with every slice inside the
@@ -110,7 +127,7 @@ def check_prediction(
     another store with the same scan ids must not be overlaid, nor read past its bounds (500)."""
     attrs = require_prediction(store, scan_id)
     assert store is not None
-    why = prediction_mismatch(attrs, scan_id, scan_shape)
+    why = prediction_mismatch(attrs, scan_id, scan_shape, scan_version)
     if why is not None:
         raise PredictionMismatch(why)
     stored = store.stored_shape(scan_id, array)
@@ -135,7 +152,7 @@ async def prediction_response(
 
     def plan() -> tuple[tuple[slice, ...], tuple[int, ...], str]:
         meta = state.source.metadata(scan_id)  # 404 for an unknown scan, as every scan route
-        check_prediction(store, scan_id, meta.shape, array)
+        check_prediction(store, scan_id, meta.shape, array, meta.version)
         assert store is not None
         shape = store.shape(scan_id, array)
         region = parse_roi(roi, shape[:3])

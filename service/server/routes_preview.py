@@ -30,13 +30,20 @@ State = Annotated[ServerState, Depends(server_state)]
 
 
 def _prediction_plane(
-    store: PredictionStore | None, scan_id: str, shape: tuple[int, int, int], axis: str, index: int
+    store: PredictionStore | None,
+    scan_id: str,
+    shape: tuple[int, int, int],
+    axis: str,
+    index: int,
+    scan_version: str | None = None,
 ) -> tuple[np.ndarray, int]:
     """The prediction's label-map plane in the scan's geometry, and its number of categories.
 
     A prediction of some slices only (a per-slice dataset) stores those slices: other slices
     have no prediction (404 along z; empty columns along y and x)."""
-    attrs = check_prediction(store, scan_id, shape, LABEL_MAP)  # again: it may have been re-published
+    attrs = check_prediction(
+        store, scan_id, shape, LABEL_MAP, scan_version
+    )  # again: it may have been re-published
     assert store is not None
     categories = int(attrs["channels"]) - int(bool(attrs.get("include_background")))
     slices = attrs.get("slices")
@@ -114,7 +121,7 @@ async def get_preview(
         if overlay == "mask":
             classes = preview.take_plane(state.source.read_mask(scan_id, region), axis)
         elif overlay == "prediction":
-            labels, categories = _prediction_plane(store, scan_id, meta.shape, axis, index)
+            labels, categories = _prediction_plane(store, scan_id, meta.shape, axis, index, meta.version)
             classes = preview.labels_to_classes(labels, categories)
         chosen = window_given or preview.default_window(meta.attrs.get("intensity"), plane)
         return preview.render_png(plane, chosen, classes, scale)

@@ -140,7 +140,7 @@ async def list_scans(
     if not metas and not await to_thread.run_sync(state.store_readable):
         return error_response(503, "store unavailable", "ServerError")  # not "no scans"
     fields = await to_thread.run_sync(
-        lambda: [prediction_fields(predictions, m.scan_id, m.shape) for m in metas]
+        lambda: [prediction_fields(predictions, m.scan_id, m.shape, m.version) for m in metas]
     )
     docs = [{**scan_document(m, full), **f} for m, f in zip(metas, fields, strict=True)]
     if has_prediction is not None:
@@ -168,6 +168,6 @@ async def scan_metadata(
     predictions: Predictions = None,
 ) -> Response:
     meta = await to_thread.run_sync(state.source.metadata, scan_id)
-    fields = await to_thread.run_sync(prediction_fields, predictions, scan_id, meta.shape)
+    fields = await to_thread.run_sync(prediction_fields, predictions, scan_id, meta.shape, meta.version)
     doc = {**scan_document(meta, full=True), **fields, "store_id": state.source.store_id}
     return await cached_json(request, doc, state.inflight)
