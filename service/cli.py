@@ -132,10 +132,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     token = read_token_file(args.token_file) if args.token_file else None
     if token:  # the server reads SCANCACHE_TOKEN (also in uvicorn's worker processes)
         os.environ["SCANCACHE_TOKEN"] = token
+    host = args.host or os.environ.get("SCANCACHE_HOST") or "127.0.0.1"
+    port = args.port
+    if port is None:  # the flag wins; the variable is then not read (a bad one must not stop it)
+        try:
+            port = port_number(os.environ.get("SCANCACHE_PORT", "8000"))
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"SCANCACHE_PORT: {err}") from None
     options: dict[str, Any] = {
         "store": store,
-        "host": args.host,
-        "port": args.port,
+        "host": host,
+        "port": port,
         "workers": args.workers,
         "cache_bytes": args.cache_bytes,
         "max_bytes": args.max_bytes,
@@ -305,8 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
         "store", metavar="STORE", nargs="?", default=None, help="store folder or s3://BUCKET/PREFIX "
         "(default: SCANCACHE_STORE, as for the server's other settings)",
     )  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
-    p.add_argument("--port", type=port_number, default=8000, help="default: %(default)s")
+    p.add_argument(
+        "--host", default=None, help="address to listen on (default: $SCANCACHE_HOST, else 127.0.0.1)"
+    )
+    p.add_argument("--port", type=port_number, default=None, help="default: $SCANCACHE_PORT, else 8000")
     p.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes (default: 1)")
     p.add_argument(
         "--cache-bytes",
@@ -327,21 +336,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_bytes,
         default=None,
         metavar="B",
-        help="bytes all requests may hold at once; past it they wait, then 503 (default 1G)",
+        help="bytes all requests may hold at once; past it they wait, then 503 "
+        "(default: $SCANCACHE_MAX_INFLIGHT_BYTES, else 1G)",
     )
     p.add_argument(
         "--header-timeout",
         type=positive_seconds_arg,
         default=None,
         metavar="S",
-        help="seconds a connection has to send its request headers, and then its body (default 10)",
+        help="seconds a connection has to send its request headers, and then its body "
+        "(default: $SCANCACHE_HEADER_TIMEOUT, else 10)",
     )
     p.add_argument(
         "--send-timeout",
         type=positive_seconds_arg,
         default=None,
         metavar="S",
-        help="seconds a client may stop reading its response before it is disconnected (default 10)",
+        help="seconds a client may stop reading its response before it is disconnected "
+        "(default: $SCANCACHE_SEND_TIMEOUT, else 10)",
     )
     p.add_argument(
         "--token-file",

@@ -20,9 +20,12 @@ PROFILE_Y_FORMATS = ("one_hot", "class_index")
 def parse_bytes(text: str) -> int:
     """argparse type for sizes (``512M``); the parsing itself is ``store.units.parse_bytes``."""
     try:
-        return _parse_size(text, "size")
+        number = _parse_size(text, "size")
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte size like 4096, 512M or 2G") from None
+    if number <= 0:  # every size the CLI takes is a cache or a limit: 0 would serve nothing
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 bytes")
+    return number
 
 
 def read_token_file(path: str) -> str:

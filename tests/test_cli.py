@@ -54,9 +54,14 @@ def test_parse_bytes(text, value):
     assert cli.parse_bytes(text) == value
 
 
-@given(st.integers(0, 2**40), st.sampled_from(["", "K", "M", "G"]))
+@given(st.integers(1, 2**40), st.sampled_from(["", "K", "M", "G"]))
 def test_parse_bytes_roundtrip(n, unit):
     assert cli.parse_bytes(f"{n}{unit}") == n * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[unit]
+
+
+def test_a_size_of_zero_is_refused_naming_the_flag():
+    with pytest.raises(Exception, match="'0M': must be more than 0 bytes"):
+        cli.parse_bytes("0M")
 
 
 @pytest.mark.parametrize("bad", ["", "M", "12Q", "-5", "1e9", "two"])

@@ -171,3 +171,51 @@ def test_serve_help_names_the_environment_variable(flag):
     )
     variable = {"--cache-bytes": "SCANCACHE_CACHE_BYTES", "--max-bytes": "SCANCACHE_MAX_BYTES"}[flag]
     assert variable in " ".join(run.stdout.split())
+
+
+def test_a_taken_port_is_one_line_before_anything_starts(small_store):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags in ((), ("--workers", "2")):
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "service.cli",
+                    "serve",
+                    str(small_store[0]),
+                    "--port",
+                    str(port),
+                    *flags,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert result.returncode == 1 and result.stderr.strip() == (
+                f"scancache serve: error: {HOST}:{port} is already in use (another server?): choose another --port"
+            ), result.stderr
+
+
+def test_serve_takes_its_address_from_scancache_host_and_port(small_store):
+    """The Docker image's HEALTHCHECK reads SCANCACHE_PORT: serve listens there too."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCANCACHE_")}
+    env.update(SCANCACHE_PORT=str(port), SCANCACHE_HOST=HOST, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "service.cli", "serve", str(small_store[0])]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        _wait_healthy(f"http://{HOST}:{port}", lambda: proc.poll() is None, 60)
+        assert httpx.get(f"http://{HOST}:{port}/scans").status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    refused = subprocess.run(
+        cmd, env={**env, "SCANCACHE_PORT": "abc"}, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == "scancache serve: error: SCANCACHE_PORT: 'abc' is not a port number"

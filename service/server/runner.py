@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 
 import uvicorn
@@ -23,6 +24,28 @@ from service.server.settings import (
 from store.storage import parse_location
 
 APP_FACTORY = "service.server.app:app_from_env"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One line, before anything starts, when the address is taken (uvicorn would say
+    "Application startup complete", then fail with errno 98 and exit 3)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host}: not an address of this machine ({err.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ValueError(
+                    f"{host}:{port} is already in use (another server?): choose another --port"
+                ) from None
+            raise ValueError(f"cannot listen on {host}:{port} ({err.strerror})") from None
 
 
 def run(
@@ -71,6 +94,11 @@ def run(
     )
     options = uvicorn_options(settings.header_timeout, workers, settings.send_timeout)
     app = create_app(settings)  # fails here, once, with a clear message (bad store, format)
+    try:
+        check_port_free(host, port)
+    except ValueError:
+        close_app(app)
+        raise
     if workers == 1:
         uvicorn.run(app, host=host, port=port, log_level=log_level, **options)  # lifespan closes it
         return
