@@ -19,7 +19,7 @@ import numpy as np
 import tensorstore as ts
 
 from store.categories import merge_mask, normalize_categories
-from store.errors import ArrayNotFound, ScanChanged, ScanNotFound, changed_message
+from store.errors import ArrayNotFound, ScanCacheError, ScanChanged, ScanNotFound, changed_message
 from store.format import (
     MASK,
     ScanMeta,
@@ -122,6 +122,7 @@ def _mark_tensorstore_used() -> None:
 
 META_CACHE_ENTRIES = 4096  # scans whose metadata a LocalSource keeps (LRU)
 ARRAY_CACHE_ENTRIES = 1024  # open tensorstore arrays it keeps (LRU); each holds no chunk data
+STORE_ID_TTL_S = 1.0  # how long the store's identity is trusted before its zarr.json is read again
 
 
 class LocalSource:
@@ -137,6 +138,25 @@ class LocalSource:
     arrays are cached by version, in LRUs bounded in entries.
     """
 
+    @property
+    def store_id(self) -> str:
+        """The store's identity, read again at most once a second: a store deleted and written
+        anew at the same path (another store to its clients) is served under its own id, not
+        under the id the process started with."""
+        now = time.monotonic()
+        if now - self._store_id_read < STORE_ID_TTL_S:
+            return self._store_id
+        with self._store_id_lock:
+            if now - self._store_id_read >= STORE_ID_TTL_S:
+                self._store_id_read = now
+                try:
+                    data = self.storage.read("zarr.json")
+                    if data is not None:
+                        self._store_id = store_identity(self.root, json.loads(data), local=self.storage.is_local)
+                except (OSError, ValueError, ScanCacheError):
+                    pass  # gone or half-written for a moment: the last id until it reads again
+        return self._store_id
+
     def __init__(self, path: str | os.PathLike[str] | Storage, cache_bytes: int | None = None) -> None:
         self.storage = open_storage(path)
         self.root = self.storage.local_path() or Path(self.storage.url)
@@ -150,8 +170,10 @@ class LocalSource:
                 f"{self.storage}: not a scancache store (its zarr.json is not JSON)"
             ) from None
         check_store_format(self.storage, root_doc)
-        # the server sends it to clients
-        self.store_id = store_identity(self.root, root_doc, local=self.storage.is_local)
+        # the server sends it to clients (see store_id: it follows a store replaced in place)
+        self._store_id = store_identity(self.root, root_doc, local=self.storage.is_local)
+        self._store_id_read = time.monotonic()
+        self._store_id_lock = threading.Lock()
         if cache_bytes is None:
             cache_bytes = default_cache_bytes()
         self.cache_bytes = int(cache_bytes)

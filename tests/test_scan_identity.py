@@ -87,6 +87,27 @@ def test_store_id_and_versions_are_served(tmp_path):
         assert LocalSource(root).metadata(SCAN).version == version  # both sources say it alike
 
 
+def test_a_store_replaced_in_place_is_served_under_its_own_id(tmp_path):
+    """rm -rf STORE and preprocess again while serving: the new store's id reaches clients (the
+    header and the documents agree with its zarr.json), so a client knows it is another store."""
+    import time
+
+    root = tmp_path / "store"
+    _store(root)
+    old = json.loads((root / "zarr.json").read_text())["attributes"]["scancache"]["store_id"]
+    with live_server(root) as url:
+        assert httpx.get(f"{url}/scans").headers[STORE_HEADER] == old
+        shutil.rmtree(root)
+        _store(root, seed=1)
+        new = json.loads((root / "zarr.json").read_text())["attributes"]["scancache"]["store_id"]
+        assert new != old
+        time.sleep(1.2)  # the identity is read again at most once a second
+        listing = httpx.get(f"{url}/scans")
+        assert listing.headers[STORE_HEADER] == new and listing.json()["store_id"] == new
+        zarr_root = httpx.get(f"{url}/zarr/zarr.json")
+        assert zarr_root.json()["attributes"]["scancache"]["store_id"] == zarr_root.headers[STORE_HEADER] == new
+
+
 def test_a_store_without_store_id_gets_a_stable_derived_one(tmp_path):
     root = tmp_path / "old"
     _store(root)

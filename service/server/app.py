@@ -128,7 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.token:
         app.add_middleware(BearerAuthMiddleware, token=settings.token)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(StoreIdMiddleware, store_id=source.store_id)
+    app.add_middleware(StoreIdMiddleware, store_id=lambda: source.store_id)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

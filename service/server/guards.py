@@ -8,6 +8,8 @@ separator that routing never saw, so such paths are refused outright. Request bo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client.wire import STORE_HEADER
@@ -132,9 +134,9 @@ class StoreIdMiddleware:
     reconnects to a server now serving another store learns it from the first answer, before
     it takes other scans' voxels (or an out-of-bounds ROI error) for its own."""
 
-    def __init__(self, app: ASGIApp, store_id: str) -> None:
+    def __init__(self, app: ASGIApp, store_id: Callable[[], str]) -> None:
         self.app = app
-        self.header = (STORE_HEADER.lower().encode("latin-1"), store_id.encode("latin-1"))
+        self.store_id = store_id  # read per response: a store replaced in place has another id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,7 +145,8 @@ class StoreIdMiddleware:
 
         async def send_with_store(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
+                header = (STORE_HEADER.lower().encode("latin-1"), self.store_id().encode("latin-1"))
+                message = {**message, "headers": [*message.get("headers", []), header]}
             await send(message)
 
         await self.app(scope, receive, send_with_store)
