@@ -152,7 +152,9 @@ class LocalSource:
                 try:
                     data = self.storage.read("zarr.json")
                     if data is not None:
-                        self._store_id = store_identity(self.root, json.loads(data), local=self.storage.is_local)
+                        self._store_id = store_identity(
+                            self.root, json.loads(data), local=self.storage.is_local
+                        )
                 except (OSError, ValueError, ScanCacheError):
                     pass  # gone or half-written for a moment: the last id until it reads again
         return self._store_id

@@ -105,7 +105,9 @@ def test_a_store_replaced_in_place_is_served_under_its_own_id(tmp_path):
         listing = httpx.get(f"{url}/scans")
         assert listing.headers[STORE_HEADER] == new and listing.json()["store_id"] == new
         zarr_root = httpx.get(f"{url}/zarr/zarr.json")
-        assert zarr_root.json()["attributes"]["scancache"]["store_id"] == zarr_root.headers[STORE_HEADER] == new
+        assert (
+            zarr_root.json()["attributes"]["scancache"]["store_id"] == zarr_root.headers[STORE_HEADER] == new
+        )
 
 
 def test_a_store_without_store_id_gets_a_stable_derived_one(tmp_path):
