@@ -138,6 +138,10 @@ class LocalSource:
     arrays are cached by version, in LRUs bounded in entries.
     """
 
+    _store_id: str
+    _store_id_read: float
+    _store_id_lock: threading.Lock
+
     @property
     def store_id(self) -> str:
         """The store's identity, read again at most once a second: a store deleted and written
