@@ -15,9 +15,12 @@ are gone and deletes versions superseded more than ``grace_s`` seconds ago.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
+from service.cluster_watch import is_scheduler_lost, scheduler_lost, warn_without_workers
 from service.job_summary import CONVERTED, FAILED, SKIPPED, Progress, ScanResult, Summary
 from service.nnunet_dataset import NIFTI_KIND
 from service.scan_task import convert_scan
@@ -71,18 +75,33 @@ def dask_client(
     # port 8787 and warns "Port 8787 is already in use" when another cluster holds it: give
     # those routes a free loopback port instead.
     quiet: dict[str, Any] = {"scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
-    with (
-        LocalCluster(
+    with _workers_ignore_sigint():  # only while the worker processes start
+        cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
             processes=True,
             dashboard_address=dashboard,
             silence_logs=logging.ERROR,
             **({} if dashboard else quiet),
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+        )
+    with cluster, Client(cluster) as client:
         yield client
+
+
+@contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Ctrl-C reaches every process of the terminal's group: the local cluster's worker
+    processes would each print a KeyboardInterrupt traceback. They start with SIGINT ignored
+    (an ignored signal is inherited across exec); this process, which stops them, takes it
+    again at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_preprocess(
@@ -233,21 +252,37 @@ def _convert_all(
             print(f"preprocess: dashboard at {client.dashboard_link}", file=stream, flush=True)
         bar = Progress(summary.total + len(specs), summary.total, progress, stream)
         _run_on_workers(client, tune_malloc_for_conversion)
+
+        def warn(message: str) -> None:
+            print(f"preprocess: warning: {message}", file=stream, flush=True)
+
+        watching = warn_without_workers(client, scheduler, warn) if scheduler else contextlib.nullcontext()
         try:
-            _run_graph(
-                client,
-                specs,
-                store_url,
-                None if staging is None else str(staging),
-                layout,
-                summary,
-                bar,
-                on_result,
-            )
-        finally:
+            with watching:
+                _run_graph(
+                    client,
+                    specs,
+                    store_url,
+                    None if staging is None else str(staging),
+                    layout,
+                    summary,
+                    bar,
+                    on_result,
+                    scheduler or "of the local cluster",
+                )
+        except BaseException as err:
             bar.close()
-            _run_on_workers(client, release_all)
-            _run_on_workers(client, restore_malloc)
+            if isinstance(err, Exception):  # not on Ctrl-C or SIGTERM: the workers may be gone
+                _after_job_on_workers(client)
+            raise
+        bar.close()
+        _after_job_on_workers(client)
+
+
+def _after_job_on_workers(client: Any) -> None:
+    """What a job leaves undone on a long-lived cluster's workers: its buffers and malloc tuning."""
+    _run_on_workers(client, release_all)
+    _run_on_workers(client, restore_malloc)
 
 
 def _run_on_workers(client: Any, function: Callable[[], object]) -> None:
@@ -269,6 +304,7 @@ def _run_graph(
     summary: Summary,
     bar: Progress,
     on_result: Callable[[ScanResult], None] | None,
+    scheduler: str = "",
 ) -> None:
     from distributed import as_completed
 
@@ -279,10 +315,12 @@ def _run_graph(
         convert_scan, specs, store=store, layout=layout, staging=staging, key=keys, pure=False, retries=1
     )
     scan_of = {future.key: spec.scan_id for future, spec in zip(futures, specs, strict=True)}
-    for future in as_completed(futures):
+    for finished, future in enumerate(as_completed(futures)):  # finished: results before this one
         try:
             result = future.result()
         except Exception as err:  # the worker died (e.g. killed by the OOM killer) twice
+            if is_scheduler_lost(err, client):  # every future is cancelled: one line, not one per scan
+                raise scheduler_lost(scheduler, finished, len(specs) - finished) from None
             why = one_line(err, 200)
             scan = scan_of[future.key]
             result = ScanResult(scan, FAILED, f"{scan}: (worker): {type(err).__name__}: {why}")

@@ -156,3 +156,82 @@ def test_unreachable_scheduler_is_one_line(tmp_path):
         "(Connection refused); is it running, and is the address the one it printed?\n"
     )
     assert not (tmp_path / "store").exists()  # checked before the store was made
+
+
+def _worker_cmd(address, name, directory):
+    return [DASK, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
+            "--no-dashboard", "--name", name, "--local-directory", str(directory)]  # fmt: skip
+
+
+def test_a_job_without_workers_says_so_and_a_lost_scheduler_ends_it_in_one_line(tmp_path):
+    """A scheduler with no worker: the job says so (Dask waits silently, the store locked), and
+    goes on when one connects. Then the scheduler killed mid-job: one line, not a failure per
+    scan, and a re-run completes the store exactly."""
+    from distributed import Client
+
+    from service.cluster_watch import warn_without_workers
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = []
+    try:
+        with open(tmp_path / "scheduler.log", "w") as log:
+            procs.append(
+                _spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), *QUIET_HTTP], log)
+            )
+        said: list[str] = []
+        with (
+            Client(address, timeout="60s") as client,
+            warn_without_workers(client, address, said.append, 0.2, 0.6),
+        ):
+            deadline = time.monotonic() + 60
+            while not said and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert said == [
+                f"no Dask worker is connected to {address} (for 1 s): the job waits for one; "
+                f"start workers with `dask worker {address}`"
+            ] or said[0].startswith(f"no Dask worker is connected to {address} (for ")
+            with open(tmp_path / "worker.log", "w") as log:
+                procs.append(_spawn(_worker_cmd(address, "w0", tmp_path / "w0"), log))
+            client.wait_for_workers(1, timeout=120)
+            deadline = time.monotonic() + 30
+            while len(said) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert said[-1] == "1 Dask worker connected: going on"
+        source, store = tmp_path / "source", tmp_path / "store"
+        write_sample_data(source, subjects=6, visits=8, shape=(48, 48, 16), num_classes=3, seed=7)
+        job = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "preprocess",
+                str(source),
+                str(store),
+                "--scheduler",
+                address,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        progress = job.stderr.readline()  # "preprocess: 48 scans to convert on tcp://..."
+        assert "scans to convert" in progress
+        os.killpg(procs[0].pid, signal.SIGKILL)  # the scheduler, mid-job
+        _, err = job.communicate(timeout=240)
+        last = err.strip().splitlines()[-1]
+        assert job.returncode == 1 and last.startswith(
+            f"scancache preprocess: error: lost the Dask scheduler {address}: "
+        )
+        assert "(worker)" not in err and err.count("\n") < 10, err
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=20)
+    rerun = run_cli("preprocess", source, store, "--workers", "2", "-q")
+    assert rerun.returncode == 0, rerun.stderr
+    assert_store_matches(store, source)
