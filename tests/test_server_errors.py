@@ -165,6 +165,9 @@ def test_the_service_is_read_only(client, method, url):
             ["regions[0].categories", "no class named 'nine'"],
         ),
         ([{"scan_id": SCAN, "colour": "red"}], 422, ["regions[0].colour"]),
+        # a mask's fields on an image region: "array" left out, not a request for the image
+        ([{"scan_id": SCAN, "categories": [9]}], 422, ["regions[0].categories", "only mask regions"]),
+        ([{"scan_id": SCAN, "background": True}], 422, ["regions[0].background", "only mask regions"]),
         ([{"roi": "0:1"}], 422, ["regions[0].scan_id"]),
     ],
 )
@@ -176,6 +179,16 @@ def test_batch_errors_name_the_region(client, regions, status, words):
 @pytest.mark.parametrize("body", [b"{", b"[]", b'{"regions": 1}', b'{"regions": [1]}', b"\xff\xfe"])
 def test_malformed_batch_bodies_are_422(client, body):
     assert_error(client.post("/batch", content=body, headers={"content-type": "application/json"}), 422)
+
+
+def test_a_body_nested_past_the_recursion_limit_is_422_naming_the_body(client):
+    deep = (
+        b'{"regions": [{"scan_id": "x", "array": "mask", "categories": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+    )
+    body = assert_error(
+        client.post("/batch", content=deep, headers={"content-type": "application/json"}), 422
+    )
+    assert body["param"] == "body" and body["detail"] == "body: not valid JSON (nested too deeply)"
 
 
 @pytest.mark.parametrize(

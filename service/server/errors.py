@@ -127,6 +127,9 @@ def internal_error_response(exc: BaseException) -> JSONResponse:
     return error_response(500, "internal server error; see the server log", "ServerError")
 
 
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
 def _location(loc: tuple[Any, ...] | list[Any]) -> str:
     """``("body", "regions", 3, "roi")`` -> ``regions[3].roi``; ``("query", "split")`` -> ``split``."""
     parts = list(loc)
@@ -175,6 +178,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
+            # FastAPI's answer when decoding the body fails other than as invalid JSON: a body
+            # nested deeper than Python's recursion limit ('[' * 5000), as the query's form is
+            message = "body: not valid JSON (nested too deeply)"
+            return error_response(422, message, "InvalidParameter", "body")
         return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:

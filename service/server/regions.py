@@ -18,6 +18,7 @@ from store.categories import Categories, categories_to_json, normalize_categorie
 from store.errors import (
     ArrayNotFound,
     InvalidCategories,
+    InvalidParameter,
     InvalidPath,
     RequestTooLarge,
     ScanNotFound,
@@ -106,6 +107,13 @@ def plan_region(
             ArrayNotFound(f"{where}scan {scan_id!r} has no image channel {channel} (it has {meta.channels})"),
             prefix,
             "array",
+        )
+    if array != MASK and prefix and (categories is not None or background):
+        # a batch item is one JSON object: a mask's fields on an image region are a mistake (the
+        # "array" left out), not a request for the image
+        field = "categories" if categories is not None else "background"
+        raise InvalidParameter(
+            prefix + field, f"only mask regions take {field} (this region's array is {array!r})"
         )
     try:
         region = parse_roi(roi, meta.shape, param=prefix + "roi")
