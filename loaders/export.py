@@ -145,9 +145,22 @@ def _paths(out: Path, scan_id: str, probabilities: bool) -> list[Path]:
     return [*paths, out / f"{scan_id}{PROBABILITIES_SUFFIX}"] if probabilities else paths
 
 
+def _has_scan(source: Any, scan_id: str) -> bool:
+    try:
+        source.metadata(scan_id)
+    except KeyError:  # ScanNotFound
+        return False
+    return True
+
+
 def _geometry(scan_id: str, attrs: dict[str, Any], source: Any) -> _Geometry:
     """From the prediction's attributes, else from the scan store's metadata."""
     if attrs.get("affine") is not None and attrs.get("scan_shape") is not None:
+        if source is not None and not _has_scan(source, scan_id):  # given, so meant: not ignored
+            raise ValueError(
+                f"scan {scan_id!r}: the scan store given (--store, scan_store=) has no scan of that id, so it"
+                " is not the store the prediction was made from (its geometry is recorded: leave --store out)"
+            )
         found: dict[str, Any] = attrs
         names, values = attrs.get("scan_class_names"), attrs.get("label_values")
     elif source is not None:

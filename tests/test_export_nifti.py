@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import zarr
+from conftest import SMALL_SCANS, build_store
 from h5_sources import run_cli, write_volume_file
 from live_server import live_server
 from nibabel import orientations
@@ -296,6 +297,15 @@ def test_old_predictions_export_with_the_scan_store(nifti_store, nifti_predictio
     with live_server(root, predictions=old) as url:
         doc = httpx.get(f"{url}/scans/case_001").json()
         assert doc["has_prediction"] and doc["prediction_class_names"] is None
+    # a prediction that records its geometry, with a --store that does not hold its scan: the
+    # flag was meant, so it is checked, not ignored
+    elsewhere = tmp_path / "elsewhere"
+    build_store(elsewhere, scans=SMALL_SCANS[:1], image_only=())
+    refused = run_cli("export", pred, tmp_path / "y", "--scans", "case_001", "--store", elsewhere)
+    assert (
+        refused.returncode == 1
+        and "the scan store given (--store, scan_store=) has no scan of that id" in refused.stderr
+    )
 
 
 @pytest.fixture(scope="module")
