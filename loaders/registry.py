@@ -45,8 +45,16 @@ def selects_voxels(method: F) -> F:
     return keeps_values(method)
 
 
-# MedSegPy's DataLoader hooks and what takes their place here: a class ported with one of them
-# is refused, as the loader would never call it (the batches would be the defaults, silently).
+# MedSegPy's DataLoader hooks and what takes their place here: a class ported with one of them,
+# and none of its counterparts, is refused, as the loader would never call it (the batches
+# would be the defaults, silently). With a counterpart of its own, the hook is a helper it calls.
+MEDSEGPY_COUNTERPARTS = {
+    "_load_input": ("model_input", "model_target", "load_batch"),
+    "_load_batch": ("model_input", "model_target", "load_batch"),
+    "_preprocess": ("preprocess",),
+    "_restructure_data": ("from_prediction",),
+    "_load_patch": ("build_elements", "model_input", "model_target", "load_batch"),
+}
 MEDSEGPY_HOOKS = {
     "_load_input": "model_input(image, element) and model_target(mask, element) (the loader reads each window)",
     "_load_batch": "model_input / model_target per example (load_batch reads the windows)",
@@ -58,7 +66,11 @@ MEDSEGPY_HOOKS = {
 
 def refuse_medsegpy_hooks(klass: type) -> None:
     """One line naming the hook a class ported from MedSegPy defines and what to override."""
-    ported = [hook for hook in MEDSEGPY_HOOKS if hasattr(klass, hook)]
+
+    def own(name: str) -> bool:  # defined outside scancache's loaders: the user's
+        return not str(getattr(getattr(klass, name, None), "__module__", "loaders.")).startswith("loaders.")
+
+    ported = [h for h in MEDSEGPY_HOOKS if own(h) and not any(own(c) for c in MEDSEGPY_COUNTERPARTS[h])]
     if ported:
         hook = ported[0]
         raise TypeError(

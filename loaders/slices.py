@@ -12,6 +12,12 @@ from loaders.config import Config
 from loaders.geometry import neighbour_window
 
 
+def _shapes_its_own_examples(cls: type) -> bool:
+    """A subclass whose model_input or model_target is its own (a crop, a resize) makes the
+    batch's shapes itself: whole slices of other shapes may well stack."""
+    return any(getattr(cls, name).__module__ != __name__ for name in ("model_input", "model_target"))
+
+
 @register_loader
 class DefaultDataLoader(DataLoader):
     """2D slices: x ``(N, H, W, 1)`` (``(N, H, W, K)`` for scans of K image channels), y
@@ -40,7 +46,7 @@ class DefaultDataLoader(DataLoader):
         whose slices differ in shape (nnU-Net cases often do; so does a case whose file axes
         are permuted, after the stored P, L, S orientation). A test loader predicts scan by scan
         (inference works), so only its batches refuse, when asked for."""
-        if self.is_test or self.batch_size == 1:
+        if self.is_test or self.batch_size == 1 or _shapes_its_own_examples(type(self)):
             return
         first: dict[tuple[int, int], str] = {}
         for scan in self.scans:

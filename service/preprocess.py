@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
-from service.cluster_watch import is_scheduler_lost, scheduler_lost, warn_without_workers
+from service.cluster_watch import SchedulerLost, is_scheduler_lost, scheduler_lost, warn_without_workers
 from service.job_summary import CONVERTED, FAILED, SKIPPED, Progress, ScanResult, Summary
 from service.nnunet_dataset import NIFTI_KIND
 from service.scan_task import convert_scan
@@ -272,7 +272,9 @@ def _convert_all(
                 )
         except BaseException as err:
             bar.close()
-            if isinstance(err, Exception):  # not on Ctrl-C or SIGTERM: the workers may be gone
+            # not on Ctrl-C or SIGTERM (the workers may be gone), nor without a scheduler (each
+            # call would wait for the client to give up reconnecting)
+            if isinstance(err, Exception) and not isinstance(err, SchedulerLost):
                 _after_job_on_workers(client)
             raise
         bar.close()

@@ -218,10 +218,10 @@ class S3Storage(Storage):
             if _error_code(err) in ("NoSuchBucket", "NotFound", *NOT_S3_STATUSES):
                 # a HEAD's answer has no body: a GET tells a missing bucket (NoSuchBucket) from an
                 # endpoint that is no S3 API at all (a bare status)
+                # NoSuchBucket, or not an S3 API: one line from _call. If the listing answers, the
+                # bucket is there (a gateway without HEAD bucket, or one just made)
                 self._call("list_objects_v2", MaxKeys=1)
-                raise StoreUnavailable(
-                    f"{self.url}: bucket {self.bucket!r} does not exist{_CREATE_IT}"
-                ) from None
+                return
             raise self._fail(err) from None
         except BotoCoreError as err:
             raise self._fail(err) from None

@@ -144,24 +144,26 @@ class LocalSource:
 
     @property
     def store_id(self) -> str:
-        """The store's identity, read again at most once a second: a store deleted and written
-        anew at the same path (another store to its clients) is served under its own id, not
-        under the id the process started with."""
+        """The store's identity, read again in the background at most once a second: a store
+        deleted and written anew at the same path (another store to its clients) is served
+        under its own id, not under the id the process started with. Never blocks: the server
+        asks it on its event loop, and on S3 a read may wait for a slow endpoint."""
         now = time.monotonic()
-        if now - self._store_id_read < STORE_ID_TTL_S:
-            return self._store_id
-        with self._store_id_lock:
-            if now - self._store_id_read >= STORE_ID_TTL_S:
-                self._store_id_read = now
-                try:
-                    data = self.storage.read("zarr.json")
-                    if data is not None:
-                        self._store_id = store_identity(
-                            self.root, json.loads(data), local=self.storage.is_local
-                        )
-                except (OSError, ValueError, ScanCacheError):
-                    pass  # gone or half-written for a moment: the last id until it reads again
+        if now - self._store_id_read >= STORE_ID_TTL_S and self._store_id_lock.acquire(blocking=False):
+            self._store_id_read = now  # one refresh at a time; the next one a second after it
+            threading.Thread(target=self._refresh_store_id, name="scancache-store-id", daemon=True).start()
         return self._store_id
+
+    def _refresh_store_id(self) -> None:
+        try:
+            data = self.storage.read("zarr.json")
+            if data is not None:
+                self._store_id = store_identity(self.root, json.loads(data), local=self.storage.is_local)
+        except (OSError, ValueError, ScanCacheError):
+            pass  # gone or half-written for a moment: the last id until it reads again
+        finally:
+            self._store_id_read = time.monotonic()
+            self._store_id_lock.release()
 
     def __init__(self, path: str | os.PathLike[str] | Storage, cache_bytes: int | None = None) -> None:
         self.storage = open_storage(path)

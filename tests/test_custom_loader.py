@@ -159,3 +159,16 @@ def test_medsegpy_style_dataset_dicts_get_a_line_saying_what_is_missing(small_st
     finally:
         DatasetCatalog.remove("msp_no_source")
         DatasetCatalog.remove("msp_short_id")
+
+
+def test_a_private_helper_named_like_a_medsegpy_hook_is_fine_beside_its_counterpart():
+    from loaders import DefaultDataLoader
+
+    class Helped(DefaultDataLoader):
+        def _preprocess(self, x):
+            return x * 2
+
+        def preprocess(self, x, y):
+            return self._preprocess(x), y
+
+    assert Helped.preprocess is not DefaultDataLoader.preprocess

@@ -19,6 +19,7 @@ from loaders import (
     S25dDataLoader,
     build_loader,
 )
+from loaders.build import get_dataset_dicts
 from loaders.catalog import scan_dict
 from loaders.geometry import PatchGrid
 from loaders.sampling import LocationCache
@@ -372,6 +373,18 @@ def test_build_loader_drops_image_only_scans_for_training_and_checks_tag(small_s
         "and a batch stacks whole slices: use batch_size=1, a patch loader (TAG='PatchDataLoader' or "
         "'RandomPatchDataLoader'), or resample the scans to one grid"
     )
+
+    # a subclass that crops every slice to one shape makes its batches' shapes itself: built
+    class Cropped(DefaultDataLoader):
+        def model_input(self, image, element):
+            return super().model_input(image, element)[:24, :24]
+
+        def model_target(self, mask, element):
+            return mask[:24, :24, 0]
+
+    cropped = Cropped(cfg_for(), get_dataset_dicts("all_scans"), False, False, False, 4)
+    x, y = cropped[5]
+    assert x.shape == (4, 24, 24, 1) and y.shape[:3] == (4, 24, 24)
     with pytest.raises(ValueError, match=r"mixes input shapes .*: use batch_size=1 or a patch loader"):
         tested[5]  # a test loader (inference goes scan by scan) refuses only such a batch
     with pytest.raises(KeyError, match="NoSuchLoader"):

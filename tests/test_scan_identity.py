@@ -101,7 +101,9 @@ def test_a_store_replaced_in_place_is_served_under_its_own_id(tmp_path):
         _store(root, seed=1)
         new = json.loads((root / "zarr.json").read_text())["attributes"]["scancache"]["store_id"]
         assert new != old
-        time.sleep(1.2)  # the identity is read again at most once a second
+        deadline = time.monotonic() + 10  # read again (in the background) at most once a second
+        while httpx.get(f"{url}/health").headers[STORE_HEADER] != new and time.monotonic() < deadline:
+            time.sleep(0.2)
         listing = httpx.get(f"{url}/scans")
         assert listing.headers[STORE_HEADER] == new and listing.json()["store_id"] == new
         zarr_root = httpx.get(f"{url}/zarr/zarr.json")

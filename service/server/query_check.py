@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import types
 import typing
+from collections import Counter
 from typing import Any
 
 from starlette.requests import Request
@@ -57,7 +58,7 @@ def refuse_unknown_query(request: Request) -> None:
     if unknown:
         takes = ", ".join(sorted(allowed)) or "none"
         raise InvalidParameter(unknown[0], f"not a parameter of this route (it takes: {takes})")
-    given = request.query_params.multi_items()
-    twice = sorted({k for k, _ in given if not allowed[k] and sum(1 for n, _ in given if n == k) > 1})
+    counts = Counter(k for k, _ in request.query_params.multi_items())
+    twice = sorted(k for k, n in counts.items() if n > 1 and not allowed[k])
     if twice:
         raise InvalidParameter(twice[0], "given more than once (it takes one value)")
