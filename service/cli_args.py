@@ -5,6 +5,7 @@ reading and its mode check. ``service.cli`` builds the parsers with them."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -72,8 +73,8 @@ def positive_seconds_arg(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    if not (value > 0 and math.isfinite(value)):  # nan compares false; inf would never end
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number more than 0")
     return value
 
 

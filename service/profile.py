@@ -15,21 +15,14 @@ from typing import Any
 
 from store.categories import categories_json_value
 from store.categories import parse_categories as parse_store_categories
-from store.errors import InvalidCategories
+from store.errors import InvalidCategories, NotRegistered
 
 PROFILE_DATASET = "scancache-profile"
 # stats keys that are seconds spent inside the loader (not wall time): their split is the "why"
 WORK_KEYS = ("read_s", "merge_s", "copy_s")
 
 
-def parse_int_tuple(text: str, name: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise ValueError(f"{name}: {text!r} is not comma-separated integers like 288,288,1") from None
-    if not values or any(v < 1 for v in values):
-        raise ValueError(f"{name}: {text!r} must be positive integers")
-    return values
+PROFILE_RETRY_S = 10.0  # how long a profiling run retries a server that does not answer
 
 
 def parse_categories(text: str) -> list[Any]:
@@ -68,7 +61,11 @@ def run_profile(
         cfg.CATEGORIES = list(categories)
     if img_size is not None:
         cfg.IMG_SIZE = tuple(img_size)
-    filters = {"split": split} if split else {}
+    filters: dict[str, Any] = {"split": split} if split else {}
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        # a server that is not there: a profiling run says so within seconds, not after the
+        # training loaders' two-minute retry window
+        filters["retry_seconds"] = PROFILE_RETRY_S
     loaders.DatasetCatalog.register(PROFILE_DATASET, source, **filters)
     try:
         loader = loaders.build_loader(
@@ -77,6 +74,10 @@ def run_profile(
     except InvalidCategories as exc:  # a class name the scans lack: name the flag the user typed
         loaders.DatasetCatalog.remove(PROFILE_DATASET)
         raise InvalidCategories(str(exc)[len(exc.param) + 2 :], "--categories") from None
+    except NotRegistered:
+        loaders.DatasetCatalog.remove(PROFILE_DATASET)
+        known = ", ".join(sorted(loaders.LOADER_REGISTRY))
+        raise ValueError(f"--tag {tag!r} is not a loader; the loaders are: {known}") from None
     try:
         result = _measure(loader, seconds)
         result["object_storage"] = source.startswith("s3://")
@@ -213,9 +214,11 @@ def _why(
     total = sum(work.values()) or 1e-9
     text = f"{biggest[:-2]} is {100 * work[biggest] / total:.0f}% of the loader threads' measured time"
     if biggest == "read_s" and amp is not None and amp > 1.5:
+        # docs/tuning.md section 12: slice-shaped chunks cut 2D reads and multiply patch reads
+        shaped = "--layout balanced, or deeper --chunks" if "Patch" in tag else "--layout slices or balanced"
         text += (
             f"; reads decode {amp:.1f}x the bytes they deliver, so chunks shaped for this access "
-            "(scancache preprocess --layout slices or balanced, docs/tuning.md section 12) would cut it"
+            f"(scancache preprocess {shaped}, docs/tuning.md section 12) would cut it"
         )
     elif biggest == "read_s" and object_storage and "Patch" in tag:
         # measured: about two range requests per z-layer of inner chunks a patch crosses, each

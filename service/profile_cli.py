@@ -7,18 +7,32 @@ import argparse
 import json
 from typing import Any
 
-from service.cli_args import PROFILE_Y_FORMATS, positive_int
+from service.cli_args import PROFILE_Y_FORMATS, positive_int, positive_seconds_arg
+
+
+def img_size_arg(text: str) -> tuple[int, ...]:
+    """``--img-size``: three or four positive integers (IMG_SIZE's forms)."""
+    values = text.replace("x", ",").split(",")
+    try:
+        size = tuple(int(v) for v in values)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers like 288,288,1") from None
+    if len(size) not in (3, 4) or min(size) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give three or four positive integers, H,W,1 (2D), H,W,k (2.5D) or h,w,d[,C] (patches)"
+        )
+    return size
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from service.profile import explain, parse_categories, parse_int_tuple, run_profile
+    from service.profile import explain, parse_categories, run_profile
 
     result = run_profile(
         args.source,
         args.tag,
         batch_size=args.batch_size,
         categories=parse_categories(args.categories) if args.categories else None,
-        img_size=parse_int_tuple(args.img_size, "--img-size") if args.img_size else None,
+        img_size=args.img_size,
         seconds=args.seconds,
         split=args.split,
         y_format=args.y_format,
@@ -49,8 +63,19 @@ def add_profile_parser(sub: Any) -> None:
         metavar="CATS",
         help="e.g. [0,[1,2],3], 0,1+2,3 or liver,kidney+2 (default: every class)",
     )
-    p.add_argument("--img-size", metavar="H,W,C", help="the loader's IMG_SIZE, e.g. 288,288,1")
-    p.add_argument("--seconds", type=float, default=10.0, metavar="S", help="how long to run (default: 10)")
+    p.add_argument(
+        "--img-size",
+        type=img_size_arg,
+        metavar="H,W,C",
+        help="the loader's IMG_SIZE: H,W,1 (2D), H,W,k (2.5D) or h,w,d[,C] (patches), e.g. 288,288,1",
+    )
+    p.add_argument(
+        "--seconds",
+        type=positive_seconds_arg,
+        default=10.0,
+        metavar="S",
+        help="how long to run (default: 10)",
+    )
     p.add_argument("--split", default=None, help="only scans of this split (default: all)")
     p.add_argument(
         "--y-format",

@@ -108,3 +108,32 @@ def test_profile_refuses_an_unknown_y_format(small_store, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--y-format" in err and "class_index" in err
+
+
+def test_profile_refuses_seconds_and_sizes_it_cannot_run_and_names_the_tag(small_store, capsys):
+    import pytest
+
+    root, _ = small_store
+    base = ["profile", str(root), "--tag", "DefaultDataLoader"]
+    for flag, value, words in (
+        ("--seconds", "nan", "must be a finite number more than 0"),
+        ("--seconds", "inf", "must be a finite number more than 0"),
+        ("--seconds", "0", "must be a finite number more than 0"),
+        ("--img-size", "64,64", "give three or four positive integers"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, flag, value])
+        assert exit_info.value.code == 2
+        assert words in capsys.readouterr().err
+    assert main(["profile", str(root), "--tag", "Nope", "--seconds", "0.3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("scancache profile: error: --tag 'Nope' is not a loader; the loaders are: ")
+
+
+def test_profile_advises_patch_loaders_the_layout_that_helps_patches():
+    from service.profile import explain
+
+    patches = explain(_profiled("PatchDataLoader", read_s=1.5, copy_s=0.1, amplification=3.8))[-1]
+    assert "--layout balanced, or deeper --chunks" in patches and "slices" not in patches
+    slices = explain(_profiled("DefaultDataLoader", read_s=1.5, copy_s=0.1, amplification=3.8))[-1]
+    assert "--layout slices or balanced" in slices

@@ -76,7 +76,15 @@ def test_viewer_lists_scans_moves_the_slider_and_draws_overlays(served, browser)
     assert page.locator("#scans li .id").all_inner_texts() == WITH_PREDICTION
     assert "Dice" in page.locator("#scans li .meta").first.inner_text()
 
+    # from the keyboard: Tab reaches the scans, Enter opens one (as a click does)
+    page.focus(f"#scans li[data-scan-id='{WITH_PREDICTION[1]}']")
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"document.getElementById('title').textContent === '{WITH_PREDICTION[1]}'")
+    assert page.get_attribute(f"#scans li[data-scan-id='{WITH_PREDICTION[1]}']", "aria-pressed") == "true"
+    assert page.get_attribute(f"#scans li[data-scan-id='{WITH_PREDICTION[1]}']", "tabindex") == "0"
+
     page.click(f"#scans li[data-scan-id='{WITH_PREDICTION[0]}']")
+    page.wait_for_function(f"document.getElementById('title').textContent === '{WITH_PREDICTION[0]}'")
     page.wait_for_selector("#view:not([hidden])")
     first = shown(page)
     assert first.shape[:2] == (80, 72)  # 40 x 36 at the default zoom 2

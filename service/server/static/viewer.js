@@ -65,7 +65,13 @@ async function listScans(event) {
       item.querySelector(".id").textContent = scan.scan_id;
       const bits = [scan.split, scan.shape.join("x"), scan.has_prediction ? "prediction" : "", formatDice(scan.prediction_dice)];
       item.querySelector(".meta").textContent = bits.filter(Boolean).join(" · ");
+      // a keyboard reaches it too: Tab to it, Enter or Space opens it (as a button would)
+      item.tabIndex = 0;
+      item.setAttribute("role", "button");
       item.addEventListener("click", () => selectScan(scan.scan_id));
+      item.addEventListener("keydown", (event) => {
+        if (event.key === "Enter" || event.key === " ") { event.preventDefault(); selectScan(scan.scan_id); }
+      });
       list.appendChild(item);
     }
     $("count").textContent = body.scans.length + " scans";
@@ -204,7 +210,10 @@ async function selectScan(scanId) {
     state.meta = await (await api("scans/" + encodeURIComponent(scanId))).json();
   } catch (err) { showError(err); return; }
   state.scan = scanId;
-  for (const li of $("scans").children) li.classList.toggle("selected", li.dataset.scanId === scanId);
+  for (const li of $("scans").children) {
+    li.classList.toggle("selected", li.dataset.scanId === scanId);
+    li.setAttribute("aria-pressed", String(li.dataset.scanId === scanId));
+  }
   $("view").hidden = false;
   $("title").textContent = scanId;
   const hasMask = state.meta.num_classes > 0;
