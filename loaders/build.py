@@ -8,7 +8,7 @@ from typing import Any
 
 from loaders.base import DataLoader, build_data_loader
 from loaders.catalog import DatasetCatalog
-from loaders.config import Config
+from loaders.config import Config, check_batching
 
 
 def get_dataset_dicts(dataset_names: str | Sequence[str], filter_empty: bool = True) -> list[dict[str, Any]]:
@@ -44,6 +44,8 @@ def build_loader(
     A test loader (``is_test``) also holds the scans without a mask, for ``inference`` and
     ``write_predictions`` (its batches hold the labelled scans); a training loader leaves them out.
     """
+    # checked here, where they enter: True == 1 would otherwise pass as "no sharding"
+    batch_size, num_replicas, rank = check_batching(batch_size, num_replicas, rank)
     if num_replicas != 1 or rank != 0:
         kwargs.update(num_replicas=num_replicas, rank=rank)
     # A test loader also predicts scans without a mask (nnU-Net imagesTs without labelsTs);

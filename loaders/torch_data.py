@@ -205,7 +205,8 @@ def _refuse_inherited_tensorstore(dicts: list[dict[str, Any]]) -> None:
     raise RuntimeError(
         "as_torch_dataset: this training process read the store (a folder or s3://) with "
         "tensorstore before the DataLoader forked its workers (any read counts, a validation "
-        "loop between epochs included), which tensorstore forbids; start the workers first "
+        "loop between epochs included, and a RandomPatchDataLoader's batch_elements, which read "
+        "the scans' class locations), which tensorstore forbids; start the workers first "
         "(persistent_workers=True keeps them), or pass multiprocessing_context='forkserver' "
         "with an `if __name__ == '__main__':` guard"
     )

@@ -113,6 +113,10 @@ def test_patch_grid_with_a_zero(name, fields, bad):
         (dict(batch_size=8, num_replicas=4, rank=0), ("batch_size=8", "rank 0")),
         (dict(batch_size=2, num_replicas="2", rank=0), ("num_replicas", "'2'")),
         (dict(batch_size=2, num_replicas=2, rank=2), ("rank", "2")),
+        (
+            dict(batch_size=2, num_replicas=True, rank=0),
+            ("num_replicas", "True"),
+        ),  # True == 1: not "no sharding"
     ],
 )
 def test_build_loader_arguments_are_checked_before_the_first_batch(name, kwargs, words):
