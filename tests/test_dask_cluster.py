@@ -35,42 +35,29 @@ def _spawn(args, log):
 QUIET_HTTP = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")
 
 
+def _start_scheduler(log_path):
+    """A `dask scheduler` on a free loopback port: its address and a list holding its process."""
+    port = _free_port()
+    with open(log_path, "w") as log:
+        proc = _spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), *QUIET_HTTP], log)
+    return f"tcp://127.0.0.1:{port}", [proc]
+
+
+def _worker_cmd(address, name, directory):
+    return [DASK, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
+            "--no-dashboard", "--name", name, "--local-directory", str(directory)]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_server):
     """Scheduler + 2 single-threaded workers; all killed (process groups) when the module ends.
     The workers inherit the AWS_* settings of the test S3 server (``s3_server``)."""
     logs = tmp_path_factory.mktemp("dask-logs")
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = []
+    address, procs = _start_scheduler(logs / "scheduler.log")
     try:
-        with open(logs / "scheduler.log", "w") as log:
-            procs.append(
-                _spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), *QUIET_HTTP], log)
-            )
         for i in range(2):
             with open(logs / f"worker{i}.log", "w") as log:
-                procs.append(
-                    _spawn(
-                        [
-                            DASK,
-                            "worker",
-                            address,
-                            "--host",
-                            "127.0.0.1",
-                            "--nthreads",
-                            "1",
-                            "--nworkers",
-                            "1",
-                            "--no-dashboard",
-                            "--name",
-                            f"w{i}",
-                            "--local-directory",
-                            str(logs / f"w{i}"),
-                        ],
-                        log,
-                    )
-                )
+                procs.append(_spawn(_worker_cmd(address, f"w{i}", logs / f"w{i}"), log))
         from distributed import Client
 
         with Client(address, timeout="60s") as client:
@@ -158,11 +145,6 @@ def test_unreachable_scheduler_is_one_line(tmp_path):
     assert not (tmp_path / "store").exists()  # checked before the store was made
 
 
-def _worker_cmd(address, name, directory):
-    return [DASK, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
-            "--no-dashboard", "--name", name, "--local-directory", str(directory)]  # fmt: skip
-
-
 def test_a_job_without_workers_says_so_and_a_lost_scheduler_ends_it_in_one_line(tmp_path):
     """A scheduler with no worker: the job says so (Dask waits silently, the store locked), and
     goes on when one connects. Then the scheduler killed mid-job: one line, not a failure per
@@ -171,14 +153,8 @@ def test_a_job_without_workers_says_so_and_a_lost_scheduler_ends_it_in_one_line(
 
     from service.cluster_watch import warn_without_workers
 
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = []
+    address, procs = _start_scheduler(tmp_path / "scheduler.log")
     try:
-        with open(tmp_path / "scheduler.log", "w") as log:
-            procs.append(
-                _spawn([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), *QUIET_HTTP], log)
-            )
         said: list[str] = []
         with (
             Client(address, timeout="60s") as client,

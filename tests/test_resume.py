@@ -105,12 +105,20 @@ def test_sigkill_then_rerun_completes_and_skips(source, tmp_path):
     assert run_cli("verify", source, store).returncode == 0
 
 
-def test_ctrl_c_in_a_terminal_is_one_line_not_a_traceback_per_worker(source, tmp_path):
-    """Ctrl-C signals the terminal's whole process group, the local cluster's workers included:
-    the job stops with one line (each worker printed a KeyboardInterrupt traceback)."""
-    store = tmp_path / "store"
+def _signal_the_job(source, store, workers, send):
+    """Start the job, wait until it published a scan, ``send(proc)`` a signal; its exit status
+    and stderr (the test is skipped if the job finished first)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "preprocess", str(source), str(store), "--workers", "2"],
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "preprocess",
+            str(source),
+            str(store),
+            "--workers",
+            str(workers),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -120,14 +128,22 @@ def test_ctrl_c_in_a_terminal_is_one_line_not_a_traceback_per_worker(source, tmp
         while not published(store):
             assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before it published a scan"
             time.sleep(0.002)
-        os.killpg(proc.pid, signal.SIGINT)  # as the terminal does
+        send(proc)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             _kill_tree(proc)
     if proc.returncode == 0:
-        pytest.skip("the job finished before Ctrl-C reached it")
-    assert proc.returncode == 130, err
+        pytest.skip("the job finished before the signal reached it")
+    return proc.returncode, err
+
+
+def test_ctrl_c_in_a_terminal_is_one_line_not_a_traceback_per_worker(source, tmp_path):
+    """Ctrl-C signals the terminal's whole process group, the local cluster's workers included:
+    the job stops with one line (each worker printed a KeyboardInterrupt traceback)."""
+    store = tmp_path / "store"
+    code, err = _signal_the_job(source, store, 2, lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    assert code == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.strip().splitlines()[-1] == "scancache: interrupted"
     assert run_cli("preprocess", source, store, "--workers", "2", "-q").returncode == 0
@@ -138,25 +154,8 @@ def test_sigterm_stops_the_job_cleanly_and_a_rerun_completes(source, tmp_path):
     """``docker stop`` sends SIGTERM to the job alone: it unwinds as Ctrl-C does, lock and
     staging removed, every published scan whole; the re-run converts the rest."""
     store = tmp_path / "store"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "preprocess", str(source), str(store), "--workers", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        while not published(store):
-            assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before it published a scan"
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc)
-    if proc.returncode == 0:
-        pytest.skip("the job finished before SIGTERM reached it")
-    assert proc.returncode == 143, err
+    code, err = _signal_the_job(source, store, 1, lambda proc: proc.send_signal(signal.SIGTERM))
+    assert code == 143, err
     assert err.strip().splitlines()[-1] == "scancache: terminated", err
     assert not (store / ".lock").exists() and not (store / ".staging").exists()
     done = published(store)
