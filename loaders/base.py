@@ -242,6 +242,16 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         elements = list(self.epoch_elements(epoch))
         if self._unlabelled:  # batches hold labelled scans; inference_elements still has them all
             elements = [e for e in elements if e.scan not in self._unlabelled]
+        first = getattr(self, "_examples_per_epoch", None)
+        if first is None:
+            self._examples_per_epoch = len(elements)
+        elif len(elements) != first:
+            # Keras takes len() once, from the first epoch: later epochs of another length would
+            # be cut short or run into the next, silently
+            raise ValueError(
+                f"{type(self).__name__}.epoch_elements({epoch}) gave {len(elements)} examples, the first "
+                f"epoch {first}: every epoch needs the same number (draw a fixed count per epoch)"
+            )
         window = int(self._cfg.SHUFFLE_BLOCKS)
         blocks = self.reads_blocks and window > 0 and bool(elements)
         keys = [block_key(e, self.scans) for e in elements] if blocks else []

@@ -164,6 +164,13 @@ class _ScanStitcher:
         except (IndexError, ValueError):
             out = None
         if out is None or out.ndim != len(window) + 1 or out.shape[: len(window)] != window:
+            own = not str(type(self.loader).from_prediction.__module__).startswith("loaders.")
+            if own and out is not None:  # the loader's own mapping gave the wrong shape
+                raise ValueError(
+                    f"scan {self.scan.scan_id!r}: {type(self.loader).__name__}.from_prediction returned "
+                    f"{tuple(out.shape)} for a model output of {tuple(prediction.shape)}; it must return the "
+                    f"{'x'.join(map(str, window))} window with channels last"
+                )
             raise ValueError(
                 f"scan {self.scan.scan_id!r}: the model's output for one example is {tuple(prediction.shape)}, "
                 f"but inference needs one value per voxel of its {'x'.join(map(str, window))} window "

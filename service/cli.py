@@ -70,13 +70,13 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from service.verify import MISMATCH, verify_store
+    from service.verify import MISMATCH, TORN, verify_store
 
     report = verify_store(args.source, args.store, on_line=lambda line: print(line, flush=True))
     print(report.summary())
-    damaged = [line.scan_id for line in report.lines if line.status == MISMATCH]
+    damaged = [line.scan_id for line in report.lines if line.status in (MISMATCH, TORN)]
     if damaged:
-        # their sources are unchanged, so a plain re-run would skip them
+        # a re-run skips those whose damage kept every file's size (their sources are unchanged)
         ids = ",".join(damaged)
         print(
             f"verify: to convert them again: scancache preprocess {args.source} {args.store} --rebuild {ids}"

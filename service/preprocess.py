@@ -16,6 +16,7 @@ are gone and deletes versions superseded more than ``grace_s`` seconds ago.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -250,6 +251,12 @@ def _convert_all(
             print(f"preprocess: {len(specs)} scans to convert on {where}{early}", file=stream, flush=True)
         if dashboard and not scheduler:
             print(f"preprocess: dashboard at {client.dashboard_link}", file=stream, flush=True)
+            if importlib.util.find_spec("bokeh") is None:  # Dask serves the page only with it
+                print(
+                    "preprocess: warning: the dashboard needs bokeh: pip install bokeh",
+                    file=stream,
+                    flush=True,
+                )
         bar = Progress(summary.total + len(specs), summary.total, progress, stream)
         _run_on_workers(client, tune_malloc_for_conversion)
 

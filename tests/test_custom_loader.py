@@ -172,3 +172,30 @@ def test_a_private_helper_named_like_a_medsegpy_hook_is_fine_beside_its_counterp
             return self._preprocess(x), y
 
     assert Helped.preprocess is not DefaultDataLoader.preprocess
+
+
+def test_epochs_of_different_lengths_and_a_wrong_from_prediction_are_named(dataset):
+    """Keras fixes its steps from the first epoch: an epoch_elements of another length later is
+    refused naming both counts; a from_prediction of the wrong shape is named, not the model."""
+    from loaders import DefaultDataLoader
+
+    name, image, _ = dataset
+
+    class Growing(DefaultDataLoader):
+        def epoch_elements(self, epoch):
+            return self._base_elements[: 4 + 2 * epoch]
+
+    loader = Growing(Config(SEED=1), DatasetCatalog.get(name), False, True, True, 2)
+    with pytest.raises(ValueError, match=r"Growing.epoch_elements\(1\) gave 6 examples, the first epoch 4"):
+        loader.set_epoch(1)
+
+    class Halving(DefaultDataLoader):
+        def from_prediction(self, prediction, element):
+            return prediction[::2, ::2, None]
+
+    test = Halving(Config(), DatasetCatalog.get(name), True, False, False, 4)
+    with pytest.raises(ValueError) as info:
+        list(test.inference(lambda x: np.ones((*x.shape[:3], 2), np.float32)))
+    h, w = image.shape[:2]
+    assert f"Halving.from_prediction returned ({(h + 1) // 2}, {(w + 1) // 2}, 1, 2)" in str(info.value)
+    assert f"it must return the {h}x{w}x1 window with channels last" in str(info.value)
