@@ -76,8 +76,11 @@ class PredictionSummary:
         return out
 
     def __str__(self) -> str:
+        # a re-run with another model skips what the first wrote: say how to replace it
+        how = ": overwrite=True replaces them" if self.skipped else ""
         return (
-            f"{len(self.written)} scans written, {len(self.skipped)} already there (skipped), in {self.path}"
+            f"{len(self.written)} scans written, {len(self.skipped)} already there (skipped{how}), "
+            f"in {self.path}"
         )
 
 

@@ -374,7 +374,12 @@ def test_a_prediction_of_another_version_of_the_scan_is_not_shown_and_is_predict
             assert r.status_code == 409 and r.json()["error"] == "PredictionMismatch"
             assert "made from another version of the scan" in r.json()["detail"]
             assert httpx.get(f"{url}/scans/{scan_id}").json()["has_prediction"] is False
-        assert write_predictions(loader(), softmax_model, pred).skipped == (scan_id,)
+        again = write_predictions(loader(), softmax_model, pred)
+        assert again.skipped == (scan_id,)
+        assert (
+            str(again)
+            == f"0 scans written, 1 already there (skipped: overwrite=True replaces them), in {pred}"
+        )
         build_store(first, scans=SMALL_SCANS[:1], image_only=())  # converted again: a new version
         DatasetCatalog.remove("versioned")
         DatasetCatalog.register("versioned", str(first))
