@@ -45,18 +45,19 @@ from store.categories import categories_json_value, parse_categories
 from store.errors import (
     ArrayNotFound,
     InvalidParameter,
-    InvalidROI,
     RequestTooLarge,
     ScanCacheError,
     ScanChanged,
     ScanNotFound,
     ServerError,
+    SourceClosed,
     changed_message,
     one_line,
 )
 from store.format import IMAGE, MASK, ScanMeta, channel_array, matches, validate_array_name, validate_scan_id
 from store.label_map import Decoded, merged
 from store.protocol import RegionRequest, RoiLike
+from store.roi import slices_text
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
 # Filters the server understands as query parameters; every filter is also applied here.
@@ -71,12 +72,7 @@ def roi_text(roi: RoiLike) -> str | None:
     """A roi as the query text; slices need no shape (the server validates bounds)."""
     if roi is None or isinstance(roi, str):
         return roi
-    parts = []
-    for s in roi:
-        if not isinstance(s, slice) or s.step not in (None, 1):
-            raise InvalidROI(f"{s!r} is not a slice without step")
-        parts.append(f"{'' if s.start is None else int(s.start)}:{'' if s.stop is None else int(s.stop)}")
-    return ",".join(parts)
+    return slices_text(roi)
 
 
 def categories_json(categories: Any) -> list[Any] | None:
@@ -169,8 +165,13 @@ class HttpSource:
         self.close()
 
     # -- transport --------------------------------------------------------------------------
+    def _refuse_if_closed(self) -> None:
+        if self._closed.is_set():  # httpx would say "the client has been closed", naming nothing
+            raise SourceClosed(f"{self.url}: this HttpSource was closed; open another (open_source)")
+
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """Send with retries on connection errors, timeouts and 5xx; raise typed errors on 4xx."""
+        self._refuse_if_closed()
 
         def send() -> tuple[int, httpx.Response, httpx.Response]:
             response = self._client.request(method, path, **kw)
@@ -182,6 +183,7 @@ class HttpSource:
     def _post_direct(self, path: str, document: dict[str, Any]) -> tuple[bytearray, dict[str, str]]:
         """POST JSON over the plain-HTTP fast path; the body as one buffer and the headers
         (lower-case names), with the same retries and errors."""
+        self._refuse_if_closed()
         assert self._poster is not None
         poster = self._poster
         payload = json.dumps(document, separators=(",", ":")).encode()

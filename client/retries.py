@@ -48,9 +48,17 @@ RETRY_STATUSES = frozenset({408, 429})
 _JITTER = random.Random()
 
 
-def env_number(name: str, value: float | None, default: float | None) -> float | None:
-    """``value`` if given, else the environment variable ``name``, else ``default``."""
+def env_number(
+    name: str, value: float | None, default: float | None, argument: str = "", whole: bool = False
+) -> float | None:
+    """``value`` if given (checked as the variable is, naming ``argument``), else the
+    environment variable ``name``, else ``default``."""
     if value is not None:
+        label = argument or name
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{label}: must be a number, not negative, got {value!r}")
+        if whole and value != int(value):
+            raise ValueError(f"{label}: must be a whole number, got {value!r}")
         return float(value)
     text = os.environ.get(name, "").strip()
     if not text:
@@ -97,10 +105,13 @@ class RetryPolicy:
     ) -> RetryPolicy:
         """Arguments, else the environment (SCANCACHE_HTTP_TIMEOUT, SCANCACHE_RETRY_SECONDS,
         SCANCACHE_RETRIES), else the defaults."""
-        most = env_number(RETRIES_ENV, retries, None)
+        most = env_number(RETRIES_ENV, retries, None, "retries", whole=True)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout: must be more than 0 seconds, got {timeout!r}")  # 0 was 30
         return cls(
-            timeout=env_number(TIMEOUT_ENV, timeout, DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT,
-            retry_seconds=env_number(RETRY_SECONDS_ENV, retry_seconds, DEFAULT_RETRY_SECONDS) or 0.0,
+            timeout=env_number(TIMEOUT_ENV, timeout, DEFAULT_TIMEOUT, "timeout") or DEFAULT_TIMEOUT,
+            retry_seconds=env_number(RETRY_SECONDS_ENV, retry_seconds, DEFAULT_RETRY_SECONDS, "retry_seconds")
+            or 0.0,
             retries=None if most is None else int(most),
             backoff=float(backoff),
         )

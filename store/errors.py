@@ -32,6 +32,10 @@ class ScanCacheError(Exception):
         return str(self.args[0]) if self.args else self.__class__.__name__
 
 
+class SourceClosed(ScanCacheError, RuntimeError):
+    """A source used after ``close()``."""
+
+
 class ScanNotFound(ScanCacheError, KeyError):
     """No complete scan with this id in the store."""
 

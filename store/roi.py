@@ -8,6 +8,7 @@ typo does not silently read the wrong voxels. Axes left out mean the whole axis.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
 
@@ -83,9 +84,28 @@ def region_shape(region: Sequence[slice]) -> tuple[int, ...]:
     return tuple(int(s.stop) - int(s.start) for s in region)
 
 
+def slices_text(roi: Sequence[slice], param: str = "roi") -> str:
+    """A sequence of slices as roi text (what the server and :func:`parse_roi` take): a step, a
+    bound that is not a whole number (``0.5``, ``True``) or an item that is no slice is refused,
+    never rounded or dropped. The one conversion of slices, for local and remote reads alike."""
+
+    def bound(value: object, axis: int) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise InvalidROI(f"axis {axis}: bound {value!r} is not a whole number", param)
+        return str(int(value))
+
+    parts = []
+    for axis, s in enumerate(roi):
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise InvalidROI(f"axis {axis}: {s!r} is not a slice without step", param)
+        parts.append(f"{bound(s.start, axis)}:{bound(s.stop, axis)}")
+    return ",".join(parts)
+
+
 def as_region(roi: str | Sequence[slice] | None, shape: Sequence[int]) -> Region:
     """Accept a roi string, a sequence of slices (validated the same way) or None."""
     if roi is None or isinstance(roi, str):
         return parse_roi(roi, shape)
-    text = ",".join(f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}" for s in roi)
-    return parse_roi(text, shape)
+    return parse_roi(slices_text(roi), shape)

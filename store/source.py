@@ -19,7 +19,14 @@ import numpy as np
 import tensorstore as ts
 
 from store.categories import merge_mask, normalize_categories
-from store.errors import ArrayNotFound, ScanCacheError, ScanChanged, ScanNotFound, changed_message
+from store.errors import (
+    ArrayNotFound,
+    InvalidParameter,
+    ScanCacheError,
+    ScanChanged,
+    ScanNotFound,
+    changed_message,
+)
 from store.format import (
     MASK,
     ScanMeta,
@@ -114,6 +121,30 @@ def tensorstore_used_before_fork() -> bool:
     return _TENSORSTORE_PID is not None and os.getpid() != _TENSORSTORE_PID
 
 
+def refuse_forked_reads() -> None:
+    """One exception, in a process forked after its parent read a store with tensorstore, where
+    tensorstore would abort the process (SIGABRT, no Python error)."""
+    if tensorstore_used_before_fork():
+        raise RuntimeError(
+            "this process was forked after its parent read a store with tensorstore, which "
+            "tensorstore forbids (it would abort): start such processes with the 'spawn' or "
+            "'forkserver' method, fork them before the first read, or read through a server URL"
+        )
+
+
+def check_request(request: RegionRequest, prefix: str = "") -> None:
+    """What a request may not ask, refused alike by the server (``prefix`` locates a batch
+    item) and a store read directly: an array that is not the scan's image, image channel or
+    mask, and a mask's fields on an image region (they would be ignored: a request that lacks
+    its mask ``array``)."""
+    validate_array_name(request.array)
+    if request.array != MASK and (request.categories is not None or request.background):
+        field = "categories" if request.categories is not None else "background"
+        raise InvalidParameter(
+            prefix + field, f"only mask regions take {field} (this region's array is {request.array!r})"
+        )
+
+
 def _mark_tensorstore_used() -> None:
     global _TENSORSTORE_PID
     if os.getpid() != _TENSORSTORE_PID:
@@ -184,6 +215,8 @@ class LocalSource:
         self._store_id_lock = threading.Lock()
         if cache_bytes is None:
             cache_bytes = default_cache_bytes()
+        # "512M" as in the environment; a negative or fractional size in one line naming it
+        cache_bytes = parse_bytes(cache_bytes, "cache_bytes")
         self.cache_bytes = int(cache_bytes)
         threads = _READ_THREADS or max(2, os.cpu_count() or 2)
         resources: dict[str, Any] = {
@@ -350,6 +383,9 @@ class LocalSource:
         (``ScanChanged``) before anything is read."""
         # Each scan's zarr.json is checked once per call (not once per region), then every read
         # is started before waiting on any: tensorstore runs them concurrently.
+        refuse_forked_reads()
+        for r in requests:
+            check_request(r)
         started = time.perf_counter()
         states: dict[str, tuple[str, ScanMeta]] = {}
         for r in requests:
@@ -390,6 +426,7 @@ class LocalSource:
     def read_locations(self, scan_id: str) -> np.ndarray | None:
         """(N, 3) int32 foreground locations (class-sorted, ``location_counts``), or None for a
         scan written without them."""
+        refuse_forked_reads()
         state = self._state(scan_id)
         if state[1].attrs.get("location_counts") is None:
             return None
@@ -412,6 +449,12 @@ class LocalSource:
             else normalize_categories(categories, meta.num_classes, meta.class_names)
         )
         return self.read_regions([RegionRequest(scan_id, MASK, roi, cats, background)])[0]
+
+    def __enter__(self) -> LocalSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self._arrays.clear()

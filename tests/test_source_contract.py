@@ -22,6 +22,7 @@ from loaders import open_source
 from store.errors import (
     ArrayNotFound,
     InvalidCategories,
+    InvalidParameter,
     InvalidPath,
     InvalidROI,
     RequestTooLarge,
@@ -352,3 +353,77 @@ def test_timeouts_are_retried():
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.mark.parametrize(
+    "roi",
+    [(slice(0, 10, 2),), (slice(None, None, -1),), (slice(0.5, 3),), (slice(True, 3),), (3,)],
+)
+def test_slices_that_are_not_plain_whole_number_ranges_are_refused_alike(source, roi):
+    """Never a step dropped or a bound rounded (other voxels, silently): both sources refuse."""
+    with pytest.raises(InvalidROI):
+        source.read_image(SCAN, roi)
+    np.testing.assert_array_equal(
+        source.read_image(SCAN, (slice(np.int64(1), np.int32(4)),)), source.read_image(SCAN, "1:4")
+    )
+
+
+def test_mask_fields_on_an_image_region_and_internal_arrays_are_refused_alike(source):
+    for request, words in (
+        (RegionRequest(SCAN, "image", "0:2", [0]), "only mask regions take categories"),
+        (RegionRequest(SCAN, "image", "0:2", None, True), "only mask regions take background"),
+        (RegionRequest(SCAN, "label_map", "0:2"), "invalid array name"),
+    ):
+        with pytest.raises((InvalidParameter, InvalidPath), match=words):
+            source.read_regions([request])
+
+
+def test_a_negative_has_class_is_refused_not_a_server_error(source):
+    with pytest.raises(ValueError, match="has_class"):
+        source.list_scans(has_class=-1)
+
+
+def _read_in_child(root, out):
+    try:
+        LocalSource(root).read_image(SCAN, "0:2")
+        out.put("read")
+    except RuntimeError as err:
+        out.put(str(err))
+
+
+def test_a_forked_child_of_a_reading_process_gets_an_exception_not_an_abort(small_store):
+    """tensorstore aborts a process forked after its parent read (SIGABRT, no Python error): a
+    plain open_source user (a hand-written Dataset with fork workers) gets one line instead."""
+    import multiprocessing
+
+    root, _ = small_store
+    LocalSource(root).read_image(SCAN, "0:2")  # this process has read with tensorstore
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_read_in_child, args=(str(root), out))
+    child.start()
+    said = out.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and said.startswith("this process was forked after its parent read a store")
+
+
+def test_source_settings_are_checked_and_both_sources_close_alike(small_store, server_url):
+    from store.errors import SourceClosed
+
+    root, _ = small_store
+    for kwargs, words in (
+        ({"timeout": 0}, "timeout: must be more than 0 seconds"),
+        ({"timeout": -1}, "timeout: must be more than 0 seconds"),
+        ({"retries": -1}, "retries: must be a number, not negative"),
+        ({"retries": 1.5}, "retries: must be a whole number"),
+        ({"retry_seconds": -5}, "retry_seconds: must be a number, not negative"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            HttpSource(server_url, **kwargs)
+    with pytest.raises(ValueError, match="cache_bytes: -1 is not a byte size"):
+        LocalSource(root, cache_bytes=-1)
+    assert LocalSource(root, cache_bytes="64M").cache_bytes == 64 * 2**20
+    with LocalSource(root) as local, HttpSource(server_url) as remote:
+        np.testing.assert_array_equal(local.read_image(SCAN, "0:2"), remote.read_image(SCAN, "0:2"))
+    with pytest.raises(SourceClosed, match="this HttpSource was closed"):
+        remote.read_image(SCAN, "0:2")

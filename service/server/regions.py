@@ -18,7 +18,6 @@ from store.categories import Categories, categories_to_json, normalize_categorie
 from store.errors import (
     ArrayNotFound,
     InvalidCategories,
-    InvalidParameter,
     InvalidPath,
     RequestTooLarge,
     ScanNotFound,
@@ -26,7 +25,7 @@ from store.errors import (
 from store.format import ARRAYS, MASK, channel_of, validate_scan_id
 from store.protocol import RegionRequest
 from store.roi import Region, format_roi, parse_roi, region_shape
-from store.source import LocalSource
+from store.source import LocalSource, check_request
 
 WIRE_VERSION = 1  # bump to invalidate every cached region when the encoding changes
 
@@ -108,13 +107,8 @@ def plan_region(
             prefix,
             "array",
         )
-    if array != MASK and prefix and (categories is not None or background):
-        # a batch item is one JSON object: a mask's fields on an image region are a mistake (the
-        # "array" left out), not a request for the image
-        field = "categories" if categories is not None else "background"
-        raise InvalidParameter(
-            prefix + field, f"only mask regions take {field} (this region's array is {array!r})"
-        )
+    if prefix:  # a batch item: a mask's fields on an image region are its "array" left out
+        check_request(RegionRequest(scan_id, array, roi, categories, background), prefix)
     try:
         region = parse_roi(roi, meta.shape, param=prefix + "roi")
         cats = None

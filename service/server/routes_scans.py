@@ -122,7 +122,7 @@ async def list_scans(
     subject_id: Annotated[list[int] | None, Query(description="Subject number")] = None,
     time_point: Annotated[list[int] | None, Query(description="Visit number (`V01` -> 1)")] = None,
     augmentation: Annotated[list[int] | None, Query(description="Augmentation number (`Aug02` -> 2)")] = None,
-    has_class: Annotated[int | None, Query(description="Only scans where class k has voxels")] = None,
+    has_class: Annotated[int | None, Query(ge=0, description="Only scans where class k has voxels")] = None,
     full: Annotated[bool, Query(description="Include per-slice class counts (large)")] = False,
     has_prediction: Annotated[
         bool | None, Query(description="Only scans with (true) or without (false) a stored prediction")
