@@ -55,15 +55,18 @@ class ScanStatistics:
             low, high = float(block.min()), float(block.max())
         self.low = min(self.low, low)
         self.high = max(self.high, high)
-        block_mean = float(block.sum(dtype=np.float64)) / k
-        if self._scratch.size < k:
-            self._scratch = np.empty(k, np.float64)
-        deviation = self._scratch[:k].reshape(block.shape)
-        np.subtract(block, block_mean, out=deviation, dtype=np.float64)
-        np.multiply(deviation, deviation, out=deviation)
-        block_m2 = float(deviation.sum())
+        # finite float64 values beyond about 1e154 overflow the sum of squares (and beyond 1e308
+        # the sum): the mean or std is then not finite, and is recorded as unknown (to_attrs)
+        with np.errstate(over="ignore", invalid="ignore"):
+            block_mean = float(block.sum(dtype=np.float64)) / k
+            if self._scratch.size < k:
+                self._scratch = np.empty(k, np.float64)
+            deviation = self._scratch[:k].reshape(block.shape)
+            np.subtract(block, block_mean, out=deviation, dtype=np.float64)
+            np.multiply(deviation, deviation, out=deviation)
+            block_m2 = float(deviation.sum())
         total = self.count + k
-        delta = block_mean - self.mean
+        delta = block_mean - self.mean  # Python floats: an overflow is inf, never an error
         self.mean += delta * k / total
         self.m2 += block_m2 + delta * delta * self.count * k / total
         self.count = total
@@ -77,8 +80,15 @@ class ScanStatistics:
         totals = [sum(column) for column in zip(*self.per_slice, strict=True)]
         intensity: dict[str, float | None] = {"min": None, "max": None, "mean": None, "std": None}
         if self.count:  # over finite voxels; all null when there are none
-            std = math.sqrt(self.m2 / self.count)
-            intensity = {"min": self.low, "max": self.high, "mean": self.mean, "std": std}
+            std = math.sqrt(self.m2 / self.count) if math.isfinite(self.m2) else math.inf
+            # a mean or std that overflowed float64 (voxels near 1e154 and beyond) is unknown:
+            # null, as JSON has no infinity
+            intensity = {
+                "min": self.low,
+                "max": self.high,
+                "mean": self.mean if math.isfinite(self.mean) else None,
+                "std": std if math.isfinite(std) else None,
+            }
         return {
             "intensity": intensity,
             "non_finite_voxels": self.non_finite,

@@ -145,3 +145,18 @@ def test_scratch_buffers_are_reused_and_released():
     assert not np.shares_memory(first, bigger) and bigger.shape == (1000, 100)
     assert release_all() >= bigger.nbytes
     assert not np.shares_memory(bigger, scratch("test-reuse", (1000, 100), np.float64))
+
+
+def test_a_scan_of_huge_finite_values_is_stored_with_an_unknown_std(tmp_path):
+    """float64 voxels near 1e200 overflow the sum of squares: the scan is still written (it was
+    refused as "not JSON compliant: nan"), exactly, with min, max and mean, and a null std."""
+    image = np.zeros((4, 4, 2), np.float64)
+    image[0, 0, 0] = 1e200
+    image[1, 1, 1] = -np.finfo(np.float64).max
+    mask = np.zeros((4, 4, 2, 1), np.uint8)
+    write_scan(tmp_path / "store", "0000001_V00-Aug00", image, mask, {"split": "train"})
+    scan = zarr.open_group(str(tmp_path / "store"), mode="r")["0000001_V00-Aug00"]
+    np.testing.assert_array_equal(scan["image"][...], image)
+    stats = scan.attrs["intensity"]
+    assert (stats["min"], stats["max"], stats["std"]) == (-np.finfo(np.float64).max, 1e200, None)
+    assert stats["mean"] == pytest.approx(float(image.mean()), rel=1e-12)
