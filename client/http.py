@@ -100,6 +100,12 @@ class HttpSource:
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s):// URL")
+        # what a pickled copy reopens with (a Dataset holding a source, sent to spawned workers)
+        self._settings = {
+            "url": url, "token": token, "timeout": timeout, "retries": retries, "backoff": backoff,
+            "max_connections": max_connections, "concurrency": concurrency,
+            "regions_per_request": regions_per_request, "retry_seconds": retry_seconds,
+        }  # fmt: skip
         self.url = url.rstrip("/")
         if self.url.endswith(("/zarr", "/predictions/zarr")):  # the URL the docs give Zarr readers
             raise ValueError(
@@ -157,6 +163,10 @@ class HttpSource:
 
     def __repr__(self) -> str:
         return f"HttpSource({self.url!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its settings: the copy opens its own connections (a spawned worker's)."""
+        return (_reopened, (self._settings,))
 
     def __enter__(self) -> HttpSource:
         return self
@@ -429,6 +439,10 @@ class HttpSource:
         if self._poster is not None:
             self._poster.close()
         self._client.close()
+
+
+def _reopened(settings: dict[str, Any]) -> HttpSource:
+    return HttpSource(**settings)
 
 
 def _by_scans(regions: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:

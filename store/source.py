@@ -450,6 +450,11 @@ class LocalSource:
         )
         return self.read_regions([RegionRequest(scan_id, MASK, roi, cats, background)])[0]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its location and cache size: the copy opens its own arrays and cache (a
+        spawned worker's; a forked one may not use its parent's, see refuse_forked_reads)."""
+        return (LocalSource, (self.storage.url, self.cache_bytes))
+
     def __enter__(self) -> LocalSource:
         return self
 

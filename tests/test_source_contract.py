@@ -427,3 +427,13 @@ def test_source_settings_are_checked_and_both_sources_close_alike(small_store, s
         np.testing.assert_array_equal(local.read_image(SCAN, "0:2"), remote.read_image(SCAN, "0:2"))
     with pytest.raises(SourceClosed, match="this HttpSource was closed"):
         remote.read_image(SCAN, "0:2")
+
+
+def test_a_source_pickles_as_its_settings_and_reads_the_same(source):
+    """A Dataset holding a source goes to spawned workers by pickle: the copy reopens itself."""
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(source))
+    assert type(copy) is type(source) and copy is not source
+    np.testing.assert_array_equal(copy.read_image(SCAN, "0:3"), source.read_image(SCAN, "0:3"))
+    copy.close()
