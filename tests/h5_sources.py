@@ -127,6 +127,18 @@ def published(store):
     )
 
 
+def start_cli(*args):
+    """``scancache ARGS`` started in a session of its own (so that a test can signal it, or its
+    whole process group, mid-run), stderr piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def run_cli(*args, timeout=240, env=None):
     """``scancache ARGS`` in a subprocess, as a user runs it; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}

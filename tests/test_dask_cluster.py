@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from h5_sources import assert_store_matches, run_cli
+from h5_sources import assert_store_matches, run_cli, start_cli
 
 from service.preprocess import run_preprocess
 from service.sample_data import write_sample_data
@@ -33,6 +33,22 @@ def _spawn(args, log):
 # --no-dashboard alone still opens the scheduler's HTTP routes on :8787 (every interface, and
 # "Port 8787 is already in use" next to another cluster): a free loopback port instead
 QUIET_HTTP = ("--no-dashboard", "--dashboard-address", "127.0.0.1:0")
+
+
+def _stop(procs):
+    """Each process group ended: SIGTERM, then SIGKILL for any still there after 20 s."""
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 20
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
 
 
 def _start_scheduler(log_path):
@@ -65,18 +81,7 @@ def cluster(tmp_path_factory, s3_server):
             workers = set(client.scheduler_info()["workers"])
         yield address, workers
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 20
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        _stop(procs)
 
 
 def test_job_runs_on_the_external_cluster(cluster, tmp_path):
@@ -176,22 +181,7 @@ def test_a_job_without_workers_says_so_and_a_lost_scheduler_ends_it_in_one_line(
             assert said[-1] == "1 Dask worker connected: going on"
         source, store = tmp_path / "source", tmp_path / "store"
         write_sample_data(source, subjects=6, visits=8, shape=(48, 48, 16), num_classes=3, seed=7)
-        job = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "preprocess",
-                str(source),
-                str(store),
-                "--scheduler",
-                address,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        job = start_cli("preprocess", source, store, "--scheduler", address)
         progress = job.stderr.readline()  # "preprocess: 48 scans to convert on tcp://..."
         assert "scans to convert" in progress
         os.killpg(procs[0].pid, signal.SIGKILL)  # the scheduler, mid-job
@@ -202,12 +192,7 @@ def test_a_job_without_workers_says_so_and_a_lost_scheduler_ends_it_in_one_line(
         )
         assert "(worker)" not in err and err.count("\n") < 10, err
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=20)
+        _stop(procs)
     rerun = run_cli("preprocess", source, store, "--workers", "2", "-q")
     assert rerun.returncode == 0, rerun.stderr
     assert_store_matches(store, source)

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-from h5_sources import assert_store_matches, published, run_cli
+from h5_sources import assert_store_matches, published, run_cli, start_cli
 
 from service.sample_data import write_sample_data
 
@@ -108,22 +108,7 @@ def test_sigkill_then_rerun_completes_and_skips(source, tmp_path):
 def _signal_the_job(source, store, workers, send):
     """Start the job, wait until it published a scan, ``send(proc)`` a signal; its exit status
     and stderr (the test is skipped if the job finished first)."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "preprocess",
-            str(source),
-            str(store),
-            "--workers",
-            str(workers),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_cli("preprocess", source, store, "--workers", workers)
     try:
         while not published(store):
             assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before it published a scan"
