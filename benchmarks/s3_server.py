@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -25,21 +26,40 @@ ACCESS_KEY = "scancache-test"
 SECRET_KEY = "scancache-test-secret"
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 10000 free (weed's gRPC port is its HTTP port + 10000)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as t:
-            try:
-                t.bind(("127.0.0.1", port + 10000))
-            except OSError:
+# weed's own connections (s3 -> filer, volume -> master) take outgoing ports from the kernel's
+# ephemeral range while it starts; a listening port chosen there can be taken before weed binds it
+# (CI saw "bind: address already in use"). Ports come from below that range, and a start that
+# still loses a port is retried on new ones.
+_PORT_LOW, _PORT_HIGH = 12000, 22000
+_STARTS = 4
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports(names: Sequence[str]) -> dict[str, int]:
+    """Distinct ports p, each with p and p + 10000 free (weed's gRPC port is its HTTP port +
+    10000), all below the ephemeral range."""
+    rng = random.SystemRandom()
+    chosen: dict[str, int] = {}
+    taken: set[int] = set()
+    for name in names:
+        for _ in range(500):
+            port = rng.randrange(_PORT_LOW, _PORT_HIGH)
+            if {port, port + 10000} & taken or not (_bindable(port) and _bindable(port + 10000)):
                 continue
-        return port
-    raise RuntimeError("no free port pair")
+            chosen[name] = port
+            taken |= {port, port + 10000}
+            break
+        else:
+            raise RuntimeError("no free port pair")
+    return chosen
 
 
 def weed_binary() -> str | None:
@@ -109,12 +129,32 @@ def running_s3_server(workdir: Path, extra_args: Sequence[str] = ()) -> Iterator
         )
     )
     os.chmod(config, 0o600)
-    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "iceberg", "lance")}
-    log = workdir / "weed.log"
+    for attempt in range(1, _STARTS + 1):
+        data = workdir / f"data-{attempt}"
+        data.mkdir()
+        server = _start(binary, workdir, data, config, extra_args)
+        try:
+            if _wait_ready(server):
+                break
+        except BaseException:
+            _stop(server)
+            raise
+        _stop(server)  # it lost a port to another process: start again on new ones
+    else:
+        raise RuntimeError(f"weed lost a port on {_STARTS} starts: {server.log.read_text()[-2000:]}")
+    try:
+        yield server
+    finally:
+        _stop(server)
+
+
+def _start(binary: str, workdir: Path, data: Path, config: Path, extra_args: Sequence[str]) -> S3Server:
+    ports = _free_ports(("master", "volume", "filer", "s3", "iceberg", "lance"))
+    log = workdir / f"{data.name}.log"
     args = [
         binary,
         "server",
-        f"-dir={workdir / 'data'}",
+        f"-dir={data}",
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",
         f"-master.port={ports['master']}",
@@ -131,24 +171,29 @@ def running_s3_server(workdir: Path, extra_args: Sequence[str] = ()) -> Iterator
         f"-s3.config={config}",
         *extra_args,
     ]
-    (workdir / "data").mkdir(exist_ok=True)
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    server = S3Server(f"http://127.0.0.1:{ports['s3']}", process, log)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"weed exited: {log.read_text()[-2000:]}")
-            try:
-                server.bucket = server.bucket or server.new_bucket("tests")
-                server.client().put_object(Bucket=server.bucket, Key="probe", Body=b"1")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"weed did not come up: {log.read_text()[-2000:]}") from None
-                time.sleep(0.3)
-        yield server
-    finally:
-        process.kill()  # its data is a temporary folder; weed takes long to stop on SIGTERM
-        process.wait()
+    return S3Server(f"http://127.0.0.1:{ports['s3']}", process, log)
+
+
+def _wait_ready(server: S3Server) -> bool:
+    """True once a bucket is made and written; False if weed lost a port to another process."""
+    deadline = time.monotonic() + 60
+    while True:
+        if server.process.poll() is not None:
+            if "address already in use" in server.log.read_text(errors="replace"):
+                return False
+            raise RuntimeError(f"weed exited: {server.log.read_text()[-2000:]}")
+        try:
+            server.bucket = server.bucket or server.new_bucket("tests")
+            server.client().put_object(Bucket=server.bucket, Key="probe", Body=b"1")
+            return True
+        except Exception:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"weed did not come up: {server.log.read_text()[-2000:]}") from None
+            time.sleep(0.3)
+
+
+def _stop(server: S3Server) -> None:
+    server.process.kill()  # its data is a temporary folder; weed takes long to stop on SIGTERM
+    server.process.wait()

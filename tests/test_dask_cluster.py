@@ -171,25 +171,25 @@ def test_a_job_without_workers_says_so_and_a_lost_scheduler_ends_it_in_one_line(
             assert said == [
                 f"no Dask worker is connected to {address} (for 1 s): the job waits for one; "
                 f"start workers with `dask worker {address}`"
-            ] or said[0].startswith(f"no Dask worker is connected to {address} (for ")
+            ] or said[0].startswith(f"no Dask worker is connected to {address} (for "), said
             with open(tmp_path / "worker.log", "w") as log:
                 procs.append(_spawn(_worker_cmd(address, "w0", tmp_path / "w0"), log))
             client.wait_for_workers(1, timeout=120)
             deadline = time.monotonic() + 30
             while len(said) < 2 and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert said[-1] == "1 Dask worker connected: going on"
+            assert said[-1] == "1 Dask worker connected: going on", said
         source, store = tmp_path / "source", tmp_path / "store"
         write_sample_data(source, subjects=6, visits=8, shape=(48, 48, 16), num_classes=3, seed=7)
         job = start_cli("preprocess", source, store, "--scheduler", address)
         progress = job.stderr.readline()  # "preprocess: 48 scans to convert on tcp://..."
-        assert "scans to convert" in progress
+        assert "scans to convert" in progress, progress
         os.killpg(procs[0].pid, signal.SIGKILL)  # the scheduler, mid-job
         _, err = job.communicate(timeout=240)
         last = err.strip().splitlines()[-1]
         assert job.returncode == 1 and last.startswith(
             f"scancache preprocess: error: lost the Dask scheduler {address}: "
-        )
+        ), f"rc={job.returncode}\n{err}"
         assert "(worker)" not in err and err.count("\n") < 10, err
     finally:
         _stop(procs)
