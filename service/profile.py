@@ -50,8 +50,11 @@ def run_profile(
     split: str | None = None,
     seed: int = 0,
     y_format: str = "one_hot",
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """Run the loader for about ``seconds`` (at least one batch); returns its figures."""
+    """Run the loader for about ``seconds`` (at least one batch); returns its figures. With
+    ``workers`` > 0 it is read through torch ``DataLoader`` worker processes
+    (``service.profile_workers``), in this process otherwise."""
     loaders = _import_loaders()
     cfg = loaders.Config()
     cfg.TAG = tag
@@ -79,7 +82,12 @@ def run_profile(
         known = ", ".join(sorted(loaders.LOADER_REGISTRY))
         raise ValueError(f"--tag {tag!r} is not a loader; the loaders are: {known}") from None
     try:
-        result = _measure(loader, seconds)
+        if workers > 0:
+            from service.profile_workers import measure_with_workers
+
+            result = measure_with_workers(loader, seconds, workers)
+        else:
+            result = _measure(loader, seconds)
         result["object_storage"] = source.startswith("s3://")
         result["y_format"] = y_format
         return result
@@ -185,18 +193,21 @@ def explain(result: dict[str, Any]) -> list[str]:
         f"time: the caller waited {wait:.2f} s of {wall:.2f} s ({100 * wait / wall:.0f}%)"
         + (f"; loader threads spent {', '.join(parts)}" if parts else "")
     )
+    from service.profile_workers import explain_workers, why_workers
+
+    lines.extend(explain_workers(result))
     step_ms = 1000.0 / result["batches_per_s"] if result["batches_per_s"] else float("inf")
     lines.append(f"a training step shorter than {step_ms:.1f} ms waits for data (the GPU idles)")
-    lines.append(
-        "why: "
-        + _why(
-            work,
-            amp,
-            str(result["tag"]),
-            bool(result.get("object_storage")),
-            str(result.get("y_format") or "one_hot"),
-        )
+    split = _why(
+        work,
+        amp,
+        str(result["tag"]),
+        bool(result.get("object_storage")),
+        str(result.get("y_format") or "one_hot"),
     )
+    lines.append(f"why: {why_workers(result) or split}")
+    if why_workers(result):
+        lines.append(f"within the workers: {split}")
     return lines
 
 
@@ -232,8 +243,8 @@ def _why(
     elif biggest == "read_s":
         text += (
             "; reads decode little more than they deliver, so decoding itself is the work: more "
-            "reader processes divide it (as_torch_dataset with DataLoader(num_workers=k), or "
-            "Config.NUM_WORKERS read-ahead threads), and where the data set is larger than the "
+            "reader processes divide it (as_torch_dataset with DataLoader(num_workers=k): "
+            "scancache profile --workers k measures it), or Config.NUM_WORKERS read-ahead threads), and where the data set is larger than the "
             "chunk cache a larger cache keeps more of it decoded between epochs "
             "(SCANCACHE_LOCAL_CACHE_BYTES for a store read directly, scancache serve --cache-bytes "
             "for a server)"

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from service.cli_args import PROFILE_Y_FORMATS, positive_int, positive_seconds_arg
+from service.cli_args import PROFILE_Y_FORMATS, non_negative_int, positive_int, positive_seconds_arg
 
 
 def img_size_arg(text: str) -> tuple[int, ...]:
@@ -36,6 +36,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         split=args.split,
         y_format=args.y_format,
+        workers=args.workers,
     )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -82,6 +83,14 @@ def add_profile_parser(sub: Any) -> None:
         choices=PROFILE_Y_FORMATS,
         default="one_hot",
         help="the loader's Y_FORMAT (default: %(default)s; class_index: one uint8 label a voxel)",
+    )
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="read through K torch DataLoader worker processes (persistent), as a torch training "
+        "script does, and report each (default: 0, in this process)",
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_profile)

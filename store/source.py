@@ -121,6 +121,11 @@ def tensorstore_used_before_fork() -> bool:
     return _TENSORSTORE_PID is not None and os.getpid() != _TENSORSTORE_PID
 
 
+def tensorstore_used_here() -> bool:
+    """Has this process read through tensorstore (so a child forked now could not)?"""
+    return os.getpid() == _TENSORSTORE_PID
+
+
 def refuse_forked_reads() -> None:
     """One exception, in a process forked after its parent read a store with tensorstore, where
     tensorstore would abort the process (SIGABRT, no Python error)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from service.cli import main
 
 
@@ -137,3 +139,71 @@ def test_profile_advises_patch_loaders_the_layout_that_helps_patches():
     assert "--layout balanced, or deeper --chunks" in patches and "slices" not in patches
     slices = explain(_profiled("DefaultDataLoader", read_s=1.5, copy_s=0.1, amplification=3.8))[-1]
     assert "--layout slices or balanced" in slices
+
+
+def test_profile_reads_through_torch_workers_and_reports_each(small_store):
+    """``--workers 2``: the loader read as a torch script reads it (DataLoader workers,
+    persistent), each worker's figures reported, and the totals are the workers' sums."""
+    pytest.importorskip("torch")
+    from h5_sources import run_cli
+
+    root, _ = small_store
+    args = [
+        "profile",
+        root,
+        "--tag",
+        "DefaultDataLoader",
+        "--batch-size",
+        "2",
+        "--seconds",
+        "1",
+        "--split",
+        "train",
+    ]
+    done = run_cli(*args, "--workers", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    stats, rows = result["stats"], result["stats"]["workers"]
+    assert result["workers"] == 2 and sorted(r["worker"] for r in rows) == [0, 1]
+    assert all(r["batches"] > 0 and r["cpu_s"] > 0 for r in rows)
+    # every batch the loop took came from a worker (they may have read a few ahead)
+    assert stats["batches"] == sum(r["batches"] for r in rows) >= result["batches"] >= 1
+    assert stats["bytes_read"] == sum(r["bytes_read"] for r in rows) > 0
+    assert stats["read_amplification"] == pytest.approx(stats["bytes_read"] / stats["bytes_delivered"])
+
+    text = run_cli(*args, "--workers", "2")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[3].startswith("2 worker process(es) on ") and "started once" in lines[3]
+    assert any(ln.startswith("  worker 0: ") for ln in lines) and any(
+        ln.startswith("  worker 1: ") for ln in lines
+    )
+    assert any(ln.startswith("why: ") for ln in lines) and lines[-1].startswith("within the workers: ")
+    assert run_cli(*args, "--workers", "-1").stderr.strip().endswith("'-1' must be at least 0")
+
+
+def _with_workers(busy: list[float], main_cpu_s: float, cores: int) -> dict:
+    """A 2-second run with workers, each keeping ``busy[i]`` cores busy."""
+    rows = [{"worker": i, "batches": 10, "batches_per_s": 5.0, "seconds": 2.0, "cpu_s": 2.0 * b,
+             "read_s": 1.0, "copy_s": 0.2} for i, b in enumerate(busy)]  # fmt: skip
+    result = _profiled("DefaultDataLoader", read_s=2.0, copy_s=0.4, amplification=0.6)
+    result["stats"]["workers"] = rows
+    return {**result, "workers": len(busy), "worker_start_s": 0.5, "start_method": "default",
+            "main_cpu_s": main_cpu_s, "caller_wait_s": 1.9, "cores": cores}  # fmt: skip
+
+
+def test_profile_with_workers_says_what_bounds_them():
+    """The advice follows the measured CPU: busy workers with idle cores, more workers; every
+    core busy, less work per example; a busy training process, fewer bytes; none busy, reads."""
+    from service.profile import explain
+
+    def why(result: dict) -> str:
+        return next(ln for ln in explain(result) if ln.startswith("why: "))
+
+    assert "try --workers 4" in why(_with_workers([0.95, 0.9], main_cpu_s=0.4, cores=16))
+    assert "more workers cannot help" in why(_with_workers([0.95, 0.9], main_cpu_s=0.4, cores=2))
+    assert "training process is the bound" in why(_with_workers([0.3, 0.3], main_cpu_s=1.8, cores=16))
+    idle = why(_with_workers([0.2, 0.2], main_cpu_s=0.2, cores=64))
+    assert "wait on their reads" in idle or "other processes compete" in idle
+    lines = explain(_with_workers([0.95, 0.9], main_cpu_s=0.4, cores=16))
+    assert "  worker 1: 10 batches, 5.00 batches/s, 0.90 cores busy, read 1.00 s, copy 0.20 s" in lines
