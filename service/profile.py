@@ -89,6 +89,7 @@ def run_profile(
         else:
             result = _measure(loader, seconds)
         result["object_storage"] = source.startswith("s3://")
+        result["over_http"] = source.startswith(("http://", "https://"))
         result["y_format"] = y_format
         return result
     finally:

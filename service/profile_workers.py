@@ -157,8 +157,14 @@ def why_workers(result: dict[str, Any]) -> str | None:
             f"little CPU: other processes compete for the cores (load average {load:.1f} on "
             f"{cores}); profile again on a quiet machine"
         )
-    return (
-        f"neither the workers ({workers_busy:.1f} cores) nor the training process "
-        f"({main_busy:.1f}) is busy: the workers wait on their reads (a server or object storage "
-        "answering slowly, or the disk); the time split within the workers says which"
+    idle = (
+        f"neither the workers ({workers_busy:.1f} cores) nor the training process ({main_busy:.1f}) is busy"
     )
+    if result.get("over_http"):
+        return (
+            f"{idle}: the workers wait on the server; give it more processes and cores "
+            "(scancache serve --workers N, on a machine of its own) or read the store directly"
+        )
+    if result.get("object_storage"):
+        return f"{idle}: the workers wait on object storage (requests in flight, its latency)"
+    return f"{idle}: the workers wait on their reads (the disk); the time split within the workers says which"

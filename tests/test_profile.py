@@ -205,5 +205,7 @@ def test_profile_with_workers_says_what_bounds_them():
     assert "training process is the bound" in why(_with_workers([0.3, 0.3], main_cpu_s=1.8, cores=16))
     idle = why(_with_workers([0.2, 0.2], main_cpu_s=0.2, cores=64))
     assert "wait on their reads" in idle or "other processes compete" in idle
+    served = why({**_with_workers([0.2, 0.2], main_cpu_s=0.2, cores=64), "over_http": True})
+    assert "wait on the server" in served or "other processes compete" in served
     lines = explain(_with_workers([0.95, 0.9], main_cpu_s=0.4, cores=16))
     assert "  worker 1: 10 batches, 5.00 batches/s, 0.90 cores busy, read 1.00 s, copy 0.20 s" in lines
