@@ -122,6 +122,13 @@ def _measure(loader: Any, seconds: float) -> dict[str, Any]:
         break
     wall = time.perf_counter() - started
     stats = dict(loader.stats()) if fallback is None else fallback.stats(batches, waited, wall)
+    return window_figures(loader, batches, examples, epochs, wall, waited, stats)
+
+
+def window_figures(
+    loader: Any, batches: int, examples: int, epochs: int, wall: float, waited: float, stats: dict[str, Any]
+) -> dict[str, Any]:
+    """What a profiling window measured, as ``run_profile`` returns it."""
     stats.setdefault("seconds", wall)
     return {
         "tag": type(loader).__name__,

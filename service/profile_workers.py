@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+from service.profile import window_figures
 from store.source import tensorstore_used_here, usable_cores
 
 
@@ -74,23 +75,15 @@ def measure_with_workers(loader: Any, seconds: float, workers: int) -> dict[str,
         del feed  # persistent workers end with their DataLoader
     stats = dict(loader.stats())
     stats["wait_s"] = waited  # the training process's wait (the workers' own is worker_wait_s)
-    stats.setdefault("seconds", wall)
-    return {
-        "tag": type(loader).__name__,
-        "batches": batches,
-        "examples": examples,
-        "epochs_completed": epochs,
-        "seconds": wall,
-        "batches_per_s": batches / wall if wall > 0 else 0.0,
-        "examples_per_s": examples / wall if wall > 0 else 0.0,
-        "caller_wait_s": waited,
-        "main_cpu_s": main_cpu,
-        "workers": workers,
-        "worker_start_s": start_s,
-        "start_method": context or "default",
-        "cores": usable_cores(),
-        "stats": stats,
-    }
+    figures = window_figures(loader, batches, examples, epochs, wall, waited, stats)
+    figures.update(
+        main_cpu_s=main_cpu,
+        workers=workers,
+        worker_start_s=start_s,
+        start_method=context or "default",
+        cores=usable_cores(),
+    )
+    return figures
 
 
 def explain_workers(result: dict[str, Any]) -> list[str]:
