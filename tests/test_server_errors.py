@@ -3,6 +3,7 @@ parameter, limits refused before reading, no paths in bodies, and no 5xx from an
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -189,6 +190,28 @@ def test_a_body_nested_past_the_recursion_limit_is_422_naming_the_body(client):
         client.post("/batch", content=deep, headers={"content-type": "application/json"}), 422
     )
     assert body["param"] == "body" and body["detail"] == "body: not valid JSON (nested too deeply)"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "detail"),
+    [
+        (b'{"regions": [{"scan_id": "\xe9"}]}', {}, "body: not UTF-8 text (byte 26)"),
+        (
+            b'{"regions": [{"categories": [' + b"9" * 5000 + b"]}]}",
+            {},
+            "body: a number has more than 4300 digits",
+        ),
+        (
+            gzip.compress(b'{"regions": []}'),
+            {"content-encoding": "gzip"},
+            "body: Content-Encoding 'gzip' is not accepted; send plain JSON",
+        ),
+    ],
+)
+def test_a_body_that_cannot_be_decoded_says_why(client, body, headers, detail):
+    """FastAPI answers one generic 400 for each of these; the 422 names the cause."""
+    sent = client.post("/batch", content=body, headers={"content-type": "application/json", **headers})
+    assert assert_error(sent, 422, detail)["param"] == "body"
 
 
 @pytest.mark.parametrize(

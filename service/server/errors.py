@@ -160,6 +160,20 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(422, f"{param}: {first.get('msg', 'invalid')}{more}", "InvalidParameter", param)
 
 
+def body_decode_message(cause: BaseException | None, encoding: str | None) -> str:
+    """Why FastAPI could not decode a JSON body, other than as invalid JSON (its answer is one
+    generic 400 for all of these; the cause is the exception it chained)."""
+    if encoding and encoding.strip().lower() not in ("", "identity"):
+        return f"body: Content-Encoding {encoding.strip()!r} is not accepted; send plain JSON"
+    if isinstance(cause, RecursionError):  # '[' * 5000, as the query's form is
+        return "body: not valid JSON (nested too deeply)"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"body: not UTF-8 text (byte {cause.start})"
+    if isinstance(cause, ValueError) and "digits" in str(cause):  # int('9' * 5000)
+        return "body: a number has more than 4300 digits"
+    return f"body: not valid JSON ({type(cause).__name__ if cause else 'undecodable'})"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_domain(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ScanCacheError)
@@ -176,12 +190,10 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return validation_error_response(exc)
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
-            # FastAPI's answer when decoding the body fails other than as invalid JSON: a body
-            # nested deeper than Python's recursion limit ('[' * 5000), as the query's form is
-            message = "body: not valid JSON (nested too deeply)"
+            message = body_decode_message(exc.__cause__, request.headers.get("content-encoding"))
             return error_response(422, message, "InvalidParameter", "body")
         return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
