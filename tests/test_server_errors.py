@@ -463,3 +463,7 @@ def test_health_reports_a_missing_store(tmp_path):
     assert_error(client.get("/scans"), 503, "store unavailable", root=tmp_path)
     assert_error(client.get(f"/scans/{SCAN}"), 503, "store unavailable", root=tmp_path)
     assert_error(client.get(f"/scans/{SCAN}/image"), 503, "store unavailable", root=tmp_path)
+    # and the Zarr tree: a 404 would tell Zarr readers "no such node", which they do not retry
+    assert_error(client.get("/zarr/zarr.json"), 503, "store unavailable", root=tmp_path)
+    assert_error(client.get(f"/zarr/{SCAN}/zarr.json"), 503, "store unavailable", root=tmp_path)
+    assert client.request("HEAD", "/zarr/zarr.json").status_code == 503

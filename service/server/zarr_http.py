@@ -258,6 +258,15 @@ class FileRangeResponse(Response):
                 self.on_close()
 
 
+def _tree_readable(root: Path | str) -> bool:
+    try:
+        if isinstance(root, Path):
+            return (root / "zarr.json").is_file()
+        return open_storage(root).read("zarr.json") is not None
+    except OSError:
+        return False
+
+
 def _read_range(file: OpenFile | StoredObject, start: int, end: int) -> bytes:
     try:
         return file.pread(end - start, start)
@@ -269,7 +278,11 @@ def _read_range(file: OpenFile | StoredObject, start: int, end: int) -> bytes:
     "/zarr/{path:path}",
     summary="Headers only (size, ETag) of a file in the Zarr tree",
     response_class=Response,
-    responses={200: {"description": "As GET, without a body."}, **error_responses(400, 401, 404)},
+    responses={
+        200: {"description": "As GET, without a body."},
+        304: {"description": "Not modified: the If-None-Match ETag is current."},
+        **error_responses(400, 401, 404, 503),
+    },
 )
 @router.get(
     "/zarr/{path:path}",
@@ -304,10 +317,17 @@ async def serve_tree_file(request: Request, state: ServerState, root: Path | str
     and answered the same way for both trees, on a local folder or on object storage."""
     parts = split_store_path(path)
     file: OpenFile | StoredObject
-    if isinstance(root, Path):
-        file = await to_thread.run_sync(open_store_file, root, parts)
-    else:
-        file = await to_thread.run_sync(open_stored_object, open_storage(root), parts)
+    try:
+        if isinstance(root, Path):
+            file = await to_thread.run_sync(open_store_file, root, parts)
+        else:
+            file = await to_thread.run_sync(open_stored_object, open_storage(root), parts)
+    except NotInStore:
+        # a tree that is gone (moved, unmounted, unreachable) is not "no such node": Zarr
+        # readers take a 404 as an absent array or group and would not try again
+        if not await to_thread.run_sync(_tree_readable, root):
+            return error_response(503, "store unavailable", "ServerError")
+        raise
     try:
         return await _respond(request, state, file)
     except BaseException:
@@ -367,7 +387,11 @@ async def _respond(request: Request, state: ServerState, file: OpenFile | Stored
     "/predictions/zarr/{path:path}",
     summary="Headers only (size, ETag) of a file in the predictions' Zarr tree",
     response_class=Response,
-    responses={200: {"description": "As GET, without a body."}, **error_responses(400, 401, 404)},
+    responses={
+        200: {"description": "As GET, without a body."},
+        304: {"description": "Not modified: the If-None-Match ETag is current."},
+        **error_responses(400, 401, 404, 503),
+    },
 )
 @router.get(
     "/predictions/zarr/{path:path}",
