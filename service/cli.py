@@ -15,7 +15,7 @@ import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from service.cli_args import (
     RefuseTokenFlag,
@@ -162,8 +162,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line, as every other error of the CLI (argparse prints the whole
+    usage first); ``--help`` still prints it. Subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="scancache",
         description="Preprocess MedSegPy slice-wise HDF5 scans or an nnU-Net NIfTI dataset into a "
         "chunked Zarr v3 store (a folder or s3://BUCKET/PREFIX), verify it, list it, and serve it over HTTP.",

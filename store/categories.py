@@ -41,7 +41,10 @@ def parse_categories(value: Any, param: str = "categories") -> Selection:
             except RecursionError:
                 raise InvalidCategories("too deeply nested", param) from None
         else:
-            value = [_short_group(item, param) for item in text.split(",") if item.strip()]
+            items = text.split(",")
+            if any(not item.strip() for item in items):  # "0,,1" or "0,1,": a class left out?
+                raise InvalidCategories(f"{text.strip()[:40]!r} has an empty item between commas", param)
+            value = [_short_group(item, param) for item in items]
     if not isinstance(value, (list, tuple)) or len(value) == 0:
         raise InvalidCategories("must be a non-empty list of classes (index or name) or lists of them", param)
     out: list[tuple[int | str, ...]] = []

@@ -15,17 +15,23 @@ from collections.abc import Sequence
 from store.errors import InvalidROI
 
 # ASCII digits only, of bounded length: int() would also take "1_0", other scripts' digits and 5000-digit numbers.
-_INT = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)
+PLAIN_INT = re.compile(r"[+-]?[0-9]{1,18}", re.ASCII)
 
 Region = tuple[slice, ...]  # normalized: concrete start < stop, step None
 
 
+def integer_problem(text: str) -> str:
+    """Why ``text`` is not a plain integer (``PLAIN_INT``), for an error message."""
+    text = text.strip(" \t")
+    if re.fullmatch(r"[+-]?[0-9]+", text, re.ASCII):
+        return f"{text[:40]!r} has more than 18 digits"
+    return f"{text[:40]!r} is not an integer"
+
+
 def _parse_int(text: str, axis: int, param: str) -> int:
     text = text.strip(" \t")
-    if _INT.fullmatch(text) is None:
-        if re.fullmatch(r"[+-]?[0-9]+", text, re.ASCII):
-            raise InvalidROI(f"axis {axis}: {text[:40]!r} has more than 18 digits", param)
-        raise InvalidROI(f"axis {axis}: {text[:40]!r} is not an integer", param)
+    if PLAIN_INT.fullmatch(text) is None:
+        raise InvalidROI(f"axis {axis}: {integer_problem(text)}", param)
     return int(text)
 
 

@@ -179,7 +179,7 @@ def test_profile_reads_through_torch_workers_and_reports_each(small_store):
         ln.startswith("  worker 1: ") for ln in lines
     )
     assert any(ln.startswith("why: ") for ln in lines) and lines[-1].startswith("within the workers: ")
-    assert run_cli(*args, "--workers", "-1").stderr.strip().endswith("'-1' must be at least 0")
+    assert "--workers: '-1' must be at least 0" in run_cli(*args, "--workers", "-1").stderr
 
 
 def _with_workers(busy: list[float], main_cpu_s: float, cores: int) -> dict:

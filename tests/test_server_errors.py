@@ -467,3 +467,25 @@ def test_health_reports_a_missing_store(tmp_path):
     assert_error(client.get("/zarr/zarr.json"), 503, "store unavailable", root=tmp_path)
     assert_error(client.get(f"/zarr/{SCAN}/zarr.json"), 503, "store unavailable", root=tmp_path)
     assert client.request("HEAD", "/zarr/zarr.json").status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("url", "param"),
+    [
+        (f"/scans/{SCAN}/preview.png?z=1_0", "z"),
+        (f"/scans/{SCAN}/image?channel=0_0", "channel"),
+        ("/scans?subject_id=0_1", "subject_id"),
+        ("/scans?subject_id=1&subject_id=\u00b2", "subject_id"),
+    ],
+)
+def test_integer_parameters_take_plain_digits_as_roi_does(client, url, param):
+    """int() takes "1_0" as 10 (and pydantic with it): the same refusal as roi's bounds."""
+    body = assert_error(client.get(url), 422, "is not an integer")
+    assert body["param"] == param
+    assert_error(client.get("/scans?has_class=" + "9" * 19), 422, "has more than 18 digits")
+    assert body["param"] == param
+
+
+def test_integer_parameters_still_take_signs_and_spaces(client):
+    assert client.get(f"/scans/{SCAN}/preview.png?z=+1").status_code == 200
+    assert client.get("/scans?subject_id=%201").status_code == 200

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.requests import Request
 
 from store.errors import InvalidParameter
+from store.roi import PLAIN_INT, integer_problem
 
 # pages and documents, not data: a browser, a proxy or a link may add its own parameters
 # (cache busters, tracking), and nothing they return depends on a parameter
@@ -30,19 +31,27 @@ def _takes_several(annotation: Any) -> bool:
     return False
 
 
-def _allowed(route: object) -> dict[str, bool]:
-    """The query parameters a route declares, its dependencies' included: name -> whether it
-    may be repeated."""
+def _integer(annotation: Any) -> bool:
+    """An integer-typed parameter (``z: int | None``, ``subject_id: list[int] | None``)."""
+    if annotation is int:
+        return True
+    return any(_integer(a) for a in typing.get_args(annotation) if a is not bool)
+
+
+def _allowed(route: object) -> dict[str, tuple[bool, bool]]:
+    """The query parameters a route declares, its dependencies' included: name -> (whether it
+    may be repeated, whether it is an integer)."""
     known = getattr(route, _ATTRIBUTE, None)
     if known is not None:
         return dict(known)
-    names: dict[str, bool] = {}
+    names: dict[str, tuple[bool, bool]] = {}
     pending: list[Any] = [getattr(route, "dependant", None)]
     while pending:  # the route's parameters and its dependencies', recursively
         dependant = pending.pop()
         if dependant is not None:
             for field in dependant.query_params:
-                names[field.alias] = _takes_several(getattr(field.field_info, "annotation", None))
+                annotation = getattr(field.field_info, "annotation", None)
+                names[field.alias] = (_takes_several(annotation), _integer(annotation))
             pending.extend(dependant.dependencies)
     setattr(route, _ATTRIBUTE, dict(names))
     return names
@@ -59,6 +68,10 @@ def refuse_unknown_query(request: Request) -> None:
         takes = ", ".join(sorted(allowed)) or "none"
         raise InvalidParameter(unknown[0], f"not a parameter of this route (it takes: {takes})")
     counts = Counter(k for k, _ in request.query_params.multi_items())
-    twice = sorted(k for k, n in counts.items() if n > 1 and not allowed[k])
+    twice = sorted(k for k, n in counts.items() if n > 1 and not allowed[k][0])
     if twice:
         raise InvalidParameter(twice[0], "given more than once (it takes one value)")
+    for key, value in request.query_params.multi_items():
+        # the rule of roi's bounds: int() (and so the validation after this) takes "1_0" as 10
+        if allowed[key][1] and PLAIN_INT.fullmatch(value.strip(" \t")) is None:
+            raise InvalidParameter(key, integer_problem(value))
