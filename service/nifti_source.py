@@ -17,6 +17,8 @@ Every problem is a ``SourceError`` naming the case, the file and why, in one lin
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,32 @@ class _Volume:
     affine: np.ndarray
 
 
+class DamagedGzip(Exception):
+    """A ``.gz`` file whose compressed data, CRC or length is damaged."""
+
+
+def _load(path: Path) -> Any:
+    """``nib.load``, except that a ``.gz`` file is decompressed whole first: nibabel stops
+    reading once it has the voxels, so gzip's CRC and length at the end of the file are never
+    checked and a damaged file converts with wrong voxels (``verify`` reads the same way and
+    would call the store exact). ``gzip`` checks both; decompressing once keeps the cost."""
+    import nibabel as nib
+
+    if not path.name.lower().endswith(".gz"):
+        return nib.load(path)
+    try:
+        with gzip.open(path, "rb") as stream:
+            raw = stream.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DamagedGzip(f"damaged gzip data ({one_line(err, 120)})") from None
+    if len(raw) < 348:  # what nib.load says of such a file, with the reason
+        raise nib.filebasedimages.ImageFileError(f"{len(raw)} bytes, too few for a NIfTI header")
+    # sizeof_hdr, the first 4 bytes in the file's byte order: 348 for NIfTI-1, 540 for NIfTI-2
+    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    image_class = nib.Nifti2Image if 540 in sizes else nib.Nifti1Image
+    return image_class.from_bytes(raw)
+
+
 def _read(spec: ScanSpec, rel: str) -> _Volume:
     """One NIfTI file's voxels (scaled as nibabel scales them) and best affine."""
     import nibabel as nib
@@ -72,7 +100,7 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
     path = Path(spec.root) / rel
     img = None
     try:
-        img = nib.load(path)
+        img = _load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise SourceError(spec.scan_id, rel, f"not a NIfTI image ({type(img).__name__})")
         data = np.asanyarray(img.dataobj)
@@ -81,6 +109,8 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
         raise
     except FileNotFoundError:
         raise SourceError(spec.scan_id, rel, "file not found") from None
+    except DamagedGzip as err:
+        raise SourceError(spec.scan_id, rel, f"cannot read as NIfTI: {err}") from None
     except MemoryError:  # a header declaring more voxels than this machine holds
         shape = "x".join(str(n) for n in getattr(img, "shape", ())) or "its"
         raise SourceError(spec.scan_id, rel, f"the header's {shape} voxels do not fit in memory") from None

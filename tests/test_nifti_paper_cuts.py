@@ -187,3 +187,31 @@ def test_a_header_declaring_more_voxels_than_memory_fails_its_case(tmp_path):
     assert failure_lines(result)["huge"] == (
         "huge: imagesTr/huge_0000.nii: the header's 32767x32767x32767 voxels do not fit in memory"
     )
+
+
+def test_a_gzip_file_damaged_past_its_voxels_fails_its_case_and_verify(tmp_path):
+    """nibabel stops reading once it has the voxels, so a damaged CRC (or data nibabel inflates
+    to other voxels) converted silently and verify called the store exact."""
+    c = colin()
+    root, store = tmp_path / "ds", tmp_path / "store"
+    one_case(root, "good")
+    one_case(root, "crc")
+    write_json(root / "dataset.json", {"labels": {"background": 0, **{n: v for v, n in c.kept}}})
+    damaged = root / "imagesTr/crc_0000.nii.gz"
+    data = bytearray(damaged.read_bytes())
+    data[-8] ^= 0xFF  # the CRC32 of the trailer: every voxel inflates as written
+    damaged.write_bytes(bytes(data))
+    result = convert(root, store)
+    assert result.returncode == 1
+    line = failure_lines(result)["crc"]
+    assert (
+        line
+        == "crc: imagesTr/crc_0000.nii.gz: cannot read as NIfTI: damaged gzip data (CRC check failed 0x"
+        + line.split("0x", 1)[1]
+    )
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["good", "zarr.json"]
+    verified = run_cli("verify", root, store)
+    assert (
+        verified.returncode == 1
+        and "crc: imagesTr/crc_0000.nii.gz: cannot read as NIfTI: damaged gzip" in verified.stdout
+    )
