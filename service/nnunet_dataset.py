@@ -254,6 +254,11 @@ def discover_dataset(root: Path) -> Discovery:
                 )
             except SourceError as err:
                 found.failures.append(err)
+    found.notes.extend(
+        _notes(
+            info, {stem for images, _, _ in FOLDERS for stem, _ in _listing(root, images, info.file_endings)}
+        )
+    )
     if not any_image:
         hint = ""
         if any(_other_endings(root, (images,), info) for images, _, _ in FOLDERS):
@@ -262,6 +267,33 @@ def discover_dataset(root: Path) -> Discovery:
             f"{root}: has a dataset.json but no {' or '.join(info.file_endings)} images in imagesTr/ or imagesTs/{hint}"
         )
     return found
+
+
+SHOWN_MISSING = 5  # listed-but-absent image names a warning shows
+
+
+def _notes(info: DatasetInfo, stems: set[str]) -> list[str]:
+    """Warnings on dataset.json as a whole: nnU-Net's ``ignore`` label, and images its
+    training/test lists name that no folder holds (a download that lost files)."""
+    notes = []
+    for value, name in info.labels:
+        if name == "ignore":
+            notes.append(
+                f"dataset.json's label 'ignore' (value {value}) is nnU-Net's label for unannotated "
+                "voxels: scancache stores it as an ordinary class named 'ignore' (docs/user-guide.md: "
+                "select it in CATEGORIES to mask those voxels out of a loss)"
+            )
+    cases = stems | {match["case"] for stem in stems if (match := _CHANNEL_FILE.match(stem))}
+    missing = sorted(
+        name for name in info.listed_images if (_strip_ending(name, NIFTI_ENDINGS) or name) not in cases
+    )
+    if missing:
+        more = f" and {len(missing) - SHOWN_MISSING} more" if len(missing) > SHOWN_MISSING else ""
+        notes.append(
+            f"dataset.json lists {len(missing)} image(s) that imagesTr/ and imagesTs/ do not hold: "
+            f"{', '.join(missing[:SHOWN_MISSING])}{more} (the folders are what is converted)"
+        )
+    return notes
 
 
 def _case_spec(

@@ -153,6 +153,8 @@ def run_preprocess(
     def warn(message: str) -> None:
         print(f"preprocess: warning: {message}", file=stream, flush=True)
 
+    for note in found.notes:
+        warn(note)
     with storage.lock(wait=wait, warn=warn):
         storage.clean_stale_staging()  # what killed jobs left behind
         # Local: one staging folder beside the store (publishing is a rename). Object storage:

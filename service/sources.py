@@ -100,6 +100,7 @@ class Discovery:
     root: Path
     scans: list[ScanSpec] = field(default_factory=list)
     failures: list[SourceError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings on the source as a whole, one line each
 
 
 def _split_of(rel: Path) -> str | None:

@@ -215,3 +215,38 @@ def test_a_gzip_file_damaged_past_its_voxels_fails_its_case_and_verify(tmp_path)
         verified.returncode == 1
         and "crc: imagesTr/crc_0000.nii.gz: cannot read as NIfTI: damaged gzip" in verified.stdout
     )
+
+
+def test_an_ignore_label_and_listed_images_that_are_gone_are_warned_of(tmp_path):
+    """nnU-Net's 'ignore' label is stored as an ordinary class, and a Decathlon list naming
+    files no folder holds (a download that lost some) converts the rest: both said, once."""
+    import nibabel as nib
+
+    root = tmp_path / "Task10_Gone"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    labels = np.full((8, 8, 4), 2, np.uint8)
+    labels[2:6, 2:6, 1:3] = 1
+    for case in ("a_001", "a_002"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), root / f"imagesTr/{case}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), root / f"labelsTr/{case}.nii.gz")
+    listed = [f"a_{i:03d}" for i in range(1, 9)]
+    doc = {
+        "labels": {"0": "background", "1": "liver", "2": "ignore"},
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in listed],
+        "test": ["./imagesTs/a_100.nii.gz"],
+    }
+    write_json(root / "dataset.json", doc)
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 0, result.stderr
+    warnings = [ln for ln in result.stderr.splitlines() if ln.startswith("preprocess: warning: ")]
+    assert warnings == [
+        "preprocess: warning: dataset.json's label 'ignore' (value 2) is nnU-Net's label for unannotated "
+        "voxels: scancache stores it as an ordinary class named 'ignore' (docs/user-guide.md: select it in "
+        "CATEGORIES to mask those voxels out of a loss)",
+        "preprocess: warning: dataset.json lists 7 image(s) that imagesTr/ and imagesTs/ do not hold: "
+        "a_003.nii.gz, a_004.nii.gz, a_005.nii.gz, a_006.nii.gz, a_007.nii.gz and 2 more "
+        "(the folders are what is converted)",
+    ]
+    stored = zarr.open_group(str(tmp_path / "store" / "a_001"), mode="r").attrs
+    assert stored["class_names"] == ["liver", "ignore"] and stored["label_values"] == [1, 2]
