@@ -4,6 +4,7 @@ raises for the same request, rebuilt from the response (its status, and the body
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -17,6 +18,7 @@ from store.errors import (
     InvalidROI,
     RequestTooLarge,
     ScanChanged,
+    ScanDamaged,
     ScanNotFound,
     Unauthorized,
     one_line,
@@ -65,6 +67,11 @@ def _param_error(error: str | None, param: str | None, detail: str) -> InvalidPa
     return factory(param, detail) if factory else InvalidParameter(param, detail)
 
 
+def is_damaged_scan(response: httpx.Response) -> bool:
+    """A 500 the server answers for a scan damaged in its store (``ScanDamaged``)."""
+    return response.status_code == 500 and response_body(response).get("error") == "ScanDamaged"
+
+
 def raise_client_error(response: httpx.Response) -> NoReturn:
     """4xx -> the error ``LocalSource`` raises for the same request (the body's ``error`` names it)."""
     status = response.status_code
@@ -90,4 +97,7 @@ def raise_client_error(response: httpx.Response) -> NoReturn:
         )
     if status == 409 and error == "ScanChanged":
         raise ScanChanged(detail)
+    if status == 500 and error == "ScanDamaged":
+        named = re.match(r"scan '([^']*)'", detail)
+        raise ScanDamaged(named[1] if named else "", "", message=detail)
     raise InvalidParameter("request", f"HTTP {status}: {detail}")

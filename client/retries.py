@@ -24,7 +24,7 @@ import httpx
 
 from client import deadline
 from client.http_batch import STALE_CONNECTION, TRANSPORT_ERRORS
-from client.http_errors import raise_client_error, response_detail
+from client.http_errors import is_damaged_scan, raise_client_error, response_detail
 from store.errors import ScanCacheError, ServerError, one_line
 
 R = TypeVar("R")
@@ -148,8 +148,8 @@ class RetryPolicy:
                 if status < 400:
                     return result
                 assert response is not None
-                if status < 500 and status not in RETRY_STATUSES:
-                    raise_client_error(response)
+                if (status < 500 and status not in RETRY_STATUSES) or is_damaged_scan(response):
+                    raise_client_error(response)  # the same answer again: no retries
                 failure = f"HTTP {status} {response_detail(response)}"
                 if status in (429, 503):
                     wait_at_least = retry_after_seconds(response.headers.get("retry-after")) or 0.0

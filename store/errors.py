@@ -100,6 +100,20 @@ class ServerError(ScanCacheError, ConnectionError):
     """The server failed (5xx) or could not be reached, after retries."""
 
 
+class ScanDamaged(ScanCacheError, RuntimeError):
+    """A published scan whose stored files were damaged after it was written (a file missing
+    or of another size than its manifest says, or data that does not decode): names the scan
+    and how to repair it, never a path. Not retried: reading again gives the same answer."""
+
+    def __init__(self, scan_id: str, why: str, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or f"scan {scan_id!r} is damaged in the store ({why}): scancache verify SOURCE STORE "
+            f"checks it, scancache preprocess SOURCE STORE --rebuild {scan_id} converts it again"
+        )
+        self.scan_id = scan_id
+
+
 class SourceError(ScanCacheError, ValueError):
     """Bad preprocessing input: names the scan, the file and why."""
 

@@ -24,6 +24,7 @@ from store.errors import (
     InvalidParameter,
     ScanCacheError,
     ScanChanged,
+    ScanDamaged,
     ScanNotFound,
     changed_message,
 )
@@ -39,6 +40,7 @@ from store.format import (
     validate_array_name,
     validate_scan_id,
 )
+from store.inventory import MANIFEST, manifest_mismatch
 from store.label_map import (
     LABEL_MAP,
     LOCATIONS,
@@ -239,6 +241,8 @@ class LocalSource:
         self._meta: BoundedLRU[tuple[str, ScanMeta]] = BoundedLRU(META_CACHE_ENTRIES)
         # (scan_id, name, version, cached) -> (tensorstore, inner chunk shape, itemsize)
         self._arrays: BoundedLRU[Any] = BoundedLRU(ARRAY_CACHE_ENTRIES)
+        # (scan_id, version) whose files were found as their manifest lists them
+        self._intact: BoundedLRU[bool] = BoundedLRU(META_CACHE_ENTRIES)
         self._counters_lock = threading.Lock()
         self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
 
@@ -316,6 +320,7 @@ class LocalSource:
         key = (scan_id, name, version, cached)
         opened = self._arrays.get(key)
         if opened is None:
+            self._check_intact(scan_id, version, meta)
             spec = {
                 "driver": "zarr3",
                 "kvstore": self.storage.kvstore(f"{self.storage.version_key(scan_id, version)}/{name}"),
@@ -331,11 +336,28 @@ class LocalSource:
                 context = self._context if cached else self._uncached
                 arr = ts.open(spec, context=context, read=True, open=True).result()
             except ValueError:
+                manifest = meta.attrs.get(MANIFEST)
+                if isinstance(manifest, dict) and f"{name}/zarr.json" in manifest:  # it was written
+                    raise ScanDamaged(scan_id, f"its {name} array does not open") from None
                 raise ArrayNotFound(f"scan {scan_id!r} has no array {name!r}") from None
             inner = tuple(int(n or 1) for n in arr.chunk_layout.read_chunk.shape or arr.shape)
             opened = (arr, inner, int(arr.dtype.numpy_dtype.itemsize))
             self._arrays.put(key, opened)
         return opened  # type: ignore[no-any-return]
+
+    def _check_intact(self, scan_id: str, version: str, meta: ScanMeta) -> None:
+        """Once per scan version: its files are there at the sizes its manifest lists (one
+        listing of the version; one LIST request on object storage). A shard file lost after
+        publication would otherwise read as zeros, tensorstore's fill value for a missing chunk."""
+        if self._intact.get((scan_id, version)) or MANIFEST not in meta.attrs:  # stores before manifests
+            return
+        sizes = self.storage.sizes(self.storage.version_key(scan_id, version))
+        if not sizes:  # the version was removed under us
+            raise ScanNotFound(f"scan {scan_id!r} not found")
+        problem = manifest_mismatch(sizes, meta.attrs)
+        if problem is not None:
+            raise ScanDamaged(scan_id, problem)
+        self._intact.put((scan_id, version), True)
 
     def region(self, scan_id: str, roi: RoiLike) -> Region:
         return as_region(roi, self.metadata(scan_id).shape)
@@ -403,7 +425,7 @@ class LocalSource:
         with ts.Batch() as batch:
             reads = [self._start(r, states[r.scan_id], batch) for r in requests]
         out = [
-            self._finish(r, f.result(), states[r.scan_id][1])
+            self._finish(r, _decoded(r, f), states[r.scan_id][1])
             for r, (f, _) in zip(requests, reads, strict=True)
         ]
         decoded = sum(n for _, n in reads)
@@ -469,6 +491,17 @@ class LocalSource:
     def close(self) -> None:
         self._arrays.clear()
         self._meta.clear()
+
+
+def _decoded(request: RegionRequest, future: Any) -> np.ndarray:
+    """A read's result; stored data that does not decode names the scan, not tensorstore's
+    message (which names the file's path)."""
+    try:
+        return future.result()  # type: ignore[no-any-return]
+    except ValueError as err:
+        if "Error reading" not in str(err):  # not the data: a bug to see as it is
+            raise
+        raise ScanDamaged(request.scan_id, f"its {request.array} data does not decode") from None
 
 
 def chunk_bytes_touched(region: Sequence[slice], inner: Sequence[int], itemsize: int) -> int:

@@ -28,6 +28,7 @@ from store.errors import (
     RequestTooLarge,
     ScanCacheError,
     ScanChanged,
+    ScanDamaged,
     ScanNotFound,
     Unauthorized,
     one_line,
@@ -62,6 +63,7 @@ STATUS_BY_ERROR: tuple[tuple[type[ScanCacheError], int], ...] = (
     (RequestTooLarge, 413),
     (Unauthorized, 401),
     (ServerBusy, 503),
+    (ScanDamaged, 500),
 )
 
 DESCRIPTIONS = {
@@ -113,6 +115,9 @@ def status_for(exc: ScanCacheError) -> int:
 
 def domain_error_response(exc: ScanCacheError) -> JSONResponse:
     status = status_for(exc)
+    if isinstance(exc, ScanDamaged):  # the server's own store, not the request: said as it is
+        log.error("%s", exc)
+        return error_response(500, str(exc), "ScanDamaged")
     if status == 500:  # a ScanCacheError we did not expect here: treat it as a bug
         return internal_error_response(exc)
     extra = {"WWW-Authenticate": "Bearer"} if status == 401 else {}

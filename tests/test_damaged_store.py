@@ -1,0 +1,94 @@
+"""A scan damaged in the store after it was written: a shard file lost (tensorstore reads a
+missing chunk as its fill value, so it read as zeros) or one whose bytes no longer decode
+(tensorstore's message names the file's path). Read directly or over HTTP, it is one
+``ScanDamaged`` naming the scan and the repair, never zeros, a path or two minutes of retries."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import httpx
+import numpy as np
+import pytest
+from conftest import build_store
+from live_server import live_server
+
+from loaders import open_source
+from store.errors import ScanDamaged
+
+SCAN = "0000001_V00-Aug00"
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    """A store whose scan SCAN lost one image shard file and whose next scan has a corrupted one;
+    returns (root, the intact third scan's id, its truth)."""
+    root = tmp_path / "store"
+    truth = build_store(root)
+    others = sorted(s for s in truth if s != SCAN)
+    lost = sorted(p for p in (root / SCAN).resolve().joinpath("image", "c").rglob("*") if p.is_file())[0]
+    lost.unlink()
+    bad = sorted(p for p in (root / others[0]).resolve().joinpath("image", "c").rglob("*") if p.is_file())[0]
+    data = bytearray(bad.read_bytes())
+    data[: len(data) // 2] = bytes(b ^ 0x5A for b in data[: len(data) // 2])  # same size, other bytes
+    bad.write_bytes(bytes(data))
+    return root, others[0], others[1], truth
+
+
+def test_a_lost_or_corrupted_shard_is_named_when_read_directly(damaged):
+    root, corrupted, intact, truth = damaged
+    with open_source(root) as source:
+        with pytest.raises(ScanDamaged) as lost:
+            source.read_image(SCAN)
+        assert str(lost.value).startswith(f"scan {SCAN!r} is damaged in the store (image/c/")
+        assert f"--rebuild {SCAN}" in str(lost.value) and str(root) not in str(lost.value)
+        with pytest.raises(ScanDamaged) as bad:
+            source.read_image(corrupted)
+        assert str(bad.value).startswith(
+            f"scan {corrupted!r} is damaged in the store (its image data does not decode)"
+        )
+        assert str(root) not in str(bad.value)
+        np.testing.assert_array_equal(source.read_image(intact), truth[intact][0])  # the others read on
+
+
+def test_a_damaged_scan_over_http_is_one_500_naming_it_and_not_retried(damaged):
+    root, corrupted, intact, truth = damaged
+    with live_server(root) as url:
+        for scan in (SCAN, corrupted):
+            answer = httpx.get(f"{url}/scans/{scan}/image", params={"roi": "0:4,0:4,0:2"})
+            body = answer.json()
+            assert answer.status_code == 500 and body["error"] == "ScanDamaged", body
+            assert body["detail"].startswith(f"scan {scan!r} is damaged in the store (")
+            assert str(root) not in answer.text and "/tmp" not in answer.text
+        with open_source(url) as source:
+            started = time.monotonic()
+            with pytest.raises(ScanDamaged, match=f"scan {SCAN!r} is damaged") as info:
+                source.read_image(SCAN)
+            assert time.monotonic() - started < 10 and info.value.scan_id == SCAN  # no retries
+            np.testing.assert_array_equal(source.read_image(intact), truth[intact][0])
+
+
+def test_an_array_whose_zarr_json_is_damaged_is_not_called_missing(tmp_path):
+    root = tmp_path / "store"
+    build_store(root)
+    meta = (root / SCAN).resolve() / "image" / "zarr.json"
+    meta.write_bytes(b"x" * meta.stat().st_size)  # same size: only opening it tells
+    with open_source(root) as source, pytest.raises(ScanDamaged, match="its image array does not open"):
+        source.read_image(SCAN)
+
+
+def test_a_restored_file_reads_again(tmp_path):
+    """A scan found intact is checked once (one listing per version): a store repaired by
+    putting the file back reads exactly in a new source."""
+    root = tmp_path / "store"
+    truth = build_store(root)
+    shard = sorted(p for p in (root / SCAN).resolve().joinpath("image", "c").rglob("*") if p.is_file())[0]
+    kept = tmp_path / "kept"
+    shutil.copy(shard, kept)
+    shard.unlink()
+    with open_source(root) as source, pytest.raises(ScanDamaged):
+        source.read_image(SCAN)
+    shutil.copy(kept, shard)
+    with open_source(root) as source:
+        np.testing.assert_array_equal(source.read_image(SCAN), truth[SCAN][0])
