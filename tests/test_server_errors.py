@@ -282,7 +282,26 @@ def test_limits_are_enforced_before_reading(small_store):
     )
 
 
-def test_unexpected_errors_are_a_generic_500_without_paths(tmp_path, caplog):
+def test_unexpected_errors_are_a_generic_500_without_paths(tmp_path, caplog, monkeypatch):
+    from store.source import LocalSource
+
+    root = tmp_path / "store"
+    image, mask = make_volume((8, 8, 4), 2, seed=1)
+    write_scan(root, SCAN, image, mask, {"split": "train"})
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError(f"a bug reading {root}/.versions")  # a message with a path in it
+
+    client = InProcess(create_app(Settings(store=root)), raise_app_exceptions=False)
+    monkeypatch.setattr(LocalSource, "read_versioned", broken)
+    with caplog.at_level(logging.ERROR, logger="scancache.server"):
+        response = client.get(f"/scans/{SCAN}/image")
+    body = assert_error(response, 500, "internal server error", root=tmp_path)
+    assert body["error"] == "ServerError"
+    assert any("internal error" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_a_store_damaged_after_writing_is_a_500_naming_the_scan_without_paths(tmp_path, caplog):
     root = tmp_path / "store"
     image, mask = make_volume((8, 8, 4), 2, seed=1)
     write_scan(root, SCAN, image, mask, {"split": "train"})
@@ -291,9 +310,9 @@ def test_unexpected_errors_are_a_generic_500_without_paths(tmp_path, caplog):
     client = InProcess(create_app(Settings(store=root)), raise_app_exceptions=False)
     with caplog.at_level(logging.ERROR, logger="scancache.server"):
         response = client.get(f"/scans/{SCAN}/image")
-    body = assert_error(response, 500, "internal server error", root=tmp_path)
-    assert body["error"] == "ServerError"
-    assert any("internal error" in r.getMessage() and r.exc_info for r in caplog.records)
+    body = assert_error(response, 500, f"scan {SCAN!r} is damaged in the store", root=tmp_path)
+    assert body["error"] == "ScanDamaged" and "--rebuild" in body["detail"]
+    assert any("is damaged" in r.getMessage() for r in caplog.records)  # the operator sees it too
 
 
 def test_incomplete_scans_and_escapes_are_invisible(tmp_path):
