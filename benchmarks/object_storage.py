@@ -26,7 +26,7 @@ from benchmarks.data import BenchData
 from benchmarks.realscale import _spec, cases, decoded_bytes, measured_batches
 from benchmarks.report import Row
 from benchmarks.s3_server import running_s3_server
-from store.source import LOCAL_CACHE_ENV
+from store.reader_share import LOCAL_CACHE_ENV
 
 SECTION = "Object storage: S3 on loopback (SeaweedFS) against a local folder"
 TARGET = 0.7

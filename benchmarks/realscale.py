@@ -28,7 +28,7 @@ from benchmarks.servers import scancache_server, server_cpu_s
 from benchmarks.slicefiles import medsegpy_slice, read_h5
 from benchmarks.timing import copy_ceiling, describe_cpu
 from benchmarks.train2d import _categories, gather_rate, medsegpy_2d_rate
-from store.source import LOCAL_CACHE_ENV
+from store.reader_share import LOCAL_CACHE_ENV
 
 SECTION = "Real scale: caches capped at 1/4 of the decoded data"
 

@@ -23,7 +23,7 @@ from benchmarks.servers import scancache_server, server_cpu_s
 from benchmarks.slicefiles import gather_patch, medsegpy_slice
 from benchmarks.timing import copy_ceiling, describe_cpu
 from store.categories import merge_mask, normalize_categories
-from store.source import default_cache_bytes
+from store.reader_share import default_cache_bytes
 
 BATCH_2D = 16
 BATCH_3D = 4

@@ -146,6 +146,7 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         self.seed = cfg.SEED if cfg.SEED is not None else random.SystemRandom().randrange(2**31)
         self.epoch = 0
         self._position = 0  # batches of this epoch already delivered by an iterator or fit()
+        self._open_passes = 0  # iterators of this loader started and not yet exhausted or closed
         # the reader processes whose delivery order _position counts in (loaders.torch_data)
         self._position_workers = 1
         self._keras_epoch = False  # between Keras' on_epoch_begin and on_epoch_end
@@ -353,10 +354,14 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
     def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
         """The current epoch's batches from where it stands (``state_dict``'s position)."""
         epoch = self.epoch
-        for _, batch in self.batches_of(epoch, self.remaining_batches()):
-            self._position += 1
-            yield batch
-        self._position, self._position_workers = 0, 1
+        self._open_passes += 1
+        try:
+            for _, batch in self.batches_of(epoch, self.remaining_batches()):
+                self._position += 1
+                yield batch
+            self._position, self._position_workers = 0, 1
+        finally:  # exhausted, or closed (a loop left by break closes it at once in CPython)
+            self._open_passes -= 1
 
     def worker_lanes(
         self, epoch: int, workers: int, position: int = 0, position_workers: int = 1

@@ -10,7 +10,7 @@ anything can still see its contents.
 
 Filling a batch is mostly memory traffic (the y gather writes 2.9 MB of float32 a 384x384
 example at 5 channels), and numpy releases the GIL while it copies and gathers. ``CopyThreads``
-splits a batch's examples over the process's share of the cores (``store.source.reader_cores``:
+splits a batch's examples over the process's share of the cores (``store.reader_share.reader_cores``:
 every core in one process, ``cores // k`` in each of k torch workers), the calling thread
 included, so one read-ahead thread no longer fills every batch on one core while the others wait.
 """
@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from store.source import reader_cores
+from store.reader_share import reader_cores
 
 _OWN_REFERENCES = 3  # the pool's list, the loop variable, getrefcount's argument
 

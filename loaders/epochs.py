@@ -89,6 +89,7 @@ class EpochState:
 
     def set_epoch(self: _Loader, epoch: int) -> None:
         """Start epoch ``epoch`` from its first batch (its order is a function of SEED and epoch)."""
+        _refuse_during_a_pass(self, "set_epoch")
         if int(epoch) < 0:
             raise ValueError(f"epoch must not be negative, got {epoch}")
         self._use_plan(self._make_plan(int(epoch)))
@@ -139,6 +140,7 @@ class EpochState:
 
         Everything is checked before anything changes: a refused state (another data set,
         other batch settings, another length) leaves the loader where it was."""
+        _refuse_during_a_pass(self, "load_state_dict")
         restored = LoaderState.parse(state)
         restored.check_matches(self._state())
         # the state's epoch as this loader would make it under the state's seed, made on a
@@ -150,6 +152,16 @@ class EpochState:
         self.seed = restored.seed
         self._use_plan(plan, restored.position, restored.workers)
         self._prefetcher.reset()
+
+
+def _refuse_during_a_pass(loader: Any, what: str) -> None:
+    """An iterator of this loader that is still open would go on with the batches it had
+    planned while the loader says otherwise: a saved state would then skip or repeat them."""
+    if getattr(loader, "_open_passes", 0):
+        raise RuntimeError(
+            f"{what}: a pass over this loader is running (an iterator not yet exhausted or "
+            "closed); call it between passes: after the loop ends, or after the iterator's close()"
+        )
 
 
 def _called_from_keras(depth: int = 6, function: str | None = None) -> bool:

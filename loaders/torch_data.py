@@ -17,7 +17,7 @@ continues it exactly, whatever k is then).
   picks them (with the guard, as always for those). tensorstore aborts a forked child if the
   parent had already read through it: such a worker stops with one line saying what to do.
 * **Its share of the cores and memory.** A worker reads with ``cores // k`` decode threads,
-  not all of them, and keeps a k-th of the default chunk cache (``store.source.default_cache_bytes``).
+  not all of them, and keeps a k-th of the default chunk cache (``store.reader_share.default_cache_bytes``).
 * **No copies on the way to torch.** In a worker, batches are written straight into shared
   memory that is used again once the training process has let go of it
   (``loaders.shared_batches``): no copy, and no fresh pages to fault in for every batch.
@@ -38,13 +38,13 @@ import numpy as np
 from loaders.catalog import forget_shared_sources, is_url
 from loaders.shared_batches import SlotTable, WorkerBatchPool, forget_ended_workers
 from loaders.stats import WorkerCounters, snapshot
-from store.source import usable_cores
+from store.reader_share import usable_cores
 
 if TYPE_CHECKING:
     from loaders.base import DataLoader
 
 # The shared control table: what the next pass of every worker reads.
-_EPOCH, _SEED, _START, _ORDER_WORKERS, _DELIVERED = range(5)
+_EPOCH, _SEED, _START, _ORDER_WORKERS, _DELIVERED, _WORKERS_READ = range(6)
 
 
 def _torch_base() -> type:
@@ -72,7 +72,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         self._recipe = (type(loader), loader.cfg.copy(), dicts, settings)
         self._loader: DataLoader | None = loader
         self._owner_pid = os.getpid()
-        self._control = multiprocessing.RawArray("q", 5)
+        self._control = multiprocessing.RawArray("q", 6)
         self._counters = WorkerCounters()
         self._slots = SlotTable()  # which worker batch memory the training process still holds
         loader._worker_counters.append(self._counters)
@@ -84,6 +84,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         c = self._control
         c[_EPOCH], c[_SEED], c[_START] = loader.epoch, loader.seed, loader._position
         c[_ORDER_WORKERS], c[_DELIVERED] = loader._position_workers, 0
+        c[_WORKERS_READ] = 0
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next pass reads (from its first batch), as ``DistributedSampler.set_epoch``;
@@ -98,6 +99,11 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         ``DataLoader`` in this pass (the training process cannot see them); in the main process
         the dataset counts them itself."""
         c = self._control
+        if batches_done is None and c[_WORKERS_READ]:
+            raise ValueError(
+                "state_dict: DataLoader workers read this pass, and the training process cannot "
+                "count the batches your loop took from them: pass batches_done=<that count>"
+            )
         state = self._current().state_dict()
         done = int(c[_DELIVERED]) if batches_done is None else int(batches_done)
         state["epoch"], state["seed"] = int(c[_EPOCH]), int(c[_SEED])
@@ -130,7 +136,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
             return self._loader
         _refuse_inherited_tensorstore(self._recipe[2])
         forget_shared_sources()  # anything inherited through fork belongs to the parent
-        from store import source as local
+        from store import reader_share as local
 
         local.set_reader_share(max(1, usable_cores() // max(1, workers)), readers=max(1, workers))
         cls, cfg, dicts, settings = self._recipe
@@ -179,26 +185,33 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         lane = loader.worker_lanes(epoch, workers, start, max(1, order_workers))[worker]
         if info is None:
             c[_DELIVERED] = 0
+            loader._open_passes += 1  # set_epoch and load_state_dict wait for its end
+        else:
+            c[_WORKERS_READ] = 1
         started, cpu0 = time.perf_counter(), time.process_time()
         last = snapshot(loader.stats(), 0.0, 0.0)
-        for _, batch in loader.batches_of(epoch, lane):
-            tensors = self._tensors(loader, batch)
+        try:
+            for _, batch in loader.batches_of(epoch, lane):
+                tensors = self._tensors(loader, batch)
+                if info is None:
+                    c[_DELIVERED] += 1
+                else:
+                    now = snapshot(loader.stats(), time.process_time() - cpu0, time.perf_counter() - started)
+                    self._counters.add(worker, {k: now[k] - last.get(k, 0.0) for k in now})
+                    last = now
+                yield tensors
+            if info is None:  # a whole pass in this process: the next one starts the epoch again
+                c[_START], c[_DELIVERED], c[_ORDER_WORKERS] = 0, 0, 1
+                loader._position, loader._position_workers = 0, 1
+        finally:
             if info is None:
-                c[_DELIVERED] += 1
-            else:
-                now = snapshot(loader.stats(), time.process_time() - cpu0, time.perf_counter() - started)
-                self._counters.add(worker, {k: now[k] - last.get(k, 0.0) for k in now})
-                last = now
-            yield tensors
-        if info is None:  # a whole pass in this process: the next one starts the epoch again
-            c[_START], c[_DELIVERED], c[_ORDER_WORKERS] = 0, 0, 1
-            loader._position, loader._position_workers = 0, 1
+                loader._open_passes -= 1
 
 
 def _refuse_inherited_tensorstore(dicts: list[dict[str, Any]]) -> None:
     """One line, instead of tensorstore's abort, in a forked worker whose parent had read a local
     store before starting it."""
-    from store import source as local
+    from store import reader_share as local
 
     if all(is_url(str(d["source"])) for d in dicts) or not local.tensorstore_used_before_fork():
         return

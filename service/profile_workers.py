@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from service.profile import window_figures
-from store.source import tensorstore_used_here, usable_cores
+from store.reader_share import tensorstore_used_here, usable_cores
 
 
 def _torch_loader_class() -> Any:

@@ -52,91 +52,15 @@ from store.label_map import (
 )
 from store.lru import BoundedLRU
 from store.protocol import RegionRequest, RoiLike
+from store.reader_share import (
+    default_cache_bytes,
+    mark_tensorstore_used,
+    read_threads,
+    refuse_forked_reads,
+)
 from store.roi import Region, as_region
 from store.storage import Storage, no_store_message, open_storage
 from store.units import parse_bytes
-
-DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
-LOCAL_CACHE_ENV = "SCANCACHE_LOCAL_CACHE_BYTES"
-LOCAL_CACHE_MAX = 4 * 2**30
-WORKER_CACHE_MIN = 128 * 2**20  # the least default cache of one of k reader processes
-
-
-def default_cache_bytes() -> int:
-    """Chunk cache of a ``LocalSource`` opened without ``cache_bytes`` (training, scripts).
-
-    ``$SCANCACHE_LOCAL_CACHE_BYTES`` if set, else an eighth of physical memory within
-    [512 MiB, 4 GiB]: a training epoch touches every chunk again, and a cache that holds the
-    decoded dataset turns later epochs into copies (docs/tuning.md). The cache only grows as
-    chunks are read; several training processes on one machine each have their own. In one of
-    k reader processes (:func:`set_reader_share`, a torch DataLoader worker) the default is a
-    k-th of that, at least 128 MiB: k workers together hold what one process would, not k
-    times as much (16 workers of 4 GiB each would fill a 64 GB machine).
-    """
-    text = os.environ.get(LOCAL_CACHE_ENV, "").strip()
-    if text:
-        return parse_bytes(text, LOCAL_CACHE_ENV)  # 512M works as on the command line
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: keep the server's default
-        memory = 8 * DEFAULT_CACHE_BYTES
-    whole = int(min(max(memory // 8, DEFAULT_CACHE_BYTES), LOCAL_CACHE_MAX))
-    return whole if _READERS == 1 else max(whole // _READERS, WORKER_CACHE_MIN)
-
-
-# A reader process that is one of k on a machine (a torch DataLoader worker) takes its share of
-# the cores (decode threads of a LocalSource opened later in this process; None: one per core)
-# and of the default chunk cache.
-_READ_THREADS: int | None = None
-_READERS = 1
-# The process that first opened an array with tensorstore: a child forked after that cannot use
-# tensorstore at all (it aborts), so a forked reader checks this first (loaders.torch_data).
-_TENSORSTORE_PID: int | None = None
-
-
-def set_reader_share(threads: int | None, readers: int = 1) -> None:
-    """This process is one of ``readers`` reading at once: every ``LocalSource`` opened from
-    now on decodes with ``threads`` (None: one per core) and, unless ``cache_bytes`` or
-    ``$SCANCACHE_LOCAL_CACHE_BYTES`` says otherwise, keeps a ``readers``-th of the default
-    chunk cache (:func:`default_cache_bytes`)."""
-    global _READ_THREADS, _READERS
-    _READ_THREADS = None if threads is None else max(1, int(threads))
-    _READERS = max(1, int(readers))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS tells)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def reader_cores() -> int:
-    """The cores this process may keep busy reading: its share (:func:`set_reader_share`), else
-    :func:`usable_cores`."""
-    return _READ_THREADS if _READ_THREADS is not None else usable_cores()
-
-
-def tensorstore_used_before_fork() -> bool:
-    """Did the process this one was forked from read through tensorstore before the fork?"""
-    return _TENSORSTORE_PID is not None and os.getpid() != _TENSORSTORE_PID
-
-
-def tensorstore_used_here() -> bool:
-    """Has this process read through tensorstore (so a child forked now could not)?"""
-    return os.getpid() == _TENSORSTORE_PID
-
-
-def refuse_forked_reads() -> None:
-    """One exception, in a process forked after its parent read a store with tensorstore, where
-    tensorstore would abort the process (SIGABRT, no Python error)."""
-    if tensorstore_used_before_fork():
-        raise RuntimeError(
-            "this process was forked after its parent read a store with tensorstore, which "
-            "tensorstore forbids (it would abort): start such processes with the 'spawn' or "
-            "'forkserver' method, fork them before the first read, or read through a server URL"
-        )
 
 
 def check_request(request: RegionRequest, prefix: str = "") -> None:
@@ -150,12 +74,6 @@ def check_request(request: RegionRequest, prefix: str = "") -> None:
         raise InvalidParameter(
             prefix + field, f"only mask regions take {field} (this region's array is {request.array!r})"
         )
-
-
-def _mark_tensorstore_used() -> None:
-    global _TENSORSTORE_PID
-    if os.getpid() != _TENSORSTORE_PID:
-        _TENSORSTORE_PID = os.getpid()
 
 
 META_CACHE_ENTRIES = 4096  # scans whose metadata a LocalSource keeps (LRU)
@@ -225,12 +143,12 @@ class LocalSource:
         # "512M" as in the environment; a negative or fractional size in one line naming it
         cache_bytes = parse_bytes(cache_bytes, "cache_bytes")
         self.cache_bytes = int(cache_bytes)
-        threads = _READ_THREADS or max(2, os.cpu_count() or 2)
+        threads = read_threads() or max(2, os.cpu_count() or 2)
         resources: dict[str, Any] = {
             "cache_pool": {"total_bytes_limit": int(cache_bytes)},
             "data_copy_concurrency": {"limit": threads},
         }
-        if _READ_THREADS is not None:
+        if read_threads() is not None:
             resources["file_io_concurrency"] = {"limit": threads}
         self._context = ts.Context(resources)
         # reads asked not to fill the cache (``RegionRequest.keep_in_cache``): same resources, no LRU
@@ -331,7 +249,7 @@ class LocalSource:
                 "recheck_cached_data": False,
                 "recheck_cached_metadata": False,
             }
-            _mark_tensorstore_used()
+            mark_tensorstore_used()
             try:
                 context = self._context if cached else self._uncached
                 arr = ts.open(spec, context=context, read=True, open=True).result()

@@ -14,7 +14,7 @@ from client.http_batch import direct_http
 from loaders import LOADER_REGISTRY, Config, DatasetCatalog, DefaultDataLoader, build_loader
 from loaders.base import Element
 from store.protocol import RegionRequest
-from store.source import (
+from store.reader_share import (
     DEFAULT_CACHE_BYTES,
     LOCAL_CACHE_ENV,
     LOCAL_CACHE_MAX,

@@ -311,3 +311,51 @@ def test_the_training_process_keeps_its_mapping_of_a_slot_and_drops_it_with_the_
     del third, table, pool, successor, other
     gc.collect()
     assert token not in shared_batches._mappings
+
+
+# -- misuse between and inside passes ------------------------------------------------------------------
+def test_set_epoch_and_load_state_dict_inside_a_running_pass_are_refused(names):
+    """A pass keeps the batches it started with: changing the epoch or the position under it made
+    the next saved state skip or repeat batches. Between passes (after a break) both work."""
+    loader = build_loader(config("2d"), names["local"], 4, False, True, True)
+    state = loader.state_dict()
+    for i, _ in enumerate(loader):
+        if i == 2:
+            with pytest.raises(RuntimeError, match="set_epoch: a pass over this loader is running"):
+                loader.set_epoch(1)
+            with pytest.raises(RuntimeError, match="load_state_dict: a pass over this loader is running"):
+                loader.load_state_dict(state)
+            break
+    assert loader.state_dict()["position"] == 3 and loader.epoch == 0  # nothing changed
+    it = iter(loader)
+    next(it)
+    with pytest.raises(RuntimeError, match="a pass over this loader is running"):
+        loader.load_state_dict(state)
+    it.close()
+    loader.load_state_dict(state)  # closed: between passes
+    loader.set_epoch(1)
+    assert (loader.epoch, loader.state_dict()["position"]) == (1, 0)
+
+    ds = loader.as_torch_dataset()  # without workers the dataset's pass runs in this process
+    for i, _ in enumerate(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=0)):
+        if i == 1:
+            with pytest.raises(RuntimeError, match="set_epoch: a pass over this loader is running"):
+                ds.set_epoch(2)
+            break
+    ds.set_epoch(2)
+    assert loader.epoch == 2
+
+
+@pytest.mark.slow
+def test_with_workers_a_state_needs_the_batches_the_loop_took(names):
+    loader = build_loader(config("2d"), names["local"], 4, False, True, True)
+    ds = loader.as_torch_dataset()
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context=CLEAN)
+    for i, _ in enumerate(dl):
+        if i == 3:
+            break
+    with pytest.raises(ValueError, match="pass batches_done="):
+        ds.state_dict()  # it used to say position 0: a resume would repeat 4 batches
+    assert ds.state_dict(batches_done=4)["position"] == 4
+    ds.set_epoch(1)  # a new pass, not yet read: the position is known again
+    assert ds.state_dict()["position"] == 0

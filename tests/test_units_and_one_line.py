@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from service.server.settings import ENV_CACHE_BYTES, ENV_MAX_BYTES, ENV_STORE, Settings
 from store.errors import one_line
-from store.source import LOCAL_CACHE_ENV, default_cache_bytes
+from store.reader_share import LOCAL_CACHE_ENV, default_cache_bytes
 from store.units import parse_bytes
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from store.source import DEFAULT_CACHE_BYTES
+from store.reader_share import DEFAULT_CACHE_BYTES
 from store.storage import parse_location
 from store.units import parse_bytes
 
