@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loaders.batch_memory import COPY_THREADS_MAX, CopyThreads
-from store import source
+from store import reader_share
 
 
 @pytest.fixture
@@ -16,10 +16,10 @@ def share():
     """Set this process's share of the cores for a test (as a torch worker's is set)."""
 
     def set_share(threads: int, readers: int = 1) -> None:
-        source.set_reader_share(threads, readers)
+        reader_share.set_reader_share(threads, readers)
 
     yield set_share
-    source.set_reader_share(None, 1)
+    reader_share.set_reader_share(None, 1)
 
 
 def test_every_copy_runs_once_and_the_caller_shares_the_work(share):
