@@ -131,7 +131,7 @@ def running_s3_server(workdir: Path, extra_args: Sequence[str] = ()) -> Iterator
     os.chmod(config, 0o600)
     for attempt in range(1, _STARTS + 1):
         data = workdir / f"data-{attempt}"
-        data.mkdir()
+        data.mkdir(exist_ok=True)
         server = _start(binary, workdir, data, config, extra_args)
         try:
             if _wait_ready(server):

@@ -80,6 +80,9 @@ def _load(path: Path) -> Any:
 
     if not path.name.lower().endswith(".gz"):
         return nib.load(path)
+    with open(path, "rb") as probe:
+        if probe.read(2) not in (b"", b"\x1f\x8b"):  # gzip's magic number (empty: refused below)
+            raise DamagedGzip("not gzip data, though its name ends in .gz (a .nii file renamed?)")
     try:
         with gzip.open(path, "rb") as stream:
             raw = stream.read()

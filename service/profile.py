@@ -251,8 +251,8 @@ def _why(
     elif biggest == "read_s":
         text += (
             "; reads decode little more than they deliver, so decoding itself is the work: more "
-            "reader processes divide it (as_torch_dataset with DataLoader(num_workers=k): "
-            "scancache profile --workers k measures it), or Config.NUM_WORKERS read-ahead threads), and where the data set is larger than the "
+            "reader processes divide it (as_torch_dataset with DataLoader(num_workers=k), "
+            "which scancache profile --workers k measures, or Config.NUM_WORKERS read-ahead threads), and where the data set is larger than the "
             "chunk cache a larger cache keeps more of it decoded between epochs "
             "(SCANCACHE_LOCAL_CACHE_BYTES for a store read directly, scancache serve --cache-bytes "
             "for a server)"

@@ -57,6 +57,7 @@ def measure_with_workers(loader: Any, seconds: float, workers: int) -> dict[str,
                 now = time.perf_counter()
                 if started is None:  # the first batch: the workers have started
                     start_s, started, cpu_at_start = now - asked, now, time.process_time()
+                    loader.reset_stats()  # the window's figures only (not building, not start-up)
                 else:
                     waited += now - asked
                     batches += 1
@@ -132,8 +133,8 @@ def why_workers(result: dict[str, Any]) -> str | None:
             "the work per example (Config.Y_FORMAT = 'class_index', chunks shaped for the access, "
             "docs/tuning.md) or read on a machine with more cores"
         )
-    if min(_busy(r) for r in rows) >= 0.7:
-        more = min(cores, 2 * k)
+    more = min(cores, 2 * k)
+    if min(_busy(r) for r in rows) >= 0.7 and more > k:
         return (
             f"each worker keeps about a core busy and {cores - used:.1f} of {cores} cores are "
             f"idle: try --workers {more} (DataLoader(num_workers={more}))"

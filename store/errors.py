@@ -7,6 +7,8 @@ Messages are one line and never contain filesystem paths of the store.
 
 from __future__ import annotations
 
+from typing import Any
+
 ONE_LINE_LIMIT = 300
 
 
@@ -112,6 +114,9 @@ class ScanDamaged(ScanCacheError, RuntimeError):
             f"checks it, scancache preprocess SOURCE STORE --rebuild {scan_id} converts it again"
         )
         self.scan_id = scan_id
+
+    def __reduce__(self) -> tuple[Any, ...]:  # from a worker process: args hold the message only
+        return (ScanDamaged, (self.scan_id, "", str(self)))
 
 
 class SourceError(ScanCacheError, ValueError):

@@ -78,6 +78,7 @@ def check_request(request: RegionRequest, prefix: str = "") -> None:
 
 META_CACHE_ENTRIES = 4096  # scans whose metadata a LocalSource keeps (LRU)
 ARRAY_CACHE_ENTRIES = 1024  # open tensorstore arrays it keeps (LRU); each holds no chunk data
+INTACT_CACHE_ENTRIES = 65536  # scan versions found intact (a listing each): a data set's worth
 STORE_ID_TTL_S = 1.0  # how long the store's identity is trusted before its zarr.json is read again
 
 
@@ -160,7 +161,7 @@ class LocalSource:
         # (scan_id, name, version, cached) -> (tensorstore, inner chunk shape, itemsize)
         self._arrays: BoundedLRU[Any] = BoundedLRU(ARRAY_CACHE_ENTRIES)
         # (scan_id, version) whose files were found as their manifest lists them
-        self._intact: BoundedLRU[bool] = BoundedLRU(META_CACHE_ENTRIES)
+        self._intact: BoundedLRU[bool] = BoundedLRU(INTACT_CACHE_ENTRIES)
         self._counters_lock = threading.Lock()
         self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
 
@@ -253,10 +254,13 @@ class LocalSource:
             try:
                 context = self._context if cached else self._uncached
                 arr = ts.open(spec, context=context, read=True, open=True).result()
-            except ValueError:
+            except ValueError as err:
                 manifest = meta.attrs.get(MANIFEST)
-                if isinstance(manifest, dict) and f"{name}/zarr.json" in manifest:  # it was written
-                    raise ScanDamaged(scan_id, f"its {name} array does not open") from None
+                written = isinstance(manifest, dict) and f"{name}/zarr.json" in manifest
+                if written and _damage(err):
+                    raise ScanDamaged(scan_id, f"its {name} array does not open") from err
+                if _status(err) in PASSING:  # storage that failed for now: as it is, so it is retried
+                    raise
                 raise ArrayNotFound(f"scan {scan_id!r} has no array {name!r}") from None
             inner = tuple(int(n or 1) for n in arr.chunk_layout.read_chunk.shape or arr.shape)
             opened = (arr, inner, int(arr.dtype.numpy_dtype.itemsize))
@@ -409,17 +413,36 @@ class LocalSource:
     def close(self) -> None:
         self._arrays.clear()
         self._meta.clear()
+        self._intact.clear()
+
+
+# tensorstore's error statuses (the text before the first colon of its ValueError)
+DAMAGE = frozenset({"DATA_LOSS", "FAILED_PRECONDITION"})  # bytes that do not decode or parse
+# storage that failed for now (S3 503s after tensorstore's own retries, no file descriptors
+# left, expired credentials): not the scan's fault, and a client may retry
+PASSING = frozenset(
+    {"UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED",
+     "PERMISSION_DENIED", "UNAUTHENTICATED", "UNKNOWN", "INTERNAL"}
+)  # fmt: skip
+
+
+def _status(err: Exception) -> str:
+    return str(err).split(":", 1)[0].strip()
+
+
+def _damage(err: Exception) -> bool:
+    return _status(err) in DAMAGE
 
 
 def _decoded(request: RegionRequest, future: Any) -> np.ndarray:
     """A read's result; stored data that does not decode names the scan, not tensorstore's
-    message (which names the file's path)."""
+    message (which names the file's path). Any other failure is raised as it is."""
     try:
         return future.result()  # type: ignore[no-any-return]
     except ValueError as err:
-        if "Error reading" not in str(err):  # not the data: a bug to see as it is
+        if not _damage(err):
             raise
-        raise ScanDamaged(request.scan_id, f"its {request.array} data does not decode") from None
+        raise ScanDamaged(request.scan_id, f"its {request.array} data does not decode") from err
 
 
 def chunk_bytes_touched(region: Sequence[slice], inner: Sequence[int], itemsize: int) -> int:

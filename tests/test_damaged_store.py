@@ -92,3 +92,42 @@ def test_a_restored_file_reads_again(tmp_path):
     shutil.copy(kept, shard)
     with open_source(root) as source:
         np.testing.assert_array_equal(source.read_image(SCAN), truth[SCAN][0])
+
+
+class _Failed:
+    """A read's future that fails as tensorstore does, with its status first."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def result(self):
+        raise ValueError(self.message)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "ABORTED: Error reading shard entry {0, 0, 0}: retry attempts failed: HTTP 503",
+        "RESOURCE_EXHAUSTED: Error reading shard entry {0, 0, 0}: Failed to open: Too many open files",
+        "PERMISSION_DENIED: Error reading shard entry {0, 0, 0}: HTTP 403",
+    ],
+)
+def test_storage_that_fails_for_now_is_not_called_damage(message):
+    """An S3 hiccup or a busy server is not a damaged scan: raised as it is (a server answers a
+    generic 500, which clients retry), never 'rebuild it'."""
+    from store.protocol import RegionRequest
+    from store.source import _decoded
+
+    with pytest.raises(ValueError, match=message.split(":")[0]) as info:
+        _decoded(RegionRequest(SCAN), _Failed(message))
+    assert not isinstance(info.value, ScanDamaged)
+    with pytest.raises(ScanDamaged):
+        _decoded(RegionRequest(SCAN), _Failed("DATA_LOSS: Error reading shard index: Digest mismatch"))
+
+
+def test_scan_damaged_survives_a_trip_to_another_process():
+    import pickle
+
+    err = ScanDamaged(SCAN, "image/c/0/0/0 is missing")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is ScanDamaged and back.scan_id == SCAN and str(back) == str(err)

@@ -250,3 +250,19 @@ def test_an_ignore_label_and_listed_images_that_are_gone_are_warned_of(tmp_path)
     ]
     stored = zarr.open_group(str(tmp_path / "store" / "a_001"), mode="r").attrs
     assert stored["class_names"] == ["liver", "ignore"] and stored["label_values"] == [1, 2]
+
+
+def test_an_uncompressed_file_named_gz_is_named_as_such(tmp_path):
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "good")
+    one_case(root, "plain")
+    save(c.t1, tmp_path / "plain.nii")
+    (root / "imagesTr/plain_0000.nii.gz").write_bytes((tmp_path / "plain.nii").read_bytes())
+    write_json(root / "dataset.json", {"labels": {"background": 0, **{n: v for v, n in c.kept}}})
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1
+    assert failure_lines(result)["plain"] == (
+        "plain: imagesTr/plain_0000.nii.gz: cannot read as NIfTI: not gzip data, though its name ends "
+        "in .gz (a .nii file renamed?)"
+    )

@@ -166,8 +166,8 @@ def test_profile_reads_through_torch_workers_and_reports_each(small_store):
     stats, rows = result["stats"], result["stats"]["workers"]
     assert result["workers"] == 2 and sorted(r["worker"] for r in rows) == [0, 1]
     assert all(r["batches"] > 0 and r["cpu_s"] > 0 for r in rows)
-    # every batch the loop took came from a worker (they may have read a few ahead)
-    assert stats["batches"] == sum(r["batches"] for r in rows) >= result["batches"] >= 1
+    # the totals are the workers' (counted from the window's first batch on)
+    assert stats["batches"] == sum(r["batches"] for r in rows) >= 1 and result["batches"] >= 1
     assert stats["bytes_read"] == sum(r["bytes_read"] for r in rows) > 0
     assert stats["read_amplification"] == pytest.approx(stats["bytes_read"] / stats["bytes_delivered"])
 

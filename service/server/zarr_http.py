@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,13 +259,25 @@ class FileRangeResponse(Response):
                 self.on_close()
 
 
+_READABLE_TTL_S = 1.0  # Zarr readers probe many absent keys: one look at the root a second
+_readable: dict[str, tuple[float, bool]] = {}
+
+
 def _tree_readable(root: Path | str) -> bool:
+    """Is the tree's root there (after a 404 under it)? Remembered for a second."""
+    key = str(root)
+    seen = _readable.get(key)
+    if seen is not None and time.monotonic() - seen[0] < _READABLE_TTL_S:
+        return seen[1]
     try:
         if isinstance(root, Path):
-            return (root / "zarr.json").is_file()
-        return open_storage(root).read("zarr.json") is not None
-    except OSError:
-        return False
+            readable = (root / "zarr.json").is_file()
+        else:
+            readable = open_storage(root).read("zarr.json") is not None
+    except Exception:  # unreachable, gone, refused: not readable, whatever the storage raised
+        readable = False
+    _readable[key] = (time.monotonic(), readable)
+    return readable
 
 
 def _read_range(file: OpenFile | StoredObject, start: int, end: int) -> bytes:
