@@ -108,8 +108,8 @@ def prediction_mismatch(
     if isinstance(predicted_from, str) and scan_version is not None and predicted_from != scan_version:
         return (
             f"scan {scan_id!r}: the stored prediction was made from another version of the scan "
-            "(another store's, or this scan before it was converted again); re-run write_predictions "
-            "for it (overwrite=True)"
+            "(another store's, or this scan before it was converted again); re-run write_predictions: "
+            "it predicts such scans again"
         )
     return None
 
