@@ -354,14 +354,20 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
     def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
         """The current epoch's batches from where it stands (``state_dict``'s position)."""
         epoch = self.epoch
-        self._open_passes += 1
+        self._count_pass(+1)
         try:
             for _, batch in self.batches_of(epoch, self.remaining_batches()):
                 self._position += 1
                 yield batch
             self._position, self._position_workers = 0, 1
         finally:  # exhausted, or closed (a loop left by break closes it at once in CPython)
-            self._open_passes -= 1
+            self._count_pass(-1)
+
+    def _count_pass(self, change: int) -> None:
+        """An iterator's pass begins (+1) or ends (-1): ``set_epoch`` and ``load_state_dict``
+        refuse to run during one. Under the lock: passes may run in several threads."""
+        with self._serve_lock:
+            self._open_passes += change
 
     def worker_lanes(
         self, epoch: int, workers: int, position: int = 0, position_workers: int = 1

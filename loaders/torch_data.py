@@ -185,7 +185,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         lane = loader.worker_lanes(epoch, workers, start, max(1, order_workers))[worker]
         if info is None:
             c[_DELIVERED] = 0
-            loader._open_passes += 1  # set_epoch and load_state_dict wait for its end
+            loader._count_pass(+1)  # set_epoch and load_state_dict wait for its end
         else:
             c[_WORKERS_READ] = 1
         started, cpu0 = time.perf_counter(), time.process_time()
@@ -205,7 +205,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
                 loader._position, loader._position_workers = 0, 1
         finally:
             if info is None:
-                loader._open_passes -= 1
+                loader._count_pass(-1)
 
 
 def _refuse_inherited_tensorstore(dicts: list[dict[str, Any]]) -> None:

@@ -9,6 +9,7 @@ so ``service`` itself never imports them.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -71,16 +72,10 @@ def run_profile(
         filters["retry_seconds"] = PROFILE_RETRY_S
     loaders.DatasetCatalog.register(PROFILE_DATASET, source, **filters)
     try:
-        loader = loaders.build_loader(
-            cfg, PROFILE_DATASET, batch_size=batch_size, is_test=False, shuffle=True, drop_last=False
-        )
-    except InvalidCategories as exc:  # a class name the scans lack: name the flag the user typed
+        loader = _build(loaders, cfg, tag, batch_size)
+    except BaseException:  # nothing to profile: the next run registers the data set again
         loaders.DatasetCatalog.remove(PROFILE_DATASET)
-        raise InvalidCategories(str(exc)[len(exc.param) + 2 :], "--categories") from None
-    except NotRegistered:
-        loaders.DatasetCatalog.remove(PROFILE_DATASET)
-        known = ", ".join(sorted(loaders.LOADER_REGISTRY))
-        raise ValueError(f"--tag {tag!r} is not a loader; the loaders are: {known}") from None
+        raise
     try:
         if workers > 0:
             from service.profile_workers import measure_with_workers
@@ -97,6 +92,29 @@ def run_profile(
         unregister = getattr(loaders.DatasetCatalog, "remove", None)
         if unregister is not None:
             unregister(PROFILE_DATASET)
+
+
+def _build(loaders: Any, cfg: Any, tag: str, batch_size: int) -> Any:
+    """The loader to profile; its errors in the words of the command line."""
+    try:
+        return loaders.build_loader(
+            cfg, PROFILE_DATASET, batch_size=batch_size, is_test=False, shuffle=True, drop_last=False
+        )
+    except InvalidCategories as exc:  # a class name the scans lack: name the flag the user typed
+        raise InvalidCategories(str(exc)[len(exc.param) + 2 :], "--categories") from None
+    except NotRegistered:
+        known = ", ".join(sorted(loaders.LOADER_REGISTRY))
+        raise ValueError(f"--tag {tag!r} is not a loader; the loaders are: {known}") from None
+    except ValueError as exc:  # the catalog names its own data set: the user typed flags
+        raise ValueError(_in_flags(str(exc))) from None
+
+
+def _in_flags(message: str) -> str:
+    """A catalog error in the words of the command line: ``dataset 'scancache-profile':
+    split='x' matches no scan`` -> ``--split 'x' matches no scan``."""
+    prefix = f"dataset {PROFILE_DATASET!r}: "
+    text = message[len(prefix) :] if message.startswith(prefix) else message
+    return re.sub(r"\bsplit=('[^']*')", r"--split \1", text)
 
 
 def _measure(loader: Any, seconds: float) -> dict[str, Any]:

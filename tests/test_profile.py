@@ -209,3 +209,18 @@ def test_profile_with_workers_says_what_bounds_them():
     assert "wait on the server" in served or "other processes compete" in served
     lines = explain(_with_workers([0.95, 0.9], main_cpu_s=0.4, cores=16))
     assert "  worker 1: 10 batches, 5.00 batches/s, 0.90 cores busy, read 1.00 s, copy 0.20 s" in lines
+
+
+def test_a_profile_that_cannot_build_its_loader_says_it_in_flags_and_leaves_nothing_behind(small_store):
+    """A failed run left its data set registered ('already registered' on every later run in the
+    process) and named it ('dataset scancache-profile: split=...'), not the flag."""
+    from service.profile import run_profile
+
+    root, _ = small_store
+    for _ in range(2):
+        with pytest.raises(ValueError) as info:
+            run_profile(str(root), "DefaultDataLoader", seconds=0.1, split="nope")
+        assert str(info.value).startswith("--split 'nope' matches no scan (its scans have split ")
+    assert (
+        run_profile(str(root), "DefaultDataLoader", batch_size=2, seconds=0.1, split="train")["batches"] >= 1
+    )
