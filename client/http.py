@@ -63,6 +63,13 @@ TOKEN_ENV = "SCANCACHE_TOKEN"
 # Filters the server understands as query parameters; every filter is also applied here.
 SERVER_FILTERS = ("split", "subject_id", "time_point", "augmentation", "has_class")
 
+
+def _plain_integers(value: Any) -> bool:
+    """Values the server's integer filters take as they are (ints, not bools or floats)."""
+    items = value if isinstance(value, (list, tuple, set, frozenset)) else (value,)
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+
+
 # Refusals a region request gets when the scan it planned with is not what the server has now
 # (another shape: the roi is out of bounds; removed; image-only now): worth a version check.
 CHANGE_SYMPTOMS = (InvalidParameter, ScanNotFound, ArrayNotFound)
@@ -237,6 +244,8 @@ class HttpSource:
                 continue
             if key == "has_class" and (isinstance(value, bool) or not isinstance(value, int)):
                 continue  # several classes or a class name: matched here, on every scan's counts
+            if key != "split" and not _plain_integers(value):
+                continue  # 1.0 or np.int64(1): matched here, as LocalSource matches them
             if isinstance(value, (list, tuple, set, frozenset)):
                 value = sorted(value, key=str)
             params[key] = value

@@ -79,6 +79,11 @@ def test_list_scans_and_filters(source, small_store):
     assert [m.scan_id for m in source.list_scans(split=["valid", "test"])] == [INT_SCAN, IMAGE_ONLY]
     assert [m.scan_id for m in source.list_scans(subject_id=1, time_point=1)] == ["0000001_V01-Aug00"]
     assert [m.scan_id for m in source.list_scans(augmentation=1)] == [IMAGE_ONLY]
+    # a whole float or a numpy integer matches as the int does, read directly or over HTTP
+    # (the server's integer filters take plain digits only: the client leaves those to itself)
+    assert [m.scan_id for m in source.list_scans(subject_id=1.0, time_point=np.int64(1))] == [
+        "0000001_V01-Aug00"
+    ]
     assert [m.scan_id for m in source.list_scans(has_class=2)] == [SCAN, "0000001_V01-Aug00", INT_SCAN]
     assert source.list_scans(split="nope") == []
 
