@@ -242,10 +242,10 @@ class HttpSource:
         for key, value in filters.items():
             if key not in SERVER_FILTERS or value is None:
                 continue
-            if key == "has_class" and (isinstance(value, bool) or not isinstance(value, int)):
-                continue  # several classes or a class name: matched here, on every scan's counts
             if key != "split" and not _plain_integers(value):
-                continue  # 1.0 or np.int64(1): matched here, as LocalSource matches them
+                continue  # 1.0, np.int64(1) or a class name: matched here, as LocalSource matches them
+            if key == "has_class" and not isinstance(value, int):
+                continue  # several classes: the server takes one; matched here, on every scan's counts
             if isinstance(value, (list, tuple, set, frozenset)):
                 value = sorted(value, key=str)
             params[key] = value

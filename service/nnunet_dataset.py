@@ -218,10 +218,10 @@ def discover_dataset(root: Path) -> Discovery:
     info = read_dataset_json(root)
     found = Discovery(root=root)
     seen: dict[str, str] = {}  # case -> the images folder it was found in
-    any_image = False
+    image_stems: set[str] = set()
     for images, labels, split in FOLDERS:
         image_files = _listing(root, images, info.file_endings)
-        any_image = any_image or bool(image_files)
+        image_stems.update(stem for stem, _ in image_files)
         label_files = _listing(root, labels, info.file_endings)
         channels: dict[str, dict[int | None, list[str]]] = defaultdict(lambda: defaultdict(list))
         for stem, rel in image_files:
@@ -254,12 +254,8 @@ def discover_dataset(root: Path) -> Discovery:
                 )
             except SourceError as err:
                 found.failures.append(err)
-    found.notes.extend(
-        _notes(
-            info, {stem for images, _, _ in FOLDERS for stem, _ in _listing(root, images, info.file_endings)}
-        )
-    )
-    if not any_image:
+    found.notes.extend(_notes(info, image_stems))
+    if not image_stems:
         hint = ""
         if any(_other_endings(root, (images,), info) for images, _, _ in FOLDERS):
             hint = f" (its NIfTI files end otherwise: dataset.json's file_ending is {info.file_endings[0]!r})"

@@ -105,6 +105,15 @@ def _workers_ignore_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _warner(stream: IO[str]) -> Callable[[str], None]:
+    """The job's one way to warn: a line on ``stream``, however quiet the progress is."""
+
+    def warn(message: str) -> None:
+        print(f"preprocess: warning: {message}", file=stream, flush=True)
+
+    return warn
+
+
 def run_preprocess(
     source: str | os.PathLike[str],
     store: str | os.PathLike[str],
@@ -150,9 +159,7 @@ def run_preprocess(
     for err in found.failures:
         summary.add(ScanResult(err.scan, FAILED, str(err)))
 
-    def warn(message: str) -> None:
-        print(f"preprocess: warning: {message}", file=stream, flush=True)
-
+    warn = _warner(stream)
     for note in found.notes:
         warn(note)
     with storage.lock(wait=wait, warn=warn):
@@ -251,20 +258,13 @@ def _convert_all(
             where = scheduler or f"a local cluster of {n} worker{'s' if n != 1 else ''}"
             early = f" ({summary.failed} more failed before converting)" if summary.failed else ""
             print(f"preprocess: {len(specs)} scans to convert on {where}{early}", file=stream, flush=True)
+        warn = _warner(stream)
         if dashboard and not scheduler:
             print(f"preprocess: dashboard at {client.dashboard_link}", file=stream, flush=True)
             if importlib.util.find_spec("bokeh") is None:  # Dask serves the page only with it
-                print(
-                    "preprocess: warning: the dashboard needs bokeh: pip install bokeh",
-                    file=stream,
-                    flush=True,
-                )
+                warn("the dashboard needs bokeh: pip install bokeh")
         bar = Progress(summary.total + len(specs), summary.total, progress, stream)
         _run_on_workers(client, tune_malloc_for_conversion)
-
-        def warn(message: str) -> None:
-            print(f"preprocess: warning: {message}", file=stream, flush=True)
-
         watching = warn_without_workers(client, scheduler, warn) if scheduler else contextlib.nullcontext()
         try:
             with watching:

@@ -49,10 +49,9 @@ def measure_with_workers(loader: Any, seconds: float, workers: int) -> dict[str,
     started: float | None = None
     cpu_at_start = 0.0
     start_s = 0.0
-    epoch = 0
     try:
         while True:
-            dataset.set_epoch(epoch)
+            dataset.set_epoch(epochs)
             for x, *_ in feed:
                 now = time.perf_counter()
                 if started is None:  # the first batch: the workers have started
@@ -67,7 +66,6 @@ def measure_with_workers(loader: Any, seconds: float, workers: int) -> dict[str,
                 asked = time.perf_counter()
             else:
                 epochs += 1
-                epoch += 1
                 continue
             break
         wall = time.perf_counter() - (started or asked)

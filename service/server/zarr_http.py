@@ -270,10 +270,7 @@ def _tree_readable(root: Path | str) -> bool:
     if seen is not None and time.monotonic() - seen[0] < _READABLE_TTL_S:
         return seen[1]
     try:
-        if isinstance(root, Path):
-            readable = (root / "zarr.json").is_file()
-        else:
-            readable = open_storage(root).read("zarr.json") is not None
+        readable = open_storage(root).read_size("zarr.json") is not None
     except Exception:  # unreachable, gone, refused: not readable, whatever the storage raised
         readable = False
     _readable[key] = (time.monotonic(), readable)
