@@ -56,7 +56,12 @@ def _thread_server(store: Path, token: str | None, settings: dict[str, Any], tim
     # The protocol options `scancache serve` uses (header deadline, header size bound).
     chosen = app.state.scancache.settings
     options = uvicorn_options(chosen.header_timeout, send_timeout=chosen.send_timeout)
-    config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="on", **options)
+    # log_config=None: uvicorn's own logging set-up (dictConfig) closes every handler in the
+    # process, absl's among them (TensorFlow's), whose stream is the capture file pytest had as
+    # stderr when TensorFlow was imported; a later test then found stderr closed ("lost sys.stderr").
+    config = uvicorn.Config(
+        app, host=HOST, port=port, log_level="warning", log_config=None, lifespan="on", **options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}"
