@@ -12,8 +12,10 @@ temporary name, ``os.replace``s it over ``ROOT/<name>`` (one atomic rename) and 
 stay untouched until ``remove_old_versions`` deletes versions superseded more than
 ``grace_s`` seconds ago. Nothing here ever deletes or renames the current version.
 
-Version names are ``<publish time in ns, 20 digits>-<random hex>``: they sort by publish time,
-so the time a version was superseded is the time in the next version's name.
+Version names are ``<publish time in ns, 20 digits>-<random hex>``: they sort by publish time.
+When a version stopped being current is not the time in the next name: the next version may
+never have been current (a publish that failed or was killed before its switch), so
+``retention_start`` counts from the switch to the current version instead (``superseded_at``).
 
 Staging folders (``new_staging``) live under ``ROOT/.staging/<label>-<random>/`` with an
 ``owner.json`` naming host and pid; ``clean_stale_staging`` removes only those whose owner is a
@@ -153,13 +155,26 @@ def unpublish(root: str | os.PathLike[str], name: str) -> bool:
     return True
 
 
-def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_GRACE_S) -> list[str]:
-    """Delete versions that stopped being current more than ``grace_s`` seconds ago.
+def retention_start(version: str, written: float, current: str | None, superseded_at: float) -> float:
+    """When ``version``'s grace period starts: the last moment a reader could have resolved it.
 
-    A version stopped being current when the next one was published (the time in its name);
-    the newest non-current version (an unpublished name, or one left by a writer killed
-    before its link switch) when its folder was last changed. Returns ``name/version`` of each
-    removed version.
+    ``superseded_at``: when the name's current state began (the switch to ``current``, or the
+    unpublishing of the name). Every version older than the current one was current at some
+    point before that switch, perhaps right up to it: the next version by name may be one that
+    never became current, so its time says nothing. A version newer than the current one never
+    was current (its switch failed or never came): it counts from when it was written.
+    """
+    if current is not None and version > current:
+        return max(written, version_time(version) or 0.0)
+    return max(written, superseded_at)
+
+
+def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_GRACE_S) -> list[str]:
+    """Delete versions whose grace period (``retention_start``) ended ``grace_s`` seconds ago.
+
+    The current state began at the link's own time (``os.replace`` of a new link), or, for a
+    name no longer published, when ``unpublish`` touched its versions folder. Returns
+    ``name/version`` of each removed version.
     """
     base = Path(root) / VERSIONS_DIR
     if not base.is_dir():
@@ -169,16 +184,19 @@ def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_G
     for name_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
         current = current_version(root, name_dir.name)
         versions = sorted(p.name for p in name_dir.iterdir() if p.is_dir() and not p.is_symlink())
-        for i, version in enumerate(versions):
+        try:
+            state = Path(root) / name_dir.name if current is not None else name_dir
+            superseded_at = state.lstat().st_mtime
+        except OSError:  # a link switched or removed this instant: the next run decides
+            continue
+        for version in versions:
             if version == current:
                 continue
-            later = version_time(versions[i + 1]) if i + 1 < len(versions) else None
             try:
-                since = later if later is not None else name_dir.stat().st_mtime
-                since = max(since, (name_dir / version).stat().st_mtime)
+                written = (name_dir / version).stat().st_mtime
             except OSError:
                 continue
-            if now - since >= grace_s:
+            if now - retention_start(version, written, current, superseded_at) >= grace_s:
                 shutil.rmtree(name_dir / version, ignore_errors=True)
                 removed.append(f"{name_dir.name}/{version}")
         if current is None and not any(name_dir.iterdir()):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from store.errors import ScanCacheError
-from store.publish import new_version_name, version_time
+from store.publish import new_version_name, retention_start
 from store.storage import S3_SCHEME, Storage, clean_local_staging, copy_tree_files, local_staging
 
 CURRENT_DIR = ".current"
@@ -388,6 +388,8 @@ class S3Storage(Storage):
                     unpublished[parts[0]] = item["LastModified"].timestamp()
             elif len(parts) == 3:
                 by_version.setdefault((parts[0], parts[1]), []).append(item)
+        # a pointer's own time is when its version became current (a PUT replaces it whole)
+        switched = {item["Rel"]: item["LastModified"].timestamp() for item in self._objects(CURRENT_DIR)}
         now = time.time()
         removed = []
         names = sorted({name for name, _ in by_version})
@@ -395,15 +397,14 @@ class S3Storage(Storage):
             with self._pointer_lock:
                 self._pointers.pop(name, None)
             current = self.current_version(name)
+            superseded_at = switched.get(name, now) if current is not None else unpublished.get(name, 0.0)
             versions = sorted(v for n, v in by_version if n == name)
-            for i, version in enumerate(versions):
+            for version in versions:
                 if version == current:
                     continue
                 items = by_version[(name, version)]
-                later = version_time(versions[i + 1]) if i + 1 < len(versions) else None
                 written = max(item["LastModified"].timestamp() for item in items)
-                since = later if later is not None else max(written, unpublished.get(name, 0.0))
-                if now - max(since, written) >= grace_s:
+                if now - retention_start(version, written, current, superseded_at) >= grace_s:
                     self._delete_keys([item["Key"] for item in items])
                     removed.append(f"{name}/{version}")
             if current is None and len(removed) and all(f"{name}/{v}" in removed for v in versions):

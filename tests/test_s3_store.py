@@ -91,6 +91,34 @@ def test_storage_publish_switch_unpublish_and_grace(storage, tmp_path):
     assert storage.remove_old_versions(0) == [f"scan-a/{v2}"]
 
 
+def test_a_version_that_never_became_current_does_not_cut_the_grace_of_the_one_before(
+    storage, tmp_path
+):
+    """A publish killed before its switch leaves a version that was never current. The version
+    current until the next switch keeps its whole grace period from that switch, not from the
+    orphan's older time (nothing tells an orphan older than the current version from one that
+    was current, so both wait); one newer than the current version goes after its own grace."""
+    from store.publish import new_version_name
+
+    v1 = storage.publish("scan-a", _staged(tmp_path, {"zarr.json": b"1"}))
+    orphan = new_version_name()  # uploaded, never pointed to
+    storage.write(f"{storage.versions_dir}/scan-a/{orphan}/zarr.json", b"orphan")
+    time.sleep(2.5)
+    v3 = storage.publish("scan-a", _staged(tmp_path, {"zarr.json": b"3"}))
+    if isinstance(storage, S3Storage):
+        storage._pointers.clear()
+    assert storage.current_version("scan-a") == v3
+    assert storage.remove_old_versions(2.0) == []
+    assert storage.read(f"{storage.versions_dir}/scan-a/{v1}/zarr.json") == b"1"  # a reader may hold it
+    assert storage.remove_old_versions(0) == [f"scan-a/{v1}", f"scan-a/{orphan}"]
+    newer = new_version_name()  # a later publish killed before its switch
+    storage.write(f"{storage.versions_dir}/scan-a/{newer}/zarr.json", b"newer")
+    assert storage.remove_old_versions(3600) == []
+    assert storage.remove_old_versions(0) == [f"scan-a/{newer}"]
+    assert storage.current_version("scan-a") == v3
+    assert storage.read(f"{storage.versions_dir}/scan-a/{v3}/zarr.json") == b"3"
+
+
 def test_storage_publishes_hard_linked_files_under_every_name(storage, tmp_path):
     """An OME view's shards are the image's files hard-linked (store/ome_views.py): both names
     read back the same bytes; object storage sends the bytes once and copies on the server."""
