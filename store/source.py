@@ -160,8 +160,8 @@ class LocalSource:
         self._meta: BoundedLRU[tuple[str, ScanMeta]] = BoundedLRU(META_CACHE_ENTRIES)
         # (scan_id, name, version, cached) -> (tensorstore, inner chunk shape, itemsize)
         self._arrays: BoundedLRU[Any] = BoundedLRU(ARRAY_CACHE_ENTRIES)
-        # (scan_id, version) whose files were found as their manifest lists them
-        self._intact: BoundedLRU[bool] = BoundedLRU(INTACT_CACHE_ENTRIES)
+        # (scan_id, version) -> when its files were last found as its manifest lists them
+        self._intact: BoundedLRU[float] = BoundedLRU(INTACT_CACHE_ENTRIES)
         self._counters_lock = threading.Lock()
         self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
 
@@ -236,10 +236,10 @@ class LocalSource:
         channel = channel_of(name)
         if channel is not None and channel >= meta.channels:
             raise ArrayNotFound(f"scan {scan_id!r} has no image channel {channel} (it has {meta.channels})")
+        self._check_intact(scan_id, version, meta)
         key = (scan_id, name, version, cached)
         opened = self._arrays.get(key)
         if opened is None:
-            self._check_intact(scan_id, version, meta)
             spec = {
                 "driver": "zarr3",
                 "kvstore": self.storage.kvstore(f"{self.storage.version_key(scan_id, version)}/{name}"),
@@ -268,10 +268,17 @@ class LocalSource:
         return opened  # type: ignore[no-any-return]
 
     def _check_intact(self, scan_id: str, version: str, meta: ScanMeta) -> None:
-        """Once per scan version: its files are there at the sizes its manifest lists (one
-        listing of the version; one LIST request on object storage). A shard file lost after
-        publication would otherwise read as zeros, tensorstore's fill value for a missing chunk."""
-        if self._intact.get((scan_id, version)) or MANIFEST not in meta.attrs:  # stores before manifests
+        """A scan version's files are there at the sizes its manifest lists: one listing of the
+        version when first read, and again every ``storage.intact_recheck_s`` of reading it (on
+        object storage, where a listing is a billed request, once). A shard file lost after
+        publication would otherwise read as zeros, tensorstore's fill value for a missing chunk,
+        also in a process (a server) that read the scan before the loss."""
+        if MANIFEST not in meta.attrs:  # stores before manifests
+            return
+        now = time.monotonic()
+        checked = self._intact.get((scan_id, version))
+        every = self.storage.intact_recheck_s
+        if checked is not None and (every is None or now - checked < every):
             return
         sizes = self.storage.sizes(self.storage.version_key(scan_id, version))
         if not sizes:  # the version was removed under us
@@ -279,7 +286,7 @@ class LocalSource:
         problem = manifest_mismatch(sizes, meta.attrs)
         if problem is not None:
             raise ScanDamaged(scan_id, problem)
-        self._intact.put((scan_id, version), True)
+        self._intact.put((scan_id, version), now)
 
     def region(self, scan_id: str, roi: RoiLike) -> Region:
         return as_region(roi, self.metadata(scan_id).shape)

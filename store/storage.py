@@ -75,6 +75,9 @@ class Storage(ABC):
 
     url: str  # what the user typed, normalised: a path or s3://bucket/prefix (for messages)
     versions_dir: str = VERSIONS_DIR  # where versions of published names live
+    # How often a reader lists a version it keeps reading, to find files lost since (None: once).
+    # Object storage: once; a listing is a billed request, and objects do not go missing there.
+    intact_recheck_s: float | None = None
 
     def version_key(self, name: str, version: str) -> str:
         """The key prefix (no trailing slash) of one version of a published name."""
@@ -186,6 +189,8 @@ class Storage(ABC):
 
 class LocalStorage(Storage):
     """A store in a local (or mounted) folder: versions published by symlink switch."""
+
+    intact_recheck_s = 2.0  # a listing of a version's few dozen files: well under a millisecond
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)

@@ -94,6 +94,26 @@ def test_a_restored_file_reads_again(tmp_path):
         np.testing.assert_array_equal(source.read_image(SCAN), truth[SCAN][0])
 
 
+def test_a_shard_lost_while_a_reader_runs_is_named_not_read_as_zeros(tmp_path):
+    """A long-lived reader (a server, a training process) that checked the scan before the loss
+    lists the version again after ``intact_recheck_s``: the lost part is named, never zeros."""
+    from store.storage import LocalStorage
+
+    root = tmp_path / "store"
+    truth = build_store(root)
+    shard = sorted(p for p in (root / SCAN).resolve().joinpath("image", "c").rglob("*") if p.is_file())[0]
+    with open_source(root) as source, live_server(root) as url:
+        # the scan is checked when its mask is read; its image is not read yet (nothing cached)
+        np.testing.assert_array_equal(source.read_mask(SCAN), truth[SCAN][1])
+        assert httpx.get(f"{url}/scans/{SCAN}/mask").status_code == 200
+        shard.unlink()
+        time.sleep(LocalStorage.intact_recheck_s + 0.2)
+        with pytest.raises(ScanDamaged, match=f"scan {SCAN!r} is damaged in the store"):
+            source.read_image(SCAN)
+        answer = httpx.get(f"{url}/scans/{SCAN}/image")
+        assert answer.status_code == 500 and answer.json()["error"] == "ScanDamaged"
+
+
 class _Failed:
     """A read's future that fails as tensorstore does, with its status first."""
 

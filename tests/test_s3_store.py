@@ -91,9 +91,7 @@ def test_storage_publish_switch_unpublish_and_grace(storage, tmp_path):
     assert storage.remove_old_versions(0) == [f"scan-a/{v2}"]
 
 
-def test_a_version_that_never_became_current_does_not_cut_the_grace_of_the_one_before(
-    storage, tmp_path
-):
+def test_a_version_that_never_became_current_does_not_cut_the_grace_of_the_one_before(storage, tmp_path):
     """A publish killed before its switch leaves a version that was never current. The version
     current until the next switch keeps its whole grace period from that switch, not from the
     orphan's older time (nothing tells an orphan older than the current version from one that
