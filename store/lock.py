@@ -1,11 +1,14 @@
 """One preprocessing job per store: the lock file ``STORE/.lock``.
 
-The lock is created with ``O_CREAT | O_EXCL`` (atomic on a local filesystem and on NFSv3+)
-and holds ``{"host", "pid", "started"}`` of the job. A second job fails at once with one line
+The lock holds ``{"host", "pid", "started"}`` of the job. It is written whole under a
+temporary name and hard-linked to ``.lock`` (atomic, and refused if ``.lock`` exists, on a
+local filesystem and on NFS), so no job killed or out of disk space midway leaves an empty
+lock that no one could judge. A second job fails at once with one line
 naming the holder, or with ``wait=True`` polls until the lock is free. A lock is stale when it
 names this host and a pid that no longer runs (a killed job), or this process's own pid in a
 record older than it (a restarted container's job is pid 1 again): it is taken over with a
-warning.
+warning. So is a lock file that does not read as one (left by an older version's job)
+once it is ``UNREADABLE_STALE_S`` old.
 A lock from another host cannot be checked from here; the message says how to remove it.
 """
 
@@ -24,6 +27,8 @@ from typing import Any
 
 from store.format import LOCK_FILE
 from store.publish import fsync_dir, owner_alive
+
+UNREADABLE_STALE_S = 60.0  # a lock written whole is never unreadable; older jobs wrote in place
 
 
 class StoreLocked(RuntimeError):
@@ -48,8 +53,13 @@ def read_lock(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _stale(owner: dict[str, Any] | None) -> bool:
-    return owner is not None and not owner_alive(owner)
+def _stale(owner: dict[str, Any] | None, path: Path) -> bool:
+    if owner is not None:
+        return not owner_alive(owner)
+    try:
+        return time.time() - path.stat().st_mtime >= UNREADABLE_STALE_S
+    except OSError:
+        return False
 
 
 class JobLock:
@@ -78,18 +88,34 @@ class JobLock:
         self.held = False
 
     def _try_create(self) -> bool:
+        whole = self.store / f"{self.name}.{uuid.uuid4().hex[:12]}.new"
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.owner, allow_nan=False))
-            f.flush()
-            os.fsync(f.fileno())
+            with open(whole, "x") as f:
+                f.write(json.dumps(self.owner, allow_nan=False))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(whole, self.path)
+            except FileExistsError:
+                return False
+        except OSError as err:  # out of space, read-only, no permission: the store named, once
+            failed = OSError(f"{self.store}: cannot write its lock file {self.name} ({err.strerror})")
+            failed.errno = err.errno
+            raise failed from None
+        finally:
+            whole.unlink(missing_ok=True)
         fsync_dir(self.store)
         return True
 
-    def _take_over_stale(self, owner: dict[str, Any]) -> None:
+    def _identity(self) -> tuple[dict[str, Any] | None, int] | None:
+        """The lock's holder and inode, or None when there is no lock."""
+        try:
+            inode = self.path.stat().st_ino
+        except FileNotFoundError:
+            return None
+        return read_lock(self.path), inode
+
+    def _take_over_stale(self, owner: dict[str, Any] | None, inode: int) -> None:
         """Move a stale lock aside; if what was moved is not the lock judged stale (another
         job took it over first), put it back."""
         aside = self.store / f"{self.name}.stale-{uuid.uuid4().hex[:8]}"
@@ -97,9 +123,14 @@ class JobLock:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
-        if read_lock(aside) == owner:
+        if aside.stat().st_ino == inode and read_lock(aside) == owner:
             aside.unlink(missing_ok=True)
-            self.warn(f"{self.store}: took over the lock of a job that is gone ({describe_owner(owner)})")
+            gone = (
+                "a job that is gone"
+                if owner
+                else f"a job that left it unreadable {UNREADABLE_STALE_S:.0f} s or more ago"
+            )
+            self.warn(f"{self.store}: took over the lock of {gone} ({describe_owner(owner)})")
         else:
             try:
                 os.link(aside, self.path)  # fails if yet another job holds it now
@@ -110,12 +141,13 @@ class JobLock:
     def acquire(self) -> None:
         announced = False
         while not self._try_create():
-            owner = read_lock(self.path)
-            if owner is not None and _stale(owner):
-                self._take_over_stale(owner)
-                continue
-            if owner is None and not self.path.exists():
+            found = self._identity()
+            if found is None:
                 continue  # released between our attempt and the read
+            owner, inode = found
+            if _stale(owner, self.path):
+                self._take_over_stale(owner, inode)
+                continue
             if not self.wait:
                 raise StoreLocked(
                     f"{self.store}: another {self.writer} is writing this store ({describe_owner(owner)}); "

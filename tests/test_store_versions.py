@@ -216,6 +216,36 @@ def test_job_lock_fails_at_once_waits_and_takes_over_stale_locks(tmp_path):
     assert any("took over" in n for n in notes)
 
 
+def test_an_unreadable_lock_is_taken_over_once_old_and_a_lock_is_never_left_empty(tmp_path, monkeypatch):
+    """An empty lock file (a job of an older version killed between creating and writing it)
+    names no owner to check: a young one is respected, an old one taken over. Locks are now
+    written whole, then linked into place: a job that cannot write names the store, and
+    leaves neither an empty lock nor its temporary file."""
+    from store import lock as lock_mod
+
+    ensure_store(tmp_path)
+    empty = tmp_path / ".lock"
+    empty.write_text("")
+    with pytest.raises(StoreLocked, match="unreadable lock file"):
+        JobLock(tmp_path).acquire()
+    old = time.time() - lock_mod.UNREADABLE_STALE_S - 1
+    os.utime(empty, (old, old))
+    notes = []
+    with JobLock(tmp_path, warn=notes.append):
+        assert _strict(empty.read_text())["pid"] == os.getpid()
+    assert len(notes) == 1 and "took over the lock of a job that left it unreadable" in notes[0]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lock")) == []
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lock_mod.os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        JobLock(tmp_path).acquire()
+    assert str(info.value) == f"{tmp_path}: cannot write its lock file .lock (No space left on device)"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lock")) == []
+
+
 def test_stale_staging_of_dead_writers_only_is_removed(tmp_path):
     ensure_store(tmp_path)
     mine = publish.new_staging(tmp_path, "job")
