@@ -111,9 +111,15 @@ def current_version(root: str | os.PathLike[str], name: str) -> str | None:
     except OSError:  # missing, or not a symlink
         return None
     parts = target.split("/")
-    if len(parts) != 3 or parts[0] != VERSIONS_DIR or parts[1] != name or parts[2] in ("", ".", ".."):
+    if len(parts) != 3 or parts[0] != VERSIONS_DIR or parts[1] != name or not is_version_name(parts[2]):
         return None
     return parts[2]
+
+
+def is_version_name(version: str) -> bool:
+    """A name a version can have: one path component (a link or pointer naming anything else,
+    ``../other-scan`` say, points at nothing of its scan's)."""
+    return version not in ("", ".", "..") and "/" not in version and "\\" not in version
 
 
 def publish_version(root: str | os.PathLike[str], name: str, staged_dir: str | os.PathLike[str]) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from store.errors import ScanCacheError
-from store.publish import new_version_name, retention_start
+from store.publish import is_version_name, new_version_name, retention_start
 from store.storage import S3_SCHEME, Storage, clean_local_staging, copy_tree_files, local_staging
 
 CURRENT_DIR = ".current"
@@ -324,8 +324,9 @@ class S3Storage(Storage):
         version = None
         try:
             doc = self.read_json(self._pointer_key(name))
-            if isinstance(doc, dict) and isinstance(doc.get("version"), str):
-                version = doc["version"]
+            named = doc.get("version") if isinstance(doc, dict) else None
+            if isinstance(named, str) and is_version_name(named):
+                version = named
         except ValueError:
             version = None
         with self._pointer_lock:

@@ -117,6 +117,20 @@ def test_a_version_that_never_became_current_does_not_cut_the_grace_of_the_one_b
     assert storage.read(f"{storage.versions_dir}/scan-a/{v3}/zarr.json") == b"3"
 
 
+@pytest.mark.parametrize("named", ["..", "../other", "../../other/v", ""])
+def test_a_link_or_pointer_naming_anything_but_a_version_of_its_scan_is_none(storage, tmp_path, named):
+    v1 = storage.publish("scan-a", _staged(tmp_path, {"zarr.json": b"1"}))
+    if isinstance(storage, S3Storage):
+        storage.write_json(".current/scan-a", {"version": named})
+        storage._pointers.clear()
+    else:
+        link = storage.local_path("scan-a")  # a link's target: .versions/<scan>/<version>
+        link.unlink()
+        os.symlink(f".versions/scan-a/{named}", link)
+    assert storage.current_version("scan-a") is None
+    assert storage.read(f"{storage.versions_dir}/scan-a/{v1}/zarr.json") == b"1"
+
+
 def test_storage_publishes_hard_linked_files_under_every_name(storage, tmp_path):
     """An OME view's shards are the image's files hard-linked (store/ome_views.py): both names
     read back the same bytes; object storage sends the bytes once and copies on the server."""
