@@ -142,12 +142,17 @@ def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
     folder = store.version_key(spec.scan_id, version)  # one version throughout, even if re-published
     try:
         doc = store.read_json(f"{folder}/zarr.json")
-        attrs = doc["attributes"] if isinstance(doc, dict) else None
-    except (ValueError, KeyError):
-        attrs = None
+        sizes = store.sizes(folder)
+    except ValueError:
+        return VerifyLine(spec.scan_id, TORN, "its zarr.json is not JSON")
+    except PermissionError as err:  # this scan is reported, the run goes on
+        return VerifyLine(spec.scan_id, TORN, f"unreadable here: {err.strerror or 'permission denied'}")
+    if doc is None:  # published, but its group document is gone: damaged, not absent
+        return VerifyLine(spec.scan_id, TORN, "its zarr.json is missing")
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
     if not isinstance(attrs, dict):
-        return VerifyLine(spec.scan_id, MISSING, "not in the store")
-    torn = manifest_mismatch(store.sizes(folder), attrs)
+        return VerifyLine(spec.scan_id, TORN, "its zarr.json has no attributes")
+    torn = manifest_mismatch(sizes, attrs)
     if torn is not None:
         return VerifyLine(spec.scan_id, TORN, torn)
     try:

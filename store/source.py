@@ -182,17 +182,18 @@ class LocalSource:
         cached = self._meta.get(scan_id)
         if cached is not None and cached[0] == version:
             return cached
-        data = self.storage.read(f"{self.storage.version_key(scan_id, version)}/zarr.json")
-        if data is None:  # the version was removed under us
-            raise ScanNotFound(f"scan {scan_id!r} not found")
+        folder = self.storage.version_key(scan_id, version)
+        data = self.storage.read(f"{folder}/zarr.json")
+        if data is None:
+            if self._current(scan_id) == version and self.storage.sizes(folder):
+                raise ScanDamaged(scan_id, "its zarr.json is missing")  # still current, files there
+            raise ScanNotFound(f"scan {scan_id!r} not found")  # the version was removed under us
         try:
             meta = ScanMeta.from_attrs(json.loads(data)["attributes"], version)
         except (KeyError, ValueError, TypeError):
             # a published version is never changed: a zarr.json that does not parse was damaged
-            # after publication (verify reports it TORN), or the folder is not scancache's
-            raise ScanNotFound(
-                f"scan {scan_id!r}: its zarr.json is not a scancache scan's (damaged? scancache verify checks)"
-            ) from None
+            # after publication (verify reports it TORN)
+            raise ScanDamaged(scan_id, "its zarr.json is not a scan's") from None
         state = (version, meta)
         self._meta.put(scan_id, state)
         return state
@@ -213,7 +214,7 @@ class LocalSource:
         for scan_id in self.scan_ids():
             try:
                 meta = self.metadata(scan_id)
-            except (KeyError, ValueError):  # vanished or foreign group: not ours to list
+            except (KeyError, ValueError, ScanDamaged):  # vanished or damaged: not listed
                 continue
             if matches(meta, filters):
                 out.append(meta)

@@ -145,6 +145,40 @@ def test_a_torn_scan_is_caught_by_verify_and_redone_by_the_job(tmp_path):
     assert run_cli("verify", source, store).returncode == 0
 
 
+def test_verify_calls_a_lost_or_unreadable_zarr_json_damage_and_goes_on(tmp_path, monkeypatch):
+    """A published scan whose group document is gone or not JSON is damaged, not "not in the
+    store"; one verify cannot read (permissions) is reported and the run goes on."""
+    from service.verify import TORN, verify_store
+    from store.storage import LocalStorage
+
+    source, store = tmp_path / "source", tmp_path / "store"
+    write_sample_data(source, subjects=3, visits=1, shape=(16, 16, 4), num_classes=2, seed=5)
+    assert run_preprocess(source, store, workers=1, progress=False).converted == 3
+    ((store / "0000001_V00-Aug00").resolve() / "zarr.json").unlink()
+    ((store / "0000002_V00-Aug00").resolve() / "zarr.json").write_text("{not json")
+    unreadable = "0000003_V00-Aug00"
+    real_read = LocalStorage.read
+
+    def read(self, key):  # as a file the server's user may not read (tests run as root)
+        if key.startswith(f".versions/{unreadable}/") and key.endswith("/zarr.json"):
+            raise PermissionError(13, "Permission denied")
+        return real_read(self, key)
+
+    monkeypatch.setattr(LocalStorage, "read", read)
+    lines = {line.scan_id: (line.status, line.detail) for line in verify_store(source, store).lines}
+    assert lines == {
+        "0000001_V00-Aug00": (TORN, "its zarr.json is missing"),
+        "0000002_V00-Aug00": (TORN, "its zarr.json is not JSON"),
+        unreadable: (TORN, "unreadable here: Permission denied"),
+    }
+    monkeypatch.undo()
+    summary = run_preprocess(
+        source, store, workers=1, progress=False, rebuild=["0000001_V00-Aug00", "0000002_V00-Aug00"]
+    )
+    assert summary.converted == 2
+    assert run_cli("verify", source, store).returncode == 0
+
+
 def test_scans_whose_sources_are_gone_are_listed_or_pruned(tmp_path):
     source, store = tmp_path / "source", tmp_path / "store"
     write_sample_data(source, subjects=3, visits=1, shape=(12, 12, 3), num_classes=2, seed=6, splits=None)

@@ -158,14 +158,13 @@ def test_a_malformed_affine_is_refused_by_the_writer_and_skipped_by_the_server(t
         listing = httpx.get(f"{url}/scans")
         assert listing.status_code == 200
         assert [s["scan_id"] for s in listing.json()["scans"]] == ["good"]
-        one = httpx.get(f"{url}/scans/edited")
-        assert one.status_code == 404
-        assert one.json() == {
-            "detail": "scan 'edited': its zarr.json is not a scancache scan's (damaged? scancache verify checks)",
-            "error": "ScanNotFound",
-            "param": None,
-        }
-        assert httpx.get(f"{url}/scans/edited/image").status_code == 404
+        one = httpx.get(f"{url}/scans/edited")  # damaged after writing: said so, with the repair
+        assert one.status_code == 500
+        assert one.json()["error"] == "ScanDamaged"
+        assert one.json()["detail"].startswith(
+            "scan 'edited' is damaged in the store (its zarr.json is not a scan's): scancache verify"
+        )
+        assert httpx.get(f"{url}/scans/edited/image").json()["error"] == "ScanDamaged"
 
 
 def test_old_prediction_with_a_scan_store_that_lacks_the_scan_names_the_cause(nifti_predictions, tmp_path):

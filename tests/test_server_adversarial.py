@@ -203,7 +203,8 @@ def test_listing_survives_damaged_and_non_finite_metadata(tmp_path, caplog):
         assert one.status_code == 200
         attrs = json.loads(one.text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
         assert attrs["mean"] is None and attrs["std"] is None and attrs["percentiles"] == [1.0, None]
-        assert client.get("/scans/0000002_V00-Aug00").status_code == 404
+        damaged = client.get("/scans/0000002_V00-Aug00")
+        assert damaged.status_code == 500 and damaged.json()["error"] == "ScanDamaged"
     assert any("skipped scan 0000002_V00-Aug00" in r.getMessage() for r in caplog.records)
 
 

@@ -301,6 +301,34 @@ def test_unexpected_errors_are_a_generic_500_without_paths(tmp_path, caplog, mon
     assert any("internal error" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
+@pytest.mark.parametrize("refusal", ["file", "tensorstore", "credentials"])
+def test_a_store_that_refuses_a_read_is_a_503_without_paths(tmp_path, caplog, monkeypatch, refusal):
+    """A shard the server's user may not read, or object storage refusing the server's
+    credentials, is the server's store unavailable (503), not a bug (500); the log has it."""
+    from store.source import LocalSource
+
+    root = tmp_path / "store"
+    image, mask = make_volume((8, 8, 4), 2, seed=1)
+    write_scan(root, SCAN, image, mask, {"split": "train"})
+    shard = f"{root}/.versions/{SCAN}/v/image/c/0/0/0"
+    errors = {
+        "file": PermissionError(13, "Permission denied", shard),
+        "tensorstore": ValueError(f'PERMISSION_DENIED: Error reading "{shard}": Permission denied'),
+        "credentials": ValueError("UNAUTHENTICATED: HTTP 403 reading s3://bucket/x"),
+    }
+
+    def refused(*_args, **_kwargs):
+        raise errors[refusal]
+
+    client = InProcess(create_app(Settings(store=root)), raise_app_exceptions=False)
+    monkeypatch.setattr(LocalSource, "read_versioned", refused)
+    with caplog.at_level(logging.ERROR, logger="scancache.server"):
+        response = client.get(f"/scans/{SCAN}/image")
+    body = assert_error(response, 503, "store unavailable: it refused a read", root=tmp_path)
+    assert body["error"] == "ServerError" and "bucket" not in response.text
+    assert any("refused a read" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
 def test_a_store_damaged_after_writing_is_a_500_naming_the_scan_without_paths(tmp_path, caplog):
     root = tmp_path / "store"
     image, mask = make_volume((8, 8, 4), 2, seed=1)
