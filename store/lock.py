@@ -80,8 +80,8 @@ class JobLock:
         # what the refusal calls the holder, and what it tells the user to do (other writers
         # than the job, e.g. write_predictions, have no --wait)
         self.writer = writer
-        self.advice = advice or f"wait for it (--wait), or delete {name} if that job is gone"
         self.path = self.store / name
+        self.advice = advice or f"wait for it (--wait), or delete {self.path} if that job is gone"
         self.wait, self.poll_s = wait, poll_s
         self.warn = warn or (lambda message: None)
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
