@@ -269,9 +269,10 @@ class LocalSource:
         return opened  # type: ignore[no-any-return]
 
     def _check_intact(self, scan_id: str, version: str, meta: ScanMeta) -> None:
-        """A scan version's files are there at the sizes its manifest lists: one listing of the
-        version when first read, and again every ``storage.intact_recheck_s`` of reading it (on
-        object storage, where a listing is a billed request, once). A shard file lost after
+        """A scan version's files are there at the sizes its manifest lists (a stat of each in a
+        folder, one LIST request on object storage) when first read, and again every
+        ``storage.intact_recheck_s`` of reading it (on object storage, where a listing is a
+        billed request, once). A shard file lost after
         publication would otherwise read as zeros, tensorstore's fill value for a missing chunk,
         also in a process (a server) that read the scan before the loss."""
         if MANIFEST not in meta.attrs:  # stores before manifests
@@ -281,8 +282,10 @@ class LocalSource:
         every = self.storage.intact_recheck_s
         if checked is not None and (every is None or now - checked < every):
             return
-        sizes = self.storage.sizes(self.storage.version_key(scan_id, version))
-        if not sizes:  # the version was removed under us
+        manifest = meta.attrs[MANIFEST]
+        listed = manifest if isinstance(manifest, dict) else {}
+        sizes = self.storage.sizes_of(self.storage.version_key(scan_id, version), listed)
+        if listed and not sizes:  # the version was removed under us
             raise ScanNotFound(f"scan {scan_id!r} not found")
         problem = manifest_mismatch(sizes, meta.attrs)
         if problem is not None:

@@ -21,7 +21,7 @@ import shutil
 import stat
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,12 @@ class Storage(ABC):
     def sizes(self, prefix: str) -> dict[str, int]:
         """Every object under ``prefix/`` (recursively): key relative to the prefix -> bytes."""
 
+    def sizes_of(self, prefix: str, keys: Iterable[str]) -> dict[str, int]:
+        """``sizes(prefix)`` for these keys only (those present): one listing here; a local
+        folder stats just them."""
+        wanted = set(keys)
+        return {key: size for key, size in self.sizes(prefix).items() if key in wanted}
+
     def exists(self) -> bool:
         """Whether the store's root document is there (a store, of whatever format)."""
         return self.read("zarr.json") is not None
@@ -190,7 +196,7 @@ class Storage(ABC):
 class LocalStorage(Storage):
     """A store in a local (or mounted) folder: versions published by symlink switch."""
 
-    intact_recheck_s = 2.0  # a listing of a version's few dozen files: well under a millisecond
+    intact_recheck_s = 5.0  # a stat of each of a version's few dozen files: about 0.2 ms
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -248,6 +254,16 @@ class LocalStorage(Storage):
                     out[full.relative_to(folder).as_posix()] = full.stat().st_size
                 except OSError:
                     continue
+        return out
+
+    def sizes_of(self, prefix: str, keys: Iterable[str]) -> dict[str, int]:
+        folder = os.path.join(self.root, prefix)
+        out: dict[str, int] = {}
+        for key in keys:
+            try:
+                out[key] = os.stat(os.path.join(folder, key)).st_size
+            except OSError:
+                continue
         return out
 
     def is_empty(self) -> bool:
