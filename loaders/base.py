@@ -437,8 +437,16 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         return TorchBatches(self, channels_first=channels_first)
 
     def close(self) -> None:
+        """Stop the read-ahead and copy threads now (a loader dropped without it is freed, and
+        its threads stopped, once its last reference goes)."""
         self._prefetcher.close()
         self._copy_threads.close()
+
+    def __enter__(self) -> DataLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- inference (loaders.inference) ----------------------------------------------------------
     def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray | None]:

@@ -13,6 +13,7 @@ batches. Keras' own worker threads are therefore off (``workers=1``): there is o
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 import weakref
@@ -24,11 +25,28 @@ K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
+def _weakly(load: Callable[[K], T]) -> Callable[[K], T]:
+    """A bound method held by a weak reference to its object: the object (a loader) keeps its
+    prefetcher, and the prefetcher must not keep it, or a loader dropped without ``close()``
+    would wait for Python's full collection of cycles, its threads and batches alive meanwhile."""
+    if not inspect.ismethod(load):
+        return load
+    method = weakref.WeakMethod(load)
+
+    def call(key: K) -> T:
+        bound = method()
+        if bound is None:
+            raise ReferenceError("the loader of this read-ahead was garbage-collected")
+        return bound(key)
+
+    return call
+
+
 class Prefetcher(Generic[K, T]):
     """``get(key, ahead)`` returns ``load(key)`` and reads the first ``depth`` of ``ahead`` in threads."""
 
     def __init__(self, load: Callable[[K], T], workers: int = 1, depth: int = 4) -> None:
-        self._load = load
+        self._load = _weakly(load)
         self.workers = max(1, int(workers))
         self.depth = max(0, int(depth))
         self._futures: dict[K, Future[T]] = {}

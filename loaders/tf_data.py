@@ -20,6 +20,7 @@ an unknown length: its first pass is the rest of that epoch, then whole epochs.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +57,19 @@ def tf_dataset(loader: DataLoader) -> Any:
     # (3.15) averages one empty step into fit's and evaluate's loss on a dataset of unknown length
     # (n/(n+1) of it). Made mid-epoch (a resumed run), its first pass is the rest of the epoch.
     per_pass = len(loader) if loader._position == 0 else None
+    # TensorFlow's registry of Python functions keeps what from_generator and py_function are
+    # given for the life of the process (tensorflow#35084): they hold the loader weakly, and the
+    # dataset objects strongly (below), so a dropped dataset frees its loader, threads and arrays.
+    owner = weakref.ref(loader)
+
+    def alive() -> DataLoader:
+        found = owner()
+        if found is None:
+            raise ReferenceError("the loader of this tf.data.Dataset was garbage-collected")
+        return found
 
     def batches() -> Iterator[tuple[np.ndarray, ...]]:
+        loader = alive()
         epoch, rest = loader.epoch, loader.remaining_batches()
         for _, batch in loader.batches_of(epoch, rest):
             yield batch[:2]
@@ -69,6 +81,7 @@ def tf_dataset(loader: DataLoader) -> Any:
 
     def taken() -> np.int64:
         """One batch has left the prefetch buffer: count it, and after the epoch's last, the next epoch."""
+        loader = alive()
         loader._position += 1
         if loader._position >= len(loader):
             loader.set_epoch(loader.epoch + 1)
@@ -84,4 +97,8 @@ def tf_dataset(loader: DataLoader) -> Any:
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(per_pass))
     options = tf.data.Options()
     options.experimental_optimization.inject_prefetch = False  # nothing read ahead of the count
-    return dataset.with_options(options)
+    dataset = dataset.with_options(options)
+    # every dataset made from this one keeps its input dataset object, so this holds the loader
+    # for as long as the user's pipeline exists
+    dataset._scancache_loader = loader
+    return dataset

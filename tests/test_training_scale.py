@@ -288,6 +288,58 @@ print("OK")
 """
 
 
+def _prefetch_threads() -> int:
+    import threading
+
+    return sum(t.name.startswith("scancache-prefetch") for t in threading.enumerate())
+
+
+def _within(seconds: float, check) -> bool:
+    """Whether ``check()`` holds within ``seconds`` (threads end when their read does)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(check())
+
+
+def test_a_dropped_loader_is_freed_at_once_and_a_dropped_tf_dataset_frees_its_loader(names):
+    """A notebook cell run again, or a search over settings, drops loaders without ``close()``:
+    reference counting frees each at once, its read-ahead threads end (no cycle waits for the
+    full collection), and TensorFlow's registry of Python functions keeps no loader alive."""
+    import gc
+    import weakref
+
+    before = _prefetch_threads()
+    gc.disable()  # only reference counting
+    try:
+        loader = build_loader(config("2d"), names["local"], 8, False, True, True)
+        for k, _batch in enumerate(loader):
+            if k == 2:
+                break
+        dropped = weakref.ref(loader)
+        del loader, _batch
+        # the reads in flight hold it until they end (a thread's frame), nothing else does
+        assert _within(10, lambda: dropped() is None and _prefetch_threads() <= before)
+    finally:
+        gc.enable()
+
+    with build_loader(config("2d"), names["local"], 8, False, True, True) as loader:
+        assert len(next(iter(loader))) == 2 and _prefetch_threads() > before
+    assert _within(10, lambda: _prefetch_threads() <= before)
+
+    pytest.importorskip("tensorflow")
+    loader = build_loader(config("2d"), names["local"], 8, False, True, True)
+    ds = loader.as_tf_dataset().map(lambda x, y: (x, y))  # the user's pipeline keeps the loader
+    held = weakref.ref(loader)
+    del loader
+    assert len(list(ds.take(2))) == 2 and held() is not None
+    del ds
+    gc.collect()
+    assert held() is None
+
+
 @pytest.mark.slow
 def test_tf_dataset_under_mirrored_strategy_on_two_logical_cpus(scale_store):
     import os
