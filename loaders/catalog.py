@@ -12,6 +12,7 @@ A MedSegPy-style callable may instead return dicts per slice: the same keys plus
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +57,12 @@ def _set_http_options(url: str, options: dict[str, Any]) -> None:
         _http_options[url] = options
 
 
+def _sharing_key(source: str) -> str:
+    """One key per store: a local folder by its real path (``store``, ``./store/``, a link to
+    it), so that no spelling opens a second chunk cache of the same data; URLs as given."""
+    return source if "://" in source else os.path.realpath(source)
+
+
 def shared_source(source: SourceLike) -> ScanSource:
     """One open source per path/URL for the whole process (connection pool and chunk cache)."""
     if not isinstance(source, str):
@@ -63,10 +70,11 @@ def shared_source(source: SourceLike) -> ScanSource:
             source = str(source)
         else:
             return source
+    key = _sharing_key(source)
     with _shared_lock:
-        opened = _shared.get(source)
+        opened = _shared.get(key)
         if opened is None:
-            opened = _shared[source] = open_source(source, **_http_options.get(source, {}))
+            opened = _shared[key] = open_source(source, **_http_options.get(source, {}))
         return opened
 
 

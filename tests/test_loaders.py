@@ -290,6 +290,22 @@ def test_random_patches_deterministic_and_oversample_foreground(store, train_nam
     assert loader.batch_elements(0) != first_epoch
 
 
+def test_one_store_under_several_spellings_shares_one_source(store, tmp_path, monkeypatch):
+    """``store``, ``./store/``, an absolute path and a link to it are one store: one source, one
+    chunk cache (each would hold its own share of memory)."""
+    import os
+
+    from loaders.catalog import shared_source
+
+    root, _ = store
+    link = tmp_path / "link-to-store"
+    os.symlink(root, link)
+    monkeypatch.chdir(root.parent)
+    spellings = [str(root), f"{root}/", root.name, f"./{root.name}/", str(link), root]
+    opened = {id(shared_source(s)) for s in spellings}
+    assert len(opened) == 1
+
+
 def test_catalog_accepts_medsegpy_style_callables(store):
     root, arrays = store
     from loaders.catalog import shared_source
