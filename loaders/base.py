@@ -473,8 +473,8 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         ``{"y_true": (H, W, D, C), "y_pred": (H, W, D, C), "time_elapsed": seconds}`` (reading
         included; ``y_true`` is None for a scan without a mask, which a test loader holds:
         nnU-Net ``imagesTs`` cases without ``labelsTs``). The next scan is read while this one is predicted; with the scan the
-        loop body still holds, memory stays within three scans' inputs and two scans' outputs
-        (one and one fewer for a caller that drops each scan before the next). Per-slice datasets give D = their slices.
+        loop body still holds, memory holds three scans' inputs and two scans' outputs (one and
+        one fewer for a caller that drops each scan before the next), plus the model's own. Per-slice datasets give D = their slices.
         """
         return inference.run_inference(self, model, predict_kwargs)
 

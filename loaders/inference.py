@@ -257,9 +257,10 @@ def run_inference(
     """``DataLoader.inference``: ``(input, output)`` per scan, sorted by scan id.
 
     The next scan is read in a background thread while this one is predicted. With the scan a
-    ``for`` loop's body still holds while the next is made, memory stays within three scans'
-    inputs and two scans' outputs (measured: 496-532 MB for 264 MB of one scan's input and
-    output; a caller that drops each scan first, 361-396 MB).
+    ``for`` loop's body still holds while the next is made, memory holds three scans' inputs
+    and two scans' outputs, plus the model's working memory (measured on 256x256x96 scans of
+    96 MB input and 72 MB output each: 496-532 MB; a caller that drops each scan first,
+    361-396 MB).
     """
     kwargs = {k: v for k, v in predict_kwargs.items() if k not in LEGACY_PREDICT_ARGS}
     scans = sorted(loader.scans, key=lambda s: s.scan_id)
