@@ -186,12 +186,41 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
                 f"(the one with {nnunet_dataset.DATASET_JSON}) as SOURCE"
             )
         raise EmptySource(f"{source}: no .im/.seg slices or .h5 volumes found")
+    _refuse_one_split(source, root, splits)
     for key in sorted(set(slices) - refused):
         try:
             found.scans.append(_scan_spec(root, key, slices[key], splits[key]))
         except SourceError as err:
             found.failures.append(err)
     return found
+
+
+SPLIT_NAMES = frozenset({"train", "training", "valid", "val", "validation", "test", "testing"})
+
+
+def _holds_input(folder: Path) -> bool:
+    return any(p.suffix in (IMAGE_SUFFIX, MASK_SUFFIX, VOLUME_SUFFIX) for p in folder.iterdir())
+
+
+def _refuse_one_split(
+    source: str | os.PathLike[str], root: Path, splits: dict[str, dict[str | None, str]]
+) -> None:
+    """SOURCE given one level too deep (``src/train`` of ``src/{train,valid,test}``) would store
+    its scans without a split, and a job would re-publish them so: refused, naming the parent."""
+    if root.name.lower() not in SPLIT_NAMES or any(None not in found for found in splits.values()):
+        return
+    try:
+        siblings = sorted(
+            d.name for d in root.parent.iterdir()
+            if d != root and d.name.lower() in SPLIT_NAMES and d.is_dir() and _holds_input(d)
+        )  # fmt: skip
+    except OSError:
+        return
+    if siblings:
+        raise EmptySource(
+            f"{source}: is the {root.name!r} split of {root.parent} (beside {', '.join(siblings)}): "
+            f"give {root.parent} as SOURCE, so that each scan keeps its split"
+        )
 
 
 def _link_problem(root: Path, link: Path, visited: set[str] | None) -> str | None:

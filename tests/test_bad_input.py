@@ -192,6 +192,27 @@ def test_empty_source_is_a_clear_error(tmp_path, make):
     assert not (tmp_path / "store").exists()
 
 
+def test_one_split_given_as_source_is_refused_naming_the_parent(tmp_path):
+    """``src/train`` of ``src/{train,valid}`` would be stored (or verified) without splits, and
+    verify's repair command would then re-publish the scans so: one line naming ``src``."""
+    source = tmp_path / "src"
+    write_slice_files(source / "train", GOOD[0], *_scan())
+    write_slice_files(source / "valid", GOOD[1], *_scan(seed=1))
+    for command in ("preprocess", "verify"):
+        if command == "verify":
+            assert run_cli("preprocess", source, tmp_path / "store").returncode == 0
+        result = run_cli(command, source / "train", tmp_path / "store")
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == (
+            f"scancache {command}: error: {source / 'train'}: is the 'train' split of {source} "
+            f"(beside valid): give {source} as SOURCE, so that each scan keeps its split"
+        )
+    # a flat folder of one's own, whatever its name's siblings hold, converts as it is
+    flat = tmp_path / "cohort"
+    write_slice_files(flat, GOOD[0], *_scan())
+    assert [s.split for s in discover(flat).scans] == [None]
+
+
 def test_store_that_is_not_a_store_is_refused(tmp_path):
     source = tmp_path / "source"
     write_slice_files(source, GOOD[0], *_scan())
