@@ -24,8 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
-
 import numpy as np
 
 # The phantoms' four tissue shells, innermost first (service/sample_data.py), named for the
