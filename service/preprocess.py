@@ -260,7 +260,14 @@ def _convert_all(
             print(f"preprocess: {len(specs)} scans to convert on {where}{early}", file=stream, flush=True)
         warn = _warner(stream)
         if dashboard and not scheduler:
-            print(f"preprocess: dashboard at {client.dashboard_link}", file=stream, flush=True)
+            link = client.dashboard_link
+            wanted = dashboard.rsplit(":", 1)[-1]
+            taken = (
+                f" (port {wanted} was in use)"
+                if wanted not in ("0", "") and f":{wanted}/" not in link
+                else ""
+            )
+            print(f"preprocess: dashboard at {link}{taken}", file=stream, flush=True)
             if importlib.util.find_spec("bokeh") is None:  # Dask serves the page only with it
                 warn("the dashboard needs bokeh: pip install bokeh")
         bar = Progress(summary.total + len(specs), summary.total, progress, stream)

@@ -163,3 +163,26 @@ def test_the_job_cluster_opens_no_dashboard_unless_asked():
                 services = client.scheduler_info()["services"]
     assert not [w for w in caught if "8787" in str(w.message)], [str(w.message) for w in caught]
     assert services.get("dashboard") != 8787
+
+
+def test_a_dashboard_asked_on_a_port_in_use_is_served_elsewhere_and_said_so(tmp_path):
+    """``--dashboard 127.0.0.1:PORT`` with PORT held: Dask serves it on another port; the line
+    names the address it is really at, and bokeh (the dashboard extra) is there to draw it."""
+    import importlib.util
+    import socket
+
+    source = tmp_path / "source"
+    write_sample_data(source, subjects=1, visits=1, shape=(16, 16, 4), num_classes=2, splits=None)
+    out = io.StringIO()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        summary = run_preprocess(
+            source, tmp_path / "store", workers=1, progress=False, stream=out, dashboard=f"127.0.0.1:{port}"
+        )
+    assert summary.converted == 1
+    (line,) = [x for x in out.getvalue().splitlines() if "dashboard at" in x]
+    assert line.startswith("preprocess: dashboard at http://127.0.0.1:") and f":{port}/" not in line
+    assert line.endswith(f"/status (port {port} was in use)")
+    assert importlib.util.find_spec("bokeh") is not None and "needs bokeh" not in out.getvalue()
