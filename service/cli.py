@@ -19,7 +19,11 @@ from typing import Any, NoReturn
 
 from service.cli_args import (
     RefuseTokenFlag,
+    check_listen_host,
+    check_parsed,
     class_names_arg,
+    count_of,
+    layout_from_flags,
     non_negative_float,
     parse_bytes,
     port_number,
@@ -29,6 +33,8 @@ from service.cli_args import (
     scan_id_list,
     shape3,
     spacing_arg,
+    split_names_arg,
+    store_arg,
 )
 from service.export_cli import add_export_parser
 from service.profile_cli import add_profile_parser
@@ -41,13 +47,10 @@ SAMPLE_DATA_STAMP = ".sample-data.json"  # what `scancache sample-data` wrote in
 
 # -- subcommands ------------------------------------------------------------------------------
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from service.layouts import chunks_text
     from service.preprocess import run_preprocess
-    from store.format import ChunkLayout
 
     try:
-        chunks = chunks_text(args.layout, args.chunks)
-        layout = ChunkLayout.parse(chunks, shard_depth=args.shard_depth, codec=args.codec)
+        layout = layout_from_flags(args.layout, args.chunks, args.shard_depth, args.codec)
     except ValueError as err:
         raise SystemExit(f"scancache preprocess: error: {err}") from None
     summary = run_preprocess(
@@ -87,12 +90,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_sample_data(args: argparse.Namespace) -> int:
     from service.sample_data import write_sample_data
 
-    splits = None if args.no_splits else tuple(s for s in args.splits.split(",") if s)
+    splits = None if args.no_splits else args.splits
     params = {
         "subjects": args.subjects, "visits": args.visits, "shape": list(args.shape), "classes": args.classes,
         "format": args.format, "seed": args.seed, "splits": splits, "dtype": args.dtype,
     }  # fmt: skip
     folder = Path(args.dir)
+    # a file where DIR or a folder above it must go: mkdir would say "[Errno 20] Not a directory"
+    blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        where = " is" if blocked == folder else f": {str(blocked)!r} is"
+        raise ValueError(f"DIR {args.dir!r}{where} a file, not a folder")
     stamp = folder / SAMPLE_DATA_STAMP
     if folder.is_dir() and any(folder.iterdir()):
         # the same command again (a compose file, a Makefile) finds its data and is done; any
@@ -114,7 +122,8 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     )
     stamp.write_text(json.dumps(params))
     kinds = ", ".join(f"{data.count(k)} {k.upper()}" for k in ("2d", "3d") if data.count(k))
-    print(f"wrote {kinds} scans of {'x'.join(map(str, args.shape))} to {data.root}")
+    noun = count_of(len(data.scans), "scan").split(" ", 1)[1]  # "1 2D scan", "1 2D, 1 3D scans"
+    print(f"wrote {kinds} {noun} of {'x'.join(map(str, args.shape))} to {data.root}")
     print(f"convert them with: scancache preprocess {data.root} STORE")
     return 0
 
@@ -133,6 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if token:  # the server reads SCANCACHE_TOKEN (also in uvicorn's worker processes)
         os.environ["SCANCACHE_TOKEN"] = token
     host = args.host or os.environ.get("SCANCACHE_HOST") or "127.0.0.1"
+    check_listen_host(host, f"--host {host}" if args.host else f"SCANCACHE_HOST={host}")
     port = args.port
     if port is None:  # the flag wins; the variable is then not read (a bad one must not stop it)
         try:
@@ -166,11 +176,13 @@ class OneLineParser(argparse.ArgumentParser):
     """A usage error is one line, as every other error of the CLI (argparse prints the whole
     usage first); ``--help`` still prints it. Subcommand parsers are of this class too."""
 
+    commands: Any = None  # the subparsers action: check_parsed reports through a command's parser
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="scancache",
         description="Preprocess MedSegPy slice-wise HDF5 scans or an nnU-Net NIfTI dataset into a "
@@ -179,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"scancache {package_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
         "preprocess",
@@ -194,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "source", metavar="SOURCE", help="folder of MedSegPy input files, or an nnU-Net dataset folder"
     )
-    p.add_argument("store", metavar="STORE", help="store folder (created if missing)")
+    p.add_argument("store", metavar="STORE", type=store_arg, help="store folder (created if missing)")
     p.add_argument(
         "--scheduler",
         metavar="ADDR",
@@ -280,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "source scan is in the store and exact and the store holds no other scan.",
     )
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("store", metavar="STORE")
+    p.add_argument("store", metavar="STORE", type=store_arg)
     p.set_defaults(func=cmd_verify)
 
     add_scans_parser(sub)
@@ -306,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", choices=("float32", "int16", "uint16"), default="float32", help="default: %(default)s"
     )
-    p.add_argument("--splits", default="train,valid,test", help="split folders (default: %(default)s)")
+    splits_help = "split folders (default: %(default)s)"
+    p.add_argument("--splits", type=split_names_arg, default="train,valid,test", help=splits_help)
     p.add_argument("--no-splits", action="store_true", help="write all scans directly into DIR")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     p.set_defaults(func=cmd_sample_data)
@@ -317,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve STORE over HTTP: REST regions and read-only Zarr v3.",
     )
     p.add_argument(
-        "store", metavar="STORE", nargs="?", default=None, help="store folder or s3://BUCKET/PREFIX "
-        "(default: SCANCACHE_STORE, as for the server's other settings)",
+        "store", metavar="STORE", nargs="?", default=None, type=store_arg,
+        help="store folder or s3://BUCKET/PREFIX (default: SCANCACHE_STORE, as for the server's other settings)",
     )  # fmt: skip
     p.add_argument(
         "--host", default=None, help="address to listen on (default: $SCANCACHE_HOST, else 127.0.0.1)"
@@ -393,7 +406,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, extras = parser.parse_known_args(argv)
+    check_parsed(parser, args, extras, argv)
     # the server leaves SIGTERM to uvicorn (a graceful shutdown); a job or a command stops cleanly
     previous = None
     if args.command != "serve" and threading.current_thread() is threading.main_thread():

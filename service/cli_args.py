@@ -1,17 +1,23 @@
 """The command line's argument types: each checks one kind of value where it enters and gives
 argparse one line to print (``scancache <command>: error: ...``, exit 2); the token file's
-reading and its mode check. ``service.cli`` builds the parsers with them."""
+reading and its mode check; the checks of values argparse cannot see alone (an unknown flag's
+closest option, a host to listen on). ``service.cli`` builds the parsers with them."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from store.units import parse_bytes as _parse_size
+
+if TYPE_CHECKING:
+    from store.format import ChunkLayout
 
 # loaders.config.Y_FORMATS, written out so that the CLI does not import the loaders (numpy)
 # to build its parser; tests/test_profile.py checks that the two agree.
@@ -159,3 +165,123 @@ def spacing_arg(text: str) -> tuple[float, float, float]:
         return zyx_checked([float(p) for p in text.split(",")])
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not three positive numbers SY,SX,SZ (mm)") from None
+
+
+def split_names_arg(text: str) -> tuple[str, ...]:
+    """``sample-data --splits train,valid,test``: each name becomes a folder under DIR, so it
+    must be one plain folder name (``../x`` would write outside DIR); an empty name or one
+    given twice is a typo, not a request for fewer splits."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name; give names like train,valid,test")
+    for name in names:
+        if name in (".", "..") or "/" in name or "\\" in name:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a folder name (no '/', '\\', '.' or '..')")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{text!r} names {twice[0]!r} twice")
+    return names
+
+
+def store_arg(text: str) -> str:
+    """A STORE that only a store can be (scans, verify, preprocess, serve): a server's URL would
+    otherwise be taken for a local path (``http:/host:8000``, one slash lost) and not found."""
+    if text.lower().startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(
+            f"{text} is a server's URL; give a store folder or s3://BUCKET/PREFIX, "
+            f"or list the server's scans with GET {text.rstrip('/')}/scans"
+        )
+    return text
+
+
+def count_of(number: int, noun: str) -> str:
+    """``1 scan``, ``2 scans``: a count as a person writes it."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """argparse's "unrecognized arguments" text, with the closest option of ``parser`` for the
+    first unknown flag (a typo like ``--wokers``)."""
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    flags = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
+    if flags:
+        known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+        close = difflib.get_close_matches(flags[0], known, n=1)
+        if close:
+            message += f"; did you mean {close[0]}?"
+    return message
+
+
+def check_listen_host(host: str, label: str) -> None:
+    """One line naming the setting (``label``: ``--host X`` or ``SCANCACHE_HOST=X``) when ``host``
+    is no address this machine can listen on; uvicorn would log six lines and exit 3. Port 0:
+    only the address is tried here, a taken port is the server's own check (``check_port_free``)."""
+    import errno
+    import socket
+
+    # the family uvicorn binds (IPv6 for an address with a colon), as check_port_free does
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    hint = "listen on e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))  # getaddrinfo, then the bind
+    except socket.gaierror:
+        raise ValueError(f"{label}: not an address, nor a name that resolves; {hint}") from None
+    except OSError as err:
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(f"{label}: not an address of this machine; {hint}") from None
+        # another cause (no IPv6 here, permissions): uvicorn's own start says it, as before
+
+
+def check_parsed(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str], argv: Sequence[str]
+) -> None:
+    """Usage errors argparse leaves to the top-level parser, said by the command's own: an
+    unknown flag after the command names the command, whose --help lists the right ones.
+    ``parser.commands`` is its subparsers action (``service.cli.OneLineParser``)."""
+    sub = parser.commands.choices[args.command]  # type: ignore[attr-defined]
+    if extras:
+        # the top-level parser takes no values, so the first word that is the command is it
+        before = list(argv)[: list(argv).index(args.command)]
+        if any(word in extras for word in before):
+            parser.error(unrecognized_message(parser, [w for w in before if w in extras]))
+        sub.error(unrecognized_message(sub, extras))
+    if args.command == "profile" and args.categories is not None:
+        # "" would read as no --categories at all (every class): refused, as the REST API does
+        from store.categories import parse_categories
+        from store.errors import InvalidCategories
+
+        if not args.categories.strip():
+            sub.error(f"--categories: {args.categories!r} names no class; leave it out for every class")
+        try:  # the one parser of categories; a name the scans lack is found when they are read
+            parse_categories(args.categories, "--categories")
+        except InvalidCategories as err:
+            sub.error(str(err))
+
+
+def layout_from_flags(
+    layout: str | None, chunks: str | None, shard_depth: int | None, codec: str | None
+) -> ChunkLayout:
+    """``preprocess --layout/--chunks/--shard-depth/--codec`` as a ``ChunkLayout``; a ValueError
+    names the flag. A shard holds whole inner chunks: a depth that is no multiple of theirs
+    would be rounded when written while the scan's ``layout`` attribute recorded it as given."""
+    from service.layouts import chunks_text
+    from store.format import ChunkLayout
+
+    text = chunks_text(layout, chunks)
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []  # ChunkLayout.parse says what is wrong with it
+    if len(parts) == 3 and min(parts) < 1:
+        raise ValueError(f"--chunks: {text!r} is not three positive integers")
+    depth = parts[2] if len(parts) == 3 else 1
+    if shard_depth is None:  # the default in whole chunks (--chunks 64,64,5: 35), as it was written
+        shard_depth = math.ceil(ChunkLayout.shard_depth / depth) * depth
+    elif shard_depth % depth:
+        lower = max(depth, shard_depth // depth * depth)
+        raise ValueError(
+            f"--shard-depth: {shard_depth} is not a multiple of the chunk depth {depth}; "
+            f"give e.g. {lower} or {lower + depth}"
+        )
+    return ChunkLayout.parse(text, shard_depth=shard_depth, codec=codec)

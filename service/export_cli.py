@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from service.cli_args import count_of
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from loaders.export import export_nifti  # nibabel only when exporting
@@ -26,7 +28,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     what = "label maps and probabilities" if args.probabilities else "label maps"
-    print(f"exported {len(done)} scans ({what}, each with a .json naming its labels) to {args.out_dir}")
+    print(
+        f"exported {count_of(len(done), 'scan')} ({what}, each with a .json naming its labels) to {args.out_dir}"
+    )
     return 0
 
 

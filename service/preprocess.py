@@ -257,7 +257,11 @@ def _convert_all(
             n = len(client.scheduler_info()["workers"])
             where = scheduler or f"a local cluster of {n} worker{'s' if n != 1 else ''}"
             early = f" ({summary.failed} more failed before converting)" if summary.failed else ""
-            print(f"preprocess: {len(specs)} scans to convert on {where}{early}", file=stream, flush=True)
+            print(
+                f"preprocess: {len(specs)} scans to check and convert on {where}{early}",
+                file=stream,
+                flush=True,
+            )
         warn = _warner(stream)
         if dashboard and not scheduler:
             link = client.dashboard_link

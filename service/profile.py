@@ -83,6 +83,7 @@ def run_profile(
             result = measure_with_workers(loader, seconds, workers)
         else:
             result = _measure(loader, seconds)
+        result["batches_per_epoch"] = len(loader)
         result["object_storage"] = source.startswith("s3://")
         result["over_http"] = source.startswith(("http://", "https://"))
         result["y_format"] = y_format
@@ -107,6 +108,20 @@ def _build(loaders: Any, cfg: Any, tag: str, batch_size: int) -> Any:
         raise ValueError(f"--tag {tag!r} is not a loader; the loaders are: {known}") from None
     except ValueError as exc:  # the catalog names its own data set: the user typed flags
         raise ValueError(_in_flags(str(exc))) from None
+
+
+def batch_size_note(result: dict[str, Any], batch_size: int) -> str | None:
+    """One line when the data set holds fewer examples than ``batch_size``: each batch then
+    holds all of them (``drop_last=False``), and the figures are for that smaller batch."""
+    if result.get("batches_per_epoch") != 1 or not result["batches"]:
+        return None
+    held = result["examples"] // result["batches"]
+    if held >= batch_size:
+        return None
+    return (
+        f"profile: note: --batch-size {batch_size} is more than the {held} examples of the data set: "
+        f"each batch held those {held}"
+    )
 
 
 def _in_flags(message: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from service.cli_args import PROFILE_Y_FORMATS, non_negative_int, positive_int, positive_seconds_arg
@@ -25,19 +26,22 @@ def img_size_arg(text: str) -> tuple[int, ...]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from service.profile import explain, parse_categories, run_profile
+    from service.profile import batch_size_note, explain, parse_categories, run_profile
 
     result = run_profile(
         args.source,
         args.tag,
         batch_size=args.batch_size,
-        categories=parse_categories(args.categories) if args.categories else None,
+        categories=None if args.categories is None else parse_categories(args.categories),
         img_size=args.img_size,
         seconds=args.seconds,
         split=args.split,
         y_format=args.y_format,
         workers=args.workers,
     )
+    note = batch_size_note(result, args.batch_size)
+    if note:  # on stderr: --json's output stays one JSON document
+        print(note, file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:

@@ -134,6 +134,9 @@ def write_sample_data(
         raise ValueError("subjects, visits and num_classes must be positive")
     if fmt == "both" and subjects < 2:
         raise ValueError("fmt 'both' writes every other subject as volumes: it needs at least 2 subjects")
+    for name in splits or ():  # each a folder under directory: "../x" would write outside it
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"split names must be plain folder names, got {name!r}")
     out_dtype = np.dtype(dtype)
     root = Path(directory)
     data = SampleData(root=root)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from service.cli_args import count_of, store_arg
 from store.ome_views import is_view_chunk_file
 from store.storage import parse_location
 
@@ -60,12 +61,12 @@ def cmd_scans(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-    print(f"{len(rows)} scans, {format_bytes(sum(r['bytes'] for r in rows))}")
+    print(f"{count_of(len(rows), 'scan')}, {format_bytes(sum(r['bytes'] for r in rows))}")
     return 0
 
 
 def add_scans_parser(sub: Any) -> None:
     p = sub.add_parser("scans", help="list the scans of a store", description="List the scans of STORE.")
-    p.add_argument("store", metavar="STORE")
+    p.add_argument("store", metavar="STORE", type=store_arg)
     p.add_argument("--json", action="store_true", help='print {"scans": [...]} as JSON')
     p.set_defaults(func=cmd_scans)

@@ -244,10 +244,14 @@ def verify_store(
         if on_line is not None:
             on_line(line)
 
-    for err in found.failures:
-        emit(VerifyLine(err.scan, FAILED, f"{err.file}: {err.why}"))
-    for spec in found.scans:
-        emit(compare_scan(root, spec))
+    # in scan order, whether a scan failed from its files' names alone or is compared
+    work: list[tuple[str, SourceError | ScanSpec]] = [(err.scan, err) for err in found.failures]
+    work += [(spec.scan_id, spec) for spec in found.scans]
+    for _, item in sorted(work, key=lambda pair: pair[0]):
+        if isinstance(item, SourceError):
+            emit(VerifyLine(item.scan, FAILED, f"{item.file}: {item.why}"))
+        else:
+            emit(compare_scan(root, item))
     known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
     for entry in published_scan_ids(root):
         if entry not in known:

@@ -155,6 +155,10 @@ class ChunkLayout:
             raise ValueError(f"chunks must be three positive integers, got {self.chunks}")
         if self.shard_depth < 1:
             raise ValueError(f"shard depth must be positive, got {self.shard_depth}")
+        if self.shard_depth % self.chunks[2]:  # shard_for would round it; the layout attribute would not
+            raise ValueError(
+                f"shard depth {self.shard_depth} is not a multiple of the chunk depth {self.chunks[2]}"
+            )
         if self.codec not in ("blosc-lz4", "zstd", "none"):
             raise ValueError(f"unknown codec {self.codec!r}")
 

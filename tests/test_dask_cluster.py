@@ -109,7 +109,7 @@ def test_cli_scheduler_option_rerun_skips(cluster, tmp_path):
     first = run_cli("preprocess", source, store, "--scheduler", address)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "scans: 2 converted, 0 skipped, 0 failed" in first.stdout
-    assert f"scans to convert on {address}" in first.stderr
+    assert f"scans to check and convert on {address}" in first.stderr
     second = run_cli("preprocess", source, store, "--scheduler", address)
     assert "scans: 0 converted, 2 skipped, 0 failed" in second.stdout
     assert run_cli("verify", source, store).returncode == 0
@@ -182,8 +182,8 @@ def test_a_job_without_workers_says_so_and_a_lost_scheduler_ends_it_in_one_line(
         source, store = tmp_path / "source", tmp_path / "store"
         write_sample_data(source, subjects=6, visits=8, shape=(48, 48, 16), num_classes=3, seed=7)
         job = start_cli("preprocess", source, store, "--scheduler", address)
-        progress = job.stderr.readline()  # "preprocess: 48 scans to convert on tcp://..."
-        assert "scans to convert" in progress, progress
+        progress = job.stderr.readline()  # "preprocess: 48 scans to check and convert on tcp://..."
+        assert "scans to check and convert" in progress, progress
         os.killpg(procs[0].pid, signal.SIGKILL)  # the scheduler, mid-job
         _, err = job.communicate(timeout=240)
         last = err.strip().splitlines()[-1]

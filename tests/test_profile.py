@@ -224,3 +224,27 @@ def test_a_profile_that_cannot_build_its_loader_says_it_in_flags_and_leaves_noth
     assert (
         run_profile(str(root), "DefaultDataLoader", batch_size=2, seconds=0.1, split="train")["batches"] >= 1
     )
+
+
+def test_a_batch_larger_than_the_data_set_is_noted_once(small_store, capsys):
+    import re
+
+    args = [
+        "profile",
+        str(small_store[0]),
+        "--tag",
+        "DefaultDataLoader",
+        "--seconds",
+        "0.3",
+        "--split",
+        "train",
+    ]
+    assert main([*args, "--batch-size", "500", "--json"]) == 0
+    captured = capsys.readouterr()
+    note = "profile: note: --batch-size 500 is more than the (\\d+) examples of the data set: each batch held those \\1"
+    assert re.fullmatch(note, captured.err.strip()), captured.err
+    held = int(re.fullmatch(note, captured.err.strip()).group(1))
+    result = json.loads(captured.out)  # --json stays one document
+    assert result["batches_per_epoch"] == 1 and result["examples"] == held * result["batches"]
+    assert main([*args, "--batch-size", "4"]) == 0
+    assert "note" not in capsys.readouterr().err
