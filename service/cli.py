@@ -22,7 +22,7 @@ from service.cli_args import (
     check_listen_host,
     check_parsed,
     class_names_arg,
-    count_of,
+    host_port_arg,
     layout_from_flags,
     non_negative_float,
     parse_bytes,
@@ -41,6 +41,7 @@ from service.profile_cli import add_profile_parser
 from service.scans_cli import add_scans_parser
 from service.version import package_version
 from store.errors import one_line
+from store.units import count_of
 
 SAMPLE_DATA_STAMP = ".sample-data.json"  # what `scancache sample-data` wrote into its folder
 
@@ -217,6 +218,7 @@ def build_parser() -> OneLineParser:
     )
     p.add_argument(
         "--dashboard",
+        type=host_port_arg,
         metavar="HOST:PORT",
         help="serve the local cluster's Dask dashboard there, e.g. 127.0.0.1:8787 (needs bokeh; "
         "default: none)",

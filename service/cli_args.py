@@ -9,6 +9,7 @@ import argparse
 import difflib
 import math
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,6 +114,20 @@ def port_number(text: str) -> int:
     return value
 
 
+def host_port_arg(text: str) -> str:
+    """``HOST:PORT`` (``preprocess --dashboard``): Dask took ``nonsense`` for a host name and
+    failed the cluster's start with "Name or service not known"."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8787)")
+    port_number(port)
+    try:
+        socket.getaddrinfo(host.strip("[]"), None)
+    except (socket.gaierror, UnicodeError):
+        raise argparse.ArgumentTypeError(f"{text!r}: host {host!r} does not resolve") from None
+    return text
+
+
 def non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -192,11 +207,6 @@ def store_arg(text: str) -> str:
             f"or list the server's scans with GET {text.rstrip('/')}/scans"
         )
     return text
-
-
-def count_of(number: int, noun: str) -> str:
-    """``1 scan``, ``2 scans``: a count as a person writes it."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from store.errors import ScanCacheError
+from store.units import count_of
 
 WATCH_EVERY_S = 2.0  # how often the number of workers is asked
 NO_WORKER_WARNING_S = 10.0  # how long without any worker before saying so
@@ -38,7 +39,7 @@ def is_scheduler_lost(err: BaseException, client: Any) -> bool:
 
 def scheduler_lost(scheduler: str, converted: int, left: int) -> SchedulerLost:
     return SchedulerLost(
-        f"lost the Dask scheduler {scheduler}: {left} scans not converted ({converted} done and kept); "
+        f"lost the Dask scheduler {scheduler}: {count_of(left, 'scan')} not converted ({converted} done and kept); "
         "run the job again when the scheduler is back (done scans are skipped)"
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from service.cli_args import count_of
+from store.units import count_of
 
 
 def cmd_export(args: argparse.Namespace) -> int:

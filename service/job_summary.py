@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from store.units import format_bytes
+from store.units import count_of, format_bytes
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
 
@@ -76,10 +76,10 @@ class Summary:
             lines.extend(f"  {message}" for message in self.warnings())
         if self.orphans:
             if self.pruned:
-                lines.append(f"removed {len(self.orphans)} scans whose sources are gone:")
+                lines.append(f"removed {count_of(len(self.orphans), 'scan')} whose sources are gone:")
             else:
                 lines.append(
-                    f"{len(self.orphans)} scans in the store have no source any more "
+                    f"{count_of(len(self.orphans), 'scan')} in the store {'has' if len(self.orphans) == 1 else 'have'} no source any more "
                     "(kept; --prune removes them):"
                 )
             lines.extend(f"  {scan_id}" for scan_id in self.orphans)

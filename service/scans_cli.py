@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.cli_args import count_of, store_arg
+from service.cli_args import store_arg
 from store.ome_views import is_view_chunk_file
 from store.storage import parse_location
+from store.units import count_of
 
 
 def _scan_rows(location: str | Path) -> list[dict[str, Any]]:

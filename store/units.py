@@ -38,3 +38,8 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def count_of(number: int, noun: str) -> str:
+    """``1 scan``, ``2 scans``: a count as a person writes it."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -223,3 +223,24 @@ def test_profile_refuses_categories_that_name_no_class(categories, why, capsys):
         usage_error(argv, capsys)
         == f"scancache profile: error: --categories: {why} (see scancache profile --help)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("nonsense", "'nonsense' is not HOST:PORT (e.g. 127.0.0.1:8787)"),
+        (":8787", "':8787' is not HOST:PORT (e.g. 127.0.0.1:8787)"),
+        ("127.0.0.1:x", "'x' is not a port number"),
+        ("127.0.0.1:70000", "'70000' is not a port number (0 to 65535)"),
+        (
+            "no-such-host.invalid:8787",
+            "'no-such-host.invalid:8787': host 'no-such-host.invalid' does not resolve",
+        ),
+    ],
+)
+def test_a_dashboard_address_is_checked_before_any_cluster_starts(tmp_path, capsys, value, why):
+    line = usage_error(["preprocess", str(tmp_path), str(tmp_path / "store"), "--dashboard", value], capsys)
+    assert line.strip() == (
+        f"scancache preprocess: error: argument --dashboard: {why} (see scancache preprocess --help)"
+    )
+    assert not (tmp_path / "store").exists()

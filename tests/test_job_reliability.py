@@ -187,13 +187,13 @@ def test_scans_whose_sources_are_gone_are_listed_or_pruned(tmp_path):
         path.unlink()
     summary = run_preprocess(source, store, workers=1, progress=False)
     assert summary.orphans == ["0000002_V00-Aug00"] and not summary.pruned
-    assert "1 scans in the store have no source any more (kept; --prune removes them):" in summary.report()
+    assert "1 scan in the store has no source any more (kept; --prune removes them):" in summary.report()
     assert "0000002_V00-Aug00" in LocalSource(store).scan_ids()
     result = run_cli("verify", source, store)
     assert result.returncode == 1 and "EXTRA    0000002_V00-Aug00" in result.stdout
     assert "store is NOT exact" in result.stdout
     result = run_cli("preprocess", source, store, "--workers", "1", "-q", "--prune")
-    assert result.returncode == 0 and "removed 1 scans whose sources are gone:" in result.stdout
+    assert result.returncode == 0 and "removed 1 scan whose sources are gone:" in result.stdout
     assert LocalSource(store).scan_ids() == ["0000001_V00-Aug00", "0000003_V00-Aug00"]
     assert run_cli("verify", source, store).returncode == 0
     # its files stay for readers until the grace period is over; a job with --grace 0 removes them
