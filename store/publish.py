@@ -13,9 +13,10 @@ stay untouched until ``remove_old_versions`` deletes versions superseded more th
 ``grace_s`` seconds ago. Nothing here ever deletes or renames the current version.
 
 Version names are ``<publish time in ns, 20 digits>-<random hex>``: they sort by publish time.
-When a version stopped being current is not the time in the next name: the next version may
-never have been current (a publish that failed or was killed before its switch), so
-``retention_start`` counts from the switch to the current version instead (``superseded_at``).
+A version stopped being current no earlier than the time in the next version's name, and
+exactly when the switch away from it touched its folder (``retention_start``): the next name
+alone is not enough, as that version may never have become current (a publish that failed or
+was killed before its switch).
 
 Staging folders (``new_staging``) live under ``ROOT/.staging/<label>-<random>/`` with an
 ``owner.json`` naming host and pid; ``clean_stale_staging`` removes only those whose owner is a
@@ -137,6 +138,7 @@ def publish_version(root: str | os.PathLike[str], name: str, staged_dir: str | o
     version = new_version_name()
     os.rename(staged_dir, versions / version)
     fsync_dir(versions)
+    previous = current_version(root, name)
     link = root / f".{name}.{uuid.uuid4().hex}.link"
     os.symlink(f"{VERSIONS_DIR}/{name}/{version}", link)
     try:
@@ -145,43 +147,51 @@ def publish_version(root: str | os.PathLike[str], name: str, staged_dir: str | o
         link.unlink(missing_ok=True)
         raise
     fsync_dir(root)
+    _mark_superseded(versions, previous)
     return version
+
+
+def _mark_superseded(versions: Path, version: str | None) -> None:
+    """The moment ``version`` stopped being current, as its folder's time (``retention_start``)."""
+    if version is not None:
+        try:
+            os.utime(versions / version)
+        except OSError:  # removed meanwhile: nothing left to keep
+            pass
 
 
 def unpublish(root: str | os.PathLike[str], name: str) -> bool:
     """Remove the link ``ROOT/<name>`` (readers stop listing it at once); its versions stay
     for ``remove_old_versions``' grace period. Returns whether there was one."""
-    if current_version(root, name) is None:
+    last = current_version(root, name)
+    if last is None:
         return False
     os.unlink(os.path.join(root, name))
     versions = Path(root) / VERSIONS_DIR / name
     if versions.is_dir():
         os.utime(versions)  # the time the last version stopped being current
+        _mark_superseded(versions, last)
     fsync_dir(root)
     return True
 
 
-def retention_start(version: str, written: float, current: str | None, superseded_at: float) -> float:
-    """When ``version``'s grace period starts: the last moment a reader could have resolved it.
+def retention_start(touched: float, next_version: str | None, last_ended: float) -> float:
+    """When a non-current version's grace period starts: the last moment a reader could have
+    resolved it.
 
-    ``superseded_at``: when the name's current state began (the switch to ``current``, or the
-    unpublishing of the name). Every version older than the current one was current at some
-    point before that switch, perhaps right up to it: the next version by name may be one that
-    never became current, so its time says nothing. A version newer than the current one never
-    was current (its switch failed or never came): it counts from when it was written.
+    ``touched``: the version's own time, which the switch away from it sets (its folder's mtime;
+    on object storage its newest object, a ``.superseded`` marker), else when it was written
+    (one that never became current). At least the time in the next version's name (versions
+    superseded before switches marked them); for the newest version ``last_ended``, when its
+    name stopped being published (or its folder of versions last changed).
     """
-    if current is not None and version > current:
-        return max(written, version_time(version) or 0.0)
-    return max(written, superseded_at)
+    later = version_time(next_version) if next_version is not None else None
+    return max(touched, later if later is not None else last_ended)
 
 
 def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_GRACE_S) -> list[str]:
     """Delete versions whose grace period (``retention_start``) ended ``grace_s`` seconds ago.
-
-    The current state began at the link's own time (``os.replace`` of a new link), or, for a
-    name no longer published, when ``unpublish`` touched its versions folder. Returns
-    ``name/version`` of each removed version.
-    """
+    Returns ``name/version`` of each removed version."""
     base = Path(root) / VERSIONS_DIR
     if not base.is_dir():
         return []
@@ -190,19 +200,16 @@ def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_G
     for name_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
         current = current_version(root, name_dir.name)
         versions = sorted(p.name for p in name_dir.iterdir() if p.is_dir() and not p.is_symlink())
-        try:
-            state = Path(root) / name_dir.name if current is not None else name_dir
-            superseded_at = state.lstat().st_mtime
-        except OSError:  # a link switched or removed this instant: the next run decides
-            continue
-        for version in versions:
+        for i, version in enumerate(versions):
             if version == current:
                 continue
+            following = versions[i + 1] if i + 1 < len(versions) else None
             try:
-                written = (name_dir / version).stat().st_mtime
+                touched = (name_dir / version).stat().st_mtime
+                ended = name_dir.stat().st_mtime if following is None else 0.0
             except OSError:
                 continue
-            if now - retention_start(version, written, current, superseded_at) >= grace_s:
+            if now - retention_start(touched, following, ended) >= grace_s:
                 shutil.rmtree(name_dir / version, ignore_errors=True)
                 removed.append(f"{name_dir.name}/{version}")
         if current is None and not any(name_dir.iterdir()):

@@ -36,6 +36,7 @@ CURRENT_DIR = ".current"
 # "*.versions" and leaves them out of every listing, so versions live under this name instead.
 OBJECT_VERSIONS_DIR = ".scan-versions"
 UNPUBLISHED = ".unpublished"
+SUPERSEDED = ".superseded"  # in a version's prefix: when it stopped being current
 POINTER_TTL_S = 1.0  # how long a reader trusts a pointer it read (old versions outlive it by far)
 UPLOAD_THREADS = 16
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -361,17 +362,29 @@ class S3Storage(Storage):
             self.bytes_uploaded += sent
         for item in last:
             upload(item)
+        with self._pointer_lock:
+            self._pointers.pop(name, None)  # the version current until now, read afresh
+        previous = self.current_version(name)
         self.write_json(self._pointer_key(name), {"version": version})
+        self._mark_superseded(name, previous)
         self.delete(f"{OBJECT_VERSIONS_DIR}/{name}/{UNPUBLISHED}")
         with self._pointer_lock:
             self._pointers[name] = (time.monotonic(), version)
         return version
 
+    def _mark_superseded(self, name: str, version: str | None) -> None:
+        """The moment ``version`` stopped being current, as the time of its newest object
+        (``retention_start``): an object in its prefix, deleted with it."""
+        if version is not None:
+            self.write_json(f"{OBJECT_VERSIONS_DIR}/{name}/{version}/{SUPERSEDED}", {"time": time.time()})
+
     def unpublish(self, name: str) -> bool:
-        if self.current_version(name) is None and self.read(self._pointer_key(name)) is None:
+        last = self.current_version(name)
+        if last is None and self.read(self._pointer_key(name)) is None:
             return False
         self.write_json(f"{OBJECT_VERSIONS_DIR}/{name}/{UNPUBLISHED}", {"time": time.time()})
         self.delete(self._pointer_key(name))
+        self._mark_superseded(name, last)
         with self._pointer_lock:
             self._pointers.pop(name, None)
         return True
@@ -389,8 +402,6 @@ class S3Storage(Storage):
                     unpublished[parts[0]] = item["LastModified"].timestamp()
             elif len(parts) == 3:
                 by_version.setdefault((parts[0], parts[1]), []).append(item)
-        # a pointer's own time is when its version became current (a PUT replaces it whole)
-        switched = {item["Rel"]: item["LastModified"].timestamp() for item in self._objects(CURRENT_DIR)}
         now = time.time()
         removed = []
         names = sorted({name for name, _ in by_version})
@@ -398,14 +409,14 @@ class S3Storage(Storage):
             with self._pointer_lock:
                 self._pointers.pop(name, None)
             current = self.current_version(name)
-            superseded_at = switched.get(name, now) if current is not None else unpublished.get(name, 0.0)
             versions = sorted(v for n, v in by_version if n == name)
-            for version in versions:
+            for i, version in enumerate(versions):
                 if version == current:
                     continue
                 items = by_version[(name, version)]
-                written = max(item["LastModified"].timestamp() for item in items)
-                if now - retention_start(version, written, current, superseded_at) >= grace_s:
+                touched = max(item["LastModified"].timestamp() for item in items)
+                following = versions[i + 1] if i + 1 < len(versions) else None
+                if now - retention_start(touched, following, unpublished.get(name, 0.0)) >= grace_s:
                     self._delete_keys([item["Key"] for item in items])
                     removed.append(f"{name}/{version}")
             if current is None and len(removed) and all(f"{name}/{v}" in removed for v in versions):

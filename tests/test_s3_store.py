@@ -91,6 +91,22 @@ def test_storage_publish_switch_unpublish_and_grace(storage, tmp_path):
     assert storage.remove_old_versions(0) == [f"scan-a/{v2}"]
 
 
+def test_versions_of_a_scan_republished_by_every_job_are_removed_after_their_grace(storage, tmp_path):
+    """A job that publishes a scan again removes old versions at its end: each version's grace
+    counts from its own switch away, so the store keeps the versions of the last grace period,
+    not every version ever published."""
+    versions = [storage.publish("scan-a", _staged(tmp_path, {"zarr.json": b"%d" % i})) for i in range(3)]
+    time.sleep(2.5)
+    latest = storage.publish("scan-a", _staged(tmp_path, {"zarr.json": b"3"}))
+    if isinstance(storage, S3Storage):
+        storage._pointers.clear()
+    assert storage.current_version("scan-a") == latest
+    # the first two stopped being current 2.5 s ago; the third just now, a reader may hold it
+    assert storage.remove_old_versions(2.0) == [f"scan-a/{v}" for v in versions[:2]]
+    assert storage.read(f"{storage.versions_dir}/scan-a/{versions[2]}/zarr.json") == b"2"
+    assert storage.remove_old_versions(0) == [f"scan-a/{versions[2]}"]
+
+
 def test_a_version_that_never_became_current_does_not_cut_the_grace_of_the_one_before(storage, tmp_path):
     """A publish killed before its switch leaves a version that was never current. The version
     current until the next switch keeps its whole grace period from that switch, not from the
