@@ -14,6 +14,7 @@ A lock from another host cannot be checked from here; the message says how to re
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -53,13 +54,34 @@ def read_lock(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _stale(owner: dict[str, Any] | None, path: Path) -> bool:
-    if owner is not None:
-        return not owner_alive(owner)
+def _owner_of(content: bytes | None) -> dict[str, Any] | None:
     try:
-        return time.time() - path.stat().st_mtime >= UNREADABLE_STALE_S
-    except OSError:
+        doc = json.loads(content) if content is not None else None
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _stale(content: bytes | None, age_s: float) -> bool:
+    """A lock naming a job that is gone, or one read whole that names none (an older version's
+    job killed between creating and writing it) and is ``UNREADABLE_STALE_S`` old. A lock that
+    cannot be read here (another user's, NFS trouble) is held: its job may well be running."""
+    if content is None:
         return False
+    owner = _owner_of(content)
+    return not owner_alive(owner) if owner is not None else age_s >= UNREADABLE_STALE_S
+
+
+# no hard links there (FAT, SMB, FUSE object-store mounts): the lock is created in place
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (FileExistsError if it exists) holding ``data``, on disk."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class JobLock:
@@ -88,18 +110,24 @@ class JobLock:
         self.held = False
 
     def _try_create(self) -> bool:
+        text = json.dumps(self.owner, allow_nan=False).encode()
         whole = self.store / f"{self.name}.{uuid.uuid4().hex[:12]}.new"
         try:
-            with open(whole, "x") as f:
-                f.write(json.dumps(self.owner, allow_nan=False))
-                f.flush()
-                os.fsync(f.fileno())
             try:
+                _write_new(whole, text)
                 os.link(whole, self.path)
             except FileExistsError:
                 return False
+            except OSError as err:
+                if err.errno not in _NO_LINKS:
+                    raise
+                try:  # created then written: a kill in between leaves an empty lock (_stale)
+                    _write_new(self.path, text)
+                except FileExistsError:
+                    return False
         except OSError as err:  # out of space, read-only, no permission: the store named, once
-            failed = OSError(f"{self.store}: cannot write its lock file {self.name} ({err.strerror})")
+            why = err.strerror or type(err).__name__
+            failed = OSError(f"{self.store}: cannot write its lock file {self.path} ({why})")
             failed.errno = err.errno
             raise failed from None
         finally:
@@ -107,15 +135,21 @@ class JobLock:
         fsync_dir(self.store)
         return True
 
-    def _identity(self) -> tuple[dict[str, Any] | None, int] | None:
-        """The lock's holder and inode, or None when there is no lock."""
+    def _identity(self) -> tuple[bytes | None, int, float] | None:
+        """The lock's bytes (None: unreadable here), inode and age; None when there is no lock."""
         try:
-            inode = self.path.stat().st_ino
+            st = self.path.stat()
         except FileNotFoundError:
             return None
-        return read_lock(self.path), inode
+        try:
+            content: bytes | None = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            content = None
+        return content, st.st_ino, time.time() - st.st_mtime
 
-    def _take_over_stale(self, owner: dict[str, Any] | None, inode: int) -> None:
+    def _take_over_stale(self, content: bytes, inode: int) -> None:
         """Move a stale lock aside; if what was moved is not the lock judged stale (another
         job took it over first), put it back."""
         aside = self.store / f"{self.name}.stale-{uuid.uuid4().hex[:8]}"
@@ -123,19 +157,25 @@ class JobLock:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
-        if aside.stat().st_ino == inode and read_lock(aside) == owner:
+        try:
+            same = aside.stat().st_ino == inode and aside.read_bytes() == content
+        except OSError:
+            same = False
+        owner = _owner_of(content)
+        if same:
             aside.unlink(missing_ok=True)
             gone = (
                 "a job that is gone"
                 if owner
-                else f"a job that left it unreadable {UNREADABLE_STALE_S:.0f} s or more ago"
+                else f"a job that left it empty {UNREADABLE_STALE_S:.0f} s or more ago"
             )
             self.warn(f"{self.store}: took over the lock of {gone} ({describe_owner(owner)})")
         else:
             try:
                 os.link(aside, self.path)  # fails if yet another job holds it now
-            except OSError:
-                pass
+            except OSError as err:
+                if err.errno in _NO_LINKS and not self.path.exists():
+                    os.replace(aside, self.path)  # no links here: put it back by name
             aside.unlink(missing_ok=True)
 
     def acquire(self) -> None:
@@ -144,10 +184,11 @@ class JobLock:
             found = self._identity()
             if found is None:
                 continue  # released between our attempt and the read
-            owner, inode = found
-            if _stale(owner, self.path):
-                self._take_over_stale(owner, inode)
+            content, inode, age_s = found
+            if content is not None and _stale(content, age_s):
+                self._take_over_stale(content, inode)
                 continue
+            owner = _owner_of(content)
             if not self.wait:
                 raise StoreLocked(
                     f"{self.store}: another {self.writer} is writing this store ({describe_owner(owner)}); "

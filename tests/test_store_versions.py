@@ -216,33 +216,75 @@ def test_job_lock_fails_at_once_waits_and_takes_over_stale_locks(tmp_path):
     assert any("took over" in n for n in notes)
 
 
-def test_an_unreadable_lock_is_taken_over_once_old_and_a_lock_is_never_left_empty(tmp_path, monkeypatch):
+def test_an_empty_lock_is_taken_over_once_old_an_unreadable_one_never(tmp_path, monkeypatch):
     """An empty lock file (a job of an older version killed between creating and writing it)
-    names no owner to check: a young one is respected, an old one taken over. Locks are now
-    written whole, then linked into place: a job that cannot write names the store, and
-    leaves neither an empty lock nor its temporary file."""
+    names no owner to check: a young one is respected, an old one taken over. A lock that
+    cannot be read here (another user's, a network filesystem's error) may be a running job's:
+    never taken over, whatever its age."""
+    import errno
+    import pathlib
+    import socket
+
     from store import lock as lock_mod
 
     ensure_store(tmp_path)
-    empty = tmp_path / ".lock"
-    empty.write_text("")
+    lock = tmp_path / ".lock"
+    old = time.time() - lock_mod.UNREADABLE_STALE_S - 1
+    lock.write_text("")
     with pytest.raises(StoreLocked, match="unreadable lock file"):
         JobLock(tmp_path).acquire()
-    old = time.time() - lock_mod.UNREADABLE_STALE_S - 1
-    os.utime(empty, (old, old))
+    os.utime(lock, (old, old))
     notes = []
     with JobLock(tmp_path, warn=notes.append):
-        assert _strict(empty.read_text())["pid"] == os.getpid()
-    assert len(notes) == 1 and "took over the lock of a job that left it unreadable" in notes[0]
+        assert _strict(lock.read_text())["pid"] == os.getpid()
+    assert len(notes) == 1 and "took over the lock of a job that left it empty" in notes[0]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lock")) == []
 
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    stale = {"host": socket.gethostname(), "pid": _dead_pid(), "started": 1.0}  # gone: if read
+    lock.write_text(json.dumps(stale))
+    os.utime(lock, (old, old))
+    real_read = pathlib.Path.read_bytes
 
-    monkeypatch.setattr(lock_mod.os, "fsync", full)
-    with pytest.raises(OSError) as info:
-        JobLock(tmp_path).acquire()
-    assert str(info.value) == f"{tmp_path}: cannot write its lock file .lock (No space left on device)"
+    def denied(path):
+        if path.name == ".lock":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_read(path)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pathlib.Path, "read_bytes", denied)
+        with pytest.raises(StoreLocked, match="an unknown job"):
+            JobLock(tmp_path).acquire()
+    assert json.loads(lock.read_text()) == stale  # left as it was
+
+
+def test_a_lock_is_written_whole_or_in_place_where_there_are_no_links(tmp_path, monkeypatch):
+    """Locks are written whole, then linked into place; on a filesystem without hard links
+    (FAT, SMB, object-store mounts) they are created in place. A job that cannot write one
+    names the lock file, and leaves neither an empty lock nor a temporary file."""
+    import errno
+
+    ensure_store(tmp_path)
+    with monkeypatch.context() as patched:
+
+        def no_links(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        patched.setattr(os, "link", no_links)
+        with JobLock(tmp_path):
+            assert _strict((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+            with pytest.raises(StoreLocked):
+                JobLock(tmp_path).acquire()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lock")) == []
+    with monkeypatch.context() as patched:
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        patched.setattr(os, "fsync", full)
+        with pytest.raises(OSError) as info:
+            JobLock(tmp_path).acquire()
+    lock = tmp_path / ".lock"
+    assert str(info.value) == f"{tmp_path}: cannot write its lock file {lock} (No space left on device)"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lock")) == []
 
 
