@@ -74,7 +74,8 @@ def shared_source(source: SourceLike) -> ScanSource:
     with _shared_lock:
         opened = _shared.get(key)
         if opened is None:
-            opened = _shared[key] = open_source(source, **_http_options.get(source, {}))
+            # opened by the key: a link re-pointed later must not make this entry read another store
+            opened = _shared[key] = open_source(key, **_http_options.get(source, {}))
         return opened
 
 

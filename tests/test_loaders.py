@@ -295,6 +295,8 @@ def test_one_store_under_several_spellings_shares_one_source(store, tmp_path, mo
     chunk cache (each would hold its own share of memory)."""
     import os
 
+    from conftest import build_store
+
     from loaders.catalog import shared_source
 
     root, _ = store
@@ -304,6 +306,14 @@ def test_one_store_under_several_spellings_shares_one_source(store, tmp_path, mo
     spellings = [str(root), f"{root}/", root.name, f"./{root.name}/", str(link), root]
     opened = {id(shared_source(s)) for s in spellings}
     assert len(opened) == 1
+    # the link re-pointed at another store: that store's own source, and the first one stays
+    other = tmp_path / "other"
+    build_store(other, scans=[("0000009_V00-Aug00", (8, 8, 3), 2, "train", 9, 0, 0, np.float32)])
+    link.unlink()
+    os.symlink(other, link)
+    assert [m.scan_id for m in shared_source(str(link)).list_scans()] == ["0000009_V00-Aug00"]
+    assert id(shared_source(str(root))) in opened
+    assert "0000009_V00-Aug00" not in {m.scan_id for m in shared_source(str(root)).list_scans()}
 
 
 def test_catalog_accepts_medsegpy_style_callables(store):
