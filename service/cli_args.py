@@ -273,25 +273,18 @@ def layout_from_flags(
     layout: str | None, chunks: str | None, shard_depth: int | None, codec: str | None
 ) -> ChunkLayout:
     """``preprocess --layout/--chunks/--shard-depth/--codec`` as a ``ChunkLayout``; a ValueError
-    names the flag. A shard holds whole inner chunks: a depth that is no multiple of theirs
-    would be rounded when written while the scan's ``layout`` attribute recorded it as given."""
+    names the flag. A shard holds whole inner chunks: a depth given that is no multiple of
+    theirs would be rounded up when written, so it is refused (the default, 32, is rounded as
+    it always was: stores written with it keep their fingerprints)."""
     from service.layouts import chunks_text
     from store.format import ChunkLayout
 
-    text = chunks_text(layout, chunks)
-    try:
-        parts = [int(p) for p in text.split(",")]
-    except ValueError:
-        parts = []  # ChunkLayout.parse says what is wrong with it
-    if len(parts) == 3 and min(parts) < 1:
-        raise ValueError(f"--chunks: {text!r} is not three positive integers")
-    depth = parts[2] if len(parts) == 3 else 1
-    if shard_depth is None:  # the default in whole chunks (--chunks 64,64,5: 35), as it was written
-        shard_depth = math.ceil(ChunkLayout.shard_depth / depth) * depth
-    elif shard_depth % depth:
+    built = ChunkLayout.parse(chunks_text(layout, chunks), shard_depth=shard_depth, codec=codec)
+    depth = built.chunks[2]
+    if shard_depth is not None and shard_depth % depth:
         lower = max(depth, shard_depth // depth * depth)
         raise ValueError(
             f"--shard-depth: {shard_depth} is not a multiple of the chunk depth {depth}; "
             f"give e.g. {lower} or {lower + depth}"
         )
-    return ChunkLayout.parse(text, shard_depth=shard_depth, codec=codec)
+    return built

@@ -155,10 +155,6 @@ class ChunkLayout:
             raise ValueError(f"chunks must be three positive integers, got {self.chunks}")
         if self.shard_depth < 1:
             raise ValueError(f"shard depth must be positive, got {self.shard_depth}")
-        if self.shard_depth % self.chunks[2]:  # shard_for would round it; the layout attribute would not
-            raise ValueError(
-                f"shard depth {self.shard_depth} is not a multiple of the chunk depth {self.chunks[2]}"
-            )
         if self.codec not in ("blosc-lz4", "zstd", "none"):
             raise ValueError(f"unknown codec {self.codec!r}")
 
@@ -171,10 +167,12 @@ class ChunkLayout:
             raise ValueError(f"--chunks: {text!r} is not three comma-separated integers") from None
         if len(parts) != 3:
             raise ValueError(f"--chunks: {text!r} is not three comma-separated integers")
+        if min(parts) < 1:
+            raise ValueError(f"--chunks: {text!r} is not three positive integers")
         base = cls()
         return cls(
             chunks=(parts[0], parts[1], parts[2]),
-            shard_depth=shard_depth or base.shard_depth,
+            shard_depth=base.shard_depth if shard_depth is None else shard_depth,
             codec=codec or base.codec,
         )
 

@@ -160,18 +160,17 @@ def test_preprocess_layout_flags_are_checked_before_anything_runs(flags, line, t
     assert sorted(tmp_path.iterdir()) == []
 
 
-def test_a_layout_records_the_shard_depth_its_arrays_have():
-    # a shard holds whole chunks: the library refuses a depth it would round
-    with pytest.raises(ValueError) as info:
-        ChunkLayout(chunks=(64, 64, 8), shard_depth=12)
-    assert str(info.value) == "shard depth 12 is not a multiple of the chunk depth 8"
-    assert ChunkLayout(chunks=(64, 64, 8), shard_depth=16).shard_for((100, 100, 40)) == (128, 128, 16)
-    # no --shard-depth: the default in whole chunks, which is what was written before
+def test_the_shard_depth_flag_is_refused_unless_whole_chunks_and_the_default_is_unchanged():
+    # a depth given that the writer would round up is refused at the flag (test above)
+    assert layout_from_flags(None, "64,64,8", 16, None).shard_for((100, 100, 40)) == (128, 128, 16)
+    # no --shard-depth: the default as before (the writer rounds it up to whole chunks), so a
+    # store written with --chunks 64,64,5 keeps its fingerprint and is not converted again
     assert layout_from_flags(None, "64,64,5", None, None).to_json() == {
         "chunks": [64, 64, 5],
-        "shard_depth": 35,
+        "shard_depth": 32,
         "codec": "blosc-lz4",
     }
+    assert ChunkLayout.parse("64,64,5").shard_for((100, 100, 40)) == (128, 128, 35)
     assert layout_from_flags(None, None, None, None) == ChunkLayout()
     assert layout_from_flags("slices", None, 3, "zstd") == ChunkLayout((4096, 4096, 1), 3, "zstd")
 
