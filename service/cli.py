@@ -76,10 +76,15 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from service.verify import MISMATCH, TORN, verify_store
 
-    report = verify_store(args.source, args.store, on_line=lambda line: print(line, flush=True))
+    def note(text: str) -> None:
+        print(f"verify: warning: {text}", file=sys.stderr, flush=True)
+
+    report = verify_store(args.source, args.store, on_line=lambda line: print(line, flush=True), on_note=note)
     print(report.summary())
     damaged = [line.scan_id for line in report.lines if line.status in (MISMATCH, TORN)]
-    if damaged:
+    if damaged and report.notes:  # differences the warning explains: no repair to suggest
+        print("verify: see the warning above before converting anything again")
+    elif damaged:
         # a re-run skips those whose damage kept every file's size (their sources are unchanged)
         ids = ",".join(damaged)
         print(

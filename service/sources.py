@@ -186,7 +186,7 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
                 f"(the one with {nnunet_dataset.DATASET_JSON}) as SOURCE"
             )
         raise EmptySource(f"{source}: no .im/.seg slices or .h5 volumes found")
-    _refuse_one_split(source, root, splits)
+    found.notes.extend(filter(None, [_one_split_note(source, root, splits)]))
     for key in sorted(set(slices) - refused):
         try:
             found.scans.append(_scan_spec(root, key, slices[key], splits[key]))
@@ -202,25 +202,27 @@ def _holds_input(folder: Path) -> bool:
     return any(p.suffix in (IMAGE_SUFFIX, MASK_SUFFIX, VOLUME_SUFFIX) for p in folder.iterdir())
 
 
-def _refuse_one_split(
+def _one_split_note(
     source: str | os.PathLike[str], root: Path, splits: dict[str, dict[str | None, str]]
-) -> None:
-    """SOURCE given one level too deep (``src/train`` of ``src/{train,valid,test}``) would store
-    its scans without a split, and a job would re-publish them so: refused, naming the parent."""
+) -> str | None:
+    """SOURCE given one level too deep (``src/train`` of ``src/{train,valid,test}``) stores its
+    scans without a split (a store of the scans they already had, re-published so): a warning
+    naming the parent. Not refused: a store of one split alone is a choice some make."""
     if root.name.lower() not in SPLIT_NAMES or any(None not in found for found in splits.values()):
-        return
+        return None
     try:
         siblings = sorted(
             d.name for d in root.parent.iterdir()
             if d != root and d.name.lower() in SPLIT_NAMES and d.is_dir() and _holds_input(d)
         )  # fmt: skip
     except OSError:
-        return
-    if siblings:
-        raise EmptySource(
-            f"{source}: is the {root.name!r} split of {root.parent} (beside {', '.join(siblings)}): "
-            f"give {root.parent} as SOURCE, so that each scan keeps its split"
-        )
+        return None
+    if not siblings:
+        return None
+    return (
+        f"{source} is the {root.name!r} split of {root.parent} (beside {', '.join(siblings)}): its scans "
+        f"have no split here; give {root.parent} as SOURCE to keep each scan's split"
+    )
 
 
 def _link_problem(root: Path, link: Path, visited: set[str] | None) -> str | None:

@@ -42,6 +42,7 @@ class VerifyLine:
 @dataclass
 class VerifyReport:
     lines: list[VerifyLine] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings on the source as a whole
 
     def count(self, status: str) -> int:
         return sum(1 for line in self.lines if line.status == status)
@@ -233,11 +234,16 @@ def verify_store(
     source: str | os.PathLike[str],
     store: str | os.PathLike[str],
     on_line: Callable[[VerifyLine], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> VerifyReport:
-    """Compare every scan of ``source`` with ``store``. Raises ``EmptySource`` for an empty source."""
+    """Compare every scan of ``source`` with ``store``; ``on_note`` gets warnings on the source
+    as a whole first (``report.notes``). Raises ``EmptySource`` for an empty source."""
     found = discover(source)
     root = check_store(str(store) if is_s3_url(str(store)) else Path(store))
-    report = VerifyReport()
+    report = VerifyReport(notes=list(found.notes))
+    for note in found.notes:
+        if on_note is not None:
+            on_note(note)
 
     def emit(line: VerifyLine) -> None:
         report.lines.append(line)

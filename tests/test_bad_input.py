@@ -192,25 +192,31 @@ def test_empty_source_is_a_clear_error(tmp_path, make):
     assert not (tmp_path / "store").exists()
 
 
-def test_one_split_given_as_source_is_refused_naming_the_parent(tmp_path):
-    """``src/train`` of ``src/{train,valid}`` would be stored (or verified) without splits, and
-    verify's repair command would then re-publish the scans so: one line naming ``src``."""
+def test_one_split_given_as_source_is_warned_of_naming_the_parent(tmp_path):
+    """``src/train`` of ``src/{train,valid}`` stores its scans without splits: preprocess and
+    verify warn in one line naming ``src``, and verify then offers no repair command (which
+    would re-publish them so). A store of one split alone stays possible."""
     source = tmp_path / "src"
     write_slice_files(source / "train", GOOD[0], *_scan())
     write_slice_files(source / "valid", GOOD[1], *_scan(seed=1))
-    for command in ("preprocess", "verify"):
-        if command == "verify":
-            assert run_cli("preprocess", source, tmp_path / "store").returncode == 0
-        result = run_cli(command, source / "train", tmp_path / "store")
-        assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert result.stderr.strip() == (
-            f"scancache {command}: error: {source / 'train'}: is the 'train' split of {source} "
-            f"(beside valid): give {source} as SOURCE, so that each scan keeps its split"
-        )
-    # a flat folder of one's own, whatever its name's siblings hold, converts as it is
+    warning = (
+        f"{source / 'train'} is the 'train' split of {source} (beside valid): its scans have no "
+        f"split here; give {source} as SOURCE to keep each scan's split"
+    )
+    assert run_cli("preprocess", source, tmp_path / "store").returncode == 0
+    checked = run_cli("verify", source / "train", tmp_path / "store")
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr
+    assert checked.stderr.strip() == f"verify: warning: {warning}"
+    assert "MISMATCH 0000001_V00-Aug00: split 'train', source None" in checked.stdout
+    assert "--rebuild" not in checked.stdout
+    assert checked.stdout.strip().endswith("verify: see the warning above before converting anything again")
+    alone = run_cli("preprocess", source / "train", tmp_path / "train-store")
+    assert alone.returncode == 0 and f"preprocess: warning: {warning}" in alone.stderr
+    assert [s.split for s in discover(source / "train").scans] == [None]
+    # a flat folder of another name is not one split
     flat = tmp_path / "cohort"
     write_slice_files(flat, GOOD[0], *_scan())
-    assert [s.split for s in discover(flat).scans] == [None]
+    assert discover(flat).notes == []
 
 
 def test_store_that_is_not_a_store_is_refused(tmp_path):
