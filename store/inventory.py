@@ -81,22 +81,26 @@ def published_scan_ids(location: str | os.PathLike[str] | Storage) -> list[str]:
     return open_storage(location).published_names()
 
 
-def manifest_mismatch(sizes: dict[str, int], attrs: dict[str, Any]) -> str | None:
+def manifest_mismatch(sizes: dict[str, int], attrs: dict[str, Any], array: str | None = None) -> str | None:
     """Why a scan version's files (``sizes``: relative path -> bytes) do not match the
-    manifest in its attributes (None: all there, all sizes right)."""
+    manifest in its attributes (None: all there, all sizes right); ``array``: its files only."""
     manifest = attrs.get(MANIFEST)
     if not isinstance(manifest, dict) or not manifest:
         return "no manifest of its files"
     for rel, size in manifest.items():
+        if array is not None and not rel.startswith(f"{array}/"):
+            continue
         have = sizes.get(rel)
         if have is None:
             return f"{rel} is missing"
         if have != size:
             return f"{rel} has {have} bytes, {size} were written"
+    if array is not None:
+        return None
     arrays = image_arrays(int(attrs.get("channels", 1)))
-    for array in [*arrays, MASK] if attrs.get("num_classes") else arrays:
-        if f"{array}/zarr.json" not in manifest:
-            return f"no {array} array"
+    for name in [*arrays, MASK] if attrs.get("num_classes") else arrays:
+        if f"{name}/zarr.json" not in manifest:
+            return f"no {name} array"
     return None
 
 

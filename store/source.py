@@ -237,7 +237,7 @@ class LocalSource:
         channel = channel_of(name)
         if channel is not None and channel >= meta.channels:
             raise ArrayNotFound(f"scan {scan_id!r} has no image channel {channel} (it has {meta.channels})")
-        self._check_intact(scan_id, version, meta)
+        self._check_intact(scan_id, version, meta, name)
         key = (scan_id, name, version, cached)
         opened = self._arrays.get(key)
         if opened is None:
@@ -268,29 +268,33 @@ class LocalSource:
             self._arrays.put(key, opened)
         return opened  # type: ignore[no-any-return]
 
-    def _check_intact(self, scan_id: str, version: str, meta: ScanMeta) -> None:
-        """A scan version's files are there at the sizes its manifest lists (a stat of each in a
-        folder, one LIST request on object storage) when first read, and again every
-        ``storage.intact_recheck_s`` of reading it (on object storage, where a listing is a
-        billed request, once). A shard file lost after
-        publication would otherwise read as zeros, tensorstore's fill value for a missing chunk,
-        also in a process (a server) that read the scan before the loss."""
-        if MANIFEST not in meta.attrs:  # stores before manifests
+    def _check_intact(self, scan_id: str, version: str, meta: ScanMeta, name: str) -> None:
+        """A scan version's files are there at the sizes its manifest lists: all of them when
+        the version is first read (a stat of each in a folder, one LIST request on object
+        storage), then the files of the array read, every ``storage.intact_recheck_s`` of
+        reading it (on object storage, where a listing is a billed request, never). A shard file
+        lost after publication would otherwise read as zeros, tensorstore's fill value for a
+        missing chunk, also in a process (a server) that read the scan before the loss."""
+        manifest = meta.attrs.get(MANIFEST)
+        if manifest is None:  # stores before manifests
             return
         now = time.monotonic()
-        checked = self._intact.get((scan_id, version))
-        every = self.storage.intact_recheck_s
-        if checked is not None and (every is None or now - checked < every):
-            return
-        manifest = meta.attrs[MANIFEST]
+        whole, part = (scan_id, version, ""), (scan_id, version, name)
+        first = self._intact.get(whole) is None
+        if not first:
+            checked = self._intact.get(part) or self._intact.get(whole)
+            every = self.storage.intact_recheck_s
+            if every is None or (checked is not None and now - checked < every):
+                return
         listed = manifest if isinstance(manifest, dict) else {}
-        sizes = self.storage.sizes_of(self.storage.version_key(scan_id, version), listed)
-        if listed and not sizes:  # the version was removed under us
+        wanted = listed if first else {k: v for k, v in listed.items() if k.startswith(f"{name}/")}
+        sizes = self.storage.sizes_of(self.storage.version_key(scan_id, version), wanted)
+        if wanted and not sizes:  # the version was removed under us
             raise ScanNotFound(f"scan {scan_id!r} not found")
-        problem = manifest_mismatch(sizes, meta.attrs)
+        problem = manifest_mismatch(sizes, meta.attrs, None if first else name)
         if problem is not None:
             raise ScanDamaged(scan_id, problem)
-        self._intact.put((scan_id, version), now)
+        self._intact.put(whole if first else part, now)
 
     def region(self, scan_id: str, roi: RoiLike) -> Region:
         return as_region(roi, self.metadata(scan_id).shape)

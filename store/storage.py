@@ -196,7 +196,7 @@ class Storage(ABC):
 class LocalStorage(Storage):
     """A store in a local (or mounted) folder: versions published by symlink switch."""
 
-    intact_recheck_s = 5.0  # a stat of each of a version's few dozen files: about 0.2 ms
+    intact_recheck_s = 30.0  # a stat of each file of one array (6 of a 160-slice image): µs here, ms on NFS
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
