@@ -115,12 +115,15 @@ def port_number(text: str) -> int:
 
 
 def host_port_arg(text: str) -> str:
-    """``HOST:PORT`` (``preprocess --dashboard``): Dask took ``nonsense`` for a host name and
-    failed the cluster's start with "Name or service not known"."""
+    """``HOST:PORT`` or ``:PORT`` (every interface, as Dask reads it) for ``preprocess
+    --dashboard``: Dask took ``nonsense`` for a host name and failed the cluster's start with
+    "Name or service not known"."""
     host, colon, port = text.rpartition(":")
-    if not colon or not host:
+    if not colon or not port:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8787)")
     port_number(port)
+    if not host:
+        return text
     try:
         socket.getaddrinfo(host.strip("[]"), None)
     except (socket.gaierror, UnicodeError):

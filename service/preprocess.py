@@ -264,14 +264,11 @@ def _convert_all(
             )
         warn = _warner(stream)
         if dashboard and not scheduler:
-            link = client.dashboard_link
-            wanted = dashboard.rsplit(":", 1)[-1]
-            taken = (
-                f" (port {wanted} was in use)"
-                if wanted not in ("0", "") and f":{wanted}/" not in link
-                else ""
-            )
-            print(f"preprocess: dashboard at {link}{taken}", file=stream, flush=True)
+            wanted = int(dashboard.rsplit(":", 1)[-1])
+            serving = client.scheduler_info().get("services", {}).get("dashboard")
+            moved = wanted != 0 and serving is not None and int(serving) != wanted
+            taken = f" (port {wanted} was in use)" if moved else ""
+            print(f"preprocess: dashboard at {client.dashboard_link}{taken}", file=stream, flush=True)
             if importlib.util.find_spec("bokeh") is None:  # Dask serves the page only with it
                 warn("the dashboard needs bokeh: pip install bokeh")
         bar = Progress(summary.total + len(specs), summary.total, progress, stream)

@@ -228,7 +228,7 @@ def test_profile_refuses_categories_that_name_no_class(categories, why, capsys):
     ("value", "why"),
     [
         ("nonsense", "'nonsense' is not HOST:PORT (e.g. 127.0.0.1:8787)"),
-        (":8787", "':8787' is not HOST:PORT (e.g. 127.0.0.1:8787)"),
+        ("127.0.0.1:", "'127.0.0.1:' is not HOST:PORT (e.g. 127.0.0.1:8787)"),
         ("127.0.0.1:x", "'x' is not a port number"),
         ("127.0.0.1:70000", "'70000' is not a port number (0 to 65535)"),
         (
