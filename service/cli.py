@@ -41,7 +41,6 @@ from service.profile_cli import add_profile_parser
 from service.scans_cli import add_scans_parser
 from service.version import package_version
 from store.errors import one_line
-from store.units import count_of
 
 SAMPLE_DATA_STAMP = ".sample-data.json"  # what `scancache sample-data` wrote into its folder
 
@@ -128,7 +127,7 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
     )
     stamp.write_text(json.dumps(params))
     kinds = ", ".join(f"{data.count(k)} {k.upper()}" for k in ("2d", "3d") if data.count(k))
-    noun = count_of(len(data.scans), "scan").split(" ", 1)[1]  # "1 2D scan", "1 2D, 1 3D scans"
+    noun = "scan" if len(data.scans) == 1 else "scans"  # "1 2D scan", "1 2D, 1 3D scans"
     print(f"wrote {kinds} {noun} of {'x'.join(map(str, args.shape))} to {data.root}")
     print(f"convert them with: scancache preprocess {data.root} STORE")
     return 0

@@ -217,6 +217,8 @@ def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str])
     first unknown flag (a typo like ``--wokers``)."""
     message = f"unrecognized arguments: {' '.join(extras)}"
     flags = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
+    if flags and flags[0] in ("--debug", "--version"):  # the top-level parser's own flags
+        return message + f"; {flags[0]} goes before the command (scancache {flags[0]} COMMAND ...)"
     if flags:
         known = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
         close = difflib.get_close_matches(flags[0], known, n=1)
@@ -239,7 +241,11 @@ def check_listen_host(host: str, label: str) -> None:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind((host, 0))  # getaddrinfo, then the bind
     except socket.gaierror:
-        raise ValueError(f"{label}: not an address, nor a name that resolves; {hint}") from None
+        try:  # a name of IPv6 addresses only: uvicorn's own start decides
+            socket.getaddrinfo(host, None)
+            return
+        except (socket.gaierror, UnicodeError):
+            raise ValueError(f"{label}: not an address, nor a name that resolves; {hint}") from None
     except OSError as err:
         if err.errno == errno.EADDRNOTAVAIL:
             raise ValueError(f"{label}: not an address of this machine; {hint}") from None

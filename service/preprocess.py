@@ -41,6 +41,7 @@ from store.format import ChunkLayout
 from store.inventory import ensure_store
 from store.scratch import release_all, restore_malloc, tune_malloc_for_conversion
 from store.storage import is_s3_url
+from store.units import count_of
 
 # Re-exported: scripts and the benchmarks import them from here.
 __all__ = [
@@ -258,7 +259,7 @@ def _convert_all(
             where = scheduler or f"a local cluster of {n} worker{'s' if n != 1 else ''}"
             early = f" ({summary.failed} more failed before converting)" if summary.failed else ""
             print(
-                f"preprocess: {len(specs)} scans to check and convert on {where}{early}",
+                f"preprocess: {count_of(len(specs), 'scan')} to check and convert on {where}{early}",
                 file=stream,
                 flush=True,
             )

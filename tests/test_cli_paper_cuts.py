@@ -243,3 +243,11 @@ def test_a_dashboard_address_is_checked_before_any_cluster_starts(tmp_path, caps
         f"scancache preprocess: error: argument --dashboard: {why} (see scancache preprocess --help)"
     )
     assert not (tmp_path / "store").exists()
+
+
+def test_a_top_level_flag_after_the_command_says_where_it_goes(capsys):
+    line = usage_error(["scans", "store", "--debug"], capsys)
+    assert line.strip() == (
+        "scancache scans: error: unrecognized arguments: --debug; --debug goes before the command "
+        "(scancache --debug COMMAND ...) (see scancache scans --help)"
+    )
