@@ -21,6 +21,7 @@ Decorate it with :func:`register_loader` and select it with ``cfg.TAG``.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import threading
@@ -118,7 +119,9 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
             raise ValueError(
                 f"num_replicas={num_replicas} needs cfg.SEED set: every rank must compute the same epoch order"
             )
-        self._cfg = cfg
+        # its own copy: a notebook cell that edits the Config to build the next loader must not
+        # change this one's y channels or epoch plan midway (some fields are read live)
+        self._cfg = copy.deepcopy(cfg)
         self.is_test = bool(is_test)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)

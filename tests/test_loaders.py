@@ -101,6 +101,26 @@ def test_default_loader_batches_in_order(store, train_name):
         np.testing.assert_array_equal(y, y_ref)
 
 
+def test_a_built_loader_keeps_the_config_it_was_built_with(store, train_name):
+    """A notebook edits its Config to build the next loader: the loaders built before keep
+    their y channels, epoch plan and saved state exactly as built."""
+    cfg = cfg_for(SEED=3)
+    loader = build_loader(cfg, train_name, batch_size=5, is_test=False, shuffle=True, drop_last=False)
+    twin = build_loader(
+        cfg_for(SEED=3), train_name, batch_size=5, is_test=False, shuffle=True, drop_last=False
+    )
+    state = loader.state_dict()
+    cfg.INCLUDE_BACKGROUND, cfg.CATEGORIES, cfg.SHUFFLE_BLOCKS, cfg.SEED = False, (0,), 2, 99
+    assert loader.num_classes() == twin.num_classes()
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        twin.set_epoch(epoch)
+        for b in range(len(loader)):
+            for got, want in zip(loader[b], twin[b], strict=True):
+                np.testing.assert_array_equal(got, want)
+    assert loader.state_dict()["settings"] == state["settings"]
+
+
 def test_len_follows_drop_last_and_is_test(train_name):
     n = 12 + 9
     cfg = cfg_for()
