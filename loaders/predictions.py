@@ -50,6 +50,7 @@ from store.predictions import (
     check_predictions_root,
 )
 from store.storage import Storage, open_storage, parse_location
+from store.units import count_of
 
 SLAB_SLICES = 16  # slices converted and written at a time: whole chunks (CHUNK_DEPTH divides it)
 CHUNK_YX = 128
@@ -79,9 +80,14 @@ class PredictionSummary:
         # a re-run with another model skips what the first wrote: say how to replace it
         how = ": overwrite=True replaces them" if self.skipped else ""
         return (
-            f"{len(self.written)} scans written, {len(self.skipped)} already there (skipped{how}), "
-            f"in {self.path}"
+            f"{count_of(len(self.written), 'scan')} written, {len(self.skipped)} already there "
+            f"(skipped{how}), in {self.path}"
         )
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """What a notebook shows for ``write_predictions(...)`` as a cell's last line: the
+        sentence above (with its hint when a re-run skipped everything), not the fields."""
+        printer.text(str(self))
 
 
 def label_map(probabilities: np.ndarray, include_background: bool) -> np.ndarray:
@@ -327,8 +333,8 @@ def _pending_loader(loader: Any, done: set[str]) -> Any:
 
 
 def _progress(total: int, enabled: bool | None) -> Any:
-    if enabled is None:
-        enabled = sys.stdout.isatty()
+    if enabled is None:  # a terminal, or a notebook (Keras' bar draws there as in fit)
+        enabled = sys.stdout.isatty() or "ipykernel" in sys.modules
     if not enabled or total == 0:
         return None
     keras = import_keras()

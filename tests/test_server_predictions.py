@@ -380,6 +380,14 @@ def test_a_prediction_of_another_version_of_the_scan_is_not_shown_and_is_predict
             str(again)
             == f"0 scans written, 1 already there (skipped: overwrite=True replaces them), in {pred}"
         )
+        shown: list[str] = []  # a notebook shows the sentence, hint included, not the fields
+
+        class Printer:
+            def text(self, text: str) -> None:
+                shown.append(text)
+
+        again._repr_pretty_(Printer(), False)
+        assert shown == [str(again)]
         build_store(first, scans=SMALL_SCANS[:1], image_only=())  # converted again: a new version
         DatasetCatalog.remove("versioned")
         DatasetCatalog.register("versioned", str(first))
