@@ -51,7 +51,10 @@ def _set_http_options(url: str, options: dict[str, Any]) -> None:
     with _shared_lock:
         known = _http_options.get(url)
         if known is not None and known != options:
-            raise ValueError(f"{url}: already registered with {known}; one URL takes one timeout/retries")
+            raise ValueError(
+                f"{url}: already registered with {known}; one URL takes one timeout/retries "
+                "(loaders.close_shared_sources() closes its connections and forgets them)"
+            )
         if url in _shared and known is None:
             raise ValueError(f"{url}: already open without timeout/retries; close_shared_sources() first")
         _http_options[url] = options
@@ -137,7 +140,9 @@ class DatasetCatalog:
         ``retry_seconds`` (how long to keep retrying) go to its ``HttpSource``.
         """
         if name in DatasetCatalog._REGISTERED:
-            raise ValueError(f"dataset {name!r} is already registered")
+            raise ValueError(
+                f"dataset {name!r} is already registered (DatasetCatalog.remove({name!r}) first to register it again)"
+            )
         given = {"timeout": timeout, "retries": retries, "retry_seconds": retry_seconds}
         options = {k: v for k, v in given.items() if v is not None}
         if options:

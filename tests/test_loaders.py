@@ -355,8 +355,12 @@ def test_catalog_accepts_medsegpy_style_callables(store):
 
     DatasetCatalog.remove("callable_ds")
     DatasetCatalog.register("callable_ds", per_slice_dicts)
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError) as again:  # a notebook cell run twice: what to do is said
         DatasetCatalog.register("callable_ds", per_slice_dicts)
+    assert str(again.value) == (
+        "dataset 'callable_ds' is already registered "
+        "(DatasetCatalog.remove('callable_ds') first to register it again)"
+    )
     with pytest.raises(KeyError, match="callable_ds"):
         DatasetCatalog.get("no_such_dataset")
     loader = build_loader(
