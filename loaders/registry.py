@@ -79,8 +79,11 @@ def refuse_medsegpy_hooks(klass: type) -> None:
         )
 
 
-def register_loader(cls: L | None = None, *, name: str | None = None) -> Any:
-    """Class decorator: ``@register_loader`` makes ``cfg.TAG = "ClassName"`` pick the class."""
+def register_loader(cls: L | str | None = None, *, name: str | None = None) -> Any:
+    """Class decorator: ``@register_loader`` makes ``cfg.TAG = "ClassName"`` pick the class;
+    ``@register_loader("Tag")`` (or ``name="Tag"``) registers it under another name."""
+    if isinstance(cls, str):  # the name given first, as a registry's register("name") takes it
+        cls, name = None, cls
 
     def add(klass: L) -> L:
         key = name or klass.__name__

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -126,6 +127,8 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         return len(self._current())
 
     def __getstate__(self) -> dict[str, Any]:
+        """Sent to spawn/forkserver workers: the recipe to rebuild the loader from."""
+        _refuse_classes_of_a_notebook(self._recipe[0], self._recipe[1])
         state = dict(self.__dict__)
         state["_loader"] = None  # workers rebuild it; open sources are not sent
         return state
@@ -208,6 +211,22 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
                 loader._count_pass(-1)
 
 
+def _refuse_classes_of_a_notebook(*objects: Any) -> None:
+    """A loader or Config class defined in a notebook lives in a ``__main__`` with no file:
+    spawned workers cannot import it (each would fail with "Can't get attribute")."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, "__file__", None):
+        return  # a script: spawn imports it again as __mp_main__
+    for obj in objects:
+        cls = obj if isinstance(obj, type) else type(obj)
+        if cls.__module__ == "__main__":
+            raise RuntimeError(
+                f"as_torch_dataset: {cls.__name__} is defined in this notebook, which spawn and "
+                "forkserver DataLoader workers cannot import; move it into a .py file beside the "
+                "notebook and import it from there"
+            )
+
+
 def _refuse_inherited_tensorstore(dicts: list[dict[str, Any]]) -> None:
     """One line, instead of tensorstore's abort, in a forked worker whose parent had read a local
     store before starting it."""
@@ -221,7 +240,7 @@ def _refuse_inherited_tensorstore(dicts: list[dict[str, Any]]) -> None:
         "loop between epochs included, and a RandomPatchDataLoader's batch_elements, which read "
         "the scans' class locations), which tensorstore forbids; start the workers first "
         "(persistent_workers=True keeps them), or pass multiprocessing_context='forkserver' "
-        "with an `if __name__ == '__main__':` guard"
+        "(a script needs an `if __name__ == '__main__':` guard for it, a notebook does not)"
     )
 
 

@@ -199,3 +199,19 @@ def test_epochs_of_different_lengths_and_a_wrong_from_prediction_are_named(datas
     h, w = image.shape[:2]
     assert f"Halving.from_prediction returned ({(h + 1) // 2}, {(w + 1) // 2}, 1, 2)" in str(info.value)
     assert f"it must return the {h}x{w}x1 window with channels last" in str(info.value)
+
+
+def test_register_loader_takes_a_name_first_or_by_keyword():
+    """``@register_loader("Tag")``, as a registry's ``register("name")`` is written, registers
+    the class under that tag (it failed with "'str' object has no attribute '__name__'")."""
+    from loaders import LOADER_REGISTRY, DefaultDataLoader, register_loader
+
+    @register_loader("TaggedFirst")
+    class First(DefaultDataLoader):
+        pass
+
+    @register_loader(name="TaggedByKeyword")
+    class Second(DefaultDataLoader):
+        pass
+
+    assert LOADER_REGISTRY["TaggedFirst"] is First and LOADER_REGISTRY["TaggedByKeyword"] is Second

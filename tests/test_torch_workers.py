@@ -228,6 +228,40 @@ def test_a_script_without_a_main_guard_reads_in_forked_workers(scale_store, tmp_
         )
 
 
+NOTEBOOK = """
+import torch
+from loaders import Config, DatasetCatalog, DefaultDataLoader, build_loader, register_loader
+
+@register_loader
+class NotebookLoader(DefaultDataLoader):
+    pass
+
+DatasetCatalog.register("s", {store!r}, split="train")
+cfg = Config(TAG="NotebookLoader", IMG_SIZE=(12, 10, 1), SEED=1)
+loader = build_loader(cfg, "s", batch_size=4, is_test=False, shuffle=True, drop_last=True)
+ds = loader.as_torch_dataset()
+try:
+    next(iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn")))
+except RuntimeError as err:
+    print(err)
+"""
+
+
+@pytest.mark.slow
+def test_a_loader_class_of_a_notebook_is_named_for_spawned_workers(scale_store):
+    """``python -c`` has a ``__main__`` without a file, as a notebook: a loader class defined
+    there cannot be imported by spawned workers; one line says so (each worker failed with
+    "Can't get attribute 'NotebookLoader' on <module '__main__'>")."""
+    root, _ = scale_store
+    code = textwrap.dedent(NOTEBOOK.format(store=str(root)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == (
+        "as_torch_dataset: NotebookLoader is defined in this notebook, which spawn and forkserver "
+        "DataLoader workers cannot import; move it into a .py file beside the notebook and import it from there"
+    )
+
+
 # -- worker batch memory is used again only once released ------------------------------------------
 def test_a_worker_slot_is_reused_only_after_every_view_of_its_batch_is_gone():
     import gc
