@@ -445,6 +445,12 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         self._prefetcher.close()
         self._copy_threads.close()
 
+    def __repr__(self) -> str:  # what a notebook shows for a loader
+        return (
+            f"<{type(self).__name__}: {len(self.scans)} scans, {len(self)} batches of {self.batch_size}, "
+            f"epoch {self.epoch}, batch {self._position}>"
+        )
+
     def __enter__(self) -> DataLoader:
         return self
 

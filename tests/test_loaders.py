@@ -119,6 +119,9 @@ def test_a_built_loader_keeps_the_config_it_was_built_with(store, train_name):
             for got, want in zip(loader[b], twin[b], strict=True):
                 np.testing.assert_array_equal(got, want)
     assert loader.state_dict()["settings"] == state["settings"]
+    assert (
+        repr(twin) == f"<DefaultDataLoader: {len(TRAIN)} scans, {len(twin)} batches of 5, epoch 1, batch 0>"
+    )
 
 
 def test_len_follows_drop_last_and_is_test(train_name):
