@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -172,6 +174,11 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
 
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        if info is not None and threading.current_thread() is threading.main_thread():
+            # Ctrl-C, or a notebook's Stop (SIGINT to the whole process group), is for the
+            # training process: a persistent worker that died of it failed every later epoch
+            # ("DataLoader worker exited unexpectedly"); the DataLoader stops its workers itself
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         loader = self._current(workers, worker)
         c = self._control
         epoch, seed, start, order_workers = (

@@ -262,6 +262,43 @@ def test_a_loader_class_of_a_notebook_is_named_for_spawned_workers(scale_store):
     )
 
 
+STOPPED = """
+import os, signal, time
+import torch
+from loaders import Config, DatasetCatalog, build_loader
+DatasetCatalog.register("s", {store!r}, split="train")
+loader = build_loader(Config(IMG_SIZE=(12, 10, 1), SEED=1), "s", batch_size=4, is_test=False, shuffle=True, drop_last=True)
+ds = loader.as_torch_dataset()
+dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+try:
+    for i, _ in enumerate(dl):
+        if i == 2:
+            os.killpg(0, signal.SIGINT)  # a notebook's Stop: SIGINT to the whole process group
+            time.sleep(2)
+except KeyboardInterrupt:
+    print("stopped")
+ds.set_epoch(1)
+print("epoch 1", sum(1 for _ in dl), len(loader))
+"""
+
+
+@pytest.mark.slow
+def test_persistent_workers_outlive_a_stop_of_the_training_loop(scale_store):
+    """Ctrl-C or a notebook's Stop reaches the workers too: they leave it to the training
+    process, so the next epoch reads every batch (the workers had died of it: "DataLoader
+    worker (pid(s) ...) exited unexpectedly" on every later pass)."""
+    root, _ = scale_store
+    code = textwrap.dedent(STOPPED.format(store=str(root)))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, start_new_session=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    assert lines[0] == "stopped"
+    _, _, got, want = lines[1].split()
+    assert got == want
+
+
 # -- worker batch memory is used again only once released ------------------------------------------
 def test_a_worker_slot_is_reused_only_after_every_view_of_its_batch_is_gone():
     import gc
