@@ -54,6 +54,7 @@ from loaders.scans import (
 )
 from loaders.stats import LoaderStats, WorkerCounters, with_workers
 from store.errors import NotRegistered
+from store.units import count_of
 
 import_keras()  # chooses the backend before Keras' first import (loaders.backend)
 
@@ -121,7 +122,7 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
             )
         # its own copy: a notebook cell that edits the Config to build the next loader must not
         # change this one's y channels or epoch plan midway (some fields are read live)
-        self._cfg = copy.deepcopy(cfg)
+        self._cfg = _own_copy(cfg)
         self.is_test = bool(is_test)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
@@ -446,10 +447,15 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         self._copy_threads.close()
 
     def __repr__(self) -> str:  # what a notebook shows for a loader
-        return (
-            f"<{type(self).__name__}: {len(self.scans)} scans, {len(self)} batches of {self.batch_size}, "
-            f"epoch {self.epoch}, batch {self._position}>"
-        )
+        try:
+            n = len(self)
+            batches = f"{n} batch" if n == 1 else f"{n} batches"
+            return (
+                f"<{type(self).__name__}: {count_of(len(self.scans), 'scan')}, {batches} of "
+                f"{self.batch_size}, epoch {self.epoch}, batch {self._position}>"
+            )
+        except (AttributeError, TypeError, ValueError):  # not built yet (an error in __init__)
+            return f"<{type(self).__name__}>"
 
     def __enter__(self) -> DataLoader:
         return self
@@ -510,3 +516,17 @@ MEDSEGPY_TAGS = dict.fromkeys(("oai_aug", "oai", "oai_2d", "oai_aug_2d"), "Defau
 MEDSEGPY_INSTEAD = {
     "N5dDataLoader": " (MedSegPy's N.5D slices: use S25dDataLoader with IMG_SIZE=(H, W, k))",
 }
+
+
+def _own_copy(cfg: Config) -> Config:
+    """The Config a loader keeps: its own object, and its own lists, dicts and sets, so that a
+    later edit of the caller's Config (a notebook building its next loader) changes nothing
+    here. Other values are shared as they are (a module, a model or a lock cannot be copied)."""
+    own = copy.copy(cfg)
+    for name, value in vars(own).items():
+        if isinstance(value, (list, dict, set)):
+            try:
+                setattr(own, name, copy.deepcopy(value))
+            except Exception:  # a container of things that do not copy: the container alone
+                setattr(own, name, copy.copy(value))
+    return own

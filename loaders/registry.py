@@ -83,6 +83,8 @@ def register_loader(cls: L | str | None = None, *, name: str | None = None) -> A
     """Class decorator: ``@register_loader`` makes ``cfg.TAG = "ClassName"`` pick the class;
     ``@register_loader("Tag")`` (or ``name="Tag"``) registers it under another name."""
     if isinstance(cls, str):  # the name given first, as a registry's register("name") takes it
+        if name is not None and name != cls:
+            raise TypeError(f"register_loader: two names given, {cls!r} and name={name!r}")
         cls, name = None, cls
 
     def add(klass: L) -> L:

@@ -128,6 +128,13 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
     def __len__(self) -> int:
         return len(self._current())
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """In a spawn/forkserver worker, while it starts (imports take seconds); not in the
+        process that made the dataset (a copy made there keeps Ctrl-C working)."""
+        if state.get("_owner_pid") != os.getpid():
+            _leave_sigint_to_the_training_process()
+        self.__dict__.update(state)
+
     def __getstate__(self) -> dict[str, Any]:
         """Sent to spawn/forkserver workers: the recipe to rebuild the loader from."""
         _refuse_classes_of_a_notebook(self._recipe[0], self._recipe[1])
@@ -174,11 +181,8 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
 
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        if info is not None and threading.current_thread() is threading.main_thread():
-            # Ctrl-C, or a notebook's Stop (SIGINT to the whole process group), is for the
-            # training process: a persistent worker that died of it failed every later epoch
-            # ("DataLoader worker exited unexpectedly"); the DataLoader stops its workers itself
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if info is not None:
+            _leave_sigint_to_the_training_process()
         loader = self._current(workers, worker)
         c = self._control
         epoch, seed, start, order_workers = (
@@ -218,6 +222,14 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
                 loader._count_pass(-1)
 
 
+def _leave_sigint_to_the_training_process() -> None:
+    """Ctrl-C, or a notebook's Stop (SIGINT to the whole process group), is for the training
+    process: a persistent worker that died of it failed every later epoch ("DataLoader worker
+    exited unexpectedly"); the DataLoader stops its workers itself (SIGTERM at exit)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _refuse_classes_of_a_notebook(*objects: Any) -> None:
     """A loader or Config class defined in a notebook lives in a ``__main__`` with no file:
     spawned workers cannot import it (each would fail with "Can't get attribute")."""
@@ -228,9 +240,9 @@ def _refuse_classes_of_a_notebook(*objects: Any) -> None:
         cls = obj if isinstance(obj, type) else type(obj)
         if cls.__module__ == "__main__":
             raise RuntimeError(
-                f"as_torch_dataset: {cls.__name__} is defined in this notebook, which spawn and "
-                "forkserver DataLoader workers cannot import; move it into a .py file beside the "
-                "notebook and import it from there"
+                f"as_torch_dataset: {cls.__name__} is defined in a notebook or an interactive "
+                "session (a __main__ without a file), which spawn and forkserver DataLoader workers "
+                "cannot import; move it into a .py file beside the notebook and import it from there"
             )
 
 

@@ -80,10 +80,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     report = verify_store(args.source, args.store, on_line=lambda line: print(line, flush=True), on_note=note)
     print(report.summary())
-    damaged = [line.scan_id for line in report.lines if line.status in (MISMATCH, TORN)]
-    if damaged and report.notes:  # differences the warning explains: no repair to suggest
+    # SOURCE one split folder: its differences in split are the warning's, not the store's
+    repairable = (TORN,) if report.one_split else (MISMATCH, TORN)
+    damaged = [line.scan_id for line in report.lines if line.status in repairable]
+    if report.one_split and any(line.status == MISMATCH for line in report.lines):
         print("verify: see the warning above before converting anything again")
-    elif damaged:
+    if damaged:
         # a re-run skips those whose damage kept every file's size (their sources are unchanged)
         ids = ",".join(damaged)
         print(

@@ -101,6 +101,7 @@ class Discovery:
     scans: list[ScanSpec] = field(default_factory=list)
     failures: list[SourceError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # warnings on the source as a whole, one line each
+    one_split: bool = False  # SOURCE is one split folder of its parent (a note says so)
 
 
 def _split_of(rel: Path) -> str | None:
@@ -186,7 +187,10 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
                 f"(the one with {nnunet_dataset.DATASET_JSON}) as SOURCE"
             )
         raise EmptySource(f"{source}: no .im/.seg slices or .h5 volumes found")
-    found.notes.extend(filter(None, [_one_split_note(source, root, splits)]))
+    note = _one_split_note(source, root, splits)
+    if note is not None:
+        found.notes.append(note)
+        found.one_split = True
     for key in sorted(set(slices) - refused):
         try:
             found.scans.append(_scan_spec(root, key, slices[key], splits[key]))

@@ -43,6 +43,7 @@ class VerifyLine:
 class VerifyReport:
     lines: list[VerifyLine] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # warnings on the source as a whole
+    one_split: bool = False  # SOURCE was one split folder: its splits differ from the store's
 
     def count(self, status: str) -> int:
         return sum(1 for line in self.lines if line.status == status)
@@ -240,7 +241,7 @@ def verify_store(
     as a whole first (``report.notes``). Raises ``EmptySource`` for an empty source."""
     found = discover(source)
     root = check_store(str(store) if is_s3_url(str(store)) else Path(store))
-    report = VerifyReport(notes=list(found.notes))
+    report = VerifyReport(notes=list(found.notes), one_split=found.one_split)
     for note in found.notes:
         if on_note is not None:
             on_note(note)

@@ -125,6 +125,9 @@ class JobLock:
                     _write_new(self.path, text)
                 except FileExistsError:
                     return False
+                except OSError:
+                    self.path.unlink(missing_ok=True)  # created by us (O_EXCL), never written whole
+                    raise
         except OSError as err:  # out of space, read-only, no permission: the store named, once
             why = err.strerror or type(err).__name__
             failed = OSError(f"{self.store}: cannot write its lock file {self.path} ({why})")
@@ -174,8 +177,11 @@ class JobLock:
             try:
                 os.link(aside, self.path)  # fails if yet another job holds it now
             except OSError as err:
-                if err.errno in _NO_LINKS and not self.path.exists():
-                    os.replace(aside, self.path)  # no links here: put it back by name
+                if err.errno in _NO_LINKS:  # no links here: written again, only if still free
+                    try:
+                        _write_new(self.path, aside.read_bytes())
+                    except OSError:
+                        pass
             aside.unlink(missing_ok=True)
 
     def acquire(self) -> None:

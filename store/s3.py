@@ -375,8 +375,12 @@ class S3Storage(Storage):
     def _mark_superseded(self, name: str, version: str | None) -> None:
         """The moment ``version`` stopped being current, as the time of its newest object
         (``retention_start``): an object in its prefix, deleted with it."""
-        if version is not None:
+        if version is None:
+            return
+        try:  # after the switch: a failure here must not fail the publish that happened
             self.write_json(f"{OBJECT_VERSIONS_DIR}/{name}/{version}/{SUPERSEDED}", {"time": time.time()})
+        except Exception:  # unmarked, the version's grace counts from the next version's name
+            pass
 
     def unpublish(self, name: str) -> bool:
         last = self.current_version(name)

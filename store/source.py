@@ -288,9 +288,10 @@ class LocalSource:
                 return
         listed = manifest if isinstance(manifest, dict) else {}
         wanted = listed if first else {k: v for k, v in listed.items() if k.startswith(f"{name}/")}
-        sizes = self.storage.sizes_of(self.storage.version_key(scan_id, version), wanted)
-        if wanted and not sizes:  # the version was removed under us
-            raise ScanNotFound(f"scan {scan_id!r} not found")
+        folder = self.storage.version_key(scan_id, version)
+        sizes = self.storage.sizes_of(folder, wanted)
+        if wanted and not sizes and self.storage.read_size(f"{folder}/zarr.json") is None:
+            raise ScanNotFound(f"scan {scan_id!r} not found")  # the version was removed under us
         problem = manifest_mismatch(sizes, meta.attrs, None if first else name)
         if problem is not None:
             raise ScanDamaged(scan_id, problem)

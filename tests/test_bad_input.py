@@ -210,6 +210,13 @@ def test_one_split_given_as_source_is_warned_of_naming_the_parent(tmp_path):
     assert "MISMATCH 0000001_V00-Aug00: split 'train', source None" in checked.stdout
     assert "--rebuild" not in checked.stdout
     assert checked.stdout.strip().endswith("verify: see the warning above before converting anything again")
+    # damage the warning does not explain still gets its repair command
+    shard = next(p for p in (tmp_path / "store" / GOOD[0]).resolve().rglob("image/c/*/*/*") if p.is_file())
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    torn = run_cli("verify", source / "train", tmp_path / "store")
+    assert f"TORN     {GOOD[0]}: image/c/0/0/0 has " in torn.stdout
+    assert torn.stdout.strip().endswith(f"--rebuild {GOOD[0]}")
     alone = run_cli("preprocess", source / "train", tmp_path / "train-store")
     assert alone.returncode == 0 and f"preprocess: warning: {warning}" in alone.stderr
     assert [s.split for s in discover(source / "train").scans] == [None]

@@ -116,6 +116,22 @@ def test_a_shard_lost_while_a_reader_runs_is_named_not_read_as_zeros(tmp_path, m
         assert answer.status_code == 500 and answer.json()["error"] == "ScanDamaged"
 
 
+def test_an_array_folder_lost_under_a_long_lived_reader_is_damage_not_a_missing_scan(tmp_path, monkeypatch):
+    """The re-check of one array finds none of its files: the scan is damaged (its version is
+    still there), not "not found" as a removed version is."""
+    from store.storage import LocalStorage
+
+    monkeypatch.setattr(LocalStorage, "intact_recheck_s", 0.5)
+    root = tmp_path / "store"
+    truth = build_store(root)
+    with open_source(root) as source:
+        np.testing.assert_array_equal(source.read_image(SCAN), truth[SCAN][0])
+        shutil.rmtree((root / SCAN).resolve() / "image")  # the array's every file
+        time.sleep(0.7)
+        with pytest.raises(ScanDamaged, match=f"scan {SCAN!r} is damaged in the store \\(image/"):
+            source.read_image(SCAN, "0:2,0:2,0:1")
+
+
 class _Failed:
     """A read's future that fails as tensorstore does, with its status first."""
 

@@ -124,6 +124,25 @@ def test_a_built_loader_keeps_the_config_it_was_built_with(store, train_name):
     )
 
 
+def test_a_config_holding_a_module_or_a_lock_builds_and_keeps_its_own_lists(train_name):
+    """A Config subclass may hold what cannot be copied (a module, a lock, a model): the loader
+    shares those, and copies only lists, dicts and sets, which a later edit could change."""
+    import threading
+
+    class WithExtras(Config):
+        AUGMENT: object = None
+        GUARD: object = None
+        NOTES: list = []
+
+    cfg = WithExtras(SEED=7, CATEGORIES=[0, 1], INCLUDE_BACKGROUND=True)
+    cfg.AUGMENT, cfg.GUARD, cfg.NOTES = np, threading.Lock(), ["a"]
+    loader = build_loader(cfg, train_name, batch_size=5, is_test=False, shuffle=False, drop_last=False)
+    assert loader.cfg.AUGMENT is np and loader.cfg.GUARD is cfg.GUARD
+    cfg.NOTES.append("b")
+    cfg.CATEGORIES.append(2)
+    assert loader.cfg.NOTES == ["a"] and list(loader.cfg.CATEGORIES) == [0, 1]
+
+
 def test_len_follows_drop_last_and_is_test(train_name):
     n = 12 + 9
     cfg = cfg_for()

@@ -275,6 +275,19 @@ def test_a_lock_is_written_whole_or_in_place_where_there_are_no_links(tmp_path, 
             with pytest.raises(StoreLocked):
                 JobLock(tmp_path).acquire()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lock")) == []
+    with monkeypatch.context() as patched:  # no links, and the lock written in place fails
+        patched.setattr(os, "link", no_links)
+        written = []
+
+        def full_second_time(fd):
+            written.append(fd)
+            if len(written) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        patched.setattr(os, "fsync", full_second_time)
+        with pytest.raises(OSError, match="cannot write its lock file"):
+            JobLock(tmp_path).acquire()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".lock")) == []
     with monkeypatch.context() as patched:
 
         def full(*args, **kwargs):

@@ -257,8 +257,9 @@ def test_a_loader_class_of_a_notebook_is_named_for_spawned_workers(scale_store):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == (
-        "as_torch_dataset: NotebookLoader is defined in this notebook, which spawn and forkserver "
-        "DataLoader workers cannot import; move it into a .py file beside the notebook and import it from there"
+        "as_torch_dataset: NotebookLoader is defined in a notebook or an interactive session (a __main__ "
+        "without a file), which spawn and forkserver DataLoader workers cannot import; move it into a .py "
+        "file beside the notebook and import it from there"
     )
 
 
