@@ -266,6 +266,9 @@ def test_a_loader_class_of_a_notebook_is_named_for_spawned_workers(scale_store):
 STOPPED = """
 import os, signal, time
 import torch
+# Python's own Ctrl-C handler, as in a terminal or a kernel (a job started in the background
+# by a shell, as CI may be, inherits SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from loaders import Config, DatasetCatalog, build_loader
 DatasetCatalog.register("s", {store!r}, split="train")
 loader = build_loader(Config(IMG_SIZE=(12, 10, 1), SEED=1), "s", batch_size=4, is_test=False, shuffle=True, drop_last=True)
