@@ -21,7 +21,6 @@ Decorate it with :func:`register_loader` and select it with ``cfg.TAG``.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import threading
@@ -122,7 +121,7 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
             )
         # its own copy: a notebook cell that edits the Config to build the next loader must not
         # change this one's y channels or epoch plan midway (some fields are read live)
-        self._cfg = _own_copy(cfg)
+        self._cfg = cfg.copy()
         self.is_test = bool(is_test)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
@@ -516,17 +515,3 @@ MEDSEGPY_TAGS = dict.fromkeys(("oai_aug", "oai", "oai_2d", "oai_aug_2d"), "Defau
 MEDSEGPY_INSTEAD = {
     "N5dDataLoader": " (MedSegPy's N.5D slices: use S25dDataLoader with IMG_SIZE=(H, W, k))",
 }
-
-
-def _own_copy(cfg: Config) -> Config:
-    """The Config a loader keeps: its own object, and its own lists, dicts and sets, so that a
-    later edit of the caller's Config (a notebook building its next loader) changes nothing
-    here. Other values are shared as they are (a module, a model or a lock cannot be copied)."""
-    own = copy.copy(cfg)
-    for name, value in vars(own).items():
-        if isinstance(value, (list, dict, set)):
-            try:
-                setattr(own, name, copy.deepcopy(value))
-            except Exception:  # a container of things that do not copy: the container alone
-                setattr(own, name, copy.copy(value))
-    return own

@@ -104,7 +104,17 @@ class Config:
         return {k: getattr(self, k) for k in dir(type(self)) if k.isupper()}
 
     def copy(self) -> Config:
-        return copy.deepcopy(self)
+        """Its own object, with its own lists, dicts, sets and arrays, so that a later edit of
+        this Config (a notebook building its next loader) changes nothing in the copy. Other
+        values are shared as they are (a module, a model or a lock cannot be copied)."""
+        own = copy.copy(self)
+        for name, value in vars(own).items():
+            if isinstance(value, (list, dict, set, np.ndarray)):
+                try:
+                    setattr(own, name, copy.deepcopy(value))
+                except Exception:  # a container of things that do not copy: the container alone
+                    setattr(own, name, copy.copy(value))
+        return own
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())

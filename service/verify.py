@@ -42,7 +42,6 @@ class VerifyLine:
 @dataclass
 class VerifyReport:
     lines: list[VerifyLine] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # warnings on the source as a whole
     one_split: bool = False  # SOURCE was one split folder: its splits differ from the store's
 
     def count(self, status: str) -> int:
@@ -238,10 +237,10 @@ def verify_store(
     on_note: Callable[[str], None] | None = None,
 ) -> VerifyReport:
     """Compare every scan of ``source`` with ``store``; ``on_note`` gets warnings on the source
-    as a whole first (``report.notes``). Raises ``EmptySource`` for an empty source."""
+    as a whole first. Raises ``EmptySource`` for an empty source."""
     found = discover(source)
     root = check_store(str(store) if is_s3_url(str(store)) else Path(store))
-    report = VerifyReport(notes=list(found.notes), one_split=found.one_split)
+    report = VerifyReport(one_split=found.one_split)
     for note in found.notes:
         if on_note is not None:
             on_note(note)

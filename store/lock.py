@@ -48,10 +48,9 @@ def describe_owner(owner: dict[str, Any] | None) -> str:
 
 def read_lock(path: Path) -> dict[str, Any] | None:
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return _owner_of(path.read_bytes())
+    except OSError:
         return None
-    return doc if isinstance(doc, dict) else None
 
 
 def _owner_of(content: bytes | None) -> dict[str, Any] | None:

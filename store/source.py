@@ -280,11 +280,12 @@ class LocalSource:
             return
         now = time.monotonic()
         whole, part = (scan_id, version, ""), (scan_id, version, name)
-        first = self._intact.get(whole) is None
-        if not first:
-            checked = self._intact.get(part) or self._intact.get(whole)
+        all_checked = self._intact.get(whole)
+        first = all_checked is None
+        if all_checked is not None:
+            checked = self._intact.get(part) or all_checked
             every = self.storage.intact_recheck_s
-            if every is None or (checked is not None and now - checked < every):
+            if every is None or now - checked < every:
                 return
         listed = manifest if isinstance(manifest, dict) else {}
         wanted = listed if first else {k: v for k, v in listed.items() if k.startswith(f"{name}/")}
@@ -442,8 +443,17 @@ PASSING = frozenset(
 )  # fmt: skip
 
 
-def _status(err: Exception) -> str:
+REFUSED = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})  # files or credentials refused
+
+
+def _status(err: BaseException) -> str:
     return str(err).split(":", 1)[0].strip()
+
+
+def refused_read(err: BaseException) -> bool:
+    """A file this process may not read, or object storage refusing its credentials (as a
+    ``PermissionError``, or tensorstore's status before the first colon of its message)."""
+    return isinstance(err, PermissionError) or (isinstance(err, ValueError) and _status(err) in REFUSED)
 
 
 def _damage(err: Exception) -> bool:

@@ -33,6 +33,7 @@ from store.errors import (
     Unauthorized,
     one_line,
 )
+from store.source import refused_read
 
 log = logging.getLogger("scancache.server")
 
@@ -128,19 +129,11 @@ def domain_error_response(exc: ScanCacheError) -> JSONResponse:
 
 
 def internal_error_response(exc: BaseException) -> JSONResponse:
-    if refused_by_storage(exc):  # the server's own files or credentials: no bug, and no path sent
+    if refused_read(exc):  # the server's own files or credentials: no bug, and no path sent
         log.error("the store refused a read (permissions or credentials)", exc_info=exc)
         return error_response(503, "store unavailable: it refused a read; see the server log", "ServerError")
     log.error("internal error while serving a request", exc_info=exc)
     return error_response(500, "internal server error; see the server log", "ServerError")
-
-
-def refused_by_storage(exc: BaseException) -> bool:
-    """A file the server's user may not read, or object storage refusing its credentials
-    (tensorstore says so by the status that starts its message)."""
-    if isinstance(exc, PermissionError):
-        return True
-    return isinstance(exc, ValueError) and str(exc).startswith(("PERMISSION_DENIED:", "UNAUTHENTICATED:"))
 
 
 FASTAPI_BODY_ERROR = "There was an error parsing the body"
