@@ -8,7 +8,7 @@ the rest, identically for a local store and a server:
 
 * batches: reads every window of a batch in one ``read_regions`` call per source, in
   background threads ahead of time (``loaders.prefetch``, the one read-ahead layer); the epoch
-  order is a pure function of SEED and the epoch (``loaders.ordering``), split between
+  order is a pure function of SEED and the epoch (``loaders.plan``, ``loaders.ordering``), split between
   data-parallel replicas (``num_replicas``, ``rank``) and resumable (``state_dict``);
 * ``as_tf_dataset()`` and ``as_torch_dataset()`` (``loaders.tf_data``, ``loaders.torch_data``), ``stats()``;
 * ``inference(model)``: per scan, runs the model over the scan's elements and stitches the
@@ -21,10 +21,9 @@ Decorate it with :func:`register_loader` and select it with ``cfg.TAG``.
 
 from __future__ import annotations
 
-import math
 import random
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,15 +32,16 @@ from loaders import inference
 from loaders.backend import import_keras
 from loaders.batch_fill import BatchFilling
 from loaders.batch_memory import BatchArrays, CopyThreads
-from loaders.blocks import BlockBuffer, block_ids, block_key
 from loaders.config import Config, check_batching, check_config
 from loaders.epochs import EpochState, _called_from_keras
 from loaders.geometry import check_pad_mode
-from loaders.ordering import Shard, batch_groups, resumed_lanes, shard_block_order, worker_batches
+from loaders.ordering import Shard
+from loaders.plan import EpochPlanning, Plan
 from loaders.prefetch import Prefetcher
 from loaders.registry import (
     LOADER_REGISTRY,
     Element,
+    build_data_loader,
     keeps_values,
     refuse_medsegpy_hooks,
     register_loader,
@@ -52,7 +52,6 @@ from loaders.scans import (
     scans_from_dicts,
 )
 from loaders.stats import LoaderStats, WorkerCounters, with_workers
-from store.errors import NotRegistered
 from store.units import count_of
 
 import_keras()  # chooses the backend before Keras' first import (loaders.backend)
@@ -71,11 +70,7 @@ __all__ = [
 ]
 
 
-# (epoch, elements, the examples this rank reads in order, block buffer, group of each batch)
-Plan = tuple[int, list[Any], list[int], BlockBuffer | None, list[int]]
-
-
-class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
+class DataLoader(BatchFilling, EpochState, EpochPlanning, keras.utils.PyDataset):
     """Base class of scancache loaders (a Keras ``PyDataset``). See the module docstring."""
 
     # Whether examples are read in chunk-deep blocks (loaders.blocks; the slice loaders do):
@@ -212,6 +207,13 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         each needs a ``.scan``). Default: those of :meth:`build_elements`, every epoch."""
         return self._base_elements
 
+    def examples_note(self) -> str:
+        """What decides the count of examples, said when an epoch has no batch (a loader may say)."""
+        return ""
+
+    def num_scans(self) -> int:
+        return len(self.scans)
+
     # -- batches ----------------------------------------------------------------------------
     @property
     def cfg(self) -> Config:
@@ -241,78 +243,6 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
                 f"scan {first!r}{more} has no mask, so there are no batches (x, y) to give; predict it "
                 "with loader.inference(model) or write_predictions(loader, model, path)"
             )
-
-    def _make_plan(self, epoch: int) -> Plan:
-        elements = list(self.epoch_elements(epoch))
-        if self._unlabelled:  # batches hold labelled scans; inference_elements still has them all
-            elements = [e for e in elements if e.scan not in self._unlabelled]
-        first = getattr(self, "_examples_per_epoch", None)
-        if first is None:
-            self._examples_per_epoch = len(elements)
-        elif len(elements) != first:
-            # Keras takes len() once, from the first epoch: later epochs of another length would
-            # be cut short or run into the next, silently
-            raise ValueError(
-                f"{type(self).__name__}.epoch_elements({epoch}) gave {len(elements)} examples, the first "
-                f"epoch {first}: every epoch needs the same number (draw a fixed count per epoch)"
-            )
-        window = int(self._cfg.SHUFFLE_BLOCKS)
-        blocks = self.reads_blocks and window > 0 and bool(elements)
-        keys = [block_key(e, self.scans) for e in elements] if blocks else []
-        scan_of = [e.scan for e in elements]
-        order = shard_block_order(
-            self.seed, epoch, scan_of, block_ids(keys) if blocks else None, self.shuffle, window, self.shard
-        ).tolist()
-        buffer = None
-        if blocks:
-            background = bool(self._cfg.INCLUDE_BACKGROUND)
-            # the order keeps about two windows of blocks in use at a time (the current one and
-            # the one read ahead); the LRU bound only matters for other access patterns
-            buffer = BlockBuffer(self.scans, elements, order, keys, self.pad_mode, background, 2 * window + 2)
-            ids = block_ids(keys)
-            groups = batch_groups([ids[i] for i in order], self.batch_size, window)
-        else:
-            groups = list(range(math.ceil(len(order) / self.batch_size)))
-        return epoch, elements, order, buffer, groups
-
-    def _check_has_batches(self) -> None:
-        """Refuse, now and in one line, a batch_size or num_replicas that leaves an epoch without
-        a batch (instead of an IndexError at the first one)."""
-        examples = len(self._plan[1])
-        if examples == 0 or len(self) > 0:
-            return
-        replicas = self.shard.num_replicas
-        if replicas > examples:
-            raise ValueError(f"num_replicas={replicas} is more than the {examples} examples of this data set")
-        raise ValueError(
-            f"batch_size={self.batch_size} is more than the {self._num_elements()} examples "
-            + (f"of rank {self.shard.rank} (of {replicas})" if replicas > 1 else "of this data set")
-            + self.examples_note()
-            + " and drop_last=True leaves no batch"
-        )
-
-    def examples_note(self) -> str:
-        """What decides the count of examples, for the message above (a loader may say)."""
-        return ""
-
-    def _plan_for(self, epoch: int) -> Plan:
-        plan = self._plan
-        return plan if plan[0] == epoch else self._make_plan(epoch)
-
-    def _num_elements(self) -> int:
-        return len(self._plan[2])
-
-    def num_scans(self) -> int:
-        return len(self.scans)
-
-    def __len__(self) -> int:
-        return self._batches_in(self._plan)
-
-    def _batches_in(self, plan: Plan) -> int:
-        n = len(plan[2])
-        if not self.is_test and self.drop_last:
-            return n // self.batch_size
-        return math.ceil(n / self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, ...]:
         """Batch ``index`` of the current epoch; inside a Keras epoch, the next batch in order.
@@ -372,22 +302,6 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         with self._serve_lock:
             self._open_passes += change
 
-    def worker_lanes(
-        self, epoch: int, workers: int, position: int = 0, position_workers: int = 1
-    ) -> list[list[int]]:
-        """The batches each of ``workers`` reader processes reads of ``epoch`` (``loaders.ordering``):
-        whole block groups dealt round-robin, so no two processes decode the same blocks; from
-        ``position`` on (counted in the delivery order of ``position_workers`` processes), the
-        rest of that order dealt so that taking turns delivers it unchanged."""
-        groups = self._plan_for(epoch)[4][: len(self)]
-        if position > 0:
-            return resumed_lanes(worker_batches(groups, position_workers), position, workers)
-        return worker_batches(groups, workers)
-
-    def remaining_batches(self) -> list[int]:
-        """The batch indices of the current epoch still to come, in order (``state_dict``'s position)."""
-        return self.worker_lanes(self.epoch, 1, self._position, self._position_workers)[0]
-
     def batches_of(self, epoch: int, indices: Sequence[int]) -> Iterator[tuple[int, tuple[np.ndarray, ...]]]:
         """``(index, batch)`` for ``indices`` of ``epoch``, reading the following ones ahead."""
         self._check_labelled()
@@ -396,12 +310,6 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         for k, index in enumerate(indices):
             ahead = [(epoch, i) for i in indices[k + 1 : k + 1 + depth]]
             yield index, self._prefetcher.get((epoch, index), ahead)
-
-    def batch_elements(self, index: int, epoch: int | None = None) -> list[Any]:
-        """The elements of batch ``index`` of ``epoch`` (default: the current one)."""
-        elements, order = self._plan_for(self.epoch if epoch is None else epoch)[1:3]
-        start = index * self.batch_size
-        return [elements[i] for i in order[start : min(start + self.batch_size, len(order))]]
 
     def _load_key(self, key: tuple[int, int]) -> tuple[np.ndarray, ...]:
         epoch, index = key
@@ -491,27 +399,3 @@ class DataLoader(BatchFilling, EpochState, keras.utils.PyDataset):
         one fewer for a caller that drops each scan before the next), plus the model's own. Per-slice datasets give D = their slices.
         """
         return inference.run_inference(self, model, predict_kwargs)
-
-
-def build_data_loader(cfg: Config, dataset_dicts: Sequence[dict[str, Any]], **kwargs: Any) -> DataLoader:
-    """The loader registered under ``cfg.TAG``, built over ``dataset_dicts``."""
-    from loaders import patches, slices  # noqa: F401  (they register the built-in loaders)
-
-    tag = MEDSEGPY_TAGS.get(cfg.TAG, cfg.TAG) if cfg.TAG not in LOADER_REGISTRY else cfg.TAG
-    try:
-        cls: Callable[..., DataLoader] = LOADER_REGISTRY[tag]
-    except KeyError:
-        known = ", ".join(sorted(LOADER_REGISTRY))
-        instead = MEDSEGPY_INSTEAD.get(cfg.TAG, "")
-        raise NotRegistered(
-            f"cfg.TAG {cfg.TAG!r} is not a registered loader{instead}; registered: {known}"
-        ) from None
-    return cls(cfg, dataset_dicts, **kwargs)
-
-
-# MedSegPy's legacy TAGs, which it maps to its DefaultDataLoader too
-MEDSEGPY_TAGS = dict.fromkeys(("oai_aug", "oai", "oai_2d", "oai_aug_2d"), "DefaultDataLoader")
-# MedSegPy loaders with no loader of that name here: what to use instead
-MEDSEGPY_INSTEAD = {
-    "N5dDataLoader": " (MedSegPy's N.5D slices: use S25dDataLoader with IMG_SIZE=(H, W, k))",
-}

@@ -6,9 +6,10 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from loaders.base import DataLoader, build_data_loader
+from loaders.base import DataLoader
 from loaders.catalog import DatasetCatalog
 from loaders.config import Config, check_batching
+from loaders.registry import build_data_loader
 
 
 def get_dataset_dicts(dataset_names: str | Sequence[str], filter_empty: bool = True) -> list[dict[str, Any]]:

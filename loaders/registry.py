@@ -1,15 +1,21 @@
-"""What a loader is made of and how it is found: ``Element``, ``register_loader``, target marks.
+"""What a loader is made of and how it is found: ``Element``, ``register_loader``, target
+marks, and ``build_data_loader`` (``cfg.TAG`` to the registered class, MedSegPy's tags included).
 
 (Imported by ``loaders.base``, which re-exports these names.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loaders.stitching import Window
+from store.errors import NotRegistered
+
+if TYPE_CHECKING:
+    from loaders.base import DataLoader
+    from loaders.config import Config
 
 L = TypeVar("L", bound=type)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -108,3 +114,27 @@ class Element:
     @property
     def output_window(self) -> Window:
         return self.target if self.target is not None else self.window
+
+
+def build_data_loader(cfg: Config, dataset_dicts: Sequence[dict[str, Any]], **kwargs: Any) -> DataLoader:
+    """The loader registered under ``cfg.TAG``, built over ``dataset_dicts``."""
+    from loaders import patches, slices  # noqa: F401  (they register the built-in loaders)
+
+    tag = MEDSEGPY_TAGS.get(cfg.TAG, cfg.TAG) if cfg.TAG not in LOADER_REGISTRY else cfg.TAG
+    try:
+        cls: Callable[..., DataLoader] = LOADER_REGISTRY[tag]
+    except KeyError:
+        known = ", ".join(sorted(LOADER_REGISTRY))
+        instead = MEDSEGPY_INSTEAD.get(cfg.TAG, "")
+        raise NotRegistered(
+            f"cfg.TAG {cfg.TAG!r} is not a registered loader{instead}; registered: {known}"
+        ) from None
+    return cls(cfg, dataset_dicts, **kwargs)
+
+
+# MedSegPy's legacy TAGs, which it maps to its DefaultDataLoader too
+MEDSEGPY_TAGS = dict.fromkeys(("oai_aug", "oai", "oai_2d", "oai_aug_2d"), "DefaultDataLoader")
+# MedSegPy loaders with no loader of that name here: what to use instead
+MEDSEGPY_INSTEAD = {
+    "N5dDataLoader": " (MedSegPy's N.5D slices: use S25dDataLoader with IMG_SIZE=(H, W, k))",
+}
