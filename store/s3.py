@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,9 +26,19 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from store.errors import ScanCacheError
 from store.publish import is_version_name, new_version_name, retention_start
+from store.s3_errors import (
+    NOT_S3_STATUSES,
+    StoreUnavailable,
+    error_code,
+    not_an_s3_api,
+    parse_s3_url,
+    unavailable,
+    without_secrets,
+)
 from store.storage import S3_SCHEME, Storage, clean_local_staging, copy_tree_files, local_staging
+
+__all__ = ["S3Storage", "StoreUnavailable", "parse_s3_url", "without_secrets"]
 
 CURRENT_DIR = ".current"
 # Not ".versions" as in a folder: SeaweedFS keeps S3 object versions in entries named
@@ -39,51 +48,6 @@ UNPUBLISHED = ".unpublished"
 SUPERSEDED = ".superseded"  # in a version's prefix: when it stopped being current
 POINTER_TTL_S = 1.0  # how long a reader trusts a pointer it read (old versions outlive it by far)
 UPLOAD_THREADS = 16
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-
-
-# scancache writes under a prefix of a bucket it is given; making buckets (their region, policy,
-# versioning, costs) is the owner's decision
-_CREATE_IT = " (create it first, e.g. aws s3 mb s3://BUCKET; scancache does not make buckets)"
-
-
-class StoreUnavailable(ScanCacheError, OSError):
-    """The object store cannot be used: no bucket, refused credentials, unreachable endpoint."""
-
-
-def without_secrets(url: str) -> str:
-    """``scheme://user:password@host/...`` with the user information hidden, for messages."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", url)
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://BUCKET/PREFIX`` -> (bucket, prefix without slashes at either end)."""
-    if not url.startswith(S3_SCHEME):
-        raise ValueError(f"{without_secrets(url)}: not an s3:// URL")
-    bucket, _, prefix = url[len(S3_SCHEME) :].partition("/")
-    if "@" in bucket:
-        raise ValueError(
-            f"{without_secrets(url)}: credentials do not go in the URL (it is shown in logs and "
-            "listings): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
-        )
-    if not _BUCKET.match(bucket):
-        raise ValueError(f"{url}: {bucket!r} is not a valid S3 bucket name")
-    prefix = prefix.strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise ValueError(f"{url}: the prefix has empty, '.' or '..' components")
-    return bucket, prefix
-
-
-# Bare HTTP statuses (no S3 error code in the body) that an S3 API never answers with; other
-# bare ones (403 to a HEAD, 412 to a conditional write, 5xx from a proxy) can be S3's own.
-NOT_S3_STATUSES = ("400", "404", "405", "501")
-
-
-def _error_code(err: BaseException) -> str:
-    response = getattr(err, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""
 
 
 class S3Storage(Storage):
@@ -162,36 +126,10 @@ class S3Storage(Storage):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _fail(self, err: BaseException) -> StoreUnavailable:
-        """One line naming the store and the cause."""
-        code = _error_code(err)
-        name = type(err).__name__
-        if code in ("NoSuchBucket",) or (code == "404" and "Bucket" in str(err)):
-            why = f"bucket {self.bucket!r} does not exist{_CREATE_IT}"
-        elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"):
-            why = (
-                f"access denied ({code}): check the AWS credentials "
-                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
-            )
-        elif name in (
-            "EndpointConnectionError",
-            "ConnectTimeoutError",
-            "ReadTimeoutError",
-            "ConnectionClosedError",
-        ):
-            why = f"cannot reach the endpoint {self.endpoint} ({name})"
-        elif name == "NoCredentialsError":
-            why = "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
-        else:
-            why = f"{name}: {code or without_secrets(str(err))}"
-        return StoreUnavailable(f"{self.url}: {why}")
+        return unavailable(self.url, self.bucket, self.endpoint, err)
 
     def _not_s3(self, status: str) -> StoreUnavailable:
-        """A request answered without an S3 error code: the endpoint is some other HTTP service
-        (a SeaweedFS filer, master or volume port, a web server), not an S3 API."""
-        return StoreUnavailable(
-            f"{self.url}: the endpoint {self.endpoint} answers HTTP {status} without an S3 error: "
-            "it is not an S3 API (check AWS_ENDPOINT_URL)"
-        )
+        return not_an_s3_api(self.url, self.endpoint, status)
 
     def _call(self, method: str, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -199,11 +137,11 @@ class S3Storage(Storage):
         try:
             return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
         except ClientError as err:
-            if _error_code(err) in NOT_S3_STATUSES and method != "head_object":
-                raise self._not_s3(_error_code(err)) from None  # S3 names its errors (NoSuchKey, ...)
-            if _error_code(err) in ("NoSuchKey", "404") and method in ("get_object", "head_object"):
+            if error_code(err) in NOT_S3_STATUSES and method != "head_object":
+                raise self._not_s3(error_code(err)) from None  # S3 names its errors (NoSuchKey, ...)
+            if error_code(err) in ("NoSuchKey", "404") and method in ("get_object", "head_object"):
                 return None
-            if _error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            if error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
                 raise
             raise self._fail(err) from None
         except BotoCoreError as err:
@@ -216,7 +154,7 @@ class S3Storage(Storage):
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as err:
-            if _error_code(err) in ("NoSuchBucket", "NotFound", *NOT_S3_STATUSES):
+            if error_code(err) in ("NoSuchBucket", "NotFound", *NOT_S3_STATUSES):
                 # a HEAD's answer has no body: a GET tells a missing bucket (NoSuchBucket) from an
                 # endpoint that is no S3 API at all (a bare status)
                 # NoSuchBucket, or not an S3 API: one line from _call. If the listing answers, the

@@ -60,6 +60,7 @@ from store.reader_share import (
 )
 from store.roi import Region, as_region
 from store.storage import Storage, no_store_message, open_storage
+from store.ts_status import is_damage, is_passing, result_or_damage
 from store.units import parse_bytes
 
 
@@ -258,9 +259,9 @@ class LocalSource:
             except ValueError as err:
                 manifest = meta.attrs.get(MANIFEST)
                 written = isinstance(manifest, dict) and f"{name}/zarr.json" in manifest
-                if written and _damage(err):
+                if written and is_damage(err):
                     raise ScanDamaged(scan_id, f"its {name} array does not open") from err
-                if _status(err) in PASSING:  # storage that failed for now: as it is, so it is retried
+                if is_passing(err):  # storage that failed for now: as it is, so it is retried
                     raise
                 raise ArrayNotFound(f"scan {scan_id!r} has no array {name!r}") from None
             inner = tuple(int(n or 1) for n in arr.chunk_layout.read_chunk.shape or arr.shape)
@@ -364,7 +365,7 @@ class LocalSource:
         with ts.Batch() as batch:
             reads = [self._start(r, states[r.scan_id], batch) for r in requests]
         out = [
-            self._finish(r, _decoded(r, f), states[r.scan_id][1])
+            self._finish(r, result_or_damage(r, f), states[r.scan_id][1])
             for r, (f, _) in zip(requests, reads, strict=True)
         ]
         decoded = sum(n for _, n in reads)
@@ -431,44 +432,6 @@ class LocalSource:
         self._arrays.clear()
         self._meta.clear()
         self._intact.clear()
-
-
-# tensorstore's error statuses (the text before the first colon of its ValueError)
-DAMAGE = frozenset({"DATA_LOSS", "FAILED_PRECONDITION"})  # bytes that do not decode or parse
-# storage that failed for now (S3 503s after tensorstore's own retries, no file descriptors
-# left, expired credentials): not the scan's fault, and a client may retry
-PASSING = frozenset(
-    {"UNAVAILABLE", "ABORTED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED",
-     "PERMISSION_DENIED", "UNAUTHENTICATED", "UNKNOWN", "INTERNAL"}
-)  # fmt: skip
-
-
-REFUSED = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})  # files or credentials refused
-
-
-def _status(err: BaseException) -> str:
-    return str(err).split(":", 1)[0].strip()
-
-
-def refused_read(err: BaseException) -> bool:
-    """A file this process may not read, or object storage refusing its credentials (as a
-    ``PermissionError``, or tensorstore's status before the first colon of its message)."""
-    return isinstance(err, PermissionError) or (isinstance(err, ValueError) and _status(err) in REFUSED)
-
-
-def _damage(err: Exception) -> bool:
-    return _status(err) in DAMAGE
-
-
-def _decoded(request: RegionRequest, future: Any) -> np.ndarray:
-    """A read's result; stored data that does not decode names the scan, not tensorstore's
-    message (which names the file's path). Any other failure is raised as it is."""
-    try:
-        return future.result()  # type: ignore[no-any-return]
-    except ValueError as err:
-        if not _damage(err):
-            raise
-        raise ScanDamaged(request.scan_id, f"its {request.array} data does not decode") from err
 
 
 def chunk_bytes_touched(region: Sequence[slice], inner: Sequence[int], itemsize: int) -> int:

@@ -154,13 +154,13 @@ def test_storage_that_fails_for_now_is_not_called_damage(message):
     """An S3 hiccup or a busy server is not a damaged scan: raised as it is (a server answers a
     generic 500, which clients retry), never 'rebuild it'."""
     from store.protocol import RegionRequest
-    from store.source import _decoded
+    from store.ts_status import result_or_damage
 
     with pytest.raises(ValueError, match=message.split(":")[0]) as info:
-        _decoded(RegionRequest(SCAN), _Failed(message))
+        result_or_damage(RegionRequest(SCAN), _Failed(message))
     assert not isinstance(info.value, ScanDamaged)
     with pytest.raises(ScanDamaged):
-        _decoded(RegionRequest(SCAN), _Failed("DATA_LOSS: Error reading shard index: Digest mismatch"))
+        result_or_damage(RegionRequest(SCAN), _Failed("DATA_LOSS: Error reading shard index: Digest mismatch"))
 
 
 def test_scan_damaged_survives_a_trip_to_another_process():

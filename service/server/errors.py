@@ -33,7 +33,7 @@ from store.errors import (
     Unauthorized,
     one_line,
 )
-from store.source import refused_read
+from store.ts_status import refused_read
 
 log = logging.getLogger("scancache.server")
 

@@ -1,0 +1,91 @@
+"""S3 URLs and errors, each said in one line naming the store and the cause: a missing bucket,
+refused credentials, an unreachable endpoint, an endpoint that is no S3 API. No message shows
+credentials (``without_secrets``); none go in a URL.
+"""
+
+from __future__ import annotations
+
+import re
+
+from store.errors import ScanCacheError
+from store.storage import S3_SCHEME
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+# scancache writes under a prefix of a bucket it is given; making buckets (their region, policy,
+# versioning, costs) is the owner's decision
+_CREATE_IT = " (create it first, e.g. aws s3 mb s3://BUCKET; scancache does not make buckets)"
+
+
+class StoreUnavailable(ScanCacheError, OSError):
+    """The object store cannot be used: no bucket, refused credentials, unreachable endpoint."""
+
+
+def without_secrets(url: str) -> str:
+    """``scheme://user:password@host/...`` with the user information hidden, for messages."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", url)
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> (bucket, prefix without slashes at either end)."""
+    if not url.startswith(S3_SCHEME):
+        raise ValueError(f"{without_secrets(url)}: not an s3:// URL")
+    bucket, _, prefix = url[len(S3_SCHEME) :].partition("/")
+    if "@" in bucket:
+        raise ValueError(
+            f"{without_secrets(url)}: credentials do not go in the URL (it is shown in logs and "
+            "listings): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        )
+    if not _BUCKET.match(bucket):
+        raise ValueError(f"{url}: {bucket!r} is not a valid S3 bucket name")
+    prefix = prefix.strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise ValueError(f"{url}: the prefix has empty, '.' or '..' components")
+    return bucket, prefix
+
+
+# Bare HTTP statuses (no S3 error code in the body) that an S3 API never answers with; other
+# bare ones (403 to a HEAD, 412 to a conditional write, 5xx from a proxy) can be S3's own.
+NOT_S3_STATUSES = ("400", "404", "405", "501")
+
+
+def error_code(err: BaseException) -> str:
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def unavailable(url: str, bucket: str, endpoint: str, err: BaseException) -> StoreUnavailable:
+    """One line naming the store and the cause."""
+    code = error_code(err)
+    name = type(err).__name__
+    if code in ("NoSuchBucket",) or (code == "404" and "Bucket" in str(err)):
+        why = f"bucket {bucket!r} does not exist{_CREATE_IT}"
+    elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"):
+        why = (
+            f"access denied ({code}): check the AWS credentials "
+            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        )
+    elif name in (
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+    ):
+        why = f"cannot reach the endpoint {endpoint} ({name})"
+    elif name == "NoCredentialsError":
+        why = "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+    else:
+        why = f"{name}: {code or without_secrets(str(err))}"
+    return StoreUnavailable(f"{url}: {why}")
+
+
+def not_an_s3_api(url: str, endpoint: str, status: str) -> StoreUnavailable:
+    """A request answered without an S3 error code: the endpoint is some other HTTP service
+    (a SeaweedFS filer, master or volume port, a web server), not an S3 API."""
+    return StoreUnavailable(
+        f"{url}: the endpoint {endpoint} answers HTTP {status} without an S3 error: "
+        "it is not an S3 API (check AWS_ENDPOINT_URL)"
+    )
