@@ -54,10 +54,11 @@ from store.errors import (
     changed_message,
     one_line,
 )
-from store.format import IMAGE, MASK, ScanMeta, channel_array, matches, validate_array_name, validate_scan_id
+from store.format import IMAGE, MASK, ScanMeta, channel_array, validate_array_name, validate_scan_id
 from store.label_map import Decoded, merged
 from store.protocol import RegionRequest, RoiLike
 from store.roi import slices_text
+from store.scan_filters import matches
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
 # Filters the server understands as query parameters; every filter is also applied here.

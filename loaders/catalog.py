@@ -18,8 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from store.errors import NotRegistered
-from store.format import ScanMeta, has_class_values, why_nothing_matches
+from store.format import ScanMeta
 from store.protocol import ScanSource
+from store.scan_filters import has_class_values, why_nothing_matches
 from store.source import LocalSource
 
 SourceLike = str | ScanSource
@@ -134,7 +135,7 @@ class DatasetCatalog:
         """Register a store path or server URL with attribute filters, or a callable.
 
         ``DatasetCatalog.register("oai_train", "/data/store", split="train")`` selects the
-        scans whose attributes match (see ``store.format.matches``). A callable takes no
+        scans whose attributes match (see ``store.scan_filters.matches``). A callable takes no
         arguments and returns dataset dicts, each with ``source`` and ``scan_id``. For a server
         URL, ``timeout`` (seconds per request), ``retries`` (most retries of one request) and
         ``retry_seconds`` (how long to keep retrying) go to its ``HttpSource``.

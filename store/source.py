@@ -35,7 +35,6 @@ from store.format import (
     channel_array,
     channel_of,
     check_store_format,
-    matches,
     store_identity,
     validate_array_name,
     validate_scan_id,
@@ -59,6 +58,7 @@ from store.reader_share import (
     refuse_forked_reads,
 )
 from store.roi import Region, as_region
+from store.scan_filters import matches
 from store.storage import Storage, no_store_message, open_storage
 from store.ts_status import is_damage, is_passing, result_or_damage
 from store.units import parse_bytes

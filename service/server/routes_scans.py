@@ -15,7 +15,8 @@ from service.server.responses import cached_json, finite_json
 from service.server.routes_predictions import Predictions, prediction_fields
 from service.server.state import ServerState, server_state
 from store.errors import one_line
-from store.format import ScanMeta, matches
+from store.format import ScanMeta
+from store.scan_filters import matches
 from store.source import LocalSource
 
 log = logging.getLogger("scancache.server")

@@ -1,0 +1,87 @@
+"""Which scans a listing selects: attribute filters (``split``, ``subject_id``, ...,
+``has_class``) matched against a scan's metadata, and one line saying why none matched. The
+local reader, the server's ``GET /scans`` and the HTTP client all filter with ``matches``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from store.format import ScanMeta
+
+FILTER_KEYS = ("split", "subject_id", "time_point", "augmentation", "has_class", "scan_id")
+
+
+def has_class_values(want: Any) -> list[int | str]:
+    """``has_class``'s classes: an index, a class name, or a list of them (any of them)."""
+    values = list(want) if isinstance(want, (list, tuple, set, frozenset)) else [want]
+    out: list[int | str] = []
+    for value in values:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, str))
+            or (isinstance(value, int) and value < 0)
+        ):
+            raise ValueError(
+                f"has_class: expected a class index (0, 1, ...) or a class name, or a list of them; got {want!r}"
+            )
+        out.append(value)
+    return out
+
+
+def has_any_class(meta: ScanMeta, want: Any) -> bool:
+    """Whether one of ``want``'s classes (an index or a name) has voxels in the scan."""
+    counts = meta.class_voxels()
+    names = meta.class_names
+    for value in has_class_values(want):
+        k = names.index(value) if isinstance(value, str) and value in names else value
+        if isinstance(k, int) and k < len(counts) and counts[k] > 0:
+            return True
+    return False
+
+
+def matches(meta: ScanMeta, filters: dict[str, Any]) -> bool:
+    """Whether a scan passes attribute filters (``has_class=k``: class k has voxels)."""
+    for key, want in filters.items():
+        if want is None:
+            continue
+        if key == "has_class":
+            if not has_any_class(meta, want):
+                return False
+            continue
+        have = meta.attrs.get(key)
+        if isinstance(want, (list, tuple, set, frozenset)):
+            if have not in want and str(have) not in {str(w) for w in want}:
+                return False
+        elif have != want and str(have) != str(want):
+            return False
+    return True
+
+
+def why_nothing_matches(scans: Sequence[ScanMeta], filters: dict[str, Any]) -> str:
+    """Why ``filters`` select none of ``scans`` (every scan of a store): the first filter no
+    scan passes, with the values the scans have (or the attribute a misspelt key may mean)."""
+    import difflib
+
+    if not scans:
+        return "the store has no scans"
+    for key, want in filters.items():
+        if want is None or any(matches(meta, {key: want}) for meta in scans):
+            continue
+        if key == "has_class":
+            names = sorted({n for meta in scans for n in meta.class_names})
+            unknown = [v for v in has_class_values(want) if isinstance(v, str) and v not in names]
+            if unknown:
+                return f"has_class={want!r}: no scan has a class named {unknown[0]!r} (classes: {', '.join(names)})"
+            return f"has_class={want!r}: no scan has voxels of that class"
+        values = sorted({str(meta.attrs[key]) for meta in scans if key in meta.attrs})
+        if values:
+            shown = ", ".join(values[:12]) + (", ..." if len(values) > 12 else "")
+            return f"{key}={want!r} matches no scan (its scans have {key} {shown})"
+        names = sorted({k for meta in scans for k in meta.attrs} | {"has_class"})
+        close = difflib.get_close_matches(key, names, n=1)
+        return f"no scan has an attribute {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return f"no scan matches all of {', '.join(f'{k}={v!r}' for k, v in filters.items())}"
