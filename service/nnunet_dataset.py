@@ -40,7 +40,7 @@ DATASET_JSON = "dataset.json"
 NIFTI_KIND = "nifti"
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 FOLDERS = (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test"))
-_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_CHANNEL_FILE = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})", re.ASCII)  # fullmatch: "$" passes a final "\n"
 
 
 class DatasetError(ScanCacheError, ValueError):
@@ -190,7 +190,7 @@ def _listing(root: Path, folder: str, endings: tuple[str, ...]) -> list[tuple[st
 
 
 def _case_of(stem: str) -> str:
-    match = _CHANNEL_FILE.match(stem)
+    match = _CHANNEL_FILE.fullmatch(stem)
     return stem if match is None else match["case"]
 
 
@@ -225,7 +225,7 @@ def discover_dataset(root: Path) -> Discovery:
         label_files = _listing(root, labels, info.file_endings)
         channels: dict[str, dict[int | None, list[str]]] = defaultdict(lambda: defaultdict(list))
         for stem, rel in image_files:
-            match = _CHANNEL_FILE.match(stem)
+            match = _CHANNEL_FILE.fullmatch(stem)
             if match is None or rel.rsplit("/", 1)[-1] in info.listed_images:  # Decathlon: one file
                 channels[stem][None].append(rel)
             else:
@@ -279,7 +279,7 @@ def _notes(info: DatasetInfo, stems: set[str]) -> list[str]:
                 "voxels: scancache stores it as an ordinary class named 'ignore' (docs/user-guide.md: "
                 "select it in CATEGORIES to mask those voxels out of a loss)"
             )
-    cases = stems | {match["case"] for stem in stems if (match := _CHANNEL_FILE.match(stem))}
+    cases = stems | {match["case"] for stem in stems if (match := _CHANNEL_FILE.fullmatch(stem))}
     missing = sorted(
         name for name in info.listed_images if (_strip_ending(name, NIFTI_ENDINGS) or name) not in cases
     )

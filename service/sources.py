@@ -31,8 +31,11 @@ from store.errors import EmptySource, InvalidPath, SourceError
 from store.format import FORMAT_VERSION, ChunkLayout, validate_scan_id
 
 IMAGE_SUFFIX, MASK_SUFFIX, VOLUME_SUFFIX = ".im", ".seg", ".h5"
-_SLICE_NAME = re.compile(r"^(?P<key>(?P<subject>\d+)_V(?P<visit>\d+)-Aug(?P<aug>\d+))_(?P<slice>\d+)$")
-_SCAN_KEY = re.compile(r"^(?P<subject>\d+)_V(?P<visit>\d+)-Aug(?P<aug>\d+)$")
+# fullmatch (a "$" passes a final "\n") of ASCII digits (\d alone takes other scripts' digits)
+_SLICE_NAME = re.compile(
+    r"(?P<key>(?P<subject>\d+)_V(?P<visit>\d+)-Aug(?P<aug>\d+))_(?P<slice>\d+)", re.ASCII
+)
+_SCAN_KEY = re.compile(r"(?P<subject>\d+)_V(?P<visit>\d+)-Aug(?P<aug>\d+)", re.ASCII)
 _NAME_HELP = "name does not parse as <subject>_V<visit>-Aug<aug>_<slice>"
 
 
@@ -163,7 +166,7 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
             if suffix == VOLUME_SUFFIX:
                 key, kind, number = stem, "3d", 0
             else:
-                match = _SLICE_NAME.match(stem)
+                match = _SLICE_NAME.fullmatch(stem)
                 if match is None:
                     found.failures.append(SourceError(stem, rel.as_posix(), _NAME_HELP))
                     continue
@@ -256,7 +259,7 @@ def _scan_spec(
         raise SourceError(
             key, next(iter(splits.values())), "not usable as a scan id (letters, digits, '.', '_', '-' only)"
         ) from None
-    subject, visit, aug = _ints(_SCAN_KEY.match(key))
+    subject, visit, aug = _ints(_SCAN_KEY.fullmatch(key))
     for numbers in kinds.values():
         for paths in numbers.values():
             if len(paths) > 1:

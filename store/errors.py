@@ -123,8 +123,14 @@ class SourceError(ScanCacheError, ValueError):
     """Bad preprocessing input: names the scan, the file and why."""
 
     def __init__(self, scan: str, file: str, why: str) -> None:
-        super().__init__(f"{scan}: {file}: {why}")
+        super().__init__(f"{shown_name(scan)}: {shown_name(file)}: {why}")
         self.scan, self.file, self.why = scan, file, why
+
+
+def shown_name(name: str) -> str:
+    """A file or scan name as a message shows it: as it is, or quoted with escapes where it holds
+    a newline or another character that does not print (the message stays one line)."""
+    return name if name.isprintable() else repr(name)
 
 
 class EmptySource(ScanCacheError, ValueError):

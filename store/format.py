@@ -51,7 +51,8 @@ def extra_channel_arrays(channels: int) -> list[str]:
     return [f"{IMAGE}_c{k}" for k in range(1, channels)]
 
 
-_CHANNEL_ARRAY = re.compile(r"^image_c([1-9][0-9]{0,3})$")
+# fullmatch, never match with "$": "$" also matches before a final newline ("image_c1\n")
+_CHANNEL_ARRAY = re.compile(r"image_c([1-9][0-9]{0,3})")
 
 
 def channel_dtype(*dtypes: Any) -> Any:
@@ -79,16 +80,16 @@ def channel_of(name: str) -> int | None:
     """The image channel an array holds (``image``: 0, ``image_c2``: 2), None for other arrays."""
     if name == IMAGE:
         return 0
-    found = _CHANNEL_ARRAY.match(name)
+    found = _CHANNEL_ARRAY.fullmatch(name)
     return int(found.group(1)) if found else None
 
 
-_SCAN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_SCAN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 def validate_scan_id(scan_id: str) -> str:
     """Scan ids are one path component of safe characters: no slashes, no ``..``, no dotfiles."""
-    if not isinstance(scan_id, str) or not _SCAN_ID.match(scan_id) or ".." in scan_id:
+    if not isinstance(scan_id, str) or not _SCAN_ID.fullmatch(scan_id) or ".." in scan_id:
         raise InvalidPath(f"invalid scan id {scan_id!r}")
     return scan_id
 

@@ -95,7 +95,7 @@ def new_version_name() -> str:
 
 def version_time(version: str) -> float | None:
     head = version.split("-", 1)[0]
-    return int(head) / 1e9 if head.isdigit() and len(head) == 20 else None
+    return int(head) / 1e9 if head.isascii() and head.isdigit() and len(head) == 20 else None
 
 
 def version_dir(root: str | os.PathLike[str], name: str, version: str) -> Path:

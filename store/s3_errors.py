@@ -10,7 +10,7 @@ import re
 from store.errors import ScanCacheError
 from store.storage import S3_SCHEME
 
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # fullmatch ("$" passes a final "\n")
 
 
 # scancache writes under a prefix of a bucket it is given; making buckets (their region, policy,
@@ -37,7 +37,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
             f"{without_secrets(url)}: credentials do not go in the URL (it is shown in logs and "
             "listings): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
         )
-    if not _BUCKET.match(bucket):
+    if not _BUCKET.fullmatch(bucket):
         raise ValueError(f"{url}: {bucket!r} is not a valid S3 bucket name")
     prefix = prefix.strip("/")
     if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:

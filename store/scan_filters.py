@@ -18,7 +18,7 @@ def has_class_values(want: Any) -> list[int | str]:
     values = list(want) if isinstance(want, (list, tuple, set, frozenset)) else [want]
     out: list[int | str] = []
     for value in values:
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
             value = int(value)
         if (
             isinstance(value, bool)

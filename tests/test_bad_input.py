@@ -254,3 +254,48 @@ def test_load_scan_errors_are_source_errors(tmp_path):
         err = errors[scan]
         assert err.scan == scan and file in err.file and why in err.why, (str(err), file, why)
         assert "\n" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("check", "bad"),
+    [
+        ("scan id", "0000001_V00-Aug00\n"),
+        ("channel array", "image_c1\n"),
+        ("bucket", "s3://bucket\n/prefix"),
+        ("slice file", "0000001_V00-Aug00_001\n"),
+    ],
+)
+def test_names_with_a_final_newline_are_refused(check, bad):
+    """A regular expression's "$" also matches before a final newline: every name check is a
+    full match, so a name ending in a newline is refused (it broke response headers)."""
+    from service.sources import _SLICE_NAME
+    from store.errors import InvalidPath
+    from store.format import channel_of, validate_scan_id
+    from store.s3_errors import parse_s3_url
+
+    if check == "scan id":
+        with pytest.raises(InvalidPath):
+            validate_scan_id(bad)
+    elif check == "channel array":
+        assert channel_of(bad) is None and channel_of(bad.strip()) == 1
+    elif check == "bucket":
+        with pytest.raises(ValueError, match="not a valid S3 bucket name"):
+            parse_s3_url(bad)
+    else:
+        assert _SLICE_NAME.fullmatch(bad) is None and _SLICE_NAME.fullmatch(bad.strip()) is not None
+
+
+def test_a_source_name_with_a_newline_fails_in_one_line(tmp_path):
+    """A source file whose name ends in a newline fails that scan alone, in one line that
+    shows the name quoted, and nothing of it is published."""
+    source, store = tmp_path / "src", tmp_path / "store"
+    image, mask = _scan(seed=11)
+    write_volume_file(source / "train" / f"{GOOD[0]}.h5", image, mask)
+    write_volume_file(source / "train" / f"{GOOD[1]}\n.h5", image, mask)
+    result = run_cli("preprocess", source, store)
+    assert result.returncode == 1, result.stderr
+    failure = [line for line in result.stdout.splitlines() + result.stderr.splitlines() if "scan id" in line]
+    assert failure == [
+        f"  '{GOOD[1]}\\n': 'train/{GOOD[1]}\\n.h5': not usable as a scan id (letters, digits, '.', '_', '-' only)"
+    ]
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == [GOOD[0], "zarr.json"]

@@ -160,7 +160,9 @@ def test_storage_that_fails_for_now_is_not_called_damage(message):
         result_or_damage(RegionRequest(SCAN), _Failed(message))
     assert not isinstance(info.value, ScanDamaged)
     with pytest.raises(ScanDamaged):
-        result_or_damage(RegionRequest(SCAN), _Failed("DATA_LOSS: Error reading shard index: Digest mismatch"))
+        result_or_damage(
+            RegionRequest(SCAN), _Failed("DATA_LOSS: Error reading shard index: Digest mismatch")
+        )
 
 
 def test_scan_damaged_survives_a_trip_to_another_process():

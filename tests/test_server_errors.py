@@ -80,6 +80,9 @@ def store_root(small_store):
         (f"/scans/{IMAGE_ONLY}/mask", 404, ["no mask"], "ArrayNotFound"),
         (f"/scans/{SCAN}/labels", 404, ["Not Found"], None),
         ("/scans/.staging", 400, ["invalid scan id"], "InvalidPath"),
+        # "$" in a pattern matches before a final newline: the id check is a full match
+        (f"/scans/{SCAN}%0A", 400, ["invalid scan id"], "InvalidPath"),
+        (f"/scans/{SCAN}%0A/image?roi=0:2", 400, ["invalid scan id"], "InvalidPath"),
         ("/scans/..%2F..%2Fetc/image", 400, ["encoded slashes"], "InvalidPath"),
         (f"/scans/{SCAN}/image?roi=0:100", 422, ["roi", "out of bounds"], "InvalidROI"),
         (f"/scans/{SCAN}/image?roi=5:5", 422, ["roi", "empty"], "InvalidROI"),
@@ -153,6 +156,7 @@ def test_the_service_is_read_only(client, method, url):
         ([{"scan_id": SCAN, "array": "labels"}], 404, ["regions[0]", "labels"]),
         ([{"scan_id": IMAGE_ONLY, "array": "mask"}], 404, ["regions[0]", "no mask"]),
         ([{"scan_id": "../x"}], 400, ["regions[0]", "invalid scan id"]),
+        ([{"scan_id": SCAN + "\n"}], 400, ["regions[0]", "invalid scan id"]),
         ([{"scan_id": SCAN, "roi": "0:99"}], 422, ["regions[0].roi", "out of bounds"]),
         ([{"scan_id": SCAN, "roi": 3}], 422, ["regions[0].roi"]),
         (
