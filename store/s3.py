@@ -82,9 +82,12 @@ class S3Storage(Storage):
                 f"{self.url}: AWS_PROFILE {err.kwargs.get('profile')!r} is not in the AWS config files"
             ) from None
         except ValueError as err:  # botocore: "Invalid endpoint: ..."
-            endpoint = without_secrets(os.environ.get("AWS_ENDPOINT_URL", ""))
+            value = os.environ.get("AWS_ENDPOINT_URL", "")
+            # shown only when nothing in it can be a secret: without a scheme, "user:pw@host"
+            # cannot be told from a host
+            shown = f" {value!r}" if not set(value) & set("@?") else ""
             raise StoreUnavailable(
-                f"{self.url}: AWS_ENDPOINT_URL {endpoint!r} is not a URL (it starts with http:// or https://)"
+                f"{self.url}: AWS_ENDPOINT_URL{shown} is not a URL (it starts with http:// or https://)"
                 if "endpoint" in str(err).lower()
                 else f"{self.url}: {without_secrets(str(err))}"
             ) from None

@@ -22,9 +22,15 @@ class StoreUnavailable(ScanCacheError, OSError):
     """The object store cannot be used: no bucket, refused credentials, unreachable endpoint."""
 
 
-def without_secrets(url: str) -> str:
-    """``scheme://user:password@host/...`` with the user information hidden, for messages."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", url)
+# A URL's user information, up to the last "@" of the URL (a password may hold "@" or "/"
+# unescaped), and its query (tokens, signatures), wherever a URL stands in a message.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s`'\"]*@")
+_QUERY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s`'\"?]*)\?[^\s`'\"]*")
+
+
+def without_secrets(text: str) -> str:
+    """A message or URL with each URL's user information and query hidden (``***``)."""
+    return _QUERY.sub(r"\1?***", _USERINFO.sub(r"\1***@", text))
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -563,6 +563,19 @@ def test_s3_settings_errors_name_the_store_and_the_setting(s3_server, monkeypatc
     with pytest.raises(StoreUnavailable) as unreachable:
         S3Storage("lab", "knee").check_bucket()
     assert "pw-XYZ" not in str(unreachable.value) and "http://***@127.0.0.1:1" in str(unreachable.value)
+    # a password holding "@" or "/", a URL botocore quotes mid-message, a query, a value that is no URL
+    for endpoint in (
+        "http://user:p@ss-XYZ@127.0.0.1:1",
+        "http://user:pa/ss-XYZ@127.0.0.1:1",
+        "ftp://user:pw-XYZ@127.0.0.1:1",
+        "http://127.0.0.1:1/?token=XYZ",
+        "user:pw-XYZ@127.0.0.1:1",
+    ):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        with pytest.raises(StoreUnavailable) as refused:
+            S3Storage("lab", "knee").check_bucket()
+        message = str(refused.value)
+        assert "XYZ" not in message and message.startswith("s3://lab/knee: ") and "\n" not in message, endpoint
 
 
 def test_local_storage_is_unchanged_on_disk(tmp_path):
