@@ -33,6 +33,7 @@ import numpy as np
 
 from loaders.backend import import_keras
 from loaders.config import Config
+from loaders.prefetch import Prefetcher
 from loaders.scans import ScanEntry, cut_window, read_in_slabs
 from loaders.stitching import Aggregator, windows_disjoint
 from store.errors import RequestTooLarge
@@ -266,13 +267,15 @@ def run_inference(
     scans = sorted(loader.scans, key=lambda s: s.scan_id)
     if not scans:
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="scancache-inference") as pool:
-        pending = pool.submit(loader._read_scan, scans[0])
+    # the one read-ahead layer (loaders.prefetch), one scan ahead in one thread: the next scan
+    # is read only once this one is in hand, which keeps the memory bound above
+    reads: Prefetcher[int, tuple[np.ndarray, np.ndarray | None]] = Prefetcher(
+        lambda k: loader._read_scan(scans[k]), workers=1, depth=1
+    )
+    try:
         for k, scan in enumerate(scans):
             start = time.perf_counter()
-            image, mask = pending.result()
-            if k + 1 < len(scans):
-                pending = pool.submit(loader._read_scan, scans[k + 1])
+            image, mask = reads.get(k, [k + 1] if k + 1 < len(scans) else [])
             y_pred = loader.predict_scan(model, scan, image, kwargs, mask)
             image, y_pred = _select_slices(scan, image), _select_slices(scan, y_pred)
             mask = None if mask is None else _select_slices(scan, mask)  # None: a scan without a mask
@@ -280,3 +283,5 @@ def run_inference(
             inputs = {"x": image, "scan_id": scan.scan_id, **scan.inference_attributes()}
             yield inputs, {"y_true": mask, "y_pred": y_pred, "time_elapsed": elapsed}
             del image, mask, y_pred, inputs  # the caller holds what it keeps
+    finally:  # exhausted, or a loop left early: no read goes on for it
+        reads.close()
