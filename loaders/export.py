@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from store.predictions import LABEL_MAP, PROBABILITIES, PredictionStore, check_predictions_root
+from store.progress import Progress
 
 LABEL_SUFFIX = ".nii.gz"
 PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
@@ -75,8 +75,8 @@ def export_nifti(
 
     Refuses, before writing anything, an unknown scan and files already in ``out_dir`` (unless
     ``overwrite``). ``scan_store`` (a store folder, a server URL or a ``ScanSource``) supplies
-    the geometry of predictions that record none. ``progress`` (default: stderr is a terminal)
-    prints a line per scan on stderr."""
+    the geometry of predictions that record none. ``progress`` (default: on a terminal or in a
+    notebook) shows a bar of scans on stderr (``store.progress``)."""
     nib = _import_nibabel()
     store = predictions if isinstance(predictions, PredictionStore) else _open_predictions(predictions)
     available = store.scan_ids()
@@ -102,13 +102,12 @@ def export_nifti(
                 if path.exists():
                     raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
     source = _open_scan_store(scan_store)
-    show = sys.stderr.isatty() if progress is None else progress
     out.mkdir(parents=True, exist_ok=True)
     done = []
-    for i, scan_id in enumerate(wanted, start=1):
-        done.append(_export_scan(nib, store, scan_id, out, probabilities, source))
-        if show:
-            print(f"scancache export: {i}/{len(wanted)} {scan_id}", file=sys.stderr, flush=True)
+    with Progress(len(wanted), label="scancache export", enabled=progress) as bar:
+        for scan_id in wanted:
+            done.append(_export_scan(nib, store, scan_id, out, probabilities, source))
+            bar.advance(scan_id)
     return done
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import sys
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -49,6 +48,7 @@ from store.predictions import (
     PredictionStore,
     check_predictions_root,
 )
+from store.progress import Progress
 from store.storage import Storage, open_storage, parse_location
 from store.units import count_of
 
@@ -332,16 +332,6 @@ def _pending_loader(loader: Any, done: set[str]) -> Any:
     return limited
 
 
-def _progress(total: int, enabled: bool | None) -> Any:
-    if enabled is None:  # a terminal, or a notebook (Keras' bar draws there as in fit)
-        enabled = sys.stdout.isatty() or "ipykernel" in sys.modules
-    if not enabled or total == 0:
-        return None
-    keras = import_keras()
-
-    return keras.utils.Progbar(total, unit_name="scan")
-
-
 def write_predictions(
     loader: Any,
     model: Any,
@@ -353,8 +343,8 @@ def write_predictions(
 ) -> PredictionSummary:
     """Run ``loader.inference(model, **predict_kwargs)`` and write each scan's prediction to ``path``.
 
-    ``overwrite=True`` redoes scans already written; ``progress`` (default: on a terminal)
-    shows a bar of scans. Returns a :class:`PredictionSummary`. One writer at a time: while
+    ``overwrite=True`` redoes scans already written; ``progress`` (default: on a terminal or in
+    a notebook) shows a bar of scans (``store.progress``). Returns a :class:`PredictionSummary`. One writer at a time: while
     another holds ``path/.lock``, this fails at once with ``StoreLocked`` naming its pid and host.
     """
     root = open_storage(parse_location(path))
@@ -381,7 +371,7 @@ def _write_locked(
     entries = _scan_entries(loader)
     done = set() if overwrite else {s for s in entries if _predicted(store, s, entries.get(s))}
     skipped = sorted(done)
-    bar = _progress(len(entries) - len(done), progress)
+    bar = Progress(len(entries) - len(done), label="write_predictions", enabled=progress)
     cats = getattr(loader.cfg, "CATEGORIES", None)
     written: list[str] = []
     dice: dict[str, list[float] | None] = {}
@@ -409,10 +399,10 @@ def _write_locked(
             dice[scan_id] = scores
             if scan_names is not None:
                 names[scan_id] = scan_names
-            if bar is not None:
-                bar.add(1)
+            bar.advance(scan_id)
             del outputs  # the caller of inference holds one scan's output at a time
     finally:
+        bar.close()
         root.remove_staging(staging)
     return PredictionSummary(
         root.local_path() or root.url, tuple(written), tuple(sorted(skipped)), dice, names

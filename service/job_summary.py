@@ -3,9 +3,7 @@ to the client), the job's summary and its progress line or bar."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import IO, Any
 
 from store.units import count_of, format_bytes
 
@@ -51,6 +49,10 @@ class Summary:
     def warnings(self) -> list[str]:
         return sorted(r.warning for r in self.results if r.warning)
 
+    def progress_note(self) -> str:
+        """How the job stands, for its progress line."""
+        return f"converted {self.converted}, skipped {self.skipped}, failed {self.failed}"
+
     def failures(self) -> list[str]:
         """The failure lines (``scan: file: why``), sorted."""
         return sorted(r.message for r in self.results if r.status == FAILED)
@@ -87,33 +89,3 @@ class Summary:
             lines.append(f"failures ({self.failed}):")
             lines.extend(f"  {message}" for message in self.failures())
         return "\n".join(lines)
-
-
-class Progress:
-    """A tqdm bar on a terminal; otherwise a plain line every few seconds and at the end."""
-
-    def __init__(self, total: int, done: int, enabled: bool, stream: IO[str], every: float = 5.0) -> None:
-        self.total, self.enabled, self.stream, self.every = total, enabled, stream, every
-        self.bar: Any = None
-        self.last = time.monotonic()
-        if enabled and stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, unit="scan", file=stream, dynamic_ncols=True)
-
-    def update(self, summary: Summary) -> None:
-        if not self.enabled:
-            return
-        text = f"converted {summary.converted}, skipped {summary.skipped}, failed {summary.failed}"
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-            return
-        now = time.monotonic()
-        if summary.total == self.total or now - self.last >= self.every:
-            self.last = now
-            print(f"preprocess: {summary.total}/{self.total} scans ({text})", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

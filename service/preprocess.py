@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from service.cluster_watch import SchedulerLost, is_scheduler_lost, scheduler_lost, warn_without_workers
-from service.job_summary import CONVERTED, FAILED, SKIPPED, Progress, ScanResult, Summary
+from service.job_summary import CONVERTED, FAILED, SKIPPED, ScanResult, Summary
 from service.nnunet_dataset import NIFTI_KIND
 from service.scan_task import convert_scan
 from service.sources import ScanOptions, ScanSpec, discover
@@ -39,6 +39,7 @@ from store import publish
 from store.errors import one_line
 from store.format import ChunkLayout
 from store.inventory import ensure_store
+from store.progress import Progress
 from store.scratch import release_all, restore_malloc, tune_malloc_for_conversion
 from store.storage import is_s3_url
 from store.units import count_of
@@ -272,7 +273,13 @@ def _convert_all(
             print(f"preprocess: dashboard at {client.dashboard_link}{taken}", file=stream, flush=True)
             if importlib.util.find_spec("bokeh") is None:  # Dask serves the page only with it
                 warn("the dashboard needs bokeh: pip install bokeh")
-        bar = Progress(summary.total + len(specs), summary.total, progress, stream)
+        bar = Progress(
+            summary.total + len(specs),
+            label="preprocess",
+            done=summary.total,
+            enabled=progress,
+            stream=stream,
+        )
         _run_on_workers(client, tune_malloc_for_conversion)
         watching = warn_without_workers(client, scheduler, warn) if scheduler else contextlib.nullcontext()
         try:
@@ -345,7 +352,7 @@ def _run_graph(
             scan = scan_of[future.key]
             result = ScanResult(scan, FAILED, f"{scan}: (worker): {type(err).__name__}: {why}")
         summary.add(result)
-        bar.update(summary)
+        bar.advance(summary.progress_note())
         if on_result is not None:
             on_result(result)
         future.release()

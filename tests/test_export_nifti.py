@@ -238,7 +238,7 @@ def test_export_refuses_in_one_line(nifti_predictions, tmp_path):
     out = tmp_path / "out"
     first = run_cli("export", pred, out, "--scans", "case_001")
     assert first.returncode == 0, first.stderr
-    assert "exported 1 scan (" in first.stdout and "1/1 case_001" in first.stderr
+    assert "exported 1 scan (" in first.stdout and first.stderr == "scancache export: 1/1 scan (case_001)\n"
     again = run_cli("export", pred, out, "--scans", "case_001", "--quiet")
     assert again.returncode == 1 and again.stderr.count("\n") == 1
     assert "case_001.nii.gz exists; pass --overwrite" in again.stderr
