@@ -40,6 +40,7 @@ from store.errors import one_line
 from store.format import ChunkLayout
 from store.inventory import ensure_store
 from store.progress import Progress
+from store.reader_share import usable_cores
 from store.scratch import release_all, restore_malloc, tune_malloc_for_conversion
 from store.storage import is_s3_url
 from store.units import count_of
@@ -71,7 +72,7 @@ def dask_client(
         with Client(scheduler) as client:  # connect timeout: distributed.comm.timeouts.connect
             yield client
         return
-    n_workers = max(1, int(workers or os.cpu_count() or 1))
+    n_workers = max(1, int(workers or usable_cores()))  # the cores this process may use
     if tasks is not None:  # no idle processes to start for a handful of scans
         n_workers = max(1, min(n_workers, tasks))
     # Even with dashboard_address=None the scheduler opens its HTTP routes (health, metrics) on

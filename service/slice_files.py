@@ -24,6 +24,7 @@ import numpy as np
 
 from service.sources import ScanSpec
 from store.errors import SourceError, one_line
+from store.reader_share import memory_bytes
 from store.units import format_bytes
 
 _HDF5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
@@ -90,14 +91,6 @@ def spacing_of(scan: str, rel: str, value: Any) -> list[float] | None:
         shown = "[" + ", ".join(repr(v) for v in out[:4]) + (", ..." if len(out) > 4 else "") + "]"
         raise SourceError(scan, rel, f"spacing {shown} is not positive finite numbers (voxel size in mm)")
     return out or None
-
-
-def memory_bytes() -> int | None:
-    """This machine's physical memory, or None where the platform does not say."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 def check_fits(scan: str, rel: str, what: str, shape: tuple[int, ...], nbytes: int) -> None:

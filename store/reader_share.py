@@ -32,10 +32,7 @@ def default_cache_bytes() -> int:
     text = os.environ.get(LOCAL_CACHE_ENV, "").strip()
     if text:
         return parse_bytes(text, LOCAL_CACHE_ENV)  # 512M works as on the command line
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: keep the server's default
-        memory = 8 * DEFAULT_CACHE_BYTES
+    memory = memory_bytes() or 8 * DEFAULT_CACHE_BYTES  # not POSIX: keep the server's default
     whole = int(min(max(memory // 8, DEFAULT_CACHE_BYTES), LOCAL_CACHE_MAX))
     return whole if _READERS == 1 else max(whole // _READERS, WORKER_CACHE_MIN)
 
@@ -58,6 +55,14 @@ def set_reader_share(threads: int | None, readers: int = 1) -> None:
     global _READ_THREADS, _READERS
     _READ_THREADS = None if threads is None else max(1, int(threads))
     _READERS = max(1, int(readers))
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the platform does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def usable_cores() -> int:
