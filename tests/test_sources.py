@@ -27,7 +27,7 @@ from store.format import ChunkLayout
 )
 def test_slice_names_parse_back(subject, visit, aug, number, width):
     name = f"{subject:07d}_V{visit:02d}-Aug{aug:02d}_{number:0{width}d}"
-    match = _SLICE_NAME.match(name)
+    match = _SLICE_NAME.fullmatch(name)
     assert match is not None
     assert match["key"] == f"{subject:07d}_V{visit:02d}-Aug{aug:02d}"
     assert (int(match["subject"]), int(match["visit"]), int(match["aug"]), int(match["slice"])) == (
@@ -38,9 +38,19 @@ def test_slice_names_parse_back(subject, visit, aug, number, width):
     )
 
 
-@pytest.mark.parametrize("name", ["0000001_V00-Aug00", "0000001_V00_001", "x_V00-Aug00_001", "1_V0-Aug0_1a"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "0000001_V00-Aug00",
+        "0000001_V00_001",
+        "x_V00-Aug00_001",
+        "1_V0-Aug0_1a",
+        "1_V0-Aug0_1\n",
+        "1_V0-Aug0_\u0661",
+    ],
+)
 def test_names_that_do_not_parse(name):
-    assert _SLICE_NAME.match(name) is None
+    assert _SLICE_NAME.fullmatch(name) is None
 
 
 def test_discover_groups_slices_splits_and_volumes(tmp_path):
