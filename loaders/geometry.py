@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# A window of a volume: ((y0, y1), (x0, x1), (z0, z1)), half-open; it may reach outside.
+Window = tuple[tuple[int, int], ...]
+
 PAD_MODES = ("constant", "edge", "reflect", "symmetric", "wrap")
 BLEND_MODES = ("average", "gaussian")
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from loaders.stitching import Window
+from loaders.geometry import Window
 from store.errors import NotRegistered
 
 if TYPE_CHECKING:

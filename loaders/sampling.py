@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loaders.geometry import PatchGrid
-from loaders.stitching import Window
+from loaders.geometry import PatchGrid, Window
 from store.lru import BoundedLRU
 
 # Foreground voxel locations kept per loader: a 384x384 slice with 5% of one class is ~30 KiB.

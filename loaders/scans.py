@@ -15,8 +15,7 @@ import numpy as np
 
 from loaders.catalog import shared_source
 from loaders.config import Config
-from loaders.geometry import AxisRead, padded_indices, take_window
-from loaders.stitching import Window
+from loaders.geometry import AxisRead, Window, padded_indices, take_window
 from store.categories import Categories, Selection, format_names, parse_categories, resolve_categories
 from store.errors import InvalidCategories, RequestTooLarge, ScanChanged, ScanNotFound, changed_message
 from store.format import MASK, ScanMeta, image_arrays

@@ -21,9 +21,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from loaders.geometry import clip_window
+from loaders.geometry import Window, clip_window
 
-Window = tuple[tuple[int, int], ...]
+__all__ = ["Aggregator", "Window", "windows_disjoint"]  # Window: where custom loaders found it
 
 
 def windows_disjoint(windows: Iterable[Window], shape: Sequence[int]) -> bool:
