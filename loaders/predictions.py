@@ -59,17 +59,18 @@ CHUNK_DEPTH = 8
 
 @dataclass(frozen=True)
 class PredictionSummary:
-    """What ``write_predictions`` did: scans written and skipped, and the written scans' Dice."""
+    """What ``write_predictions`` did: scans written and skipped, and the Dice of each, as
+    written now or (skipped) stored by the run that wrote it."""
 
     path: Path | str  # a folder, or s3://BUCKET/PREFIX
     written: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
     dice: dict[str, list[float] | None] = field(default_factory=dict)
-    # per written scan, the name of each category (parallel to its ``dice``)
+    # per scan, the name of each category (parallel to its ``dice``)
     class_names: dict[str, list[str]] = field(default_factory=dict)
 
     def dice_by_class(self) -> dict[str, dict[str, float] | None]:
-        """Per written scan, ``{class name: Dice}`` (None for a scan without a mask)."""
+        """Per scan, ``{class name: Dice}`` (None for a scan without a mask)."""
         out: dict[str, dict[str, float] | None] = {}
         for scan_id, scores in self.dice.items():
             names = self.class_names.get(scan_id) or [f"category {k}" for k in range(len(scores or ()))]
@@ -404,8 +405,18 @@ def _write_locked(
     finally:
         bar.close()
         root.remove_staging(staging)
+    for scan_id in skipped:  # written before: the Dice stored with them (a re-run reports all)
+        stored = store.attrs(scan_id) or {}
+        scores, scan_names = stored.get("dice"), stored.get("class_names")
+        dice[scan_id] = [float(v) for v in scores] if isinstance(scores, list) else None
+        if isinstance(scan_names, list):
+            names[scan_id] = [str(n) for n in scan_names]
     return PredictionSummary(
-        root.local_path() or root.url, tuple(written), tuple(sorted(skipped)), dice, names
+        root.local_path() or root.url,
+        tuple(written),
+        tuple(sorted(skipped)),
+        dict(sorted(dice.items())),
+        names,
     )
 
 

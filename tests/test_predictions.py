@@ -78,6 +78,9 @@ def test_written_store_matches_numpy_and_reruns_skip(train_dataset, tmp_path, ca
     again = write_predictions(make_loader(name), softmax_model, path)
     assert again.written == () and list(again.skipped) == scan_ids
     assert {s: (path / s / "zarr.json").stat().st_mtime_ns for s in scan_ids} == stamps
+    # a re-run reports the Dice each skipped scan was stored with
+    assert again.dice == summary.dice and list(again.dice) == scan_ids
+    assert again.dice_by_class() == summary.dice_by_class()
 
     # a half-written scan (left in staging by a crash) is invisible; overwrite redoes every scan
     (path / ".staging" / "crashed-writer" / "0000001_V00-Aug00.1234").mkdir(parents=True)
@@ -87,7 +90,7 @@ def test_written_store_matches_numpy_and_reruns_skip(train_dataset, tmp_path, ca
     capsys.readouterr()
     redo = write_predictions(make_loader(name), softmax_model, path, overwrite=True, progress=True)
     assert list(redo.written) == scan_ids
-    assert "2/2" in capsys.readouterr().out  # the progress bar (shown on a terminal by default)
+    assert "write_predictions: 2/2 scans (" in capsys.readouterr().err  # progress (a bar on a terminal)
     assert all((path / s).resolve() != old[s] for s in scan_ids)
     assert not (path / ".staging").exists()  # the dead writer's folder was cleaned
     check_store(path, truth, scan_ids)
