@@ -48,11 +48,14 @@ class DefaultDataLoader(DataLoader):
         (inference works), so only its batches refuse, when asked for."""
         if self.is_test or self.batch_size == 1 or _shapes_its_own_examples(type(self)):
             return
-        first: dict[tuple[int, int], str] = {}
+        first: dict[tuple[int, int], Any] = {}
         for scan in self.scans:
-            first.setdefault((int(scan.shape[0]), int(scan.shape[1])), scan.scan_id)
+            first.setdefault((int(scan.shape[0]), int(scan.shape[1])), scan)
         if len(first) > 1:
-            (a, scan_a), (b, scan_b) = list(first.items())[:2]
+            (a, entry_a), (b, entry_b) = list(first.items())[:2]
+            scan_a, scan_b = entry_a.scan_id, entry_b.scan_id
+            if scan_a == scan_b:  # one id in two stores (a catalog callable mixing sources)
+                scan_a, scan_b = f"{scan_a} of {entry_a.source!r}", f"{scan_b} of {entry_b.source!r}"
             raise ValueError(
                 f"{type(self).__name__}: slices differ in shape ({a[0]}x{a[1]} in {scan_a}, "
                 f"{b[0]}x{b[1]} in {scan_b}) and a batch stacks whole slices: use batch_size=1, "

@@ -593,3 +593,37 @@ def test_a_medsegpy_training_field_or_a_typo_is_refused_with_where_to_go():
         TRAIN_DATASET="oai_train", TAG="PatchDataLoader", CATEGORIES=[0, (1, 2)], INCLUDE_BACKGROUND=True
     )
     assert (cfg.TRAIN_DATASET, cfg.TAG, cfg.INCLUDE_BACKGROUND) == ("oai_train", "PatchDataLoader", True)
+
+
+def test_one_scan_id_in_two_stores_of_other_slice_shapes_names_both_stores(tmp_path):
+    """A catalog callable mixing two stores that share a scan id: the refusal of mixed slice
+    shapes names each store, or it would read 'in 0000001_V00-Aug00, ... in 0000001_V00-Aug00'."""
+    from conftest import build_store
+
+    from loaders.catalog import shared_source
+
+    scan = "0000001_V00-Aug00"
+    first, second = tmp_path / "first", tmp_path / "second"
+    build_store(first, scans=[(scan, (16, 16, 3), 2, "train", 1, 0, 0, np.float32)])
+    build_store(second, scans=[(scan, (12, 10, 3), 2, "train", 1, 0, 0, np.float32)])
+
+    def both():
+        return [scan_dict(str(root), shared_source(str(root)).metadata(scan)) for root in (first, second)]
+
+    DatasetCatalog.remove("two_stores")
+    DatasetCatalog.register("two_stores", both)
+    try:
+        with pytest.raises(ValueError) as info:
+            build_loader(
+                cfg_for(CATEGORIES=[0, 1]),
+                "two_stores",
+                batch_size=2,
+                is_test=False,
+                shuffle=False,
+                drop_last=False,
+            )
+    finally:
+        DatasetCatalog.remove("two_stores")
+    message = str(info.value)
+    assert f"(16x16 in {scan} of " in message and f", 12x10 in {scan} of " in message
+    assert str(first) in message and str(second) in message and "\n" not in message
