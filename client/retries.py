@@ -26,6 +26,7 @@ from client import deadline
 from client.http_batch import STALE_CONNECTION, TRANSPORT_ERRORS
 from client.http_errors import is_damaged_scan, raise_client_error, response_detail
 from store.errors import ScanCacheError, ServerError, one_line
+from store.units import parse_seconds, parse_whole
 
 R = TypeVar("R")
 log = logging.getLogger("scancache.client")
@@ -49,10 +50,16 @@ _JITTER = random.Random()
 
 
 def env_number(
-    name: str, value: float | None, default: float | None, argument: str = "", whole: bool = False
+    name: str,
+    value: float | None,
+    default: float | None,
+    argument: str = "",
+    whole: bool = False,
+    positive: bool = False,
 ) -> float | None:
     """``value`` if given (checked as the variable is, naming ``argument``), else the
-    environment variable ``name``, else ``default``."""
+    environment variable ``name`` (``store.units``' one parser of whole numbers and of
+    seconds, naming the variable; ``positive``: 0 refused), else ``default``."""
     if value is not None:
         label = argument or name
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -63,13 +70,9 @@ def env_number(
     text = os.environ.get(name, "").strip()
     if not text:
         return default
-    try:
-        number = float(text)
-    except ValueError:
-        raise ValueError(f"{name}: {text[:40]!r} is not a number") from None
-    if not number >= 0:  # also refuses NaN
-        raise ValueError(f"{name}: must not be negative, got {text[:40]!r}")
-    return number
+    if whole:
+        return float(parse_whole(text, name, minimum=0))
+    return parse_seconds(text, name, zero_ok=not positive)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -109,7 +112,9 @@ class RetryPolicy:
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout: must be more than 0 seconds, got {timeout!r}")  # 0 was 30
         return cls(
-            timeout=env_number(TIMEOUT_ENV, timeout, DEFAULT_TIMEOUT, "timeout") or DEFAULT_TIMEOUT,
+            # an attempt's timeout of 0 would end every request at once: refused, as timeout=0 is
+            timeout=env_number(TIMEOUT_ENV, timeout, DEFAULT_TIMEOUT, "timeout", positive=True)
+            or DEFAULT_TIMEOUT,
             retry_seconds=env_number(RETRY_SECONDS_ENV, retry_seconds, DEFAULT_RETRY_SECONDS, "retry_seconds")
             or 0.0,
             retries=None if most is None else int(most),

@@ -24,7 +24,7 @@ from service.cli_args import (
     class_names_arg,
     host_port_arg,
     layout_from_flags,
-    non_negative_float,
+    non_negative_seconds,
     parse_bytes,
     port_number,
     positive_int,
@@ -49,10 +49,8 @@ SAMPLE_DATA_STAMP = ".sample-data.json"  # what `scancache sample-data` wrote in
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from service.preprocess import run_preprocess
 
-    try:
-        layout = layout_from_flags(args.layout, args.chunks, args.shard_depth, args.codec)
-    except ValueError as err:
-        raise SystemExit(f"scancache preprocess: error: {err}") from None
+    # a ValueError names the flag; main() prints it as every error (before anything runs)
+    layout = layout_from_flags(args.layout, args.chunks, args.shard_depth, args.codec)
     summary = run_preprocess(
         args.source,
         args.store,
@@ -136,45 +134,25 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import inspect
-
     try:
-        from service.server import run
+        from service.server.runner import serve
+        from service.server.settings import ENV_HOST, Settings
     except ImportError as err:
         raise RuntimeError(f"the server is not available ({err}); install scancache[service]") from None
-    store = args.store or os.environ.get("SCANCACHE_STORE")
-    if not store:
-        raise ValueError("give the STORE to serve, or set SCANCACHE_STORE")
+    # the token goes from the file to the server (and through the environment to uvicorn's
+    # worker processes, never on a command line); Settings.resolve merges flags, SCANCACHE_*
+    # variables and defaults, once
     token = read_token_file(args.token_file) if args.token_file else None
-    if token:  # the server reads SCANCACHE_TOKEN (also in uvicorn's worker processes)
-        os.environ["SCANCACHE_TOKEN"] = token
-    host = args.host or os.environ.get("SCANCACHE_HOST") or "127.0.0.1"
-    check_listen_host(host, f"--host {host}" if args.host else f"SCANCACHE_HOST={host}")
-    port = args.port
-    if port is None:  # the flag wins; the variable is then not read (a bad one must not stop it)
-        try:
-            port = port_number(os.environ.get("SCANCACHE_PORT", "8000"))
-        except argparse.ArgumentTypeError as err:
-            raise ValueError(f"SCANCACHE_PORT: {err}") from None
-    options: dict[str, Any] = {
-        "store": store,
-        "host": host,
-        "port": port,
-        "workers": args.workers,
-        "cache_bytes": args.cache_bytes,
-        "max_bytes": args.max_bytes,
-        "max_inflight_bytes": args.max_inflight_bytes,
-        "header_timeout": args.header_timeout,
-        "send_timeout": args.send_timeout,
-    }
-    if getattr(args, "predictions", None):
-        options["predictions"] = args.predictions
-    accepted = inspect.signature(run).parameters
-    if "token" in accepted:
-        options["token"] = token or os.environ.get("SCANCACHE_TOKEN")
-    # leave the server's own defaults in place for options the user did not give
-    options = {k: v for k, v in options.items() if v is not None or k in ("store", "host", "port", "workers")}
-    run(**options)  # blocks until the server stops (Ctrl-C)
+    flags = {
+        "store": args.store, "host": args.host or None, "port": args.port, "token": token,
+        "cache_bytes": args.cache_bytes, "max_bytes": args.max_bytes,
+        "max_inflight_bytes": args.max_inflight_bytes, "header_timeout": args.header_timeout,
+        "send_timeout": args.send_timeout, "predictions": args.predictions,
+    }  # fmt: skip
+    settings = Settings.resolve(flags)
+    host = settings.host
+    check_listen_host(host, f"--host {host}" if args.host else f"{ENV_HOST}={host}")
+    serve(settings, workers=args.workers)  # blocks until the server stops (Ctrl-C)
     return 0
 
 
@@ -268,7 +246,7 @@ def build_parser() -> OneLineParser:
     )
     p.add_argument(
         "--grace",
-        type=non_negative_float,
+        type=non_negative_seconds,
         default=3600.0,
         metavar="SECONDS",
         help="keep a replaced or removed scan version this long for readers still using it, "

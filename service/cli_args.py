@@ -7,45 +7,51 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import math
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from store.units import parse_bytes as _parse_size
+from store import units
+from store.units import InvalidValue
 
 if TYPE_CHECKING:
+    from store.categories import Selection
     from store.format import ChunkLayout
+
+T = TypeVar("T")
 
 # loaders.config.Y_FORMATS, written out so that the CLI does not import the loaders (numpy)
 # to build its parser; tests/test_profile.py checks that the two agree.
 PROFILE_Y_FORMATS = ("one_hot", "class_index")
 
 
-def parse_bytes(text: str) -> int:
-    """argparse type for sizes (``512M``); the parsing itself is ``store.units.parse_bytes``."""
+def _typed(parse: Callable[..., T], text: str, *args: Any, **kwargs: Any) -> T:
+    """``parse(text, "value", ...)`` for argparse: its refusal without the name, which argparse
+    puts in front itself (``argument --port: '8_000' is not a port number``)."""
     try:
-        number = _parse_size(text, "size")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a byte size like 4096, 512M or 2G") from None
-    if number <= 0:  # every size the CLI takes is a cache or a limit: 0 would serve nothing
-        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 bytes")
-    return number
+        return parse(text, "value", *args, **kwargs)
+    except InvalidValue as err:
+        raise argparse.ArgumentTypeError(err.why) from None
+
+
+def parse_bytes(text: str) -> int:
+    """argparse type for sizes (``512M``); every size the CLI takes is a cache or a limit: 0
+    would serve nothing."""
+    return _typed(units.parse_bytes, text, positive=True)
 
 
 def read_token_file(path: str) -> str:
-    """The bearer token in ``path`` (surrounding whitespace dropped); never echoed."""
+    """The bearer token in ``path`` (surrounding whitespace dropped); never echoed. A ValueError
+    names ``--token-file`` (main() prints it as ``scancache serve: error: ...``)."""
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
-        raise SystemExit(
-            f"scancache serve: error: --token-file {path}: cannot read it ({type(err).__name__})"
-        ) from None
+        raise ValueError(f"--token-file {path}: cannot read it ({type(err).__name__})") from None
     if not token or any(c.isspace() for c in token):
-        raise SystemExit(f"scancache serve: error: --token-file {path}: must hold one token on one line")
+        raise ValueError(f"--token-file {path}: must hold one token on one line")
     warn_if_readable_by_others(path)
     return token
 
@@ -76,42 +82,21 @@ class RefuseTokenFlag(argparse.Action):
 
 
 def positive_seconds_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (value > 0 and math.isfinite(value)):  # nan compares false; inf would never end
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number more than 0")
-    return value
-
-
-def _int_at_least(text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
-    return value
+    """Seconds more than 0, finite (inf would never end)."""
+    return _typed(units.parse_seconds, text)
 
 
 def positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
+    return _typed(units.parse_whole, text, minimum=1)
 
 
 def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0)
+    return _typed(units.parse_whole, text, minimum=0)
 
 
 def port_number(text: str) -> int:
     """A TCP port, 0 (any free one) to 65535: the socket layer would wrap a larger one silently."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
-    return value
+    return _typed(units.parse_port, text)
 
 
 def host_port_arg(text: str) -> str:
@@ -131,25 +116,30 @@ def host_port_arg(text: str) -> str:
     return text
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
-    return value
+def non_negative_seconds(text: str) -> float:
+    """Seconds, 0 or more, finite (``preprocess --grace``)."""
+    return _typed(units.parse_seconds, text, zero_ok=True)
 
 
 def shape3(text: str) -> tuple[int, int, int]:
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not three positive integers H,W,D")
+    """``--shape 96,96,24`` (or ``96x96x24``): three positive integers."""
+    values = _typed(units.parse_int_tuple, text, usage="H,W,D")
     return values[0], values[1], values[2]
+
+
+def categories_arg(text: str) -> Selection:
+    """``profile --categories``, parsed once here by the one parser of categories
+    (``store.categories.parse_categories``); a name the scans lack is found when they are read.
+    ``""`` would read as no --categories at all (every class): refused, as the REST API does."""
+    from store.categories import parse_categories
+    from store.errors import InvalidCategories
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} names no class; leave it out for every class")
+    try:
+        return parse_categories(text, "--categories")
+    except InvalidCategories as err:
+        raise argparse.ArgumentTypeError(str(err)[len(err.param) + 2 :]) from None
 
 
 def class_names_arg(text: str) -> tuple[str, ...]:
@@ -265,17 +255,6 @@ def check_parsed(
         if any(word in extras for word in before):
             parser.error(unrecognized_message(parser, [w for w in before if w in extras]))
         sub.error(unrecognized_message(sub, extras))
-    if args.command == "profile" and args.categories is not None:
-        # "" would read as no --categories at all (every class): refused, as the REST API does
-        from store.categories import parse_categories
-        from store.errors import InvalidCategories
-
-        if not args.categories.strip():
-            sub.error(f"--categories: {args.categories!r} names no class; leave it out for every class")
-        try:  # the one parser of categories; a name the scans lack is found when they are read
-            parse_categories(args.categories, "--categories")
-        except InvalidCategories as err:
-            sub.error(str(err))
 
 
 def layout_from_flags(
@@ -285,10 +264,10 @@ def layout_from_flags(
     names the flag. A shard holds whole inner chunks: a depth given that is no multiple of
     theirs would be rounded up when written, so it is refused (the default, 32, is rounded as
     it always was: stores written with it keep their fingerprints)."""
-    from service.layouts import chunks_text
+    from service.layouts import chosen_chunks
     from store.format import ChunkLayout
 
-    built = ChunkLayout.parse(chunks_text(layout, chunks), shard_depth=shard_depth, codec=codec)
+    built = ChunkLayout.parse(chosen_chunks(layout, chunks), shard_depth=shard_depth, codec=codec)
     depth = built.chunks[2]
     if shard_depth is not None and shard_depth % depth:
         lower = max(depth, shard_depth // depth * depth)

@@ -5,19 +5,26 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from service.cli_args import scan_id_list
 from store.units import count_of
+
+
+def scan_ids(items: list[str]) -> list[str]:
+    """``--scans a b,c``: the ids, each checked by the one parser of scan id lists
+    (``cli_args.scan_id_list``, as ``preprocess --rebuild``); a ValueError names ``--scans``."""
+    if not any(part.strip() for item in items for part in item.split(",")):
+        # `--scans ,` must not mean every scan
+        raise ValueError(f"--scans: {' '.join(items)!r} names no scan; give scan ids like case_001,case_002")
+    try:
+        return [scan_id for item in items for scan_id in scan_id_list(item)]
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"--scans: {err}") from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from loaders.export import export_nifti  # nibabel only when exporting
 
-    scans = None
-    if args.scans is not None:
-        scans = [s.strip() for item in args.scans for s in item.split(",") if s.strip()]
-        if not scans:  # `--scans ,` must not mean every scan
-            raise ValueError(
-                f"--scans: {' '.join(args.scans)!r} names no scan; give scan ids like case_001,case_002"
-            )
+    scans = None if args.scans is None else scan_ids(args.scans)
     done = export_nifti(
         args.predictions,
         args.out_dir,

@@ -23,16 +23,17 @@ nothing. ``balanced`` trades patch and write time for per-slice reads; ``slices`
 
 from __future__ import annotations
 
-LAYOUTS = {
-    "patches": "64,64,8",
-    "balanced": "64,64,2",
-    "slices": "4096,4096,1",  # capped to the volume: one chunk a whole slice
+LAYOUTS: dict[str, tuple[int, int, int]] = {
+    "patches": (64, 64, 8),
+    "balanced": (64, 64, 2),
+    "slices": (4096, 4096, 1),  # capped to the volume: one chunk a whole slice
 }
 DEFAULT_LAYOUT = "patches"
 
 
-def chunks_text(layout: str | None, chunks: str | None) -> str:
-    """The ``--chunks`` text for ``--layout NAME`` or ``--chunks Y,X,Z`` (not both)."""
+def chosen_chunks(layout: str | None, chunks: str | None) -> str | tuple[int, int, int]:
+    """What ``ChunkLayout.parse`` takes for ``--layout NAME`` (the preset's shape) or
+    ``--chunks Y,X,Z`` (the text as given; not both)."""
     if layout is not None and chunks is not None:
         raise ValueError("give --layout or --chunks, not both")
     if chunks is not None:
@@ -41,3 +42,9 @@ def chunks_text(layout: str | None, chunks: str | None) -> str:
     if name not in LAYOUTS:
         raise ValueError(f"--layout: {name!r} is not one of {', '.join(LAYOUTS)}")
     return LAYOUTS[name]
+
+
+def chunks_text(layout: str | None, chunks: str | None) -> str:
+    """The ``--chunks`` text ``--layout NAME`` stands for (``64,64,8``), or ``chunks`` as given."""
+    chosen = chosen_chunks(layout, chunks)
+    return chosen if isinstance(chosen, str) else ",".join(map(str, chosen))

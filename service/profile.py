@@ -14,8 +14,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from store.categories import categories_json_value
-from store.categories import parse_categories as parse_store_categories
 from store.errors import InvalidCategories, NotRegistered
 
 PROFILE_DATASET = "scancache-profile"
@@ -24,11 +22,6 @@ WORK_KEYS = ("read_s", "merge_s", "copy_s")
 
 
 PROFILE_RETRY_S = 10.0  # how long a profiling run retries a server that does not answer
-
-
-def parse_categories(text: str) -> list[Any]:
-    """``--categories``: ``[0,[1,2],3]`` (JSON) or ``0,1+2,3`` (store.categories parses both)."""
-    return categories_json_value(parse_store_categories(text, "--categories"))
 
 
 def _import_loaders() -> Any:

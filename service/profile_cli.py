@@ -8,31 +8,36 @@ import json
 import sys
 from typing import Any
 
-from service.cli_args import PROFILE_Y_FORMATS, non_negative_int, positive_int, positive_seconds_arg
+from service.cli_args import (
+    PROFILE_Y_FORMATS,
+    categories_arg,
+    non_negative_int,
+    positive_int,
+    positive_seconds_arg,
+)
+from store.units import InvalidValue, parse_int_tuple
+
+IMG_SIZE_FORMS = "H,W,1 (2D), H,W,k (2.5D) or h,w,d[,C] (patches)"
 
 
 def img_size_arg(text: str) -> tuple[int, ...]:
-    """``--img-size``: three or four positive integers (IMG_SIZE's forms)."""
-    values = text.replace("x", ",").split(",")
+    """``--img-size``: three or four positive integers, parsed by the one parser of integer
+    tuples (``64,64,1`` or ``64x64x1``); what each form means for a loader (2D, 2.5D, patches)
+    is the loader's own check (``loaders.config``)."""
     try:
-        size = tuple(int(v) for v in values)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers like 288,288,1") from None
-    if len(size) not in (3, 4) or min(size) < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give three or four positive integers, H,W,1 (2D), H,W,k (2.5D) or h,w,d[,C] (patches)"
-        )
-    return size
+        return parse_int_tuple(text, "--img-size", lengths=(3, 4), usage=IMG_SIZE_FORMS)
+    except InvalidValue as err:
+        raise argparse.ArgumentTypeError(err.why) from None
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from service.profile import batch_size_note, explain, parse_categories, run_profile
+    from service.profile import batch_size_note, explain, run_profile
 
     result = run_profile(
         args.source,
         args.tag,
         batch_size=args.batch_size,
-        categories=None if args.categories is None else parse_categories(args.categories),
+        categories=args.categories,  # parsed by its argparse type (cli_args.categories_arg)
         img_size=args.img_size,
         seconds=args.seconds,
         split=args.split,
@@ -65,6 +70,7 @@ def add_profile_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="default: %(default)s")
     p.add_argument(
         "--categories",
+        type=categories_arg,
         metavar="CATS",
         help="e.g. [0,[1,2],3], 0,1+2,3 or liver,kidney+2 (default: every class)",
     )

@@ -160,19 +160,17 @@ class ChunkLayout:
             raise ValueError(f"unknown codec {self.codec!r}")
 
     @classmethod
-    def parse(cls, text: str, shard_depth: int | None = None, codec: str | None = None) -> ChunkLayout:
-        """Parse ``--chunks 64,64,8``."""
-        try:
-            parts = tuple(int(p) for p in text.split(","))
-        except ValueError:
-            raise ValueError(f"--chunks: {text!r} is not three comma-separated integers") from None
-        if len(parts) != 3:
-            raise ValueError(f"--chunks: {text!r} is not three comma-separated integers")
-        if min(parts) < 1:
-            raise ValueError(f"--chunks: {text!r} is not three positive integers")
+    def parse(
+        cls, text: str | Sequence[int], shard_depth: int | None = None, codec: str | None = None
+    ) -> ChunkLayout:
+        """``--chunks 64,64,8`` (or ``64x64x8``, or a preset's ``(64, 64, 8)``): the one parser of
+        integer tuples, ``store.units.parse_int_tuple``; a ValueError names ``--chunks``."""
+        from store.units import parse_int_tuple
+
+        y, x, z = parse_int_tuple(text, "--chunks")
         base = cls()
         return cls(
-            chunks=(parts[0], parts[1], parts[2]),
+            chunks=(y, x, z),
             shard_depth=base.shard_depth if shard_depth is None else shard_depth,
             codec=codec or base.codec,
         )

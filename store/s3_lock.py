@@ -1,12 +1,13 @@
 """One writer per store on object storage: ``PREFIX/.lock`` by conditional writes.
 
 The lock object is created with ``If-None-Match: *``: of two jobs that try at once, exactly
-one PUT succeeds. The holder rewrites it every ``HEARTBEAT_S`` seconds with ``If-Match`` on
-the ETag it last wrote, so a lock whose object has not changed for ``STALE_S`` seconds (by the
-object store's own clock: its ``Last-Modified`` against the ``Date`` of the response that read
-it) belongs to a job that is gone, as does one naming a dead pid of this host. A stale lock is
-taken over with ``If-Match`` on the ETag judged stale, so two jobs cannot both take it over.
-A holder whose heartbeat finds the lock taken stops publishing (``lost`` is set).
+one PUT succeeds. The holder rewrites it every ``SCANCACHE_LOCK_HEARTBEAT_S`` (15) seconds
+with ``If-Match`` on the ETag it last wrote, so a lock whose object has not changed for
+``SCANCACHE_LOCK_STALE_S`` (90) seconds (by the object store's own clock: its ``Last-Modified``
+against the ``Date`` of the response that read it) belongs to a job that is gone, as does one
+naming a dead pid of this host. A stale lock is taken over with ``If-Match`` on the ETag
+judged stale, so two jobs cannot both take it over. A holder whose heartbeat finds the lock
+taken stops publishing (``lost`` is set).
 """
 
 from __future__ import annotations
@@ -24,12 +25,30 @@ from typing import TYPE_CHECKING, Any
 
 from store.lock import StoreLocked, describe_owner
 from store.publish import owner_alive
+from store.units import parse_seconds
 
 if TYPE_CHECKING:
     from store.s3 import S3Storage
 
-HEARTBEAT_S = float(os.environ.get("SCANCACHE_LOCK_HEARTBEAT_S", "15"))
-STALE_S = float(os.environ.get("SCANCACHE_LOCK_STALE_S", "90"))
+HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "SCANCACHE_LOCK_HEARTBEAT_S", 15.0
+STALE_ENV, DEFAULT_STALE_S = "SCANCACHE_LOCK_STALE_S", 90.0
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """``name`` read when a lock needs it (store.units' one parser of seconds): a bad value is
+    one line naming the variable where the lock is taken, not a traceback at import."""
+    text = os.environ.get(name, "").strip()
+    return parse_seconds(text, name) if text else default
+
+
+def heartbeat_s() -> float:
+    """Seconds between two rewrites of a held lock (``SCANCACHE_LOCK_HEARTBEAT_S``, 15)."""
+    return _env_seconds(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S)
+
+
+def stale_s() -> float:
+    """A lock not rewritten for this long is a gone job's (``SCANCACHE_LOCK_STALE_S``, 90)."""
+    return _env_seconds(STALE_ENV, DEFAULT_STALE_S)
 
 
 class S3Lock:
@@ -45,7 +64,10 @@ class S3Lock:
     ) -> None:
         self.storage, self.key = storage, key
         self.writer = writer
-        self.advice = advice or f"wait for it (--wait); a lock not renewed for {STALE_S:.0f} s is taken over"
+        self.stale_s, self.heartbeat_s = stale_s(), heartbeat_s()  # their variables, read once a lock
+        self.advice = (
+            advice or f"wait for it (--wait); a lock not renewed for {self.stale_s:.0f} s is taken over"
+        )
         self.wait, self.poll_s = wait, poll_s
         self.warn = warn or (lambda message: None)
         self.owner = {
@@ -71,7 +93,7 @@ class S3Lock:
             now = parsedate_to_datetime(date).timestamp()
         except (KeyError, TypeError, ValueError, AttributeError):
             return False
-        return now - modified > STALE_S
+        return now - modified > self.stale_s
 
     def acquire(self) -> None:
         announced = False
@@ -112,7 +134,7 @@ class S3Lock:
         self._beat.start()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self._stop.wait(self.heartbeat_s):
             if self.etag is None:
                 return
             try:

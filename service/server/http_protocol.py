@@ -21,6 +21,7 @@ and the path guard answers 431 to complete ones over it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from typing import Any
 
@@ -33,21 +34,23 @@ from service.server.settings import (
     DEFAULT_SEND_TIMEOUT,
     ENV_HEADER_TIMEOUT,
     ENV_SEND_TIMEOUT,
-    positive_seconds,
+    env_setting,
 )
+from store.units import parse_seconds
 
 # For ``--workers N`` uvicorn imports the protocol in each worker process by name.
 PROTOCOL_IMPORT = "service.server.http_protocol:GuardedH11Protocol"
 
 
-def header_timeout_from_env() -> float:
-    text = os.environ.get(ENV_HEADER_TIMEOUT, "").strip()
-    return positive_seconds(ENV_HEADER_TIMEOUT, text) if text else DEFAULT_HEADER_TIMEOUT
-
-
-def send_timeout_from_env() -> float:
-    text = os.environ.get(ENV_SEND_TIMEOUT, "").strip()
-    return positive_seconds(ENV_SEND_TIMEOUT, text) if text else DEFAULT_SEND_TIMEOUT
+@functools.cache
+def deadlines_from_env() -> tuple[float, float]:
+    """(header timeout, send timeout) of a worker process, from ``SCANCACHE_HEADER_TIMEOUT`` and
+    ``SCANCACHE_SEND_TIMEOUT`` (``Settings.to_env`` wrote them): read once a process, not on
+    every connection."""
+    return (
+        env_setting(os.environ, ENV_HEADER_TIMEOUT, parse_seconds, DEFAULT_HEADER_TIMEOUT),
+        env_setting(os.environ, ENV_SEND_TIMEOUT, parse_seconds, DEFAULT_SEND_TIMEOUT),
+    )
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -84,7 +87,7 @@ class GuardedH11Protocol(H11Protocol):
         """The transport's buffer is over its high-water mark: the client is behind."""
         super().pause_writing()
         if self._send_deadline is None:
-            seconds = self.send_timeout if self.send_timeout is not None else send_timeout_from_env()
+            seconds = self.send_timeout if self.send_timeout is not None else deadlines_from_env()[1]
             self._send_deadline = self.loop.call_later(seconds, self._on_send_deadline)
 
     def resume_writing(self) -> None:
@@ -105,7 +108,7 @@ class GuardedH11Protocol(H11Protocol):
     def _arm_header_deadline(self) -> None:
         self._cancel_header_deadline()
         self._awaiting_body = self.conn.their_state is h11.SEND_BODY
-        seconds = self.header_timeout if self.header_timeout is not None else header_timeout_from_env()
+        seconds = self.header_timeout if self.header_timeout is not None else deadlines_from_env()[0]
         self._header_deadline = self.loop.call_later(seconds, self._on_header_deadline)
 
     def _cancel_header_deadline(self) -> None:
