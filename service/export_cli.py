@@ -68,5 +68,5 @@ def add_export_parser(sub: Any) -> None:
         help="the scan store (or server URL) the predictions were made on; needed only for predictions "
         "that record no geometry (written by an older scancache)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress line per scan")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_export)
