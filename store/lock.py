@@ -83,6 +83,30 @@ def _write_new(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+class HeldElsewhere:
+    """What a lock does while another job holds it, on disk and on S3 alike: refuse at once
+    (naming the holder and what to do), or wait, saying so once."""
+
+    def __init__(
+        self, where: str, writer: str, advice: str, wait: bool, poll_s: float, warn: Callable[[str], None]
+    ) -> None:
+        self.where, self.writer, self.advice = where, writer, advice
+        self.wait, self.poll_s, self.warn = wait, poll_s, warn
+        self.announced = False
+
+    def meet(self, owner: dict[str, Any] | None) -> None:
+        """The lock is ``owner``'s: raise ``StoreLocked``, or sleep a poll before the next try."""
+        if not self.wait:
+            raise StoreLocked(
+                f"{self.where}: another {self.writer} is writing this store ({describe_owner(owner)}); "
+                + self.advice
+            )
+        if not self.announced:
+            self.warn(f"{self.where}: waiting for the job holding the lock ({describe_owner(owner)})")
+            self.announced = True
+        time.sleep(self.poll_s)
+
+
 class JobLock:
     """``with JobLock(store, wait=False, warn=print):`` holds ``STORE/.lock`` for the block."""
 
@@ -184,7 +208,9 @@ class JobLock:
             aside.unlink(missing_ok=True)
 
     def acquire(self) -> None:
-        announced = False
+        elsewhere = HeldElsewhere(
+            str(self.store), self.writer, self.advice, self.wait, self.poll_s, self.warn
+        )
         while not self._try_create():
             found = self._identity()
             if found is None:
@@ -193,16 +219,7 @@ class JobLock:
             if content is not None and _stale(content, age_s):
                 self._take_over_stale(content, inode)
                 continue
-            owner = _owner_of(content)
-            if not self.wait:
-                raise StoreLocked(
-                    f"{self.store}: another {self.writer} is writing this store ({describe_owner(owner)}); "
-                    + self.advice
-                )
-            if not announced:
-                self.warn(f"{self.store}: waiting for the job holding the lock ({describe_owner(owner)})")
-                announced = True
-            time.sleep(self.poll_s)
+            elsewhere.meet(_owner_of(content))
         self.held = True
 
     def release(self) -> None:

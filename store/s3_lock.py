@@ -23,7 +23,7 @@ from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from store.lock import StoreLocked, describe_owner
+from store.lock import HeldElsewhere, describe_owner
 from store.publish import owner_alive
 from store.units import parse_seconds
 
@@ -96,7 +96,9 @@ class S3Lock:
         return now - modified > self.stale_s
 
     def acquire(self) -> None:
-        announced = False
+        elsewhere = HeldElsewhere(
+            self.storage.url, self.writer, self.advice, self.wait, self.poll_s, self.warn
+        )
         while True:
             self.etag = self.storage.create(self.key, self._body())
             if self.etag is not None:
@@ -118,17 +120,7 @@ class S3Lock:
                     )
                     break
                 continue
-            if not self.wait:
-                raise StoreLocked(
-                    f"{self.storage.url}: another {self.writer} is writing this store ({describe_owner(owner)}); "
-                    + self.advice
-                )
-            if not announced:
-                self.warn(
-                    f"{self.storage.url}: waiting for the job holding the lock ({describe_owner(owner)})"
-                )
-                announced = True
-            time.sleep(self.poll_s)
+            elsewhere.meet(owner)
         self._stop.clear()
         self._beat = threading.Thread(target=self._heartbeat, name="scancache-lock", daemon=True)
         self._beat.start()
