@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import tensorstore as ts
 
-from store.errors import ArrayNotFound
+from store.errors import ArrayNotFound, PredictionMismatch
 from store.format import validate_scan_id
 from store.lru import BoundedLRU
 from store.publish import STAGING_DIR as STAGING_DIR  # one name for the staging folder
@@ -156,4 +156,107 @@ def require_prediction(store: PredictionStore | None, scan_id: str) -> dict[str,
     attrs = None if store is None else store.attrs(scan_id)
     if attrs is None:
         raise ArrayNotFound(f"scan {scan_id!r} has no prediction")
+    return attrs
+
+
+# Whether a stored prediction fits the scan it is served with (the server's prediction routes,
+# previews and listings): rules on the store's attributes and the scan's shape and version.
+
+
+def prediction_fields(
+    store: PredictionStore | None, scan_id: str, scan_shape: Any, scan_version: str | None = None
+) -> dict[str, Any]:
+    """What a scan's metadata says of its prediction: ``has_prediction``, ``prediction_dice``
+    (per category) and ``prediction_class_names`` (the categories' names, parallel to the Dice
+    and to the label map's values 1, 2, ...; null for predictions written before names were
+    recorded). A prediction that does not fit the scan (written for other data: the
+    prediction routes answer 409) is not the scan's: no prediction, no Dice."""
+    attrs = None if store is None else store.attrs(scan_id)
+    if attrs is not None and prediction_mismatch(attrs, scan_id, tuple(scan_shape), scan_version) is not None:
+        attrs = None
+    names = None if attrs is None else attrs.get("class_names")
+    dice = None if attrs is None else attrs.get("dice")
+    return {
+        "has_prediction": attrs is not None,
+        # a list or null, as documented: the viewer maps over it (a hand-edited store may hold anything)
+        "prediction_dice": dice if isinstance(dice, list) else None,
+        "prediction_class_names": names if isinstance(names, list) else None,
+    }
+
+
+def _dims(shape: Any) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def _ints(value: Any) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in value)
+
+
+def prediction_mismatch(
+    attrs: dict[str, Any], scan_id: str, scan_shape: tuple[int, ...], scan_version: str | None = None
+) -> str | None:
+    """Why a prediction's attributes do not fit the scan (None: they do): its (H, W, D) must be
+    the scan's, or (H, W, len(slices)) with every slice inside the scan, and where it records the
+    scan version it was predicted from, that version must be the one served (another store's
+    scan of the same id and shape, or a scan converted again since, is other data)."""
+    shape, channels, slices = attrs.get("shape"), attrs.get("channels"), attrs.get("slices")
+    if not (
+        _ints(shape)
+        and len(shape) == 3
+        and min(shape) > 0
+        and isinstance(channels, int)
+        and channels > 0
+        and (slices is None or _ints(slices))
+    ):
+        return (
+            f"scan {scan_id!r}: the stored prediction's attributes (shape, channels, slices) are malformed;"
+            " re-run write_predictions for it (overwrite=True)"
+        )
+    height, width, depth = (int(n) for n in scan_shape[:3])
+    expected = [height, width, len(slices) if slices else depth]
+    if shape != expected:
+        what = f"{len(slices)} slices of " if slices else ""
+        return (
+            f"scan {scan_id!r}: the stored prediction is {_dims(shape)}, but the scan is {_dims(scan_shape[:3])}"
+            f"{' (' + what + 'it)' if what else ''}; it was written for other data: re-run"
+            " write_predictions for it (overwrite=True)"
+        )
+    if slices and (len(set(slices)) != len(slices) or not all(0 <= z < depth for z in slices)):
+        return (
+            f"scan {scan_id!r}: the stored prediction names slices that are not the scan's 0..{depth - 1}"
+            " (or repeats one); re-run write_predictions for it (overwrite=True)"
+        )
+    predicted_from = attrs.get("scan_version")
+    if isinstance(predicted_from, str) and scan_version is not None and predicted_from != scan_version:
+        return (
+            f"scan {scan_id!r}: the stored prediction was made from another version of the scan "
+            "(another store's, or this scan before it was converted again); re-run write_predictions: "
+            "it predicts such scans again"
+        )
+    return None
+
+
+def check_prediction(
+    store: PredictionStore | None,
+    scan_id: str,
+    scan_shape: tuple[int, ...],
+    array: str,
+    scan_version: str | None = None,
+) -> dict[str, Any]:
+    """The scan's prediction attributes, refused in one line (409) unless the prediction fits
+    the scan: its (H, W, D) is the scan's, or (H, W, len(slices)) with every slice inside the
+    scan, and the stored array has the shape the attributes say. A prediction written against
+    another store with the same scan ids must not be overlaid, nor read past its bounds (500)."""
+    attrs = require_prediction(store, scan_id)
+    assert store is not None
+    why = prediction_mismatch(attrs, scan_id, scan_shape, scan_version)
+    if why is not None:
+        raise PredictionMismatch(why)
+    stored = store.stored_shape(scan_id, array)
+    want = store.shape(scan_id, array)
+    if stored != want:
+        raise PredictionMismatch(
+            f"scan {scan_id!r}: the stored prediction's {array} is {_dims(stored)}, but its attributes"
+            f" say {_dims(want)}; re-run write_predictions for it (overwrite=True)"
+        )
     return attrs

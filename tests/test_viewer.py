@@ -49,9 +49,13 @@ PIXELS_JS = """() => {
 }"""
 
 
+# Predicates are functions ("() => ..."): Playwright evaluates a bare expression with eval(),
+# which the viewer's Content-Security-Policy (no 'unsafe-eval') refuses.
+
+
 def shown(page):
     """The preview the page shows: the decoded pixels of its <img>, read back through a canvas."""
-    page.wait_for_function("document.getElementById('preview').dataset.loading === 'false'")
+    page.wait_for_function("() => document.getElementById('preview').dataset.loading === 'false'")
     got = page.evaluate(PIXELS_JS)
     return np.asarray(got["data"], dtype=int).reshape(got["h"], got["w"], 4)[..., :3]
 
@@ -66,25 +70,28 @@ def test_viewer_lists_scans_moves_the_slider_and_draws_overlays(served, browser)
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    # the page runs under its Content-Security-Policy: nothing it does may be refused
+    refused: list[str] = []
+    page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
     page.goto(f"{url}/viewer")
     page.wait_for_selector("#scans li")
     assert page.locator("#scans li").count() == 4
 
     page.check("input[name=has_prediction]")  # the REST filter
     page.click("#filters button")
-    page.wait_for_function("document.querySelectorAll('#scans li').length === 2")
+    page.wait_for_function("() => document.querySelectorAll('#scans li').length === 2")
     assert page.locator("#scans li .id").all_inner_texts() == WITH_PREDICTION
     assert "Dice" in page.locator("#scans li .meta").first.inner_text()
 
     # from the keyboard: Tab reaches the scans, Enter opens one (as a click does)
     page.focus(f"#scans li[data-scan-id='{WITH_PREDICTION[1]}']")
     page.keyboard.press("Enter")
-    page.wait_for_function(f"document.getElementById('title').textContent === '{WITH_PREDICTION[1]}'")
+    page.wait_for_function(f"() => document.getElementById('title').textContent === '{WITH_PREDICTION[1]}'")
     assert page.get_attribute(f"#scans li[data-scan-id='{WITH_PREDICTION[1]}']", "aria-pressed") == "true"
     assert page.get_attribute(f"#scans li[data-scan-id='{WITH_PREDICTION[1]}']", "tabindex") == "0"
 
     page.click(f"#scans li[data-scan-id='{WITH_PREDICTION[0]}']")
-    page.wait_for_function(f"document.getElementById('title').textContent === '{WITH_PREDICTION[0]}'")
+    page.wait_for_function(f"() => document.getElementById('title').textContent === '{WITH_PREDICTION[0]}'")
     page.wait_for_selector("#view:not([hidden])")
     first = shown(page)
     assert first.shape[:2] == (80, 72)  # 40 x 36 at the default zoom 2
@@ -116,6 +123,7 @@ def test_viewer_lists_scans_moves_the_slider_and_draws_overlays(served, browser)
     assert side.shape[:2] == (80, 24)  # (y, z) = 40 x 12 at zoom 2
     assert page.locator("#error").inner_text() == ""
     assert errors == []
+    assert refused == []
     page.close()
 
 
@@ -131,7 +139,7 @@ def test_viewer_shows_an_authentication_error_instead_of_an_empty_list(small_sto
 
         page.fill("#token", "wrong")
         page.dispatch_event("#token", "change")
-        page.wait_for_function("document.getElementById('auth').textContent.includes('did not accept')")
+        page.wait_for_function("() => document.getElementById('auth').textContent.includes('did not accept')")
         assert page.locator("#scans li").count() == 0
 
         page.fill("#token", "t0ken")
@@ -217,7 +225,7 @@ def test_viewer_draws_every_plane_with_its_physical_aspect(anisotropic, browser)
     assert "z upwards" in page.locator("#aspect").inner_text()
 
     page.click("#scans li[data-scan-id='0000021_V00-Aug00']")  # no spacing: 1 mm, no stretch
-    page.wait_for_function("document.getElementById('title').textContent === '0000021_V00-Aug00'")
+    page.wait_for_function("() => document.getElementById('title').textContent === '0000021_V00-Aug00'")
     shown(page)
     assert rendered_size(page) == pytest.approx((8, 52), abs=0.5)  # still through y: z upwards
     page.close()
@@ -241,7 +249,7 @@ def test_viewer_legend_names_the_classes_in_their_colours(anisotropic, browser):
     assert swatches == [f"rgb({r}, {g}, {b})" for r, g, b in CLASS_COLORS[:3]]
 
     page.click("#scans li[data-scan-id='0000021_V00-Aug00']")  # no class names: "class k"
-    page.wait_for_function("document.getElementById('title').textContent === '0000021_V00-Aug00'")
+    page.wait_for_function("() => document.getElementById('title').textContent === '0000021_V00-Aug00'")
     shown(page)
     assert page.locator("#legend .name").all_inner_texts() == ["class 0", "class 1", "class 2"]
     page.close()
@@ -264,7 +272,9 @@ def test_viewer_window_level_control_sets_the_grey_levels(anisotropic, browser):
 
     set_range(page, "#level", 110)
     set_range(page, "#width", 40)
-    page.wait_for_function("document.getElementById('preview').dataset.shown.includes('window=90%2C130')")
+    page.wait_for_function(
+        "() => document.getElementById('preview').dataset.shown.includes('window=90%2C130')"
+    )
     windowed = shown(page)
     # the same pixels as numpy's window: (v - 90) * 255 / 40, clipped, at zoom 2
     plane = image[:, :, 5].astype(np.float64)
@@ -278,6 +288,6 @@ def test_viewer_window_level_control_sets_the_grey_levels(anisotropic, browser):
     )
 
     page.click("#window-reset")
-    page.wait_for_function("!document.getElementById('preview').dataset.shown.includes('window')")
+    page.wait_for_function("() => !document.getElementById('preview').dataset.shown.includes('window')")
     np.testing.assert_array_equal(shown(page), auto)
     page.close()

@@ -1,7 +1,7 @@
 """``create_app(settings)``: the FastAPI application serving one store.
 
-Request path, outermost first: CORS (only if configured) -> store id header -> metrics -> bearer
-auth -> path guard -> body limit -> FastAPI routing and error handlers -> routes. The app holds a ``LocalSource``
+Request path, outermost first: nosniff header -> CORS (only if configured) -> store id header ->
+metrics -> bearer auth -> path guard -> body limit -> FastAPI routing and error handlers -> routes. The app holds a ``LocalSource``
 (whose tensorstore context owns the byte-capped decoded-chunk cache) and nothing else.
 """
 
@@ -13,23 +13,26 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from client.wire import STORE_HEADER, VERSIONS_HEADER
 from service.server.auth import BearerAuthMiddleware
-from service.server.errors import error_responses, install_error_handlers
+from service.server.errors import error_response, error_responses, install_error_handlers
 from service.server.guards import (
     BodyLimitMiddleware,
     HeadAsGetMiddleware,
+    NoSniffMiddleware,
     PathGuardMiddleware,
     StoreIdMiddleware,
 )
 from service.server.inflight import InflightBudget
 from service.server.metrics import Metrics, MetricsMiddleware
 from service.server.openapi_statuses import install_openapi
+from service.server.params import UnsupportedEncoding
 from service.server.query_check import refuse_unknown_query
 from service.server.routes_docs import add_docs_routes
 from service.server.routes_predictions import router as predictions_router
@@ -94,6 +97,13 @@ def create_app(settings: Settings) -> FastAPI:
     inflight = InflightBudget(settings.max_inflight_bytes, settings.inflight_wait)
     app.state.scancache = ServerState(settings=settings, source=source, metrics=metrics, inflight=inflight)
     install_error_handlers(app)
+
+    async def on_encoding(_: Request, exc: Exception) -> JSONResponse:
+        # an InvalidParameter (the client raises that), answered 415 (RFC 9110 15.5.16)
+        assert isinstance(exc, UnsupportedEncoding)
+        return error_response(UnsupportedEncoding.status, str(exc), "InvalidParameter", exc.param)
+
+    app.add_exception_handler(UnsupportedEncoding, on_encoding)
     app.include_router(scans_router)
     app.include_router(regions_router)
     app.include_router(zarr_router)
@@ -145,6 +155,7 @@ def create_app(settings: Settings) -> FastAPI:
                 VERSIONS_HEADER,
             ],
         )
+    app.add_middleware(NoSniffMiddleware)  # outermost: CORS preflights carry it too
     return app
 
 

@@ -1,5 +1,5 @@
 """Request guards that run before routing: encoded path separators and request body size;
-and the header naming the served store on every response.
+and the headers every response carries (the served store, ``X-Content-Type-Options``).
 
 An encoded slash (``%2F``) or backslash in the raw path would let a path parameter carry a
 separator that routing never saw, so such paths are refused outright. Request bodies (only
@@ -150,3 +150,28 @@ class StoreIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_store)
+
+
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
+class NoSniffMiddleware:
+    """Adds ``X-Content-Type-Options: nosniff`` to every response (errors, 304s, CORS preflights
+    too): a browser must take a body as the type it is sent as (a ``.npy`` region or an error's
+    JSON is never run as a script or rendered as a page)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_nosniff(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != NOSNIFF[0]]
+                message = {**message, "headers": [*headers, NOSNIFF]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_nosniff)

@@ -1,4 +1,5 @@
-"""Response classes: a body sent as several buffers, and cached JSON.
+"""Response classes: a body sent as several buffers, cached JSON, and the one sequence every
+body built in memory follows (:func:`budgeted_response`).
 
 A region is sent as its ``.npy`` header followed by the array's own memory (a ``memoryview``),
 so a large region is never copied into one ``bytes`` object just to be written to the socket.
@@ -11,6 +12,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -28,6 +30,7 @@ from service.server.http_cache import (
 )
 from service.server.inflight import InflightBudget
 
+Parts = list[bytes | memoryview]
 SEND_PIECE = 1 << 20
 # Bodies built in memory from this size on hold their bytes of the in-flight budget while sent;
 # smaller ones (metadata, errors) are taken whole by the transport's 64 KiB buffer.
@@ -124,3 +127,35 @@ async def cached_json(request: Request, content: Any, inflight: InflightBudget) 
         body = gzip_parts([body], 6)
     release = await inflight.acquire(len(body)) if len(body) >= COUNTED_BODY_BYTES else None
     return PartsResponse([body], "application/json", headers=headers, on_close=release)
+
+
+async def budgeted_response(
+    request: Request,
+    inflight: InflightBudget,
+    *,
+    etag: str | None,
+    cost: int,
+    produce: Callable[[], tuple[Parts, Mapping[str, str]]],
+    media_type: str,
+    headers: Mapping[str, str],
+    vary: str | None = None,
+    status_code: int = 200,
+    counted_from: int = 0,
+) -> Response:
+    """A body built in memory, in the one order every such route follows: 304 when the client's
+    copy (If-None-Match) matches ``etag`` (None: no ETag check here); then ``cost`` bytes of the
+    in-flight budget (when at least ``counted_from``), held from before ``produce`` runs (in a
+    worker thread) until the body has been sent or the request fails; then the parts it made,
+    sent with ``headers`` followed by the headers ``produce`` returned."""
+    if etag is not None and etag_matches(request.headers.get("if-none-match"), etag):
+        return not_modified(etag, vary=vary)
+    release = await inflight.acquire(cost) if cost >= counted_from else None
+    try:
+        parts, more = await to_thread.run_sync(produce)
+    except BaseException:
+        if release is not None:
+            release()
+        raise
+    return PartsResponse(
+        parts, media_type, status_code=status_code, headers={**headers, **more}, on_close=release
+    )

@@ -7,26 +7,24 @@ routes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 import numpy as np
 from anyio import to_thread
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from service import preview
 from service.server.errors import error_responses
-from service.server.http_cache import REVALIDATE, etag_matches, make_etag
-from service.server.responses import PartsResponse, not_modified
-from service.server.routes_predictions import Predictions, check_prediction
-from service.server.routes_regions import SCAN_ID_DOC
-from service.server.state import ServerState, server_state
+from service.server.http_cache import REVALIDATE, make_etag
+from service.server.params import Predictions, ScanId, State
+from service.server.responses import Parts, budgeted_response
 from store.errors import ArrayNotFound, RequestTooLarge
 from store.format import validate_scan_id
-from store.predictions import LABEL_MAP, PredictionStore
+from store.predictions import LABEL_MAP, PredictionStore, check_prediction
 
 router = APIRouter(tags=["previews"])
-State = Annotated[ServerState, Depends(server_state)]
 
 
 def _prediction_plane(
@@ -83,7 +81,7 @@ async def get_preview(
     request: Request,
     state: State,
     store: Predictions,
-    scan_id: Annotated[str, Path(description=SCAN_ID_DOC)],
+    scan_id: ScanId,
     z: Annotated[int | None, Query(description="Slice index along `axis` (default: the middle one)")] = None,
     axis: Annotated[Literal["z", "y", "x"], Query(description="The axis the slice is taken across")] = "z",
     overlay: Annotated[
@@ -104,6 +102,13 @@ async def get_preview(
         raise RequestTooLarge(
             f"scale: a {scale}x preview is over the server's limit of {state.settings.max_bytes} bytes"
         )
+    if scale > 1 and rows * cols * scale * scale > preview.MAX_PREVIEW_PIXELS:  # the raster on its own
+        side = preview.MAX_PREVIEW_SIDE
+        raise RequestTooLarge(
+            f"scale: a {scale}x preview of this {rows}x{cols} slice is {rows * scale}x{cols * scale} pixels,"
+            f" over the server's limit of {side}x{side} ({preview.MAX_PREVIEW_PIXELS}) pixels;"
+            " ask a smaller scale"
+        )
     if overlay == "mask" and not meta.has_mask:
         raise ArrayNotFound(f"scan {scan_id!r} has no mask")
     versions = [state.source.version(scan_id)]
@@ -112,10 +117,8 @@ async def get_preview(
         assert store is not None
         versions.append(store.version(scan_id))
     etag = make_etag("preview", scan_id, *versions, axis, index, overlay, scale, window_given)
-    if etag_matches(request.headers.get("if-none-match"), etag):
-        return not_modified(etag)
 
-    def render() -> bytes:
+    def render() -> tuple[Parts, Mapping[str, str]]:
         plane = preview.take_plane(state.source.read_image(scan_id, region), axis)
         classes = None
         if overlay == "mask":
@@ -124,17 +127,19 @@ async def get_preview(
             labels, categories = _prediction_plane(store, scan_id, meta.shape, axis, index, meta.version)
             classes = preview.labels_to_classes(labels, categories)
         chosen = window_given or preview.default_window(meta.attrs.get("intensity"), plane)
-        return preview.render_png(plane, chosen, classes, scale)
+        return [preview.render_png(plane, chosen, classes, scale)], {}
 
-    # The planes read (image, mask or labels) and the RGB raster, held in the in-flight budget
-    # like a region's bytes until the PNG has been sent.
-    classes = meta.num_classes if overlay != "none" else 0
-    cost = rows * cols * (np.dtype(meta.dtype).itemsize + classes + 3 * scale * scale)
-    release = await state.inflight.acquire(cost)
-    try:
-        body = await to_thread.run_sync(render)
-    except BaseException:
-        release()
-        raise
-    headers = {"ETag": etag, "Cache-Control": REVALIDATE}
-    return PartsResponse([body], "image/png", headers=headers, on_close=release)
+    # The planes read (image; mask, or labels and their classes: counted twice over, for a copy
+    # on reading) and the render's own peak (raster, PNG, one strip's work: measured, see
+    # service.preview), held in the in-flight budget like a region's bytes until the PNG is sent.
+    classes = 2 * meta.num_classes + 2 if overlay != "none" else 0
+    cost = preview.render_peak_bytes(rows, cols, np.dtype(meta.dtype).itemsize, classes, scale)
+    return await budgeted_response(
+        request,
+        state.inflight,
+        etag=etag,
+        cost=cost,
+        produce=render,
+        media_type="image/png",
+        headers={"ETag": etag, "Cache-Control": REVALIDATE},
+    )

@@ -7,13 +7,14 @@ worker threads so the event loop only moves bytes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
 from anyio import to_thread
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
@@ -30,45 +31,31 @@ from service.server.http_cache import (
     MASK_GZIP_MIN_BYTES,
     REVALIDATE,
     accepts_gzip,
-    etag_matches,
     gzip_etag,
     gzip_parts,
     make_etag,
 )
+from service.server.params import (
+    BACKGROUND_DOC,
+    CATEGORIES_DOC,
+    ENCODING_DOC,
+    NPY_SCHEMA,
+    ROI_DOC,
+    SCAN_ID_DOC,
+    Roi,
+    ScanId,
+    State,
+    npy_response_doc,
+    refuse_encoded_body,
+)
 from service.server.regions import RegionPlan, check_budget, plan_region
-from service.server.responses import PartsResponse, not_modified
-from service.server.state import ServerState, server_state
+from service.server.responses import Parts, budgeted_response
+from service.server.state import ServerState
 from store.errors import RequestTooLarge
 from store.format import IMAGE, MASK, channel_array, channel_of
 from store.label_map import LabelRegion, merged
 
 router = APIRouter(tags=["regions"])
-
-ROI_DOC = (
-    "Region `y0:y1,x0:x1,z0:z1`: each axis is numpy slice syntax (`a:b`, `:`, `a:`, `:b`, negative "
-    "bounds allowed) or an index `k` (kept as length 1); missing axes, or no `roi`, mean the whole "
-    "axis. Empty or out-of-bounds regions are refused (422), never clamped."
-)
-CATEGORIES_DOC = (
-    "JSON list of classes to return, in order; a sub-list merges classes into one channel "
-    "(MedSegPy `CATEGORIES`), e.g. `[0,[1,2],3]`. A class is its index or its name (one of the "
-    'scan\'s `class_names`), e.g. `["liver",["kidney",2]]`. Default: every class.'
-)
-BACKGROUND_DOC = "Prepend a channel that is 1 where none of the selected categories is set."
-SCAN_ID_DOC = "Scan id, e.g. `0000001_V00-Aug00`."
-
-NPY_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
-
-
-def npy_response_doc(what: str) -> dict[int | str, dict[str, Any]]:
-    return {
-        200: {
-            "description": f"{what} as a `.npy` file (`numpy.load(io.BytesIO(body))`). Carries an ETag.",
-            "content": {NPY_MEDIA_TYPE: NPY_SCHEMA},
-        },
-        304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 409, 413, 422, 503),
-    }
 
 
 async def _plan(state: ServerState, *args: Any, **kwargs: Any) -> RegionPlan:
@@ -92,43 +79,34 @@ async def region_response(request: Request, state: ServerState, plan: RegionPlan
     )
     # A 304 carries the ETag of the representation a 200 would have sent (RFC 9110 15.4.5).
     etag = gzip_etag(make_etag(plan.tag())) if gzip else make_etag(plan.tag())
-    if etag_matches(request.headers.get("if-none-match"), etag):
-        return not_modified(etag, vary="Accept-Encoding")
 
-    def read_and_encode() -> tuple[list[bytes | memoryview], int, dict[str, str]]:
+    def read_and_encode() -> tuple[Parts, Mapping[str, str]]:
         # the version planned (shape checked, ETag): a re-publish since is the client's to see
         arrays, decoded, versions = state.source.read_versioned(
             [replace(plan.request(), version=plan.version)]
         )
-        return _encode(merged(arrays[0]), gzip), decoded, versions
+        parts = _encode(merged(arrays[0]), gzip)
+        state.metrics.region_bytes.labels(_metric_array(plan.array)).inc(plan.out_bytes)
+        more = {DECODED_BYTES_HEADER: str(decoded), VERSIONS_HEADER: versions_header(versions) or ""}
+        if gzip:
+            more["Content-Encoding"] = "gzip"
+        return parts, more
 
-    release = await state.inflight.acquire(plan.cost)
-    try:
-        parts, decoded, versions = await to_thread.run_sync(read_and_encode)
-    except BaseException:
-        release()
-        raise
-    state.metrics.region_bytes.labels(_metric_array(plan.array)).inc(plan.out_bytes)
-    headers = {
-        "ETag": etag,
-        "Cache-Control": REVALIDATE,
-        "Vary": "Accept-Encoding",
-        DECODED_BYTES_HEADER: str(decoded),
-        VERSIONS_HEADER: versions_header(versions) or "",
-    }
-    if gzip:
-        headers["Content-Encoding"] = "gzip"
-    return PartsResponse(parts, NPY_MEDIA_TYPE, headers=headers, on_close=release)
+    return await budgeted_response(
+        request,
+        state.inflight,
+        etag=etag,
+        cost=plan.cost,
+        produce=read_and_encode,
+        media_type=NPY_MEDIA_TYPE,
+        headers={"ETag": etag, "Cache-Control": REVALIDATE, "Vary": "Accept-Encoding"},
+        vary="Accept-Encoding",
+    )
 
 
 def _metric_array(array: str) -> str:
     """The metrics' ``array`` label: every image channel counts as ``image`` (few series)."""
     return IMAGE if channel_of(array) is not None else array
-
-
-ScanId = Annotated[str, Path(description=SCAN_ID_DOC)]
-Roi = Annotated[str | None, Query(description=ROI_DOC, examples=["0:64,0:64,4:12"])]
-State = Annotated[ServerState, Depends(server_state)]
 
 
 @router.get(
@@ -237,9 +215,11 @@ class BatchRequest(BaseModel):
             "content": {NPY_STREAM_MEDIA_TYPE: NPY_SCHEMA},
         },
         **error_responses(400, 401, 404, 409, 413, 422, 503),
+        **ENCODING_DOC,
     },
+    dependencies=[Depends(refuse_encoded_body)],
 )
-async def post_batch(state: State, batch: BatchRequest) -> Response:
+async def post_batch(request: Request, state: State, batch: BatchRequest) -> Response:
     limit = state.settings.max_batch_regions
     if len(batch.regions) > limit:
         raise RequestTooLarge(f"regions: {len(batch.regions)} regions, over the server's limit of {limit}")
@@ -255,30 +235,32 @@ async def post_batch(state: State, batch: BatchRequest) -> Response:
     plans = await to_thread.run_sync(plan_all)
     total = check_budget(plans, state.settings.max_bytes)
 
-    def read_all() -> tuple[list[bytes | memoryview], int, dict[str, str]]:
+    def read_all() -> tuple[Parts, Mapping[str, str]]:
         requests = [
             replace(p.request(), slice_major=r.slice_major, version=p.version)
             for p, r in zip(plans, batch.regions, strict=True)
         ]
         arrays, decoded, versions = state.source.read_versioned(requests)
-        parts: list[bytes | memoryview] = []
+        parts: Parts = []
         for arr, spec in zip(arrays, batch.regions, strict=True):
             if isinstance(arr, LabelRegion) and batch.label_maps:
                 parts += encode_npy_parts(_wire(arr.labels, spec.slice_major)) + encode_npy_parts(arr.table)
             else:
                 parts += encode_npy_parts(_wire(merged(arr), spec.slice_major))
-        return parts, decoded, versions
+        for plan in plans:
+            state.metrics.region_bytes.labels(_metric_array(plan.array)).inc(plan.out_bytes)
+        more = {DECODED_BYTES_HEADER: str(decoded)}
+        listed = versions_header(versions)  # past MAX_VERSIONED_SCANS scans: not sent
+        if listed is not None:
+            more[VERSIONS_HEADER] = listed
+        return parts, more
 
-    release = await state.inflight.acquire(total)
-    try:
-        parts, decoded, versions = await to_thread.run_sync(read_all)
-    except BaseException:
-        release()
-        raise
-    for plan in plans:
-        state.metrics.region_bytes.labels(_metric_array(plan.array)).inc(plan.out_bytes)
-    headers = {"Cache-Control": "no-store", DECODED_BYTES_HEADER: str(decoded)}
-    listed = versions_header(versions)  # past MAX_VERSIONED_SCANS scans: not sent
-    if listed is not None:
-        headers[VERSIONS_HEADER] = listed
-    return PartsResponse(parts, NPY_STREAM_MEDIA_TYPE, headers=headers, on_close=release)
+    return await budgeted_response(
+        request,
+        state.inflight,
+        etag=None,  # a stream of many regions: never cached
+        cost=total,
+        produce=read_all,
+        media_type=NPY_STREAM_MEDIA_TYPE,
+        headers={"Cache-Control": "no-store"},
+    )

@@ -6,22 +6,22 @@ import logging
 from typing import Annotated, Any
 
 from anyio import to_thread
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from service.server.errors import error_response, error_responses
+from service.server.params import Predictions, State
 from service.server.responses import cached_json, finite_json
-from service.server.routes_predictions import Predictions, prediction_fields
-from service.server.state import ServerState, server_state
+from service.server.state import ServerState
 from store.errors import one_line
 from store.format import ScanMeta
+from store.predictions import prediction_fields
 from store.scan_filters import matches
 from store.source import LocalSource
 
 log = logging.getLogger("scancache.server")
 router = APIRouter()
-State = Annotated[ServerState, Depends(server_state)]
 
 PINNED_KEYS = (
     "scan_id",

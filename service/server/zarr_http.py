@@ -32,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 from service.server.errors import NotInStore, error_response, error_responses
 from service.server.guards import HEAD_SCOPE_KEY
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
-from service.server.responses import COUNTED_BODY_BYTES, PartsResponse
+from service.server.responses import COUNTED_BODY_BYTES, budgeted_response, not_modified
 from service.server.state import ServerState, server_state
 from store.errors import InvalidPath
 from store.format import validate_scan_id
@@ -355,7 +355,7 @@ async def _respond(request: Request, state: ServerState, file: OpenFile | Stored
     }
     if etag_matches(request.headers.get("if-none-match"), file.etag):
         file.close()
-        return Response(status_code=304, headers={k: headers[k] for k in ("ETag", "Cache-Control")})
+        return not_modified(file.etag)  # ETag and Cache-Control, as a 200 would carry them
     if_range = request.headers.get("if-range")
     # Range is defined for GET only: HEAD answers 200 with the whole file's headers (RFC 9110 14.2).
     head = request.method == "HEAD" or bool(request.scope.get(HEAD_SCOPE_KEY))
@@ -379,18 +379,22 @@ async def _respond(request: Request, state: ServerState, file: OpenFile | Stored
         return FileRangeResponse(file, start, end, status, headers)
     # What this response holds in memory at once (the range, or one chunk of a streamed one),
     # in the in-flight budget like every body (small ones never wait: responses.py).
-    in_memory = min(end - start, STREAM_CHUNK)
-    release = await state.inflight.acquire(in_memory) if in_memory >= COUNTED_BODY_BYTES else None
     if end - start > READ_AT_ONCE:
+        in_memory = min(end - start, STREAM_CHUNK)
+        release = await state.inflight.acquire(in_memory) if in_memory >= COUNTED_BODY_BYTES else None
         return FileRangeResponse(file, start, end, status, headers, on_close=release)
-    try:
-        data = await to_thread.run_sync(_read_range, file, start, end)
-    except BaseException:
-        if release is not None:
-            release()
-        raise
     media_type = headers.pop("Content-Type")
-    return PartsResponse([data], media_type, status_code=status, headers=headers, on_close=release)
+    return await budgeted_response(
+        request,
+        state.inflight,
+        etag=None,  # answered above, before the Range header is read
+        cost=end - start,
+        produce=lambda: ([_read_range(file, start, end)], {}),
+        media_type=media_type,
+        headers=headers,
+        status_code=status,
+        counted_from=COUNTED_BODY_BYTES,
+    )
 
 
 @router.head(
