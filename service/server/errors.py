@@ -169,11 +169,18 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(422, f"{param}: {first.get('msg', 'invalid')}{more}", "InvalidParameter", param)
 
 
-def body_decode_message(cause: BaseException | None, encoding: str | None) -> str:
+def unaccepted_encoding(request: Request) -> str | None:
+    """Why a request body's ``Content-Encoding`` is refused (anything but identity: the server
+    reads plain JSON only), or None. One check for a body that decodes and one that does not."""
+    encoding = ", ".join(v.strip() for v in request.headers.getlist("content-encoding"))
+    if any(c.strip().lower() not in ("", "identity") for c in encoding.split(",")):
+        return f"Content-Encoding {encoding!r} is not accepted; send plain JSON"
+    return None
+
+
+def body_decode_message(cause: BaseException | None) -> str:
     """Why FastAPI could not decode a JSON body, other than as invalid JSON (its answer is one
     generic 400 for all of these; the cause is the exception it chained)."""
-    if encoding and encoding.strip().lower() not in ("", "identity"):
-        return f"body: Content-Encoding {encoding.strip()!r} is not accepted; send plain JSON"
     if isinstance(cause, RecursionError):  # '[' * 5000, as the query's form is
         return "body: not valid JSON (nested too deeply)"
     if isinstance(cause, UnicodeDecodeError):
@@ -202,8 +209,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
-            message = body_decode_message(exc.__cause__, request.headers.get("content-encoding"))
-            return error_response(422, message, "InvalidParameter", "body")
+            refused = unaccepted_encoding(request)  # a compressed body: 415, as a plain one is
+            if refused is not None:
+                return error_response(415, f"body: {refused}", "InvalidParameter", "body")
+            return error_response(422, body_decode_message(exc.__cause__), "InvalidParameter", "body")
         return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:

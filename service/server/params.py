@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Path, Query, Request
 
 from client.wire import NPY_MEDIA_TYPE
-from service.server.errors import ErrorBody, error_responses
+from service.server.errors import ErrorBody, error_responses, unaccepted_encoding
 from service.server.state import ServerState, server_state
 from store.errors import InvalidParameter
 from store.predictions import PredictionStore
@@ -72,7 +72,7 @@ ENCODING_DOC: dict[int | str, dict[str, Any]] = {
 def refuse_encoded_body(request: Request) -> None:
     """Dependency of routes with a JSON body: a ``Content-Encoding`` other than identity is
     refused (415) even when the body happens to be plain JSON, rather than read as if it were
-    not encoded. (A body that does not decode at all is a 422 naming the encoding, errors.py.)"""
-    encoding = ", ".join(v.strip() for v in request.headers.getlist("content-encoding"))
-    if any(c.strip().lower() not in ("", "identity") for c in encoding.split(",")):
-        raise UnsupportedEncoding("body", f"Content-Encoding {encoding!r} is not accepted; send plain JSON")
+    not encoded. (A body that does not decode at all is refused alike, errors.py.)"""
+    refused = unaccepted_encoding(request)
+    if refused is not None:
+        raise UnsupportedEncoding("body", refused)
