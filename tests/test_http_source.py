@@ -91,22 +91,28 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_5xx_is_retried_with_backoff():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
+@contextlib.contextmanager
+def _serving(handler):
+    """A plain HTTP server on loopback answering with ``handler``; yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_5xx_is_retried_with_backoff():
+    with _serving(FlakyHandler) as url:
         with HttpSource(url, retries=3, backoff=0.01) as src:
             np.testing.assert_array_equal(src.read_image(SCAN), FlakyHandler.payload)
         assert FlakyHandler.seen == 3
         FlakyHandler.seen, FlakyHandler.failures = 0, 10
         with HttpSource(url, retries=1, backoff=0.01) as src, pytest.raises(ServerError, match="503"):
             src.read_image(SCAN)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 class SlowFirstHandler(FlakyHandler):
@@ -128,15 +134,7 @@ class SlowFirstHandler(FlakyHandler):
 
 
 def test_timeouts_are_retried():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowFirstHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with _serving(SlowFirstHandler) as url:
         with HttpSource(url, timeout=0.3, retries=2, backoff=0.01) as src:
             np.testing.assert_array_equal(src.read_image(SCAN, ":,:,0"), FlakyHandler.payload)
         assert SlowFirstHandler.seen == 2
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)

@@ -25,9 +25,10 @@ from service.server.errors import error_response, error_responses, install_error
 from service.server.guards import (
     BodyLimitMiddleware,
     HeadAsGetMiddleware,
-    NoSniffMiddleware,
+    HeadersMiddleware,
     PathGuardMiddleware,
-    StoreIdMiddleware,
+    nosniff_header,
+    store_id_header,
 )
 from service.server.inflight import InflightBudget
 from service.server.metrics import Metrics, MetricsMiddleware
@@ -138,7 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.token:
         app.add_middleware(BearerAuthMiddleware, token=settings.token)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(StoreIdMiddleware, store_id=lambda: source.store_id)
+    app.add_middleware(HeadersMiddleware, headers=store_id_header(lambda: source.store_id))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -155,7 +156,7 @@ def create_app(settings: Settings) -> FastAPI:
                 VERSIONS_HEADER,
             ],
         )
-    app.add_middleware(NoSniffMiddleware)  # outermost: CORS preflights carry it too
+    app.add_middleware(HeadersMiddleware, headers=nosniff_header)  # outermost: CORS preflights too
     return app
 
 

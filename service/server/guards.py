@@ -129,49 +129,44 @@ class HeadAsGetMiddleware:
         await self.app(scope, receive, send)
 
 
-class StoreIdMiddleware:
-    """Adds ``X-Scancache-Store: <store_id>`` to every response (errors too): a client that
-    reconnects to a server now serving another store learns it from the first answer, before
-    it takes other scans' voxels (or an out-of-bounds ROI error) for its own."""
+Header = tuple[bytes, bytes]
 
-    def __init__(self, app: ASGIApp, store_id: Callable[[], str]) -> None:
+
+class HeadersMiddleware:
+    """Adds the headers ``headers()`` gives to every response (errors too), replacing any of
+    the same names. ``headers`` is called per response: what it says may change (a store
+    replaced in place has another id)."""
+
+    def __init__(self, app: ASGIApp, headers: Callable[[], list[Header]]) -> None:
         self.app = app
-        self.store_id = store_id  # read per response: a store replaced in place has another id
+        self.headers = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        async def send_with_store(message: Message) -> None:
+        async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                header = (STORE_HEADER.lower().encode("latin-1"), self.store_id().encode("latin-1"))
-                message = {**message, "headers": [*message.get("headers", []), header]}
+                added = self.headers()
+                names = {name for name, _ in added}
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                message = {**message, "headers": [*kept, *added]}
             await send(message)
 
-        await self.app(scope, receive, send_with_store)
+        await self.app(scope, receive, send_with_headers)
 
 
-NOSNIFF = (b"x-content-type-options", b"nosniff")
+def store_id_header(store_id: Callable[[], str]) -> Callable[[], list[Header]]:
+    """``X-Scancache-Store: <store_id>`` on every response: a client that reconnects to a server
+    now serving another store learns it from the first answer, before it takes other scans'
+    voxels (or an out-of-bounds ROI error) for its own."""
+    name = STORE_HEADER.lower().encode("latin-1")
+    return lambda: [(name, store_id().encode("latin-1"))]
 
 
-class NoSniffMiddleware:
-    """Adds ``X-Content-Type-Options: nosniff`` to every response (errors, 304s, CORS preflights
+def nosniff_header() -> list[Header]:
+    """``X-Content-Type-Options: nosniff`` on every response (errors, 304s, CORS preflights
     too): a browser must take a body as the type it is sent as (a ``.npy`` region or an error's
     JSON is never run as a script or rendered as a page)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_nosniff(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != NOSNIFF[0]]
-                message = {**message, "headers": [*headers, NOSNIFF]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_nosniff)
+    return [(b"x-content-type-options", b"nosniff")]
