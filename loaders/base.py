@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -169,6 +170,8 @@ class DataLoader(BatchFilling, EpochState, EpochPlanning, keras.utils.PyDataset)
         self._wait_base = 0.0
         # counters of reader processes feeding this loader's batches (as_torch_dataset workers)
         self._worker_counters: list[WorkerCounters] = []
+        # the datasets as_torch_dataset() made of this loader (weakly: they hold the loader)
+        self._torch_views: list[weakref.ref[Any]] = []
 
     # -- what subclasses define -----------------------------------------------------------------
     def build_elements(self) -> Sequence[Any]:
@@ -345,7 +348,28 @@ class DataLoader(BatchFilling, EpochState, EpochPlanning, keras.utils.PyDataset)
         """A torch ``IterableDataset`` of ``(x, y)`` tensors (``loaders.torch_data``)."""
         from loaders.torch_data import TorchBatches
 
-        return TorchBatches(self, channels_first=channels_first)
+        view = TorchBatches(self, channels_first=channels_first)
+        self._torch_views.append(weakref.ref(view))
+        return view
+
+    def _live_torch_views(self) -> list[Any]:
+        return [v for v in (ref() for ref in getattr(self, "_torch_views", ())) if v is not None]
+
+    def _use_plan(self, plan: Plan, position: int = 0, position_workers: int = 1) -> None:
+        super()._use_plan(plan, position, position_workers)
+        # a torch dataset of this loader reads epoch and position from its shared table: the
+        # loader's own set_epoch, on_epoch_end and load_state_dict reach it too
+        for view in self._live_torch_views():
+            view.publish(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        for view in self._live_torch_views():
+            if view.took_batches():
+                raise ValueError(
+                    "state_dict: this loader's batches went through as_torch_dataset(), which "
+                    "counts them: save ds.state_dict(batches_done=<batches your loop took>) instead"
+                )
+        return super().state_dict()
 
     def close(self) -> None:
         """Stop the read-ahead and copy threads now (a loader dropped without it is freed, and

@@ -5,7 +5,8 @@ epoch it was in, from that epoch's first step, with the weights of the last back
 data to resume exactly too, the loader must be in that same epoch, with the same seed (also a
 random one, ``SEED=None``). This callback
 
-* writes ``loader.state_dict()`` (seed, epoch, position, shard) to ``<directory>/<name>`` when
+* writes ``loader.state_dict()`` (seed, epoch, position, shard) to ``<directory>/<name>`` (one
+  file per rank for a sharded loader: :func:`state_file_name`) when
   training begins and after every Keras epoch (written to a temporary file, then renamed:
   never half a file), i.e. where the loader stands when the next Keras epoch begins;
 * restores it when training begins, if the file exists,
@@ -32,13 +33,24 @@ import keras  # noqa: E402
 STATE_FILE = "scancache_loader_state.json"
 
 
-class LoaderCheckpoint(keras.callbacks.Callback):
-    """``LoaderCheckpoint(train_loader, backup_dir)``, next to ``BackupAndRestore(backup_dir)``."""
+def state_file_name(loader: Any) -> str:
+    """``scancache_loader_state.json``; a loader that is one shard of several
+    (``num_replicas`` > 1, each rank its own state) ``scancache_loader_state.rank<r>.json``, so
+    ranks sharing one backup folder do not read each other's state."""
+    shard = getattr(loader, "shard", None)
+    if shard is None or shard.num_replicas <= 1:
+        return STATE_FILE
+    return f"scancache_loader_state.rank{shard.rank}.json"
 
-    def __init__(self, loader: Any, directory: str | os.PathLike[str], name: str = STATE_FILE) -> None:
+
+class LoaderCheckpoint(keras.callbacks.Callback):
+    """``LoaderCheckpoint(train_loader, backup_dir)``, next to ``BackupAndRestore(backup_dir)``.
+    ``name``: the state's file in ``backup_dir`` (default :func:`state_file_name`)."""
+
+    def __init__(self, loader: Any, directory: str | os.PathLike[str], name: str | None = None) -> None:
         super().__init__()
         self.loader = loader
-        self.path = Path(directory) / name
+        self.path = Path(directory) / (name or state_file_name(loader))
         self._steps = 0  # steps Keras has trained in this epoch
 
     def _save(self, trained: int | None = None) -> None:
@@ -54,18 +66,28 @@ class LoaderCheckpoint(keras.callbacks.Callback):
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.path)
 
-    def on_train_begin(self, logs: Any = None) -> None:
-        if self.path.is_file():
+    def _saved(self) -> tuple[Path, dict[str, Any]] | None:
+        """The state to restore: this loader's file; for a sharded loader without one, a state
+        written under the unsharded name by an older scancache, if it is this rank's."""
+        for path in (self.path, self.path.with_name(STATE_FILE)):
+            if not path.is_file():
+                continue
             try:
-                state = json.loads(self.path.read_text())
+                state = json.loads(path.read_text())
             except ValueError:
-                raise ValueError(
-                    f"LoaderCheckpoint: {self.path.name} is not a loader state (not JSON)"
-                ) from None
+                raise ValueError(f"LoaderCheckpoint: {path.name} is not a loader state (not JSON)") from None
+            if path == self.path or (isinstance(state, dict) and state.get("rank") == self.loader.shard.rank):
+                return path, state
+        return None
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        saved = self._saved()
+        if saved is not None:
+            path, state = saved
             try:
                 self.loader.load_state_dict(state)
             except ValueError as exc:  # refused, the loader unchanged and the file kept
-                raise ValueError(f"LoaderCheckpoint: {self.path.name}: {exc}") from None
+                raise ValueError(f"LoaderCheckpoint: {path.name}: {exc}") from None
         self._save()
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:

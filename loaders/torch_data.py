@@ -79,22 +79,27 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         self._counters = WorkerCounters()
         self._slots = SlotTable()  # which worker batch memory the training process still holds
         loader._worker_counters.append(self._counters)
-        self._publish(loader)
+        self.publish(loader)
 
     # -- the training process --------------------------------------------------------------------
-    def _publish(self, loader: DataLoader) -> None:
+    def publish(self, loader: DataLoader) -> None:
         """What the next pass reads: the parent loader's seed, epoch and position."""
         c = self._control
         c[_EPOCH], c[_SEED], c[_START] = loader.epoch, loader.seed, loader._position
         c[_ORDER_WORKERS], c[_DELIVERED] = loader._position_workers, 0
         c[_WORKERS_READ] = 0
 
+    def took_batches(self) -> bool:
+        """Whether this pass has given batches (its position is then this dataset's to say)."""
+        c = self._control
+        return bool(c[_DELIVERED] or c[_WORKERS_READ])
+
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next pass reads (from its first batch), as ``DistributedSampler.set_epoch``;
         persistent workers see it at their next pass."""
         loader = self._current()
         loader.set_epoch(epoch)
-        self._publish(loader)
+        self.publish(loader)
         forget_ended_workers(self._slots.token)  # workers of a pass that has ended: their memory goes
 
     def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
@@ -107,7 +112,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
                 "state_dict: DataLoader workers read this pass, and the training process cannot "
                 "count the batches your loop took from them: pass batches_done=<that count>"
             )
-        state = self._current().state_dict()
+        state = self._current()._state().to_dict()
         done = int(c[_DELIVERED]) if batches_done is None else int(batches_done)
         state["epoch"], state["seed"] = int(c[_EPOCH]), int(c[_SEED])
         state["position"] = int(c[_START]) + done
@@ -119,7 +124,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         still to come, whatever the number of workers now."""
         loader = self._current()
         loader.load_state_dict(state)
-        self._publish(loader)
+        self.publish(loader)
 
     def stats(self) -> dict[str, Any]:
         """The loader's ``stats()``, its workers' figures included."""
@@ -193,7 +198,8 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         )
         if loader.seed != seed or loader.epoch != epoch:
             loader.seed = seed
-            loader.set_epoch(epoch)
+            loader.set_epoch(epoch)  # in the training process this publishes: the table again
+            c[_START], c[_ORDER_WORKERS] = start, order_workers
         if start == 0:
             c[_ORDER_WORKERS] = order_workers = workers
         lane = loader.worker_lanes(epoch, workers, start, max(1, order_workers))[worker]

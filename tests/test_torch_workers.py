@@ -434,3 +434,74 @@ def test_with_workers_a_state_needs_the_batches_the_loop_took(names):
     assert ds.state_dict(batches_done=4)["position"] == 4
     ds.set_epoch(1)  # a new pass, not yet read: the position is known again
     assert ds.state_dict()["position"] == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loaders_own_epoch_calls_reach_its_torch_dataset(scale_store, names, workers):
+    """A loop that calls the loader's set_epoch or on_epoch_end (the guide's plain loop) while
+    torch reads its dataset gets that epoch's batches; the loader's own state_dict, which cannot
+    count what torch took, refuses and says which to save."""
+    _, arrays = scale_store
+    loader = build_loader(config("2d", SHUFFLE_BLOCKS=2), names["local"], 8, False, True, True)
+    ds = loader.as_torch_dataset()
+    context = CLEAN if workers else None
+    dl = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=workers, multiprocessing_context=context
+    )
+    for epoch, move in ((2, lambda: loader.set_epoch(2)), (3, loader.on_epoch_end)):
+        move()
+        got = [(x.numpy(), y.numpy()) for x, y in dl]
+        order = delivery_order(loader.worker_lanes(epoch, max(1, workers)))
+        assert loader.epoch == epoch and len(got) == len(order)
+        for batch, b in zip(got, order, strict=True):
+            assert_batch_exact(loader, batch, loader.batch_elements(b, epoch), arrays)
+    if workers == 0:  # whole passes read here: the loader's own state is right
+        assert loader.state_dict()["position"] == 0
+    for i, _ in enumerate(dl):  # a pass left mid-way: only the loop knows how far it got
+        if i == 1:
+            break
+    with pytest.raises(ValueError) as refused:
+        loader.state_dict()
+    assert str(refused.value) == (
+        "state_dict: this loader's batches went through as_torch_dataset(), which counts them: "
+        "save ds.state_dict(batches_done=<batches your loop took>) instead"
+    )
+    assert ds.state_dict(batches_done=2)["position"] == 2
+    fresh = build_loader(config("2d"), names["local"], 8, False, True, True)
+    fresh.as_torch_dataset()  # made, never read: the loader's own state is right
+    assert fresh.state_dict()["position"] == 0
+
+
+def test_sharded_loaders_keep_their_checkpoints_apart(names, tmp_path):
+    """Two ranks' LoaderCheckpoints in one backup folder: a file each, each restored from its own
+    (a shared file made the second rank refuse the first rank's state)."""
+    from loaders.checkpoint import STATE_FILE, LoaderCheckpoint
+
+    ranks = [
+        build_loader(config("2d"), names["local"], 4, False, True, True, num_replicas=2, rank=r)
+        for r in (0, 1)
+    ]
+    checkpoints = [LoaderCheckpoint(loader, tmp_path) for loader in ranks]
+    for checkpoint in checkpoints:
+        checkpoint.on_train_begin()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "scancache_loader_state.rank0.json",
+        "scancache_loader_state.rank1.json",
+    ]
+    for loader in ranks:
+        loader.set_epoch(3)
+        loader._position = 2  # as a Keras epoch stopped mid-pass leaves it
+    for checkpoint in checkpoints:
+        checkpoint._save()
+    again = [
+        build_loader(config("2d"), names["local"], 4, False, True, True, num_replicas=2, rank=r)
+        for r in (0, 1)
+    ]
+    for r, loader in enumerate(again):
+        LoaderCheckpoint(loader, tmp_path).on_train_begin()
+        assert (loader.epoch, loader._position, loader.shard.rank) == (3, 2, r)
+    # a rank's state an older scancache wrote under the one name is still found by that rank
+    (tmp_path / "scancache_loader_state.rank1.json").rename(tmp_path / STATE_FILE)
+    older = build_loader(config("2d"), names["local"], 4, False, True, True, num_replicas=2, rank=1)
+    LoaderCheckpoint(older, tmp_path).on_train_begin()
+    assert (older.epoch, older._position) == (3, 2)
