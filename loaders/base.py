@@ -39,6 +39,7 @@ from loaders.geometry import check_pad_mode
 from loaders.ordering import Shard
 from loaders.plan import EpochPlanning, Plan
 from loaders.prefetch import Prefetcher
+from loaders.process_group import warn_of_a_process_group
 from loaders.registry import (
     LOADER_REGISTRY,
     Element,
@@ -111,10 +112,14 @@ class DataLoader(BatchFilling, EpochState, EpochPlanning, keras.utils.PyDataset)
         batch_size, num_replicas, rank = check_batching(batch_size, num_replicas, rank)
         check_config(cfg)
         self.shard = Shard(num_replicas, rank)
-        if self.shard.num_replicas > 1 and cfg.SEED is None:
+        # every rank must compute the same epoch order: a random seed each would overlap them,
+        # unless the order and the examples do not depend on the seed (unshuffled, fixed examples)
+        seeded = bool(shuffle) or type(self).epoch_elements is not DataLoader.epoch_elements
+        if self.shard.num_replicas > 1 and cfg.SEED is None and seeded:
             raise ValueError(
                 f"num_replicas={num_replicas} needs cfg.SEED set: every rank must compute the same epoch order"
             )
+        warn_of_a_process_group(self.shard, bool(is_test))
         # its own copy: a notebook cell that edits the Config to build the next loader must not
         # change this one's y channels or epoch plan midway (some fields are read live)
         self._cfg = cfg.copy()

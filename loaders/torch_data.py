@@ -41,7 +41,7 @@ import numpy as np
 from loaders.catalog import forget_shared_sources, is_url
 from loaders.shared_batches import SlotTable, WorkerBatchPool, forget_ended_workers
 from loaders.stats import WorkerCounters, snapshot
-from store.reader_share import usable_cores
+from store.reader_share import rank_cores, usable_cores
 
 if TYPE_CHECKING:
     from loaders.base import DataLoader
@@ -155,7 +155,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         forget_shared_sources()  # anything inherited through fork belongs to the parent
         from store import reader_share as local
 
-        local.set_reader_share(max(1, usable_cores() // max(1, workers)), readers=max(1, workers))
+        local.set_reader_share(max(1, rank_cores() // max(1, workers)), readers=max(1, workers))
         cls, cfg, dicts, settings = self._recipe
         loader = cls(cfg, dicts, **settings)
         loader._batch_arrays = WorkerBatchPool(self._slots, worker)  # type: ignore[assignment]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from store.units import parse_bytes
+from store.units import parse_bytes, parse_whole
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
 LOCAL_CACHE_ENV = "SCANCACHE_LOCAL_CACHE_BYTES"
@@ -24,17 +24,18 @@ def default_cache_bytes() -> int:
     ``$SCANCACHE_LOCAL_CACHE_BYTES`` if set, else an eighth of physical memory within
     [512 MiB, 4 GiB]: a training epoch touches every chunk again, and a cache that holds the
     decoded dataset turns later epochs into copies (docs/tuning.md). The cache only grows as
-    chunks are read; several training processes on one machine each have their own. In one of
-    k reader processes (:func:`set_reader_share`, a torch DataLoader worker) the default is a
-    k-th of that, at least 128 MiB: k workers together hold what one process would, not k
-    times as much (16 workers of 4 GiB each would fill a 64 GB machine).
+    chunks are read. In one of k reader processes (:func:`set_reader_share`, a torch DataLoader
+    worker) the default is a k-th of that, at least 128 MiB: k workers together hold what one
+    process would, not k times as much (16 workers of 4 GiB each would fill a 64 GB machine);
+    under torchrun the machine's :func:`local_ranks` share it the same way.
     """
     text = os.environ.get(LOCAL_CACHE_ENV, "").strip()
     if text:
         return parse_bytes(text, LOCAL_CACHE_ENV)  # 512M works as on the command line
     memory = memory_bytes() or 8 * DEFAULT_CACHE_BYTES  # not POSIX: keep the server's default
     whole = int(min(max(memory // 8, DEFAULT_CACHE_BYTES), LOCAL_CACHE_MAX))
-    return whole if _READERS == 1 else max(whole // _READERS, WORKER_CACHE_MIN)
+    readers = _READERS * local_ranks()  # every rank's readers on this machine share it
+    return whole if readers == 1 else max(whole // readers, WORKER_CACHE_MIN)
 
 
 # A reader process that is one of k on a machine (a torch DataLoader worker) takes its share of
@@ -73,10 +74,29 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+LOCAL_RANKS_ENV = "LOCAL_WORLD_SIZE"  # set by torchrun: the training processes on this machine
+
+
+def local_ranks() -> int:
+    """Training processes on this machine that read at once: torchrun's ``LOCAL_WORLD_SIZE``
+    (each rank reads its own shard, with its own workers), else 1."""
+    text = os.environ.get(LOCAL_RANKS_ENV, "").strip()
+    try:
+        return parse_whole(text, LOCAL_RANKS_ENV, minimum=1) if text else 1
+    except ValueError:  # torchrun's own variable: a wrong one is torchrun's to report
+        return 1
+
+
+def rank_cores() -> int:
+    """This training process's share of the cores: :func:`usable_cores` over :func:`local_ranks`
+    (8 ranks on a 64-core node read with 8 cores each, not 64 each)."""
+    return max(1, usable_cores() // local_ranks())
+
+
 def reader_cores() -> int:
     """The cores this process may keep busy reading: its share (:func:`set_reader_share`), else
-    :func:`usable_cores`."""
-    return _READ_THREADS if _READ_THREADS is not None else usable_cores()
+    :func:`rank_cores`."""
+    return _READ_THREADS if _READ_THREADS is not None else rank_cores()
 
 
 def tensorstore_used_before_fork() -> bool:

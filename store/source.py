@@ -54,9 +54,9 @@ from store.protocol import RegionRequest, RoiLike
 from store.reader_share import (
     default_cache_bytes,
     mark_tensorstore_used,
+    rank_cores,
     read_threads,
     refuse_forked_reads,
-    usable_cores,
 )
 from store.roi import Region, as_region
 from store.scan_filters import matches
@@ -146,7 +146,7 @@ class LocalSource:
         # "512M" as in the environment; a negative or fractional size in one line naming it
         cache_bytes = parse_bytes(cache_bytes, "cache_bytes")
         self.cache_bytes = int(cache_bytes)
-        threads = read_threads() or max(2, usable_cores())
+        threads = read_threads() or max(2, rank_cores())
         resources: dict[str, Any] = {
             "cache_pool": {"total_bytes_limit": int(cache_bytes)},
             "data_copy_concurrency": {"limit": threads},
