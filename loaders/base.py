@@ -42,6 +42,8 @@ from loaders.prefetch import Prefetcher
 from loaders.process_group import warn_of_a_process_group
 from loaders.registry import (
     LOADER_REGISTRY,
+    MEDSEGPY_INSTEAD,
+    MEDSEGPY_TAGS,
     Element,
     build_data_loader,
     keeps_values,
@@ -63,6 +65,8 @@ import keras  # noqa: E402
 # re-exported: custom loaders import these from loaders.base
 __all__ = [
     "LOADER_REGISTRY",
+    "MEDSEGPY_INSTEAD",
+    "MEDSEGPY_TAGS",
     "DataLoader",
     "Element",
     "build_data_loader",
@@ -119,7 +123,7 @@ class DataLoader(BatchFilling, EpochState, EpochPlanning, keras.utils.PyDataset)
             raise ValueError(
                 f"num_replicas={num_replicas} needs cfg.SEED set: every rank must compute the same epoch order"
             )
-        warn_of_a_process_group(self.shard, bool(is_test))
+        warn_of_a_process_group(self.shard, bool(is_test), bool(shuffle))
         # its own copy: a notebook cell that edits the Config to build the next loader must not
         # change this one's y channels or epoch plan midway (some fields are read live)
         self._cfg = cfg.copy()
@@ -358,7 +362,9 @@ class DataLoader(BatchFilling, EpochState, EpochPlanning, keras.utils.PyDataset)
         return view
 
     def _live_torch_views(self) -> list[Any]:
-        return [v for v in (ref() for ref in getattr(self, "_torch_views", ())) if v is not None]
+        refs = getattr(self, "_torch_views", [])
+        refs[:] = [ref for ref in refs if ref() is not None]  # one dataset an epoch adds up
+        return [v for v in (ref() for ref in refs) if v is not None]
 
     def _use_plan(self, plan: Plan, position: int = 0, position_workers: int = 1) -> None:
         super()._use_plan(plan, position, position_workers)

@@ -51,6 +51,8 @@ class LoaderCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.loader = loader
         self.path = Path(directory) / (name or state_file_name(loader))
+        # a sharded loader's state that an older scancache wrote under the one name
+        self._legacy = self.path.with_name(STATE_FILE) if name is None and self.path.name != STATE_FILE else None
         self._steps = 0  # steps Keras has trained in this epoch
 
     def _save(self, trained: int | None = None) -> None:
@@ -68,16 +70,23 @@ class LoaderCheckpoint(keras.callbacks.Callback):
 
     def _saved(self) -> tuple[Path, dict[str, Any]] | None:
         """The state to restore: this loader's file; for a sharded loader without one, a state
-        written under the unsharded name by an older scancache, if it is this rank's."""
-        for path in (self.path, self.path.with_name(STATE_FILE)):
-            if not path.is_file():
+        an older scancache wrote under the one name for every rank, if it is this rank's (another
+        rank's is refused: this rank starting afresh would read other examples than its peers)."""
+        for path in (self.path, self._legacy):
+            if path is None or not path.is_file():
                 continue
             try:
                 state = json.loads(path.read_text())
             except ValueError:
                 raise ValueError(f"LoaderCheckpoint: {path.name} is not a loader state (not JSON)") from None
-            if path == self.path or (isinstance(state, dict) and state.get("rank") == self.loader.shard.rank):
+            rank = self.loader.shard.rank
+            if path == self.path or (isinstance(state, dict) and state.get("rank") == rank):
                 return path, state
+            raise ValueError(
+                f"LoaderCheckpoint: {path} holds rank {state.get('rank') if isinstance(state, dict) else '?'}'s "
+                f"state (an older scancache kept one file for all ranks), not rank {rank}'s; "
+                f"restore each rank from its own file ({self.path.name}) or remove it to start afresh"
+            )
         return None
 
     def on_train_begin(self, logs: Any = None) -> None:

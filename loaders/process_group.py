@@ -31,14 +31,18 @@ def _group() -> tuple[int, int] | None:
         return None
 
 
-def sharding_note(shard: Shard, is_test: bool, group: tuple[int, int] | None) -> str | None:
+def sharding_note(
+    shard: Shard, is_test: bool, group: tuple[int, int] | None, shuffle: bool = True
+) -> str | None:
     """What is wrong with ``shard`` under ``group`` (``(rank, world_size)``), or None."""
     if group is None or group[1] <= 1:
         return None
     rank, world = group
     if shard.num_replicas == 1:
-        if is_test:
-            return None  # a test loader on one rank, or each rank evaluating it all: both fine
+        if is_test or not shuffle:
+            # a test or validation loader (MedSegPy's are unshuffled) on one rank, or each rank
+            # evaluating it all: both fine
+            return None
         return (
             f"this training loader reads the whole data set on each of the {world} ranks of the "
             f"torch process group: pass num_replicas={world}, rank={rank} (dist.get_world_size(), "
@@ -53,7 +57,14 @@ def sharding_note(shard: Shard, is_test: bool, group: tuple[int, int] | None) ->
     return None
 
 
-def warn_of_a_process_group(shard: Shard, is_test: bool) -> None:
-    note = sharding_note(shard, is_test, _group())
-    if note is not None:
+def _in_a_torch_worker() -> bool:
+    """A torch DataLoader worker rebuilds its training process's loader (and a forked one
+    inherits the process group): the training process has said it already."""
+    data = sys.modules.get("torch.utils.data")
+    return data is not None and data.get_worker_info() is not None
+
+
+def warn_of_a_process_group(shard: Shard, is_test: bool, shuffle: bool) -> None:
+    note = sharding_note(shard, is_test, _group(), shuffle)
+    if note is not None and not _in_a_torch_worker():
         warnings.warn(note, UserWarning, stacklevel=4)

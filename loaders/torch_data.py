@@ -198,8 +198,9 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         )
         if loader.seed != seed or loader.epoch != epoch:
             loader.seed = seed
-            loader.set_epoch(epoch)  # in the training process this publishes: the table again
-            c[_START], c[_ORDER_WORKERS] = start, order_workers
+            loader.set_epoch(epoch)
+            if info is None:  # the training process's loader published that: the pass's table again
+                c[_START], c[_ORDER_WORKERS] = start, order_workers
         if start == 0:
             c[_ORDER_WORKERS] = order_workers = workers
         lane = loader.worker_lanes(epoch, workers, start, max(1, order_workers))[worker]

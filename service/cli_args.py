@@ -158,7 +158,9 @@ def scan_id_list(text: str) -> tuple[str, ...]:
     from store.errors import InvalidPath
     from store.format import validate_scan_id
 
-    ids = tuple(part.strip() for part in text.split(","))
+    ids = tuple(part.strip() for part in text.split(",") if part.strip())  # "a,b," as pasted
+    if not ids:
+        raise argparse.ArgumentTypeError(f"{text!r} names no scan; give scan ids like case_001,case_002")
     try:
         return tuple(validate_scan_id(i) for i in ids)
     except InvalidPath as err:

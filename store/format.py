@@ -382,3 +382,21 @@ def _matrix4(found: Any, name: str) -> list[list[float]]:
     if len(matrix) != 4 or any(len(row) != 4 or not all(math.isfinite(v) for v in row) for row in matrix):
         raise ValueError(f"{name}: expected a 4x4 list of finite numbers, got {str(found)[:80]}")
     return matrix
+
+
+_MOVED_TO_SCAN_FILTERS = (
+    "FILTER_KEYS",
+    "has_any_class",
+    "has_class_values",
+    "matches",
+    "why_nothing_matches",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Names that moved to ``store.scan_filters`` (which imports this module), still found here."""
+    if name in _MOVED_TO_SCAN_FILTERS:
+        from store import scan_filters
+
+        return getattr(scan_filters, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,15 +22,29 @@ class StoreUnavailable(ScanCacheError, OSError):
     """The object store cannot be used: no bucket, refused credentials, unreachable endpoint."""
 
 
-# A URL's user information, up to the last "@" of the URL (a password may hold "@" or "/"
-# unescaped), and its query (tokens, signatures), wherever a URL stands in a message.
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s`'\"]*@")
-_QUERY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s`'\"?]*)\?[^\s`'\"]*")
+# A URL wherever it stands in a message: a scheme not glued to a word before it, then the rest
+# up to whitespace or a quote.
+_URL = re.compile(r"(?<![A-Za-z0-9+.-])([A-Za-z][A-Za-z0-9+.-]*://)([^\s`'\"]*)")
+
+
+def _hidden(url: re.Match[str]) -> str:
+    scheme, rest = url[1], url[2]
+    # user information: up to the last "@" before the path (http(s) passwords may hold "/"
+    # unescaped, so there up to the URL's last "@"; s3://bucket/key@v keeps its bucket)
+    path = rest.find("/")
+    end = len(rest) if scheme.lower() in ("http://", "https://") or path < 0 else path
+    at = rest.rfind("@", 0, end)
+    if at >= 0:
+        rest = "***" + rest[at:]
+    query = rest.find("?")
+    if query >= 0:  # tokens and signatures
+        rest = rest[:query] + "?***"
+    return scheme + rest
 
 
 def without_secrets(text: str) -> str:
     """A message or URL with each URL's user information and query hidden (``***``)."""
-    return _QUERY.sub(r"\1?***", _USERINFO.sub(r"\1***@", text))
+    return _URL.sub(_hidden, text)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -62,6 +62,7 @@ from store.roi import Region, as_region
 from store.scan_filters import matches
 from store.storage import Storage, no_store_message, open_storage
 from store.ts_status import is_damage, is_passing, result_or_damage
+from store.ts_status import refused_read as refused_read  # where it was first
 from store.units import parse_bytes
 
 

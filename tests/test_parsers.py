@@ -255,8 +255,11 @@ def test_export_scans_are_checked_as_preprocess_rebuild_does(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["export", str(tmp_path / "pred"), str(out), "--scans", "case_001", "../x"]) == 1
     assert capsys.readouterr().err == "scancache export: error: --scans: invalid scan id '../x'\n"
-    assert cli.main(["export", str(tmp_path / "pred"), str(out), "--scans", "case_001,,case_002"]) == 1
-    assert capsys.readouterr().err == "scancache export: error: --scans: invalid scan id ''\n"
+    # empty parts (a trailing comma, as pasted) are no scan ids: the list parses, the store is next
+    assert cli.main(["export", str(tmp_path / "pred"), str(out), "--scans", "case_001,,case_002,"]) == 1
+    assert "not a predictions store" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "pred"), str(out), "--scans", " , "]) == 1
+    assert capsys.readouterr().err.startswith("scancache export: error: --scans: ' , ' names no scan")
     assert not out.exists()
 
 
@@ -423,3 +426,13 @@ def test_the_protocol_reads_its_deadlines_once_a_process(monkeypatch):
         assert http_protocol.deadlines_from_env() == (4.0, 6.5)
     finally:
         http_protocol.deadlines_from_env.cache_clear()
+
+
+def test_a_kubernetes_service_link_is_not_a_port(tmp_path):
+    """A Service named "scancache" gives every pod SCANCACHE_PORT=tcp://IP:PORT (Kubernetes'
+    docker-link variables): not a setting of ours, so the default port stays."""
+    from service.server.settings import DEFAULT_PORT, Settings
+
+    env = {"SCANCACHE_PORT": "tcp://10.0.0.7:8000"}
+    assert Settings.resolve({"store": str(tmp_path)}, env).port == DEFAULT_PORT
+    assert Settings.resolve({"store": str(tmp_path)}, {"SCANCACHE_PORT": "8001"}).port == 8001

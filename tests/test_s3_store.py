@@ -491,3 +491,22 @@ def build_store_truth_first(shape):
     from conftest import make_volume
 
     return make_volume(shape, SMALL_SCANS[0][2], seed=0, dtype=SMALL_SCANS[0][7])[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://user:p@ss@127.0.0.1:1/x", "http://***@127.0.0.1:1/x"),  # "@" in a password
+        ("http://user:pa/ss@127.0.0.1:1", "http://***@127.0.0.1:1"),  # "/" in a password
+        ("endpoint `ftp://user:pw@h:1` is no URI", "endpoint `ftp://***@h:1` is no URI"),
+        ("http://127.0.0.1:1/?token=T&sig=S", "http://127.0.0.1:1/?***"),
+        ("s3://bucket/key@v", "s3://bucket/key@v"),  # no user information: the bucket stays
+        ("s3://KEY:SECRET@bucket/p", "s3://***@bucket/p"),
+        ("plain text, no URL", "plain text, no URL"),
+    ],
+)
+def test_messages_show_urls_without_their_secrets(text, shown):
+    from store.s3_errors import without_secrets
+
+    assert without_secrets(text) == shown
+    assert without_secrets("a" * 200_000) == "a" * 200_000  # linear: no rescans of a long run

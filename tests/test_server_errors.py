@@ -307,6 +307,7 @@ def test_unexpected_errors_are_a_generic_500_without_paths(tmp_path, caplog, mon
         response = client.get(f"/scans/{SCAN}/image")
     body = assert_error(response, 500, "internal server error", root=tmp_path)
     assert body["error"] == "ServerError"
+    assert response.headers["x-content-type-options"] == "nosniff"  # answered outside the middleware
     assert any("internal error" in r.getMessage() and r.exc_info for r in caplog.records)
 
 

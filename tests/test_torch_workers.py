@@ -505,3 +505,10 @@ def test_sharded_loaders_keep_their_checkpoints_apart(names, tmp_path):
     older = build_loader(config("2d"), names["local"], 4, False, True, True, num_replicas=2, rank=1)
     LoaderCheckpoint(older, tmp_path).on_train_begin()
     assert (older.epoch, older._position) == (3, 2)
+    # another rank's state under that name is refused: this rank starting afresh would overlap
+    (tmp_path / "scancache_loader_state.rank0.json").unlink()
+    rank0 = build_loader(config("2d"), names["local"], 4, False, True, True, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match=r"holds rank 1's state .* not rank 0's"):
+        LoaderCheckpoint(rank0, tmp_path).on_train_begin()
+    LoaderCheckpoint(rank0, tmp_path, name="mine.json").on_train_begin()  # a name of its own: no fallback
+    assert (rank0.epoch, rank0._position) == (0, 0)

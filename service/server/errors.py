@@ -104,7 +104,9 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = ErrorBody(detail=one_line(detail), error=error, param=param).model_dump()
-    return JSONResponse(body, status_code=status, headers={**NO_STORE, **(headers or {})})
+    # nosniff here too: a 500 is answered outside every middleware (Starlette's error handler)
+    nosniff = {"X-Content-Type-Options": "nosniff"}
+    return JSONResponse(body, status_code=status, headers={**NO_STORE, **nosniff, **(headers or {})})
 
 
 def status_for(exc: ScanCacheError) -> int:

@@ -73,6 +73,14 @@ def _text(value: str, name: str = "") -> str | None:
     return value.strip() or None  # set but empty: as if unset
 
 
+def _port(value: str, name: str) -> int | None:
+    # Kubernetes sets SCANCACHE_PORT=tcp://10.0.0.7:8000 in every pod of a namespace with a
+    # Service named "scancache" (its docker-link variables): that is no setting of ours
+    if value.strip().lower().startswith(("tcp://", "udp://", "sctp://")):
+        return None
+    return parse_port(value, name)
+
+
 def _location(value: str, name: str = "") -> Path | str | None:
     return parse_location(value) if value.strip() else None
 
@@ -83,7 +91,7 @@ def _location(value: str, name: str = "") -> Path | str | None:
 ENV_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "store": (ENV_STORE, _location),
     "host": (ENV_HOST, _text),
-    "port": (ENV_PORT, parse_port),
+    "port": (ENV_PORT, _port),
     "token": (ENV_TOKEN, _text),
     "cache_bytes": (ENV_CACHE_BYTES, positive_size),
     "max_bytes": (ENV_MAX_BYTES, positive_size),
