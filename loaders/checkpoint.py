@@ -52,7 +52,9 @@ class LoaderCheckpoint(keras.callbacks.Callback):
         self.loader = loader
         self.path = Path(directory) / (name or state_file_name(loader))
         # a sharded loader's state that an older scancache wrote under the one name
-        self._legacy = self.path.with_name(STATE_FILE) if name is None and self.path.name != STATE_FILE else None
+        self._legacy = (
+            self.path.with_name(STATE_FILE) if name is None and self.path.name != STATE_FILE else None
+        )
         self._steps = 0  # steps Keras has trained in this epoch
 
     def _save(self, trained: int | None = None) -> None:
