@@ -1,6 +1,6 @@
 """``create_app(settings)``: the FastAPI application serving one store.
 
-Request path, outermost first: nosniff header -> CORS (only if configured) -> store id header ->
+Request path, outermost first: store id and nosniff headers -> CORS (only if configured) ->
 metrics -> bearer auth -> path guard -> body limit -> FastAPI routing and error handlers -> routes. The app holds a ``LocalSource``
 (whose tensorstore context owns the byte-capped decoded-chunk cache) and nothing else.
 """
@@ -139,7 +139,6 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.token:
         app.add_middleware(BearerAuthMiddleware, token=settings.token)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.add_middleware(HeadersMiddleware, headers=store_id_header(lambda: source.store_id))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -156,7 +155,9 @@ def create_app(settings: Settings) -> FastAPI:
                 VERSIONS_HEADER,
             ],
         )
-    app.add_middleware(HeadersMiddleware, headers=nosniff_header)  # outermost: CORS preflights too
+    store_id = store_id_header(lambda: source.store_id)
+    # outermost, one layer for both: CORS preflights carry them too
+    app.add_middleware(HeadersMiddleware, headers=lambda: [*store_id(), *nosniff_header()])
     return app
 
 
