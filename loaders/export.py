@@ -102,12 +102,18 @@ def export_nifti(
                 if path.exists():
                     raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
     source = _open_scan_store(scan_store)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     done = []
-    with Progress(len(wanted), label="scancache export", enabled=progress) as bar:
-        for scan_id in wanted:
-            done.append(_export_scan(nib, store, scan_id, out, probabilities, source))
-            bar.advance(scan_id)
+    try:
+        with Progress(len(wanted), label="scancache export", enabled=progress) as bar:
+            for scan_id in wanted:
+                done.append(_export_scan(nib, store, scan_id, out, probabilities, source))
+                bar.advance(scan_id)
+    except BaseException:
+        if made and not any(out.iterdir()):  # refused at the first scan: leave no empty folder
+            out.rmdir()
+        raise
     return done
 
 

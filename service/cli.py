@@ -50,7 +50,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from service.preprocess import run_preprocess
 
     # a ValueError names the flag; main() prints it as every error (before anything runs)
-    layout = layout_from_flags(args.layout, args.chunks, args.shard_depth, args.codec)
+    flags = (args.layout, args.chunks, args.shard_depth, args.codec)
+    # none given: each stored scan keeps its layout, a new one gets the default (run_preprocess)
+    layout = None if flags == (None,) * 4 else layout_from_flags(*flags)
     summary = run_preprocess(
         args.source,
         args.store,

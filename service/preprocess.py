@@ -141,6 +141,8 @@ def run_preprocess(
     if another job holds the store (``wait=True``: wait for it). Per-scan problems never
     raise: they are failures in the summary. ``prune`` removes scans whose sources are gone;
     versions superseded more than ``grace_s`` seconds ago are deleted at the end.
+    ``layout``: every scan's (None: a new scan gets the default, a stored one keeps its own, so
+    a re-run after an upgrade that changed the default skips what is done).
     ``dashboard``: serve the local cluster's Dask dashboard at this address (none by default).
     ``class_names`` and ``spacing`` (MedSegPy sources only; ``ValueError`` for an nnU-Net
     dataset, which has its own): every scan's class names, and its spacing in mm where the
@@ -150,7 +152,6 @@ def run_preprocess(
     """
     started = time.monotonic()
     stream = stream or sys.stderr
-    layout = layout or ChunkLayout()
     found = discover(source)
     found.scans = with_user_options(found.scans, class_names, spacing)
     found.scans = marked_for_rebuild(found.scans, rebuild)
@@ -246,7 +247,7 @@ def _convert_all(
     specs: list[ScanSpec],
     store_url: str,
     staging: Path | None,
-    layout: ChunkLayout,
+    layout: ChunkLayout | None,
     summary: Summary,
     scheduler: str | None,
     workers: int | None,
@@ -328,7 +329,7 @@ def _run_graph(
     specs: list[ScanSpec],
     store: str,
     staging: str | None,
-    layout: ChunkLayout,
+    layout: ChunkLayout | None,
     summary: Summary,
     bar: Progress,
     on_result: Callable[[ScanResult], None] | None,

@@ -33,19 +33,28 @@ def _worker_name() -> str:
         return ""
 
 
-def convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str | None = None) -> ScanResult:
-    """One task: skip, convert or fail one scan. Never raises, never warns on stderr."""
+def convert_scan(
+    spec: ScanSpec, store: str, layout: ChunkLayout | None, staging: str | None = None
+) -> ScanResult:
+    """One task: skip, convert or fail one scan. Never raises, never warns on stderr.
+
+    ``layout`` None (none asked for): a new scan gets the default layout, and a scan already
+    in the store keeps the layout it records (converted again in it only if its sources
+    changed), so a re-run after the default changed (an upgrade) skips what is done instead of
+    converting the whole store again. A layout given is every scan's."""
     # numpy's floating-point warnings (NaN/Inf in a source) would go to a worker's stderr; the
     # result reports them instead. errstate is per thread (a context variable), unlike warnings
     with np.errstate(all="ignore"):
         return _convert_scan(spec, store, layout, staging)
 
 
-def _convert_scan(spec: ScanSpec, store: str, layout: ChunkLayout, staging: str | None) -> ScanResult:
+def _convert_scan(spec: ScanSpec, store: str, asked: ChunkLayout | None, staging: str | None) -> ScanResult:
     worker = _worker_name()
     try:
-        fp, source_bytes = fingerprint(spec, layout)
         published = read_scan_attrs(store, spec.scan_id)
+        stored = ChunkLayout.from_json(published.get("layout")) if published is not None else None
+        layout = asked or stored or ChunkLayout()
+        fp, source_bytes = fingerprint(spec, layout)
         if (
             not spec.rebuild
             and published is not None

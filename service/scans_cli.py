@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,22 @@ def cmd_scans(args: argparse.Namespace) -> int:
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     print(f"{count_of(len(rows), 'scan')}, {format_bytes(sum(r['bytes'] for r in rows))}")
+    for why in _unlinked_folders(parse_location(args.store)):
+        print(f"scancache scans: warning: {why}", file=sys.stderr)
     return 0
+
+
+def _unlinked_folders(location: Path | str) -> list[str]:
+    """Scan-like folders of a local store that are no published scans (``publish.unlinked_folder``)."""
+    if not isinstance(location, Path):
+        return []
+    from store.publish import unlinked_folder
+
+    try:
+        names = sorted(n for n in os.listdir(location) if not n.startswith("."))
+    except OSError:
+        return []
+    return [why for n in names if (why := unlinked_folder(location, n)) is not None]
 
 
 def add_scans_parser(sub: Any) -> None:

@@ -23,6 +23,7 @@ from service.sources import ScanSpec, discover
 from store.errors import SourceError, one_line
 from store.format import IMAGE, MASK, channel_dtype, extra_channel_arrays
 from store.inventory import check_store, manifest_mismatch, published_scan_ids
+from store.publish import unlinked_folder
 from store.storage import Storage, is_s3_url
 
 OK, MISMATCH, MISSING, FAILED, EXTRA, TORN = "OK", "MISMATCH", "MISSING", "FAILED", "EXTRA", "TORN"
@@ -139,7 +140,9 @@ def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
         return VerifyLine(spec.scan_id, FAILED, f"{spec.image_files[0]}: {why}")
     version = store.current_version(spec.scan_id)
     if version is None:
-        return VerifyLine(spec.scan_id, MISSING, "not in the store")
+        local = store.local_path()
+        folder_why = unlinked_folder(local, spec.scan_id) if local is not None else None
+        return VerifyLine(spec.scan_id, MISSING, folder_why or "not in the store")
     folder = store.version_key(spec.scan_id, version)  # one version throughout, even if re-published
     try:
         doc = store.read_json(f"{folder}/zarr.json")

@@ -196,6 +196,21 @@ class ChunkLayout:
     def to_json(self) -> dict[str, Any]:
         return {"chunks": list(self.chunks), "shard_depth": self.shard_depth, "codec": self.codec}
 
+    @classmethod
+    def from_json(cls, found: Any) -> ChunkLayout | None:
+        """The layout a scan records (its ``layout`` attribute), or None if it records none
+        that is valid (scans written before it was recorded; a damaged attribute)."""
+        try:
+            base = cls()
+            chunks = tuple(int(c) for c in found["chunks"])
+            return cls(
+                chunks=(chunks[0], chunks[1], chunks[2]) if len(chunks) == 3 else (0, 0, 0),
+                shard_depth=int(found.get("shard_depth", base.shard_depth)),
+                codec=str(found.get("codec", base.codec)),
+            )
+        except (TypeError, KeyError, ValueError, AttributeError, IndexError):
+            return None
+
 
 def _inner_codecs(codec: str, itemsize: int) -> list[dict[str, Any]]:
     codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]

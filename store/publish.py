@@ -129,6 +129,7 @@ def publish_version(root: str | os.PathLike[str], name: str, staged_dir: str | o
     ``staged_dir`` must be on the same filesystem as ``root`` (``new_staging`` makes one).
     """
     root = Path(root)
+    refuse_an_unlinked_folder(root, name)  # before anything moves: no orphan version left
     fsync_tree(staged_dir)
     versions = root / VERSIONS_DIR / name
     if not versions.is_dir():
@@ -149,6 +150,26 @@ def publish_version(root: str | os.PathLike[str], name: str, staged_dir: str | o
     fsync_dir(root)
     _mark_superseded(versions, previous)
     return version
+
+
+def unlinked_folder(root: str | os.PathLike[str], name: str) -> str | None:
+    """Why ``ROOT/<name>`` cannot be a published scan although it is there: a folder where a
+    link into ``.versions/`` belongs (a copy made without links, ``cp -rL`` or ``rsync``
+    without ``-l``; or a scancache older than store format 2 wrote into this store); else None."""
+    path = Path(root) / name
+    if path.is_dir() and not path.is_symlink():
+        return (
+            f"{path} is a folder, not a link into {VERSIONS_DIR}/ (copied without links, e.g. cp -rL "
+            "or rsync without -l, or written by a scancache older than store format 2): move it "
+            "away to convert it again, or copy the store again keeping its links (cp -a, rsync -a)"
+        )
+    return None
+
+
+def refuse_an_unlinked_folder(root: str | os.PathLike[str], name: str) -> None:
+    why = unlinked_folder(root, name)
+    if why is not None:
+        raise FileExistsError(why)
 
 
 def _mark_superseded(versions: Path, version: str | None) -> None:

@@ -288,6 +288,7 @@ def test_old_predictions_export_with_the_scan_store(nifti_store, nifti_predictio
     doc_path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=r"records no geometry.*--store STORE"):
         export_nifti(old, tmp_path / "x", scans=["case_001"], progress=False)
+    assert not (tmp_path / "x").exists()  # refused before writing: no empty folder left
     export_nifti(old, tmp_path / "x", scans=["case_001"], scan_store=root, progress=False)
     a = nib.load(tmp_path / "x" / "case_001.nii.gz")
     b = nib.load(tmp_path / "new" / "case_001.nii.gz")

@@ -40,3 +40,42 @@ def test_every_preset_reads_back_exactly(tmp_path, name):
     m = mask[:, :, 4:5].astype(np.int64)
     want = np.stack([(m[..., [0, 1, 3]].sum(-1) == 0), m[..., 0] + m[..., 1], m[..., 3]], -1).astype(np.uint8)
     np.testing.assert_array_equal(merged, want)
+
+
+def test_a_rerun_without_layout_flags_keeps_each_stored_scans_layout(tmp_path):
+    """An upgrade that changes the default layout must not convert a whole store again: a run
+    without layout flags skips stored scans in whatever layout they have, gives new scans the
+    default, and converts again only when a layout is asked for."""
+    import json
+
+    from h5_sources import random_scan, run_cli, write_volume_file
+
+    source, store = tmp_path / "src", tmp_path / "store"
+    for k in (1, 2):
+        write_volume_file(source / "train" / f"000000{k}_V00-Aug00.h5", *random_scan((16, 16, 4), 2, seed=k))
+
+    def run(*flags):
+        result = run_cli("preprocess", source, store, "--workers", "1", *flags)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def layouts():
+        return {
+            p.name: json.loads((p / "zarr.json").read_text())["attributes"]["layout"]["chunks"]
+            for p in sorted(store.iterdir())
+            if p.name.endswith("Aug00")
+        }
+
+    assert "2 converted, 0 skipped" in run("--chunks", "8,8,2")  # as an older default would have
+    assert "0 converted, 2 skipped" in run()  # no flags: kept, not converted again
+    write_volume_file(source / "train" / "0000003_V00-Aug00.h5", *random_scan((16, 16, 4), 2, seed=3))
+    assert "1 converted, 2 skipped" in run()
+    default = list(ChunkLayout().chunks)
+    assert layouts() == {
+        "0000001_V00-Aug00": [8, 8, 2],
+        "0000002_V00-Aug00": [8, 8, 2],
+        "0000003_V00-Aug00": default,
+    }
+    assert "1 converted, 2 skipped" in run("--chunks", "8,8,2")  # asked for: every scan's
+    assert "3 converted, 0 skipped" in run("--chunks", "4,4,2")
+    assert set(map(tuple, layouts().values())) == {(4, 4, 2)}

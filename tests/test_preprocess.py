@@ -117,8 +117,11 @@ def test_configured_layout_is_written_and_exact(tmp_path):
     assert [c["name"] for c in sharding["codecs"]] == ["bytes", "zstd"]
     attrs = read_store(store)["0000001_V00-Aug00"][0]
     assert attrs["layout"] == layout.to_json() and attrs["split"] is None
-    # a different layout is a different fingerprint: the scan is redone, not skipped
-    again = run_preprocess(source, store, workers=1, progress=False)
+    # no layout asked for: the stored scan keeps its own (tests/test_layouts.py has the CLI)
+    kept = run_preprocess(source, store, workers=1, progress=False)
+    assert [r.status for r in kept.results] == [SKIPPED]
+    # a different layout asked for is a different fingerprint: the scan is redone, not skipped
+    again = run_preprocess(source, store, workers=1, layout=ChunkLayout(), progress=False)
     assert [r.status for r in again.results] == [CONVERTED]
     assert_store_matches(store, source)
 

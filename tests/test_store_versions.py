@@ -369,3 +369,31 @@ def test_bounded_lru_keeps_entry_and_byte_bounds():
     assert by_bytes.get("x") is None and by_bytes.nbytes == 6
     by_bytes.put("huge", "0" * 11)  # larger than the whole cache: not kept
     assert by_bytes.get("huge") is None and by_bytes.nbytes == 6
+
+
+def test_a_scan_folder_copied_without_links_is_named_by_every_command(tmp_path):
+    """A store copied without its links (cp -rL, rsync without -l), or written into by a
+    scancache older than format 2, holds plain folders where links into .versions belong:
+    scans, verify and preprocess name the folder and what to do; preprocess leaves no version."""
+    import shutil
+
+    from h5_sources import random_scan, run_cli, write_volume_file
+
+    source, store = tmp_path / "src", tmp_path / "store"
+    scan = "0000001_V00-Aug00"
+    write_volume_file(source / "train" / f"{scan}.h5", *random_scan((12, 10, 3), 2, seed=1))
+    assert run_cli("preprocess", source, store, "--workers", "1").returncode == 0
+    resolved = (store / scan).resolve()
+    (store / scan).unlink()
+    shutil.copytree(resolved, store / scan)  # what cp -rL makes of the link
+    versions = sorted(os.listdir(store / ".versions" / scan))
+    why = f"{store / scan} is a folder, not a link into .versions/"
+
+    listed = run_cli("scans", store)
+    assert listed.returncode == 0 and "0 scans" in listed.stdout
+    assert listed.stderr.startswith(f"scancache scans: warning: {why}") and listed.stderr.count("\n") == 1
+    checked = run_cli("verify", source, store)
+    assert checked.returncode == 1 and f"MISSING  {scan}: {why}" in checked.stdout
+    again = run_cli("preprocess", source, store, "--workers", "1")
+    assert again.returncode == 1 and why in again.stdout and "Traceback" not in again.stderr
+    assert sorted(os.listdir(store / ".versions" / scan)) == versions  # no orphan version
