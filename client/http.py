@@ -33,15 +33,14 @@ import numpy as np
 
 from client import deadline
 from client.http_batch import BatchPoster, direct_http
+from client.http_regions import IoCounters, by_scans, categories_json, region_json, roi_text
 from client.identity import ServedIdentity
 from client.retries import RetryPolicy
 from client.wire import (
-    DECODED_BYTES_HEADER,
     MAX_VERSIONED_SCANS,
     decode_batch,
     decode_npy,
 )
-from store.categories import categories_json_value, parse_categories
 from store.errors import (
     ArrayNotFound,
     InvalidParameter,
@@ -54,10 +53,9 @@ from store.errors import (
     changed_message,
     one_line,
 )
-from store.format import IMAGE, MASK, ScanMeta, channel_array, validate_array_name, validate_scan_id
+from store.format import IMAGE, MASK, ScanMeta, channel_array, validate_scan_id
 from store.label_map import Decoded, merged
 from store.protocol import RegionRequest, RoiLike
-from store.roi import slices_text
 from store.scan_filters import matches
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
@@ -74,21 +72,6 @@ def _plain_integers(value: Any) -> bool:
 # Refusals a region request gets when the scan it planned with is not what the server has now
 # (another shape: the roi is out of bounds; removed; image-only now): worth a version check.
 CHANGE_SYMPTOMS = (InvalidParameter, ScanNotFound, ArrayNotFound)
-
-
-def roi_text(roi: RoiLike) -> str | None:
-    """A roi as the query text; slices need no shape (the server validates bounds)."""
-    if roi is None or isinstance(roi, str):
-        return roi
-    return slices_text(roi)
-
-
-def categories_json(categories: Any) -> list[Any] | None:
-    """Categories as JSON values: ``[0, [1, 2], 3]``, parsed and checked here (the range of the
-    indices is the server's to check: it knows the scan)."""
-    if categories is None:
-        return None
-    return categories_json_value(parse_categories(categories))
 
 
 class HttpSource:
@@ -147,8 +130,7 @@ class HttpSource:
         self._poster = (
             BatchPoster(self.url, headers, timeout, max_connections) if direct_http(self.url) else None
         )
-        self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
-        self._counters_lock = threading.Lock()
+        self._counters = IoCounters()
         # what this source knows it reads: the served store and each scan's version
         self._identity = ServedIdentity(self.url)
 
@@ -278,7 +260,7 @@ class HttpSource:
         params = {"roi": roi_text(roi)} if roi is not None else {}
         started = time.perf_counter()
         response = self._get_region(scan_id, IMAGE, params)
-        return self._counted(_decode_one(response), response.headers, started)
+        return self._counters.counted(_decode_one(response), response.headers, started)
 
     def read_mask(
         self,
@@ -298,7 +280,7 @@ class HttpSource:
             params["background"] = "true"
         started = time.perf_counter()
         response = self._get_region(scan_id, MASK, params)
-        return self._counted(_decode_one(response), response.headers, started)
+        return self._counters.counted(_decode_one(response), response.headers, started)
 
     def _get_region(self, scan_id: str, array: str, params: dict[str, Any]) -> httpx.Response:
         """One region by GET, checked against the scan version this source knows."""
@@ -309,20 +291,6 @@ class HttpSource:
             self._explain_refusal(err, expected, {scan_id})
         self._identity.check_versions(response.headers, expected)
         return response
-
-    def _region_json(self, req: RegionRequest) -> dict[str, Any]:
-        validate_scan_id(req.scan_id)
-        validate_array_name(req.array)
-        region = {
-            "scan_id": req.scan_id,
-            "array": req.array,
-            "roi": roi_text(req.roi),
-            "categories": categories_json(req.categories),
-            "background": bool(req.background),
-        }
-        if req.slice_major:  # only when asked: the body stays what older servers accept
-            region["slice_major"] = True
-        return region
 
     def _post_batch(
         self, regions: list[dict[str, Any]], merge: bool = True, expected: dict[str, str] | None = None
@@ -350,7 +318,7 @@ class HttpSource:
             )
         except CHANGE_SYMPTOMS as err:
             self._explain_refusal(err, expected, {r["scan_id"] for r in regions})
-        self._count_decoded(headers)
+        self._counters.count_decoded(headers)
         self._identity.check_versions(headers, expected)
         try:
             masks = [r["array"] == MASK for r in regions]
@@ -376,14 +344,14 @@ class HttpSource:
         if not requests:
             return []
         started = time.perf_counter()
-        regions = [self._region_json(r) for r in requests]
+        regions = [region_json(r) for r in requests]
         expected = self._identity.expected(requests)
         groups = min(self.concurrency, -(-len(regions) // self.regions_per_request))
         size = -(-len(regions) // max(groups, 1))
         chunks = [
             part
             for i in range(0, len(regions), size)
-            for part in _by_scans(regions[i : i + size], MAX_VERSIONED_SCANS)
+            for part in by_scans(regions[i : i + size], MAX_VERSIONED_SCANS)
         ]
         if len(chunks) == 1:
             out = self._post_batch(regions, merge, expected)
@@ -391,7 +359,7 @@ class HttpSource:
             post = functools.partial(self._post_batch, merge=merge, expected=expected)
             results = list(self._executor().map(post, chunks))
             out = [arr for chunk in results for arr in chunk]
-        self._count_returned(out, started)
+        self._counters.count_returned(out, started)
         return out
 
     def read_locations(self, scan_id: str) -> np.ndarray | None:
@@ -414,31 +382,10 @@ class HttpSource:
             return None
         return np.frombuffer(body, "<i4").reshape(rows, 3).astype(np.int32)
 
-    # -- I/O counters (the server reports decoded bytes per response) -----------------------
-    def _count_decoded(self, headers: Any) -> None:
-        try:
-            decoded = int(headers.get(DECODED_BYTES_HEADER.lower()) or 0)
-        except ValueError:  # an older server or a proxy's header: count nothing
-            decoded = 0
-        with self._counters_lock:
-            self._counters["bytes_decoded"] += decoded
-
-    def _count_returned(self, arrays: Sequence[Decoded], started: float) -> None:
-        with self._counters_lock:
-            self._counters["bytes_returned"] += sum(a.nbytes for a in arrays)
-            self._counters["read_s"] += time.perf_counter() - started
-            self._counters["regions"] += len(arrays)
-
-    def _counted(self, array: np.ndarray, headers: Any, started: float) -> np.ndarray:
-        self._count_decoded(headers)
-        self._count_returned([array], started)
-        return array
-
     def io_counters(self) -> dict[str, Any]:
         """As ``LocalSource.io_counters``; ``bytes_decoded`` is what the server reported in
         ``X-Scancache-Decoded-Bytes`` (0 from a server that does not send it)."""
-        with self._counters_lock:
-            return dict(self._counters)
+        return self._counters.snapshot()
 
     def close(self) -> None:
         self._closed.set()
@@ -453,23 +400,6 @@ class HttpSource:
 
 def _reopened(settings: dict[str, Any]) -> HttpSource:
     return HttpSource(**settings)
-
-
-def _by_scans(regions: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
-    """Regions in consecutive parts of at most ``limit`` distinct scans each: the server names
-    the version of every scan a response read (up to MAX_VERSIONED_SCANS of them)."""
-    parts: list[list[dict[str, Any]]] = []
-    current: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for region in regions:
-        if region["scan_id"] not in seen and len(seen) == limit:
-            parts.append(current)
-            current, seen = [], set()
-        current.append(region)
-        seen.add(region["scan_id"])
-    if current:
-        parts.append(current)
-    return parts
 
 
 def _decode_one(response: httpx.Response) -> np.ndarray:

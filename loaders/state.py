@@ -99,7 +99,7 @@ class LoaderState:
             raise ValueError(
                 f"load_state_dict: the state is of another data set ({self.scans} scans, fingerprint "
                 f"{self.dataset[:12]}; this loader has {mine.scans} scans, {str(mine.dataset)[:12]}): "
-                "the scans, their slices or their source versions differ"
+                "the scans, their slices, their source versions or their stored layouts differ"
             )
         theirs_settings, our_settings = self.settings or {}, mine.settings or {}
         for key in sorted(set(theirs_settings) & set(our_settings)):
