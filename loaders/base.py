@@ -362,9 +362,11 @@ class DataLoader(BatchFilling, EpochState, EpochPlanning, keras.utils.PyDataset)
         return view
 
     def _live_torch_views(self) -> list[Any]:
-        refs = getattr(self, "_torch_views", [])
-        refs[:] = [ref for ref in refs if ref() is not None]  # one dataset an epoch adds up
-        return [v for v in (ref() for ref in refs) if v is not None]
+        views = [ref() for ref in self._torch_views]
+        self._torch_views[:] = [
+            weakref.ref(v) for v in views if v is not None
+        ]  # one dataset an epoch adds up
+        return [v for v in views if v is not None]
 
     def _use_plan(self, plan: Plan, position: int = 0, position_workers: int = 1) -> None:
         super()._use_plan(plan, position, position_workers)

@@ -57,11 +57,12 @@ class Progress:
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.total, self.done, self.label, self.unit, self.every = total, done, label, unit, every
+        watched = interactive(self.stream)
         # nothing to do shows nothing (a re-run that skips every scan)
-        self.enabled = total > done and (interactive(self.stream) if enabled is None else bool(enabled))
+        self.enabled = total > done and (watched if enabled is None else bool(enabled))
         self.last = time.monotonic()
         self.bar: Any = None
-        tqdm = _tqdm() if self.enabled and interactive(self.stream) else None
+        tqdm = _tqdm() if self.enabled and watched else None
         if tqdm is not None:
             self.bar = tqdm(total=total, initial=done, unit=unit, file=self.stream, dynamic_ncols=True)
 
