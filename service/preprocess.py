@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
+from service import interrupts
 from service.cluster_watch import SchedulerLost, is_scheduler_lost, scheduler_lost, warn_without_workers
 from service.job_summary import CONVERTED, FAILED, SKIPPED, ScanResult, Summary
 from service.nnunet_dataset import NIFTI_KIND
@@ -256,7 +257,8 @@ def _convert_all(
     on_result: Callable[[ScanResult], None] | None,
     dashboard: str | None = None,
 ) -> None:
-    with dask_client(scheduler, workers, len(specs), dashboard) as client:
+    # Ctrl-C and SIGTERM are acted on where the job waits (service.interrupts says why)
+    with interrupts.deferred(), dask_client(scheduler, workers, len(specs), dashboard) as client:
         if progress:
             n = len(client.scheduler_info()["workers"])
             where = scheduler or f"a local cluster of {n} worker{'s' if n != 1 else ''}"
@@ -324,6 +326,20 @@ def _run_on_workers(client: Any, function: Callable[[], object]) -> None:
         pass
 
 
+def _completed(futures: Any, poll_s: float = 0.05) -> Iterator[Any]:
+    """The futures of a ``distributed.as_completed`` as they finish, a deferred Ctrl-C or
+    SIGTERM acted on while none is ready (``service.interrupts``)."""
+    while True:
+        batch = futures.next_batch(block=False)
+        if batch:
+            yield from batch
+        elif futures.is_empty():
+            return
+        else:
+            interrupts.check()
+            time.sleep(poll_s)
+
+
 def _run_graph(
     client: Any,
     specs: list[ScanSpec],
@@ -344,7 +360,7 @@ def _run_graph(
         convert_scan, specs, store=store, layout=layout, staging=staging, key=keys, pure=False, retries=1
     )
     scan_of = {future.key: spec.scan_id for future, spec in zip(futures, specs, strict=True)}
-    for finished, future in enumerate(as_completed(futures)):  # finished: results before this one
+    for finished, future in enumerate(_completed(as_completed(futures))):  # finished: results before it
         try:
             result = future.result()
         except Exception as err:  # the worker died (e.g. killed by the OOM killer) twice
