@@ -54,6 +54,7 @@ from store.errors import (
     one_line,
 )
 from store.format import IMAGE, MASK, ScanMeta, channel_array, validate_scan_id
+from store.interrupts import results_of
 from store.label_map import Decoded, merged
 from store.protocol import RegionRequest, RoiLike
 from store.scan_filters import matches
@@ -357,7 +358,7 @@ class HttpSource:
             out = self._post_batch(regions, merge, expected)
         else:
             post = functools.partial(self._post_batch, merge=merge, expected=expected)
-            results = list(self._executor().map(post, chunks))
+            results = results_of([self._executor().submit(post, chunk) for chunk in chunks])
             out = [arr for chunk in results for arr in chunk]
         self._counters.count_returned(out, started)
         return out

@@ -35,6 +35,7 @@ from loaders.scans import (
     take_mask_window,
 )
 from store.errors import RequestTooLarge
+from store.interrupts import wait_event
 from store.label_map import Decoded, LabelRegion
 
 BlockKey = tuple[int, int]  # (scan index, inner-chunk index along z)
@@ -164,7 +165,7 @@ class BlockBuffer:
         out = []
         for element, key in zip(elements, keys, strict=True):
             slot = slots[key]
-            slot.ready.wait()
+            wait_event(slot.ready)  # filled by another reader's thread; Ctrl-C between waits
             if slot.error is not None:
                 raise slot.error
             assert slot.arrays is not None

@@ -145,6 +145,12 @@ def _listed(scan_ids: Sequence[str], shown: int = 10) -> str:
     return "it has " + ", ".join(scan_ids[:shown]) + more
 
 
+def _remove_partials(out: Path, scan_id: str, probabilities: bool) -> None:
+    """The hidden files of a scan's export that was stopped (or killed) before its renames."""
+    for path in _paths(out, scan_id, probabilities):
+        _partial(path).unlink(missing_ok=True)
+
+
 def _paths(out: Path, scan_id: str, probabilities: bool) -> list[Path]:
     paths = [out / f"{scan_id}{LABEL_SUFFIX}", out / f"{scan_id}{SIDECAR_SUFFIX}"]
     return [*paths, out / f"{scan_id}{PROBABILITIES_SUFFIX}"] if probabilities else paths
@@ -285,9 +291,17 @@ def _to_source_order(nib: Any, scan_id: str, data: np.ndarray, geometry: _Geomet
     return np.ascontiguousarray(moved)
 
 
+def _partial(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place (hidden; nibabel picks the
+    format and compression by the name's ending, so .nii.gz stays last)."""
+    for suffix in (LABEL_SUFFIX, SIDECAR_SUFFIX):
+        if path.name.endswith(suffix):
+            return path.with_name(f".{path.name.removesuffix(suffix)}.partial{suffix}")
+    return path.with_name(f".{path.name}.partial")
+
+
 def _write_nifti(nib: Any, path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """``data`` with ``affine`` as sform and (where it can hold it exactly) qform, written to a
-    temporary name and renamed: an interrupted export never leaves a truncated file."""
+    """``data`` with ``affine`` as sform and (where it can hold it exactly) qform."""
     image = nib.Nifti1Image(data, affine)
     image.header.set_data_dtype(data.dtype)  # no scaling: the values are written as they are
     image.header.set_xyzt_units("mm")
@@ -295,10 +309,7 @@ def _write_nifti(nib: Any, path: Path, data: np.ndarray, affine: np.ndarray) -> 
     image.set_qform(affine, code="scanner")
     if not np.allclose(image.get_qform(), affine, rtol=0, atol=AFFINE_TOLERANCE):
         image.set_qform(None, code="unknown")  # a sheared affine: the sform alone holds it
-    # nibabel picks the format and compression by the name's ending: keep .nii.gz last
-    partial = path.with_name(f".{path.name.removesuffix(LABEL_SUFFIX)}.partial{LABEL_SUFFIX}")
-    nib.save(image, partial)
-    os.replace(partial, path)
+    nib.save(image, path)
 
 
 def _export_scan(
@@ -314,26 +325,33 @@ def _export_scan(
         raise ValueError(f"scan {scan_id!r}: its label map has values beyond its {len(table) - 1} categories")
     labels = _to_source_order(nib, scan_id, _full_grid(scan_id, table[stored], attrs, geometry), geometry)
     label_path, sidecar_path, *rest = _paths(out, scan_id, probabilities)
-    _write_nifti(nib, label_path, labels, geometry.source_affine)
-    probabilities_path = None
-    if probabilities:
-        probs = store.read(scan_id, PROBABILITIES, whole).astype(np.float32)
-        moved = _to_source_order(nib, scan_id, _full_grid(scan_id, probs, attrs, geometry), geometry)
-        probabilities_path = rest[0]
-        _write_nifti(nib, probabilities_path, moved, geometry.source_affine)
-    channels = attrs.get("channel_names")
-    sidecar = {
-        "scan_id": scan_id,
-        "label_map": label_path.name,
-        "labels": names,
-        "label_values": "source" if source_values else "categories",
-        "dice": _named_dice(attrs.get("dice"), list(names.values())[1:]),
-        "probabilities": None if probabilities_path is None else probabilities_path.name,
-        "channels": channels if isinstance(channels, list) else None,
-    }
-    partial = sidecar_path.with_name(f".{sidecar_path.name}.partial")
-    partial.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, sidecar_path)
+    probabilities_path = rest[0] if probabilities else None
+    # A scan's files are written under hidden names, then renamed, its label map last: an
+    # interrupted export leaves no truncated file, and a label map in OUT_DIR has its sidecar
+    # and probabilities beside it.
+    try:
+        _write_nifti(nib, _partial(label_path), labels, geometry.source_affine)
+        if probabilities_path is not None:
+            probs = store.read(scan_id, PROBABILITIES, whole).astype(np.float32)
+            moved = _to_source_order(nib, scan_id, _full_grid(scan_id, probs, attrs, geometry), geometry)
+            del probs
+            _write_nifti(nib, _partial(probabilities_path), moved, geometry.source_affine)
+            del moved
+        channels = attrs.get("channel_names")
+        sidecar = {
+            "scan_id": scan_id,
+            "label_map": label_path.name,
+            "labels": names,
+            "label_values": "source" if source_values else "categories",
+            "dice": _named_dice(attrs.get("dice"), list(names.values())[1:]),
+            "probabilities": None if probabilities_path is None else probabilities_path.name,
+            "channels": channels if isinstance(channels, list) else None,
+        }
+        _partial(sidecar_path).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+        for path in [p for p in (probabilities_path, sidecar_path) if p is not None] + [label_path]:
+            os.replace(_partial(path), path)
+    finally:
+        _remove_partials(out, scan_id, probabilities)
     return ExportedScan(scan_id, label_path, sidecar_path, probabilities_path)
 
 

@@ -38,6 +38,7 @@ from loaders.scans import ScanEntry, cut_window, read_in_slabs
 from loaders.stitching import Aggregator, windows_disjoint
 from store.errors import RequestTooLarge
 from store.format import IMAGE, MASK, image_arrays
+from store.interrupts import result_of
 from store.protocol import RegionRequest
 
 import_keras()  # chooses the backend before Keras' first import (loaders.backend)
@@ -234,12 +235,12 @@ def predict_scan(
                 pending.append((pool.submit(stitcher.add_batch, chunk, predictions), predictions.nbytes))
                 # the model runs ahead of stitching by at most PENDING_BYTES of predictions
                 while len(pending) > 1 and sum(n for _, n in pending) > PENDING_BYTES:
-                    pending.popleft()[0].result()  # also raises the stitching's errors here
+                    result_of(pending.popleft()[0])  # also raises the stitching's errors here
             else:
                 stitcher.add_batch(chunk, predictions)
             del predictions
         while pending:
-            pending.popleft()[0].result()
+            result_of(pending.popleft()[0])
     if stitcher.aggregator is None:
         raise ValueError(f"scan {scan.scan_id!r} has no elements to predict")
     return stitcher.aggregator.result()

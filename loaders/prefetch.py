@@ -21,6 +21,8 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+from store.interrupts import result_of
+
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
@@ -76,7 +78,7 @@ class Prefetcher(Generic[K, T]):
         start = time.perf_counter()
         try:
             if future is not None and not future.cancelled():
-                return future.result()
+                return result_of(future)  # a Ctrl-C waits for the wait's end (store.interrupts)
             return self._load(key)
         except BaseException:
             # the reads queued ahead would likely fail the same way, each after its own

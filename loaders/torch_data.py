@@ -235,6 +235,34 @@ def _leave_sigint_to_the_training_process() -> None:
     exited unexpectedly"); the DataLoader stops its workers itself (SIGTERM at exit)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _quiet_when_the_training_process_goes()
+
+
+def _quiet_when_the_training_process_goes() -> None:
+    """A batch's memory reaches the training process as a file descriptor that it fetches from
+    this worker's ``multiprocessing.resource_sharer`` thread. A training process stopped by
+    Ctrl-C in the middle of a fetch leaves that thread a broken connection, whose traceback it
+    prints (through ``sys.excepthook``) into the user's own Ctrl-C traceback. Only that one is
+    dropped: the thread serves on, and every other error is printed as before."""
+    previous = sys.excepthook
+    if getattr(previous, "quiet_resource_sharer", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, (ConnectionError, EOFError)) and _passes_through_resource_sharer(tb):
+            return
+        previous(kind, value, tb)
+
+    hook.quiet_resource_sharer = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def _passes_through_resource_sharer(tb: Any) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py")):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _refuse_classes_of_a_notebook(*objects: Any) -> None:

@@ -41,6 +41,7 @@ from service.profile_cli import add_profile_parser
 from service.scans_cli import add_scans_parser
 from service.version import package_version
 from store.errors import one_line
+from store.interrupts import interrupt_behind
 
 SAMPLE_DATA_STAMP = ".sample-data.json"  # what `scancache sample-data` wrote into its folder
 
@@ -392,6 +393,14 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _stopped(interrupt: KeyboardInterrupt) -> int:
+    if isinstance(interrupt, Terminated):
+        print("scancache: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a process stopped by it
+    print("scancache: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -405,12 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(args.func(args))
         sys.stdout.flush()  # a reader gone away is seen here, not in the interpreter's exit
         return code
-    except Terminated:
-        print("scancache: terminated", file=sys.stderr)
-        return 143  # 128 + SIGTERM, what a shell reports for a process stopped by it
-    except KeyboardInterrupt:
-        print("scancache: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        return _stopped(err)
     except SystemExit:
         raise
     except BrokenPipeError:
@@ -420,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except Exception as err:
+        behind = interrupt_behind(err)  # a C extension stopped while it loaded: ImportError
+        if behind is not None:
+            return _stopped(behind)
         if args.debug:
             traceback.print_exc()
         message = one_line(err)

@@ -30,13 +30,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
-from service import interrupts
 from service.cluster_watch import SchedulerLost, is_scheduler_lost, scheduler_lost, warn_without_workers
 from service.job_summary import CONVERTED, FAILED, SKIPPED, ScanResult, Summary
 from service.nnunet_dataset import NIFTI_KIND
 from service.scan_task import convert_scan
 from service.sources import ScanOptions, ScanSpec, discover
-from store import publish
+from store import interrupts, publish
 from store.errors import one_line
 from store.format import ChunkLayout
 from store.inventory import ensure_store
@@ -97,8 +96,9 @@ def dask_client(
 def _workers_ignore_sigint() -> Iterator[None]:
     """Ctrl-C reaches every process of the terminal's group: the local cluster's worker
     processes would each print a KeyboardInterrupt traceback. They start with SIGINT ignored
-    (an ignored signal is inherited across exec); this process, which stops them, takes it
-    again at once."""
+    (an ignored signal is inherited across exec; a blocked one is not: multiprocessing's spawn
+    starts its children with an empty mask), and this process, which stops them, takes it again
+    at once. A Ctrl-C while they start is lost: the next one stops the job."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -257,7 +257,7 @@ def _convert_all(
     on_result: Callable[[ScanResult], None] | None,
     dashboard: str | None = None,
 ) -> None:
-    # Ctrl-C and SIGTERM are acted on where the job waits (service.interrupts says why)
+    # Ctrl-C and SIGTERM are acted on where the job waits (store.interrupts says why)
     with interrupts.deferred(), dask_client(scheduler, workers, len(specs), dashboard) as client:
         if progress:
             n = len(client.scheduler_info()["workers"])
@@ -328,7 +328,7 @@ def _run_on_workers(client: Any, function: Callable[[], object]) -> None:
 
 def _completed(futures: Any, poll_s: float = 0.05) -> Iterator[Any]:
     """The futures of a ``distributed.as_completed`` as they finish, a deferred Ctrl-C or
-    SIGTERM acted on while none is ready (``service.interrupts``)."""
+    SIGTERM acted on while none is ready (``store.interrupts``)."""
     while True:
         batch = futures.next_batch(block=False)
         if batch:
@@ -338,6 +338,18 @@ def _completed(futures: Any, poll_s: float = 0.05) -> Iterator[Any]:
         else:
             interrupts.check()
             time.sleep(poll_s)
+
+
+def _result_of(future: Any, poll_s: float = 0.5) -> Any:
+    """A finished future's result, which Dask may still have to compute again (its worker died
+    after it finished): a deferred Ctrl-C or SIGTERM is acted on meanwhile."""
+    while True:
+        try:
+            return future.result(timeout=poll_s)
+        except TimeoutError:
+            if future.status in ("error", "cancelled"):  # the task's own TimeoutError
+                raise
+            interrupts.check()
 
 
 def _run_graph(
@@ -362,7 +374,7 @@ def _run_graph(
     scan_of = {future.key: spec.scan_id for future, spec in zip(futures, specs, strict=True)}
     for finished, future in enumerate(_completed(as_completed(futures))):  # finished: results before it
         try:
-            result = future.result()
+            result = _result_of(future)
         except Exception as err:  # the worker died (e.g. killed by the OOM killer) twice
             if is_scheduler_lost(err, client):  # every future is cancelled: one line, not one per scan
                 raise scheduler_lost(scheduler, finished, len(specs) - finished) from None

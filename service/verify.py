@@ -22,6 +22,7 @@ from service.slice_files import LoadedScan, load_scan
 from service.sources import ScanSpec, discover
 from store.errors import SourceError, one_line
 from store.format import IMAGE, MASK, channel_dtype, extra_channel_arrays
+from store.interrupts import interrupt_behind
 from store.inventory import check_store, manifest_mismatch, published_scan_ids
 from store.publish import unlinked_folder
 from store.storage import Storage, is_s3_url
@@ -136,6 +137,8 @@ def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
     except SourceError as err:
         return VerifyLine(spec.scan_id, FAILED, f"{err.file}: {err.why}")
     except Exception as err:  # MemoryError and the like: this scan is bad, the run goes on
+        if interrupt_behind(err) is not None:  # Ctrl-C while a C extension loaded: no bad scan
+            raise
         why = f"cannot read the scan: {type(err).__name__}: {one_line(err, 200)}"
         return VerifyLine(spec.scan_id, FAILED, f"{spec.image_files[0]}: {why}")
     version = store.current_version(spec.scan_id)
@@ -162,6 +165,8 @@ def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
     try:
         return _compare_arrays(store, folder, spec, source, attrs)
     except Exception as err:  # a shard that does not decode: damaged after publication
+        if interrupt_behind(err) is not None:  # Ctrl-C while tensorstore loaded: no damage
+            raise
         why = one_line(err, 200)
         return VerifyLine(spec.scan_id, TORN, f"unreadable: {type(err).__name__}: {why}")
 

@@ -217,6 +217,42 @@ def test_export_is_the_source_grid_with_source_values(nifti_store, nifti_predict
         assert sidecar["probabilities"] == f"{scan_id}_probabilities.nii.gz"
 
 
+def test_an_export_stopped_in_a_scan_leaves_none_of_its_files(nifti_predictions, tmp_path, monkeypatch):
+    """Ctrl-C while a scan's probabilities are written: the scans before it are whole, and of
+    that scan nothing is in OUT_DIR, neither a label map without its sidecar nor a hidden
+    partial file; the same export run again completes."""
+    import loaders.export as export
+
+    pred, _ = nifti_predictions
+    out = tmp_path / "out"
+    written = export._write_nifti
+    calls = []
+
+    def stopped_at_the_fourth_file(nib_module, path, data, affine):
+        calls.append(path.name)
+        written(nib_module, path, data, affine)
+        if len(calls) == 4:  # case_002's probabilities, on disk under their hidden name
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_write_nifti", stopped_at_the_fourth_file)
+    with pytest.raises(KeyboardInterrupt):
+        export_nifti(pred, out, probabilities=True, progress=False)
+    assert calls[2:] == [".case_002.partial.nii.gz", ".case_002_probabilities.partial.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "case_001.json",
+        "case_001.nii.gz",
+        "case_001_probabilities.nii.gz",
+    ]
+    monkeypatch.setattr(export, "_write_nifti", written)
+    done = export_nifti(pred, out, scans=["case_002"], probabilities=True, progress=False)
+    assert [d.scan_id for d in done] == ["case_002"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("case_002")) == [
+        "case_002.json",
+        "case_002.nii.gz",
+        "case_002_probabilities.nii.gz",
+    ]
+
+
 def test_exported_and_stored_describe_the_same_world(nifti_predictions, tmp_path):
     """Every exported voxel, mapped through source_affine to mm and back through the stored
     affine, lands on the stored voxel with the same label (numpy only)."""

@@ -7,10 +7,11 @@ import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from service import interrupts
+from store import interrupts
 
 
 class Stop(BaseException):
@@ -42,10 +43,9 @@ def test_a_signal_waits_for_check_and_then_acts_as_the_handler_before(raising_si
 
 def test_a_signal_never_checked_acts_when_the_block_ends(raising_sigterm):
     reached_end_of_block = False
-    with pytest.raises(Stop):
-        with interrupts.deferred():
-            os.kill(os.getpid(), signal.SIGTERM)
-            reached_end_of_block = True
+    with pytest.raises(Stop), interrupts.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        reached_end_of_block = True
     assert reached_end_of_block
     assert signal.getsignal(signal.SIGTERM) is raising_sigterm
 
@@ -89,13 +89,137 @@ def test_in_another_thread_the_block_is_plain():
 def test_a_default_sigterm_still_stops_the_process_after_the_block():
     """With no handler of Python's (SIG_DFL), the deferred SIGTERM does what it would have done."""
     code = (
-        "import os, signal; from service import interrupts\n"
+        "import os, signal; from store import interrupts\n"
         "with interrupts.deferred():\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    print('still running', flush=True)\n"
         "print('not reached', flush=True)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
+    )
     assert result.returncode == -signal.SIGTERM
     assert result.stdout == "still running\n"
+
+
+def test_a_wait_on_another_thread_takes_ctrl_c_between_waits_and_the_thread_finishes():
+    """The main thread waiting on a read-ahead future: Ctrl-C raises there, never inside the
+    future's lock, so the thread that completes it is not blocked (the pool shuts down)."""
+    gate = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(gate.wait, 30)
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.result_of(future)
+        gate.set()
+        assert future.result(timeout=10) is True
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_future_that_itself_timed_out_raises_its_error():
+    def late():
+        raise TimeoutError("the server did not answer in 5 s")
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(late)
+        with pytest.raises(TimeoutError, match="did not answer"):
+            interrupts.result_of(future)
+
+
+def test_results_in_order_and_the_rest_cancelled_when_one_fails():
+    gate = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        assert interrupts.results_of([pool.submit(pow, 2, n) for n in range(4)]) == [1, 2, 4, 8]
+        busy = pool.submit(gate.wait, 30)  # the pool's one thread, until the end
+        never = pool.submit(pow, 2, 10)  # queued behind it
+        failed: Future[int] = Future()
+        failed.set_exception(ValueError("bad region"))
+        with pytest.raises(ValueError, match="bad region"):
+            interrupts.results_of([failed, never])
+        gate.set()
+        assert busy.result(timeout=10) is True
+        assert never.cancelled()
+
+
+def test_an_event_wait_takes_ctrl_c_between_waits():
+    event = threading.Event()
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.wait_event(event)
+    threading.Timer(0.05, event.set).start()
+    interrupts.wait_event(event)
+
+
+def test_the_interrupt_behind_an_error_is_found_through_its_causes():
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ImportError("initialization failed") from stop
+    except ImportError as err:
+        assert isinstance(interrupts.interrupt_behind(err), KeyboardInterrupt)
+    try:
+        try:
+            raise OSError("disk full")
+        except OSError:
+            raise ValueError("bad scan")  # noqa: B904 (an implicit context)
+    except ValueError as err:
+        assert interrupts.interrupt_behind(err) is None
+
+
+def test_ctrl_c_while_verify_loads_tensorstore_is_an_interruption_not_a_torn_scan(
+    tmp_path, monkeypatch, capsys
+):
+    """A C extension stopped by Ctrl-C while it loads raises ImportError from it: verify used to
+    report the scan TORN (and the next import aborted the process); it is an interruption."""
+    from h5_sources import run_cli
+
+    import service.verify as verify
+    from service.cli import main
+    from service.sample_data import write_sample_data
+
+    source, store = tmp_path / "source", tmp_path / "store"
+    write_sample_data(source, subjects=2, visits=1, shape=(16, 16, 4), num_classes=2, seed=1)
+    assert run_cli("preprocess", source, store, "--workers", "1", "-q").returncode == 0
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ImportError("initialization failed") from stop
+
+    monkeypatch.setattr(verify, "_read_array", interrupted_import)
+    assert main(["verify", str(source), str(store)]) == 130
+    out, err = capsys.readouterr()
+    assert "TORN" not in out and err.strip().splitlines()[-1] == "scancache: interrupted", (out, err)
+
+
+_SHARER_SCRIPT = """
+import os, socket, sys, time
+from multiprocessing import resource_sharer
+from multiprocessing.reduction import DupFd
+if sys.argv[1] == "quiet":
+    from loaders.torch_data import _quiet_when_the_training_process_goes
+    _quiet_when_the_training_process_goes()
+r, w = os.pipe()
+shared = DupFd(r)  # as a worker sends a batch's memory: the sharer's thread starts
+# the training process, stopped by Ctrl-C mid-fetch, drops its connection
+client = socket.socket(socket.AF_UNIX)
+client.connect(resource_sharer._resource_sharer._address)
+client.close()
+time.sleep(1.0)
+sys.excepthook(ValueError, ValueError("any other error"), None)
+"""
+
+
+@pytest.mark.parametrize("hook", ["quiet", "plain"])
+def test_a_torch_worker_drops_the_traceback_of_a_fetch_cut_by_ctrl_c_and_no_other(hook):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", _SHARER_SCRIPT, hook], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "ValueError: any other error", result.stderr
+    cut = "resource_sharer.py" in result.stderr
+    assert cut == (hook == "plain"), result.stderr  # without the hook, the sharer's traceback shows

@@ -1,0 +1,134 @@
+"""Ctrl-C and SIGTERM while the main thread waits on another thread: acted on between waits,
+never inside one.
+
+A signal handler that raises (Python's KeyboardInterrupt, the CLI's ``Terminated``) runs at
+whatever bytecode the main thread is at, including inside ``threading.Condition.__enter__``
+just after its lock was taken and before the ``with`` block that would release it. A thread
+that takes the same lock later (a read-ahead thread finishing its future, Dask's event loop
+notifying ``as_completed``) then blocks for ever, and the process hangs on its way out: seen
+in CI, a preprocessing job sent SIGTERM did not exit in 60 s, its store still locked; a
+read-ahead loader interrupted there raised "cannot release un-acquired lock".
+
+Inside ``deferred()`` those signals are only recorded; ``check()``, called where the thread
+waits, acts on them as the handlers in place before would have. A second signal of a kind acts
+at once, so a process stuck in one long call still stops when asked again. ``result_of`` and
+``wait_event`` are the waits of the main thread on other threads, done that way.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+POLL_S = 0.05  # how soon a deferred signal is acted on while a wait goes on
+
+
+class _Deferral:
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        self.pending: list[int] = []
+
+    def record(self, signum: int, frame: FrameType | None) -> None:
+        if signum in self.pending:  # asked again: the user means it, whatever is running
+            self.pending.remove(signum)
+            self.act(signum, frame)
+        else:
+            self.pending.append(signum)
+
+    def act(self, signum: int, frame: FrameType | None) -> None:
+        handler = self.previous.get(signum, signal.SIG_DFL)
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:  # what the signal would have done: stop the process
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+
+_active: list[_Deferral] = []
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Within the block, Ctrl-C and SIGTERM wait for ``check()`` (or the block's end). Outside
+    the main thread (where handlers cannot be set) a plain block; a signal whose handler was
+    not set from Python (torch sets SIGTERM's in its workers) is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    deferral = _Deferral()
+    for stop in STOP_SIGNALS:
+        if signal.getsignal(stop) is not None:  # None: a C handler, which could not be restored
+            deferral.previous[stop] = signal.signal(stop, deferral.record)
+    _active.append(deferral)
+    try:
+        yield
+    finally:
+        _active.remove(deferral)
+        for signum, handler in deferral.previous.items():
+            signal.signal(signum, handler)
+        if deferral.pending:
+            deferral.act(deferral.pending.pop(0), None)
+
+
+def check() -> None:
+    """Act on a signal recorded by the innermost ``deferred()`` block (raises, as its handler
+    does); nothing outside one."""
+    if _active and _active[-1].pending:
+        deferral = _active[-1]
+        deferral.act(deferral.pending.pop(0), None)
+
+
+def result_of(future: Future[T]) -> T:
+    """``future.result()``, Ctrl-C and SIGTERM acted on between waits of ``POLL_S``."""
+    if threading.current_thread() is not threading.main_thread():
+        return future.result()
+    with deferred():
+        while True:
+            try:
+                return future.result(timeout=POLL_S)
+            except TimeoutError:
+                if future.done():  # the work itself raised TimeoutError (a read's deadline)
+                    raise
+            check()
+
+
+def results_of(futures: list[Future[T]]) -> list[T]:
+    """Each future's result in order, as ``Executor.map`` gives them (those not started are
+    cancelled when one fails), Ctrl-C and SIGTERM acted on between waits."""
+    try:
+        return [result_of(future) for future in futures]
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def wait_event(event: threading.Event) -> None:
+    """``event.wait()``, Ctrl-C and SIGTERM acted on between waits of ``POLL_S``."""
+    if threading.current_thread() is not threading.main_thread():
+        event.wait()
+        return
+    with deferred():
+        while not event.wait(POLL_S):
+            check()
+
+
+def interrupt_behind(err: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM) that ``err`` was raised while handling, if any: a C extension
+    interrupted while it loads raises ``ImportError`` from it, which is no failure of the
+    work (nor damage in what was being read)."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
