@@ -112,6 +112,8 @@ def results_of(futures: list[Future[T]]) -> list[T]:
 
 def wait_event(event: threading.Event) -> None:
     """``event.wait()``, Ctrl-C and SIGTERM acted on between waits of ``POLL_S``."""
+    if event.is_set():  # a plain read of its flag: no lock to leave taken
+        return
     if threading.current_thread() is not threading.main_thread():
         event.wait()
         return
