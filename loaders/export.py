@@ -145,9 +145,10 @@ def _listed(scan_ids: Sequence[str], shown: int = 10) -> str:
     return "it has " + ", ".join(scan_ids[:shown]) + more
 
 
-def _remove_partials(out: Path, scan_id: str, probabilities: bool) -> None:
-    """The hidden files of a scan's export that was stopped (or killed) before its renames."""
-    for path in _paths(out, scan_id, probabilities):
+def _remove_partials(out: Path, scan_id: str) -> None:
+    """The hidden files of a scan's export that was stopped (or killed) before its renames,
+    probabilities included whether or not this export writes them."""
+    for path in _paths(out, scan_id, probabilities=True):
         _partial(path).unlink(missing_ok=True)
 
 
@@ -348,10 +349,12 @@ def _export_scan(
             "channels": channels if isinstance(channels, list) else None,
         }
         _partial(sidecar_path).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+        # (stopped between these renames, a scan has its sidecar without its label map, and
+        # the export run again asks for --overwrite)
         for path in [p for p in (probabilities_path, sidecar_path) if p is not None] + [label_path]:
             os.replace(_partial(path), path)
     finally:
-        _remove_partials(out, scan_id, probabilities)
+        _remove_partials(out, scan_id)
     return ExportedScan(scan_id, label_path, sidecar_path, probabilities_path)
 
 

@@ -347,8 +347,8 @@ def _result_of(future: Any, poll_s: float = 0.5) -> Any:
         try:
             return future.result(timeout=poll_s)
         except TimeoutError:
-            if future.status in ("error", "cancelled"):  # the task's own TimeoutError
-                raise
+            if future.done():  # it ended meanwhile, or the task itself timed out
+                return future.result()
             interrupts.check()
 
 

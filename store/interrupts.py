@@ -37,19 +37,17 @@ class _Deferral:
         self.pending: list[int] = []
 
     def record(self, signum: int, frame: FrameType | None) -> None:
-        if signum in self.pending:  # asked again: the user means it, whatever is running
-            self.pending.remove(signum)
+        if self not in _active or signum in self.pending:
+            # the block has ended (a signal between two restores) or the user asked again:
+            # act at once, whatever is running
+            if signum in self.pending:
+                self.pending.remove(signum)
             self.act(signum, frame)
         else:
             self.pending.append(signum)
 
     def act(self, signum: int, frame: FrameType | None) -> None:
-        handler = self.previous.get(signum, signal.SIG_DFL)
-        if callable(handler):
-            handler(signum, frame)
-        elif handler == signal.SIG_DFL:  # what the signal would have done: stop the process
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
+        self.previous[signum](signum, frame)
 
 
 _active: list[_Deferral] = []
@@ -57,18 +55,21 @@ _active: list[_Deferral] = []
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Within the block, Ctrl-C and SIGTERM wait for ``check()`` (or the block's end). Outside
-    the main thread (where handlers cannot be set) a plain block; a signal whose handler was
-    not set from Python (torch sets SIGTERM's in its workers) is left alone."""
-    if threading.current_thread() is not threading.main_thread():
+    """Within the block, Ctrl-C and SIGTERM wait for ``check()`` (or the block's end). Only
+    handlers written in Python are deferred: with the default action, an ignored signal or a
+    handler set from C (torch's SIGTERM in its workers, which ``getsignal`` shows as the
+    default) no Python code runs in the main thread, so nothing is left locked, and they are left
+    alone. Outside the main thread (where handlers cannot be set), and inside another block
+    (whose ``check()`` then acts), a plain block."""
+    if threading.current_thread() is not threading.main_thread() or _active:
         yield
         return
     deferral = _Deferral()
-    for stop in STOP_SIGNALS:
-        if signal.getsignal(stop) is not None:  # None: a C handler, which could not be restored
-            deferral.previous[stop] = signal.signal(stop, deferral.record)
     _active.append(deferral)
     try:
+        for stop in STOP_SIGNALS:
+            if callable(signal.getsignal(stop)):
+                deferral.previous[stop] = signal.signal(stop, deferral.record)
         yield
     finally:
         _active.remove(deferral)
@@ -79,7 +80,7 @@ def deferred() -> Iterator[None]:
 
 
 def check() -> None:
-    """Act on a signal recorded by the innermost ``deferred()`` block (raises, as its handler
+    """Act on a signal recorded by the active ``deferred()`` block (raises, as its handler
     does); nothing outside one."""
     if _active and _active[-1].pending:
         deferral = _active[-1]
@@ -95,8 +96,8 @@ def result_of(future: Future[T]) -> T:
             try:
                 return future.result(timeout=POLL_S)
             except TimeoutError:
-                if future.done():  # the work itself raised TimeoutError (a read's deadline)
-                    raise
+                if future.done():  # it ended meanwhile, or the work itself timed out
+                    return future.result()
             check()
 
 

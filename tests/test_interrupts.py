@@ -86,21 +86,65 @@ def test_in_another_thread_the_block_is_plain():
     assert seen == [before]
 
 
-def test_a_default_sigterm_still_stops_the_process_after_the_block():
-    """With no handler of Python's (SIG_DFL), the deferred SIGTERM does what it would have done."""
+def test_the_default_action_and_an_ignored_signal_are_left_alone():
+    """No Python code runs for them in the main thread, so nothing can be left locked: SIGTERM
+    with its default action stops the process at once, an ignored SIGINT stays ignored (and so
+    inherited by processes started in the block)."""
     code = (
         "import os, signal; from store import interrupts\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
         "with interrupts.deferred():\n"
+        "    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    print('ignored', flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    print('still running', flush=True)\n"
-        "print('not reached', flush=True)\n"
+        "    print('not reached', flush=True)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
     )
-    assert result.returncode == -signal.SIGTERM
-    assert result.stdout == "still running\n"
+    assert result.returncode == -signal.SIGTERM, result.stderr
+    assert result.stdout == "ignored\n"
+
+
+def test_torch_workers_keep_the_sigterm_handler_torch_set_from_c():
+    pytest.importorskip("torch")
+    code = (
+        "import os, signal, time\n"
+        "from concurrent.futures import Future\n"
+        "from torch.utils.data._utils.signal_handling import _set_worker_signal_handlers\n"
+        "from store import interrupts\n"
+        "_set_worker_signal_handlers()\n"
+        "done = Future(); done.set_result(1)\n"
+        "interrupts.result_of(done)  # what a worker's read-ahead does per batch\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5)\n"
+        "print('SIGTERM did nothing', flush=True)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
+    )
+    # torch's handler (it re-raises SIGTERM with the default action) is still in place
+    assert result.returncode == -signal.SIGTERM and "did nothing" not in result.stdout, result
+
+
+def test_an_inner_block_leaves_the_signal_to_the_outer_blocks_check(raising_sigterm):
+    with interrupts.deferred():
+        with interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            with pytest.raises(Stop):
+                interrupts.check()
+        interrupts.check()
+
+
+def test_a_signal_after_its_block_ended_acts_at_once(raising_sigterm):
+    """A signal landing between the restores at a block's end reaches its handler then."""
+    with interrupts.deferred():
+        recorder = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stop):
+        recorder(signal.SIGTERM, None)
 
 
 def test_a_wait_on_another_thread_takes_ctrl_c_between_waits_and_the_thread_finishes():
@@ -115,6 +159,40 @@ def test_a_wait_on_another_thread_takes_ctrl_c_between_waits_and_the_thread_fini
         gate.set()
         assert future.result(timeout=10) is True
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class _CtrlCInEnter(threading.Condition):
+    """A future's condition where Ctrl-C lands the moment its lock is taken in the main thread,
+    before the ``with`` block that would release it: the window CPython leaves open."""
+
+    fired = False
+
+    def __enter__(self):
+        taken = super().__enter__()
+        if not self.fired and threading.current_thread() is threading.main_thread():
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return taken
+
+
+@pytest.mark.parametrize("wait", ["result_of", "plain"])
+def test_ctrl_c_as_a_wait_takes_the_futures_lock_leaves_it_free(wait):
+    """The thread that completes the future must still take its lock: a plain wait leaks it
+    (that thread, and the process's exit, then hang); result_of does not."""
+    gate = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(gate.wait, 30)
+    future._condition = _CtrlCInEnter()
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.result_of(future) if wait == "result_of" else future.result()
+    gate.set()
+    completed = threading.Event()
+    threading.Thread(target=lambda: (future.exception(), completed.set()), daemon=True).start()
+    assert completed.wait(5) == (wait == "result_of")
+    if wait == "plain":
+        future._condition.release()  # the leaked lock (the main thread's): the pool's thread goes on
+        assert completed.wait(5)
+    pool.shutdown()
 
 
 def test_a_future_that_itself_timed_out_raises_its_error():
