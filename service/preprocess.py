@@ -340,18 +340,6 @@ def _completed(futures: Any, poll_s: float = 0.05) -> Iterator[Any]:
             time.sleep(poll_s)
 
 
-def _result_of(future: Any, poll_s: float = 0.5) -> Any:
-    """A finished future's result, which Dask may still have to compute again (its worker died
-    after it finished): a deferred Ctrl-C or SIGTERM is acted on meanwhile."""
-    while True:
-        try:
-            return future.result(timeout=poll_s)
-        except TimeoutError:
-            if future.done():  # it ended meanwhile, or the task itself timed out
-                return future.result()
-            interrupts.check()
-
-
 def _run_graph(
     client: Any,
     specs: list[ScanSpec],
@@ -374,7 +362,8 @@ def _run_graph(
     scan_of = {future.key: spec.scan_id for future, spec in zip(futures, specs, strict=True)}
     for finished, future in enumerate(_completed(as_completed(futures))):  # finished: results before it
         try:
-            result = _result_of(future)
+            # done, but Dask may compute it again (its worker died after): Ctrl-C acted on meanwhile
+            result = interrupts.result_of(future)
         except Exception as err:  # the worker died (e.g. killed by the OOM killer) twice
             if is_scheduler_lost(err, client):  # every future is cancelled: one line, not one per scan
                 raise scheduler_lost(scheduler, finished, len(specs) - finished) from None

@@ -88,7 +88,9 @@ def check() -> None:
 
 
 def result_of(future: Future[T]) -> T:
-    """``future.result()``, Ctrl-C and SIGTERM acted on between waits of ``POLL_S``."""
+    """``future.result()``, Ctrl-C and SIGTERM acted on between waits of ``POLL_S`` (a
+    ``concurrent.futures`` future, or any with the same ``result(timeout)`` and ``done()``,
+    such as Dask's)."""
     if threading.current_thread() is not threading.main_thread():
         return future.result()
     with deferred():

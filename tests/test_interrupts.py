@@ -1,4 +1,4 @@
-"""Signals deferred while the job talks to Dask: acted on at check(), at once when sent twice."""
+"""Ctrl-C and SIGTERM deferred while the main thread waits on other threads (store.interrupts)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 
 from store import interrupts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Stop(BaseException):
@@ -100,34 +102,37 @@ def test_the_default_action_and_an_ignored_signal_are_left_alone():
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    print('not reached', flush=True)\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
     assert result.returncode == -signal.SIGTERM, result.stderr
     assert result.stdout == "ignored\n"
 
 
 def test_torch_workers_keep_the_sigterm_handler_torch_set_from_c():
+    """torch's C handler ends a worker quietly (exit 0) on its parent's SIGTERM; the read-ahead's
+    waits must not replace it with the default action (death by SIGTERM)."""
     pytest.importorskip("torch")
     code = (
-        "import os, signal, time\n"
+        "import sys, time\n"
         "from concurrent.futures import Future\n"
         "from torch.utils.data._utils.signal_handling import _set_worker_signal_handlers\n"
         "from store import interrupts\n"
         "_set_worker_signal_handlers()\n"
         "done = Future(); done.set_result(1)\n"
         "interrupts.result_of(done)  # what a worker's read-ahead does per batch\n"
-        "os.kill(os.getpid(), signal.SIGTERM)\n"
-        "time.sleep(5)\n"
-        "print('SIGTERM did nothing', flush=True)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
-    )
-    # torch's handler (it re-raises SIGTERM with the default action) is still in place
-    assert result.returncode == -signal.SIGTERM and "did nothing" not in result.stdout, result
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)  # from its parent, as the DataLoader stops its workers
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def test_an_inner_block_leaves_the_signal_to_the_outer_blocks_check(raising_sigterm):
@@ -293,9 +298,8 @@ sys.excepthook(ValueError, ValueError("any other error"), None)
 
 @pytest.mark.parametrize("hook", ["quiet", "plain"])
 def test_a_torch_worker_drops_the_traceback_of_a_fetch_cut_by_ctrl_c_and_no_other(hook):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [sys.executable, "-c", _SHARER_SCRIPT, hook], capture_output=True, text=True, cwd=root, timeout=120
+        [sys.executable, "-c", _SHARER_SCRIPT, hook], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "ValueError: any other error", result.stderr
