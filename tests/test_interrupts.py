@@ -16,6 +16,15 @@ from store import interrupts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_a_terminal_has_it():
+    """Python's Ctrl-C handler, as in a terminal or a kernel: a job started in the background
+    by a shell (CI) inherits SIGINT ignored, and Python then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class Stop(BaseException):
     pass
 
