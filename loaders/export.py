@@ -295,10 +295,8 @@ def _to_source_order(nib: Any, scan_id: str, data: np.ndarray, geometry: _Geomet
 def _partial(path: Path) -> Path:
     """Where ``path`` is written before it is renamed into place (hidden; nibabel picks the
     format and compression by the name's ending, so .nii.gz stays last)."""
-    for suffix in (LABEL_SUFFIX, SIDECAR_SUFFIX):
-        if path.name.endswith(suffix):
-            return path.with_name(f".{path.name.removesuffix(suffix)}.partial{suffix}")
-    return path.with_name(f".{path.name}.partial")
+    suffix = LABEL_SUFFIX if path.name.endswith(LABEL_SUFFIX) else SIDECAR_SUFFIX  # (probabilities too)
+    return path.with_name(f".{path.name.removesuffix(suffix)}.partial{suffix}")
 
 
 def _write_nifti(nib: Any, path: Path, data: np.ndarray, affine: np.ndarray) -> None:

@@ -326,7 +326,7 @@ def _run_on_workers(client: Any, function: Callable[[], object]) -> None:
         pass
 
 
-def _completed(futures: Any, poll_s: float = 0.05) -> Iterator[Any]:
+def _completed(futures: Any, poll_s: float = interrupts.POLL_S) -> Iterator[Any]:
     """The futures of a ``distributed.as_completed`` as they finish, a deferred Ctrl-C or
     SIGTERM acted on while none is ready (``store.interrupts``)."""
     while True:

@@ -37,7 +37,7 @@ class _Deferral:
         self.pending: list[int] = []
 
     def record(self, signum: int, frame: FrameType | None) -> None:
-        if self not in _active or signum in self.pending:
+        if _active is not self or signum in self.pending:
             # the block has ended (a signal between two restores) or the user asked again:
             # act at once, whatever is running
             if signum in self.pending:
@@ -50,7 +50,7 @@ class _Deferral:
         self.previous[signum](signum, frame)
 
 
-_active: list[_Deferral] = []
+_active: _Deferral | None = None  # one at most: a block inside another is plain
 
 
 @contextmanager
@@ -61,18 +61,18 @@ def deferred() -> Iterator[None]:
     default) no Python code runs in the main thread, so nothing is left locked, and they are left
     alone. Outside the main thread (where handlers cannot be set), and inside another block
     (whose ``check()`` then acts), a plain block."""
-    if threading.current_thread() is not threading.main_thread() or _active:
+    global _active
+    if threading.current_thread() is not threading.main_thread() or _active is not None:
         yield
         return
-    deferral = _Deferral()
-    _active.append(deferral)
+    deferral = _active = _Deferral()
     try:
         for stop in STOP_SIGNALS:
             if callable(signal.getsignal(stop)):
                 deferral.previous[stop] = signal.signal(stop, deferral.record)
         yield
     finally:
-        _active.remove(deferral)
+        _active = None
         for signum, handler in deferral.previous.items():
             signal.signal(signum, handler)
         if deferral.pending:
@@ -82,9 +82,8 @@ def deferred() -> Iterator[None]:
 def check() -> None:
     """Act on a signal recorded by the active ``deferred()`` block (raises, as its handler
     does); nothing outside one."""
-    if _active and _active[-1].pending:
-        deferral = _active[-1]
-        deferral.act(deferral.pending.pop(0), None)
+    if _active is not None and _active.pending:
+        _active.act(_active.pending.pop(0), None)
 
 
 def result_of(future: Future[T]) -> T:
