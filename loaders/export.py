@@ -73,7 +73,7 @@ def export_nifti(
 ) -> list[ExportedScan]:
     """Export the predictions of ``scans`` (default: every scan with one) into ``out_dir``.
 
-    Refuses, before writing anything, an unknown scan and files already in ``out_dir`` (unless
+    Refuses, before writing anything, an unknown scan and scans already in ``out_dir`` (unless
     ``overwrite``). ``scan_store`` (a store folder, a server URL or a ``ScanSource``) supplies
     the geometry of predictions that record none. ``progress`` (default: on a terminal or in a
     notebook) shows a bar of scans on stderr (``store.progress``)."""
@@ -98,9 +98,12 @@ def export_nifti(
         raise ValueError(f"{out}: is a file; choose a folder")
     if not overwrite:
         for scan_id in wanted:
-            for path in _paths(out, scan_id, probabilities):
-                if path.exists():
-                    raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+            # a scan is exported once its label map is there (renamed last): a sidecar or
+            # probabilities without it are what an export stopped between renames left, replaced
+            # without asking
+            label_path = _paths(out, scan_id, probabilities)[0]
+            if label_path.exists():
+                raise FileExistsError(f"{label_path} exists; pass --overwrite (overwrite=True) to replace it")
     source = _open_scan_store(scan_store)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -347,8 +350,8 @@ def _export_scan(
             "channels": channels if isinstance(channels, list) else None,
         }
         _partial(sidecar_path).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-        # (stopped between these renames, a scan has its sidecar without its label map, and
-        # the export run again asks for --overwrite)
+        # (stopped between these renames, a scan has its sidecar without its label map: not
+        # exported, so the export run again replaces it)
         for path in [p for p in (probabilities_path, sidecar_path) if p is not None] + [label_path]:
             os.replace(_partial(path), path)
     finally:

@@ -10,7 +10,9 @@ the exported files are read back with nibabel and compared exactly with the sour
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import httpx
 import nibabel as nib
@@ -251,6 +253,43 @@ def test_an_export_stopped_in_a_scan_leaves_none_of_its_files(nifti_predictions,
         "case_002.nii.gz",
         "case_002_probabilities.nii.gz",
     ]
+
+
+def test_an_export_stopped_between_renames_is_completed_without_overwrite(
+    nifti_predictions, tmp_path, monkeypatch
+):
+    """Stopped after a scan's sidecar was renamed into place and before its label map: the scan
+    is not exported (no label map), so the same export run again writes it, without asking for
+    --overwrite; a scan whose label map is there is still refused."""
+    import loaders.export as export
+
+    pred, _ = nifti_predictions
+    out = tmp_path / "out"
+    renamed = []
+    real_replace = os.replace
+
+    def stopped_before_the_label_map(src, dst):
+        if str(dst).endswith("case_002.nii.gz"):
+            raise KeyboardInterrupt
+        renamed.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", stopped_before_the_label_map)
+    with pytest.raises(KeyboardInterrupt):
+        export_nifti(pred, out, progress=False)
+    assert "case_002.json" in renamed and not (out / "case_002.nii.gz").exists()
+    assert not [p.name for p in out.iterdir() if ".partial" in p.name]
+    monkeypatch.setattr(export.os, "replace", real_replace)
+    with pytest.raises(FileExistsError, match="case_001.nii.gz exists"):
+        export_nifti(pred, out, progress=False)
+    done = export_nifti(pred, out, scans=["case_002"], progress=False)
+    assert [d.scan_id for d in done] == ["case_002"]
+    sidecar = json.loads((out / "case_002.json").read_text())
+    assert sidecar["label_map"] == "case_002.nii.gz"
+    clean = tmp_path / "clean"  # the same scan exported in one go
+    export_nifti(pred, clean, scans=["case_002"], progress=False)
+    for name in ("case_002.nii.gz", "case_002.json"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes()
 
 
 def test_exported_and_stored_describe_the_same_world(nifti_predictions, tmp_path):
