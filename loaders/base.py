@@ -34,6 +34,7 @@ from loaders.backend import import_keras
 from loaders.batch_fill import BatchFilling
 from loaders.batch_memory import BatchArrays, CopyThreads
 from loaders.config import Config, check_batching, check_config
+from loaders.copies import Copies
 from loaders.epochs import EpochState, _called_from_keras
 from loaders.geometry import check_pad_mode
 from loaders.ordering import Shard
@@ -76,7 +77,7 @@ __all__ = [
 ]
 
 
-class DataLoader(BatchFilling, EpochState, EpochPlanning, keras.utils.PyDataset):
+class DataLoader(Copies, BatchFilling, EpochState, EpochPlanning, keras.utils.PyDataset):
     """Base class of scancache loaders (a Keras ``PyDataset``). See the module docstring."""
 
     # Whether examples are read in chunk-deep blocks (loaders.blocks; the slice loaders do):

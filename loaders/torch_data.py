@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loaders.catalog import forget_shared_sources, is_url
+from loaders.copies import recipe_of
 from loaders.shared_batches import SlotTable, WorkerBatchPool, forget_ended_workers
 from loaders.stats import WorkerCounters, snapshot
 from store.reader_share import rank_cores, usable_cores
@@ -63,16 +64,8 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
 
     def __init__(self, loader: DataLoader, channels_first: bool = False) -> None:
         super().__init__()
-        dicts, settings = loader._recipe
-        settings = {**getattr(loader, "_init_kwargs", {}), **settings}  # a subclass's own arguments too
-        for d in dicts:
-            if not isinstance(d["source"], str):
-                raise TypeError(
-                    f"as_torch_dataset: scan {d['scan_id']!r} has a source object, not a path or URL; "
-                    "torch workers reopen sources by path or URL"
-                )
         self.channels_first = bool(channels_first)
-        self._recipe = (type(loader), loader.cfg.copy(), dicts, settings)
+        self._recipe = recipe_of(loader, "as_torch_dataset")  # what a worker rebuilds it from
         self._loader: DataLoader | None = loader
         self._owner_pid = os.getpid()
         self._control = multiprocessing.RawArray("q", 6)

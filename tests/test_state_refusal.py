@@ -151,3 +151,41 @@ def test_checkpoint_of_another_data_set_is_refused_naming_the_file_and_kept(name
     ):
         LoaderCheckpoint(valid, tmp_path).on_train_begin()
     assert where(valid) == before and (tmp_path / "scancache_loader_state.json").read_text() == saved
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_deep_copy_or_an_unpickled_loader_goes_on_from_the_same_place_on_its_own(names, how):
+    """A loader holds threads and open sources; its deep copy (and what pickle gives back) is
+    rebuilt from its recipe: same seed (SEED None: a random one), epoch and position, the same
+    batches still to come, its own read-ahead and epoch."""
+    import copy
+    import pickle
+
+    loader = advanced(names["train"])
+    twin = copy.deepcopy(loader) if how == "deepcopy" else pickle.loads(pickle.dumps(loader))
+    assert where(twin) == where(loader)
+    assert twin._prefetcher is not loader._prefetcher  # (sources of one store are shared in a process)
+    expected, got = rest(loader), rest(twin)
+    assert len(got) == len(expected) > 0
+    for a, b in zip(expected, got, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    twin.set_epoch(2)  # its own epoch: the original is where it was
+    assert twin.epoch == 2 and loader.epoch == 1
+    shallow = copy.copy(loader)  # load_state_dict's trial copy: shares sources and read-ahead
+    assert shallow._prefetcher is loader._prefetcher
+
+
+def test_a_loader_over_a_source_object_says_why_it_cannot_be_pickled(names):
+    import pickle
+
+    from loaders import open_source
+
+    source = open_source(str(names["root"]))
+    dicts = [dict(d, source=source) for d in DatasetCatalog.get(names["train"])]
+    config = Config(SEED=1, CATEGORIES=(0, 1), IMG_SIZE=(12, 10, 1))
+    from loaders.base import build_data_loader
+
+    loader = build_data_loader(config, dicts, batch_size=2)
+    with pytest.raises(TypeError, match="pickle of a loader: scan '0000000_V00-Aug00' has a source object"):
+        pickle.dumps(loader)
