@@ -32,7 +32,11 @@ def recipe_of(loader: Any, use: str) -> tuple[type, Any, list[dict[str, Any]], d
 
 
 def rebuilt(
-    cls: type, cfg: Any, dicts: list[dict[str, Any]], settings: dict[str, Any], where: tuple[int, int, int, int]
+    cls: type,
+    cfg: Any,
+    dicts: list[dict[str, Any]],
+    settings: dict[str, Any],
+    where: tuple[int, int, int, int],
 ) -> Any:
     """A new loader from its recipe, at ``where``: (seed, epoch, position, position's workers)."""
     loader = cls(cfg, dicts, **settings)

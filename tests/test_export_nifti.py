@@ -280,7 +280,7 @@ def test_an_export_stopped_between_renames_is_completed_without_overwrite(
     assert "case_002.json" in renamed and not (out / "case_002.nii.gz").exists()
     assert not [p.name for p in out.iterdir() if ".partial" in p.name]
     monkeypatch.setattr(export.os, "replace", real_replace)
-    with pytest.raises(FileExistsError, match="case_001.nii.gz exists"):
+    with pytest.raises(FileExistsError, match=r"case_001\.nii\.gz exists"):
         export_nifti(pred, out, progress=False)
     done = export_nifti(pred, out, scans=["case_002"], progress=False)
     assert [d.scan_id for d in done] == ["case_002"]
