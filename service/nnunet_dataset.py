@@ -207,6 +207,14 @@ def _other_endings(root: Path, folders: tuple[str, ...], info: DatasetInfo) -> d
     return out
 
 
+def _with_another_ending(root: Path, stem: str, info: DatasetInfo) -> str | None:
+    """``stem`` + a NIfTI ending other than dataset.json's, where such a file exists."""
+    for ending in NIFTI_ENDINGS:
+        if ending not in info.file_endings and (root / f"{stem}{ending}").is_file():
+            return f"{stem}{ending}"
+    return None
+
+
 def _ending_problem(info: DatasetInfo) -> str:
     return f"its file ending is not dataset.json's file_ending {info.file_endings[0]!r} (file not read)"
 
@@ -325,6 +333,9 @@ def _case_spec(
             raise SourceError(case, files[k][0], f"channel {k}, but dataset.json declares {declared}")
         for k in range(count):
             if k not in files:
+                misnamed = _with_another_ending(root, f"{images}/{case}_{k:04d}", info)
+                if misnamed is not None:  # there, but not read: named, as a case's only file is
+                    raise SourceError(case, misnamed, _ending_problem(info))
                 name = f" ({info.channel_names[k]})" if info.channel_names else ""
                 raise SourceError(case, f"{images}/{case}_{k:04d}{ending}", f"missing channel {k}{name}")
         image_files = tuple(files[k][0] for k in range(count))

@@ -56,18 +56,23 @@ def test_a_file_with_the_other_nifti_ending_fails_its_case_in_one_line(tmp_path)
     one_case(root, "plain_image", ending=".nii", label_ending=".nii.gz")  # image .nii
     one_case(root, "plain_label", ending=".nii.gz", label_ending=".nii")  # label .nii
     one_case(root, "all_plain", ending=".nii")
+    one_case(root, "one_channel_plain", ending=".nii")  # channel 0 .nii, channel 1 .nii.gz
+    save(c.t1, root / "imagesTr/one_channel_plain_0001.nii.gz")
+    (root / "labelsTr/one_channel_plain.nii").rename(root / "labelsTr/one_channel_plain.nii.gz")
     write_json(
         root / "dataset.json",
         {"labels": {"background": 0, **{n: v for v, n in c.kept}}, "file_ending": ".nii.gz"},
     )
     result = convert(root, tmp_path / "store")
     assert result.returncode == 1
-    assert "1 converted, 0 skipped, 3 failed" in result.stdout, result.stdout
+    assert "1 converted, 0 skipped, 4 failed" in result.stdout, result.stdout
     lines = failure_lines(result)
     ending = "its file ending is not dataset.json's file_ending '.nii.gz' (file not read)"
     assert lines["plain_image"] == f"plain_image: imagesTr/plain_image_0000.nii: {ending}"
     assert lines["plain_label"] == f"plain_label: labelsTr/plain_label.nii: {ending}"
     assert lines["all_plain"] == f"all_plain: imagesTr/all_plain_0000.nii: {ending}"
+    # named as it is, not as a missing channel 0 of the right ending
+    assert lines["one_channel_plain"] == f"one_channel_plain: imagesTr/one_channel_plain_0000.nii: {ending}"
 
 
 def test_a_dataset_whose_images_all_have_the_other_ending_says_so(tmp_path):
