@@ -272,21 +272,42 @@ def _full_grid(scan_id: str, data: np.ndarray, attrs: dict[str, Any], geometry: 
     return full
 
 
+def stored_to_source_ornt(affine: np.ndarray, source_affine: np.ndarray) -> np.ndarray | None:
+    """The nibabel orientation (flips and a permutation) taking stored voxel order to the
+    source's, read off the two affines: ``inv(affine) @ source_affine`` maps a source voxel
+    index to a stored one, and its 3x3 part is then a signed permutation. None when it is not.
+    (Not ``io_orientation`` of each affine: at an exact 45-degree tie nibabel may pick other
+    axes for the stored affine than the ingest did for the source's.)"""
+    index_map = np.linalg.solve(np.asarray(affine, np.float64), np.asarray(source_affine, np.float64))[:3, :3]
+    signs = np.rint(index_map)
+    if not np.allclose(index_map, signs, rtol=0, atol=1e-6) or not (
+        (np.abs(signs).sum(axis=0) == 1).all() and (np.abs(signs).sum(axis=1) == 1).all()
+    ):
+        return None
+    ornt = np.zeros((3, 2))
+    for source_axis in range(3):
+        stored_axis = int(np.flatnonzero(signs[:, source_axis])[0])
+        ornt[stored_axis] = (source_axis, signs[stored_axis, source_axis])
+    return ornt
+
+
 def _to_source_order(nib: Any, scan_id: str, data: np.ndarray, geometry: _Geometry) -> np.ndarray:
-    """Stored voxel order -> the source's: the flips/permutations between the two affines'
-    orientations, checked to map the stored affine exactly onto the source affine."""
+    """Stored voxel order -> the source's: the flips/permutations between the two affines,
+    checked to map the stored affine exactly onto the source affine."""
     from nibabel import orientations
 
-    ornt = orientations.ornt_transform(
-        orientations.io_orientation(geometry.affine), orientations.io_orientation(geometry.source_affine)
-    )
-    moved = orientations.apply_orientation(data, ornt)
-    reached = geometry.affine @ orientations.inv_ornt_aff(ornt, data.shape[:3])
-    if not np.allclose(reached, geometry.source_affine, rtol=0, atol=AFFINE_TOLERANCE):
+    ornt = stored_to_source_ornt(geometry.affine, geometry.source_affine)
+    if ornt is None or not np.allclose(
+        geometry.affine @ orientations.inv_ornt_aff(ornt, data.shape[:3]),
+        geometry.source_affine,
+        rtol=0,
+        atol=AFFINE_TOLERANCE,
+    ):
         raise ValueError(
             f"scan {scan_id!r}: its stored affine is not its source affine up to axis flips and"
             " permutations; cannot export it on the source's grid"
         )
+    moved = orientations.apply_orientation(data, ornt)
     if geometry.source_shape is not None and tuple(moved.shape[:3]) != geometry.source_shape[:3]:
         raise ValueError(
             f"scan {scan_id!r}: in source order the prediction is {moved.shape[:3]}, but the source"

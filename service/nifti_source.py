@@ -8,7 +8,8 @@
   stored ``affine`` is the source's composed with that reorientation, so stored voxels and
   stored affine describe exactly the source's world image; ``spacing`` is the voxel size
   along the stored axes. Back to the source's voxel order:
-  ``ornt_transform(io_orientation(affine), io_orientation(source_affine))``.
+  ``ornt_transform(axcodes2ornt(STORED_AXCODES), io_orientation(source_affine))``, the
+  inverse of ``stored_orientation`` (``loaders.export`` reads it off the two affines).
 * Labels: an integer-valued label map on the image's grid; mask channel c is
   ``label == label_values[c]`` (the dataset's c-th non-background label).
 

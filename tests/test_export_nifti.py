@@ -453,3 +453,46 @@ def test_some_slices_export_on_the_whole_grid(nifti_store, tmp_path):
     expected = np.where(np.isin(stored_z, [1, 3]), predicted[tuple(ijk)], 0)
     np.testing.assert_array_equal(exported[tuple(ijk)], expected)
     assert 0 < np.count_nonzero(expected) < expected.size
+
+
+@pytest.mark.parametrize("shape", [(9, 11, 5), (10, 10, 4)])
+def test_a_case_rotated_by_exactly_45_degrees_exports_on_its_source_grid(tmp_path, shape):
+    """At an exact 45-degree in-plane rotation two axes tie for the nearest world direction.
+    The ingest picks one reorientation from the source affine; the export must undo that one
+    (read off the two affines), not pick again from the stored affine: it refused such a case,
+    and a square one would have come out transposed."""
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    affine = np.array([[c, -s, 0.0, 5.0], [s, c, 0.0, -3.0], [0.0, 0.0, 2.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
+    rng = np.random.default_rng(45)
+    classes = rng.integers(0, 4, size=shape)
+    labels = np.array([0, *LABEL_VALUES], np.uint8)[classes]
+    image = (CENTERS[classes] + rng.normal(0, 40, size=shape)).astype(np.float32)
+    ds = tmp_path / "Dataset045_Tilt"
+    for data, where in ((image, "imagesTr/tilt_0000.nii.gz"), (labels, "labelsTr/tilt.nii.gz")):
+        (ds / where).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(data, affine), ds / where)
+    source_affine = nib.load(ds / "imagesTr/tilt_0000.nii.gz").affine  # as the header holds it
+    (ds / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "CT"},
+                "labels": {"background": 0, **dict(zip(NAMES, LABEL_VALUES, strict=True))},
+                "numTraining": 1,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    store, pred, out = tmp_path / "store", tmp_path / "pred", tmp_path / "out"
+    result = run_cli("preprocess", ds, store, "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    DatasetCatalog.register("tilt", str(store), split="train")
+    try:
+        write_predictions(loader_for("tilt", tuple(NAMES)), pointwise_model, pred, progress=False)
+    finally:
+        DatasetCatalog.remove("tilt")
+    export_nifti(pred, out, progress=False)
+    exported = nib.load(out / "tilt.nii.gz")
+    _, expected = reference_labels(image)
+    assert exported.shape == shape
+    np.testing.assert_array_equal(np.asanyarray(exported.dataobj), expected)
+    np.testing.assert_array_equal(exported.affine, source_affine)

@@ -111,10 +111,10 @@ def test_unlabelled_case_predicts_and_exports_in_the_source_geometry(nnunet_ts, 
     values = np.array([0, *(v for v, _ in picked)])
     assert set(np.unique(data).tolist()) <= set(values.tolist())
     # the stored label map (value k + 1 = category k) mapped to source values and back to the
-    # source's voxel order the documented way (store-format.md: ornt_transform of the affines)
+    # source's voxel order the documented way (store-format.md: the ingest's reorientation undone)
     attrs = stored.attrs["prediction"]
     ornt = orientations.ornt_transform(
-        orientations.io_orientation(np.array(attrs["affine"])),
+        orientations.axcodes2ornt(("P", "L", "S")),
         orientations.io_orientation(np.array(attrs["source_affine"])),
     )
     back = orientations.apply_orientation(values[stored["label_map"][...]], ornt)
