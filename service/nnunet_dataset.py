@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.sources import Discovery, ScanOptions, ScanSpec
+from service.sources import Discovery, ScanOptions, ScanSpec, refuse_unlistable
 from store.errors import EmptySource, InvalidPath, ScanCacheError, SourceError
 from store.format import validate_scan_id
 
@@ -182,7 +182,11 @@ def _listing(root: Path, folder: str, endings: tuple[str, ...]) -> list[tuple[st
     if not where.is_dir():
         return []
     out = []
-    for entry in sorted(where.iterdir()):
+    try:
+        entries = sorted(where.iterdir())
+    except OSError as err:  # refused, not skipped: its cases would look gone
+        refuse_unlistable(err, root, root)
+    for entry in entries:
         stem = _strip_ending(entry.name, endings)
         if stem is not None and not entry.name.startswith(".") and entry.is_file():
             out.append((stem, f"{folder}/{entry.name}"))

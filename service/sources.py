@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.errors import EmptySource, InvalidPath, SourceError
+from store.errors import EmptySource, InvalidPath, SourceError, SourceUnreadable, shown_name
 from store.format import FORMAT_VERSION, ChunkLayout, validate_scan_id
 
 IMAGE_SUFFIX, MASK_SUFFIX, VOLUME_SUFFIX = ".im", ".seg", ".h5"
@@ -107,6 +107,25 @@ class Discovery:
     one_split: bool = False  # SOURCE is one split folder of its parent (a note says so)
 
 
+def refuse_unlistable(err: OSError, source: str | os.PathLike[str], root: Path) -> None:
+    """Raise one line naming the folder of the source (``err.filename``, else ``root``) that
+    cannot be listed: read in part, the source's other scans would look gone."""
+    folder = Path(os.fsdecode(err.filename)) if err.filename else root
+    rel = folder.relative_to(root).as_posix() if folder.is_relative_to(root) and folder != root else ""
+    shown = f"{os.fspath(source).rstrip('/')}/{rel}".rstrip("/") + "/"
+    raise SourceUnreadable(
+        f"{shown_name(shown)}: cannot list this folder ({err.strerror or type(err).__name__}); "
+        "nothing was converted or pruned"
+    ) from None
+
+
+def _listable(source: str | os.PathLike[str], root: Path) -> None:
+    try:
+        os.listdir(root)
+    except OSError as err:
+        refuse_unlistable(err, source, root)
+
+
 def _split_of(rel: Path) -> str | None:
     return rel.parts[0] if len(rel.parts) > 1 else None
 
@@ -130,6 +149,7 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
         raise EmptySource(f"{source}: is a file; SOURCE must be the folder holding the scans")
     if not root.is_dir():
         raise EmptySource(f"{source}: source folder does not exist")
+    _listable(source, root)  # before dataset.json is looked for in it
     from service import nnunet_dataset  # imported here: it builds on this module's types
 
     if nnunet_dataset.is_dataset(root):  # an nnU-Net / Decathlon raw dataset, not MedSegPy files
@@ -143,7 +163,10 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
     )
     splits: dict[str, dict[str | None, str]] = defaultdict(dict)  # key -> split -> first file seen
     any_input = False
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    # a folder that cannot be listed is refused, not skipped: its scans would look gone
+    for dirpath, dirnames, filenames in os.walk(
+        root, followlinks=True, onerror=lambda err: refuse_unlistable(err, source, root)
+    ):
         kept = []
         for d in sorted(d for d in dirnames if not d.startswith(".")):
             link = Path(dirpath) / d

@@ -7,6 +7,7 @@ Messages are one line and never contain filesystem paths of the store.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 ONE_LINE_LIMIT = 300
@@ -21,10 +22,17 @@ def one_line(err_or_text: BaseException | str, limit: int = ONE_LINE_LIMIT) -> s
     raw = err_or_text
     if type(raw) is KeyError and len(raw.args) == 1 and isinstance(raw.args[0], str):
         raw = raw.args[0]  # str(KeyError) is the repr of its message: quotes and escapes
+    elif isinstance(raw, OSError) and raw.strerror and raw.filename is not None:
+        raw = _os_error(raw)  # "PATH: Permission denied", not "[Errno 13] Permission denied: 'PATH'"
     text = " ".join(str(raw).split())
     if not text and isinstance(err_or_text, BaseException):
         text = type(err_or_text).__name__
     return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
+
+def _os_error(err: OSError) -> str:
+    names = [os.fsdecode(n) for n in (err.filename, err.filename2) if n is not None]
+    return f"{' -> '.join(shown_name(n) for n in names)}: {err.strerror}"
 
 
 class ScanCacheError(Exception):
@@ -135,3 +143,8 @@ def shown_name(name: str) -> str:
 
 class EmptySource(ScanCacheError, ValueError):
     """The preprocessing source folder is missing or holds no input files."""
+
+
+class SourceUnreadable(ScanCacheError, OSError):
+    """A folder of the source cannot be listed: its scans would look gone (and be pruned), so
+    the job reads nothing rather than part of the source."""

@@ -299,3 +299,45 @@ def test_a_source_name_with_a_newline_fails_in_one_line(tmp_path):
         f"  '{GOOD[1]}\\n': 'train/{GOOD[1]}\\n.h5': not usable as a scan id (letters, digits, '.', '_', '-' only)"
     ]
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == [GOOD[0], "zarr.json"]
+
+
+def _as_a_user(*args):
+    """``scancache ARGS`` with file permissions applied as to any user: root's overrides
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) dropped where the tests run as root."""
+    import shutil
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "service.cli", *map(str, args)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: permissions cannot be applied")
+        drop = "-dac_override,-dac_read_search"
+        command = [setpriv, f"--bounding-set={drop}", f"--inh-caps={drop}", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize("unreadable", ["train", "."])
+def test_a_source_folder_that_cannot_be_listed_is_refused_and_nothing_is_pruned(tmp_path, unreadable):
+    """A split folder (or SOURCE itself) that cannot be listed: its scans are not gone, so the
+    job refuses in one line naming the folder, and --prune removes nothing."""
+    source, store = tmp_path / "src", tmp_path / "store"
+    for split, scan_id in (("train", "0000001_V00-Aug00"), ("valid", "0000002_V00-Aug00")):
+        image, mask = _scan(seed=int(scan_id[6]))
+        write_slice_files(source / split, scan_id, image, mask)
+    first = run_cli("preprocess", source, store, "--workers", "1", "-q")
+    assert first.returncode == 0, first.stderr
+    folder = source / unreadable
+    folder.chmod(0)
+    try:
+        again = _as_a_user("preprocess", source, store, "--workers", "1", "-q", "--prune")
+    finally:
+        folder.chmod(0o755)
+    shown = f"{source}/train/" if unreadable == "train" else f"{source}/"
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert again.stderr == (
+        f"scancache preprocess: error: {shown}: cannot list this folder (Permission denied); "
+        "nothing was converted or pruned\n"
+    )
+    assert sorted(published(store)) == ["0000001_V00-Aug00", "0000002_V00-Aug00"]

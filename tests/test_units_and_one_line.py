@@ -63,6 +63,15 @@ def test_one_line():
     assert one_line("a\n  b\tc\n") == "a b c"
     assert one_line(RuntimeError()) == "RuntimeError"
     assert one_line(OSError("disk\nfull")) == "disk full"
+    # an OS error names its file first, as command-line tools do, not "[Errno 13] ...: 'x'"
+    assert one_line(PermissionError(13, "Permission denied", "/data/st")) == "/data/st: Permission denied"
+    assert (
+        one_line(OSError(18, "Invalid cross-device link", "a", None, "b"))
+        == "a -> b: Invalid cross-device link"
+    )
+    assert (
+        one_line(FileNotFoundError(2, "No such file or directory")) == "[Errno 2] No such file or directory"
+    )
     long = one_line("x" * 1000, 50)
     assert len(long) == 50 and long.endswith("...")
 

@@ -27,6 +27,7 @@ from service.server.guards import (
     HeadAsGetMiddleware,
     HeadersMiddleware,
     PathGuardMiddleware,
+    UnexpectedErrorMiddleware,
     nosniff_header,
     store_id_header,
 )
@@ -133,6 +134,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     # add_middleware puts each new one outermost: add innermost first.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(PathGuardMiddleware)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from client.wire import STORE_HEADER
-from service.server.errors import error_response
+from service.server.errors import error_response, internal_error_response
 
 FORBIDDEN_RAW = (b"%2f", b"%5c", b"%00", b"\\", b"\x00")
 # h11 bounds headers still arriving (service.server.http_protocol); ones that arrive complete in
@@ -27,6 +27,33 @@ def raw_path_problem(raw_path: bytes) -> str | None:
     if any(bad in lowered for bad in FORBIDDEN_RAW):
         return "path: encoded slashes, backslashes and NUL bytes are not allowed"
     return None
+
+
+class UnexpectedErrorMiddleware:
+    """A route's unexpected error answered (500, or 503 for a refused read) and logged once.
+    Starlette's outermost layer would answer the same but then re-raise it, so that uvicorn
+    printed the traceback a second time ("Exception in ASGI application") for every request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:  # in the middle of a response: only dropping the connection can say it
+                raise
+            await internal_error_response(exc)(scope, receive, send)
 
 
 class PathGuardMiddleware:
