@@ -58,6 +58,7 @@ from store.interrupts import results_of
 from store.label_map import Decoded, merged
 from store.protocol import RegionRequest, RoiLike
 from store.scan_filters import matches
+from store.units import parse_token
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
 # Filters the server understands as query parameters; every filter is also applied here.
@@ -106,7 +107,11 @@ class HttpSource:
             )
         self.retry = RetryPolicy.from_settings(timeout, retry_seconds, retries, backoff)
         timeout = self.retry.timeout
-        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        token = (
+            parse_token(token, "token")
+            if token is not None
+            else parse_token(os.environ.get(TOKEN_ENV), TOKEN_ENV)
+        )
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(
             base_url=self.url,

@@ -139,7 +139,7 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from service.server.runner import serve
-        from service.server.settings import ENV_HOST, Settings
+        from service.server.settings import ENV_HOST, ENV_TOKEN, Settings
     except ImportError as err:
         raise RuntimeError(f"the server is not available ({err}); install scancache[service]") from None
     # the token goes from the file to the server (and through the environment to uvicorn's
@@ -153,6 +153,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "send_timeout": args.send_timeout, "predictions": args.predictions,
     }  # fmt: skip
     settings = Settings.resolve(flags)
+    if settings.token is None and os.environ.get(ENV_TOKEN) is not None:  # e.g. $(cat a-missing-file)
+        print(
+            f"scancache serve: warning: {ENV_TOKEN} is set but empty: serving without authentication",
+            file=sys.stderr,
+        )
     host = settings.host
     check_listen_host(host, f"--host {host}" if args.host else f"{ENV_HOST}={host}")
     serve(settings, workers=args.workers)  # blocks until the server stops (Ctrl-C)

@@ -52,6 +52,7 @@ def read_token_file(path: str) -> str:
         raise ValueError(f"--token-file {path}: cannot read it ({type(err).__name__})") from None
     if not token or any(c.isspace() for c in token):
         raise ValueError(f"--token-file {path}: must hold one token on one line")
+    units.parse_token(token, f"--token-file {path}")  # what an HTTP header can carry
     warn_if_readable_by_others(path)
     return token
 

@@ -127,6 +127,20 @@ def parse_seconds(text: str | float, name: str, zero_ok: bool = False) -> float:
     return number
 
 
+def parse_token(text: str | None, name: str) -> str | None:
+    """A bearer token: surrounding whitespace dropped, None when nothing is left (not set).
+    An HTTP header carries it as ASCII, so anything else is refused here, where it enters, not
+    by the HTTP library at the first request; the token itself is never shown."""
+    token = (text or "").strip()
+    if not token:
+        return None
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise InvalidValue(
+            name, "a bearer token must be printable ASCII without spaces (an HTTP header carries it)"
+        )
+    return token
+
+
 def format_seconds(seconds: float) -> str:
     """Seconds as ``parse_seconds`` reads them back (``10``, ``2.5``; never ``1e-05``)."""
     return f"{seconds:.9f}".rstrip("0").rstrip(".") or "0"

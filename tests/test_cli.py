@@ -263,6 +263,19 @@ def test_serve_refuses_a_token_on_the_command_line(small_store, tmp_path):
         assert bad.returncode != 0 and "--token-file" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_serve_warns_of_a_token_variable_set_but_empty(small_store):
+    """SCANCACHE_TOKEN="" (e.g. `$(cat a-missing-file)`) serves without authentication, as a
+    compose file's "${SCANCACHE_TOKEN:-}" must: said in one line, not silently."""
+    result = run_cli("serve", small_store[0], "--host", "999.0.0.1", env={"SCANCACHE_TOKEN": " "})
+    assert result.returncode == 1
+    warning, error = result.stderr.splitlines()
+    assert (
+        warning
+        == "scancache serve: warning: SCANCACHE_TOKEN is set but empty: serving without authentication"
+    )
+    assert error.startswith("scancache serve: error: --host 999.0.0.1: not an address")
+
+
 def test_token_file_readable_by_others_is_warned_about(tmp_path, capsys):
     from service.cli import read_token_file
 

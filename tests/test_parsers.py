@@ -414,6 +414,35 @@ def test_settings_resolve_flags_over_variables_over_defaults(tmp_path):
     assert (defaults.host, defaults.port, defaults.token) == ("127.0.0.1", 8000, None)
 
 
+def test_a_token_an_http_header_cannot_carry_is_refused_where_it_enters(tmp_path, monkeypatch):
+    """Server (environment, Python) and client refuse, in one line naming where it came from and
+    never showing it, a token that is not printable ASCII: the server accepted one that no
+    client could send, and the client failed at its first request with a UnicodeEncodeError."""
+    from client.http import HttpSource
+    from service.cli_args import read_token_file
+    from service.server.settings import Settings
+
+    why = "a bearer token must be printable ASCII without spaces (an HTTP header carries it)"
+    for bad in ("tok\u00e9", "two words", "tab\tbed"):
+        with pytest.raises(ValueError, match=rf"^SCANCACHE_TOKEN: {re.escape(why)}$"):
+            Settings.resolve({"store": tmp_path}, {"SCANCACHE_TOKEN": bad})
+        with pytest.raises(ValueError, match=rf"^token: {re.escape(why)}$"):
+            Settings(store=tmp_path, token=bad)
+        monkeypatch.setenv("SCANCACHE_TOKEN", bad)
+        with pytest.raises(ValueError, match=rf"^SCANCACHE_TOKEN: {re.escape(why)}$"):
+            HttpSource("http://127.0.0.1:9")
+        with pytest.raises(ValueError, match=rf"^token: {re.escape(why)}$"):
+            HttpSource("http://127.0.0.1:9", token=bad)
+    token_file = tmp_path / "token"
+    token_file.write_text("tok\u00e9\n", encoding="utf-8")
+    token_file.chmod(0o600)
+    with pytest.raises(ValueError, match=rf"^--token-file {re.escape(str(token_file))}: {re.escape(why)}$"):
+        read_token_file(str(token_file))
+    # blank: not set (a compose file passes "${SCANCACHE_TOKEN:-}"); `serve` warns of it
+    assert Settings.resolve({"store": tmp_path}, {"SCANCACHE_TOKEN": "  "}).token is None
+    assert Settings.resolve({"store": tmp_path}, {"SCANCACHE_TOKEN": " t0k "}).token == "t0k"
+
+
 def test_the_protocol_reads_its_deadlines_once_a_process(monkeypatch):
     from service.server import http_protocol
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from store.reader_share import DEFAULT_CACHE_BYTES
 from store.storage import parse_location
-from store.units import format_seconds, parse_bytes, parse_port, parse_seconds, parse_whole
+from store.units import format_seconds, parse_bytes, parse_port, parse_seconds, parse_token, parse_whole
 
 T = TypeVar("T")
 
@@ -92,7 +92,7 @@ ENV_FIELDS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "store": (ENV_STORE, _location),
     "host": (ENV_HOST, _text),
     "port": (ENV_PORT, _port),
-    "token": (ENV_TOKEN, _text),
+    "token": (ENV_TOKEN, parse_token),
     "cache_bytes": (ENV_CACHE_BYTES, positive_size),
     "max_bytes": (ENV_MAX_BYTES, positive_size),
     "max_body_bytes": (ENV_MAX_BODY_BYTES, positive_size),
@@ -155,8 +155,7 @@ class Settings:
         object.__setattr__(self, "port", parse_port(self.port, "port"))
         if not isinstance(self.host, str) or not self.host.strip():
             raise ValueError(f"host: {self.host!r} is not an address to listen on")
-        if self.token is not None and not self.token.strip():
-            object.__setattr__(self, "token", None)
+        object.__setattr__(self, "token", parse_token(self.token, "token"))
 
     @classmethod
     def resolve(cls, flags: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
