@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import make_volume
+from live_server import live_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -355,6 +356,51 @@ def test_a_store_damaged_after_writing_is_a_500_naming_the_scan_without_paths(tm
     body = assert_error(response, 500, f"scan {SCAN!r} is damaged in the store", root=tmp_path)
     assert body["error"] == "ScanDamaged" and "--rebuild" in body["detail"]
     assert any("is damaged" in r.getMessage() for r in caplog.records)  # the operator sees it too
+
+
+def test_zarr_files_lost_or_unreadable_are_never_a_404(tmp_path, monkeypatch):
+    """A Zarr reader takes a 404 for a chunk never written and fills it with the fill value: a
+    shard the scan's manifest lists but the store lost is ScanDamaged (500), one the server may
+    not read is a 503; a key no manifest lists is still a 404. tensorstore over /zarr/ then
+    fails instead of showing zeros as the scan."""
+    import tensorstore as ts
+
+    root = tmp_path / "store"
+    image, mask = make_volume((8, 8, 4), 2, seed=1)
+    write_scan(root, SCAN, image, mask, {"split": "train"})
+    (shard,) = (root / SCAN / "image").glob("c/*/*/*")
+    key = shard.relative_to(root / SCAN).as_posix()
+    client = InProcess(create_app(Settings(store=root)))
+    assert client.get(f"/zarr/{SCAN}/{key}").status_code == 200
+    real_open = os.open
+
+    def refused(path, *args, **kwargs):
+        if str(path).endswith(key):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refused)
+    assert_error(
+        client.get(f"/zarr/{SCAN}/{key}"), 503, "store unavailable: it refused a read", root=tmp_path
+    )
+    monkeypatch.setattr(os, "open", real_open)
+    shard.unlink()
+    body = assert_error(
+        client.get(f"/zarr/{SCAN}/{key}"), 500, f"scan {SCAN!r} is damaged", key, root=tmp_path
+    )
+    assert body["error"] == "ScanDamaged"
+    assert_error(client.get(f"/zarr/{SCAN}/image/c/9/9/9"), 404)  # never written: absent
+    assert_error(client.get(f"/zarr/{SCAN}/.zattrs"), 404)  # a Zarr v2 probe
+    with live_server(root) as url:
+        spec = {
+            "driver": "zarr3",
+            "kvstore": {"driver": "http", "base_url": f"{url}/zarr/{SCAN}/image"},
+            # a 5xx is retried with backoff (the default is minutes of it)
+            "context": {"http_request_retries": {"max_retries": 1, "initial_delay": "10ms", "max_delay": "20ms"}},
+        }
+        array = ts.open(spec, read=True).result()
+        with pytest.raises(ValueError):
+            array.read().result()
 
 
 def test_incomplete_scans_and_escapes_are_invisible(tmp_path):

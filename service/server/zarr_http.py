@@ -34,8 +34,9 @@ from service.server.guards import HEAD_SCOPE_KEY
 from service.server.http_cache import REVALIDATE, etag_matches, make_etag
 from service.server.responses import COUNTED_BODY_BYTES, budgeted_response, not_modified
 from service.server.state import ServerState, server_state
-from store.errors import InvalidPath
+from store.errors import InvalidPath, ScanDamaged
 from store.format import validate_scan_id
+from store.inventory import MANIFEST
 from store.publish import VERSIONS_DIR
 from store.storage import Storage, open_storage
 
@@ -205,8 +206,10 @@ def open_store_file(root: Path, parts: tuple[str, ...]) -> OpenFile:
     real = resolve_store_file(root, parts)
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:  # missing, a directory on some systems, or unreadable
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         raise NotInStore(f"path: {'/'.join(parts)!r} not found") from None
+    # any other error (a file the server's user may not read) is raised: a 503, not a 404 that
+    # a Zarr reader would take for a chunk of fill values
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -277,6 +280,26 @@ def _tree_readable(root: Path | str) -> bool:
     return readable
 
 
+def _listed_but_missing(root: Path | str, parts: tuple[str, ...]) -> str | None:
+    """Why a scan file that is not in the store should be (its version's manifest lists it), or
+    None: a key no manifest lists (a reader probing for a chunk never written, or for Zarr v2
+    metadata) is simply absent."""
+    if len(parts) < 2:
+        return None
+    storage = open_storage(root)
+    version = storage.current_version(parts[0])
+    if version is None:
+        return None
+    try:
+        doc = storage.read_json(f"{storage.version_key(parts[0], version)}/zarr.json")
+    except ValueError:  # not JSON: damaged too, but said by the scan routes, which parse it
+        return None
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    manifest = attrs.get(MANIFEST) if isinstance(attrs, dict) else None
+    rel = "/".join(parts[1:])
+    return f"{rel} is missing" if isinstance(manifest, dict) and rel in manifest else None
+
+
 def _read_range(file: OpenFile | StoredObject, start: int, end: int) -> bytes:
     try:
         return file.pread(end - start, start)
@@ -337,6 +360,9 @@ async def serve_tree_file(request: Request, state: ServerState, root: Path | str
         # readers take a 404 as an absent array or group and would not try again
         if not await to_thread.run_sync(_tree_readable, root):
             return error_response(503, "store unavailable", "ServerError")
+        lost = await to_thread.run_sync(_listed_but_missing, root, parts)
+        if lost is not None:  # a 404 would read as a chunk of fill values: zeros shown as data
+            raise ScanDamaged(parts[0], lost) from None
         raise
     try:
         return await _respond(request, state, file)
