@@ -15,14 +15,17 @@ from store.storage import parse_location
 from store.units import count_of
 
 
-def _scan_rows(location: str | Path) -> list[dict[str, Any]]:
+def _scan_rows(location: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of the readable published scans, and the ids of those whose ``zarr.json`` is
+    missing, unreadable or not a scan's (damaged: said, not left out in silence)."""
     from store.inventory import check_store, published_scan_ids, read_scan_attrs
 
     store = check_store(location)
-    rows = []
+    rows, damaged = [], []
     for entry in published_scan_ids(store):
         attrs = read_scan_attrs(store, entry)
         if attrs is None or "scan_id" not in attrs:
+            damaged.append(entry)
             continue
         rows.append(
             {
@@ -38,13 +41,19 @@ def _scan_rows(location: str | Path) -> list[dict[str, Any]]:
                 "bytes": sum(n for f, n in attrs.get("manifest", {}).items() if not is_view_chunk_file(f)),
             }
         )
-    return rows
+    return rows, damaged
 
 
 def cmd_scans(args: argparse.Namespace) -> int:
     from store.units import format_bytes
 
-    rows = _scan_rows(parse_location(args.store))
+    rows, damaged = _scan_rows(parse_location(args.store))
+    for scan_id in damaged:
+        print(
+            f"scancache scans: warning: scan {scan_id!r} is published but its zarr.json is missing, "
+            "unreadable or not a scan's (left out; scancache verify SOURCE STORE checks it)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps({"scans": rows}, indent=2, allow_nan=False))
         return 0

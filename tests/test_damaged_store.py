@@ -171,3 +171,28 @@ def test_scan_damaged_survives_a_trip_to_another_process():
     err = ScanDamaged(SCAN, "image/c/0/0/0 is missing")
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is ScanDamaged and back.scan_id == SCAN and str(back) == str(err)
+
+
+def test_scans_names_a_published_scan_whose_zarr_json_is_lost(tmp_path):
+    """`scancache scans` lists what it can read and names, on stderr, a published scan whose
+    zarr.json is gone (it left it out in silence: "3 scans", as if it never existed)."""
+    import json as json_module
+
+    from h5_sources import run_cli
+
+    root = tmp_path / "store"
+    truth = build_store(root)
+    ((root / SCAN).resolve() / "zarr.json").unlink()
+    for extra in ((), ("--json",)):
+        result = run_cli("scans", root, *extra)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == (
+            f"scancache scans: warning: scan {SCAN!r} is published but its zarr.json is missing, "
+            "unreadable or not a scan's (left out; scancache verify SOURCE STORE checks it)\n"
+        )
+        listed = (
+            [r["scan_id"] for r in json_module.loads(result.stdout)["scans"]]
+            if extra
+            else [line.split()[0] for line in result.stdout.splitlines()[1:-1]]
+        )
+        assert listed == sorted(s for s in truth if s != SCAN)

@@ -396,7 +396,9 @@ def test_zarr_files_lost_or_unreadable_are_never_a_404(tmp_path, monkeypatch):
             "driver": "zarr3",
             "kvstore": {"driver": "http", "base_url": f"{url}/zarr/{SCAN}/image"},
             # a 5xx is retried with backoff (the default is minutes of it)
-            "context": {"http_request_retries": {"max_retries": 1, "initial_delay": "10ms", "max_delay": "20ms"}},
+            "context": {
+                "http_request_retries": {"max_retries": 1, "initial_delay": "10ms", "max_delay": "20ms"}
+            },
         }
         array = ts.open(spec, read=True).result()
         with pytest.raises(ValueError):
