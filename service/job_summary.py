@@ -34,6 +34,7 @@ class Summary:
     results: list[ScanResult] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)  # scans in the store whose sources are gone
     pruned: bool = False  # whether the orphans were removed
+    prune_withheld: bool = False  # --prune given, but a source folder was not read
     removed_versions: int = 0
 
     def add(self, result: ScanResult) -> None:
@@ -80,9 +81,14 @@ class Summary:
             if self.pruned:
                 lines.append(f"removed {count_of(len(self.orphans), 'scan')} whose sources are gone:")
             else:
+                why = (
+                    "kept: --prune waits until every source folder is read; see the failures"
+                    if self.prune_withheld
+                    else "kept; --prune removes them"
+                )
                 lines.append(
                     f"{count_of(len(self.orphans), 'scan')} in the store {'has' if len(self.orphans) == 1 else 'have'} no source any more "
-                    "(kept; --prune removes them):"
+                    f"({why}):"
                 )
             lines.extend(f"  {scan_id}" for scan_id in self.orphans)
         if self.failed:

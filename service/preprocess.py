@@ -192,7 +192,10 @@ def run_preprocess(
                 storage.remove_staging(staging)
         known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
         summary.orphans = [s for s in storage.published_names() if s not in known]
-        if prune:
+        # a source folder refused (a link out of the source, a name that is no text): its scans
+        # were not looked at, so none is known to be gone
+        summary.prune_withheld = prune and any(err.file.endswith("/") for err in found.failures)
+        if prune and not summary.prune_withheld:
             for scan_id in summary.orphans:
                 storage.unpublish(scan_id)
             summary.pruned = True

@@ -126,6 +126,15 @@ def _listable(source: str | os.PathLike[str], root: Path) -> None:
         refuse_unlistable(err, source, root)
 
 
+def _name_problem(name: str) -> str | None:
+    """A folder name that is no text (bytes that are not UTF-8): a split is stored as text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "folder name is not UTF-8 text (its scans are not read); rename it"
+    return None
+
+
 def _split_of(rel: Path) -> str | None:
     return rel.parts[0] if len(rel.parts) > 1 else None
 
@@ -170,7 +179,7 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
         kept = []
         for d in sorted(d for d in dirnames if not d.startswith(".")):
             link = Path(dirpath) / d
-            why = _link_problem(root, link, visited) if link.is_symlink() else None
+            why = _link_problem(root, link, visited) if link.is_symlink() else _name_problem(d)
             if why is None:
                 kept.append(d)
                 visited.add(os.path.realpath(link))

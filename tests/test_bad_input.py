@@ -341,3 +341,26 @@ def test_a_source_folder_that_cannot_be_listed_is_refused_and_nothing_is_pruned(
         "nothing was converted or pruned\n"
     )
     assert sorted(published(store)) == ["0000001_V00-Aug00", "0000002_V00-Aug00"]
+
+
+def test_a_folder_name_that_is_no_text_fails_naming_it_and_withholds_prune(tmp_path):
+    """A split folder named by bytes that are not UTF-8: one failure line naming it (it failed
+    a scan with a UnicodeEncodeError blamed on the store), and since its scans were not read,
+    --prune removes none of them."""
+    source, store = tmp_path / "src", tmp_path / "store"
+    image, mask = _scan(seed=3)
+    write_slice_files(source / "train", "0000001_V00-Aug00", image, mask)
+    write_slice_files(source / "valid", "0000002_V00-Aug00", image, mask)
+    assert run_cli("preprocess", source, store, "--workers", "1", "-q").returncode == 0
+    odd = os.fsdecode(b"tr\xffain")
+    os.rename(source / "train", source / odd)
+    result = run_cli("preprocess", source, store, "--workers", "1", "-q", "--prune")
+    assert result.returncode == 1
+    shown = repr(odd)
+    assert (
+        f"  {shown}: {repr(odd + '/')}: folder name is not UTF-8 text (its scans are not read); rename it"
+        in (result.stdout)
+    ), result.stdout
+    assert "(kept: --prune waits until every source folder is read; see the failures)" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert sorted(published(store)) == ["0000001_V00-Aug00", "0000002_V00-Aug00"]
