@@ -78,19 +78,27 @@ def as_binary(scan: str, rel: str, data: np.ndarray) -> np.ndarray:
 
 
 def spacing_of(scan: str, rel: str, value: Any) -> list[float] | None:
-    """The ``spacing`` attribute as floats (None if absent or not numbers); refuses a NaN,
-    infinite, zero or negative voxel size naming the file (it would reach the store's strict
-    JSON and fail there, blaming the store)."""
+    """The ``spacing`` attribute as three floats (None if absent); refuses, naming the file,
+    anything else: text, another count of numbers, a NaN, infinite, zero or negative voxel size
+    (ignored, the scan would be stored at 1 mm; kept, it failed in the store, blaming it)."""
     if value is None:
         return None
+    array = np.asarray(value)
     try:
-        out = [float(v) for v in np.asarray(value).reshape(-1)]
+        if array.dtype.kind not in "iuf":
+            raise ValueError
+        out = [float(v) for v in array.reshape(-1)]
     except (TypeError, ValueError):
-        return None
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        raise SourceError(
+            scan, rel, f"spacing {str(text)[:40]!r} is not numbers (voxel size in mm along y, x, z)"
+        ) from None
+    shown = "[" + ", ".join(repr(v) for v in out[:4]) + (", ..." if len(out) > 4 else "") + "]"
+    if len(out) != 3:
+        raise SourceError(scan, rel, f"spacing {shown} is not three numbers (voxel size in mm along y, x, z)")
     if not all(math.isfinite(v) and v > 0 for v in out):
-        shown = "[" + ", ".join(repr(v) for v in out[:4]) + (", ..." if len(out) > 4 else "") + "]"
         raise SourceError(scan, rel, f"spacing {shown} is not positive finite numbers (voxel size in mm)")
-    return out or None
+    return out
 
 
 def check_fits(scan: str, rel: str, what: str, shape: tuple[int, ...], nbytes: int) -> None:

@@ -131,6 +131,19 @@ def build_bad_source(root):
         f.attrs["spacing"] = [0.5, 0.5, float("inf")]
     expected[key] = (f"train/{key}_001.im", "spacing [0.5, 0.5, inf] is not positive finite")
 
+    key = "0000019_V00-Aug00"  # 3D: two numbers (it failed in the store, naming no file)
+    write_volume_file(valid / f"{key}.h5", *_scan(seed=19), spacing=[1.0, 2.0])
+    expected[key] = (
+        f"valid/{key}.h5",
+        "spacing [1.0, 2.0] is not three numbers (voxel size in mm along y, x, z)",
+    )
+
+    key = "0000020_V00-Aug00"  # 2D: text (it was dropped: the scan stored at 1 mm)
+    write_slice_files(train, key, *_scan(seed=20))
+    with h5py.File(train / f"{key}_001.im", "a") as f:
+        f.attrs["spacing"] = "1,1,1"
+    expected[key] = (f"train/{key}_001.im", "spacing '1,1,1' is not numbers")
+
     (train / "scan-one_slice2.im").write_bytes(b"")  # a name that does not parse
     expected["scan-one_slice2"] = ("train/scan-one_slice2.im", "does not parse")
     (train / "notes.txt").write_text("ignored")
