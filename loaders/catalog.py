@@ -140,6 +140,8 @@ class DatasetCatalog:
         URL, ``timeout`` (seconds per request), ``retries`` (most retries of one request) and
         ``retry_seconds`` (how long to keep retrying) go to its ``HttpSource``.
         """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"DatasetCatalog.register: a dataset's name is a non-empty string, got {name!r}")
         if name in DatasetCatalog._REGISTERED:
             raise ValueError(
                 f"dataset {name!r} is already registered (DatasetCatalog.remove({name!r}) first to register it again)"
@@ -149,6 +151,12 @@ class DatasetCatalog:
         if options:
             if not (isinstance(source, str) and is_url(source)):
                 raise TypeError(f"dataset {name!r}: timeout/retries apply to a server URL only")
+            from client.retries import RetryPolicy
+
+            try:  # checked now, where they enter, not at the first read
+                RetryPolicy.from_settings(timeout, retry_seconds, retries, backoff=0.5)
+            except ValueError as err:
+                raise ValueError(f"dataset {name!r}: {err}") from None
             _set_http_options(source, options)
         if callable(source) and not isinstance(source, str) and not hasattr(source, "list_scans"):
             if filters:
@@ -161,6 +169,11 @@ class DatasetCatalog:
             except ValueError as err:
                 raise ValueError(f"dataset {name!r}: {err}") from None
         location: SourceLike = str(source) if hasattr(source, "__fspath__") else source  # type: ignore[assignment]
+        if not isinstance(location, str) and not hasattr(location, "list_scans"):
+            raise TypeError(
+                f"dataset {name!r}: {source!r} is not a store path, a server URL, a scan source or a "
+                "function returning dataset dicts"
+            )
 
         def load() -> list[dict[str, Any]]:
             source = shared_source(location)

@@ -370,9 +370,8 @@ def test_a_folder_name_that_is_no_text_fails_naming_it_and_withholds_prune(tmp_p
     result = run_cli("preprocess", source, store, "--workers", "1", "-q", "--prune")
     assert result.returncode == 1
     shown = repr(odd)
-    assert (
-        f"  {shown}: {repr(odd + '/')}: folder name is not UTF-8 text (its scans are not read); rename it"
-        in (result.stdout)
+    assert f"  {shown}: {odd + '/'!r}: folder name is not UTF-8 text (its scans are not read); rename it" in (
+        result.stdout
     ), result.stdout
     assert "(kept: --prune waits until every source folder is read; see the failures)" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr

@@ -145,3 +145,38 @@ def test_too_few_patches_for_a_batch_says_how_many_the_patch_size_gives(name):
             drop_last=True,
         )
     one_line(err, "batch_size=64", "patches of IMG_SIZE (128, 128, 32) in ", " scans)", "drop_last=True")
+
+
+def test_catalog_and_build_loader_refuse_what_they_cannot_use_where_it_enters():
+    """Wrong types and values at register / build_loader are one line there, not a raw
+    AttributeError or TypeError at the first read (or in another dataset's error message)."""
+    from loaders import DatasetCatalog, build_loader
+
+    cases = [
+        (lambda: DatasetCatalog.register("five", 5), TypeError, "dataset 'five': 5 is not a store path"),
+        (
+            lambda: DatasetCatalog.register(None, "/data/store"),
+            TypeError,
+            "a dataset's name is a non-empty string",
+        ),
+        (
+            lambda: DatasetCatalog.register("", "/data/store"),
+            TypeError,
+            "a dataset's name is a non-empty string",
+        ),
+        (
+            lambda: DatasetCatalog.register("slow", "http://127.0.0.1:9", timeout=-1),
+            ValueError,
+            "dataset 'slow': timeout: must be more than 0 seconds, got -1",
+        ),
+        (
+            lambda: build_loader(Config(), 5, 2, False, True, False),
+            TypeError,
+            "dataset_names: 5 is not a dataset name",
+        ),
+    ]
+    for call, kind, words in cases:
+        with pytest.raises(kind) as info:
+            call()
+        assert words in str(info.value) and "\n" not in str(info.value)
+    assert "five" not in DatasetCatalog.list() and "slow" not in DatasetCatalog.list()

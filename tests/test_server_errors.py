@@ -17,9 +17,9 @@ import httpx
 import numpy as np
 import pytest
 from conftest import make_volume
-from live_server import live_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from live_server import live_server
 
 from client.wire import decode_npy, decode_npy_stream
 from service.server import Settings, create_app
