@@ -19,6 +19,7 @@ from store.errors import (
     RequestTooLarge,
     ScanChanged,
     ScanDamaged,
+    ScanCacheError,
     ScanNotFound,
     Unauthorized,
     one_line,
@@ -72,12 +73,23 @@ def is_damaged_scan(response: httpx.Response) -> bool:
     return response.status_code == 500 and response_body(response).get("error") == "ScanDamaged"
 
 
+class NotAScancacheServer(ScanCacheError, ValueError):
+    """The URL answers, but not as a scancache server: a refusal without its JSON body."""
+
+
 def raise_client_error(response: httpx.Response) -> NoReturn:
     """4xx -> the error ``LocalSource`` raises for the same request (the body's ``error`` names it)."""
     status = response.status_code
     body = response_body(response)
     detail = response_detail(response)
     error = body.get("error") if isinstance(body.get("error"), str) else None
+    if not body and status in (404, 405):  # e.g. a web server's HTML page: no scan is "not found"
+        request = response.request
+        kind = response.headers.get("content-type", "no content type").split(";")[0]
+        raise NotAScancacheServer(
+            f"{request.url.scheme}://{request.url.netloc.decode()}: {request.method} {request.url.path} "
+            f"answered {status} ({kind}), not a scancache server's JSON; give the URL of `scancache serve`"
+        )
     if status == 404:
         if error == "ArrayNotFound" or (error is None and "no mask" in detail):
             raise ArrayNotFound(detail)

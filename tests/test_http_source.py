@@ -138,3 +138,25 @@ def test_timeouts_are_retried():
         with HttpSource(url, timeout=0.3, retries=2, backoff=0.01) as src:
             np.testing.assert_array_equal(src.read_image(SCAN, ":,:,0"), FlakyHandler.payload)
         assert SlowFirstHandler.seen == 2
+
+
+def test_a_url_that_is_no_scancache_server_says_so(tmp_path):
+    """A plain web server (an HTML 404 page): one line naming the URL, the request and what
+    came back, not `ScanNotFound '<!DOCTYPE HTML>...'`."""
+    import functools
+
+    from client.http_errors import NotAScancacheServer
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with _serving(handler) as url:
+        source = HttpSource(url, retry_seconds=0)
+        for call, path in (
+            (source.list_scans, "/scans"),
+            (lambda: source.metadata("0000001_V00-Aug00"), "/scans/"),
+        ):
+            with pytest.raises(NotAScancacheServer) as info:
+                call()
+            message = str(info.value)
+            assert message.startswith(f"{url}: GET {path}") and "answered 404 (text/html)" in message
+            assert "not a scancache server's JSON" in message and "\n" not in message
+        source.close()
