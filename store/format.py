@@ -107,7 +107,7 @@ def check_store_format(store: object, root_doc: object) -> None:
     found = marker.get("format")
     if found != FORMAT_VERSION:
         raise StoreFormatError(
-            f"{store}: store format {found}, but this scancache reads format {FORMAT_VERSION}; "
+            f"{store}: store format {found!r}, but this scancache reads format {FORMAT_VERSION!r}; "
             "re-run `scancache preprocess` into a new store"
         )
 
@@ -115,6 +115,9 @@ def check_store_format(store: object, root_doc: object) -> None:
 def new_store_id() -> str:
     """A store's identity, written once when the store is created (``scancache.store_id``)."""
     return uuid.uuid4().hex
+
+
+_STORE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)  # what new_store_id writes, and more
 
 
 def store_identity(store: str | os.PathLike[str], root_doc: object, local: bool = True) -> str:
@@ -126,6 +129,8 @@ def store_identity(store: str | os.PathLike[str], root_doc: object, local: bool 
     marker = attrs.get("scancache") if isinstance(attrs, dict) else None
     found = marker.get(STORE_ID_KEY) if isinstance(marker, dict) else None
     if isinstance(found, str) and found:
+        if _STORE_ID.fullmatch(found) is None:  # it goes into every response's headers
+            raise StoreFormatError(f"{store}: its zarr.json's scancache.store_id {found[:40]!r} is not an identifier")
         return found
     if not local:
         return "derived-" + hashlib.sha256(str(store).encode()).hexdigest()[:24]

@@ -267,6 +267,8 @@ def remove_staging(path: str | os.PathLike[str]) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    if not 0 < pid < 2**31:  # no process's (0 and -1 would ask about whole process groups)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

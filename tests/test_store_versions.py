@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import zarr
+from conftest import make_volume
 
 import store.source as local_mod
 from store import publish
@@ -131,7 +132,7 @@ def test_reads_in_one_call_come_from_one_version(tmp_path):
     assert not bad
 
 
-@pytest.mark.parametrize("found", [1, 3])
+@pytest.mark.parametrize("found", [1, 3, "2"])
 def test_another_format_is_refused_in_one_line(tmp_path, found):
     (tmp_path / "zarr.json").write_text(
         json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"scancache": {"format": found}}})
@@ -141,8 +142,26 @@ def test_another_format_is_refused_in_one_line(tmp_path, found):
             opener(tmp_path)
         message = str(info.value)
         assert "\n" not in message and str(tmp_path) in message
-        assert f"store format {found}" in message and "reads format 2" in message
+        assert f"store format {found!r}" in message and "reads format 2" in message  # '2' is text
         assert "re-run `scancache preprocess` into a new store" in message
+
+
+def test_a_store_id_that_is_no_identifier_is_refused_where_the_store_opens(tmp_path):
+    """It goes into every response's headers: a CR/LF in it dropped every connection."""
+    from store.format import StoreFormatError
+
+    root = tmp_path / "store"
+    image, mask = make_volume((8, 8, 4), 2, seed=1)
+    write_scan(root, "0000001_V00-Aug00", image, mask, {"split": "train"})
+    doc = json.loads((root / "zarr.json").read_text())
+    doc["attributes"]["scancache"]["store_id"] = "abc\r\nX-Injected: 1"
+    (root / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(StoreFormatError) as info:
+        LocalSource(root)
+    assert (
+        str(info.value)
+        == f"{root}: its zarr.json's scancache.store_id 'abc\\r\\nX-Injected: 1' is not an identifier"
+    )
 
 
 def test_local_source_caches_are_bounded(tmp_path, monkeypatch):
@@ -214,6 +233,16 @@ def test_job_lock_fails_at_once_waits_and_takes_over_stale_locks(tmp_path):
     with JobLock(tmp_path, warn=notes.append):
         assert _strict((tmp_path / ".lock").read_text())["started"] > 2.0
     assert any("took over" in n for n in notes)
+    # a damaged record naming no possible process of this host (OverflowError before; 0 and -1
+    # would have asked about whole process groups)
+    for pid in (2**70, 0, -1):
+        (tmp_path / ".lock").write_text(
+            json.dumps({"host": socket.gethostname(), "pid": pid, "started": 1.0})
+        )
+        notes = []
+        with JobLock(tmp_path, warn=notes.append):
+            assert _strict((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+        assert any("took over" in n for n in notes)
 
 
 def test_an_empty_lock_is_taken_over_once_old_an_unreadable_one_never(tmp_path, monkeypatch):
