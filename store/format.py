@@ -130,7 +130,9 @@ def store_identity(store: str | os.PathLike[str], root_doc: object, local: bool 
     found = marker.get(STORE_ID_KEY) if isinstance(marker, dict) else None
     if isinstance(found, str) and found:
         if _STORE_ID.fullmatch(found) is None:  # it goes into every response's headers
-            raise StoreFormatError(f"{store}: its zarr.json's scancache.store_id {found[:40]!r} is not an identifier")
+            raise StoreFormatError(
+                f"{store}: its zarr.json's scancache.store_id {found[:40]!r} is not an identifier"
+            )
         return found
     if not local:
         return "derived-" + hashlib.sha256(str(store).encode()).hexdigest()[:24]

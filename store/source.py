@@ -266,6 +266,12 @@ class LocalSource:
                 if is_passing(err):  # storage that failed for now: as it is, so it is retried
                     raise
                 raise ArrayNotFound(f"scan {scan_id!r} has no array {name!r}") from None
+            if name != LOCATIONS and tuple(arr.shape[:3]) != tuple(meta.shape[:3]):
+                # its attributes edited or from another version: every region check would be wrong
+                raise ScanDamaged(
+                    scan_id,
+                    f"its {name} array is {tuple(arr.shape[:3])}, its attributes say {tuple(meta.shape[:3])}",
+                )
             inner = tuple(int(n or 1) for n in arr.chunk_layout.read_chunk.shape or arr.shape)
             opened = (arr, inner, int(arr.dtype.numpy_dtype.itemsize))
             self._arrays.put(key, opened)

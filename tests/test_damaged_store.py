@@ -5,6 +5,7 @@ missing chunk as its fill value, so it read as zeros) or one whose bytes no long
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 
@@ -196,3 +197,24 @@ def test_scans_names_a_published_scan_whose_zarr_json_is_lost(tmp_path):
             else [line.split()[0] for line in result.stdout.splitlines()[1:-1]]
         )
         assert listed == sorted(s for s in truth if s != SCAN)
+
+
+def test_a_scan_whose_shape_attribute_disagrees_with_its_arrays_is_damage(tmp_path):
+    """A scan's zarr.json edited (or mixed from another version) to another shape than its
+    arrays: ScanDamaged naming both, locally and over HTTP (a generic 500 before)."""
+    import json
+
+    root = tmp_path / "store"
+    build_store(root)
+    meta = (root / SCAN).resolve() / "zarr.json"
+    doc = json.loads(meta.read_text())
+    stored = list(doc["attributes"]["shape"])
+    doc["attributes"]["shape"] = [*stored[:2], stored[2] + 4]
+    meta.write_text(json.dumps(doc))
+    why = f"its image array is {tuple(stored)}, its attributes say {(*stored[:2], stored[2] + 4)}"
+    with open_source(root) as source, pytest.raises(ScanDamaged, match=re.escape(why)):
+        source.read_image(SCAN)
+    with live_server(root) as url:
+        response = httpx.get(f"{url}/scans/{SCAN}/image", params={"roi": "0:2,0:2,0:2"})
+        assert response.status_code == 500 and response.json()["error"] == "ScanDamaged"
+        assert why in response.json()["detail"]
