@@ -160,7 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     host = settings.host
     check_listen_host(host, f"--host {host}" if args.host else f"{ENV_HOST}={host}")
-    serve(settings, workers=args.workers)  # blocks until the server stops (Ctrl-C)
+    serve(settings, workers=args.workers, access_log=args.access_log)  # blocks until stopped (Ctrl-C)
     return 0
 
 
@@ -332,6 +332,11 @@ def build_parser() -> OneLineParser:
     )
     p.add_argument("--port", type=port_number, default=None, help="default: $SCANCACHE_PORT, else 8000")
     p.add_argument("--workers", type=positive_int, default=1, help="uvicorn worker processes (default: 1)")
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log a line per request (off by default: a training run makes hundreds a second)",
+    )
     p.add_argument(
         "--cache-bytes",
         type=parse_bytes,

@@ -223,6 +223,9 @@ def test_serve_starts_the_server_with_the_pinned_options(small_store, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+    # quiet in normal operation: no line per request (--access-log asks for them)
+    logged = proc.stderr.read()
+    assert "GET /scans" not in logged and "HTTP/1.1" not in logged, logged
 
 
 def test_preprocess_then_verify_through_the_console_script(tmp_path):

@@ -47,8 +47,9 @@ def run(
     header_timeout: float | None = None,
     send_timeout: float | None = None,
     predictions: str | os.PathLike[str] | None = None,
+    access_log: bool = False,
 ) -> None:
-    """Serve ``store`` until interrupted.
+    """Serve ``store`` until interrupted (``access_log``: a line per request).
 
     ``token`` defaults to ``SCANCACHE_TOKEN`` (keep secrets out of command lines); the other
     ``SCANCACHE_*`` variables (``service.server.settings``) apply too, e.g. ``cache_bytes``
@@ -62,12 +63,13 @@ def run(
         "token": token, "max_inflight_bytes": max_inflight_bytes, "header_timeout": header_timeout,
         "send_timeout": send_timeout, "predictions": predictions,
     }  # fmt: skip
-    serve(Settings.resolve(flags), workers=workers, log_level=log_level)
+    serve(Settings.resolve(flags), workers=workers, log_level=log_level, access_log=access_log)
 
 
-def serve(settings: Settings, workers: int = 1, log_level: str = "info") -> None:
+def serve(settings: Settings, workers: int = 1, log_level: str = "info", access_log: bool = False) -> None:
     """Serve with ``settings`` (``Settings.resolve``: what ``scancache serve`` builds once)
-    until interrupted; ``workers`` > 1 processes receive them through ``SCANCACHE_*``."""
+    until interrupted; ``workers`` > 1 processes receive them through ``SCANCACHE_*``. Quiet in
+    normal operation: start, stop, warnings and errors; ``access_log``: a line per request too."""
     if workers < 1:
         raise ValueError(f"--workers: must be at least 1, got {workers}")
     host, port = settings.host, settings.port
@@ -79,10 +81,17 @@ def serve(settings: Settings, workers: int = 1, log_level: str = "info") -> None
         close_app(app)
         raise
     if workers == 1:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, **options)  # lifespan closes it
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, **options)
         return
     close_app(app)  # only the check: each worker process builds its own app
     os.environ.update(settings.to_env())  # worker processes inherit the settings (the token too)
     uvicorn.run(
-        APP_FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level, **options
+        APP_FACTORY,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        access_log=access_log,
+        **options,
     )
