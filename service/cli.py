@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from service.cli_args import (
     class_names_arg,
     host_port_arg,
     layout_from_flags,
+    non_negative_int,
     non_negative_seconds,
     parse_bytes,
     port_number,
@@ -117,18 +119,30 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
             print(f"{args.dir} already holds this sample data: nothing written")
             return 0
         raise ValueError(f"{args.dir} is not empty: give a new or empty folder")
-    data = write_sample_data(
-        args.dir,
-        subjects=args.subjects,
-        visits=args.visits,
-        shape=args.shape,
-        num_classes=args.classes,
-        fmt=args.format,
-        seed=args.seed,
-        splits=splits,
-        dtype=args.dtype,
-    )
-    stamp.write_text(json.dumps(params))
+    made = not folder.exists()
+    try:
+        data = write_sample_data(
+            args.dir,
+            subjects=args.subjects,
+            visits=args.visits,
+            shape=args.shape,
+            num_classes=args.classes,
+            fmt=args.format,
+            seed=args.seed,
+            splits=splits,
+            dtype=args.dtype,
+        )
+        stamp.write_text(json.dumps(params))
+    except BaseException:  # DIR was new or empty: leave it so, and the same command can run again
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            if made:
+                folder.rmdir()
+        raise
     kinds = ", ".join(f"{data.count(k)} {k.upper()}" for k in ("2d", "3d") if data.count(k))
     noun = "scan" if len(data.scans) == 1 else "scans"  # "1 2D scan", "1 2D, 1 3D scans"
     print(f"wrote {kinds} {noun} of {'x'.join(map(str, args.shape))} to {data.root}")
@@ -315,7 +329,7 @@ def build_parser() -> OneLineParser:
     splits_help = "split folders (default: %(default)s)"
     p.add_argument("--splits", type=split_names_arg, default="train,valid,test", help=splits_help)
     p.add_argument("--no-splits", action="store_true", help="write all scans directly into DIR")
-    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="default: %(default)s")
     p.set_defaults(func=cmd_sample_data)
 
     p = sub.add_parser(

@@ -17,6 +17,7 @@ subject is in two splits.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+from store.reader_share import memory_bytes
+from store.units import format_bytes
 
 DEFAULT_SHAPE = (96, 96, 24)
 DEFAULT_SPLITS = ("train", "valid", "test")
@@ -138,6 +142,14 @@ def write_sample_data(
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ValueError(f"split names must be plain folder names, got {name!r}")
     out_dtype = np.dtype(dtype)
+    # the phantom of one scan is built in memory (float32 image, one uint8 mask per class)
+    scan_bytes = math.prod(int(n) for n in shape) * (4 + out_dtype.itemsize + num_classes)
+    memory = memory_bytes()
+    if memory is not None and scan_bytes > memory // 2:
+        raise ValueError(
+            f"shape {tuple(int(n) for n in shape)}: one scan takes {format_bytes(scan_bytes)} to build, "
+            f"more than half this machine's memory ({format_bytes(memory)})"
+        )
     root = Path(directory)
     data = SampleData(root=root)
     rng = np.random.default_rng(seed)

@@ -116,3 +116,38 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path):
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
         write_sample_data(tmp_path, **kwargs)
+
+
+def test_a_sample_data_run_that_fails_leaves_dir_as_it_was_and_runs_again(tmp_path, monkeypatch, capsys):
+    """Stopped or failed midway (a full disk, Ctrl-C), it left DIR/train behind, and the same
+    command then refused ("is not empty"). A shape no memory holds is refused before writing,
+    naming it; a negative --seed names --seed."""
+    import service.sample_data as sample_data
+    from service import cli
+
+    written = sample_data._write_slices
+    calls = []
+
+    def fails_at_the_third_scan(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        written(*args, **kwargs)
+
+    monkeypatch.setattr(sample_data, "_write_slices", fails_at_the_third_scan)
+    new, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
+    for folder in (new, empty):
+        calls.clear()
+        assert cli.main(["sample-data", str(folder), "--shape", "8,8,2"]) == 1
+        assert "No space left on device" in capsys.readouterr().err
+        assert folder.exists() == (folder == empty) and (not folder.exists() or not any(folder.iterdir()))
+    monkeypatch.setattr(sample_data, "_write_slices", written)
+    assert cli.main(["sample-data", str(new), "--shape", "8,8,2"]) == 0
+    assert "wrote 8 2D scans" in capsys.readouterr().out
+    huge = tmp_path / "huge"
+    assert cli.main(["sample-data", str(huge), "--shape", "100000,100000,1000"]) == 1
+    assert "shape (100000, 100000, 1000): one scan takes" in capsys.readouterr().err and not huge.exists()
+    with pytest.raises(SystemExit):
+        cli.main(["sample-data", str(huge), "--seed", "-1"])
+    assert "argument --seed: '-1' must be at least 0" in capsys.readouterr().err
