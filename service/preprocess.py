@@ -211,10 +211,19 @@ def check_scheduler_reachable(address: str, timeout: float = 10.0) -> None:
     from urllib.parse import urlsplit
 
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
-    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+    if parts.scheme != "tcp" or not parts.hostname:
         return  # tls://, inproc:// or a form Dask parses itself: left to Dask
     try:
-        socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
+        port = parts.port
+    except ValueError:  # "tcp://host:99999", "tcp://host:x"
+        port = -1
+    if port is None or port <= 0:
+        raise ValueError(
+            f"--scheduler {address}: give the scheduler's tcp://HOST:PORT (it listens on 8786 unless "
+            "started with another --port)"
+        )
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
     except OSError as err:
         raise ConnectionError(
             f"--scheduler {address}: cannot reach the Dask scheduler ({err.strerror or type(err).__name__}); "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import errno
 import os
 import re
 from collections import defaultdict
@@ -268,6 +269,11 @@ def _link_problem(root: Path, link: Path, visited: set[str] | None) -> str | Non
     """Why a symbolic link in the source is not followed (None: it is)."""
     real = os.path.realpath(link)
     if not os.path.exists(real):
+        try:
+            os.stat(link)
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # links that point at each other: no target at all
+                return "symbolic link loop (the links point at each other); not followed"
         return "broken symbolic link (its target does not exist)"
     if os.path.commonpath([str(root), real]) != str(root):
         return (

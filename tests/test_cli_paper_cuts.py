@@ -252,3 +252,16 @@ def test_a_top_level_flag_after_the_command_says_where_it_goes(capsys):
         "scancache scans: error: unrecognized arguments: --debug; --debug goes before the command "
         "(scancache --debug COMMAND ...) (see scancache scans --help)"
     )
+
+
+@pytest.mark.parametrize("address", ["bogus", "tcp://bogus", "tcp://127.0.0.1:99999", "127.0.0.1:x"])
+def test_a_scheduler_address_without_a_port_names_the_flag(address, tmp_path, capsys):
+    """Dask said "missing port number in address 'bogus'", naming no flag."""
+    from service.sample_data import write_sample_data
+
+    write_sample_data(tmp_path / "src", subjects=1, visits=1, shape=(8, 8, 2))
+    assert cli.main(["preprocess", str(tmp_path / "src"), str(tmp_path / "st"), "--scheduler", address]) == 1
+    assert capsys.readouterr().err == (
+        f"scancache preprocess: error: --scheduler {address}: give the scheduler's tcp://HOST:PORT "
+        "(it listens on 8786 unless started with another --port)\n"
+    )

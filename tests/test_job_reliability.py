@@ -224,6 +224,8 @@ def test_symlinks_inside_are_followed_outside_refused(tmp_path):
     os.symlink(outside, source / "outside_folder")
     os.symlink(tmp_path / "missing.h5", source / "0000003_V00-Aug00.h5")
     os.symlink(source, source / "data" / "loop")
+    os.symlink(source / "0000004_V00-Aug00.h5", source / "0000005_V00-Aug00.h5")  # two links pointing
+    os.symlink(source / "0000005_V00-Aug00.h5", source / "0000004_V00-Aug00.h5")  # at each other
     found = discover(source)
     lines = sorted(str(f) for f in found.failures)
     assert any(
@@ -237,6 +239,8 @@ def test_symlinks_inside_are_followed_outside_refused(tmp_path):
         line.startswith("0000003_V00-Aug00: 0000003_V00-Aug00.h5: broken symbolic link") for line in lines
     )
     assert any(line.startswith("loop: data/loop/: symbolic link loop") for line in lines), lines
+    for key in ("0000004_V00-Aug00", "0000005_V00-Aug00"):  # not "its target does not exist"
+        assert f"{key}: {key}.h5: symbolic link loop (the links point at each other); not followed" in lines
     # the scan under the inside link is found once (through whichever path is walked first)
     assert [s.scan_id for s in found.scans] == ["0000001_V00-Aug00"]
     np.testing.assert_array_equal(load_scan(found.scans[0]).image, image)
