@@ -118,6 +118,8 @@ def store_root(small_store):
         # one value given twice would have answered the last one; a list parameter repeats
         (f"/scans/{SCAN}/image?roi=0:4&roi=0:8", 422, ["roi: given more than once"], "InvalidParameter"),
         ("/scans?split=train&split=valid", 200, [], None),
+        ("/scans?split", 422, ["split: empty"], "InvalidParameter"),  # it answered "no scans"
+        ("/scans?split=train&split=", 422, ["split: empty"], "InvalidParameter"),
         ("/zarr/zarr.json?x=1", 422, ["x: not a parameter", "takes: none"], "InvalidParameter"),
         ("/nothing-here", 404, ["Not Found"], None),
     ],

@@ -130,6 +130,12 @@ async def list_scans(
     ] = None,
     predictions: Predictions = None,
 ) -> Response:
+    if split is not None and not all(
+        s.strip() for s in split
+    ):  # `?split` or `?split=`: a typo, not "no scans"
+        return error_response(
+            422, "split: empty; give a split name such as train", "InvalidParameter", "split"
+        )
     filters = {
         "split": split,
         "subject_id": subject_id,
