@@ -18,8 +18,11 @@ Every problem is a ``SourceError`` naming the case, the file and why, in one lin
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +100,16 @@ def _load(path: Path) -> Any:
     return image_class.from_bytes(raw)
 
 
+@contextlib.contextmanager
+def _nibabel_quiet(logger: logging.Logger) -> Iterator[None]:
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
 def _read(spec: ScanSpec, rel: str) -> _Volume:
     """One NIfTI file's voxels (scaled as nibabel scales them) and best affine."""
     import nibabel as nib
@@ -104,11 +117,15 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
     path = Path(spec.root) / rel
     img = None
     try:
-        img = _load(path)
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise SourceError(spec.scan_id, rel, f"not a NIfTI image ({type(img).__name__})")
-        data = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
+        # nibabel prints its header checks ("sizeof_hdr should be 348") to stderr: a file it
+        # cannot read is this case's one failure line instead (nibabel's own suppressor leaves
+        # its logger without handlers, so Python's last-resort handler prints them anyway)
+        with _nibabel_quiet(nib.imageglobals.logger):
+            img = _load(path)
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise SourceError(spec.scan_id, rel, f"not a NIfTI image ({type(img).__name__})")
+            data = np.asanyarray(img.dataobj)
+            affine = np.asarray(img.affine, dtype=np.float64)
     except SourceError:
         raise
     except FileNotFoundError:

@@ -80,6 +80,8 @@ def read_dataset_json(root: Path) -> DatasetInfo:
         ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: cannot read it ({type(err).__name__})") from None
+    except RecursionError:  # "maximum recursion depth exceeded", naming no file
+        raise DatasetError(f"{path}: nested too deeply to be a dataset.json") from None
     if not isinstance(doc, dict):
         raise DatasetError(f"{path}: must hold a JSON object")
     if "labels" not in doc:

@@ -18,9 +18,9 @@ a scan's files is ``service.slice_files`` (on a Dask worker). Every problem is a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import errno
 import os
 import re
 from collections import defaultdict

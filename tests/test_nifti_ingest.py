@@ -272,6 +272,7 @@ def test_each_bad_case_fails_in_one_line_and_the_good_one_converts(tmp_path):
         ('{"labels": {"background": 0, "a": 1}', "does not parse as JSON"),
         ('{"labels": {"background": 0, "tumour": [1, 2]}}', "region-based labels are not supported"),
         ('{"labels": {"background": 0, "a": 1}, "file_ending": ".png"}', "is not NIfTI"),
+        ('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply to be a dataset.json"),
     ],
 )
 def test_an_unusable_dataset_json_is_one_line_naming_it(tmp_path, text, words):

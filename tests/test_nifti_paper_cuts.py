@@ -148,6 +148,24 @@ def test_a_damaged_file_is_named_once_relative_to_the_dataset(tmp_path):
     assert str(tmp_path) not in result.stdout + result.stderr
 
 
+def test_gzip_that_is_no_nifti_is_one_line_without_nibabel_s_own(tmp_path):
+    """nibabel printed its header checks ("sizeof_hdr should be 348 ...") to stderr first."""
+    import gzip
+
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "good")
+    one_case(root, "words")
+    (root / "imagesTr/words_0000.nii.gz").write_bytes(gzip.compress(b"hello" * 100))
+    write_json(root / "dataset.json", {"labels": {"background": 0, **{n: v for v, n in c.kept}}})
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1
+    assert failure_lines(result)["words"].startswith(
+        "words: imagesTr/words_0000.nii.gz: cannot read as NIfTI"
+    )
+    assert "sizeof_hdr" not in result.stderr and "not recognized" not in result.stderr, result.stderr
+
+
 def test_verify_finds_classes_renamed_in_dataset_json(tmp_path):
     c = colin()
     root, store = tmp_path / "ds", tmp_path / "store"
