@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,8 @@ from loaders.scans import ScanEntry, read_grouped
 from store.format import MASK
 from store.label_map import location_counts
 from store.protocol import RegionRequest, ScanSource
+from store.reader_share import memory_bytes
+from store.units import format_bytes
 
 
 @register_loader
@@ -61,6 +64,24 @@ class PatchDataLoader(DataLoader):
         blend_weights((1, 1, 1), self.blend_mode)  # validates the mode early
         super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size, **sharding)
         self._check_channels(size)
+        self._check_fits(size)
+
+    def _check_fits(self, size: tuple[int, ...]) -> None:
+        """A batch of x and y that this machine cannot hold is refused now, naming IMG_SIZE,
+        not at the first read as a MemoryError naming neither it nor the scan."""
+        memory = memory_bytes()
+        if memory is None or not self.scans:
+            return
+        voxels = math.prod(int(n) for n in self.patch)
+        per_voxel = 4 * self.scans[0].channels + self.y_dtype.itemsize * (
+            1 if self.class_index else self.num_classes()
+        )
+        need = self.batch_size * voxels * per_voxel
+        if need > memory // 2:
+            raise ValueError(
+                f"IMG_SIZE {size} with batch_size {self.batch_size}: a batch of x and y takes "
+                f"{format_bytes(need)}, more than half this machine's memory ({format_bytes(memory)})"
+            )
 
     def _check_channels(self, size: tuple[int, ...]) -> None:
         """IMG_SIZE's channels are the scans' image channels K: (h, w, d) only for K = 1."""

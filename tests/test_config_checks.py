@@ -180,3 +180,27 @@ def test_catalog_and_build_loader_refuse_what_they_cannot_use_where_it_enters():
             call()
         assert words in str(info.value) and "\n" not in str(info.value)
     assert "five" not in DatasetCatalog.list() and "slow" not in DatasetCatalog.list()
+
+
+def test_a_patch_batch_no_memory_holds_is_refused_naming_img_size(tmp_path):
+    """It built, then failed at the first read with a MemoryError naming neither IMG_SIZE nor
+    the scan (or tried to allocate tens of GB)."""
+    from store.writer import write_scan
+
+    root = tmp_path / "store"
+    image = np.zeros((16, 16, 4), np.float32)
+    write_scan(root, "0000001_V00-Aug00", image, np.ones((16, 16, 4, 1), np.uint8), {"split": "train"})
+    DatasetCatalog.register("huge_patches", str(root), split="train")
+    try:
+        cfg = Config(TAG="PatchDataLoader", IMG_SIZE=(4096, 4096, 512, 1), CATEGORIES=(0,))
+        with pytest.raises(ValueError) as info:
+            build_loader(cfg, "huge_patches", 2, False, True, False)
+        message = str(info.value)
+        assert message.startswith("IMG_SIZE (4096, 4096, 512, 1) with batch_size 2: a batch of x and y takes")
+        assert "more than half this machine's memory" in message and "\n" not in message
+        cfg.IMG_SIZE = (8, 8, 4, 1)
+        fits = build_loader(cfg, "huge_patches", 2, False, True, False)
+        assert fits[0][0].shape[1:4] == (8, 8, 4)
+        fits.close()
+    finally:
+        DatasetCatalog.remove("huge_patches")
