@@ -600,3 +600,35 @@ def test_integer_parameters_take_plain_digits_as_roi_does(client, url, param):
 def test_integer_parameters_still_take_signs_and_spaces(client):
     assert client.get(f"/scans/{SCAN}/preview.png?z=+1").status_code == 200
     assert client.get("/scans?subject_id=%201").status_code == 200
+
+
+def test_a_batch_whose_scan_is_republished_between_plan_and_read_is_read_at_the_new_version(
+    tmp_path, monkeypatch
+):
+    """A batch names no version: a re-publish between the server's plan and its read gave a 409
+    telling a plain HTTP client to "rebuild the loader"; it is read again at the current version,
+    which the versions header names (a loader that planned with another checks it)."""
+    from store.source import LocalSource
+
+    root = tmp_path / "store"
+    first, mask = make_volume((8, 8, 4), 2, seed=1)
+    write_scan(root, SCAN, first, mask, {"split": "train"})
+    second = first + 100.0
+    real = LocalSource.read_versioned
+    calls = []
+
+    def republished_first(self, requests):
+        if not calls:
+            write_scan(root, SCAN, second, mask, {"split": "train"})  # the job publishes meanwhile
+        calls.append([r.version for r in requests])
+        return real(self, requests)
+
+    monkeypatch.setattr(LocalSource, "read_versioned", republished_first)
+    client = InProcess(create_app(Settings(store=root)))
+    body = {"regions": [{"scan_id": SCAN, "array": "image", "roi": ":,:,1:3"}]}
+    response = client.post("/batch", json=body)
+    assert response.status_code == 200, response.text
+    (got,) = decode_npy_stream(response.content)
+    np.testing.assert_array_equal(got, second[:, :, 1:3])
+    assert len(calls) == 2 and calls[0] != calls[1]  # planned at the old version, read at the new
+    assert calls[1][0] in response.headers["x-scancache-versions"]

@@ -51,7 +51,7 @@ from service.server.params import (
 from service.server.regions import RegionPlan, check_budget, plan_region
 from service.server.responses import Parts, budgeted_response
 from service.server.state import ServerState
-from store.errors import RequestTooLarge
+from store.errors import RequestTooLarge, ScanChanged
 from store.format import IMAGE, MASK, channel_array, channel_of
 from store.label_map import LabelRegion, merged
 
@@ -235,12 +235,25 @@ async def post_batch(request: Request, state: State, batch: BatchRequest) -> Res
     plans = await to_thread.run_sync(plan_all)
     total = check_budget(plans, state.settings.max_bytes)
 
-    def read_all() -> tuple[Parts, Mapping[str, str]]:
+    def read_planned(plans: list[RegionPlan]) -> tuple[list[Any], int, dict[str, str]]:
         requests = [
             replace(p.request(), slice_major=r.slice_major, version=p.version)
             for p, r in zip(plans, batch.regions, strict=True)
         ]
-        arrays, decoded, versions = state.source.read_versioned(requests)
+        return state.source.read_versioned(requests)
+
+    def read_all() -> tuple[Parts, Mapping[str, str]]:
+        nonlocal plans
+        try:
+            arrays, decoded, versions = read_planned(plans)
+        except ScanChanged:
+            # re-published between this request's plan and its read: the batch names no version,
+            # so it is read again at the current ones (what the versions header then says; a
+            # client that planned with another checks it), within the budget already held
+            plans = plan_all()
+            if check_budget(plans, state.settings.max_bytes) > total:
+                raise
+            arrays, decoded, versions = read_planned(plans)
         parts: Parts = []
         for arr, spec in zip(arrays, batch.regions, strict=True):
             if isinstance(arr, LabelRegion) and batch.label_maps:
