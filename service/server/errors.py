@@ -141,11 +141,18 @@ def internal_error_response(exc: BaseException) -> JSONResponse:
 FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 
+# what pydantic puts in a location for the branch of a union a value was tried as: no field
+_BRANCH_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _location(loc: tuple[Any, ...] | list[Any]) -> str:
-    """``("body", "regions", 3, "roi")`` -> ``regions[3].roi``; ``("query", "split")`` -> ``split``."""
+    """``("body", "regions", 3, "roi")`` -> ``regions[3].roi``; ``("query", "split")`` -> ``split``;
+    a union branch's tag (``categories.list[any]``, ``categories.str``) is left out."""
     parts = list(loc)
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:] or [parts[0]]
+    fields = [p for p in parts if not (isinstance(p, str) and (p in _BRANCH_TAGS or "[" in p or "-" in p))]
+    parts = fields or parts
     out = ""
     for part in parts:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -167,8 +174,12 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
         message = "body: expected a JSON object (send it with Content-Type: application/json)"
         return error_response(422, message, "InvalidParameter", "body")
     param = _location(first.get("loc", ()))
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return error_response(422, f"{param}: {first.get('msg', 'invalid')}{more}", "InvalidParameter", param)
+    # a value that fits no branch of a union is one error per branch, all of one parameter
+    same = [e for e in errors if _location(e.get("loc", ())) == param]
+    said = "; or ".join(dict.fromkeys(str(e.get("msg", "invalid")) for e in same))
+    others = len(errors) - len(same)
+    more = f" (and {others} more)" if others else ""
+    return error_response(422, f"{param}: {said}{more}", "InvalidParameter", param)
 
 
 def unaccepted_encoding(request: Request) -> str | None:
