@@ -404,6 +404,7 @@ def test_zarr_files_lost_or_unreadable_are_never_a_404(tmp_path, monkeypatch):
     assert body["error"] == "ScanDamaged"
     assert_error(client.get(f"/zarr/{SCAN}/image/c/9/9/9"), 404)  # never written: absent
     assert_error(client.get(f"/zarr/{SCAN}/.zattrs"), 404)  # a Zarr v2 probe
+    assert_error(client.get(f"/zarr/{SCAN}/image/c/{'x' * 300}"), 404)  # a name too long: no such file
     with live_server(root) as url:
         spec = {
             "driver": "zarr3",

@@ -72,6 +72,7 @@ def test_one_line():
     assert (
         one_line(FileNotFoundError(2, "No such file or directory")) == "[Errno 2] No such file or directory"
     )
+    assert one_line(OSError(9, "Bad file descriptor", 987)) == "987: Bad file descriptor"  # os.stat(987)
     long = one_line("x" * 1000, 50)
     assert len(long) == 50 and long.endswith("...")
 

@@ -14,6 +14,7 @@ never mixes versions within a file; the ETag names the version.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -206,10 +207,10 @@ def open_store_file(root: Path, parts: tuple[str, ...]) -> OpenFile:
     real = resolve_store_file(root, parts)
     try:
         fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    except PermissionError:
+        raise  # a file the server's user may not read: a 503, not a 404 that a Zarr reader would take for fill values
+    except OSError:  # missing, a folder, a name too long, a link loop: no such file in the tree
         raise NotInStore(f"path: {'/'.join(parts)!r} not found") from None
-    # any other error (a file the server's user may not read) is raised: a 503, not a 404 that
-    # a Zarr reader would take for a chunk of fill values
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -290,14 +291,21 @@ def _listed_but_missing(root: Path | str, parts: tuple[str, ...]) -> str | None:
     version = storage.current_version(parts[0])
     if version is None:
         return None
+    listed = _manifest_keys(str(root), parts[0], version)
+    rel = "/".join(parts[1:])
+    return f"{rel} is missing" if rel in listed else None
+
+
+@functools.lru_cache(maxsize=256)  # a version never changes; Zarr readers probe many absent keys
+def _manifest_keys(root: str, scan_id: str, version: str) -> frozenset[str]:
+    storage = open_storage(root)
     try:
-        doc = storage.read_json(f"{storage.version_key(parts[0], version)}/zarr.json")
-    except ValueError:  # not JSON: damaged too, but said by the scan routes, which parse it
-        return None
+        doc = storage.read_json(f"{storage.version_key(scan_id, version)}/zarr.json")
+    except (ValueError, RecursionError):  # not JSON: damaged too, but said by the scan routes
+        return frozenset()
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     manifest = attrs.get(MANIFEST) if isinstance(attrs, dict) else None
-    rel = "/".join(parts[1:])
-    return f"{rel} is missing" if isinstance(manifest, dict) and rel in manifest else None
+    return frozenset(manifest) if isinstance(manifest, dict) else frozenset()
 
 
 def _read_range(file: OpenFile | StoredObject, start: int, end: int) -> bytes:
