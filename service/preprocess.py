@@ -192,9 +192,9 @@ def run_preprocess(
                 storage.remove_staging(staging)
         known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
         summary.orphans = [s for s in storage.published_names() if s not in known]
-        # a source folder refused (a link out of the source, a name that is no text): its scans
-        # were not looked at, so none is known to be gone
-        summary.prune_withheld = prune and any(err.file.endswith("/") for err in found.failures)
+        # a source folder not read (unlistable, a link out of the source, a name that is no
+        # text): none of the store's scans is known to be gone
+        summary.prune_withheld = prune and bool(found.unread_folders)
         if prune and not summary.prune_withheld:
             for scan_id in summary.orphans:
                 storage.unpublish(scan_id)

@@ -26,7 +26,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from store.errors import EmptySource, InvalidPath, SourceError, SourceUnreadable, shown_name
 from store.format import FORMAT_VERSION, ChunkLayout, validate_scan_id
@@ -106,11 +106,14 @@ class Discovery:
     failures: list[SourceError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # warnings on the source as a whole, one line each
     one_split: bool = False  # SOURCE is one split folder of its parent (a note says so)
+    # folders whose scans were not read (unlistable, a link out of SOURCE, a name that is no
+    # text): none of the store's scans is known to be gone, so --prune removes nothing
+    unread_folders: list[str] = field(default_factory=list)
 
 
-def refuse_unlistable(err: OSError, source: str | os.PathLike[str], root: Path) -> None:
+def refuse_unlistable(err: OSError, source: str | os.PathLike[str], root: Path) -> NoReturn:
     """Raise one line naming the folder of the source (``err.filename``, else ``root``) that
-    cannot be listed: read in part, the source's other scans would look gone."""
+    cannot be listed (SOURCE itself, or an nnU-Net dataset's images folder): nothing to read."""
     folder = Path(os.fsdecode(err.filename)) if err.filename else root
     rel = folder.relative_to(root).as_posix() if folder.is_relative_to(root) and folder != root else ""
     shown = f"{os.fspath(source).rstrip('/')}/{rel}".rstrip("/") + "/"
@@ -173,19 +176,34 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
     )
     splits: dict[str, dict[str | None, str]] = defaultdict(dict)  # key -> split -> first file seen
     any_input = False
-    # a folder that cannot be listed is refused, not skipped: its scans would look gone
-    for dirpath, dirnames, filenames in os.walk(
-        root, followlinks=True, onerror=lambda err: refuse_unlistable(err, source, root)
-    ):
+
+    def unread(folder: Path, name: str, why: str) -> None:
+        rel = folder.relative_to(root).as_posix() + "/"
+        found.failures.append(SourceError(name, rel, why))
+        found.unread_folders.append(rel)
+
+    def unlistable(err: OSError) -> None:  # a subfolder: its scans fail, the others convert
+        folder = Path(os.fsdecode(err.filename)) if err.filename else root
+        if folder == root:
+            refuse_unlistable(err, source, root)
+        unread(
+            folder,
+            folder.name,
+            f"cannot list this folder ({err.strerror or type(err).__name__}); its scans are not read",
+        )
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unlistable):
         kept = []
-        for d in sorted(d for d in dirnames if not d.startswith(".")):
+        for d in sorted(d for d in dirnames if not d.startswith(".") and d != "lost+found"):
             link = Path(dirpath) / d
-            why = _link_problem(root, link, visited) if link.is_symlink() else _name_problem(d)
+            why = (_link_problem(root, link, visited) if link.is_symlink() else None) or _name_problem(d)
             if why is None:
                 kept.append(d)
                 visited.add(os.path.realpath(link))
-            else:
+            elif why == LOOP_ALREADY_READ:  # its scans are read through the other path
                 found.failures.append(SourceError(d, link.relative_to(root).as_posix() + "/", why))
+            else:
+                unread(link, d, why)
         dirnames[:] = kept
         for name in sorted(filenames):
             suffix = os.path.splitext(name)[1]
@@ -265,6 +283,9 @@ def _one_split_note(
     )
 
 
+LOOP_ALREADY_READ = "symbolic link loop (points to a folder already read); not followed"
+
+
 def _link_problem(root: Path, link: Path, visited: set[str] | None) -> str | None:
     """Why a symbolic link in the source is not followed (None: it is)."""
     real = os.path.realpath(link)
@@ -280,7 +301,7 @@ def _link_problem(root: Path, link: Path, visited: set[str] | None) -> str | Non
             "symbolic link to outside SOURCE; not followed (copy it in, or make SOURCE a folder holding both)"
         )
     if visited is not None and (real in visited or str(root).startswith(real + os.sep)):
-        return "symbolic link loop (points to a folder already read); not followed"
+        return LOOP_ALREADY_READ
     return None
 
 
