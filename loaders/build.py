@@ -14,13 +14,15 @@ from loaders.registry import build_data_loader
 
 def get_dataset_dicts(dataset_names: str | Sequence[str], filter_empty: bool = True) -> list[dict[str, Any]]:
     """Dataset dicts of registered datasets; ``filter_empty`` drops scans without a mask."""
-    names = (dataset_names,) if isinstance(dataset_names, str) else dataset_names
-    if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+    try:  # one name, or any iterable of them (a list, a tuple, a set, dict keys)
+        names = (dataset_names,) if isinstance(dataset_names, str) else tuple(dataset_names)
+    except TypeError:
+        names = (dataset_names,)  # type: ignore[assignment]
+    if not all(isinstance(n, str) for n in names):
         raise TypeError(
             f"dataset_names: {dataset_names!r} is not a dataset name (a string registered with "
             "DatasetCatalog.register) or a list of them"
         )
-    names = tuple(names)
     if not names:
         raise ValueError("no dataset name given")
     per_name = [DatasetCatalog.get(name) for name in names]

@@ -140,8 +140,10 @@ class DatasetCatalog:
         URL, ``timeout`` (seconds per request), ``retries`` (most retries of one request) and
         ``retry_seconds`` (how long to keep retrying) go to its ``HttpSource``.
         """
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"DatasetCatalog.register: a dataset's name is a non-empty string, got {name!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"DatasetCatalog.register: a dataset's name is a string, got {name!r}")
+        if not name.strip():
+            raise ValueError(f"DatasetCatalog.register: a dataset's name is a non-empty string, got {name!r}")
         if name in DatasetCatalog._REGISTERED:
             raise ValueError(
                 f"dataset {name!r} is already registered (DatasetCatalog.remove({name!r}) first to register it again)"

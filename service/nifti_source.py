@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,14 +101,25 @@ def _load(path: Path) -> Any:
     return image_class.from_bytes(raw)
 
 
+_quiet_lock = threading.Lock()
+_quiet_readers = 0  # reads in progress that keep nibabel's logger off (several threads of a worker)
+_quiet_was = False
+
+
 @contextlib.contextmanager
 def _nibabel_quiet(logger: logging.Logger) -> Iterator[None]:
-    was = logger.disabled
-    logger.disabled = True
+    global _quiet_readers, _quiet_was
+    with _quiet_lock:
+        if _quiet_readers == 0:
+            _quiet_was, logger.disabled = logger.disabled, True
+        _quiet_readers += 1
     try:
         yield
     finally:
-        logger.disabled = was
+        with _quiet_lock:
+            _quiet_readers -= 1
+            if _quiet_readers == 0:  # the last read out: as it was before the first came in
+                logger.disabled = _quiet_was
 
 
 def _read(spec: ScanSpec, rel: str) -> _Volume:

@@ -81,9 +81,13 @@ def spacing_of(scan: str, rel: str, value: Any) -> list[float] | None:
     """The ``spacing`` attribute as three floats (None if absent); refuses, naming the file,
     anything else: text, another count of numbers, a NaN, infinite, zero or negative voxel size
     (ignored, the scan would be stored at 1 mm; kept, it failed in the store, blaming it)."""
-    if value is None:
+    import h5py  # the readers' own import; the job's parent process need not load it
+
+    if value is None or isinstance(value, h5py.Empty):
         return None
     array = np.asarray(value)
+    if array.size == 0:  # an empty attribute: as if absent
+        return None
     try:
         if array.dtype.kind not in "iuf":
             raise ValueError

@@ -157,11 +157,11 @@ def test_catalog_and_build_loader_refuse_what_they_cannot_use_where_it_enters():
         (
             lambda: DatasetCatalog.register(None, "/data/store"),
             TypeError,
-            "a dataset's name is a non-empty string",
+            "a dataset's name is a string, got None",
         ),
         (
             lambda: DatasetCatalog.register("", "/data/store"),
-            TypeError,
+            ValueError,
             "a dataset's name is a non-empty string",
         ),
         (
@@ -182,10 +182,13 @@ def test_catalog_and_build_loader_refuse_what_they_cannot_use_where_it_enters():
     assert "five" not in DatasetCatalog.list() and "slow" not in DatasetCatalog.list()
 
 
-def test_a_patch_batch_no_memory_holds_is_refused_naming_img_size(tmp_path):
+def test_a_patch_batch_no_memory_holds_is_refused_naming_img_size(tmp_path, monkeypatch):
     """It built, then failed at the first read with a MemoryError naming neither IMG_SIZE nor
     the scan (or tried to allocate tens of GB)."""
+    import loaders.patches
     from store.writer import write_scan
+
+    monkeypatch.setattr(loaders.patches, "memory_bytes", lambda: 16 * 2**30)  # whatever the host has
 
     root = tmp_path / "store"
     image = np.zeros((16, 16, 4), np.float32)
@@ -197,7 +200,7 @@ def test_a_patch_batch_no_memory_holds_is_refused_naming_img_size(tmp_path):
             build_loader(cfg, "huge_patches", 2, False, True, False)
         message = str(info.value)
         assert message.startswith("IMG_SIZE (4096, 4096, 512, 1) with batch_size 2: a batch of x and y takes")
-        assert "more than half this machine's memory" in message and "\n" not in message
+        assert "more than half this machine's memory (16.0 GiB)" in message and "\n" not in message
         cfg.IMG_SIZE = (8, 8, 4, 1)
         fits = build_loader(cfg, "huge_patches", 2, False, True, False)
         assert fits[0][0].shape[1:4] == (8, 8, 4)
