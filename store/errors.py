@@ -31,7 +31,11 @@ def one_line(err_or_text: BaseException | str, limit: int = ONE_LINE_LIMIT) -> s
 
 
 def _os_error(err: OSError) -> str:
-    names = [str(n) if isinstance(n, int) else os.fsdecode(n) for n in (err.filename, err.filename2) if n is not None]
+    names = [
+        str(n) if isinstance(n, int) else os.fsdecode(n)
+        for n in (err.filename, err.filename2)
+        if n is not None
+    ]
     return f"{' -> '.join(shown_name(n) for n in names)}: {err.strerror}"
 
 
