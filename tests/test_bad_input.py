@@ -398,3 +398,22 @@ def test_a_folder_name_that_is_no_text_fails_naming_it_and_withholds_prune(tmp_p
     assert "(kept: --prune waits until every source folder is read; see the failures)" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert sorted(published(store)) == ["0000001_V00-Aug00", "0000002_V00-Aug00"]
+
+
+def test_only_folders_whose_scans_went_unread_withhold_prune(tmp_path):
+    """A link to a folder already read (its scans are read through the other path) fails but
+    withholds nothing; a symbolic link named by bytes that are not UTF-8 is refused by name too."""
+    source = tmp_path / "src"
+    image, mask = _scan(seed=4)
+    write_slice_files(source / "train", "0000001_V00-Aug00", image, mask)
+    os.symlink(source, source / "train" / "up")  # back to a folder already read
+    found = discover(source)
+    assert [str(f) for f in found.failures] == [
+        "up: train/up/: symbolic link loop (points to a folder already read); not followed"
+    ]
+    assert [s.scan_id for s in found.scans] == ["0000001_V00-Aug00"] and found.unread_folders == []
+    odd = os.fsdecode(b"li\xffnk")
+    os.symlink(source / "train", source / odd)
+    found = discover(source)
+    assert f"{odd}/" in found.unread_folders
+    assert any("folder name is not UTF-8 text" in str(f) for f in found.failures)

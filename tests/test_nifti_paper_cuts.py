@@ -289,3 +289,21 @@ def test_an_uncompressed_file_named_gz_is_named_as_such(tmp_path):
         "plain: imagesTr/plain_0000.nii.gz: cannot read as NIfTI: not gzip data, though its name ends "
         "in .gz (a .nii file renamed?)"
     )
+
+
+def test_a_case_in_imagesTr_and_imagesTs_fails_but_does_not_hold_back_prune(tmp_path):
+    """Its failure names a folder ("imagesTs/"), but every folder was read: --prune is not
+    withheld (a review found it was, by the failure's name alone)."""
+    import shutil
+
+    from nifti_sources import build_two_channel_dataset
+
+    from service.sources import discover
+
+    root = build_two_channel_dataset(tmp_path / "ds")
+    (root / "imagesTs").mkdir()
+    for channel in ("0000", "0001"):
+        shutil.copy(root / f"imagesTr/colin2_{channel}.nii.gz", root / f"imagesTs/colin2_{channel}.nii.gz")
+    found = discover(root)
+    assert any("case also in" in str(f) for f in found.failures), [str(f) for f in found.failures]
+    assert found.unread_folders == []
