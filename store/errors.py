@@ -150,5 +150,5 @@ class EmptySource(ScanCacheError, ValueError):
 
 
 class SourceUnreadable(ScanCacheError, OSError):
-    """A folder of the source cannot be listed: its scans would look gone (and be pruned), so
-    the job reads nothing rather than part of the source."""
+    """SOURCE itself (or an nnU-Net dataset's images folder) cannot be listed: there is nothing
+    to read. (A subfolder that cannot be listed fails its own scans, and holds back --prune.)"""
