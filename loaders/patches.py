@@ -80,7 +80,7 @@ class PatchDataLoader(DataLoader):
         if need > memory // 2:
             raise ValueError(
                 f"IMG_SIZE {size} with batch_size {self.batch_size}: a batch of x and y takes "
-                f"{format_bytes(need)}, more than half this machine's memory ({format_bytes(memory)})"
+                f"{format_bytes(need)}, more than half the memory this process may use ({format_bytes(memory)})"
             )
 
     def _check_channels(self, size: tuple[int, ...]) -> None:

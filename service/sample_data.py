@@ -148,7 +148,7 @@ def write_sample_data(
     if memory is not None and scan_bytes > memory // 2:
         raise ValueError(
             f"shape {tuple(int(n) for n in shape)}: one scan takes {format_bytes(scan_bytes)} to build, "
-            f"more than half this machine's memory ({format_bytes(memory)})"
+            f"more than half the memory this process may use ({format_bytes(memory)})"
         )
     root = Path(directory)
     data = SampleData(root=root)

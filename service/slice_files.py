@@ -113,8 +113,8 @@ def check_fits(scan: str, rel: str, what: str, shape: tuple[int, ...], nbytes: i
         raise SourceError(
             scan,
             rel,
-            f"{what} declares shape {shape}: {format_bytes(nbytes)} to read, more than this machine's"
-            f" memory ({format_bytes(limit)}); a damaged or wrong header?",
+            f"{what} declares shape {shape}: {format_bytes(nbytes)} to read, more than the memory"
+            f" this process may use ({format_bytes(limit)}); a damaged or wrong header?",
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from store.host_limits import memory_bytes, usable_cores
 from store.units import parse_bytes, parse_whole
 
 DEFAULT_CACHE_BYTES = 512 * 2**20  # the server's default (``scancache serve --cache-bytes``)
@@ -21,7 +22,8 @@ WORKER_CACHE_MIN = 128 * 2**20  # the least default cache of one of k reader pro
 def default_cache_bytes() -> int:
     """Chunk cache of a ``LocalSource`` opened without ``cache_bytes`` (training, scripts).
 
-    ``$SCANCACHE_LOCAL_CACHE_BYTES`` if set, else an eighth of physical memory within
+    ``$SCANCACHE_LOCAL_CACHE_BYTES`` if set, else an eighth of the memory this process may use
+    (``store.host_limits.memory_bytes``: a container's limit where lower) within
     [512 MiB, 4 GiB]: a training epoch touches every chunk again, and a cache that holds the
     decoded dataset turns later epochs into copies (docs/tuning.md). The cache only grows as
     chunks are read. In one of k reader processes (:func:`set_reader_share`, a torch DataLoader
@@ -56,22 +58,6 @@ def set_reader_share(threads: int | None, readers: int = 1) -> None:
     global _READ_THREADS, _READERS
     _READ_THREADS = None if threads is None else max(1, int(threads))
     _READERS = max(1, int(readers))
-
-
-def memory_bytes() -> int | None:
-    """This machine's physical memory, or None where the platform does not say."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS tells)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 LOCAL_RANKS_ENV = "LOCAL_WORLD_SIZE"  # set by torchrun: the training processes on this machine

@@ -200,7 +200,7 @@ def test_a_patch_batch_no_memory_holds_is_refused_naming_img_size(tmp_path, monk
             build_loader(cfg, "huge_patches", 2, False, True, False)
         message = str(info.value)
         assert message.startswith("IMG_SIZE (4096, 4096, 512, 1) with batch_size 2: a batch of x and y takes")
-        assert "more than half this machine's memory (16.0 GiB)" in message and "\n" not in message
+        assert "more than half the memory this process may use (16.0 GiB)" in message and "\n" not in message
         cfg.IMG_SIZE = (8, 8, 4, 1)
         fits = build_loader(cfg, "huge_patches", 2, False, True, False)
         assert fits[0][0].shape[1:4] == (8, 8, 4)
