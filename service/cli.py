@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from service.cli_args import (
+    attach_dash_values,
     RefuseTokenFlag,
     check_listen_host,
     check_parsed,
@@ -342,7 +343,7 @@ def _stopped(interrupt: KeyboardInterrupt) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = attach_dash_values(parser, sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
     check_parsed(parser, args, extras, argv)
     # the server leaves SIGTERM to uvicorn (a graceful shutdown); a job or a command stops cleanly

@@ -205,6 +205,37 @@ def store_arg(text: str) -> str:
     return text
 
 
+def attach_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--chunks -1,64,8`` as ``--chunks=-1,64,8``: argparse takes a value that starts with a
+    dash and is not a plain negative number for an option and answers "expected one argument",
+    hiding the flag's own message. Only values that look numeric (a dash, then a digit or a
+    dot) after a flag that takes one value are joined, and nothing after ``--``."""
+    parsers = [parser]
+    if parser._subparsers is not None:  # argparse has no public list of a parser's options
+        for group in parser._subparsers._group_actions:
+            parsers += list(getattr(group, "choices", {}).values())
+    takes_value = {
+        name
+        for each in parsers
+        for action in each._actions
+        if action.nargs is None  # one value; flags (store_true, help) have nargs 0
+        for name in action.option_strings
+    }
+    out = list(argv)
+    i = 0
+    while i < len(out) - 1 and out[i] != "--":
+        value = out[i + 1]
+        if (
+            out[i] in takes_value
+            and len(value) > 1
+            and value[0] == "-"
+            and (value[1].isdigit() or value[1] == ".")
+        ):
+            out[i : i + 2] = [f"{out[i]}={value}"]
+        i += 1
+    return out
+
+
 def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
     """argparse's "unrecognized arguments" text, with the closest option of ``parser`` for the
     first unknown flag (a typo like ``--wokers``)."""

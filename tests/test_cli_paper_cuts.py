@@ -265,3 +265,43 @@ def test_a_scheduler_address_without_a_port_names_the_flag(address, tmp_path, ca
         f"scancache preprocess: error: --scheduler {address}: give the scheduler's tcp://HOST:PORT "
         "(it listens on 8786 unless started with another --port)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["preprocess", "src", "st", "--chunks", "-1,64,8"],
+            "--chunks: '-1,64,8' is not three positive integers",
+        ),
+        (
+            ["preprocess", "src", "st", "--chunks", "-64x64x8"],
+            "--chunks: '-64x64x8' is not three positive integers",
+        ),
+        (["sample-data", "d", "--seed", "-3"], "--seed: '-3' must be at least 0"),
+    ],
+)
+def test_a_value_starting_with_a_dash_gets_its_flags_own_message(
+    argv, expected, tmp_path, capsys, monkeypatch
+):
+    """argparse took ``-1,64,8`` for an option ("expected one argument"), hiding the flag's message."""
+    monkeypatch.chdir(tmp_path)
+    code = None
+    try:
+        code = cli.main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code in (1, 2) and expected in err and "expected one argument" not in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "st").exists() and not (tmp_path / "d").exists()
+
+
+def test_an_option_after_a_value_flag_is_still_an_option():
+    parser = cli.build_parser()
+    from service.cli_args import attach_dash_values
+
+    argv = ["preprocess", "s", "t", "--chunks", "--help", "--workers", "-1", "--", "--chunks", "-1"]
+    assert attach_dash_values(parser, argv) == [
+        "preprocess", "s", "t", "--chunks", "--help", "--workers=-1", "--", "--chunks", "-1"
+    ]  # fmt: skip
