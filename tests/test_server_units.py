@@ -13,7 +13,7 @@ from service.server.errors import NotInStore, _location
 from service.server.guards import raw_path_problem
 from service.server.http_cache import accepts_gzip, etag_matches, gzip_etag, gzip_parts, make_etag
 from service.server.settings import Settings
-from service.server.zarr_http import RangeNotSatisfiable, parse_range, split_store_path
+from service.server.zarr_files import RangeNotSatisfiable, parse_range, split_store_path
 from store.errors import InvalidPath
 
 
