@@ -14,7 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from store.categories import Categories
-from store.format import IMAGE, ScanMeta
+from store.errors import InvalidParameter
+from store.format import IMAGE, MASK, ScanMeta, validate_array_name
 from store.label_map import Decoded
 
 RoiLike = str | Sequence[slice] | None
@@ -88,3 +89,16 @@ class ScanSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def check_request(request: RegionRequest, prefix: str = "") -> None:
+    """What a request may not ask, refused alike by the server (``prefix`` locates a batch
+    item) and a store read directly: an array that is not the scan's image, image channel or
+    mask, and a mask's fields on an image region (they would be ignored: a request that lacks
+    its mask ``array``)."""
+    validate_array_name(request.array)
+    if request.array != MASK and (request.categories is not None or request.background):
+        field = "categories" if request.categories is not None else "background"
+        raise InvalidParameter(
+            prefix + field, f"only mask regions take {field} (this region's array is {request.array!r})"
+        )

@@ -12,6 +12,8 @@ import numbers
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 from store.errors import InvalidROI
 
 # ASCII digits only, of bounded length: int() would also take "1_0", other scripts' digits and 5000-digit numbers.
@@ -115,3 +117,14 @@ def as_region(roi: str | Sequence[slice] | None, shape: Sequence[int]) -> Region
     if roi is None or isinstance(roi, str):
         return parse_roi(roi, shape)
     return parse_roi(slices_text(roi), shape)
+
+
+def chunk_bytes_touched(region: Sequence[slice], inner: Sequence[int], itemsize: int) -> int:
+    """Decoded bytes of the inner chunks a region touches (an edge chunk counts whole: it is
+    decoded whole). Axes past the region's (a mask's class axis) are read whole."""
+    chunks = 1
+    for axis, size in enumerate(inner):
+        if axis < len(region):
+            lo, hi = region[axis].start, region[axis].stop
+            chunks *= 0 if hi <= lo else (hi - 1) // size - lo // size + 1
+    return chunks * int(np.prod(inner)) * itemsize

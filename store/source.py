@@ -21,7 +21,6 @@ import tensorstore as ts
 from store.categories import merge_mask, normalize_categories
 from store.errors import (
     ArrayNotFound,
-    InvalidParameter,
     ScanCacheError,
     ScanChanged,
     ScanDamaged,
@@ -51,6 +50,7 @@ from store.label_map import (
 )
 from store.lru import BoundedLRU
 from store.protocol import RegionRequest, RoiLike
+from store.protocol import check_request as check_request  # where the server imports it
 from store.reader_share import (
     default_cache_bytes,
     mark_tensorstore_used,
@@ -58,26 +58,12 @@ from store.reader_share import (
     read_threads,
     refuse_forked_reads,
 )
-from store.roi import Region, as_region
+from store.roi import Region, as_region, chunk_bytes_touched
 from store.scan_filters import matches
 from store.storage import Storage, no_store_message, open_storage
 from store.ts_status import is_damage, is_passing, result_or_damage
 from store.ts_status import refused_read as refused_read  # where it was first
 from store.units import parse_bytes
-
-
-def check_request(request: RegionRequest, prefix: str = "") -> None:
-    """What a request may not ask, refused alike by the server (``prefix`` locates a batch
-    item) and a store read directly: an array that is not the scan's image, image channel or
-    mask, and a mask's fields on an image region (they would be ignored: a request that lacks
-    its mask ``array``)."""
-    validate_array_name(request.array)
-    if request.array != MASK and (request.categories is not None or request.background):
-        field = "categories" if request.categories is not None else "background"
-        raise InvalidParameter(
-            prefix + field, f"only mask regions take {field} (this region's array is {request.array!r})"
-        )
-
 
 META_CACHE_ENTRIES = 4096  # scans whose metadata a LocalSource keeps (LRU)
 ARRAY_CACHE_ENTRIES = 1024  # open tensorstore arrays it keeps (LRU); each holds no chunk data
@@ -440,14 +426,3 @@ class LocalSource:
         self._arrays.clear()
         self._meta.clear()
         self._intact.clear()
-
-
-def chunk_bytes_touched(region: Sequence[slice], inner: Sequence[int], itemsize: int) -> int:
-    """Decoded bytes of the inner chunks a region touches (an edge chunk counts whole: it is
-    decoded whole). Axes past the region's (a mask's class axis) are read whole."""
-    chunks = 1
-    for axis, size in enumerate(inner):
-        if axis < len(region):
-            lo, hi = region[axis].start, region[axis].stop
-            chunks *= 0 if hi <= lo else (hi - 1) // size - lo // size + 1
-    return chunks * int(np.prod(inner)) * itemsize
