@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from service.cli_args import (
-    attach_dash_values,
     RefuseTokenFlag,
+    attach_dash_values,
     check_listen_host,
     check_parsed,
     class_names_arg,
