@@ -17,6 +17,7 @@ subject is in two splits.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -175,17 +176,27 @@ def write_sample_data(
             if kind == "2d":
                 _write_slices(folder, scan_id, stored, mask)
             else:
-                with h5py.File(folder / f"{scan_id}.h5", "w") as f:
-                    f.create_dataset("volume", data=stored)
-                    f.create_dataset("seg", data=mask)
-                    f.attrs["spacing"] = SPACING
+                _write_h5(folder / f"{scan_id}.h5", {"volume": stored, "seg": mask}, {"spacing": SPACING})
     return data
+
+
+def _write_h5(path: Path, datasets: dict[str, np.ndarray], attrs: dict[str, object] | None = None) -> None:
+    """One HDF5 file, built in memory and written with Python's own I/O: HDF5 writing straight
+    to a full disk crashed the process (h5py's cleanup of the failed file, exit 139) before
+    anything could say which file or clean up; an OSError from a plain write names the file."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        for name, data in datasets.items():
+            f.create_dataset(name, data=data)
+        f.attrs.update(attrs or {})
+    try:
+        path.write_bytes(buffer.getbuffer())
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def _write_slices(folder: Path, scan_id: str, image: np.ndarray, mask: np.ndarray) -> None:
     for z in range(image.shape[2]):
         stem = folder / f"{scan_id}_{z + 1:03d}"
-        with h5py.File(stem.with_suffix(".im"), "w") as f:
-            f.create_dataset("data", data=image[:, :, z : z + 1])
-        with h5py.File(stem.with_suffix(".seg"), "w") as f:
-            f.create_dataset("data", data=mask[:, :, z : z + 1, :])
+        _write_h5(stem.with_suffix(".im"), {"data": image[:, :, z : z + 1]})
+        _write_h5(stem.with_suffix(".seg"), {"data": mask[:, :, z : z + 1, :]})

@@ -305,3 +305,24 @@ def test_an_option_after_a_value_flag_is_still_an_option():
     assert attach_dash_values(parser, argv) == [
         "preprocess", "s", "t", "--chunks", "--help", "--workers=-1", "--", "--chunks", "-1"
     ]  # fmt: skip
+
+
+def test_sample_data_on_a_full_disk_names_the_file_and_leaves_dir_reusable(tmp_path):
+    """HDF5 writing straight to a full disk crashed the process (exit 139) and left DIR half
+    written, which the same command then refused; a file size limit (EFBIG) stands in for a
+    full disk (ENOSPC) here: both are an OSError from the same write."""
+    import resource
+    import subprocess
+    import sys
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "sd"
+    argv = [sys.executable, "-m", "service.cli", "sample-data", str(out)]
+    failed = subprocess.run(argv, capture_output=True, text=True, preexec_fn=small_files, timeout=120)
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.count("\n") == 1 and "File too large" in failed.stderr and str(out) in failed.stderr
+    assert not out.exists()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and any(out.rglob("*.im")), done.stderr
