@@ -36,6 +36,9 @@ class Summary:
     pruned: bool = False  # whether the orphans were removed
     prune_withheld: bool = False  # --prune given, but a source folder was not read
     removed_versions: int = 0
+    # the store's upkeep after the scans (removing its lock, old versions, orphans) that failed:
+    # said after the scans' report, never in place of it
+    upkeep_failures: list[str] = field(default_factory=list)
 
     def add(self, result: ScanResult) -> None:
         self.results.append(result)
@@ -60,7 +63,7 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.upkeep_failures else 0
 
     def __str__(self) -> str:
         return (
@@ -94,4 +97,7 @@ class Summary:
         if self.failed:
             lines.append(f"failures ({self.failed}):")
             lines.extend(f"  {message}" for message in self.failures())
+        if self.upkeep_failures:
+            lines.append(f"store upkeep failed ({len(self.upkeep_failures)}):")
+            lines.extend(f"  {message}" for message in self.upkeep_failures)
         return "\n".join(lines)

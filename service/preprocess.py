@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from service.cluster_watch import SchedulerLost, is_scheduler_lost, scheduler_lost, warn_without_workers
 from service.job_summary import CONVERTED, FAILED, SKIPPED, ScanResult, Summary
@@ -57,6 +57,9 @@ __all__ = [
     "run_preprocess",
     "with_user_options",
 ]
+
+
+T = TypeVar("T")
 
 
 # -- running the graph ------------------------------------------------------------------------
@@ -107,6 +110,17 @@ def _workers_ignore_sigint() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _upkeep(summary: Summary, what: str, work: Callable[..., T], *args: Any) -> T | None:
+    """The store's upkeep after the scans: a failure (the store made read-only meanwhile, a
+    folder whose permissions changed) is a line of the summary, which is still reported, not an
+    error in its place that hides which scans converted and which failed."""
+    try:
+        return work(*args)
+    except OSError as err:  # a StoreUnavailable (S3) too
+        summary.upkeep_failures.append(f"{what}: {one_line(err)}")
+        return None
 
 
 def _warner(stream: IO[str]) -> Callable[[str], None]:
@@ -167,7 +181,8 @@ def run_preprocess(
     warn = _warner(stream)
     for note in found.notes:
         warn(note)
-    with storage.lock(wait=wait, warn=warn):
+    lock = storage.lock(wait=wait, warn=warn)
+    with lock:
         storage.clean_stale_staging()  # what killed jobs left behind
         # Local: one staging folder beside the store (publishing is a rename). Object storage:
         # each scan is staged on the disk of the worker converting it, then uploaded.
@@ -189,17 +204,21 @@ def run_preprocess(
                 )
         finally:
             if staging is not None:
-                storage.remove_staging(staging)
+                _upkeep(summary, "removing the job's staging folder", storage.remove_staging, staging)
         known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
-        summary.orphans = [s for s in storage.published_names() if s not in known]
+        summary.orphans = _upkeep(summary, "listing the store's scans", storage.published_names) or []
+        summary.orphans = [s for s in summary.orphans if s not in known]
         # a source folder not read (unlistable, a link out of the source, a name that is no
         # text): none of the store's scans is known to be gone
         summary.prune_withheld = prune and bool(found.unread_folders)
         if prune and not summary.prune_withheld:
             for scan_id in summary.orphans:
-                storage.unpublish(scan_id)
-            summary.pruned = True
-        summary.removed_versions = len(storage.remove_old_versions(grace_s))
+                _upkeep(summary, f"removing {scan_id}", storage.unpublish, scan_id)
+            summary.pruned = not summary.upkeep_failures
+        removed = _upkeep(summary, "removing old versions", storage.remove_old_versions, grace_s)
+        summary.removed_versions = len(removed or [])
+    if getattr(lock, "release_error", None):
+        summary.upkeep_failures.append(f"removing the job's lock: {lock.release_error}")  # type: ignore[attr-defined]
     summary.seconds = time.monotonic() - started
     return summary
 

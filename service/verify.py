@@ -26,6 +26,7 @@ from store.interrupts import interrupt_behind
 from store.inventory import check_store, manifest_mismatch, published_scan_ids
 from store.publish import unlinked_folder
 from store.storage import Storage, is_s3_url
+from store.ts_status import refused_read
 
 OK, MISMATCH, MISSING, FAILED, EXTRA, TORN = "OK", "MISMATCH", "MISSING", "FAILED", "EXTRA", "TORN"
 STATUSES = (OK, MISMATCH, MISSING, TORN, FAILED, EXTRA)
@@ -153,7 +154,7 @@ def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
     except ValueError:
         return VerifyLine(spec.scan_id, TORN, "its zarr.json is not JSON")
     except PermissionError as err:  # this scan is reported, the run goes on
-        return VerifyLine(spec.scan_id, TORN, f"unreadable here: {err.strerror or 'permission denied'}")
+        return _refused(spec, err)
     if doc is None:  # published, but its group document is gone: damaged, not absent
         return VerifyLine(spec.scan_id, TORN, "its zarr.json is missing")
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
@@ -167,8 +168,19 @@ def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
     except Exception as err:  # a shard that does not decode: damaged after publication
         if interrupt_behind(err) is not None:  # Ctrl-C while tensorstore loaded: no damage
             raise
+        if refused_read(err):
+            return _refused(spec, err)
         why = one_line(err, 200)
         return VerifyLine(spec.scan_id, TORN, f"unreadable: {type(err).__name__}: {why}")
+
+
+def _refused(spec: ScanSpec, err: BaseException) -> VerifyLine:
+    """Stored files this process may not read: not verified (FAILED), and no damage (TORN) to
+    convert again; the store's permissions or credentials are what to fix."""
+    why = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err, 200)
+    return VerifyLine(
+        spec.scan_id, FAILED, f"its stored files cannot be read here ({why}): check the store's permissions"
+    )
 
 
 def _compare_arrays(

@@ -14,6 +14,7 @@ A lock from another host cannot be checked from here; the message says how to re
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from store.errors import one_line
 from store.format import LOCK_FILE
 from store.publish import fsync_dir, owner_alive
 
@@ -122,6 +124,7 @@ class JobLock:
     ) -> None:
         self.store = Path(store)
         self.name = name
+        self.release_error: str | None = None  # why release() left the lock (see there)
         # what the refusal calls the holder, and what it tells the user to do (other writers
         # than the job, e.g. write_predictions, have no --wait)
         self.writer = writer
@@ -149,7 +152,8 @@ class JobLock:
                 except FileExistsError:
                     return False
                 except OSError:
-                    self.path.unlink(missing_ok=True)  # created by us (O_EXCL), never written whole
+                    with contextlib.suppress(OSError):  # created by us (O_EXCL), never written whole
+                        self.path.unlink(missing_ok=True)
                     raise
         except OSError as err:  # out of space, read-only, no permission: the store named, once
             why = err.strerror or type(err).__name__
@@ -157,7 +161,8 @@ class JobLock:
             failed.errno = err.errno
             raise failed from None
         finally:
-            whole.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # EROFS even for no file: never in place of the why
+                whole.unlink(missing_ok=True)
         fsync_dir(self.store)
         return True
 
@@ -223,8 +228,14 @@ class JobLock:
         self.held = True
 
     def release(self) -> None:
-        if self.held and read_lock(self.path) == self.owner:
-            self.path.unlink(missing_ok=True)
+        """Remove the lock if it is still ours. A lock that cannot be removed (the store made
+        read-only meanwhile) is left for the next job to find stale; why is kept in
+        ``release_error`` for the job's report, which an exception here would replace."""
+        try:
+            if self.held and read_lock(self.path) == self.owner:
+                self.path.unlink(missing_ok=True)
+        except OSError as err:
+            self.release_error = one_line(err)
         self.held = False
 
     def __enter__(self) -> JobLock:

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -157,7 +158,11 @@ def unlinked_folder(root: str | os.PathLike[str], name: str) -> str | None:
     link into ``.versions/`` belongs (a copy made without links, ``cp -rL`` or ``rsync``
     without ``-l``; or a scancache older than store format 2 wrote into this store); else None."""
     path = Path(root) / name
-    if path.is_dir() and not path.is_symlink():
+    try:
+        found = os.lstat(path)  # the entry itself: a link's target may be unreadable here
+    except OSError:
+        return None
+    if stat.S_ISDIR(found.st_mode):
         return (
             f"{path} is a folder, not a link into {VERSIONS_DIR}/ (copied without links, e.g. cp -rL "
             "or rsync without -l, or written by a scancache older than store format 2): move it "

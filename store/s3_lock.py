@@ -23,6 +23,7 @@ from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from store.errors import one_line
 from store.lock import HeldElsewhere, describe_owner
 from store.publish import owner_alive
 from store.units import parse_seconds
@@ -63,6 +64,7 @@ class S3Lock:
         advice: str | None = None,
     ) -> None:
         self.storage, self.key = storage, key
+        self.release_error: str | None = None  # why release() left the lock
         self.writer = writer
         self.stale_s, self.heartbeat_s = stale_s(), heartbeat_s()  # their variables, read once a lock
         self.advice = (
@@ -143,10 +145,13 @@ class S3Lock:
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
-        if self.etag is not None and not self.lost:
-            found = self.storage.read_with_etag(self.key)
-            if found is not None and found[1] == self.etag:
-                self.storage.delete(self.key)
+        try:
+            if self.etag is not None and not self.lost:
+                found = self.storage.read_with_etag(self.key)
+                if found is not None and found[1] == self.etag:
+                    self.storage.delete(self.key)
+        except OSError as err:  # the store unreachable now: the next job finds the lock stale
+            self.release_error = one_line(err)
         self.etag = None
 
     def __enter__(self) -> S3Lock:

@@ -14,6 +14,7 @@ access to files); publishing is where the two storages differ.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -234,11 +235,16 @@ class LocalStorage(Storage):
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except OSError as err:  # a full disk: no temporary file left behind, the file named
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror, str(target)) from None
         local_publish.fsync_dir(target.parent)
 
     def delete(self, key: str) -> None:
@@ -247,12 +253,12 @@ class LocalStorage(Storage):
     def sizes(self, prefix: str) -> dict[str, int]:
         folder = self.root / prefix
         out: dict[str, int] = {}
-        for dirpath, _dirnames, filenames in os.walk(folder):
+        for dirpath, _dirnames, filenames in os.walk(folder, onerror=_raise_refusal):
             for name in filenames:
                 full = Path(dirpath) / name
                 try:
                     out[full.relative_to(folder).as_posix()] = full.stat().st_size
-                except OSError:
+                except (FileNotFoundError, NotADirectoryError):  # gone meanwhile: absent
                     continue
         return out
 
@@ -262,8 +268,8 @@ class LocalStorage(Storage):
         for key in keys:
             try:
                 out[key] = os.stat(os.path.join(folder, key)).st_size
-            except OSError:
-                continue
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # absent; a file we may not read (PermissionError) is no missing file
         return out
 
     def is_empty(self) -> bool:
@@ -368,3 +374,10 @@ def copy_tree_files(src: Path) -> list[tuple[Path, str]]:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _raise_refusal(err: OSError) -> None:
+    """``os.walk``'s error hook: a folder it may not list is a refused read, never "no files"
+    (a scan then called damaged, its files "missing"); a folder gone meanwhile has none."""
+    if isinstance(err, PermissionError):
+        raise err

@@ -4,6 +4,8 @@ convert; the job exits non-zero; no traceback reaches the user."""
 from __future__ import annotations
 
 import os
+import sys
+import textwrap
 
 import h5py
 import numpy as np
@@ -317,11 +319,15 @@ def test_a_source_name_with_a_newline_fails_in_one_line(tmp_path):
 def _as_a_user(*args):
     """``scancache ARGS`` with file permissions applied as to any user: root's overrides
     (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) dropped where the tests run as root."""
-    import shutil
-    import subprocess
     import sys
 
-    command = [sys.executable, "-m", "service.cli", *map(str, args)]
+    return _unprivileged([sys.executable, "-m", "service.cli", *map(str, args)])
+
+
+def _unprivileged(command):
+    import shutil
+    import subprocess
+
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         drop = "-dac_override,-dac_read_search"
@@ -417,3 +423,45 @@ def test_only_folders_whose_scans_went_unread_withhold_prune(tmp_path):
     found = discover(source)
     assert f"{odd}/" in found.unread_folders
     assert any("folder name is not UTF-8 text" in str(f) for f in found.failures)
+
+
+def test_a_scan_folder_that_became_unreadable_is_reported_not_called_damaged(tmp_path):
+    """A store folder whose permissions changed: preprocess still reports every scan (the
+    upkeep that failed is one more line, not an error in place of the report), scans lists the
+    others, verify says the files cannot be read (no --rebuild advice), and a reader gets a
+    PermissionError (the server's 503), never ScanDamaged's "is missing"."""
+    source, store = _two_splits(tmp_path)
+    versions = store / ".versions" / "0000001_V00-Aug00"
+    versions.chmod(0)
+    try:
+        again = _as_a_user("preprocess", source, store, "--workers", "1", "-q")
+        listed = _as_a_user("scans", store)
+        checked = _as_a_user("verify", source, store)
+    finally:
+        versions.chmod(0o755)
+    assert again.returncode == 1
+    assert "scans: 0 converted, 1 skipped, 1 failed" in again.stdout
+    assert "store upkeep failed (1):\n  removing old versions: " in again.stdout
+    assert "Permission denied" in again.stdout and "Traceback" not in again.stderr
+    assert listed.returncode == 0 and "0000002_V00-Aug00" in listed.stdout, listed.stderr
+    assert (
+        "FAILED   0000001_V00-Aug00: its stored files cannot be read here (Permission denied)"
+        in checked.stdout
+    )
+    assert "--rebuild" not in checked.stdout and "TORN" not in checked.stdout
+    image = next(p for p in versions.iterdir() if p.is_dir()) / "image"
+    image.chmod(0)
+    try:
+        probe = textwrap.dedent(
+            f"""
+            from store.source import LocalSource
+            try:
+                LocalSource({str(store)!r}).read_image("0000001_V00-Aug00")
+            except Exception as err:
+                print(type(err).__name__)
+            """
+        )
+        read = _unprivileged([sys.executable, "-c", probe])
+    finally:
+        image.chmod(0o755)
+    assert read.stdout.strip() == "PermissionError", read.stdout + read.stderr

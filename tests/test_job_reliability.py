@@ -148,7 +148,7 @@ def test_a_torn_scan_is_caught_by_verify_and_redone_by_the_job(tmp_path):
 def test_verify_calls_a_lost_or_unreadable_zarr_json_damage_and_goes_on(tmp_path, monkeypatch):
     """A published scan whose group document is gone or not JSON is damaged, not "not in the
     store"; one verify cannot read (permissions) is reported and the run goes on."""
-    from service.verify import TORN, verify_store
+    from service.verify import FAILED, TORN, verify_store
     from store.storage import LocalStorage
 
     source, store = tmp_path / "source", tmp_path / "store"
@@ -169,7 +169,10 @@ def test_verify_calls_a_lost_or_unreadable_zarr_json_damage_and_goes_on(tmp_path
     assert lines == {
         "0000001_V00-Aug00": (TORN, "its zarr.json is missing"),
         "0000002_V00-Aug00": (TORN, "its zarr.json is not JSON"),
-        unreadable: (TORN, "unreadable here: Permission denied"),
+        unreadable: (
+            FAILED,
+            "its stored files cannot be read here (Permission denied): check the store's permissions",
+        ),
     }
     monkeypatch.undo()
     summary = run_preprocess(

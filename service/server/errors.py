@@ -132,7 +132,7 @@ def domain_error_response(exc: ScanCacheError) -> JSONResponse:
 
 def internal_error_response(exc: BaseException) -> JSONResponse:
     if refused_read(exc):  # the server's own files or credentials: no bug, and no path sent
-        log.error("the store refused a read (permissions or credentials)", exc_info=exc)
+        log.error("the store refused a read (permissions or credentials): %s", one_line(exc))
         return error_response(503, "store unavailable: it refused a read; see the server log", "ServerError")
     log.error("internal error while serving a request", exc_info=exc)
     return error_response(500, "internal server error; see the server log", "ServerError")
