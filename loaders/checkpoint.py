@@ -19,6 +19,7 @@ the position saved says where they start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -65,10 +66,19 @@ class LoaderCheckpoint(keras.callbacks.Callback):
             reached = self.loader._begin_position + trained
             passes, state["position"] = divmod(reached, len(self.loader))
             state["epoch"] = self.loader._begin_epoch + passes
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.path)
+        except OSError as err:  # a full disk: the last state stays whole, no .tmp is left, the file named
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise OSError(
+                err.errno,
+                f"LoaderCheckpoint could not save the loader's state: {err.strerror}",
+                str(self.path),
+            ) from None
 
     def _saved(self) -> tuple[Path, dict[str, Any]] | None:
         """The state to restore: this loader's file; for a sharded loader without one, a state

@@ -32,6 +32,7 @@ import numpy as np
 
 from store.predictions import LABEL_MAP, PROBABILITIES, PredictionStore, check_predictions_root
 from store.progress import Progress
+from store.units import count_of
 
 LABEL_SUFFIX = ".nii.gz"
 PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
@@ -70,11 +71,13 @@ def export_nifti(
     overwrite: bool = False,
     scan_store: str | os.PathLike[str] | Any | None = None,
     progress: bool | None = None,
+    skip_existing: bool = False,
 ) -> list[ExportedScan]:
     """Export the predictions of ``scans`` (default: every scan with one) into ``out_dir``.
 
     Refuses, before writing anything, an unknown scan and scans already in ``out_dir`` (unless
-    ``overwrite``). ``scan_store`` (a store folder, a server URL or a ``ScanSource``) supplies
+    ``overwrite``, or ``skip_existing``: export only the scans not there yet, as after a run
+    that stopped, e.g. on a full disk). ``scan_store`` (a store folder, a server URL or a ``ScanSource``) supplies
     the geometry of predictions that record none. ``progress`` (default: on a terminal or in a
     notebook) shows a bar of scans on stderr (``store.progress``)."""
     nib = _import_nibabel()
@@ -96,14 +99,22 @@ def export_nifti(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: is a file; choose a folder")
+    if overwrite and skip_existing:
+        raise ValueError(
+            "give --overwrite (overwrite=True) or --skip-existing (skip_existing=True), not both"
+        )
     if not overwrite:
-        for scan_id in wanted:
-            # a scan is exported once its label map is there (renamed last): a sidecar or
-            # probabilities without it are what an export stopped between renames left, replaced
-            # without asking
-            label_path = _paths(out, scan_id, probabilities)[0]
-            if label_path.exists():
-                raise FileExistsError(f"{label_path} exists; pass --overwrite (overwrite=True) to replace it")
+        # a scan is exported once its label map is there (renamed last): a sidecar or
+        # probabilities without it are what an export stopped between renames left, replaced
+        # without asking
+        there = [scan_id for scan_id in wanted if _paths(out, scan_id, probabilities)[0].exists()]
+        if there and not skip_existing:
+            raise FileExistsError(
+                f"{_paths(out, there[0], probabilities)[0]} exists ({count_of(len(there), 'scan')} of "
+                f"{len(wanted)} already exported); pass --skip-existing (skip_existing=True) to export "
+                "the others, or --overwrite (overwrite=True) to replace them"
+            )
+        wanted = [scan_id for scan_id in wanted if scan_id not in set(there)]
     source = _open_scan_store(scan_store)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +122,17 @@ def export_nifti(
     try:
         with Progress(len(wanted), label="scancache export", enabled=progress) as bar:
             for scan_id in wanted:
-                done.append(_export_scan(nib, store, scan_id, out, probabilities, source))
+                try:
+                    done.append(_export_scan(nib, store, scan_id, out, probabilities, source))
+                except OSError as err:  # a full disk: the scan and how far the run got, said
+                    if type(err) is not OSError or err.errno is None:
+                        raise
+                    where = f"{err.filename}: " if err.filename else f"{out}: "
+                    raise OSError(
+                        err.errno,
+                        f"scan {scan_id!r}: {where}{err.strerror} ({len(done)} of {len(wanted)} exported; "
+                        "once there is room, run it again with --skip-existing)",
+                    ) from None
                 bar.advance(scan_id)
     except BaseException:
         if made and not any(out.iterdir()):  # refused at the first scan: leave no empty folder

@@ -300,6 +300,15 @@ def _write_scan(
         )
         writer.group.attrs.update({SCAN_KEY: attrs, "ome": label_ome})
         publish_scan(staged, root, scan_id)
+    except OSError as err:  # a full disk: said with the scan and the store, nothing left staged
+        shutil.rmtree(staged, ignore_errors=True)
+        if type(err) is not OSError or err.errno is None:
+            raise  # a PermissionError, a StoreUnavailable and the like keep their kind
+        where = f"{err.filename}: " if err.filename else ""
+        raise OSError(
+            err.errno,
+            f"scan {scan_id!r}: its predictions could not be written to {root.url}: {where}{err.strerror}",
+        ) from None
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

@@ -33,10 +33,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         scan_store=args.store,
         progress=not args.quiet,
+        skip_existing=args.skip_existing,
     )
     what = "label maps and probabilities" if args.probabilities else "label maps"
+    skipped = "; scans already there were left as they are" if args.skip_existing else ""
     print(
         f"exported {count_of(len(done), 'scan')} ({what}, each with a .json naming its labels) to {args.out_dir}"
+        + skipped
     )
     return 0
 
@@ -62,6 +65,11 @@ def add_export_parser(sub: Any) -> None:
         help="also write <scan_id>_probabilities.nii.gz (float32 x,y,z,c)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace files already in OUT_DIR")
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="export only the scans not in OUT_DIR yet (to finish a run that stopped, e.g. on a full disk)",
+    )
     p.add_argument(
         "--store",
         metavar="STORE",

@@ -102,8 +102,8 @@ class _OpenShard:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             if self.offset:  # room for the view's index, written once the offsets are known
-                _write_all(self.fd, memoryview(bytes(self.offset)))
-        _write_all(self.fd, data)
+                _write_all(self.fd, memoryview(bytes(self.offset)), self.path)
+        _write_all(self.fd, data, self.path)
         self.index[where] = (self.offset, len(data))  # a trailing class axis has grid size 1
         self.offset += len(data)
 
@@ -114,7 +114,7 @@ class _OpenShard:
             return 0
         try:
             end = encoded_index(self.index)
-            _write_all(self.fd, memoryview(end))
+            _write_all(self.fd, memoryview(end), self.path)
             if self.view_index:
                 os.pwrite(self.fd, encoded_index(zyx_index(self.index)), 0)
             return self.offset + len(end)
@@ -227,6 +227,9 @@ class ShardedArrayWriter:
         self._open.clear()
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data) :]
+def _write_all(fd: int, data: memoryview, path: Path) -> None:
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError as err:  # a full disk said with the file (and so the store) it filled
+        raise OSError(err.errno, err.strerror, str(path)) from None

@@ -316,7 +316,7 @@ def test_export_refuses_in_one_line(nifti_predictions, tmp_path):
     assert "exported 1 scan (" in first.stdout and first.stderr == "scancache export: 1/1 scan (case_001)\n"
     again = run_cli("export", pred, out, "--scans", "case_001", "--quiet")
     assert again.returncode == 1 and again.stderr.count("\n") == 1
-    assert "case_001.nii.gz exists; pass --overwrite" in again.stderr
+    assert "case_001.nii.gz exists (1 scan of 1 already exported); pass --skip-existing" in again.stderr
     unknown = run_cli("export", pred, out, "--scans", "case_009", "--overwrite")
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
     assert "scan 'case_009' has no prediction" in unknown.stderr and "case_001, case_002" in unknown.stderr
@@ -496,3 +496,35 @@ def test_a_case_rotated_by_exactly_45_degrees_exports_on_its_source_grid(tmp_pat
     assert exported.shape == shape
     np.testing.assert_array_equal(np.asanyarray(exported.dataobj), expected)
     np.testing.assert_array_equal(exported.affine, source_affine)
+
+
+def test_an_export_that_ran_out_of_room_is_finished_with_skip_existing(nifti_predictions, tmp_path):
+    """A full disk midway (a file size limit stands in: the same OSError from the same write)
+    is one line naming the scan, the file and how far the run got; --skip-existing then
+    exports the rest and leaves the scans already there byte for byte."""
+    import resource
+    import subprocess
+    import sys
+
+    pred, _ = nifti_predictions
+    out = tmp_path / "out"
+    assert run_cli("export", pred, out, "--scans", "case_001", "-q").returncode == 0
+    first = (out / "case_001.nii.gz").read_bytes()
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
+    argv = [sys.executable, "-m", "service.cli", "export", str(pred), str(out), "-q", "--skip-existing"]
+    full = subprocess.run(argv, capture_output=True, text=True, preexec_fn=small_files, timeout=240)
+    assert full.returncode == 1 and full.stderr.count("\n") == 1, full.stderr
+    assert "scan 'case_002': " in full.stderr and "File too large (0 of 1 exported; " in full.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["case_001.json", "case_001.nii.gz"]  # nothing partial
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "exported 1 scan (" in done.stdout and (out / "case_001.nii.gz").read_bytes() == first
+    export_nifti(pred, tmp_path / "whole", scans=["case_002"], progress=False)  # one run, no stop
+    resumed, whole = nib.load(out / "case_002.nii.gz"), nib.load(tmp_path / "whole" / "case_002.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(resumed.dataobj), np.asanyarray(whole.dataobj))
+    np.testing.assert_array_equal(resumed.affine, whole.affine)
+    both = run_cli("export", pred, out, "--overwrite", "--skip-existing")
+    assert both.returncode == 1 and "not both" in both.stderr
