@@ -28,6 +28,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from types import ModuleType
+from typing import IO
 
 BACKEND_EXTRAS = {"tensorflow": "loaders", "torch": "torch", "jax": "jax"}
 # Keras' order of preference after its default, TensorFlow
@@ -129,9 +130,13 @@ def _quiet_startup() -> Iterator[None]:
     if USER_TF_LOG_LEVEL or "tensorflow" in sys.modules:
         yield
         return
+    captured_file = _capture_file()
+    if captured_file is None:  # nowhere to hold the lines: leave them all (never fail the import)
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
+    with captured_file as captured:
         os.dup2(captured.fileno(), 2)
         try:
             yield
@@ -147,6 +152,19 @@ def _quiet_startup() -> Iterator[None]:
             )
             while rest:
                 rest = rest[os.write(2, rest) :]
+
+
+def _capture_file() -> IO[bytes] | None:
+    """An anonymous file in memory (Linux), else a temporary file; None where neither can be
+    made (a read-only root filesystem without a writable temporary folder)."""
+    try:
+        return os.fdopen(os.memfd_create("scancache-startup-lines"), "w+b")
+    except (AttributeError, OSError):
+        pass
+    try:
+        return tempfile.TemporaryFile()
+    except OSError:
+        return None
 
 
 def import_keras() -> ModuleType:

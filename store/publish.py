@@ -142,11 +142,14 @@ def publish_version(root: str | os.PathLike[str], name: str, staged_dir: str | o
     fsync_dir(versions)
     previous = current_version(root, name)
     link = root / f".{name}.{uuid.uuid4().hex}.link"
-    os.symlink(f"{VERSIONS_DIR}/{name}/{version}", link)
     try:
+        os.symlink(f"{VERSIONS_DIR}/{name}/{version}", link)
         os.replace(link, root / name)
     except OSError:
+        # never current, so no reader holds it: removed now, not kept for a grace period on
+        # the full disk that most likely refused the link
         link.unlink(missing_ok=True)
+        shutil.rmtree(versions / version, ignore_errors=True)
         raise
     fsync_dir(root)
     _mark_superseded(versions, previous)
@@ -256,9 +259,13 @@ def new_staging(root: str | os.PathLike[str], label: str, folder: str = STAGING_
     making = staging / f"{NEW_PREFIX}{name}"
     making.mkdir(parents=True)  # parents too: another writer may have just removed an empty .staging
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    (making / OWNER_FILE).write_text(json.dumps(owner, allow_nan=False))
     path = staging / name
-    os.rename(making, path)
+    try:
+        (making / OWNER_FILE).write_text(json.dumps(owner, allow_nan=False))
+        os.rename(making, path)
+    except OSError:  # a full disk: the half-made folder goes with the error
+        shutil.rmtree(making, ignore_errors=True)
+        raise
     return path
 
 

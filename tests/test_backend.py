@@ -148,3 +148,21 @@ def test_a_tf_dataset_on_a_machine_without_a_gpu_prints_no_cuda_error(tmp_path):
     assert out.returncode == 0 and out.stdout.split() == ["2"], out.stderr[-2000:]
     if not os.path.exists("/dev/nvidiactl"):
         assert "cuInit" not in out.stderr, out.stderr
+
+
+def test_loaders_import_without_a_writable_temporary_folder(tmp_path):
+    """A container with a read-only root filesystem: filtering TensorFlow's start-up lines
+    needs a file to hold them, and without one the import goes on unfiltered (it raised
+    "No usable temporary directory found")."""
+    code = (
+        "import os, tempfile\n"
+        "del os.memfd_create\n"
+        "tempfile.tempdir = '/nonexistent/tmp'\n"
+        "import loaders.backend as backend\n"
+        "assert backend._capture_file() is None\n"
+        "from loaders import build_loader, Config\n"
+        "print('imported', Config is not None)\n"
+    )
+    result = run_python(tmp_path, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("imported True")

@@ -270,3 +270,41 @@ def test_sample_data_both_converts_in_one_run(tmp_path):
         attrs = json.loads((store / scan.scan_id / "zarr.json").read_text())["attributes"]
         assert (attrs["source_format"], attrs["split"]) == (scan.kind, split)
     assert {s.kind for s in data.scans} == {"2d", "3d"}
+
+
+def test_a_publish_refused_at_its_link_leaves_no_version_and_staging_no_half_folder(tmp_path, monkeypatch):
+    """On a full disk the link switch can fail after the version folder was renamed into
+    .versions: that version never became current, so it goes at once (it used to wait out the
+    grace period, holding the space a re-run needs); a staging folder whose owner file cannot
+    be written goes too."""
+    import errno
+    from pathlib import Path
+
+    from store import publish
+
+    root = tmp_path / "store"
+    root.mkdir()
+    staged = publish.new_staging(root, "job")
+    (staged / "a").write_bytes(b"x" * 100)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(publish.os, "symlink", full)
+    with pytest.raises(OSError, match="No space left"):
+        publish.publish_version(root, "scan1", staged)
+    assert list((root / ".versions" / "scan1").iterdir()) == []
+    assert not (root / "scan1").exists() and not list(root.glob(".scan1.*.link"))
+    monkeypatch.undo()
+
+    real_write = Path.write_text
+
+    def owner_full(self, *args, **kwargs):
+        if self.name == publish.OWNER_FILE:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", owner_full)
+    with pytest.raises(OSError, match="No space left"):
+        publish.new_staging(root, "job")
+    assert list((root / publish.STAGING_DIR).iterdir()) == []  # (the first went into .versions, then away)
