@@ -114,7 +114,12 @@ def resolve_categories(
         for k in group:
             index = _index_of(k, names, param) if isinstance(k, str) else k
             if index >= num_classes:
-                raise InvalidCategories(f"class {k} is out of range for {num_classes} classes", param)
+                raise InvalidCategories(
+                    f"class {k} is out of range for {num_classes} classes: integers are the mask's class "
+                    f"indices 0..{num_classes - 1}{_named_indices(names)}, not a dataset's label values; "
+                    "class names work too",
+                    param,
+                )
             if index in seen:
                 raise InvalidCategories(
                     f"class {k!r} and class {seen[index]!r} are the same class: each class may appear once",
@@ -124,6 +129,16 @@ def resolve_categories(
             indices.append(index)
         out.append(tuple(indices))
     return tuple(out)
+
+
+def _named_indices(names: Sequence[str], shown: int = 4) -> str:
+    """`` (0 'spleen', 1 'right_kidney', ..., 14 'prostate')``: which index is which class."""
+    if not names:
+        return ""
+    pairs = [f"{k} {n!r}" for k, n in enumerate(names)]
+    if len(pairs) > shown:
+        pairs = [*pairs[: shown - 1], "...", pairs[-1]]
+    return f" ({', '.join(pairs)})"
 
 
 def _index_of(name: str, names: Sequence[str], param: str) -> int:

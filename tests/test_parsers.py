@@ -465,3 +465,17 @@ def test_a_kubernetes_service_link_is_not_a_port(tmp_path):
     env = {"SCANCACHE_PORT": "tcp://10.0.0.7:8000"}
     assert Settings.resolve({"store": str(tmp_path)}, env).port == DEFAULT_PORT
     assert Settings.resolve({"store": str(tmp_path)}, {"SCANCACHE_PORT": "8001"}).port == 8001
+
+
+def test_a_class_index_out_of_range_says_integers_are_indices_not_label_values():
+    """An nnU-Net user writes a dataset.json label value (15 = prostate) where CATEGORIES takes
+    the mask's class index (0..14): the refusal says which index is which class."""
+    from store.categories import parse_categories, resolve_categories
+    from store.errors import InvalidCategories
+
+    names = [f"organ{k}" for k in range(1, 16)]
+    with pytest.raises(InvalidCategories) as info:
+        resolve_categories(parse_categories([0, 15]), 15, names)
+    message = str(info.value)
+    assert "class 15 is out of range for 15 classes: integers are the mask's class indices 0..14" in message
+    assert "(0 'organ1', 1 'organ2', 2 'organ3', ..., 14 'organ15'), not a dataset's label values" in message
