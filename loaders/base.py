@@ -410,8 +410,8 @@ class DataLoader(Copies, BatchFilling, EpochState, EpochPlanning, keras.utils.Py
 
     # -- inference (loaders.inference) ----------------------------------------------------------
     def _read_scan(self, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray | None]:
-        """The whole image and merged mask of a scan, float32 (the mask is ``y_true``; None
-        for a scan without a mask)."""
+        """The whole image (float32) and merged mask of a scan (``y_true``, in the loader's y
+        dtype; None for a scan without a mask)."""
         return inference.read_scan(self, scan)
 
     def predict_scan(

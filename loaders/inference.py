@@ -101,7 +101,10 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
 
 def read_scan(loader: InferenceLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray | None]:
     """The whole image (float32; (H, W, D, K) for K > 1 image channels) and merged mask
-    (float32, ``y_true``; None for a scan without a mask) of a scan, each converted once."""
+    (``y_true``, one channel a category, in the loader's y dtype: float32, or uint8 with
+    ``Y_DTYPE="uint8"`` or ``Y_FORMAT="class_index"``, a quarter of the memory, which with 15
+    organs of a 512x512x300 CT is 4.7 GB against 1.2 GB; None for a scan without a mask) of a
+    scan, each converted once."""
     whole = (slice(0, scan.shape[0]), slice(0, scan.shape[1]), slice(0, scan.shape[2]))
     if scan.channels == 1:
         image = read_in_slabs(scan.source, RegionRequest(scan.scan_id, IMAGE, version=scan.version), whole)
@@ -113,7 +116,7 @@ def read_scan(loader: InferenceLoader, scan: ScanEntry) -> tuple[np.ndarray, np.
     background = bool(loader.cfg.INCLUDE_BACKGROUND)
     request = RegionRequest(scan.scan_id, MASK, None, scan.categories, background, version=scan.version)
     mask = read_in_slabs(scan.source, request, whole)
-    return image, mask.astype(np.float32, copy=False)
+    return image, mask.astype(getattr(loader, "y_dtype", np.float32), copy=False)
 
 
 def _read_channels(scan: ScanEntry, whole: tuple[slice, slice, slice]) -> np.ndarray:

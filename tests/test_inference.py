@@ -248,3 +248,25 @@ def test_inference_inputs_carry_the_scans_spacing(tmp_path):
         DatasetCatalog.remove("spaced")
     want = zarr.open_group(str(root), mode="r")["0000009_V00-Aug00"].attrs["spacing"]
     assert inputs["scan_spacing"] == tuple(want) == (0.31, 0.29, 0.7)
+
+
+@pytest.mark.parametrize("setting", [{"Y_DTYPE": "uint8"}, {"Y_FORMAT": "class_index"}])
+def test_y_true_comes_in_the_loaders_y_dtype(odd_store, setting):
+    """uint8 y (Y_DTYPE or class indices) keeps inference's y_true uint8: a quarter of the
+    memory of float32, which is most of it for many classes; the values are the same."""
+    _, arrays = odd_store
+    cfg = Config(
+        TAG="PatchDataLoader",
+        IMG_SIZE=(8, 7, 4, 1),
+        IMG_STRIDE=(5, 4, 3),
+        CATEGORIES=(0, (1, 2)),
+        INCLUDE_BACKGROUND=True,
+        **setting,
+    )
+    loader = build_loader(cfg, "odd_test", batch_size=7, is_test=True, shuffle=False, drop_last=False)
+    for inputs, outputs in loader.inference(lambda x: np.zeros((*np.shape(x)[:-1], 3), np.float32)):
+        _, mask = arrays[inputs["scan_id"]]
+        merged = np.stack([mask[..., 0], mask[..., 1] + mask[..., 2]], -1)
+        background = (merged.sum(-1, keepdims=True) == 0).astype(np.uint8)
+        assert outputs["y_true"].dtype == np.uint8
+        np.testing.assert_array_equal(outputs["y_true"], np.concatenate([background, merged], -1))
