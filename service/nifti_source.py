@@ -152,6 +152,7 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
         raise SourceError(spec.scan_id, rel, f"cannot read as NIfTI: {type(err).__name__}: {why}") from None
     if data.dtype.kind not in "iuf" or data.dtype.fields is not None:
         raise SourceError(spec.scan_id, rel, f"voxel type {data.dtype} is not a real number type")
+    data = integer_scaled(data, img)
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1): one volume
         data = data[..., 0]
     if data.ndim == 2:  # a 2D image: one slice
@@ -161,6 +162,30 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise SourceError(spec.scan_id, rel, "its affine is degenerate (zero or non-finite voxel axes)")
     return _Volume(data, affine)
+
+
+INTEGER_TYPES = (np.int16, np.int32)  # what integer-scaled voxels are stored in, smallest first
+
+
+def integer_scaled(data: np.ndarray, img: Any) -> np.ndarray:
+    """Integers stored with an integer ``scl_slope``/``scl_inter`` (CT's uint16 with
+    intercept -1024) are integers after scaling too: nibabel gives them as float64, here they
+    come back as the smallest of int16/int32 holding them, the same values in a quarter (or
+    half) of the bytes, which the store then compresses and a loader decodes that much faster.
+    Anything else (a fractional slope, float voxels) stays as nibabel gives it."""
+    if data.dtype.kind != "f" or data.size == 0 or np.dtype(img.get_data_dtype()).kind not in "iu":
+        return data
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    if not (slope.is_integer() and inter.is_integer()):
+        return data
+    low, high = float(data.min()), float(data.max())
+    for kind in INTEGER_TYPES:
+        info = np.iinfo(kind)
+        if info.min <= low and high <= info.max:
+            out = data.astype(kind)
+            return out if np.array_equal(out, data) else data  # exact, or left as it was
+    return data
 
 
 def _check_grid(spec: ScanSpec, rel: str, what: str, volume: _Volume, reference: _Volume, first: str) -> None:

@@ -112,15 +112,15 @@ def qform_only(img, shift=(3.5, -2.0, 7.0)):
 SLOPE, INTER = 0.5, -10.0
 
 
-def save_scaled(img, path: Path, slope: float = SLOPE, inter: float = INTER) -> None:
-    """Save ``img``'s values as raw int16 with scl_slope/scl_inter set in the header, so nibabel
-    reads ``raw * slope + inter`` (the header fields are written by hand: nibabel would choose
-    its own scaling when saving)."""
+def save_scaled(img, path: Path, slope: float = SLOPE, inter: float = INTER, raw_dtype=np.int16) -> None:
+    """Save ``img``'s values as raw integers (int16) with scl_slope/scl_inter set in the header,
+    so nibabel reads ``raw * slope + inter`` (the header fields are written by hand: nibabel
+    would choose its own scaling when saving)."""
     import nibabel as nib
 
-    raw = np.asarray(img.dataobj).astype(np.int16)
+    raw = np.asarray(img.dataobj).astype(raw_dtype)
     plain = nib.Nifti1Image(raw, img.affine)
-    plain.set_data_dtype(np.int16)
+    plain.set_data_dtype(raw_dtype)
     data = bytearray(plain.to_bytes())
     assert struct.unpack_from("<i", data, 0)[0] == 348, "nibabel wrote a little-endian NIfTI-1 header"
     struct.pack_into("<ff", data, 112, slope, inter)  # scl_slope, scl_inter

@@ -493,3 +493,43 @@ def test_predictions_export_onto_each_source_grid(v2, tmp_path):
     flipped = flip_permute(nib.Nifti1Image(exported["colin_ras"], c.t1.affine))
     assert np.array_equal(exported["colin_flip"], np.asarray(flipped.dataobj))
     assert np.array_equal(exported["colin_qform"], exported["colin_ras"])
+
+
+@pytest.mark.parametrize(
+    ("slope", "inter", "stored_dtype"),
+    [(1.0, -1024.0, np.int16), (2.0, 40000.0, np.int32), (0.5, -1024.0, np.float64)],
+)
+def test_integer_scaled_voxels_are_stored_as_integers(tmp_path, slope, inter, stored_dtype):
+    """CT as scanners write it (uint16 with scl_inter -1024): integers after scaling, stored in
+    the smallest of int16/int32 that holds them instead of nibabel's float64, equal to
+    nibabel's scaled values voxel for voxel; a fractional slope stays float64. verify agrees."""
+    import nibabel as nib
+
+    c = colin()
+    dataset = tmp_path / "ct"
+    (dataset / "imagesTr").mkdir(parents=True)
+    save_scaled(c.t1, dataset / "imagesTr/ct_0000.nii.gz", slope=slope, inter=inter, raw_dtype=np.uint16)
+    save(c.labels, dataset / "labelsTr/ct.nii.gz")
+    write_json(dataset / "dataset.json", v2_dataset_json(c.kept, num_training=1))
+    result = convert(dataset, tmp_path / "store")
+    assert result.returncode == 0, result.stdout + result.stderr
+    scan = zarr.open_group(str(tmp_path / "store"), mode="r")["ct"]
+    stored = scan["image"][...]
+    assert stored.dtype == stored_dtype
+    source = nib.load(dataset / "imagesTr/ct_0000.nii.gz")
+    assert np.dtype(source.get_data_dtype()) == np.uint16 and source.dataobj.slope == slope
+    truth = source_on_stored_grid(
+        np.asarray(scan.attrs["affine"]), source.affine, source.get_fdata(), stored.shape
+    )
+    assert np.array_equal(stored.astype(np.float64), truth)
+    verified = run_cli("verify", dataset, tmp_path / "store")
+    assert verified.returncode == 0 and "store is exact" in verified.stdout, verified.stdout
+
+
+def test_verify_takes_the_float64_an_older_scancache_stored_for_integer_scaled_voxels():
+    from service.verify import _stored_as
+
+    assert _stored_as(np.dtype(np.float64), np.dtype(np.int16))
+    assert _stored_as(np.dtype(np.int16), np.dtype(np.int16))
+    assert not _stored_as(np.dtype(np.float32), np.dtype(np.int16))
+    assert not _stored_as(np.dtype(np.float64), np.dtype(np.uint8))  # never scaled: its own type
