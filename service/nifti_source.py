@@ -23,7 +23,7 @@ import gzip
 import logging
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +43,34 @@ class NiftiCase:
 
     image: np.ndarray  # (H, W, D), stored orientation
     extra_channels: list[np.ndarray] = field(default_factory=list)
-    mask: np.ndarray | None = None  # (H, W, D, C) uint8
+    mask: OneHotMask | None = None  # (H, W, D, C) uint8, made slab by slab from the label map
     attrs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spacing(self) -> list[float]:
         return [float(s) for s in self.attrs["spacing"]]
+
+
+class OneHotMask:
+    """The binary mask (H, W, D, C) uint8 of a label map, channel c being
+    ``label == label_values[c]``, made slab by slab when a writer takes ``mask[:, :, z0:z1]``:
+    the whole mask is C bytes a voxel (15 organs of a 512x512x300 CT: 1.2 GB) that a worker
+    never needs at once. ``np.asarray(mask)`` makes all of it (verify compares whole scans)."""
+
+    def __init__(self, label_map: np.ndarray, label_values: Sequence[int]) -> None:
+        self.label_map = label_map
+        self.values = np.asarray(label_values, dtype=np.int64)
+        self.shape = (*label_map.shape[:3], len(self.values))
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 4
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        # one byte per voxel and class; a bool array viewed as uint8 is the binary mask
+        return (self.label_map[key][..., np.newaxis] == self.values).view(np.uint8)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[(slice(None),) * 3]
+        return whole if dtype is None else whole.astype(dtype)
 
 
 def stored_orientation(affine: np.ndarray) -> np.ndarray:
@@ -292,9 +314,7 @@ def load_case(spec: ScanSpec) -> NiftiCase:
         labels = _read(spec, rel)
         _check_grid(spec, rel, "label", labels, first, rel0)
         label_map = apply_orientation(_label_map(spec, rel, labels), transform)
-        values = np.asarray(spec.options.label_values, dtype=np.int64)
-        # one byte per voxel and class; a bool array viewed as uint8 is the binary mask
-        mask = (label_map[..., np.newaxis] == values).view(np.uint8)
+        mask = OneHotMask(label_map, spec.options.label_values)
     affine = stored_affine(first.affine, transform, source_shape)
     attrs: dict[str, Any] = {
         "spacing": [float(s) for s in voxel_sizes(affine)],

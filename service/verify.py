@@ -126,7 +126,8 @@ def _load_source(spec: ScanSpec) -> _Source:
     case = load_case(spec)
     geometry = {k: case.attrs[k] for k in ("affine", "spacing", "source_affine", "label_values")}
     names = {k: case.attrs[k] for k in ("class_names", "channel_names")}
-    return _Source(LoadedScan(case.image, case.mask, case.spacing), case.extra_channels, geometry, names)
+    mask = None if case.mask is None else np.asarray(case.mask)  # compared whole
+    return _Source(LoadedScan(case.image, mask, case.spacing), case.extra_channels, geometry, names)
 
 
 def _same_numbers(stored: Any, source: Any) -> bool:

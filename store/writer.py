@@ -15,7 +15,7 @@ import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -243,10 +243,19 @@ def write_scan(
         return staged.publish(attrs, write_arrays(staged, image, mask, extra_channels))
 
 
+class MaskSlabs(Protocol):
+    """A mask given slab by slab (``mask[:, :, z0:z1]``), such as a NIfTI case's one-hot view
+    of its label map, which is never made whole (``service.nifti_source.OneHotMask``)."""
+
+    shape: tuple[int, ...]
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray: ...
+
+
 def write_arrays(
     staged: StagedScan,
     image: np.ndarray,
-    mask: np.ndarray | None,
+    mask: np.ndarray | MaskSlabs | None,
     extra_channels: Sequence[np.ndarray] = (),
 ) -> ScanStatistics:
     """Write whole in-memory arrays into a staged scan, slab by slab; returns their statistics
