@@ -21,6 +21,7 @@ predictions written before they were recorded, pass the scan store (``scan_store
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Sequence
@@ -114,7 +115,10 @@ def export_nifti(
                 f"{len(wanted)} already exported); pass --skip-existing (skip_existing=True) to export "
                 "the others, or --overwrite (overwrite=True) to replace them"
             )
-        wanted = [scan_id for scan_id in wanted if scan_id not in set(there)]
+        # skipped: a scan with every file asked for (with --probabilities, a label map exported
+        # without them is written again, probabilities included)
+        complete = {s for s in there if all(p.exists() for p in _paths(out, s, probabilities))}
+        wanted = [scan_id for scan_id in wanted if scan_id not in complete]
     source = _open_scan_store(scan_store)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -128,10 +132,11 @@ def export_nifti(
                     if type(err) is not OSError or err.errno is None:
                         raise
                     where = f"{err.filename}: " if err.filename else f"{out}: "
+                    room = "once there is room, " if err.errno in _NO_ROOM else ""
                     raise OSError(
                         err.errno,
                         f"scan {scan_id!r}: {where}{err.strerror} ({len(done)} of {len(wanted)} exported; "
-                        "once there is room, run it again with --skip-existing)",
+                        f"{room}run it again with --skip-existing)",
                     ) from None
                 bar.advance(scan_id)
     except BaseException:
@@ -139,6 +144,9 @@ def export_nifti(
             out.rmdir()
         raise
     return done
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit
 
 
 def _import_nibabel() -> Any:

@@ -3,7 +3,7 @@
 What makes it cheap (see docs/tuning.md, "Inference stitching"):
 
 * the scan is read once, each array converted once into its final dtype (the image keeps a
-  float32 store's buffer; the merged uint8 mask becomes the float32 ``y_true`` in one pass);
+  float32 store's buffer; the merged uint8 mask becomes ``y_true`` in the loader's y dtype in one pass);
 * predictions are streamed: a batch is cut from memory, predicted, stitched into the float32
   output and dropped; for a Keras model stitching runs on a worker thread while the model
   predicts the next batches, at most ``PENDING_BYTES`` behind;
@@ -210,7 +210,7 @@ def predict_scan(
 ) -> np.ndarray:
     """The stitched (H, W, D, C) float32 prediction of one scan; windows are cut from memory.
 
-    ``mask`` (the scan's merged float32 mask) gives an overriding :meth:`preprocess` the
+    ``mask`` (the scan's merged mask, in the loader's y dtype) gives an overriding :meth:`preprocess` the
     batch's real targets; without an override no targets are cut.
 
     For a Keras model, batches are stitched on a worker thread while the model predicts the

@@ -366,7 +366,14 @@ def write_predictions(
         advice=f"wait for it to finish, or delete {root.url}/.lock if that writer is gone",
     )
     with lock:
-        return _write_locked(loader, model, root, overwrite, progress, predict_kwargs)
+        summary = _write_locked(loader, model, root, overwrite, progress, predict_kwargs)
+    if getattr(lock, "release_error", None):  # the predictions are written: said, not raised
+        warnings.warn(
+            f"{root.url}: the predictions are written, but its lock could not be removed "
+            f"({lock.release_error}); delete {root.url}/.lock before the next write_predictions",  # type: ignore[attr-defined]
+            stacklevel=2,
+        )
+    return summary
 
 
 def _write_locked(

@@ -36,10 +36,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         skip_existing=args.skip_existing,
     )
     what = "label maps and probabilities" if args.probabilities else "label maps"
-    skipped = "; scans already there were left as they are" if args.skip_existing else ""
     print(
         f"exported {count_of(len(done), 'scan')} ({what}, each with a .json naming its labels) to {args.out_dir}"
-        + skipped
     )
     return 0
 

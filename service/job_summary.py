@@ -34,6 +34,7 @@ class Summary:
     results: list[ScanResult] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)  # scans in the store whose sources are gone
     pruned: bool = False  # whether the orphans were removed
+    prune_kept: list[str] = field(default_factory=list)  # orphans --prune failed to remove (upkeep)
     prune_withheld: bool = False  # --prune given, but a source folder was not read
     removed_versions: int = 0
     # the store's upkeep after the scans (removing its lock, old versions, orphans) that failed:
@@ -94,6 +95,12 @@ class Summary:
                     f"({why}):"
                 )
             lines.extend(f"  {scan_id}" for scan_id in self.orphans)
+        if self.prune_kept:
+            lines.append(
+                f"{count_of(len(self.prune_kept), 'scan')} whose sources are gone could not be removed "
+                "(see the store upkeep below):"
+            )
+            lines.extend(f"  {scan_id}" for scan_id in self.prune_kept)
         if self.failed:
             lines.append(f"failures ({self.failed}):")
             lines.extend(f"  {message}" for message in self.failures())

@@ -205,8 +205,11 @@ def integer_scaled(data: np.ndarray, img: Any) -> np.ndarray:
     for kind in INTEGER_TYPES:
         info = np.iinfo(kind)
         if info.min <= low and high <= info.max:
-            out = data.astype(kind)
-            return out if np.array_equal(out, data) else data  # exact, or left as it was
+            try:
+                out = data.astype(kind)
+                return out if np.array_equal(out, data) else data  # exact, or left as it was
+            except MemoryError:  # no room for the smaller copy: stored as nibabel gives it
+                return data
     return data
 
 
@@ -279,6 +282,12 @@ def _label_map(spec: ScanSpec, rel: str, volume: _Volume) -> np.ndarray:
         raise SourceError(
             spec.scan_id, rel, f"label value {unknown[0]} is not in dataset.json's labels ({listed})"
         )
+    # held through the whole write (OneHotMask): in the smallest type of the known values, not
+    # the int64 of a float file (exact: every value is one of them)
+    if min(known) >= 0:
+        for kind in (np.uint8, np.uint16):
+            if max(known) <= np.iinfo(kind).max and data.dtype.itemsize > np.dtype(kind).itemsize:
+                return data.astype(kind)
     return data
 
 

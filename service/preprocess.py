@@ -212,11 +212,14 @@ def run_preprocess(
         # text): none of the store's scans is known to be gone
         summary.prune_withheld = prune and bool(found.unread_folders)
         if prune and not summary.prune_withheld:
+            removed: list[str] = []
             for scan_id in summary.orphans:
+                failures = len(summary.upkeep_failures)
                 _upkeep(summary, f"removing {scan_id}", storage.unpublish, scan_id)
-            summary.pruned = not summary.upkeep_failures
-        removed = _upkeep(summary, "removing old versions", storage.remove_old_versions, grace_s)
-        summary.removed_versions = len(removed or [])
+                (removed if len(summary.upkeep_failures) == failures else summary.prune_kept).append(scan_id)
+            summary.orphans, summary.pruned = removed, True
+        old = _upkeep(summary, "removing old versions", storage.remove_old_versions, grace_s)
+        summary.removed_versions = len(old or [])
     if getattr(lock, "release_error", None):
         summary.upkeep_failures.append(f"removing the job's lock: {lock.release_error}")  # type: ignore[attr-defined]
     summary.seconds = time.monotonic() - started

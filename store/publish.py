@@ -26,6 +26,7 @@ other's work in flight.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -148,7 +149,8 @@ def publish_version(root: str | os.PathLike[str], name: str, staged_dir: str | o
     except OSError:
         # never current, so no reader holds it: removed now, not kept for a grace period on
         # the full disk that most likely refused the link
-        link.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # EROFS even for no file: never in place of the why
+            link.unlink(missing_ok=True)
         shutil.rmtree(versions / version, ignore_errors=True)
         raise
     fsync_dir(root)

@@ -528,3 +528,9 @@ def test_an_export_that_ran_out_of_room_is_finished_with_skip_existing(nifti_pre
     np.testing.assert_array_equal(resumed.affine, whole.affine)
     both = run_cli("export", pred, out, "--overwrite", "--skip-existing")
     assert both.returncode == 1 and "not both" in both.stderr
+    # asked for probabilities too: a scan without them is not complete, so it is written again
+    more = run_cli("export", pred, out, "-q", "--skip-existing", "--probabilities", "--scans", "case_001")
+    assert more.returncode == 0 and "exported 1 scan (" in more.stdout, more.stderr
+    assert (out / "case_001_probabilities.nii.gz").exists()
+    again = run_cli("export", pred, out, "-q", "--skip-existing", "--probabilities", "--scans", "case_001")
+    assert again.returncode == 0 and "exported 0 scans (" in again.stdout

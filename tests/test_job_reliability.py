@@ -308,3 +308,39 @@ def test_a_publish_refused_at_its_link_leaves_no_version_and_staging_no_half_fol
     with pytest.raises(OSError, match="No space left"):
         publish.new_staging(root, "job")
     assert list((root / publish.STAGING_DIR).iterdir()) == []  # (the first went into .versions, then away)
+
+
+def test_prune_that_fails_for_some_scans_reports_which_were_removed_and_which_kept(tmp_path, monkeypatch):
+    """--prune when the store refuses to remove one orphan: the report names the one removed as
+    removed and the one kept as kept (it said "kept" for both), then the upkeep failure."""
+    import errno
+
+    from store.storage import LocalStorage
+
+    source, store = tmp_path / "source", tmp_path / "store"
+    write_sample_data(source, subjects=3, visits=1, shape=(12, 12, 3), num_classes=2, seed=7, splits=None)
+    assert run_preprocess(source, store, workers=1, progress=False).converted == 3
+    for scan_id in ("0000002_V00-Aug00", "0000003_V00-Aug00"):
+        for path in source.glob(f"{scan_id}_*"):
+            path.unlink()
+    real = LocalStorage.unpublish
+
+    def refuse_one(self, name):
+        if name == "0000003_V00-Aug00":
+            raise OSError(errno.EROFS, "Read-only file system", str(self.root / name))
+        return real(self, name)
+
+    monkeypatch.setattr(LocalStorage, "unpublish", refuse_one)
+    summary = run_preprocess(source, store, workers=1, progress=False, prune=True)
+    report = summary.report()
+    assert summary.exit_code == 1
+    assert "removed 1 scan whose sources are gone:\n  0000002_V00-Aug00" in report
+    assert (
+        "1 scan whose sources are gone could not be removed (see the store upkeep below):\n  0000003_V00-Aug00"
+        in report
+    )
+    assert (
+        "store upkeep failed (1):\n  removing 0000003_V00-Aug00: " in report
+        and "Read-only file system" in report
+    )
+    assert not (store / "0000002_V00-Aug00").exists() and (store / "0000003_V00-Aug00").exists()
