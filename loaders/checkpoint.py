@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,9 @@ class LoaderCheckpoint(keras.callbacks.Callback):
             reached = self.loader._begin_position + trained
             passes, state["position"] = divmod(reached, len(self.loader))
             state["epoch"] = self.loader._begin_epoch + passes
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        # a name of this process's own: another user's leftover in a shared folder is not ours to
+        # replace (a sticky /tmp-like folder refuses it)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(state))

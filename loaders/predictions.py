@@ -39,6 +39,7 @@ import zarr
 from loaders.backend import import_keras
 from store import ome, ome_views, publish
 from store.categories import Categories, categories_json_value, category_names, parse_categories
+from store.errors import one_line
 from store.predictions import (
     LABEL_MAP,
     PREDICTIONS_FORMAT,
@@ -399,8 +400,14 @@ def _write_locked(
         cats,
         _written_by(loader, model, predict_kwargs),
     )
-    root.clean_stale_staging()  # left by a killed writer (never a live one's)
-    root.remove_old_versions(publish.DEFAULT_GRACE_S)  # superseded by an overwrite an hour ago
+    for upkeep in (
+        root.clean_stale_staging,  # left by a killed writer (never a live one's)
+        lambda: root.remove_old_versions(publish.DEFAULT_GRACE_S),  # superseded an hour ago
+    ):
+        try:
+            upkeep()
+        except publish.LeftInStore as err:  # another user's, on a shared store: room only
+            warnings.warn(f"{root.url}: {one_line(err)}", stacklevel=3)
     staging = root.new_staging("predictions")  # this writer's, owned by its pid
     try:
         for inputs, outputs in _inference(_pending_loader(loader, done), model, predict_kwargs):

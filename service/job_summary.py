@@ -40,6 +40,8 @@ class Summary:
     # the store's upkeep after the scans (removing its lock, old versions, orphans) that failed:
     # said after the scans' report, never in place of it
     upkeep_failures: list[str] = field(default_factory=list)
+    # upkeep left undone that costs room only (another user's old versions on a shared store)
+    upkeep_left: list[str] = field(default_factory=list)
 
     def add(self, result: ScanResult) -> None:
         self.results.append(result)
@@ -104,6 +106,11 @@ class Summary:
         if self.failed:
             lines.append(f"failures ({self.failed}):")
             lines.extend(f"  {message}" for message in self.failures())
+        if self.upkeep_left:
+            lines.append(
+                f"store upkeep left undone ({len(self.upkeep_left)}; it takes room, nothing reads it):"
+            )
+            lines.extend(f"  {message}" for message in self.upkeep_left)
         if self.upkeep_failures:
             lines.append(f"store upkeep failed ({len(self.upkeep_failures)}):")
             lines.extend(f"  {message}" for message in self.upkeep_failures)

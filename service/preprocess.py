@@ -118,6 +118,9 @@ def _upkeep(summary: Summary, what: str, work: Callable[..., T], *args: Any) -> 
     error in its place that hides which scans converted and which failed."""
     try:
         return work(*args)
+    except publish.LeftInStore as err:  # another user's leftovers: room taken, nothing wrong read
+        summary.upkeep_left.append(f"{what}: {one_line(err)}")
+        return None
     except OSError as err:  # a StoreUnavailable (S3) too
         summary.upkeep_failures.append(f"{what}: {one_line(err)}")
         return None
@@ -183,7 +186,7 @@ def run_preprocess(
         warn(note)
     lock = storage.lock(wait=wait, warn=warn)
     with lock:
-        storage.clean_stale_staging()  # what killed jobs left behind
+        _upkeep(summary, "removing what killed jobs left", storage.clean_stale_staging)
         # Local: one staging folder beside the store (publishing is a rename). Object storage:
         # each scan is staged on the disk of the worker converting it, then uploaded.
         staging = storage.new_staging("job") if storage.is_local else None

@@ -36,7 +36,35 @@ def _os_error(err: OSError) -> str:
         for n in (err.filename, err.filename2)
         if n is not None
     ]
-    return f"{' -> '.join(shown_name(n) for n in names)}: {err.strerror}"
+    text = f"{' -> '.join(shown_name(n) for n in names)}: {err.strerror}"
+    if isinstance(err, PermissionError) and names:
+        text += _whose(names[-1])
+    return text
+
+
+def _whose(path: str) -> str:
+    """`` (PATH's folder owned by alice:lab, mode 0755)``: on a store shared by several users,
+    whose file or folder refused and how, which says what to ask for; nothing where it
+    cannot be told."""
+    import grp
+    import pwd
+    import stat
+
+    for where, label in ((path, ""), (os.path.dirname(path) or ".", "its folder ")):
+        try:
+            info = os.lstat(where)
+        except OSError:
+            continue
+        try:
+            user = pwd.getpwuid(info.st_uid).pw_name
+        except KeyError:
+            user = str(info.st_uid)
+        try:
+            group = grp.getgrgid(info.st_gid).gr_name
+        except KeyError:
+            group = str(info.st_gid)
+        return f" ({label}owned by {user}:{group}, mode {stat.S_IMODE(info.st_mode):04o})"
+    return ""
 
 
 class ScanCacheError(Exception):

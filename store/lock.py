@@ -80,6 +80,9 @@ _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.E
 def _write_new(path: Path, data: bytes) -> None:
     """Create ``path`` (FileExistsError if it exists) holding ``data``, on disk."""
     with open(path, "xb") as f:
+        # readable by every user whatever the umask: it holds only a host and a pid, and a job
+        # of another user of a shared store must read it to find it stale (unreadable = held)
+        os.fchmod(f.fileno(), 0o644)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

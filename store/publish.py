@@ -36,6 +36,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 VERSIONS_DIR = ".versions"
 STAGING_DIR = ".staging"
@@ -199,9 +200,12 @@ def unpublish(root: str | os.PathLike[str], name: str) -> bool:
         return False
     os.unlink(os.path.join(root, name))
     versions = Path(root) / VERSIONS_DIR / name
-    if versions.is_dir():
-        os.utime(versions)  # the time the last version stopped being current
-        _mark_superseded(versions, last)
+    # the time the last version stopped being current; a folder another user made may refuse
+    # it: the scan is unpublished all the same, and its grace period counts from earlier
+    with contextlib.suppress(OSError):
+        if versions.is_dir():
+            os.utime(versions)
+            _mark_superseded(versions, last)
     fsync_dir(root)
     return True
 
@@ -228,6 +232,7 @@ def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_G
         return []
     now = time.time()
     removed = []
+    refused: list[OSError] = []
     for name_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink()):
         current = current_version(root, name_dir.name)
         versions = sorted(p.name for p in name_dir.iterdir() if p.is_dir() and not p.is_symlink())
@@ -240,14 +245,16 @@ def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_G
                 ended = name_dir.stat().st_mtime if following is None else 0.0
             except OSError:
                 continue
-            if now - retention_start(touched, following, ended) >= grace_s:
-                shutil.rmtree(name_dir / version, ignore_errors=True)
+            if now - retention_start(touched, following, ended) >= grace_s and _remove_tree(
+                name_dir / version, refused
+            ):
                 removed.append(f"{name_dir.name}/{version}")
         if current is None and not any(name_dir.iterdir()):
             try:
                 name_dir.rmdir()
             except OSError:
                 pass
+    _raise_left(refused, "old version")
     return removed
 
 
@@ -324,6 +331,7 @@ def clean_stale_staging(root: str | os.PathLike[str], folder: str = STAGING_DIR)
     if not staging.is_dir():
         return 0
     count = 0
+    refused: list[OSError] = []
     for entry in staging.iterdir():
         if entry.is_dir() and not entry.is_symlink():
             try:
@@ -334,8 +342,42 @@ def clean_stale_staging(root: str | os.PathLike[str], folder: str = STAGING_DIR)
                 continue
             if owner is None and entry.name.startswith(NEW_PREFIX) and _young(entry):
                 continue  # being made by ``new_staging`` right now
-            shutil.rmtree(entry, ignore_errors=True)
+            removed = _remove_tree(entry, refused)
         else:
-            entry.unlink(missing_ok=True)
-        count += 1
+            try:
+                entry.unlink(missing_ok=True)
+                removed = True
+            except OSError as err:
+                refused.append(err)
+                removed = False
+        count += removed
+    _raise_left(refused, "stale staging folder")
     return count
+
+
+class LeftInStore(OSError):
+    """Upkeep a job could not do (another user's folder on a shared store): what is left takes
+    room but is never read, so the job's own work stands; said as a warning."""
+
+
+def _remove_tree(path: Path, refused: list[OSError]) -> bool:
+    """``rmtree``, its first refusal kept in ``refused``; whether the tree is gone."""
+    errors: list[OSError] = []
+
+    def keep(_function: Any, _path: str, info: Any) -> None:
+        if isinstance(info[1], OSError):
+            errors.append(info[1])
+
+    shutil.rmtree(path, onerror=keep)
+    refused.extend(errors[:1])
+    return not os.path.lexists(path)
+
+
+def _raise_left(refused: list[OSError], what: str) -> None:
+    if refused:
+        from store.errors import one_line
+
+        many = f"{len(refused)} {what}s" if len(refused) > 1 else f"one {what}"
+        left = LeftInStore(f"{many} could not be removed: {one_line(refused[0])}")
+        left.errno = refused[0].errno  # (set after: in the constructor it would lead the message)
+        raise left

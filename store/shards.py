@@ -100,7 +100,9 @@ class _OpenShard:
     def append(self, where: tuple[int, int, int], data: memoryview) -> None:
         if self.fd < 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # 0o666 less the umask, as every other file of the store (group-writable where a
+            # shared store's umask 002 says so)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             if self.offset:  # room for the view's index, written once the offsets are known
                 _write_all(self.fd, memoryview(bytes(self.offset)), self.path)
         _write_all(self.fd, data, self.path)

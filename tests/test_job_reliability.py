@@ -344,3 +344,40 @@ def test_prune_that_fails_for_some_scans_reports_which_were_removed_and_which_ke
         and "Read-only file system" in report
     )
     assert not (store / "0000002_V00-Aug00").exists() and (store / "0000003_V00-Aug00").exists()
+
+
+def test_old_versions_another_user_owns_are_reported_left_not_failed(tmp_path, monkeypatch):
+    """On a shared store an old version in another user's folder cannot be removed: the job
+    says so (it was silent, leaking room for ever) and still succeeds, as nothing reads it."""
+    import errno
+    import shutil
+
+    from store import publish
+
+    source, store = tmp_path / "source", tmp_path / "store"
+    write_sample_data(source, subjects=1, visits=1, shape=(12, 12, 3), num_classes=2, seed=8, splits=None)
+    assert run_preprocess(source, store, workers=1, progress=False).converted == 1
+    scan_id = "0000001_V00-Aug00"
+    first = (store / scan_id).resolve()
+    real_rmtree = shutil.rmtree
+
+    def refuse(path, ignore_errors=False, onerror=None, **kwargs):
+        if str(path) == str(first) and onerror is not None:  # another user's folder: left as it is
+            onerror(
+                os.rmdir,
+                str(path),
+                (PermissionError, PermissionError(errno.EACCES, "Permission denied", str(path)), None),
+            )
+            return None
+        return real_rmtree(path, ignore_errors=ignore_errors, onerror=onerror, **kwargs)
+
+    monkeypatch.setattr(publish.shutil, "rmtree", refuse)
+    summary = run_preprocess(source, store, workers=1, progress=False, rebuild=[scan_id], grace_s=0)
+    assert summary.converted == 1 and summary.exit_code == 0
+    report = summary.report()
+    assert "store upkeep left undone (1; it takes room, nothing reads it):" in report
+    assert (
+        "removing old versions: one old version could not be removed: " in report
+        and "Permission denied" in report
+    )
+    assert first.exists() and (store / scan_id).resolve() != first

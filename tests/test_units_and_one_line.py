@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -64,7 +66,8 @@ def test_one_line():
     assert one_line(RuntimeError()) == "RuntimeError"
     assert one_line(OSError("disk\nfull")) == "disk full"
     # an OS error names its file first, as command-line tools do, not "[Errno 13] ...: 'x'"
-    assert one_line(PermissionError(13, "Permission denied", "/data/st")) == "/data/st: Permission denied"
+    gone = "/nonexistent-scancache/st"
+    assert one_line(PermissionError(13, "Permission denied", gone)) == f"{gone}: Permission denied"
     assert (
         one_line(OSError(18, "Invalid cross-device link", "a", None, "b"))
         == "a -> b: Invalid cross-device link"
@@ -93,3 +96,21 @@ def test_the_zarr_tree_given_as_a_server_url_names_the_url_to_give(url, server):
         f"{url!r} is the server's Zarr tree (for zarr-python, tensorstore); give the server's own URL, "
         f"{server}, to read scans"
     )
+
+
+def test_a_refusal_says_whose_file_or_folder_refused(tmp_path):
+    """On a store shared by several users, a permission error names the owner and mode of the
+    file (or of its folder, where the file is not there), which says whom to ask."""
+    import grp
+    import pwd
+
+    me = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
+    folder = tmp_path / "versions"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    (folder / "shard").write_bytes(b"x")
+    (folder / "shard").chmod(0o640)
+    there = one_line(PermissionError(13, "Permission denied", str(folder / "shard")))
+    assert there == f"{folder / 'shard'}: Permission denied (owned by {me}, mode 0640)"
+    missing = one_line(PermissionError(13, "Permission denied", str(folder / "new")))
+    assert missing == f"{folder / 'new'}: Permission denied (its folder owned by {me}, mode 0755)"
