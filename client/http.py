@@ -52,6 +52,7 @@ from store.errors import (
     SourceClosed,
     changed_message,
     one_line,
+    warn_skipped,
 )
 from store.format import IMAGE, MASK, ScanMeta, channel_array, validate_scan_id
 from store.interrupts import results_of
@@ -239,6 +240,7 @@ class HttpSource:
                 value = sorted(value, key=str)
             params[key] = value
         doc = self._request("GET", "/scans", params=params).json()
+        warn_skipped(self.url, doc.get("skipped") or [])
         metas = [self._meta_of(item) for item in doc["scans"]]
         return sorted((m for m in metas if matches(m, filters)), key=lambda m: m.scan_id)
 

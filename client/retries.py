@@ -135,6 +135,7 @@ class RetryPolicy:
         reconnected = False
         while True:
             wait_at_least = 0.0
+            answered = False  # the last attempt's failure: an answer (the server runs) or none
             try:
                 with deadline.attempt_deadline(self.timeout):
                     status, result, response = send()
@@ -156,6 +157,7 @@ class RetryPolicy:
                 if (status < 500 and status not in RETRY_STATUSES) or is_damaged_scan(response):
                     raise_client_error(response)  # the same answer again: no retries
                 failure = f"HTTP {status} {response_detail(response)}"
+                answered = True
                 if status in (429, 503):
                     wait_at_least = retry_after_seconds(response.headers.get("retry-after")) or 0.0
             elapsed = time.monotonic() - started
@@ -166,8 +168,13 @@ class RetryPolicy:
                 raise ServerError(
                     one_line(
                         f"{where}: no good answer from the server for {elapsed:.0f} s"
-                        f" (after {attempt + 1} attempts; last: {failure}); is `scancache serve`"
-                        " running? (retry budget: SCANCACHE_RETRY_SECONDS or retry_seconds=)",
+                        f" (after {attempt + 1} attempts; last: {failure}); "
+                        + (
+                            "the server runs, but could not answer: its log says why"
+                            if answered
+                            else "is `scancache serve` running?"
+                        )
+                        + " (retry budget: SCANCACHE_RETRY_SECONDS or retry_seconds=)",
                         500,
                     )
                 )

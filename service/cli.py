@@ -329,7 +329,17 @@ class Terminated(KeyboardInterrupt):
     releases its lock and removes its staging on the way out."""
 
 
+_terminating = False
+
+
 def _terminate(signum: int, frame: object) -> None:
+    """Raise ``Terminated`` once: a second SIGTERM (``timeout`` signals the process and then its
+    process group) would interrupt the unwinding of the first, a traceback instead of one line
+    and a lock or staging left behind; SIGKILL still stops a process stuck on its way out."""
+    global _terminating
+    if _terminating:
+        return
+    _terminating = True
     raise Terminated()
 
 
@@ -348,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_parsed(parser, args, extras, argv)
     # the server leaves SIGTERM to uvicorn (a graceful shutdown); a job or a command stops cleanly
     previous = None
+    global _terminating
+    _terminating = False
     if args.command != "serve" and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:

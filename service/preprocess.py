@@ -82,6 +82,12 @@ def dask_client(
     # port 8787 and warns "Port 8787 is already in use" when another cluster holds it: give
     # those routes a free loopback port instead.
     quiet: dict[str, Any] = {"scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
+    # A SIGTERM to the whole process group (``timeout``, a batch scheduler) kills the workers
+    # before they free their semaphores, and multiprocessing's resource tracker, started with
+    # this interpreter's -W options, then warns of "leaked semaphore objects" after the job's
+    # one line: nothing leaks once the tracker has cleaned up, so it is told to keep quiet.
+    if _QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(_QUIET_TRACKER)
     with _workers_ignore_sigint():  # only while the worker processes start
         cluster = LocalCluster(
             n_workers=n_workers,
@@ -93,6 +99,9 @@ def dask_client(
         )
     with cluster, Client(cluster) as client:
         yield client
+
+
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
 
 
 @contextlib.contextmanager

@@ -180,3 +180,24 @@ class EmptySource(ScanCacheError, ValueError):
 class SourceUnreadable(ScanCacheError, OSError):
     """SOURCE itself (or an nnU-Net dataset's images folder) cannot be listed: there is nothing
     to read. (A subfolder that cannot be listed fails its own scans, and holds back --prune.)"""
+
+
+def warn_skipped(store: str, skipped: list[str]) -> None:
+    """One warning for the scans a listing left out (damaged or unreadable), local or from a
+    server, so a loader never trains on fewer scans without a word."""
+    if not skipped:
+        return
+    import warnings
+
+    shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    noun = "scan" if len(skipped) == 1 else "scans"
+    warnings.warn(
+        f"{store}: {len(skipped)} {noun} left out, damaged or unreadable: {shown} "
+        "(scancache verify SOURCE STORE says more)",
+        ScanListWarning,
+        stacklevel=3,
+    )
+
+
+class ScanListWarning(UserWarning):
+    """Scans a store's listing left out (``warn_skipped``)."""

@@ -26,6 +26,8 @@ from store.errors import (
     ScanDamaged,
     ScanNotFound,
     changed_message,
+    one_line,
+    warn_skipped,
 )
 from store.format import (
     MASK,
@@ -199,14 +201,21 @@ class LocalSource:
         return self.storage.published_names()
 
     def list_scans(self, **filters: Any) -> list[ScanMeta]:
-        out = []
+        """Every readable scan matching ``filters``; a damaged or unreadable one is left out
+        with a warning naming it (as a server's listing says it, ``warn_skipped``)."""
+        out: list[ScanMeta] = []
+        skipped: list[str] = []
         for scan_id in self.scan_ids():
             try:
                 meta = self.metadata(scan_id)
-            except (KeyError, ValueError, ScanDamaged):  # vanished or damaged: not listed
+            except ScanNotFound:  # removed meanwhile
+                continue
+            except (KeyError, ValueError, ScanDamaged, PermissionError) as err:  # damaged, unreadable
+                skipped.append(f"{scan_id} ({one_line(err, 160)})")
                 continue
             if matches(meta, filters):
                 out.append(meta)
+        warn_skipped(self.storage.url, skipped)
         return out
 
     # -- arrays -----------------------------------------------------------------------------

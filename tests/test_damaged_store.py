@@ -218,3 +218,29 @@ def test_a_scan_whose_shape_attribute_disagrees_with_its_arrays_is_damage(tmp_pa
         response = httpx.get(f"{url}/scans/{SCAN}/image", params={"roi": "0:2,0:2,0:2"})
         assert response.status_code == 500 and response.json()["error"] == "ScanDamaged"
         assert why in response.json()["detail"]
+
+
+def test_a_listing_that_leaves_scans_out_says_which_locally_and_over_http(tmp_path):
+    """A damaged or unreadable scan is left out of a listing, never in silence: a loader built
+    on the store or on a server would otherwise train on fewer scans without a word (over
+    HTTP it was only a line in the server's log)."""
+    from store.errors import ScanListWarning
+
+    root = tmp_path / "store"
+    truth = build_store(root)
+    ((root / SCAN).resolve() / "zarr.json").unlink()
+    others = sorted(s for s in truth if s != SCAN)
+    with (
+        open_source(root) as source,
+        pytest.warns(ScanListWarning, match=rf"1 scan left out, damaged or unreadable: {SCAN} \("),
+    ):
+        assert [m.scan_id for m in source.list_scans()] == others
+    with live_server(root) as url:
+        body = httpx.get(f"{url}/scans").json()
+        assert [d["scan_id"] for d in body["scans"]] == others and body["skipped"] == [SCAN]
+        assert str(root) not in str(body)
+        with (
+            open_source(url) as source,
+            pytest.warns(ScanListWarning, match=rf"1 scan left out, damaged or unreadable: {SCAN} "),
+        ):
+            assert [m.scan_id for m in source.list_scans()] == others

@@ -206,3 +206,19 @@ def test_a_scan_damaged_in_the_store_is_rebuilt_by_name(tmp_path):
         .splitlines()[-1]
         .endswith("--rebuild 0000009_V00-Aug00: the source has no scan of that id")
     )
+
+
+def test_sigterm_twice_as_timeout_sends_it_is_still_one_line(source, tmp_path):
+    """``timeout`` signals the job, then its process group: the second SIGTERM came while the
+    first unwound, a traceback instead of one line, and lock or staging left behind."""
+    store = tmp_path / "store"
+
+    def twice(proc):
+        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
+
+    code, err = _signal_the_job(source, store, 1, twice)
+    assert code == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "scancache: terminated", err
+    assert not (store / ".lock").exists() and not (store / ".staging").exists()
+    assert_store_matches(store, source, only=published(store))

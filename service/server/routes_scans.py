@@ -14,7 +14,7 @@ from service.server.errors import error_response, error_responses
 from service.server.params import Predictions, State
 from service.server.responses import cached_json, finite_json
 from service.server.state import ServerState
-from store.errors import one_line
+from store.errors import ScanNotFound, one_line
 from store.format import ScanMeta
 from store.predictions import prediction_fields
 from store.scan_filters import matches
@@ -67,21 +67,26 @@ def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
     return finite_json(doc)  # type: ignore[no-any-return]
 
 
-def listable_scans(source: LocalSource, filters: dict[str, Any]) -> list[ScanMeta]:
-    """Every scan whose metadata reads and matches; a damaged scan is skipped with a warning
-    (naming the scan, never a path) instead of failing the listing of the whole store."""
-    out = []
+def listable_scans(source: LocalSource, filters: dict[str, Any]) -> tuple[list[ScanMeta], list[str]]:
+    """Every scan whose metadata reads and matches, and the ids of those skipped: a damaged or
+    unreadable scan is left out, logged with why, instead of failing the listing of the whole
+    store; the client is told which (``"skipped"``), never why (paths stay in the log), so a
+    loader does not silently train on fewer scans."""
+    out, skipped = [], []
     for scan_id in source.scan_ids():
         try:
             meta = source.metadata(scan_id)
-        except Exception as err:  # unreadable, not JSON, missing keys, removed meanwhile
+        except ScanNotFound:  # removed meanwhile: simply not there
+            continue
+        except Exception as err:  # unreadable, not JSON, missing keys
             log.warning(
                 "GET /scans: skipped scan %s: %s: %s", scan_id, type(err).__name__, one_line(err, 200)
             )
+            skipped.append(scan_id)
             continue
         if matches(meta, filters):
             out.append(meta)
-    return out
+    return out, skipped
 
 
 @router.get(
@@ -143,7 +148,7 @@ async def list_scans(
         "augmentation": augmentation,
         "has_class": has_class,
     }
-    metas = await to_thread.run_sync(listable_scans, state.source, filters)
+    metas, skipped = await to_thread.run_sync(listable_scans, state.source, filters)
     if not metas and not await to_thread.run_sync(state.store_readable):
         return error_response(503, "store unavailable", "ServerError")  # not "no scans"
     fields = await to_thread.run_sync(
@@ -152,7 +157,10 @@ async def list_scans(
     docs = [{**scan_document(m, full), **f} for m, f in zip(metas, fields, strict=True)]
     if has_prediction is not None:
         docs = [d for d in docs if d["has_prediction"] == has_prediction]
-    return await cached_json(request, {"scans": docs, "store_id": state.source.store_id}, state.inflight)
+    body: dict[str, Any] = {"scans": docs, "store_id": state.source.store_id}
+    if skipped:
+        body["skipped"] = skipped
+    return await cached_json(request, body, state.inflight)
 
 
 @router.get(
