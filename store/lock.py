@@ -82,7 +82,8 @@ def _write_new(path: Path, data: bytes) -> None:
     with open(path, "xb") as f:
         # readable by every user whatever the umask: it holds only a host and a pid, and a job
         # of another user of a shared store must read it to find it stale (unreadable = held)
-        os.fchmod(f.fileno(), 0o644)
+        with contextlib.suppress(OSError):  # a filesystem without modes (some network mounts)
+            os.fchmod(f.fileno(), 0o644)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
