@@ -157,7 +157,7 @@ class RetryPolicy:
                 if (status < 500 and status not in RETRY_STATUSES) or is_damaged_scan(response):
                     raise_client_error(response)  # the same answer again: no retries
                 failure = f"HTTP {status} {response_detail(response)}"
-                answered = True
+                answered = status not in (502, 504)  # a proxy's: the server behind it may be down
                 if status in (429, 503):
                     wait_at_least = retry_after_seconds(response.headers.get("retry-after")) or 0.0
             elapsed = time.monotonic() - started

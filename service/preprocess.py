@@ -86,17 +86,22 @@ def dask_client(
     # before they free their semaphores, and multiprocessing's resource tracker, started with
     # this interpreter's -W options, then warns of "leaked semaphore objects" after the job's
     # one line: nothing leaks once the tracker has cleaned up, so it is told to keep quiet.
-    if _QUIET_TRACKER not in sys.warnoptions:
+    added = _QUIET_TRACKER not in sys.warnoptions
+    if added:  # only while the cluster (and so the tracker) starts: pytest reads these too
         sys.warnoptions.append(_QUIET_TRACKER)
-    with _workers_ignore_sigint():  # only while the worker processes start
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=dashboard,
-            silence_logs=logging.ERROR,
-            **({} if dashboard else quiet),
-        )
+    try:
+        with _workers_ignore_sigint():  # only while the worker processes start
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=dashboard,
+                silence_logs=logging.ERROR,
+                **({} if dashboard else quiet),
+            )
+    finally:
+        if added and _QUIET_TRACKER in sys.warnoptions:
+            sys.warnoptions.remove(_QUIET_TRACKER)
     with cluster, Client(cluster) as client:
         yield client
 
@@ -129,7 +134,7 @@ def _upkeep(summary: Summary, what: str, work: Callable[..., T], *args: Any) -> 
         return work(*args)
     except publish.LeftInStore as err:  # another user's leftovers: room taken, nothing wrong read
         summary.upkeep_left.append(f"{what}: {one_line(err)}")
-        return None
+        return getattr(err, "done", None)  # type: ignore[return-value]  # what was removed all the same
     except OSError as err:  # a StoreUnavailable (S3) too
         summary.upkeep_failures.append(f"{what}: {one_line(err)}")
         return None

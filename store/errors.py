@@ -43,14 +43,18 @@ def _os_error(err: OSError) -> str:
 
 
 def _whose(path: str) -> str:
-    """`` (PATH's folder owned by alice:lab, mode 0755)``: on a store shared by several users,
-    whose file or folder refused and how, which says what to ask for; nothing where it
-    cannot be told."""
+    """`` (owned by bob:lab, mode 0644; its folder owned by alice:lab, mode 0755)``: on a store
+    shared by several users, whose file and folder refused and how (removing, renaming or
+    creating a file is the folder's to allow), which says what to ask for; nothing where it
+    cannot be told (a bare name: the folder would be a guess)."""
     import grp
     import pwd
     import stat
 
-    for where, label in ((path, ""), (os.path.dirname(path) or ".", "its folder ")):
+    if not os.path.isabs(path):
+        return ""
+    parts = []
+    for where, label in ((path, ""), (os.path.dirname(path), "its folder ")):
         try:
             info = os.lstat(where)
         except OSError:
@@ -63,8 +67,8 @@ def _whose(path: str) -> str:
             group = grp.getgrgid(info.st_gid).gr_name
         except KeyError:
             group = str(info.st_gid)
-        return f" ({label}owned by {user}:{group}, mode {stat.S_IMODE(info.st_mode):04o})"
-    return ""
+        parts.append(f"{label}owned by {user}:{group}, mode {stat.S_IMODE(info.st_mode):04o}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 class ScanCacheError(Exception):

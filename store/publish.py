@@ -32,6 +32,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -254,7 +255,7 @@ def remove_old_versions(root: str | os.PathLike[str], grace_s: float = DEFAULT_G
                 name_dir.rmdir()
             except OSError:
                 pass
-    _raise_left(refused, "old version")
+    _raise_left(refused, "old version", removed)
     return removed
 
 
@@ -357,27 +358,35 @@ def clean_stale_staging(root: str | os.PathLike[str], folder: str = STAGING_DIR)
 
 class LeftInStore(OSError):
     """Upkeep a job could not do (another user's folder on a shared store): what is left takes
-    room but is never read, so the job's own work stands; said as a warning."""
+    room but is never read, so the job's own work stands; said as a warning. ``done``: what
+    was removed all the same."""
+
+    done: list[str]
 
 
 def _remove_tree(path: Path, refused: list[OSError]) -> bool:
-    """``rmtree``, its first refusal kept in ``refused``; whether the tree is gone."""
+    """``rmtree``, its first refusal kept in ``refused`` (with the full path: rmtree's own
+    errors name the bare entry); whether the tree is gone."""
     errors: list[OSError] = []
 
-    def keep(_function: Any, _path: str, info: Any) -> None:
-        if isinstance(info[1], OSError):
-            errors.append(info[1])
+    def keep(_function: Any, where: str, err: BaseException) -> None:
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):  # gone: removed
+            errors.append(OSError(err.errno, err.strerror, os.fspath(where)))
 
-    shutil.rmtree(path, onerror=keep)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=keep)
+    else:
+        shutil.rmtree(path, onerror=lambda function, where, info: keep(function, where, info[1]))
     refused.extend(errors[:1])
     return not os.path.lexists(path)
 
 
-def _raise_left(refused: list[OSError], what: str) -> None:
+def _raise_left(refused: list[OSError], what: str, done: list[str] | None = None) -> None:
     if refused:
         from store.errors import one_line
 
         many = f"{len(refused)} {what}s" if len(refused) > 1 else f"one {what}"
         left = LeftInStore(f"{many} could not be removed: {one_line(refused[0])}")
         left.errno = refused[0].errno  # (set after: in the constructor it would lead the message)
+        left.done = list(done or [])
         raise left

@@ -205,16 +205,25 @@ class LocalSource:
         with a warning naming it (as a server's listing says it, ``warn_skipped``)."""
         out: list[ScanMeta] = []
         skipped: list[str] = []
-        for scan_id in self.scan_ids():
+        refusals: list[PermissionError] = []
+        names = self.scan_ids()
+        for scan_id in names:
             try:
                 meta = self.metadata(scan_id)
-            except ScanNotFound:  # removed meanwhile
+            except ScanNotFound as err:
+                if self.storage.current_version(scan_id) is None:
+                    continue  # unpublished meanwhile: simply not there
+                skipped.append(f"{scan_id} ({one_line(err, 160)})")  # a link to a version gone
                 continue
             except (KeyError, ValueError, ScanDamaged, PermissionError) as err:  # damaged, unreadable
+                if isinstance(err, PermissionError):
+                    refusals.append(err)
                 skipped.append(f"{scan_id} ({one_line(err, 160)})")
                 continue
             if matches(meta, filters):
                 out.append(meta)
+        if names and len(refusals) == len(names):
+            raise refusals[0]  # no scan readable: the store refuses this reader, not "no scans"
         warn_skipped(self.storage.url, skipped)
         return out
 

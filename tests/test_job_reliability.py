@@ -361,13 +361,14 @@ def test_old_versions_another_user_owns_are_reported_left_not_failed(tmp_path, m
     first = (store / scan_id).resolve()
     real_rmtree = shutil.rmtree
 
-    def refuse(path, ignore_errors=False, onerror=None, **kwargs):
-        if str(path) == str(first) and onerror is not None:  # another user's folder: left as it is
-            onerror(
-                os.rmdir,
-                str(path),
-                (PermissionError, PermissionError(errno.EACCES, "Permission denied", str(path)), None),
-            )
+    def refuse(path, ignore_errors=False, onerror=None, onexc=None, **kwargs):
+        if str(path) == str(first) and (onerror or onexc):  # another user's folder: left as it is
+            # as rmtree reports it: the bare name of the entry it could not remove
+            refusal = PermissionError(errno.EACCES, "Permission denied", "zarr.json")
+            if onexc is not None:
+                onexc(os.unlink, str(path / "zarr.json"), refusal)
+            else:
+                onerror(os.unlink, str(path / "zarr.json"), (PermissionError, refusal, None))
             return None
         return real_rmtree(path, ignore_errors=ignore_errors, onerror=onerror, **kwargs)
 
@@ -376,8 +377,6 @@ def test_old_versions_another_user_owns_are_reported_left_not_failed(tmp_path, m
     assert summary.converted == 1 and summary.exit_code == 0
     report = summary.report()
     assert "store upkeep left undone (1; it takes room, nothing reads it):" in report
-    assert (
-        "removing old versions: one old version could not be removed: " in report
-        and "Permission denied" in report
-    )
+    named = f"removing old versions: one old version could not be removed: {first / 'zarr.json'}: Permission denied"
+    assert named + " (owned by " in report and "; its folder owned by " in report
     assert first.exists() and (store / scan_id).resolve() != first

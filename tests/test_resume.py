@@ -215,6 +215,7 @@ def test_sigterm_twice_as_timeout_sends_it_is_still_one_line(source, tmp_path):
 
     def twice(proc):
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # while the first unwinds (back to back, the kernel merges the two)
         os.killpg(proc.pid, signal.SIGTERM)
 
     code, err = _signal_the_job(source, store, 1, twice)
@@ -222,3 +223,13 @@ def test_sigterm_twice_as_timeout_sends_it_is_still_one_line(source, tmp_path):
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "scancache: terminated", err
     assert not (store / ".lock").exists() and not (store / ".staging").exists()
     assert_store_matches(store, source, only=published(store))
+
+
+def test_the_cli_acts_on_the_first_sigterm_only():
+    from service import cli
+
+    cli._terminating = False
+    with pytest.raises(cli.Terminated):
+        cli._terminate(signal.SIGTERM, None)
+    cli._terminate(signal.SIGTERM, None)  # the second, while the first unwinds: nothing
+    cli._terminating = False

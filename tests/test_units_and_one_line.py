@@ -111,6 +111,12 @@ def test_a_refusal_says_whose_file_or_folder_refused(tmp_path):
     (folder / "shard").write_bytes(b"x")
     (folder / "shard").chmod(0o640)
     there = one_line(PermissionError(13, "Permission denied", str(folder / "shard")))
-    assert there == f"{folder / 'shard'}: Permission denied (owned by {me}, mode 0640)"
+    assert (
+        there
+        == f"{folder / 'shard'}: Permission denied (owned by {me}, mode 0640; its folder owned by {me}, mode 0755)"
+    )
+    assert (
+        one_line(PermissionError(13, "Permission denied", "zarr.json")) == "zarr.json: Permission denied"
+    )  # whose: a guess
     missing = one_line(PermissionError(13, "Permission denied", str(folder / "new")))
     assert missing == f"{folder / 'new'}: Permission denied (its folder owned by {me}, mode 0755)"

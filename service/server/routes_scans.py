@@ -76,7 +76,11 @@ def listable_scans(source: LocalSource, filters: dict[str, Any]) -> tuple[list[S
     for scan_id in source.scan_ids():
         try:
             meta = source.metadata(scan_id)
-        except ScanNotFound:  # removed meanwhile: simply not there
+        except ScanNotFound:
+            if source.storage.current_version(scan_id) is None:
+                continue  # unpublished meanwhile: simply not there
+            log.warning("GET /scans: skipped scan %s: its current version is gone", scan_id)
+            skipped.append(scan_id)  # a link to a version gone: damaged, said
             continue
         except Exception as err:  # unreadable, not JSON, missing keys
             log.warning(
