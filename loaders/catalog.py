@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
-from store.errors import NotRegistered
+from store.errors import NotRegistered, ScanListWarning
 from store.format import ScanMeta
 from store.protocol import ScanSource
 from store.scan_filters import has_class_values, why_nothing_matches
@@ -181,7 +182,10 @@ class DatasetCatalog:
             source = shared_source(location)
             scans = source.list_scans(**filters)
             if not scans and any(v is not None for v in filters.values()):
-                why = why_nothing_matches(source.list_scans(), filters)
+                with warnings.catch_warnings():  # the scans left out were named by the first listing
+                    warnings.simplefilter("ignore", ScanListWarning)
+                    every = source.list_scans()
+                why = why_nothing_matches(every, filters)
                 raise ValueError(f"dataset {name!r}: {why}")
             return [scan_dict(location, m) for m in scans]
 

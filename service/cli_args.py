@@ -221,12 +221,23 @@ def attach_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
         if action.nargs is None  # one value; flags (store_true, help) have nargs 0
         for name in action.option_strings
     }
+    every = {name for each in parsers for action in each._actions for name in action.option_strings}
+
+    def takes_a_value(flag: str) -> bool:
+        """A flag taking one value, written whole or abbreviated as argparse allows (``--chunk``)."""
+        if flag in takes_value:
+            return True
+        if not flag.startswith("--") or flag in every:
+            return False
+        meant = {name for name in every if name.startswith(flag)}
+        return bool(meant) and meant <= takes_value
+
     out = list(argv)
     i = 0
     while i < len(out) - 1 and out[i] != "--":
         value = out[i + 1]
         if (
-            out[i] in takes_value
+            takes_a_value(out[i])
             and len(value) > 1
             and value[0] == "-"
             and (value[1].isdigit() or value[1] == ".")

@@ -47,28 +47,35 @@ def _whose(path: str) -> str:
     shared by several users, whose file and folder refused and how (removing, renaming or
     creating a file is the folder's to allow), which says what to ask for; nothing where it
     cannot be told (a bare name: the folder would be a guess)."""
+    if not os.path.isabs(path):
+        return ""
+    parts = [
+        label + found
+        for where, label in ((path, ""), (os.path.dirname(path), "its folder "))
+        if (found := owner_and_mode(where))
+    ]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def owner_and_mode(path: str | os.PathLike[str]) -> str:
+    """``owned by alice:lab, mode 0640``, or "" where the file cannot be looked at."""
     import grp
     import pwd
     import stat
 
-    if not os.path.isabs(path):
+    try:
+        info = os.lstat(path)
+    except OSError:
         return ""
-    parts = []
-    for where, label in ((path, ""), (os.path.dirname(path), "its folder ")):
-        try:
-            info = os.lstat(where)
-        except OSError:
-            continue
-        try:
-            user = pwd.getpwuid(info.st_uid).pw_name
-        except KeyError:
-            user = str(info.st_uid)
-        try:
-            group = grp.getgrgid(info.st_gid).gr_name
-        except KeyError:
-            group = str(info.st_gid)
-        parts.append(f"{label}owned by {user}:{group}, mode {stat.S_IMODE(info.st_mode):04o}")
-    return f" ({'; '.join(parts)})" if parts else ""
+    try:
+        user = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        user = str(info.st_uid)
+    try:
+        group = grp.getgrgid(info.st_gid).gr_name
+    except KeyError:
+        group = str(info.st_gid)
+    return f"owned by {user}:{group}, mode {stat.S_IMODE(info.st_mode):04o}"
 
 
 class ScanCacheError(Exception):

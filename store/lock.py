@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from store.errors import one_line
+from store.errors import one_line, owner_and_mode
 from store.format import LOCK_FILE
 from store.publish import fsync_dir, owner_alive
 
@@ -38,9 +38,10 @@ class StoreLocked(RuntimeError):
     """Another job holds the store's lock."""
 
 
-def describe_owner(owner: dict[str, Any] | None) -> str:
+def describe_owner(owner: dict[str, Any] | None, lock_file: Path | None = None) -> str:
     if not owner:
-        return "an unknown job (unreadable lock file)"
+        whose = owner_and_mode(lock_file) if lock_file is not None else ""
+        return f"an unknown job (unreadable lock file{', ' + whose if whose else ''})"
     started = owner.get("started")
     when = ""
     if isinstance(started, (int, float)):
@@ -94,9 +95,17 @@ class HeldElsewhere:
     (naming the holder and what to do), or wait, saying so once."""
 
     def __init__(
-        self, where: str, writer: str, advice: str, wait: bool, poll_s: float, warn: Callable[[str], None]
+        self,
+        where: str,
+        writer: str,
+        advice: str,
+        wait: bool,
+        poll_s: float,
+        warn: Callable[[str], None],
+        lock_file: Path | None = None,
     ) -> None:
         self.where, self.writer, self.advice = where, writer, advice
+        self.lock_file = lock_file  # a local lock's file: whose it is, where it cannot be read
         self.wait, self.poll_s, self.warn = wait, poll_s, warn
         self.announced = False
 
@@ -104,11 +113,13 @@ class HeldElsewhere:
         """The lock is ``owner``'s: raise ``StoreLocked``, or sleep a poll before the next try."""
         if not self.wait:
             raise StoreLocked(
-                f"{self.where}: another {self.writer} is writing this store ({describe_owner(owner)}); "
-                + self.advice
+                f"{self.where}: another {self.writer} is writing this store "
+                f"({describe_owner(owner, self.lock_file)}); " + self.advice
             )
         if not self.announced:
-            self.warn(f"{self.where}: waiting for the job holding the lock ({describe_owner(owner)})")
+            self.warn(
+                f"{self.where}: waiting for the job holding the lock ({describe_owner(owner, self.lock_file)})"
+            )
             self.announced = True
         time.sleep(self.poll_s)
 
@@ -218,7 +229,7 @@ class JobLock:
 
     def acquire(self) -> None:
         elsewhere = HeldElsewhere(
-            str(self.store), self.writer, self.advice, self.wait, self.poll_s, self.warn
+            str(self.store), self.writer, self.advice, self.wait, self.poll_s, self.warn, self.path
         )
         while not self._try_create():
             found = self._identity()

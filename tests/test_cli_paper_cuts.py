@@ -278,6 +278,10 @@ def test_a_scheduler_address_without_a_port_names_the_flag(address, tmp_path, ca
             ["preprocess", "src", "st", "--chunks", "-64x64x8"],
             "--chunks: '-64x64x8' is not three positive integers",
         ),
+        (
+            ["preprocess", "src", "st", "--chunk", "-1,64,8"],
+            "--chunks: '-1,64,8' is not three positive integers",
+        ),
         (["sample-data", "d", "--seed", "-3"], "--seed: '-3' must be at least 0"),
     ],
 )

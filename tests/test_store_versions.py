@@ -260,8 +260,10 @@ def test_an_empty_lock_is_taken_over_once_old_an_unreadable_one_never(tmp_path, 
     lock = tmp_path / ".lock"
     old = time.time() - lock_mod.UNREADABLE_STALE_S - 1
     lock.write_text("")
-    with pytest.raises(StoreLocked, match="unreadable lock file"):
+    with pytest.raises(StoreLocked, match="unreadable lock file") as held:
         JobLock(tmp_path).acquire()
+    # whose it is, on a store several users share (a lock written under umask 077 by another)
+    assert re.search(r"\(unreadable lock file, owned by [^:]+:[^,]+, mode 0\d{3}\)", str(held.value))
     os.utime(lock, (old, old))
     notes = []
     with JobLock(tmp_path, warn=notes.append):
