@@ -101,10 +101,10 @@ def _convert_scan(spec: ScanSpec, store: str, asked: ChunkLayout | None, staging
     except SourceError as err:
         return ScanResult(spec.scan_id, FAILED, str(err), worker=worker)
     except Exception as err:  # a write error, a full disk: still one line, still not fatal
-        why = one_line(err, 200)
-        return ScanResult(
-            spec.scan_id, FAILED, f"{spec.scan_id}: (store): {type(err).__name__}: {why}", worker=worker
-        )
+        # an OS error names its file (and, refused, whose it is): its class adds nothing
+        named = isinstance(err, OSError) and err.filename is not None and err.strerror
+        why = one_line(err, 300) if named else f"{type(err).__name__}: {one_line(err, 200)}"
+        return ScanResult(spec.scan_id, FAILED, f"{spec.scan_id}: (store): {why}", worker=worker)
 
 
 def user_geometry(spec: ScanSpec, source_spacing: list[float] | None, num_classes: int) -> dict[str, Any]:
