@@ -336,8 +336,8 @@ def test_a_dropped_loader_is_freed_at_once_and_a_dropped_tf_dataset_frees_its_lo
     del loader
     assert len(list(ds.take(2))) == 2 and held() is not None
     del ds
-    gc.collect()
-    assert held() is None
+    # tf.data's iterator threads may hold the generator a moment longer (CI saw it once)
+    assert _within(10, lambda: gc.collect() >= 0 and held() is None)
 
 
 @pytest.mark.slow
