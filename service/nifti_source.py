@@ -201,16 +201,23 @@ def integer_scaled(data: np.ndarray, img: Any) -> np.ndarray:
     inter = float(getattr(img.dataobj, "inter", 0.0))
     if not (slope.is_integer() and inter.is_integer()):
         return data
-    low, high = float(data.min()), float(data.max())
-    for kind in INTEGER_TYPES:
+    kind = smallest_integer_type(float(data.min()), float(data.max()), INTEGER_TYPES)
+    if kind is None:
+        return data
+    try:
+        out = data.astype(kind)
+        return out if np.array_equal(out, data) else data  # exact, or left as it was
+    except MemoryError:  # no room for the smaller copy: stored as nibabel gives it
+        return data
+
+
+def smallest_integer_type(low: float, high: float, kinds: tuple[type, ...]) -> np.dtype | None:
+    """The first of ``kinds`` (smallest first) whose range holds ``low``..``high``, or None."""
+    for kind in kinds:
         info = np.iinfo(kind)
         if info.min <= low and high <= info.max:
-            try:
-                out = data.astype(kind)
-                return out if np.array_equal(out, data) else data  # exact, or left as it was
-            except MemoryError:  # no room for the smaller copy: stored as nibabel gives it
-                return data
-    return data
+            return np.dtype(kind)
+    return None
 
 
 def _check_grid(spec: ScanSpec, rel: str, what: str, volume: _Volume, reference: _Volume, first: str) -> None:
@@ -284,10 +291,9 @@ def _label_map(spec: ScanSpec, rel: str, volume: _Volume) -> np.ndarray:
         )
     # held through the whole write (OneHotMask): in the smallest type of the known values, not
     # the int64 of a float file (exact: every value is one of them)
-    if min(known) >= 0:
-        for kind in (np.uint8, np.uint16):
-            if max(known) <= np.iinfo(kind).max and data.dtype.itemsize > np.dtype(kind).itemsize:
-                return data.astype(kind)
+    kind = smallest_integer_type(min(known), max(known), (np.uint8, np.uint16))
+    if kind is not None and data.dtype.itemsize > kind.itemsize:
+        return data.astype(kind)
     return data
 
 

@@ -10,6 +10,7 @@ hierarchy, since a limit set on a parent group binds its children too.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -50,6 +51,9 @@ def _read(path: Path) -> str | None:
         return None
 
 
+# The limits are read once per process and kept: a container's limits do not change while a
+# process runs, and the loaders ask for the cores once a batch (reading the files costs ~0.1 ms).
+@functools.cache
 def cgroup_memory_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int | None:
     """The tightest memory limit over this process's cgroups (v2 ``memory.max``, v1
     ``memory.limit_in_bytes``), or None where none is set or none can be read."""
@@ -67,6 +71,7 @@ def cgroup_memory_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROU
     return min(found) if found else None
 
 
+@functools.cache
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int | None:
     """The tightest CPU quota over this process's cgroups in whole cores (rounded up: a quota
     of 2.5 cores keeps 3 threads busy part of the time), or None where none is set."""
