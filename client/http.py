@@ -374,8 +374,20 @@ class HttpSource:
         """As ``LocalSource.read_locations``: the scan's ``locations`` array, fetched from the
         server's ``/zarr/`` tree (one uncompressed chunk); None if the scan has none."""
         validate_scan_id(scan_id)
+        version = self._identity.version_of(scan_id)
+        if version is not None:  # both files of the version planned with, never one of each
+            try:
+                return self._read_locations(f"{scan_id}@{version}")
+            except KeyError:  # no such array, or a server older than pinned versions
+                pass
         try:
-            doc = self._request("GET", f"/zarr/{scan_id}/locations/zarr.json").json()
+            return self._read_locations(scan_id)
+        except KeyError:  # ScanNotFound / ArrayNotFound
+            return None
+
+    def _read_locations(self, node: str) -> np.ndarray | None:
+        try:
+            doc = self._request("GET", f"/zarr/{node}/locations/zarr.json").json()
             rows = int(doc["shape"][0])
             plain = doc.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
             single = doc["chunk_grid"]["configuration"]["chunk_shape"] == [max(1, rows), 3]
@@ -383,8 +395,8 @@ class HttpSource:
                 return None
             if rows == 0:
                 return np.empty((0, 3), np.int32)
-            body = self._request("GET", f"/zarr/{scan_id}/locations/c/0/0").content
-        except (KeyError, TypeError, ValueError):  # ScanNotFound / ArrayNotFound are KeyErrors
+            body = self._request("GET", f"/zarr/{node}/locations/c/0/0").content
+        except (TypeError, ValueError):  # not the plain int32 array the job writes
             return None
         if len(body) != rows * 12:
             return None

@@ -107,7 +107,7 @@ def raise_client_error(response: httpx.Response) -> NoReturn:
             f"{detail or 'missing or wrong bearer token'} (this client sends the token in SCANCACHE_TOKEN,"
             " or HttpSource(url, token=...))"
         )
-    if status == 409 and error == "ScanChanged":
+    if (status == 409 and error == "ScanChanged") or (status == 410 and error == "VersionGone"):
         raise ScanChanged(detail)
     if status == 500 and error == "ScanDamaged":
         named = re.match(r"scan '([^']*)'", detail)

@@ -55,6 +55,10 @@ class ServedIdentity:
             with self._lock:
                 self._versions[scan_id] = version
 
+    def version_of(self, scan_id: str) -> str | None:
+        with self._lock:
+            return self._versions.get(scan_id)
+
     def expected(self, requests: Sequence[RegionRequest]) -> dict[str, str]:
         """Per scan, the version a read must find: the request's own, else the one remembered."""
         out: dict[str, str] = {}

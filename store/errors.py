@@ -128,6 +128,18 @@ class ScanChanged(ScanCacheError, RuntimeError):
     server now serves another store: reading on would give other voxels than those planned."""
 
 
+class VersionGone(ScanChanged):
+    """A reader pinned to one version of a scan (``/zarr/<scan_id>@<version>/``) asked for it
+    after a newer version was published and the grace period removed this one."""
+
+    def __init__(self, scan_id: str, version: str) -> None:
+        super().__init__(
+            f"scan {scan_id!r}: version {version} is no longer in the store (a newer version was"
+            " published and old ones are removed after the grace period); read the scan's current"
+            " version (GET /scans/{id} names it)"
+        )
+
+
 def changed_message(scan_id: str, expected: str, found: str) -> str:
     """The one line a reader refuses a re-published scan with (local and remote alike)."""
     return (

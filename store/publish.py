@@ -368,6 +368,14 @@ def _remove_tree(path: Path, refused: list[OSError]) -> bool:
     """``rmtree``, its first refusal kept in ``refused`` (with the full path: rmtree's own
     errors name the bare entry); whether the tree is gone."""
     errors: list[OSError] = []
+    # a version's zarr.json goes first: a reader pinned to that version (``/zarr/<id>@<version>/``)
+    # is then told the version is gone rather than served fill values for chunks already removed
+    try:
+        os.unlink(path / "zarr.json")
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        errors.append(OSError(exc.errno, exc.strerror, os.fspath(path / "zarr.json")))
 
     def keep(_function: Any, where: str, err: BaseException) -> None:
         if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):  # gone: removed

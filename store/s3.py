@@ -362,7 +362,11 @@ class S3Storage(Storage):
                 touched = max(item["LastModified"].timestamp() for item in items)
                 following = versions[i + 1] if i + 1 < len(versions) else None
                 if now - retention_start(touched, following, unpublished.get(name, 0.0)) >= grace_s:
-                    self._delete_keys([item["Key"] for item in items])
+                    # its zarr.json first: a reader pinned to it is told it is gone, not shown
+                    # fill values for the chunks already deleted
+                    root_doc = [i["Key"] for i in items if i["Rel"].split("/", 2)[2] == "zarr.json"]
+                    self._delete_keys(root_doc)
+                    self._delete_keys([i["Key"] for i in items if i["Key"] not in root_doc])
                     removed.append(f"{name}/{version}")
             if current is None and len(removed) and all(f"{name}/{v}" in removed for v in versions):
                 self.delete(f"{OBJECT_VERSIONS_DIR}/{name}/{UNPUBLISHED}")

@@ -31,6 +31,7 @@ from store.errors import (
     ScanDamaged,
     ScanNotFound,
     Unauthorized,
+    VersionGone,
     one_line,
 )
 from store.ts_status import refused_read
@@ -60,6 +61,7 @@ STATUS_BY_ERROR: tuple[tuple[type[ScanCacheError], int], ...] = (
     (InvalidParameter, 422),
     (InvalidPath, 400),
     (PredictionMismatch, 409),
+    (VersionGone, 410),
     (ScanChanged, 409),
     (RequestTooLarge, 413),
     (Unauthorized, 401),
@@ -76,6 +78,7 @@ DESCRIPTIONS = {
         "Conflict: the stored prediction does not match the scan (another shape), or the scan was"
         " re-published while being read."
     ),
+    410: "The scan version named in the path (`<scan_id>@<version>`) was superseded and removed.",
     413: "The response would exceed the server's --max-bytes (refused before reading).",
     416: "The Range cannot be satisfied for this file.",
     422: "A parameter is invalid (roi, categories, filters); `param` names it.",

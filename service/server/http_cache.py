@@ -15,6 +15,9 @@ from collections.abc import Iterable, Sequence
 
 # Revalidate on every use; never in shared caches.
 REVALIDATE = "private, no-cache"
+# A file of a version named in its path (``/zarr/<id>@<version>/``) never changes: a cache
+# may keep it without asking again.
+PINNED = "private, max-age=86400, immutable"
 GZIP_SUFFIX = "-gz"  # a gzip representation has its own strong ETag (RFC 9110 8.8.3)
 JSON_GZIP_MIN_BYTES = 1024
 MASK_GZIP_MIN_BYTES = 4096

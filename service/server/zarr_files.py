@@ -23,9 +23,9 @@ from starlette.types import Receive, Scope, Send
 from service.server.errors import NotInStore
 from service.server.guards import HEAD_SCOPE_KEY
 from service.server.http_cache import make_etag
-from store.errors import InvalidPath
+from store.errors import InvalidPath, VersionGone
 from store.format import validate_scan_id
-from store.publish import VERSIONS_DIR
+from store.publish import VERSIONS_DIR, current_version
 from store.storage import Storage
 
 READ_AT_ONCE = 1 << 20  # ranges up to this size are read in one call; larger ones are streamed
@@ -35,6 +35,7 @@ STREAM_CHUNK = 1 << 20
 # ASCII digits of bounded length (or nothing): str.isdigit() takes "²", and int() of 5000 digits
 # raises; a header we cannot read is ignored (200), as RFC 9110 14.2 allows.
 _RANGE_NUMBER = re.compile(r"[0-9]{0,18}", re.ASCII)
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}", re.ASCII)  # what new_version_name makes
 
 
 class RangeNotSatisfiable(Exception):
@@ -48,6 +49,10 @@ def split_store_path(path: str) -> tuple[str, ...]:
         # here (readers find arrays through zarr.json), and a folder is not a bad path
         raise NotInStore("path: not a file; try zarr.json")
     parts = tuple(path.split("/"))
+    if len(parts) > 1:
+        scan_id, pinned = scan_and_version(parts[0])
+        if pinned is not None and not _VERSION.fullmatch(pinned):
+            raise NotInStore(f"path: {path!r} not found")
     for part in parts:
         if part in ("", ".", ".."):
             raise InvalidPath("path: empty, '.' and '..' components are not allowed")
@@ -60,10 +65,17 @@ def split_store_path(path: str) -> tuple[str, ...]:
             raise NotInStore(f"path: {path!r} not found")
         return parts
     try:
-        validate_scan_id(parts[0])
+        validate_scan_id(scan_id)
     except InvalidPath:
         raise NotInStore(f"path: {path!r} not found") from None
     return parts
+
+
+def scan_and_version(component: str) -> tuple[str, str | None]:
+    """``<scan_id>`` (its current version) or ``<scan_id>@<version>`` (that version, as long as
+    the store keeps it), the first component of a path below ``/zarr/``; scan ids have no ``@``."""
+    scan_id, at, version = component.partition("@")
+    return scan_id, (version if at else None)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -103,6 +115,7 @@ class OpenFile:
     size: int
     etag: str
     name: str
+    pinned: bool = False  # of a version named in the path: never changes
     closed: bool = False
 
     def pread(self, n: int, offset: int) -> bytes:
@@ -124,6 +137,7 @@ class StoredObject:
     size: int
     etag: str
     name: str
+    pinned: bool = False  # of a version named in the path: never changes
 
     def pread(self, n: int, offset: int) -> bytes:
         data = self.storage.read_range(self.key, offset, offset + n)
@@ -144,18 +158,32 @@ def open_stored_object(storage: Storage, parts: tuple[str, ...]) -> StoredObject
             raise missing
         key = "zarr.json"
     else:
+        scan_id, pinned = scan_and_version(parts[0])
         try:
-            validate_scan_id(parts[0])
+            validate_scan_id(scan_id)
         except InvalidPath:
             raise missing from None
-        version = storage.current_version(parts[0])
+        version = pinned or storage.current_version(scan_id)
         if version is None:
             raise missing
-        key = f"{storage.version_key(parts[0], version)}/{'/'.join(parts[1:])}"
+        if (
+            pinned is not None
+            and storage.read_size(f"{storage.version_key(scan_id, pinned)}/zarr.json") is None
+        ):
+            raise pinned_missing(storage, scan_id, pinned, missing)
+        key = f"{storage.version_key(scan_id, version)}/{'/'.join(parts[1:])}"
     size = storage.read_size(key)
     if size is None:
         raise missing
-    return StoredObject(storage, key, size, make_etag("zarr-object", key, size), parts[-1])
+    return StoredObject(
+        storage, key, size, make_etag("zarr-object", key, size), parts[-1], pinned is not None
+    )
+
+
+def pinned_missing(storage: Storage, scan_id: str, version: str, missing: NotInStore) -> Exception:
+    """A pinned version that is not there: gone (410) if the scan is published, so that a Zarr
+    reader holding it fails rather than reading absent chunks as fill values; else not found."""
+    return VersionGone(scan_id, version) if storage.current_version(scan_id) is not None else missing
 
 
 def _inside(folder: str, path: str) -> bool:
@@ -176,10 +204,17 @@ def resolve_store_file(root: Path, parts: tuple[str, ...]) -> str:
         if real != os.path.join(real_root, "zarr.json"):
             raise missing
         return real
-    scan_dir = os.path.realpath(os.path.join(real_root, parts[0]))  # follows the scan's symlink
-    if os.path.dirname(scan_dir) != os.path.join(real_root, VERSIONS_DIR, parts[0]):
+    scan_id, pinned = scan_and_version(parts[0])
+    versions = os.path.join(real_root, VERSIONS_DIR, scan_id)
+    # the scan's symlink followed, or the pinned version's own folder
+    scan_dir = os.path.realpath(
+        os.path.join(real_root, scan_id) if pinned is None else os.path.join(versions, pinned)
+    )
+    if os.path.dirname(scan_dir) != versions:
         raise missing  # not a published version of this scan (format 2)
     if not os.path.isfile(os.path.join(scan_dir, "zarr.json")):
+        if pinned is not None and current_version(root, scan_id) is not None:
+            raise VersionGone(scan_id, pinned)
         raise missing
     real = os.path.realpath(os.path.join(scan_dir, *parts[1:]))
     if not _inside(scan_dir, real):
@@ -202,7 +237,7 @@ def open_store_file(root: Path, parts: tuple[str, ...]) -> OpenFile:
         raise NotInStore(f"path: {'/'.join(parts)!r} not found")
     # The resolved path names the scan's version: a re-published scan gets new ETags.
     etag = make_etag("zarr-file", real, st.st_mtime_ns, st.st_size, st.st_ino)
-    return OpenFile(fd, st.st_size, etag, parts[-1])
+    return OpenFile(fd, st.st_size, etag, parts[-1], pinned=scan_and_version(parts[0])[1] is not None)
 
 
 class FileRangeResponse(Response):

@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from service.server.errors import NotInStore, error_response, error_responses
 from service.server.guards import HEAD_SCOPE_KEY
-from service.server.http_cache import REVALIDATE, etag_matches
+from service.server.http_cache import PINNED, REVALIDATE, etag_matches
 from service.server.responses import COUNTED_BODY_BYTES, budgeted_response, not_modified
 from service.server.state import ServerState, server_state
 from service.server.zarr_files import (
@@ -39,9 +39,10 @@ from service.server.zarr_files import (
     open_store_file,
     open_stored_object,
     parse_range,
+    scan_and_version,
     split_store_path,
 )
-from store.errors import ScanDamaged
+from store.errors import ScanDamaged, VersionGone
 from store.inventory import MANIFEST
 from store.storage import open_storage
 
@@ -72,10 +73,15 @@ def _listed_but_missing(root: Path | str, parts: tuple[str, ...]) -> str | None:
     if len(parts) < 2:
         return None
     storage = open_storage(root)
-    version = storage.current_version(parts[0])
+    scan_id, pinned = scan_and_version(parts[0])
+    version = pinned or storage.current_version(scan_id)
     if version is None:
         return None
-    listed = _manifest_keys(str(root), parts[0], version)
+    if pinned is not None and storage.read_size(f"{storage.version_key(scan_id, pinned)}/zarr.json") is None:
+        if storage.current_version(scan_id) is None:
+            return None  # no such scan
+        raise VersionGone(scan_id, pinned)  # removed while being read: gone, not damaged
+    listed = _manifest_keys(str(root), scan_id, version)
     rel = "/".join(parts[1:])
     return f"{rel} is missing" if rel in listed else None
 
@@ -106,7 +112,7 @@ def _read_range(file: OpenFile | StoredObject, start: int, end: int) -> bytes:
     responses={
         200: {"description": "As GET, without a body."},
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 503),
+        **error_responses(400, 401, 404, 410, 503),
     },
 )
 @router.get(
@@ -126,7 +132,7 @@ def _read_range(file: OpenFile | StoredObject, start: int, end: int) -> bytes:
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
         },
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 416, 503),
+        **error_responses(400, 401, 404, 410, 416, 503),
     },
 )
 async def zarr_file(
@@ -167,7 +173,7 @@ async def _respond(request: Request, state: ServerState, file: OpenFile | Stored
     """Answer from an open file; the response (or this function on a bodiless answer) closes it."""
     headers = {
         "ETag": file.etag,
-        "Cache-Control": REVALIDATE,
+        "Cache-Control": PINNED if file.pinned else REVALIDATE,
         "Accept-Ranges": "bytes",
         "Content-Type": "application/json" if file.name == "zarr.json" else "application/octet-stream",
     }
@@ -222,7 +228,7 @@ async def _respond(request: Request, state: ServerState, file: OpenFile | Stored
     responses={
         200: {"description": "As GET, without a body."},
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 503),
+        **error_responses(400, 401, 404, 410, 503),
     },
 )
 @router.get(
@@ -233,7 +239,7 @@ async def _respond(request: Request, state: ServerState, file: OpenFile | Stored
         200: {"description": "The whole file, `Accept-Ranges: bytes`, ETag."},
         206: {"description": "One byte range, with Content-Range."},
         304: {"description": "Not modified: the If-None-Match ETag is current."},
-        **error_responses(400, 401, 404, 416, 503),
+        **error_responses(400, 401, 404, 410, 416, 503),
     },
 )
 async def predictions_zarr_file(
