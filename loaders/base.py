@@ -37,6 +37,7 @@ from loaders.config import Config, check_batching, check_config
 from loaders.copies import Copies
 from loaders.epochs import EpochState, _called_from_keras
 from loaders.geometry import check_pad_mode
+from loaders.keras_reading import KerasReadingOptions
 from loaders.ordering import Shard
 from loaders.plan import EpochPlanning, Plan
 from loaders.prefetch import Prefetcher
@@ -77,7 +78,7 @@ __all__ = [
 ]
 
 
-class DataLoader(Copies, BatchFilling, EpochState, EpochPlanning, keras.utils.PyDataset):
+class DataLoader(Copies, BatchFilling, EpochState, EpochPlanning, KerasReadingOptions, keras.utils.PyDataset):
     """Base class of scancache loaders (a Keras ``PyDataset``). See the module docstring."""
 
     # Whether examples are read in chunk-deep blocks (loaders.blocks; the slice loaders do):

@@ -9,6 +9,7 @@ from typing import Any
 from loaders.base import DataLoader
 from loaders.catalog import DatasetCatalog
 from loaders.config import Config, check_batching
+from loaders.keras_reading import INSTEAD, KERAS_READING_ARGS
 from loaders.registry import build_data_loader
 
 
@@ -53,6 +54,9 @@ def build_loader(
     A test loader (``is_test``) also holds the scans without a mask, for ``inference`` and
     ``write_predictions`` (its batches hold the labelled scans); a training loader leaves them out.
     """
+    for name in KERAS_READING_ARGS:  # Keras' PyDataset options: one line, not a TypeError
+        if name in kwargs:
+            raise ValueError(f"build_loader({name}={kwargs[name]!r}): {INSTEAD}")
     # checked here, where they enter: True == 1 would otherwise pass as "no sharding"
     batch_size, num_replicas, rank = check_batching(batch_size, num_replicas, rank)
     if num_replicas != 1 or rank != 0:

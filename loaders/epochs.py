@@ -82,7 +82,12 @@ class EpochState:
         if not _called_from_keras() or (keras_epoch and complete):
             self.set_epoch(self.epoch + 1)
         elif _called_from_keras(function="reset"):
-            self._use_plan(self._plan, begin)  # the input-spec batches again, in the real epoch
+            # Keras read batches for its input spec. Inside an epoch they moved the pass: it
+            # starts again where that epoch began. Outside one (TensorFlow probes before its
+            # first epoch) the pass never moved: it goes on from where it stands (a previous
+            # fit's last step, a restored state), and a resumed pass stays one.
+            if keras_epoch:
+                self._use_plan(self._plan, begin)
         else:
             with self._serve_lock:
                 self._resume_pass = True

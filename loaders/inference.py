@@ -90,13 +90,33 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
         size = needs_predict.get("batch_size", 0)
         if "batch_size" in needs_predict and (size is None or int(size) >= len(x)):
             del needs_predict["batch_size"]
-        if needs_predict:
+        if _replicas(model) > 1:
+            # under a tf.distribute strategy (MirroredStrategy) Keras' predict_on_batch gives a
+            # copy of the rows per replica, and predict fails on a batch smaller than the replicas:
+            # the model called directly gives each row once (the variables read where they live)
+            out = model(x, training=False)
+        elif needs_predict:
             out = model.predict(x, **{"verbose": 0, **predict_kwargs})
         else:
             out = model.predict_on_batch(x)
     else:
         out = model(x)
-    return out if isinstance(out, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(out))
+    out = out if isinstance(out, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(out))
+    if out.ndim == 0 or len(out) != len(x):
+        raise ValueError(
+            f"the model gave {len(out) if out.ndim else 'no'} predictions for a batch of {len(x)} examples:"
+            " inference needs one per example (a model whose output has the batch axis first)"
+        )
+    return out
+
+
+def _replicas(model: Any) -> int:
+    """How many replicas a Keras model's tf.distribute strategy runs (1 without one)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    try:
+        return int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 def read_scan(loader: InferenceLoader, scan: ScanEntry) -> tuple[np.ndarray, np.ndarray | None]:

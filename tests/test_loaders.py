@@ -185,6 +185,27 @@ def test_shuffle_every_epoch_is_deterministic_from_seed(store, train_name):
         np.testing.assert_array_equal(y[i], reference_mask(arrays[scan_id][1][:, :, z]))
 
 
+def test_keras_own_reading_options_are_refused_in_one_line_pointing_at_the_loaders(train_name):
+    """Keras' PyDataset workers/use_multiprocessing would fetch the loader's batches out of
+    its order (repeats, skips, a state that never moves): refused where they come in, in one
+    line naming NUM_WORKERS and PREFETCH_BATCHES; the harmless values still work."""
+    cfg = cfg_for()
+    for name, value in (("workers", 2), ("use_multiprocessing", True), ("max_queue_size", 20)):
+        with pytest.raises(ValueError) as err:
+            build_loader(cfg, train_name, 4, False, True, True, **{name: value})
+        text = str(err.value)
+        assert "\n" not in text and f"build_loader({name}=" in text
+        assert "cfg.NUM_WORKERS" in text and "cfg.PREFETCH_BATCHES" in text
+    loader = build_loader(cfg, train_name, 4, False, True, True)
+    for name, value in (("workers", 2), ("workers", 1.5), ("use_multiprocessing", True)):
+        with pytest.raises(ValueError, match=f"^{name}=.*cfg.NUM_WORKERS"):
+            setattr(loader, name, value)
+    loader.workers, loader.use_multiprocessing, loader.max_queue_size = 1, False, 20
+    assert (loader.workers, loader.use_multiprocessing) == (1, False)
+    x, _ = loader[0]
+    assert x.shape[0] == 4
+
+
 def test_test_batches_return_raw_x(store, train_name):
     loader = build_loader(cfg_for(), train_name, batch_size=8, is_test=True, shuffle=False, drop_last=False)
     batch = loader[len(loader) - 1]

@@ -284,6 +284,16 @@ with strategy.scope():
     model.compile(optimizer="adam", loss="categorical_crossentropy")
 history = model.fit(loader.as_tf_dataset(), epochs=2, verbose=0)
 assert np.isfinite(history.history["loss"]).all()
+# inference of a model built under the strategy: one prediction per slice, as the model gives it
+test = build_loader(cfg, "mirrored", 3, True, False, False)
+scans = 0
+for inputs_, outputs in test.inference(model):
+    x = inputs_["x"]
+    want = np.stack([model(x[None, :, :, z, None], training=False)[0].numpy() for z in range(x.shape[2])], axis=2)
+    assert outputs["y_pred"].shape == want.shape, (outputs["y_pred"].shape, want.shape)
+    np.testing.assert_allclose(outputs["y_pred"], want, rtol=1e-5, atol=1e-6)
+    scans += 1
+assert scans == len(test.scans)
 print("OK")
 """
 
@@ -597,6 +607,38 @@ def test_fit_with_fewer_steps_than_a_pass_goes_on_through_the_pass_and_resumes_e
     assert len(first) == k + 2 and len(again) > n - k
     # Keras repeats epoch 1 from its first step: batches k, k + 1, ... of the pass, and on
     for got, want in zip(first + again, expected[: k + 2] + expected[k:], strict=False):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_separate_fit_calls_and_a_restored_state_go_on_where_the_pass_stands(scale_store, names):
+    """Each fit() call probes a batch for its input spec before its first epoch: that probe
+    must not rewind the pass. A second fit(steps_per_epoch=k) goes on from where the first left
+    the pass (its batches k, k+1, ...; under TensorFlow, past the batches tf.data had read
+    ahead), never from its start; a fit() on a loader restored mid-pass (load_state_dict)
+    trains exactly the rest of that pass first."""
+    _, arrays = scale_store
+    train = build_loader(config("2d"), names["local"], 8, False, True, True)
+    n, k = len(train), 2
+    assert n > 3 * k
+    expected = expected_firsts(train, 0, arrays)
+    trained: list[np.ndarray] = []
+    model = recording_model(trained)
+    model.fit(train, epochs=1, steps_per_epoch=k, verbose=0)
+    after_first = train.state_dict()["position"]
+    assert k <= after_first <= k + 2  # what Keras trained, and what tf.data read ahead
+    model.fit(train, epochs=1, steps_per_epoch=k, verbose=0)
+    for got, want in zip(trained, expected[:k] + expected[after_first : after_first + k], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    state = train.state_dict()
+    restored = build_loader(config("2d"), names["local"], 8, False, True, True)
+    restored.load_state_dict(state)
+    rest: list[np.ndarray] = []
+    recording_model(rest).fit(restored, epochs=1, verbose=0)
+    # a Keras epoch of len() steps: the rest of the pass, then on into the loader's next epoch
+    at = state["position"]
+    assert len(rest) == n
+    for got, want in zip(rest, expected[at:] + expected_firsts(train, 1, arrays)[:at], strict=True):
         np.testing.assert_array_equal(got, want)
 
 
