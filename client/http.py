@@ -370,23 +370,29 @@ class HttpSource:
         self._counters.count_returned(out, started)
         return out
 
-    def read_locations(self, scan_id: str) -> np.ndarray | None:
+    def read_locations(self, scan_id: str, rows: int | None = None) -> np.ndarray | None:
         """As ``LocalSource.read_locations``: the scan's ``locations`` array, fetched from the
-        server's ``/zarr/`` tree (one uncompressed chunk); None if the scan has none."""
+        server's ``/zarr/`` tree (one uncompressed chunk); None if the scan has none. ``rows``
+        (the sum of the metadata's ``location_counts``) saves the request for its zarr.json."""
         validate_scan_id(scan_id)
         version = self._identity.version_of(scan_id)
-        if version is not None:  # both files of the version planned with, never one of each
+        # both files of the version planned with, never one of each; a server older than pinned
+        # versions (or a scan without the array) answers not found, and the plain path is tried
+        nodes = ([f"{scan_id}@{version}"] if version is not None else []) + [scan_id]
+        for node in nodes:
             try:
-                return self._read_locations(f"{scan_id}@{version}")
-            except KeyError:  # no such array, or a server older than pinned versions
-                pass
-        try:
-            return self._read_locations(scan_id)
-        except KeyError:  # ScanNotFound / ArrayNotFound
-            return None
+                return self._read_locations(node, rows)
+            except KeyError:  # ScanNotFound / ArrayNotFound
+                continue
+        return None
 
-    def _read_locations(self, node: str) -> np.ndarray | None:
+    def _read_locations(self, node: str, rows: int | None) -> np.ndarray | None:
+        chunk = f"/zarr/{node}/locations/c/0/0"
         try:
+            if rows is not None and rows > 0:
+                body = self._request("GET", chunk).content
+                if len(body) == rows * 12:  # the documented layout: int32 (y, x, z), uncompressed
+                    return np.frombuffer(body, "<i4").reshape(rows, 3).astype(np.int32)
             doc = self._request("GET", f"/zarr/{node}/locations/zarr.json").json()
             rows = int(doc["shape"][0])
             plain = doc.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
@@ -395,8 +401,8 @@ class HttpSource:
                 return None
             if rows == 0:
                 return np.empty((0, 3), np.int32)
-            body = self._request("GET", f"/zarr/{node}/locations/c/0/0").content
-        except (TypeError, ValueError):  # not the plain int32 array the job writes
+            body = self._request("GET", chunk).content
+        except (TypeError, ValueError, IndexError):  # not the plain int32 array the job writes
             return None
         if len(body) != rows * 12:
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ from store.label_map import location_counts
 from store.protocol import RegionRequest, ScanSource
 from store.reader_share import memory_bytes
 from store.units import format_bytes
+
+LOCATION_READS = 8  # scans' stored locations read at once (a round trip each over HTTP)
 
 
 @register_loader
@@ -203,11 +206,23 @@ class RandomPatchDataLoader(PatchDataLoader):
             scan = self.scans[scan_index]
             counts = location_counts(scan.meta.attrs)
             read = getattr(scan.source, "read_locations", None)
-            rows = read(scan.scan_id) if counts is not None and read is not None else None
+            rows = read(scan.scan_id, rows=sum(counts)) if counts is not None and read is not None else None
             self._stored[scan_index] = None if rows is None or counts is None else (rows, counts)
         return self._stored[scan_index]
 
+    def _read_stored_locations(self, scan_indices: set[int]) -> None:
+        """The stored locations of the scans a batch draws from and not read yet, concurrently:
+        over HTTP each is a round trip, and a first epoch over thousands of scans would wait
+        for them one after the other."""
+        todo = [i for i in scan_indices if i not in self._stored]
+        if len(todo) > 1:
+            with ThreadPoolExecutor(
+                min(LOCATION_READS, len(todo)), thread_name_prefix="scancache-locations"
+            ) as pool:
+                list(pool.map(self._stored_locations, todo))
+
     def resolve(self, samples: Sequence[Sample], epoch: int) -> list[Element]:
+        self._read_stored_locations({s.scan for s in samples})
         windows = self.sampler.draw(
             samples,
             epoch,

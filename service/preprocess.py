@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import IO, Any, TypeVar
 from service.cluster_watch import SchedulerLost, is_scheduler_lost, scheduler_lost, warn_without_workers
 from service.job_summary import CONVERTED, FAILED, SKIPPED, ScanResult, Summary
 from service.nnunet_dataset import NIFTI_KIND
-from service.scan_task import convert_scan
+from service.scan_task import convert_scan, up_to_date
 from service.sources import ScanOptions, ScanSpec, discover
 from store import interrupts, publish
 from store.errors import one_line
@@ -205,9 +206,10 @@ def run_preprocess(
         # each scan is staged on the disk of the worker converting it, then uploaded.
         staging = storage.new_staging("job") if storage.is_local else None
         try:
-            if found.scans:
+            todo = _skip_done(found.scans, storage.url, layout, summary, on_result, progress, stream)
+            if todo:
                 _convert_all(
-                    found.scans,
+                    todo,
                     storage.url,
                     staging,
                     layout,
@@ -241,6 +243,44 @@ def run_preprocess(
         summary.upkeep_failures.append(f"removing the job's lock: {lock.release_error}")  # type: ignore[attr-defined]
     summary.seconds = time.monotonic() - started
     return summary
+
+
+# scans checked at once on object storage (a round trip or two each); a local store's checks
+# are page-cache reads, and threads only fight over the GIL (2000 scans: 1.9 s in one, 3.0 in 2)
+UP_TO_DATE_CHECKS = 8
+
+
+def _skip_done(
+    specs: list[ScanSpec],
+    store_url: str,
+    layout: ChunkLayout | None,
+    summary: Summary,
+    on_result: Callable[[ScanResult], None] | None,
+    progress: bool,
+    stream: IO[str],
+) -> list[ScanSpec]:
+    """The scans still to convert: those the store holds as their sources are now are skipped
+    here, before any worker starts (a task each would cost milliseconds of scheduling, and a
+    cluster's start seconds, for nothing to do)."""
+    if not specs:
+        return []
+    if not is_s3_url(store_url):
+        done = [up_to_date(spec, store_url, layout) for spec in specs]
+    else:
+        pool = ThreadPoolExecutor(UP_TO_DATE_CHECKS, thread_name_prefix="scancache-check")
+        try:
+            done = list(pool.map(lambda spec: up_to_date(spec, store_url, layout), specs))
+        finally:  # a Ctrl-C here drops the checks not started rather than waiting for them all
+            pool.shutdown(wait=True, cancel_futures=True)
+    for spec, skip in zip(specs, done, strict=True):
+        if skip:
+            result = ScanResult(spec.scan_id, SKIPPED)
+            summary.add(result)
+            if on_result is not None:
+                on_result(result)
+    if progress and any(done):
+        print(f"preprocess: {count_of(sum(done), 'scan')} already in the store", file=stream, flush=True)
+    return [spec for spec, skip in zip(specs, done, strict=True) if not skip]
 
 
 def check_scheduler_reachable(address: str, timeout: float = 10.0) -> None:

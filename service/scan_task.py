@@ -48,19 +48,40 @@ def convert_scan(
         return _convert_scan(spec, store, layout, staging)
 
 
+def _skip_check(spec: ScanSpec, store: str, asked: ChunkLayout | None) -> tuple[bool, ChunkLayout, str, int]:
+    """(whether the store holds the scan as its sources are now, the layout to convert it in,
+    the sources' fingerprint and bytes)."""
+    published = read_scan_attrs(store, spec.scan_id)
+    stored = ChunkLayout.from_json(published.get("layout")) if published is not None else None
+    layout = asked or stored or ChunkLayout()
+    fp, source_bytes = fingerprint(spec, layout)
+    done = (
+        not spec.rebuild
+        and published is not None
+        and published.get("fingerprint") == fp
+        and manifest_problem(store, spec.scan_id, published) is None
+    )
+    return done, layout, fp, source_bytes
+
+
+def up_to_date(spec: ScanSpec, store: str, layout: ChunkLayout | None) -> bool:
+    """Would ``convert_scan`` skip this scan? Asked by the job before it starts any worker, so
+    that a re-run over thousands of done scans sends no task for them (and starts no cluster
+    when all are done). Never raises: where it cannot tell, the scan's task decides."""
+    if spec.rebuild:
+        return False
+    try:
+        with np.errstate(all="ignore"):
+            return _skip_check(spec, store, layout)[0]
+    except Exception:
+        return False
+
+
 def _convert_scan(spec: ScanSpec, store: str, asked: ChunkLayout | None, staging: str | None) -> ScanResult:
     worker = _worker_name()
     try:
-        published = read_scan_attrs(store, spec.scan_id)
-        stored = ChunkLayout.from_json(published.get("layout")) if published is not None else None
-        layout = asked or stored or ChunkLayout()
-        fp, source_bytes = fingerprint(spec, layout)
-        if (
-            not spec.rebuild
-            and published is not None
-            and published.get("fingerprint") == fp
-            and manifest_problem(store, spec.scan_id, published) is None
-        ):
+        done, layout, fp, source_bytes = _skip_check(spec, store, asked)
+        if done:
             return ScanResult(spec.scan_id, SKIPPED, worker=worker)
         attrs: dict[str, Any] = {
             **spec.attrs(),

@@ -55,6 +55,13 @@ class BoundedLRU(Generic[V]):
                 _, (_, dropped) = self._items.popitem(last=False)
                 self.nbytes -= dropped
 
+    def at_least(self, entries: int) -> None:
+        """Raise the entry bound to ``entries`` (never lower it): a cache sized for a working set
+        that turned out larger (an LRU smaller than a cycle it serves misses every time)."""
+        with self._lock:
+            if self.max_entries is not None and entries > self.max_entries:
+                self.max_entries = int(entries)
+
     def __len__(self) -> int:
         return len(self._items)
 

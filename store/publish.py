@@ -33,6 +33,7 @@ import shutil
 import socket
 import stat
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -76,9 +77,26 @@ def fsync_tree(path: str | os.PathLike[str], threads: int = 8) -> None:
             full = os.path.join(dirpath, name)
             if os.path.isfile(full) and not os.path.islink(full):
                 files.append(full)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(fsync_file, files))  # list(): re-raises the first error
-        list(pool.map(fsync_dir, folders))
+    pool = _fsync_pool(threads)
+    list(pool.map(fsync_file, files))  # list(): re-raises the first error
+    list(pool.map(fsync_dir, folders))
+
+
+_FSYNC_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_FSYNC_POOLS_LOCK = threading.Lock()
+
+
+def _fsync_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per process and size, kept: a job publishes thousands of small scans, and
+    starting eight threads for each cost more than their fsyncs (a forked child gets its own)."""
+    key = (os.getpid(), threads)
+    with _FSYNC_POOLS_LOCK:
+        pool = _FSYNC_POOLS.get(key)
+        if pool is None:
+            pool = _FSYNC_POOLS[key] = ThreadPoolExecutor(
+                max_workers=threads, thread_name_prefix="scancache-fsync"
+            )
+        return pool
 
 
 def write_json_durably(path: str | os.PathLike[str], doc: object) -> None:

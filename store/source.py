@@ -67,8 +67,13 @@ from store.ts_status import is_damage, is_passing, result_or_damage
 from store.ts_status import refused_read as refused_read  # where it was first
 from store.units import parse_bytes
 
-META_CACHE_ENTRIES = 4096  # scans whose metadata a LocalSource keeps (LRU)
+META_CACHE_ENTRIES = 4096  # scans whose metadata a LocalSource keeps (LRU) ...
 ARRAY_CACHE_ENTRIES = 1024  # open tensorstore arrays it keeps (LRU); each holds no chunk data
+# ... both grown to a store's or a loader's scans (expect_scans), up to these: an epoch visits
+# every scan, and an LRU smaller than that cycle reopens every array every epoch
+META_CACHE_MAX = 65536  # about 12 KiB each
+ARRAYS_PER_SCAN = 4  # image, mask or label map, locations, and an uncached handle
+ARRAY_CACHE_MAX = 32768  # about 10-20 KiB each
 INTACT_CACHE_ENTRIES = 65536  # scan versions found intact (a listing each): a data set's worth
 STORE_ID_TTL_S = 1.0  # how long the store's identity is trusted before its zarr.json is read again
 
@@ -200,6 +205,11 @@ class LocalSource:
     def scan_ids(self) -> list[str]:
         return self.storage.published_names()
 
+    def expect_scans(self, count: int) -> None:
+        """Keep the metadata and open arrays of ``count`` scans (a listing's, a loader's)."""
+        self._meta.at_least(min(META_CACHE_MAX, count + 64))
+        self._arrays.at_least(min(ARRAY_CACHE_MAX, ARRAYS_PER_SCAN * count + 64))
+
     def list_scans(self, **filters: Any) -> list[ScanMeta]:
         """Every readable scan matching ``filters``; a damaged or unreadable one is left out
         with a warning naming it (as a server's listing says it, ``warn_skipped``)."""
@@ -207,6 +217,7 @@ class LocalSource:
         skipped: list[str] = []
         refusals: list[PermissionError] = []
         names = self.scan_ids()
+        self.expect_scans(len(names))
         for scan_id in names:
             try:
                 meta = self.metadata(scan_id)
@@ -402,9 +413,9 @@ class LocalSource:
         with self._counters_lock:
             return dict(self._counters)
 
-    def read_locations(self, scan_id: str) -> np.ndarray | None:
+    def read_locations(self, scan_id: str, rows: int | None = None) -> np.ndarray | None:
         """(N, 3) int32 foreground locations (class-sorted, ``location_counts``), or None for a
-        scan written without them."""
+        scan written without them. ``rows``: a hint for remote sources, not needed here."""
         refuse_forked_reads()
         state = self._state(scan_id)
         if state[1].attrs.get("location_counts") is None:

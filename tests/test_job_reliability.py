@@ -372,7 +372,15 @@ def test_old_versions_another_user_owns_are_reported_left_not_failed(tmp_path, m
             return None
         return real_rmtree(path, ignore_errors=ignore_errors, onerror=onerror, **kwargs)
 
+    real_unlink = os.unlink
+
+    def refuse_unlink(path, *args, **kwargs):  # the version's zarr.json goes first, refused too
+        if str(path) == str(first / "zarr.json"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_unlink(path, *args, **kwargs)
+
     monkeypatch.setattr(publish.shutil, "rmtree", refuse)
+    monkeypatch.setattr(publish.os, "unlink", refuse_unlink)
     summary = run_preprocess(source, store, workers=1, progress=False, rebuild=[scan_id], grace_s=0)
     assert summary.converted == 1 and summary.exit_code == 0
     report = summary.report()

@@ -11,6 +11,7 @@ from h5_sources import assert_store_matches, random_scan, read_store, write_slic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import service.preprocess as preprocess_module
 from service.preprocess import CONVERTED, SKIPPED, run_preprocess
 from service.sample_data import write_sample_data
 from store.format import ChunkLayout
@@ -93,9 +94,14 @@ def test_store_reads_through_local_source(mixed_source, converted):
     assert image.shape == (24, 20, 7) and image.dtype == np.int16
 
 
-def test_rerun_skips_everything(mixed_source, converted):
+def test_rerun_skips_everything(mixed_source, converted, monkeypatch):
     store, _, _ = converted
     before = {p: p.stat().st_mtime_ns for p in store.rglob("zarr.json")}
+
+    def no_cluster(*args, **kwargs):  # every scan is found done before a worker would start
+        raise AssertionError("a re-run with nothing to convert started a Dask cluster")
+
+    monkeypatch.setattr(preprocess_module, "dask_client", no_cluster)
     summary = run_preprocess(mixed_source, store, workers=1, progress=False)
     assert summary.skipped == 10 and summary.converted == 0 and summary.failed == 0
     assert {r.status for r in summary.results} == {SKIPPED}

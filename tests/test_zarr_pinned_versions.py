@@ -85,6 +85,14 @@ def test_http_source_reads_the_locations_of_the_version_it_planned_with(tmp_path
         locations = source.read_locations(SCAN)
         stored = zarr.open_array(str(root / SCAN / "locations"), mode="r")[...]
         np.testing.assert_array_equal(locations, stored)
+        # with the row count the metadata gives (what the patch loaders pass): one request
+        paths: list[str] = []
+        real = source._request
+        source._request = lambda method, path, **kw: paths.append(path) or real(method, path, **kw)  # type: ignore[method-assign]
+        rows = sum(meta.attrs["location_counts"])
+        np.testing.assert_array_equal(source.read_locations(SCAN, rows=rows), stored)
+        assert paths == [f"/zarr/{SCAN}@{meta.version}/locations/c/0/0"]
+        source._request = real  # type: ignore[method-assign]
         _republish(root, seed=7)
         # still the planned version's locations, as long as the store keeps it
         np.testing.assert_array_equal(source.read_locations(SCAN), stored)

@@ -88,6 +88,13 @@ def _pieces(part: bytes | memoryview) -> list[bytes | memoryview]:
     return [flat[i : i + SEND_PIECE] for i in range(0, flat.nbytes, SEND_PIECE)]
 
 
+def _json_bytes(content: Any) -> bytes:
+    try:
+        return json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # only non-finite floats make strict dumps fail; the common case pays nothing
+        return json.dumps(finite_json(content), separators=(",", ":"), allow_nan=False).encode()
+
+
 def not_modified(etag: str, cache_control: str = REVALIDATE, vary: str | None = None) -> Response:
     headers = {"ETag": etag, "Cache-Control": cache_control}
     if vary:
@@ -107,15 +114,16 @@ def finite_json(value: Any) -> Any:
     return value
 
 
-async def cached_json(request: Request, content: Any, inflight: InflightBudget) -> Response:
+async def cached_json(
+    request: Request, content: Any, inflight: InflightBudget, in_thread: bool = False
+) -> Response:
     """JSON with an ETag of its bytes (304 on a match) and gzip when it pays. Strict JSON:
     non-finite numbers anywhere (a stored prediction's Dice, a statistic) are sent as null. A
     large body (a listing with per-slice counts) holds its size of the in-flight budget until it
-    is sent; small ones fit the transport's buffer and never wait."""
-    try:
-        body = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
-    except ValueError:  # only non-finite floats make strict dumps fail; the common case pays nothing
-        body = json.dumps(finite_json(content), separators=(",", ":"), allow_nan=False).encode()
+    is sent; small ones fit the transport's buffer and never wait. ``in_thread``: encode (and
+    compress) in a worker thread, for bodies large enough to hold up the event loop (a listing
+    of thousands of scans is megabytes)."""
+    body = await to_thread.run_sync(_json_bytes, content) if in_thread else _json_bytes(content)
     gzip = len(body) >= JSON_GZIP_MIN_BYTES and accepts_gzip(request.headers.get("accept-encoding"))
     # A 304 carries the ETag of the representation a 200 would have sent (RFC 9110 15.4.5).
     etag = gzip_etag(make_etag("json", body)) if gzip else make_etag("json", body)
@@ -124,7 +132,8 @@ async def cached_json(request: Request, content: Any, inflight: InflightBudget) 
     headers = {"ETag": etag, "Cache-Control": REVALIDATE, "Vary": "Accept-Encoding"}
     if gzip:
         headers["Content-Encoding"] = "gzip"
-        body = gzip_parts([body], 6)
+        raw = body
+        body = await to_thread.run_sync(gzip_parts, [raw], 6) if in_thread else gzip_parts([raw], 6)
     release = await inflight.acquire(len(body)) if len(body) >= COUNTED_BODY_BYTES else None
     return PartsResponse([body], "application/json", headers=headers, on_close=release)
 

@@ -16,6 +16,7 @@ from service.server.responses import cached_json, finite_json
 from service.server.state import ServerState
 from store.errors import ScanNotFound, one_line
 from store.format import ScanMeta
+from store.lru import BoundedLRU
 from store.predictions import prediction_fields
 from store.scan_filters import matches
 from store.source import LocalSource
@@ -50,9 +51,26 @@ SCAN_EXAMPLE = {
 STORE_ID_EXAMPLE = "5f0c3e0d9b7a4f3c8e1d2a6b7c8d9e0f"
 
 
+# (scan_id, version, full) -> its document: a version never changes, and a listing of
+# thousands of scans would build (and check for non-finite numbers) every one again
+_DOCUMENTS: BoundedLRU[dict[str, Any]] = BoundedLRU(4096)
+DOCUMENTS_MAX = 65536  # about 2 KiB each
+
+
 def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
     """A scan's attributes, pinned keys first; per-slice counts only when ``full``; and the
-    ``version`` they are of (clients check that what they read later is still that version)."""
+    ``version`` they are of (clients check that what they read later is still that version).
+    Shared between requests: callers copy it before adding to it."""
+    key = (meta.scan_id, meta.version, full)
+    doc = _DOCUMENTS.get(key) if meta.version else None
+    if doc is None:
+        doc = _scan_document(meta, full)
+        if meta.version:
+            _DOCUMENTS.put(key, doc)
+    return doc
+
+
+def _scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
     doc: dict[str, Any] = {key: meta.attrs.get(key) for key in PINNED_KEYS}
     doc["shape"] = list(meta.shape)
     doc["num_classes"] = meta.num_classes
@@ -73,7 +91,9 @@ def listable_scans(source: LocalSource, filters: dict[str, Any]) -> tuple[list[S
     store; the client is told which (``"skipped"``), never why (paths stay in the log), so a
     loader does not silently train on fewer scans."""
     out, skipped = [], []
-    for scan_id in source.scan_ids():
+    names = source.scan_ids()
+    source.expect_scans(len(names))  # every scan's metadata kept: the next listing reads none
+    for scan_id in names:
         try:
             meta = source.metadata(scan_id)
         except ScanNotFound:
@@ -158,13 +178,14 @@ async def list_scans(
     fields = await to_thread.run_sync(
         lambda: [prediction_fields(predictions, m.scan_id, m.shape, m.version) for m in metas]
     )
+    _DOCUMENTS.at_least(min(DOCUMENTS_MAX, len(metas) + 64))
     docs = [{**scan_document(m, full), **f} for m, f in zip(metas, fields, strict=True)]
     if has_prediction is not None:
         docs = [d for d in docs if d["has_prediction"] == has_prediction]
     body: dict[str, Any] = {"scans": docs, "store_id": state.source.store_id}
     if skipped:
         body["skipped"] = skipped
-    return await cached_json(request, body, state.inflight)
+    return await cached_json(request, body, state.inflight, in_thread=len(docs) > 64)
 
 
 @router.get(
