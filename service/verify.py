@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from store.format import IMAGE, MASK, channel_dtype, extra_channel_arrays
 from store.interrupts import interrupt_behind
 from store.inventory import check_store, manifest_mismatch, published_scan_ids
 from store.publish import unlinked_folder
+from store.reader_share import usable_cores
 from store.storage import Storage, is_s3_url
 from store.ts_status import refused_read
 
@@ -257,6 +259,9 @@ def _compare_arrays(
     return VerifyLine(spec.scan_id, OK)
 
 
+VERIFY_THREADS = 4  # scans compared at once (each holds its source and stored arrays)
+
+
 def verify_store(
     source: str | os.PathLike[str],
     store: str | os.PathLike[str],
@@ -280,11 +285,23 @@ def verify_store(
     # in scan order, whether a scan failed from its files' names alone or is compared
     work: list[tuple[str, SourceError | ScanSpec]] = [(err.scan, err) for err in found.failures]
     work += [(spec.scan_id, spec) for spec in found.scans]
-    for _, item in sorted(work, key=lambda pair: pair[0]):
+
+    def check(item: SourceError | ScanSpec) -> VerifyLine:
         if isinstance(item, SourceError):
-            emit(VerifyLine(item.scan, FAILED, f"{item.file}: {item.why}"))
-        else:
-            emit(compare_scan(root, item))
+            return VerifyLine(item.scan, FAILED, f"{item.file}: {item.why}")
+        return compare_scan(root, item)
+
+    # a few scans at once (decompression and the store's reads leave the GIL; a small scan is
+    # mostly waiting on its files), their lines still said in scan order
+    ordered = [item for _, item in sorted(work, key=lambda pair: pair[0])]
+    pool = ThreadPoolExecutor(
+        max(1, min(VERIFY_THREADS, usable_cores())), thread_name_prefix="scancache-verify"
+    )
+    try:
+        for line in pool.map(check, ordered):
+            emit(line)
+    finally:  # a Ctrl-C drops the scans not started rather than waiting for them all
+        pool.shutdown(wait=True, cancel_futures=True)
     known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
     for entry in published_scan_ids(root):
         if entry not in known:
