@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging
 import os
-import signal
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from service.cluster_watch import SchedulerLost, is_scheduler_lost, scheduler_lost, warn_without_workers
 from service.job_summary import CONVERTED, FAILED, SKIPPED, ScanResult, Summary
+from service.local_cluster import dask_client
 from service.nnunet_dataset import NIFTI_KIND
 from service.scan_task import convert_scan, up_to_date
 from service.sources import ScanOptions, ScanSpec, discover
@@ -41,7 +38,6 @@ from store.errors import one_line
 from store.format import ChunkLayout
 from store.inventory import ensure_store
 from store.progress import Progress
-from store.reader_share import usable_cores
 from store.scratch import release_all, restore_malloc, tune_malloc_for_conversion
 from store.storage import is_s3_url
 from store.units import count_of
@@ -64,69 +60,6 @@ T = TypeVar("T")
 
 
 # -- running the graph ------------------------------------------------------------------------
-@contextmanager
-def dask_client(
-    scheduler: str | None, workers: int | None, tasks: int | None = None, dashboard: str | None = None
-) -> Iterator[Any]:
-    """A ``distributed.Client`` on the given scheduler, or on a quiet LocalCluster: no dashboard
-    unless ``dashboard`` (an address such as ``127.0.0.1:8787``) asks for one."""
-    from distributed import Client, LocalCluster
-
-    if scheduler:
-        with Client(scheduler) as client:  # connect timeout: distributed.comm.timeouts.connect
-            yield client
-        return
-    n_workers = max(1, int(workers or usable_cores()))  # the cores this process may use
-    if tasks is not None:  # no idle processes to start for a handful of scans
-        n_workers = max(1, min(n_workers, tasks))
-    # Even with dashboard_address=None the scheduler opens its HTTP routes (health, metrics) on
-    # port 8787 and warns "Port 8787 is already in use" when another cluster holds it: give
-    # those routes a free loopback port instead.
-    quiet: dict[str, Any] = {"scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
-    # A SIGTERM to the whole process group (``timeout``, a batch scheduler) kills the workers
-    # before they free their semaphores, and multiprocessing's resource tracker, started with
-    # this interpreter's -W options, then warns of "leaked semaphore objects" after the job's
-    # one line: nothing leaks once the tracker has cleaned up, so it is told to keep quiet.
-    added = _QUIET_TRACKER not in sys.warnoptions
-    if added:  # only while the cluster (and so the tracker) starts: pytest reads these too
-        sys.warnoptions.append(_QUIET_TRACKER)
-    try:
-        with _workers_ignore_sigint():  # only while the worker processes start
-            cluster = LocalCluster(
-                n_workers=n_workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=dashboard,
-                silence_logs=logging.ERROR,
-                **({} if dashboard else quiet),
-            )
-    finally:
-        if added and _QUIET_TRACKER in sys.warnoptions:
-            sys.warnoptions.remove(_QUIET_TRACKER)
-    with cluster, Client(cluster) as client:
-        yield client
-
-
-_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
-
-
-@contextlib.contextmanager
-def _workers_ignore_sigint() -> Iterator[None]:
-    """Ctrl-C reaches every process of the terminal's group: the local cluster's worker
-    processes would each print a KeyboardInterrupt traceback. They start with SIGINT ignored
-    (an ignored signal is inherited across exec; a blocked one is not: multiprocessing's spawn
-    starts its children with an empty mask), and this process, which stops them, takes it again
-    at once. A Ctrl-C while they start is lost: the next one stops the job."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _upkeep(summary: Summary, what: str, work: Callable[..., T], *args: Any) -> T | None:
     """The store's upkeep after the scans: a failure (the store made read-only meanwhile, a
     folder whose permissions changed) is a line of the summary, which is still reported, not an
