@@ -37,6 +37,7 @@ from loaders.config import Config, check_batching, check_config
 from loaders.copies import Copies
 from loaders.epochs import EpochState, _called_from_keras
 from loaders.geometry import check_pad_mode
+from loaders.input_shapes import keras_probe_batch
 from loaders.keras_reading import KerasReadingOptions
 from loaders.ordering import Shard
 from loaders.plan import EpochPlanning, Plan
@@ -273,6 +274,10 @@ class DataLoader(Copies, BatchFilling, EpochState, EpochPlanning, KerasReadingOp
             index += length
         if not 0 <= index < length:
             raise IndexError(f"batch {index} out of range for {length} batches")
+        if not self._keras_epoch and _called_from_keras(function="get_tf_dataset"):
+            probe = keras_probe_batch(self, index)  # examples of varying shapes: a spec that fits all
+            if probe is not None:
+                return probe
         with self._serve_lock:
             outrun = self._keras_epoch and self._served >= length
         if outrun:

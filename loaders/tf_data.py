@@ -27,17 +27,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loaders.backend import import_tensorflow
+from loaders.input_shapes import shape_probes, varying_shape
 
 if TYPE_CHECKING:
     from loaders.base import DataLoader
 
 
-def _probe(loader: DataLoader) -> tuple[np.ndarray, ...]:
-    """One example's batch (a batch of one): enough for the shapes and dtypes of the spec. Test
-    batches too are (x, y) here: Keras would take a third element (x_raw) for sample weights."""
+def _probes(loader: DataLoader) -> list[tuple[np.ndarray, ...]]:
+    """One-example batches: enough for the shapes and dtypes of the spec (a few where scans
+    differ in shape, ``loaders.input_shapes``). Test batches too are (x, y) here: Keras would
+    take a third element (x_raw) for sample weights."""
+    probes = shape_probes(loader)
+    if len(probes) > 1 and any(
+        None in varying_shape([p[i] for p in probes]) for i in range(2)
+    ):  # examples that differ in shape (whole slices of scans that do)
+        return list(probes)
     elements = loader.batch_elements(0)[:1]
     x, y = loader.load_batch(elements)
-    return loader.preprocess(x, y)
+    return [loader.preprocess(x, y)]
 
 
 def tf_dataset(loader: DataLoader) -> Any:
@@ -48,9 +55,12 @@ def tf_dataset(loader: DataLoader) -> Any:
     n = loader._num_elements()
     full = (not loader.is_test and loader.drop_last) or n % loader.batch_size == 0
     batch_dim = loader.batch_size if full else None
+    probes = _probes(loader)
     spec = tuple(
-        tf.TensorSpec((batch_dim, *a.shape[1:]), tf.as_dtype(a.dtype), name=name)
-        for a, name in zip(_probe(loader), ("x", "y"), strict=True)
+        tf.TensorSpec(
+            (batch_dim, *varying_shape([p[i] for p in probes])), tf.as_dtype(probes[0][i].dtype), name=name
+        )
+        for i, name in enumerate(("x", "y"))
     )
 
     # Made at a pass boundary, every pass is len(loader) batches and the dataset says so: Keras
