@@ -66,10 +66,5 @@ def test_fit_and_evaluate_on_the_loader_take_every_slice_shape(varying, is_test)
         history = model.fit(loader, epochs=2, verbose=0)
         assert np.isfinite(history.history["loss"]).all() and len(history.history["loss"]) == 2
     # evaluate's loss is the mean over the slices, each scored at its own shape
-    want = np.mean(
-        [
-            float(model.evaluate(loader[b][0], loader[b][1], verbose=0))
-            for b in range(len(loader))
-        ]
-    )
+    want = np.mean([float(model.evaluate(loader[b][0], loader[b][1], verbose=0)) for b in range(len(loader))])
     assert np.isclose(model.evaluate(loader, verbose=0), want, rtol=1e-5)
