@@ -109,7 +109,7 @@ def choose_backend() -> str:
             instead = f", or choose {' or '.join(others)} (installed) in {where}" if others else ""
             raise ImportError(
                 f"Keras backend {chosen!r} is selected ({where}) but not installed: "
-                f'pip install -e ".[{BACKEND_EXTRAS[chosen]}]"{instead}'
+                f'pip install "scancache[{BACKEND_EXTRAS[chosen]}]"{instead}'
             )
         return chosen
     if installed("tensorflow"):
@@ -120,7 +120,8 @@ def choose_backend() -> str:
             _write_keras_json(name)
             return name
     raise ImportError(
-        'no Keras backend is installed: pip install -e ".[loaders]" (TensorFlow), or ".[torch]" / ".[jax]"'
+        'no Keras backend is installed: pip install "scancache[loaders]" (TensorFlow), or'
+        ' "scancache[torch]" / "scancache[jax]" (in a checkout: pip install -e ".[loaders]")'
     )
 
 

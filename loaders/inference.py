@@ -23,6 +23,7 @@ stable public entry points; ``loaders.predictions`` writes on top of them.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -78,36 +79,85 @@ LEGACY_PREDICT_ARGS = ("workers", "use_multiprocessing", "max_queue_size")
 
 
 def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> np.ndarray:
-    """Predictions of a Keras model or of any callable on a numpy batch.
+    """Predictions of a Keras model, a torch module or any callable on a numpy batch.
 
     ``model.predict`` builds an iterator and callbacks on every call (milliseconds per batch);
     ``predict_on_batch`` runs the same inference step directly. ``predict`` is used only when
     ``predict_kwargs`` asks for something ``predict_on_batch`` would not do: ``verbose`` is
     moot for one batch, and a ``batch_size`` no smaller than the batch splits nothing.
+    ``channels_first`` (torch modules: True unless given; other callables: False) gives the
+    model x with its channel axis second, as ``as_torch_dataset(channels_first=True)`` does,
+    and takes its output's channels back from there.
     """
-    if _is_keras_model(model):
-        needs_predict = {k: v for k, v in predict_kwargs.items() if k != "verbose"}
-        size = needs_predict.get("batch_size", 0)
-        if "batch_size" in needs_predict and (size is None or int(size) >= len(x)):
-            del needs_predict["batch_size"]
-        if _replicas(model) > 1:
-            # under a tf.distribute strategy (MirroredStrategy) Keras' predict_on_batch gives a
-            # copy of the rows per replica, and predict fails on a batch smaller than the replicas:
-            # the model called directly gives each row once (the variables read where they live)
-            out = model(x, training=False)
-        elif needs_predict:
-            out = model.predict(x, **{"verbose": 0, **predict_kwargs})
-        else:
-            out = model.predict_on_batch(x)
+    channels_first = predict_kwargs.get("channels_first")
+    predict_kwargs = {k: v for k, v in predict_kwargs.items() if k != "channels_first"}
+    torch_module = _torch_module(model)
+    if torch_module is not None:
+        out = _predict_torch(torch_module, model, x, channels_first is not False)
+    elif _is_keras_model(model):
+        if channels_first:
+            raise ValueError(
+                "channels_first=True: a Keras model here takes channels last, as it was trained "
+                "on the loader's batches; channels_first is for torch modules and plain callables"
+            )
+        out = _predict_keras(model, x, predict_kwargs)
+    elif channels_first:
+        out = np.moveaxis(_as_numpy(model(np.ascontiguousarray(np.moveaxis(x, -1, 1)))), 1, -1)
     else:
         out = model(x)
-    out = out if isinstance(out, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(out))
+    out = _as_numpy(out)
     if out.ndim == 0 or len(out) != len(x):
         raise ValueError(
             f"the model gave {len(out) if out.ndim else 'no'} predictions for a batch of {len(x)} examples:"
             " inference needs one per example (a model whose output has the batch axis first)"
         )
     return out
+
+
+def _as_numpy(out: Any) -> np.ndarray:
+    return out if isinstance(out, np.ndarray) else np.asarray(keras.ops.convert_to_numpy(out))
+
+
+def _torch_module(model: Any) -> Any:
+    """The ``torch`` module if ``model`` is a ``torch.nn.Module`` (torch never imported here
+    for anyone else)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(model, torch.nn.Module) else None
+
+
+def _predict_torch(torch: Any, model: Any, x: np.ndarray, channels_first: bool) -> np.ndarray:
+    """A torch module's predictions: in eval mode (dropout off, batch norm's running
+    statistics) and without gradients, on the device its parameters are on; back as float32."""
+    parameter = next(iter(model.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    batch = torch.from_numpy(np.ascontiguousarray(x))
+    if channels_first:
+        batch = batch.movedim(-1, 1)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(batch.to(device))
+    finally:
+        model.train(was_training)
+    if channels_first:
+        out = out.movedim(1, -1)
+    return out.detach().to("cpu", torch.float32).numpy()  # type: ignore[no-any-return]
+
+
+def _predict_keras(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> Any:
+    needs_predict = {k: v for k, v in predict_kwargs.items() if k != "verbose"}
+    size = needs_predict.get("batch_size", 0)
+    if "batch_size" in needs_predict and (size is None or int(size) >= len(x)):
+        del needs_predict["batch_size"]
+    if _replicas(model) > 1:
+        # under a tf.distribute strategy (MirroredStrategy) Keras' predict_on_batch gives a
+        # copy of the rows per replica, and predict fails on a batch smaller than the replicas:
+        # the model called directly gives each row once (the variables read where they live)
+        return model(x, training=False)
+    if needs_predict:
+        return model.predict(x, **{"verbose": 0, **predict_kwargs})
+    return model.predict_on_batch(x)
 
 
 def _replicas(model: Any) -> int:

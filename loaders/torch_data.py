@@ -55,7 +55,7 @@ def _torch_base() -> type:
     try:
         import torch.utils.data
     except ImportError:
-        raise ImportError('as_torch_dataset needs PyTorch: pip install -e ".[torch]"') from None
+        raise ImportError('as_torch_dataset needs PyTorch: pip install "scancache[torch]"') from None
     return torch.utils.data.IterableDataset
 
 

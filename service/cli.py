@@ -7,6 +7,7 @@ errors, as argparse does); ``--debug`` shows the traceback too.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -44,6 +45,9 @@ from store.interrupts import interrupt_behind
 
 # -- subcommands ------------------------------------------------------------------------------
 def cmd_preprocess(args: argparse.Namespace) -> int:
+    missing = [name for name in ("dask", "distributed") if importlib.util.find_spec(name) is None]
+    if missing:  # checked before any work: the job needs them only once it converts
+        raise RuntimeError(f"the preprocessing job needs {' and '.join(missing)}; install scancache[service]")
     from service.preprocess import run_preprocess
 
     # a ValueError names the flag; main() prints it as every error (before anything runs)

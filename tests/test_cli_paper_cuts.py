@@ -330,3 +330,22 @@ def test_sample_data_on_a_full_disk_names_the_file_and_leaves_dir_reusable(tmp_p
     assert not out.exists()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and any(out.rglob("*.im")), done.stderr
+
+
+def test_preprocess_without_the_service_extra_says_which_extra(tmp_path, monkeypatch, capsys):
+    """A `pip install scancache[torch]` machine has the CLI but not Dask: one line naming the
+    extra, before anything is read or made (it was Python's bare "No module named ...")."""
+    import importlib.util
+
+    from service.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "distributed" else real(name, *a)
+    )
+    assert main(["preprocess", str(tmp_path / "source"), str(tmp_path / "store")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "scancache preprocess: error: the preprocessing job needs distributed; install scancache[service]"
+    ), err
+    assert not (tmp_path / "store").exists()

@@ -527,7 +527,7 @@ def test_a_chosen_backend_that_is_missing_is_one_line_naming_the_extra(tmp_path)
     out = _backend_in_subprocess(tmp_path, "from loaders import build_loader", KERAS_BACKEND="jax")
     assert out.returncode != 0
     assert "Keras backend 'jax' is selected (KERAS_BACKEND) but not installed" in out.stderr
-    assert ".[jax]" in out.stderr.strip().splitlines()[-1]
+    assert "scancache[jax]" in out.stderr.strip().splitlines()[-1]
 
 
 def test_out_of_order_access_still_correct_and_stops_reading_ahead(store, train_name):
