@@ -81,5 +81,5 @@ def test_channels_first_with_a_keras_model_is_refused_in_one_line(test_loader):
     loader, _ = test_loader
     inputs = keras.Input((None, None, 1))
     model = keras.Model(inputs, keras.layers.Conv2D(3, 1, activation="softmax")(inputs))
-    with pytest.raises(ValueError, match="^channels_first=True: a Keras model here takes channels last"):
+    with pytest.raises(ValueError, match=r"^channels_first=True: a Keras model here takes channels last"):
         next(iter(loader.inference(model, channels_first=True)))
