@@ -9,7 +9,10 @@ One process per GPU (CUDA and NCCL when present, else CPU and gloo). What matter
   ones each epoch), so DDP's all-reduce never waits for a rank with one batch more;
 * ``ds.set_epoch(epoch)`` on the dataset before each epoch (the loader's own ``set_epoch`` works
   too); persistent workers are started once;
-* a state per rank, ``ds.state_dict(batches_done=...)``: a restarted job resumes exactly.
+* a state per rank, ``ds.state_dict(batches_done=...)``, beside the model's and optimizer's
+  (``model.pt``, written by rank 0): a restarted job resumes exactly, data and weights;
+* the training split only (``--split``), and one torch seed: every rank starts from the same
+  weights, and two runs from the same seed start alike.
 
 Which examples a rank reads, in which order, is a pure function of (SEED, epoch, rank, workers):
 keep ``--workers`` the same when resuming a run whose order you compare.
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2, help="torch DataLoader workers per rank")
     parser.add_argument("--seed", type=int, default=7, help="the same on every rank")
+    parser.add_argument("--split", default="train", help="the scans' split to train on (default: train)")
     parser.add_argument("--state", type=Path, help="folder of the ranks' loader states (resumed from)")
     parser.add_argument("--stop-after", type=int, help="save the state and stop after this many batches")
     parser.add_argument(
@@ -56,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     if cuda:
         torch.cuda.set_device(device)
 
-    DatasetCatalog.register("train", args.data)
-    first = open_source(args.data).list_scans()[0]
+    DatasetCatalog.register("train", args.data, split=args.split)
+    first = open_source(args.data).list_scans(split=args.split)[0]
     cfg = Config(TAG="DefaultDataLoader", SEED=args.seed, IMG_SIZE=(*first.shape[:2], 1))
     train = build_loader(
         cfg, "train", batch_size=args.batch_size, is_test=False, shuffle=True, drop_last=True,
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         ds, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=cuda
     )
     channels = train.num_classes()
+    torch.manual_seed(args.seed)  # the same initial weights on every rank, and in every run
     model = torch.nn.Sequential(
         torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, channels, 1)
     ).to(device)
@@ -76,11 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
 
     state_file = args.state / f"rank{rank}.json" if args.state else None
+    weights = args.state / "model.pt" if args.state else None
     start, resumed = 0, state_file is not None and state_file.is_file()
-    if resumed and state_file is not None:
+    if resumed and state_file is not None and weights is not None:
         state = json.loads(state_file.read_text())
         ds.load_state_dict(state)  # the batches still to come, exactly
         start = state["epoch"]
+        saved = torch.load(weights, map_location=device)  # where the stopped run's weights were
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
     seen: dict[str, list[str]] = {}
     taken = 0
     for epoch in range(start, args.epochs):
@@ -99,11 +108,14 @@ def main(argv: list[str] | None = None) -> None:
             if args.stop_after is not None and taken == args.stop_after and state_file is not None:
                 state_file.parent.mkdir(parents=True, exist_ok=True)
                 state_file.write_text(json.dumps(ds.state_dict(batches_done=done)))
-                dist.barrier()
-                dist.destroy_process_group()
-                return
-        if rank == 0:
-            print(f"epoch {epoch}: {done} batches a rank, loss {loss.item():.4f}", flush=True)
+                if rank == 0 and weights is not None:  # the same weights on every rank after a step
+                    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, weights)
+                break
+        else:
+            if rank == 0:
+                print(f"epoch {epoch}: {done} batches a rank, loss {loss.item():.4f}", flush=True)
+            continue
+        break  # stopped after --stop-after batches
     if args.record is not None:
         args.record.mkdir(parents=True, exist_ok=True)
         (args.record / f"rank{rank}.json").write_text(json.dumps({"len": len(train), "epochs": seen}))

@@ -70,6 +70,7 @@ def test_ranks_read_disjoint_equal_shards_and_resume_exactly(ddp_store, tmp_path
     states = tmp_path / "states"
     _torchrun(store, "--epochs", 2, "--workers", 2, "--state", states, "--stop-after", per_rank + 1)
     assert [json.loads((states / f"rank{r}.json").read_text())["position"] for r in (0, 1)] == [1, 1]
+    assert (states / "model.pt").is_file()  # the weights beside the data's position
     resumed = tmp_path / "resumed"
     _torchrun(store, "--epochs", 2, "--workers", 2, "--state", states, "--record", resumed)
     for before, after in zip(ranks, _ranks(resumed), strict=True):
