@@ -113,6 +113,27 @@ def _listed_images(doc: dict[str, Any]) -> frozenset[str]:
     return frozenset(names)
 
 
+def _plain_labels_advice(raw: dict[str, Any]) -> str:
+    """What to write instead of nnU-Net's region-based labels: each label value once (named
+    ``label <v>``), the regions then selected as overlapping CATEGORIES of those names."""
+    values: set[int] = set()
+    for value in raw.values():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                values.add(v)
+    plain = ", ".join(f'"label {v}": {v}' for v in sorted(values))
+    regions = [
+        tuple(
+            f"label {v}"
+            for v in (value if isinstance(value, list) else [value])
+            if isinstance(v, int) and v > 0
+        )
+        for value in raw.values()
+    ]
+    example = ", ".join(repr(r if len(r) > 1 else r[0]) for r in regions if r)
+    return f"give each value its own label ({plain}) and select the regions as overlapping CATEGORIES: ({example})"
+
+
 def _labels(path: Path, raw: Any) -> tuple[tuple[int, str], ...]:
     """(value, name) of each non-background label, from either form of ``labels``."""
     if not isinstance(raw, dict) or not raw:
@@ -120,10 +141,7 @@ def _labels(path: Path, raw: Any) -> tuple[tuple[int, str], ...]:
     found: dict[int, str] = {}
     for key, value in raw.items():
         if isinstance(value, list):
-            raise DatasetError(
-                f"{path}: label {key!r} is a region ({value}); region-based labels are not supported, "
-                "give each label one value"
-            )
+            raise DatasetError(f"{path}: label {key!r} is a region ({value}); {_plain_labels_advice(raw)}")
         if isinstance(value, str) and re.fullmatch(r"\d+", str(key)):  # Decathlon: value -> name
             number, name = int(key), value
         elif (as_number := _label_number(value)) is not None:  # nnU-Net v2: name -> value

@@ -48,11 +48,11 @@ def parse_categories(value: Any, param: str = "categories") -> Selection:
     if not isinstance(value, (list, tuple)) or len(value) == 0:
         raise InvalidCategories("must be a non-empty list of classes (index or name) or lists of them", param)
     out: list[tuple[int | str, ...]] = []
-    seen: set[int | str] = set()
     for item in value:
         group = item if isinstance(item, (list, tuple)) else (item,)
         if len(group) == 0:
             raise InvalidCategories("an empty sub-list selects no class", param)
+        seen: set[int | str] = set()  # a class may be in several categories (regions), once in each
         for k in group:
             if isinstance(k, str):
                 if not k.strip():
@@ -65,7 +65,7 @@ def parse_categories(value: Any, param: str = "categories") -> Selection:
             else:
                 key = int(k)
             if key in seen:
-                raise InvalidCategories(f"class {k!r} is selected twice: each class may appear once", param)
+                raise InvalidCategories(f"class {k!r} appears twice in one category", param)
             seen.add(key)
         out.append(tuple(k if isinstance(k, str) else int(k) for k in group))
     return tuple(out)
@@ -101,16 +101,16 @@ def resolve_categories(
     param: str = "categories",
 ) -> Categories:
     """Class names to indices (``class_names``: the scan's, one per mask channel), checked
-    against the scan's ``num_classes``: every index in range, each class at most once."""
-    if len(selection) > num_classes:
-        raise InvalidCategories(
-            f"{len(selection)} categories for {num_classes} classes: at most one channel a class", param
-        )
+    against the scan's ``num_classes``: every index in range, each class at most once in a
+    category, no two categories of the same classes. A class may be in several categories:
+    overlapping regions, as BraTS trains on (whole tumour 1+2+4, tumour core 1+4, enhancing 4),
+    each its own channel of y."""
     names = list(class_names or ())
     out: list[tuple[int, ...]] = []
-    seen: dict[int, int | str] = {}
-    for group in selection:
+    groups: dict[frozenset[int], int] = {}
+    for number, group in enumerate(selection):
         indices = []
+        seen: dict[int, int | str] = {}
         for k in group:
             index = _index_of(k, names, param) if isinstance(k, str) else k
             if index >= num_classes:
@@ -122,13 +122,27 @@ def resolve_categories(
                 )
             if index in seen:
                 raise InvalidCategories(
-                    f"class {k!r} and class {seen[index]!r} are the same class: each class may appear once",
+                    f"class {k!r} and class {seen[index]!r} are the same class: each class may appear "
+                    "once in a category",
                     param,
                 )
             seen[index] = k
             indices.append(index)
+        classes = frozenset(indices)
+        if classes in groups:
+            raise InvalidCategories(
+                f"categories {groups[classes]} and {number} select the same classes "
+                f"({_group_text(selection[groups[classes]])} and {_group_text(selection[number])}): "
+                "one channel for both",
+                param,
+            )
+        groups[classes] = number
         out.append(tuple(indices))
     return tuple(out)
+
+
+def _group_text(group: tuple[int | str, ...]) -> str:
+    return _shown(group[0] if len(group) == 1 else list(group))
 
 
 def _named_indices(names: Sequence[str], shown: int = 4) -> str:

@@ -120,7 +120,7 @@ def test_bad_names_are_one_line(nifti_store, tmp_path):
         match=r"^CATEGORIES: scan 'case_001': no class named 'lung'; the classes are 'liver', 'kidney', 'spleen'$",
     ):
         loader_for("nifti_like", ("lung",))
-    with pytest.raises(ValueError, match=r"scan 'case_001': class 0 and class 'liver' are the same class"):
+    with pytest.raises(ValueError, match=r"scan 'case_001': categories 0 and 1 select the same classes"):
         loader_for("nifti_like", ("liver", 0))
     # scans that name their classes in another order: the channel would mean two classes
     root = tmp_path / "disagree"

@@ -270,7 +270,11 @@ def test_each_bad_case_fails_in_one_line_and_the_good_one_converts(tmp_path):
     ("text", "words"),
     [
         ('{"labels": {"background": 0, "a": 1}', "does not parse as JSON"),
-        ('{"labels": {"background": 0, "tumour": [1, 2]}}', "region-based labels are not supported"),
+        (
+            '{"labels": {"background": 0, "tumour": [1, 2], "core": 2}}',
+            "label 'tumour' is a region ([1, 2]); give each value its own label "
+            '("label 1": 1, "label 2": 2) and select the regions as overlapping CATEGORIES',
+        ),
         ('{"labels": {"background": 0, "a": 1}, "file_ending": ".png"}', "is not NIfTI"),
         ('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply to be a dataset.json"),
     ],

@@ -140,12 +140,22 @@ def test_categories_by_name_resolve_to_indices(value):
     assert normalize_categories(value, 4, ["a", "b", "c", "d"]) == ((1,), (0, 3))
 
 
+def test_overlapping_regions_are_categories_of_their_own():
+    """BraTS' regions: whole tumour (1+2+4), tumour core (1+4), enhancing (4), here classes
+    0, 1, 2 of the mask: a class in several categories, each category its own channel."""
+    regions = normalize_categories("a+b+c,a+c,c", 3, ["a", "b", "c"])
+    assert regions == ((0, 1, 2), (0, 2), (2,))
+    assert normalize_categories([[0, 1], [1, 0, 2]], 3) == ((0, 1), (1, 0, 2))
+
+
 @pytest.mark.parametrize(
     ("value", "words"),
     [
         ('["x"]', "no class named 'x'; the classes are 'a', 'b', 'c', 'd'"),
-        ("a,0", "class 0 and class 'a' are the same class"),
-        ("a,a", "class 'a' is selected twice"),
+        ("a,0", "categories 0 and 1 select the same classes ('a' and 0): one channel for both"),
+        ("a,a", "categories 0 and 1 select the same classes ('a' and 'a')"),
+        ("a+0", "class 0 and class 'a' are the same class: each class may appear once in a category"),
+        ("a+b+a", "class 'a' appears twice in one category"),
         ("a+,b", "is neither a JSON list"),
     ],
 )

@@ -40,14 +40,22 @@ def raw(base: str, method: str, path: str, headers: dict[str, str] | None = None
 
 @pytest.mark.parametrize(
     "categories",
-    ["[" + ",".join(["0"] * 3000) + "]", "[0,0]", "[0,[0,1]]", "[[1,2],[2,3]]", "[0,1,2,3,0]"],
+    ["[" + ",".join(["0"] * 3000) + "]", "[0,0]", "[[0,1],[1,0]]", "[0,1,2,3,0]", "[[1,1]]"],
 )
 def test_repeated_or_excessive_categories_are_refused(client, categories):
+    """The same category twice (a channel repeated: a short URL asking for a response many
+    times the scan's size), or a class twice in one category."""
     response = client.get(f"/scans/{SCAN}/mask", params={"categories": categories})
     assert response.status_code == 422, response.text
     body = response.json()
     assert body["param"] == "categories" and body["error"] == "InvalidCategories"
     assert "\n" not in body["detail"]
+
+
+@pytest.mark.parametrize("categories", ["[0,[0,1]]", "[[1,2],[2,3]]"])
+def test_overlapping_categories_are_regions_of_their_own(client, categories):
+    response = client.get(f"/scans/{SCAN}/mask", params={"categories": categories})
+    assert response.status_code == 200, response.text
 
 
 def test_batch_categories_are_refused_with_the_region_named(client):
