@@ -102,7 +102,19 @@ class S25dDataLoader(DefaultDataLoader):
         if len(cfg.IMG_SIZE) != 3:
             raise ValueError(f"IMG_SIZE: 2.5D needs (H, W, k), got {tuple(cfg.IMG_SIZE)}")
         self.window = int(cfg.IMG_SIZE[-1])
-        neighbour_window(0, self.window)  # validates k
+        try:
+            neighbour_window(0, self.window)  # validates k
+        except ValueError as err:
+            channels = max(
+                (int(getattr(d.get("_meta"), "channels", 1) or 1) for d in dataset_dicts), default=1
+            )
+            if channels > 1 and self.window % channels == 0 and (self.window // channels) % 2 == 1:
+                k = self.window // channels  # k x K given for k: x gets the K channels of each slice
+                raise ValueError(
+                    f"{err}: IMG_SIZE[-1] is the window's slices k, not k x {channels} image channels;"
+                    f" IMG_SIZE=(H, W, {k}) gives x {self.window} channels"
+                ) from None
+            raise
         super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size, **sharding)
 
     def build_elements(self) -> Sequence[Element]:

@@ -330,3 +330,15 @@ def test_torch_worker_processes_give_the_channels(mc_store, names):
             np.testing.assert_array_equal(
                 x[i].numpy(), np.moveaxis(padded_cut(image, e.window, "edge"), -1, 0)
             )
+
+
+def test_25d_window_given_as_slices_times_channels_says_what_k_is(names):
+    """With K image channels, an even IMG_SIZE[-1] = 2 * K (a count of x's channels) is no
+    window: the one line says that it counts slices, not x's channels."""
+    with pytest.raises(ValueError) as err:
+        build_loader(
+            cfg(TAG="S25dDataLoader", IMG_SIZE=(20, 18, 2 * K)), names["local"], 5, False, True, False
+        )
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("IMG_SIZE[-1]: the number of 2.5D slices must be odd")
+    assert f"it counts the window's slices, not x's channels (k slices of {K} image channels" in text
