@@ -108,11 +108,16 @@ class S25dDataLoader(DefaultDataLoader):
             channels = max(
                 (int(getattr(d.get("_meta"), "channels", 1) or 1) for d in dataset_dicts), default=1
             )
-            if channels > 1 and self.window % channels == 0 and (self.window // channels) % 2 == 1:
-                k = self.window // channels  # k x K given for k: x gets the K channels of each slice
+            if channels > 1:  # k x K given for k? x gets the K channels of each of k slices
+                k = self.window // channels
+                example = (
+                    f"; IMG_SIZE=(H, W, {k}) gives x {self.window} channels"
+                    if self.window % channels == 0 and k % 2 == 1
+                    else ""
+                )
                 raise ValueError(
-                    f"{err}: IMG_SIZE[-1] is the window's slices k, not k x {channels} image channels;"
-                    f" IMG_SIZE=(H, W, {k}) gives x {self.window} channels"
+                    f"{err}: it counts the window's slices, not x's channels (k slices of"
+                    f" {channels} image channels give x k x {channels}){example}"
                 ) from None
             raise
         super().__init__(cfg, dataset_dicts, is_test, shuffle, drop_last, batch_size, **sharding)
