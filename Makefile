@@ -30,7 +30,8 @@ test: setup
 
 # The loader, training and inference tests again under the torch backend.
 TORCH_TESTS ?= tests/test_loaders.py tests/test_inference.py tests/test_custom_loader.py \
-	tests/test_loader_fast_paths.py tests/test_training_scale.py tests/test_training.py
+	tests/test_loader_fast_paths.py tests/test_training_scale.py tests/test_training.py \
+	tests/test_torch_inference.py
 # (The TensorFlow-only tests, backend choice and MirroredStrategy, ran in `make test`.)
 test-torch: setup
 	PATH="$(abspath $(BIN)):$$PATH" KERAS_BACKEND=torch $(BIN)/python -m pytest -q -p no:cacheprovider \

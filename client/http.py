@@ -370,20 +370,25 @@ class HttpSource:
         self._counters.count_returned(out, started)
         return out
 
-    def read_locations(self, scan_id: str, rows: int | None = None) -> np.ndarray | None:
+    def read_locations(
+        self, scan_id: str, rows: int | None = None, version: str | None = None
+    ) -> np.ndarray | None:
         """As ``LocalSource.read_locations``: the scan's ``locations`` array, fetched from the
         server's ``/zarr/`` tree (one uncompressed chunk); None if the scan has none. ``rows``
-        (the sum of the metadata's ``location_counts``) saves the request for its zarr.json."""
+        (the sum of the metadata's ``location_counts``) saves the request for its zarr.json, and
+        an answer of another length (another version's) is not taken; ``version``: the one the
+        caller planned with (else the one this client last saw)."""
         validate_scan_id(scan_id)
-        version = self._identity.version_of(scan_id)
+        version = version or self._identity.version_of(scan_id)
         # both files of the version planned with, never one of each; a server older than pinned
         # versions (or a scan without the array) answers not found, and the plain path is tried
         nodes = ([f"{scan_id}@{version}"] if version is not None else []) + [scan_id]
         for node in nodes:
             try:
-                return self._read_locations(node, rows)
+                found = self._read_locations(node, rows)
             except KeyError:  # ScanNotFound / ArrayNotFound
                 continue
+            return None if found is None or (rows is not None and len(found) != rows) else found
         return None
 
     def _read_locations(self, node: str, rows: int | None) -> np.ndarray | None:

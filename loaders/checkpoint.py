@@ -63,7 +63,7 @@ class LoaderCheckpoint(keras.callbacks.Callback):
         """The loader's state; ``trained``: the batches Keras trained on in this epoch, which
         set where the next one begins when the read-ahead (tf.data's prefetch) ran further."""
         state = self.loader.state_dict()
-        if trained is not None:  # also where the read-ahead reached the end of the pass
+        if trained is not None and state["position"] > 0:
             reached = self.loader._begin_position + trained
             passes, state["position"] = divmod(reached, len(self.loader))
             state["epoch"] = self.loader._begin_epoch + passes

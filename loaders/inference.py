@@ -91,16 +91,17 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
     """
     channels_first = predict_kwargs.get("channels_first")
     predict_kwargs = {k: v for k, v in predict_kwargs.items() if k != "channels_first"}
-    torch_module = _torch_module(model)
-    if torch_module is not None:
-        out = _predict_torch(torch_module, model, x, channels_first is not False)
-    elif _is_keras_model(model):
+    # a Keras model first: on the torch backend it is a torch.nn.Module too
+    torch_module = None if _is_keras_model(model) else _torch_module(model)
+    if _is_keras_model(model):
         if channels_first:
             raise ValueError(
                 "channels_first=True: a Keras model here takes channels last, as it was trained "
                 "on the loader's batches; channels_first is for torch modules and plain callables"
             )
         out = _predict_keras(model, x, predict_kwargs)
+    elif torch_module is not None:
+        out = _predict_torch(torch_module, model, x, channels_first is not False)
     elif channels_first:
         out = np.moveaxis(_as_numpy(model(np.ascontiguousarray(np.moveaxis(x, -1, 1)))), 1, -1)
     else:

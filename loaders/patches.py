@@ -206,7 +206,11 @@ class RandomPatchDataLoader(PatchDataLoader):
             scan = self.scans[scan_index]
             counts = location_counts(scan.meta.attrs)
             read = getattr(scan.source, "read_locations", None)
-            rows = read(scan.scan_id, rows=sum(counts)) if counts is not None and read is not None else None
+            rows = (
+                read(scan.scan_id, rows=sum(counts), version=scan.version)
+                if counts is not None and read is not None
+                else None
+            )
             self._stored[scan_index] = None if rows is None or counts is None else (rows, counts)
         return self._stored[scan_index]
 

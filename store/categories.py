@@ -94,6 +94,11 @@ def _is_index(text: str) -> bool:
     return True
 
 
+# overlapping categories (regions) may outnumber the classes, within reason: a short URL must not
+# ask for a response many times the scan's size
+MAX_CATEGORIES = 64
+
+
 def resolve_categories(
     selection: Selection,
     num_classes: int,
@@ -105,6 +110,12 @@ def resolve_categories(
     category, no two categories of the same classes. A class may be in several categories:
     overlapping regions, as BraTS trains on (whole tumour 1+2+4, tumour core 1+4, enhancing 4),
     each its own channel of y."""
+    if len(selection) > max(num_classes, MAX_CATEGORIES):
+        raise InvalidCategories(
+            f"{len(selection)} categories for {num_classes} classes: at most "
+            f"{max(num_classes, MAX_CATEGORIES)} channels",
+            param,
+        )
     names = list(class_names or ())
     out: list[tuple[int, ...]] = []
     groups: dict[frozenset[int], int] = {}

@@ -413,9 +413,12 @@ class LocalSource:
         with self._counters_lock:
             return dict(self._counters)
 
-    def read_locations(self, scan_id: str, rows: int | None = None) -> np.ndarray | None:
+    def read_locations(
+        self, scan_id: str, rows: int | None = None, version: str | None = None
+    ) -> np.ndarray | None:
         """(N, 3) int32 foreground locations (class-sorted, ``location_counts``), or None for a
-        scan written without them. ``rows``: a hint for remote sources, not needed here."""
+        scan written without them. ``rows`` and ``version``: for remote sources (reads here name
+        the current version, which loaders check with their own reads)."""
         refuse_forked_reads()
         state = self._state(scan_id)
         if state[1].attrs.get("location_counts") is None:

@@ -83,3 +83,25 @@ def test_channels_first_with_a_keras_model_is_refused_in_one_line(test_loader):
     model = keras.Model(inputs, keras.layers.Conv2D(3, 1, activation="softmax")(inputs))
     with pytest.raises(ValueError, match=r"^channels_first=True: a Keras model here takes channels last"):
         next(iter(loader.inference(model, channels_first=True)))
+
+
+def test_a_keras_model_stays_a_keras_model_whatever_the_backend(test_loader):
+    """On Keras' torch backend a Keras model is a torch.nn.Module too: it still gets x channels
+    last, as it was trained (`make test-torch` runs this under KERAS_BACKEND=torch)."""
+    import keras
+
+    loader, truth = test_loader
+    inputs = keras.Input((None, None, 1))
+    model = keras.Model(inputs, keras.layers.Conv2D(3, 1, activation="softmax")(inputs))
+    first = min(truth)
+    image = truth[first][0].astype(np.float32)
+    want = np.stack(
+        [
+            keras.ops.convert_to_numpy(model.predict_on_batch(image[None, :, :, z, None]))[0]
+            for z in range(image.shape[2])
+        ],
+        axis=2,
+    )
+    inputs_, outputs = next(iter(loader.inference(model)))
+    assert inputs_["scan_id"] == first
+    np.testing.assert_allclose(outputs["y_pred"], want, rtol=1e-5, atol=1e-6)

@@ -38,6 +38,10 @@ def _check_pinned_reads(root: object) -> None:
         np.testing.assert_array_equal(zarr.open_array(f"{pinned}/image", mode="r")[...], truth[SCAN][0])
         shard = httpx.get(f"{pinned}/image/c/0/0/0", timeout=30)
         assert shard.status_code == 200 and "immutable" in shard.headers["cache-control"]
+        again = httpx.get(
+            f"{pinned}/image/c/0/0/0", headers={"If-None-Match": shard.headers["etag"]}, timeout=30
+        )
+        assert again.status_code == 304 and "immutable" in again.headers["cache-control"]
         current = httpx.get(f"{url}/zarr/{SCAN}/image/c/0/0/0", timeout=30)
         assert current.content == shard.content and "no-cache" in current.headers["cache-control"]
 
@@ -60,7 +64,7 @@ def _check_pinned_reads(root: object) -> None:
 
         # names that are no version of this scan: not found (or refused), never another file
         for path, status in (
-            (f"/zarr/nosuchscan@{first}/zarr.json", 404),
+            (f"/zarr/nosuchscan@{first}/zarr.json", 410),  # no such version: never fill values
             (f"/zarr/{SCAN}@..%2F..%2Fzarr.json", 400),
             (f"/zarr/{SCAN}@.hidden/zarr.json", 404),
             (f"/zarr/{SCAN}@/zarr.json", 404),

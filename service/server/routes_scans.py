@@ -51,7 +51,7 @@ SCAN_EXAMPLE = {
 STORE_ID_EXAMPLE = "5f0c3e0d9b7a4f3c8e1d2a6b7c8d9e0f"
 
 
-# (scan_id, version, full) -> its document: a version never changes, and a listing of
+# (scan_id, version) -> its listing document: a version never changes, and a listing of
 # thousands of scans would build (and check for non-finite numbers) every one again
 _DOCUMENTS: BoundedLRU[dict[str, Any]] = BoundedLRU(4096)
 DOCUMENTS_MAX = 65536  # about 2 KiB each
@@ -61,12 +61,12 @@ def scan_document(meta: ScanMeta, full: bool) -> dict[str, Any]:
     """A scan's attributes, pinned keys first; per-slice counts only when ``full``; and the
     ``version`` they are of (clients check that what they read later is still that version).
     Shared between requests: callers copy it before adding to it."""
-    key = (meta.scan_id, meta.version, full)
-    doc = _DOCUMENTS.get(key) if meta.version else None
+    if full or not meta.version:  # per-slice counts can be 100 KiB: only listing documents kept
+        return _scan_document(meta, full)
+    doc = _DOCUMENTS.get((meta.scan_id, meta.version))
     if doc is None:
         doc = _scan_document(meta, full)
-        if meta.version:
-            _DOCUMENTS.put(key, doc)
+        _DOCUMENTS.put((meta.scan_id, meta.version), doc)
     return doc
 
 

@@ -25,7 +25,7 @@ from service.server.guards import HEAD_SCOPE_KEY
 from service.server.http_cache import make_etag
 from store.errors import InvalidPath, VersionGone
 from store.format import validate_scan_id
-from store.publish import VERSIONS_DIR, current_version
+from store.publish import VERSIONS_DIR
 from store.storage import Storage
 
 READ_AT_ONCE = 1 << 20  # ranges up to this size are read in one call; larger ones are streamed
@@ -170,7 +170,7 @@ def open_stored_object(storage: Storage, parts: tuple[str, ...]) -> StoredObject
             pinned is not None
             and storage.read_size(f"{storage.version_key(scan_id, pinned)}/zarr.json") is None
         ):
-            raise pinned_missing(storage, scan_id, pinned, missing)
+            raise VersionGone(scan_id, pinned)  # removed, or its scan pruned: never fill values
         key = f"{storage.version_key(scan_id, version)}/{'/'.join(parts[1:])}"
     size = storage.read_size(key)
     if size is None:
@@ -178,12 +178,6 @@ def open_stored_object(storage: Storage, parts: tuple[str, ...]) -> StoredObject
     return StoredObject(
         storage, key, size, make_etag("zarr-object", key, size), parts[-1], pinned is not None
     )
-
-
-def pinned_missing(storage: Storage, scan_id: str, version: str, missing: NotInStore) -> Exception:
-    """A pinned version that is not there: gone (410) if the scan is published, so that a Zarr
-    reader holding it fails rather than reading absent chunks as fill values; else not found."""
-    return VersionGone(scan_id, version) if storage.current_version(scan_id) is not None else missing
 
 
 def _inside(folder: str, path: str) -> bool:
@@ -213,7 +207,7 @@ def resolve_store_file(root: Path, parts: tuple[str, ...]) -> str:
     if os.path.dirname(scan_dir) != versions:
         raise missing  # not a published version of this scan (format 2)
     if not os.path.isfile(os.path.join(scan_dir, "zarr.json")):
-        if pinned is not None and current_version(root, scan_id) is not None:
+        if pinned is not None:  # removed, or its scan pruned: gone, never fill values
             raise VersionGone(scan_id, pinned)
         raise missing
     real = os.path.realpath(os.path.join(scan_dir, *parts[1:]))

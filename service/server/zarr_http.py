@@ -78,9 +78,7 @@ def _listed_but_missing(root: Path | str, parts: tuple[str, ...]) -> str | None:
     if version is None:
         return None
     if pinned is not None and storage.read_size(f"{storage.version_key(scan_id, pinned)}/zarr.json") is None:
-        if storage.current_version(scan_id) is None:
-            return None  # no such scan
-        raise VersionGone(scan_id, pinned)  # removed while being read: gone, not damaged
+        raise VersionGone(scan_id, pinned)  # removed (or the scan pruned): gone, never fill values
     listed = _manifest_keys(str(root), scan_id, version)
     rel = "/".join(parts[1:])
     return f"{rel} is missing" if rel in listed else None
@@ -179,7 +177,7 @@ async def _respond(request: Request, state: ServerState, file: OpenFile | Stored
     }
     if etag_matches(request.headers.get("if-none-match"), file.etag):
         file.close()
-        return not_modified(file.etag)  # ETag and Cache-Control, as a 200 would carry them
+        return not_modified(file.etag, headers["Cache-Control"])  # as a 200 would carry them
     if_range = request.headers.get("if-range")
     # Range is defined for GET only: HEAD answers 200 with the whole file's headers (RFC 9110 14.2).
     head = request.method == "HEAD" or bool(request.scope.get(HEAD_SCOPE_KEY))
