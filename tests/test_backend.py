@@ -67,7 +67,7 @@ def test_torch_only_machine_with_a_keras_json_naming_tensorflow_says_what_to_do(
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert "Keras backend 'tensorflow' is selected" in last and str(keras_json) in last
-    assert '".[loaders]"' in last and "torch (installed)" in last
+    assert '"scancache[loaders]"' in last and "torch (installed)" in last
     assert json.loads(keras_json.read_text()) == {"backend": "tensorflow"}, "the user's file is left alone"
     # KERAS_BACKEND wins over keras.json
     out = run_python(tmp_path, USE_KERAS, hide_tensorflow=True, KERAS_BACKEND="torch")
