@@ -92,7 +92,6 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
     channels_first = predict_kwargs.get("channels_first")
     predict_kwargs = {k: v for k, v in predict_kwargs.items() if k != "channels_first"}
     # a Keras model first: on the torch backend it is a torch.nn.Module too
-    torch_module = None if _is_keras_model(model) else _torch_module(model)
     if _is_keras_model(model):
         if channels_first:
             raise ValueError(
@@ -100,7 +99,7 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
                 "on the loader's batches; channels_first is for torch modules and plain callables"
             )
         out = _predict_keras(model, x, predict_kwargs)
-    elif torch_module is not None:
+    elif (torch_module := _torch_module(model)) is not None:
         out = _predict_torch(torch_module, model, x, channels_first is not False)
     elif channels_first:
         out = np.moveaxis(_as_numpy(model(np.ascontiguousarray(np.moveaxis(x, -1, 1)))), 1, -1)

@@ -68,6 +68,11 @@ def varying_shape(arrays: Sequence[np.ndarray]) -> tuple[int | None, ...]:
     return tuple(dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes, strict=True))
 
 
+def examples_differ(probes: Sequence[tuple[np.ndarray, np.ndarray]]) -> bool:
+    """Do the probes' x or y differ in shape past the batch axis?"""
+    return any(None in varying_shape([p[i] for p in probes]) for i in range(2))
+
+
 def keras_probe_batch(loader: Any, index: int) -> tuple[np.ndarray, np.ndarray] | None:
     """What Keras' TensorFlow spec probe (its first two batches) gets when the loader's
     examples differ in shape: two examples that differ on the varying axes. None otherwise
@@ -75,9 +80,7 @@ def keras_probe_batch(loader: Any, index: int) -> tuple[np.ndarray, np.ndarray] 
     probes = shape_probes(loader)
     if len(probes) < 2 or index not in (0, 1):
         return None
-    x_shape = varying_shape([p[0] for p in probes])
-    y_shape = varying_shape([p[1] for p in probes])
-    if None not in x_shape and None not in y_shape:
+    if not examples_differ(probes):
         return None  # the scans differ, the examples do not (patches, crops): read as usual
     if index == 0:
         return probes[0]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loaders.backend import import_tensorflow
-from loaders.input_shapes import shape_probes, varying_shape
+from loaders.input_shapes import examples_differ, shape_probes, varying_shape
 
 if TYPE_CHECKING:
     from loaders.base import DataLoader
@@ -38,9 +38,7 @@ def _probes(loader: DataLoader) -> list[tuple[np.ndarray, ...]]:
     differ in shape, ``loaders.input_shapes``). Test batches too are (x, y) here: Keras would
     take a third element (x_raw) for sample weights."""
     probes = shape_probes(loader)
-    if len(probes) > 1 and any(
-        None in varying_shape([p[i] for p in probes]) for i in range(2)
-    ):  # examples that differ in shape (whole slices of scans that do)
+    if len(probes) > 1 and examples_differ(probes):  # whole slices of scans that differ in shape
         return list(probes)
     elements = loader.batch_elements(0)[:1]
     x, y = loader.load_batch(elements)
