@@ -90,7 +90,8 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
     and takes its output's channels back from there.
     """
     channels_first = predict_kwargs.get("channels_first")
-    predict_kwargs = {k: v for k, v in predict_kwargs.items() if k != "channels_first"}
+    output = predict_kwargs.get("output")
+    predict_kwargs = {k: v for k, v in predict_kwargs.items() if k not in ("channels_first", "output")}
     # a Keras model first: on the torch backend it is a torch.nn.Module too
     if _is_keras_model(model):
         if channels_first:
@@ -98,19 +99,53 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
                 "channels_first=True: a Keras model here takes channels last, as it was trained "
                 "on the loader's batches; channels_first is for torch modules and plain callables"
             )
-        out = _predict_keras(model, x, predict_kwargs)
+        out = _as_numpy(select_output(_predict_keras(model, x, predict_kwargs), output))
     elif (torch_module := _torch_module(model)) is not None:
-        out = _predict_torch(torch_module, model, x, channels_first is not False)
+        out = _predict_torch(torch_module, model, x, channels_first is not False, output)
     elif channels_first:
-        out = np.moveaxis(_as_numpy(model(np.ascontiguousarray(np.moveaxis(x, -1, 1)))), 1, -1)
+        first = select_output(model(np.ascontiguousarray(np.moveaxis(x, -1, 1))), output)
+        out = np.moveaxis(_as_numpy(first), 1, -1)
     else:
-        out = model(x)
-    out = _as_numpy(out)
+        out = _as_numpy(select_output(model(x), output))
     if out.ndim == 0 or len(out) != len(x):
         raise ValueError(
             f"the model gave {len(out) if out.ndim else 'no'} predictions for a batch of {len(x)} examples:"
             " inference needs one per example (a model whose output has the batch axis first)"
         )
+    return out
+
+
+def select_output(out: Any, output: Any = None) -> Any:
+    """The one output inference stitches, of a model that may give several.
+
+    A list or tuple (deep supervision, as nnU-Net trains: full resolution first) gives its
+    first element unless ``output`` picks another by index; a dict (Keras models with named
+    outputs) needs ``output`` to name one. ``output`` on a model with one output is refused,
+    so a misplaced keyword is not ignored.
+    """
+    if isinstance(out, dict):
+        if output is None:
+            raise ValueError(
+                f"the model gives named outputs {sorted(map(str, out))}: pick the one to stitch with "
+                f"output=NAME (e.g. inference(model, output={next(iter(out))!r}))"
+            )
+        if output not in out:
+            raise ValueError(f"output={output!r}: the model's outputs are named {sorted(map(str, out))}")
+        return out[output]
+    if isinstance(out, (list, tuple)):
+        if not out:
+            raise ValueError(
+                "the model gave an empty list of outputs: inference needs one prediction per example"
+            )
+        index = 0 if output is None else output
+        if isinstance(index, bool) or not isinstance(index, int) or not -len(out) <= index < len(out):
+            raise ValueError(
+                f"output={output!r}: the model gives {len(out)} outputs (a list); pick one by its index, "
+                f"0 to {len(out) - 1}"
+            )
+        return out[index]
+    if output is not None:
+        raise ValueError(f"output={output!r}: the model gives a single output; leave output out")
     return out
 
 
@@ -125,9 +160,10 @@ def _torch_module(model: Any) -> Any:
     return torch if torch is not None and isinstance(model, torch.nn.Module) else None
 
 
-def _predict_torch(torch: Any, model: Any, x: np.ndarray, channels_first: bool) -> np.ndarray:
+def _predict_torch(torch: Any, model: Any, x: np.ndarray, channels_first: bool, output: Any) -> np.ndarray:
     """A torch module's predictions: in eval mode (dropout off, batch norm's running
-    statistics) and without gradients, on the device its parameters are on; back as float32."""
+    statistics) and without gradients, on the device its parameters are on; back as float32.
+    A module giving several outputs (deep supervision) gives the one ``select_output`` picks."""
     parameter = next(iter(model.parameters()), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     batch = torch.from_numpy(np.ascontiguousarray(x))
@@ -137,7 +173,7 @@ def _predict_torch(torch: Any, model: Any, x: np.ndarray, channels_first: bool) 
     model.eval()
     try:
         with torch.inference_mode():
-            out = model(batch.to(device))
+            out = select_output(model(batch.to(device)), output)
     finally:
         model.train(was_training)
     if channels_first:

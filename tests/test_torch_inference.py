@@ -105,3 +105,63 @@ def test_a_keras_model_stays_a_keras_model_whatever_the_backend(test_loader):
     inputs_, outputs = next(iter(loader.inference(model)))
     assert inputs_["scan_id"] == first
     np.testing.assert_allclose(outputs["y_pred"], want, rtol=1e-5, atol=1e-6)
+
+
+class _DeepSupervision(torch.nn.Module):
+    """As nnU-Net trains: full resolution first, then coarser outputs."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        full = self.inner(x)
+        return (full, torch.nn.functional.avg_pool2d(full, 2))
+
+
+def test_a_module_with_deep_supervision_is_stitched_from_its_full_resolution_output(test_loader):
+    loader, truth = test_loader
+    module = _module()
+    first = min(truth)
+    want = _by_hand(_module(), truth[first][0])
+    for kwargs in ({}, {"output": 0}, {"output": -2}):
+        inputs, outputs = next(iter(loader.inference(_DeepSupervision(module), **kwargs)))
+        assert inputs["scan_id"] == first
+        np.testing.assert_allclose(outputs["y_pred"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_output_that_is_not_there_is_refused_in_one_line(test_loader):
+    loader, _ = test_loader
+    with pytest.raises(
+        ValueError, match=r"^output=2: the model gives 2 outputs \(a list\); pick one by its index, 0 to 1$"
+    ):
+        next(iter(loader.inference(_DeepSupervision(_module()), output=2)))
+    with pytest.raises(ValueError, match=r"^output=1: the model gives a single output; leave output out$"):
+        next(iter(loader.inference(_module(), output=1)))
+
+
+def test_named_keras_outputs_need_output_to_name_one(test_loader):
+    import keras
+
+    loader, truth = test_loader
+    inputs = keras.Input((None, None, 1))
+    seg = keras.layers.Conv2D(3, 1, activation="softmax", name="seg")(inputs)
+    aux = keras.layers.Conv2D(1, 1, activation="sigmoid", name="aux")(inputs)
+    model = keras.Model(inputs, {"seg": seg, "aux": aux})
+    with pytest.raises(ValueError, match=r"^the model gives named outputs \['aux', 'seg'\]: pick the one"):
+        next(iter(loader.inference(model)))
+    first = min(truth)
+    image = truth[first][0].astype(np.float32)
+    single = keras.Model(inputs, seg)
+    want = np.stack(
+        [
+            keras.ops.convert_to_numpy(single.predict_on_batch(image[None, :, :, z, None]))[0]
+            for z in range(image.shape[2])
+        ],
+        axis=2,
+    )
+    _, outputs = next(iter(loader.inference(model, output="seg")))
+    np.testing.assert_allclose(outputs["y_pred"], want, rtol=1e-5, atol=1e-6)
+    listed = keras.Model(inputs, [seg, aux])
+    _, outputs = next(iter(loader.inference(listed)))
+    np.testing.assert_allclose(outputs["y_pred"], want, rtol=1e-5, atol=1e-6)
