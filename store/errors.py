@@ -84,6 +84,19 @@ class ScanCacheError(Exception):
     def __str__(self) -> str:  # KeyError would otherwise repr() its message
         return str(self.args[0]) if self.args else self.__class__.__name__
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # an error raised in a worker process (torch DataLoader, Dask) reaches the parent
+        # pickled; the default would call cls(*args) with the message alone, which fails (or
+        # mislabels) for errors whose __init__ takes other arguments: rebuild it as it was
+        return (_rebuilt_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuilt_error(cls: type[ScanCacheError], args: tuple[Any, ...], state: dict[str, Any]) -> ScanCacheError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class SourceClosed(ScanCacheError, RuntimeError):
     """A source used after ``close()``."""
@@ -138,6 +151,7 @@ class VersionGone(ScanChanged):
             " published and old ones are removed after the grace period); read the scan's current"
             " version (GET /scans/{id} names it)"
         )
+        self.scan_id, self.version = scan_id, version
 
 
 def changed_message(scan_id: str, expected: str, found: str) -> str:
@@ -177,9 +191,6 @@ class ScanDamaged(ScanCacheError, RuntimeError):
             f"checks it, scancache preprocess SOURCE STORE --rebuild {scan_id} converts it again"
         )
         self.scan_id = scan_id
-
-    def __reduce__(self) -> tuple[Any, ...]:  # from a worker process: args hold the message only
-        return (ScanDamaged, (self.scan_id, "", str(self)))
 
 
 class SourceError(ScanCacheError, ValueError):
