@@ -22,8 +22,8 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -199,12 +199,9 @@ def _skip_done(
         return []
     if not is_s3_url(store_url):
         done = [up_to_date(spec, store_url, layout) for spec in specs]
-    else:
-        pool = ThreadPoolExecutor(UP_TO_DATE_CHECKS, thread_name_prefix="scancache-check")
-        try:
-            done = list(pool.map(lambda spec: up_to_date(spec, store_url, layout), specs))
-        finally:  # a Ctrl-C here drops the checks not started rather than waiting for them all
-            pool.shutdown(wait=True, cancel_futures=True)
+    else:  # each check mostly waits on requests
+        check = partial(up_to_date, store=store_url, layout=layout)
+        done = list(interrupts.map_in_threads(check, specs, UP_TO_DATE_CHECKS, "scancache-check"))
     for spec, skip in zip(specs, done, strict=True):
         if skip:
             result = ScanResult(spec.scan_id, SKIPPED)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from service.nifti_source import load_case
 from service.nnunet_dataset import NIFTI_KIND
 from service.slice_files import LoadedScan, load_scan
 from service.sources import ScanSpec, discover
+from store import interrupts
 from store.errors import SourceError, one_line
 from store.format import IMAGE, MASK, channel_dtype, extra_channel_arrays
 from store.interrupts import interrupt_behind
@@ -294,14 +294,9 @@ def verify_store(
     # a few scans at once (decompression and the store's reads leave the GIL; a small scan is
     # mostly waiting on its files), their lines still said in scan order
     ordered = [item for _, item in sorted(work, key=lambda pair: pair[0])]
-    pool = ThreadPoolExecutor(
-        max(1, min(VERIFY_THREADS, usable_cores())), thread_name_prefix="scancache-verify"
-    )
-    try:
-        for line in pool.map(check, ordered):
-            emit(line)
-    finally:  # a Ctrl-C drops the scans not started rather than waiting for them all
-        pool.shutdown(wait=True, cancel_futures=True)
+    threads = min(VERIFY_THREADS, usable_cores())
+    for line in interrupts.map_in_threads(check, ordered, threads, "scancache-verify"):
+        emit(line)
     known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
     for entry in published_scan_ids(root):
         if entry not in known:

@@ -11,21 +11,23 @@ read-ahead loader interrupted there raised "cannot release un-acquired lock".
 
 Inside ``deferred()`` those signals are only recorded; ``check()``, called where the thread
 waits, acts on them as the handlers in place before would have. A second signal of a kind acts
-at once, so a process stuck in one long call still stops when asked again. ``result_of`` and
-``wait_event`` are the waits of the main thread on other threads, done that way.
+at once, so a process stuck in one long call still stops when asked again. ``result_of``,
+``map_in_threads`` and ``wait_event`` are the waits of the main thread on other threads, done
+that way.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_S = 0.05  # how soon a deferred signal is acted on while a wait goes on
@@ -110,6 +112,19 @@ def results_of(futures: list[Future[T]]) -> list[T]:
     finally:
         for future in futures:
             future.cancel()
+
+
+def map_in_threads(function: Callable[[A], T], items: Iterable[A], threads: int, name: str) -> Iterator[T]:
+    """``function`` of each item on ``threads`` threads, the results in the items' order as
+    each is ready, Ctrl-C and SIGTERM acted on between waits; on the way out (done, a failure,
+    a signal, or the caller stopping early) the items not started are dropped, not waited for."""
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix=name)
+    try:
+        futures = [pool.submit(function, item) for item in items]
+        for future in futures:
+            yield result_of(future)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def wait_event(event: threading.Event) -> None:

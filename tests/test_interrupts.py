@@ -234,6 +234,41 @@ def test_results_in_order_and_the_rest_cancelled_when_one_fails():
         assert never.cancelled()
 
 
+def test_map_in_threads_gives_results_in_order_and_drops_the_rest_when_stopped():
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def slow_square(n: int) -> int:
+        with lock:
+            started.append(n)
+        threading.Event().wait(0.01)
+        if n == 5:
+            raise ValueError("scan 5 is bad")
+        return n * n
+
+    assert list(interrupts.map_in_threads(slow_square, range(5), 2, "test")) == [0, 1, 4, 9, 16]
+    started.clear()
+    with pytest.raises(ValueError, match="scan 5 is bad"):
+        list(interrupts.map_in_threads(slow_square, range(5, 400), 1, "test"))
+    assert len(started) < 399  # those not started were dropped, not run
+    started.clear()
+    results = interrupts.map_in_threads(slow_square, range(400), 1, "test")
+    assert next(results) == 0
+    results.close()  # the caller stops early (a Ctrl-C in its loop does the same)
+    assert len(started) < 400
+    assert not [t for t in threading.enumerate() if t.name.startswith("test_")]
+
+
+def test_map_in_threads_takes_ctrl_c_between_waits():
+    gate = threading.Event()
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in interrupts.map_in_threads(lambda n: gate.wait(1), range(3), 1, "test"):
+            pass
+    gate.set()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_an_event_wait_takes_ctrl_c_between_waits():
     event = threading.Event()
     threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
