@@ -132,13 +132,13 @@ def scans_from_dicts(
     reference = None
     if selection is not None and named:
         reference = (named[0].scan_id, scan_categories(selection, named[0], None))
-    per_source: dict[int, tuple[ScanSource, int]] = {}
-    for source, _, _, _ in found:
-        per_source[id(source)] = (source, per_source.get(id(source), (source, 0))[1] + 1)
-    for source, count in per_source.values():
+    per_source: dict[int, tuple[ScanSource, list[str]]] = {}
+    for source, meta, _, _ in found:
+        per_source.setdefault(id(source), (source, []))[1].append(meta.scan_id)
+    for source, scan_ids in per_source.values():
         expect = getattr(source, "expect_scans", None)  # a local store's caches hold every scan
         if expect is not None:
-            expect(count)
+            expect(scan_ids)
     scans: list[ScanEntry] = []
     for index, (source, meta, first, slices) in enumerate(found):
         cats = None if selection is None else categories_of(selection, meta, reference)

@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,7 @@ class LocalSource:
         self._arrays: BoundedLRU[Any] = BoundedLRU(ARRAY_CACHE_ENTRIES)
         # (scan_id, version) -> when its files were last found as its manifest lists them
         self._intact: BoundedLRU[float] = BoundedLRU(INTACT_CACHE_ENTRIES)
+        self._expected: set[str] = set()  # the scans listings and loaders said they will read
         self._counters_lock = threading.Lock()
         self._counters = {"bytes_decoded": 0, "bytes_returned": 0, "read_s": 0.0, "regions": 0}
 
@@ -205,8 +206,12 @@ class LocalSource:
     def scan_ids(self) -> list[str]:
         return self.storage.published_names()
 
-    def expect_scans(self, count: int) -> None:
-        """Keep the metadata and open arrays of ``count`` scans (a listing's, a loader's)."""
+    def expect_scans(self, scan_ids: Iterable[str]) -> None:
+        """Keep the metadata and open arrays of these scans (a listing's, a loader's), with those
+        expected before: a training and a validation loader sharing this source both stay open."""
+        with self._store_id_lock:
+            self._expected.update(scan_ids)
+            count = len(self._expected)
         self._meta.at_least(min(META_CACHE_MAX, count + 64))
         self._arrays.at_least(min(ARRAY_CACHE_MAX, ARRAYS_PER_SCAN * count + 64))
 
@@ -217,7 +222,7 @@ class LocalSource:
         skipped: list[str] = []
         refusals: list[PermissionError] = []
         names = self.scan_ids()
-        self.expect_scans(len(names))
+        self.expect_scans(names)
         for scan_id in names:
             try:
                 meta = self.metadata(scan_id)

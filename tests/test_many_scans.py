@@ -85,3 +85,15 @@ def test_a_listing_keeps_the_metadata_of_every_scan(many, monkeypatch):
     monkeypatch.setattr(source.storage, "read", counting)
     assert len(source.list_scans()) == len(SCANS)
     assert reads[0] == 0, f"{reads[0]} scan documents read again for the second listing"
+
+
+def test_the_scans_expected_by_several_loaders_add_up(many, monkeypatch):
+    """A training and a validation loader sharing one source: the caches hold both sets, not
+    only the larger (600 + 200 scans would otherwise reopen 200 arrays a pass)."""
+    root, _ = many
+    monkeypatch.setattr(store.source, "META_CACHE_ENTRIES", 3)
+    source = LocalSource(root)
+    source.expect_scans([f"train_{i}" for i in range(600)])
+    source.expect_scans([f"val_{i}" for i in range(200)])
+    source.expect_scans([f"train_{i}" for i in range(10)])  # a scan expected twice counts once
+    assert source._meta.max_entries == 800 + 64
