@@ -14,17 +14,33 @@ import functools
 import numpy as np
 
 
+def _overlap_message(first: int, second: int, what: str) -> str:
+    return (
+        f"Y_FORMAT='class_index' needs CATEGORIES that do not overlap: {what} belongs to "
+        f"categories {first} and {second} (CATEGORIES[{first}], CATEGORIES[{second}]) at "
+        "once, so it has no single index; use Y_FORMAT='one_hot'"
+    )
+
+
+def refuse_overlap(categories: tuple[tuple[int, ...], ...], scan_id: str) -> None:
+    """Refuse, when a loader is built, categories that share a class (regions): its voxels
+    would have no single index."""
+    owner: dict[int, int] = {}
+    for number, group in enumerate(categories):
+        for k in group:
+            if k in owner:
+                raise ValueError(_overlap_message(owner[k], number, f"class {k} of scan {scan_id!r}"))
+            owner[k] = number
+
+
 def _indices(hits: np.ndarray, background: bool) -> np.ndarray:
-    """(..., C) booleans -> (...) uint8 indices; every position at most one hit."""
+    """(..., C) booleans -> (...) uint8 indices; every position at most one hit (a store's
+    per-voxel channels may overlap even where categories do not)."""
     count = hits.sum(axis=-1)
     if (count > 1).any():
         first = np.unravel_index(int(np.argmax(count > 1)), count.shape)
         both = [int(c) for c in np.flatnonzero(hits[first])]
-        raise ValueError(
-            "Y_FORMAT='class_index' needs CATEGORIES that do not overlap: a voxel belongs to "
-            f"categories {both[0]} and {both[1]} (CATEGORIES[{both[0]}], CATEGORIES[{both[1]}]) at "
-            "once, so it has no single index; use Y_FORMAT='one_hot'"
-        )
+        raise ValueError(_overlap_message(both[0], both[1], "a voxel"))
     offset = 0 if background else 1
     return np.where(count > 0, hits.argmax(axis=-1) + offset, 0).astype(np.uint8)
 

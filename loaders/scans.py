@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from loaders.catalog import shared_source
+from loaders.class_index import refuse_overlap
 from loaders.config import Config
 from loaders.geometry import AxisRead, Window, padded_indices, take_window
 from store.categories import Categories, Selection, format_names, parse_categories, resolve_categories
@@ -142,6 +143,8 @@ def scans_from_dicts(
     scans: list[ScanEntry] = []
     for index, (source, meta, first, slices) in enumerate(found):
         cats = None if selection is None else categories_of(selection, meta, reference)
+        if cats is not None and cfg.Y_FORMAT == "class_index":
+            refuse_overlap(cats, meta.scan_id)
         scans.append(ScanEntry(index, meta.scan_id, source, meta, first, slices, cats))
     return scans
 

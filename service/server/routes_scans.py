@@ -92,7 +92,7 @@ def listable_scans(source: LocalSource, filters: dict[str, Any]) -> tuple[list[S
     loader does not silently train on fewer scans."""
     out, skipped = [], []
     names = source.scan_ids()
-    source.expect_scans(len(names))  # every scan's metadata kept: the next listing reads none
+    source.expect_scans(names)  # every scan's metadata kept: the next listing reads none
     for scan_id in names:
         try:
             meta = source.metadata(scan_id)
