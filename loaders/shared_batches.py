@@ -23,6 +23,7 @@ float32 one-hot y, more than reading and decoding it. So each worker keeps a few
 
 from __future__ import annotations
 
+import functools
 import itertools
 import mmap
 import multiprocessing
@@ -137,6 +138,47 @@ class SharedBatch:
         a = self.array
         args = (self.pool.token, self.cell, self.lease, DupFd(self.fd), a.nbytes, a.dtype.str, a.shape)
         return _rebuild, (*args, self.channels_first)
+
+    def tensor(self, channels_first: bool) -> Any:
+        """The batch as the worker's code sees it: a tensor (``torch.flip`` on it, a
+        ``collate_fn`` unpacking it work as on any tensor) that, sent to the training process
+        as it is, travels as its segment; a tensor made from it travels as torch sends any."""
+        import torch
+
+        self.channels_first = channels_first
+        tensor = torch.from_numpy(self.array)
+        if channels_first:
+            tensor = tensor.movedim(-1, 1)
+        travelling: Any = tensor.as_subclass(_shared_tensor_class())
+        travelling._scancache_batch = self  # type: ignore[attr-defined]
+        travelling._scancache_view = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))  # type: ignore[attr-defined]
+        return travelling
+
+
+@functools.cache
+def _shared_tensor_class() -> type:
+    import torch
+
+    class WorkerBatchTensor(torch.Tensor):
+        """A worker's batch tensor in a leased segment. torch's operations on it give plain
+        tensors (its ``__torch_function__`` is torch's disabled one), so only this object,
+        unchanged in shape and place, travels as the segment; changed in place it still does
+        (the segment holds the change)."""
+
+        __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+        def __reduce_ex__(self, protocol: Any) -> Any:
+            batch = self.__dict__.get("_scancache_batch")
+            view = (self.data_ptr(), tuple(self.shape), tuple(self.stride()))
+            if batch is not None and view == self.__dict__.get("_scancache_view"):
+                return batch.__reduce__()
+            return _plain_tensor, (self.as_subclass(torch.Tensor),)  # torch's own way (a copy)
+
+    return WorkerBatchTensor
+
+
+def _plain_tensor(tensor: Any) -> Any:
+    return tensor
 
 
 def _rebuild(

@@ -165,8 +165,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
             move = self.channels_first and not (position == 1 and loader.class_index)
             shared = pool.batch_of(a) if pool is not None else None
             if shared is not None:  # becomes a tensor in the training process, no copy
-                shared.channels_first = move
-                out.append(shared)
+                out.append(shared.tensor(move and a.ndim >= 3))
                 continue
             tensor = torch.from_numpy(a if a.flags.writeable else a.copy())
             if move and tensor.ndim >= 3:

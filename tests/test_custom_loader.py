@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-from loaders import LOADER_REGISTRY, Config, DataLoader, DatasetCatalog, build_loader
+from loaders import LOADER_REGISTRY, Config, DataLoader, DatasetCatalog, build_loader, register_loader
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "custom-dataloader.md"
 SCAN = "0000001_V00-Aug00"
@@ -215,3 +216,35 @@ def test_register_loader_takes_a_name_first_or_by_keyword():
         pass
 
     assert LOADER_REGISTRY["TaggedFirst"] is First and LOADER_REGISTRY["TaggedByKeyword"] is Second
+
+
+@pytest.mark.parametrize(
+    "tag, size, y_format",
+    [("DefaultDataLoader", (16, 16, 1), "one_hot"), ("RandomPatchDataLoader", (8, 8, 4, 1), "class_index")],
+)
+def test_the_augmentation_recipe_flips_slices_and_patches_alike(dataset, tag, size, y_format):
+    """The page's "Random augmentation" block, pasted into a subclass of a 2D and a 3D patch
+    loader: each example of x and of y is the unflipped one or the one flipped along its rows,
+    the same choice for both."""
+    name, _, _ = dataset
+    block = next(b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S) if "crc32" in b)
+    namespace: dict = {"np": np}
+    exec(compile(textwrap.dedent(block), str(DOC), "exec"), namespace)
+    register_loader(type("Augmented" + tag, (LOADER_REGISTRY[tag],), {"preprocess": namespace["preprocess"]}))
+    try:
+        settings = dict(
+            IMG_SIZE=size, CATEGORIES=(0, (1, 2), 3), SEED=4, Y_FORMAT=y_format, PATCHES_PER_SCAN=4
+        )
+        plain = build_loader(Config(TAG=tag, **settings), name, 4, False, True, True)
+        flipped = build_loader(Config(TAG="Augmented" + tag, **settings), name, 4, False, True, True)
+    finally:
+        LOADER_REGISTRY.pop("Augmented" + tag, None)
+    choices = set()
+    for b in range(min(4, len(plain))):
+        (x0, y0), (x1, y1) = plain[b], flipped[b]
+        for i in range(len(x0)):
+            same = np.array_equal(x1[i], x0[i]) and np.array_equal(y1[i], y0[i])
+            mirrored = np.array_equal(x1[i], x0[i][::-1]) and np.array_equal(y1[i], y0[i][::-1])
+            assert same or mirrored
+            choices.add(mirrored)
+    assert choices == {True, False}

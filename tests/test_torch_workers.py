@@ -163,6 +163,53 @@ def test_channels_first_moves_x_channels_and_leaves_class_index_y_as_it_is(scale
             np.testing.assert_array_equal(yi, expected_class_index(loader, e, arrays).reshape(yi.shape))
 
 
+class _AugmentedInWorkers(torch.utils.data.IterableDataset):
+    """What users write around the dataset: a transform of each batch, run in the worker. The
+    k-th batch of a worker's lane goes as it is, flipped (new tensors), or doubled in place."""
+
+    def __init__(self, inner, rows_axis):
+        self.inner, self.rows_axis = inner, rows_axis
+
+    def __iter__(self):
+        for k, (x, y) in enumerate(self.inner):
+            assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+            if k % 3 == 1:
+                x, y = torch.flip(x, dims=[self.rows_axis]), torch.flip(y, dims=[self.rows_axis])
+            elif k % 3 == 2:
+                x.mul_(2)
+            yield x, y
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_batches_in_a_worker_are_tensors_that_user_transforms_take(scale_store, names, channels_first):
+    _, arrays = scale_store
+    loader = build_loader(config("2d"), names["local"], 4, False, True, True)
+    ds = loader.as_torch_dataset(channels_first=channels_first)
+    ds.set_epoch(0)
+    dl = torch.utils.data.DataLoader(
+        _AugmentedInWorkers(ds, 2 if channels_first else 1),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context=CLEAN,
+    )
+    lanes = loader.worker_lanes(0, 2)
+    place = {b: k for lane in lanes for k, b in enumerate(lane)}
+    got = list(dl)
+    assert len(got) == len(loader)
+    for (x, y), b in zip(got, delivery_order(lanes), strict=True):
+        x_ref, y_ref = reference_batch(loader, loader.batch_elements(b, 0), arrays)
+        x, y = x.numpy(), y.numpy()
+        if channels_first:
+            x, y = np.moveaxis(x, 1, -1), np.moveaxis(y, 1, -1)
+        x_ref, y_ref = x_ref.reshape(x.shape), y_ref.reshape(y.shape)
+        if place[b] % 3 == 1:
+            x_ref, y_ref = np.flip(x_ref, 1), np.flip(y_ref, 1)  # the rows, channels last
+        elif place[b] % 3 == 2:
+            x_ref = x_ref * 2
+        np.testing.assert_array_equal(x, x_ref)
+        np.testing.assert_array_equal(y, y_ref)
+
+
 @register_loader
 class FlipLoader(DefaultDataLoader):
     """A custom loader with a keyword argument of its own, which build_loader passes on."""
