@@ -150,8 +150,8 @@ class SharedBatch:
         if channels_first:
             tensor = tensor.movedim(-1, 1)
         travelling: Any = tensor.as_subclass(_shared_tensor_class())
-        travelling._scancache_batch = self  # type: ignore[attr-defined]
-        travelling._scancache_view = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))  # type: ignore[attr-defined]
+        travelling._scancache_batch = self
+        travelling._scancache_view = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
         return travelling
 
 
