@@ -7,7 +7,9 @@ The store's layout is ``store.predictions`` (which the server reads). Per scan, 
 * ``label_map`` (H, W, D) uint8: 0 = no class, k+1 = category k. With a background channel
   (``INCLUDE_BACKGROUND``) a voxel takes the most probable channel, background meaning 0;
   without one, the most probable category if its probability is at least 0.5, else 0;
-* attributes: per-category Dice of the label map against ``y_true`` (1.0 where both are empty),
+  overlapping categories (regions) give each voxel the last category at 0.5 or more;
+* attributes: per-category Dice of the label map against ``y_true`` (1.0 where both are empty;
+  for regions, of each channel's probability at 0.5 or more),
   the categories (as class indices) and their names (``class_names``, parallel to ``dice``;
   ``channel_names`` for the probabilities' channels), the scan's geometry (for the NIfTI
   export, ``loaders.export``), when and with what the scan was written, and NGFF 0.5
@@ -103,6 +105,24 @@ def label_map(probabilities: np.ndarray, include_background: bool) -> np.ndarray
     return np.where(confident, best + np.uint8(1), np.uint8(0)).astype(np.uint8)
 
 
+def region_label_map(probabilities: np.ndarray, include_background: bool) -> np.ndarray:
+    """(..., C) probabilities of overlapping categories (regions, each its own sigmoid) ->
+    (...) uint8 labels: category k's label k+1 where its probability is at least 0.5, a later
+    category over an earlier one (nnU-Net's ``regions_class_order``: list regions from the
+    largest to the smallest, BraTS' whole tumour, tumour core, enhancing), else 0."""
+    offset = int(include_background)
+    labels = np.zeros(probabilities.shape[:-1], np.uint8)
+    for k in range(probabilities.shape[-1] - offset):
+        labels[probabilities[..., offset + k] >= 0.5] = k + 1
+    return labels
+
+
+def overlapping(categories: Categories | None) -> bool:
+    """Whether some class is in two categories (regions)."""
+    classes = [k for group in categories or () for k in group]
+    return len(classes) != len(set(classes))
+
+
 def dice_from_counts(overlap: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> list[float]:
     """Per-category Dice 2|A∩B| / (|A|+|B|), 1.0 where both are empty."""
     total = truth + predicted
@@ -176,8 +196,11 @@ class _ScanWriter:
         )
 
     def write(
-        self, y_pred: np.ndarray, y_true: np.ndarray | None, include_background: bool
+        self, y_pred: np.ndarray, y_true: np.ndarray | None, include_background: bool, regions: bool = False
     ) -> list[float] | None:
+        """Probabilities and label map, slab by slab; Dice per category from the label map, or
+        for overlapping categories (``regions``) from each channel's probability >= 0.5, as a
+        voxel there belongs to several (nnU-Net's region-based evaluation)."""
         categories = y_pred.shape[-1] - int(include_background)
         with_truth = y_true is not None and y_true.shape == y_pred.shape
         counts = np.zeros((3, max(categories, 0)), np.int64)  # overlap, truth, predicted
@@ -186,12 +209,17 @@ class _ScanWriter:
             z = slice(z0, min(z0 + SLAB_SLICES, y_pred.shape[2]))
             probs = y_pred[:, :, z]
             self.probabilities[:, :, z, :] = probs.astype(np.float16)
-            labels = label_map(probs, include_background)
+            labels = (
+                region_label_map(probs, include_background)
+                if regions
+                else label_map(probs, include_background)
+            )
             self.labels[:, :, z] = labels
             if with_truth:
                 assert y_true is not None
                 for k in range(categories):
-                    truth, predicted = y_true[:, :, z, offset + k] > 0.5, labels == k + 1
+                    truth = y_true[:, :, z, offset + k] > 0.5
+                    predicted = probs[..., offset + k] >= 0.5 if regions else labels == k + 1
                     counts[:, k] += (
                         np.count_nonzero(truth & predicted),
                         np.count_nonzero(truth),
@@ -273,8 +301,9 @@ def _write_scan(
         writer = _ScanWriter(
             staged, (int(y_pred.shape[0]), int(y_pred.shape[1]), int(y_pred.shape[2])), int(y_pred.shape[-1])
         )
-        scores = writer.write(y_pred, outputs.get("y_true"), meta.include_background)
         entry = meta.entries.get(scan_id)
+        regions = entry is not None and overlapping(entry.categories)
+        scores = writer.write(y_pred, outputs.get("y_true"), meta.include_background, regions)
         partial = entry is not None and len(entry.slices) != entry.shape[2]
         attrs = {
             "scan_id": scan_id,
@@ -282,6 +311,7 @@ def _write_scan(
             "channels": int(y_pred.shape[-1]),
             **_names_and_geometry(entry, meta.categories, meta.include_background),
             "include_background": meta.include_background,
+            "regions": regions,  # overlapping categories: the label map's later category wins
             "slices": list(entry.slices) if partial and entry is not None else None,
             "dice": scores,
             "written_at": datetime.now(UTC).isoformat(timespec="seconds"),

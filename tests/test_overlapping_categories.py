@@ -63,3 +63,49 @@ def test_class_index_y_refuses_overlapping_regions_in_one_line(small_store):
     finally:
         DatasetCatalog.remove("regions_index")
         close_shared_sources()
+
+
+def test_predictions_of_regions_score_each_channel_and_label_the_innermost(small_store, tmp_path):
+    """Nested regions predicted as sigmoids: Dice per channel from its probability at 0.5 or
+    more (a voxel of the enhancing region is in all three), and the label map gives each voxel
+    the last region it is in, as nnU-Net's regions_class_order does."""
+    import zarr
+
+    from loaders import write_predictions
+
+    root, truth = small_store
+    DatasetCatalog.register("regions_pred", str(root), split="train")
+    try:
+        cfg = Config(TAG="DefaultDataLoader", CATEGORIES=REGIONS, INCLUDE_BACKGROUND=False)
+        test = build_loader(cfg, "regions_pred", 4, True, False, False)
+        images = np.concatenate([truth[s.scan_id][0].ravel() for s in test.scans])
+        cuts = np.quantile(images, [0.3, 0.6, 0.85])  # nested: a brighter voxel is in more regions
+
+        def model(x):  # (N, H, W, 1) -> three sigmoid-like channels
+            return np.concatenate([(x > c).astype(np.float32) for c in cuts], axis=-1)
+
+        summary = write_predictions(test, model, tmp_path / "pred", progress=False)
+        group = zarr.open_group(str(tmp_path / "pred"), mode="r")
+        checked = 0
+        for scan in test.scans:
+            image, mask = truth[scan.scan_id]
+            predicted = [image > c for c in cuts]
+            labels = np.zeros(image.shape, np.uint8)
+            for k, p in enumerate(predicted):
+                labels[p] = k + 1
+            np.testing.assert_array_equal(group[scan.scan_id]["label_map"][...], labels)
+            if mask is None:
+                continue
+            regions = [mask[..., list(g)].sum(axis=-1) > 0 for g in REGIONS]
+            want = [
+                2 * np.count_nonzero(p & t) / (np.count_nonzero(p) + np.count_nonzero(t))
+                if np.count_nonzero(p) + np.count_nonzero(t)
+                else 1.0
+                for p, t in zip(predicted, regions, strict=True)
+            ]
+            np.testing.assert_allclose(summary.dice[scan.scan_id], want, rtol=1e-12)
+            checked += 1
+        assert checked >= 2
+    finally:
+        DatasetCatalog.remove("regions_pred")
+        close_shared_sources()
