@@ -105,6 +105,10 @@ def label_map(probabilities: np.ndarray, include_background: bool) -> np.ndarray
     return np.where(confident, best + np.uint8(1), np.uint8(0)).astype(np.uint8)
 
 
+# float32 softmax outputs may stray a little past [0, 1]; logits stray far
+PROBABILITY_SLACK = 1e-3
+
+
 def region_label_map(probabilities: np.ndarray, include_background: bool) -> np.ndarray:
     """(..., C) probabilities of overlapping categories (regions, each its own sigmoid) ->
     (...) uint8 labels: category k's label k+1 where its probability is at least 0.5, a later
@@ -236,6 +240,7 @@ class _Meta:
     include_background: bool
     categories: Any
     written_by: dict[str, Any]
+    warned: set[str] = field(default_factory=set)  # warnings said once a run
 
 
 def _names_and_geometry(entry: Any, categories: Any, include_background: bool) -> dict[str, Any]:
@@ -290,6 +295,15 @@ def _write_scan(
         bad = int(np.count_nonzero(~np.isfinite(y_pred)))
         raise ValueError(
             f"scan {scan_id!r}: the model's output holds {bad} NaN or infinite values; nothing written"
+        )
+    low, high = float(y_pred.min(initial=0.0)), float(y_pred.max(initial=0.0))
+    if (low < -PROBABILITY_SLACK or high > 1 + PROBABILITY_SLACK) and not meta.warned:
+        meta.warned.add("range")  # once a run: every scan of a logits model would say the same
+        warnings.warn(
+            f"scan {scan_id!r}: the model's outputs range from {low:.3g} to {high:.3g}, not probabilities in "
+            "[0, 1] (logits?): they are stored as they are and the label map and Dice threshold them at "
+            "0.5; end the model with a softmax or a sigmoid",
+            stacklevel=4,
         )
     try:
         labels = y_pred.shape[-1] - (1 if meta.include_background else 0)

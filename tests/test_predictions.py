@@ -265,3 +265,24 @@ def test_model_outputs_that_cannot_be_stored_as_they_are_say_so_naming_the_scan(
         UserWarning, match=r"the model predicts 3 channels, but the loader's categories .* are 5"
     ):
         assert write_predictions(loader(), three, tmp_path / "three", progress=False).written
+
+
+def test_logits_are_stored_with_one_warning_a_run(train_dataset, tmp_path):
+    """A model ending without softmax (nnU-Net's networks give logits): its outputs are stored as
+    they are, with one warning for the run naming the range, not one per scan nor none."""
+    import warnings
+
+    name, truth = train_dataset
+    loader = make_loader(name)
+    logits = lambda x: np.concatenate([x * 0.0 - 8.0, *[x * 0.0 + 8.0 * k for k in range(4)]], axis=-1)  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = write_predictions(loader, logits, tmp_path / "logits", progress=False)
+    said = [str(w.message) for w in caught if "not probabilities" in str(w.message)]
+    assert len(said) == 1 and len(summary.written) == len(loader.scans) >= 2
+    assert "range from -8 to 24, not probabilities in [0, 1] (logits?)" in said[0]
+    # a softmax's float32 rounding past 1 is no reason to warn
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_predictions(make_loader(name), softmax_model, tmp_path / "softmax", progress=False)
+    assert not [w for w in caught if "not probabilities" in str(w.message)]
