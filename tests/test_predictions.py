@@ -272,7 +272,7 @@ def test_logits_are_stored_with_one_warning_a_run(train_dataset, tmp_path):
     they are, with one warning for the run naming the range, not one per scan nor none."""
     import warnings
 
-    name, truth = train_dataset
+    name, _ = train_dataset
     loader = make_loader(name)
     logits = lambda x: np.concatenate([x * 0.0 - 8.0, *[x * 0.0 + 8.0 * k for k in range(4)]], axis=-1)  # noqa: E731
     with warnings.catch_warnings(record=True) as caught:
