@@ -210,8 +210,10 @@ def blend_weights(patch: Sequence[int], mode: str = "average", sigma_scale: floa
     ``sigma_scale * size`` per axis (nnU-Net's choice), scaled to a maximum of 1 and floored
     at its smallest positive value, and at 1e-8, so that no voxel ever has weight 0. The 1e-8
     keeps a patch's far corners (about 2e-9 at sigma 1/8) from underflowing in the float32 sums
-    of larger patches; where every window covering a voxel sees it near a corner, its blend
-    differs from an unfloored Gaussian's (a stride of half a patch never does that).
+    of larger patches; where every window covering a voxel sees it near a corner (a volume's
+    corners and edges: an axis one window covers, or the last window snapped to the end), its
+    blend differs from an unfloored Gaussian's, by up to about 1 % there; elsewhere it is the
+    same.
     """
     shape = tuple(int(p) for p in patch)
     if mode == "average":
