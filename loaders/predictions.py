@@ -80,6 +80,16 @@ class PredictionSummary:
             out[scan_id] = None if scores is None else dict(zip(names, scores, strict=True))
         return out
 
+    def mean_dice(self) -> dict[str, float]:
+        """Per class name, the mean Dice over the scans scored (those with a mask): the
+        validation figure nnU-Net's summary gives as its per-class mean. A class absent from
+        both a scan's labels and its prediction scores 1.0 there (nnU-Net leaves it out)."""
+        scores: dict[str, list[float]] = {}
+        for by_class in self.dice_by_class().values():
+            for name, value in (by_class or {}).items():
+                scores.setdefault(name, []).append(value)
+        return {name: float(np.mean(values)) for name, values in scores.items()}
+
     def __str__(self) -> str:
         # a re-run with another model skips what the first wrote: say how to replace it
         how = ": overwrite=True replaces them" if self.skipped else ""

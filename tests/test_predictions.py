@@ -81,6 +81,11 @@ def test_written_store_matches_numpy_and_reruns_skip(train_dataset, tmp_path, ca
     # a re-run reports the Dice each skipped scan was stored with
     assert again.dice == summary.dice and list(again.dice) == scan_ids
     assert again.dice_by_class() == summary.dice_by_class()
+    # the per-class mean over the scans, from numpy's Dice of each
+    per_scan = [reference(*truth[s])[2] for s in scan_ids]
+    names = summary.class_names[scan_ids[0]]
+    want = {n: float(np.mean([d[k] for d in per_scan])) for k, n in enumerate(names)}
+    assert summary.mean_dice() == pytest.approx(want, rel=1e-12) and len(want) == 4
 
     # a half-written scan (left in staging by a crash) is invisible; overwrite redoes every scan
     (path / ".staging" / "crashed-writer" / "0000001_V00-Aug00.1234").mkdir(parents=True)
