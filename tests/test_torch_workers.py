@@ -393,7 +393,8 @@ def test_the_training_process_keeps_its_mapping_of_a_slot_and_drops_it_with_the_
         travelling = pool.batch_of(array)
         assert travelling is not None
         del array
-        return pickle.loads(ForkingPickler.dumps(travelling))
+        # as the worker's code sees it, a tensor, which travels as its segment
+        return pickle.loads(ForkingPickler.dumps(travelling.tensor(channels_first=False)))
 
     table = SlotTable()
     token = table.token
