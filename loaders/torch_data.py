@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from loaders.base import DataLoader
 
 # The shared control table: what the next pass of every worker reads.
-_EPOCH, _SEED, _START, _ORDER_WORKERS, _DELIVERED, _WORKERS_READ = range(6)
+_EPOCH, _SEED, _START, _ORDER_WORKERS, _DELIVERED, _WORKERS_READ, _PASSES = range(7)
 
 
 def _torch_base() -> type:
@@ -68,7 +68,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         self._recipe = recipe_of(loader, "as_torch_dataset")  # what a worker rebuilds it from
         self._loader: DataLoader | None = loader
         self._owner_pid = os.getpid()
-        self._control = multiprocessing.RawArray("q", 6)
+        self._control = multiprocessing.RawArray("q", 7)
         self._counters = WorkerCounters()
         self._slots = SlotTable()  # which worker batch memory the training process still holds
         loader._worker_counters.append(self._counters)
@@ -80,7 +80,7 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         c = self._control
         c[_EPOCH], c[_SEED], c[_START] = loader.epoch, loader.seed, loader._position
         c[_ORDER_WORKERS], c[_DELIVERED] = loader._position_workers, 0
-        c[_WORKERS_READ] = 0
+        c[_WORKERS_READ], c[_PASSES] = 0, 0
 
     def took_batches(self) -> bool:
         """Whether this pass has given batches (its position is then this dataset's to say)."""
@@ -193,6 +193,10 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
             loader.set_epoch(epoch)
             if info is None:  # the training process's loader published that: the pass's table again
                 c[_START], c[_ORDER_WORKERS] = start, order_workers
+        if worker == 0:  # one process of the pass counts it
+            if c[_PASSES] and start == 0 and _draws_per_epoch(loader):
+                _warn_epoch_repeated(epoch)
+            c[_PASSES] += 1
         if start == 0:
             c[_ORDER_WORKERS] = order_workers = workers
         lane = loader.worker_lanes(epoch, workers, start, max(1, order_workers))[worker]
@@ -219,6 +223,26 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
         finally:
             if info is None:
                 loader._count_pass(-1)
+
+
+def _draws_per_epoch(loader: DataLoader) -> bool:
+    """Whether the loader's epochs differ (shuffled, or drawn: random patches, a custom
+    ``epoch_elements``), so that a pass repeating one is a mistake rather than the plan."""
+    from loaders.base import DataLoader
+
+    return loader.shuffle or type(loader).epoch_elements is not DataLoader.epoch_elements
+
+
+def _warn_epoch_repeated(epoch: int) -> None:
+    import warnings
+
+    warnings.warn(
+        f"as_torch_dataset: another pass of epoch {epoch} gives that epoch's batches again (same "
+        "order, same random patches): call ds.set_epoch(epoch) before each epoch, as with "
+        "DistributedSampler",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _leave_sigint_to_the_training_process() -> None:

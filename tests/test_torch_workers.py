@@ -560,3 +560,35 @@ def test_sharded_loaders_keep_their_checkpoints_apart(names, tmp_path):
         LoaderCheckpoint(rank0, tmp_path).on_train_begin()
     LoaderCheckpoint(rank0, tmp_path, name="mine.json").on_train_begin()  # a name of its own: no fallback
     assert (rank0.epoch, rank0._position) == (0, 0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pass_repeating_an_epoch_of_a_shuffled_loader_says_to_call_set_epoch(names, workers, capfd):
+    """Without ds.set_epoch each epoch repeats the first's order and patches (as
+    DistributedSampler): a second pass of one epoch warns; with set_epoch, or for a loader
+    whose epochs are all alike (validation), nothing is said."""
+    import warnings
+
+    def passes(shuffle, set_epoch):
+        loader = build_loader(config("2d"), names["local"], 8, not shuffle, shuffle, False)
+        ds = loader.as_torch_dataset()
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=None, num_workers=workers, persistent_workers=bool(workers),
+            multiprocessing_context=CLEAN if workers else None,
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for epoch in range(3):
+                if set_epoch:
+                    ds.set_epoch(epoch)
+                list(dl)
+        return [str(w.message) for w in caught if "set_epoch" in str(w.message)]
+
+    said = passes(shuffle=True, set_epoch=False)
+    if workers == 0:
+        assert len(said) == 2 and said[0].startswith("as_torch_dataset: another pass of epoch 0 gives")
+    else:  # a worker process says it on its stderr
+        assert "as_torch_dataset: another pass of epoch 0 gives" in capfd.readouterr().err
+    assert passes(shuffle=True, set_epoch=True) == []
+    assert passes(shuffle=False, set_epoch=False) == []
+    assert "another pass" not in capfd.readouterr().err
