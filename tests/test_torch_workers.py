@@ -574,7 +574,8 @@ def test_a_pass_repeating_an_epoch_of_a_shuffled_loader_says_to_call_set_epoch(n
         ds = loader.as_torch_dataset()
         dl = torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=workers, persistent_workers=bool(workers),
-            multiprocessing_context=CLEAN if workers else None,
+            # spawn: its workers write to this test's stderr (a forkserver's, to where it started)
+            multiprocessing_context="spawn" if workers else None,
         )  # fmt: skip
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
