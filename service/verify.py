@@ -28,7 +28,7 @@ from store.inventory import check_store, manifest_mismatch, published_scan_ids
 from store.publish import unlinked_folder
 from store.reader_share import usable_cores
 from store.storage import Storage, is_s3_url
-from store.ts_status import refused_read
+from store.ts_status import is_passing, refused_read
 
 OK, MISMATCH, MISSING, FAILED, EXTRA, TORN = "OK", "MISMATCH", "MISSING", "FAILED", "EXTRA", "TORN"
 STATUSES = (OK, MISMATCH, MISSING, TORN, FAILED, EXTRA)
@@ -180,6 +180,10 @@ def compare_scan(store: Storage, spec: ScanSpec) -> VerifyLine:
         if refused_read(err):
             return _refused(spec, err)
         why = one_line(err, 200)
+        if is_passing(err):  # the storage failed for now: nothing says the scan is damaged
+            return VerifyLine(
+                spec.scan_id, FAILED, f"its stored files could not be read now ({why}): run verify again"
+            )
         return VerifyLine(spec.scan_id, TORN, f"unreadable: {type(err).__name__}: {why}")
 
 
@@ -188,7 +192,9 @@ def _refused(spec: ScanSpec, err: BaseException) -> VerifyLine:
     convert again; the store's permissions or credentials are what to fix."""
     why = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err, 200)
     return VerifyLine(
-        spec.scan_id, FAILED, f"its stored files cannot be read here ({why}): check the store's permissions"
+        spec.scan_id,
+        FAILED,
+        f"its stored files cannot be read here ({why}): check the store's permissions or credentials",
     )
 
 

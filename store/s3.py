@@ -3,9 +3,9 @@
 Keys are the local layout's paths under ``PREFIX/``, except that object storage has no links:
 a published name is a small pointer object ``PREFIX/.current/<name>`` holding
 ``{"version": "<version>"}``; the version's objects live under
-``PREFIX/.versions/<name>/<version>/``, uploaded completely before the pointer is written
+``PREFIX/.scan-versions/<name>/<version>/``, uploaded completely before the pointer is written
 (one PUT, atomic on S3), so a reader that finds a pointer finds the whole version.
-Unpublishing deletes the pointer and leaves ``.versions/<name>/.unpublished`` (the time) so
+Unpublishing deletes the pointer and leaves ``.scan-versions/<name>/.unpublished`` (the time) so
 the grace period counts from then. The job's lock is ``PREFIX/.lock``, created with a
 conditional write (``If-None-Match: *``) and kept fresh by a heartbeat (``store.s3_lock``).
 
@@ -97,6 +97,8 @@ class S3Storage(Storage):
         self.endpoint = without_secrets(str(self._client.meta.endpoint_url))
         self.region = session.region_name or self.client.meta.region_name or "us-east-1"
         self._profile = session.profile_name if os.environ.get("AWS_PROFILE") else None
+        self._session = session
+        self._ts_credentials: dict[str, Any] | None = None
         self._pointers: dict[str, tuple[float, str | None]] = {}
         self._pointer_lock = threading.Lock()
         self.bytes_uploaded = 0  # file bytes sent by publish (a hard-linked file counts once)
@@ -393,20 +395,55 @@ class S3Storage(Storage):
 
     # -- reading arrays -----------------------------------------------------------------
     def kvstore(self, key: str) -> dict[str, Any]:
-        if os.environ.get("AWS_ACCESS_KEY_ID"):
-            credentials: dict[str, Any] = {"type": "environment"}
-        elif self._profile:
-            credentials = {"type": "profile", "profile": self._profile}
-        else:
-            credentials = {"type": "default"}
         return {
             "driver": "s3",
             "bucket": self.bucket,
             "path": self._key(key.rstrip("/") + "/"),
             "endpoint": self.endpoint,
             "aws_region": self.region,
-            "aws_credentials": credentials,
+            "aws_credentials": self._tensorstore_credentials(),
         }
+
+    def _tensorstore_credentials(self) -> dict[str, Any]:
+        """tensorstore's credentials spec for the ones botocore found (boto3 and tensorstore
+        then read with the same). tensorstore's own default chain does not find the shared
+        files everywhere botocore does (a profile's keys were refused, or not found, while
+        listings worked), so a profile is given with its files named."""
+        if self._ts_credentials is None:
+            self._ts_credentials = tensorstore_credentials(self._session, self._profile)
+        return self._ts_credentials
+
+
+def tensorstore_credentials(session: Any, profile: str | None) -> dict[str, Any]:
+    """tensorstore's ``aws_credentials`` for what botocore's chain resolved (its ``method``):
+    the environment, a profile of the shared files (``AWS_SHARED_CREDENTIALS_FILE``,
+    ``AWS_CONFIG_FILE``, else ``~/.aws/``), the instance's or the container's role; otherwise
+    tensorstore's own default chain."""
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return {"type": "environment"}
+    try:
+        found = session.get_credentials()
+    except Exception:  # resolved again, and said in one line, by the first request
+        found = None
+    method = getattr(found, "method", None)
+    if method in ("shared-credentials-file", "config-file"):
+        return {
+            "type": "profile",
+            "profile": profile or os.environ.get("AWS_DEFAULT_PROFILE") or "default",
+            "credentials_file": _aws_file("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+            "config_file": _aws_file("AWS_CONFIG_FILE", "config"),
+        }
+    if method == "iam-role":
+        return {"type": "imds"}
+    if method == "container-role":
+        return {"type": "ecs"}
+    if method == "env":
+        return {"type": "environment"}
+    return {"type": "default"}
+
+
+def _aws_file(variable: str, name: str) -> str:
+    return os.path.expanduser(os.environ.get(variable) or os.path.join("~", ".aws", name))
 
 
 def _hard_link_copies(files: list[tuple[Path, str]]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:

@@ -34,7 +34,12 @@ def status_of(err: BaseException) -> str:
 def refused_read(err: BaseException) -> bool:
     """A file this process may not read, or object storage refusing its credentials (as a
     ``PermissionError``, or tensorstore's status before the first colon of its message)."""
-    return isinstance(err, PermissionError) or (isinstance(err, ValueError) and status_of(err) in REFUSED)
+    if isinstance(err, PermissionError):
+        return True
+    if not isinstance(err, ValueError):
+        return False
+    # credentials tensorstore could not make (a profile it cannot resolve) come as INTERNAL
+    return status_of(err) in REFUSED or (status_of(err) == "INTERNAL" and "credentials" in str(err).lower())
 
 
 def is_damage(err: BaseException) -> bool:

@@ -171,7 +171,7 @@ def test_verify_calls_a_lost_or_unreadable_zarr_json_damage_and_goes_on(tmp_path
         "0000002_V00-Aug00": (TORN, "its zarr.json is not JSON"),
         unreadable: (
             FAILED,
-            "its stored files cannot be read here (Permission denied): check the store's permissions",
+            "its stored files cannot be read here (Permission denied): check the store's permissions or credentials",
         ),
     }
     monkeypatch.undo()

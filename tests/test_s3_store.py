@@ -165,6 +165,46 @@ def s3_store(s3_server):
     return url, truth
 
 
+READ_WITH_FILES = """
+import hashlib, sys
+from store.source import LocalSource
+source = LocalSource(sys.argv[1])
+for scan_id in source.scan_ids():
+    print(scan_id, hashlib.sha256(source.read_image(scan_id).tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("where", ["profile", "default", "config-only"])
+def test_credentials_from_the_shared_files_read_voxels_too(s3_store, s3_server, tmp_path, where):
+    """Keys in ~/.aws (AWS_PROFILE's, the default profile's, or a profile of the config file
+    alone) and the endpoint in the profile: listings (boto3) and voxels (tensorstore) alike."""
+    import hashlib
+    import os
+
+    from benchmarks.s3_server import ACCESS_KEY, SECRET_KEY
+
+    url, truth = s3_store
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    keys = f"aws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    section = "default" if where == "default" else "lab"
+    config = f"[{'default' if where == 'default' else 'profile lab'}]\nendpoint_url = {s3_server.endpoint}\n"
+    config += "region = us-east-1\n" + (keys if where == "config-only" else "")
+    (home / ".aws" / "config").write_text(config)
+    if where != "config-only":
+        (home / ".aws" / "credentials").write_text(f"[{section}]\n{keys}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(HOME=str(home), AWS_EC2_METADATA_DISABLED="true")
+    if where != "default":
+        env["AWS_PROFILE"] = "lab"
+    out = subprocess.run(
+        [sys.executable, "-c", READ_WITH_FILES, url], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = {s: hashlib.sha256(image.tobytes()).hexdigest() for s, (image, _) in truth.items()}
+    assert dict(line.split() for line in out.stdout.splitlines()) == want
+
+
 def test_local_source_reads_s3_exactly_and_follows_a_republish(s3_store, s3_server):
     url, truth = s3_store
     source = LocalSource(url)
