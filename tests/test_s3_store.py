@@ -329,6 +329,10 @@ def test_server_over_s3_serves_regions_and_the_zarr_tree(s3_store):
         # the store as Zarr over HTTP: plain zarr-python reads the current version
         served = zarr.open_array(f"{base}/zarr/{scan_id}/image", mode="r")
         np.testing.assert_array_equal(served[...], image)
+        # and from the root group, as the user guide opens it
+        root = zarr.open_group(f"{base}/zarr/", mode="r")
+        np.testing.assert_array_equal(root[scan_id]["image"][...], image)
+        assert httpx.head(f"{base}/zarr/zarr.json", timeout=10).status_code == 200
         assert httpx.get(f"{base}/zarr/.lock", timeout=10).status_code in (400, 404)
         hidden = f"{base}/zarr/.scan-versions/{scan_id}/{current_version(url, scan_id)}/zarr.json"
         assert httpx.get(hidden, timeout=10).status_code in (400, 404)

@@ -153,6 +153,7 @@ def open_stored_object(storage: Storage, parts: tuple[str, ...]) -> StoredObject
     """``/zarr/`` on object storage: the root ``zarr.json``, or a file of a scan's current
     version (found through its pointer, so never staging, the lock or another scan)."""
     missing = NotInStore(f"path: {'/'.join(parts)!r} not found")
+    pinned: str | None = None
     if len(parts) == 1:
         if parts[0] != "zarr.json":
             raise missing
