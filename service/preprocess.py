@@ -34,7 +34,7 @@ from service.nnunet_dataset import NIFTI_KIND
 from service.scan_task import convert_scan, up_to_date
 from service.sources import ScanOptions, ScanSpec, discover
 from store import interrupts, publish
-from store.errors import one_line
+from store.errors import LockLost, one_line
 from store.format import ChunkLayout
 from store.inventory import ensure_store
 from store.progress import Progress
@@ -133,6 +133,13 @@ def run_preprocess(
     for note in found.notes:
         warn(note)
     lock = storage.lock(wait=wait, warn=warn)
+
+    def still_held() -> None:
+        """A lock on object storage taken over by another job (this one judged gone): stop
+        before publishing or removing anything more."""
+        if getattr(lock, "lost", False):
+            raise LockLost(storage.url)
+
     with lock:
         _upkeep(summary, "removing what killed jobs left", storage.clean_stale_staging)
         # Local: one staging folder beside the store (publishing is a rename). Object storage:
@@ -153,10 +160,12 @@ def run_preprocess(
                     stream,
                     on_result,
                     dashboard,
+                    still_held,
                 )
         finally:
             if staging is not None:
                 _upkeep(summary, "removing the job's staging folder", storage.remove_staging, staging)
+        still_held()
         known = {spec.scan_id for spec in found.scans} | {err.scan for err in found.failures}
         summary.orphans = _upkeep(summary, "listing the store's scans", storage.published_names) or []
         summary.orphans = [s for s in summary.orphans if s not in known]
@@ -170,6 +179,7 @@ def run_preprocess(
                 _upkeep(summary, f"removing {scan_id}", storage.unpublish, scan_id)
                 (removed if len(summary.upkeep_failures) == failures else summary.prune_kept).append(scan_id)
             summary.orphans, summary.pruned = removed, True
+        still_held()
         old = _upkeep(summary, "removing old versions", storage.remove_old_versions, grace_s)
         summary.removed_versions = len(old or [])
     if getattr(lock, "release_error", None):
@@ -277,6 +287,7 @@ def _convert_all(
     stream: IO[str],
     on_result: Callable[[ScanResult], None] | None,
     dashboard: str | None = None,
+    still_held: Callable[[], None] = lambda: None,
 ) -> None:
     # Ctrl-C and SIGTERM are acted on where the job waits (store.interrupts says why)
     with interrupts.deferred(), dask_client(scheduler, workers, len(specs), dashboard) as client:
@@ -319,6 +330,7 @@ def _convert_all(
                     bar,
                     on_result,
                     scheduler or "of the local cluster",
+                    still_held,
                 )
         except BaseException as err:
             bar.close()
@@ -347,10 +359,14 @@ def _run_on_workers(client: Any, function: Callable[[], object]) -> None:
         pass
 
 
-def _completed(futures: Any, poll_s: float = interrupts.POLL_S) -> Iterator[Any]:
+def _completed(
+    futures: Any, poll_s: float = interrupts.POLL_S, still_held: Callable[[], None] = lambda: None
+) -> Iterator[Any]:
     """The futures of a ``distributed.as_completed`` as they finish, a deferred Ctrl-C or
-    SIGTERM acted on while none is ready (``store.interrupts``)."""
+    SIGTERM acted on while none is ready (``store.interrupts``), and the job's lock checked
+    (``still_held`` raises once another job took it over)."""
     while True:
+        still_held()
         batch = futures.next_batch(block=False)
         if batch:
             yield from batch
@@ -371,6 +387,7 @@ def _run_graph(
     bar: Progress,
     on_result: Callable[[ScanResult], None] | None,
     scheduler: str = "",
+    still_held: Callable[[], None] = lambda: None,
 ) -> None:
     from distributed import as_completed
 
@@ -381,7 +398,9 @@ def _run_graph(
         convert_scan, specs, store=store, layout=layout, staging=staging, key=keys, pure=False, retries=1
     )
     scan_of = {future.key: spec.scan_id for future, spec in zip(futures, specs, strict=True)}
-    for finished, future in enumerate(_completed(as_completed(futures))):  # finished: results before it
+    for finished, future in enumerate(
+        _completed(as_completed(futures), still_held=still_held)
+    ):  # finished: results before it
         try:
             # done, but Dask may compute it again (its worker died after): Ctrl-C acted on meanwhile
             result = interrupts.result_of(future)

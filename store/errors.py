@@ -163,6 +163,17 @@ def changed_message(scan_id: str, expected: str, found: str) -> str:
     )
 
 
+class LockLost(ScanCacheError, RuntimeError):
+    """Another job took over this job's lock on object storage (judged it stale: its heartbeat
+    late, a node paused or cut off): this job stops publishing."""
+
+    def __init__(self, store: str) -> None:
+        super().__init__(
+            f"{store}: another job took over this job's lock (this job's heartbeat came too late); "
+            "stopped: the scans published before are whole, a re-run converts the rest"
+        )
+
+
 class InvalidPath(ScanCacheError, ValueError):
     """A scan id or store path that could escape the store or is not well formed."""
 

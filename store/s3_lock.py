@@ -6,8 +6,9 @@ with ``If-Match`` on the ETag it last wrote, so a lock whose object has not chan
 ``SCANCACHE_LOCK_STALE_S`` (90) seconds (by the object store's own clock: its ``Last-Modified``
 against the ``Date`` of the response that read it) belongs to a job that is gone, as does one
 naming a dead pid of this host. A stale lock is taken over with ``If-Match`` on the ETag
-judged stale, so two jobs cannot both take it over. A holder whose heartbeat finds the lock
-taken stops publishing (``lost`` is set).
+judged stale, so two jobs cannot both take it over (a holder on this host is judged by its pid
+alone). A holder whose heartbeat finds the lock taken sets ``lost``: its job stops with
+``LockLost`` at its next check, publishing no more scans and removing nothing.
 """
 
 from __future__ import annotations
@@ -86,16 +87,21 @@ class S3Lock:
     def _body(self) -> bytes:
         return json.dumps({**self.owner, "heartbeat": time.time()}, allow_nan=False).encode()
 
-    def _stale(self, owner: dict[str, Any] | None, response: dict[str, Any]) -> bool:
-        if isinstance(owner, dict) and owner.get("host") == socket.gethostname() and not owner_alive(owner):
-            return True
+    def _stale(self, owner: dict[str, Any] | None, response: dict[str, Any]) -> str | None:
+        """Why the lock is a gone job's, or None while its holder may be at work. A holder on
+        this host is judged by its pid alone: alive, it keeps the lock however late its
+        heartbeat (a paused or overloaded job is not gone)."""
+        if isinstance(owner, dict) and owner.get("host") == socket.gethostname():
+            return None if owner_alive(owner) else "a job that is gone"
         try:
             modified = response["LastModified"].timestamp()
             date = response["ResponseMetadata"]["HTTPHeaders"]["date"]
             now = parsedate_to_datetime(date).timestamp()
         except (KeyError, TypeError, ValueError, AttributeError):
-            return False
-        return now - modified > self.stale_s
+            return None
+        if now - modified > self.stale_s:
+            return f"a job that has not renewed it for {now - modified:.0f} s"
+        return None
 
     def acquire(self) -> None:
         elsewhere = HeldElsewhere(
@@ -113,13 +119,11 @@ class S3Lock:
                 owner = json.loads(data)
             except ValueError:
                 owner = None
-            if self._stale(owner, response):
+            stale = self._stale(owner, response)
+            if stale is not None:
                 self.etag = self.storage.replace(self.key, self._body(), etag)
                 if self.etag is not None:
-                    self.warn(
-                        f"{self.storage.url}: took over the lock of a job that is gone "
-                        f"({describe_owner(owner)})"
-                    )
+                    self.warn(f"{self.storage.url}: took over the lock of {stale} ({describe_owner(owner)})")
                     break
                 continue
             elsewhere.meet(owner)
@@ -135,9 +139,8 @@ class S3Lock:
                 etag = self.storage.replace(self.key, self._body(), self.etag)
             except OSError:
                 continue  # the endpoint hiccupped: the next beat tries again, well before STALE_S
-            if etag is None:
+            if etag is None:  # the job stops at its next check (LockLost), publishing no more
                 self.lost = True
-                self.warn(f"{self.storage.url}: another job took over this job's lock")
                 return
             self.etag = etag
 

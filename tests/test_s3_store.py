@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -132,8 +134,47 @@ def test_a_second_job_fails_at_once_and_a_stale_lock_is_taken_over(source, s3_ur
     time.sleep(2.1)
     result = run_cli("preprocess", source, s3_url, "--workers", "1", env={"SCANCACHE_LOCK_STALE_S": "1"})
     assert result.returncode == 0, result.stderr
-    assert "took over the lock of a job that is gone (pid 1 on another-host" in result.stderr
+    assert "took over the lock of a job that has not renewed it for " in result.stderr
+    assert "(pid 1 on another-host" in result.stderr
     assert storage.read(".lock") is None
+    # a lock of this host's live process is its, however late its heartbeat
+    alive = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": "y"}
+    storage.write(".lock", json.dumps(alive).encode())
+    time.sleep(1.1)
+    result = run_cli("preprocess", source, s3_url, "--workers", "1", env={"SCANCACHE_LOCK_STALE_S": "1"})
+    assert result.returncode == 1 and "another job is writing this store" in result.stderr, result.stderr
+    storage.delete(".lock")
+
+
+def test_a_job_whose_lock_is_taken_over_stops_with_one_line(source, s3_url):
+    """A job judged gone (its heartbeat late: a paused node) whose lock another job took over
+    stops publishing and removing, and says so; it never exits 0."""
+    storage = open_storage(s3_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "preprocess", str(source), s3_url, "--workers", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SCANCACHE_LOCK_HEARTBEAT_S": "0.2"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while storage.read(".lock") is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        thief = {"host": "another-host", "pid": 1, "started": time.time(), "token": "thief"}
+        storage.write(".lock", json.dumps(thief).encode())  # another job took it over
+        out, err = proc.communicate(timeout=180)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == 1, out + err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"scancache preprocess: error: {s3_url}: another job took over this job's lock")
+    )
+    assert json.loads(storage.read(".lock") or b"{}").get("token") == "thief"  # the other's, left
+    assert_s3_store_matches(s3_url, source, only=published_s3(s3_url))  # what it published is whole
 
 
 def test_bad_object_storage_is_one_line(source, s3_server, tmp_path):
