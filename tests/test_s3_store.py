@@ -595,3 +595,30 @@ def test_messages_show_urls_without_their_secrets(text, shown):
 
     assert without_secrets(text) == shown
     assert without_secrets("a" * 200_000) == "a" * 200_000  # linear: no rescans of a long run
+
+
+def test_an_endpoint_gone_while_serving_is_a_503_to_retry_not_a_500(tmp_path, monkeypatch, s3_server):
+    """Object storage down under a running server: its scan and /zarr/ routes answer 503 with
+    Retry-After (docs/rest-api.md), as /health does, not 500 with a traceback in the log."""
+    import httpx
+    from live_server import live_server
+
+    from benchmarks.s3_server import running_s3_server
+
+    with running_s3_server(tmp_path / "own") as own:
+        for key, value in own.env().items():
+            monkeypatch.setenv(key, value)
+        own.bucket = own.new_bucket("gone")
+        url = own.new_url("gone")
+        truth = build_store(url, scans=SMALL_SCANS[:1])
+        scan_id = next(iter(truth))
+        with live_server(url) as base:
+            assert httpx.get(f"{base}/scans/{scan_id}", timeout=30).status_code == 200
+            own.process.kill()
+            own.process.wait()
+            time.sleep(1.2)  # past the pointer's second of trust
+            for path in (f"/scans/{scan_id}", f"/zarr/{scan_id}/image/zarr.json"):
+                response = httpx.get(base + path, timeout=120)
+                assert response.status_code == 503, (path, response.text)
+                assert response.json()["detail"].startswith("store unavailable")
+                assert response.headers["retry-after"] == "5"

@@ -34,7 +34,8 @@ from store.errors import (
     VersionGone,
     one_line,
 )
-from store.ts_status import refused_read
+from store.s3_errors import StoreUnavailable
+from store.ts_status import is_passing, refused_read
 
 log = logging.getLogger("scancache.server")
 
@@ -119,7 +120,21 @@ def status_for(exc: ScanCacheError) -> int:
     return 500
 
 
+def unavailable_response(exc: BaseException) -> JSONResponse:
+    """Object storage unreachable or failing for now (after its client's retries): 503, to
+    retry, never a 500 with a traceback nor a 404 a Zarr reader would take for fill values."""
+    log.warning("the store is unavailable: %s", one_line(exc))
+    return error_response(
+        503, "store unavailable: object storage did not answer; retry later", "ServerError", None, RETRY_LATER
+    )
+
+
+RETRY_LATER = {"Retry-After": "5"}
+
+
 def domain_error_response(exc: ScanCacheError) -> JSONResponse:
+    if isinstance(exc, StoreUnavailable):
+        return unavailable_response(exc)
     status = status_for(exc)
     if isinstance(exc, ScanDamaged):  # the server's own store, not the request: said as it is
         log.error("%s", exc)
@@ -137,6 +152,8 @@ def internal_error_response(exc: BaseException) -> JSONResponse:
     if refused_read(exc):  # the server's own files or credentials: no bug, and no path sent
         log.error("the store refused a read (permissions or credentials): %s", one_line(exc))
         return error_response(503, "store unavailable: it refused a read; see the server log", "ServerError")
+    if isinstance(exc, StoreUnavailable) or (isinstance(exc, ValueError) and is_passing(exc)):
+        return unavailable_response(exc)  # tensorstore's reads fail so when the endpoint is down
     log.error("internal error while serving a request", exc_info=exc)
     return error_response(500, "internal server error; see the server log", "ServerError")
 
