@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from store import interrupts
 from store.publish import is_version_name, new_version_name, retention_start
 from store.s3_errors import (
     NOT_S3_STATUSES,
@@ -48,6 +49,7 @@ UNPUBLISHED = ".unpublished"
 SUPERSEDED = ".superseded"  # in a version's prefix: when it stopped being current
 POINTER_TTL_S = 1.0  # how long a reader trusts a pointer it read (old versions outlive it by far)
 UPLOAD_THREADS = 16
+POINTER_READS = 16  # pointers read at once when old versions are looked for
 
 
 class S3Storage(Storage):
@@ -352,10 +354,14 @@ class S3Storage(Storage):
         now = time.time()
         removed = []
         names = sorted({name for name, _ in by_version})
-        for name in names:
-            with self._pointer_lock:
+        with self._pointer_lock:
+            for name in names:
                 self._pointers.pop(name, None)
-            current = self.current_version(name)
+        # every scan's pointer, a few at once (one GET each: 1300 scans took 13 s one by one)
+        currents = list(
+            interrupts.map_in_threads(self.current_version, names, POINTER_READS, "scancache-pointers")
+        )
+        for name, current in zip(names, currents, strict=True):
             versions = sorted(v for n, v in by_version if n == name)
             for i, version in enumerate(versions):
                 if version == current:
