@@ -80,6 +80,10 @@ class Summary:
             f"in {self.seconds:.1f} s",
             f"bytes: {format_bytes(self.bytes_in)} read, {format_bytes(self.bytes_out)} written",
         ]
+        if self.removed_versions:  # what the grace period let go: room given back
+            lines.append(
+                f"old versions: {self.removed_versions} removed (superseded longer than the grace period)"
+            )
         if self.warnings():
             lines.append(f"warnings ({len(self.warnings())}):")
             lines.extend(f"  {message}" for message in self.warnings())

@@ -201,8 +201,9 @@ def test_scans_whose_sources_are_gone_are_listed_or_pruned(tmp_path):
     assert run_cli("verify", source, store).returncode == 0
     # its files stay for readers until the grace period is over; a job with --grace 0 removes them
     assert (store / ".versions" / "0000002_V00-Aug00").is_dir()
-    assert run_cli("preprocess", source, store, "--workers", "1", "-q", "--grace", "0").returncode == 0
-    assert not (store / ".versions" / "0000002_V00-Aug00").exists()
+    graced = run_cli("preprocess", source, store, "--workers", "1", "-q", "--grace", "0")
+    assert graced.returncode == 0 and not (store / ".versions" / "0000002_V00-Aug00").exists()
+    assert "old versions: 1 removed (superseded longer than the grace period)" in graced.stdout, graced.stdout
 
 
 # -- source edges (discovery and reading; no cluster needed) ----------------------------------
