@@ -21,6 +21,9 @@ def _scan_rows(location: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     from store.inventory import check_store, published_scan_ids, read_scan_attrs
 
     store = check_store(location)
+    # an OME view's chunks are the arrays' own files under a second name: a hard link on disk
+    # (counted once), an object of their own on S3 (copied there, and paid for)
+    copies_count = isinstance(location, str)
     rows, damaged = [], []
     for entry in published_scan_ids(store):
         attrs = read_scan_attrs(store, entry)
@@ -37,8 +40,11 @@ def _scan_rows(location: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
                 "shape": attrs.get("shape"),
                 "dtype": attrs.get("dtype"),
                 "num_classes": attrs.get("num_classes", 0),
-                # the files as written, an OME view's chunks (the arrays' own files) counted once
-                "bytes": sum(n for f, n in attrs.get("manifest", {}).items() if not is_view_chunk_file(f)),
+                "bytes": sum(
+                    n
+                    for f, n in attrs.get("manifest", {}).items()
+                    if copies_count or not is_view_chunk_file(f)
+                ),
             }
         )
     return rows, damaged

@@ -64,6 +64,11 @@ def test_preprocess_verify_and_scans_on_s3(source, s3_url):
     assert [row["scan_id"] for row in json.loads(listing.stdout)["scans"]] == published_s3(s3_url)
     # nothing but the store under the prefix: no staging, no lock left behind
     storage = open_storage(s3_url)
+    # each scan's size is what its version's objects hold on S3 (OME views' copies included)
+    for row in json.loads(listing.stdout)["scans"]:
+        folder = storage.version_key(row["scan_id"], current_version(s3_url, row["scan_id"]))
+        stored = storage.sizes(folder)
+        assert row["bytes"] == sum(n for key, n in stored.items() if key != "zarr.json"), row["scan_id"]
     assert storage.read(".lock") is None
     assert not [k for k in storage.sizes("") if k.startswith(".staging")]
 
