@@ -58,7 +58,7 @@ from store.format import IMAGE, MASK, ScanMeta, channel_array, validate_scan_id
 from store.interrupts import results_of
 from store.label_map import Decoded, merged
 from store.protocol import RegionRequest, RoiLike
-from store.scan_filters import matches
+from store.scan_filters import matches, normalized_filters
 from store.units import parse_token
 
 TOKEN_ENV = "SCANCACHE_TOKEN"
@@ -228,6 +228,7 @@ class HttpSource:
     def list_scans(self, **filters: Any) -> list[ScanMeta]:
         # Narrow on the server (a repeated parameter accepts several values); then apply every
         # filter here too, so that both sources match exactly the same scans.
+        filters = normalized_filters(filters)
         params: dict[str, Any] = {}
         for key, value in filters.items():
             if key not in SERVER_FILTERS or value is None:

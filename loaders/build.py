@@ -70,6 +70,25 @@ def build_loader(
             f"datasets {dataset_names!r} hold no labelled scans (scan {every[0]['scan_id']!r} has no mask):"
             " training loaders need labels; predict them with a test loader (is_test=True)"
         )
+    if is_test:
+        _warn_of_augmented_copies(dataset_names, dicts)
     return build_data_loader(
         cfg, dicts, batch_size=batch_size, is_test=is_test, shuffle=shuffle, drop_last=drop_last, **kwargs
     )
+
+
+def _warn_of_augmented_copies(dataset_names: str | Sequence[str], dicts: list[dict[str, Any]]) -> None:
+    """A test loader over augmented copies (MedSegPy's Aug01, Aug02, ... of a scan) predicts
+    and scores each copy as a scan of its own: said, since validation figures then count one
+    scan several times."""
+    copies = [d["scan_id"] for d in dicts if d.get("augmentation") not in (None, 0)]
+    if copies:
+        import warnings
+
+        warnings.warn(
+            f"test loader over {dataset_names!r}: {len(copies)} of its {len(dicts)} scans are augmented "
+            f"copies (augmentation > 0, e.g. {copies[0]!r}), each predicted and scored as a scan; "
+            "register the dataset with augmentation=0 to leave them out",
+            UserWarning,
+            stacklevel=3,
+        )

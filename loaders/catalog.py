@@ -21,7 +21,7 @@ from typing import Any
 from store.errors import NotRegistered, ScanListWarning
 from store.format import ScanMeta
 from store.protocol import ScanSource
-from store.scan_filters import has_class_values, why_nothing_matches
+from store.scan_filters import has_class_values, normalized_filters, unmatched_values, why_nothing_matches
 from store.source import LocalSource
 
 SourceLike = str | ScanSource
@@ -166,11 +166,12 @@ class DatasetCatalog:
                 raise TypeError(f"dataset {name!r}: filters apply to a store or URL, not to a callable")
             DatasetCatalog._REGISTERED[name] = source
             return
-        if filters.get("has_class") is not None:
-            try:
+        try:  # checked and made plain here, where they enter
+            filters = normalized_filters(filters)
+            if filters.get("has_class") is not None:
                 has_class_values(filters["has_class"])
-            except ValueError as err:
-                raise ValueError(f"dataset {name!r}: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"dataset {name!r}: {err}") from None
         location: SourceLike = str(source) if hasattr(source, "__fspath__") else source  # type: ignore[assignment]
         if not isinstance(location, str) and not hasattr(location, "list_scans"):
             raise TypeError(
@@ -181,12 +182,27 @@ class DatasetCatalog:
         def load() -> list[dict[str, Any]]:
             source = shared_source(location)
             scans = source.list_scans(**filters)
-            if not scans and any(v is not None for v in filters.values()):
+
+            def every() -> list[ScanMeta]:
                 with warnings.catch_warnings():  # the scans left out were named by the first listing
                     warnings.simplefilter("ignore", ScanListWarning)
-                    every = source.list_scans()
-                why = why_nothing_matches(every, filters)
-                raise ValueError(f"dataset {name!r}: {why}")
+                    return source.list_scans()
+
+            if not scans and any(v is not None for v in filters.values()):
+                raise ValueError(f"dataset {name!r}: {why_nothing_matches(every(), filters)}")
+            # values of a list that select nothing (a typo among subject ids): the store's
+            # listing is asked only when the selected scans do not have them all
+            missing = unmatched_values(scans, filters)
+            if missing:
+                missing = unmatched_values(every(), {k: v for k, v in missing.items()})
+            for key, values in missing.items():
+                shown = ", ".join(repr(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+                warnings.warn(
+                    f"dataset {name!r}: {key} {shown} {'matches' if len(values) == 1 else 'match'} no scan "
+                    f"of the store (left out of the dataset)",
+                    UserWarning,
+                    stacklevel=4,
+                )
             return [scan_dict(location, m) for m in scans]
 
         DatasetCatalog._REGISTERED[name] = load

@@ -11,6 +11,40 @@ from typing import Any
 from store.format import ScanMeta
 
 FILTER_KEYS = ("split", "subject_id", "time_point", "augmentation", "has_class", "scan_id")
+INTEGER_KEYS = ("subject_id", "time_point", "augmentation")
+
+
+def normalized_filters(filters: dict[str, Any]) -> dict[str, Any]:
+    """Filters as Python callers give them, made plain once where they enter (a listing, a
+    dataset's registration): numpy scalars become numbers, any other collection (a numpy
+    array, a range, a pandas column, a generator) a list; ``True`` for an integer attribute
+    is refused (it would match 1)."""
+    out: dict[str, Any] = {}
+    for key, want in filters.items():
+        if want is not None and not isinstance(want, (str, bytes, list, tuple, set, frozenset)):
+            if hasattr(want, "item") and getattr(want, "ndim", None) == 0:  # np.int64(3)
+                want = want.item()
+            elif hasattr(want, "__iter__") and not isinstance(want, dict):
+                want = [v.item() if hasattr(v, "item") and getattr(v, "ndim", None) == 0 else v for v in want]
+        values = want if isinstance(want, (list, tuple, set, frozenset)) else [want]
+        if key in INTEGER_KEYS and any(isinstance(v, bool) for v in values):
+            raise ValueError(f"{key}={want!r}: expected an integer or a list of them")
+        out[key] = want
+    return out
+
+
+def unmatched_values(scans: Sequence[ScanMeta], filters: dict[str, Any]) -> dict[str, list[Any]]:
+    """Per filter given a list, its values that no scan of ``scans`` has (a typo in a list of
+    subjects or scan ids leaves a dataset short without a word otherwise)."""
+    out: dict[str, list[Any]] = {}
+    for key, want in filters.items():
+        if key == "has_class" or not isinstance(want, (list, tuple, set, frozenset)):
+            continue
+        present = {str(meta.attrs.get(key)) for meta in scans}
+        missing = [value for value in want if str(value) not in present]
+        if missing:
+            out[key] = missing
+    return out
 
 
 def has_class_values(want: Any) -> list[int | str]:

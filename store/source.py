@@ -61,7 +61,7 @@ from store.reader_share import (
     refuse_forked_reads,
 )
 from store.roi import Region, as_region, chunk_bytes_touched
-from store.scan_filters import matches
+from store.scan_filters import matches, normalized_filters
 from store.storage import Storage, no_store_message, open_storage
 from store.ts_status import is_damage, is_passing, result_or_damage
 from store.ts_status import refused_read as refused_read  # where it was first
@@ -218,6 +218,7 @@ class LocalSource:
     def list_scans(self, **filters: Any) -> list[ScanMeta]:
         """Every readable scan matching ``filters``; a damaged or unreadable one is left out
         with a warning naming it (as a server's listing says it, ``warn_skipped``)."""
+        filters = normalized_filters(filters)
         out: list[ScanMeta] = []
         skipped: list[str] = []
         refusals: list[PermissionError] = []

@@ -1,0 +1,81 @@
+"""Choosing the scans of an experiment: filters given as Python users hold them (numpy arrays,
+ranges, numpy scalars), values that select nothing said rather than dropped, augmented copies
+in a test loader said, and a subject in two splits said by the job."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from loaders import Config, DatasetCatalog, build_loader, close_shared_sources, get_dataset_dicts
+
+
+@pytest.fixture
+def catalog(small_store):
+    root, _ = small_store
+    names: list[str] = []
+
+    def register(name, **filters):
+        names.append(name)
+        DatasetCatalog.register(name, str(root), **filters)
+        return name
+
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+    close_shared_sources()
+
+
+def _ids(name):
+    return sorted(d["scan_id"] for d in get_dataset_dicts(name))
+
+
+def test_filters_take_numpy_arrays_ranges_and_numpy_scalars_as_lists(catalog):
+    want = _ids(catalog("listed", subject_id=[1, 2]))
+    assert want == ["0000001_V00-Aug00", "0000001_V01-Aug00", "0000002_V00-Aug00"]
+    assert _ids(catalog("array", subject_id=np.array([1, 2]))) == want
+    assert _ids(catalog("range", subject_id=range(1, 3))) == want
+    assert _ids(catalog("generator", subject_id=(k for k in (1, 2)))) == want
+    assert _ids(catalog("scalar", subject_id=np.int64(2))) == ["0000002_V00-Aug00"]
+
+
+def test_true_is_no_augmentation_index(small_store):
+    root, _ = small_store
+    with pytest.raises(
+        ValueError, match=r"^dataset 'flag': augmentation=True: expected an integer or a list of them$"
+    ):
+        DatasetCatalog.register("flag", str(root), augmentation=True)
+    assert "flag" not in DatasetCatalog.list()
+
+
+def test_values_of_a_list_that_select_nothing_are_said(catalog):
+    name = catalog("typo", split="train", subject_id=[1, 99, "7"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _ids(name) == ["0000001_V00-Aug00", "0000001_V01-Aug00"]
+    said = [str(w.message) for w in caught if "no scan of the store" in str(w.message)]
+    assert said == ["dataset 'typo': subject_id 99, '7' match no scan of the store (left out of the dataset)"]
+    # a value that selects scans the other filters leave out is no typo: nothing said
+    quiet = catalog("quiet", split="train", subject_id=[1, 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _ids(quiet)
+    assert not [w for w in caught if "no scan of the store" in str(w.message)]
+
+
+def test_a_test_loader_over_augmented_copies_says_so(catalog):
+    cfg = Config(TAG="DefaultDataLoader", CATEGORIES=(0, 1, 2, 3))
+    every = catalog("with_copies", split=["valid", "test"])
+    with pytest.warns(
+        UserWarning,
+        match=r"1 of its 2 scans are augmented copies \(augmentation > 0, e.g. '0000003_V00-Aug01'\)",
+    ):
+        build_loader(cfg, every, 4, True, False, False)
+    originals = catalog("originals", split=["valid", "test"], augmentation=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader = build_loader(cfg, originals, 4, True, False, False)
+    assert [s.scan_id for s in loader.scans] == ["0000002_V00-Aug00"]
+    assert not [w for w in caught if "augmented copies" in str(w.message)]
