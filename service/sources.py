@@ -250,7 +250,29 @@ def discover(source: str | os.PathLike[str]) -> Discovery:
             found.scans.append(_scan_spec(root, key, slices[key], splits[key]))
         except SourceError as err:
             found.failures.append(err)
+    leak = subjects_in_several_splits(source, found.scans)
+    if leak is not None:
+        found.notes.append(leak)
     return found
+
+
+def subjects_in_several_splits(source: str | os.PathLike[str], specs: list[ScanSpec]) -> str | None:
+    """One line naming the subjects with scans in more than one split (a visit in train and
+    another in valid: the model is then scored on a knee it trained on), or None."""
+    by_subject: dict[int, set[str]] = defaultdict(set)
+    for spec in specs:
+        if spec.subject_id is not None and spec.split is not None:
+            by_subject[spec.subject_id].add(spec.split)
+    leaks = {subject: sorted(found) for subject, found in sorted(by_subject.items()) if len(found) > 1}
+    if not leaks:
+        return None
+    shown = [f"subject {subject} ({', '.join(found)})" for subject, found in list(leaks.items())[:5]]
+    more = f" and {len(leaks) - 5} more" if len(leaks) > 5 else ""
+    return (
+        f"{source}: {len(leaks)} subject{'s have' if len(leaks) > 1 else ' has'} scans in more than one split: "
+        f"{', '.join(shown)}{more}; a model is then scored on a subject it trained on (one split "
+        "folder per subject avoids it)"
+    )
 
 
 SPLIT_NAMES = frozenset({"train", "training", "valid", "val", "validation", "test", "testing"})

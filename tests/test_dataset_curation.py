@@ -79,3 +79,23 @@ def test_a_test_loader_over_augmented_copies_says_so(catalog):
         loader = build_loader(cfg, originals, 4, True, False, False)
     assert [s.scan_id for s in loader.scans] == ["0000002_V00-Aug00"]
     assert not [w for w in caught if "augmented copies" in str(w.message)]
+
+
+def test_a_subject_in_two_splits_is_said_by_the_job(tmp_path):
+    from h5_sources import run_cli, write_slice_files
+
+    from service.sources import discover
+
+    image = np.zeros((6, 5, 2), np.float32)
+    mask = np.zeros((6, 5, 2, 2), np.uint8)
+    write_slice_files(tmp_path / "src" / "train", "0000001_V00-Aug00", image, mask)
+    write_slice_files(tmp_path / "src" / "valid", "0000001_V01-Aug00", image, mask)
+    write_slice_files(tmp_path / "src" / "train", "0000002_V00-Aug00", image, mask)
+    write_slice_files(tmp_path / "src" / "valid", "0000003_V00-Aug00", image, mask)
+    line = (
+        f"{tmp_path / 'src'}: 1 subject has scans in more than one split: subject 1 (train, valid); a model "
+        "is then scored on a subject it trained on (one split folder per subject avoids it)"
+    )
+    assert line in discover(tmp_path / "src").notes
+    result = run_cli("preprocess", tmp_path / "src", tmp_path / "store", "--workers", "1", "-q")
+    assert result.returncode == 0 and "subject 1 (train, valid)" in result.stderr, result.stderr
