@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from store.format import ScanMeta
+from store.roi import integer_problem
 
 FILTER_KEYS = ("split", "subject_id", "time_point", "augmentation", "has_class", "scan_id")
 INTEGER_KEYS = ("subject_id", "time_point", "augmentation")
@@ -53,6 +54,8 @@ def has_class_values(want: Any) -> list[int | str]:
     out: list[int | str] = []
     for value in values:
         if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+            if len(value.strip()) > 18:  # int() would take 5000 digits, at a cost
+                raise ValueError(f"has_class: {integer_problem(value)}")
             value = int(value)
         if (
             isinstance(value, bool)

@@ -79,6 +79,18 @@ def test_scan_listing_and_filters(client, small_store):
     assert ids(augmentation=1) == ["0000003_V00-Aug01"]
     with_class_3 = sorted(s for s, (_, m) in truth.items() if m is not None and m[..., 3].any())
     assert ids(has_class=3) == with_class_3 and IMAGE_ONLY not in with_class_3
+    # several classes (any of them), and scan ids, as the Python API takes them
+    with_0_or_3 = sorted(
+        s for s, (_, m) in truth.items() if m is not None and (m[..., 0].any() or m[..., 3].any())
+    )
+    assert ids(has_class=[0, 3]) == with_0_or_3
+    assert ids(scan_id=["0000002_V00-Aug00", "0000001_V00-Aug00"]) == [
+        "0000001_V00-Aug00",
+        "0000002_V00-Aug00",
+    ]
+    typo = client.get("/scans", params={"has_class": "femur"})
+    assert typo.status_code == 422 and typo.json()["param"] == "has_class"
+    assert typo.json()["detail"].startswith("has_class: no scan has a class named 'femur' (classes: ")
     assert ids(split="nope") == []
     full = client.get("/scans", params={"full": "true"}).json()["scans"]
     assert all("class_voxels_per_slice" in s for s in full)

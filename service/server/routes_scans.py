@@ -18,7 +18,7 @@ from store.errors import ScanNotFound, one_line
 from store.format import ScanMeta
 from store.lru import BoundedLRU
 from store.predictions import prediction_fields
-from store.scan_filters import matches
+from store.scan_filters import has_class_values, matches
 from store.source import LocalSource
 
 log = logging.getLogger("scancache.server")
@@ -152,7 +152,13 @@ async def list_scans(
     subject_id: Annotated[list[int] | None, Query(description="Subject number")] = None,
     time_point: Annotated[list[int] | None, Query(description="Visit number (`V01` -> 1)")] = None,
     augmentation: Annotated[list[int] | None, Query(description="Augmentation number (`Aug02` -> 2)")] = None,
-    has_class: Annotated[int | None, Query(ge=0, description="Only scans where class k has voxels")] = None,
+    has_class: Annotated[
+        list[str] | None,
+        Query(
+            description="Only scans where this class (an index or a class name) has voxels; repeat for any of several"
+        ),
+    ] = None,
+    scan_id: Annotated[list[str] | None, Query(description="Only these scans (repeat for several)")] = None,
     full: Annotated[bool, Query(description="Include per-slice class counts (large)")] = False,
     has_prediction: Annotated[
         bool | None, Query(description="Only scans with (true) or without (false) a stored prediction")
@@ -165,16 +171,26 @@ async def list_scans(
         return error_response(
             422, "split: empty; give a split name such as train", "InvalidParameter", "split"
         )
+    if has_class is not None:
+        try:  # checked here, where it enters: the one parser of has_class
+            has_class_values(has_class)
+        except ValueError as err:
+            return error_response(422, str(err), "InvalidParameter", "has_class")
     filters = {
         "split": split,
         "subject_id": subject_id,
         "time_point": time_point,
         "augmentation": augmentation,
         "has_class": has_class,
+        "scan_id": scan_id,
     }
     metas, skipped = await to_thread.run_sync(listable_scans, state.source, filters)
     if not metas and not await to_thread.run_sync(state.store_readable):
         return error_response(503, "store unavailable", "ServerError")  # not "no scans"
+    if not metas and has_class is not None:  # a class name no scan has: a typo, not "no scans"
+        unknown = await to_thread.run_sync(_unknown_class_name, state.source, has_class)
+        if unknown is not None:
+            return error_response(422, unknown, "InvalidParameter", "has_class")
     fields = await to_thread.run_sync(
         lambda: [prediction_fields(predictions, m.scan_id, m.shape, m.version) for m in metas]
     )
@@ -186,6 +202,16 @@ async def list_scans(
     if skipped:
         body["skipped"] = skipped
     return await cached_json(request, body, state.inflight, in_thread=len(docs) > 64)
+
+
+def _unknown_class_name(source: LocalSource, has_class: list[str]) -> str | None:
+    """``has_class: no scan has a class named 'x' (classes: ...)``, or None when every name is
+    some scan's class."""
+    names = sorted({n for meta in listable_scans(source, {})[0] for n in meta.class_names})
+    unknown = [v for v in has_class_values(has_class) if isinstance(v, str) and v not in names]
+    if not unknown:
+        return None
+    return f"has_class: no scan has a class named {unknown[0]!r} (classes: {', '.join(names) or 'none'})"
 
 
 @router.get(
