@@ -11,13 +11,18 @@ from typing import Any
 
 from service.cli_args import store_arg
 from store.ome_views import is_view_chunk_file
+from store.scan_filters import has_class_values, matches
 from store.storage import parse_location
 from store.units import count_of
 
 
-def _scan_rows(location: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows of the readable published scans, and the ids of those whose ``zarr.json`` is
-    missing, unreadable or not a scan's (damaged: said, not left out in silence)."""
+def _scan_rows(
+    location: str | Path, filters: dict[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of the readable published scans that pass ``filters`` (as ``DatasetCatalog``
+    and ``GET /scans`` take them), and the ids of those whose ``zarr.json`` is missing,
+    unreadable or not a scan's (damaged: said, not left out in silence)."""
+    from store.format import ScanMeta
     from store.inventory import check_store, published_scan_ids, read_scan_attrs
 
     store = check_store(location)
@@ -29,6 +34,8 @@ def _scan_rows(location: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
         attrs = read_scan_attrs(store, entry)
         if attrs is None or "scan_id" not in attrs:
             damaged.append(entry)
+            continue
+        if filters and not matches(ScanMeta.from_attrs(attrs), filters):
             continue
         rows.append(
             {
@@ -53,7 +60,17 @@ def _scan_rows(location: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
 def cmd_scans(args: argparse.Namespace) -> int:
     from store.units import format_bytes
 
-    rows, damaged = _scan_rows(parse_location(args.store))
+    filters = {
+        "split": args.split,
+        "subject_id": args.subject_id,
+        "time_point": args.time_point,
+        "augmentation": args.augmentation,
+        "has_class": args.has_class,
+    }
+    filters = {k: v for k, v in filters.items() if v is not None}
+    if filters.get("has_class") is not None:
+        has_class_values(filters["has_class"])  # one line for a bad value, before any reading
+    rows, damaged = _scan_rows(parse_location(args.store), filters)
     for scan_id in damaged:
         print(
             f"scancache scans: warning: scan {scan_id!r} is published but its zarr.json is missing, "
@@ -63,13 +80,17 @@ def cmd_scans(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"scans": rows}, indent=2, allow_nan=False))
         return 0
-    table = [("SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE")]
+    table = [("SCAN", "SPLIT", "SUBJECT", "VISIT", "AUG", "SHAPE", "DTYPE", "CLASSES", "SIZE")]
     for row in rows:
         shape = "x".join(str(n) for n in row["shape"] or [])
         table.append(
             (
                 row["scan_id"],
                 row["split"] or "-",
+                *(
+                    "-" if row[k] is None else str(row[k])
+                    for k in ("subject_id", "time_point", "augmentation")
+                ),
                 shape,
                 str(row["dtype"]),
                 str(row["num_classes"]),
@@ -98,8 +119,37 @@ def _unlinked_folders(location: Path | str) -> list[str]:
     return [why for n in names if (why := unlinked_folder(location, n)) is not None]
 
 
+def _plain_int(flag: str) -> Any:
+    """argparse's type for an integer option: plain digits (as roi and the server take them)."""
+    from store.roi import PLAIN_INT, integer_problem
+
+    def parse(text: str) -> int:
+        if PLAIN_INT.fullmatch(text.strip()) is None:
+            raise argparse.ArgumentTypeError(integer_problem(text))
+        return int(text)
+
+    parse.__name__ = flag
+    return parse
+
+
 def add_scans_parser(sub: Any) -> None:
     p = sub.add_parser("scans", help="list the scans of a store", description="List the scans of STORE.")
     p.add_argument("store", metavar="STORE", type=store_arg)
     p.add_argument("--json", action="store_true", help='print {"scans": [...]} as JSON')
+    # the filters of DatasetCatalog.register and GET /scans; repeat one for any of several values
+    p.add_argument("--split", action="append", metavar="NAME", help="only scans of this split")
+    for flag, what in (
+        ("--subject-id", "subject"),
+        ("--time-point", "visit (V01 -> 1)"),
+        ("--augmentation", "augmentation (Aug02 -> 2)"),
+    ):
+        p.add_argument(
+            flag, action="append", type=_plain_int(flag), metavar="N", help=f"only scans of this {what}"
+        )
+    p.add_argument(
+        "--has-class",
+        action="append",
+        metavar="CLASS",
+        help="only scans where this class (index or name) has voxels",
+    )
     p.set_defaults(func=cmd_scans)

@@ -119,8 +119,18 @@ def test_scans_table_and_json(small_store, capsys):
     assert row["bytes"] == sum(inodes.values())
     assert cli.main(["scans", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["SCAN", "SPLIT", "SHAPE", "DTYPE", "CLASSES", "SIZE"]
-    assert lines[1].split()[:5] == ["0000001_V00-Aug00", "train", "40x36x12", "float32", "4"]
+    assert lines[0].split() == [
+        "SCAN",
+        "SPLIT",
+        "SUBJECT",
+        "VISIT",
+        "AUG",
+        "SHAPE",
+        "DTYPE",
+        "CLASSES",
+        "SIZE",
+    ]
+    assert lines[1].split()[:8] == ["0000001_V00-Aug00", "train", "1", "0", "0", "40x36x12", "float32", "4"]
     assert lines[-1].startswith(f"{len(truth)} scans, ")
 
 

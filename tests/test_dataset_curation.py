@@ -29,7 +29,7 @@ def catalog(small_store):
 
 
 def _ids(name):
-    return sorted(d["scan_id"] for d in get_dataset_dicts(name))
+    return sorted(d["scan_id"] for d in get_dataset_dicts(name, filter_empty=False))
 
 
 def test_filters_take_numpy_arrays_ranges_and_numpy_scalars_as_lists(catalog):
@@ -99,3 +99,26 @@ def test_a_subject_in_two_splits_is_said_by_the_job(tmp_path):
     assert line in discover(tmp_path / "src").notes
     result = run_cli("preprocess", tmp_path / "src", tmp_path / "store", "--workers", "1", "-q")
     assert result.returncode == 0 and "subject 1 (train, valid)" in result.stderr, result.stderr
+
+
+def test_scancache_scans_filters_as_the_catalog_does(small_store, catalog):
+    from h5_sources import run_cli
+
+    root, truth = small_store
+
+    def listed(*args):
+        result = run_cli("scans", root, "--json", *args)
+        assert result.returncode == 0, result.stderr
+        return [row["scan_id"] for row in __import__("json").loads(result.stdout)["scans"]]
+
+    assert listed() == sorted(truth)
+    assert listed("--split", "valid", "--split", "test") == _ids(catalog("vt", split=["valid", "test"]))
+    assert listed("--subject-id", "1", "--time-point", "1") == ["0000001_V01-Aug00"]
+    assert listed("--augmentation", "1") == ["0000003_V00-Aug01"]
+    assert listed("--has-class", "3") == _ids(catalog("c3", has_class=3))
+    table = run_cli("scans", root, "--split", "train")
+    header = table.stdout.splitlines()[0].split()
+    assert header[:5] == ["SCAN", "SPLIT", "SUBJECT", "VISIT", "AUG"], table.stdout
+    assert table.stdout.splitlines()[1].split()[:5] == ["0000001_V00-Aug00", "train", "1", "0", "0"]
+    bad = run_cli("scans", root, "--subject-id", "1_0")
+    assert bad.returncode == 2 and "--subject-id" in bad.stderr and "'1_0' is not an integer" in bad.stderr
