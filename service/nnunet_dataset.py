@@ -251,14 +251,23 @@ def discover_dataset(root: Path) -> Discovery:
     found = Discovery(root=root)
     seen: dict[str, str] = {}  # case -> the images folder it was found in
     image_stems: set[str] = set()
+    listings = {images: _listing(root, images, info.file_endings) for images, _, _ in FOLDERS}
+    on_disk = {rel.rsplit("/", 1)[-1] for files in listings.values() for _, rel in files}
+    # Decathlon's own layout: the files its lists name are there as they are named, each a
+    # whole image (modalities in a 4th axis), so an unlisted one is a whole image too, however
+    # its name ends ("amos_0005.nii.gz" is case amos_0005, not channel 5 of case amos).
+    # nnU-Net v1 lists "la_003.nii.gz" but holds "la_003_0000.nii.gz": channel files.
+    whole_files = bool(info.listed_images & on_disk)
+    if whole_files:
+        found.notes.extend(_unlisted_note(info, on_disk))
     for images, labels, split in FOLDERS:
-        image_files = _listing(root, images, info.file_endings)
+        image_files = listings[images]
         image_stems.update(stem for stem, _ in image_files)
         label_files = _listing(root, labels, info.file_endings)
         channels: dict[str, dict[int | None, list[str]]] = defaultdict(lambda: defaultdict(list))
         for stem, rel in image_files:
             match = _CHANNEL_FILE.fullmatch(stem)
-            if match is None or rel.rsplit("/", 1)[-1] in info.listed_images:  # Decathlon: one file
+            if match is None or whole_files:  # Decathlon: one file
                 channels[stem][None].append(rel)
             else:
                 channels[match["case"]][int(match["channel"])].append(rel)
@@ -298,6 +307,19 @@ def discover_dataset(root: Path) -> Discovery:
 
 
 SHOWN_MISSING = 5  # listed-but-absent image names a warning shows
+
+
+def _unlisted_note(info: DatasetInfo, on_disk: set[str]) -> list[str]:
+    """A warning naming the images a Decathlon dataset.json's lists leave out (added after
+    it was written): converted all the same, as cases of their own."""
+    unlisted = sorted(on_disk - info.listed_images)
+    if not unlisted:
+        return []
+    more = f" and {len(unlisted) - SHOWN_MISSING} more" if len(unlisted) > SHOWN_MISSING else ""
+    return [
+        f"dataset.json's training/test lists leave out {len(unlisted)} image(s) of imagesTr/ or imagesTs/: "
+        f"{', '.join(unlisted[:SHOWN_MISSING])}{more} (converted, each a case of its own)"
+    ]
 
 
 def _notes(info: DatasetInfo, stems: set[str]) -> list[str]:

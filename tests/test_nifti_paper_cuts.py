@@ -307,3 +307,42 @@ def test_a_case_in_imagesTr_and_imagesTs_fails_but_does_not_hold_back_prune(tmp_
     found = discover(root)
     assert any("case also in" in str(f) for f in found.failures), [str(f) for f in found.failures]
     assert found.unread_folders == []
+
+
+def test_unlisted_images_of_a_decathlon_dataset_with_four_digit_ids_are_cases_of_their_own(tmp_path):
+    """AMOS-style ids (amos_0005): a Decathlon dataset whose lists name whole files reads an
+    unlisted file as a whole case, not as channel 5 of a case "amos", and says it was unlisted."""
+    import nibabel as nib
+
+    root = tmp_path / "amos"
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder).mkdir(parents=True)
+    labels = np.zeros((8, 8, 4), np.uint8)
+    labels[2:6, 2:6, 1:3] = 1
+    images = {}
+    for i, case in enumerate(("amos_0001", "amos_0004", "amos_0005")):
+        images[case] = np.full((8, 8, 4), i, np.int16)
+        nib.save(nib.Nifti1Image(images[case], np.eye(4)), root / f"imagesTr/{case}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), root / f"labelsTr/{case}.nii.gz")
+    for i, case in enumerate(("amos_0002", "amos_0003")):
+        images[case] = np.full((8, 8, 4), 10 + i, np.int16)
+        nib.save(nib.Nifti1Image(images[case], np.eye(4)), root / f"imagesTs/{case}.nii.gz")
+    listed = ("amos_0001", "amos_0004")
+    doc = {
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "spleen"},
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in listed],
+    }
+    write_json(root / "dataset.json", doc)
+    store = tmp_path / "store"
+    result = convert(root, store)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "scans: 5 converted, 0 skipped, 0 failed" in result.stdout
+    assert (
+        "preprocess: warning: dataset.json's training/test lists leave out 3 image(s) of imagesTr/ or "
+        "imagesTs/: amos_0002.nii.gz, amos_0003.nii.gz, amos_0005.nii.gz (converted, each a case of its own)"
+    ) in result.stderr
+    for case, image in images.items():
+        group = zarr.open_group(str(store / case), mode="r")
+        assert group.attrs["split"] == ("test" if case in ("amos_0002", "amos_0003") else "train")
+        np.testing.assert_array_equal(np.unique(group["image"][...]), np.unique(image))
