@@ -213,6 +213,23 @@ def _listing(root: Path, folder: str, endings: tuple[str, ...]) -> list[tuple[st
     return out
 
 
+BROKEN_LINK = "broken symbolic link (its target does not exist)"
+
+
+def _broken_links(root: Path, folder: str, endings: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(stem, relative path) of the links in a dataset folder whose target is gone: their
+    cases fail naming them, rather than vanishing (a link is not a file)."""
+    where = root / folder
+    if not where.is_dir():
+        return []
+    out = []
+    for entry in sorted(where.iterdir()):
+        stem = _strip_ending(entry.name, endings)
+        if stem is not None and entry.is_symlink() and not entry.exists():
+            out.append((stem, f"{folder}/{entry.name}"))
+    return out
+
+
 def _case_of(stem: str) -> str:
     match = _CHANNEL_FILE.fullmatch(stem)
     return stem if match is None else match["case"]
@@ -274,10 +291,17 @@ def discover_dataset(root: Path) -> Discovery:
         label_of: dict[str, list[str]] = defaultdict(list)
         for stem, rel in label_files:
             label_of[stem].append(rel)
+        broken: dict[str, str] = {}  # case -> its first file whose link is broken
+        for stem, rel in _broken_links(root, images, info.file_endings):
+            broken.setdefault(stem if whole_files else _case_of(stem), rel)
+        for stem, rel in _broken_links(root, labels, info.file_endings):
+            broken.setdefault(stem, rel)
+        for case in sorted(set(broken) - set(channels)):
+            found.failures.append(SourceError(case, broken[case], BROKEN_LINK))
         other = _other_endings(root, (images, labels), info)
         for case in sorted(set(other) - set(channels)):
             found.failures.append(SourceError(case, other[case], _ending_problem(info)))
-        for case in sorted(set(label_of) - set(channels) - set(other)):
+        for case in sorted(set(label_of) - set(channels) - set(other) - set(broken)):
             found.failures.append(
                 SourceError(case, label_of[case][0], f"label file without an image in {images}/")
             )
@@ -286,6 +310,8 @@ def discover_dataset(root: Path) -> Discovery:
                 if case in seen:
                     raise SourceError(case, f"{images}/", f"case also in {seen[case]}/")
                 seen[case] = images
+                if case in broken:  # none of its files read: the link names what to mend
+                    raise SourceError(case, broken[case], BROKEN_LINK)
                 if case not in label_of and case in other:  # its label file, with the other ending
                     raise SourceError(case, other[case], _ending_problem(info))
                 found.scans.append(

@@ -346,3 +346,29 @@ def test_unlisted_images_of_a_decathlon_dataset_with_four_digit_ids_are_cases_of
         group = zarr.open_group(str(store / case), mode="r")
         assert group.attrs["split"] == ("test" if case in ("amos_0002", "amos_0003") else "train")
         np.testing.assert_array_equal(np.unique(group["image"][...]), np.unique(image))
+
+
+def test_a_case_linked_to_files_that_are_gone_fails_naming_the_link(tmp_path):
+    """nnU-Net's scripts link files into place; a link whose target went (a moved disk) fails
+    its case naming it, in preprocess and verify, instead of the case vanishing."""
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "good")
+    (root / "imagesTr/gone_0000.nii.gz").symlink_to("/nonexistent/gone_0000.nii.gz")
+    (root / "labelsTr/gone.nii.gz").symlink_to("/nonexistent/gone.nii.gz")
+    save(c.t1, root / "imagesTr/half_0000.nii.gz")
+    (root / "labelsTr/half.nii.gz").symlink_to("/nonexistent/half.nii.gz")
+    write_json(root / "dataset.json", {"labels": {"background": 0, **{n: v for v, n in c.kept}}})
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1, result.stdout
+    lines = failure_lines(result)
+    assert (
+        lines["gone"] == "gone: imagesTr/gone_0000.nii.gz: broken symbolic link (its target does not exist)"
+    )
+    assert lines["half"] == "half: labelsTr/half.nii.gz: broken symbolic link (its target does not exist)"
+    assert "scans: 1 converted, 0 skipped, 2 failed" in result.stdout
+    verified = run_cli("verify", root, tmp_path / "store")
+    assert (
+        verified.returncode == 1
+        and "gone: imagesTr/gone_0000.nii.gz: broken symbolic link" in verified.stdout
+    )
