@@ -57,6 +57,7 @@ class DatasetInfo:
     # Decathlon: image file names its training/test lists give; such a file is a whole image
     # even when its name ends like a channel file (``case_0001.nii.gz``)
     listed_images: frozenset[str] = frozenset()
+    num_training: int | None = None  # dataset.json's numTraining, when it gives one
 
     def options(self) -> ScanOptions:
         return ScanOptions(
@@ -99,7 +100,9 @@ def read_dataset_json(root: Path) -> DatasetInfo:
         raise DatasetError(
             f"{path}: file_ending {ending!r} is not NIfTI; scancache reads {' and '.join(NIFTI_ENDINGS)}"
         )
-    return DatasetInfo(labels, channel_names, endings, _listed_images(doc))
+    count = doc.get("numTraining")
+    num_training = count if isinstance(count, int) and not isinstance(count, bool) else None
+    return DatasetInfo(labels, channel_names, endings, _listed_images(doc), num_training)
 
 
 def _listed_images(doc: dict[str, Any]) -> frozenset[str]:
@@ -268,6 +271,7 @@ def discover_dataset(root: Path) -> Discovery:
     found = Discovery(root=root)
     seen: dict[str, str] = {}  # case -> the images folder it was found in
     image_stems: set[str] = set()
+    training_cases = 0
     listings = {images: _listing(root, images, info.file_endings) for images, _, _ in FOLDERS}
     on_disk = {rel.rsplit("/", 1)[-1] for files in listings.values() for _, rel in files}
     # Decathlon's own layout: the files its lists name are there as they are named, each a
@@ -305,6 +309,8 @@ def discover_dataset(root: Path) -> Discovery:
             found.failures.append(
                 SourceError(case, label_of[case][0], f"label file without an image in {images}/")
             )
+        if split == "train":
+            training_cases = len(channels)
         for case in sorted(channels):
             try:
                 if case in seen:
@@ -322,6 +328,12 @@ def discover_dataset(root: Path) -> Discovery:
             except SourceError as err:
                 found.failures.append(err)
     found.notes.extend(_notes(info, image_stems))
+    if info.num_training is not None and info.num_training != training_cases:
+        # nnU-Net's verify_dataset_integrity refuses this; a download that lost files shows so
+        found.notes.append(
+            f"dataset.json's numTraining is {info.num_training}, but imagesTr/ holds {training_cases} "
+            f"case{'' if training_cases == 1 else 's'} (the folder is what is converted)"
+        )
     if not image_stems:
         hint = ""
         if any(_other_endings(root, (images,), info) for images, _, _ in FOLDERS):

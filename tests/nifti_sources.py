@@ -136,15 +136,15 @@ def save(img, path: Path) -> Path:
 
 
 # -- datasets --------------------------------------------------------------------------------------
-def v2_dataset_json(kept, channels=("T1",), ending=".nii.gz", num_training=0) -> dict:
+def v2_dataset_json(kept, channels=("T1",), ending=".nii.gz", num_training=None) -> dict:
     labels = {"background": 0, **{name: value for value, name in kept}}
-    return {
+    doc = {
         "channel_names": {str(k): n for k, n in enumerate(channels)},
         "labels": labels,
-        "numTraining": num_training,
         "file_ending": ending,
         "name": "Colin27 AAL crop (mricron-data)",
     }
+    return doc if num_training is None else {**doc, "numTraining": num_training}
 
 
 def write_json(path: Path, doc: dict) -> None:

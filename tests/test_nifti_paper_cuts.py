@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import zarr
 from h5_sources import run_cli
-from nifti_sources import build_two_channel_dataset, colin, requires_mricron, save, write_json
+from nifti_sources import (
+    build_two_channel_dataset,
+    colin,
+    requires_mricron,
+    save,
+    v2_dataset_json,
+    write_json,
+)
 
 from service.nifti_source import value_ranges
 
@@ -372,3 +379,17 @@ def test_a_case_linked_to_files_that_are_gone_fails_naming_the_link(tmp_path):
         verified.returncode == 1
         and "gone: imagesTr/gone_0000.nii.gz: broken symbolic link" in verified.stdout
     )
+
+
+def test_a_num_training_that_disagrees_with_the_folder_is_said(tmp_path):
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "a")
+    one_case(root, "b")
+    write_json(root / "dataset.json", v2_dataset_json(c.kept, num_training=3))
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        "preprocess: warning: dataset.json's numTraining is 3, but imagesTr/ holds 2 cases "
+        "(the folder is what is converted)"
+    ) in result.stderr
