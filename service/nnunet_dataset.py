@@ -233,6 +233,25 @@ def _broken_links(root: Path, folder: str, endings: tuple[str, ...]) -> list[tup
     return out
 
 
+def _odd_case_endings(root: Path, folder: str) -> list[tuple[str, str]]:
+    """(stem, relative path) of the files whose ending is NIfTI's in other letter case
+    (``.NII.GZ``): never read, so their cases are named rather than left out."""
+    where = root / folder
+    if not where.is_dir():
+        return []
+    out = []
+    for entry in sorted(where.iterdir()):
+        lower = entry.name.lower()
+        ending = next((e for e in NIFTI_ENDINGS if lower.endswith(e)), None)
+        if (
+            ending is not None
+            and _strip_ending(entry.name, NIFTI_ENDINGS) is None
+            and not entry.name.startswith(".")
+        ):
+            out.append((entry.name[: -len(ending)], f"{folder}/{entry.name}"))
+    return out
+
+
 def _case_of(stem: str) -> str:
     match = _CHANNEL_FILE.fullmatch(stem)
     return stem if match is None else match["case"]
@@ -302,6 +321,11 @@ def discover_dataset(root: Path) -> Discovery:
             broken.setdefault(stem, rel)
         for case in sorted(set(broken) - set(channels)):
             found.failures.append(SourceError(case, broken[case], BROKEN_LINK))
+        for folder in (images, labels):
+            for stem, rel in _odd_case_endings(root, folder):
+                case = stem if whole_files or folder == labels else _case_of(stem)
+                why = f"its file ending is not {' or '.join(info.file_endings)} (letter case matters): rename it"
+                found.failures.append(SourceError(case, rel, why))
         other = _other_endings(root, (images, labels), info)
         for case in sorted(set(other) - set(channels)):
             found.failures.append(SourceError(case, other[case], _ending_problem(info)))

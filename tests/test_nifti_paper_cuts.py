@@ -393,3 +393,17 @@ def test_a_num_training_that_disagrees_with_the_folder_is_said(tmp_path):
         "preprocess: warning: dataset.json's numTraining is 3, but imagesTr/ holds 2 cases "
         "(the folder is what is converted)"
     ) in result.stderr
+
+
+def test_an_upper_case_ending_is_named_not_left_out(tmp_path):
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "good")
+    save(c.t1, tmp_path / "b4.nii.gz")
+    (root / "imagesTr/b4_0000.NII.GZ").write_bytes((tmp_path / "b4.nii.gz").read_bytes())
+    write_json(root / "dataset.json", v2_dataset_json(c.kept))
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1
+    assert failure_lines(result)["b4"] == (
+        "b4: imagesTr/b4_0000.NII.GZ: its file ending is not .nii.gz (letter case matters): rename it"
+    )
