@@ -179,6 +179,13 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
         data = data[..., 0]
     if data.ndim == 2:  # a 2D image: one slice
         data = data[..., np.newaxis]
+    if data.ndim == 5 and data.shape[3] == 1:  # ITK's vector image: (X, Y, Z, 1, components)
+        raise SourceError(
+            spec.scan_id,
+            rel,
+            f"image of shape {list(data.shape)} is a vector image (ITK's components in a 5th axis), which is "
+            f"not read: save each component as its own channel file ({spec.scan_id}_0000, _0001, ...)",
+        )
     if data.ndim not in (3, 4) or min(data.shape) < 1:
         raise SourceError(spec.scan_id, rel, f"image of shape {list(data.shape)} is not 3D")
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:

@@ -407,3 +407,21 @@ def test_an_upper_case_ending_is_named_not_left_out(tmp_path):
     assert failure_lines(result)["b4"] == (
         "b4: imagesTr/b4_0000.NII.GZ: its file ending is not .nii.gz (letter case matters): rename it"
     )
+
+
+def test_an_itk_vector_image_says_how_to_give_its_components(tmp_path):
+    import nibabel as nib
+
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "good")
+    vector = np.zeros((6, 5, 4, 1, 2), np.float32)
+    nib.save(nib.Nifti1Image(vector, np.eye(4)), root / "imagesTr/vec_0000.nii.gz")
+    save(c.labels, root / "labelsTr/vec.nii.gz")
+    write_json(root / "dataset.json", v2_dataset_json(c.kept))
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1
+    assert failure_lines(result)["vec"] == (
+        "vec: imagesTr/vec_0000.nii.gz: image of shape [6, 5, 4, 1, 2] is a vector image (ITK's components "
+        "in a 5th axis), which is not read: save each component as its own channel file (vec_0000, _0001, ...)"
+    )
