@@ -87,6 +87,13 @@ def read_dataset_json(root: Path) -> DatasetInfo:
         raise DatasetError(f"{path}: must hold a JSON object")
     if "labels" not in doc:
         raise DatasetError(f'{path}: has no "labels"')
+    if isinstance(
+        doc.get("dataset"), dict
+    ):  # nnU-Net v2's explicit file list: it, not the folders, is the data
+        raise DatasetError(
+            f'{path}: its "dataset" mapping (each case\'s files named) is not read: put the files in '
+            "imagesTr/ (case_0000.nii.gz, ...) and labelsTr/ (case.nii.gz), nnU-Net's default layout"
+        )
     labels = _labels(path, doc["labels"])
     names = doc.get("channel_names", doc.get("modality"))
     channel_names = () if names is None else _channel_names(path, names)

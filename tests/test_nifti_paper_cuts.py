@@ -425,3 +425,21 @@ def test_an_itk_vector_image_says_how_to_give_its_components(tmp_path):
         "vec: imagesTr/vec_0000.nii.gz: image of shape [6, 5, 4, 1, 2] is a vector image (ITK's components "
         "in a 5th axis), which is not read: save each component as its own channel file (vec_0000, _0001, ...)"
     )
+
+
+def test_a_dataset_json_naming_its_files_is_refused_saying_what_to_do(tmp_path):
+    c = colin()
+    root = tmp_path / "ds"
+    one_case(root, "x1")
+    doc = {
+        **v2_dataset_json(c.kept),
+        "dataset": {"x1": {"images": ["data/x1.nii.gz"], "label": "data/x1s.nii.gz"}},
+    }
+    write_json(root / "dataset.json", doc)
+    result = convert(root, tmp_path / "store")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'scancache preprocess: error: {root / "dataset.json"}: its "dataset" mapping (each case\'s files '
+        "named) is not read: put the files in imagesTr/ (case_0000.nii.gz, ...) and labelsTr/ (case.nii.gz), "
+        "nnU-Net's default layout"
+    )
