@@ -101,6 +101,23 @@ class EpochPlanning:
             + " and drop_last=True leaves no batch"
         )
 
+    def _warn_of_a_sharded_test_loader(self: _Loader) -> None:
+        """A sharded test loader skips the examples left over by the ranks' equal shares (so
+        that DDP's collective calls line up): said, since validation figures then leave some
+        out every epoch."""
+        replicas = self.shard.num_replicas
+        left = len(self._plan[1]) % replicas
+        if self.is_test and replicas > 1 and left and self.shard.rank == 0:
+            import warnings
+
+            warnings.warn(
+                f"a test loader sharded over {replicas} ranks skips the {left} example(s) left over by "
+                f"their equal shares of {len(self._plan[1])} every epoch; inference() and "
+                "write_predictions go over every scan (on one rank)",
+                UserWarning,
+                stacklevel=4,
+            )
+
     def _plan_for(self: _Loader, epoch: int) -> Plan:
         plan = self._plan
         return plan if plan[0] == epoch else self._make_plan(epoch)

@@ -122,3 +122,18 @@ def test_scancache_scans_filters_as_the_catalog_does(small_store, catalog):
     assert table.stdout.splitlines()[1].split()[:5] == ["0000001_V00-Aug00", "train", "1", "0", "0"]
     bad = run_cli("scans", root, "--subject-id", "1_0")
     assert bad.returncode == 2 and "--subject-id" in bad.stderr and "'1_0' is not an integer" in bad.stderr
+
+
+def test_a_sharded_test_loader_says_it_skips_the_left_over_examples(catalog):
+    cfg = Config(TAG="DefaultDataLoader", CATEGORIES=(0, 1, 2, 3))
+    name = catalog("sharded_test", split="train")  # 12 + 9 slices: 21 examples
+    with pytest.warns(
+        UserWarning,
+        match=r"sharded over 2 ranks skips the 1 example\(s\) left over by their equal shares of 21",
+    ):
+        build_loader(cfg, name, 4, True, False, False, num_replicas=2, rank=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_loader(cfg, name, 4, True, False, False, num_replicas=2, rank=1)  # said once, by rank 0
+        build_loader(cfg, name, 4, True, False, False, num_replicas=3, rank=0)  # 21 = 3 x 7: none left
+    assert not [w for w in caught if "left over" in str(w.message)]
