@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from store.format import ScanMeta
-from store.roi import integer_problem
+from store.roi import PLAIN_INT, integer_problem
 
 FILTER_KEYS = ("split", "subject_id", "time_point", "augmentation", "has_class", "scan_id")
 INTEGER_KEYS = ("subject_id", "time_point", "augmentation")
@@ -30,6 +30,9 @@ def normalized_filters(filters: dict[str, Any]) -> dict[str, Any]:
         values = want if isinstance(want, (list, tuple, set, frozenset)) else [want]
         if key in INTEGER_KEYS and any(isinstance(v, bool) for v in values):
             raise ValueError(f"{key}={want!r}: expected an integer or a list of them")
+        if key in INTEGER_KEYS:  # "0000001" as in the file names is subject 1, as the server reads it
+            plain = [int(v) if isinstance(v, str) and PLAIN_INT.fullmatch(v.strip()) else v for v in values]
+            want = plain if isinstance(want, (list, tuple, set, frozenset)) else plain[0]
         out[key] = want
     return out
 
@@ -90,10 +93,11 @@ def matches(meta: ScanMeta, filters: dict[str, Any]) -> bool:
                 return False
             continue
         have = meta.attrs.get(key)
+        # as text too ("3" for 3, as a URL gives it), but an absent attribute is no "None"
         if isinstance(want, (list, tuple, set, frozenset)):
-            if have not in want and str(have) not in {str(w) for w in want}:
+            if have not in want and (have is None or str(have) not in {str(w) for w in want}):
                 return False
-        elif have != want and str(have) != str(want):
+        elif have != want and (have is None or str(have) != str(want)):
             return False
     return True
 
@@ -113,6 +117,10 @@ def why_nothing_matches(scans: Sequence[ScanMeta], filters: dict[str, Any]) -> s
             unknown = [v for v in has_class_values(want) if isinstance(v, str) and v not in names]
             if unknown:
                 return f"has_class={want!r}: no scan has a class named {unknown[0]!r} (classes: {', '.join(names)})"
+            most = max((meta.num_classes for meta in scans), default=0)
+            beyond = [v for v in has_class_values(want) if isinstance(v, int) and v >= most]
+            if beyond:
+                return f"has_class={want!r}: the scans have {most} classes (0 to {most - 1})"
             return f"has_class={want!r}: no scan has voxels of that class"
         values = sorted({str(meta.attrs[key]) for meta in scans if key in meta.attrs})
         if values:

@@ -56,7 +56,7 @@ def test_values_of_a_list_that_select_nothing_are_said(catalog):
         warnings.simplefilter("always")
         assert _ids(name) == ["0000001_V00-Aug00", "0000001_V01-Aug00"]
     said = [str(w.message) for w in caught if "no scan of the store" in str(w.message)]
-    assert said == ["dataset 'typo': subject_id 99, '7' match no scan of the store (left out of the dataset)"]
+    assert said == ["dataset 'typo': subject_id 99, 7 match no scan of the store (left out of the dataset)"]
     # a value that selects scans the other filters leave out is no typo: nothing said
     quiet = catalog("quiet", split="train", subject_id=[1, 2])
     with warnings.catch_warnings(record=True) as caught:
@@ -137,3 +137,15 @@ def test_a_sharded_test_loader_says_it_skips_the_left_over_examples(catalog):
         build_loader(cfg, name, 4, True, False, False, num_replicas=2, rank=1)  # said once, by rank 0
         build_loader(cfg, name, 4, True, False, False, num_replicas=3, rank=0)  # 21 = 3 x 7: none left
     assert not [w for w in caught if "left over" in str(w.message)]
+
+
+def test_ids_as_the_file_names_write_them_and_absent_attributes(catalog, small_store):
+    from store.scan_filters import matches, why_nothing_matches
+    from store.source import LocalSource
+
+    # "0000001" is subject 1, as the server reads ?subject_id=0000001
+    assert _ids(catalog("padded", subject_id=["0000001"])) == ["0000001_V00-Aug00", "0000001_V01-Aug00"]
+    metas = LocalSource(small_store[0]).list_scans()
+    no_split = metas[0].__class__.from_attrs({**metas[0].attrs, "split": None})
+    assert not matches(no_split, {"split": "None"})  # the text "None" is no absent split
+    assert why_nothing_matches(metas, {"has_class": 7}) == "has_class=7: the scans have 4 classes (0 to 3)"
