@@ -61,6 +61,8 @@ class _Geometry:
     source_shape: tuple[int, ...] | None
     class_names: list[str]  # the scan's, one per mask channel
     label_values: list[int]  # the scan's, one per mask channel
+    # the source file's sform and qform codes and its axes (``nifti_source``), when recorded
+    source_header: dict[str, int] | None = None
 
 
 def export_nifti(
@@ -220,6 +222,7 @@ def _geometry(scan_id: str, attrs: dict[str, Any], source: Any) -> _Geometry:
             "affine": meta.affine,
             "source_affine": meta.source_affine,
             "source_shape": meta.attrs.get("source_shape"),
+            "source_header": meta.attrs.get("source_header"),
         }
         names, values = meta.class_names, meta.label_values
     else:
@@ -237,7 +240,18 @@ def _geometry(scan_id: str, attrs: dict[str, Any], source: Any) -> _Geometry:
         None if shape is None else tuple(int(n) for n in shape),
         [str(n) for n in names or ()],
         [int(v) for v in values or ()],
+        _header_of(found.get("source_header")),
     )
+
+
+def _header_of(value: Any) -> dict[str, int] | None:
+    """The recorded source header fields, if they are what ``nifti_source`` writes."""
+    if not isinstance(value, dict):
+        return None
+    fields = {k: value.get(k) for k in ("sform_code", "qform_code", "ndim")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields.values()):
+        return None
+    return fields  # type: ignore[return-value]
 
 
 def _categories(attrs: dict[str, Any]) -> list[tuple[int, ...]] | None:
@@ -352,15 +366,26 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name.removesuffix(suffix)}.partial{suffix}")
 
 
-def _write_nifti(nib: Any, path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """``data`` with ``affine`` as sform and (where it can hold it exactly) qform."""
+def _write_nifti(
+    nib: Any, path: Path, data: np.ndarray, affine: np.ndarray, header: dict[str, int] | None = None
+) -> None:
+    """``data`` with ``affine`` as sform and (where it can hold it exactly) qform, under the
+    source's codes where recorded (``header``: 2 aligned, 4 MNI, ... ; a transform the source
+    left unset stays unset), else the scanner's; a 2D source gets its two axes back."""
+    if header is not None and header["ndim"] == 2 and data.ndim == 3 and data.shape[2] == 1:
+        data = data[:, :, 0]
     image = nib.Nifti1Image(data, affine)
     image.header.set_data_dtype(data.dtype)  # no scaling: the values are written as they are
     image.header.set_xyzt_units("mm")
-    image.set_sform(affine, code="scanner")
-    image.set_qform(affine, code="scanner")
-    if not np.allclose(image.get_qform(), affine, rtol=0, atol=AFFINE_TOLERANCE):
+    sform_code, qform_code = (1, 1) if header is None else (header["sform_code"], header["qform_code"])
+    if sform_code == 0 and qform_code == 0:  # the source's affine came from its voxel sizes alone
+        sform_code, qform_code = 1, 1
+    image.set_sform(affine if sform_code else None, code=sform_code)
+    image.set_qform(affine if qform_code else None, code=qform_code)
+    if qform_code and not np.allclose(image.get_qform(), affine, rtol=0, atol=AFFINE_TOLERANCE):
         image.set_qform(None, code="unknown")  # a sheared affine: the sform alone holds it
+        if not sform_code:
+            image.set_sform(affine, code=qform_code)
     nib.save(image, path)
 
 
@@ -382,12 +407,14 @@ def _export_scan(
     # interrupted export leaves no truncated file, and a label map in OUT_DIR has its sidecar
     # and probabilities beside it.
     try:
-        _write_nifti(nib, _partial(label_path), labels, geometry.source_affine)
+        _write_nifti(nib, _partial(label_path), labels, geometry.source_affine, geometry.source_header)
         if probabilities_path is not None:
             probs = store.read(scan_id, PROBABILITIES, whole).astype(np.float32)
             moved = _to_source_order(nib, scan_id, _full_grid(scan_id, probs, attrs, geometry), geometry)
             del probs
-            _write_nifti(nib, _partial(probabilities_path), moved, geometry.source_affine)
+            _write_nifti(
+                nib, _partial(probabilities_path), moved, geometry.source_affine, geometry.source_header
+            )
             del moved
         channels = attrs.get("channel_names")
         sidecar = {

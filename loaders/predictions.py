@@ -283,6 +283,8 @@ def _names_and_geometry(entry: Any, categories: Any, include_background: bool) -
     }
     if scan.attrs.get("source_shape") is not None:
         fields["source_shape"] = [int(n) for n in scan.attrs["source_shape"]]
+    if isinstance(scan.attrs.get("source_header"), dict):  # the export writes the source's codes
+        fields["source_header"] = scan.attrs["source_header"]
     return fields
 
 

@@ -92,6 +92,9 @@ def stored_affine(source_affine: np.ndarray, transform: np.ndarray, shape: tuple
 class _Volume:
     data: np.ndarray  # 3D, or 4D for a Decathlon multi-channel file
     affine: np.ndarray
+    # what an export gives back: the header's sform and qform codes, and the file's axes (a
+    # 2D file is read as one slice)
+    header: dict[str, int] | None = None
 
 
 class DamagedGzip(Exception):
@@ -175,6 +178,11 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
     if data.dtype.kind not in "iuf" or data.dtype.fields is not None:
         raise SourceError(spec.scan_id, rel, f"voxel type {data.dtype} is not a real number type")
     data = integer_scaled(data, img)
+    header = {
+        "sform_code": int(img.header["sform_code"]),
+        "qform_code": int(img.header["qform_code"]),
+        "ndim": int(data.ndim),
+    }
     while data.ndim > 3 and data.shape[-1] == 1:  # (X, Y, Z, 1): one volume
         data = data[..., 0]
     if data.ndim == 2:  # a 2D image: one slice
@@ -190,7 +198,7 @@ def _read(spec: ScanSpec, rel: str) -> _Volume:
         raise SourceError(spec.scan_id, rel, f"image of shape {list(data.shape)} is not 3D")
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise SourceError(spec.scan_id, rel, "its affine is degenerate (zero or non-finite voxel axes)")
-    return _Volume(data, affine)
+    return _Volume(data, affine, header)
 
 
 INTEGER_TYPES = (np.int16, np.int32)  # what integer-scaled voxels are stored in, smallest first
@@ -343,6 +351,7 @@ def load_case(spec: ScanSpec) -> NiftiCase:
         "affine": affine.tolist(),
         "source_affine": first.affine.tolist(),
         "source_shape": [int(n) for n in source_shape],
+        "source_header": first.header,
         "class_names": list(spec.options.class_names),
         "label_values": list(spec.options.label_values),
     }

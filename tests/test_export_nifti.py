@@ -230,9 +230,9 @@ def test_an_export_stopped_in_a_scan_leaves_none_of_its_files(nifti_predictions,
     written = export._write_nifti
     calls = []
 
-    def stopped_at_the_fourth_file(nib_module, path, data, affine):
+    def stopped_at_the_fourth_file(nib_module, path, data, affine, header=None):
         calls.append(path.name)
-        written(nib_module, path, data, affine)
+        written(nib_module, path, data, affine, header)
         if len(calls) == 4:  # case_002's probabilities, on disk under their hidden name
             raise KeyboardInterrupt
 
@@ -534,3 +534,46 @@ def test_an_export_that_ran_out_of_room_is_finished_with_skip_existing(nifti_pre
     assert (out / "case_001_probabilities.nii.gz").exists()
     again = run_cli("export", pred, out, "-q", "--skip-existing", "--probabilities", "--scans", "case_001")
     assert again.returncode == 0 and "exported 0 scans (" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "shape, sform_code, qform_code",
+    [((9, 11, 5), 2, 0), ((9, 11, 5), 0, 1), ((9, 11, 5), 4, 1), ((12, 10), 1, 1)],
+    ids=["aligned-sform-only", "qform-only", "mni-sform", "2d"],
+)
+def test_the_export_keeps_the_sources_header_codes_and_axes(tmp_path, shape, sform_code, qform_code):
+    """A source's sform/qform codes (2 aligned, 4 MNI; a transform left unset) and a 2D file's
+    two axes come back as they were, as nnU-Net's evaluation compares them."""
+    affine = np.array([[-0.8, 0, 0, 10.0], [0, -0.8, 0, 12.0], [0, 0, 2.5, -4.0], [0, 0, 0, 1.0]])
+    rng = np.random.default_rng(7)
+    classes = rng.integers(0, 4, size=shape)
+    labels = np.array([0, *LABEL_VALUES], np.uint8)[classes]
+    image = (CENTERS[classes] + rng.normal(0, 40, size=shape)).astype(np.float32)
+    ds = tmp_path / "Dataset046_Codes"
+    for data, where in ((image, "imagesTr/c_0000.nii.gz"), (labels, "labelsTr/c.nii.gz")):
+        (ds / where).parent.mkdir(parents=True, exist_ok=True)
+        img = nib.Nifti1Image(data, None)
+        img.set_sform(affine if sform_code else None, code=sform_code)
+        img.set_qform(affine if qform_code else None, code=qform_code)
+        nib.save(img, ds / where)
+    source = nib.load(ds / "imagesTr/c_0000.nii.gz")
+    labels_json = {"background": 0, **dict(zip(NAMES, LABEL_VALUES, strict=True))}
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels_json}))
+    store, pred, out = tmp_path / "store", tmp_path / "pred", tmp_path / "out"
+    result = run_cli("preprocess", ds, store, "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    DatasetCatalog.register("codes", str(store), split="train")
+    try:
+        write_predictions(loader_for("codes", tuple(NAMES)), pointwise_model, pred, progress=False)
+    finally:
+        DatasetCatalog.remove("codes")
+    export_nifti(pred, out, progress=False)
+    exported = nib.load(out / "c.nii.gz")
+    _, expected = reference_labels(image)
+    assert exported.shape == shape
+    np.testing.assert_array_equal(np.asanyarray(exported.dataobj), expected)
+    assert (int(exported.header["sform_code"]), int(exported.header["qform_code"])) == (
+        sform_code,
+        qform_code,
+    )
+    np.testing.assert_allclose(exported.affine, source.affine, rtol=0, atol=1e-6)
