@@ -389,7 +389,6 @@ def _run_graph(
     scheduler: str = "",
     still_held: Callable[[], None] = lambda: None,
 ) -> None:
-    from distributed import as_completed
 
     # One graph: a task per scan, keyed by scan id so the dashboard shows which scan runs.
     job = uuid.uuid4().hex[:8]  # two jobs on one cluster must not share keys
@@ -398,15 +397,33 @@ def _run_graph(
         convert_scan, specs, store=store, layout=layout, staging=staging, key=keys, pure=False, retries=1
     )
     scan_of = {future.key: spec.scan_id for future, spec in zip(futures, specs, strict=True)}
-    for finished, future in enumerate(
-        _completed(as_completed(futures), still_held=still_held)
-    ):  # finished: results before it
+    try:
+        _collect(client, futures, scan_of, summary, bar, on_result, scheduler, still_held)
+    except LockLost:  # tasks not yet started never start (those running finish their scan)
+        client.cancel(futures)
+        raise
+
+
+def _collect(
+    client: Any,
+    futures: list[Any],
+    scan_of: dict[str, str],
+    summary: Summary,
+    bar: Progress,
+    on_result: Callable[[ScanResult], None] | None,
+    scheduler: str,
+    still_held: Callable[[], None],
+) -> None:
+    """Each scan's result as its task ends (``finished``: results before it), counted and shown."""
+    from distributed import as_completed
+
+    for finished, future in enumerate(_completed(as_completed(futures), still_held=still_held)):
         try:
             # done, but Dask may compute it again (its worker died after): Ctrl-C acted on meanwhile
             result = interrupts.result_of(future)
         except Exception as err:  # the worker died (e.g. killed by the OOM killer) twice
             if is_scheduler_lost(err, client):  # every future is cancelled: one line, not one per scan
-                raise scheduler_lost(scheduler, finished, len(specs) - finished) from None
+                raise scheduler_lost(scheduler, finished, len(futures) - finished) from None
             why = one_line(err, 200)
             scan = scan_of[future.key]
             result = ScanResult(scan, FAILED, f"{scan}: (worker): {type(err).__name__}: {why}")

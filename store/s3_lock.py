@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "SCANCACHE_LOCK_HEARTBEAT_S", 15.0
 STALE_ENV, DEFAULT_STALE_S = "SCANCACHE_LOCK_STALE_S", 90.0
+SAME_HOST_PATIENCE = 10  # a live pid of this host keeps its lock this many stale times
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -89,17 +90,19 @@ class S3Lock:
 
     def _stale(self, owner: dict[str, Any] | None, response: dict[str, Any]) -> str | None:
         """Why the lock is a gone job's, or None while its holder may be at work. A holder on
-        this host is judged by its pid alone: alive, it keeps the lock however late its
-        heartbeat (a paused or overloaded job is not gone)."""
-        if isinstance(owner, dict) and owner.get("host") == socket.gethostname():
-            return None if owner_alive(owner) else "a job that is gone"
+        this host is judged by its pid first: alive, it keeps the lock however late its
+        heartbeat (a paused or overloaded job is not gone) up to ``SAME_HOST_PATIENCE`` times
+        the stale time (its pid may be another process's now: containers sharing a hostname)."""
+        same_host = isinstance(owner, dict) and owner.get("host") == socket.gethostname()
+        if same_host and not owner_alive(owner):  # type: ignore[arg-type]
+            return "a job that is gone"
         try:
             modified = response["LastModified"].timestamp()
             date = response["ResponseMetadata"]["HTTPHeaders"]["date"]
             now = parsedate_to_datetime(date).timestamp()
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
-        if now - modified > self.stale_s:
+        if now - modified > self.stale_s * (SAME_HOST_PATIENCE if same_host else 1):
             return f"a job that has not renewed it for {now - modified:.0f} s"
         return None
 
@@ -137,12 +140,28 @@ class S3Lock:
                 return
             try:
                 etag = self.storage.replace(self.key, self._body(), self.etag)
+                if etag is None:
+                    etag = self._still_ours()
             except OSError:
                 continue  # the endpoint hiccupped: the next beat tries again, well before STALE_S
-            if etag is None:  # the job stops at its next check (LockLost), publishing no more
+            if etag is None:  # the job stops at its next check (LockLost), sending no new scans
                 self.lost = True
                 return
             self.etag = etag
+
+    def _still_ours(self) -> str | None:
+        """The lock's ETag if it still names this job, else None. A refused rewrite is not
+        always a takeover: a rewrite that succeeded but whose answer was lost is retried by
+        botocore with the old ETag (412), and S3 answers a concurrent conditional write 409;
+        the object then still holds this job's token."""
+        found = self.storage.read_with_etag(self.key)
+        if found is None:
+            return None
+        try:
+            owner = json.loads(found[0])
+        except ValueError:
+            return None
+        return found[1] if isinstance(owner, dict) and owner.get("token") == self.owner["token"] else None
 
     def release(self) -> None:
         self._stop.set()

@@ -627,3 +627,20 @@ def test_an_endpoint_gone_while_serving_is_a_503_to_retry_not_a_500(tmp_path, mo
                 assert response.status_code == 503, (path, response.text)
                 assert response.json()["detail"].startswith("store unavailable")
                 assert response.headers["retry-after"] == "5"
+
+
+def test_a_refused_heartbeat_while_the_lock_still_names_the_job_is_no_takeover(s3_url, monkeypatch):
+    """A rewrite that succeeded but whose answer was lost is retried with the old ETag (412):
+    the object still names this job, which keeps its lock; another job's token loses it."""
+    monkeypatch.setenv("SCANCACHE_LOCK_HEARTBEAT_S", "0.1")
+    storage = open_storage(s3_url)
+    storage.write("zarr.json", b"{}")
+    with storage.lock() as lock:
+        lock.etag = '"an-etag-of-a-rewrite-whose-answer-was-lost"'
+        time.sleep(0.6)
+        assert not lock.lost and lock.etag != '"an-etag-of-a-rewrite-whose-answer-was-lost"'
+        thief = {"host": "another-host", "pid": 1, "started": time.time(), "token": "thief"}
+        storage.write(".lock", json.dumps(thief).encode())
+        time.sleep(0.6)
+        assert lock.lost
+    assert json.loads(storage.read(".lock") or b"{}")["token"] == "thief"  # the other's, left
