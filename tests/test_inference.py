@@ -270,3 +270,16 @@ def test_y_true_comes_in_the_loaders_y_dtype(odd_store, setting):
         background = (merged.sum(-1, keepdims=True) == 0).astype(np.uint8)
         assert outputs["y_true"].dtype == np.uint8
         np.testing.assert_array_equal(outputs["y_true"], np.concatenate([background, merged], -1))
+
+
+def test_a_callable_giving_a_list_of_one_prediction_per_example_is_stacked():
+    """A plain callable may return one array per example (a list): stacked into the batch, as
+    before several outputs were told apart; a list of outputs each with the batch axis is
+    several outputs (the first stitched)."""
+    from loaders.inference import predict_batch
+
+    x = np.arange(2 * 5 * 4 * 1, dtype=np.float32).reshape(2, 5, 4, 1)
+    per_example = predict_batch(lambda b: [e * 2 for e in b], x, {})
+    np.testing.assert_array_equal(per_example, x * 2)
+    outputs = predict_batch(lambda b: [b * 3, b[:, ::2, ::2]], x, {})
+    np.testing.assert_array_equal(outputs, x * 3)
