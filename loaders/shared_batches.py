@@ -167,6 +167,15 @@ def _shared_tensor_class() -> type:
 
         __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
+        def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+            # a copy is the user's own tensor (torch's default would need new_empty of this type)
+            copied = self.as_subclass(torch.Tensor).clone()
+            memo[id(self)] = copied
+            return copied
+
+        def __copy__(self) -> Any:  # not through __reduce_ex__, which sends the segment
+            return self.as_subclass(torch.Tensor)
+
         def __reduce_ex__(self, protocol: Any) -> Any:
             batch = self.__dict__.get("_scancache_batch")
             view = (self.data_ptr(), tuple(self.shape), tuple(self.stride()))

@@ -171,8 +171,13 @@ class _AugmentedInWorkers(torch.utils.data.IterableDataset):
         self.inner, self.rows_axis = inner, rows_axis
 
     def __iter__(self):
+        import copy
+
         for k, (x, y) in enumerate(self.inner):
             assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+            kept = copy.deepcopy(x)  # an unaugmented copy, as augmentation code keeps one
+            assert torch.equal(kept, x) and kept.data_ptr() != x.data_ptr()
+            assert copy.copy(y).data_ptr() == y.data_ptr()
             if k % 3 == 1:
                 x, y = torch.flip(x, dims=[self.rows_axis]), torch.flip(y, dims=[self.rows_axis])
             elif k % 3 == 2:
