@@ -19,7 +19,11 @@ _CREATE_IT = " (create it first, e.g. aws s3 mb s3://BUCKET; scancache does not 
 
 
 class StoreUnavailable(ScanCacheError, OSError):
-    """The object store cannot be used: no bucket, refused credentials, unreachable endpoint."""
+    """The object store cannot be used: no bucket, refused credentials, unreachable endpoint.
+    ``refused``: the store answered and said no (credentials, a missing bucket): retrying the
+    same request does not help, where an endpoint that did not answer may answer later."""
+
+    refused: bool = False
 
 
 # A URL wherever it stands in a message: a scheme not glued to a word before it, then the rest
@@ -83,7 +87,7 @@ def unavailable(url: str, bucket: str, endpoint: str, err: BaseException) -> Sto
     name = type(err).__name__
     if code in ("NoSuchBucket",) or (code == "404" and "Bucket" in str(err)):
         why = f"bucket {bucket!r} does not exist{_CREATE_IT}"
-    elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"):
+    elif code in REFUSALS:
         why = (
             f"access denied ({code}): check the AWS credentials "
             "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
@@ -99,7 +103,12 @@ def unavailable(url: str, bucket: str, endpoint: str, err: BaseException) -> Sto
         why = "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
     else:
         why = f"{name}: {code or without_secrets(str(err))}"
-    return StoreUnavailable(f"{url}: {why}")
+    error = StoreUnavailable(f"{url}: {why}")
+    error.refused = code in REFUSALS or code == "NoSuchBucket" or name == "NoCredentialsError"
+    return error
+
+
+REFUSALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden")
 
 
 def not_an_s3_api(url: str, endpoint: str, status: str) -> StoreUnavailable:

@@ -35,7 +35,7 @@ from store.errors import (
     one_line,
 )
 from store.s3_errors import StoreUnavailable
-from store.ts_status import is_passing, refused_read
+from store.ts_status import refused_read, status_of
 
 log = logging.getLogger("scancache.server")
 
@@ -121,20 +121,29 @@ def status_for(exc: ScanCacheError) -> int:
 
 
 def unavailable_response(exc: BaseException) -> JSONResponse:
-    """Object storage unreachable or failing for now (after its client's retries): 503, to
-    retry, never a 500 with a traceback nor a 404 a Zarr reader would take for fill values."""
+    """Storage unreachable or failing for now (after its client's retries): 503, to retry,
+    never a 500 with a traceback nor a 404 a Zarr reader would take for fill values."""
     log.warning("the store is unavailable: %s", one_line(exc))
     return error_response(
-        503, "store unavailable: object storage did not answer; retry later", "ServerError", None, RETRY_LATER
+        503, "store unavailable: the storage did not answer; retry later", "ServerError", None, RETRY_LATER
     )
 
 
+def refused_response(exc: BaseException) -> JSONResponse:
+    """The server's own files or credentials refused (a file its user may not read, object
+    storage refusing its keys, a bucket gone): no bug, no retry helps; the log says which."""
+    log.error("the store refused a read (permissions or credentials): %s", one_line(exc))
+    return error_response(503, "store unavailable: it refused a read; see the server log", "ServerError")
+
+
 RETRY_LATER = {"Retry-After": "5"}
+# tensorstore's statuses for storage failing for now (its INTERNAL and UNKNOWN stay bugs: 500)
+UNAVAILABLE_STATUSES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"})
 
 
 def domain_error_response(exc: ScanCacheError) -> JSONResponse:
     if isinstance(exc, StoreUnavailable):
-        return unavailable_response(exc)
+        return refused_response(exc) if exc.refused else unavailable_response(exc)
     status = status_for(exc)
     if isinstance(exc, ScanDamaged):  # the server's own store, not the request: said as it is
         log.error("%s", exc)
@@ -150,9 +159,10 @@ def domain_error_response(exc: ScanCacheError) -> JSONResponse:
 
 def internal_error_response(exc: BaseException) -> JSONResponse:
     if refused_read(exc):  # the server's own files or credentials: no bug, and no path sent
-        log.error("the store refused a read (permissions or credentials): %s", one_line(exc))
-        return error_response(503, "store unavailable: it refused a read; see the server log", "ServerError")
-    if isinstance(exc, StoreUnavailable) or (isinstance(exc, ValueError) and is_passing(exc)):
+        return refused_response(exc)
+    if isinstance(exc, StoreUnavailable):
+        return refused_response(exc) if exc.refused else unavailable_response(exc)
+    if isinstance(exc, ValueError) and status_of(exc) in UNAVAILABLE_STATUSES:
         return unavailable_response(exc)  # tensorstore's reads fail so when the endpoint is down
     log.error("internal error while serving a request", exc_info=exc)
     return error_response(500, "internal server error; see the server log", "ServerError")
