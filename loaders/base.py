@@ -172,7 +172,6 @@ class DataLoader(Copies, BatchFilling, EpochState, EpochPlanning, KerasReadingOp
         # read sees one epoch's plan (and its block buffer).
         self._plan: Plan = self._make_plan(0)
         self._check_has_batches()
-        self._warn_of_a_sharded_test_loader()
         self._prefetcher: Prefetcher[tuple[int, int], tuple[np.ndarray, ...]] = Prefetcher(
             self._load_key, workers=max(1, int(cfg.NUM_WORKERS)), depth=int(cfg.PREFETCH_BATCHES)
         )

@@ -72,9 +72,12 @@ def build_loader(
         )
     if is_test:
         _warn_of_augmented_copies(dataset_names, dicts)
-    return build_data_loader(
+    loader = build_data_loader(
         cfg, dicts, batch_size=batch_size, is_test=is_test, shuffle=shuffle, drop_last=drop_last, **kwargs
     )
+    # said here, once: torch workers and copies rebuild the loader from its class
+    loader._warn_of_a_sharded_test_loader()
+    return loader
 
 
 def _warn_of_augmented_copies(dataset_names: str | Sequence[str], dicts: list[dict[str, Any]]) -> None:

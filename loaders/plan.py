@@ -115,7 +115,7 @@ class EpochPlanning:
                 f"their equal shares of {len(self._plan[1])} every epoch; inference() and "
                 "write_predictions go over every scan (on one rank)",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=3,
             )
 
     def _plan_for(self: _Loader, epoch: int) -> Plan:

@@ -309,12 +309,12 @@ def _write_scan(
             f"scan {scan_id!r}: the model's output holds {bad} NaN or infinite values; nothing written"
         )
     low, high = float(y_pred.min(initial=0.0)), float(y_pred.max(initial=0.0))
-    if (low < -PROBABILITY_SLACK or high > 1 + PROBABILITY_SLACK) and not meta.warned:
+    if (low < -PROBABILITY_SLACK or high > 1 + PROBABILITY_SLACK) and "range" not in meta.warned:
         meta.warned.add("range")  # once a run: every scan of a logits model would say the same
         warnings.warn(
             f"scan {scan_id!r}: the model's outputs range from {low:.3g} to {high:.3g}, not probabilities in "
-            "[0, 1] (logits?): they are stored as they are and the label map and Dice threshold them at "
-            "0.5; end the model with a softmax or a sigmoid",
+            "[0, 1] (logits?): they are stored as they are, and the label map and Dice read them as "
+            "probabilities; end the model with a softmax or a sigmoid",
             stacklevel=4,
         )
     try:

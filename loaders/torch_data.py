@@ -226,11 +226,9 @@ class TorchBatches(_torch_base()):  # type: ignore[misc]
 
 
 def _draws_per_epoch(loader: DataLoader) -> bool:
-    """Whether the loader's epochs differ (shuffled, or drawn: random patches, a custom
-    ``epoch_elements``), so that a pass repeating one is a mistake rather than the plan."""
-    from loaders.base import DataLoader
-
-    return loader.shuffle or type(loader).epoch_elements is not DataLoader.epoch_elements
+    """Whether a pass repeating an epoch is a mistake rather than the plan: a shuffled loader
+    (a validation loader of random patches, unshuffled, keeps its patches on purpose)."""
+    return bool(loader.shuffle)
 
 
 def _warn_epoch_repeated(epoch: int) -> None:

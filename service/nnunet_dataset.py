@@ -267,12 +267,12 @@ def _case_of(stem: str) -> str:
 def _other_endings(root: Path, folders: tuple[str, ...], info: DatasetInfo) -> dict[str, str]:
     """case -> its first NIfTI file whose ending is not dataset.json's ``file_ending`` (e.g.
     ``.nii`` beside ``.nii.gz`` files): such a file is not read, and its case says why."""
-    if info.file_endings == NIFTI_ENDINGS:
-        return {}
     other = tuple(e for e in NIFTI_ENDINGS if e not in info.file_endings)
     out: dict[str, str] = {}
     for folder in folders:
-        for stem, rel in _listing(root, folder, other):
+        # and those whose NIfTI ending is in other letter case (.NII.GZ): never read either
+        found = (_listing(root, folder, other) if other else []) + _odd_case_endings(root, folder)
+        for stem, rel in found:
             out.setdefault(_case_of(stem) if folder.startswith("images") else stem, rel)
     return out
 
@@ -285,7 +285,9 @@ def _with_another_ending(root: Path, stem: str, info: DatasetInfo) -> str | None
     return None
 
 
-def _ending_problem(info: DatasetInfo) -> str:
+def _ending_problem(info: DatasetInfo, rel: str = "") -> str:
+    if _strip_ending(rel.lower(), NIFTI_ENDINGS) is not None and _strip_ending(rel, NIFTI_ENDINGS) is None:
+        return f"its file ending is not {' or '.join(info.file_endings)} (letter case matters): rename it"
     return f"its file ending is not dataset.json's file_ending {info.file_endings[0]!r} (file not read)"
 
 
@@ -328,14 +330,9 @@ def discover_dataset(root: Path) -> Discovery:
             broken.setdefault(stem, rel)
         for case in sorted(set(broken) - set(channels)):
             found.failures.append(SourceError(case, broken[case], BROKEN_LINK))
-        for folder in (images, labels):
-            for stem, rel in _odd_case_endings(root, folder):
-                case = stem if whole_files or folder == labels else _case_of(stem)
-                why = f"its file ending is not {' or '.join(info.file_endings)} (letter case matters): rename it"
-                found.failures.append(SourceError(case, rel, why))
         other = _other_endings(root, (images, labels), info)
         for case in sorted(set(other) - set(channels)):
-            found.failures.append(SourceError(case, other[case], _ending_problem(info)))
+            found.failures.append(SourceError(case, other[case], _ending_problem(info, other[case])))
         for case in sorted(set(label_of) - set(channels) - set(other) - set(broken)):
             found.failures.append(
                 SourceError(case, label_of[case][0], f"label file without an image in {images}/")
@@ -349,8 +346,10 @@ def discover_dataset(root: Path) -> Discovery:
                 seen[case] = images
                 if case in broken:  # none of its files read: the link names what to mend
                     raise SourceError(case, broken[case], BROKEN_LINK)
-                if case not in label_of and case in other:  # its label file, with the other ending
-                    raise SourceError(case, other[case], _ending_problem(info))
+                # its label file with the other ending, or any of its files in other letter case
+                odd_case = case in other and _strip_ending(other[case], NIFTI_ENDINGS) is None
+                if (case not in label_of and case in other) or odd_case:
+                    raise SourceError(case, other[case], _ending_problem(info, other[case]))
                 found.scans.append(
                     _case_spec(
                         root, info, case, split, images, labels, channels[case], label_of.get(case, [])

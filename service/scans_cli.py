@@ -35,8 +35,14 @@ def _scan_rows(
         if attrs is None or "scan_id" not in attrs:
             damaged.append(entry)
             continue
-        if filters and not matches(ScanMeta.from_attrs(attrs), filters):
-            continue
+        if filters:
+            try:
+                meta = ScanMeta.from_attrs(attrs)
+            except (KeyError, TypeError, ValueError):  # attributes a reader cannot use: said as damaged
+                damaged.append(entry)
+                continue
+            if not matches(meta, filters):
+                continue
         rows.append(
             {
                 "scan_id": attrs["scan_id"],

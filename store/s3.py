@@ -98,7 +98,6 @@ class S3Storage(Storage):
         self._client_pid = os.getpid()
         self.endpoint = without_secrets(str(self._client.meta.endpoint_url))
         self.region = session.region_name or self.client.meta.region_name or "us-east-1"
-        self._profile = session.profile_name if os.environ.get("AWS_PROFILE") else None
         self._session = session
         self._ts_credentials: dict[str, Any] | None = None
         self._pointers: dict[str, tuple[float, str | None]] = {}
@@ -416,17 +415,15 @@ class S3Storage(Storage):
         files everywhere botocore does (a profile's keys were refused, or not found, while
         listings worked), so a profile is given with its files named."""
         if self._ts_credentials is None:
-            self._ts_credentials = tensorstore_credentials(self._session, self._profile)
+            self._ts_credentials = tensorstore_credentials(self._session)
         return self._ts_credentials
 
 
-def tensorstore_credentials(session: Any, profile: str | None) -> dict[str, Any]:
+def tensorstore_credentials(session: Any) -> dict[str, Any]:
     """tensorstore's ``aws_credentials`` for what botocore's chain resolved (its ``method``):
     the environment, a profile of the shared files (``AWS_SHARED_CREDENTIALS_FILE``,
     ``AWS_CONFIG_FILE``, else ``~/.aws/``), the instance's or the container's role; otherwise
     tensorstore's own default chain."""
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        return {"type": "environment"}
     try:
         found = session.get_credentials()
     except Exception:  # resolved again, and said in one line, by the first request
@@ -435,7 +432,7 @@ def tensorstore_credentials(session: Any, profile: str | None) -> dict[str, Any]
     if method in ("shared-credentials-file", "config-file"):
         return {
             "type": "profile",
-            "profile": profile or os.environ.get("AWS_DEFAULT_PROFILE") or "default",
+            "profile": session.profile_name or "default",
             "credentials_file": _aws_file("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
             "config_file": _aws_file("AWS_CONFIG_FILE", "config"),
         }

@@ -206,12 +206,16 @@ class LocalSource:
     def scan_ids(self) -> list[str]:
         return self.storage.published_names()
 
-    def expect_scans(self, scan_ids: Iterable[str]) -> None:
+    def expect_scans(self, scan_ids: Iterable[str] | int) -> None:
         """Keep the metadata and open arrays of these scans (a listing's, a loader's), with those
-        expected before: a training and a validation loader sharing this source both stay open."""
+        expected before: a training and a validation loader sharing this source both stay open.
+        A count (as before 2026-12-08) keeps that many more than the scans named so far."""
         with self._store_id_lock:
-            self._expected.update(scan_ids)
-            count = len(self._expected)
+            if isinstance(scan_ids, int):
+                count = len(self._expected) + scan_ids
+            else:
+                self._expected.update([scan_ids] if isinstance(scan_ids, str) else scan_ids)
+                count = len(self._expected)
         self._meta.at_least(min(META_CACHE_MAX, count + 64))
         self._arrays.at_least(min(ARRAY_CACHE_MAX, ARRAYS_PER_SCAN * count + 64))
 

@@ -401,12 +401,15 @@ def test_an_upper_case_ending_is_named_not_left_out(tmp_path):
     one_case(root, "good")
     save(c.t1, tmp_path / "b4.nii.gz")
     (root / "imagesTr/b4_0000.NII.GZ").write_bytes((tmp_path / "b4.nii.gz").read_bytes())
+    one_case(root, "lab")
+    (root / "labelsTr/lab.nii.gz").rename(root / "labelsTr/lab.NII.GZ")
     write_json(root / "dataset.json", v2_dataset_json(c.kept))
     result = convert(root, tmp_path / "store")
     assert result.returncode == 1
-    assert failure_lines(result)["b4"] == (
-        "b4: imagesTr/b4_0000.NII.GZ: its file ending is not .nii.gz (letter case matters): rename it"
-    )
+    lines = failure_lines(result)
+    assert lines["b4"] == "b4: imagesTr/b4_0000.NII.GZ: its file ending is not .nii.gz (letter case matters): rename it"
+    assert lines["lab"] == "lab: labelsTr/lab.NII.GZ: its file ending is not .nii.gz (letter case matters): rename it"
+    assert "scans: 1 converted, 0 skipped, 2 failed" in result.stdout  # one line a case
 
 
 def test_an_itk_vector_image_says_how_to_give_its_components(tmp_path):
