@@ -209,6 +209,8 @@ def _geometry(scan_id: str, attrs: dict[str, Any], source: Any) -> _Geometry:
             )
         found: dict[str, Any] = attrs
         names, values = attrs.get("scan_class_names"), attrs.get("label_values")
+        if found.get("source_header") is None and source is not None:  # written before it was recorded
+            found = {**attrs, "source_header": source.metadata(scan_id).attrs.get("source_header")}
     elif source is not None:
         try:
             meta = source.metadata(scan_id)
@@ -378,8 +380,13 @@ def _write_nifti(
     image.header.set_data_dtype(data.dtype)  # no scaling: the values are written as they are
     image.header.set_xyzt_units("mm")
     sform_code, qform_code = (1, 1) if header is None else (header["sform_code"], header["qform_code"])
-    if sform_code == 0 and qform_code == 0:  # the source's affine came from its voxel sizes alone
-        sform_code, qform_code = 1, 1
+    if sform_code == 0 and qform_code == 0:
+        # the source's affine came from its voxel sizes alone (nibabel's made-up one, which ITK
+        # reads otherwise): written so too, so that every reader places both files alike
+        image.set_sform(None, code=0)
+        image.set_qform(None, code=0)
+        nib.save(image, path)
+        return
     image.set_sform(affine if sform_code else None, code=sform_code)
     image.set_qform(affine if qform_code else None, code=qform_code)
     if qform_code and not np.allclose(image.get_qform(), affine, rtol=0, atol=AFFINE_TOLERANCE):

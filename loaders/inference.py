@@ -99,14 +99,14 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
                 "channels_first=True: a Keras model here takes channels last, as it was trained "
                 "on the loader's batches; channels_first is for torch modules and plain callables"
             )
-        out = _as_numpy(select_output(_predict_keras(model, x, predict_kwargs), output, len(x)))
+        out = _as_numpy(select_output(_predict_keras(model, x, predict_kwargs), output, x))
     elif (torch_module := _torch_module(model)) is not None:
         out = _predict_torch(torch_module, model, x, channels_first is not False, output)
     elif channels_first:
-        first = select_output(model(np.ascontiguousarray(np.moveaxis(x, -1, 1))), output, len(x))
+        first = select_output(model(np.ascontiguousarray(np.moveaxis(x, -1, 1))), output, x)
         out = np.moveaxis(_as_numpy(first), 1, -1)
     else:
-        out = _as_numpy(select_output(model(x), output, len(x)))
+        out = _as_numpy(select_output(model(x), output, x))
     if out.ndim == 0 or len(out) != len(x):
         raise ValueError(
             f"the model gave {len(out) if out.ndim else 'no'} predictions for a batch of {len(x)} examples:"
@@ -115,22 +115,19 @@ def predict_batch(model: Any, x: np.ndarray, predict_kwargs: dict[str, Any]) -> 
     return out
 
 
-def _one_per_example(out: list[Any] | tuple[Any, ...], batch: int) -> bool:
-    """Whether a list is one prediction per example (each without the batch axis, all alike),
-    not several outputs of the batch (each with the batch axis first)."""
+def _one_per_example(out: list[Any] | tuple[Any, ...], batch: int, ndim: int) -> bool:
+    """Whether a list is one prediction per example (each an axis fewer than the batch x, all
+    alike), not several outputs of the batch (each with the batch axis first)."""
     shapes = {tuple(getattr(o, "shape", ())) for o in out}
-    if len(out) != batch or len(shapes) != 1:
-        return False
-    shape = next(iter(shapes))
-    return len(shape) > 0 and shape[0] != batch
+    return len(out) == batch and len(shapes) == 1 and len(next(iter(shapes))) == ndim - 1
 
 
-def select_output(out: Any, output: Any = None, batch: int | None = None) -> Any:
+def select_output(out: Any, output: Any = None, x: np.ndarray | None = None) -> Any:
     """The one output inference stitches, of a model that may give several.
 
     A list or tuple (deep supervision, as nnU-Net trains: full resolution first) gives its
     first element unless ``output`` picks another by index (a list of one prediction per
-    example, as a plain callable may give, is kept whole: ``batch`` tells them apart); a dict (Keras models with named
+    example, as a plain callable may give, is kept whole: the batch ``x`` tells them apart); a dict (Keras models with named
     outputs) needs ``output`` to name one. ``output`` on a model with one output is refused,
     so a misplaced keyword is not ignored.
     """
@@ -148,7 +145,7 @@ def select_output(out: Any, output: Any = None, batch: int | None = None) -> Any
             raise ValueError(
                 "the model gave an empty list of outputs: inference needs one prediction per example"
             )
-        if output is None and batch is not None and _one_per_example(out, batch):
+        if output is None and x is not None and _one_per_example(out, len(x), x.ndim):
             return out  # a plain callable's list of one prediction per example: stacked as before
         index = 0 if output is None else output
         if isinstance(index, bool) or not isinstance(index, int) or not -len(out) <= index < len(out):
@@ -186,7 +183,9 @@ def _predict_torch(torch: Any, model: Any, x: np.ndarray, channels_first: bool, 
     model.eval()
     try:
         with torch.inference_mode():
-            out = select_output(model(batch.to(device)), output, len(x))
+            out = select_output(model(batch.to(device)), output, x)
+            if isinstance(out, (list, tuple)):  # one prediction per example
+                out = torch.stack(list(out))
     finally:
         model.train(was_training)
     if channels_first:

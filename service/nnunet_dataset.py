@@ -264,7 +264,9 @@ def _case_of(stem: str) -> str:
     return stem if match is None else match["case"]
 
 
-def _other_endings(root: Path, folders: tuple[str, ...], info: DatasetInfo) -> dict[str, str]:
+def _other_endings(
+    root: Path, folders: tuple[str, ...], info: DatasetInfo, whole_files: bool = False
+) -> dict[str, str]:
     """case -> its first NIfTI file whose ending is not dataset.json's ``file_ending`` (e.g.
     ``.nii`` beside ``.nii.gz`` files): such a file is not read, and its case says why."""
     other = tuple(e for e in NIFTI_ENDINGS if e not in info.file_endings)
@@ -273,7 +275,8 @@ def _other_endings(root: Path, folders: tuple[str, ...], info: DatasetInfo) -> d
         # and those whose NIfTI ending is in other letter case (.NII.GZ): never read either
         found = (_listing(root, folder, other) if other else []) + _odd_case_endings(root, folder)
         for stem, rel in found:
-            out.setdefault(_case_of(stem) if folder.startswith("images") else stem, rel)
+            channel_file = folder.startswith("images") and not whole_files
+            out.setdefault(_case_of(stem) if channel_file else stem, rel)
     return out
 
 
@@ -330,7 +333,7 @@ def discover_dataset(root: Path) -> Discovery:
             broken.setdefault(stem, rel)
         for case in sorted(set(broken) - set(channels)):
             found.failures.append(SourceError(case, broken[case], BROKEN_LINK))
-        other = _other_endings(root, (images, labels), info)
+        other = _other_endings(root, (images, labels), info, whole_files)
         for case in sorted(set(other) - set(channels)):
             found.failures.append(SourceError(case, other[case], _ending_problem(info, other[case])))
         for case in sorted(set(label_of) - set(channels) - set(other) - set(broken)):

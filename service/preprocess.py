@@ -400,7 +400,8 @@ def _run_graph(
     try:
         _collect(client, futures, scan_of, summary, bar, on_result, scheduler, still_held)
     except LockLost:  # tasks not yet started never start (those running finish their scan)
-        client.cancel(futures)
+        with contextlib.suppress(Exception):  # a client cut off with its node: LockLost is the news
+            client.cancel(futures)
         raise
 
 

@@ -35,14 +35,13 @@ def _scan_rows(
         if attrs is None or "scan_id" not in attrs:
             damaged.append(entry)
             continue
-        if filters:
-            try:
-                meta = ScanMeta.from_attrs(attrs)
-            except (KeyError, TypeError, ValueError):  # attributes a reader cannot use: said as damaged
-                damaged.append(entry)
+        try:  # attributes a reader cannot use: said as damaged, filtered or not
+            meta = ScanMeta.from_attrs(attrs)
+            if filters and not matches(meta, filters):
                 continue
-            if not matches(meta, filters):
-                continue
+        except (KeyError, TypeError, ValueError):
+            damaged.append(entry)
+            continue
         rows.append(
             {
                 "scan_id": attrs["scan_id"],

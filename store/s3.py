@@ -149,6 +149,8 @@ class S3Storage(Storage):
                 return None
             if error_code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
                 raise
+            if error_code(err) in ("NoSuchKey", "404") and method == "put_object":
+                raise  # a conditional write (If-Match) on an object gone: its condition failed
             raise self._fail(err) from None
         except BotoCoreError as err:
             raise self._fail(err) from None

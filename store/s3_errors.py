@@ -85,6 +85,7 @@ def unavailable(url: str, bucket: str, endpoint: str, err: BaseException) -> Sto
     """One line naming the store and the cause."""
     code = error_code(err)
     name = type(err).__name__
+    refused = True  # the store answered and said no, unless it did not answer (below)
     if code in ("NoSuchBucket",) or (code == "404" and "Bucket" in str(err)):
         why = f"bucket {bucket!r} does not exist{_CREATE_IT}"
     elif code in REFUSALS:
@@ -99,22 +100,34 @@ def unavailable(url: str, bucket: str, endpoint: str, err: BaseException) -> Sto
         "ConnectionClosedError",
     ):
         why = f"cannot reach the endpoint {endpoint} ({name})"
+        refused = False
     elif name == "NoCredentialsError":
         why = "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
     else:
         why = f"{name}: {code or without_secrets(str(err))}"
+        refused = code in OTHER_REFUSALS
     error = StoreUnavailable(f"{url}: {why}")
-    error.refused = code in REFUSALS or code == "NoSuchBucket" or name == "NoCredentialsError"
+    error.refused = refused
     return error
 
 
 REFUSALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden")
+# the store answered, and no retry of the same request helps
+OTHER_REFUSALS = (
+    "ExpiredToken",
+    "InvalidToken",
+    "AccountProblem",
+    "AllAccessDisabled",
+    "RequestTimeTooSkewed",
+)
 
 
 def not_an_s3_api(url: str, endpoint: str, status: str) -> StoreUnavailable:
     """A request answered without an S3 error code: the endpoint is some other HTTP service
     (a SeaweedFS filer, master or volume port, a web server), not an S3 API."""
-    return StoreUnavailable(
+    error = StoreUnavailable(
         f"{url}: the endpoint {endpoint} answers HTTP {status} without an S3 error: "
         "it is not an S3 API (check AWS_ENDPOINT_URL)"
     )
+    error.refused = True  # a setting to change, not an outage
+    return error

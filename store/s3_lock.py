@@ -7,8 +7,8 @@ with ``If-Match`` on the ETag it last wrote, so a lock whose object has not chan
 against the ``Date`` of the response that read it) belongs to a job that is gone, as does one
 naming a dead pid of this host. A stale lock is taken over with ``If-Match`` on the ETag
 judged stale, so two jobs cannot both take it over (a holder on this host is judged by its pid
-alone). A holder whose heartbeat finds the lock taken sets ``lost``: its job stops with
-``LockLost`` at its next check, publishing no more scans and removing nothing.
+first). A holder whose heartbeat finds the lock taken or gone sets ``lost``: its job stops with
+``LockLost`` at its next check, starting no new scan and removing nothing.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ class S3Lock:
                 etag = self.storage.replace(self.key, self._body(), self.etag)
                 if etag is None:
                     etag = self._still_ours()
-            except OSError:
-                continue  # the endpoint hiccupped: the next beat tries again, well before STALE_S
+            except Exception:  # the endpoint hiccupped (a body cut short is no OSError): the
+                continue  # next beat tries again, well before STALE_S
             if etag is None:  # the job stops at its next check (LockLost), sending no new scans
                 self.lost = True
                 return

@@ -8,6 +8,7 @@ zarr-python reads the same store without our code; tensorstore is simply faster 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import threading
 import time
@@ -211,10 +212,11 @@ class LocalSource:
         expected before: a training and a validation loader sharing this source both stay open.
         A count (as before 2026-12-08) keeps that many more than the scans named so far."""
         with self._store_id_lock:
-            if isinstance(scan_ids, int):
-                count = len(self._expected) + scan_ids
+            if isinstance(scan_ids, numbers.Integral) and not isinstance(scan_ids, bool):
+                count = len(self._expected) + int(scan_ids)
             else:
-                self._expected.update([scan_ids] if isinstance(scan_ids, str) else scan_ids)
+                names: Iterable[str] = [scan_ids] if isinstance(scan_ids, str) else scan_ids  # type: ignore[assignment]
+                self._expected.update(names)
                 count = len(self._expected)
         self._meta.at_least(min(META_CACHE_MAX, count + 64))
         self._arrays.at_least(min(ARRAY_CACHE_MAX, ARRAYS_PER_SCAN * count + 64))

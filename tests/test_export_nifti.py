@@ -538,8 +538,8 @@ def test_an_export_that_ran_out_of_room_is_finished_with_skip_existing(nifti_pre
 
 @pytest.mark.parametrize(
     "shape, sform_code, qform_code",
-    [((9, 11, 5), 2, 0), ((9, 11, 5), 0, 1), ((9, 11, 5), 4, 1), ((12, 10), 1, 1)],
-    ids=["aligned-sform-only", "qform-only", "mni-sform", "2d"],
+    [((9, 11, 5), 2, 0), ((9, 11, 5), 0, 1), ((9, 11, 5), 4, 1), ((12, 10), 1, 1), ((9, 11, 5), 0, 0)],
+    ids=["aligned-sform-only", "qform-only", "mni-sform", "2d", "no-transform"],
 )
 def test_the_export_keeps_the_sources_header_codes_and_axes(tmp_path, shape, sform_code, qform_code):
     """A source's sform/qform codes (2 aligned, 4 MNI; a transform left unset) and a 2D file's

@@ -283,3 +283,7 @@ def test_a_callable_giving_a_list_of_one_prediction_per_example_is_stacked():
     np.testing.assert_array_equal(per_example, x * 2)
     outputs = predict_batch(lambda b: [b * 3, b[:, ::2, ::2]], x, {})
     np.testing.assert_array_equal(outputs, x * 3)
+    # told apart by rank, not by a length that may equal the batch (2 channels, 2 examples)
+    two = np.zeros((2, 6, 5, 2), np.float32)
+    stacked = predict_batch(lambda b: [e + 1 for e in b], two, {"channels_first": True})
+    np.testing.assert_array_equal(stacked, two + 1)

@@ -407,8 +407,14 @@ def test_an_upper_case_ending_is_named_not_left_out(tmp_path):
     result = convert(root, tmp_path / "store")
     assert result.returncode == 1
     lines = failure_lines(result)
-    assert lines["b4"] == "b4: imagesTr/b4_0000.NII.GZ: its file ending is not .nii.gz (letter case matters): rename it"
-    assert lines["lab"] == "lab: labelsTr/lab.NII.GZ: its file ending is not .nii.gz (letter case matters): rename it"
+    assert (
+        lines["b4"]
+        == "b4: imagesTr/b4_0000.NII.GZ: its file ending is not .nii.gz (letter case matters): rename it"
+    )
+    assert (
+        lines["lab"]
+        == "lab: labelsTr/lab.NII.GZ: its file ending is not .nii.gz (letter case matters): rename it"
+    )
     assert "scans: 1 converted, 0 skipped, 2 failed" in result.stdout  # one line a case
 
 

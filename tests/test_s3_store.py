@@ -644,3 +644,8 @@ def test_a_refused_heartbeat_while_the_lock_still_names_the_job_is_no_takeover(s
         time.sleep(0.6)
         assert lock.lost
     assert json.loads(storage.read(".lock") or b"{}")["token"] == "thief"  # the other's, left
+    storage.delete(".lock")
+    with storage.lock() as lock:  # a lock gone (the other job released it) is lost too
+        storage.delete(".lock")
+        time.sleep(0.6)
+        assert lock.lost

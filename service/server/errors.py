@@ -138,7 +138,9 @@ def refused_response(exc: BaseException) -> JSONResponse:
 
 RETRY_LATER = {"Retry-After": "5"}
 # tensorstore's statuses for storage failing for now (its INTERNAL and UNKNOWN stay bugs: 500)
-UNAVAILABLE_STATUSES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"})
+UNAVAILABLE_STATUSES = frozenset(
+    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED"}
+)
 
 
 def domain_error_response(exc: ScanCacheError) -> JSONResponse:
