@@ -88,6 +88,13 @@ class EpochState:
             # fit's last step, a restored state), and a resumed pass stays one.
             if keras_epoch:
                 self._use_plan(self._plan, begin)
+        elif keras_epoch and (
+            _called_from_keras(function="evaluate") or _called_from_keras(function="predict")
+        ):
+            # evaluate(steps=k) or fit's validation_steps=k, shorter than the pass: Keras' own
+            # iterator starts every evaluation at the same batch, so the next one starts where
+            # this one began (not k batches on, less those tf.data read ahead)
+            self._use_plan(self._plan, begin)
         else:
             with self._serve_lock:
                 self._resume_pass = True

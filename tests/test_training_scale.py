@@ -661,3 +661,52 @@ def test_evaluate_on_a_test_loader_scores_its_batches_unweighted(scale_store, na
         np.testing.assert_array_equal(x, x_ref)
         np.testing.assert_array_equal(y, y_ref)
     assert np.isclose(model.evaluate(test.as_tf_dataset(), verbose=0), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graph"])
+def test_validation_steps_shorter_than_the_loader_validate_the_same_batches_each_time(
+    scale_store, names, eager
+):
+    """fit(validation_steps=k) and evaluate(steps=k): every evaluation starts at the loader's
+    first batch, as Keras' own iterator does (it drifted through the pass, skipping the batches
+    tf.data read ahead), so val_loss compares across epochs."""
+    import keras
+
+    graph = not eager
+    if graph and keras.backend.backend() != "tensorflow":
+        pytest.skip("graph mode is TensorFlow's")
+    _, arrays = scale_store
+    train = build_loader(config("2d"), names["local"], 8, False, True, True)
+    val = build_loader(config("2d"), names["local"], 8, False, False, False)
+    first_two = expected_firsts(val, 0, arrays)[:2]
+    seen: list[np.ndarray] = []
+
+    def note(x):
+        seen.append(np.array(keras.ops.convert_to_numpy(x))[:, 0, 0, 0].copy())
+        return np.int32(0)
+
+    class Recording(keras.Model):
+        def test_step(self, data):
+            if not graph:
+                note(data[0])
+                return super().test_step(data)
+            import tensorflow as tf
+
+            done = tf.py_function(note, [data[0]], tf.int32)
+            with tf.control_dependencies([done]):
+                x = tf.identity(data[0])
+            return super().test_step((x, *data[1:]))
+
+    base = tiny_model()
+    model = Recording(base.inputs, base.outputs)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy", run_eagerly=eager)
+    model.fit(train, validation_data=val, validation_steps=2, epochs=3, steps_per_epoch=2, verbose=0)
+    assert len(seen) == 6
+    for got, want in zip(seen, first_two * 3, strict=True):
+        np.testing.assert_array_equal(got, want)
+    seen.clear()
+    model.evaluate(val, steps=1, verbose=0)
+    model.evaluate(val, steps=1, verbose=0)
+    assert len(seen) == 2
+    for got in seen:
+        np.testing.assert_array_equal(got, first_two[0])
