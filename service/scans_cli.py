@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.cli_args import store_arg
+from service.cli_args import non_negative_int, store_arg
 from store.ome_views import is_view_chunk_file
 from store.scan_filters import has_class_values, matches
 from store.storage import parse_location
@@ -124,19 +124,6 @@ def _unlinked_folders(location: Path | str) -> list[str]:
     return [why for n in names if (why := unlinked_folder(location, n)) is not None]
 
 
-def _plain_int(flag: str) -> Any:
-    """argparse's type for an integer option: plain digits (as roi and the server take them)."""
-    from store.roi import PLAIN_INT, integer_problem
-
-    def parse(text: str) -> int:
-        if PLAIN_INT.fullmatch(text.strip()) is None:
-            raise argparse.ArgumentTypeError(integer_problem(text))
-        return int(text)
-
-    parse.__name__ = flag
-    return parse
-
-
 def add_scans_parser(sub: Any) -> None:
     p = sub.add_parser("scans", help="list the scans of a store", description="List the scans of STORE.")
     p.add_argument("store", metavar="STORE", type=store_arg)
@@ -149,7 +136,7 @@ def add_scans_parser(sub: Any) -> None:
         ("--augmentation", "augmentation (Aug02 -> 2)"),
     ):
         p.add_argument(
-            flag, action="append", type=_plain_int(flag), metavar="N", help=f"only scans of this {what}"
+            flag, action="append", type=non_negative_int, metavar="N", help=f"only scans of this {what}"
         )
     p.add_argument(
         "--has-class",

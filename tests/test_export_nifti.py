@@ -455,6 +455,21 @@ def test_some_slices_export_on_the_whole_grid(nifti_store, tmp_path):
     assert 0 < np.count_nonzero(expected) < expected.size
 
 
+def _converted_predicted_exported(dataset, case, tmp_path):
+    """The one-case NIfTI ``dataset`` preprocessed, predicted with ``pointwise_model`` and
+    exported: the exported label map of ``case``, as nibabel loads it."""
+    store, pred, out = tmp_path / "store", tmp_path / "pred", tmp_path / "out"
+    result = run_cli("preprocess", dataset, store, "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    DatasetCatalog.register("exported_case", str(store), split="train")
+    try:
+        write_predictions(loader_for("exported_case", tuple(NAMES)), pointwise_model, pred, progress=False)
+    finally:
+        DatasetCatalog.remove("exported_case")
+    export_nifti(pred, out, progress=False)
+    return nib.load(out / f"{case}.nii.gz")
+
+
 @pytest.mark.parametrize("shape", [(9, 11, 5), (10, 10, 4)])
 def test_a_case_rotated_by_exactly_45_degrees_exports_on_its_source_grid(tmp_path, shape):
     """At an exact 45-degree in-plane rotation two axes tie for the nearest world direction.
@@ -482,16 +497,7 @@ def test_a_case_rotated_by_exactly_45_degrees_exports_on_its_source_grid(tmp_pat
             }
         )
     )
-    store, pred, out = tmp_path / "store", tmp_path / "pred", tmp_path / "out"
-    result = run_cli("preprocess", ds, store, "--quiet")
-    assert result.returncode == 0, result.stdout + result.stderr
-    DatasetCatalog.register("tilt", str(store), split="train")
-    try:
-        write_predictions(loader_for("tilt", tuple(NAMES)), pointwise_model, pred, progress=False)
-    finally:
-        DatasetCatalog.remove("tilt")
-    export_nifti(pred, out, progress=False)
-    exported = nib.load(out / "tilt.nii.gz")
+    exported = _converted_predicted_exported(ds, "tilt", tmp_path)
     _, expected = reference_labels(image)
     assert exported.shape == shape
     np.testing.assert_array_equal(np.asanyarray(exported.dataobj), expected)
@@ -559,16 +565,7 @@ def test_the_export_keeps_the_sources_header_codes_and_axes(tmp_path, shape, sfo
     source = nib.load(ds / "imagesTr/c_0000.nii.gz")
     labels_json = {"background": 0, **dict(zip(NAMES, LABEL_VALUES, strict=True))}
     (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels_json}))
-    store, pred, out = tmp_path / "store", tmp_path / "pred", tmp_path / "out"
-    result = run_cli("preprocess", ds, store, "--quiet")
-    assert result.returncode == 0, result.stdout + result.stderr
-    DatasetCatalog.register("codes", str(store), split="train")
-    try:
-        write_predictions(loader_for("codes", tuple(NAMES)), pointwise_model, pred, progress=False)
-    finally:
-        DatasetCatalog.remove("codes")
-    export_nifti(pred, out, progress=False)
-    exported = nib.load(out / "c.nii.gz")
+    exported = _converted_predicted_exported(ds, "c", tmp_path)
     _, expected = reference_labels(image)
     assert exported.shape == shape
     np.testing.assert_array_equal(np.asanyarray(exported.dataobj), expected)
