@@ -391,7 +391,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         if previous is not None:  # main() called from Python (a test, a script) leaves it as it was
-            signal.signal(signal.SIGTERM, previous)
+            # once terminated, a second SIGTERM (``timeout`` signals the process group too) may
+            # still come while the process exits (past Python's handlers): ignored, not the default
+            # that would kill the process with -15 after its one line
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if _terminating else previous)
 
 
 if __name__ == "__main__":
